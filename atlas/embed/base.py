@@ -1,0 +1,83 @@
+"""The embedder interface: fit on the atlas where needed, transform chunks of cells to float32 vectors.
+
+An embedder is row-preserving and deterministic: a cell's vector depends only on that cell (and the fitted
+artefact), never on which other cells share its chunk, and every input row yields one output row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from atlas.chunks import CellChunk
+from atlas.genes import GeneMatch, GeneVocabulary
+
+EMBEDDER_FILE = "embedder.json"
+
+
+class Embedder(ABC):
+    """Base class of all embedders. Subclasses register themselves in :mod:`atlas.embed.registry`."""
+
+    name: ClassVar[str]
+    needs: ClassVar[Literal["X", "obsm"]] = "X"
+
+    @property
+    @abstractmethod
+    def dim(self) -> int: ...
+
+    @property
+    def is_fitted(self) -> bool:
+        return True
+
+    @property
+    def requires_fit(self) -> bool:
+        return False
+
+    @property
+    def obsm_key(self) -> str | None:
+        """The obsm key this embedder reads (``needs == "obsm"``)."""
+        return None
+
+    def fit(self, sample: Iterable[CellChunk]) -> None:  # noqa: B027 - a no-op default is intended
+        """Fit on a sample of atlas chunks (stratified by dataset). Embedders that need no fit ignore it."""
+
+    @abstractmethod
+    def transform(self, chunk: CellChunk) -> np.ndarray:
+        """Return ``(len(chunk), dim)`` float32 vectors, one per row of the chunk, in order."""
+
+    def gene_match(self, genes: GeneVocabulary) -> GeneMatch | None:
+        """How ``genes`` map onto the genes this embedder reads (``None`` when it reads no genes)."""
+        return None
+
+    @abstractmethod
+    def params(self) -> dict[str, Any]:
+        """JSON-serialisable parameters that, with the saved artefact, reproduce the embedder."""
+
+    def artefact_digest(self) -> str:
+        """A digest of the fitted artefact (weights, gene list, ...); empty when there is none."""
+        return ""
+
+    def fingerprint(self) -> str:
+        payload = json.dumps({"name": self.name, "params": self.params()}, sort_keys=True, default=str)
+        return hashlib.sha256((payload + self.artefact_digest()).encode()).hexdigest()[:16]
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``embedder.json`` (name, params, fingerprint) and any artefact files into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._save_artefact(directory)
+        meta = {"name": self.name, "params": self.params(), "fingerprint": self.fingerprint(), "dim": self.dim}
+        (directory / EMBEDDER_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+
+    def _save_artefact(self, directory: Path) -> None:  # noqa: B027 - optional hook
+        """Subclasses with artefacts write them here."""
+
+    @classmethod
+    @abstractmethod
+    def _load(cls, directory: Path, params: dict[str, Any]) -> Embedder: ...

@@ -1,0 +1,39 @@
+"""The one exception hierarchy of scatlas.
+
+Every error a user can cause or fix derives from :class:`ScatlasError`. Messages say what is wrong *and* what to
+do about it; the CLI prints them as ``Error: ...`` without a traceback and exits non-zero.
+"""
+
+from __future__ import annotations
+
+
+class ScatlasError(Exception):
+    """Base class of every error scatlas raises on purpose."""
+
+
+class InputError(ScatlasError):
+    """Bad user input: a missing or unreadable file, an unknown column, an invalid parameter."""
+
+
+class DatasetExistsError(InputError):
+    """A dataset id is already in the atlas store."""
+
+
+class GeneOverlapError(InputError):
+    """Too few of the query's genes are known to the index or embedder."""
+
+
+class StoreError(ScatlasError):
+    """The atlas store is missing, corrupt, locked, or of an unknown format."""
+
+
+class IndexFormatError(ScatlasError):
+    """An index directory is missing, incomplete (no manifest), corrupt, or of an unknown format."""
+
+
+class EmbedderMismatchError(ScatlasError):
+    """Vectors, classifiers or indexes made with different embedders were about to be mixed."""
+
+
+class DependencyError(ScatlasError):
+    """An optional dependency or device (faiss-gpu, CUDA, uce-model, ray) was asked for but is not available."""

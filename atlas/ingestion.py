@@ -1,0 +1,467 @@
+"""``scatlas ingest``: add atlas dumps (.h5ad files, Census-layout SOMA experiments) to an atlas store.
+
+Every input is validated before anything is written (bad input leaves the store as it was). Each dataset is then
+written and committed on its own: an interruption loses at most the dataset being written, never a committed one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from atlas.errors import DatasetExistsError, InputError, StoreError
+from atlas.genes import GeneVocabulary, strip_version
+from atlas.schema import STANDARD_OBS_COLUMNS
+from atlas.sources.base import DatasetSource
+from atlas.sources.h5ad import open_h5ad
+from atlas.sources.soma import is_soma_experiment, open_soma_experiment
+from atlas.store import CELLS_DB, MEASUREMENT, X_LAYER, AtlasStore, DatasetRecord, StoreWriter
+
+logger = logging.getLogger(__name__)
+
+IngestMode = Literal["write", "append"]
+"""``write``: create a new store (refused if one exists). ``append``: add datasets to a store (created if absent)."""
+
+DEFAULT_CHUNK_SIZE = 10_000
+
+
+@dataclass
+class GenePlan:
+    """How one dataset's genes land in the atlas vocabulary."""
+
+    columns: np.ndarray  # per source column: var joinid, or -1 (duplicate, dropped)
+    new_genes: pd.DataFrame  # var_joinid, gene_key, feature_id, feature_name
+    learned_ensembl: list[tuple[int, str]]  # (var_joinid, ensembl id) learned for symbol-only atlas genes
+    report: dict[str, int]
+
+
+@dataclass
+class DatasetPlan:
+    source: DatasetSource
+    dataset_id: str
+    source_label: str
+    source_format: str
+    rows: np.ndarray  # source rows kept (primary cells)
+    obs: pd.DataFrame  # standardised obs of kept rows: standard columns + extras
+    extra_columns: list[str]
+    obsm_dims: dict[str, int]
+    n_skipped_non_primary: int
+
+
+@dataclass
+class DatasetIngestReport:
+    dataset_id: str
+    source: str
+    n_cells: int
+    first_cell_id: int
+    n_skipped_non_primary: int
+    x_kind: str
+    x_source: str
+    genes: dict[str, int]
+    obsm: dict[str, int]
+    seconds: float
+
+    @property
+    def cells_per_second(self) -> float:
+        return self.n_cells / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class IngestReport:
+    atlas: str
+    datasets: list[DatasetIngestReport] = field(default_factory=list)
+    n_cells_in_store: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"atlas": self.atlas, "n_cells_in_store": self.n_cells_in_store, "datasets": [asdict(d) for d in self.datasets]}
+
+
+# -- planning ---------------------------------------------------------------------------------------------------------
+
+
+def _as_str_column(values: pd.Series) -> pd.Series:
+    out = values.astype(object).where(values.notna(), None)
+    return out.map(lambda v: None if v is None else str(v))
+
+
+def _to_bool(values: pd.Series, what: str) -> np.ndarray:
+    if values.dtype == bool:
+        return values.to_numpy()
+    mapping = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+    lowered = values.astype(str).str.strip().str.lower()
+    bad = ~lowered.isin(list(mapping))
+    if bad.any():
+        raise InputError(f"{what}: is_primary_data has values that are not booleans, e.g. {values[bad].iloc[0]!r}")
+    return lowered.map(mapping).to_numpy(dtype=bool)
+
+
+def _standardise_obs(
+    obs: pd.DataFrame, dataset_id: str, obs_map: Mapping[str, str], what: str, from_soma: bool
+) -> tuple[pd.DataFrame, list[str]]:
+    missing = [s for s in obs_map if s not in obs.columns]
+    if missing:
+        raise InputError(
+            f"{what}: --obs-map names column(s) {missing} that are not in obs; obs has: {list(obs.columns)}"
+        )
+    frame = obs.copy()
+    if "dataset_id" in frame.columns and not from_soma and "dataset_id" not in obs_map.values():
+        frame = frame.rename(columns={"dataset_id": "source_dataset_id"})
+    frame = frame.rename(columns=dict(obs_map))
+    if frame.columns.duplicated().any():
+        dup = list(frame.columns[frame.columns.duplicated()])
+        raise InputError(f"{what}: --obs-map produces duplicate column names {dup}")
+    out = pd.DataFrame(index=pd.RangeIndex(len(frame)))
+    out["obs_id"] = np.asarray(frame.index.astype(str), dtype=object)
+    out["dataset_id"] = dataset_id
+    for col in STANDARD_OBS_COLUMNS:
+        if col in ("obs_id", "dataset_id"):
+            continue
+        if col == "is_primary_data":
+            out[col] = _to_bool(frame[col], what) if col in frame.columns else True
+        elif col in frame.columns:
+            out[col] = _as_str_column(frame[col]).to_numpy()
+        else:
+            out[col] = None
+    taken = {c.lower() for c in out.columns} | {"soma_joinid"}
+    extras: list[str] = []
+    for col in frame.columns:
+        if col in STANDARD_OBS_COLUMNS or col == "soma_joinid":
+            continue
+        name = str(col)
+        while name.lower() in taken:
+            name = f"{name}_orig"
+        taken.add(name.lower())
+        values = frame[col]
+        if isinstance(values.dtype, pd.CategoricalDtype) or values.dtype == object:
+            out[name] = _as_str_column(values).to_numpy()
+        elif pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values):
+            out[name] = values.to_numpy()
+        else:
+            out[name] = _as_str_column(values).to_numpy()
+        extras.append(name)
+    return out, extras
+
+
+def _plan_dataset(
+    source: DatasetSource, dataset_id: str, label: str, fmt: str, obs_map: Mapping[str, str], keep_non_primary: bool
+) -> DatasetPlan:
+    what = f"{label} (dataset {dataset_id!r})"
+    if source.n_obs == 0:
+        raise InputError(f"{what}: the dataset has no cells")
+    names = pd.Index(source.obs.index.astype(str))
+    if names.has_duplicates:
+        dups = names[names.duplicated()].unique()[:5].tolist()
+        raise InputError(f"{what}: duplicate cell names in obs, e.g. {dups}; make them unique (adata.obs_names_make_unique())")
+    obs, extras = _standardise_obs(source.obs, dataset_id, obs_map, what, fmt == "soma")
+    primary = obs["is_primary_data"].to_numpy(dtype=bool)
+    keep = np.ones(len(obs), dtype=bool) if keep_non_primary else primary
+    n_skipped = int((~keep).sum())
+    if not keep.any():
+        raise InputError(f"{what}: all {len(obs)} cells have is_primary_data == False; use --keep-non-primary to keep them")
+    rows = np.flatnonzero(keep).astype(np.int64)
+    obsm_dims: dict[str, int] = {}
+    for key in source.obsm_keys():
+        first = source.read_obsm(key, rows[:1])
+        if np.issubdtype(first.dtype, np.number):
+            obsm_dims[key] = int(first.shape[1])
+    return DatasetPlan(
+        source=source, dataset_id=dataset_id, source_label=label, source_format=fmt, rows=rows,
+        obs=obs.iloc[rows].reset_index(drop=True), extra_columns=extras, obsm_dims=obsm_dims,
+        n_skipped_non_primary=n_skipped,
+    )
+
+
+def plan_genes(source_genes: GeneVocabulary, atlas_genes: GeneVocabulary, var_start: int) -> GenePlan:
+    """Map a dataset's genes onto the atlas vocabulary, adding new genes and learning symbol -> Ensembl links.
+
+    A gene with an Ensembl id matches only that id (or a symbol-only atlas gene of the same symbol, whose Ensembl id
+    is then learned); a symbol-only gene matches a known symbol (through a learned mapping) or becomes a new gene.
+    """
+    by_id = {fid: j for j, fid in enumerate(atlas_genes.feature_id) if fid}
+    by_symbol_only = {n: j for j, (fid, n) in enumerate(zip(atlas_genes.feature_id, atlas_genes.feature_name, strict=True)) if n and not fid}
+    by_symbol: dict[str, int] = {}
+    for j, n in enumerate(atlas_genes.feature_name):
+        if n and n not in by_symbol:
+            by_symbol[n] = j
+    columns = np.full(len(source_genes), -1, dtype=np.int64)
+    new_rows: list[tuple[int, str, str, str]] = []
+    learned: list[tuple[int, str]] = []
+    seen: set[int] = set()
+    next_id = var_start
+    stats = dict.fromkeys(("n_genes", "n_existing", "n_new", "n_with_ensembl", "n_symbol_only", "n_symbol_mapped_to_ensembl", "n_duplicates_dropped", "n_unnamed_dropped"), 0)
+    stats["n_genes"] = len(source_genes)
+    for i, (fid, name) in enumerate(zip(source_genes.feature_id, source_genes.feature_name, strict=True)):
+        fid = strip_version(fid) if fid else ""
+        if not fid and not name:
+            stats["n_unnamed_dropped"] += 1
+            continue
+        j = -1
+        if fid:
+            stats["n_with_ensembl"] += 1
+            j = by_id.get(fid, -1)
+            if j < 0 and name and name in by_symbol_only:
+                j = by_symbol_only.pop(name)
+                learned.append((j, fid))
+                by_id[fid] = j
+        else:
+            stats["n_symbol_only"] += 1
+            j = by_symbol.get(name, -1)
+            if 0 <= j < len(atlas_genes) and atlas_genes.feature_id[j]:
+                stats["n_symbol_mapped_to_ensembl"] += 1
+        if j < 0:
+            j = next_id
+            next_id += 1
+            new_rows.append((j, fid or name, fid, name))
+            if fid:
+                by_id[fid] = j
+            if name and name not in by_symbol:
+                by_symbol[name] = j
+                if not fid:
+                    by_symbol_only[name] = j
+            stats["n_new"] += 1
+        elif j in seen:
+            stats["n_duplicates_dropped"] += 1
+            continue
+        else:
+            stats["n_existing"] += 1
+        seen.add(j)
+        columns[i] = j
+    new = pd.DataFrame(new_rows, columns=["var_joinid", "gene_key", "feature_id", "feature_name"])
+    # A new gene keyed by symbol must not collide with an existing key (e.g. a symbol equal to another gene's key).
+    existing_keys = set(atlas_genes.keys)
+    if new["gene_key"].isin(existing_keys).any() or new["gene_key"].duplicated().any():
+        new["gene_key"] = [
+            k if (k not in existing_keys and not dup) else f"{k}#{j}"
+            for k, j, dup in zip(new["gene_key"], new["var_joinid"], new["gene_key"].duplicated(), strict=True)
+        ]
+    return GenePlan(columns=columns, new_genes=new, learned_ensembl=learned, report=stats)
+
+
+def _open_sources(
+    paths: Sequence[str | Path], dataset_id: str | None, obs_map: Mapping[str, str], keep_non_primary: bool
+) -> list[DatasetPlan]:
+    plans: list[DatasetPlan] = []
+    for raw in paths:
+        label = str(raw)
+        if Path(label).is_dir() and is_soma_experiment(label):
+            sources = open_soma_experiment(label, dataset_id=dataset_id)
+            for src in sources:
+                plans.append(_plan_dataset(src, src.name, label, "soma", obs_map, keep_non_primary))
+            continue
+        p = Path(label)
+        if not p.exists():
+            raise InputError(f"{label}: no such file or directory")
+        if p.is_dir():
+            raise InputError(f"{label}: a directory that is not a TileDB-SOMA experiment")
+        src = open_h5ad(p)
+        plans.append(_plan_dataset(src, dataset_id or p.stem, label, "h5ad", obs_map, keep_non_primary))  # type: ignore[arg-type]
+    if dataset_id is not None and len(plans) > 1:
+        raise InputError(f"--dataset-id names one dataset, but the inputs hold {len(plans)}; ingest them one at a time")
+    ids = [p.dataset_id for p in plans]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise InputError(f"dataset ids {dup} occur more than once among the inputs; rename the files or use --dataset-id")
+    return plans
+
+
+# -- writing --------------------------------------------------------------------------------------------------------
+
+
+def _duckdb_type(values: pd.Series) -> str:
+    if pd.api.types.is_bool_dtype(values):
+        return "BOOLEAN"
+    if pd.api.types.is_integer_dtype(values):
+        return "BIGINT"
+    if pd.api.types.is_float_dtype(values):
+        return "DOUBLE"
+    return "VARCHAR"
+
+
+def _write_dataset(writer: StoreWriter, plan: DatasetPlan, chunk_size: int, progress: bool) -> DatasetIngestReport:
+    t0 = time.perf_counter()
+    store = AtlasStore(writer.path, writer.state)
+    genes = plan_genes(plan.source.genes, store.genes, writer.state.var_high_water)
+    n = len(plan.rows)
+    obs_start, var_start = writer.reserve(plan.dataset_id, n, len(genes.new_genes), plan.obsm_dims)
+    assert var_start == writer.state.var_high_water  # plan_genes used the same high-water mark
+    var_stop = var_start + len(genes.new_genes)
+    keep_cols = np.flatnonzero(genes.columns >= 0)
+    col_ids = genes.columns[keep_cols]
+
+    con = duckdb.connect(str(writer.path / CELLS_DB))
+    try:
+        con.execute("BEGIN TRANSACTION")
+        existing = {r[0].lower(): r[1] for r in con.execute("SELECT column_name, column_type FROM (DESCRIBE cells)").fetchall()}
+        for col in plan.extra_columns:
+            if col.lower() not in existing:
+                con.execute(f'ALTER TABLE cells ADD COLUMN "{col}" {_duckdb_type(plan.obs[col])}')
+        with writer.experiment("w") as exp:
+            rna = exp.ms[MEASUREMENT]
+            if len(genes.new_genes) or genes.learned_ensembl:
+                var_rows = genes.new_genes.copy()
+                if genes.learned_ensembl:
+                    old = store.genes
+                    learned = pd.DataFrame(
+                        [(j, old.keys[j], fid, old.feature_name[j]) for j, fid in genes.learned_ensembl],
+                        columns=["var_joinid", "gene_key", "feature_id", "feature_name"],
+                    )
+                    var_rows = pd.concat([var_rows, learned], ignore_index=True)
+                    for j, fid in genes.learned_ensembl:
+                        con.execute("UPDATE genes SET feature_id = ? WHERE var_joinid = ?", [fid, j])
+                rna.var.write(
+                    pa.table({
+                        "soma_joinid": pa.array(var_rows["var_joinid"].to_numpy(), pa.int64()),
+                        "gene_key": pa.array(var_rows["gene_key"].astype(str), pa.large_string()),
+                        "feature_id": pa.array(var_rows["feature_id"].astype(str), pa.large_string()),
+                        "feature_name": pa.array(var_rows["feature_name"].astype(str), pa.large_string()),
+                    })
+                )
+                if len(genes.new_genes):
+                    new = genes.new_genes.assign(added_by=plan.dataset_id)
+                    new = new.replace({"feature_id": {"": None}, "feature_name": {"": None}})
+                    con.register("new_genes", new)
+                    con.execute("INSERT INTO genes SELECT var_joinid, gene_key, feature_id, feature_name, added_by FROM new_genes")
+                    con.unregister("new_genes")
+            bar = tqdm(total=n, desc=f"ingest {plan.dataset_id}", unit="cell", disable=not progress, leave=False)
+            done = 0
+            for pos, block in plan.source.iter_rows(plan.rows, chunk_size):
+                m = len(pos)
+                ids = np.arange(obs_start + done, obs_start + done + m, dtype=np.int64)
+                sub = sp.csr_matrix(block[:, keep_cols])
+                coo = sub.tocoo()
+                if coo.nnz:
+                    rna.X[X_LAYER].write(
+                        pa.table({
+                            "soma_dim_0": pa.array(ids[coo.row], pa.int64()),
+                            "soma_dim_1": pa.array(col_ids[coo.col], pa.int64()),
+                            "soma_data": pa.array(coo.data.astype(np.float32), pa.float32()),
+                        })
+                    )
+                frame = plan.obs.iloc[done : done + m]
+                std = {c: frame[c].to_numpy() for c in STANDARD_OBS_COLUMNS}
+                obs_table = pa.table({
+                    "soma_joinid": pa.array(ids, pa.int64()),
+                    **{c: pa.array(v, pa.bool_() if c == "is_primary_data" else pa.large_string()) for c, v in std.items()},
+                })
+                exp.obs.write(obs_table)
+                for key in plan.obsm_dims:
+                    vec = plan.source.read_obsm(key, pos)
+                    r, c = np.nonzero(np.ones_like(vec, dtype=bool))
+                    rna["obsm"][key].write(
+                        pa.table({
+                            "soma_dim_0": pa.array(ids[r], pa.int64()),
+                            "soma_dim_1": pa.array(c.astype(np.int64), pa.int64()),
+                            "soma_data": pa.array(vec[r, c].astype(np.float32), pa.float32()),
+                        })
+                    )
+                cells = frame.assign(soma_joinid=ids)
+                con.register("chunk_cells", cells)
+                con.execute("INSERT INTO cells BY NAME SELECT * FROM chunk_cells")
+                con.unregister("chunk_cells")
+                done += m
+                bar.update(m)
+            bar.close()
+        record = DatasetRecord(
+            dataset_id=plan.dataset_id, start=obs_start, stop=obs_start + n, x_kind=plan.source.expression.x_kind,
+            x_source=plan.source.expression.location, source=plan.source_label, source_format=plan.source_format,
+            genes=genes.report, obs_columns=plan.extra_columns, obsm=plan.obsm_dims,
+            n_skipped_non_primary=plan.n_skipped_non_primary, ingested_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        )
+        writer.commit(record, var_stop, plan.obsm_dims, con)
+    except duckdb.Error as exc:
+        con.execute("ROLLBACK")
+        raise InputError(f"{plan.source_label}: cell metadata could not be stored: {exc}") from exc
+    except BaseException:
+        with contextlib.suppress(duckdb.Error):
+            con.execute("ROLLBACK")
+        raise
+    finally:
+        con.close()
+    seconds = time.perf_counter() - t0
+    report = DatasetIngestReport(
+        dataset_id=plan.dataset_id, source=plan.source_label, n_cells=n, first_cell_id=obs_start,
+        n_skipped_non_primary=plan.n_skipped_non_primary, x_kind=record.x_kind, x_source=record.x_source,
+        genes=genes.report, obsm=plan.obsm_dims, seconds=round(seconds, 3),
+    )
+    logger.info(
+        "ingested %s: %d cells (ids %d..%d), X from %s (%s), genes: %s, %.0f cells/s",
+        plan.dataset_id, n, obs_start, obs_start + n - 1, record.x_source, record.x_kind, genes.report,
+        report.cells_per_second,
+    )
+    return report
+
+
+def ingest(
+    sources: Sequence[str | Path],
+    atlas: str | Path,
+    *,
+    dataset_id: str | None = None,
+    obs_map: Mapping[str, str] | None = None,
+    mode: IngestMode = "append",
+    keep_non_primary: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: bool = True,
+) -> IngestReport:
+    """Ingest ``.h5ad`` files and/or Census-layout SOMA experiments into the atlas store at ``atlas``.
+
+    Parameters
+    ----------
+    sources: paths of ``.h5ad`` files or SOMA experiment directories (a SOMA experiment yields one dataset per
+        ``dataset_id`` in its obs).
+    dataset_id: id of the dataset (only with a single input); default: the file stem.
+    obs_map: ``{source column: target column}`` renames applied to obs before the schema is filled
+        (e.g. ``{"cluster_id": "cell_type", "sample_id": "donor_id"}``).
+    mode: ``"write"`` creates a new store and refuses an existing one; ``"append"`` adds to a store, creating it
+        when absent. A dataset id already in the store is always refused.
+    keep_non_primary: keep cells with ``is_primary_data == False`` (Census duplicates), skipped by default.
+    """
+    if mode not in ("write", "append"):
+        raise InputError(f"mode must be 'write' or 'append', got {mode!r}")
+    if not sources:
+        raise InputError("no input files given")
+    if chunk_size <= 0:
+        raise InputError(f"chunk size must be positive, got {chunk_size}")
+    atlas = Path(atlas)
+    exists = AtlasStore.exists(atlas)
+    if mode == "write" and exists:
+        raise StoreError(f"{atlas}: an atlas store already exists; use --mode append to add datasets, or a new directory")
+    if atlas.exists() and not atlas.is_dir():
+        raise InputError(f"{atlas}: exists and is not a directory")
+    plans = _open_sources(sources, dataset_id, dict(obs_map or {}), keep_non_primary)
+    try:
+        if exists:
+            present = {d.dataset_id for d in AtlasStore.open(atlas).datasets}
+            clash = [p.dataset_id for p in plans if p.dataset_id in present]
+            if clash:
+                raise DatasetExistsError(
+                    f"dataset(s) {clash} already in {atlas}; datasets are never duplicated: use --dataset-id to "
+                    "give a new id, or ingest into another store"
+                )
+        created_here = not atlas.exists()
+        report = IngestReport(atlas=str(atlas))
+        try:
+            with StoreWriter.open(atlas, create=True) as writer:
+                for plan in plans:
+                    report.datasets.append(_write_dataset(writer, plan, chunk_size, progress))
+        except BaseException:
+            if created_here and AtlasStore.exists(atlas) and not AtlasStore.open(atlas).datasets:
+                shutil.rmtree(atlas, ignore_errors=True)  # nothing committed: leave no half-made store behind
+            raise
+        report.n_cells_in_store = AtlasStore.open(atlas).n_cells
+        return report
+    finally:
+        for plan in plans:
+            plan.source.close()

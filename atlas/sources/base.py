@@ -1,0 +1,119 @@
+"""The source interface shared by h5ad files, in-memory AnnData and SOMA experiments."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from atlas.chunks import CellChunk
+from atlas.errors import InputError
+from atlas.genes import GeneVocabulary, is_ensembl
+from atlas.xkind import XKind
+
+logger = logging.getLogger(__name__)
+
+ENSEMBL_COLUMNS = ("feature_id", "gene_ids", "gene_id", "ensembl_id", "ensembl", "ensembl_gene_id", "gene_ids-0")
+SYMBOL_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "symbol", "gene_name", "gene_names", "Symbol", "name")
+COUNTS_LAYERS = ("counts", "raw_counts", "count", "umi", "UMI")
+
+
+@dataclass(frozen=True)
+class ExpressionChoice:
+    """Which matrix of a source is read, and what it holds."""
+
+    location: str  # "X", "layers/<name>", "raw/X"
+    x_kind: XKind
+    candidates: dict[str, XKind]  # every matrix inspected and its kind
+
+    def describe(self) -> str:
+        seen = ", ".join(f"{k}={v}" for k, v in self.candidates.items())
+        return f"{self.location} ({self.x_kind}; inspected: {seen})"
+
+
+def choose_expression(candidates: dict[str, XKind], what: str) -> ExpressionChoice:
+    """Prefer raw counts wherever they are (X, layers['counts'], .raw); else log-normalised/normalised X, then .raw.
+
+    Scaled values with nothing else are refused.
+    """
+    for loc, kind in candidates.items():
+        if kind == "counts":
+            return ExpressionChoice(loc, kind, candidates)
+    for loc, kind in candidates.items():
+        if kind in ("lognorm", "normalized"):
+            return ExpressionChoice(loc, kind, candidates)
+    raise InputError(
+        f"{what}: no usable expression values: {', '.join(f'{k} holds {v} values' for k, v in candidates.items())}. "
+        "Scaled (centred) data cannot be embedded or stored; provide raw counts in X, layers['counts'] or .raw, "
+        "or log-normalised values."
+    )
+
+
+def _ensembl_fraction(values: pd.Index | pd.Series) -> float:
+    vals = [str(v) for v in values[: min(len(values), 2000)]]
+    return float(np.mean([is_ensembl(v) for v in vals])) if vals else 0.0
+
+
+def genes_from_var(var: pd.DataFrame, what: str) -> GeneVocabulary:
+    """Find Ensembl ids and symbols among ``var``'s index and columns (Census: feature_id / feature_name)."""
+    if len(var) == 0:
+        raise InputError(f"{what}: the dataset has no genes (var is empty)")
+    candidates: list[tuple[str, pd.Index | pd.Series]] = [("var_names", var.index)]
+    candidates += [(c, var[c]) for c in var.columns if var[c].dtype == object or isinstance(var[c].dtype, pd.CategoricalDtype)]
+    ens = next(
+        (vals for name, vals in candidates if (name in ENSEMBL_COLUMNS or name == "var_names") and _ensembl_fraction(vals) >= 0.5),
+        None,
+    )
+    sym = next(
+        (
+            vals
+            for name, vals in sorted(candidates, key=lambda c: (c[0] not in SYMBOL_COLUMNS, c[0] != "var_names"))
+            if (name in SYMBOL_COLUMNS or name == "var_names") and _ensembl_fraction(vals) < 0.5
+        ),
+        None,
+    )
+    n = len(var)
+    fid = list(np.asarray(ens, dtype=object)) if ens is not None else [""] * n
+    fname = list(np.asarray(sym, dtype=object)) if sym is not None else [""] * n
+    vocab = GeneVocabulary.from_arrays(fid, fname)
+    if not any(vocab.keys):
+        raise InputError(f"{what}: found no gene identifiers in var_names or var columns")
+    return vocab
+
+
+class DatasetSource(Protocol):
+    """One dataset to ingest or query: metadata in memory, expression values streamed in row chunks."""
+
+    name: str
+    obs: pd.DataFrame  # one row per cell, index = cell names
+    genes: GeneVocabulary  # columns of the expression matrix
+    expression: ExpressionChoice
+
+    @property
+    def n_obs(self) -> int: ...
+
+    def obsm_keys(self) -> list[str]: ...
+
+    def iter_rows(self, rows: np.ndarray, chunk_size: int) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+        """Yield (row positions, CSR float32 block) for the given sorted row positions, in order."""
+        ...
+
+    def read_obsm(self, key: str, rows: np.ndarray) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+def iter_cell_chunks(
+    source: DatasetSource, chunk_size: int = 10_000, rows: Sequence[int] | np.ndarray | None = None,
+    obsm_keys: Sequence[str] = (),
+) -> Iterator[CellChunk]:
+    """Stream a source as CellChunks whose ids are row positions in the source."""
+    positions = np.arange(source.n_obs, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    for pos, X in source.iter_rows(positions, chunk_size):
+        obsm = {k: source.read_obsm(k, pos) for k in obsm_keys}
+        yield CellChunk(ids=pos, X=X, x_kind=source.expression.x_kind, genes=source.genes, obsm=obsm, dataset_id=source.name)

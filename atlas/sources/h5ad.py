@@ -1,0 +1,252 @@
+"""Chunked reading of ``.h5ad`` files (never densifying the whole matrix) and of in-memory AnnData objects."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anndata
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from atlas.errors import InputError
+from atlas.genes import GeneVocabulary
+from atlas.sources.base import COUNTS_LAYERS, ExpressionChoice, choose_expression, genes_from_var
+from atlas.xkind import XKind, detect_x_kind
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_WINDOWS = 4
+SAMPLE_ROWS_PER_WINDOW = 500
+
+
+def _sample_windows(n_obs: int) -> list[tuple[int, int]]:
+    if n_obs <= SAMPLE_WINDOWS * SAMPLE_ROWS_PER_WINDOW:
+        return [(0, n_obs)]
+    starts = np.linspace(0, n_obs - SAMPLE_ROWS_PER_WINDOW, SAMPLE_WINDOWS).astype(int)
+    return [(int(s), int(s) + SAMPLE_ROWS_PER_WINDOW) for s in starts]
+
+
+def _windows(positions: np.ndarray, chunk_size: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Split sorted row positions into row windows [a, b) of at most ``chunk_size`` rows."""
+    if chunk_size <= 0:
+        raise InputError(f"chunk size must be positive, got {chunk_size}")
+    if len(positions) == 0:
+        return
+    if np.any(np.diff(positions) <= 0):
+        raise InputError("row positions must be sorted and unique")
+    first, last = int(positions[0]), int(positions[-1]) + 1
+    for a in range(first, last, chunk_size):
+        b = min(a + chunk_size, last)
+        lo, hi = np.searchsorted(positions, [a, b])
+        if hi > lo:
+            yield a, b, positions[lo:hi]
+
+
+class _MatrixReader:
+    """Row-block access to one on-disk matrix element (CSR, CSC or dense)."""
+
+    def __init__(self, element: h5py.Group | h5py.Dataset, what: str) -> None:
+        self.what = what
+        self.element = element
+        if isinstance(element, h5py.Dataset):
+            self.kind = "dense"
+            self.shape = tuple(element.shape)
+        else:
+            enc = element.attrs.get("encoding-type", element.attrs.get("h5sparse_format", ""))
+            enc = enc.decode() if isinstance(enc, bytes) else str(enc)
+            self.shape = tuple(int(s) for s in element.attrs.get("shape", element.attrs.get("h5sparse_shape")))
+            if enc in ("csr_matrix", "csr"):
+                self.kind = "csr"
+            elif enc in ("csc_matrix", "csc"):
+                self.kind = "csc"
+                self._backed = anndata.io.sparse_dataset(element)
+                logger.warning("%s is stored column-major (CSC): reading rows is slow; store it as CSR", what)
+            else:
+                raise InputError(f"{what}: unsupported matrix encoding {enc!r}")
+        if len(self.shape) != 2:
+            raise InputError(f"{what}: expected a 2-d matrix, got shape {self.shape}")
+
+    def rows(self, a: int, b: int) -> sp.csr_matrix:
+        if self.kind == "dense":
+            return sp.csr_matrix(np.asarray(self.element[a:b], dtype=np.float32))
+        if self.kind == "csc":
+            return sp.csr_matrix(self._backed[a:b], dtype=np.float32)
+        indptr = self.element["indptr"][a : b + 1].astype(np.int64)
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        data = self.element["data"][lo:hi].astype(np.float32, copy=False)
+        indices = self.element["indices"][lo:hi]
+        return sp.csr_matrix((data, indices, indptr - lo), shape=(b - a, self.shape[1]))
+
+
+class H5adSource:
+    """A ``.h5ad`` file read in row chunks. obs/var are read into memory; the matrix never is."""
+
+    def __init__(self, path: str | Path, name: str | None = None) -> None:
+        self.path = Path(path)
+        self.name = name or self.path.stem
+        if not self.path.is_file():
+            raise InputError(f"{self.path}: no such file")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise InputError(f"{self.path}: not a readable .h5ad (HDF5) file: {exc}") from exc
+        try:
+            self._setup()
+        except InputError:
+            self.close()
+            raise
+        except Exception as exc:  # corrupt groups, unexpected encodings
+            self.close()
+            raise InputError(f"{self.path}: could not read the AnnData structure: {exc}") from exc
+
+    def _setup(self) -> None:
+        f = self._file
+        what = str(self.path)
+        for key in ("X", "obs", "var"):
+            if key not in f:
+                raise InputError(f"{what}: missing '{key}'; is this an AnnData .h5ad file?")
+        self.obs: pd.DataFrame = anndata.io.read_elem(f["obs"])
+        self._var_main: pd.DataFrame = anndata.io.read_elem(f["var"])
+        self._readers: dict[str, _MatrixReader] = {"X": _MatrixReader(f["X"], f"{what}: X")}
+        for layer in COUNTS_LAYERS:
+            if "layers" in f and layer in f["layers"]:
+                self._readers[f"layers/{layer}"] = _MatrixReader(f["layers"][layer], f"{what}: layers/{layer}")
+                break
+        if "raw" in f and "X" in f["raw"]:
+            self._readers["raw/X"] = _MatrixReader(f["raw"]["X"], f"{what}: raw/X")
+        n = len(self.obs)
+        for loc, reader in self._readers.items():
+            if reader.shape[0] != n:
+                raise InputError(f"{what}: {loc} has {reader.shape[0]} rows but obs has {n} cells")
+        if self._readers["X"].shape[1] != len(self._var_main):
+            raise InputError(f"{what}: X has {self._readers['X'].shape[1]} columns but var has {len(self._var_main)}")
+        kinds: dict[str, XKind] = {loc: self._detect(reader) for loc, reader in self._readers.items()}
+        self.expression: ExpressionChoice = choose_expression(kinds, what)
+        self._reader = self._readers[self.expression.location]
+        if self.expression.location == "raw/X":
+            self.var: pd.DataFrame = anndata.io.read_elem(f["raw"]["var"])
+        else:
+            self.var = self._var_main
+        if self._reader.shape[1] != len(self.var):
+            raise InputError(f"{what}: {self.expression.location} columns do not match its var")
+        self.genes: GeneVocabulary = genes_from_var(self.var, what)
+        self._obsm_group = f["obsm"] if "obsm" in f and isinstance(f["obsm"], h5py.Group) else None
+        logger.info("%s: %d cells x %d genes; expression from %s", what, n, len(self.var), self.expression.describe())
+
+    def _detect(self, reader: _MatrixReader) -> XKind:
+        blocks = [reader.rows(a, b) for a, b in _sample_windows(reader.shape[0])]
+        return detect_x_kind(sp.vstack(blocks) if blocks else sp.csr_matrix((0, reader.shape[1])))
+
+    @property
+    def n_obs(self) -> int:
+        return len(self.obs)
+
+    def obsm_keys(self) -> list[str]:
+        if self._obsm_group is None:
+            return []
+        return [k for k, v in self._obsm_group.items() if isinstance(v, h5py.Dataset) and v.ndim == 2]
+
+    def read_obsm(self, key: str, rows: np.ndarray) -> np.ndarray:
+        if self._obsm_group is None or key not in self.obsm_keys():
+            raise InputError(f"{self.path}: no obsm[{key!r}]; available: {self.obsm_keys() or 'none'}")
+        ds = self._obsm_group[key]
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return np.zeros((0, ds.shape[1]), dtype=np.float32)
+        block = ds[int(rows[0]) : int(rows[-1]) + 1]
+        return np.asarray(block[rows - rows[0]], dtype=np.float32)
+
+    def iter_rows(self, rows: np.ndarray, chunk_size: int) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+        for a, b, pos in _windows(np.asarray(rows, dtype=np.int64), chunk_size):
+            block = self._reader.rows(a, b)
+            yield pos, block if len(pos) == b - a else block[pos - a]
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # closing a broken file must not mask the real error
+            self._file.close()
+
+    def __enter__(self) -> H5adSource:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class AnnDataSource:
+    """An in-memory AnnData viewed as a source. The caller's object is never modified."""
+
+    def __init__(self, adata: anndata.AnnData, name: str = "query") -> None:
+        self.name = name
+        self._adata = adata
+        self.obs = adata.obs
+        mats: dict[str, Any] = {"X": adata.X}
+        for layer in COUNTS_LAYERS:
+            if layer in adata.layers:
+                mats[f"layers/{layer}"] = adata.layers[layer]
+                break
+        if adata.raw is not None:
+            mats["raw/X"] = adata.raw.X
+        self._mats = {k: v for k, v in mats.items() if v is not None}
+        if not self._mats:
+            raise InputError(f"{name}: the AnnData has no expression matrix")
+        kinds: dict[str, XKind] = {}
+        for loc, m in self._mats.items():
+            sample = m[: SAMPLE_WINDOWS * SAMPLE_ROWS_PER_WINDOW]
+            kinds[loc] = detect_x_kind(sample if sp.issparse(sample) else np.asarray(sample))
+        self.expression = choose_expression(kinds, name)
+        self.var = adata.raw.var if self.expression.location == "raw/X" else adata.var
+        self.genes = genes_from_var(self.var, name)
+
+    @property
+    def n_obs(self) -> int:
+        return int(self._adata.n_obs)
+
+    def obsm_keys(self) -> list[str]:
+        return [k for k, v in self._adata.obsm.items() if getattr(v, "ndim", 0) == 2 and not isinstance(v, pd.DataFrame)]
+
+    def read_obsm(self, key: str, rows: np.ndarray) -> np.ndarray:
+        if key not in self.obsm_keys():
+            raise InputError(f"{self.name}: no obsm[{key!r}]; available: {self.obsm_keys() or 'none'}")
+        return np.asarray(self._adata.obsm[key][np.asarray(rows)], dtype=np.float32)
+
+    def iter_rows(self, rows: np.ndarray, chunk_size: int) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+        m = self._mats[self.expression.location]
+        for _a, _b, pos in _windows(np.asarray(rows, dtype=np.int64), chunk_size):
+            block = m[pos]
+            yield pos, sp.csr_matrix(block, dtype=np.float32)
+
+    def close(self) -> None:
+        pass
+
+
+def _is_legacy(path: Path) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            return "raw.X" in f or "encoding-type" not in f.attrs
+    except OSError:
+        return False  # H5adSource reports the unreadable file
+
+
+def open_h5ad(source: str | Path | anndata.AnnData, name: str | None = None) -> H5adSource | AnnDataSource:
+    """Open a path to an ``.h5ad`` (chunked) or wrap an in-memory AnnData.
+
+    Files written by anndata < 0.7 (no encoding attributes, ``raw.X``) cannot be read in chunks; they are loaded
+    whole, with a warning (such files are small: they predate atlas-sized data).
+    """
+    if isinstance(source, anndata.AnnData):
+        return AnnDataSource(source, name or "query")
+    path = Path(source)
+    if path.is_file() and _is_legacy(path):
+        logger.warning("%s: legacy (pre-0.7) AnnData layout: loading it whole instead of in chunks", path)
+        try:
+            adata = anndata.read_h5ad(path)
+        except Exception as exc:
+            raise InputError(f"{path}: could not read legacy .h5ad: {exc}") from exc
+        return AnnDataSource(adata, name or path.stem)
+    return H5adSource(path, name)

@@ -1,0 +1,157 @@
+"""TileDB-SOMA experiments in the CELLxGENE Census layout as ingest sources (one source per ``dataset_id``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import scipy.sparse as sp
+
+from atlas.errors import InputError
+from atlas.genes import GeneVocabulary
+from atlas.sources.base import ExpressionChoice, choose_expression, genes_from_var
+from atlas.xkind import detect_x_kind
+
+logger = logging.getLogger(__name__)
+
+STREAM_CONTEXT_CONFIG = {"soma.init_buffer_bytes": 16 << 20}
+"""Without this, ``X.read().tables()`` arrives as one huge table (see shared FACTS.md)."""
+
+
+def _context() -> Any:
+    import tiledbsoma
+
+    return tiledbsoma.SOMATileDBContext(tiledb_config=STREAM_CONTEXT_CONFIG)
+
+
+def is_soma_experiment(uri: str) -> bool:
+    import tiledbsoma
+
+    try:
+        return tiledbsoma.Experiment.exists(uri)
+    except Exception:  # noqa: BLE001 - anything unreadable is simply not an experiment
+        return False
+
+
+def arrow_to_csr(table: pa.Table, row_ids: np.ndarray, n_cols: int) -> sp.csr_matrix:
+    """COO Arrow table (soma_dim_0 = joinid, soma_dim_1, soma_data) -> CSR with rows in ``row_ids`` order."""
+    if table.num_rows == 0:
+        return sp.csr_matrix((len(row_ids), n_cols), dtype=np.float32)
+    dim0 = table.column("soma_dim_0").to_numpy()
+    rows = np.searchsorted(row_ids, dim0)
+    cols = table.column("soma_dim_1").to_numpy()
+    data = table.column("soma_data").to_numpy().astype(np.float32, copy=False)
+    return sp.csr_matrix((data, (rows, cols)), shape=(len(row_ids), n_cols))
+
+
+class SomaExperimentSource:
+    """The cells of one dataset in a SOMA experiment (Census layout), read by joinid in chunks."""
+
+    def __init__(
+        self,
+        uri: str,
+        joinids: np.ndarray,
+        obs: pd.DataFrame,
+        name: str,
+        measurement: str = "RNA",
+        layer: str = "raw",
+    ) -> None:
+        import tiledbsoma
+
+        self.uri, self.name, self.measurement, self.layer = uri, name, measurement, layer
+        self._joinids = np.asarray(joinids, dtype=np.int64)
+        self.obs = obs
+        self._exp = tiledbsoma.Experiment.open(uri, context=_context())
+        ms = self._exp.ms[measurement]
+        self.var = ms.var.read().concat().to_pandas().set_index("soma_joinid", drop=False)
+        self._n_vars = int(self.var["soma_joinid"].max()) + 1 if len(self.var) else 0
+        self._X = ms.X[layer]
+        var_frame = self.var.drop(columns=["soma_joinid"]).reset_index(drop=True)
+        var_frame.index = var_frame.get("feature_id", pd.Series(range(len(var_frame)))).astype(str).to_numpy()
+        vocab = genes_from_var(var_frame, f"{uri} (dataset {name})")
+        # Columns of X are var soma_joinids; build the vocabulary over 0..max joinid.
+        keys = np.full(self._n_vars, "", dtype=object)
+        fid, fname = keys.copy(), keys.copy()
+        pos = self.var["soma_joinid"].to_numpy()
+        keys[pos], fid[pos], fname[pos] = vocab.keys, vocab.feature_id, vocab.feature_name
+        self.genes = GeneVocabulary(keys=keys, feature_id=fid, feature_name=fname)
+        sample = self._read(self._joinids[: min(len(self._joinids), 2000)])
+        self.expression: ExpressionChoice = choose_expression({f"X/{layer}": detect_x_kind(sample)}, f"{uri} ({name})")
+
+    @property
+    def n_obs(self) -> int:
+        return len(self._joinids)
+
+    def _read(self, ids: np.ndarray) -> sp.csr_matrix:
+        if len(ids) == 0:
+            return sp.csr_matrix((0, self._n_vars), dtype=np.float32)
+        tables = list(self._X.read(coords=(ids,)).tables())
+        table = pa.concat_tables(tables) if tables else pa.table({"soma_dim_0": [], "soma_dim_1": [], "soma_data": []})
+        return arrow_to_csr(table, ids, self._n_vars)
+
+    def iter_rows(self, rows: np.ndarray, chunk_size: int) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+        rows = np.asarray(rows, dtype=np.int64)
+        for a in range(0, len(rows), chunk_size):
+            pos = rows[a : a + chunk_size]
+            yield pos, self._read(self._joinids[pos])
+
+    def obsm_keys(self) -> list[str]:
+        ms = self._exp.ms[self.measurement]
+        return list(ms["obsm"].keys()) if "obsm" in ms else []
+
+    def read_obsm(self, key: str, rows: np.ndarray) -> np.ndarray:
+        if key not in self.obsm_keys():
+            raise InputError(f"{self.uri}: no obsm[{key!r}]; available: {self.obsm_keys() or 'none'}")
+        arr = self._exp.ms[self.measurement]["obsm"][key]
+        ids = self._joinids[np.asarray(rows, dtype=np.int64)]
+        dim = int(arr.shape[1])
+        out = np.full((len(ids), dim), np.nan, dtype=np.float32)
+        if len(ids):
+            table = arr.read(coords=(ids,)).tables().concat()
+            r = np.searchsorted(ids, table.column("soma_dim_0").to_numpy())
+            out[r, table.column("soma_dim_1").to_numpy()] = table.column("soma_data").to_numpy()
+        return out
+
+    def close(self) -> None:
+        self._exp.close()
+
+
+def open_soma_experiment(
+    uri: str,
+    *,
+    measurement: str = "RNA",
+    layer: str = "raw",
+    value_filter: str | None = None,
+    dataset_id: str | None = None,
+) -> list[SomaExperimentSource]:
+    """One source per ``dataset_id`` in the experiment's obs (or one, named ``dataset_id``, when there is none)."""
+    import tiledbsoma
+
+    if not is_soma_experiment(uri):
+        raise InputError(f"{uri}: not a TileDB-SOMA experiment (or not readable)")
+    with tiledbsoma.Experiment.open(uri, context=_context()) as exp:
+        if measurement not in exp.ms:
+            raise InputError(f"{uri}: no measurement {measurement!r}; has: {list(exp.ms.keys())}")
+        if layer not in exp.ms[measurement].X:
+            raise InputError(f"{uri}: no X layer {layer!r}; has: {list(exp.ms[measurement].X.keys())}")
+        obs = exp.obs.read(value_filter=value_filter).concat().to_pandas()
+    if len(obs) == 0:
+        raise InputError(f"{uri}: no cells{' match ' + value_filter if value_filter else ''}")
+    obs = obs.sort_values("soma_joinid")
+    name_col = "obs_id" if "obs_id" in obs.columns else None
+    obs.index = (obs[name_col] if name_col else obs["soma_joinid"]).astype(str).to_numpy()
+    sources = []
+    if "dataset_id" in obs.columns and dataset_id is None:
+        groups = obs.groupby("dataset_id", sort=True, observed=True)
+    else:
+        groups = [(dataset_id or uri.rstrip("/").rsplit("/", 1)[-1], obs)]  # type: ignore[assignment]
+    for ds, frame in groups:
+        sub = frame.drop(columns=["soma_joinid"])
+        sources.append(
+            SomaExperimentSource(uri, frame["soma_joinid"].to_numpy(), sub, str(ds), measurement, layer)
+        )
+    return sources

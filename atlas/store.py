@@ -1,0 +1,475 @@
+"""The atlas store: one TileDB-SOMA experiment + a DuckDB cell table + ``store.json``, the commit point.
+
+Layout of ``ATLAS_DIR``::
+
+    store.json            committed state (written last, by atomic rename)
+    experiment/           TileDB-SOMA Experiment: obs, ms["RNA"].var, ms["RNA"].X["raw"], ms["RNA"].obsm[KEY]
+    cells.duckdb          tables ``cells`` (soma_joinid + metadata), ``genes``, ``datasets``
+    ingest.journal.json   present only while (or after a failed) ingest: the id ranges it reserved
+
+Cell ids are ``soma_joinid``: global, stable, never renumbered. Each dataset owns a contiguous id range. A failed
+ingest leaves its reserved range unused (a hole) and is never visible: readers see only datasets in ``store.json``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import scipy.sparse as sp
+
+from atlas.chunks import CellChunk
+from atlas.errors import InputError, StoreError
+from atlas.genes import GeneVocabulary
+from atlas.schema import STANDARD_OBS_COLUMNS, obs_arrow_schema, var_arrow_schema
+from atlas.sources.soma import STREAM_CONTEXT_CONFIG, arrow_to_csr
+
+logger = logging.getLogger(__name__)
+
+STORE_FORMAT_VERSION = 1
+STATE_FILE = "store.json"
+JOURNAL_FILE = "ingest.journal.json"
+LOCK_FILE = ".lock"
+EXPERIMENT_DIR = "experiment"
+CELLS_DB = "cells.duckdb"
+MEASUREMENT = "RNA"
+X_LAYER = "raw"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    """Write JSON to ``path`` so that readers see either the old or the new file, never a partial one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=2, sort_keys=True, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class DatasetRecord:
+    """One ingested dataset: its id range and how it was read."""
+
+    dataset_id: str
+    start: int
+    stop: int
+    x_kind: str
+    x_source: str
+    source: str
+    source_format: str
+    genes: dict[str, int] = field(default_factory=dict)
+    obs_columns: list[str] = field(default_factory=list)
+    obsm: dict[str, int] = field(default_factory=dict)
+    n_skipped_non_primary: int = 0
+    ingested_at: str = ""
+
+    @property
+    def n_cells(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class StoreState:
+    format_version: int = STORE_FORMAT_VERSION
+    created_at: str = field(default_factory=_now)
+    obs_high_water: int = 0
+    var_high_water: int = 0
+    obsm_dims: dict[str, int] = field(default_factory=dict)
+    datasets: list[DatasetRecord] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any], where: Path) -> StoreState:
+        version = payload.get("format_version")
+        if version != STORE_FORMAT_VERSION:
+            raise StoreError(
+                f"{where}: atlas store format {version!r}, this scatlas reads format {STORE_FORMAT_VERSION}; "
+                "re-ingest the data with this version"
+            )
+        datasets = [DatasetRecord(**d) for d in payload.get("datasets", [])]
+        return cls(
+            format_version=version,
+            created_at=payload.get("created_at", ""),
+            obs_high_water=int(payload["obs_high_water"]),
+            var_high_water=int(payload["var_high_water"]),
+            obsm_dims={k: int(v) for k, v in payload.get("obsm_dims", {}).items()},
+            datasets=datasets,
+        )
+
+
+class AtlasStore:
+    """Read access to the committed content of an atlas store. Writing goes through :class:`StoreWriter`."""
+
+    def __init__(self, path: Path, state: StoreState) -> None:
+        self.path = path
+        self.state = state
+        self._exp: Any = None
+        self._genes: GeneVocabulary | None = None
+
+    # -- opening -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def exists(path: str | Path) -> bool:
+        return (Path(path) / STATE_FILE).is_file()
+
+    @classmethod
+    def open(cls, path: str | Path) -> AtlasStore:
+        path = Path(path)
+        state_path = path / STATE_FILE
+        if not state_path.is_file():
+            hint = " (it holds files but no store.json: a first ingest failed; delete it or rerun the ingest)" if path.is_dir() and any(path.iterdir()) else ""
+            raise StoreError(f"{path}: not an atlas store{hint}; create one with `scatlas ingest FILES --atlas {path}`")
+        try:
+            state = StoreState.from_json(json.loads(state_path.read_text()), state_path)
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise StoreError(f"{state_path}: unreadable store state ({exc}); the store is corrupt") from exc
+        if (path / JOURNAL_FILE).is_file():
+            logger.warning("%s: an ingest was interrupted or is running; only committed datasets are visible", path)
+        return cls(path, state)
+
+    def close(self) -> None:
+        if self._exp is not None:
+            self._exp.close()
+            self._exp = None
+
+    def __enter__(self) -> AtlasStore:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- committed content ------------------------------------------------------------------------------------
+    @property
+    def experiment_uri(self) -> str:
+        return str(self.path / EXPERIMENT_DIR)
+
+    @property
+    def cells_db_path(self) -> Path:
+        return self.path / CELLS_DB
+
+    @property
+    def datasets(self) -> list[DatasetRecord]:
+        return list(self.state.datasets)
+
+    @property
+    def n_cells(self) -> int:
+        return sum(d.n_cells for d in self.state.datasets)
+
+    def dataset(self, dataset_id: str) -> DatasetRecord:
+        for d in self.state.datasets:
+            if d.dataset_id == dataset_id:
+                return d
+        raise InputError(f"no dataset {dataset_id!r} in {self.path}; it has: {[d.dataset_id for d in self.state.datasets]}")
+
+    def cell_ranges(self) -> list[tuple[str, int, int]]:
+        return sorted(((d.dataset_id, d.start, d.stop) for d in self.state.datasets), key=lambda r: r[1])
+
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        """A read-only DuckDB connection to the cell metadata (tables ``cells``, ``genes``, ``datasets``)."""
+        return duckdb.connect(str(self.cells_db_path), read_only=True)
+
+    @property
+    def genes(self) -> GeneVocabulary:
+        """The gene space of ``X``: column ``j`` is the gene with var ``soma_joinid == j`` (unused ids are empty)."""
+        if self._genes is None:
+            n = self.state.var_high_water
+            keys = np.full(n, "", dtype=object)
+            fid, fname = keys.copy(), keys.copy()
+            if n and self.state.datasets:
+                with self.connect() as con:
+                    rows = con.execute("SELECT var_joinid, gene_key, feature_id, feature_name FROM genes").fetchall()
+                for j, key, f_id, f_name in rows:
+                    keys[j], fid[j], fname[j] = key, f_id or "", f_name or ""
+            self._genes = GeneVocabulary(keys=keys, feature_id=fid, feature_name=fname)
+        return self._genes
+
+    def snapshot(self) -> dict[str, Any]:
+        """What an index records about the store it was built from."""
+        return {
+            "path": str(self.path.resolve()),
+            "format_version": self.state.format_version,
+            "n_cells": self.n_cells,
+            "n_genes": int(sum(1 for k in self.genes.keys if k)),
+            "gene_vocabulary": self.genes.fingerprint(),
+            "datasets": [
+                {"dataset_id": d.dataset_id, "start": d.start, "stop": d.stop, "ingested_at": d.ingested_at}
+                for d in self.cell_ranges_records()
+            ],
+        }
+
+    def cell_ranges_records(self) -> list[DatasetRecord]:
+        return sorted(self.state.datasets, key=lambda d: d.start)
+
+    # -- reading cells ----------------------------------------------------------------------------------------
+    def _experiment(self) -> Any:
+        if self._exp is None:
+            import tiledbsoma
+
+            ctx = tiledbsoma.SOMATileDBContext(tiledb_config=STREAM_CONTEXT_CONFIG)
+            self._exp = tiledbsoma.Experiment.open(self.experiment_uri, context=ctx)
+        return self._exp
+
+    def _x(self) -> Any:
+        return self._experiment().ms[MEASUREMENT].X[X_LAYER]
+
+    def _read_x(self, coords: slice | np.ndarray, row_ids: np.ndarray) -> sp.csr_matrix:
+        tables = list(self._x().read(coords=(coords,)).tables())
+        n_cols = self.state.var_high_water
+        if not tables:
+            return sp.csr_matrix((len(row_ids), n_cols), dtype=np.float32)
+        return arrow_to_csr(pa.concat_tables(tables), row_ids, n_cols)
+
+    def _read_obsm(self, key: str, ids: np.ndarray) -> np.ndarray:
+        if key not in self.state.obsm_dims:
+            raise InputError(f"no obsm[{key!r}] in {self.path}; available: {sorted(self.state.obsm_dims) or 'none'}")
+        arr = self._experiment().ms[MEASUREMENT]["obsm"][key]
+        out = np.full((len(ids), self.state.obsm_dims[key]), np.nan, dtype=np.float32)
+        if len(ids):
+            table = arr.read(coords=(ids,)).tables().concat()
+            r = np.searchsorted(ids, table.column("soma_dim_0").to_numpy())
+            out[r, table.column("soma_dim_1").to_numpy()] = table.column("soma_data").to_numpy()
+        return out
+
+    def _record_for(self, dataset_id: str) -> DatasetRecord:
+        return next(d for d in self.state.datasets if d.dataset_id == dataset_id)
+
+    def iter_chunks(
+        self,
+        start: int | None = None,
+        stop: int | None = None,
+        chunk_size: int = 10_000,
+        with_X: bool = True,
+        obsm_keys: Sequence[str] = (),
+    ) -> Iterator[CellChunk]:
+        """Stream committed cells with ``start <= soma_joinid < stop`` in id order; chunks never span datasets."""
+        if chunk_size <= 0:
+            raise InputError(f"chunk size must be positive, got {chunk_size}")
+        genes = self.genes
+        for rec in self.cell_ranges_records():
+            a0 = rec.start if start is None else max(rec.start, start)
+            b0 = rec.stop if stop is None else min(rec.stop, stop)
+            for a in range(a0, b0, chunk_size):
+                b = min(a + chunk_size, b0)
+                ids = np.arange(a, b, dtype=np.int64)
+                X = self._read_x(slice(a, b - 1), ids) if with_X else None
+                obsm = {k: self._read_obsm(k, ids) for k in obsm_keys}
+                yield CellChunk(ids=ids, X=X, x_kind=rec.x_kind, genes=genes, obsm=obsm, dataset_id=rec.dataset_id)  # type: ignore[arg-type]
+
+    def read_cells(
+        self, ids: Sequence[int] | np.ndarray, chunk_size: int = 10_000, with_X: bool = True, obsm_keys: Sequence[str] = ()
+    ) -> Iterator[CellChunk]:
+        """Stream the given cells (sorted, unique, committed ids) as chunks that never span datasets."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) and np.any(np.diff(ids) <= 0):
+            raise InputError("cell ids must be sorted and unique")
+        genes = self.genes
+        covered = 0
+        for rec in self.cell_ranges_records():
+            lo, hi = np.searchsorted(ids, [rec.start, rec.stop])
+            covered += hi - lo
+            for a in range(lo, hi, chunk_size):
+                sel = ids[a : min(a + chunk_size, hi)]
+                X = self._read_x(sel, sel) if with_X else None
+                obsm = {k: self._read_obsm(k, sel) for k in obsm_keys}
+                yield CellChunk(ids=sel, X=X, x_kind=rec.x_kind, genes=genes, obsm=obsm, dataset_id=rec.dataset_id)  # type: ignore[arg-type]
+        if covered != len(ids):
+            raise InputError(f"{len(ids) - covered} requested cell ids are not in the atlas store")
+
+    def sample_ids(self, n: int, seed: int = 0) -> np.ndarray:
+        """Up to ``n`` cell ids, stratified by dataset (equal shares, capped by dataset size), sorted."""
+        records = self.cell_ranges_records()
+        if n <= 0 or not records:
+            return np.zeros(0, dtype=np.int64)
+        sizes = np.array([r.n_cells for r in records])
+        quota = np.zeros(len(records), dtype=np.int64)
+        remaining = min(n, int(sizes.sum()))
+        while remaining > 0:
+            open_ = np.flatnonzero(quota < sizes)
+            share = max(1, remaining // len(open_))
+            for i in open_:
+                take = min(share, sizes[i] - quota[i], remaining)
+                quota[i] += take
+                remaining -= take
+                if remaining == 0:
+                    break
+        rng = np.random.default_rng(seed)
+        parts = [r.start + np.sort(rng.choice(r.n_cells, size=q, replace=False)) for r, q in zip(records, quota, strict=True) if q]
+        return np.sort(np.concatenate(parts)).astype(np.int64)
+
+    def obs(self, ids: Sequence[int] | np.ndarray, columns: Sequence[str] | None = None) -> Any:
+        """Cell metadata rows for ``ids`` (pandas DataFrame, in the order given)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        cols = "*" if columns is None else ", ".join(f'c."{c}"' for c in columns)
+        with self.connect() as con:
+            con.register("wanted", pa.table({"soma_joinid": ids, "_pos": np.arange(len(ids))}))
+            sel = "c.*" if cols == "*" else f"c.soma_joinid, {cols}"
+            try:
+                return con.execute(
+                    f"SELECT {sel} FROM wanted w JOIN cells c USING (soma_joinid) ORDER BY w._pos"
+                ).df()
+            except duckdb.Error as exc:
+                raise InputError(f"could not read cell metadata: {exc}") from exc
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / LOCK_FILE, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise StoreError(f"{path}: another process is writing to this atlas store; wait for it to finish") from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _create_layout(path: Path) -> None:
+    import tiledbsoma
+
+    exp_uri = str(path / EXPERIMENT_DIR)
+    if Path(exp_uri).exists():
+        shutil.rmtree(exp_uri)
+    with tiledbsoma.Experiment.create(exp_uri) as exp:
+        exp.add_new_dataframe("obs", schema=obs_arrow_schema(), index_column_names=["soma_joinid"], domain=[(0, 0)])
+        ms = exp.add_new_collection("ms")
+        rna = ms.add_new_collection(MEASUREMENT, tiledbsoma.Measurement)
+        rna.add_new_dataframe("var", schema=var_arrow_schema(), index_column_names=["soma_joinid"], domain=[(0, 0)])
+        X = rna.add_new_collection("X")
+        X.add_new_sparse_ndarray(X_LAYER, type=pa.float32(), shape=(1, 1))
+        rna.add_new_collection("obsm")
+    db = path / CELLS_DB
+    if db.exists():
+        db.unlink()
+    with duckdb.connect(str(db)) as con:
+        std = ", ".join(
+            f'"{c}" {"BOOLEAN" if c == "is_primary_data" else "VARCHAR"}' for c in STANDARD_OBS_COLUMNS
+        )
+        con.execute(f"CREATE TABLE cells (soma_joinid BIGINT PRIMARY KEY, {std})")
+        con.execute(
+            "CREATE TABLE genes (var_joinid BIGINT PRIMARY KEY, gene_key VARCHAR UNIQUE, feature_id VARCHAR, "
+            "feature_name VARCHAR, added_by VARCHAR)"
+        )
+        con.execute(
+            "CREATE TABLE datasets (dataset_id VARCHAR PRIMARY KEY, start_id BIGINT, stop_id BIGINT, n_cells BIGINT, "
+            "x_kind VARCHAR, x_source VARCHAR, source VARCHAR)"
+        )
+
+
+class StoreWriter:
+    """Holds the store lock; reserves id ranges, writes SOMA arrays and DuckDB rows, commits ``store.json`` last."""
+
+    def __init__(self, path: Path, state: StoreState) -> None:
+        self.path = path
+        self.state = state
+
+    @classmethod
+    @contextmanager
+    def open(cls, path: str | Path, *, create: bool) -> Iterator[StoreWriter]:
+        path = Path(path)
+        with _locked(path):
+            if AtlasStore.exists(path):
+                state = AtlasStore.open(path).state
+            elif create:
+                if (path / EXPERIMENT_DIR).exists() and not (path / JOURNAL_FILE).exists():
+                    raise StoreError(f"{path}: holds an experiment/ but no store.json; not a scatlas store")
+                _create_layout(path)
+                state = StoreState()
+                atomic_write_json(path / STATE_FILE, state.to_json())
+            else:
+                raise StoreError(f"{path}: no atlas store to append to; use --mode write to create one")
+            writer = cls(path, state)
+            writer._recover()
+            yield writer
+
+    # -- recovery ---------------------------------------------------------------------------------------------
+    def _recover(self) -> None:
+        journal = self.path / JOURNAL_FILE
+        if not journal.is_file():
+            return
+        j = json.loads(journal.read_text())
+        logger.warning(
+            "%s: recovering from an interrupted ingest of %r: its ids [%d, %d) stay unused",
+            self.path, j.get("dataset_id"), j.get("obs_start", 0), j.get("obs_stop", 0),
+        )
+        self.state.obs_high_water = max(self.state.obs_high_water, int(j.get("obs_stop", 0)))
+        self.state.var_high_water = max(self.state.var_high_water, int(j.get("var_stop", 0)))
+        committed = [d.dataset_id for d in self.state.datasets]
+        with duckdb.connect(str(self.path / CELLS_DB)) as con:
+            con.register("committed", pa.table({"dataset_id": pa.array(committed, pa.string())}))
+            con.execute("DELETE FROM cells WHERE dataset_id NOT IN (SELECT dataset_id FROM committed)")
+            con.execute("DELETE FROM genes WHERE added_by NOT IN (SELECT dataset_id FROM committed)")
+            con.execute("DELETE FROM datasets WHERE dataset_id NOT IN (SELECT dataset_id FROM committed)")
+        atomic_write_json(self.path / STATE_FILE, self.state.to_json())
+        journal.unlink()
+
+    # -- writing one dataset ------------------------------------------------------------------------------------
+    def reserve(self, dataset_id: str, n_cells: int, n_new_genes: int, obsm_dims: dict[str, int]) -> tuple[int, int]:
+        """Reserve id ranges (journalled first), grow the SOMA arrays; returns (first cell id, first new gene id)."""
+        import tiledbsoma
+
+        obs_start, var_start = self.state.obs_high_water, self.state.var_high_water
+        obs_stop, var_stop = obs_start + n_cells, var_start + n_new_genes
+        atomic_write_json(
+            self.path / JOURNAL_FILE,
+            {"dataset_id": dataset_id, "obs_start": obs_start, "obs_stop": obs_stop, "var_start": var_start,
+             "var_stop": var_stop, "started_at": _now()},
+        )
+        uri = str(self.path / EXPERIMENT_DIR)
+        n_obs, n_var = max(obs_stop, 1), max(var_stop, 1)
+        with tiledbsoma.Experiment.open(uri, "w") as exp:
+            if exp.obs.domain[0][1] < n_obs - 1:
+                exp.obs.change_domain([(0, n_obs - 1)])
+            rna = exp.ms[MEASUREMENT]
+            if rna.var.domain[0][1] < n_var - 1:
+                rna.var.change_domain([(0, n_var - 1)])
+            x = rna.X[X_LAYER]
+            if x.shape[0] < n_obs or x.shape[1] < n_var:
+                x.resize((max(x.shape[0], n_obs), max(x.shape[1], n_var)))
+            for key, dim in obsm_dims.items():
+                if key not in rna["obsm"]:
+                    rna["obsm"].add_new_sparse_ndarray(key, type=pa.float32(), shape=(n_obs, dim))
+                elif rna["obsm"][key].shape[0] < n_obs:
+                    rna["obsm"][key].resize((n_obs, dim))
+        return obs_start, var_start
+
+    def experiment(self, mode: str = "w") -> Any:
+        import tiledbsoma
+
+        return tiledbsoma.Experiment.open(str(self.path / EXPERIMENT_DIR), mode)
+
+    def commit(self, record: DatasetRecord, var_stop: int, obsm_dims: dict[str, int], con: duckdb.DuckDBPyConnection) -> None:
+        """Finish the DuckDB transaction, then publish ``store.json`` (the commit point), then drop the journal."""
+        con.execute(
+            "INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [record.dataset_id, record.start, record.stop, record.n_cells, record.x_kind, record.x_source, record.source],
+        )
+        con.execute("COMMIT")
+        self.state.datasets.append(record)
+        self.state.obs_high_water = record.stop
+        self.state.var_high_water = max(self.state.var_high_water, var_stop)
+        self.state.obsm_dims.update(obsm_dims)
+        atomic_write_json(self.path / STATE_FILE, self.state.to_json())
+        (self.path / JOURNAL_FILE).unlink(missing_ok=True)

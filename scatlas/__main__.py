@@ -1,0 +1,3 @@
+from scatlas.cli import main
+
+main()
