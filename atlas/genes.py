@@ -38,7 +38,7 @@ def strip_version(ensembl_id: str) -> str:
     return str(ensembl_id).split(".", 1)[0] if is_ensembl(ensembl_id) else str(ensembl_id)
 
 
-def _clean(values: Sequence[object]) -> np.ndarray:
+def _clean(values: Sequence[object] | np.ndarray) -> np.ndarray:
     out = np.array(["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in values], dtype=object)
     return out
 
@@ -109,7 +109,7 @@ class GeneVocabulary:
             self._lookup[what] = table
         return self._lookup[what]
 
-    def locate(self, identifiers: Sequence[object]) -> np.ndarray:
+    def locate(self, identifiers: Sequence[object] | np.ndarray) -> np.ndarray:
         """Column of each identifier in this vocabulary (Ensembl id or symbol), -1 where unknown."""
         by_id, by_name, by_lname = self._index("id"), self._index("name"), self._index("lname")
         out = np.full(len(identifiers), -1, dtype=np.int64)

@@ -257,17 +257,16 @@ def _open_sources(
     for raw in paths:
         label = str(raw)
         if Path(label).is_dir() and is_soma_experiment(label):
-            sources = open_soma_experiment(label, dataset_id=dataset_id)
-            for src in sources:
-                plans.append(_plan_dataset(src, src.name, label, "soma", obs_map, keep_non_primary))
+            for soma_src in open_soma_experiment(label, dataset_id=dataset_id):
+                plans.append(_plan_dataset(soma_src, soma_src.name, label, "soma", obs_map, keep_non_primary))
             continue
         p = Path(label)
         if not p.exists():
             raise InputError(f"{label}: no such file or directory")
         if p.is_dir():
             raise InputError(f"{label}: a directory that is not a TileDB-SOMA experiment")
-        src = open_h5ad(p)
-        plans.append(_plan_dataset(src, dataset_id or p.stem, label, "h5ad", obs_map, keep_non_primary))  # type: ignore[arg-type]
+        h5 = open_h5ad(p)
+        plans.append(_plan_dataset(h5, dataset_id or p.stem, label, "h5ad", obs_map, keep_non_primary))
     if dataset_id is not None and len(plans) > 1:
         raise InputError(f"--dataset-id names one dataset, but the inputs hold {len(plans)}; ingest them one at a time")
     ids = [p.dataset_id for p in plans]

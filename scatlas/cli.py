@@ -121,6 +121,83 @@ def ingest(sources: tuple[str, ...], atlas_dir: Path, dataset_id: str | None, ob
     _echo_json(report.to_json(), report_path)
 
 
+def _parse_pairs(values: tuple[str, ...], option: str) -> list[tuple[str, str]]:
+    out = []
+    for item in values:
+        key, sep, val = item.rpartition("=")
+        if not sep or not key or not val:
+            raise click.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint=option)
+        out.append((key, val))
+    return out
+
+
+@cli.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), help="Write .h5ad files (or .npy for --embeddings) here.")
+@atlas_option(required=False)
+@click.option("--cells", type=click.IntRange(min=1), default=10_000, show_default=True, help="Total cells (or vectors).")
+@click.option("--genes", type=click.IntRange(min=50), default=2000, show_default=True, help="Genes per cell.")
+@click.option("--datasets", type=click.IntRange(min=1), default=3, show_default=True, help="Datasets (batches).")
+@click.option("--donors", type=click.IntRange(min=1), default=4, show_default=True, help="Donors per dataset.")
+@click.option("--rare", multiple=True, metavar="NAME=FRACTION", help="Rare population and its fraction where present (repeatable; default ionocyte=0.002).")
+@click.option("--absent", multiple=True, metavar="TYPE=I,J", help="Leave a cell type out of datasets I,J (0-based; repeatable).")
+@click.option("--layout", type=click.Choice(["counts", "lognorm+counts", "lognorm", "lognorm+raw"]), default="counts", show_default=True,
+              help="What the .h5ad files hold: raw counts in X, or log-normalised X with counts in layers/.raw, or no counts.")
+@click.option("--gene-ids", type=click.Choice(["ensembl", "symbol"]), default="ensembl", show_default=True, help="Gene identifiers in var.")
+@click.option("--embeddings", is_flag=True, help="Write embedding-level data (ids, vectors, labels .npy) instead of counts.")
+@click.option("--dim", type=click.IntRange(min=2), default=128, show_default=True, help="Vector dimension with --embeddings.")
+@click.option("--clusters", type=click.IntRange(min=1), default=100, show_default=True, help="Clusters with --embeddings.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed: the same seed gives the same data.")
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+@progress_option
+def synth(out_dir: Path | None, atlas_dir: Path | None, cells: int, genes: int, datasets: int, donors: int, rare: tuple[str, ...],
+          absent: tuple[str, ...], layout: str, gene_ids: str, embeddings: bool, dim: int, clusters: int, seed: int,
+          overwrite: bool, progress: bool) -> None:
+    """Generate a synthetic atlas: negative-binomial counts with cell types, batches, donors and rare populations.
+
+    With --out, writes one .h5ad per dataset; with --atlas, ingests it straight into an atlas store.
+    """
+    from atlas.errors import InputError
+    from atlas.synthetic import (
+        DEFAULT_RARE_TYPES,
+        RareType,
+        SyntheticAtlasConfig,
+        SyntheticEmbeddingConfig,
+        synthesize,
+    )
+
+    if (out_dir is None) == (atlas_dir is None) and not (embeddings and out_dir is not None):
+        raise InputError("give exactly one of --out DIR (write files) or --atlas DIR (ingest into a store)")
+    if embeddings:
+        if out_dir is None:
+            raise InputError("--embeddings writes .npy files: give --out DIR")
+        ecfg = SyntheticEmbeddingConfig(n=cells, d=dim, n_clusters=clusters, seed=seed)
+        paths = synthesize(ecfg, out_dir, fmt="npy", overwrite=overwrite)
+        click.echo(f"wrote {cells} x {dim} synthetic vectors in {clusters} clusters: {', '.join(map(str, paths))}")
+        return
+    try:
+        rare_types = tuple(RareType(name, float(frac)) for name, frac in _parse_pairs(rare, "--rare")) or DEFAULT_RARE_TYPES
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--rare") from exc
+    try:
+        absent_map = {t: tuple(int(i) for i in idx.split(",")) for t, idx in _parse_pairs(absent, "--absent")}
+    except ValueError as exc:
+        raise click.BadParameter("expected TYPE=I,J with integer dataset indices", param_hint="--absent") from exc
+    cfg = SyntheticAtlasConfig(n_cells=cells, n_genes=genes, n_datasets=datasets, n_donors=donors, rare_types=rare_types,
+                               absent_types=absent_map, layout=layout, gene_ids=gene_ids, seed=seed)  # type: ignore[arg-type]
+    if atlas_dir is not None:
+        from atlas.synthetic_store import ingest_synthetic
+
+        report = ingest_synthetic(cfg, atlas_dir, progress=progress)
+        click.echo(f"{atlas_dir}: ingested {sum(d.n_cells for d in report.datasets)} synthetic cells in "
+                   f"{len(report.datasets)} datasets ({report.n_cells_in_store} cells in the store)")
+        return
+    assert out_dir is not None
+    paths = synthesize(cfg, out_dir, overwrite=overwrite)
+    click.echo(f"wrote {len(paths)} synthetic datasets ({cells} cells x {genes} genes) to {out_dir}")
+    for p in paths:
+        click.echo(f"  {p}")
+
+
 def main() -> None:
     cli(prog_name="scatlas")
 

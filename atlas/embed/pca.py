@@ -1,0 +1,523 @@
+"""The default embedder: highly variable genes -> standardise -> PCA, fitted on a streamed sample of the atlas.
+
+``fit`` makes two passes over the sample and never densifies it whole:
+
+1. per dataset and gene, sums and sums of squares of the log-normalised values (and of ``expm1`` of them, for the
+   dispersion). Each dataset ranks its genes by normalised dispersion (Seurat flavour: ``var/mean`` of the
+   normalised values, z-scored within 20 bins of mean expression); genes are chosen by their rank averaged over
+   datasets (each dataset counts once, so one big dataset cannot dominate). Genes with zero variance in the sample
+   are never chosen.
+2. the covariance (float64, ``n_hvg x n_hvg``) of the selected genes after standardising (centre by the sample
+   mean, scale to unit variance, clip to ``[-max_value, max_value]``), then an exact eigendecomposition.
+
+``transform`` matches a chunk's genes to the selected genes (Ensembl id first, then symbol), normalises the chunk
+with :func:`atlas.normalize.to_lognorm` (library size over *all* of the chunk's genes), standardises, centres and
+projects. Selected genes a chunk lacks contribute zero (i.e. they are imputed with the atlas mean). Every step is
+row-wise, so a cell's vector does not depend on its chunk mates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from atlas.chunks import CellChunk
+from atlas.embed.base import Embedder
+from atlas.errors import InputError, StoreError
+from atlas.genes import GeneMatch, GeneVocabulary, match_genes
+from atlas.normalize import to_lognorm
+
+logger = logging.getLogger(__name__)
+
+ARTEFACT_FILE = "pca.npz"
+
+SampleSource = Iterable[CellChunk] | Callable[[], Iterable[CellChunk]]
+"""A sample for :meth:`PCAEmbedder.fit`: a re-iterable (a list, or an object whose ``__iter__`` returns a fresh
+iterator each time) or a zero-argument callable returning a fresh iterable. A one-shot iterator (a generator) is
+refused, because fitting needs two passes."""
+
+_N_BINS = 20
+_BLOCK_ROWS = 4096  # rows densified at a time
+_MAX_MATCH_CACHE = 64
+_REL_VAR_EPS = 1e-9  # variance below this fraction of the mean square is rounding noise: the gene is constant
+
+
+@dataclass(frozen=True)
+class PCAParams:
+    n_hvg: int = 2000
+    n_components: int = 50
+    max_value: float = 10.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if int(self.n_hvg) < 1 or int(self.n_components) < 1:
+            raise InputError(f"n_hvg and n_components must be positive (got {self.n_hvg}, {self.n_components})")
+        if self.n_components > self.n_hvg:
+            raise InputError(
+                f"n_components ({self.n_components}) cannot exceed n_hvg ({self.n_hvg}): lower n_components or "
+                "raise n_hvg"
+            )
+        if not self.max_value > 0:
+            raise InputError(f"max_value must be positive (got {self.max_value})")
+
+
+@dataclass(frozen=True)
+class PCAModel:
+    """The fitted artefact: the selected genes, their standardisation, and the principal axes."""
+
+    genes: GeneVocabulary  # the selected (highly variable) genes, in the column order of ``components``
+    means: np.ndarray  # (n_genes,) float64, sample mean of log-normalised values
+    stds: np.ndarray  # (n_genes,) float64, sample standard deviation (ddof=1)
+    center: np.ndarray  # (n_genes,) float64, mean of the standardised, clipped values (the PCA centre)
+    components: np.ndarray  # (n_components, n_genes) float32, rows are unit principal axes
+    explained_variance: np.ndarray  # (n_components,) float64
+    explained_variance_ratio: np.ndarray  # (n_components,) float64
+    n_cells: int  # cells of the sample used for the fit
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "gene_key": self.genes.keys.astype(str),
+            "feature_id": self.genes.feature_id.astype(str),
+            "feature_name": self.genes.feature_name.astype(str),
+            "means": self.means,
+            "stds": self.stds,
+            "center": self.center,
+            "components": self.components,
+            "explained_variance": self.explained_variance,
+            "explained_variance_ratio": self.explained_variance_ratio,
+            "n_cells": np.array(self.n_cells, dtype=np.int64),
+        }
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> PCAModel:
+        genes = GeneVocabulary(
+            keys=a["gene_key"].astype(object),
+            feature_id=a["feature_id"].astype(object),
+            feature_name=a["feature_name"].astype(object),
+        )
+        return cls(
+            genes=genes,
+            means=a["means"].astype(np.float64),
+            stds=a["stds"].astype(np.float64),
+            center=a["center"].astype(np.float64),
+            components=a["components"].astype(np.float32),
+            explained_variance=a["explained_variance"].astype(np.float64),
+            explained_variance_ratio=a["explained_variance_ratio"].astype(np.float64),
+            n_cells=int(a["n_cells"]),
+        )
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for name, arr in sorted(self.arrays().items()):
+            h.update(name.encode())
+            if arr.dtype.kind == "U":
+                h.update("\0".join(arr.tolist()).encode())
+            else:
+                arr = np.ascontiguousarray(arr)
+                h.update(f"{arr.dtype.str}{arr.shape}".encode())
+                h.update(arr.tobytes())
+        return h.hexdigest()
+
+
+def sample_pass(sample: SampleSource, passes: int = 1) -> Iterator[CellChunk]:
+    """A fresh iterator over ``sample`` (see :data:`SampleSource`); ``passes > 1`` refuses one-shot iterators."""
+    if callable(sample) and not isinstance(sample, Iterable):
+        return iter(sample())
+    if not isinstance(sample, Iterable):
+        raise InputError(f"the sample must be an iterable of CellChunk or a callable returning one (got {sample!r})")
+    if passes > 1 and isinstance(sample, Iterator):
+        raise InputError(
+            "fitting needs two passes over the sample but got a one-shot iterator (e.g. a generator): pass a "
+            "list of chunks, a re-iterable object, or a zero-argument callable returning a fresh iterator"
+        )
+    return iter(sample)
+
+
+def _lognorm_X(chunk: CellChunk) -> sp.csr_matrix:
+    if chunk.X is None:
+        raise InputError(
+            "the PCA embedder needs expression values but the chunk has none (X is None): read chunks with X"
+        )
+    if chunk.X.shape[0] != len(chunk) or chunk.X.shape[1] != len(chunk.genes):
+        raise InputError(
+            f"chunk X has shape {chunk.X.shape} but the chunk has {len(chunk)} cells and {len(chunk.genes)} genes"
+        )
+    X = sp.csr_matrix(chunk.X)
+    if not X.has_canonical_format:  # duplicate entries would be normalised one by one
+        X = X.copy()
+        X.sum_duplicates()
+    return to_lognorm(X, chunk.x_kind)
+
+
+class _GeneUnion:
+    """The union of the gene spaces seen during the fit (chunks may come from differently-keyed datasets)."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.feature_id: list[str] = []
+        self.feature_name: list[str] = []
+        self._vocab: GeneVocabulary | None = None
+        self._maps: dict[str, GeneMatch] = {}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def vocabulary(self) -> GeneVocabulary:
+        if self._vocab is None:
+            self._vocab = GeneVocabulary(
+                keys=np.array(self.keys, dtype=object),
+                feature_id=np.array(self.feature_id, dtype=object),
+                feature_name=np.array(self.feature_name, dtype=object),
+            )
+        return self._vocab
+
+    def match(self, genes: GeneVocabulary) -> GeneMatch:
+        """Map ``genes`` into the union, first adding the genes the union does not know yet."""
+        fp = genes.fingerprint()
+        if fp in self._maps:
+            return self._maps[fp]
+        pos = self.vocabulary().locate_vocabulary(genes) if self.keys else np.full(len(genes), -1)
+        new = np.flatnonzero(pos < 0)
+        if len(new):
+            _, first = np.unique(genes.keys[new].astype(str), return_index=True)
+            new = new[np.sort(first)]
+            self.keys.extend(str(k) for k in genes.keys[new])
+            self.feature_id.extend(str(k) for k in genes.feature_id[new])
+            self.feature_name.extend(str(k) for k in genes.feature_name[new])
+            self._vocab = None
+        match = match_genes(genes, self.vocabulary())
+        # positions stay valid when the union grows later (genes are only appended); n_target is not used
+        self._maps[fp] = match
+        return match
+
+
+class _DatasetStats:
+    """Per-gene sums over one dataset's cells (log-normalised values and their expm1)."""
+
+    def __init__(self, n_genes: int) -> None:
+        self.n = 0
+        self.present = np.zeros(n_genes, dtype=bool)
+        self.s = np.zeros(n_genes)
+        self.ss = np.zeros(n_genes)
+        self.se = np.zeros(n_genes)
+        self.sse = np.zeros(n_genes)
+
+    def grow(self, n_genes: int) -> None:
+        extra = n_genes - len(self.s)
+        if extra > 0:
+            self.present = np.concatenate([self.present, np.zeros(extra, dtype=bool)])
+            for name in ("s", "ss", "se", "sse"):
+                setattr(self, name, np.concatenate([getattr(self, name), np.zeros(extra)]))
+
+    def add(self, L: sp.csr_matrix, match: GeneMatch) -> None:
+        """Add a chunk of log-normalised values (in the chunk's own gene space)."""
+        n_cols = L.shape[1]
+        idx = L.indices
+        x = L.data.astype(np.float64)
+        e = np.expm1(x)
+        src, tgt = match.source_cols, match.target_cols
+        self.n += L.shape[0]
+        self.present[tgt] = True
+        self.s[tgt] += np.bincount(idx, weights=x, minlength=n_cols)[src]
+        self.ss[tgt] += np.bincount(idx, weights=x * x, minlength=n_cols)[src]
+        self.se[tgt] += np.bincount(idx, weights=e, minlength=n_cols)[src]
+        self.sse[tgt] += np.bincount(idx, weights=e * e, minlength=n_cols)[src]
+
+
+def _variance(s: np.ndarray, ss: np.ndarray, n: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased variance from sums; variance that is rounding noise (a constant gene) is set to 0."""
+    n_arr = np.asarray(n, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n_arr > 0, s / np.maximum(n_arr, 1), 0.0)
+        var = np.where(n_arr > 1, (ss - n_arr * mean**2) / np.maximum(n_arr - 1, 1), 0.0)
+        meansq = np.where(n_arr > 0, ss / np.maximum(n_arr, 1), 0.0)
+    var = np.where(var > _REL_VAR_EPS * meansq, var, 0.0)
+    return mean, var
+
+
+def _normalized_dispersion(st: _DatasetStats) -> np.ndarray:
+    """Seurat-flavour normalised dispersion of each gene in one dataset; NaN where undefined or absent."""
+    mean, var = _variance(st.se, st.sse, st.n)
+    out = np.full(len(mean), np.nan)
+    ok = st.present & (mean > 0) & (var > 0)
+    if ok.sum() == 0:
+        return out
+    log_disp = np.log(var[ok] / mean[ok])
+    log_mean = np.log1p(mean[ok])
+    edges = np.linspace(log_mean.min(), log_mean.max(), _N_BINS + 1)
+    bins = np.clip(np.searchsorted(edges, log_mean, side="right") - 1, 0, _N_BINS - 1)
+    z = np.zeros(len(log_disp))
+    for b in np.unique(bins):
+        members = bins == b
+        vals = log_disp[members]
+        sd = vals.std(ddof=1) if len(vals) > 1 else 0.0
+        # a bin with a single gene (or no spread) gives no reference: score its genes as average (z = 0)
+        z[members] = (vals - vals.mean()) / sd if sd > 0 else 0.0
+    out[np.flatnonzero(ok)] = z
+    return out
+
+
+class PCAEmbedder(Embedder):
+    """Highly variable genes + standardisation + PCA. ``fit`` takes a :data:`SampleSource` (two passes)."""
+
+    name = "pca"
+    needs = "X"
+
+    def __init__(self, n_hvg: int = 2000, n_components: int = 50, max_value: float = 10.0, seed: int = 0) -> None:
+        self.config = PCAParams(
+            n_hvg=int(n_hvg), n_components=int(n_components), max_value=float(max_value), seed=int(seed)
+        )
+        self.model: PCAModel | None = None
+        self._matches: dict[str, GeneMatch] = {}
+        self._digest: str | None = None
+
+    # -- interface ------------------------------------------------------------------------------------------------
+
+    @property
+    def dim(self) -> int:
+        return self.config.n_components
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.model is not None
+
+    @property
+    def requires_fit(self) -> bool:
+        return True
+
+    @property
+    def genes(self) -> GeneVocabulary:
+        """The genes this embedder reads (the selected highly variable genes)."""
+        return self._fitted().genes
+
+    def params(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+    def artefact_digest(self) -> str:
+        if self.model is None:
+            return ""
+        if self._digest is None:
+            self._digest = self.model.digest()
+        return self._digest
+
+    def gene_match(self, genes: GeneVocabulary) -> GeneMatch:
+        model = self._fitted()
+        fp = genes.fingerprint()
+        match = self._matches.get(fp)
+        if match is None:
+            match = match_genes(genes, model.genes)
+            if len(self._matches) >= _MAX_MATCH_CACHE:
+                self._matches.clear()
+            self._matches[fp] = match
+        return match
+
+    def transform(self, chunk: CellChunk) -> np.ndarray:
+        model = self._fitted()
+        out = np.empty((len(chunk), self.dim), dtype=np.float32)
+        if len(chunk) == 0:
+            return out
+        match = self.gene_match(chunk.genes)
+        missing = self._missing(match)
+        W = model.components.astype(np.float64)
+        for start, z in self._standardised_blocks(chunk, match):
+            z -= model.center
+            z[:, missing] = 0.0
+            out[start : start + len(z)] = z @ W.T
+        return out
+
+    # -- fit ------------------------------------------------------------------------------------------------------
+
+    def fit(self, sample: SampleSource) -> None:
+        """Fit on a sample of atlas chunks, stratified by dataset (see :data:`SampleSource` for what is accepted)."""
+        cfg = self.config
+        union = _GeneUnion()
+        stats: dict[str, _DatasetStats] = {}
+        n_cells = 0
+        for chunk in sample_pass(sample, passes=2):
+            if len(chunk) == 0:
+                continue
+            L = _lognorm_X(chunk)
+            match = union.match(chunk.genes)
+            for st in stats.values():
+                st.grow(len(union))
+            key = str(chunk.dataset_id)
+            st = stats.setdefault(key, _DatasetStats(len(union)))
+            st.add(L, match)
+            n_cells += len(chunk)
+        if n_cells == 0:
+            raise InputError("cannot fit the PCA embedder on an empty sample: the atlas (or the sample) has no cells")
+        if n_cells < max(cfg.n_components, 2):
+            raise InputError(
+                f"the sample has {n_cells} cells, fewer than the {cfg.n_components} principal components asked "
+                "for: ingest more cells or lower n_components"
+            )
+        selected, means, stds = self._select_genes(union, stats)
+        vocab = union.vocabulary()
+        hvg = GeneVocabulary(
+            keys=vocab.keys[selected], feature_id=vocab.feature_id[selected], feature_name=vocab.feature_name[selected]
+        )
+        logger.info(
+            "PCA fit: %d cells from %d dataset(s), %d genes seen, %d highly variable genes selected",
+            n_cells,
+            len(stats),
+            len(union),
+            len(selected),
+        )
+        # second pass: covariance of the standardised, clipped selected genes
+        k = len(selected)
+        gram = np.zeros((k, k))
+        zsum = np.zeros(k)
+        n2 = 0
+        probe = PCAEmbedder(**self.params())
+        probe.model = PCAModel(
+            genes=hvg,
+            means=means,
+            stds=stds,
+            center=np.zeros(k),
+            components=np.zeros((0, k), dtype=np.float32),
+            explained_variance=np.zeros(0),
+            explained_variance_ratio=np.zeros(0),
+            n_cells=n_cells,
+        )
+        for chunk in sample_pass(sample, passes=2):
+            if len(chunk) == 0:
+                continue
+            match = probe.gene_match(chunk.genes)
+            missing = probe._missing(match)
+            for _, z in probe._standardised_blocks(chunk, match):
+                z[:, missing] = 0.0
+                gram += z.T @ z
+                zsum += z.sum(axis=0)
+                n2 += len(z)
+        if n2 != n_cells:
+            raise InputError(
+                f"the sample changed between the two passes of the fit ({n_cells} then {n2} cells): pass a sample "
+                "that yields the same chunks each time it is iterated"
+            )
+        center = zsum / n2
+        cov = (gram - n2 * np.outer(center, center)) / (n2 - 1)
+        cov = (cov + cov.T) / 2
+        evals, evecs = np.linalg.eigh(cov)
+        order = np.argsort(evals)[::-1][: cfg.n_components]
+        evals = np.clip(evals[order], 0.0, None)
+        comps = evecs[:, order].T.copy()
+        # deterministic signs: the entry of largest magnitude of each component is positive
+        top = np.argmax(np.abs(comps), axis=1)
+        comps *= np.sign(comps[np.arange(len(comps)), top])[:, None]
+        total = float(np.trace(cov)) or 1.0  # the total variance of the standardised, clipped genes
+        self.model = PCAModel(
+            genes=hvg,
+            means=means,
+            stds=stds,
+            center=center,
+            components=comps.astype(np.float32),
+            explained_variance=evals,
+            explained_variance_ratio=evals / total,
+            n_cells=n_cells,
+        )
+        self._matches = {}
+        self._digest = None
+        logger.info(
+            "PCA fit: %d components explain %.1f%% of the variance of the standardised genes",
+            cfg.n_components,
+            100 * float(self.model.explained_variance_ratio.sum()),
+        )
+
+    def _select_genes(
+        self, union: _GeneUnion, stats: dict[str, _DatasetStats]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Indices (into the union) of the selected genes, with their pooled means and standard deviations."""
+        cfg = self.config
+        G = len(union)
+        for st in stats.values():
+            st.grow(G)
+        n_present = np.zeros(G)
+        s = np.zeros(G)
+        ss = np.zeros(G)
+        rank_sum = np.zeros(G)
+        rank_n = np.zeros(G)
+        for st in stats.values():
+            n_present += st.n * st.present
+            s += st.s
+            ss += st.ss
+            disp = _normalized_dispersion(st)
+            present = np.flatnonzero(st.present)
+            if len(present) == 0:
+                continue
+            d = disp[present]
+            # rank 0 = most variable; undefined dispersions last; ties by gene order (stable)
+            order = np.lexsort((np.arange(len(d)), np.where(np.isnan(d), np.inf, -d)))
+            ranks = np.empty(len(d))
+            ranks[order] = np.arange(len(d)) / max(len(d) - 1, 1)
+            rank_sum[present] += ranks
+            rank_n[present] += 1
+        mean, var = _variance(s, ss, n_present)
+        eligible = np.flatnonzero((var > 0) & (rank_n > 0))
+        if len(eligible) < cfg.n_components:
+            raise InputError(
+                f"only {len(eligible)} genes vary in the sample, fewer than the {cfg.n_components} principal "
+                "components asked for: check that the atlas holds expression values, or lower n_components"
+            )
+        if len(eligible) < cfg.n_hvg:
+            logger.warning(
+                "only %d genes vary in the sample; using all of them instead of %d highly variable genes",
+                len(eligible),
+                cfg.n_hvg,
+            )
+        score = rank_sum[eligible] / rank_n[eligible]
+        chosen = eligible[np.lexsort((eligible, score))[: cfg.n_hvg]]
+        chosen = np.sort(chosen)
+        return chosen, mean[chosen], np.sqrt(var[chosen])
+
+    # -- helpers --------------------------------------------------------------------------------------------------
+
+    def _fitted(self) -> PCAModel:
+        if self.model is None:
+            raise InputError("the PCA embedder is not fitted: call fit(sample) first, or load a saved embedder")
+        return self.model
+
+    def _missing(self, match: GeneMatch) -> np.ndarray:
+        missing = np.ones(match.n_target, dtype=bool)
+        missing[match.target_cols] = False
+        return missing
+
+    def _standardised_blocks(self, chunk: CellChunk, match: GeneMatch) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(first_row, z)``: standardised, clipped values (float64) of blocks of the chunk's rows."""
+        model = self._fitted()
+        L = _lognorm_X(chunk)
+        Lh = match.project(L)
+        mv = self.config.max_value
+        for start in range(0, Lh.shape[0], _BLOCK_ROWS):
+            z = Lh[start : start + _BLOCK_ROWS].toarray().astype(np.float64)
+            z -= model.means
+            z /= model.stds
+            np.clip(z, -mv, mv, out=z)
+            yield start, z
+
+    # -- persistence ----------------------------------------------------------------------------------------------
+
+    def _save_artefact(self, directory: Path) -> None:
+        model = self._fitted()
+        arrays: dict[str, Any] = model.arrays()
+        with open(directory / ARTEFACT_FILE, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    @classmethod
+    def _load(cls, directory: Path, params: dict[str, Any]) -> PCAEmbedder:
+        path = Path(directory) / ARTEFACT_FILE
+        if not path.is_file():
+            raise StoreError(f"the PCA embedder at {directory} has no {ARTEFACT_FILE}; rebuild the index")
+        emb = cls(**params)
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                emb.model = PCAModel.from_arrays({k: npz[k] for k in npz.files})
+        except (KeyError, ValueError, OSError) as exc:
+            raise StoreError(f"cannot read the PCA artefact {path} ({exc}); rebuild the index") from exc
+        return emb

@@ -1,0 +1,33 @@
+"""Generate a synthetic atlas straight into an atlas store (through temporary .h5ad files, one dataset at a time)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from atlas.ingestion import IngestMode, IngestReport, ingest
+from atlas.synthetic import SyntheticAtlasConfig, write_h5ad_datasets
+
+logger = logging.getLogger(__name__)
+
+
+def ingest_synthetic(
+    config: SyntheticAtlasConfig, atlas: str | Path, *, mode: IngestMode = "append", progress: bool = True
+) -> IngestReport:
+    """Write each synthetic dataset to a temporary .h5ad, ingest it, delete it: disk use stays one dataset."""
+    atlas = Path(atlas)
+    parent = atlas.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    total = IngestReport(atlas=str(atlas))
+    for i in range(config.n_datasets):
+        tmp = Path(tempfile.mkdtemp(prefix=".scatlas-synth-", dir=parent))
+        try:
+            (path,) = write_h5ad_datasets(config, tmp, datasets=[i])
+            report = ingest([path], atlas, mode=mode if i == 0 else "append", progress=progress)
+            total.datasets.extend(report.datasets)
+            total.n_cells_in_store = report.n_cells_in_store
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return total

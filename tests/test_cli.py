@@ -1,0 +1,78 @@
+"""The command line: every command has help; errors print `Error: ...` without a traceback and exit non-zero."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from scatlas.cli import cli
+
+
+def _all_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    for name, cmd in group.commands.items():
+        out.append((*prefix, name))
+        if isinstance(cmd, click.Group):
+            out.extend(_all_commands(cmd, (*prefix, name)))
+    return out
+
+
+def test_top_level_help_lists_commands():
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for name in cli.commands:
+        assert name in result.output
+
+
+@pytest.mark.parametrize("command", _all_commands(cli), ids=lambda c: " ".join(c))
+def test_every_command_has_help(command):
+    result = CliRunner().invoke(cli, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+    cmd = cli
+    for part in command:
+        cmd = cmd.commands[part]  # type: ignore[attr-defined]
+    assert cmd.help, f"`scatlas {' '.join(command)}` has no help text"
+
+
+def test_ingest_cli_success_and_report(tmp_path, h5ad_factory):
+    path = h5ad_factory("cli_ds")
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(
+        cli, ["ingest", str(path), "--atlas", str(tmp_path / "atlas"), "--no-progress", "--report", str(report)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "cli_ds: 120 cells" in result.output
+    assert report.is_file()
+
+
+def test_ingest_cli_errors_are_clean(tmp_path, h5ad_factory):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["ingest", str(tmp_path / "missing.h5ad"), "--atlas", str(tmp_path / "atlas")])
+    assert result.exit_code != 0
+    assert "Error: " in result.output and "no such file" in result.output
+    assert "Traceback" not in result.output
+    result = runner.invoke(
+        cli, ["ingest", str(h5ad_factory("x")), "--atlas", str(tmp_path / "a"), "--obs-map", "nonsense"]
+    )
+    assert result.exit_code != 0 and "SOURCE=TARGET" in result.output
+
+
+def test_console_script_runs_as_subprocess(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "scatlas", "ingest", str(tmp_path / "nope.h5ad"), "--atlas", str(tmp_path / "a")],
+        capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("Error: ")
+    assert "Traceback" not in proc.stderr
+
+
+def test_import_has_no_side_effects():
+    code = "import logging, atlas, index, query, scatlas.cli; print(len(logging.getLogger().handlers))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "0" and proc.stderr == ""

@@ -1,0 +1,252 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from atlas.embed.base import EMBEDDER_FILE
+from atlas.embed.pca import PCAEmbedder
+from atlas.embed.registry import load_embedder, make_embedder
+from atlas.errors import GeneOverlapError, InputError, StoreError
+from atlas.genes import GeneVocabulary, check_overlap
+from atlas.normalize import to_lognorm
+from tests.helpers_embed import (
+    chunk_of,
+    chunks_of,
+    knn_transfer_accuracy,
+    make_counts,
+    nearest_centroid_accuracy,
+)
+
+RAW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raw"
+KANG = RAW / "kang2018_ifnb_ctrl_stim_2800.h5ad"
+
+N_HVG, N_PC = 100, 10
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_counts(n_cells=360, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fitted(data):
+    emb = PCAEmbedder(n_hvg=N_HVG, n_components=N_PC)
+    emb.fit(chunks_of(data, size=100))
+    return emb
+
+
+def test_separates_planted_types(fitted, data):
+    out = fitted.transform(chunk_of(data.counts, data.genes))
+    assert out.shape == (360, N_PC) and out.dtype == np.float32
+    assert np.isfinite(out).all()
+    assert nearest_centroid_accuracy(out, data.labels) > 0.95
+    # the marker genes of every type are among the selected genes
+    keys = set(fitted.genes.keys)
+    for t in range(3):
+        markers = {f"ENSG{i + 1:011d}" for i in range(t * 25, (t + 1) * 25)}
+        assert len(markers & keys) >= 20
+
+
+def test_matches_dense_reference(fitted, data):
+    """The streamed fit equals a dense PCA of the standardised, clipped selected genes."""
+    model = fitted.model
+    cols = data.genes.locate_vocabulary(model.genes)
+    L = to_lognorm(data.counts, "counts")[:, cols].toarray().astype(np.float64)
+    assert np.allclose(L.mean(axis=0), model.means, atol=1e-8)
+    assert np.allclose(L.std(axis=0, ddof=1), model.stds, atol=1e-8)
+    Z = np.clip((L - model.means) / model.stds, -10, 10)
+    Zc = Z - Z.mean(axis=0)
+    evals, evecs = np.linalg.eigh(np.cov(Zc, rowvar=False))
+    ref = evecs[:, ::-1][:, :N_PC].T
+    signs = np.sign(ref[np.arange(N_PC), np.abs(ref).argmax(axis=1)])
+    ref = ref * signs[:, None]
+    assert np.allclose(model.components, ref, atol=1e-5)
+    assert np.allclose(model.explained_variance, evals[::-1][:N_PC], rtol=1e-6)
+    out = fitted.transform(chunk_of(data.counts, data.genes))
+    assert np.allclose(out, Zc @ ref.T, atol=1e-4)
+    # deterministic signs: the largest |loading| of each component is positive
+    comps = model.components
+    assert (comps[np.arange(N_PC), np.abs(comps).argmax(axis=1)] > 0).all()
+
+
+def test_zero_variance_genes_never_selected(data):
+    emb = PCAEmbedder(n_hvg=1000, n_components=5)  # more than the genes that vary: all varying genes are used
+    emb.fit(chunks_of(data))
+    zero = {f"ENSG{i + 1:011d}" for i in range(290, 300)}
+    assert not zero & set(emb.genes.keys)
+    varying = to_lognorm(data.counts, "counts").toarray().var(axis=0) > 0
+    assert set(emb.genes.keys) == set(data.genes.keys[varying])
+
+
+def test_row_independent_and_chunking_invariant(fitted, data):
+    full = fitted.transform(chunk_of(data.counts, data.genes))
+    for i in (0, 17, 359):
+        alone = fitted.transform(chunk_of(data.counts[i : i + 1], data.genes))
+        np.testing.assert_allclose(alone[0], full[i], atol=1e-5)
+    parts = np.vstack([fitted.transform(c) for c in chunks_of(data, size=7)])
+    np.testing.assert_allclose(parts, full, atol=1e-5)
+    # a cell's vector does not change when its chunk mates change
+    mates = fitted.transform(chunk_of(data.counts[[5, 200, 3]], data.genes))
+    np.testing.assert_allclose(mates[0], full[5], atol=1e-5)
+
+
+def test_counts_and_lognorm_give_the_same_vectors(fitted, data):
+    a = fitted.transform(chunk_of(data.counts, data.genes, "counts"))
+    b = fitted.transform(chunk_of(to_lognorm(data.counts, "counts"), data.genes, "lognorm"))
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_fit_on_counts_or_lognorm_is_the_same(fitted, data):
+    other = PCAEmbedder(n_hvg=N_HVG, n_components=N_PC)
+    other.fit(chunks_of(data, size=100, kind="lognorm"))
+    assert other.fingerprint() == fitted.fingerprint()
+
+
+def test_permuted_genes_and_symbols(fitted, data):
+    ref = fitted.transform(chunk_of(data.counts, data.genes))
+    perm = np.random.default_rng(1).permutation(len(data.genes))
+    genes_p = GeneVocabulary(
+        keys=data.genes.keys[perm], feature_id=data.genes.feature_id[perm], feature_name=data.genes.feature_name[perm]
+    )
+    out = fitted.transform(chunk_of(data.counts[:, perm], genes_p))
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    by_symbol = GeneVocabulary.from_identifiers([s.lower() for s in data.genes.feature_name])
+    out = fitted.transform(chunk_of(data.counts, by_symbol))
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    assert fitted.gene_match(by_symbol).n_matched == N_HVG
+
+
+def test_partial_gene_overlap(fitted, data):
+    hvg_cols = data.genes.locate_vocabulary(fitted.genes)
+    drop = hvg_cols[:: 5]  # 20 of the 100 selected genes
+    keep = np.setdiff1d(np.arange(len(data.genes)), drop)
+    genes_q = GeneVocabulary(
+        keys=data.genes.keys[keep], feature_id=data.genes.feature_id[keep], feature_name=data.genes.feature_name[keep]
+    )
+    match = fitted.gene_match(genes_q)
+    assert match.n_matched == N_HVG - len(drop)
+    assert match.fraction_of_target == pytest.approx(0.8)
+    check_overlap(match)  # accepted (warns below 80%)
+    out = fitted.transform(chunk_of(data.counts[:, keep], genes_q))
+    # reference: standardise with the query's own library sizes, the missing genes contribute zero
+    model = fitted.model
+    L = to_lognorm(data.counts[:, keep], "counts")
+    full = np.zeros((L.shape[0], N_HVG))
+    pos = genes_q.locate_vocabulary(model.genes)
+    present = pos >= 0
+    full[:, present] = L[:, pos[present]].toarray()
+    Z = np.clip((full - model.means) / model.stds, -10, 10) - model.center
+    Z[:, ~present] = 0
+    np.testing.assert_allclose(out, Z @ model.components.T.astype(np.float64), atol=1e-4)
+    assert nearest_centroid_accuracy(out, data.labels) > 0.95
+    few = GeneVocabulary.from_identifiers(list(data.genes.keys[hvg_cols[:10]]))
+    with pytest.raises(GeneOverlapError):
+        check_overlap(fitted.gene_match(few))
+
+
+def test_save_load_round_trip(fitted, data, tmp_path):
+    fitted.save(tmp_path / "emb")
+    meta = json.loads((tmp_path / "emb" / EMBEDDER_FILE).read_text())
+    assert meta["name"] == "pca" and meta["dim"] == N_PC
+    loaded = load_embedder(tmp_path / "emb")
+    assert isinstance(loaded, PCAEmbedder)
+    assert loaded.fingerprint() == fitted.fingerprint()
+    chunk = chunk_of(data.counts, data.genes)
+    np.testing.assert_array_equal(loaded.transform(chunk), fitted.transform(chunk))
+    # a modified artefact is detected
+    npz = dict(np.load(tmp_path / "emb" / "pca.npz"))
+    npz["means"] = npz["means"] + 1e-3
+    np.savez(tmp_path / "emb" / "pca.npz", **npz)
+    with pytest.raises(StoreError):
+        load_embedder(tmp_path / "emb")
+
+
+def test_fingerprint_tracks_params_and_fit(data):
+    chunks = chunks_of(data)
+    a = make_embedder("pca", n_hvg=N_HVG, n_components=N_PC)
+    b = PCAEmbedder(n_hvg=N_HVG, n_components=N_PC, max_value=5.0)
+    assert a.fingerprint() != b.fingerprint()
+    a.fit(chunks)
+    b.fit(chunks)
+    assert a.fingerprint() != b.fingerprint()
+    c = PCAEmbedder(n_hvg=N_HVG, n_components=N_PC)
+    c.fit(lambda: iter(chunks))  # a callable returning a fresh iterator is accepted
+    assert c.fingerprint() == a.fingerprint()
+    d = PCAEmbedder(n_hvg=N_HVG, n_components=N_PC)
+    d.fit(chunks[:2])
+    assert d.fingerprint() != a.fingerprint()
+
+
+def test_bad_samples(data):
+    emb = PCAEmbedder(n_hvg=N_HVG, n_components=N_PC)
+    with pytest.raises(InputError, match="empty"):
+        emb.fit([])
+    with pytest.raises(InputError, match="empty"):
+        emb.fit([chunk_of(sp.csr_matrix((0, 300), dtype=np.float32), data.genes)])
+    with pytest.raises(InputError, match="fewer"):
+        emb.fit([chunk_of(data.counts[:5], data.genes)])
+    with pytest.raises(InputError, match="one-shot"):
+        emb.fit(c for c in chunks_of(data))
+    with pytest.raises(InputError, match="not fitted"):
+        emb.transform(chunk_of(data.counts[:3], data.genes))
+    with pytest.raises(InputError):
+        PCAEmbedder(n_hvg=10, n_components=20)
+    no_x = chunk_of(data.counts[:3], data.genes)
+    with pytest.raises(InputError, match="X is None"):
+        emb.fit([type(no_x)(ids=no_x.ids, X=None, x_kind="counts", genes=data.genes)])
+    scaled = chunk_of(sp.csr_matrix(-np.ones((3, 300), dtype=np.float32)), data.genes, "scaled")
+    with pytest.raises(InputError, match="scaled"):
+        emb.fit([scaled])
+
+
+def test_several_datasets_and_gene_spaces():
+    """Datasets with different gene lists are pooled; each dataset's variable genes are selected."""
+    a = make_counts(n_cells=300, seed=1)
+    b = make_counts(n_cells=60, seed=2)
+    # dataset b measures only genes 50..299, named by symbol; its planted markers become genes 100..174
+    cols = np.arange(50, 300)
+    source = np.empty(250, dtype=np.int64)
+    rest = np.r_[0:50, 125:250]
+    source[50:125] = np.arange(75)  # b's markers (its genes 0..74) -> genes 100..174
+    source[rest] = np.arange(75, 250)
+    b_counts = b.counts[:, source]
+    b_genes = GeneVocabulary.from_identifiers(list(b.genes.feature_name[cols]))
+    chunks = [chunk_of(a.counts[:150], a.genes, dataset_id="A"), chunk_of(a.counts[150:], a.genes, dataset_id="A"),
+              chunk_of(b_counts, b_genes, dataset_id="B")]
+    emb = PCAEmbedder(n_hvg=150, n_components=8)
+    emb.fit(chunks)
+    keys = set(emb.genes.feature_name)
+    a_markers = {f"GENE{i + 1}" for i in range(75)}
+    b_markers = {f"GENE{i + 1}" for i in range(100, 175)}
+    # each dataset's markers rank top there: most of both sets are selected (60 and 52 of 75 when written)
+    assert len(a_markers & keys) >= 55
+    assert len(b_markers & keys) >= 45
+    out_a = emb.transform(chunk_of(a.counts, a.genes))
+    assert nearest_centroid_accuracy(out_a, a.labels) > 0.95
+    out_b = emb.transform(chunk_of(b_counts, b_genes))
+    assert nearest_centroid_accuracy(out_b, b.labels) > 0.95
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not KANG.is_file(), reason=f"{KANG} absent")
+def test_kang_ctrl_to_stim_label_transfer():
+    import anndata as ad
+
+    adata = ad.read_h5ad(KANG)
+    X = sp.csr_matrix(adata.X, dtype=np.float32)
+    genes = GeneVocabulary.from_identifiers(list(adata.var_names))
+    ctrl = np.flatnonzero((adata.obs["sample"] == "CTRL").to_numpy())
+    stim = np.flatnonzero((adata.obs["sample"] == "STIM").to_numpy())
+    labels = adata.obs["cell_type"].astype(str).to_numpy()
+    sample = [chunk_of(X[ctrl[s : s + 500]], genes, dataset_id="ctrl") for s in range(0, len(ctrl), 500)]
+    emb = PCAEmbedder()
+    emb.fit(sample)
+    ref = np.vstack([emb.transform(c) for c in sample])
+    query = emb.transform(chunk_of(X[stim], genes, dataset_id="stim"))
+    acc = knn_transfer_accuracy(ref, labels[ctrl], query, labels[stim], k=15)
+    print(f"kang2018 CTRL -> STIM kNN(k=15) label transfer accuracy: {acc:.3f}")
+    assert acc > 0.7
