@@ -256,11 +256,14 @@ def _open_sources(
     plans: list[DatasetPlan] = []
     for raw in paths:
         label = str(raw)
-        if Path(label).is_dir() and is_soma_experiment(label):
+        remote = "://" in label  # e.g. s3://bucket/census/homo_sapiens: tiledbsoma reads it where it can
+        if (remote or Path(label).is_dir()) and is_soma_experiment(label):
             for soma_src in open_soma_experiment(label, dataset_id=dataset_id):
                 plans.append(_plan_dataset(soma_src, soma_src.name, label, "soma", obs_map, keep_non_primary))
             continue
         p = Path(label)
+        if remote:
+            raise InputError(f"{label}: not a readable TileDB-SOMA experiment (remote inputs must be SOMA experiments)")
         if not p.exists():
             raise InputError(f"{label}: no such file or directory")
         if p.is_dir():
