@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ class ScatlasGroup(click.Group):
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
-    for noisy in ("numba", "h5py", "matplotlib", "PIL", "fsspec"):
+    for noisy in ("numba", "h5py", "matplotlib", "PIL", "fsspec", "faiss", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -131,6 +132,12 @@ def _parse_pairs(values: tuple[str, ...], option: str) -> list[tuple[str, str]]:
     return out
 
 
+def _rare_type(cls: Any, name: str, spec: str) -> Any:
+    frac, _, where = spec.partition("@")
+    datasets = tuple(int(i) for i in where.split(",")) if where else None
+    return cls(name, float(frac), datasets=datasets)
+
+
 @cli.command()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), help="Write .h5ad files (or .npy for --embeddings) here.")
 @atlas_option(required=False)
@@ -138,7 +145,9 @@ def _parse_pairs(values: tuple[str, ...], option: str) -> list[tuple[str, str]]:
 @click.option("--genes", type=click.IntRange(min=50), default=2000, show_default=True, help="Genes per cell.")
 @click.option("--datasets", type=click.IntRange(min=1), default=3, show_default=True, help="Datasets (batches).")
 @click.option("--donors", type=click.IntRange(min=1), default=4, show_default=True, help="Donors per dataset.")
-@click.option("--rare", multiple=True, metavar="NAME=FRACTION", help="Rare population and its fraction where present (repeatable; default ionocyte=0.002).")
+@click.option("--rare", multiple=True, metavar="NAME=FRACTION[@I,J]",
+              help="Rare population, its fraction where present, optionally the datasets it is in (repeatable; "
+                   "default ionocyte=0.002 in about half of the datasets).")
 @click.option("--absent", multiple=True, metavar="TYPE=I,J", help="Leave a cell type out of datasets I,J (0-based; repeatable).")
 @click.option("--layout", type=click.Choice(["counts", "lognorm+counts", "lognorm", "lognorm+raw"]), default="counts", show_default=True,
               help="What the .h5ad files hold: raw counts in X, or log-normalised X with counts in layers/.raw, or no counts.")
@@ -175,9 +184,9 @@ def synth(out_dir: Path | None, atlas_dir: Path | None, cells: int, genes: int, 
         click.echo(f"wrote {cells} x {dim} synthetic vectors in {clusters} clusters: {', '.join(map(str, paths))}")
         return
     try:
-        rare_types = tuple(RareType(name, float(frac)) for name, frac in _parse_pairs(rare, "--rare")) or DEFAULT_RARE_TYPES
+        rare_types = tuple(_rare_type(RareType, name, spec) for name, spec in _parse_pairs(rare, "--rare")) or DEFAULT_RARE_TYPES
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--rare") from exc
+        raise click.BadParameter(f"expected NAME=FRACTION or NAME=FRACTION@I,J ({exc})", param_hint="--rare") from exc
     try:
         absent_map = {t: tuple(int(i) for i in idx.split(",")) for t, idx in _parse_pairs(absent, "--absent")}
     except ValueError as exc:
@@ -196,6 +205,223 @@ def synth(out_dir: Path | None, atlas_dir: Path | None, cells: int, genes: int, 
     click.echo(f"wrote {len(paths)} synthetic datasets ({cells} cells x {genes} genes) to {out_dir}")
     for p in paths:
         click.echo(f"  {p}")
+
+
+def _option_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+@cli.command()
+@atlas_option()
+@index_option
+@click.option("--embedder", default="pca", show_default=True, help="pca, precomputed:KEY (an obsm key of the store), or uce.")
+@click.option("--embedder-option", multiple=True, metavar="NAME=VALUE",
+              help="Embedder parameter, e.g. n_components=30 or model_dir=/weights/uce (repeatable).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1_000_000, show_default=True, help="Cells per shard.")
+@click.option("--factory", default="auto", show_default=True,
+              help="'auto' (exact for small atlases, IVF-PQ + re-ranking for large ones) or a FAISS index_factory string.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where FAISS trains and adds; 'cuda' fails if no GPU is usable.")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=20_000, show_default=True, help="Cells embedded per chunk.")
+@click.option("--fit-sample", type=click.IntRange(min=1), default=100_000, show_default=True,
+              help="Cells sampled across datasets to fit the embedder.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for FAISS (default: all cores).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling and training.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing index directory instead of resuming it.")
+def build(atlas_dir: Path, index_dir: Path, embedder: str, embedder_option: tuple[str, ...], shard_size: int, factory: str,
+          device: str, chunk_size: int, fit_sample: int, threads: int | None, seed: int, overwrite: bool) -> None:
+    """Embed every cell of an atlas store and write a sharded FAISS index (resumes an interrupted build)."""
+    from index import build_index, index_info
+
+    options = {k: _option_value(v) for k, v in _parse_pairs(embedder_option, "--embedder-option")}
+    build_index(atlas_dir, index_dir, embedder=embedder, shard_size=shard_size, factory=factory, device=device,
+                chunk_size=chunk_size, fit_sample=fit_sample, overwrite=overwrite, seed=seed, threads=threads,
+                embedder_options=options)
+    _print_info(index_info(index_dir))
+
+
+def _print_info(info: dict[str, Any]) -> None:
+    size = info["size_bytes"]
+    recall = info.get("recall")
+    click.echo(f"index        {info['path']}")
+    click.echo(f"cells        {info['cells']:,} in {info['shards']} shard(s)")
+    click.echo(f"embedder     {info['embedder']} (fingerprint {info['embedder_fingerprint']}), {info['dim']} dims")
+    click.echo(f"factory      {info['factory']} ({'exact' if info.get('exact') else 'approximate'}; "
+               f"nprobe={info.get('nprobe')}, rerank={info.get('rerank')})")
+    click.echo(f"recall@{info.get('k', 30)}    " + (f"{recall:.4f} measured on {info.get('recall_queries')} atlas cells"
+                                                    if recall is not None else "not measured"))
+    click.echo(f"size on disk {size / 2**20:,.1f} MiB ({info['bytes_per_cell']:,.0f} bytes per cell)")
+    click.echo(f"built        {info.get('built')} in {info.get('build_seconds')} s on {info.get('device')}")
+
+
+@cli.command()
+@click.argument("index_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def info(index_dir: Path, as_json: bool) -> None:
+    """Show an index: cells, shards, embedder, factory, measured recall, size on disk, bytes per cell."""
+    from index import index_info
+
+    figures = index_info(index_dir)
+    if as_json:
+        click.echo(json.dumps(figures, indent=2, default=str))
+    else:
+        _print_info(figures)
+
+
+@cli.command()
+@click.argument("query_file", type=click.Path(dir_okay=False, path_type=Path))
+@index_option
+@click.option("--out", "out_h5ad", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="New .h5ad: the query with <key>_pred, <key>_confidence, <key>_unknown_reason in obs.")
+@click.option("--label-key", "label_keys", multiple=True, default=("cell_type",), show_default=True,
+              help="Atlas metadata column to transfer (repeatable).")
+@click.option("--k", type=click.IntRange(min=1), default=30, show_default=True, help="Neighbours per query cell.")
+@click.option("--where", default=None, help="SQL filter over the atlas cells, e.g. \"tissue = 'lung'\".")
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=None,
+              help="Below this weighted vote share a cell is 'unknown' (default: the measured default).")
+@click.option("--max-votes-per-dataset", type=click.IntRange(min=1), default=None,
+              help="Cap on the votes one atlas dataset may cast for a query cell.")
+@click.option("--truth-key", default=None, help="Query obs column with known labels: adds accuracy, macro-F1, confusion.")
+@click.option("--neighbors", "neighbors_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Neighbours table (Parquet). Default: next to --out.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON report. Default: next to --out.")
+@click.option("--min-gene-overlap", type=click.FloatRange(0, 1), default=None,
+              help="Refuse queries carrying less than this fraction of the embedder's genes.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Query cells per batch.")
+@progress_option
+def annotate(query_file: Path, index_dir: Path, out_h5ad: Path, label_keys: tuple[str, ...], k: int, where: str | None,
+             min_confidence: float | None, max_votes_per_dataset: int | None, truth_key: str | None,
+             neighbors_path: Path | None, report_path: Path | None, min_gene_overlap: float | None,
+             batch_size: int | None, progress: bool) -> None:
+    """Annotate QUERY_FILE (.h5ad): embed with the index's embedder, find k nearest atlas cells, vote labels."""
+    from query import annotate as run_annotate
+
+    optional: dict[str, Any] = {"min_confidence": min_confidence, "min_gene_overlap": min_gene_overlap, "batch_size": batch_size}
+    result = run_annotate(query_file, index_dir, label_keys=list(label_keys), k=k, where=where,
+                          max_votes_per_dataset=max_votes_per_dataset, truth_key=truth_key, progress=progress,
+                          **{key: v for key, v in optional.items() if v is not None})
+    stem = out_h5ad.with_suffix("")
+    neighbors_path = neighbors_path or stem.with_name(stem.name + ".neighbors.parquet")
+    report_path = report_path or stem.with_name(stem.name + ".report.json")
+    confusion = stem.with_name(stem.name + ".confusion.png") if truth_key else None
+    result.write(out_h5ad, neighbors_parquet=neighbors_path, report_json=report_path, confusion_png=confusion)
+    _echo_annotation(result.report)
+    click.echo(f"wrote {out_h5ad}, {neighbors_path}, {report_path}" + (f", {confusion}" if confusion else ""))
+
+
+def _echo_annotation(report: dict[str, Any]) -> None:
+    overlap = report.get("gene_overlap", {})
+    if overlap:
+        click.echo(f"gene overlap: {overlap.get('n_matched')} of the embedder's {overlap.get('n_target_genes')} genes "
+                   f"({100 * overlap.get('fraction_of_target', 0):.1f}%)")
+    for key, lab in report.get("labels", {}).items():
+        counts = lab.get("counts", {})
+        top = ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])[:8])
+        click.echo(f"{key}: unknown rate {100 * lab.get('unknown_rate', 0):.1f}%; {top}")
+        ev = report.get("evaluation", {}).get(key)
+        if ev:
+            click.echo(f"{key} vs truth: accuracy {ev.get('accuracy', float('nan')):.3f}, "
+                       f"macro-F1 {ev.get('macro_f1', float('nan')):.3f}, "
+                       f"abstention on types absent from the atlas {ev.get('abstention_rate_absent')}")
+
+
+@cli.group(cls=ScatlasGroup)
+def hunt() -> None:
+    """Rare-cell hunt: train a classifier on a few known cells, sweep every atlas cell, report the hits."""
+
+
+@hunt.command("train")
+@index_option
+@click.option("--cells", "cells_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help=".h5ad with the known cells (positives) and other cells (negatives).")
+@click.option("--positive", default=None, help="Predicate over the --cells obs, e.g. \"cell_type == 'Norn'\".")
+@click.option("--positive-sql", default=None, help="SQL predicate over the atlas cells, for types the atlas already labels.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Classifier directory.")
+@click.option("--background", type=click.IntRange(min=0), default=20_000, show_default=True,
+              help="Atlas cells sampled as extra negatives.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@progress_option
+def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, positive_sql: str | None, out_dir: Path,
+               background: int, device: str, seed: int, progress: bool) -> None:
+    """Train a class-balanced logistic classifier on known rare cells; cross-validated metrics, calibrated score."""
+    from query.hunt import train
+
+    clf = train(index_dir, cells_file, positive=positive, positive_sql=positive_sql, background=background,
+                device=device, seed=seed, out=out_dir, progress=progress)
+    m = clf.metrics
+    click.echo(f"classifier {out_dir}: {clf.counts}")
+    click.echo("cross-validated: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items() if isinstance(v, float)))
+    click.echo(f"threshold {clf.threshold:.4f}; embedder fingerprint {clf.embedder_fingerprint}")
+
+
+@hunt.command("sweep")
+@index_option
+@click.option("--classifier", "classifier_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Sweep directory; hits go to OUT/hits.parquet. Rerun to resume.")
+@click.option("--min-score", type=float, default=None, help="Score cut-off (default: the classifier's threshold).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
+@progress_option
+def hunt_sweep(index_dir: Path, classifier_dir: Path, out_dir: Path, min_score: float | None, device: str,
+               threads: int | None, progress: bool) -> None:
+    """Score every cell of every shard from the stored vectors; write hits joined with cell metadata."""
+    from query.hunt import sweep
+
+    s = sweep(index_dir, classifier_dir, out_dir, min_score=min_score, device=device, threads=threads, progress=progress)
+    click.echo(f"swept {s.n_cells:,} cells in {s.n_shards} shards ({s.n_shards_resumed} resumed) on {s.device}: "
+               f"{s.n_hits:,} hits (cut-off {s.cutoff:.4f}, {s.cutoff_source}); "
+               f"{s.cells_per_second:,.0f} cells/s, {s.gb_per_second:.2f} GB/s")
+    click.echo(f"hits: {s.hits_path}")
+
+
+@hunt.command("report")
+@click.argument("hits", type=click.Path(path_type=Path))
+@index_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Report directory.")
+@click.option("--by", default="dataset_id,tissue,disease", show_default=True,
+              help="Comma-separated cell columns to test for enrichment.")
+@click.option("--de", "de_group", default=None, help="Compare hits between the levels of this column instead of "
+              "against matched non-hits (e.g. disease).")
+@click.option("--atlas", "atlas_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Atlas store for differential expression (default: the one the index was built from).")
+@click.option("--no-de", is_flag=True, help="Skip differential expression.")
+def hunt_report(hits: Path, index_dir: Path, out_dir: Path, by: str, de_group: str | None, atlas_dir: Path | None,
+                no_de: bool) -> None:
+    """Enrichment of hits per group (Fisher test, BH q), bar chart, differential expression from the atlas counts."""
+    from query.hunt import report
+
+    columns = tuple(c.strip() for c in by.split(",") if c.strip())
+    r = report(hits, index_dir, out_dir, by=columns, de_group=de_group, atlas=atlas_dir, de=not no_de)
+    click.echo(f"{r.n_hits:,} hits of {r.n_cells:,} cells ({100 * r.hit_rate:.3f}%)")
+    top = r.enrichment.sort_values("q").head(8) if "q" in r.enrichment.columns else r.enrichment.head(8)
+    click.echo(top.to_string(index=False))
+    if r.de_skipped:
+        click.echo(f"differential expression skipped: {r.de_skipped}")
+    for name, path in r.files.items():
+        click.echo(f"{name}: {path}")
+
+
+@cli.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo_out"), show_default=True,
+              help="Working directory (replaced).")
+@click.option("--cells", type=click.IntRange(min=2000), default=12_000, show_default=True, help="Synthetic cells in all.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@progress_option
+def demo(out_dir: Path, cells: int, seed: int, progress: bool) -> None:
+    """Run every stage on a small synthetic atlas: synthesise, ingest, build, annotate, hunt."""
+    from scatlas.demo import run_demo
+
+    t = time.perf_counter()
+    result = run_demo(out_dir, n_cells=cells, seed=seed, progress=progress, echo=click.echo)
+    click.echo(f"demo finished in {time.perf_counter() - t:.0f} s; outputs in {result.out_dir}")
 
 
 def main() -> None:

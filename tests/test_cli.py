@@ -76,3 +76,40 @@ def test_import_has_no_side_effects():
     code = "import logging, atlas, index, query, scatlas.cli; print(len(logging.getLogger().handlers))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "0" and proc.stderr == ""
+
+
+def test_synth_writes_files_and_ingests(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "files"
+    result = runner.invoke(cli, ["synth", "--out", str(out), "--cells", "600", "--genes", "200", "--datasets", "2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("*.h5ad")) == ["synth-000.h5ad", "synth-001.h5ad"]
+    result = runner.invoke(
+        cli,
+        ["synth", "--atlas", str(tmp_path / "atlas"), "--cells", "600", "--genes", "200", "--datasets", "2",
+         "--rare", "norn=0.05", "--absent", "B cell=0", "--no-progress"],
+    )
+    assert result.exit_code == 0, result.output
+    from atlas import AtlasStore
+
+    store = AtlasStore.open(tmp_path / "atlas")
+    assert len(store.datasets) == 2
+    with store.connect() as con:
+        assert con.execute("SELECT count(*) FROM cells WHERE cell_type = 'norn'").fetchone()[0] > 0
+        b_cells = con.execute("SELECT count(*) FROM cells WHERE cell_type = 'B cell' AND dataset_id = 'synth-000'").fetchone()[0]
+    assert b_cells == 0
+    assert not list(tmp_path.glob(".scatlas-synth-*"))  # temporary files removed
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["synth", "--cells", "10"], "exactly one of"),
+        (["synth", "--out", "x", "--rare", "norn"], "NAME=VALUE"),
+        (["synth", "--out", "x", "--absent", "B cell=a"], "TYPE=I,J"),
+    ],
+)
+def test_synth_bad_arguments(tmp_path, args, message):
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code != 0
+    assert message in result.output
