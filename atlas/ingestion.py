@@ -55,10 +55,18 @@ class DatasetPlan:
     source_label: str
     source_format: str
     rows: np.ndarray  # source rows kept (primary cells)
-    obs: pd.DataFrame  # standardised obs of kept rows: standard columns + extras
+    obs_map: dict[str, str]
+    obs_sample: pd.DataFrame  # one standardised row: the columns and their types
     extra_columns: list[str]
     obsm_dims: dict[str, int]
     n_skipped_non_primary: int
+
+    def standard_obs(self, rows: np.ndarray) -> pd.DataFrame:
+        """Standardised obs (schema columns + extras) of the given source rows."""
+        frame, _ = _standardise_obs(
+            self.source.obs.iloc[rows], self.dataset_id, self.obs_map, self.source_label, self.source_format == "soma"
+        )
+        return frame
 
 
 @dataclass
@@ -165,12 +173,14 @@ def _plan_dataset(
     if names.has_duplicates:
         dups = names[names.duplicated()].unique()[:5].tolist()
         raise InputError(f"{what}: duplicate cell names in obs, e.g. {dups}; make them unique (adata.obs_names_make_unique())")
-    obs, extras = _standardise_obs(source.obs, dataset_id, obs_map, what, fmt == "soma")
-    primary = obs["is_primary_data"].to_numpy(dtype=bool)
-    keep = np.ones(len(obs), dtype=bool) if keep_non_primary else primary
+    # Standardise one row to validate the mapping and learn the extra columns; the rest is done chunk by chunk at
+    # write time, so categorical obs columns are never expanded to strings for the whole dataset.
+    sample, extras = _standardise_obs(source.obs.iloc[:1], dataset_id, obs_map, what, fmt == "soma")
+    primary = _primary_flags(source.obs, obs_map, what)
+    keep = np.ones(len(primary), dtype=bool) if keep_non_primary else primary
     n_skipped = int((~keep).sum())
     if not keep.any():
-        raise InputError(f"{what}: all {len(obs)} cells have is_primary_data == False; use --keep-non-primary to keep them")
+        raise InputError(f"{what}: all {len(primary)} cells have is_primary_data == False; use --keep-non-primary to keep them")
     rows = np.flatnonzero(keep).astype(np.int64)
     obsm_dims: dict[str, int] = {}
     for key in source.obsm_keys():
@@ -179,9 +189,19 @@ def _plan_dataset(
             obsm_dims[key] = int(first.shape[1])
     return DatasetPlan(
         source=source, dataset_id=dataset_id, source_label=label, source_format=fmt, rows=rows,
-        obs=obs.iloc[rows].reset_index(drop=True), extra_columns=extras, obsm_dims=obsm_dims,
+        obs_map=dict(obs_map), obs_sample=sample, extra_columns=extras, obsm_dims=obsm_dims,
         n_skipped_non_primary=n_skipped,
     )
+
+
+def _primary_flags(obs: pd.DataFrame, obs_map: Mapping[str, str], what: str) -> np.ndarray:
+    """``is_primary_data`` of every cell after the --obs-map renames (True where the column is absent)."""
+    mapped = [src for src, dst in obs_map.items() if dst == "is_primary_data"]
+    if mapped:
+        return _to_bool(obs[mapped[0]], what)
+    if "is_primary_data" in obs.columns and "is_primary_data" not in obs_map:
+        return _to_bool(obs["is_primary_data"], what)
+    return np.ones(len(obs), dtype=bool)
 
 
 def plan_genes(source_genes: GeneVocabulary, atlas_genes: GeneVocabulary, var_start: int) -> GenePlan:
@@ -309,7 +329,7 @@ def _write_dataset(writer: StoreWriter, plan: DatasetPlan, chunk_size: int, prog
         existing = {r[0].lower(): r[1] for r in con.execute("SELECT column_name, column_type FROM (DESCRIBE cells)").fetchall()}
         for col in plan.extra_columns:
             if col.lower() not in existing:
-                con.execute(f'ALTER TABLE cells ADD COLUMN "{col}" {_duckdb_type(plan.obs[col])}')
+                con.execute(f'ALTER TABLE cells ADD COLUMN "{col}" {_duckdb_type(plan.obs_sample[col])}')
         with writer.experiment("w") as exp:
             rna = exp.ms[MEASUREMENT]
             if len(genes.new_genes) or genes.learned_ensembl:
@@ -352,7 +372,7 @@ def _write_dataset(writer: StoreWriter, plan: DatasetPlan, chunk_size: int, prog
                             "soma_data": pa.array(coo.data.astype(np.float32), pa.float32()),
                         })
                     )
-                frame = plan.obs.iloc[done : done + m]
+                frame = plan.standard_obs(pos)
                 std = {c: frame[c].to_numpy() for c in STANDARD_OBS_COLUMNS}
                 obs_table = pa.table({
                     "soma_joinid": pa.array(ids, pa.int64()),
