@@ -366,16 +366,19 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
 @click.option("--classifier", "classifier_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Sweep directory; hits go to OUT/hits.parquet. Rerun to resume.")
-@click.option("--min-score", type=float, default=None, help="Score cut-off (default: the classifier's threshold).")
+@click.option("--min-score", type=float, default=None, help="Raw score cut-off (default: the classifier's threshold).")
+@click.option("--min-probability", type=click.FloatRange(0, 1), default=None, help="Cut-off on the calibrated probability instead.")
+@click.option("--restart", is_flag=True, help="Discard a previous sweep in OUT instead of resuming it.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: tuned by timing).")
 @progress_option
-def hunt_sweep(index_dir: Path, classifier_dir: Path, out_dir: Path, min_score: float | None, device: str,
-               threads: int | None, progress: bool) -> None:
+def hunt_sweep(index_dir: Path, classifier_dir: Path, out_dir: Path, min_score: float | None, min_probability: float | None,
+               restart: bool, device: str, threads: int | None, progress: bool) -> None:
     """Score every cell of every shard from the stored vectors; write hits joined with cell metadata."""
     from query.hunt import sweep
 
-    s = sweep(index_dir, classifier_dir, out_dir, min_score=min_score, device=device, threads=threads, progress=progress)
+    s = sweep(index_dir, classifier_dir, out_dir, min_score=min_score, min_probability=min_probability, resume=not restart,
+              device=device, threads=threads, progress=progress)
     click.echo(f"swept {s.n_cells:,} cells in {s.n_shards} shards ({s.n_shards_resumed} resumed) on {s.device}: "
                f"{s.n_hits:,} hits (cut-off {s.cutoff:.4f}, {s.cutoff_source}); "
                f"{s.cells_per_second:,.0f} cells/s, {s.gb_per_second:.2f} GB/s")
@@ -390,16 +393,18 @@ def hunt_sweep(index_dir: Path, classifier_dir: Path, out_dir: Path, min_score: 
               help="Comma-separated cell columns to test for enrichment.")
 @click.option("--de", "de_group", default=None, help="Compare hits between the levels of this column instead of "
               "against matched non-hits (e.g. disease).")
+@click.option("--de-reference", default=None, help="With --de: the level the others are compared against (e.g. normal).")
 @click.option("--atlas", "atlas_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Atlas store for differential expression (default: the one the index was built from).")
 @click.option("--no-de", is_flag=True, help="Skip differential expression.")
-def hunt_report(hits: Path, index_dir: Path, out_dir: Path, by: str, de_group: str | None, atlas_dir: Path | None,
-                no_de: bool) -> None:
+def hunt_report(hits: Path, index_dir: Path, out_dir: Path, by: str, de_group: str | None, de_reference: str | None,
+                atlas_dir: Path | None, no_de: bool) -> None:
     """Enrichment of hits per group (Fisher test, BH q), bar chart, differential expression from the atlas counts."""
     from query.hunt import report
 
     columns = tuple(c.strip() for c in by.split(",") if c.strip())
-    r = report(hits, index_dir, out_dir, by=columns, de_group=de_group, atlas=atlas_dir, de=not no_de)
+    r = report(hits, index_dir, out_dir, by=columns, de_group=de_group, de_reference=de_reference, atlas=atlas_dir,
+               de=not no_de)
     click.echo(f"{r.n_hits:,} hits of {r.n_cells:,} cells ({100 * r.hit_rate:.3f}%)")
     top = r.enrichment.sort_values("q").head(8) if "q" in r.enrichment.columns else r.enrichment.head(8)
     click.echo(top.to_string(index=False))

@@ -1,0 +1,210 @@
+"""Opening a built index and using it: search (with SQL filters), metadata lookups, embedding, shard sweeps."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from atlas.errors import EmbedderMismatchError, IndexFormatError, InputError
+from index._faiss import faiss_module
+from index.device import set_faiss_threads
+from index.manifest import CELLS_DB_FILE, EMBEDDER_DIR, SHARDS_DIR, TRAINED_FILE, IndexManifest, read_manifest
+from index.metadata import cells_frame, connect, where_ids
+from index.searcher import QUERY_BATCH, ShardSearcher
+from index.shard import verify_shard
+from index.vectors import check_queries, l2_normalize
+
+if TYPE_CHECKING:
+    from atlas.chunks import CellChunk
+    from atlas.embed.base import Embedder
+
+logger = logging.getLogger(__name__)
+
+EXACT_FILTER_MAX = 20_000
+"""A ``where`` filter matching at most this many cells is searched exactly over their stored vectors (an IVF
+index probing ``nprobe`` lists could otherwise return fewer than ``k`` of them)."""
+
+
+class SearchResult(NamedTuple):
+    """Neighbours, best first: ``ids (n, k) int64`` (-1 where fewer than k) and cosine ``scores (n, k) float32``
+    (-inf where the id is -1)."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+
+
+def id_bitmap_selector(ids: np.ndarray, id_max: int) -> tuple[Any, np.ndarray]:
+    """An ``IDSelectorBitmap`` over ids ``0..id_max``; the bitmap is returned too and must outlive the selector."""
+    faiss = faiss_module()
+
+    ids = ids[(ids >= 0) & (ids <= id_max)]
+    bitmap = np.zeros(id_max // 8 + 1, dtype=np.uint8)
+    np.bitwise_or.at(bitmap, ids >> 3, (1 << (ids & 7)).astype(np.uint8))
+    return faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap)), bitmap
+
+
+class AtlasIndex:
+    """A read-only view of an index directory. Use :meth:`open`."""
+
+    def __init__(self, path: Path, manifest: IndexManifest, searcher: ShardSearcher) -> None:
+        self.path = path
+        self._manifest = manifest
+        self._searcher = searcher
+        self._embedder: Embedder | None = None
+        self._con: Any = None
+
+    @classmethod
+    def open(
+        cls, path: str | Path, *, verify: bool = False, threads: int | None = None, mmap: bool = False
+    ) -> AtlasIndex:
+        """Open and validate an index directory.
+
+        Checks the manifest (present, known format) and that every listed file exists with its recorded size;
+        ``verify=True`` also checks SHA-256 checksums (reads everything). ``threads``: FAISS threads (default
+        ``$SCATLAS_THREADS`` or all cores). ``mmap``: memory-map shard indexes instead of loading them.
+        """
+        faiss = faiss_module()
+
+        path = Path(path)
+        manifest = read_manifest(path)
+        for name, rec in ((TRAINED_FILE, manifest.trained), (CELLS_DB_FILE, manifest.cells_db)):
+            f = path / name
+            if not f.is_file() or f.stat().st_size != rec.bytes:
+                raise IndexFormatError(f"{f} is missing or does not have the size the manifest records; rebuild")
+        shards = []
+        for shard in manifest.shards:
+            sdir = path / SHARDS_DIR / shard.dirname
+            verify_shard(sdir, shard, checksums=verify)
+            shards.append((shard, sdir))
+        set_faiss_threads(threads)
+        try:
+            trained = faiss.read_index(str(path / TRAINED_FILE))
+        except RuntimeError as exc:
+            raise IndexFormatError(f"{path / TRAINED_FILE} is unreadable ({exc}); rebuild the index") from exc
+        if trained.d != manifest.dim:
+            raise IndexFormatError(f"{path / TRAINED_FILE} is {trained.d}-d, the manifest says {manifest.dim}")
+        return cls(path, manifest, ShardSearcher(trained, shards, mmap=mmap))
+
+    # -- properties -----------------------------------------------------------------------------------------
+    @property
+    def manifest(self) -> IndexManifest:
+        return self._manifest
+
+    @property
+    def n_cells(self) -> int:
+        return self._manifest.n_cells
+
+    @property
+    def dim(self) -> int:
+        return self._manifest.dim
+
+    @property
+    def embedder(self) -> Embedder:
+        """The index's own embedder (loaded on first use; its fingerprint must match the manifest)."""
+        if self._embedder is None:
+            from atlas.embed import load_embedder
+
+            info = self._manifest.embedder
+            edir = self.path / EMBEDDER_DIR
+            if not (edir / "embedder.json").is_file():
+                raise InputError(
+                    f"the index at {self.path} was built from precomputed vectors without an embedder "
+                    f"({info.name!r}); embed queries yourself and pass vectors to search()"
+                )
+            emb = load_embedder(edir)
+            if emb.fingerprint() != info.fingerprint:
+                raise EmbedderMismatchError(
+                    f"the embedder in {edir} has fingerprint {emb.fingerprint()} but the index was built with "
+                    f"{info.fingerprint}; the directory was modified: rebuild the index"
+                )
+            self._embedder = emb
+        return self._embedder
+
+    def embed(self, chunk: CellChunk) -> np.ndarray:
+        """``(n, dim)`` float32 L2-normalised vectors of a chunk of cells, with the index's embedder."""
+        return l2_normalize(self.embedder.transform(chunk))
+
+    # -- search ---------------------------------------------------------------------------------------------
+    def search(
+        self,
+        vectors: np.ndarray,
+        k: int | None = None,
+        where: str | None = None,
+        nprobe: int | None = None,
+        rerank: int | None = None,
+        batch_size: int = QUERY_BATCH,
+    ) -> SearchResult:
+        """The ``k`` (default: the manifest's, 30) most similar atlas cells of each query vector.
+
+        ``where``: an SQL predicate over the cells table (e.g. ``"tissue = 'lung' AND disease = 'normal'"``),
+        applied inside the FAISS search by an id selector. ``nprobe`` / ``rerank``: override the defaults the
+        build chose to reach its recall target (``rerank=0`` turns exact re-ranking off).
+        """
+        k = self._manifest.search.k if k is None else int(k)
+        if k < 1:
+            raise InputError(f"k must be >= 1 (got {k})")
+        if batch_size < 1:
+            raise InputError(f"batch_size must be >= 1 (got {batch_size})")
+        q = check_queries(vectors, self.dim)
+        nprobe = self._manifest.search.nprobe if nprobe is None else int(nprobe)
+        rerank = self._manifest.search.rerank if rerank is None else int(rerank)
+        if rerank < 0 or (nprobe is not None and nprobe < 1):
+            raise InputError(f"nprobe must be >= 1 and rerank >= 0 (got nprobe={nprobe}, rerank={rerank})")
+        if where is None:
+            ids, scores = self._searcher.search(q, k, nprobe=nprobe, rerank=rerank, batch_size=batch_size)
+            return SearchResult(ids, scores)
+        subset = self.filter_ids(where)
+        if not self._searcher.exact and len(subset) <= EXACT_FILTER_MAX:
+            logger.debug("where filter matches %d cells: exact search over them", len(subset))
+            ids, scores = self._searcher.exact_search(q, k, subset=subset)
+            return SearchResult(ids, scores)
+        selector, _bitmap = id_bitmap_selector(subset, self._searcher.id_max)
+        ids, scores = self._searcher.search(
+            q, k, nprobe=nprobe, rerank=rerank, selector=selector, batch_size=batch_size
+        )
+        del _bitmap  # the selector points into it: keep it alive until the search is done
+        return SearchResult(ids, scores)
+
+    def filter_ids(self, where: str) -> np.ndarray:
+        """Sorted ids of the cells matching an SQL predicate over the cells table."""
+        return where_ids(self.connect(), where)
+
+    def exact_search(self, vectors: np.ndarray, k: int = 30) -> SearchResult:
+        """Brute force over the stored vectors (for evaluation; slow on large atlases)."""
+        ids, scores = self._searcher.exact_search(check_queries(vectors, self.dim), k)
+        return SearchResult(ids, scores)
+
+    # -- metadata and vectors -------------------------------------------------------------------------------
+    def connect(self) -> Any:
+        """A read-only DuckDB connection to the index's ``cells.duckdb`` (shared by this object)."""
+        if self._con is None:
+            self._con = connect(self.path / CELLS_DB_FILE)
+        return self._con
+
+    def cells(self, ids: np.ndarray, columns: list[str] | None = None) -> pd.DataFrame:
+        """Metadata rows for ``ids`` (flattened), in order; -1 and unknown ids give rows of NaN."""
+        return cells_frame(self.connect(), ids, columns)
+
+    def iter_shards(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """``(shard_no, ids int64 memmap, vectors float16 memmap (n, dim))`` for every shard, in id order."""
+        yield from self._searcher.iter_shards()
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+
+    def __enter__(self) -> AtlasIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        m = self._manifest
+        return f"AtlasIndex({str(self.path)!r}, n_cells={m.n_cells}, dim={m.dim}, factory={m.factory!r})"

@@ -1,0 +1,349 @@
+"""Building an index directory from any :class:`~index.source.VectorSource`: train once, write shards, resume.
+
+Order of work (each step is skipped when a previous run of the same build completed it):
+``build.json`` (the arguments) -> ``trained.faiss`` -> ``embedder/`` -> ``shards/NNNN`` one by one ->
+``cells.duckdb`` -> recall and calibration on atlas cells -> ``manifest.json`` (last, atomic).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from atlas.errors import IndexFormatError, InputError
+from index._faiss import faiss_module
+from index.device import Device, resolve_device, set_faiss_threads
+from index.evaluate import TARGET_RECALL, calibrate, tune_and_measure
+from index.factory import Assigner, default_train_sample, is_exact, resolve_factory, train_index
+from index.manifest import (
+    BUILD_FILE,
+    CELLS_DB_FILE,
+    EMBEDDER_DIR,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    METRIC,
+    SHARD_IDS_FILE,
+    SHARDS_DIR,
+    TRAINED_FILE,
+    EmbedderInfo,
+    IndexManifest,
+    SearchDefaults,
+    ShardRecord,
+    read_manifest,
+    shard_dirname,
+    write_json_atomic,
+)
+from index.metadata import CellsInput, write_cells_db
+from index.searcher import ShardSearcher
+from index.shard import clean_tmp, file_record, read_done, verify_shard, write_shard
+from index.source import VectorSource
+from index.vectors import as_stored
+
+if TYPE_CHECKING:
+    from atlas.embed.base import Embedder
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SHARD_SIZE = 1_000_000
+DEFAULT_CHUNK_SIZE = 20_000
+DEFAULT_K = 30
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Arguments of a build. Those in :meth:`identity` must match for a rerun to resume a directory."""
+
+    factory: str = "auto"
+    shard_size: int = DEFAULT_SHARD_SIZE
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    train_sample: int | None = None  # None: enough for the factory (see factory.default_train_sample)
+    device: str = "auto"
+    threads: int | None = None  # FAISS threads; None: $SCATLAS_THREADS or all cores
+    seed: int = 0
+    k: int = DEFAULT_K
+    eval_queries: int = 1000
+    calibration_cells: int = 5000
+    target_recall: float = TARGET_RECALL
+    nprobe: int | None = None  # fixed default nprobe instead of tuning it
+    rerank: int | None = None  # fixed default re-rank candidates instead of tuning it
+
+    def __post_init__(self) -> None:
+        for name in ("shard_size", "chunk_size", "k", "eval_queries", "calibration_cells"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1 (got {getattr(self, name)})")
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the files: a rerun with other values here cannot resume."""
+        return {"factory": self.factory, "shard_size": self.shard_size, "train_sample": self.train_sample,
+                "seed": self.seed}
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("faiss-cpu", "faiss-gpu", "numpy", "torch", "duckdb", "scatlas"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    faiss = faiss_module()
+
+    out["faiss"] = str(faiss.__version__)
+    return out
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _prepare_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a directory; choose another index directory")
+    if overwrite and out.exists() and any(out.iterdir()):
+        if not ((out / BUILD_FILE).exists() or (out / MANIFEST_FILE).exists()):
+            raise InputError(
+                f"{out} is not empty and is not a scatlas index; refusing to delete it with overwrite: "
+                "choose another directory"
+            )
+        logger.info("overwrite: removing the existing index at %s", out)
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _clean_partials(out: Path) -> None:
+    """Remove temporary files and directories left by an interrupted build (``.NAME.PID.tmp``)."""
+    for path in out.glob(".*.tmp*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _check_build_record(out: Path, record: dict[str, Any]) -> bool:
+    """Compare with an existing build.json; return True when resuming. Raises on mismatch."""
+    path = out / BUILD_FILE
+    if not path.exists():
+        if any(p.name != SHARDS_DIR for p in out.iterdir()):
+            raise InputError(
+                f"{out} is not empty and holds no scatlas build; choose an empty or new directory "
+                "(or pass overwrite=True / --overwrite to replace an index there)"
+            )
+        return False
+    try:
+        old = json.loads(path.read_text())
+    except ValueError as exc:
+        raise IndexFormatError(f"{path} is unreadable ({exc}); rebuild with --overwrite") from exc
+    diffs = [
+        f"{key}: {old.get('identity', {}).get(key)!r} there, {value!r} now"
+        for key, value in record["identity"].items()
+        if old.get("identity", {}).get(key) != value
+    ]
+    diffs += [f"{key}: only in the earlier build" for key in old.get("identity", {}) if key not in record["identity"]]
+    if diffs:
+        raise InputError(
+            f"{out} holds a build with different arguments ({'; '.join(diffs)}). Use a new index directory, "
+            "rerun with the original arguments to resume, or pass --overwrite to rebuild from scratch."
+        )
+    return True
+
+
+def _train(out: Path, source: VectorSource, factory: str, config: BuildConfig, device: Device) -> tuple[Any, float]:
+    faiss = faiss_module()
+
+    path = out / TRAINED_FILE
+    if path.exists():
+        logger.info("resume: reusing %s", path)
+        try:
+            return faiss.read_index(str(path)), 0.0
+        except RuntimeError as exc:
+            raise IndexFormatError(f"{path} is unreadable ({exc}); rebuild with --overwrite") from exc
+    t0 = time.perf_counter()
+    n_train = config.train_sample if config.train_sample is not None else default_train_sample(factory, source.n_cells)
+    n_train = min(n_train, source.n_cells)
+    sample = np.zeros((0, source.dim), dtype=np.float32)
+    if n_train:
+        _, raw = source.sample(n_train, config.seed)
+        sample = as_stored(raw)[1]
+    trained = train_index(factory, source.dim, sample, seed=config.seed, device=device)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    faiss.write_index(trained, str(tmp))
+    os.replace(tmp, path)
+    return trained, time.perf_counter() - t0
+
+
+def _save_embedder(out: Path, embedder: Embedder) -> None:
+    target = out / EMBEDDER_DIR
+    meta = target / "embedder.json"
+    if meta.exists():
+        saved = json.loads(meta.read_text()).get("fingerprint")
+        if saved == embedder.fingerprint():
+            return
+        raise InputError(
+            f"{target} holds embedder {saved}, not {embedder.fingerprint()}; use a new directory or --overwrite"
+        )
+    tmp = out / f".{EMBEDDER_DIR}.{os.getpid()}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    embedder.save(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def build_from_source(
+    source: VectorSource,
+    out: str | Path,
+    config: BuildConfig | None = None,
+    *,
+    cells: CellsInput | None = None,
+    embedder: Embedder | None = None,
+    embedder_info: EmbedderInfo | None = None,
+    snapshot: dict[str, Any] | None = None,
+    gene_vocabulary_hash: str | None = None,
+    extra_identity: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> IndexManifest:
+    """Build (or resume building) an index directory from ``source``; return its manifest.
+
+    ``cells``: the metadata to copy (DuckDB file with a ``cells`` table, or a pyarrow Table / DataFrame with
+    ``soma_joinid``); ``None`` stores only the ids. ``embedder``: saved into ``embedder/`` and recorded;
+    ``embedder_info`` describes the vectors when there is no embedder object. ``extra_identity`` joins the
+    arguments that must match on resume (e.g. the embedder spec of :func:`index.build_index`).
+    """
+    config = config or BuildConfig()
+    out = Path(out)
+    started, t_start = _now(), time.perf_counter()
+    _prepare_dir(out, overwrite)
+    if source.n_cells == 0:
+        raise InputError("the source has no cells to index")
+    if embedder is not None:
+        embedder_info = EmbedderInfo(embedder.name, embedder.params(), embedder.fingerprint(), embedder.dim)
+    if embedder_info is None:
+        embedder_info = EmbedderInfo("none", {}, "", source.dim)
+    if embedder_info.dim != source.dim:
+        raise InputError(f"the embedder makes {embedder_info.dim}-d vectors but the source yields {source.dim}-d")
+    identity = {
+        **config.identity(),
+        "source": source.describe(),
+        "embedder_fingerprint": embedder_info.fingerprint,
+        **(extra_identity or {}),
+    }
+    record = {"format_version": FORMAT_VERSION, "identity": identity, "settings": asdict(config), "started": started}
+    resuming = _check_build_record(out, record)
+    if resuming:
+        _clean_partials(out)
+    if resuming and (out / MANIFEST_FILE).exists():
+        logger.info("index at %s is already complete with these arguments", out)
+        return read_manifest(out)
+    if not resuming:
+        write_json_atomic(out / BUILD_FILE, record)
+    device = resolve_device(config.device)
+    threads = set_faiss_threads(config.threads)
+    factory = resolve_factory(config.factory, source.n_cells, source.dim)
+    logger.info(
+        "building %s: %d cells x %d dims, factory %s, device %s, %d threads%s",
+        out, source.n_cells, source.dim, factory, device, threads, " (resuming)" if resuming else "",
+    )
+    trained, train_s = _train(out, source, factory, config, device)
+    if embedder is not None:
+        _save_embedder(out, embedder)
+
+    shards_dir = out / SHARDS_DIR
+    shards_dir.mkdir(exist_ok=True)
+    clean_tmp(shards_dir)
+    plan = source.shard_plan(config.shard_size)
+    assigner = Assigner(trained, device)
+    records: list[ShardRecord] = []
+    reused = 0
+    t_add = time.perf_counter()
+    added = 0
+    with tqdm(total=source.n_cells, unit="cell", desc="index shards", disable=None) as bar:
+        for spec in plan:
+            sdir = shards_dir / shard_dirname(spec.shard_no)
+            if sdir.exists():
+                try:
+                    rec = read_done(sdir)
+                    if rec.n != spec.n:
+                        raise IndexFormatError(f"shard {sdir} holds {rec.n} cells, the plan says {spec.n}")
+                    verify_shard(sdir, rec, checksums=True)
+                    records.append(rec)
+                    reused += 1
+                    bar.update(spec.n)
+                    continue
+                except IndexFormatError as exc:
+                    logger.warning("rebuilding shard %s: %s", sdir.name, exc)
+            rec = write_shard(source, spec, shards_dir, trained, assigner, config.chunk_size, on_chunk=bar.update)
+            added += rec.n
+            logger.debug("shard %s: %d cells", sdir.name, rec.n)
+            records.append(rec)
+    add_s = time.perf_counter() - t_add
+    if reused:
+        logger.info("resume: reused %d of %d completed shards", reused, len(plan))
+
+    cells_path = out / CELLS_DB_FILE
+    if not cells_path.exists():
+        ids = None
+        if cells is None:
+            ids = np.concatenate([np.load(shards_dir / r.dirname / SHARD_IDS_FILE) for r in records])
+        write_cells_db(cells_path, cells, ids)
+
+    searcher = ShardSearcher(trained, [(r, shards_dir / r.dirname) for r in records])
+    t_eval = time.perf_counter()
+    recall = tune_and_measure(
+        searcher, k=config.k, n_queries=config.eval_queries, seed=config.seed + 101,
+        target=config.target_recall, nprobe=config.nprobe, rerank=config.rerank,
+    )
+    calibration = calibrate(
+        searcher, k=config.k, n_cells=config.calibration_cells, seed=config.seed + 202,
+        nprobe=recall.nprobe, rerank=recall.rerank,
+    )
+    eval_s = time.perf_counter() - t_eval
+    seconds = time.perf_counter() - t_start
+    manifest = IndexManifest(
+        format_version=FORMAT_VERSION,
+        embedder=embedder_info,
+        gene_vocabulary_hash=gene_vocabulary_hash,
+        atlas_snapshot=dict(snapshot or {}),
+        factory=factory,
+        metric=METRIC,
+        exact=is_exact(trained),
+        search=SearchDefaults(k=config.k, nprobe=recall.nprobe, rerank=recall.rerank),
+        dim=source.dim,
+        n_cells=sum(r.n for r in records),
+        shards=records,
+        trained=file_record(out / TRAINED_FILE),
+        cells_db=file_record(cells_path),
+        versions=_versions(),
+        build={
+            "started": started,
+            "finished": _now(),
+            "seconds": round(seconds, 2),
+            "train_seconds": round(train_s, 2),
+            "add_seconds": round(add_s, 2),
+            "eval_seconds": round(eval_s, 2),
+            "cells_added": added,
+            "add_cells_per_second": round(added / add_s, 1) if added and add_s > 0 else None,
+            "shards_reused": reused,
+            "device": device,
+            "threads": threads,
+            "config": asdict(config),
+        },
+        recall=recall,
+        calibration=calibration,
+    )
+    manifest.write(out)
+    logger.info(
+        "built index %s: %d cells in %d shards, %s, recall@%d %.3f (nprobe=%s, rerank=%d), %.1f s",
+        out, manifest.n_cells, len(records), factory, recall.k, recall.recall, recall.nprobe, recall.rerank, seconds,
+    )
+    return manifest

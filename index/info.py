@@ -1,0 +1,50 @@
+"""A summary of an index directory for ``scatlas info``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from index.atlas_index import AtlasIndex
+
+
+def directory_bytes(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += (Path(root) / name).stat().st_size
+            except OSError:
+                continue
+    return total
+
+
+def index_info(path: str | Path) -> dict[str, Any]:
+    """Cells, shards, dim, embedder, factory, measured recall, size on disk, bytes per cell, build seconds."""
+    path = Path(path)
+    idx = AtlasIndex.open(path)
+    m = idx.manifest
+    size = directory_bytes(path)
+    return {
+        "path": str(path),
+        "format_version": m.format_version,
+        "cells": m.n_cells,
+        "shards": len(m.shards),
+        "dim": m.dim,
+        "embedder": m.embedder.name,
+        "embedder_fingerprint": m.embedder.fingerprint,
+        "factory": m.factory,
+        "metric": m.metric,
+        "exact": m.exact,
+        "nprobe": m.search.nprobe,
+        "rerank": m.search.rerank,
+        "k": m.recall.k,
+        "recall": m.recall.recall,
+        "recall_queries": m.recall.n_queries,
+        "size_bytes": size,
+        "bytes_per_cell": round(size / m.n_cells, 1) if m.n_cells else None,
+        "build_seconds": m.build.get("seconds"),
+        "built": m.build.get("finished"),
+        "device": m.build.get("device"),
+    }

@@ -1,0 +1,225 @@
+"""The index manifest (``manifest.json``, written last) and the build record (``build.json``, written first).
+
+An index directory is valid only when ``manifest.json`` exists, parses, has a known format version and lists
+shards whose files are present with the recorded sizes. ``build.json`` records the arguments of a build so that a
+rerun resumes only when it would produce the same index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from atlas.errors import IndexFormatError
+
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+
+MANIFEST_FILE = "manifest.json"
+BUILD_FILE = "build.json"
+TRAINED_FILE = "trained.faiss"
+CELLS_DB_FILE = "cells.duckdb"
+EMBEDDER_DIR = "embedder"
+SHARDS_DIR = "shards"
+DONE_FILE = "done.json"
+SHARD_INDEX_FILE = "index.faiss"
+SHARD_IDS_FILE = "ids.npy"
+SHARD_VECTORS_FILE = "vectors.f16.npy"
+SHARD_FILES = (SHARD_INDEX_FILE, SHARD_IDS_FILE, SHARD_VECTORS_FILE)
+
+METRIC = "inner_product"
+CALIBRATION_QUANTILES = (0.01, 0.05, 0.10, 0.25, 0.50)
+
+
+def shard_dirname(shard_no: int) -> str:
+    return f"{shard_no:04d}"
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """Size and SHA-256 of one file of the index."""
+
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """A completed shard: its number, cell count, id range (inclusive) and file checksums."""
+
+    no: int
+    n: int
+    id_min: int
+    id_max: int
+    files: dict[str, FileRecord]
+
+    @property
+    def dirname(self) -> str:
+        return shard_dirname(self.no)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ShardRecord:
+        files = {name: FileRecord(**rec) for name, rec in d["files"].items()}
+        return cls(no=int(d["no"]), n=int(d["n"]), id_min=int(d["id_min"]), id_max=int(d["id_max"]), files=files)
+
+
+@dataclass(frozen=True)
+class EmbedderInfo:
+    """Which embedder made the vectors; ``fingerprint`` is what queries and classifiers are checked against."""
+
+    name: str
+    params: dict[str, Any]
+    fingerprint: str
+    dim: int
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EmbedderInfo:
+        return cls(name=d["name"], params=dict(d["params"]), fingerprint=d["fingerprint"], dim=int(d["dim"]))
+
+
+@dataclass(frozen=True)
+class SearchDefaults:
+    """Default search parameters. ``nprobe`` is ``None`` for exact (flat) indexes; ``rerank`` = 0 means none."""
+
+    k: int
+    nprobe: int | None
+    rerank: int
+
+
+@dataclass(frozen=True)
+class RecallReport:
+    """recall@k of the index at its default search parameters against exact search, on atlas cells."""
+
+    k: int
+    recall: float
+    n_queries: int
+    nprobe: int | None
+    rerank: int
+    exact: str  # how the ground truth was computed
+    queries_per_second: float
+    tuning: list[dict[str, Any]] = field(default_factory=list)  # every (nprobe, rerank, recall) tried
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Distribution of atlas-to-atlas neighbour similarities (self excluded), for "far from the atlas" calls.
+
+    ``first_neighbor[q]`` / ``mean_topk[q]`` are quantiles at ``quantiles[q]`` of the cosine similarity of the
+    nearest neighbour and of the mean similarity of the ``k`` nearest neighbours of ``n_cells`` sampled cells.
+    """
+
+    k: int
+    n_cells: int
+    quantiles: list[float]
+    first_neighbor: list[float]
+    mean_topk: list[float]
+
+    def threshold(self, which: str = "first_neighbor", quantile: float = 0.01) -> float:
+        values = {"first_neighbor": self.first_neighbor, "mean_topk": self.mean_topk}[which]
+        for q, v in zip(self.quantiles, values, strict=True):
+            if abs(q - quantile) < 1e-9:
+                return v
+        raise KeyError(f"quantile {quantile} not calibrated; available: {self.quantiles}")
+
+
+@dataclass(frozen=True)
+class IndexManifest:
+    """Everything needed to use and to trust an index directory."""
+
+    format_version: int
+    embedder: EmbedderInfo
+    gene_vocabulary_hash: str | None
+    atlas_snapshot: dict[str, Any]
+    factory: str
+    metric: str
+    exact: bool
+    search: SearchDefaults
+    dim: int
+    n_cells: int
+    shards: list[ShardRecord]
+    trained: FileRecord
+    cells_db: FileRecord
+    versions: dict[str, str]
+    build: dict[str, Any]
+    recall: RecallReport
+    calibration: Calibration
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> IndexManifest:
+        return cls(
+            format_version=int(d["format_version"]),
+            embedder=EmbedderInfo.from_dict(d["embedder"]),
+            gene_vocabulary_hash=d.get("gene_vocabulary_hash"),
+            atlas_snapshot=dict(d.get("atlas_snapshot") or {}),
+            factory=d["factory"],
+            metric=d["metric"],
+            exact=bool(d["exact"]),
+            search=SearchDefaults(**d["search"]),
+            dim=int(d["dim"]),
+            n_cells=int(d["n_cells"]),
+            shards=[ShardRecord.from_dict(s) for s in d["shards"]],
+            trained=FileRecord(**d["trained"]),
+            cells_db=FileRecord(**d["cells_db"]),
+            versions=dict(d["versions"]),
+            build=dict(d["build"]),
+            recall=RecallReport(**d["recall"]),
+            calibration=Calibration(**d["calibration"]),
+        )
+
+    def write(self, directory: str | Path) -> Path:
+        return write_json_atomic(Path(directory) / MANIFEST_FILE, self.to_dict())
+
+
+def read_manifest(directory: str | Path) -> IndexManifest:
+    """Read and validate ``manifest.json``; raise :class:`IndexFormatError` with what to do when it is unusable."""
+    directory = Path(directory)
+    path = directory / MANIFEST_FILE
+    if not directory.is_dir():
+        raise IndexFormatError(f"no index at {directory}: the directory does not exist; build one with build-index")
+    if not path.is_file():
+        hint = (
+            "the build was interrupted before it finished; rerun the build with the same arguments to resume it"
+            if (directory / BUILD_FILE).is_file()
+            else "this is not a scatlas index directory (or its build never started); build one with build-index"
+        )
+        raise IndexFormatError(f"{directory} has no {MANIFEST_FILE}: {hint}")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise IndexFormatError(f"{path} is unreadable ({exc}); rebuild the index") from exc
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise IndexFormatError(
+            f"{path} has index format version {version!r}; this scatlas reads versions "
+            f"{list(SUPPORTED_FORMAT_VERSIONS)}. Rebuild the index with this version or use a matching scatlas."
+        )
+    try:
+        return IndexManifest.from_dict(raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IndexFormatError(f"{path} is incomplete or malformed ({exc!r}); rebuild the index") from exc
+
+
+def write_json_atomic(path: Path, payload: Any) -> Path:
+    """Write JSON to a temporary file in the same directory, fsync it, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(payload, indent=2, sort_keys=True, default=str))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

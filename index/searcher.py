@@ -1,0 +1,277 @@
+"""Searching a set of shards that share one trained index, merging top-k across shards, exact re-ranking.
+
+For IVF indexes the coarse quantizer and pre-transforms are applied once per query batch (they are shared by all
+shards), then each shard is scanned with ``search_preassigned``; approximate candidates are merged across shards
+(scores are comparable because every shard is a clone of the same trained index), and the best ``rerank`` of them
+are re-scored exactly from the stored float16 vectors. Flat shards are searched directly and merged exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from atlas.errors import IndexFormatError
+from index._faiss import faiss_module
+from index.factory import apply_chain, is_exact, ivf_of
+from index.manifest import SHARD_IDS_FILE, SHARD_INDEX_FILE, SHARD_VECTORS_FILE, ShardRecord
+
+logger = logging.getLogger(__name__)
+
+QUERY_BATCH = 4096
+"""Queries per FAISS call (bounds the candidate arrays: QUERY_BATCH x rerank x 12 bytes)."""
+RERANK_BYTES = 64 << 20
+"""Bound on the float32 buffer of gathered candidate vectors during re-ranking."""
+EXACT_BLOCK = 65_536
+"""Rows of stored vectors per block in exact (brute-force) search."""
+
+
+@dataclass
+class _Shard:
+    record: ShardRecord
+    directory: Path
+    index: Any = None
+    ivf: Any = None
+    ids: np.ndarray | None = None
+    vectors: np.ndarray | None = None
+
+
+class _Merge:
+    """Top-k across shards (a FAISS ResultHeap, as in faiss.contrib.exhaustive_search); one shard needs none."""
+
+    def __init__(self, nq: int, k: int, single: bool) -> None:
+        self.k = k
+        self._single = single
+        self._heap = None if single else faiss_module().ResultHeap(nq, k, keep_max=True)
+        self._only: tuple[np.ndarray, np.ndarray] | None = None
+
+    def add(self, dist: np.ndarray, lab: np.ndarray) -> None:
+        if self._heap is None:
+            self._only = (dist, lab)
+        else:
+            self._heap.add_result(dist, lab)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._heap is None:
+            assert self._only is not None
+            return self._only
+        self._heap.finalize()
+        return self._heap.D, self._heap.I
+
+
+class ShardSearcher:
+    """Top-k inner-product search over shards (``records`` with their directories) cloned from ``trained``."""
+
+    def __init__(self, trained: Any, shards: list[tuple[ShardRecord, Path]], *, mmap: bool = False) -> None:
+        self.trained = trained
+        self.exact = is_exact(trained)
+        self._ivf = ivf_of(trained)
+        self._shards = [_Shard(rec, path) for rec, path in sorted(shards, key=lambda s: s[0].no)]
+        self._starts = np.array([s.record.id_min for s in self._shards], dtype=np.int64)
+        self._mmap = mmap
+        self.dim = int(trained.d)
+
+    @property
+    def n_cells(self) -> int:
+        return sum(s.record.n for s in self._shards)
+
+    @property
+    def nlist(self) -> int | None:
+        return int(self._ivf.nlist) if self._ivf is not None else None
+
+    @property
+    def id_max(self) -> int:
+        return max((s.record.id_max for s in self._shards), default=-1)
+
+    # -- loading -------------------------------------------------------------------------------------------
+    def _data(self, shard: _Shard) -> tuple[np.ndarray, np.ndarray]:
+        if shard.ids is None or shard.vectors is None:
+            try:
+                shard.ids = np.load(shard.directory / SHARD_IDS_FILE, mmap_mode="r")
+                shard.vectors = np.load(shard.directory / SHARD_VECTORS_FILE, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise IndexFormatError(f"cannot read the vectors of shard {shard.directory} ({exc}); rebuild") from exc
+        return shard.ids, shard.vectors
+
+    def _index(self, shard: _Shard) -> Any:
+        faiss = faiss_module()
+
+        if shard.index is None:
+            path = shard.directory / SHARD_INDEX_FILE
+            flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if self._mmap else 0
+            try:
+                shard.index = faiss.read_index(str(path), flags)
+            except RuntimeError as exc:
+                raise IndexFormatError(f"cannot read {path} ({str(exc).strip()[:200]}); rebuild the index") from exc
+            if shard.index.ntotal != shard.record.n:
+                raise IndexFormatError(f"{path} holds {shard.index.ntotal} vectors, expected {shard.record.n}; rebuild")
+            if self._ivf is not None:
+                shard.ivf = ivf_of(shard.index)
+        return shard.index
+
+    def iter_shards(self) -> Any:
+        for shard in self._shards:
+            ids, vecs = self._data(shard)
+            yield shard.record.no, ids, vecs
+
+    # -- search --------------------------------------------------------------------------------------------
+    def search(
+        self,
+        q: np.ndarray,
+        k: int,
+        *,
+        nprobe: int | None = None,
+        rerank: int = 0,
+        selector: Any = None,
+        batch_size: int = QUERY_BATCH,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids (n, k) int64 -1 padded, scores (n, k) float32 -inf padded)`` for normalised queries ``q``."""
+        n = len(q)
+        ids = np.full((n, k), -1, dtype=np.int64)
+        scores = np.full((n, k), -np.inf, dtype=np.float32)
+        for a in range(0, n, batch_size):
+            b = min(a + batch_size, n)
+            ids[a:b], scores[a:b] = self._search_batch(q[a:b], k, nprobe, rerank, selector)
+        return ids, scores
+
+    def _search_batch(
+        self, q: np.ndarray, k: int, nprobe: int | None, rerank: int, selector: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        faiss = faiss_module()
+
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        nq = len(q)
+        merge = _Merge(nq, max(k, rerank) if not self.exact else k, single=len(self._shards) == 1)
+        if self.exact or self._ivf is None:
+            params = faiss.SearchParameters(sel=selector) if selector is not None else None
+            for shard in self._shards:
+                merge.add(*self._index(shard).search(q, merge.k, params=params))
+        else:
+            xt = apply_chain(self.trained, q)
+            probe = max(1, min(int(nprobe or self._ivf.nprobe), self._ivf.nlist))
+            Dq, Iq = self._ivf.quantizer.search(xt, probe)  # shared by every shard: computed once
+            params = faiss.SearchParametersIVF(nprobe=probe, sel=selector)
+            for shard in self._shards:
+                dist = np.empty((nq, merge.k), dtype=np.float32)
+                lab = np.empty((nq, merge.k), dtype=np.int64)
+                self._index(shard)
+                shard.ivf.search_preassigned_c(
+                    nq,
+                    faiss.swig_ptr(xt),
+                    merge.k,
+                    faiss.swig_ptr(Iq),
+                    faiss.swig_ptr(Dq),
+                    faiss.swig_ptr(dist),
+                    faiss.swig_ptr(lab),
+                    False,
+                    params,
+                )
+                merge.add(dist, lab)
+        dist, lab = merge.result()
+        if not self.exact and rerank:
+            return self.rerank(q, lab, k)
+        out_ids = lab[:, :k].copy()
+        out_scores = dist[:, :k].copy()
+        out_scores[out_ids < 0] = -np.inf
+        return out_ids, out_scores
+
+    def gather(self, ids: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+        """Stored vectors of existing ids (1-D), in the given order."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(self._shards) == 1:
+            sid, vecs = self._data(self._shards[0])
+            return np.asarray(vecs[self._positions(self._shards[0], ids)], dtype=dtype)
+        out = np.empty((len(ids), self.dim), dtype=dtype)
+        which = np.searchsorted(self._starts, ids, side="right") - 1
+        for s in np.unique(which):
+            m = which == s
+            if s < 0:
+                raise IndexFormatError(f"id {int(ids[m][0])} is below every shard's id range; rebuild the index")
+            shard = self._shards[int(s)]
+            out[m] = self._data(shard)[1][self._positions(shard, ids[m])]
+        return out
+
+    def _positions(self, shard: _Shard, ids: np.ndarray) -> np.ndarray:
+        """Rows of ``ids`` in the shard's stored arrays (ids are sorted within a shard; often contiguous)."""
+        sid, _ = self._data(shard)
+        rec = shard.record
+        if rec.id_max - rec.id_min + 1 == rec.n:  # no holes: the row is the offset
+            pos = ids - rec.id_min
+            if len(pos) and (pos.min() < 0 or pos.max() >= rec.n):
+                raise IndexFormatError(f"an id is outside shard {rec.no}'s range; rebuild the index")
+            return pos
+        pos = np.minimum(np.searchsorted(sid, ids), len(sid) - 1)
+        if not (sid[pos] == ids).all():
+            raise IndexFormatError("an id returned by FAISS is not among the shard's stored ids; rebuild the index")
+        return pos
+
+    def rerank(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores of candidates ``cand`` (n, c; -1 = none) from the stored vectors; the best ``k`` each."""
+        n, c = cand.shape
+        kk = min(k, c)
+        out_ids = np.full((n, k), -1, dtype=np.int64)
+        out_scores = np.full((n, k), -np.inf, dtype=np.float32)
+        rows = max(1, RERANK_BYTES // max(1, c * self.dim * 4))
+        valid_id = int(self._shards[0].record.id_min)  # stands in for -1 while gathering
+        for a in range(0, n, rows):
+            b = min(a + rows, n)
+            cb = cand[a:b]
+            invalid = cb < 0
+            vecs = self.gather(np.where(invalid, valid_id, cb).ravel(), dtype=np.float32)
+            sc = np.einsum("rcd,rd->rc", vecs.reshape(b - a, c, self.dim), q[a:b], optimize=False)
+            sc[invalid] = -np.inf
+            if kk < c:
+                part = np.argpartition(-sc, kk - 1, axis=1)[:, :kk]
+                part_sc = np.take_along_axis(sc, part, axis=1)
+            else:
+                part, part_sc = np.broadcast_to(np.arange(c), sc.shape), sc
+            order = np.argsort(-part_sc, axis=1, kind="stable")
+            top = np.take_along_axis(part, order, axis=1)
+            out_ids[a:b, :kk] = np.take_along_axis(cb, top, axis=1)
+            out_scores[a:b, :kk] = np.take_along_axis(sc, top, axis=1)
+        out_ids[~np.isfinite(out_scores)] = -1
+        return out_ids, out_scores
+
+    def exact_search(self, q: np.ndarray, k: int, *, subset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Brute force over the stored float16 vectors (all cells, or the sorted ids ``subset``)."""
+        faiss = faiss_module()
+
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        heap = faiss.ResultHeap(len(q), k, keep_max=True)
+        if subset is not None:
+            for a in range(0, len(subset), EXACT_BLOCK):
+                sub = subset[a : a + EXACT_BLOCK]
+                self._add_block(heap, q, self.gather(sub), sub, k)
+        else:
+            for shard in self._shards:
+                sid, vecs = self._data(shard)
+                for a in range(0, len(sid), EXACT_BLOCK):
+                    block = read_rows(shard.directory / SHARD_VECTORS_FILE, vecs, a, min(a + EXACT_BLOCK, len(sid)))
+                    self._add_block(heap, q, block, np.asarray(sid[a : a + EXACT_BLOCK]), k)
+        heap.finalize()
+        scores = heap.D.copy()
+        scores[heap.I < 0] = -np.inf
+        return heap.I.copy(), scores
+
+    @staticmethod
+    def _add_block(heap: Any, q: np.ndarray, block: np.ndarray, block_ids: np.ndarray, k: int) -> None:
+        faiss = faiss_module()
+
+        kb = min(k, len(block))
+        dist, lab = faiss.knn(q, np.ascontiguousarray(block), kb, metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(dist, np.where(lab >= 0, block_ids[np.maximum(lab, 0)], -1))
+
+
+def read_rows(path: Path, mm: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` of a 2-D ``.npy`` as float32, read with plain file reads (sequential scans through a
+    memmap would leave every page mapped into this process)."""
+    assert isinstance(mm, np.memmap)
+    row_bytes = mm.shape[1] * mm.dtype.itemsize
+    with open(path, "rb") as fh:
+        fh.seek(int(mm.offset) + start * row_bytes)
+        data = np.fromfile(fh, dtype=mm.dtype, count=(stop - start) * mm.shape[1])
+    return data.reshape(stop - start, mm.shape[1]).astype(np.float32)

@@ -1,0 +1,193 @@
+"""Writing and checking one shard: ``shards/NNNN/{index.faiss, ids.npy, vectors.f16.npy, done.json}``.
+
+A shard is written into a temporary directory and renamed into place when complete, so a shard directory exists
+only when its files are whole; ``done.json`` records the count, id range and SHA-256 of every file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.lib.format import open_memmap
+
+from atlas.errors import IndexFormatError, InputError
+from index._faiss import faiss_module
+from index.factory import Assigner, add_vectors, clone
+from index.manifest import (
+    DONE_FILE,
+    SHARD_FILES,
+    SHARD_IDS_FILE,
+    SHARD_INDEX_FILE,
+    SHARD_VECTORS_FILE,
+    FileRecord,
+    ShardRecord,
+    shard_dirname,
+    write_json_atomic,
+)
+from index.source import ShardSpec, VectorSource
+from index.vectors import as_stored
+
+logger = logging.getLogger(__name__)
+
+TMP_PREFIX = ".tmp-"
+
+
+def sha256_file(path: Path, bufsize: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(bufsize):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(path: Path) -> FileRecord:
+    return FileRecord(bytes=path.stat().st_size, sha256=sha256_file(path))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_shard(
+    source: VectorSource,
+    spec: ShardSpec,
+    shards_dir: Path,
+    trained: Any,
+    assigner: Assigner,
+    chunk_size: int,
+    on_chunk: Callable[[int], None] | None = None,
+) -> ShardRecord:
+    """Stream the shard's vectors, store them (float16, normalised) and add them to a clone of ``trained``."""
+    faiss = faiss_module()
+
+    final = shards_dir / shard_dirname(spec.shard_no)
+    tmp = shards_dir / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    dim = source.dim
+    index = clone(trained)
+    ids_out = _NpyWriter(tmp / SHARD_IDS_FILE, np.int64, (spec.n,))
+    vec_out = _NpyWriter(tmp / SHARD_VECTORS_FILE, np.float16, (spec.n, dim))
+    pos, last_id, id_min = 0, spec.start - 1, None
+    for ids, x in source.iter_vectors(spec, chunk_size):
+        ids = np.asarray(ids, dtype=np.int64)
+        b = len(ids)
+        if b == 0:
+            continue
+        if x.shape != (b, dim):
+            raise InputError(f"shard {spec.shard_no}: a chunk of {b} ids came with vectors of shape {x.shape}")
+        if pos + b > spec.n or ids[0] <= last_id or ids[-1] >= spec.stop or (b > 1 and (np.diff(ids) <= 0).any()):
+            raise InputError(
+                f"shard {spec.shard_no}: the source yielded ids outside [{spec.start}, {spec.stop}), unsorted, or "
+                f"more than the {spec.n} planned; a VectorSource must stream each shard's cells once, by id"
+            )
+        x16, x32 = as_stored(x)
+        ids_out.write(pos, ids)
+        vec_out.write(pos, x16)
+        add_vectors(index, x32, ids, assigner)
+        id_min = int(ids[0]) if id_min is None else id_min
+        pos += b
+        last_id = int(ids[-1])
+        if on_chunk is not None:
+            on_chunk(b)
+    ids_out.close()
+    vec_out.close()
+    if pos != spec.n or id_min is None:
+        raise InputError(f"shard {spec.shard_no}: the source yielded {pos} cells where its plan said {spec.n}")
+    faiss.write_index(index, str(tmp / SHARD_INDEX_FILE))
+    files = {name: file_record(tmp / name) for name in SHARD_FILES}
+    record = ShardRecord(no=spec.shard_no, n=spec.n, id_min=id_min, id_max=last_id, files=files)
+    write_json_atomic(tmp / DONE_FILE, _done_payload(record))
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(shards_dir)
+    return record
+
+
+class _NpyWriter:
+    """A ``.npy`` file of known shape filled by positioned writes (the pages stay out of the process's RSS,
+    unlike a writable memmap)."""
+
+    def __init__(self, path: Path, dtype: Any, shape: tuple[int, ...]) -> None:
+        mm = open_memmap(path, mode="w+", dtype=dtype, shape=shape)  # writes the header and sizes the file
+        self.offset = int(mm.offset)
+        self.row_bytes = int(np.dtype(dtype).itemsize * int(np.prod(shape[1:], dtype=np.int64)))
+        self.dtype = np.dtype(dtype)
+        del mm
+        self._fd = os.open(path, os.O_WRONLY)
+
+    def write(self, row: int, values: np.ndarray) -> None:
+        data = np.ascontiguousarray(values, dtype=self.dtype).tobytes()
+        off = self.offset + row * self.row_bytes
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self._fd, view, off)
+            view, off = view[n:], off + n
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _done_payload(record: ShardRecord) -> dict[str, Any]:
+    return {
+        "no": record.no,
+        "n": record.n,
+        "id_min": record.id_min,
+        "id_max": record.id_max,
+        "files": {k: {"bytes": v.bytes, "sha256": v.sha256} for k, v in record.files.items()},
+    }
+
+
+def read_done(shard_dir: Path) -> ShardRecord:
+    path = shard_dir / DONE_FILE
+    try:
+        return ShardRecord.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise IndexFormatError(f"shard {shard_dir} has no readable {DONE_FILE} ({exc}); rebuild the index") from exc
+
+
+def verify_shard(shard_dir: Path, expected: ShardRecord, *, checksums: bool) -> None:
+    """Raise IndexFormatError unless every file of the shard exists with the expected size (and checksum)."""
+    for name, rec in expected.files.items():
+        path = shard_dir / name
+        if not path.is_file():
+            raise IndexFormatError(f"shard file {path} is missing; the index is damaged: rebuild it")
+        size = path.stat().st_size
+        if size != rec.bytes:
+            raise IndexFormatError(
+                f"shard file {path} has {size} bytes where the manifest records {rec.bytes}; the index is damaged "
+                "or was modified: rebuild it"
+            )
+        if checksums and sha256_file(path) != rec.sha256:
+            raise IndexFormatError(f"shard file {path} fails its SHA-256 check; the index is damaged: rebuild it")
+
+
+def clean_tmp(shards_dir: Path) -> None:
+    """Remove partial shard directories left by interrupted builds."""
+    if not shards_dir.is_dir():
+        return
+    for path in shards_dir.iterdir():
+        if path.name.startswith(TMP_PREFIX):
+            logger.info("removing partial shard %s from an interrupted build", path)
+            shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,145 @@
+"""Glue between the atlas store and the index: embed the store's cells as a :class:`VectorSource`, and
+:func:`build_index`, which fits the embedder on a sample, saves it with the index, and builds."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from atlas.errors import InputError
+from index.build import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE, BuildConfig, _prepare_dir, build_from_source
+from index.manifest import BUILD_FILE, EMBEDDER_DIR, IndexManifest
+from index.source import ShardSpec, plan_over_ranges
+
+if TYPE_CHECKING:
+    from atlas.embed.base import Embedder
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FIT_SAMPLE = 50_000
+
+
+class StoreVectorSource:
+    """The cells of an :class:`atlas.store.AtlasStore` embedded by ``embedder``; ids are ``soma_joinid``."""
+
+    def __init__(self, store: Any, embedder: Embedder) -> None:
+        self.store = store
+        self.embedder = embedder
+        self._with_x = embedder.needs == "X"
+        key = embedder.obsm_key
+        self._obsm = (key,) if embedder.needs == "obsm" and key else ()
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.store.n_cells)
+
+    @property
+    def dim(self) -> int:
+        return int(self.embedder.dim)
+
+    def shard_plan(self, shard_size: int) -> list[ShardSpec]:
+        return plan_over_ranges([(int(s), int(e)) for _ds, s, e in self.store.cell_ranges()], shard_size)
+
+    def iter_vectors(self, spec: ShardSpec, chunk_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        chunks = self.store.iter_chunks(
+            start=spec.start, stop=spec.stop, chunk_size=chunk_size, with_X=self._with_x, obsm_keys=self._obsm
+        )
+        for chunk in chunks:
+            yield np.asarray(chunk.ids, dtype=np.int64), self.embedder.transform(chunk)
+
+    def sample(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(self.store.sample_ids(n, seed=seed), dtype=np.int64)
+        parts_ids, parts_vecs = [], []
+        for chunk in self.store.read_cells(ids, with_X=self._with_x, obsm_keys=self._obsm):
+            parts_ids.append(np.asarray(chunk.ids, dtype=np.int64))
+            parts_vecs.append(self.embedder.transform(chunk))
+        if not parts_ids:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate(parts_ids), np.concatenate(parts_vecs).astype(np.float32, copy=False)
+
+    def describe(self) -> dict[str, Any]:
+        snap = {k: v for k, v in self.store.snapshot().items() if k != "path"}  # the store may move
+        return {"kind": "atlas", "n_cells": self.n_cells, "dim": self.dim, "snapshot": snap}
+
+
+def _fit_embedder(store: Any, spec: str, fit_sample: int, seed: int, options: dict[str, Any]) -> Embedder:
+    from atlas.embed import make_embedder
+
+    embedder = make_embedder(spec, **options)
+    if embedder.requires_fit:
+        ids = store.sample_ids(fit_sample, seed=seed)
+        key = embedder.obsm_key
+        obsm = (key,) if embedder.needs == "obsm" and key else ()
+        logger.info("fitting embedder %s on %d sampled cells", spec, len(ids))
+        # A zero-argument callable: fitting may take several passes over the sample (PCA takes two).
+        embedder.fit(lambda: store.read_cells(ids, with_X=embedder.needs == "X", obsm_keys=obsm))  # type: ignore[arg-type]
+    return embedder
+
+
+def _resumable_embedder(out: Path, identity: dict[str, Any]) -> Embedder | None:
+    """The embedder saved by an interrupted build with the same embedder arguments, if any."""
+    from atlas.embed import load_embedder
+
+    build, saved = out / BUILD_FILE, out / EMBEDDER_DIR / "embedder.json"
+    if not (build.is_file() and saved.is_file()):
+        return None
+    try:
+        old = json.loads(build.read_text()).get("identity", {})
+    except ValueError:
+        return None
+    if any(old.get(k) != v for k, v in identity.items()):
+        return None  # build_from_source reports the mismatch
+    logger.info("resume: reusing the embedder saved in %s", saved.parent)
+    return load_embedder(saved.parent)
+
+
+def build_index(
+    atlas: str | Path,
+    out: str | Path,
+    *,
+    embedder: str = "pca",
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    factory: str = "auto",
+    device: str = "auto",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    fit_sample: int = DEFAULT_FIT_SAMPLE,
+    overwrite: bool = False,
+    seed: int = 0,
+    threads: int | None = None,
+    embedder_options: dict[str, Any] | None = None,
+    config: BuildConfig | None = None,
+) -> IndexManifest:
+    """Build (or resume) the index of an atlas store at ``out`` and return its manifest.
+
+    The embedder (``pca``, ``precomputed:KEY``, ``uce``) is fitted on ``fit_sample`` cells sampled across
+    datasets when it needs fitting, saved into ``out/embedder/``, and recorded in the manifest. ``config``
+    overrides every build setting at once (shard_size, factory, ... are then ignored).
+    """
+    from atlas.store import AtlasStore
+
+    if fit_sample < 1:
+        raise InputError(f"fit_sample must be >= 1 (got {fit_sample})")
+    out = Path(out)
+    store = AtlasStore.open(atlas)
+    config = config or BuildConfig(
+        factory=factory, shard_size=shard_size, chunk_size=chunk_size, device=device, threads=threads, seed=seed
+    )
+    options = dict(embedder_options or {})
+    identity = {"embedder": embedder, "fit_sample": fit_sample, "embedder_options": options}
+    _prepare_dir(out, overwrite)
+    emb = _resumable_embedder(out, identity) or _fit_embedder(store, embedder, fit_sample, config.seed, options)
+    return build_from_source(
+        StoreVectorSource(store, emb),
+        out,
+        config,
+        cells=store.cells_db_path,
+        embedder=emb,
+        snapshot=store.snapshot(),
+        gene_vocabulary_hash=store.genes.fingerprint(),
+        extra_identity=identity,
+    )

@@ -1,0 +1,631 @@
+"""Label transfer: stream a query through the index's embedder, search the atlas, vote the neighbours' labels.
+
+Search and voting are kept apart (as in cellxgene-census' ``find_nearest_obs`` / ``predict_obs_metadata``):
+this module streams the query and looks up neighbours' labels; :mod:`query.vote` decides;
+:mod:`query.evaluate` scores against known labels; :mod:`query.outputs` writes files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import anndata
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from atlas.errors import InputError
+from atlas.genes import MIN_GENE_OVERLAP, check_overlap
+from atlas.sources import open_h5ad
+from atlas.sources.base import iter_cell_chunks
+from index import AtlasIndex
+from index.manifest import MANIFEST_FILE
+from index.metadata import columns_of
+from query.align import DEFAULT_SAMPLE as DEFAULT_ALIGN_SAMPLE
+from query.align import Alignment, apply_shift, estimate_shift
+from query.evaluate import confusion_table, evaluate_labels
+from query.outputs import plot_confusion, write_annotated_h5ad, write_json, write_parquet
+from query.vote import (
+    REASON_FAR,
+    REASON_LOW_CONFIDENCE,
+    REASON_NONE,
+    UNKNOWN,
+    Weighting,
+    balance_weights,
+    decide,
+    mean_top_similarity,
+    vote,
+    vote_weights,
+)
+
+logger = logging.getLogger(__name__)
+
+Align = Literal["none", "mnn"]
+
+DEFAULT_K = 30
+DEFAULT_MIN_CONFIDENCE = 0.5
+DEFAULT_WEIGHTING: Weighting = "adaptive"
+DEFAULT_FAR_QUANTILE = 0.05
+DEFAULT_CLASS_BALANCE = 0.5
+DEFAULT_ALIGN: Align = "mnn"
+DEFAULT_BATCH_SIZE = 10_000
+DATASET_COLUMN = "dataset_id"
+SIMILARITY_COLUMN = "atlas_similarity"
+REASONS = (REASON_NONE, REASON_LOW_CONFIDENCE, REASON_FAR)
+
+
+@dataclass
+class AnnotationResult:
+    """Predictions for every query cell, the neighbours they came from, and a report.
+
+    ``predictions``: indexed like the query's obs; per label key ``<key>_pred`` (``"unknown"`` when
+    abstained), ``<key>_confidence`` (weighted vote share of the winner) and ``<key>_unknown_reason`` (``""``,
+    ``"low_confidence"`` or ``"far_from_atlas"``), plus ``atlas_similarity`` (mean similarity of the cell's
+    calibration-k nearest atlas cells). ``neighbors``: one row per (query cell, neighbour) that voted or could
+    have (``query_row``, ``query_cell``, ``atlas_cell_id`` = soma_joinid, ``rank`` from 0, ``similarity``,
+    ``dataset_id``). ``report``: JSON-serialisable summary (gene overlap, label counts, unknown rates, index
+    identity, timings, and ``evaluation`` when a truth column was given).
+    """
+
+    predictions: pd.DataFrame
+    neighbors: pd.DataFrame
+    report: dict[str, Any]
+    _query: str | Path | anndata.AnnData = field(repr=False)
+    _truth: dict[str, pd.Series] = field(default_factory=dict, repr=False)
+
+    def confusion(self, label_key: str | None = None) -> pd.DataFrame:
+        """Counts of (truth, predicted) for a label key (default: the first evaluated one)."""
+        if not self._truth:
+            raise InputError("no truth labels: annotate with truth_key=... to get a confusion matrix")
+        key = label_key or next(iter(self._truth))
+        if key not in self._truth:
+            raise InputError(f"no truth labels for {key!r}; evaluated keys: {list(self._truth)}")
+        return confusion_table(self._truth[key].to_numpy(), self.predictions[f"{key}_pred"].to_numpy())
+
+    def write(
+        self,
+        out_h5ad: str | Path | None,
+        neighbors_parquet: str | Path | None = None,
+        report_json: str | Path | None = None,
+        confusion_png: str | Path | None = None,
+    ) -> dict[str, Path]:
+        """Write the outputs that are given a path; each atomically (temporary file, then rename).
+
+        ``out_h5ad``: a new ``.h5ad`` = the query with the prediction columns added to obs (the query itself
+        is never modified). ``confusion_png`` needs truth labels (``truth_key``).
+        """
+        if confusion_png is not None and not self._truth:
+            raise InputError("a confusion matrix needs truth labels: annotate with truth_key=...")
+        written: dict[str, Path] = {}
+        if out_h5ad is not None:
+            written["h5ad"] = write_annotated_h5ad(self._query, self.predictions, out_h5ad)
+        if neighbors_parquet is not None:
+            written["neighbors"] = write_parquet(self.neighbors, neighbors_parquet)
+        if report_json is not None:
+            written["report"] = write_json(self.report, report_json)
+        if confusion_png is not None:
+            key = next(iter(self._truth))
+            written["confusion"] = plot_confusion(
+                self.confusion(key), confusion_png, title=f"{key}: truth vs predicted"
+            )
+        return written
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _as_str_values(values: Any) -> np.ndarray:
+    s = pd.Series(np.asarray(values, dtype=object))
+    return s.where(s.notna(), None).map(lambda v: None if v is None else str(v)).to_numpy(dtype=object)
+
+
+def _atlas_label_counts(index: AtlasIndex, column: str, where: str | None) -> pd.Series:
+    """Cells per non-NULL value of ``column`` (as strings, sorted), among the cells ``where`` selects."""
+    sql = f"SELECT {_quote(column)} AS v, count(*) AS n FROM cells WHERE {_quote(column)} IS NOT NULL"
+    if where:
+        sql += f" AND ({where})"
+    res = index.connect().execute(sql + " GROUP BY 1").fetchnumpy()
+    counts = pd.Series(
+        np.asarray(res["n"], dtype=np.int64), index=pd.Index(_as_str_values(res["v"]), dtype=object)
+    )
+    return counts.groupby(level=0).sum().sort_index()
+
+
+def _codes(values: Any, categories: pd.Index) -> np.ndarray:
+    return np.asarray(categories.get_indexer(pd.Index(_as_str_values(values), dtype=object)), dtype=np.int64)
+
+
+def _normalise_truth(truth_key: str | Mapping[str, str] | None, label_keys: Sequence[str]) -> dict[str, str]:
+    if truth_key is None:
+        return {}
+    if isinstance(truth_key, str):
+        return {label_keys[0]: truth_key}
+    unknown = [k for k in truth_key if k not in label_keys]
+    if unknown:
+        raise InputError(
+            f"truth_key maps label keys {unknown} that are not among label_keys {list(label_keys)}"
+        )
+    return dict(truth_key)
+
+
+def _manifest_id(index: AtlasIndex) -> str | None:
+    path = Path(index.path) / MANIFEST_FILE
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    except OSError:
+        return None
+
+
+def _validate(
+    k: int,
+    min_confidence: float,
+    max_votes_per_dataset: int | None,
+    batch_size: int,
+    far_quantile: float | None,
+) -> None:
+    if int(k) < 1:
+        raise InputError(f"k must be at least 1 (got {k})")
+    if not 0.0 <= float(min_confidence) <= 1.0:
+        raise InputError(f"min_confidence must be between 0 and 1 (got {min_confidence})")
+    if max_votes_per_dataset is not None and int(max_votes_per_dataset) < 1:
+        raise InputError(
+            f"max_votes_per_dataset must be at least 1 (got {max_votes_per_dataset}); None = no cap"
+        )
+    if int(batch_size) < 1:
+        raise InputError(f"batch_size must be at least 1 (got {batch_size})")
+    if far_quantile is not None and not 0.0 < float(far_quantile) < 1.0:
+        raise InputError(f"far_quantile must be in (0, 1) or None (got {far_quantile})")
+
+
+def _far_threshold(index: AtlasIndex, far_quantile: float | None) -> tuple[float | None, int | None]:
+    """(threshold on the mean top-k similarity or None, the k the index calibrated it with or None)."""
+    cal = index.manifest.calibration
+    if not cal.mean_topk:
+        if far_quantile is not None:
+            logger.warning(
+                "the index has no neighbour calibration (too few cells?): 'far_from_atlas' calls are off"
+            )
+        return None, None
+    if far_quantile is None:
+        return None, int(cal.k)
+    try:
+        return float(cal.threshold("mean_topk", far_quantile)), int(cal.k)
+    except KeyError as exc:
+        raise InputError(
+            f"far_quantile={far_quantile} is not among the index's calibrated quantiles {cal.quantiles}; "
+            "choose one of them or None"
+        ) from exc
+
+
+# -- the function --------------------------------------------------------------------------------------------
+
+
+def annotate(
+    query: str | Path | anndata.AnnData,
+    index: str | Path | AtlasIndex,
+    *,
+    label_keys: Sequence[str] | str = ("cell_type",),
+    k: int = DEFAULT_K,
+    where: str | None = None,
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+    max_votes_per_dataset: int | None = None,
+    truth_key: str | Mapping[str, str] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    min_gene_overlap: float = MIN_GENE_OVERLAP,
+    weighting: Weighting = DEFAULT_WEIGHTING,
+    class_balance: float = DEFAULT_CLASS_BALANCE,
+    align: Align = DEFAULT_ALIGN,
+    align_sample: int = DEFAULT_ALIGN_SAMPLE,
+    far_quantile: float | None = DEFAULT_FAR_QUANTILE,
+    keep_neighbors: bool = True,
+    progress: bool = True,
+) -> AnnotationResult:
+    """Transfer atlas labels to query cells by similarity-weighted voting of their nearest atlas cells.
+
+    Parameters
+    ----------
+    query: an ``.h5ad`` path (read in chunks; raw counts are taken from X, ``layers['counts']`` or ``.raw``
+        when present, else log-normalised values) or an in-memory AnnData. Never modified.
+    index: an index directory (``build_index``) or an opened :class:`~index.AtlasIndex`.
+    label_keys: columns of the index's cell table to transfer, each predicted on its own.
+    k: neighbours that vote per query cell.
+    where: SQL predicate restricting the atlas cells searched (e.g. ``"tissue = 'blood'"``).
+    min_confidence: a cell whose winning label has less than this weighted vote share is ``"unknown"``
+        (reason ``low_confidence``).
+    max_votes_per_dataset: at most this many of a cell's neighbours from any one atlas dataset vote (None: no
+        cap).
+    truth_key: a query obs column with known labels (for ``label_keys[0]``), or ``{label_key: obs column}``;
+        adds accuracy, macro-F1 and per-class precision/recall on cells whose label the atlas has, and the
+        abstention rate on cells whose label it lacks, to ``report["evaluation"]``.
+    batch_size: query cells embedded and searched at a time (memory is bounded by it, not by the query size).
+    min_gene_overlap: refuse the query when fewer than this fraction of the embedder's genes are present.
+    weighting: vote weights by similarity (see :mod:`query.vote`): ``adaptive``, ``similarity`` or
+        ``uniform``.
+    class_balance: each vote is divided by (its label's atlas cell count) ** class_balance (0 = plain votes,
+        1 = fully balanced), so that rare atlas types are not outvoted by frequent neighbours.
+    align: ``"mnn"`` shifts the query as a whole onto the atlas in the embedding space before searching (one
+        vector, estimated from mutual nearest neighbours of ``align_sample`` random query cells; see
+        :mod:`query.align`); ``"none"`` searches with the vectors as embedded.
+    far_quantile: a cell whose mean similarity to its nearest atlas cells is below this quantile of the same
+        statistic among atlas cells themselves (the index manifest's calibration) is ``"unknown"`` (reason
+        ``far_from_atlas``); None turns this off.
+    keep_neighbors: keep the neighbours table (``n_cells x k`` rows; turn off for very large queries).
+
+    Defaults were chosen by measurement with ``scripts/bench_annotate.py --tune`` (grid and results in
+    docs/benchmarks.md) on two tuning pairs only, the synthetic atlas with two cell types held out of the
+    reference and kang2018 CTRL -> STIM, then applied unchanged to every other pair: k in {10, 15, 30, 50} x
+    weighting x class_balance in {0, 0.5, 1} x align in {none, mnn} x min_confidence in {0 .. 0.8} x
+    far_quantile in {off, 0.01, 0.05, 0.1}, scored per pair by macro-F1 on known types, averaged with the
+    abstention rate on absent types where the query has some. ``align="mnn"`` (+0.08 on that score) and
+    ``class_balance=0.5`` (+0.04) mattered most; ``k=30``, ``weighting="adaptive"``, ``min_confidence=0.5``
+    and ``far_quantile=0.05`` won by less than 0.01 over their neighbours in the grid.
+
+    Raises
+    ------
+    InputError: empty query, unknown label or truth column, invalid parameters; the index's own error for an
+        invalid ``where`` or one matching no atlas cell.
+    GeneOverlapError: the query shares too few genes with the index's embedder.
+    """
+    t_start = time.perf_counter()
+    keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
+    if not keys or any(not isinstance(x, str) or not x for x in keys) or len(set(keys)) != len(keys):
+        raise InputError(f"label_keys must be one or more distinct column names (got {label_keys!r})")
+    _validate(k, min_confidence, max_votes_per_dataset, batch_size, far_quantile)
+    if align not in ("none", "mnn"):
+        raise InputError(f"align must be 'none' or 'mnn' (got {align!r})")
+    if not float(class_balance) >= 0:
+        raise InputError(f"class_balance must be >= 0 (got {class_balance})")
+    if int(align_sample) < 1:
+        raise InputError(f"align_sample must be at least 1 (got {align_sample})")
+    truth_map = _normalise_truth(truth_key, keys)
+
+    own_index = not isinstance(index, AtlasIndex)
+    idx = AtlasIndex.open(index) if not isinstance(index, AtlasIndex) else index
+    source = None
+    try:
+        available = columns_of(idx.connect())
+        missing = [c for c in keys if c not in available]
+        if missing:
+            raise InputError(
+                f"label key(s) {missing} are not columns of the index's cell table; "
+                f"available: {', '.join(available)}"
+            )
+        n_where: int | None = None
+        if where is not None:
+            n_where = len(idx.filter_ids(where))  # the index's error for an invalid or empty filter
+        far_threshold, far_k = _far_threshold(idx, far_quantile)
+        label_counts = {key: _atlas_label_counts(idx, key, where) for key in keys}
+        categories = {key: pd.Index(c.index, dtype=object) for key, c in label_counts.items()}
+        class_weights = {
+            key: balance_weights(c.to_numpy(), float(class_balance)) for key, c in label_counts.items()
+        }
+        for key, cats in categories.items():
+            if UNKNOWN in set(cats):
+                logger.warning(
+                    "the atlas has a %r label %r: it cannot be told apart from abstentions", key, UNKNOWN
+                )
+            if len(cats) == 0:
+                logger.warning(
+                    "no atlas cell has a %r label%s: every cell will be unknown",
+                    key,
+                    f" under where={where!r}" if where else "",
+                )
+        has_datasets = DATASET_COLUMN in available
+        datasets = pd.Index(
+            _atlas_label_counts(idx, DATASET_COLUMN, where).index if has_datasets else [], dtype=object
+        )
+        if max_votes_per_dataset is not None and not has_datasets:
+            raise InputError(
+                f"max_votes_per_dataset needs a {DATASET_COLUMN!r} column in the index's cell table"
+            )
+        t_open = time.perf_counter() - t_start
+
+        source = open_h5ad(query)
+        n = source.n_obs
+        if n == 0:
+            raise InputError(f"the query {getattr(source, 'name', '')!r} has no cells")
+        missing_truth = [c for c in truth_map.values() if c not in source.obs.columns]
+        if missing_truth:
+            raise InputError(
+                f"truth column(s) {missing_truth} are not in the query's obs; "
+                f"obs has: {', '.join(map(str, source.obs.columns))}"
+            )
+        embedder = idx.embedder
+        match = embedder.gene_match(source.genes)
+        if match is not None:
+            check_overlap(match, what="query", against="index embedder", min_fraction=min_gene_overlap)
+        obsm_keys: tuple[str, ...] = ()
+        if embedder.needs == "obsm":
+            key_needed = embedder.obsm_key
+            if key_needed is None or key_needed not in source.obsm_keys():
+                raise InputError(
+                    f"the index's embedder reads obsm[{key_needed!r}], which the query lacks "
+                    f"(obsm keys: {source.obsm_keys() or 'none'}); compute that embedding for the query first"
+                )
+            obsm_keys = (key_needed,)
+
+        alignment: Alignment | None = None
+        t_align = 0.0
+        if align == "mnn":
+            t0 = time.perf_counter()
+            rng = np.random.default_rng(0)
+            rows_s = np.sort(rng.choice(n, size=min(n, int(align_sample)), replace=False))
+            sample = np.concatenate(
+                [
+                    idx.embed(c)
+                    for c in iter_cell_chunks(
+                        source, chunk_size=int(batch_size), rows=rows_s, obsm_keys=obsm_keys
+                    )
+                ]
+            )
+            alignment = estimate_shift(idx, sample, where=where)
+            t_align = time.perf_counter() - t0
+        shift = alignment.shift if alignment is not None else None
+        stat_k = far_k or int(
+            k
+        )  # the similarity statistic uses the calibration's k, to be comparable with it
+        k_search = max(int(k), stat_k)
+        pred = {key: np.full(n, -1, dtype=np.int64) for key in keys}
+        conf = {key: np.zeros(n, dtype=np.float32) for key in keys}
+        reason = {key: np.zeros(n, dtype=np.int8) for key in keys}
+        reason_code = {r: i for i, r in enumerate(REASONS)}
+        similarity = np.full(n, np.nan, dtype=np.float32)
+        neigh: list[tuple[np.ndarray, ...]] = []
+        t_embed = t_search = t_vote = 0.0
+        lookup_columns = list(dict.fromkeys([*keys, *([DATASET_COLUMN] if has_datasets else [])]))
+        bar = tqdm(total=n, desc="annotate", unit="cell", disable=not progress)
+        for chunk in iter_cell_chunks(source, chunk_size=int(batch_size), obsm_keys=obsm_keys):
+            rows = np.asarray(chunk.ids, dtype=np.int64)
+            t0 = time.perf_counter()
+            vectors = apply_shift(idx.embed(chunk), shift)
+            t1 = time.perf_counter()
+            result = idx.search(vectors, k_search, where)
+            t2 = time.perf_counter()
+            ids, scores = result.ids, result.scores
+            valid = ids >= 0
+            uniq = np.unique(ids[valid])
+            meta = idx.cells(uniq, columns=lookup_columns)
+            pos = np.searchsorted(uniq, np.where(valid, ids, uniq[0] if len(uniq) else 0))
+            dcodes = None
+            if has_datasets:
+                dcodes = (
+                    np.where(valid, _codes(meta[DATASET_COLUMN], datasets)[pos], -1)
+                    if len(uniq)
+                    else -np.ones_like(ids)
+                )
+            similarity[rows] = mean_top_similarity(scores, stat_k)
+            top_ids, top_scores = ids[:, :k], scores[:, :k]
+            weights = vote_weights(top_scores, weighting)
+            for key in keys:
+                codes = (
+                    np.where(valid, _codes(meta[key], categories[key])[pos], -1)
+                    if len(uniq)
+                    else -np.ones_like(ids)
+                )
+                v = vote(
+                    codes[:, :k],
+                    weights,
+                    n_labels=len(categories[key]),
+                    datasets=None if dcodes is None else dcodes[:, :k],
+                    max_votes_per_dataset=max_votes_per_dataset,
+                    class_weights=class_weights[key],
+                )
+                d = decide(
+                    v, similarity[rows], min_confidence=float(min_confidence), far_threshold=far_threshold
+                )
+                pred[key][rows] = d.code
+                conf[key][rows] = v.confidence
+                reason[key][rows] = np.select(
+                    [d.reason == REASON_LOW_CONFIDENCE, d.reason == REASON_FAR],
+                    [reason_code[REASON_LOW_CONFIDENCE], reason_code[REASON_FAR]],
+                    0,
+                ).astype(np.int8)
+            if keep_neighbors:
+                m = top_ids >= 0
+                r_idx, c_idx = np.nonzero(m)
+                neigh.append(
+                    (
+                        rows[r_idx].astype(np.int64),
+                        top_ids[m],
+                        c_idx.astype(np.int16),
+                        top_scores[m].astype(np.float32),
+                        (dcodes[:, :k][m] if dcodes is not None else np.full(int(m.sum()), -1)).astype(
+                            np.int32
+                        ),
+                    )
+                )
+            t3 = time.perf_counter()
+            t_embed += t1 - t0
+            t_search += t2 - t1
+            t_vote += t3 - t2
+            bar.update(len(rows))
+        bar.close()
+
+        obs_names = pd.Index(source.obs.index.astype(str), name=source.obs.index.name)
+        predictions = pd.DataFrame(index=obs_names)
+        for key in keys:
+            cats = [*categories[key], *([UNKNOWN] if UNKNOWN not in set(categories[key]) else [])]
+            unk = cats.index(UNKNOWN)
+            predictions[f"{key}_pred"] = pd.Categorical.from_codes(
+                np.where(pred[key] >= 0, pred[key], unk), categories=cats
+            )
+            predictions[f"{key}_confidence"] = conf[key]
+            predictions[f"{key}_unknown_reason"] = pd.Categorical.from_codes(
+                reason[key].astype(np.int64), categories=list(REASONS)
+            )
+        predictions[SIMILARITY_COLUMN] = similarity
+        neighbors = _neighbors_frame(neigh, obs_names, datasets)
+        truth = {key: source.obs[col].reset_index(drop=True) for key, col in truth_map.items()}
+        t_total = time.perf_counter() - t_start
+        report = _report(
+            source=source,
+            query=query,
+            idx=idx,
+            match=match,
+            keys=keys,
+            predictions=predictions,
+            categories=categories,
+            truth=truth,
+            truth_map=truth_map,
+            far_threshold=far_threshold,
+            far_k=far_k,
+            alignment=alignment,
+            params={
+                "label_keys": keys,
+                "k": int(k),
+                "where": where,
+                "atlas_cells_matching_where": n_where,
+                "min_confidence": float(min_confidence),
+                "max_votes_per_dataset": max_votes_per_dataset,
+                "weighting": weighting,
+                "class_balance": float(class_balance),
+                "align": align,
+                "far_quantile": far_quantile,
+                "batch_size": int(batch_size),
+                "min_gene_overlap": float(min_gene_overlap),
+            },
+            timings={
+                "open_index_s": round(t_open, 3),
+                "align_s": round(t_align, 3),
+                "embed_s": round(t_embed, 3),
+                "search_s": round(t_search, 3),
+                "vote_s": round(t_vote, 3),
+                "total_s": round(t_total, 3),
+                "cells_per_second": round(n / t_total, 1) if t_total > 0 else None,
+            },
+        )
+        summary = ", ".join(
+            f"{key}: {report['labels'][key]['n_predicted_labels']} labels, "
+            f"{100 * report['labels'][key]['unknown_rate']:.1f}% unknown"
+            for key in keys
+        )
+        logger.info(
+            "annotated %d cells in %.1f s (%.0f cells/s); %s", n, t_total, n / max(t_total, 1e-9), summary
+        )
+        return AnnotationResult(
+            predictions=predictions, neighbors=neighbors, report=report, _query=query, _truth=truth
+        )
+    finally:
+        if source is not None:
+            source.close()
+        if own_index:
+            idx.close()
+
+
+def _neighbors_frame(
+    parts: list[tuple[np.ndarray, ...]], obs_names: pd.Index, datasets: pd.Index
+) -> pd.DataFrame:
+    if parts:
+        q, a, r, s, d = (np.concatenate(x) for x in zip(*parts, strict=True))
+    else:
+        q = a = np.zeros(0, dtype=np.int64)
+        r, s, d = np.zeros(0, dtype=np.int16), np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int32)
+    return pd.DataFrame(
+        {
+            "query_row": q,
+            "query_cell": pd.Categorical.from_codes(q, categories=pd.Index(obs_names).unique())
+            if obs_names.is_unique
+            else np.asarray(obs_names)[q],
+            "atlas_cell_id": a,
+            "rank": r,
+            "similarity": s,
+            "dataset_id": pd.Categorical.from_codes(d, categories=list(datasets))
+            if len(datasets)
+            else pd.Categorical([None] * len(d)),
+        }
+    )
+
+
+def _report(
+    *,
+    source: Any,
+    query: Any,
+    idx: AtlasIndex,
+    match: Any,
+    keys: list[str],
+    predictions: pd.DataFrame,
+    categories: dict[str, pd.Index],
+    truth: dict[str, pd.Series],
+    truth_map: dict[str, str],
+    far_threshold: float | None,
+    far_k: int | None,
+    alignment: Alignment | None,
+    params: dict[str, Any],
+    timings: dict[str, Any],
+) -> dict[str, Any]:
+    n = len(predictions)
+    m = idx.manifest
+    labels: dict[str, Any] = {}
+    for key in keys:
+        p = predictions[f"{key}_pred"]
+        counts = p.value_counts()
+        reasons = predictions[f"{key}_unknown_reason"].value_counts()
+        labels[key] = {
+            "n_atlas_labels": len(categories[key]),
+            "n_predicted_labels": int((counts[counts.index != UNKNOWN] > 0).sum()),
+            "counts": {str(lbl): int(c) for lbl, c in counts.items() if c > 0},
+            "unknown_rate": round(float((p == UNKNOWN).mean()), 4),
+            "unknown_reasons": {str(r): int(c) for r, c in reasons.items() if r != REASON_NONE and c > 0},
+            "mean_confidence": round(float(predictions[f"{key}_confidence"].mean()), 4),
+        }
+    evaluation = {
+        key: {
+            "truth_column": truth_map[key],
+            **evaluate_labels(
+                truth[key].to_numpy(), predictions[f"{key}_pred"].to_numpy(), set(categories[key])
+            ),
+        }
+        for key in truth
+    }
+    sim = predictions[SIMILARITY_COLUMN].to_numpy(dtype=np.float64)
+    return {
+        "query": {
+            "source": str(query) if not isinstance(query, anndata.AnnData) else "<AnnData in memory>",
+            "n_cells": n,
+            "n_genes": len(source.genes),
+            "expression": source.expression.describe(),
+            "x_kind": source.expression.x_kind,
+        },
+        "index": {
+            "path": str(idx.path),
+            "manifest_sha256": _manifest_id(idx),
+            "n_cells": m.n_cells,
+            "embedder": {
+                "name": m.embedder.name,
+                "fingerprint": m.embedder.fingerprint,
+                "dim": m.embedder.dim,
+            },
+            "atlas": {
+                "n_cells": m.atlas_snapshot.get("n_cells"),
+                "gene_vocabulary": m.atlas_snapshot.get("gene_vocabulary"),
+                "datasets": [d.get("dataset_id") for d in m.atlas_snapshot.get("datasets", [])],
+            },
+            "factory": m.factory,
+        },
+        "params": params,
+        "gene_overlap": match.summary() if match is not None else None,
+        "alignment": alignment.summary() if alignment is not None else None,
+        "far_from_atlas": {
+            "statistic": f"mean similarity of the {far_k or params['k']} nearest atlas cells",
+            "threshold": far_threshold,
+            "quantile": params["far_quantile"] if far_threshold is not None else None,
+            "query_similarity_quantiles": {
+                str(q): round(float(np.nanquantile(sim, q)), 4) for q in (0.01, 0.05, 0.5)
+            }
+            if np.isfinite(sim).any()
+            else {},
+        },
+        "labels": labels,
+        "evaluation": evaluation,
+        "timings": timings,
+    }

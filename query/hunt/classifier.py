@@ -1,0 +1,205 @@
+"""The trained hunt classifier: a linear score on L2-normalised embeddings, its calibration, threshold and record.
+
+Saved as a directory (written to a temporary sibling and renamed into place)::
+
+    CLASSIFIER_DIR/
+      classifier.json   everything but the weights: bias, threshold, calibration, metrics, embedder fingerprint,
+                        index manifest id, training counts, seed, versions, and the SHA-256 of weights.npy
+      weights.npy       (d,) float32
+
+A classifier is tied to the embedder that made its training vectors (``embedder_fingerprint``): a sweep refuses
+an index whose embedder differs. ``index_manifest_id`` records which index build it was trained against.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from atlas.errors import InputError
+from query.hunt.calibration import Calibration
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_FILE = "classifier.json"
+WEIGHTS_FILE = "weights.npy"
+
+
+@dataclass
+class HuntClassifier:
+    """``score(x) = weights . x + bias`` on L2-normalised vectors; ``score >= threshold`` is a hit.
+
+    ``metrics`` holds the cross-validated estimates (AUPRC, ROC AUC, precision / recall / F1 / false-positive
+    rate at the threshold, per-fold AUPRC, the chosen L2 penalty, expected false hits per million atlas cells).
+    ``counts`` holds the training-set sizes by origin. ``calibration`` maps scores to probabilities (training mix).
+    """
+
+    weights: np.ndarray
+    bias: float
+    threshold: float
+    calibration: Calibration
+    embedder_fingerprint: str
+    index_manifest_id: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    seed: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.weights = np.ascontiguousarray(np.asarray(self.weights, dtype=np.float32).ravel())
+        self.bias = float(self.bias)
+        self.threshold = float(self.threshold)
+        if not np.isfinite(self.weights).all() or not np.isfinite(self.bias):
+            raise InputError("classifier weights must be finite")
+        if not self.created_at:
+            self.created_at = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+    @property
+    def dim(self) -> int:
+        return int(self.weights.shape[0])
+
+    def fingerprint(self) -> str:
+        """Identity of what the classifier computes: weights, bias, threshold, calibration, embedder."""
+        h = hashlib.sha256()
+        h.update(self.weights.tobytes())
+        payload = {
+            "bias": self.bias,
+            "threshold": self.threshold,
+            "calibration": self.calibration.to_dict(),
+            "embedder": self.embedder_fingerprint,
+        }
+        h.update(json.dumps(payload, sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
+    # -- scoring ------------------------------------------------------------------------------------------------
+    def decision_function(self, vectors: np.ndarray) -> np.ndarray:
+        """Raw scores of L2-normalised vectors ``(n, d)``: computed in float64, returned as float32.
+
+        This is the exact score the sweep reports for its hits (whatever kernel found them).
+        """
+        x = np.asarray(vectors)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise InputError(f"vectors of shape {x.shape} do not match the classifier's dimension {self.dim}")
+        return exact_scores(x, self.weights, self.bias)
+
+    def predict_proba(self, vectors: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (training mix, see :mod:`query.hunt.calibration`)."""
+        return self.calibration.apply(self.decision_function(vectors))
+
+    def probability(self, scores: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities of raw scores."""
+        return self.calibration.apply(scores)
+
+    # -- persistence --------------------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint(),
+            "dim": self.dim,
+            "bias": self.bias,
+            "threshold": self.threshold,
+            "calibration": self.calibration.to_dict(),
+            "embedder_fingerprint": self.embedder_fingerprint,
+            "index_manifest_id": self.index_manifest_id,
+            "metrics": self.metrics,
+            "counts": self.counts,
+            "seed": self.seed,
+            "params": self.params,
+            "created_at": self.created_at,
+            "versions": self.versions,
+            "weights_sha256": hashlib.sha256(self.weights.tobytes()).hexdigest(),
+        }
+
+    def save(self, path: str | Path, *, overwrite: bool = True) -> Path:
+        """Write the classifier directory atomically (temporary sibling, then rename); returns its path."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise InputError(f"{path} exists and is not a directory; choose another classifier path")
+        if path.exists() and not overwrite:
+            raise InputError(f"{path} already exists; choose another path or allow overwriting")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            np.save(tmp / WEIGHTS_FILE, self.weights)
+            with open(tmp / META_FILE, "w") as fh:
+                json.dump(self.to_json(), fh, indent=2, sort_keys=True, default=_json_default)
+                fh.flush()
+                os.fsync(fh.fileno())
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old.exists():
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("saved hunt classifier %s to %s", self.fingerprint(), path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> HuntClassifier:
+        """Read a classifier directory written by :meth:`save`, checking format and weight checksum."""
+        path = Path(path)
+        meta_path, w_path = path / META_FILE, path / WEIGHTS_FILE
+        if not meta_path.is_file() or not w_path.is_file():
+            raise InputError(f"{path} is not a hunt classifier directory ({META_FILE} / {WEIGHTS_FILE} missing); "
+                             "train one with `scatlas hunt train`")
+        try:
+            meta = json.loads(meta_path.read_text())
+            weights = np.load(w_path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: unreadable classifier ({exc}); retrain it") from exc
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise InputError(f"{path}: classifier format {meta.get('format_version')!r}, this scatlas reads "
+                             f"{FORMAT_VERSION}; retrain it")
+        if hashlib.sha256(np.ascontiguousarray(weights, dtype=np.float32).tobytes()).hexdigest() != meta.get(
+            "weights_sha256"
+        ):
+            raise InputError(f"{path}: {WEIGHTS_FILE} does not match its recorded checksum; retrain the classifier")
+        clf = cls(
+            weights=weights,
+            bias=meta["bias"],
+            threshold=meta["threshold"],
+            calibration=Calibration.from_dict(meta["calibration"]),
+            embedder_fingerprint=meta["embedder_fingerprint"],
+            index_manifest_id=meta["index_manifest_id"],
+            metrics=meta.get("metrics", {}),
+            counts=meta.get("counts", {}),
+            seed=int(meta.get("seed", 0)),
+            params=meta.get("params", {}),
+            created_at=meta.get("created_at", ""),
+            versions=meta.get("versions", {}),
+        )
+        if clf.fingerprint() != meta.get("fingerprint"):
+            raise InputError(f"{path}: classifier.json was modified (fingerprint mismatch); retrain the classifier")
+        return clf
+
+
+def exact_scores(x: np.ndarray, weights: np.ndarray, bias: float) -> np.ndarray:
+    """``x @ w + b`` in float64 (independent of how rows are batched), rounded to float32."""
+    w64 = np.asarray(weights, dtype=np.float64)
+    return (np.asarray(x, dtype=np.float64) @ w64 + float(bias)).astype(np.float32)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)

@@ -1,0 +1,174 @@
+"""Scoring blocks of stored float16 vectors against a linear classifier, fast and exactly.
+
+The fast pass is a torch float16 matrix-vector product straight on the stored block (``torch.mv`` over
+``torch.from_numpy(block)``: no float32 copy of the data, which is what makes the sweep run near memory
+bandwidth; see ``docs/benchmarks.md``). Its result has float16 precision, so every row whose fast score lies within
+``margin`` of the cut is re-scored exactly (float64 on the stored values, :func:`exact_scores`); rows below the
+cut minus the margin cannot be hits. The hits and their scores are therefore exactly those of the float64 score of
+the stored vectors, whatever the kernel, block size or device.
+
+The margin bounds the float16 error: weights rounded to float16 (``<= 2^-11 ||w||`` for unit vectors), the
+float16 result (``<= 2^-11 |s|``), accumulation; ``margin = 2^-7 ||w|| + 1e-6`` leaves a factor of >= 4 over the
+float32-accumulation bound, and :meth:`BlockScorer.check` measures the actual error on the first block and falls
+back to a float32 kernel (logged) when it comes near the margin.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from query.hunt.classifier import exact_scores
+
+logger = logging.getLogger(__name__)
+
+MARGIN_FACTOR = 2.0**-7
+CHECK_ROWS = 2048
+RETUNE_BYTES = 8 << 30
+"""The thread count is re-chosen after every 8 GiB of vectors scored."""
+
+
+@dataclass
+class BlockHits:
+    rows: np.ndarray  # int64 positions within the block
+    scores: np.ndarray  # float32 exact scores
+    n_candidates: int  # rows re-scored exactly
+
+
+class BlockScorer:
+    """Finds the rows of float16 blocks with ``w . x + b >= cutoff``, with exact scores.
+
+    ``kernel``: ``"fp16"`` (default; torch float16 matvec, on ``device``) or ``"fp32"`` (the block converted
+    into a reused float32 buffer first: slower, for checking and as a fallback).
+    """
+
+    def __init__(self, weights: np.ndarray, bias: float, cutoff: float, *, device: str = "cpu", kernel: str = "fp16"):
+        import torch
+
+        if kernel not in ("fp16", "fp32"):
+            raise ValueError(f"unknown kernel {kernel!r}")
+        self.w = np.ascontiguousarray(weights, dtype=np.float32)
+        self.bias = float(bias)
+        self.cutoff = float(cutoff)
+        self.device = device
+        self.kernel = kernel
+        self.margin = MARGIN_FACTOR * float(np.linalg.norm(self.w.astype(np.float64))) + 1e-6
+        self._w16 = torch.from_numpy(self.w.astype(np.float16)).to(device)
+        self._w32 = torch.from_numpy(self.w.copy()).to(device)
+        self._buf: Any = None
+        self.tuner: ThreadTuner | None = None
+        self.checked = False
+        self.max_error = 0.0
+
+    @property
+    def lower(self) -> float:
+        """Rows whose fast score (without the bias) is below this cannot be hits."""
+        return self.cutoff - self.bias - self.margin
+
+    def fast_scores(self, block: np.ndarray) -> Any:
+        """Approximate ``block @ w`` (no bias) as a float32 torch tensor on the CPU."""
+        import torch
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only memmaps: torch only reads them
+            t = torch.from_numpy(block)
+        if self.kernel == "fp16":
+            if self.device != "cpu":
+                t = t.to(self.device, non_blocking=False)
+            s = torch.mv(t, self._w16)
+        else:
+            if self._buf is None or self._buf.shape[0] < len(block) or self._buf.shape[1] != block.shape[1]:
+                self._buf = torch.empty(block.shape, dtype=torch.float32, device=self.device)
+            buf = self._buf[: len(block)]
+            buf.copy_(t)
+            s = torch.mv(buf, self._w32)
+        return s.float().cpu()
+
+    def check(self, block: np.ndarray, seed: int = 0) -> float:
+        """Measure the fast kernel's largest error on up to ``CHECK_ROWS`` rows; fall back to fp32 if too large."""
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(len(block), size=min(CHECK_ROWS, len(block)), replace=False))
+        sub = np.ascontiguousarray(block[rows])
+        fast = self.fast_scores(sub).numpy().astype(np.float64)
+        exact = exact_scores(sub, self.w, 0.0).astype(np.float64)
+        err = float(np.max(np.abs(fast - exact))) if len(rows) else 0.0
+        self.max_error = max(self.max_error, err)
+        self.checked = True
+        if self.kernel == "fp16" and (not math.isfinite(err) or err > 0.25 * self.margin):
+            logger.warning(
+                "float16 kernel error %.3g exceeds a quarter of the safety margin %.3g: using the float32 kernel",
+                err, self.margin,
+            )
+            self.kernel = "fp32"
+        return err
+
+    def hits(self, block: np.ndarray) -> BlockHits:
+        if not self.checked and len(block):
+            self.check(block)
+        fast = self.fast_scores(block)
+        cand = (fast >= self.lower).nonzero().flatten().numpy().astype(np.int64)
+        if len(cand) == 0:
+            return BlockHits(cand, np.zeros(0, dtype=np.float32), 0)
+        exact = exact_scores(block[cand], self.w, self.bias)
+        keep = exact >= np.float32(self.cutoff)
+        return BlockHits(cand[keep], exact[keep], len(cand))
+
+
+class ThreadTuner:
+    """Chooses the torch CPU thread count from timed blocks, and re-checks it as the sweep goes.
+
+    On a machine shared with other work, several torch threads can be much slower than one (a thread waiting for
+    a descheduled sibling at every synchronisation; measured up to 6x at d=128 under load, see
+    docs/benchmarks.md), while on an idle machine they are faster. So one block is scored with each candidate count
+    (real work, not extra passes), the fastest count is used, and the comparison is repeated after every
+    ``retune_bytes`` of vectors. Each candidate is timed on ``rounds`` blocks, interleaved.
+    """
+
+    def __init__(self, candidates: list[int], retune_bytes: int = RETUNE_BYTES, rounds: int = 2) -> None:
+        self.candidates = sorted(set(candidates))
+        self.best = self.candidates[-1]
+        self.retune_bytes = int(retune_bytes)
+        self.rounds = int(rounds)
+        self._pending: list[int] = self._schedule()
+        self._bytes: dict[int, float] = {}
+        self._secs: dict[int, float] = {}
+        self._rates: dict[int, float] = {}
+        self._since = 0
+        self._warm = True  # the very first block (imports, kernel check) is not timed
+        self.history: list[int] = []
+
+    def _schedule(self) -> list[int]:
+        """Candidates interleaved ``rounds`` times (1, n, 1, n): a burst of load hits both alike."""
+        return self.candidates * self.rounds if len(self.candidates) > 1 else []
+
+    def before_block(self) -> int:
+        import torch
+
+        if not self._pending and len(self.candidates) > 1 and self._since >= self.retune_bytes:
+            self._pending, self._bytes, self._secs, self._since = self._schedule(), {}, {}, 0
+        threads = self._pending[0] if self._pending and not self._warm else self.best
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        return threads
+
+    def after_block(self, threads: int, nbytes: int, seconds: float) -> None:
+        self._since += nbytes
+        if self._warm:
+            self._warm = False
+            return
+        if not self._pending or threads != self._pending[0]:
+            return
+        self._bytes[threads] = self._bytes.get(threads, 0.0) + nbytes
+        self._secs[threads] = self._secs.get(threads, 0.0) + max(seconds, 1e-9)
+        self._pending.pop(0)
+        if not self._pending:
+            self._rates = {t: self._bytes[t] / self._secs[t] for t in self._bytes}
+            self.best = max(self._rates, key=lambda t: self._rates[t])
+            self.history.append(self.best)
+            logger.debug("thread tuning: %s bytes/s -> %d threads",
+                         {t: f"{r:.3g}" for t, r in self._rates.items()}, self.best)

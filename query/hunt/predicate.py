@@ -1,0 +1,157 @@
+"""A safe, pandas-query-like predicate over a cell table: ``cell_type == 'Norn cell' and donor_id in ['d1', 'd2']``.
+
+The expression is parsed with :mod:`ast` and evaluated by walking the tree; only these forms are accepted:
+
+* column names (bare identifiers, or any name in backticks: ```cell type` == 'x'``) and literals
+  (strings, numbers, ``True``/``False``/``None``, lists/tuples/sets of literals);
+* comparisons ``== != < <= > >=`` and ``in`` / ``not in`` (a list of literals), chained comparisons;
+* ``and`` / ``or`` / ``not`` and their pandas spellings ``&`` / ``|`` / ``~``; parentheses.
+
+Nothing else (calls, attributes, subscripts, arithmetic) is evaluated, so a predicate cannot run code.
+Missing values never match a comparison (``!=`` included).
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from atlas.errors import InputError
+
+_BACKTICK = re.compile(r"`([^`]*)`")
+
+_COMPARE: dict[type[ast.cmpop], Callable[[Any, Any], Any]] = {
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+}
+
+
+def _literal(node: ast.AST, text: str) -> Any:
+    if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, str | int | float | bool)):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+        value = _literal(node.operand, text)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return -value if isinstance(node.op, ast.USub) else value
+    raise InputError(f"predicate {text!r}: only literals (strings, numbers, True/False/None) may appear in lists")
+
+
+class _Evaluator:
+    def __init__(self, frame: pd.DataFrame, text: str, names: dict[str, str]) -> None:
+        self.frame = frame
+        self.text = text
+        self.names = names  # placeholder identifier -> real column name (backticks)
+
+    def fail(self, what: str) -> InputError:
+        return InputError(
+            f"predicate {self.text!r}: {what}. Use column comparisons such as \"cell_type == 'Norn cell'\", "
+            "\"disease in ['CKD', 'normal']\", combined with and / or / not"
+        )
+
+    def mask(self, node: ast.AST) -> pd.Series:
+        value = self.value(node)
+        if not isinstance(value, pd.Series):
+            raise self.fail("the expression does not compare a column (it is a constant)")
+        if value.dtype != bool:
+            if pd.api.types.is_bool_dtype(value):
+                return value.fillna(False).astype(bool)
+            raise self.fail("a column must be compared to something (e.g. col == 'x'); bare non-boolean column")
+        return value
+
+    def value(self, node: ast.AST) -> Any:
+        if isinstance(node, ast.Expression):
+            return self.value(node.body)
+        if isinstance(node, ast.Name):
+            column = self.names.get(node.id, node.id)
+            if column not in self.frame.columns:
+                raise InputError(
+                    f"predicate {self.text!r}: unknown column {column!r}; the cells have: {', '.join(map(str, self.frame.columns))}"
+                )
+            return self.frame[column]
+        if isinstance(node, ast.Constant):
+            return _literal(node, self.text)
+        if isinstance(node, ast.List | ast.Tuple | ast.Set):
+            return [_literal(e, self.text) for e in node.elts]
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+            return _literal(node, self.text)
+        if isinstance(node, ast.BoolOp):
+            masks = [self.mask(v) for v in node.values]
+            out = masks[0]
+            for m in masks[1:]:
+                out = (out & m) if isinstance(node.op, ast.And) else (out | m)
+            return out
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitAnd | ast.BitOr):
+            left, right = self.mask(node.left), self.mask(node.right)
+            return (left & right) if isinstance(node.op, ast.BitAnd) else (left | right)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not | ast.Invert):
+            return ~self.mask(node.operand)
+        if isinstance(node, ast.Compare):
+            return self.compare(node)
+        raise self.fail(f"{type(node).__name__} expressions are not allowed")
+
+    def compare(self, node: ast.Compare) -> pd.Series:
+        out: pd.Series | None = None
+        left = self.value(node.left)
+        for op, right_node in zip(node.ops, node.comparators, strict=True):
+            right = self.value(right_node)
+            result = self.compare_one(op, left, right)
+            out = result if out is None else (out & result)
+            left = right
+        assert out is not None
+        return out
+
+    def compare_one(self, op: ast.cmpop, left: Any, right: Any) -> pd.Series:
+        if isinstance(op, ast.In | ast.NotIn):
+            if not isinstance(left, pd.Series) or not isinstance(right, list):
+                raise self.fail("'in' needs a column on the left and a list of values on the right")
+            series = left
+            result = series.isin(right) & series.notna()
+            return ~result & series.notna() if isinstance(op, ast.NotIn) else result
+        fn = _COMPARE.get(type(op))
+        if fn is None:
+            raise self.fail(f"operator {type(op).__name__} is not allowed")
+        if isinstance(left, list) or isinstance(right, list):
+            raise self.fail("lists can only be used with 'in' / 'not in'")
+        if not isinstance(left, pd.Series) and not isinstance(right, pd.Series):
+            raise self.fail("a comparison must involve a column")
+        try:
+            result = fn(left, right)
+        except TypeError as exc:
+            raise self.fail(f"cannot compare these values ({exc})") from exc
+        series = left if isinstance(left, pd.Series) else right
+        valid = series.notna()
+        if isinstance(left, pd.Series) and isinstance(right, pd.Series):
+            valid &= right.notna()
+        return pd.Series(np.asarray(result, dtype=bool), index=series.index) & valid
+
+
+def evaluate_predicate(frame: pd.DataFrame, predicate: str) -> np.ndarray:
+    """Boolean mask (numpy, one per row of ``frame``) of the rows matching ``predicate``."""
+    text = (predicate or "").strip()
+    if not text:
+        raise InputError("the positive predicate is empty; pass e.g. \"cell_type == 'Norn cell'\"")
+    names: dict[str, str] = {}
+
+    def quote(m: re.Match[str]) -> str:
+        key = f"__col{len(names)}__"
+        names[key] = m.group(1)
+        return key
+
+    source = _BACKTICK.sub(quote, text)
+    try:
+        tree = ast.parse(source, mode="eval")
+    except SyntaxError as exc:
+        raise InputError(f"predicate {text!r} is not a valid expression: {exc.msg}") from exc
+    frame = frame.reset_index(drop=True)
+    mask = _Evaluator(frame, text, names).mask(tree.body)
+    return mask.to_numpy(dtype=bool)

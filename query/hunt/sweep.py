@@ -1,0 +1,376 @@
+"""``hunt sweep``: score every cell of an index with a hunt classifier, resumable per shard.
+
+Output directory::
+
+    OUT/
+      sweep.json            state: what is being swept (classifier, embedder, index build, cut) and the shards done
+      partials/NNNN.npz     per shard: ids and exact scores of its hits (written atomically)
+      hits.parquet          the hits joined with the cell metadata (dataset_id, tissue, disease, cell_type, ...),
+                            best first: soma_joinid, score, probability, <cells table columns>
+      summary.json          the :class:`SweepSummary`
+
+Cells are read from the index's stored float16 vectors (``iter_shards``) in blocks of ``block_size`` rows, so
+memory stays bounded by one block plus the hits. A shard's partial is written (temporary file + rename) before
+``sweep.json`` records it: an interrupted sweep redoes at most the shard it was in. A rerun with a different
+classifier, index build or cut is refused while ``resume=True``; ``resume=False`` discards the old state and
+restarts. The hits are exactly those with ``float32(w . x + b) >= cut`` on the stored vectors (see
+:mod:`query.hunt.kernels`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from atlas.errors import EmbedderMismatchError, InputError
+from query.hunt.access import (
+    IndexLike,
+    cursor,
+    embedder_fingerprint,
+    index_dim,
+    iter_shards,
+    manifest_id,
+    open_index,
+)
+from query.hunt.classifier import HuntClassifier
+from query.hunt.device import resolve_device
+from query.hunt.kernels import BlockScorer, ThreadTuner
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "sweep.json"
+SUMMARY_FILE = "summary.json"
+HITS_FILE = "hits.parquet"
+PARTIALS_DIR = "partials"
+STATE_VERSION = 1
+DEFAULT_BLOCK_BYTES = 64 << 20
+"""Default block: 64 MiB of float16 vectors (262,144 rows at d=128, 26,214 at d=1280). Large blocks mean few
+thread synchronisations per GB: on a busy machine, small blocks with several torch threads were 2-3x slower."""
+
+
+@dataclass
+class SweepSummary:
+    """What a sweep did. Rates are over the shards scored in this run (resumed shards are not re-read)."""
+
+    out: str
+    hits_path: str
+    n_cells: int
+    n_shards: int
+    n_shards_scored: int
+    n_shards_resumed: int
+    n_hits: int
+    cutoff: float
+    cutoff_source: str
+    device: str
+    kernel: str
+    block_size: int
+    threads: int
+    cells_scored: int
+    bytes_scored: int
+    n_candidates_rescored: int
+    scoring_seconds: float
+    seconds: float
+    cells_per_second: float
+    gb_per_second: float
+    kernel_max_error: float
+    classifier_fingerprint: str
+    embedder_fingerprint: str
+    index_manifest_id: str
+    hit_rate: float = field(default=0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+
+
+def _write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=2, sort_keys=True, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _write_partial(path: Path, ids: np.ndarray, scores: np.ndarray, meta: dict[str, int]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, ids=ids.astype(np.int64), scores=scores.astype(np.float32),
+                 meta=np.array([meta["n"], meta["id_min"], meta["id_max"]], dtype=np.int64))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _read_partial(path: Path, expect: dict[str, int]) -> tuple[np.ndarray, np.ndarray] | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = z["meta"].tolist()
+            if meta != [expect["n"], expect["id_min"], expect["id_max"]]:
+                return None
+            return z["ids"].astype(np.int64), z["scores"].astype(np.float32)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _load_classifier(classifier: HuntClassifier | str | Path) -> HuntClassifier:
+    return classifier if isinstance(classifier, HuntClassifier) else HuntClassifier.load(classifier)
+
+
+def _cutoff(clf: HuntClassifier, min_score: float | None, min_probability: float | None) -> tuple[float, str]:
+    if min_score is not None and min_probability is not None:
+        raise InputError("give min_score or min_probability, not both")
+    if min_score is not None:
+        if not math.isfinite(min_score):
+            raise InputError(f"min_score must be a finite number (got {min_score})")
+        return float(min_score), "min_score"
+    if min_probability is not None:
+        return float(clf.calibration.min_score_for(min_probability)), f"min_probability={min_probability:g}"
+    return clf.threshold, f"classifier threshold ({clf.metrics.get('threshold', {}).get('rule', 'cv')})"
+
+
+def _prepare_out(out: Path, key: dict[str, Any], resume: bool) -> dict[str, Any]:
+    """Load a matching state to resume, or start a new one (refusing a mismatching state while resuming)."""
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / STATE_FILE
+    if state_path.is_file():
+        try:
+            state = json.loads(state_path.read_text())
+        except (OSError, ValueError):
+            state = None
+        if resume and state is not None and state.get("key") == key:
+            done = len(state.get("shards", {}))
+            if done:
+                logger.info("resuming the sweep in %s: %d shard(s) already done", out, done)
+            return dict(state)
+        if resume:
+            old = (state or {}).get("key", {})
+            diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k)) if state else ["unreadable state"]
+            raise InputError(
+                f"{out} holds a different sweep (differs in: {', '.join(diff)}); pass resume=False (--restart) to "
+                "discard it and start over, or choose another output directory"
+            )
+        logger.info("restarting the sweep in %s: discarding its previous state and results", out)
+    elif resume is False:
+        logger.info("starting a new sweep in %s", out)
+    for name in (STATE_FILE, HITS_FILE, SUMMARY_FILE):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / PARTIALS_DIR, ignore_errors=True)
+    (out / PARTIALS_DIR).mkdir()
+    state = {"format_version": STATE_VERSION, "key": key, "shards": {}, "complete": False}
+    _write_json_atomic(state_path, state)
+    return state
+
+
+def _score_shard(
+    scorer: BlockScorer, ids: np.ndarray, vecs: np.ndarray, block_size: int, bar: Any
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Hits ``(ids, scores)`` of one shard, block by block; also the number of rows re-scored exactly."""
+    hit_ids: list[np.ndarray] = []
+    hit_scores: list[np.ndarray] = []
+    n_cand = 0
+    tuner: ThreadTuner | None = getattr(scorer, "tuner", None)
+    for a in range(0, len(ids), block_size):
+        b = min(a + block_size, len(ids))
+        threads = tuner.before_block() if tuner is not None else 0
+        t0 = time.perf_counter()
+        res = scorer.hits(vecs[a:b])
+        if tuner is not None:
+            tuner.after_block(threads, (b - a) * vecs.shape[1] * 2, time.perf_counter() - t0)
+        if len(res.rows):
+            hit_ids.append(np.asarray(ids[a:b])[res.rows])
+            hit_scores.append(res.scores)
+        n_cand += res.n_candidates
+        bar.update(b - a)
+    if not hit_ids:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32), n_cand
+    return np.concatenate(hit_ids).astype(np.int64), np.concatenate(hit_scores).astype(np.float32), n_cand
+
+
+def _write_hits(index: Any, out: Path, ids: np.ndarray, scores: np.ndarray, probs: np.ndarray) -> Path:
+    """Join the hits with the index's cells table and write ``hits.parquet`` (temporary file + rename)."""
+    import pyarrow as pa
+
+    target = out / HITS_FILE
+    tmp = out / f".{HITS_FILE}.tmp-{os.getpid()}"
+    hits = pa.table({"soma_joinid": ids.astype(np.int64), "score": scores.astype(np.float32),
+                     "probability": probs.astype(np.float32)})
+    with cursor(index) as con:
+        con.register("_hunt_hits", hits)
+        cols = [r[0] for r in con.execute("DESCRIBE cells").fetchall()]
+        extra = ", ".join(f'c."{c}"' for c in cols if c not in ("soma_joinid", "score", "probability"))
+        select = "h.soma_joinid, h.score, h.probability" + (f", {extra}" if extra else "")
+        path_sql = str(tmp).replace("'", "''")
+        con.execute(
+            f"COPY (SELECT {select} FROM _hunt_hits h LEFT JOIN cells c ON h.soma_joinid = c.soma_joinid "
+            f"ORDER BY h.score DESC, h.soma_joinid) TO '{path_sql}' (FORMAT PARQUET)"
+        ).fetchall()
+    try:
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def sweep(
+    index: IndexLike,
+    classifier: HuntClassifier | str | Path,
+    out: str | Path,
+    *,
+    min_score: float | None = None,
+    min_probability: float | None = None,
+    block_size: int | None = None,
+    device: str = "auto",
+    resume: bool = True,
+    threads: int | None = None,
+    progress: bool = True,
+) -> SweepSummary:
+    """Score every indexed cell with ``classifier``; write the hits (joined with cell metadata) to ``out``.
+
+    Parameters
+    ----------
+    index: an opened :class:`index.AtlasIndex` or the path of an index directory.
+    classifier: a :class:`HuntClassifier` or the directory it was saved to. Its embedder fingerprint must equal
+        the index's (EmbedderMismatchError otherwise).
+    out: output directory (created); see the module docstring for its layout.
+    min_score: the cut on raw scores (``score >= min_score`` is a hit); default: the classifier's threshold.
+    min_probability: alternatively, a cut on the calibrated probability (converted to a raw score).
+    block_size: rows of stored vectors scored at a time (default: 64 MiB of vectors).
+    device: ``auto`` (GPU when torch sees one), ``cpu`` or ``cuda`` (DependencyError without CUDA).
+    resume: continue a matching interrupted sweep in ``out`` (a mismatching one is refused); ``False`` discards
+        whatever ``out`` holds and starts over.
+    threads: torch CPU threads for the sweep; default: chosen between 1 and torch's current setting by timing
+        blocks, re-checked every 8 GiB (see :class:`~query.hunt.kernels.ThreadTuner`). Restored afterwards.
+    """
+    import torch
+
+    t0 = time.perf_counter()
+    idx = open_index(index)
+    clf = _load_classifier(classifier)
+    idx_fp = embedder_fingerprint(idx)
+    if clf.embedder_fingerprint != idx_fp:
+        raise EmbedderMismatchError(
+            f"the classifier was trained on vectors of embedder {clf.embedder_fingerprint}, but this index was built "
+            f"with embedder {idx_fp}: its scores would be meaningless. Retrain the classifier against this index "
+            "(scatlas hunt train --index ...) or sweep the index it was trained for."
+        )
+    dim = index_dim(idx)
+    if clf.dim != dim:
+        raise EmbedderMismatchError(f"the classifier has {clf.dim} weights but the index holds {dim}-d vectors")
+    if clf.index_manifest_id != manifest_id(idx):
+        logger.info("the classifier was trained against another build (%s) of an index with the same embedder",
+                    clf.index_manifest_id)
+    cutoff, cutoff_source = _cutoff(clf, min_score, min_probability)
+    if not math.isfinite(cutoff):
+        raise InputError(f"the requested cut ({cutoff_source}) is unreachable by any score; lower it")
+    if block_size is None:
+        block_size = max(1, DEFAULT_BLOCK_BYTES // (2 * dim))
+    if block_size <= 0:
+        raise InputError(f"block_size must be positive (got {block_size})")
+    torch_device = resolve_device(device)
+    out = Path(out)
+    key = {
+        "classifier": clf.fingerprint(),
+        "embedder": idx_fp,
+        "index_manifest_id": manifest_id(idx),
+        "cutoff": repr(float(cutoff)),
+    }
+    state = _prepare_out(out, key, resume)
+    state_path = out / STATE_FILE
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise InputError(f"threads must be >= 1 (got {threads})")
+        torch.set_num_threads(int(threads))
+    n_threads = torch.get_num_threads()
+    scorer = BlockScorer(clf.weights, clf.bias, cutoff, device=torch_device)
+    tuner = ThreadTuner([1, n_threads]) if threads is None and torch_device == "cpu" and n_threads > 1 else None
+    scorer.tuner = tuner
+
+    shards = list(iter_shards(idx))
+    n_cells = sum(len(ids) for _, ids, _ in shards)
+    all_ids: list[np.ndarray] = []
+    all_scores: list[np.ndarray] = []
+    n_scored = n_resumed = cells_scored = n_cand = 0
+    scoring = 0.0
+    try:
+        with tqdm(total=n_cells, desc="sweep", unit="cell", unit_scale=True, disable=not progress) as bar:
+            for no, ids, vecs in shards:
+                name = f"{no:04d}"
+                meta = {"n": len(ids), "id_min": int(ids[0]) if len(ids) else -1,
+                        "id_max": int(ids[-1]) if len(ids) else -1}
+                part_path = out / PARTIALS_DIR / f"{name}.npz"
+                rec = state["shards"].get(name)
+                got = _read_partial(part_path, meta) if rec is not None else None
+                if got is not None:
+                    n_resumed += 1
+                    bar.update(len(ids))
+                else:
+                    ts = time.perf_counter()
+                    h_ids, h_scores, c = _score_shard(scorer, ids, vecs, block_size, bar)
+                    scoring += time.perf_counter() - ts
+                    _write_partial(part_path, h_ids, h_scores, meta)
+                    state["shards"][name] = {**meta, "n_hits": len(h_ids)}
+                    _write_json_atomic(state_path, state)
+                    n_scored += 1
+                    cells_scored += len(ids)
+                    n_cand += c
+                    got = (h_ids, h_scores)
+                all_ids.append(got[0])
+                all_scores.append(got[1])
+    finally:
+        if tuner is not None and tuner.history:
+            n_threads = tuner.history[-1]
+        torch.set_num_threads(old_threads)
+
+    hit_ids = np.concatenate(all_ids) if all_ids else np.zeros(0, dtype=np.int64)
+    hit_scores = np.concatenate(all_scores) if all_scores else np.zeros(0, dtype=np.float32)
+    hits_path = _write_hits(idx, out, hit_ids, hit_scores, clf.probability(hit_scores))
+    bytes_scored = cells_scored * dim * 2
+    summary = SweepSummary(
+        out=str(out),
+        hits_path=str(hits_path),
+        n_cells=n_cells,
+        n_shards=len(shards),
+        n_shards_scored=n_scored,
+        n_shards_resumed=n_resumed,
+        n_hits=len(hit_ids),
+        cutoff=float(cutoff),
+        cutoff_source=cutoff_source,
+        device=torch_device,
+        kernel=scorer.kernel,
+        block_size=int(block_size),
+        threads=n_threads,
+        cells_scored=cells_scored,
+        bytes_scored=bytes_scored,
+        n_candidates_rescored=n_cand,
+        scoring_seconds=scoring,
+        seconds=time.perf_counter() - t0,
+        cells_per_second=cells_scored / scoring if scoring > 0 else float("nan"),
+        gb_per_second=bytes_scored / scoring / 1e9 if scoring > 0 else float("nan"),
+        kernel_max_error=scorer.max_error,
+        classifier_fingerprint=clf.fingerprint(),
+        embedder_fingerprint=idx_fp,
+        index_manifest_id=key["index_manifest_id"],
+        hit_rate=len(hit_ids) / n_cells if n_cells else 0.0,
+    )
+    state["complete"] = True
+    state["n_hits"] = len(hit_ids)
+    _write_json_atomic(state_path, state)
+    _write_json_atomic(out / SUMMARY_FILE, summary.to_json())
+    logger.info(
+        "swept %d cells in %d shards (%d resumed): %d hits (%.4f%%) at score >= %.4f; scoring %.0f cells/s, "
+        "%.2f GB/s (%s, %s kernel, %d threads); total %.1fs",
+        n_cells, len(shards), n_resumed, len(hit_ids), 100 * summary.hit_rate, cutoff, summary.cells_per_second,
+        summary.gb_per_second, torch_device, scorer.kernel, n_threads, summary.seconds,
+    )
+    return summary

@@ -1,0 +1,161 @@
+"""Writing annotation results: a new annotated ``.h5ad``, the neighbours as Parquet, the report as JSON and a
+confusion-matrix PNG. Every file is written to a temporary name in the target directory and renamed into
+place, so a reader never sees a partial file and an interrupted write leaves no file behind. The query is
+never modified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anndata
+import h5py
+import numpy as np
+import pandas as pd
+
+from atlas.errors import InputError
+from atlas.store import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``target``: renamed onto ``target`` on success, removed on error."""
+    target = Path(target)
+    if target.exists() and target.is_dir():
+        raise InputError(f"{target} is a directory; give a file path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _is_modern_h5ad(path: Path) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            return "encoding-type" in f.attrs and isinstance(f.get("obs"), h5py.Group)
+    except OSError:
+        return False
+
+
+def _merged_obs(obs: pd.DataFrame, columns: pd.DataFrame) -> pd.DataFrame:
+    if len(obs) != len(columns):
+        raise InputError(f"the query has {len(obs)} cells but there are {len(columns)} predictions")
+    out = obs.copy()
+    clash = [c for c in columns.columns if c in out.columns]
+    if clash:
+        logger.warning("overwriting existing obs columns %s in the annotated copy", clash)
+    for c in columns.columns:
+        out[c] = (
+            columns[c].to_numpy()
+            if not isinstance(columns[c].dtype, pd.CategoricalDtype)
+            else columns[c].array
+        )
+    return out
+
+
+def _patch_obs(path: Path, columns: pd.DataFrame) -> None:
+    """Replace ``obs`` of the (copied) file at ``path`` by obs + ``columns``, in place."""
+    with h5py.File(path, "r+") as f:
+        obs = anndata.io.read_elem(f["obs"])
+        merged = _merged_obs(obs, columns)
+        del f["obs"]
+        anndata.io.write_elem(f, "obs", merged)
+
+
+def write_annotated_h5ad(query: str | Path | anndata.AnnData, columns: pd.DataFrame, out: str | Path) -> Path:
+    """Write a new ``.h5ad``: the query with ``columns`` added to ``obs`` (row order = the query's).
+
+    A file query is copied and only its ``obs`` is rewritten (memory stays bounded); an in-memory AnnData is
+    written without the string-to-categorical conversion anndata would otherwise apply to the caller's object.
+    """
+    out = Path(out)
+    if not isinstance(query, anndata.AnnData):
+        src = Path(query)
+        if out.exists() and src.exists() and os.path.samefile(src, out):
+            raise InputError(f"{out} is the query file itself; write the annotated copy to another path")
+    with atomic_path(out) as tmp:
+        if isinstance(query, anndata.AnnData):
+            query.write_h5ad(tmp, convert_strings_to_categoricals=False)
+            _patch_obs(tmp, columns)
+        elif _is_modern_h5ad(Path(query)):
+            shutil.copyfile(query, tmp)
+            _patch_obs(tmp, columns)
+        else:  # pre-0.7 layout: such files are small, load it whole
+            adata = anndata.read_h5ad(query)
+            adata.obs = _merged_obs(adata.obs, columns)
+            adata.write_h5ad(tmp)
+    logger.info("wrote %s (%d obs columns added)", out, columns.shape[1])
+    return out
+
+
+def write_parquet(frame: pd.DataFrame, out: str | Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp, compression="zstd")
+    logger.info("wrote %s (%d rows)", out, len(frame))
+    return out
+
+
+def write_json(payload: dict[str, Any], out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, payload)
+    logger.info("wrote %s", out)
+    return out
+
+
+def plot_confusion(table: pd.DataFrame, out: str | Path, *, title: str = "") -> Path:
+    """A row-normalised confusion matrix (truth rows, predicted columns) with counts, as PNG (Agg canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    counts = table.to_numpy(dtype=np.float64)
+    frac = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    nr, nc = counts.shape
+    fig = Figure(figsize=(max(4.0, 0.45 * nc + 2.5), max(3.0, 0.4 * nr + 2.0)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(nc), [str(c) for c in table.columns], rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(nr), [str(r) for r in table.index], fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("truth")
+    if title:
+        ax.set_title(title, fontsize=9)
+    if nr * nc <= 900:
+        for i in range(nr):
+            for j in range(nc):
+                if counts[i, j]:
+                    ax.text(
+                        j,
+                        i,
+                        f"{int(counts[i, j])}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if frac[i, j] > 0.5 else "black",
+                    )
+    fig.colorbar(im, ax=ax, fraction=0.04, label="fraction of truth row")
+    fig.tight_layout()
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    logger.info("wrote %s", out)
+    return out

@@ -1,0 +1,971 @@
+"""Benchmark label transfer: ``scatlas annotate`` against logistic regression, CellTypist and scanpy
+``ingest``.
+
+Pairs (reference -> query) come from the real labelled datasets in ``../shared/data/raw`` (split by batch,
+chemistry, technology or study) plus a synthetic atlas with cell types held out of the reference. For each
+pair:
+
+* **scatlas**: the reference datasets are ingested into a temporary atlas store (``atlas.ingest``), indexed
+  (``index.build_index``, default PCA embedder) and the query is annotated (``query.annotate``) with the
+  defaults.
+* **logreg**: scikit-learn ``LogisticRegression(class_weight="balanced")`` on log1p(CP10k) values of the
+  highly variable genes scatlas' embedder selected on the same reference.
+* **celltypist**: ``celltypist.train`` (defaults) on log1p(CP10k) values of all reference genes, then
+  ``celltypist.annotate`` (no majority voting). celltypist 1.7.1 passes ``multi_class`` to scikit-learn, which
+  scikit-learn >= 1.6 removed; the in-project attempt records that error, and ``--celltypist-python`` runs the
+  same code in another interpreter (e.g. a venv with scikit-learn 1.5.2 in front of the project's packages).
+* **scanpy_ingest**: ``sc.pp.pca`` + ``sc.pp.neighbors`` on the reference (same HVGs, log1p(CP10k)), then
+  ``sc.tl.ingest`` (kNN labelling) of the query.
+
+Metrics (``query.evaluate.evaluate_labels``): accuracy and macro-F1 on query cells whose label the reference
+has (an "unknown" counts as a miss), the unknown rate on those cells, and the abstention rate on cells whose
+label the reference lacks. Peers never abstain. Wall time covers fitting and predicting (for scatlas: ingest +
+index build + annotate).
+
+``--tune`` sweeps scatlas' voting parameters (k, weighting, min_confidence, far_quantile) on the tuning pairs
+only (synthetic + kang2018) and reports the grid; the defaults in ``query.annotate`` were chosen from it.
+
+Usage (the exact command of the published table is written above it in docs/benchmarks.md)::
+
+    nice .venv/bin/python scripts/bench_annotate.py --tune --scale-cells 100000 --make-peer-venv
+    /tmp/peer-venv \
+        --json-out bench_out/annotate.json --write-docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_RAW = REPO.parent / "shared" / "data" / "raw"
+DOCS = REPO / "docs" / "benchmarks.md"
+MARK_START, MARK_END = "<!-- bench_annotate:start -->", "<!-- bench_annotate:end -->"
+LABEL = "label"  # the harmonised label column written into every reference and query file
+TUNING_PAIRS = ("synthetic", "kang2018_ctrl_to_stim")
+TUNED = ("k", "weighting", "class_balance", "align", "min_confidence", "far_quantile")
+
+log = logging.getLogger("bench_annotate")
+
+
+# -- pairs ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Reference cells = ``ref`` values of ``split`` (one atlas dataset per value), query = ``query``
+    values."""
+
+    name: str
+    file: str
+    label: str
+    split: str
+    ref: tuple[str, ...]
+    query: tuple[str, ...]
+    query_file: str | None = None  # the query comes from another file (``split``/``query`` filter it there)
+    query_split: str | None = None
+    ref_map: dict[str, str | None] = field(default_factory=dict)  # label harmonisation (None: unlabelled)
+    query_map: dict[str, str | None] = field(default_factory=dict)
+    note: str = ""
+
+
+ZHENG_BROAD = {
+    "bcells": "B",
+    "nk": "NK",
+    "monocytes": "Monocyte",
+    "memoryt": "CD4 T",
+    "regulatoryt": "CD4 T",
+    "thelper": "CD4 T",
+    "naivet": "CD4 T",
+    "cytotoxict": "CD8 T",
+    "naivecytotoxic": "CD8 T",
+}
+KANG_BROAD: dict[str, str | None] = {
+    "B": "B",
+    "B Activated": "B",
+    "NK": "NK",
+    "CD14 Mono": "Monocyte",
+    "CD16 Mono": "Monocyte",
+    "CD4 Naive T": "CD4 T",
+    "CD4 Memory T": "CD4 T",
+    "CD8 T": "CD8 T",
+    "T activated": None,  # activated T cells of either lineage: not scored
+    "DC": "DC",
+    "pDC": "DC",
+    "Mk": "Megakaryocyte",
+    "Eryth": "Erythrocyte",  # absent from the sorted reference
+}
+
+PAIRS: tuple[Pair, ...] = (
+    Pair(
+        "kang2018_ctrl_to_stim",
+        "kang2018_ifnb_ctrl_stim_2800.h5ad",
+        "cell_type",
+        "sample",
+        ("CTRL",),
+        ("STIM",),
+        note="IFN-beta stimulation shifts every type; 13 Seurat-tutorial labels",
+    ),
+    Pair(
+        "symphony_3p_to_5p",
+        "symphony_pbmc_10x_3chemistries.h5ad",
+        "cell_type",
+        "donor",
+        ("3pv1", "3pv2"),
+        ("5p",),
+        note="10x 3' v1 + v2 reference, 5' query; log-normalised input",
+    ),
+    Pair(
+        "tian_celseq2_to_dropseq",
+        "tian2019_3celllines_celseq2_dropseq.h5ad",
+        "cell_line",
+        "tech",
+        ("CELseq2",),
+        ("Dropseq",),
+        note="3 lung adenocarcinoma cell lines, CEL-seq2 -> Drop-seq",
+    ),
+    Pair(
+        "pancreas_b1b4_to_b5",
+        "pancreas_3studies_beta_ductal_cepo.h5ad",
+        "cellTypes",
+        "batch",
+        ("batch 1", "batch 4"),
+        ("batch 5",),
+        note="beta/ductal; counts (inDrop, Smart-seq2) -> non-integer study",
+    ),
+    Pair(
+        "mesc_batch2_to_batch3",
+        "mesc_2batches_scmerge.h5ad",
+        "cellTypes",
+        "batch",
+        ("batch2",),
+        ("batch3",),
+        note="mouse ES cells, culture condition (2i/a2i/lif), read counts",
+    ),
+    Pair(
+        "zheng_sorted_to_kang_ctrl",
+        "zheng2017_pbmc_sorted_reference_mudan.h5ad",
+        "cell_type",
+        "__all__",
+        ("all",),
+        ("CTRL",),
+        query_file="kang2018_ifnb_ctrl_stim_2800.h5ad",
+        query_split="sample",
+        ref_map=ZHENG_BROAD,
+        query_map=KANG_BROAD,
+        note="FACS-sorted reference, broad harmonised labels; DC/Mk/Eryth absent from the reference, "
+        "T activated not scored",
+    ),
+)
+SKIPPED = {
+    "mouse_cortex_interneurons_2studies_metaneighbor": "39 study-specific labels (Int1..Int16 vs "
+    "Pvalb_/Sst_/Vip_...) "
+    "with no published one-to-one mapping; harmonising them by hand would be guesswork",
+    "pbmc3k_seurat_labels_clustifyr / scanpy_pbmc68k_reduced": "only 2000 / 765 genes "
+    "(HVG subsets, no counts): "
+    "too few of a reference's HVGs to be a fair query",
+    "tian2019_3celllines_10x_cepo": "symbols only, while the CEL-seq2/Drop-seq file has Ensembl ids only: no "
+    "mapping table is available offline",
+    "zheng2017_pbmc_donorA_unlabeled_mudan": "no labels",
+}
+
+
+# -- preparing files -----------------------------------------------------------------------------------------
+
+
+def _read(path: Path) -> Any:
+    import anndata
+
+    adata = anndata.read_h5ad(path)
+    adata.obs_names_make_unique()
+    return adata
+
+
+def _with_label(adata: Any, column: str, mapping: dict[str, str | None]) -> Any:
+    values = adata.obs[column].astype(str)
+    if mapping:
+        unmapped = sorted(set(values) - set(mapping))
+        if unmapped:
+            raise SystemExit(f"label mapping misses {unmapped}")
+        values = values.map(mapping)
+    out = adata.copy()
+    out.obs[LABEL] = values.to_numpy(dtype=object)
+    return out
+
+
+def prepare_pair(pair: Pair, raw: Path, work: Path) -> tuple[list[Path], Path]:
+    """Write reference h5ad files (one per ``ref`` value) and the query h5ad into ``work``."""
+    work.mkdir(parents=True, exist_ok=True)
+    src = _read(raw / pair.file)
+    refs = []
+    for value in pair.ref:
+        sub = src if pair.split == "__all__" else src[src.obs[pair.split].astype(str) == value]
+        sub = _with_label(sub, pair.label, pair.ref_map)
+        sub = sub[sub.obs[LABEL].notna()].copy()
+        name = f"ref_{value.replace(' ', '_')}"
+        path = work / f"{name}.h5ad"
+        sub.write_h5ad(path)
+        refs.append(path)
+    qsrc = _read(raw / pair.query_file) if pair.query_file else src
+    qsplit = pair.query_split or pair.split
+    q = qsrc[qsrc.obs[qsplit].astype(str).isin(pair.query)]
+    qlabel = pair.label if not pair.query_file else "cell_type"
+    q = _with_label(q, qlabel, pair.query_map)
+    qpath = work / "query.h5ad"
+    q.write_h5ad(qpath)
+    return refs, qpath
+
+
+SYN_HELD_OUT = ("plasma cell", "endothelial cell")
+
+
+def prepare_synthetic(work: Path, n_cells: int, seed: int = 0) -> tuple[list[Path], Path, dict[str, Any]]:
+    """4 synthetic datasets; datasets 0-2 are the reference, 3 the query; SYN_HELD_OUT types only in 3."""
+    import anndata
+
+    from atlas.synthetic import SyntheticAtlasConfig, write_h5ad_datasets
+
+    config = SyntheticAtlasConfig(
+        n_cells=n_cells,
+        n_genes=3000,
+        n_datasets=4,
+        n_donors=3,
+        seed=seed,
+        absent_types={t: (0, 1, 2) for t in SYN_HELD_OUT},
+        non_primary_fraction=0.0,
+    )
+    paths = write_h5ad_datasets(config, work / "synthetic", overwrite=True)
+    fixed = []
+    for p in paths:
+        a = anndata.read_h5ad(p)
+        a.obs[LABEL] = a.obs["cell_type"].astype(str).to_numpy(dtype=object)
+        out = work / p.name
+        a.write_h5ad(out)
+        fixed.append(out)
+    return (
+        fixed[:3],
+        fixed[3],
+        {"n_cells": n_cells, "n_genes": 3000, "seed": seed, "held_out": list(SYN_HELD_OUT)},
+    )
+
+
+# -- methods -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    name: str
+    refs: list[Path]
+    query: Path
+    note: str
+    work: Path
+    index_dir: Path | None = None
+    hvg: Any = None  # GeneVocabulary of the embedder's genes
+    build_s: float = 0.0
+
+
+def lognorm_matrix(path: Path, genes: Any | None) -> tuple[Any, np.ndarray, Any]:
+    """(log1p(CP10k) CSR over ``genes`` (or the file's own genes), labels, the file's GeneVocabulary)."""
+    import scipy.sparse as sp
+
+    from atlas.genes import match_genes
+    from atlas.normalize import to_lognorm
+    from atlas.sources import open_h5ad
+
+    src = open_h5ad(path)
+    try:
+        blocks = [X for _, X in src.iter_rows(np.arange(src.n_obs), 20_000)]
+        X = to_lognorm(sp.vstack(blocks).tocsr(), src.expression.x_kind)
+        file_genes = src.genes
+        labels = src.obs[LABEL].to_numpy(dtype=object)
+    finally:
+        src.close()
+    if genes is not None:
+        X = match_genes(file_genes, genes).project(X)
+    return sp.csr_matrix(X, dtype=np.float32), labels, file_genes
+
+
+def _ref_query(p: Prepared, genes: Any | None) -> tuple[Any, np.ndarray, Any, np.ndarray, Any]:
+    import scipy.sparse as sp
+
+    parts = [lognorm_matrix(r, genes) for r in p.refs]
+    if genes is None:  # all genes: align every reference file and the query on the first file's genes
+        from atlas.genes import match_genes
+
+        base = parts[0][2]
+        X = sp.vstack(
+            [match_genes(g, base).project(x) if i else x for i, (x, _, g) in enumerate(parts)]
+        ).tocsr()
+        Xq, yq, gq = lognorm_matrix(p.query, None)
+        Xq = match_genes(gq, base).project(Xq)
+        vocab = base
+    else:
+        X = sp.vstack([x for x, _, _ in parts]).tocsr()
+        Xq, yq, _ = lognorm_matrix(p.query, genes)
+        vocab = genes
+    y = np.concatenate([yy for _, yy, _ in parts])
+    keep = np.array([v is not None and v == v for v in y])
+    return X[keep], y[keep].astype(str), Xq, yq, vocab
+
+
+def run_scatlas(p: Prepared, **annotate_kw: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    from query.annotate import annotate
+
+    t0 = time.perf_counter()
+    res = annotate(p.query, p.index_dir, label_keys=[LABEL], truth_key=LABEL, progress=False, **annotate_kw)
+    t = time.perf_counter() - t0
+    extra = {
+        "annotate_s": round(t, 3),
+        "build_s": round(p.build_s, 3),
+        "wall_s": round(t + p.build_s, 3),
+        "gene_overlap": res.report["gene_overlap"],
+        "unknown_reasons": res.report["labels"][LABEL]["unknown_reasons"],
+    }
+    return res.predictions[f"{LABEL}_pred"].astype(str).to_numpy(), extra
+
+
+def build_scatlas(p: Prepared) -> None:
+    from atlas import ingest
+    from index import AtlasIndex, build_index
+
+    t0 = time.perf_counter()
+    store = p.work / "atlas"
+    shutil.rmtree(store, ignore_errors=True)
+    ingest(p.refs, store, progress=False)
+    p.index_dir = p.work / "index"
+    build_index(store, p.index_dir, overwrite=True)
+    p.build_s = time.perf_counter() - t0
+    with AtlasIndex.open(p.index_dir) as idx:
+        p.hvg = idx.embedder.genes  # type: ignore[attr-defined]
+
+
+def run_logreg(p: Prepared) -> tuple[np.ndarray, dict[str, Any]]:
+    from sklearn.linear_model import LogisticRegression
+
+    t0 = time.perf_counter()
+    X, y, Xq, _, genes = _ref_query(p, p.hvg)
+    clf = LogisticRegression(class_weight="balanced", max_iter=2000)
+    clf.fit(X, y)
+    pred = clf.predict(Xq)
+    return np.asarray(pred, dtype=object), {
+        "wall_s": round(time.perf_counter() - t0, 3),
+        "n_genes": len(genes),
+    }
+
+
+def _write_lognorm_pair(p: Prepared, genes: Any | None, tag: str) -> tuple[Path, Path, int]:
+    """Reference and query log1p(CP10k) over ``genes`` (None: all reference genes) as plain h5ad files."""
+    import anndata
+    import pandas as pd
+
+    X, y, Xq, yq, genes = _ref_query(p, genes)
+    names = pd.Index([str(k) if k else f"gene{i}" for i, k in enumerate(genes.keys)]).astype(str)
+    names = pd.Index(pd.Series(names).where(~names.duplicated(), names + "_dup")).astype(str)
+    ref = anndata.AnnData(
+        X=X,
+        obs=pd.DataFrame({LABEL: y}, index=[f"r{i}" for i in range(X.shape[0])]),
+        var=pd.DataFrame(index=names),
+    )
+    qry = anndata.AnnData(
+        X=Xq, obs=pd.DataFrame(index=[f"q{i}" for i in range(Xq.shape[0])]), var=pd.DataFrame(index=names)
+    )
+    rp, qp = p.work / f"{tag}_ref.h5ad", p.work / f"{tag}_query.h5ad"
+    ref.write_h5ad(rp)
+    qry.write_h5ad(qp)
+    return rp, qp, len(names)
+
+
+def celltypist_worker(ref: str, query: str, out: str) -> None:
+    """Train and apply CellTypist (runs in whatever interpreter executes this script)."""
+    import anndata
+    import celltypist
+    import sklearn
+
+    t0 = time.perf_counter()
+    r = anndata.read_h5ad(ref)
+    q = anndata.read_h5ad(query)
+    model = celltypist.train(r, labels=LABEL, check_expression=False, n_jobs=2)
+    pred = celltypist.annotate(q, model=model, majority_voting=False)
+    labels = pred.predicted_labels["predicted_labels"].astype(str).tolist()
+    Path(out).write_text(
+        json.dumps(
+            {
+                "labels": labels,
+                "wall_s": round(time.perf_counter() - t0, 3),
+                "sklearn": sklearn.__version__,
+                "celltypist": celltypist.__version__,
+                "python": sys.executable,
+            }
+        )
+    )
+
+
+def ingest_worker(ref: str, query: str, out: str) -> None:
+    """scanpy PCA + neighbours on the reference, then ``sc.tl.ingest`` (kNN labels) of the query."""
+    import anndata
+    import scanpy as sc
+    import sklearn
+
+    t0 = time.perf_counter()
+    r = anndata.read_h5ad(ref)
+    q = anndata.read_h5ad(query)
+    # scipy sparse *arrays* broke sc.tl.ingest in one test (FACTS.md): dense float32 inputs (small here).
+    r.X = np.asarray(r.X.toarray() if hasattr(r.X, "toarray") else r.X, dtype=np.float32)
+    q.X = np.asarray(q.X.toarray() if hasattr(q.X, "toarray") else q.X, dtype=np.float32)
+    r.obs[LABEL] = r.obs[LABEL].astype("category")
+    sc.pp.pca(r, n_comps=min(50, r.n_obs - 1, r.n_vars - 1))
+    sc.pp.neighbors(r)
+    sc.tl.ingest(q, r, obs=LABEL, embedding_method="pca")  # no UMAP was computed on the reference
+    from importlib.metadata import version
+
+    Path(out).write_text(
+        json.dumps(
+            {
+                "labels": q.obs[LABEL].astype(str).tolist(),
+                "wall_s": round(time.perf_counter() - t0, 3),
+                "sklearn": sklearn.__version__,
+                "pynndescent": version("pynndescent"),
+                "python": sys.executable,
+            }
+        )
+    )
+
+
+WORKERS: dict[str, Callable[[str, str, str], None]] = {
+    "celltypist": celltypist_worker,
+    "scanpy_ingest": ingest_worker,
+}
+
+
+def run_peer(p: Prepared, method: str, python: str | None) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """Run a peer in the project's environment; if that fails and ``python`` is given, in that interpreter."""
+    t0 = time.perf_counter()
+    genes = (
+        None if method == "celltypist" else p.hvg
+    )  # CellTypist: all genes; ingest: the same HVGs as logreg
+    rp, qp, n_genes = _write_lognorm_pair(p, genes, method)
+    prep_s = time.perf_counter() - t0
+    out = p.work / f"{method}_out.json"
+    info: dict[str, Any] = {"n_genes": n_genes}
+    try:  # in the project's environment first
+        WORKERS[method](str(rp), str(qp), str(out))
+        res = json.loads(out.read_text())
+        info.update(env="project", wall_s=round(res["wall_s"] + prep_s, 3), sklearn=res["sklearn"])
+        return np.asarray(res["labels"], dtype=object), info
+    except Exception as exc:
+        info["project_env_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        log.warning("%s in the project environment failed: %s", method, info["project_env_error"])
+    if not python:
+        return None, info
+    cmd = [python, str(Path(__file__).resolve()), "--worker", method, str(rp), str(qp), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(p.work))
+    if proc.returncode != 0:
+        info["other_env_error"] = (
+            proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else "failed"
+        )
+        return None, info
+    res = json.loads(out.read_text())
+    env = f"scikit-learn {res['sklearn']}" + (
+        f", pynndescent {res['pynndescent']}" if "pynndescent" in res else ""
+    )
+    info.update(
+        env=env, python=res["python"], wall_s=round(res["wall_s"] + prep_s, 3), sklearn=res["sklearn"]
+    )
+    return np.asarray(res["labels"], dtype=object), info
+
+
+# -- evaluation and tuning -----------------------------------------------------------------------------------
+
+
+def _truth(p: Prepared) -> tuple[np.ndarray, set[str]]:
+    from atlas.sources import open_h5ad
+
+    src = open_h5ad(p.query)
+    truth = src.obs[LABEL].to_numpy(dtype=object)
+    src.close()
+    ref_labels: set[str] = set()
+    for r in p.refs:
+        s = open_h5ad(r)
+        ref_labels |= {str(v) for v in s.obs[LABEL] if v is not None and v == v}
+        s.close()
+    return truth, ref_labels
+
+
+def score(p: Prepared, pred: np.ndarray) -> dict[str, Any]:
+    from query.evaluate import evaluate_labels
+
+    truth, ref_labels = _truth(p)
+    m = evaluate_labels(truth, pred, ref_labels)
+    return {
+        k: m[k]
+        for k in (
+            "n_known",
+            "n_absent",
+            "accuracy",
+            "macro_f1",
+            "unknown_rate_known",
+            "accuracy_assigned",
+            "abstention_rate_absent",
+            "absent_types",
+        )
+    }
+
+
+def tune(p: Prepared) -> list[dict[str, Any]]:
+    """Vote once per (k, weighting) without abstention, then apply every threshold pair offline."""
+    from index import AtlasIndex
+    from query.annotate import annotate
+    from query.evaluate import evaluate_labels
+    from query.vote import UNKNOWN
+
+    truth, ref_labels = _truth(p)
+    with AtlasIndex.open(p.index_dir) as idx:  # type: ignore[arg-type]
+        cal = idx.manifest.calibration
+    rows = []
+    grid = [
+        (k, w, b, a)
+        for k in (10, 15, 30, 50)
+        for w in ("uniform", "similarity", "adaptive")
+        for b in (0.0, 0.5, 1.0)
+        for a in ("none", "mnn")
+    ]
+    for k, weighting, balance, align in grid:
+        res = annotate(
+            p.query,
+            p.index_dir,
+            label_keys=[LABEL],
+            k=k,
+            weighting=weighting,  # type: ignore[arg-type]
+            class_balance=balance,
+            align=align,  # type: ignore[arg-type]
+            min_confidence=0.0,
+            far_quantile=None,
+            progress=False,
+        )
+        raw = res.predictions[f"{LABEL}_pred"].astype(str).to_numpy()
+        conf = res.predictions[f"{LABEL}_confidence"].to_numpy()
+        sim = res.predictions["atlas_similarity"].to_numpy()
+        for mc in (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
+            for fq in (None, *cal.quantiles[:3]):
+                thr = cal.threshold("mean_topk", fq) if fq is not None else -np.inf
+                pred = np.where((conf >= mc) & (sim >= thr), raw, UNKNOWN)
+                m = evaluate_labels(truth, pred, ref_labels)
+                rows.append(
+                    {
+                        "pair": p.name,
+                        "k": k,
+                        "weighting": weighting,
+                        "class_balance": balance,
+                        "align": align,
+                        "min_confidence": mc,
+                        "far_quantile": fq,
+                        "macro_f1": m["macro_f1"],
+                        "accuracy": m["accuracy"],
+                        "unknown_rate_known": m["unknown_rate_known"],
+                        "abstention_rate_absent": m["abstention_rate_absent"],
+                    }
+                )
+    return rows
+
+
+def pick(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Declared rule: per pair, score = macro-F1, or (macro-F1 + abstention on absent types) / 2 when the
+    query has absent types; overall = mean over tuning pairs; the best setting wins (ties: the earlier,
+    smaller k)."""
+    by_setting: dict[tuple[Any, ...], list[float]] = {}
+    for r in rows:
+        s = r["macro_f1"] or 0.0
+        if r["abstention_rate_absent"] is not None:
+            s = (s + r["abstention_rate_absent"]) / 2
+        key = (r["k"], r["weighting"], r["class_balance"], r["align"], r["min_confidence"], r["far_quantile"])
+        by_setting.setdefault(key, []).append(s)
+    n_pairs = max(len(v) for v in by_setting.values())
+    best = max((v for v in by_setting.items() if len(v[1]) == n_pairs), key=lambda kv: float(np.mean(kv[1])))
+    k, weighting, balance, align, mc, fq = best[0]
+    return {
+        "k": k,
+        "weighting": weighting,
+        "class_balance": balance,
+        "align": align,
+        "min_confidence": mc,
+        "far_quantile": fq,
+        "score": round(float(np.mean(best[1])), 4),
+        "per_pair": [round(x, 4) for x in best[1]],
+    }
+
+
+# -- reporting -----------------------------------------------------------------------------------------------
+
+
+def _fmt(v: Any) -> str:
+    return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _tuning_lines(tuning: dict[str, Any]) -> list[str]:
+    t = tuning["chosen"]
+    out = [
+        "",
+        f"Voting defaults, chosen by `--tune` on {' and '.join(tuning['pairs'])} only "
+        "(score per pair: macro-F1, averaged with the abstention rate on absent types where there are some; then the mean over pairs): "
+        f"k={t['k']}, weighting={t['weighting']}, class_balance={t['class_balance']}, align={t['align']}, "
+        f"min_confidence={t['min_confidence']}, far_quantile={t['far_quantile']} (score {t['score']}). "
+        "Best score reachable with each value held fixed:",
+        "",
+    ]
+    best: dict[tuple[Any, ...], list[float]] = {}
+    for r in tuning["grid"]:
+        s = r["macro_f1"] or 0.0
+        if r["abstention_rate_absent"] is not None:
+            s = (s + r["abstention_rate_absent"]) / 2
+        key = tuple(r[c] for c in TUNED)
+        best.setdefault(key, []).append(s)
+    means = {k: float(np.mean(v)) for k, v in best.items()}
+    for i, col in enumerate(TUNED):
+        values = sorted(
+            {k[i] for k in means}, key=lambda v: (v is None, str(v) if isinstance(v, str) else v or 0)
+        )
+        cells = [f"{v}: {max(m for k, m in means.items() if k[i] == v):.3f}" for v in values]
+        out.append(f"* {col}: " + ", ".join(cells))
+    return out
+
+
+def markdown(results: dict[str, Any], command: str) -> str:
+    lines = [
+        MARK_START,
+        "## Annotation (label transfer)",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {results['machine']}; run {results['date']}.",
+        "",
+        "Accuracy and macro-F1 are on query cells whose label the reference has (an `unknown` counts as a "
+        "miss); *unknown*: the unknown rate on those cells; *abstain absent*: the fraction of cells of types "
+        "absent from the reference called `unknown`. Peers never abstain. Wall time: fit + predict "
+        "(scatlas: ingest + index build + annotate).",
+        "",
+        "| pair | method | accuracy | macro-F1 | unknown | abstain absent | wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for pair in results["pairs"]:
+        for meth, r in pair["methods"].items():
+            if r.get("error"):
+                lines.append(f"| {pair['name']} | {meth} | failed: {r['error'][:90]} | | | | |")
+                continue
+            m = r["metrics"]
+            cells = [m["accuracy"], m["macro_f1"], m["unknown_rate_known"], m["abstention_rate_absent"]]
+            cells.append(r["info"].get("wall_s"))
+            lines.append(f"| {pair['name']} | {meth} | " + " | ".join(_fmt(c) for c in cells) + " |")
+    lines += ["", "Pairs:", ""]
+    for pair in results["pairs"]:
+        lines.append(
+            f"* **{pair['name']}**: {pair['n_ref']} reference / {pair['n_query']} query cells; {pair['note']}"
+        )
+    for note in results.get("peer_notes", []):
+        lines += ["", f"Note: {note}."]
+    if results.get("tuning"):
+        lines += _tuning_lines(results["tuning"])
+    if results.get("scale"):
+        s = results["scale"]
+        lines += [
+            "",
+            f"Throughput: {s['n_cells']:,} synthetic query cells annotated in {s['annotate_s']} s "
+            f"({s['cells_per_second']:,} cells/s, batch_size {s['batch_size']:,}, defaults) against a "
+            f"{s['atlas_cells']:,}-cell index; peak RSS of that process {s['peak_rss_mb']:,} MB "
+            f"({s['rss_before_annotate_mb']:,} MB before annotating).",
+        ]
+    skipped = "; ".join(f"{k}: {v}" for k, v in SKIPPED.items())
+    lines += ["", f"Not benchmarked: {skipped}.", MARK_END]
+    return "\n".join(lines)
+
+
+def write_docs(block: str) -> None:
+    DOCS.parent.mkdir(parents=True, exist_ok=True)
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    if MARK_START in text and MARK_END in text:
+        a = text.index(MARK_START)
+        b = text.index(MARK_END) + len(MARK_END)
+        text = text[:a] + block + text[b:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    DOCS.write_text(text)
+
+
+# -- main ----------------------------------------------------------------------------------------------------
+
+
+def run_scale(work: Path, n_cells: int, batch_size: int) -> dict[str, Any]:
+    """Annotate a large synthetic query (own process: peak RSS is this run's)."""
+    from atlas import ingest
+    from atlas.synthetic import SyntheticAtlasConfig, write_h5ad_datasets
+    from index import build_index
+    from query.annotate import annotate
+
+    ref_cfg = SyntheticAtlasConfig(
+        n_cells=20_000, n_genes=3000, n_datasets=2, seed=1, non_primary_fraction=0.0
+    )
+    refs = write_h5ad_datasets(ref_cfg, work / "scale_ref", overwrite=True)
+    ingest(refs, work / "scale_atlas", progress=False)
+    build_index(work / "scale_atlas", work / "scale_index", overwrite=True)
+    q_cfg = SyntheticAtlasConfig(
+        n_cells=n_cells, n_genes=3000, n_datasets=1, seed=1, non_primary_fraction=0.0, dataset_prefix="scaleq"
+    )
+    (qpath,) = write_h5ad_datasets(q_cfg, work / "scale_query", overwrite=True)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    res = annotate(
+        qpath,
+        work / "scale_index",
+        label_keys=["cell_type"],
+        batch_size=batch_size,
+        progress=False,
+        keep_neighbors=False,
+    )
+    t = time.perf_counter() - t0
+    return {
+        "n_cells": n_cells,
+        "annotate_s": round(t, 2),
+        "cells_per_second": round(n_cells / t, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_before_annotate_mb": round(rss0, 1),
+        "batch_size": batch_size,
+        "atlas_cells": 20_000,
+        "unknown_rate": res.report["labels"]["cell_type"]["unknown_rate"],
+    }
+
+
+PEER_PINS = ("scikit-learn==1.5.2", "pynndescent==0.5.13")
+
+
+def make_peer_venv(path: Path) -> str:
+    """A venv whose own site-packages (scikit-learn 1.5.2, pynndescent 0.5.13) come before the project's
+    packages: celltypist 1.7.1 needs scikit-learn < 1.6 and scanpy 1.11's ingest breaks with pynndescent
+    0.7."""
+    import site
+    import sysconfig
+
+    python = path / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    project = sysconfig.get_paths()["purelib"] or site.getsitepackages()[0]
+    (Path(purelib) / "zz_scatlas_project.pth").write_text(project + "\n")
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", *PEER_PINS], check=True)
+    return str(python)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--raw-dir", type=Path, default=DEFAULT_RAW)
+    ap.add_argument("--work", type=Path, default=None, help="working directory (default: a temporary one)")
+    ap.add_argument("--json-out", type=Path, default=None)
+    ap.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
+    ap.add_argument("--pairs", nargs="*", default=None, help="pair names (default: all, plus synthetic)")
+    ap.add_argument("--methods", nargs="*", default=["scatlas", "logreg", "celltypist", "scanpy_ingest"])
+    ap.add_argument(
+        "--peer-python",
+        default=None,
+        help="interpreter for CellTypist / scanpy ingest when they fail in the project environment",
+    )
+    ap.add_argument(
+        "--make-peer-venv",
+        type=Path,
+        default=None,
+        help=f"create (or reuse) a venv here with {', '.join(PEER_PINS)} in front of the project's "
+        "packages and use it as --peer-python",
+    )
+    ap.add_argument("--synthetic-cells", type=int, default=12_000)
+    ap.add_argument("--tune", action="store_true", help="sweep voting parameters on the tuning pairs")
+    ap.add_argument(
+        "--scale-cells", type=int, default=0, help="also time annotating this many synthetic cells"
+    )
+    ap.add_argument("--scale-batch-size", type=int, default=10_000)
+    ap.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        help="only render the Markdown of an earlier --json-out file (with --write-docs: into the docs)",
+    )
+    ap.add_argument("--worker", nargs=4, metavar=("METHOD", "REF", "QUERY", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--scale-worker", nargs=3, metavar=("WORK", "N", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        WORKERS[args.worker[0]](*args.worker[1:])
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("atlas", "index", "query"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.scale_worker:
+        work, n, out = args.scale_worker
+        Path(out).write_text(json.dumps(run_scale(Path(work), int(n), args.scale_batch_size)))
+        return 0
+
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        block = markdown(saved, saved["command"])
+        if args.write_docs:
+            write_docs(block)
+        sys.stdout.write(block + "\n")
+        return 0
+    if args.make_peer_venv:
+        args.peer_python = make_peer_venv(args.make_peer_venv)
+    command = "nice .venv/bin/python scripts/bench_annotate.py " + " ".join(
+        a if " " not in a else repr(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_annotate_"))
+    names = args.pairs or [*(p.name for p in PAIRS), "synthetic"]
+    known = {p.name for p in PAIRS} | {"synthetic"}
+    bad = [n for n in names if n not in known]
+    if bad:
+        ap.error(f"unknown pairs {bad}; choose from {sorted(known)}")
+    results: dict[str, Any] = {
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"load average at start {os.getloadavg()[0]:.2f} (shared with other jobs: wall times are noisy)",
+        "date": time.strftime("%Y-%m-%d"),
+        "command": command,
+        "pairs": [],
+        "skipped": SKIPPED,
+    }
+    prepared: dict[str, Prepared] = {}
+    for name in names:
+        log.info("== %s", name)
+        pwork = work / name
+        shutil.rmtree(pwork, ignore_errors=True)
+        if name == "synthetic":
+            refs, q, meta = prepare_synthetic(pwork, args.synthetic_cells)
+            note = (
+                f"synthetic counts ({meta['n_cells']} cells, {meta['n_genes']} genes, 4 datasets): "
+                f"datasets 0-2 reference, 3 query; {' and '.join(SYN_HELD_OUT)} exist only in the query"
+            )
+        else:
+            pair = next(p for p in PAIRS if p.name == name)
+            refs, q = prepare_pair(pair, args.raw_dir, pwork)
+            note = pair.note
+        p = Prepared(name, refs, q, note, pwork)
+        build_scatlas(p)
+        prepared[name] = p
+        truth, ref_labels = _truth(p)
+        n_ref = 0
+        for r in refs:
+            from atlas.sources import open_h5ad
+
+            s = open_h5ad(r)
+            n_ref += s.n_obs
+            s.close()
+        entry: dict[str, Any] = {
+            "name": name,
+            "note": note,
+            "n_ref": n_ref,
+            "n_query": len(truth),
+            "ref_labels": sorted(ref_labels),
+            "methods": {},
+        }
+        runners: dict[str, Callable[[], tuple[np.ndarray | None, dict[str, Any]]]] = {
+            "scatlas": lambda p=p: run_scatlas(p),
+            "logreg": lambda p=p: run_logreg(p),
+            "celltypist": lambda p=p: run_peer(p, "celltypist", args.peer_python),
+            "scanpy_ingest": lambda p=p: run_peer(p, "scanpy_ingest", args.peer_python),
+        }
+        for meth in args.methods:
+            try:
+                pred, info = runners[meth]()
+                if pred is None:
+                    err = info.get("other_env_error") or info.get("project_env_error") or "failed"
+                    entry["methods"][meth] = {"error": err, "info": info}
+                else:
+                    entry["methods"][meth] = {"metrics": score(p, pred), "info": info}
+                    m = entry["methods"][meth]["metrics"]
+                    log.info(
+                        "%s %s: acc %s macro-F1 %s unknown %s abstain-absent %s (%.1f s)",
+                        name,
+                        meth,
+                        m["accuracy"],
+                        m["macro_f1"],
+                        m["unknown_rate_known"],
+                        m["abstention_rate_absent"],
+                        info.get("wall_s", float("nan")),
+                    )
+            except Exception as exc:
+                log.error("%s %s failed: %s", name, meth, exc)
+                entry["methods"][meth] = {
+                    "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                    "traceback": traceback.format_exc()[-2000:],
+                }
+        results["pairs"].append(entry)
+    notes = []
+    for meth in ("celltypist", "scanpy_ingest"):
+        infos = [pr["methods"].get(meth, {}).get("info", {}) for pr in results["pairs"]]
+        errs = {c.get("project_env_error") for c in infos if c.get("project_env_error")}
+        envs = {c.get("env") for c in infos if c.get("env") and c.get("env") != "project"}
+        if errs:
+            notes.append(
+                f"{meth} fails in the project environment ({'; '.join(sorted(errs))})"
+                + (
+                    f"; its results come from another interpreter with {', '.join(sorted(envs))} in front of "
+                    "the project's packages (--peer-python)"
+                    if envs
+                    else ""
+                )
+            )
+    if notes:
+        results["peer_notes"] = notes
+    if args.tune:
+        rows: list[dict[str, Any]] = []
+        for name in TUNING_PAIRS:
+            if name in prepared:
+                rows += tune(prepared[name])
+        if rows:
+            results["tuning"] = {
+                "pairs": [n for n in TUNING_PAIRS if n in prepared],
+                "chosen": pick(rows),
+                "grid": rows,
+            }
+            log.info("tuning: best %s", results["tuning"]["chosen"])
+    if args.scale_cells:
+        out = work / "scale.json"
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--scale-worker",
+            str(work),
+            str(args.scale_cells),
+            str(out),
+            "--scale-batch-size",
+            str(args.scale_batch_size),
+        ]
+        subprocess.run(cmd, check=True)
+        results["scale"] = json.loads(out.read_text())
+        log.info("scale: %s", results["scale"])
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(results, indent=2, default=str))
+    block = markdown(results, command)
+    if args.write_docs:
+        write_docs(block)
+    sys.stdout.write(block + "\n")
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

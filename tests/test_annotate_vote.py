@@ -1,0 +1,180 @@
+"""Voting, abstention and evaluation math of label transfer, on plain arrays (no index needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from atlas.errors import InputError
+from query.evaluate import confusion_table, evaluate_labels
+from query.vote import (
+    REASON_FAR,
+    REASON_LOW_CONFIDENCE,
+    REASON_NONE,
+    UNKNOWN,
+    Votes,
+    balance_weights,
+    cap_per_dataset,
+    decide,
+    mean_top_similarity,
+    vote,
+    vote_weights,
+)
+
+NEG = -np.inf
+
+
+def test_uniform_and_similarity_weights() -> None:
+    s = np.array([[0.9, 0.5, -0.2, NEG]])
+    np.testing.assert_array_equal(vote_weights(s, "uniform"), [[1, 1, 1, 0]])
+    np.testing.assert_allclose(vote_weights(s, "similarity"), [[0.9, 0.5, 0.0, 0.0]])
+
+
+def test_adaptive_weights_nearest_is_one_and_decreasing() -> None:
+    s = np.array([[0.9, 0.8, 0.7, NEG], [0.5, 0.5, 0.5, 0.5]])
+    w = vote_weights(s, "adaptive")
+    assert w[0, 0] == pytest.approx(1.0)
+    assert w[0, 0] > w[0, 1] > w[0, 2] > 0
+    assert w[0, 3] == 0
+    # gaps 0, .1, .2 -> mean gap .1: a neighbour one mean gap further weighs 1/e
+    assert w[0, 1] == pytest.approx(np.exp(-1.0), rel=1e-6)
+    np.testing.assert_allclose(w[1], 1.0)  # all equally near: equal weights, no division by zero
+
+
+def test_unknown_weighting_is_refused() -> None:
+    with pytest.raises(InputError, match="weighting"):
+        vote_weights(np.zeros((1, 2)), "gaussian")  # type: ignore[arg-type]
+
+
+def test_weighted_vote_and_confidence() -> None:
+    v = vote(np.array([[0, 1, 1]]), np.array([[3.0, 1.0, 1.0]]), n_labels=2)
+    assert v.winner.tolist() == [0]
+    assert v.confidence[0] == pytest.approx(0.6)
+    assert v.n_voters.tolist() == [3]
+    # unweighted, the two label-1 neighbours win
+    v = vote(np.array([[0, 1, 1]]), np.ones((1, 3)), n_labels=2)
+    assert v.winner.tolist() == [1]
+    assert v.confidence[0] == pytest.approx(2 / 3)
+
+
+def test_null_labels_do_not_vote() -> None:
+    v = vote(np.array([[-1, -1, 1], [-1, -1, -1]]), np.array([[5.0, 5.0, 1.0], [1.0, 1.0, 1.0]]), n_labels=2)
+    assert v.winner.tolist() == [1, -1]
+    assert v.confidence.tolist() == [1.0, 0.0]
+    assert v.n_voters.tolist() == [1, 0]
+
+
+def test_ties_go_to_the_nearest_neighbour_whatever_the_codes() -> None:
+    w = np.ones((2, 4))
+    v = vote(np.array([[1, 0, 0, 1], [0, 1, 1, 0]]), w, n_labels=2)
+    assert v.winner.tolist() == [1, 0]
+    assert v.confidence.tolist() == [0.5, 0.5]
+
+
+def test_cap_per_dataset_mask() -> None:
+    d = np.array([[0, 1, 0, 0, 2, 1, -1]])
+    np.testing.assert_array_equal(cap_per_dataset(d, 1), [[1, 1, 0, 0, 1, 0, 0]])
+    np.testing.assert_array_equal(cap_per_dataset(d, 2), [[1, 1, 1, 0, 1, 1, 0]])
+    np.testing.assert_array_equal(cap_per_dataset(d, None), [[1, 1, 1, 1, 1, 1, 0]])
+    with pytest.raises(InputError):
+        cap_per_dataset(d, 0)
+
+
+def test_cap_stops_one_dataset_outvoting_the_others() -> None:
+    labels = np.array([[0, 0, 0, 1, 1]])
+    datasets = np.array([[0, 0, 0, 1, 2]])
+    w = np.ones((1, 5))
+    assert vote(labels, w, n_labels=2).winner.tolist() == [0]
+    v = vote(labels, w, n_labels=2, datasets=datasets, max_votes_per_dataset=1)
+    assert v.winner.tolist() == [1]
+    assert v.confidence[0] == pytest.approx(2 / 3)
+    assert v.n_voters.tolist() == [3]
+    with pytest.raises(InputError, match="dataset codes"):
+        vote(labels, w, n_labels=2, max_votes_per_dataset=1)
+
+
+def test_class_weights_and_balance() -> None:
+    labels, w = np.array([[0, 0, 1]]), np.ones((1, 3))
+    v = vote(labels, w, n_labels=2, class_weights=np.array([1.0, 3.0]))
+    assert v.winner.tolist() == [1]
+    assert v.confidence[0] == pytest.approx(0.6)
+    np.testing.assert_allclose(balance_weights(np.array([100, 25, 1, 0]), 0.5), [1, 2, 10, 0])
+    np.testing.assert_allclose(balance_weights(np.array([100, 25]), 0.0), [1, 1])
+    with pytest.raises(InputError):
+        vote(labels, w, n_labels=2, class_weights=np.array([1.0]))
+
+
+def test_bad_vote_inputs() -> None:
+    with pytest.raises(InputError):
+        vote(np.zeros((2, 3), dtype=int), np.ones((2, 2)))
+    with pytest.raises(InputError):
+        vote(np.zeros((1, 2), dtype=int), -np.ones((1, 2)))
+    with pytest.raises(InputError):
+        vote(np.array([[3]]), np.ones((1, 1)), n_labels=2)
+
+
+def test_empty_batch() -> None:
+    v = vote(np.zeros((0, 5), dtype=int), np.zeros((0, 5)), n_labels=3)
+    assert len(v.winner) == 0
+
+
+def test_mean_top_similarity_ignores_missing() -> None:
+    s = np.array([[0.9, 0.7, NEG], [NEG, NEG, NEG]])
+    m = mean_top_similarity(s, 3)
+    assert m[0] == pytest.approx(0.8)
+    assert np.isnan(m[1])
+    assert mean_top_similarity(s, 1)[0] == pytest.approx(0.9)
+
+
+def test_decide_reasons_and_precedence() -> None:
+    votes = Votes(
+        winner=np.array([0, 1, 1, -1, 0]),
+        confidence=np.array([0.9, 0.3, 0.9, 0.0, 0.2], dtype=np.float32),
+        n_voters=np.array([5, 5, 5, 0, 5]),
+    )
+    sim = np.array([0.8, 0.8, 0.1, 0.8, np.nan])
+    d = decide(votes, sim, min_confidence=0.5, far_threshold=0.5)
+    assert d.code.tolist() == [0, -1, -1, -1, -1]
+    assert d.reason.tolist() == [
+        REASON_NONE,
+        REASON_LOW_CONFIDENCE,
+        REASON_FAR,
+        REASON_LOW_CONFIDENCE,
+        REASON_FAR,
+    ]
+    d = decide(votes, sim, min_confidence=0.0, far_threshold=None)
+    assert d.code.tolist() == [0, 1, 1, -1, 0]  # nobody voted: still unknown
+    with pytest.raises(InputError):
+        decide(votes, sim, min_confidence=1.5, far_threshold=None)
+
+
+def test_evaluate_labels_known_absent_and_unknown() -> None:
+    truth = ["A", "A", "A", "B", "B", "C", "C", None]
+    pred = ["A", "A", UNKNOWN, "B", "A", UNKNOWN, "B", "A"]
+    m = evaluate_labels(truth, pred, {"A", "B", "D"})
+    assert (m["n_known"], m["n_absent"], m["n_unlabelled"]) == (5, 2, 1)
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    # A: tp 2, fp 1, fn 1 -> P 2/3 R 2/3; B: tp 1, fp 0, fn 1 -> P 1 R 1/2
+    f1_a, f1_b = 2 / 3, 2 * 1 * 0.5 / 1.5
+    assert m["macro_f1"] == pytest.approx((f1_a + f1_b) / 2, abs=1e-4)
+    assert m["per_class"]["B"]["precision"] == 1.0
+    assert m["per_class"]["A"]["unknown_rate"] == pytest.approx(1 / 3, abs=1e-4)
+    assert m["unknown_rate_known"] == pytest.approx(1 / 5)
+    assert m["accuracy_assigned"] == pytest.approx(3 / 4)
+    assert m["abstention_rate_absent"] == pytest.approx(0.5)
+    assert m["absent_types"]["C"]["predicted_as"] == {UNKNOWN: 1, "B": 1}
+    assert "D" not in m["per_class"]  # an atlas label the query lacks is not a class of the score
+
+
+def test_evaluate_labels_no_known_cells() -> None:
+    m = evaluate_labels(["X", "Y"], [UNKNOWN, "A"], {"A"})
+    assert m["accuracy"] is None and m["macro_f1"] is None
+    assert m["abstention_rate_absent"] == 0.5
+
+
+def test_confusion_table_has_unknown_last() -> None:
+    t = confusion_table(["A", "B", "B", "C"], ["A", "A", UNKNOWN, "B"])
+    assert list(t.columns)[-1] == UNKNOWN
+    assert list(t.index) == ["A", "B", "C"]
+    assert t.loc["B", "A"] == 1 and t.loc["B", UNKNOWN] == 1 and t.loc["C", "B"] == 1
+    assert int(t.to_numpy().sum()) == 4

@@ -1,0 +1,100 @@
+"""The whole hunt on a counts-level synthetic atlas: ingest -> index -> train from labelled counts -> sweep -> report."""
+
+from __future__ import annotations
+
+import anndata
+import pandas as pd
+import pytest
+
+from atlas import ingest
+from atlas.errors import GeneOverlapError, InputError
+from atlas.synthetic import RareType, SyntheticAtlasConfig, plan_atlas, write_h5ad_datasets
+from index import AtlasIndex, BuildConfig, build_index
+from query.hunt import report, sweep, train
+
+RARE = "Norn cell"
+CONFIG = SyntheticAtlasConfig(
+    n_cells=5000, n_genes=300, n_datasets=3, n_donors=2, seed=1, non_primary_fraction=0.0,
+    rare_types=(RareType(RARE, 0.01, datasets=(0, 2)),),
+)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hunt_e2e")
+    files = write_h5ad_datasets(CONFIG, root / "h5ad")
+    ingest(files, root / "atlas", progress=False)
+    build_index(
+        root / "atlas", root / "index", embedder="pca", fit_sample=5000,
+        embedder_options={"n_hvg": 250, "n_components": 30},
+        config=BuildConfig(shard_size=2000, eval_queries=100, calibration_cells=200),
+    )
+    idx = AtlasIndex.open(root / "index")
+    clf = train(idx, files[0], positive=f"cell_type == '{RARE}'", background=3000, progress=False,
+                out=root / "clf")
+    summary = sweep(idx, root / "clf", root / "sweep", progress=False)
+    return {"root": root, "files": files, "index": idx, "clf": clf, "summary": summary}
+
+
+def test_labelled_cells_of_one_dataset_find_the_population_in_every_dataset(world):
+    idx, clf, summary = world["index"], world["clf"], world["summary"]
+    assert clf.counts["positives_from_cells"] >= 10 and clf.counts["negatives_from_cells"] > 1000
+    assert clf.counts["background_duplicates_dropped"] > 0  # the labelled dataset is part of the atlas
+    assert clf.params["cells"]["gene_overlap"]["fraction_of_target"] == 1.0
+    truth = idx.connect().cursor().execute(
+        f"SELECT soma_joinid, dataset_id FROM cells WHERE cell_type = '{RARE}'").df()
+    hits = pd.read_parquet(summary.hits_path)
+    found = hits["soma_joinid"].isin(truth["soma_joinid"])
+    recall = found.sum() / len(truth)
+    precision = found.mean()
+    assert recall >= 0.9 and precision >= 0.9, (recall, precision)
+    # found in dataset 2 too, whose cells were never labelled
+    other = truth[truth["dataset_id"] != truth["dataset_id"].min()]
+    assert hits["soma_joinid"].isin(other["soma_joinid"]).sum() >= 0.8 * len(other)
+
+
+def test_report_enrichment_and_de_find_the_planted_population(world, tmp_path):
+    res = report(world["summary"].hits_path, world["index"], tmp_path / "rep")
+    enr = res.enrichment
+    for column in ("dataset_id", "tissue", "disease"):
+        sub = enr[enr["column"] == column]
+        assert sub["n_cells"].sum() == CONFIG.n_cells and sub["n_hits"].sum() == res.n_hits
+    by_ds = enr[enr["column"] == "dataset_id"].set_index("group")
+    assert by_ds.loc["synth-001", "n_hits"] == 0 and by_ds.loc["synth-001", "qvalue"] < 0.05  # depleted
+    assert by_ds.loc["synth-000", "fold"] > 1
+    markers = set(plan_atlas(CONFIG).var.index[plan_atlas(CONFIG).markers[RARE]])
+    de = res.de
+    assert de is not None and res.de_skipped is None
+    up = de[(de["qvalue"] < 0.05) & (de["log2fc"] > 1)].head(20)
+    assert len(up) >= 10
+    assert up["feature_id"].isin(markers).mean() >= 0.7, up[["gene_symbol", "log2fc", "qvalue"]]
+    assert (de["n_a"] == res.n_hits).all() and (de["n_b"] == res.n_hits).all()  # matched per dataset
+    for name in ("enrichment.csv", "enrichment.png", "de.csv", "report.md", "report.html"):
+        assert (tmp_path / "rep" / name).stat().st_size > 0
+    assert "Differential expression" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_report_skips_de_when_the_store_is_unreachable_and_groups_by_disease(world, tmp_path):
+    res = report(world["summary"].hits_path, world["index"], tmp_path / "nostore", atlas=tmp_path / "gone")
+    assert res.de is None and "not reachable" in res.de_skipped
+    assert "Skipped: the atlas store" in (tmp_path / "nostore" / "report.md").read_text()
+    assert not (tmp_path / "nostore" / "de.csv").exists()
+    by = report(world["root"] / "sweep", world["index"], tmp_path / "bydisease", by=("disease",), de_group="disease",
+                de_method="t-test")
+    assert by.de is not None and len(by.de)
+    assert all(c.startswith("disease: ") for c in by.de["comparison"].unique())
+
+
+def test_training_leaves_the_callers_anndata_alone_and_refuses_poor_gene_overlap(world):
+    adata = anndata.read_h5ad(world["files"][0])
+    before_obs, before_x = adata.obs.copy(), adata.X.copy()
+    clf = train(world["index"], adata, positive=f"cell_type == '{RARE}'", background=500, n_folds=3, progress=False)
+    assert clf.counts["positives_from_cells"] >= 10
+    pd.testing.assert_frame_equal(adata.obs, before_obs)
+    assert (before_x != adata.X).nnz == 0
+    with pytest.raises(GeneOverlapError, match="genes"):
+        train(world["index"], adata[:, :60].copy(), positive=f"cell_type == '{RARE}'", progress=False)
+    with pytest.raises(InputError, match="empty positive set.*Norn"):
+        train(world["index"], adata, positive="cell_type == 'Norn'", progress=False)
+    with pytest.raises(InputError, match="unknown column"):
+        train(world["index"], adata, positive="celltype == 'Norn cell'", progress=False)

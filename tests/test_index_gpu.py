@@ -1,0 +1,40 @@
+"""GPU paths: ``device="cuda"`` trains and assigns on the GPU and writes CPU indexes; without a GPU it is refused."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from atlas.errors import DependencyError
+from index import AtlasIndex, build_from_source
+from index.device import faiss_gpu_count, resolve_device
+from index.evaluate import recall_at_k
+from tests.test_index_helpers import array_source, brute_force, clustered, config
+
+HAS_GPU = faiss_gpu_count() > 0
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the refusal on machines without a GPU")
+def test_cuda_without_gpu_is_a_dependency_error_not_a_fallback(tmp_path):
+    with pytest.raises(DependencyError, match="faiss-gpu"):
+        resolve_device("cuda")
+    with pytest.raises(DependencyError):
+        build_from_source(array_source(500, 8), tmp_path / "idx", config(device="cuda"))
+    assert resolve_device("auto") == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs CUDA and faiss-gpu")
+def test_gpu_build_writes_cpu_indexes_with_the_same_recall(tmp_path):
+    n, d = 20_000, 32
+    src = array_source(n, d, seed=3)
+    gpu = build_from_source(src, tmp_path / "gpu", config(factory="IVF64,PQ4", device="cuda"))
+    assert gpu.build["device"] == "cuda"
+    idx = AtlasIndex.open(tmp_path / "gpu")
+    shard = faiss.read_index(str(tmp_path / "gpu" / "shards" / "0000" / "index.faiss"))
+    assert "Gpu" not in type(faiss.downcast_index(shard)).__name__
+    q = clustered(300, d, seed=11)
+    truth, _ = brute_force(clustered(n, d, seed=3), np.arange(n), q, 30)
+    assert gpu.recall.recall >= 0.95
+    assert recall_at_k(idx.search(q, k=30).ids, truth) >= 0.95
