@@ -54,6 +54,7 @@ class GeneVocabulary:
     feature_id: np.ndarray
     feature_name: np.ndarray
     _lookup: dict[str, dict[str, int]] = field(default_factory=dict, repr=False, compare=False)
+    _fingerprint: list[str] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.keys)
@@ -80,11 +81,14 @@ class GeneVocabulary:
         return len(self.keys)
 
     def fingerprint(self) -> str:
+        """A digest of keys, Ensembl ids and symbols, in order (cached: the vocabulary is immutable)."""
+        if self._fingerprint:
+            return self._fingerprint[0]
         h = hashlib.sha256()
-        for k in self.keys:
-            h.update(str(k).encode())
-            h.update(b"\0")
-        return h.hexdigest()[:16]
+        for k, fid, name in zip(self.keys, self.feature_id, self.feature_name, strict=True):
+            h.update(f"{k}\t{fid}\t{name}\0".encode())
+        self._fingerprint.append(h.hexdigest()[:16])
+        return self._fingerprint[0]
 
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame({"gene_key": self.keys, "feature_id": self.feature_id, "feature_name": self.feature_name})
