@@ -20,8 +20,11 @@ from index.device import Device
 
 logger = logging.getLogger(__name__)
 
-FLAT_MAX_CELLS = 500_000
-"""``auto`` builds an exact flat index below this many cells (see docs/benchmarks.md for the measurement)."""
+FLAT_MAX_WORK = 12_800_000
+"""``auto`` builds an exact flat index while cells x dims <= this (100k cells at d=128, 256k at d=50, 10k at
+d=1280). Exact search costs N x d per query: on 2 cores it measured ~550 queries/s at 200k x 128 and ~60 at
+1M x 128, while IVF-PQ with re-ranking served 5-7k queries/s at recall@30 >= 0.95 (docs/benchmarks.md); below
+this size exact search still answers ~1k queries/s, needs no training and is exact."""
 
 PCA_ABOVE_DIM = 256
 """``auto`` reduces vectors of more dimensions than this to ``PCA_DIM`` before IVF-PQ (re-ranking stays exact)."""
@@ -52,7 +55,7 @@ def choose_pq_m(dim: int) -> int | None:
 
 def auto_factory(n_cells: int, dim: int) -> str:
     """The factory string ``auto`` stands for, given the atlas size and vector dimension."""
-    if n_cells < FLAT_MAX_CELLS:
+    if n_cells * dim <= FLAT_MAX_WORK:
         return "IDMap2,Flat"
     pre, d = "", dim
     if dim > PCA_ABOVE_DIM:

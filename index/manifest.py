@@ -185,12 +185,12 @@ def read_manifest(directory: str | Path) -> IndexManifest:
     directory = Path(directory)
     path = directory / MANIFEST_FILE
     if not directory.is_dir():
-        raise IndexFormatError(f"no index at {directory}: the directory does not exist; build one with build-index")
+        raise IndexFormatError(f"no index at {directory}: the directory does not exist; build one with `scatlas build --atlas ATLAS --index DIR`")
     if not path.is_file():
         hint = (
             "the build was interrupted before it finished; rerun the build with the same arguments to resume it"
             if (directory / BUILD_FILE).is_file()
-            else "this is not a scatlas index directory (or its build never started); build one with build-index"
+            else "this is not a scatlas index directory (or its build never started); build one with `scatlas build --atlas ATLAS --index DIR`"
         )
         raise IndexFormatError(f"{directory} has no {MANIFEST_FILE}: {hint}")
     try:

@@ -20,7 +20,7 @@ from numpy.lib.format import open_memmap
 
 from atlas.errors import IndexFormatError, InputError
 from index._faiss import faiss_module
-from index.factory import Assigner, add_vectors, clone
+from index.factory import Assigner, add_vectors, clone, is_exact
 from index.manifest import (
     DONE_FILE,
     SHARD_FILES,
@@ -82,6 +82,7 @@ def write_shard(
     tmp.mkdir(parents=True)
     dim = source.dim
     index = clone(trained)
+    exact = is_exact(trained)
     ids_out = _NpyWriter(tmp / SHARD_IDS_FILE, np.int64, (spec.n,))
     vec_out = _NpyWriter(tmp / SHARD_VECTORS_FILE, np.float16, (spec.n, dim))
     pos, last_id, id_min = 0, spec.start - 1, None
@@ -97,7 +98,7 @@ def write_shard(
                 f"shard {spec.shard_no}: the source yielded ids outside [{spec.start}, {spec.stop}), unsorted, or "
                 f"more than the {spec.n} planned; a VectorSource must stream each shard's cells once, by id"
             )
-        x16, x32 = as_stored(x)
+        x16, x32 = as_stored(x, rounded=exact)
         ids_out.write(pos, ids)
         vec_out.write(pos, x16)
         add_vectors(index, x32, ids, assigner)

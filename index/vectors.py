@@ -9,25 +9,31 @@ from atlas.errors import InputError
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     """Row-wise L2 normalisation to float32 (a new array); all-zero rows stay zero."""
-    x = np.array(x, dtype=np.float32, copy=True)
+    x = np.array(x, dtype=np.float32, copy=True, order="C")
     if x.ndim != 2:
         raise InputError(f"vectors must be a 2-D array (got shape {x.shape})")
-    if not np.isfinite(x).all():
-        bad = int((~np.isfinite(x)).any(axis=1).sum())
-        raise InputError(f"{bad} vectors contain NaN or infinite values; fix the embedding before indexing")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    np.divide(x, norms, out=x, where=norms > 0)
+    sq = np.einsum("ij,ij->i", x, x)  # no temporary the size of x
+    if not np.isfinite(sq).all():  # NaN or inf anywhere in a row makes its squared norm non-finite
+        bad = int((~np.isfinite(sq)).sum())
+        raise InputError(
+            f"{bad} vectors contain NaN, infinite or overflowing (> 1e19) values; fix the embedding before indexing"
+        )
+    norms = np.sqrt(sq)
+    np.divide(x, norms[:, None], out=x, where=norms[:, None] > 0)
     return x
 
 
-def as_stored(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Normalise and round to the stored float16 format: ``(float16 vectors, the same as float32)``.
+def as_stored(x: np.ndarray, *, rounded: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Normalise and round to the stored float16 format: ``(float16 vectors, float32 vectors for FAISS)``.
 
-    The index is fed the float32 copy of the float16 values, so scores of exact indexes equal scores computed from
-    the stored vectors (re-ranking, sweeps, ground truth).
+    With ``rounded`` (exact indexes, training samples) the float32 copy holds the float16 values, so exact scores
+    equal scores computed from the stored vectors (re-ranking, sweeps, ground truth); without it the float32
+    vectors are the normalised ones before rounding (for PQ codes the difference is far below their own error,
+    and it saves a conversion).
     """
-    x16 = l2_normalize(x).astype(np.float16)
-    return x16, x16.astype(np.float32)
+    x32 = l2_normalize(x)
+    x16 = x32.astype(np.float16)
+    return x16, (x16.astype(np.float32) if rounded else x32)
 
 
 def check_queries(vectors: np.ndarray, dim: int) -> np.ndarray:

@@ -39,7 +39,7 @@ def evaluate_labels(
     *,
     unknown: str = UNKNOWN,
 ) -> dict[str, Any]:
-    """Metrics of ``pred`` against ``truth`` as a JSON-serialisable dict (groups: see the module docstring)."""
+    """Metrics of ``pred`` against ``truth``, JSON-serialisable (groups: see the module docstring)."""
     t = _as_str(truth)
     p = _as_str(pred)
     if len(t) != len(p):

@@ -192,7 +192,7 @@ def vote(
 
 
 def balance_weights(counts: np.ndarray, exponent: float) -> np.ndarray:
-    """Per-label vote factors ``count ** -exponent``, scaled to 1 for the most frequent label (0: no cells)."""
+    """Per-label vote factors ``count ** -exponent``, 1 for the most frequent label (0: no cells)."""
     c = np.asarray(counts, dtype=np.float64)
     if exponent < 0:
         raise InputError(f"class_balance must be >= 0 (got {exponent})")

@@ -1,5 +1,4 @@
-"""Benchmark label transfer: ``scatlas annotate`` against logistic regression, CellTypist and scanpy
-``ingest``.
+"""Benchmark label transfer: ``scatlas annotate`` against logistic regression, CellTypist and scanpy ingest.
 
 Pairs (reference -> query) come from the real labelled datasets in ``../shared/data/raw`` (split by batch,
 chemistry, technology or study) plus a synthetic atlas with cell types held out of the reference. For each
@@ -7,29 +6,33 @@ pair:
 
 * **scatlas**: the reference datasets are ingested into a temporary atlas store (``atlas.ingest``), indexed
   (``index.build_index``, default PCA embedder) and the query is annotated (``query.annotate``) with the
-  defaults.
+  defaults; **scatlas_no_abstain** is the same with both abstention rules off.
 * **logreg**: scikit-learn ``LogisticRegression(class_weight="balanced")`` on log1p(CP10k) values of the
   highly variable genes scatlas' embedder selected on the same reference.
 * **celltypist**: ``celltypist.train`` (defaults) on log1p(CP10k) values of all reference genes, then
-  ``celltypist.annotate`` (no majority voting). celltypist 1.7.1 passes ``multi_class`` to scikit-learn, which
-  scikit-learn >= 1.6 removed; the in-project attempt records that error, and ``--celltypist-python`` runs the
-  same code in another interpreter (e.g. a venv with scikit-learn 1.5.2 in front of the project's packages).
-* **scanpy_ingest**: ``sc.pp.pca`` + ``sc.pp.neighbors`` on the reference (same HVGs, log1p(CP10k)), then
-  ``sc.tl.ingest`` (kNN labelling) of the query.
+  ``celltypist.annotate`` (no majority voting).
+* **scanpy_ingest**: ``sc.pp.pca`` + ``sc.pp.neighbors`` on the reference (same HVGs as logreg,
+  log1p(CP10k), dense), then ``sc.tl.ingest`` (kNN labels, PCA embedding) of the query.
+
+celltypist 1.7.1 passes ``multi_class`` to scikit-learn, which scikit-learn >= 1.6 removed, and scanpy 1.11's
+ingest breaks with pynndescent 0.7; each peer is tried in the project's environment first (the error is
+recorded), then, with ``--peer-python`` or ``--make-peer-venv DIR``, in a venv that puts scikit-learn 1.5.2
+and pynndescent 0.5.13 in front of the project's packages (the project's environment is not touched).
 
 Metrics (``query.evaluate.evaluate_labels``): accuracy and macro-F1 on query cells whose label the reference
 has (an "unknown" counts as a miss), the unknown rate on those cells, and the abstention rate on cells whose
 label the reference lacks. Peers never abstain. Wall time covers fitting and predicting (for scatlas: ingest +
 index build + annotate).
 
-``--tune`` sweeps scatlas' voting parameters (k, weighting, min_confidence, far_quantile) on the tuning pairs
-only (synthetic + kang2018) and reports the grid; the defaults in ``query.annotate`` were chosen from it.
+``--tune`` sweeps scatlas' parameters (k, weighting, class_balance, align, min_confidence, far_quantile) on
+the tuning pairs only (synthetic + kang2018) and records the grid; the defaults in ``query.annotate`` come
+from it.
+``--scale-cells N`` times annotating N synthetic cells in a fresh process and records its peak RSS.
 
 Usage (the exact command of the published table is written above it in docs/benchmarks.md)::
 
-    nice .venv/bin/python scripts/bench_annotate.py --tune --scale-cells 100000 --make-peer-venv
-    /tmp/peer-venv \
-        --json-out bench_out/annotate.json --write-docs
+    nice .venv/bin/python scripts/bench_annotate.py --tune --scale-cells 100000 \\
+        --make-peer-venv /tmp/peer-venv --json-out bench_out/annotate.json --write-docs
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -622,7 +624,8 @@ def _tuning_lines(tuning: dict[str, Any]) -> list[str]:
     out = [
         "",
         f"Voting defaults, chosen by `--tune` on {' and '.join(tuning['pairs'])} only "
-        "(score per pair: macro-F1, averaged with the abstention rate on absent types where there are some; then the mean over pairs): "
+        "(score per pair: macro-F1, averaged with the abstention rate on absent types where there are some; "
+        "then the mean over pairs): "
         f"k={t['k']}, weighting={t['weighting']}, class_balance={t['class_balance']}, align={t['align']}, "
         f"min_confidence={t['min_confidence']}, far_quantile={t['far_quantile']} (score {t['score']}). "
         "Best score reachable with each value held fixed:",
@@ -655,8 +658,10 @@ def markdown(results: dict[str, Any], command: str) -> str:
         "",
         "Accuracy and macro-F1 are on query cells whose label the reference has (an `unknown` counts as a "
         "miss); *unknown*: the unknown rate on those cells; *abstain absent*: the fraction of cells of types "
-        "absent from the reference called `unknown`. Peers never abstain. Wall time: fit + predict "
-        "(scatlas: ingest + index build + annotate).",
+        "absent from the reference called `unknown`. Peers never abstain; *scatlas_no_abstain* is scatlas "
+        "with both abstention rules off (min_confidence=0, far_quantile=None), to separate the cost of "
+        "abstaining from the quality of the votes. Wall time: fit + predict (scatlas: ingest + index build + "
+        "annotate).",
         "",
         "| pair | method | accuracy | macro-F1 | unknown | abstain absent | wall s |",
         "|---|---|---|---|---|---|---|",
@@ -685,8 +690,10 @@ def markdown(results: dict[str, Any], command: str) -> str:
             "",
             f"Throughput: {s['n_cells']:,} synthetic query cells annotated in {s['annotate_s']} s "
             f"({s['cells_per_second']:,} cells/s, batch_size {s['batch_size']:,}, defaults) against a "
-            f"{s['atlas_cells']:,}-cell index; peak RSS of that process {s['peak_rss_mb']:,} MB "
-            f"({s['rss_before_annotate_mb']:,} MB before annotating).",
+            f"{s['atlas_cells']:,}-cell index (keeping the {s['neighbors_rows']:,}-row neighbours table); "
+            f"RSS {s['rss_before_annotate_mb']:,} MB before annotate (imports + open index), peak during "
+            "annotate "
+            f"{s['peak_rss_mb']:,} MB.",
         ]
     skipped = "; ".join(f"{k}: {v}" for k, v in SKIPPED.items())
     lines += ["", f"Not benchmarked: {skipped}.", MARK_END]
@@ -708,43 +715,62 @@ def write_docs(block: str) -> None:
 # -- main ----------------------------------------------------------------------------------------------------
 
 
-def run_scale(work: Path, n_cells: int, batch_size: int) -> dict[str, Any]:
-    """Annotate a large synthetic query (own process: peak RSS is this run's)."""
+def prepare_scale(work: Path, n_cells: int) -> Path:
+    """A 20,000-cell synthetic atlas index and an ``n_cells``-cell synthetic query (another dataset)."""
     from atlas import ingest
     from atlas.synthetic import SyntheticAtlasConfig, write_h5ad_datasets
     from index import build_index
-    from query.annotate import annotate
 
     ref_cfg = SyntheticAtlasConfig(
         n_cells=20_000, n_genes=3000, n_datasets=2, seed=1, non_primary_fraction=0.0
     )
     refs = write_h5ad_datasets(ref_cfg, work / "scale_ref", overwrite=True)
+    shutil.rmtree(work / "scale_atlas", ignore_errors=True)
     ingest(refs, work / "scale_atlas", progress=False)
     build_index(work / "scale_atlas", work / "scale_index", overwrite=True)
     q_cfg = SyntheticAtlasConfig(
         n_cells=n_cells, n_genes=3000, n_datasets=1, seed=1, non_primary_fraction=0.0, dataset_prefix="scaleq"
     )
     (qpath,) = write_h5ad_datasets(q_cfg, work / "scale_query", overwrite=True)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return qpath
+
+
+def _rss_mb(field: str) -> float:
+    """VmRSS (current) or VmHWM (peak since the last reset) of this process, in MB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def scale_worker(index_dir: Path, query: Path, batch_size: int) -> dict[str, Any]:
+    """Annotate ``query`` with the defaults in this (fresh) process and measure annotate's own peak RSS."""
+    from index import AtlasIndex
+    from query.annotate import annotate
+
+    idx = AtlasIndex.open(index_dir)
+    rss0 = _rss_mb("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+        reset = True
+    except OSError:
+        reset = False
     t0 = time.perf_counter()
-    res = annotate(
-        qpath,
-        work / "scale_index",
-        label_keys=["cell_type"],
-        batch_size=batch_size,
-        progress=False,
-        keep_neighbors=False,
-    )
+    res = annotate(query, idx, label_keys=["cell_type"], batch_size=batch_size, progress=False)
     t = time.perf_counter() - t0
+    n = res.report["query"]["n_cells"]
     return {
-        "n_cells": n_cells,
+        "n_cells": n,
         "annotate_s": round(t, 2),
-        "cells_per_second": round(n_cells / t, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "rss_before_annotate_mb": round(rss0, 1),
+        "cells_per_second": round(n / t, 1),
+        "rss_before_annotate_mb": rss0,
+        "peak_rss_mb": _rss_mb("VmHWM"),
+        "peak_is_annotate_only": reset,
         "batch_size": batch_size,
-        "atlas_cells": 20_000,
+        "atlas_cells": idx.n_cells,
         "unknown_rate": res.report["labels"]["cell_type"]["unknown_rate"],
+        "neighbors_rows": len(res.neighbors),
+        "timings": res.report["timings"],
     }
 
 
@@ -780,7 +806,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
     ap.add_argument("--pairs", nargs="*", default=None, help="pair names (default: all, plus synthetic)")
-    ap.add_argument("--methods", nargs="*", default=["scatlas", "logreg", "celltypist", "scanpy_ingest"])
+    ap.add_argument(
+        "--methods",
+        nargs="*",
+        default=["scatlas", "scatlas_no_abstain", "logreg", "celltypist", "scanpy_ingest"],
+    )
     ap.add_argument(
         "--peer-python",
         default=None,
@@ -806,7 +836,7 @@ def main(argv: list[str] | None = None) -> int:
         help="only render the Markdown of an earlier --json-out file (with --write-docs: into the docs)",
     )
     ap.add_argument("--worker", nargs=4, metavar=("METHOD", "REF", "QUERY", "OUT"), help=argparse.SUPPRESS)
-    ap.add_argument("--scale-worker", nargs=3, metavar=("WORK", "N", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--scale-worker", nargs=3, metavar=("INDEX", "QUERY", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         WORKERS[args.worker[0]](*args.worker[1:])
@@ -815,10 +845,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("atlas", "index", "query"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.scale_worker:
-        work, n, out = args.scale_worker
-        Path(out).write_text(json.dumps(run_scale(Path(work), int(n), args.scale_batch_size)))
+        index_dir, query, out = args.scale_worker
+        Path(out).write_text(json.dumps(scale_worker(Path(index_dir), Path(query), args.scale_batch_size)))
         return 0
-
     if args.render:
         saved = json.loads(args.render.read_text())
         block = markdown(saved, saved["command"])
@@ -832,7 +861,7 @@ def main(argv: list[str] | None = None) -> int:
         a if " " not in a else repr(a) for a in (argv if argv is not None else sys.argv[1:])
     )
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_annotate_"))
-    names = args.pairs or [*(p.name for p in PAIRS), "synthetic"]
+    names = [*(p.name for p in PAIRS), "synthetic"] if args.pairs is None else args.pairs
     known = {p.name for p in PAIRS} | {"synthetic"}
     bad = [n for n in names if n not in known]
     if bad:
@@ -881,6 +910,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         runners: dict[str, Callable[[], tuple[np.ndarray | None, dict[str, Any]]]] = {
             "scatlas": lambda p=p: run_scatlas(p),
+            "scatlas_no_abstain": lambda p=p: run_scatlas(p, min_confidence=0.0, far_quantile=None),
             "logreg": lambda p=p: run_logreg(p),
             "celltypist": lambda p=p: run_peer(p, "celltypist", args.peer_python),
             "scanpy_ingest": lambda p=p: run_peer(p, "scanpy_ingest", args.peer_python),
@@ -942,17 +972,10 @@ def main(argv: list[str] | None = None) -> int:
             log.info("tuning: best %s", results["tuning"]["chosen"])
     if args.scale_cells:
         out = work / "scale.json"
-        cmd = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--scale-worker",
-            str(work),
-            str(args.scale_cells),
-            str(out),
-            "--scale-batch-size",
-            str(args.scale_batch_size),
-        ]
-        subprocess.run(cmd, check=True)
+        qpath = prepare_scale(work, args.scale_cells)
+        script = str(Path(__file__).resolve())
+        cmd = [sys.executable, script, "--scale-worker", str(work / "scale_index"), str(qpath), str(out)]
+        subprocess.run([*cmd, "--scale-batch-size", str(args.scale_batch_size)], check=True)
         results["scale"] = json.loads(out.read_text())
         log.info("scale: %s", results["scale"])
     if args.json_out:

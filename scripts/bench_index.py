@@ -383,6 +383,54 @@ def scale(n, d, factory, shard_size, clusters, queries, threads, out) -> None:
     (target.parent / f"n{n}-d{d}.json").write_text(json.dumps(record, indent=2, default=str))
 
 
+@cli.command("add-ab")
+@click.option("--n", "n", type=int, default=100_000, show_default=True)
+@click.option("--d", "d", type=int, default=50, show_default=True)
+@click.option("--factory", default=None, help="default: IVF1024,PQ{m} as auto would pick m")
+@click.option("--rounds", type=int, default=3, show_default=True)
+@click.option("--threads", type=int, default=None)
+def add_ab(n, d, factory, rounds, threads) -> None:
+    """Interleaved A/B of the add phase: raw FAISS add_with_ids vs our shard writer, same trained index.
+
+    Alternating the two in one process cancels most of the noise other jobs on the machine add to wall times.
+    """
+    import tempfile
+
+    import faiss
+
+    from atlas.synthetic import SyntheticEmbeddingConfig, vectors_for_range
+    from index.device import set_faiss_threads
+    from index.factory import Assigner, choose_pq_m, make_index
+    from index.shard import write_shard
+    from index.source import ArrayVectorSource, ShardSpec
+
+    threads = set_faiss_threads(threads)
+    factory = factory or f"IVF1024,PQ{choose_pq_m(d)}"
+    x = vectors_for_range(SyntheticEmbeddingConfig(n=n, d=d, n_clusters=500), 0, n)[0]
+    trained = make_index(factory, d, 0)
+    trained.train(x[: min(n, 65_536)])
+    times: dict[str, list[tuple[float, float]]] = {"raw": [], "ours": []}
+    for _ in range(rounds):
+        raw = faiss.clone_index(trained)
+        w, c = time.perf_counter(), time.process_time()
+        for a in range(0, n, CHUNK):
+            raw.add_with_ids(x[a:a + CHUNK], np.arange(a, min(a + CHUNK, n)))
+        times["raw"].append((time.perf_counter() - w, time.process_time() - c))
+        with tempfile.TemporaryDirectory() as tmp:
+            w, c = time.perf_counter(), time.process_time()
+            write_shard(ArrayVectorSource(x), ShardSpec(0, 0, n, n), Path(tmp), trained, Assigner(trained, "cpu"),
+                        CHUNK)
+            times["ours"].append((time.perf_counter() - w, time.process_time() - c))
+    med = {k: (float(np.median([t[0] for t in v])), float(np.median([t[1] for t in v]))) for k, v in times.items()}
+    print(json.dumps({
+        "n": n, "d": d, "factory": factory, "threads": threads, "rounds": rounds,
+        "raw_add_cells_per_s": round(n / med["raw"][0], 1), "ours_add_cells_per_s": round(n / med["ours"][0], 1),
+        "ours_over_raw_wall": round(med["raw"][0] / med["ours"][0], 3),
+        "ours_over_raw_cpu": round(med["raw"][1] / med["ours"][1], 3), "times_s_wall_cpu": times,
+        "load_at_start": round(os.getloadavg()[0], 2),
+    }, indent=2))
+
+
 @cli.command()
 def table() -> None:
     """Re-render the table in docs/benchmarks.md from its data block."""

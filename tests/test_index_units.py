@@ -13,7 +13,8 @@ from index.source import ArrayVectorSource, plan_over_ranges
 
 
 def test_auto_factory_flat_below_the_crossover_and_ivfpq_above():
-    assert auto_factory(10_000, 128) == "IDMap2,Flat"
+    assert auto_factory(100_000, 128) == "IDMap2,Flat" and auto_factory(100_001, 128).startswith("IVF")
+    assert auto_factory(200_000, 50) == "IDMap2,Flat" and auto_factory(20_000, 1280).startswith("PCAR256,IVF")
     assert auto_factory(2_000_000, 128).startswith("IVF") and ",PQ" in auto_factory(2_000_000, 128)
     assert auto_factory(2_000_000, 1280).startswith("PCAR256,IVF")
     assert choose_nlist(1_000_000) == 4096 and choose_nlist(36_000_000) == 16384 and choose_nlist(100) == 16
