@@ -17,7 +17,6 @@ import datetime as _dt
 import fcntl
 import json
 import logging
-import os
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
+from atlas.atomic import write_json_atomic
 from atlas.chunks import CellChunk
 from atlas.errors import InputError, StoreError
 from atlas.genes import GeneVocabulary
@@ -52,14 +52,6 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-def atomic_write_json(path: Path, payload: Any) -> None:
-    """Write JSON to ``path`` so that readers see either the old or the new file, never a partial one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=True, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -397,7 +389,7 @@ class StoreWriter:
                     raise StoreError(f"{path}: holds an experiment/ but no store.json; not a scatlas store")
                 _create_layout(path)
                 state = StoreState()
-                atomic_write_json(path / STATE_FILE, state.to_json())
+                write_json_atomic(path / STATE_FILE, state.to_json())
             else:
                 raise StoreError(f"{path}: no atlas store to append to; use --mode write to create one")
             writer = cls(path, state)
@@ -422,7 +414,7 @@ class StoreWriter:
             con.execute("DELETE FROM cells WHERE dataset_id NOT IN (SELECT dataset_id FROM committed)")
             con.execute("DELETE FROM genes WHERE added_by NOT IN (SELECT dataset_id FROM committed)")
             con.execute("DELETE FROM datasets WHERE dataset_id NOT IN (SELECT dataset_id FROM committed)")
-        atomic_write_json(self.path / STATE_FILE, self.state.to_json())
+        write_json_atomic(self.path / STATE_FILE, self.state.to_json())
         journal.unlink()
 
     # -- writing one dataset ------------------------------------------------------------------------------------
@@ -432,7 +424,7 @@ class StoreWriter:
 
         obs_start, var_start = self.state.obs_high_water, self.state.var_high_water
         obs_stop, var_stop = obs_start + n_cells, var_start + n_new_genes
-        atomic_write_json(
+        write_json_atomic(
             self.path / JOURNAL_FILE,
             {"dataset_id": dataset_id, "obs_start": obs_start, "obs_stop": obs_stop, "var_start": var_start,
              "var_stop": var_stop, "started_at": _now()},
@@ -471,5 +463,5 @@ class StoreWriter:
         self.state.obs_high_water = record.stop
         self.state.var_high_water = max(self.state.var_high_water, var_stop)
         self.state.obsm_dims.update(obsm_dims)
-        atomic_write_json(self.path / STATE_FILE, self.state.to_json())
+        write_json_atomic(self.path / STATE_FILE, self.state.to_json())
         (self.path / JOURNAL_FILE).unlink(missing_ok=True)

@@ -8,12 +8,11 @@ rerun resumes only when it would produce the same index.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from atlas.atomic import write_json_atomic
 from atlas.errors import IndexFormatError
 
 FORMAT_VERSION = 1
@@ -209,17 +208,3 @@ def read_manifest(directory: str | Path) -> IndexManifest:
         raise IndexFormatError(f"{path} is incomplete or malformed ({exc!r}); rebuild the index") from exc
 
 
-def write_json_atomic(path: Path, payload: Any) -> Path:
-    """Write JSON to a temporary file in the same directory, fsync it, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(payload, indent=2, sort_keys=True, default=str))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

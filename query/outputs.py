@@ -20,8 +20,8 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from atlas.atomic import write_json_atomic
 from atlas.errors import InputError
-from atlas.store import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def write_parquet(frame: pd.DataFrame, out: str | Path) -> Path:
 def write_json(payload: dict[str, Any], out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out, payload)
+    write_json_atomic(Path(out), payload)
     logger.info("wrote %s", out)
     return out
 

@@ -77,8 +77,10 @@ def build_vector_index(
 
 
 def stored(data: Planted) -> np.ndarray:
-    """The vectors as the index stores them (float16), as float64."""
-    return data.vectors.astype(np.float16).astype(np.float64)
+    """The vectors as the index stores them (normalised, float16, by the index's own storage function), as float64."""
+    from index.vectors import as_stored
+
+    return as_stored(data.vectors)[0].astype(np.float64)
 
 
 def exact_hits(data: Planted, weights: np.ndarray, bias: float, cutoff: float) -> tuple[np.ndarray, np.ndarray]:

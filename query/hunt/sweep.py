@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from atlas.atomic import write_json_atomic
 from atlas.errors import EmbedderMismatchError, InputError
 from query.hunt.access import (
     IndexLike,
@@ -92,13 +93,6 @@ class SweepSummary:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=True, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _write_partial(path: Path, ids: np.ndarray, scores: np.ndarray, meta: dict[str, int]) -> None:
@@ -167,7 +161,7 @@ def _prepare_out(out: Path, key: dict[str, Any], resume: bool) -> dict[str, Any]
     shutil.rmtree(out / PARTIALS_DIR, ignore_errors=True)
     (out / PARTIALS_DIR).mkdir()
     state = {"format_version": STATE_VERSION, "key": key, "shards": {}, "complete": False}
-    _write_json_atomic(state_path, state)
+    write_json_atomic(state_path, state)
     return state
 
 
@@ -320,7 +314,7 @@ def sweep(
                     scoring += time.perf_counter() - ts
                     _write_partial(part_path, h_ids, h_scores, meta)
                     state["shards"][name] = {**meta, "n_hits": len(h_ids)}
-                    _write_json_atomic(state_path, state)
+                    write_json_atomic(state_path, state)
                     n_scored += 1
                     cells_scored += len(ids)
                     n_cand += c
@@ -365,8 +359,8 @@ def sweep(
     )
     state["complete"] = True
     state["n_hits"] = len(hit_ids)
-    _write_json_atomic(state_path, state)
-    _write_json_atomic(out / SUMMARY_FILE, summary.to_json())
+    write_json_atomic(state_path, state)
+    write_json_atomic(out / SUMMARY_FILE, summary.to_json())
     logger.info(
         "swept %d cells in %d shards (%d resumed): %d hits (%.4f%%) at score >= %.4f; scoring %.0f cells/s, "
         "%.2f GB/s (%s, %s kernel, %d threads); total %.1fs",
