@@ -12,6 +12,7 @@ import scipy.sparse as sp
 
 from atlas.errors import InputError
 from atlas.normalize import to_lognorm
+from atlas.schema import STANDARD_OBS_COLUMNS
 from atlas.synthetic import (
     CellType,
     RareType,
@@ -60,20 +61,7 @@ def test_chunks_belong_to_one_dataset_and_names_are_unique() -> None:
     assert all(c.obs["dataset_id"].nunique() == 1 for c in chunks)
     names = np.concatenate([c.obs_names.to_numpy() for c in chunks])
     assert len(names) == SMALL.n_cells == len(set(names))
-    required = {
-        "dataset_id",
-        "donor_id",
-        "assay",
-        "cell_type",
-        "cell_type_ontology_term_id",
-        "tissue",
-        "tissue_general",
-        "disease",
-        "sex",
-        "development_stage",
-        "is_primary_data",
-        "truth_is_rare",
-    }
+    required = (set(STANDARD_OBS_COLUMNS) - {"obs_id"}) | {"truth_is_rare"}  # obs_id is the obs index
     assert required <= set(chunks[0].obs.columns)
     obs, _ = _concat(chunks)
     per_type = obs.groupby("cell_type")["cell_type_ontology_term_id"].nunique()
