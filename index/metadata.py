@@ -76,26 +76,30 @@ def columns_of(con: Any) -> list[str]:
     return [r[0] for r in con.execute(f"DESCRIBE {CELLS_TABLE}").fetchall()]
 
 
-def where_ids(con: Any, predicate: str) -> np.ndarray:
-    """Sorted unique ids of the cells matching an SQL predicate; InputError when it is invalid or matches none."""
+def where_ids(con: Any, predicate: str, *, allow_empty: bool = False, what: str = "where filter") -> np.ndarray:
+    """Sorted unique ids of the cells matching an SQL predicate.
+
+    InputError when the predicate is empty or invalid (naming the columns of the cells table) and, unless
+    ``allow_empty``, when it matches no cell. ``what`` names the predicate in messages.
+    """
     import duckdb
 
     predicate = (predicate or "").strip()
     if not predicate:
-        raise InputError("the where filter is empty; pass an SQL predicate such as \"tissue = 'lung'\"")
+        raise InputError(f"the {what} is empty; pass an SQL predicate such as \"tissue = 'lung'\"")
     if ";" in predicate:
-        raise InputError(f"the where filter {predicate!r} must be one SQL predicate (no ';')")
+        raise InputError(f"the {what} {predicate!r} must be one SQL predicate (no ';')")
     sql = f"SELECT DISTINCT {ID_COLUMN} FROM {CELLS_TABLE} WHERE ({predicate}) ORDER BY {ID_COLUMN}"
     try:
         ids = con.execute(sql).fetchnumpy()[ID_COLUMN]
     except duckdb.Error as exc:
         raise InputError(
-            f"invalid where filter {predicate!r}: {_first_line(exc)}. Columns of the cells table: "
+            f"invalid {what} {predicate!r}: {_first_line(exc)}. Columns of the cells table: "
             f"{', '.join(columns_of(con))}"
         ) from exc
     ids = np.asarray(ids, dtype=np.int64)
-    if len(ids) == 0:
-        raise InputError(f"the where filter {predicate!r} matches no cell of the index; relax it")
+    if len(ids) == 0 and not allow_empty:
+        raise InputError(f"the {what} {predicate!r} matches no cell of the index; relax it")
     return ids
 
 

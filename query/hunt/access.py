@@ -22,6 +22,7 @@ import numpy as np
 
 from atlas.chunks import CellChunk
 from atlas.errors import IndexFormatError, InputError
+from index.metadata import where_ids
 
 logger = logging.getLogger(__name__)
 
@@ -164,23 +165,8 @@ def cursor(index: HuntIndex) -> Iterator[Any]:
 
 def sql_ids(index: HuntIndex, predicate: str) -> np.ndarray:
     """Sorted ids of the index's cells matching an SQL predicate over its ``cells`` table (possibly none)."""
-    import duckdb
-
-    text = (predicate or "").strip()
-    if not text:
-        raise InputError("the SQL predicate is empty; pass e.g. \"cell_type = 'Norn cell'\"")
-    if ";" in text:
-        raise InputError(f"the SQL predicate {text!r} must be a single expression (no ';')")
     with cursor(index) as con:
-        try:
-            got = con.execute(f"SELECT DISTINCT soma_joinid FROM cells WHERE ({text}) ORDER BY soma_joinid").fetchnumpy()
-        except duckdb.Error as exc:
-            cols = [r[0] for r in con.execute("DESCRIBE cells").fetchall()]
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise InputError(
-                f"invalid SQL predicate {text!r}: {first}. Columns of the cells table: {', '.join(cols)}"
-            ) from exc
-    return np.asarray(got["soma_joinid"], dtype=np.int64)
+        return where_ids(con, predicate, allow_empty=True, what="SQL predicate")
 
 
 def sample_ids(index: HuntIndex, n: int, *, exclude: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
