@@ -37,3 +37,7 @@ class EmbedderMismatchError(ScatlasError):
 
 class DependencyError(ScatlasError):
     """An optional dependency or device (faiss-gpu, CUDA, uce-model, ray) was asked for but is not available."""
+
+
+class TaskError(ScatlasError):
+    """A unit of offline work (a shard of a build or a sweep) failed, after any retries the executor allows."""

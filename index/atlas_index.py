@@ -58,6 +58,10 @@ class AtlasIndex:
         self._embedder: Embedder | None = None
         self._con: Any = None
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (e.g. into a Ray task) as "open the index at this path": handles and mappings do not travel."""
+        return (AtlasIndex.open, (str(self.path),))
+
     @classmethod
     def open(
         cls, path: str | Path, *, verify: bool = False, threads: int | None = None, mmap: bool = False

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from atlas.errors import IndexFormatError, InputError
+from atlas.errors import DependencyError, IndexFormatError, InputError
 from index._faiss import faiss_module
-from index.device import Device, resolve_device, set_faiss_threads
+from index.device import Device, faiss_gpu_count, resolve_device, set_faiss_threads
 from index.evaluate import TARGET_RECALL, calibrate, tune_and_measure
+from index.executor import Executor, LocalExecutor, Task, TaskContext, local_devices
 from index.factory import Assigner, default_train_sample, is_exact, resolve_factory, train_index
 from index.manifest import (
     BUILD_FILE,
@@ -33,6 +34,7 @@ from index.manifest import (
     FORMAT_VERSION,
     MANIFEST_FILE,
     METRIC,
+    PROGRESS_FILE,
     SHARD_IDS_FILE,
     SHARDS_DIR,
     TRAINED_FILE,
@@ -47,7 +49,7 @@ from index.manifest import (
 from index.metadata import CellsInput, write_cells_db
 from index.searcher import ShardSearcher
 from index.shard import clean_tmp, file_record, read_done, verify_shard, write_shard
-from index.source import VectorSource
+from index.source import ShardSpec, VectorSource
 from index.vectors import as_stored
 
 if TYPE_CHECKING:
@@ -200,6 +202,94 @@ def _save_embedder(out: Path, embedder: Embedder) -> None:
     os.replace(tmp, target)
 
 
+
+_TRAINED_CACHE: dict[tuple[str, int, int], Any] = {}
+"""Trained indexes by (path, size, mtime): a worker process (Ray reuses them) reads ``trained.faiss`` once."""
+
+
+def _trained_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+def _load_trained(path: Path) -> Any:
+    key = _trained_key(path)
+    if key not in _TRAINED_CACHE:
+        try:
+            _TRAINED_CACHE[key] = faiss_module().read_index(str(path))
+        except RuntimeError as exc:
+            raise IndexFormatError(f"{path} is unreadable ({exc}); rebuild with --overwrite") from exc
+    return _TRAINED_CACHE[key]
+
+
+def build_shard(
+    source: VectorSource, spec: ShardSpec, shards_dir: Path, trained_path: Path, chunk_size: int, *, ctx: TaskContext
+) -> ShardRecord:
+    """The build's unit of work: embed shard ``spec`` of ``source`` and write ``shards_dir/NNNN`` (atomically).
+
+    Runs wherever the executor puts it: ``ctx`` says on which device and with how many threads.
+    """
+    t0 = time.perf_counter()
+    if ctx.threads:
+        set_faiss_threads(ctx.threads)
+    trained = _load_trained(trained_path)
+    on_device = getattr(source, "on_device", None)
+    if ctx.device == "cuda" and on_device is not None:  # a model embedder uses the task's GPU (one per GPU locally)
+        source = on_device(ctx.torch_device)
+    assigner = Assigner(trained, "cuda" if ctx.device == "cuda" else "cpu", ctx.gpu or 0)
+    rec = write_shard(source, spec, shards_dir, trained, assigner, chunk_size, on_chunk=ctx.progress)
+    logger.debug("shard %s: %d cells in %.1f s on %s (%s)", rec.dirname, rec.n, time.perf_counter() - t0,
+                 ctx.torch_device, ctx.worker)
+    return rec
+
+
+def _completed_shard(shards_dir: Path, spec: ShardSpec) -> ShardRecord | None:
+    """The record of shard ``spec`` when an earlier run completed it intact (checksums verified), else None."""
+    sdir = shards_dir / shard_dirname(spec.shard_no)
+    if not sdir.exists():
+        return None
+    try:
+        rec = read_done(sdir)
+        if rec.n != spec.n:
+            raise IndexFormatError(f"shard {sdir} holds {rec.n} cells, the plan says {spec.n}")
+        verify_shard(sdir, rec, checksums=True)
+        return rec
+    except IndexFormatError as exc:
+        logger.warning("rebuilding shard %s: %s", sdir.name, exc)
+        return None
+
+
+def _task_device(requested: str, driver_device: Device, executor: Executor) -> Device:
+    """Device for shard tasks: the driver's choice locally; on Ray, ``auto`` means GPUs when the cluster has any."""
+    if executor.name == "local":
+        return driver_device
+    req = (requested or "auto").lower()
+    if req == "cpu":
+        return "cpu"
+    gpus = executor.gpu_count()
+    if req in ("cuda", "gpu") and gpus == 0:
+        raise DependencyError("device 'cuda' was asked for but the Ray cluster has no GPUs; use --device cpu or auto")
+    return "cuda" if gpus > 0 else "cpu"
+
+
+class _Progress:
+    """``progress.json``: the driver's record of completed shards (when, where, how long), written atomically."""
+
+    def __init__(self, out: Path, executor: dict[str, Any]) -> None:
+        self.path = out / PROGRESS_FILE
+        self.state: dict[str, Any] = {"executor": executor, "shards": {}}
+        if self.path.is_file():
+            try:
+                old = json.loads(self.path.read_text())
+                self.state["shards"] = dict(old.get("shards", {}))
+            except ValueError:
+                pass
+
+    def record(self, rec: ShardRecord) -> None:
+        self.state["shards"][rec.dirname] = {"n": rec.n, "finished": _now()}
+        write_json_atomic(self.path, self.state)
+
+
 def build_from_source(
     source: VectorSource,
     out: str | Path,
@@ -212,13 +302,16 @@ def build_from_source(
     gene_vocabulary_hash: str | None = None,
     extra_identity: dict[str, Any] | None = None,
     overwrite: bool = False,
+    executor: Executor | None = None,
 ) -> IndexManifest:
     """Build (or resume building) an index directory from ``source``; return its manifest.
 
     ``cells``: the metadata to copy (DuckDB file with a ``cells`` table, or a pyarrow Table / DataFrame with
     ``soma_joinid``); ``None`` stores only the ids. ``embedder``: saved into ``embedder/`` and recorded;
     ``embedder_info`` describes the vectors when there is no embedder object. ``extra_identity`` joins the
-    arguments that must match on resume (e.g. the embedder spec of :func:`index.build_index`).
+    arguments that must match on resume (e.g. the embedder spec of :func:`index.build_index`). ``executor``: where
+    the shard tasks run (default: this process, on every GPU FAISS sees when ``device`` resolves to ``cuda``); the
+    files are the same whichever runs them.
     """
     config = config or BuildConfig()
     out = Path(out)
@@ -262,33 +355,47 @@ def build_from_source(
     shards_dir.mkdir(exist_ok=True)
     clean_tmp(shards_dir)
     plan = source.shard_plan(config.shard_size)
-    assigner = Assigner(trained, device)
-    records: list[ShardRecord] = []
-    reused = 0
-    t_add = time.perf_counter()
-    added = 0
-    with tqdm(total=source.n_cells, unit="cell", desc="index shards", disable=None) as bar:
-        for spec in plan:
-            sdir = shards_dir / shard_dirname(spec.shard_no)
-            if sdir.exists():
-                try:
-                    rec = read_done(sdir)
-                    if rec.n != spec.n:
-                        raise IndexFormatError(f"shard {sdir} holds {rec.n} cells, the plan says {spec.n}")
-                    verify_shard(sdir, rec, checksums=True)
-                    records.append(rec)
-                    reused += 1
-                    bar.update(spec.n)
-                    continue
-                except IndexFormatError as exc:
-                    logger.warning("rebuilding shard %s: %s", sdir.name, exc)
-            rec = write_shard(source, spec, shards_dir, trained, assigner, config.chunk_size, on_chunk=bar.update)
-            added += rec.n
-            logger.debug("shard %s: %d cells", sdir.name, rec.n)
-            records.append(rec)
-    add_s = time.perf_counter() - t_add
+    executor = executor or LocalExecutor(local_devices(device, faiss_gpu_count()))
+    task_device = _task_device(config.device, device, executor)
+    trained_key = _trained_key(out / TRAINED_FILE)
+    _TRAINED_CACHE[trained_key] = trained  # tasks in this process reuse it
+    done: dict[int, ShardRecord] = {}
+    todo: list[ShardSpec] = []
+    for spec in plan:
+        rec = _completed_shard(shards_dir, spec)
+        if rec is not None:
+            done[spec.shard_no] = rec
+        else:
+            todo.append(spec)
+    reused = len(done)
     if reused:
-        logger.info("resume: reused %d of %d completed shards", reused, len(plan))
+        logger.info("resume: reusing %d of %d completed shards", reused, len(plan))
+    progress = _Progress(out, executor.describe())
+    tasks = [
+        Task(f"shard-{shard_dirname(spec.shard_no)}", build_shard,
+             (source, spec, shards_dir, out / TRAINED_FILE, config.chunk_size), gpus=1.0 if task_device == "cuda" else 0.0,
+             cells=spec.n)
+        for spec in todo
+    ]
+
+    def on_done(task: Task, rec: ShardRecord) -> None:
+        done[rec.no] = rec
+        progress.record(rec)
+
+    t_add = time.perf_counter()
+    with tqdm(total=source.n_cells, initial=sum(r.n for r in done.values()), unit="cell", desc="index shards",
+              disable=None) as bar:
+        try:
+            executor.run(tasks, on_done, progress=bar.update)
+        finally:
+            _TRAINED_CACHE.pop(trained_key, None)
+    add_s = time.perf_counter() - t_add
+    clean_tmp(shards_dir)  # partial shards of tasks that died and were retried elsewhere
+    missing = [spec.shard_no for spec in plan if spec.shard_no not in done]
+    if missing:
+        raise IndexFormatError(f"shards {missing} were not built; rerun the same command to resume")
+    records = [done[spec.shard_no] for spec in plan]
+    added = sum(spec.n for spec in todo)
 
     cells_path = out / CELLS_DB_FILE
     if not cells_path.exists():
@@ -335,6 +442,8 @@ def build_from_source(
             "add_cells_per_second": round(added / add_s, 1) if added and add_s > 0 else None,
             "shards_reused": reused,
             "device": device,
+            "task_device": task_device,
+            "executor": executor.describe(),
             "threads": threads,
             "config": asdict(config),
         },

@@ -188,15 +188,16 @@ def train_index(factory: str, dim: int, sample: np.ndarray, *, seed: int, device
     return index
 
 
-_GPU_RESOURCES: list[Any] = []
+_GPU_RESOURCES: dict[int, Any] = {}
 
 
-def _gpu_resources() -> Any:
+def _gpu_resources(gpu: int = 0) -> Any:
+    """One ``StandardGpuResources`` per GPU, kept for the process (they own scratch memory and streams)."""
     faiss = faiss_module()
 
-    if not _GPU_RESOURCES:
-        _GPU_RESOURCES.append(faiss.StandardGpuResources())
-    return _GPU_RESOURCES[0]
+    if gpu not in _GPU_RESOURCES:
+        _GPU_RESOURCES[gpu] = faiss.StandardGpuResources()
+    return _GPU_RESOURCES[gpu]
 
 
 def _gpu_flat(dim: int) -> Any:
@@ -209,9 +210,9 @@ def _gpu_flat(dim: int) -> Any:
 
 
 class Assigner:
-    """Coarse assignment of vectors to inverted lists: the trained quantizer, or a GPU copy of it."""
+    """Coarse assignment of vectors to inverted lists: the trained quantizer, or a copy of it on GPU ``gpu``."""
 
-    def __init__(self, trained: Any, device: Device) -> None:
+    def __init__(self, trained: Any, device: Device, gpu: int = 0) -> None:
         faiss = faiss_module()
 
         self._ivf = ivf_of(trained)
@@ -219,7 +220,7 @@ class Assigner:
         self.device = device
         if self._ivf is not None:
             q = faiss.downcast_index(self._ivf.quantizer)
-            self._quantizer = faiss.index_cpu_to_gpu(_gpu_resources(), 0, q) if device == "cuda" else q
+            self._quantizer = faiss.index_cpu_to_gpu(_gpu_resources(gpu), gpu, q) if device == "cuda" else q
 
     @property
     def is_ivf(self) -> bool:

@@ -20,6 +20,7 @@ SUPPORTED_FORMAT_VERSIONS = (1,)
 
 MANIFEST_FILE = "manifest.json"
 BUILD_FILE = "build.json"
+PROGRESS_FILE = "progress.json"
 TRAINED_FILE = "trained.faiss"
 CELLS_DB_FILE = "cells.duckdb"
 EMBEDDER_DIR = "embedder"

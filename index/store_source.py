@@ -18,6 +18,7 @@ from index.source import ShardSpec, plan_over_ranges
 
 if TYPE_CHECKING:
     from atlas.embed.base import Embedder
+    from index.executor import Executor
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +63,24 @@ class StoreVectorSource:
             return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), dtype=np.float32)
         return np.concatenate(parts_ids), np.concatenate(parts_vecs).astype(np.float32, copy=False)
 
+    def on_device(self, device: str) -> StoreVectorSource:
+        """This source with its embedder on ``device`` (each GPU of a multi-GPU build embeds its own shards)."""
+        embedder = self.embedder.on_device(device)
+        return self if embedder is self.embedder else StoreVectorSource(self.store, embedder)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (for a Ray worker) as "reopen the store at its path": open handles do not travel."""
+        return (_reopen_store_source, (str(self.store.path), self.embedder))
+
     def describe(self) -> dict[str, Any]:
         snap = {k: v for k, v in self.store.snapshot().items() if k != "path"}  # the store may move
         return {"kind": "atlas", "n_cells": self.n_cells, "dim": self.dim, "snapshot": snap}
+
+
+def _reopen_store_source(path: str, embedder: Embedder) -> StoreVectorSource:
+    from atlas.store import AtlasStore
+
+    return StoreVectorSource(AtlasStore.open(path), embedder)
 
 
 def _fit_embedder(store: Any, spec: str, fit_sample: int, seed: int, options: dict[str, Any]) -> Embedder:
@@ -113,12 +129,14 @@ def build_index(
     threads: int | None = None,
     embedder_options: dict[str, Any] | None = None,
     config: BuildConfig | None = None,
+    executor: Executor | None = None,
 ) -> IndexManifest:
     """Build (or resume) the index of an atlas store at ``out`` and return its manifest.
 
     The embedder (``pca``, ``precomputed:KEY``, ``uce``) is fitted on ``fit_sample`` cells sampled across
     datasets when it needs fitting, saved into ``out/embedder/``, and recorded in the manifest. ``config``
-    overrides every build setting at once (shard_size, factory, ... are then ignored).
+    overrides every build setting at once (shard_size, factory, ... are then ignored). ``executor``: where the shard
+    tasks run (:mod:`index.executor`; default: this process).
     """
     from atlas.store import AtlasStore
 
@@ -142,4 +160,5 @@ def build_index(
         snapshot=store.snapshot(),
         gene_vocabulary_hash=store.genes.fingerprint(),
         extra_identity=identity,
+        executor=executor,
     )

@@ -59,6 +59,29 @@ def progress_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")(f)
 
 
+def executor_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--executor local|ray``, ``--ray-address``, ``--cpus-per-task``: where shard tasks run."""
+    f = click.option("--cpus-per-task", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+                     help="With --executor ray: CPUs each shard task asks for (and the threads it uses).")(f)
+    f = click.option("--ray-address", default=None, metavar="ADDR",
+                     help="With --executor ray: the cluster (HOST:PORT, or 'auto' for the one `ray start` began on "
+                          "this node). Default: a new local Ray cluster.")(f)
+    return click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                        help="Run the shard tasks in this process (local) or as Ray tasks (pip install 'scatlas[ray]'; "
+                             "paths must be visible to every node).")(f)
+
+
+def _make_executor(executor: str, ray_address: str | None, cpus_per_task: float) -> Any:
+    """None for the default local executor (the library picks its devices), else the chosen executor."""
+    from index.executor import RayExecutor
+
+    if executor == "local":
+        if ray_address is not None:
+            raise click.UsageError("--ray-address is only used with --executor ray")
+        return None
+    return RayExecutor(ray_address, cpus_per_task=cpus_per_task)
+
+
 def _parse_obs_map(values: tuple[str, ...]) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in values:
@@ -233,15 +256,17 @@ def _option_value(text: str) -> Any:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for FAISS (default: all cores).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling and training.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index directory instead of resuming it.")
+@executor_options
 def build(atlas_dir: Path, index_dir: Path, embedder: str, embedder_option: tuple[str, ...], shard_size: int, factory: str,
-          device: str, chunk_size: int, fit_sample: int, threads: int | None, seed: int, overwrite: bool) -> None:
+          device: str, chunk_size: int, fit_sample: int, threads: int | None, seed: int, overwrite: bool, executor: str,
+          ray_address: str | None, cpus_per_task: float) -> None:
     """Embed every cell of an atlas store and write a sharded FAISS index (resumes an interrupted build)."""
     from index import build_index, index_info
 
     options = {k: _option_value(v) for k, v in _parse_pairs(embedder_option, "--embedder-option")}
     build_index(atlas_dir, index_dir, embedder=embedder, shard_size=shard_size, factory=factory, device=device,
                 chunk_size=chunk_size, fit_sample=fit_sample, overwrite=overwrite, seed=seed, threads=threads,
-                embedder_options=options)
+                embedder_options=options, executor=_make_executor(executor, ray_address, cpus_per_task))
     _print_info(index_info(index_dir))
 
 
@@ -371,14 +396,17 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
 @click.option("--restart", is_flag=True, help="Discard a previous sweep in OUT instead of resuming it.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: tuned by timing).")
+@executor_options
 @progress_option
 def hunt_sweep(index_dir: Path, classifier_dir: Path, out_dir: Path, min_score: float | None, min_probability: float | None,
-               restart: bool, device: str, threads: int | None, progress: bool) -> None:
+               restart: bool, device: str, threads: int | None, executor: str, ray_address: str | None,
+               cpus_per_task: float, progress: bool) -> None:
     """Score every cell of every shard from the stored vectors; write hits joined with cell metadata."""
     from query.hunt import sweep
 
     s = sweep(index_dir, classifier_dir, out_dir, min_score=min_score, min_probability=min_probability, resume=not restart,
-              device=device, threads=threads, progress=progress)
+              device=device, threads=threads, progress=progress,
+              executor=_make_executor(executor, ray_address, cpus_per_task))
     click.echo(f"swept {s.n_cells:,} cells in {s.n_shards} shards ({s.n_shards_resumed} resumed) on {s.device}: "
                f"{s.n_hits:,} hits (cut-off {s.cutoff:.4f}, {s.cutoff_source}); "
                f"{s.cells_per_second:,.0f} cells/s, {s.gb_per_second:.2f} GB/s")

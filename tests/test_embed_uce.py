@@ -327,3 +327,16 @@ def test_cuda_matches_cpu(files, data):
     assert gpu.fingerprint() == cpu.fingerprint()
     np.testing.assert_allclose(gpu.transform(chunk_of(data.counts, genes)), cpu.transform(chunk_of(data.counts, genes)),
                                atol=1e-4)
+
+
+def test_pickles_without_the_model_and_moves_between_devices(emb, data):
+    """What a Ray worker or a multi-GPU build does with the embedder: same vectors, model reloaded from its files."""
+    import pickle
+
+    genes = _symbols(data)
+    want = emb.transform(chunk_of(data.counts[:20], genes))
+    assert emb._net is not None  # loaded by the transform above
+    clone = pickle.loads(pickle.dumps(emb))
+    assert clone._net is None and clone.fingerprint() == emb.fingerprint()
+    np.testing.assert_array_equal(clone.transform(chunk_of(data.counts[:20], genes)), want)
+    assert emb.on_device("cpu") is emb

@@ -173,3 +173,19 @@ def test_gpu_sweep_and_training_match_the_cpu(atlas, clf, tmp_path):
     pd.testing.assert_frame_equal(pd.read_parquet(cpu.hits_path), pd.read_parquet(gpu.hits_path))
     g = train(idx, positive_sql=LABELLED, background=4000, n_folds=3, device="cuda", progress=False)
     assert g.metrics["auprc"] == pytest.approx(clf.metrics["auprc"], abs=0.05)
+
+
+@pytest.mark.gpu
+def test_sweep_spreads_shards_over_every_gpu(atlas, clf, tmp_path):
+    import torch
+
+    from index.executor import LocalExecutor
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _, idx = atlas
+    n = torch.cuda.device_count()
+    cpu = sweep(idx, clf, tmp_path / "cpu", device="cpu", progress=False)
+    multi = sweep(idx, clf, tmp_path / "multi", device="cuda", progress=False,
+                  executor=LocalExecutor([f"cuda:{i}" for i in range(n)]))
+    pd.testing.assert_frame_equal(pd.read_parquet(cpu.hits_path), pd.read_parquet(multi.hits_path))

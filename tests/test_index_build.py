@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from atlas.errors import IndexFormatError, InputError
+from atlas.errors import IndexFormatError, InputError, TaskError
 from index import ArrayVectorSource, AtlasIndex, IndexManifest, ShardSpec, build_from_source, read_manifest
 from index.evaluate import recall_at_k
 from tests.test_index_helpers import (
@@ -106,7 +106,7 @@ class FailingSource(ArrayVectorSource):
 def test_interrupted_build_resumes_to_identical_files(tmp_path):
     src = array_source(8000, 32, seed=2)
     cfg = config(factory=IVF, shard_size=2000, chunk_size=500, nprobe=8, rerank=100)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(TaskError, match="shard-0002 failed: RuntimeError: simulated crash.*resume"):
         build_from_source(FailingSource(src, fail_at=2), tmp_path / "resumed", cfg)
     with pytest.raises(IndexFormatError, match="interrupted.*rerun"):
         AtlasIndex.open(tmp_path / "resumed")

@@ -38,3 +38,18 @@ def test_gpu_build_writes_cpu_indexes_with_the_same_recall(tmp_path):
     truth, _ = brute_force(clustered(n, d, seed=3), np.arange(n), q, 30)
     assert gpu.recall.recall >= 0.95
     assert recall_at_k(idx.search(q, k=30).ids, truth) >= 0.95
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs CUDA and faiss-gpu")
+def test_shards_built_on_every_gpu_equal_a_one_gpu_build(tmp_path):
+    from index.executor import LocalExecutor
+    from tests.test_index_helpers import digests
+
+    src = array_source(20_000, 32, seed=3)
+    cfg = config(factory="IVF64,PQ4", device="cuda", shard_size=5_000)
+    one = build_from_source(src, tmp_path / "one", cfg, executor=LocalExecutor(["cuda:0"]))
+    every = build_from_source(src, tmp_path / "every", cfg)  # default: one thread per GPU FAISS sees
+    assert every.build["executor"]["devices"] == [f"cuda:{i}" for i in range(faiss_gpu_count())]
+    assert one.build["task_device"] == every.build["task_device"] == "cuda"
+    assert digests(tmp_path / "one") == digests(tmp_path / "every")

@@ -59,6 +59,10 @@ class Embedder(ABC):
     def params(self) -> dict[str, Any]:
         """JSON-serialisable parameters that, with the saved artefact, reproduce the embedder."""
 
+    def on_device(self, device: str) -> Embedder:
+        """This embedder running on ``device`` (``cpu``, ``cuda:N``): itself, unless it runs a model on a device."""
+        return self
+
     def artefact_digest(self) -> str:
         """A digest of the fitted artefact (weights, gene list, ...); empty when there is none."""
         return ""

@@ -39,6 +39,7 @@ the output (not paths, device or batch size), the file digests and the mapping.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -460,6 +461,22 @@ class UCEEmbedder(Embedder):
     @property
     def device(self) -> str:
         return self._device
+
+    def on_device(self, device: str) -> UCEEmbedder:
+        """A copy that loads the model onto ``device`` (a shard task on GPU N of a multi-GPU machine); same vectors."""
+        device = resolve_device(device)
+        if device == self._device:
+            return self
+        other = copy.copy(self)
+        other._device = device
+        other._net = None
+        return other
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (for a Ray worker) without the loaded model: the worker loads it from the model files."""
+        state = dict(self.__dict__)
+        state["_net"] = None
+        return state
 
     @property
     def genes(self) -> GeneVocabulary:

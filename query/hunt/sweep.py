@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from atlas.atomic import write_json_atomic
 from atlas.errors import EmbedderMismatchError, InputError
+from index.executor import Executor, LocalExecutor, Task, TaskContext
 from query.hunt.access import (
     IndexLike,
     cursor,
@@ -190,6 +191,71 @@ def _score_shard(
     return np.concatenate(hit_ids).astype(np.int64), np.concatenate(hit_scores).astype(np.float32), n_cand
 
 
+
+_SCORERS: dict[tuple[str, str, str], BlockScorer] = {}
+"""Scorers by (classifier, cut, device) in this process: one per sweep and device, reused across shards."""
+
+
+def _scorer_key(clf: HuntClassifier, cutoff: float, device: str) -> tuple[str, str, str]:
+    return clf.fingerprint(), repr(float(cutoff)), device
+
+
+@dataclass
+class ShardScore:
+    """What one shard's scoring task returns (its partial file is already written)."""
+
+    name: str
+    meta: dict[str, int]
+    ids: np.ndarray
+    scores: np.ndarray
+    n_candidates: int
+    seconds: float
+    kernel: str
+    max_error: float
+
+
+class _Ticks:
+    """The ``update(n)`` a progress bar offers, forwarded to the task context's progress callback."""
+
+    def __init__(self, fn: Any) -> None:
+        self._fn = fn
+
+    def update(self, n: int) -> None:
+        if self._fn is not None:
+            self._fn(n)
+
+
+def score_shard(
+    index: IndexLike, shard_no: int, clf: HuntClassifier, cutoff: float, block_size: int, partial: Path,
+    meta: dict[str, int], *, ctx: TaskContext,
+) -> ShardScore:
+    """The sweep's unit of work: score shard ``shard_no`` of ``index`` and write its partial file (atomically)."""
+    import torch
+
+    t0 = time.perf_counter()
+    idx = open_index(index)
+    key = _scorer_key(clf, cutoff, ctx.torch_device)
+    scorer = _SCORERS.get(key)
+    if scorer is None:  # a Ray worker, or another GPU of this machine
+        if ctx.threads:
+            torch.set_num_threads(int(ctx.threads))
+        scorer = _SCORERS[key] = BlockScorer(clf.weights, clf.bias, cutoff, device=ctx.torch_device)
+    found = next(((ids, vecs) for no, ids, vecs in iter_shards(idx) if no == shard_no), None)
+    if found is None:
+        raise InputError(f"the index has no shard {shard_no}")
+    ids, vecs = found
+    got = {"n": len(ids), "id_min": int(ids[0]) if len(ids) else -1, "id_max": int(ids[-1]) if len(ids) else -1}
+    if got != meta:
+        raise InputError(f"shard {shard_no} is not the shard the sweep planned ({got} vs {meta}); restart the sweep")
+    ts = time.perf_counter()
+    h_ids, h_scores, n_cand = _score_shard(scorer, ids, vecs, block_size, _Ticks(ctx.progress))
+    seconds = time.perf_counter() - ts
+    _write_partial(partial, h_ids, h_scores, meta)
+    logger.debug("shard %04d: %d hits, %.2f s scoring, %.2f s in all (%s)", shard_no, len(h_ids), seconds,
+                 time.perf_counter() - t0, ctx.worker)
+    return ShardScore(partial.stem, meta, h_ids, h_scores, n_cand, seconds, scorer.kernel, scorer.max_error)
+
+
 def _write_hits(index: Any, out: Path, ids: np.ndarray, scores: np.ndarray, probs: np.ndarray) -> Path:
     """Join the hits with the index's cells table and write ``hits.parquet`` (temporary file + rename)."""
     import pyarrow as pa
@@ -227,6 +293,7 @@ def sweep(
     resume: bool = True,
     threads: int | None = None,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> SweepSummary:
     """Score every indexed cell with ``classifier``; write the hits (joined with cell metadata) to ``out``.
 
@@ -244,6 +311,9 @@ def sweep(
         whatever ``out`` holds and starts over.
     threads: torch CPU threads for the sweep; default: chosen between 1 and torch's current setting by timing
         blocks, re-checked every 8 GiB (see :class:`~query.hunt.kernels.ThreadTuner`). Restored afterwards.
+    executor: where the per-shard scoring tasks run (:mod:`index.executor`): default this process (one thread per
+        GPU when sweeping on CUDA); a :class:`~index.executor.RayExecutor` spreads shards over a cluster. The hits
+        are the same either way.
     """
     import torch
 
@@ -280,51 +350,72 @@ def sweep(
     }
     state = _prepare_out(out, key, resume)
     state_path = out / STATE_FILE
+    if threads is not None and threads < 1:
+        raise InputError(f"threads must be >= 1 (got {threads})")
+    if executor is None:
+        gpus = torch.cuda.device_count() if torch_device == "cuda" else 0
+        executor = LocalExecutor(["cpu"] if torch_device == "cpu" else [f"cuda:{i}" for i in range(max(1, gpus))])
+    elif executor.name != "local" and device == "auto":
+        torch_device = "cuda" if executor.gpu_count() > 0 else "cpu"
     old_threads = torch.get_num_threads()
     if threads is not None:
-        if threads < 1:
-            raise InputError(f"threads must be >= 1 (got {threads})")
         torch.set_num_threads(int(threads))
     n_threads = torch.get_num_threads()
-    scorer = BlockScorer(clf.weights, clf.bias, cutoff, device=torch_device)
+    # The scorer of tasks run in this process (the local executor on the CPU or the first GPU): one for the whole
+    # sweep, so that thread tuning carries over from shard to shard.
+    scorer = BlockScorer(clf.weights, clf.bias, cutoff, device="cpu" if torch_device == "cpu" else "cuda:0")
     tuner = ThreadTuner([1, n_threads]) if threads is None and torch_device == "cpu" and n_threads > 1 else None
     scorer.tuner = tuner
+    scorer_key = _scorer_key(clf, cutoff, scorer.device)
+    _SCORERS[scorer_key] = scorer
 
     shards = list(iter_shards(idx))
     n_cells = sum(len(ids) for _, ids, _ in shards)
-    all_ids: list[np.ndarray] = []
-    all_scores: list[np.ndarray] = []
-    n_scored = n_resumed = cells_scored = n_cand = 0
-    scoring = 0.0
+    results: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    tasks: list[Task] = []
+    n_resumed = 0
+    for no, ids, _vecs in shards:
+        name = f"{no:04d}"
+        meta = {"n": len(ids), "id_min": int(ids[0]) if len(ids) else -1,
+                "id_max": int(ids[-1]) if len(ids) else -1}
+        part_path = out / PARTIALS_DIR / f"{name}.npz"
+        got = _read_partial(part_path, meta) if name in state["shards"] else None
+        if got is not None:
+            n_resumed += 1
+            results[name] = got
+        else:
+            tasks.append(Task(f"sweep-{name}", score_shard, (idx, no, clf, cutoff, block_size, part_path, meta),
+                              gpus=1.0 if torch_device == "cuda" else 0.0, cells=len(ids)))
+    n_shards = len(shards)
+    del shards  # the driver keeps no mappings open while tasks run
+    stats = {"scored": 0, "cells": 0, "cand": 0, "seconds": 0.0, "max_error": 0.0}
+    kernels: set[str] = set()
+
+    def on_done(task: Task, res: ShardScore) -> None:
+        state["shards"][res.name] = {**res.meta, "n_hits": len(res.ids)}
+        write_json_atomic(state_path, state)
+        results[res.name] = (res.ids, res.scores)
+        stats["scored"] += 1
+        stats["cells"] += res.meta["n"]
+        stats["cand"] += res.n_candidates
+        stats["seconds"] += res.seconds
+        stats["max_error"] = max(stats["max_error"], res.max_error)
+        kernels.add(res.kernel)
+
     try:
-        with tqdm(total=n_cells, desc="sweep", unit="cell", unit_scale=True, disable=not progress) as bar:
-            for no, ids, vecs in shards:
-                name = f"{no:04d}"
-                meta = {"n": len(ids), "id_min": int(ids[0]) if len(ids) else -1,
-                        "id_max": int(ids[-1]) if len(ids) else -1}
-                part_path = out / PARTIALS_DIR / f"{name}.npz"
-                rec = state["shards"].get(name)
-                got = _read_partial(part_path, meta) if rec is not None else None
-                if got is not None:
-                    n_resumed += 1
-                    bar.update(len(ids))
-                else:
-                    ts = time.perf_counter()
-                    h_ids, h_scores, c = _score_shard(scorer, ids, vecs, block_size, bar)
-                    scoring += time.perf_counter() - ts
-                    _write_partial(part_path, h_ids, h_scores, meta)
-                    state["shards"][name] = {**meta, "n_hits": len(h_ids)}
-                    write_json_atomic(state_path, state)
-                    n_scored += 1
-                    cells_scored += len(ids)
-                    n_cand += c
-                    got = (h_ids, h_scores)
-                all_ids.append(got[0])
-                all_scores.append(got[1])
+        with tqdm(total=n_cells, initial=n_cells - sum(t.cells for t in tasks), desc="sweep", unit="cell",
+                  unit_scale=True, disable=not progress) as bar:
+            executor.run(tasks, on_done, progress=bar.update)
     finally:
         if tuner is not None and tuner.history:
             n_threads = tuner.history[-1]
         torch.set_num_threads(old_threads)
+        _SCORERS.pop(scorer_key, None)
+    n_scored, cells_scored, n_cand = int(stats["scored"]), int(stats["cells"]), int(stats["cand"])
+    scoring = float(stats["seconds"])
+    ordered = [results[f"{no:04d}"] for no in sorted(int(k) for k in results)]
+    all_ids = [r[0] for r in ordered]
+    all_scores = [r[1] for r in ordered]
 
     hit_ids = np.concatenate(all_ids) if all_ids else np.zeros(0, dtype=np.int64)
     hit_scores = np.concatenate(all_scores) if all_scores else np.zeros(0, dtype=np.float32)
@@ -334,14 +425,14 @@ def sweep(
         out=str(out),
         hits_path=str(hits_path),
         n_cells=n_cells,
-        n_shards=len(shards),
+        n_shards=n_shards,
         n_shards_scored=n_scored,
         n_shards_resumed=n_resumed,
         n_hits=len(hit_ids),
         cutoff=float(cutoff),
         cutoff_source=cutoff_source,
         device=torch_device,
-        kernel=scorer.kernel,
+        kernel="+".join(sorted(kernels)) or scorer.kernel,
         block_size=int(block_size),
         threads=n_threads,
         cells_scored=cells_scored,
@@ -351,7 +442,7 @@ def sweep(
         seconds=time.perf_counter() - t0,
         cells_per_second=cells_scored / scoring if scoring > 0 else float("nan"),
         gb_per_second=bytes_scored / scoring / 1e9 if scoring > 0 else float("nan"),
-        kernel_max_error=scorer.max_error,
+        kernel_max_error=float(stats["max_error"]),
         classifier_fingerprint=clf.fingerprint(),
         embedder_fingerprint=idx_fp,
         index_manifest_id=key["index_manifest_id"],
@@ -364,7 +455,7 @@ def sweep(
     logger.info(
         "swept %d cells in %d shards (%d resumed): %d hits (%.4f%%) at score >= %.4f; scoring %.0f cells/s, "
         "%.2f GB/s (%s, %s kernel, %d threads); total %.1fs",
-        n_cells, len(shards), n_resumed, len(hit_ids), 100 * summary.hit_rate, cutoff, summary.cells_per_second,
-        summary.gb_per_second, torch_device, scorer.kernel, n_threads, summary.seconds,
+        n_cells, n_shards, n_resumed, len(hit_ids), 100 * summary.hit_rate, cutoff, summary.cells_per_second,
+        summary.gb_per_second, torch_device, summary.kernel, n_threads, summary.seconds,
     )
     return summary
