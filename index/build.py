@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from atlas.errors import DependencyError, IndexFormatError, InputError
+from atlas.errors import DependencyError, IndexFormatError, InputError, TaskError
 from index._faiss import faiss_module
 from index.device import Device, faiss_gpu_count, resolve_device, set_faiss_threads
 from index.evaluate import TARGET_RECALL, calibrate, tune_and_measure
@@ -223,11 +223,13 @@ def _load_trained(path: Path) -> Any:
 
 
 def build_shard(
-    source: VectorSource, spec: ShardSpec, shards_dir: Path, trained_path: Path, chunk_size: int, *, ctx: TaskContext
+    source: VectorSource, spec: ShardSpec, shards_dir: Path, trained_path: Path, chunk_size: int, faiss_device: Device,
+    *, ctx: TaskContext,
 ) -> ShardRecord:
     """The build's unit of work: embed shard ``spec`` of ``source`` and write ``shards_dir/NNNN`` (atomically).
 
-    Runs wherever the executor puts it: ``ctx`` says on which device and with how many threads.
+    Runs wherever the executor puts it: ``ctx`` says on which device and with how many threads. FAISS uses the
+    task's GPU when ``faiss_device`` is ``cuda``; a model embedder uses it whenever the task has one.
     """
     t0 = time.perf_counter()
     if ctx.threads:
@@ -236,7 +238,9 @@ def build_shard(
     on_device = getattr(source, "on_device", None)
     if ctx.device == "cuda" and on_device is not None:  # a model embedder uses the task's GPU (one per GPU locally)
         source = on_device(ctx.torch_device)
-    assigner = Assigner(trained, "cuda" if ctx.device == "cuda" else "cpu", ctx.gpu or 0)
+    if faiss_device == "cuda" and ctx.device != "cuda":
+        raise TaskError(f"shard {spec.shard_no}: FAISS should run on a GPU but the task was given none")
+    assigner = Assigner(trained, faiss_device, ctx.gpu or 0)
     rec = write_shard(source, spec, shards_dir, trained, assigner, chunk_size, on_chunk=ctx.progress)
     logger.debug("shard %s: %d cells in %.1f s on %s (%s)", rec.dirname, rec.n, time.perf_counter() - t0,
                  ctx.torch_device, ctx.worker)
@@ -270,6 +274,18 @@ def _task_device(requested: str, driver_device: Device, executor: Executor) -> D
     if req in ("cuda", "gpu") and gpus == 0:
         raise DependencyError("device 'cuda' was asked for but the Ray cluster has no GPUs; use --device cpu or auto")
     return "cuda" if gpus > 0 else "cpu"
+
+
+def _local_devices(faiss_device: Device, embed_gpu: bool) -> list[str]:
+    """Local task slots: one per GPU when FAISS runs on GPUs, or when a model embedder can use torch's GPUs."""
+    if faiss_device == "cuda":
+        return local_devices("cuda", faiss_gpu_count())
+    if embed_gpu:
+        import torch
+
+        if torch.cuda.is_available():
+            return local_devices("cuda", torch.cuda.device_count())
+    return ["cpu"]
 
 
 class _Progress:
@@ -355,8 +371,10 @@ def build_from_source(
     shards_dir.mkdir(exist_ok=True)
     clean_tmp(shards_dir)
     plan = source.shard_plan(config.shard_size)
-    executor = executor or LocalExecutor(local_devices(device, faiss_gpu_count()))
+    embed_gpu = bool(getattr(source, "accelerated", False))
+    executor = executor or LocalExecutor(_local_devices(device, embed_gpu))
     task_device = _task_device(config.device, device, executor)
+    task_gpus = 1.0 if task_device == "cuda" or (embed_gpu and executor.gpu_count() > 0) else 0.0
     trained_key = _trained_key(out / TRAINED_FILE)
     _TRAINED_CACHE[trained_key] = trained  # tasks in this process reuse it
     done: dict[int, ShardRecord] = {}
@@ -373,7 +391,7 @@ def build_from_source(
     progress = _Progress(out, executor.describe())
     tasks = [
         Task(f"shard-{shard_dirname(spec.shard_no)}", build_shard,
-             (source, spec, shards_dir, out / TRAINED_FILE, config.chunk_size), gpus=1.0 if task_device == "cuda" else 0.0,
+             (source, spec, shards_dir, out / TRAINED_FILE, config.chunk_size, task_device), gpus=task_gpus,
              cells=spec.n)
         for spec in todo
     ]
@@ -443,6 +461,7 @@ def build_from_source(
             "shards_reused": reused,
             "device": device,
             "task_device": task_device,
+            "task_gpus": task_gpus,
             "executor": executor.describe(),
             "threads": threads,
             "config": asdict(config),

@@ -63,6 +63,11 @@ class StoreVectorSource:
             return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), dtype=np.float32)
         return np.concatenate(parts_ids), np.concatenate(parts_vecs).astype(np.float32, copy=False)
 
+    @property
+    def accelerated(self) -> bool:
+        """The embedder runs a model that wants a GPU (and was not pinned to the CPU)."""
+        return bool(self.embedder.accelerated) and getattr(self.embedder, "device", "auto") != "cpu"
+
     def on_device(self, device: str) -> StoreVectorSource:
         """This source with its embedder on ``device`` (each GPU of a multi-GPU build embeds its own shards)."""
         embedder = self.embedder.on_device(device)

@@ -73,6 +73,39 @@ def test_executor_choices_are_checked():
         RayExecutor(cpus_per_task=0)
 
 
+class _GpuCluster:
+    """An executor that reports GPUs, records what tasks ask for, and runs them here on the CPU."""
+
+    name = "fake-cluster"
+
+    def __init__(self) -> None:
+        self.asked: list[float] = []
+
+    def gpu_count(self) -> int:
+        return 2
+
+    def describe(self):
+        return {"executor": self.name}
+
+    def run(self, tasks, on_done, progress=None):
+        for t in tasks:
+            self.asked.append(t.gpus)
+            on_done(t, t.fn(*t.args, ctx=TaskContext("cpu")))
+
+
+class _ModelSource(ArrayVectorSource):
+    accelerated = True  # as StoreVectorSource with the UCE embedder
+
+
+@pytest.mark.parametrize(("source_cls", "want"), [(ArrayVectorSource, 0.0), (_ModelSource, 1.0)])
+def test_shard_tasks_ask_for_a_gpu_when_the_embedder_runs_a_model(tmp_path, source_cls, want):
+    base = array_source(3000, 16)
+    src = source_cls(base._x, base._ids)
+    cluster = _GpuCluster()
+    m = build_from_source(src, tmp_path / "idx", config(shard_size=1000, device="cpu"), executor=cluster)
+    assert cluster.asked == [want] * 3 and m.build["task_gpus"] == want and m.build["task_device"] == "cpu"
+
+
 # -- Ray ------------------------------------------------------------------------------------------------------
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 

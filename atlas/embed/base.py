@@ -26,6 +26,8 @@ class Embedder(ABC):
 
     name: ClassVar[str]
     needs: ClassVar[Literal["X", "obsm"]] = "X"
+    accelerated: ClassVar[bool] = False
+    """Runs a model that wants a GPU (shard tasks then ask for one when the machine or cluster has GPUs)."""
 
     @property
     @abstractmethod

@@ -356,6 +356,8 @@ class UCEEmbedder(Embedder):
     ``species_offset`` replaces ``offset_pkl_path``. Defaults are those of the package's 4-layer model.
     """
 
+    accelerated = True
+
     name = "uce"
     needs = "X"
 
