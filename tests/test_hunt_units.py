@@ -176,7 +176,8 @@ def test_block_scorer_finds_exactly_the_rows_above_the_cut(d, kernel):
         assert res.n_candidates >= len(want)
 
 
-def test_block_scorer_falls_back_to_fp32_when_fp16_is_not_accurate_enough(monkeypatch):
+@pytest.mark.parametrize("kernel", ["fp16", "auto"])
+def test_block_scorer_falls_back_to_fp32_when_fp16_is_not_accurate_enough(monkeypatch, kernel):
     import query.hunt.kernels as kernels
 
     monkeypatch.setattr(kernels, "MARGIN_FACTOR", 1e-9)  # no margin: float16 rounding must be caught
@@ -185,7 +186,7 @@ def test_block_scorer_falls_back_to_fp32_when_fp16_is_not_accurate_enough(monkey
     w = (rng.standard_normal(256) * 10).astype(np.float32)
     exact = exact_scores(x16, w, 0.0)
     cut = float(np.quantile(exact, 0.9))
-    scorer = BlockScorer(w, 0.0, cut)
+    scorer = BlockScorer(w, 0.0, cut, kernel=kernel)
     res = scorer.hits(x16)
     assert scorer.kernel == "fp32"
     np.testing.assert_array_equal(res.rows, np.flatnonzero(exact >= np.float32(cut)))

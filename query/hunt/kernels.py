@@ -1,8 +1,11 @@
 """Scoring blocks of stored float16 vectors against a linear classifier, fast and exactly.
 
-The fast pass is a torch float16 matrix-vector product straight on the stored block (``torch.mv`` over
-``torch.from_numpy(block)``: no float32 copy of the data, which is what makes the sweep run near memory
-bandwidth; see ``docs/benchmarks.md``). Its result has float16 precision, so every row whose fast score lies within
+The fast pass reads the stored block as it is, with no float32 copy of the data, which is what lets the sweep run
+near memory bandwidth (see ``docs/benchmarks.md``). On the CPU it is the compiled kernel of
+:mod:`query.hunt.fp16dot` (kernel ``"c16"``: float16 rows converted in registers, float32 accumulation; about 3x
+torch's float16 ``mv`` per core at d=128), or, where that extension was not built, a torch float16
+matrix-vector product (``"fp16"``: ``torch.mv`` over ``torch.from_numpy(block)``; also the GPU kernel). Its result
+has at worst float16 precision, so every row whose fast score lies within
 ``margin`` of the cut is re-scored exactly (float64 on the stored values, :func:`exact_scores`); rows below the
 cut minus the margin cannot be hits. The hits and their scores are therefore exactly those of the float64 score of
 the stored vectors, whatever the kernel, block size or device.
@@ -43,15 +46,22 @@ class BlockHits:
 class BlockScorer:
     """Finds the rows of float16 blocks with ``w . x + b >= cutoff``, with exact scores.
 
-    ``kernel``: ``"fp16"`` (default; torch float16 matvec, on ``device``) or ``"fp32"`` (the block converted
-    into a reused float32 buffer first: slower, for checking and as a fallback).
+    ``kernel``: ``"auto"`` (default: ``"c16"`` on the CPU when the compiled kernel is built, else ``"fp16"``),
+    ``"c16"`` (compiled float16 kernel, CPU), ``"fp16"`` (torch float16 matvec, on ``device``) or ``"fp32"`` (the
+    block converted into a reused float32 buffer first: slower, for checking and as a fallback).
     """
 
-    def __init__(self, weights: np.ndarray, bias: float, cutoff: float, *, device: str = "cpu", kernel: str = "fp16"):
+    def __init__(self, weights: np.ndarray, bias: float, cutoff: float, *, device: str = "cpu", kernel: str = "auto"):
         import torch
 
-        if kernel not in ("fp16", "fp32"):
+        from query.hunt import fp16dot
+
+        if kernel == "auto":
+            kernel = "c16" if device == "cpu" and fp16dot.available() else "fp16"
+        if kernel not in ("c16", "fp16", "fp32"):
             raise ValueError(f"unknown kernel {kernel!r}")
+        if kernel == "c16" and (device != "cpu" or not fp16dot.available()):
+            raise ValueError("the c16 kernel runs on the CPU and needs the compiled extension (query.hunt._fp16dot)")
         self.w = np.ascontiguousarray(weights, dtype=np.float32)
         self.bias = float(bias)
         self.cutoff = float(cutoff)
@@ -61,6 +71,7 @@ class BlockScorer:
         self._w16 = torch.from_numpy(self.w.astype(np.float16)).to(device)
         self._w32 = torch.from_numpy(self.w.copy()).to(device)
         self._buf: Any = None
+        self._out: np.ndarray | None = None
         self.tuner: ThreadTuner | None = None
         self.checked = False
         self.max_error = 0.0
@@ -73,6 +84,9 @@ class BlockScorer:
     def fast_scores(self, block: np.ndarray) -> Any:
         """Approximate ``block @ w`` (no bias) as a float32 torch tensor on the CPU."""
         import torch
+
+        if self.kernel == "c16":
+            return torch.from_numpy(self._c16(block).copy())
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only memmaps: torch only reads them
@@ -99,19 +113,64 @@ class BlockScorer:
         err = float(np.max(np.abs(fast - exact))) if len(rows) else 0.0
         self.max_error = max(self.max_error, err)
         self.checked = True
-        if self.kernel == "fp16" and (not math.isfinite(err) or err > 0.25 * self.margin):
+        if self.kernel in ("fp16", "c16") and (not math.isfinite(err) or err > 0.25 * self.margin):
             logger.warning(
-                "float16 kernel error %.3g exceeds a quarter of the safety margin %.3g: using the float32 kernel",
-                err, self.margin,
+                "%s kernel error %.3g exceeds a quarter of the safety margin %.3g: using the float32 kernel",
+                self.kernel, err, self.margin,
             )
             self.kernel = "fp32"
         return err
 
+    def _lower_as(self, dtype: np.dtype[Any]) -> float:
+        """:attr:`lower` rounded down to ``dtype`` (float16 or float32): ``s >= result`` for every value ``s`` of
+        that dtype with ``s >= lower``, so comparing the kernel's own output with it loses no candidate."""
+        with np.errstate(over="ignore"):  # beyond the dtype's range: +-inf, then the largest finite value below
+            low = dtype.type(self.lower)
+            if float(low) > self.lower:
+                low = np.nextafter(low, dtype.type(-np.inf))
+        return float(low)
+
+    def _c16(self, block: np.ndarray) -> np.ndarray:
+        """The compiled kernel's scores (a view of a reused buffer), with torch's current CPU thread count."""
+        import torch
+
+        from query.hunt import fp16dot
+
+        n = len(block)
+        if self._out is None or len(self._out) < n:
+            self._out = np.empty(n, dtype=np.float32)
+        block = block if block.flags.c_contiguous else np.ascontiguousarray(block)
+        return fp16dot.matvec(block, self.w, self._out[:n], threads=torch.get_num_threads())
+
+    def candidates(self, block: np.ndarray) -> np.ndarray:
+        """Positions (int64) of the rows whose fast score may reach the cut (a superset of the hits).
+
+        The comparison is made on the kernel's own output (float16 for the fp16 kernel), against :attr:`lower`
+        rounded down to that dtype, on the kernel's device: no float32 copy of the scores, and on a GPU only the
+        candidate positions come back to the host."""
+        import torch
+
+        if self.kernel == "c16":
+            s32 = self._c16(block)
+            return np.flatnonzero(s32 >= self._lower_as(np.dtype(np.float32))).astype(np.int64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only memmaps: torch only reads them
+            t = torch.from_numpy(block)
+        if self.kernel == "fp16":
+            if self.device != "cpu":
+                t = t.to(self.device, non_blocking=False)
+            s = torch.mv(t, self._w16)
+            low = self._lower_as(np.dtype(np.float16))
+        else:
+            s = self.fast_scores(block)
+            low = self._lower_as(np.dtype(np.float32))
+        cand: np.ndarray = (s >= low).nonzero().flatten().cpu().numpy().astype(np.int64)
+        return cand
+
     def hits(self, block: np.ndarray) -> BlockHits:
         if not self.checked and len(block):
             self.check(block)
-        fast = self.fast_scores(block)
-        cand = (fast >= self.lower).nonzero().flatten().numpy().astype(np.int64)
+        cand = self.candidates(block)
         if len(cand) == 0:
             return BlockHits(cand, np.zeros(0, dtype=np.float32), 0)
         exact = exact_scores(block[cand], self.w, self.bias)

@@ -16,7 +16,7 @@ import logging
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -25,6 +25,8 @@ from atlas.errors import InputError
 from atlas.genes import MIN_GENE_OVERLAP, check_overlap
 from atlas.sources.base import iter_cell_chunks
 from atlas.sources.h5ad import open_h5ad
+from query.align import DEFAULT_SAMPLE as ALIGN_SAMPLE
+from query.align import apply_shift, estimate_shift
 from query.hunt.access import (
     IndexLike,
     embedder_fingerprint,
@@ -85,6 +87,36 @@ def _as_stored(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     x = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
     return x.astype(np.float16).astype(np.float32)
+
+
+IN_ATLAS_PROBE = 200
+IN_ATLAS_SIMILARITY = 0.999
+"""A labelled cell whose nearest atlas cell is this similar (cosine; float16 storage rounds ~1e-4) is an atlas cell."""
+
+
+def _align_to_atlas(
+    idx: Any, pos: np.ndarray, neg: np.ndarray, seed: int
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Shift the labelled cells' vectors onto the atlas by the MNN offset estimated on a sample of all of them.
+
+    When the labelled cells are themselves in the atlas (most of a sample has an identical stored vector), there is
+    no offset to correct and they are left as they are.
+    """
+    both = np.concatenate([pos, neg])
+    rng = np.random.default_rng(seed)
+    probe = both[np.sort(rng.choice(len(both), size=min(len(both), IN_ATLAS_PROBE), replace=False))]
+    top = idx.search(probe, k=1).scores[:, 0]
+    in_atlas = float(np.mean(top >= IN_ATLAS_SIMILARITY))
+    if in_atlas >= 0.5:
+        logger.info("%.0f%% of the labelled cells are atlas cells: no alignment needed", 100 * in_atlas)
+        return pos, neg, {"skipped": "the labelled cells are in the atlas", "in_atlas_fraction": in_atlas}
+    rows = np.sort(rng.choice(len(both), size=min(len(both), ALIGN_SAMPLE), replace=False))
+    alignment = estimate_shift(idx, both[rows])
+    info = {"shift_norm": float(np.linalg.norm(alignment.shift)), "mnn_pairs": alignment.n_pairs,
+            "sample": alignment.n_sample, "in_atlas_fraction": in_atlas}
+    logger.info("aligned the labelled cells onto the atlas: shift %.3f from %d MNN pairs", info["shift_norm"],
+                alignment.n_pairs)
+    return apply_shift(pos, alignment.shift), apply_shift(neg, alignment.shift), info
 
 
 def _cells_part(
@@ -183,6 +215,7 @@ def train(
     out: str | Path | None = None,
     chunk_size: int = 5_000,
     progress: bool = True,
+    align: Literal["none", "mnn"] = "mnn",
 ) -> HuntClassifier:
     """Train a hunt classifier; save it to ``out`` when given.
 
@@ -211,6 +244,14 @@ def train(
         model is cross-validated and fitted again; ``counts`` records how many. The reported metrics are those of
         the second round (cells excluded as likely positives count neither way).
 
+    align: ``"mnn"`` (default) shifts the labelled cells' vectors onto the atlas before training, as annotate does
+        for queries (:mod:`query.align`: one offset from mutual nearest neighbours). Without it, labelled cells from
+        another batch or condition than the atlas differ from every atlas cell by that batch's offset; because all
+        positives come from the labelled cells and most negatives from the atlas, the classifier learns the offset
+        as "positive" and then scores the atlas' own rare cells too low (measured on kang2018 and the symphony
+        chemistries: see docs/benchmarks.md, rare-cell hunt on real data). ``"none"`` trains on the vectors as
+        embedded.
+
     Raises InputError when no positive or no negative cell is found, or fewer than 3 positives.
     """
     t0 = time.perf_counter()
@@ -221,12 +262,15 @@ def train(
         raise InputError("positive=... selects among labelled cells, but no cells were given; use positive_sql for atlas cells")
     if n_folds < 2:
         raise InputError(f"n_folds must be at least 2 (got {n_folds})")
+    if align not in ("none", "mnn"):
+        raise InputError(f"align must be 'none' or 'mnn' (got {align!r})")
     if background < 0 or cell_negatives < 0 or max_positives < MIN_POSITIVES:
         raise InputError(f"background and cell_negatives must be >= 0 and max_positives >= {MIN_POSITIVES}")
     torch_device = resolve_device(device)
     dim = index_dim(idx)
 
     pos_parts: list[np.ndarray] = []
+    labelled_pos = np.zeros((0, dim), dtype=np.float32)
     neg_parts: list[np.ndarray] = []
     counts: dict[str, int] = {}
     report: dict[str, Any] = {}
@@ -234,6 +278,9 @@ def train(
         cpos, cneg, report = _cells_part(
             idx, cells, positive, max_positives, cell_negatives, min_gene_overlap, chunk_size, seed, progress
         )
+        labelled_pos = cpos  # as embedded: compared with stored atlas vectors to find the labelled cells in the atlas
+        if align == "mnn" and len(cpos) + len(cneg):
+            cpos, cneg, report["alignment"] = _align_to_atlas(idx, cpos, cneg, seed)
         pos_parts.append(cpos)
         neg_parts.append(cneg)
         counts["positives_from_cells"], counts["negatives_from_cells"] = len(cpos), len(cneg)
@@ -263,8 +310,8 @@ def train(
     bg = gather_vectors(idx, bg_ids) if len(bg_ids) else np.zeros((0, dim), np.float32)
     P = np.concatenate([p for p in pos_parts if len(p)]).astype(np.float32)
     N = np.concatenate([p for p in neg_parts if len(p)] or [np.zeros((0, dim), np.float32)]).astype(np.float32)
-    if cells is not None and len(pos_parts[0]) and len(bg):
-        dup = _duplicates(bg, pos_parts[0])
+    if cells is not None and len(labelled_pos) and len(bg):
+        dup = _duplicates(bg, labelled_pos)
         if dup.any():
             logger.info("dropped %d background cells identical to labelled positives (the labelled dataset is in "
                         "the atlas)", int(dup.sum()))
@@ -345,6 +392,7 @@ def train(
             "calibration": calibration,
             "target_precision": target_precision,
             "clean_background": clean_background,
+            "align": align,
             "l2": l2,
             "device": torch_device,
             "cells": report,
