@@ -85,23 +85,28 @@ class BlockScorer:
         """Approximate ``block @ w`` (no bias) as a float32 torch tensor on the CPU."""
         import torch
 
-        if self.kernel == "c16":
-            return torch.from_numpy(self._c16(block).copy())
+        s, _ = self._native_scores(block)
+        return torch.from_numpy(s.copy()) if isinstance(s, np.ndarray) else s.float().cpu()
 
+    def _native_scores(self, block: np.ndarray) -> tuple[Any, np.dtype[Any]]:
+        """The kernel's own output (a float32 array for c16; a torch tensor on the kernel's device, float16 for
+        fp16, float32 for fp32) and the dtype whose precision it has."""
+        import torch
+
+        if self.kernel == "c16":
+            return self._c16(block), np.dtype(np.float32)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only memmaps: torch only reads them
             t = torch.from_numpy(block)
         if self.kernel == "fp16":
             if self.device != "cpu":
                 t = t.to(self.device, non_blocking=False)
-            s = torch.mv(t, self._w16)
-        else:
-            if self._buf is None or self._buf.shape[0] < len(block) or self._buf.shape[1] != block.shape[1]:
-                self._buf = torch.empty(block.shape, dtype=torch.float32, device=self.device)
-            buf = self._buf[: len(block)]
-            buf.copy_(t)
-            s = torch.mv(buf, self._w32)
-        return s.float().cpu()
+            return torch.mv(t, self._w16), np.dtype(np.float16)
+        if self._buf is None or self._buf.shape[0] < len(block) or self._buf.shape[1] != block.shape[1]:
+            self._buf = torch.empty(block.shape, dtype=torch.float32, device=self.device)
+        buf = self._buf[: len(block)]
+        buf.copy_(t)
+        return torch.mv(buf, self._w32), np.dtype(np.float32)
 
     def check(self, block: np.ndarray, seed: int = 0) -> float:
         """Measure the fast kernel's largest error on up to ``CHECK_ROWS`` rows; fall back to fp32 if too large."""
@@ -148,22 +153,10 @@ class BlockScorer:
         The comparison is made on the kernel's own output (float16 for the fp16 kernel), against :attr:`lower`
         rounded down to that dtype, on the kernel's device: no float32 copy of the scores, and on a GPU only the
         candidate positions come back to the host."""
-        import torch
-
-        if self.kernel == "c16":
-            s32 = self._c16(block)
-            return np.flatnonzero(s32 >= self._lower_as(np.dtype(np.float32))).astype(np.int64)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only memmaps: torch only reads them
-            t = torch.from_numpy(block)
-        if self.kernel == "fp16":
-            if self.device != "cpu":
-                t = t.to(self.device, non_blocking=False)
-            s = torch.mv(t, self._w16)
-            low = self._lower_as(np.dtype(np.float16))
-        else:
-            s = self.fast_scores(block)
-            low = self._lower_as(np.dtype(np.float32))
+        s, dtype = self._native_scores(block)
+        low = self._lower_as(dtype)
+        if isinstance(s, np.ndarray):
+            return np.flatnonzero(s >= low).astype(np.int64)
         cand: np.ndarray = (s >= low).nonzero().flatten().cpu().numpy().astype(np.int64)
         return cand
 
