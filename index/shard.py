@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -86,33 +87,36 @@ def write_shard(
     ids_out = _NpyWriter(tmp / SHARD_IDS_FILE, np.int64, (spec.n,))
     vec_out = _NpyWriter(tmp / SHARD_VECTORS_FILE, np.float16, (spec.n, dim))
     pos, last_id, id_min = 0, spec.start - 1, None
-    for ids, x in source.iter_vectors(spec, chunk_size):
-        ids = np.asarray(ids, dtype=np.int64)
-        b = len(ids)
-        if b == 0:
-            continue
-        if x.shape != (b, dim):
-            raise InputError(f"shard {spec.shard_no}: a chunk of {b} ids came with vectors of shape {x.shape}")
-        if pos + b > spec.n or ids[0] <= last_id or ids[-1] >= spec.stop or (b > 1 and (np.diff(ids) <= 0).any()):
-            raise InputError(
-                f"shard {spec.shard_no}: the source yielded ids outside [{spec.start}, {spec.stop}), unsorted, or "
-                f"more than the {spec.n} planned; a VectorSource must stream each shard's cells once, by id"
-            )
-        x16, x32 = as_stored(x, rounded=exact)
-        ids_out.write(pos, ids)
-        vec_out.write(pos, x16)
-        add_vectors(index, x32, ids, assigner)
-        id_min = int(ids[0]) if id_min is None else id_min
-        pos += b
-        last_id = int(ids[-1])
-        if on_chunk is not None:
-            on_chunk(b)
-    ids_out.close()
-    vec_out.close()
+    try:
+        for ids, x in source.iter_vectors(spec, chunk_size):
+            ids = np.asarray(ids, dtype=np.int64)
+            b = len(ids)
+            if b == 0:
+                continue
+            if x.shape != (b, dim):
+                raise InputError(f"shard {spec.shard_no}: a chunk of {b} ids came with vectors of shape {x.shape}")
+            if pos + b > spec.n or ids[0] <= last_id or ids[-1] >= spec.stop or (b > 1 and (np.diff(ids) <= 0).any()):
+                raise InputError(
+                    f"shard {spec.shard_no}: the source yielded ids outside [{spec.start}, {spec.stop}), unsorted, or "
+                    f"more than the {spec.n} planned; a VectorSource must stream each shard's cells once, by id"
+                )
+            x16, x32 = as_stored(x, rounded=exact)
+            ids_out.write(pos, ids)
+            vec_out.write(pos, x16, fresh=True)
+            add_vectors(index, x32, ids, assigner)
+            id_min = int(ids[0]) if id_min is None else id_min
+            pos += b
+            last_id = int(ids[-1])
+            if on_chunk is not None:
+                on_chunk(b)
+    finally:
+        ids_out.close()
+        vec_out.close()
     if pos != spec.n or id_min is None:
         raise InputError(f"shard {spec.shard_no}: the source yielded {pos} cells where its plan said {spec.n}")
     faiss.write_index(index, str(tmp / SHARD_INDEX_FILE))
-    files = {name: file_record(tmp / name) for name in SHARD_FILES}
+    streamed = {SHARD_IDS_FILE: ids_out.record(), SHARD_VECTORS_FILE: vec_out.record()}
+    files = {name: streamed.get(name) or file_record(tmp / name) for name in SHARD_FILES}
     record = ShardRecord(no=spec.shard_no, n=spec.n, id_min=id_min, id_max=last_id, files=files)
     write_json_atomic(tmp / DONE_FILE, _done_payload(record))
     _fsync_dir(tmp)
@@ -125,7 +129,12 @@ def write_shard(
 
 class _NpyWriter:
     """A ``.npy`` file of known shape filled by positioned writes (the pages stay out of the process's RSS,
-    unlike a writable memmap)."""
+    unlike a writable memmap).
+
+    While the rows arrive in file order (as the shard writer sends them) the SHA-256 of the file is computed from
+    the bytes as they are written, so the file need not be read back to checksum it (:meth:`record`). The hashing
+    runs in a background thread (hashlib releases the GIL), overlapping FAISS's encoding of the same chunk.
+    """
 
     def __init__(self, path: Path, dtype: Any, shape: tuple[int, ...]) -> None:
         mm = open_memmap(path, mode="w+", dtype=dtype, shape=shape)  # writes the header and sizes the file
@@ -133,21 +142,46 @@ class _NpyWriter:
         self.row_bytes = int(np.dtype(dtype).itemsize * int(np.prod(shape[1:], dtype=np.int64)))
         self.dtype = np.dtype(dtype)
         del mm
+        self.path = path
+        self.size = path.stat().st_size
+        with open(path, "rb") as fh:
+            header = fh.read(self.offset)
+        self._sha: Any = hashlib.sha256(header) if len(header) == self.offset else None
+        self._hashed_to = self.offset  # the hash covers the file's bytes [0, _hashed_to)
+        self._hasher = ThreadPoolExecutor(max_workers=1) if self._sha is not None else None  # FIFO: in order
         self._fd = os.open(path, os.O_WRONLY)
 
-    def write(self, row: int, values: np.ndarray) -> None:
-        data = np.ascontiguousarray(values, dtype=self.dtype).tobytes()
+    def write(self, row: int, values: np.ndarray, *, fresh: bool = False) -> None:
+        """Write rows from ``row`` on. ``fresh``: ``values`` is a new array nobody else will modify (it is hashed
+        in the background); otherwise it is copied first."""
+        data = np.ascontiguousarray(values, dtype=self.dtype) if fresh else np.array(values, self.dtype, order="C")
         off = self.offset + row * self.row_bytes
-        view = memoryview(data)
+        view = data.data.cast("B")
+        if self._sha is not None:
+            if off == self._hashed_to:
+                assert self._hasher is not None
+                self._hasher.submit(self._sha.update, view)  # the task holds ``data`` until it has run
+                self._hashed_to += len(view)
+            else:  # out of order: checksum the file once it is complete
+                self._sha = None
         while view:
             n = os.pwrite(self._fd, view, off)
             view, off = view[n:], off + n
 
     def close(self) -> None:
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True)  # also on errors: no thread outlives the writer
+            self._hasher = None
         if self._fd >= 0:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
+
+    def record(self) -> FileRecord | None:
+        """Size and SHA-256 of the closed file from the bytes written, or None unless they covered it in order."""
+        if self._fd >= 0 or self._sha is None or self._hashed_to != self.size:
+            return None
+        return FileRecord(bytes=self.size, sha256=self._sha.hexdigest())
 
 
 def _done_payload(record: ShardRecord) -> dict[str, Any]:

@@ -32,8 +32,26 @@ def as_stored(x: np.ndarray, *, rounded: bool = True) -> tuple[np.ndarray, np.nd
     and it saves a conversion).
     """
     x32 = l2_normalize(x)
-    x16 = x32.astype(np.float16)
-    return x16, (x16.astype(np.float32) if rounded else x32)
+    x16 = to_float16(x32)
+    return x16, (float16_to_float32(x16) if rounded else x32)
+
+
+def to_float16(x: np.ndarray) -> np.ndarray:
+    """``x.astype(np.float16)`` for float32 arrays, bit for bit (round to nearest even, subnormals kept; checked
+    against numpy on every non-NaN float32 value), converted by torch's vectorised kernel: ~30x faster than
+    numpy's scalar loop, which dominated writing high-dimensional shards."""
+    import torch
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return torch.from_numpy(x).to(torch.float16).numpy()
+
+
+def float16_to_float32(x: np.ndarray) -> np.ndarray:
+    """``x.astype(np.float32)`` for float16 arrays (exact), by torch's vectorised kernel (numpy's is a scalar loop)."""
+    import torch
+
+    x = np.ascontiguousarray(x, dtype=np.float16)
+    return torch.from_numpy(x).float().numpy()
 
 
 def check_queries(vectors: np.ndarray, dim: int) -> np.ndarray:

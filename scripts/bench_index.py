@@ -431,6 +431,68 @@ def add_ab(n, d, factory, rounds, threads) -> None:
     }, indent=2))
 
 
+def _rerank_numpy(searcher: Any, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The re-ranking before torch/FAISS kernels (numpy fancy indexing, float16 -> float32 in numpy, einsum in
+    blocks of 64 MiB of float32), kept as the A/B reference."""
+    n, c = cand.shape
+    kk = min(k, c)
+    out_ids = np.full((n, k), -1, dtype=np.int64)
+    out_scores = np.full((n, k), -np.inf, dtype=np.float32)
+    vecs = np.load(searcher._shards[0].directory / "vectors.f16.npy", mmap_mode="r")
+    id_min = searcher._shards[0].record.id_min
+    rows = max(1, (64 << 20) // max(1, c * searcher.dim * 4))
+    for a in range(0, n, rows):
+        b = min(a + rows, n)
+        cb = cand[a:b]
+        invalid = cb < 0
+        v = np.asarray(vecs[np.where(invalid, id_min, cb).ravel() - id_min], dtype=np.float32)
+        sc = np.einsum("rcd,rd->rc", v.reshape(b - a, c, searcher.dim), q[a:b], optimize=False)
+        sc[invalid] = -np.inf
+        part = np.argpartition(-sc, kk - 1, axis=1)[:, :kk]
+        part_sc = np.take_along_axis(sc, part, axis=1)
+        top = np.take_along_axis(part, np.argsort(-part_sc, axis=1, kind="stable"), axis=1)
+        out_ids[a:b, :kk] = np.take_along_axis(cb, top, axis=1)
+        out_scores[a:b, :kk] = np.take_along_axis(sc, top, axis=1)
+    out_ids[~np.isfinite(out_scores)] = -1
+    return out_ids, out_scores
+
+
+@cli.command("rerank-ab")
+@click.option("--index", "index_dir", type=click.Path(path_type=Path, exists=True), required=True,
+              help="a built single-shard index (e.g. from `run --keep`)")
+@click.option("--queries", "queries_file", type=click.Path(path_type=Path, exists=True), required=True)
+@click.option("--n-queries", type=int, default=2000, show_default=True)
+@click.option("--rounds", type=int, default=3, show_default=True)
+@click.option("--threads", type=int, default=None)
+def rerank_ab(index_dir, queries_file, n_queries, rounds, threads) -> None:
+    """Interleaved A/B of exact re-ranking alone: the numpy reference vs ``ShardSearcher.rerank``, on the
+    candidates the index's own default search parameters produce, and the whole ``AtlasIndex.search``."""
+    from index import AtlasIndex
+    from index.vectors import l2_normalize
+
+    idx = AtlasIndex.open(index_dir, threads=threads)
+    s = idx._searcher
+    nprobe, rerank = idx.manifest.search.nprobe, idx.manifest.search.rerank
+    q = l2_normalize(np.load(queries_file)[:n_queries])
+    cand, _ = s.search(q, rerank, nprobe=nprobe, rerank=0)
+    a_ids, a_sc = _rerank_numpy(s, q, cand, K)
+    b_ids, b_sc = s.rerank(q, cand, K)
+    times: dict[str, list[float]] = {"numpy": [], "ours": [], "search": []}
+    for _ in range(rounds):
+        for name, fn in (("numpy", lambda: _rerank_numpy(s, q, cand, K)), ("ours", lambda: s.rerank(q, cand, K)),
+                         ("search", lambda: idx.search(q, k=K))):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    print(json.dumps({
+        "index": str(index_dir), "n_queries": len(q), "nprobe": nprobe, "rerank": rerank,
+        "same_ids_fraction": float((a_ids == b_ids).mean()), "max_score_diff": float(np.nanmax(np.abs(
+            np.where(np.isfinite(a_sc), a_sc - b_sc, 0)))),
+        **{f"{k}_qps": round(len(q) / min(v), 1) for k, v in times.items()},
+        "times_s": times, "load_at_start": round(os.getloadavg()[0], 2),
+    }, indent=2))
+
+
 @cli.command()
 def table() -> None:
     """Re-render the table in docs/benchmarks.md from its data block."""
