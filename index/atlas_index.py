@@ -12,7 +12,7 @@ import pandas as pd
 
 from atlas.errors import EmbedderMismatchError, IndexFormatError, InputError
 from index._faiss import faiss_module
-from index.device import set_faiss_threads
+from index.device import faiss_gpu_count, resolve_device, set_faiss_threads
 from index.manifest import CELLS_DB_FILE, EMBEDDER_DIR, SHARDS_DIR, TRAINED_FILE, IndexManifest, read_manifest
 from index.metadata import cells_frame, connect, where_ids
 from index.searcher import QUERY_BATCH, ShardSearcher
@@ -64,13 +64,16 @@ class AtlasIndex:
 
     @classmethod
     def open(
-        cls, path: str | Path, *, verify: bool = False, threads: int | None = None, mmap: bool = False
+        cls, path: str | Path, *, verify: bool = False, threads: int | None = None, mmap: bool = False,
+        device: str = "cpu",
     ) -> AtlasIndex:
         """Open and validate an index directory.
 
         Checks the manifest (present, known format) and that every listed file exists with its recorded size;
         ``verify=True`` also checks SHA-256 checksums (reads everything). ``threads``: FAISS threads (default
         ``$SCATLAS_THREADS`` or all cores). ``mmap``: memory-map shard indexes instead of loading them.
+        ``device``: ``cpu`` (default), ``cuda`` (every GPU FAISS sees: the coarse quantizer replicated on each,
+        flat shards spread across them; DependencyError without one) or ``auto``.
         """
         faiss = faiss_module()
 
@@ -92,7 +95,8 @@ class AtlasIndex:
             raise IndexFormatError(f"{path / TRAINED_FILE} is unreadable ({exc}); rebuild the index") from exc
         if trained.d != manifest.dim:
             raise IndexFormatError(f"{path / TRAINED_FILE} is {trained.d}-d, the manifest says {manifest.dim}")
-        return cls(path, manifest, ShardSearcher(trained, shards, mmap=mmap))
+        gpus = faiss_gpu_count() if resolve_device(device) == "cuda" else 0
+        return cls(path, manifest, ShardSearcher(trained, shards, mmap=mmap, gpus=gpus))
 
     # -- properties -----------------------------------------------------------------------------------------
     @property

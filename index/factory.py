@@ -209,6 +209,27 @@ def _gpu_flat(dim: int) -> Any:
     return faiss.GpuIndexFlatIP(_gpu_resources(), dim, cfg)
 
 
+def to_gpu(index: Any, gpu: int) -> Any:
+    """A copy of a CPU index on GPU ``gpu`` (wrappers such as IndexIDMap2 stay on the CPU around it)."""
+    faiss = faiss_module()
+
+    return faiss.index_cpu_to_gpu(_gpu_resources(gpu), gpu, index)
+
+
+def gpu_replicas(index: Any, gpus: int) -> Any:
+    """``index`` copied onto GPUs ``0..gpus-1``; with several, an IndexReplicas that splits each batch of queries."""
+    faiss = faiss_module()
+
+    if gpus == 1:
+        return to_gpu(index, 0)
+    replicas = faiss.IndexReplicas()
+    copies = [to_gpu(index, g) for g in range(gpus)]
+    for copy in copies:
+        replicas.addIndex(copy)
+    replicas.own_copies = copies  # keep the Python wrappers (and so the GPU indexes) alive with the replicas
+    return replicas
+
+
 class Assigner:
     """Coarse assignment of vectors to inverted lists: the trained quantizer, or a copy of it on GPU ``gpu``."""
 

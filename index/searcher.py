@@ -17,7 +17,7 @@ import numpy as np
 
 from atlas.errors import IndexFormatError
 from index._faiss import faiss_module
-from index.factory import apply_chain, is_exact, ivf_of
+from index.factory import apply_chain, gpu_replicas, is_exact, ivf_of, to_gpu
 from index.manifest import SHARD_IDS_FILE, SHARD_INDEX_FILE, SHARD_VECTORS_FILE, ShardRecord
 from index.vectors import float16_to_float32
 
@@ -40,6 +40,7 @@ class _Shard:
     ivf: Any = None
     ids: np.ndarray | None = None
     vectors: np.ndarray | None = None
+    gpu_index: Any = None
 
 
 class _Merge:
@@ -68,7 +69,9 @@ class _Merge:
 class ShardSearcher:
     """Top-k inner-product search over shards (``records`` with their directories) cloned from ``trained``."""
 
-    def __init__(self, trained: Any, shards: list[tuple[ShardRecord, Path]], *, mmap: bool = False) -> None:
+    def __init__(
+        self, trained: Any, shards: list[tuple[ShardRecord, Path]], *, mmap: bool = False, gpus: int = 0
+    ) -> None:
         self.trained = trained
         self.exact = is_exact(trained)
         self._ivf = ivf_of(trained)
@@ -76,6 +79,11 @@ class ShardSearcher:
         self._starts = np.array([s.record.id_min for s in self._shards], dtype=np.int64)
         self._mmap = mmap
         self.dim = int(trained.d)
+        self.gpus = int(gpus)
+        self._coarse: Any = self._ivf.quantizer if self._ivf is not None else None
+        if self.gpus and self._ivf is not None:
+            # the coarse quantizer, shared by every shard, replicated on every GPU (IndexReplicas splits queries)
+            self._coarse = gpu_replicas(faiss_module().downcast_index(self._ivf.quantizer), self.gpus)
 
     @property
     def n_cells(self) -> int:
@@ -115,6 +123,16 @@ class ShardSearcher:
                 shard.ivf = ivf_of(shard.index)
         return shard.index
 
+    def _search_index(self, shard: _Shard, selector: Any) -> Any:
+        """The index to search a flat shard with: its copy on GPU ``shard_no % gpus`` (loaded once), or the CPU
+        index when there are no GPUs or a selector filters the search (FAISS GPU indexes take no id selectors)."""
+        index = self._index(shard)
+        if not self.gpus or selector is not None:
+            return index
+        if shard.gpu_index is None:
+            shard.gpu_index = to_gpu(index, shard.record.no % self.gpus)
+        return shard.gpu_index
+
     def iter_shards(self) -> Any:
         for shard in self._shards:
             ids, vecs = self._data(shard)
@@ -151,11 +169,11 @@ class ShardSearcher:
         if self.exact or self._ivf is None:
             params = faiss.SearchParameters(sel=selector) if selector is not None else None
             for shard in self._shards:
-                merge.add(*self._index(shard).search(q, merge.k, params=params))
+                merge.add(*self._search_index(shard, selector).search(q, merge.k, params=params))
         else:
             xt = apply_chain(self.trained, q)
             probe = max(1, min(int(nprobe or self._ivf.nprobe), self._ivf.nlist))
-            Dq, Iq = self._ivf.quantizer.search(xt, probe)  # shared by every shard: computed once
+            Dq, Iq = self._coarse.search(xt, probe)  # shared by every shard: computed once
             params = faiss.SearchParametersIVF(nprobe=probe, sel=selector)
             for shard in self._shards:
                 dist = np.empty((nq, merge.k), dtype=np.float32)

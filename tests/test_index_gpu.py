@@ -53,3 +53,26 @@ def test_shards_built_on_every_gpu_equal_a_one_gpu_build(tmp_path):
     assert every.build["executor"]["devices"] == [f"cuda:{i}" for i in range(faiss_gpu_count())]
     assert one.build["task_device"] == every.build["task_device"] == "cuda"
     assert digests(tmp_path / "one") == digests(tmp_path / "every")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs CUDA and faiss-gpu")
+@pytest.mark.parametrize("factory", ["IDMap2,Flat", "IVF64,PQ4"])
+def test_search_on_the_gpus_equals_the_cpu_search(tmp_path, factory):
+    src = array_source(20_000, 32, seed=3)
+    build_from_source(src, tmp_path / "idx", config(factory=factory, shard_size=5_000))
+    q = clustered(500, 32, seed=11)
+    cpu = AtlasIndex.open(tmp_path / "idx").search(q, k=30)
+    gpu = AtlasIndex.open(tmp_path / "idx", device="cuda").search(q, k=30)
+    assert recall_at_k(gpu.ids, cpu.ids) >= 0.99  # GPU float arithmetic may order near-ties differently
+    np.testing.assert_allclose(gpu.scores, cpu.scores, atol=1e-4)
+    filtered = AtlasIndex.open(tmp_path / "idx", device="cuda").search(q, k=30, where="soma_joinid < 7000")
+    assert (filtered.ids < 7000).all()
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the refusal on machines without a GPU")
+def test_opening_an_index_on_cuda_without_gpu_is_refused(tmp_path):
+    build_from_source(array_source(500, 8), tmp_path / "idx", config())
+    with pytest.raises(DependencyError):
+        AtlasIndex.open(tmp_path / "idx", device="cuda")
+    assert AtlasIndex.open(tmp_path / "idx", device="auto").search(clustered(3, 8), k=5).ids.shape == (3, 5)
