@@ -8,6 +8,11 @@ Query cells fall in three groups:
 * **absent**: the truth label is not in the atlas label set; the right answer is to abstain, so they are
   scored by ``abstention_rate_absent`` (fraction predicted ``"unknown"``) and excluded from accuracy and F1.
 * **unlabelled**: no truth label (NULL/NaN/empty); ignored.
+
+``macro_f1_open`` scores both groups at once: macro-F1 over the known classes plus one ``"unknown"`` class whose
+truth is every absent cell. An absent cell called ``B`` is a false positive of ``B``, a known cell called
+``"unknown"`` a false positive of ``"unknown"``, so abstaining pays exactly when it catches more absent cells
+than it loses known ones. With no absent cells it equals ``macro_f1``.
 """
 
 from __future__ import annotations
@@ -68,6 +73,16 @@ def evaluate_labels(
             "support": tp + fn,
             "unknown_rate": _ratio(np.sum((tk == c) & (pk == unknown)), tp + fn),
         }
+    # open-set: absent cells are one more class, "unknown"
+    tl, pl = t[labelled], p[labelled]
+    to = np.where(known[labelled], tl, unknown).astype(object)
+    open_classes = classes + ([unknown] if absent.any() and unknown not in classes else [])
+    f1_open: list[float] = []
+    for c in open_classes:
+        tp = int(np.sum((to == c) & (pl == c)))
+        fp = int(np.sum((to != c) & (pl == c)))
+        fn = int(np.sum((to == c) & (pl != c)))
+        f1_open.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     assigned = pk != unknown
     absent_types: dict[str, dict[str, Any]] = {}
     for c in sorted(set(t[absent])):
@@ -84,6 +99,7 @@ def evaluate_labels(
         "n_unlabelled": int((~labelled).sum()),
         "accuracy": _ratio(np.sum(tk == pk), len(tk)),
         "macro_f1": round(float(np.mean(f1s)), 4) if f1s else None,
+        "macro_f1_open": round(float(np.mean(f1_open)), 4) if f1_open else None,
         "unknown_rate_known": _ratio(np.sum(~assigned), len(pk)),
         "accuracy_assigned": _ratio(np.sum((tk == pk) & assigned), np.sum(assigned)),
         "abstention_rate_absent": _ratio(np.sum(p[absent] == unknown), absent.sum()),

@@ -219,11 +219,16 @@ def decide(
     *,
     min_confidence: float,
     far_threshold: float | None,
+    nearest_similarity: np.ndarray | None = None,
+    far_nearest_threshold: float | None = None,
 ) -> Decision:
     """Abstain (code -1) where the vote is weak or the cell lies beyond the atlas.
 
-    ``far_from_atlas``: the mean top-k similarity is below ``far_threshold`` (or undefined: no neighbour);
-    it takes precedence over ``low_confidence``: confidence < ``min_confidence`` or nobody voted.
+    ``far_from_atlas``: the mean top-k similarity is below ``far_threshold`` (or undefined: no neighbour) and,
+    when ``far_nearest_threshold`` is given, the similarity of the nearest neighbour (``nearest_similarity``)
+    is below it too (both must say "far": the mean top-k statistic alone calls every cell of a type with fewer
+    than k atlas cells far, since its k nearest cannot all be of its type). ``far_from_atlas`` takes
+    precedence over ``low_confidence``: confidence < ``min_confidence`` or nobody voted.
     """
     if not 0.0 <= min_confidence <= 1.0:
         raise InputError(f"min_confidence must be in [0, 1] (got {min_confidence})")
@@ -235,6 +240,11 @@ def decide(
     if far_threshold is not None:
         m = np.asarray(mean_similarity, dtype=np.float64)
         far = ~(m >= far_threshold)  # NaN (no neighbour) counts as far
+        if far_nearest_threshold is not None:
+            if nearest_similarity is None:
+                raise InputError("far_nearest_threshold needs the nearest neighbours' similarities")
+            s1 = np.asarray(nearest_similarity, dtype=np.float64)
+            far &= ~(s1 >= far_nearest_threshold)
         reason[far] = REASON_FAR
         low |= far
     code[low] = -1

@@ -37,7 +37,7 @@ def test_kang2018_ctrl_to_stim(tmp_path: Path) -> None:
     res = annotate(query, tmp_path / "index", truth_key="cell_type", progress=False)
     ev = res.report["evaluation"]["cell_type"]
     assert ev["n_known"] == 1490 and ev["n_absent"] == 0
-    # measured 0.80 / 0.83 (scripts/bench_annotate.py); the floor leaves room for numerical noise only
+    # measured 0.79 / 0.83 (scripts/bench_annotate.py); the floor leaves room for numerical noise only
     assert ev["accuracy"] > 0.75
     assert ev["macro_f1"] > 0.75
     assert ev["unknown_rate_known"] < 0.15

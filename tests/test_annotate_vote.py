@@ -148,6 +148,26 @@ def test_decide_reasons_and_precedence() -> None:
         decide(votes, sim, min_confidence=1.5, far_threshold=None)
 
 
+def test_decide_far_needs_both_statistics_when_given_two_thresholds() -> None:
+    votes = Votes(
+        winner=np.array([0, 0, 0, 0]),
+        confidence=np.ones(4, dtype=np.float32),
+        n_voters=np.array([5, 5, 5, 5]),
+    )
+    mean_sim = np.array([0.1, 0.1, 0.8, np.nan])
+    nearest = np.array([0.2, 0.9, 0.2, np.nan])
+    d = decide(votes, mean_sim, min_confidence=0.5, far_threshold=0.5)
+    assert d.reason.tolist() == [REASON_FAR, REASON_FAR, REASON_NONE, REASON_FAR]
+    # a cell with one close atlas neighbour (a type with fewer than k atlas cells) is not far
+    d = decide(
+        votes, mean_sim, min_confidence=0.5, far_threshold=0.5, nearest_similarity=nearest, far_nearest_threshold=0.5
+    )
+    assert d.reason.tolist() == [REASON_FAR, REASON_NONE, REASON_NONE, REASON_FAR]
+    assert d.code.tolist() == [-1, 0, 0, -1]
+    with pytest.raises(InputError):
+        decide(votes, mean_sim, min_confidence=0.5, far_threshold=0.5, far_nearest_threshold=0.5)
+
+
 def test_evaluate_labels_known_absent_and_unknown() -> None:
     truth = ["A", "A", "A", "B", "B", "C", "C", None]
     pred = ["A", "A", UNKNOWN, "B", "A", UNKNOWN, "B", "A"]
@@ -164,6 +184,10 @@ def test_evaluate_labels_known_absent_and_unknown() -> None:
     assert m["abstention_rate_absent"] == pytest.approx(0.5)
     assert m["absent_types"]["C"]["predicted_as"] == {UNKNOWN: 1, "B": 1}
     assert "D" not in m["per_class"]  # an atlas label the query lacks is not a class of the score
+    # open set: C cells are class "unknown"; A 2/3, B: tp 1 fp 1 (a C cell) fn 1 -> 1/2, unknown: tp 1 fp 1 fn 1
+    assert m["macro_f1_open"] == pytest.approx((2 / 3 + 1 / 2 + 1 / 2) / 3, abs=1e-4)
+    closed = evaluate_labels(truth[:5], pred[:5], {"A", "B"})
+    assert closed["macro_f1_open"] == closed["macro_f1"]  # no absent cells: the same score
 
 
 def test_evaluate_labels_no_known_cells() -> None:

@@ -51,14 +51,22 @@ def test_separates_planted_types(fitted, data):
         assert len(markers & keys) >= 20
 
 
-def test_matches_dense_reference(fitted, data):
-    """The streamed fit equals a dense PCA of the standardised, clipped selected genes."""
+def _divisor(scale, stds):
+    return {"zscore": stds, "floor": np.maximum(stds, np.median(stds)), "none": np.ones_like(stds)}[scale]
+
+
+@pytest.mark.parametrize("scale", ["floor", "zscore", "none"])
+def test_matches_dense_reference(fitted, data, scale):
+    """The streamed fit equals a dense PCA of the scaled, clipped selected genes."""
+    if scale != fitted.config.scale:
+        fitted = PCAEmbedder(n_hvg=N_HVG, n_components=N_PC, scale=scale)
+        fitted.fit(chunks_of(data, size=100))
     model = fitted.model
     cols = data.genes.locate_vocabulary(model.genes)
     L = to_lognorm(data.counts, "counts")[:, cols].toarray().astype(np.float64)
     assert np.allclose(L.mean(axis=0), model.means, atol=1e-8)
     assert np.allclose(L.std(axis=0, ddof=1), model.stds, atol=1e-8)
-    Z = np.clip((L - model.means) / model.stds, -10, 10)
+    Z = np.clip((L - model.means) / _divisor(scale, model.stds), -10, 10)
     Zc = Z - Z.mean(axis=0)
     evals, evecs = np.linalg.eigh(np.cov(Zc, rowvar=False))
     ref = evecs[:, ::-1][:, :N_PC].T
@@ -139,7 +147,7 @@ def test_partial_gene_overlap(fitted, data):
     pos = genes_q.locate_vocabulary(model.genes)
     present = pos >= 0
     full[:, present] = L[:, pos[present]].toarray()
-    Z = np.clip((full - model.means) / model.stds, -10, 10) - model.center
+    Z = np.clip((full - model.means) / _divisor(fitted.config.scale, model.stds), -10, 10) - model.center
     Z[:, ~present] = 0
     np.testing.assert_allclose(out, Z @ model.components.T.astype(np.float64), atol=1e-4)
     assert nearest_centroid_accuracy(out, data.labels) > 0.95
@@ -163,6 +171,56 @@ def test_save_load_round_trip(fitted, data, tmp_path):
     np.savez(tmp_path / "emb" / "pca.npz", **npz)
     with pytest.raises(StoreError):
         load_embedder(tmp_path / "emb")
+
+
+def test_default_scale_is_zscore_and_bad_scale_is_refused():
+    assert PCAEmbedder().config.scale == "zscore"
+    with pytest.raises(InputError):
+        PCAEmbedder(scale="unit")  # type: ignore[arg-type]
+
+
+def test_scale_modes_differ_in_fingerprint_and_round_trip(data, tmp_path):
+    chunks = chunks_of(data, size=100)
+    chunk = chunk_of(data.counts, data.genes)
+    fingerprints = set()
+    for scale in ("floor", "zscore", "none"):
+        emb = PCAEmbedder(n_hvg=N_HVG, n_components=N_PC, scale=scale)
+        unfitted = emb.fingerprint()
+        emb.fit(chunks)
+        fingerprints |= {unfitted, emb.fingerprint()}
+        assert nearest_centroid_accuracy(emb.transform(chunk), data.labels) > 0.95
+        emb.save(tmp_path / scale)
+        meta = json.loads((tmp_path / scale / EMBEDDER_FILE).read_text())
+        assert meta["params"]["scale"] == scale
+        loaded = load_embedder(tmp_path / scale)
+        assert loaded.config.scale == scale and loaded.fingerprint() == emb.fingerprint()
+        np.testing.assert_array_equal(loaded.transform(chunk), emb.transform(chunk))
+    assert len(fingerprints) == 6  # params (unfitted) and params + artefact (fitted) differ for every mode
+
+
+def test_embedder_saved_before_the_scale_option_loads_as_zscore(data, tmp_path):
+    """An ``embedder.json`` without ``scale`` (older builds) means unit-variance scaling, and its recorded
+    fingerprint (computed without the key) still matches: indexes built before keep working unchanged."""
+    emb = PCAEmbedder(n_hvg=N_HVG, n_components=N_PC, scale="zscore")
+    emb.fit(chunks_of(data, size=100))
+    emb.save(tmp_path / "old")
+    meta_path = tmp_path / "old" / EMBEDDER_FILE
+    meta = json.loads(meta_path.read_text())
+    del meta["params"]["scale"]
+    # the fingerprint an older version wrote: sha256 of name + params (no scale) + artefact digest
+    import hashlib
+
+    payload = json.dumps({"name": "pca", "params": meta["params"]}, sort_keys=True, default=str)
+    meta["fingerprint"] = hashlib.sha256((payload + emb.artefact_digest()).encode()).hexdigest()[:16]
+    meta_path.write_text(json.dumps(meta))
+    assert meta["fingerprint"] == emb.fingerprint()
+    loaded = load_embedder(tmp_path / "old")
+    assert loaded.config.scale == "zscore"
+    chunk = chunk_of(data.counts, data.genes)
+    np.testing.assert_array_equal(loaded.transform(chunk), emb.transform(chunk))
+    floor = PCAEmbedder(n_hvg=N_HVG, n_components=N_PC, scale="floor")
+    floor.fit(chunks_of(data, size=100))
+    assert not np.allclose(floor.transform(chunk), emb.transform(chunk), atol=1e-3)
 
 
 def test_fingerprint_tracks_params_and_fit(data):
