@@ -633,9 +633,9 @@ def _fmt(v: Any) -> str:
 DEFAULT_DEVIATIONS = {
     "far_quantile": "the far-from-atlas rule is kept at 0.01 although the tuning pairs score it within 0.005 of "
     "off: there the absent types sit close to atlas types, so the rule adds little to the low-confidence rule "
-    "(synthetic: abstention on absent types 0.65 with it, 0.54 without) and costs about as much on known cells, "
-    "while on a population unlike any atlas type (the synthetic atlas of tests/test_annotate.py, fibroblasts held out) "
-    "turning it off drops the abstention on it from 0.69 to 0.32 and the open-set macro-F1 from 0.95 to 0.90",
+    "and costs about as much on known cells, while on a population unlike any atlas type (the synthetic atlas of "
+    "tests/test_annotate.py, fibroblasts held out; measured with the default embedder) turning it off drops the "
+    "abstention on it from 0.79 to 0.37 and the open-set macro-F1 from 0.96 to 0.90",
 }
 """Why a library default differs from the ``--tune`` pick (printed under the tuning grid)."""
 
@@ -711,7 +711,7 @@ WHY_PEER_WINS: dict[str, str] = {
     "batch effect larger than the conditions' (the MNN shift has norm ~1 on unit vectors); centring the query on "
     "its own mean (ingest) removes it exactly when compositions match (ingest scores 0.38 on "
     "zheng_sorted_to_kang_ctrl, where they do not). Centre-only scaling (scale=\"none\") reaches 0.87 here but "
-    "loses 0.12 on symphony and 0.28 on synthetic; the default scale=\"floor\" gains 0.05 over unit variance",
+    "loses 0.12 on symphony and 0.28 on synthetic; scale=\"floor\" gains 0.05 over the default unit variance, which is kept because it finds rare populations better (docs: rare-cell hunt on real data; atlas/embed/pca.py)",
     "zheng_sorted_to_kang_ctrl": "mostly abstention: 30-38% of the query's CD8 T and NK cells fall below the 1% "
     "tail of the FACS-sorted reference's own neighbour similarities (sorted populations are tighter than PBMCs "
     "from another lab) and are called far from the atlas, while the absent types sit close to atlas types (DC "
