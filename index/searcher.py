@@ -9,6 +9,7 @@ are re-scored exactly from the stored float16 vectors. Flat shards are searched 
 from __future__ import annotations
 
 import logging
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,21 @@ class ShardSearcher:
             ids[a:b], scores[a:b] = self._search_batch(q[a:b], k, nprobe, rerank, selector)
         return ids, scores
 
+    def release_pages(self) -> None:
+        """Unmap the pages of the stored vectors from this process (they stay in the page cache).
+
+        Re-ranking gathers candidates at random rows, and the kernel maps the neighbouring cached pages of every
+        row it faults in (fault-around): without this, one calibration pass over a 36M-cell index left the whole
+        9 GB of vectors counted in the process's RSS (VmHWM 12 GiB for 3 GiB of allocations). Called after each
+        re-ranking block, so RSS is bounded by what one block of candidates touches.
+        """
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        for shard in self._shards:
+            raw = getattr(shard.vectors, "_mmap", None)
+            if raw is not None:
+                raw.madvise(mmap.MADV_DONTNEED)
+
     def _search_batch(
         self, q: np.ndarray, k: int, nprobe: int | None, rerank: int, selector: Any
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -298,6 +314,7 @@ class ShardSearcher:
             )  # fmt: skip
             out_ids[a:b, :kk] = lab
             out_scores[a:b, :kk] = np.where(lab >= 0, dist, -np.inf)
+            self.release_pages()
         return out_ids, out_scores
 
     def exact_search(self, q: np.ndarray, k: int, *, subset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -149,6 +149,25 @@ def stage_build(out: str, cells: str, n: int, d: int, clusters: int, shard_size:
             "info": index_info(out), **mem.figures()}
 
 
+def stage_eval(out: str) -> dict[str, Any]:
+    """The build's last step alone (recall tuning + calibration, as ``build_from_source`` runs them) on the built
+    index, in a fresh process: its memory figures are those of that step."""
+    from index import AtlasIndex
+    from index.evaluate import calibrate, tune_and_measure
+
+    idx = AtlasIndex.open(out)
+    m = idx.manifest
+    cfg = m.build["config"]
+    t0 = time.perf_counter()
+    with MemorySampler() as mem:
+        searcher = idx._searcher
+        rec = tune_and_measure(searcher, k=cfg["k"], n_queries=cfg["eval_queries"], seed=cfg["seed"] + 101,
+                               target=cfg["target_recall"], nprobe=cfg["nprobe"], rerank=cfg["rerank"])
+        calibrate(searcher, k=cfg["k"], n_cells=cfg["calibration_cells"], seed=cfg["seed"] + 202,
+                  nprobe=rec.nprobe, rerank=rec.rerank)
+    return {"seconds": round(time.perf_counter() - t0, 1), "recall": rec.recall, **mem.figures()}
+
+
 def stage_annotate(out: str, n: int, d: int, clusters: int, queries: int, recall_queries: int) -> dict[str, Any]:
     from atlas.synthetic import sample_queries
     from index import AtlasIndex
@@ -260,7 +279,8 @@ def render(r: dict[str, Any]) -> str:
     lines = [
         f"## Scale run: {r['n']:,} cells x {r['d']} dims (synthetic embeddings, CPU, local executor)",
         "",
-        f"Command: `{r['command']}`; {r['date']}, {r['machine']}; load average at start {r['load_at_start']}.",
+        "Commands: " + "; ".join(f"`{v}`" for k, v in r.items() if k.startswith("command")) +
+        f"; {r['date']}, {r['machine']}; load average at start {r['load_at_start']}.",
         "",
         "| stage | figure |",
         "|---|---|",
@@ -274,6 +294,9 @@ def render(r: dict[str, Any]) -> str:
         f"| disk | {info['size_bytes'] / 1e9:.1f} GB, {info['bytes_per_cell']} bytes/cell |",
         f"| recall@30 (build's held-out atlas cells) | {b['manifest_recall']} at nprobe={b['nprobe']}, "
         f"rerank={b['rerank']} |",
+        *([f"| build's last step again, alone (recall tuning + calibration, fresh process, after the fix that unmaps "
+            f"re-ranked candidates' pages per block; the build row above predates it): peak anonymous RSS / VmHWM | {_gib(r['eval']['peak_rss_anon'])}"
+            f" / {_gib(r['eval']['vm_hwm'])} ({r['eval']['seconds']:,.0f} s) |"] if "eval" in r else []),
         f"| annotation: {a['queries']:,} fresh query cells, k=30 | {a['search_s']} s search ({a['qps']:,} QPS) + "
         f"{a['vote_s']} s vote; accuracy {a['accuracy']} vs the query clusters |",
         f"| annotation: recall@30 on {a['recall_queries']} of them vs exact | {a['recall_fresh_queries']} "
@@ -353,10 +376,13 @@ def write_docs(r: dict[str, Any]) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=ROOT / "bench_out" / "scale",
               show_default=True)
 @click.option("--docs/--no-docs", default=None, help="Write docs/benchmarks.md (default: only for the default --out).")
+@click.option("--stages", default="cells,build,annotate,sweep", show_default=True,
+              help="Comma-separated stages to run (also: eval, the build's recall/calibration step alone on a built "
+                   "index). Results merge into the saved .scale.json.")
 @click.option("--render", "render_json", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Only re-render docs/benchmarks.md from a saved .scale.json.")
 def main(n: int, d: int, clusters: int, shard_size: int, factory: str, queries: int, recall_queries: int, out: Path,
-         docs: bool | None, render_json: Path | None) -> None:
+         docs: bool | None, render_json: Path | None, stages: str) -> None:
     """Build a large index from synthetic embeddings, then search, annotate and sweep it; report each stage."""
     if render_json is not None:
         saved = json.loads(render_json.read_text())
@@ -366,9 +392,13 @@ def main(n: int, d: int, clusters: int, shard_size: int, factory: str, queries: 
     out.mkdir(parents=True, exist_ok=True)
     name = f"n{n}-d{d}-c{clusters}"
     index_dir, cells = out / f"{name}.index", out / f"{name}.cells.duckdb"
-    record: dict[str, Any] = {
+    saved = out / f"{name}.scale.json"
+    wanted = [x.strip() for x in stages.split(",") if x.strip()]
+    record: dict[str, Any] = json.loads(saved.read_text()) if saved.is_file() and set(wanted) != set(
+        ("cells", "build", "annotate", "sweep")) else {}
+    record |= {
         "n": n, "d": d, "clusters": clusters, "shard_size": shard_size,
-        "command": "nice .venv/bin/python scripts/bench_scale.py " + " ".join(sys.argv[1:]),
+        f"command_{'_'.join(wanted)}": "nice .venv/bin/python scripts/bench_scale.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M"), "load_at_start": round(os.getloadavg()[0], 2),
         "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}",
     }
@@ -376,9 +406,12 @@ def main(n: int, d: int, clusters: int, shard_size: int, factory: str, queries: 
     for stage, fn, args in (
         ("cells", stage_cells, (str(cells), n, d, clusters)),
         ("build", stage_build, (str(index_dir), str(cells), n, d, clusters, shard_size, factory)),
+        ("eval", stage_eval, (str(index_dir),)),
         ("annotate", stage_annotate, (str(index_dir), n, d, clusters, queries, recall_queries)),
         ("sweep", stage_sweep, (str(index_dir), str(out / f"{name}.sweep"), n, d, clusters)),
     ):
+        if stage not in wanted:
+            continue
         ts = time.perf_counter()
         record[stage] = _in_child(fn, *args)
         record[stage]["stage_wall_s"] = round(time.perf_counter() - ts, 1)
