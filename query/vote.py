@@ -213,6 +213,23 @@ def mean_top_similarity(scores: np.ndarray, k: int) -> np.ndarray:
     return np.divide(total, count, out=np.full(len(s), np.nan), where=count > 0)
 
 
+def far_from_atlas(
+    mean_similarity: np.ndarray,
+    far_threshold: float,
+    nearest_similarity: np.ndarray | None = None,
+    far_nearest_threshold: float | None = None,
+) -> np.ndarray:
+    """Cells beyond the atlas: mean top-k similarity below ``far_threshold`` (NaN, no neighbour, counts as far)
+    and, when ``far_nearest_threshold`` is given, the nearest neighbour's similarity below it too."""
+    m = np.asarray(mean_similarity, dtype=np.float64)
+    far: np.ndarray = ~(m >= far_threshold)
+    if far_nearest_threshold is not None:
+        if nearest_similarity is None:
+            raise InputError("far_nearest_threshold needs the nearest neighbours' similarities")
+        far &= ~(np.asarray(nearest_similarity, dtype=np.float64) >= far_nearest_threshold)
+    return far
+
+
 def decide(
     votes: Votes,
     mean_similarity: np.ndarray,
@@ -238,13 +255,7 @@ def decide(
     low = (votes.winner < 0) | (votes.confidence < min_confidence)
     reason[low] = REASON_LOW_CONFIDENCE
     if far_threshold is not None:
-        m = np.asarray(mean_similarity, dtype=np.float64)
-        far = ~(m >= far_threshold)  # NaN (no neighbour) counts as far
-        if far_nearest_threshold is not None:
-            if nearest_similarity is None:
-                raise InputError("far_nearest_threshold needs the nearest neighbours' similarities")
-            s1 = np.asarray(nearest_similarity, dtype=np.float64)
-            far &= ~(s1 >= far_nearest_threshold)
+        far = far_from_atlas(mean_similarity, far_threshold, nearest_similarity, far_nearest_threshold)
         reason[far] = REASON_FAR
         low |= far
     code[low] = -1

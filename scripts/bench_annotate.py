@@ -535,7 +535,7 @@ def tune(p: Prepared) -> list[dict[str, Any]]:
     from index import AtlasIndex
     from query.annotate import annotate
     from query.evaluate import evaluate_labels
-    from query.vote import UNKNOWN
+    from query.vote import UNKNOWN, far_from_atlas
 
     truth, ref_labels = _truth(p)
     with AtlasIndex.open(p.index_dir) as idx:  # type: ignore[arg-type]
@@ -569,8 +569,9 @@ def tune(p: Prepared) -> list[dict[str, Any]]:
             for fq in (None, *cal.quantiles[:3]):
                 if fq is None:
                     far = np.zeros(len(sim), dtype=bool)
-                else:  # the rule of query.vote.decide: both statistics below their calibrated quantiles
-                    far = (sim < cal.threshold("mean_topk", fq)) & (near < cal.threshold("first_neighbor", fq))
+                else:  # annotate's rule: both statistics below their calibrated quantiles
+                    far = far_from_atlas(sim, cal.threshold("mean_topk", fq), near,
+                                         cal.threshold("first_neighbor", fq))
                 pred = np.where((conf >= mc) & ~far, raw, UNKNOWN)
                 m = evaluate_labels(truth, pred, ref_labels)
                 rows.append(
