@@ -46,7 +46,8 @@ CASES = (
 )
 
 
-def run_case(case: Case, raw: Path, work: Path, background: int | None = None, align: str = "mnn") -> dict[str, Any]:
+def run_case(case: Case, raw: Path, work: Path, background: int | None = None, align: str = "mnn",
+             embedder_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Ingest the other batches, build, train on the held batch, sweep; recall/precision against the atlas labels."""
     import anndata
     import pandas as pd
@@ -69,7 +70,7 @@ def run_case(case: Case, raw: Path, work: Path, background: int | None = None, a
     query.write_h5ad(qpath)
     t0 = time.perf_counter()
     ingest(refs, work / "atlas", obs_map={case.label: "cell_type"}, progress=False)
-    build_index(work / "atlas", work / "index", fit_sample=100_000)
+    build_index(work / "atlas", work / "index", fit_sample=100_000, embedder_options=embedder_options)
     t_build = time.perf_counter() - t0
     t0 = time.perf_counter()
     kw: dict[str, Any] = {} if background is None else {"background": background}
@@ -92,6 +93,7 @@ def run_case(case: Case, raw: Path, work: Path, background: int | None = None, a
         "precision": round(tp / len(hits), 3) if len(hits) else None,
         "background": clf.counts.get("negatives_from_atlas"),
         "align": align,
+        "embedder_options": embedder_options or {},
         "cv_auprc": round(float(clf.metrics.get("auprc", float("nan"))), 3),
         "cv_precision": round(float(clf.metrics.get("precision", float("nan"))), 3),
         "cv_recall": round(float(clf.metrics.get("recall", float("nan"))), 3),
@@ -130,16 +132,20 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
 @click.option("--case", "names", multiple=True, help="Case names (default: all).")
 @click.option("--align", type=click.Choice(["mnn", "none"]), multiple=True, default=("none", "mnn"), show_default=True,
               help="Alignment of the labelled cells onto the atlas before training (each value is a run).")
+@click.option("--embedder-option", "embedder_option", multiple=True, metavar="NAME=VALUE",
+              help="Option of the pca embedder, e.g. scale=floor (repeatable).")
 @click.option("--write-docs", is_flag=True, help="Write the table into docs/benchmarks.md.")
-def main(raw: Path, names: tuple[str, ...], align: tuple[str, ...], write_docs: bool) -> None:
+def main(raw: Path, names: tuple[str, ...], align: tuple[str, ...], embedder_option: tuple[str, ...],
+         write_docs: bool) -> None:
     """Hunt rare types on real data across batches and score the hits against the held-out labels."""
+    options = dict(opt.split("=", 1) for opt in embedder_option) or None
     rows = []
     for case in CASES:
         if names and case.name not in names:
             continue
         for mode in align:
             with tempfile.TemporaryDirectory() as tmp:
-                rows.append(run_case(case, raw, Path(tmp), align=mode))
+                rows.append(run_case(case, raw, Path(tmp), align=mode, embedder_options=options))
             click.echo(json.dumps(rows[-1]))
     command = "nice .venv/bin/python scripts/bench_hunt.py " + " ".join(sys.argv[1:])
     text = render(rows, command)
