@@ -22,6 +22,7 @@ from index.vectors import check_queries, l2_normalize
 if TYPE_CHECKING:
     from atlas.chunks import CellChunk
     from atlas.embed.base import Embedder
+    from index.label_heads import LabelHead
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class AtlasIndex:
         self._searcher = searcher
         self._embedder: Embedder | None = None
         self._con: Any = None
+        self._heads: dict[str, LabelHead] | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled (e.g. into a Ray task) as "open the index at this path": handles and mappings do not travel."""
@@ -132,6 +134,15 @@ class AtlasIndex:
                 )
             self._embedder = emb
         return self._embedder
+
+    def label_heads(self) -> dict[str, LabelHead]:
+        """The supervised label heads trained for this index (``{label column: LabelHead}``; empty when none;
+        see :mod:`index.label_heads`)."""
+        if self._heads is None:
+            from index.label_heads import load_label_heads
+
+            self._heads = load_label_heads(self.path, embedder_fingerprint=self._manifest.embedder.fingerprint)
+        return self._heads
 
     def embed(self, chunk: CellChunk) -> np.ndarray:
         """``(n, dim)`` float32 L2-normalised vectors of a chunk of cells, with the index's embedder."""

@@ -32,7 +32,7 @@ SHARD_VECTORS_FILE = "vectors.f16.npy"
 SHARD_FILES = (SHARD_INDEX_FILE, SHARD_IDS_FILE, SHARD_VECTORS_FILE)
 
 METRIC = "inner_product"
-CALIBRATION_QUANTILES = (0.01, 0.05, 0.10, 0.25, 0.50)
+CALIBRATION_QUANTILES = (0.001, 0.002, 0.005, 0.01, 0.05, 0.10, 0.25, 0.50)
 
 
 def shard_dirname(shard_no: int) -> str:

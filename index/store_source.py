@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -119,6 +119,34 @@ def _resumable_embedder(out: Path, identity: dict[str, Any]) -> Embedder | None:
     return load_embedder(saved.parent)
 
 
+AUTO_LABEL_KEY = "cell_type"
+
+
+def _resolve_label_keys(store: Any, label_keys: Sequence[str] | str) -> tuple[str, ...]:
+    if label_keys == "auto":
+        con = store.connect()
+        try:
+            columns = [r[0] for r in con.execute("DESCRIBE cells").fetchall()]
+        finally:
+            con.close()
+        labelled = 0
+        if AUTO_LABEL_KEY in columns:
+            con = store.connect()
+            try:
+                labelled = con.execute(
+                    f'SELECT count(*) FROM cells WHERE "{AUTO_LABEL_KEY}" IS NOT NULL'
+                ).fetchone()[0]
+            finally:
+                con.close()
+        if labelled:
+            return (AUTO_LABEL_KEY,)
+        logger.info("the atlas has no %r labels: no label heads are trained", AUTO_LABEL_KEY)
+        return ()
+    if isinstance(label_keys, str):
+        return (label_keys,)
+    return tuple(label_keys)
+
+
 def build_index(
     atlas: str | Path,
     out: str | Path,
@@ -135,13 +163,19 @@ def build_index(
     embedder_options: dict[str, Any] | None = None,
     config: BuildConfig | None = None,
     executor: Executor | None = None,
+    label_keys: Sequence[str] | str = "auto",
+    heads_options: dict[str, Any] | None = None,
+    progress: bool = True,
 ) -> IndexManifest:
     """Build (or resume) the index of an atlas store at ``out`` and return its manifest.
 
     The embedder (``pca``, ``precomputed:KEY``, ``uce``) is fitted on ``fit_sample`` cells sampled across
     datasets when it needs fitting, saved into ``out/embedder/``, and recorded in the manifest. ``config``
     overrides every build setting at once (shard_size, factory, ... are then ignored). ``executor``: where the shard
-    tasks run (:mod:`index.executor`; default: this process).
+    tasks run (:mod:`index.executor`; default: this process). ``label_keys``: cell-table columns to train
+    supervised label heads for once the index is complete (:func:`index.label_heads.train_label_heads`, with
+    ``heads_options``); they are kept when already trained with the same settings for this build. ``"auto"``:
+    ``cell_type`` when the atlas has that column, else none; ``()``: none.
     """
     from atlas.store import AtlasStore
 
@@ -156,7 +190,7 @@ def build_index(
     identity = {"embedder": embedder, "fit_sample": fit_sample, "embedder_options": options}
     _prepare_dir(out, overwrite)
     emb = _resumable_embedder(out, identity) or _fit_embedder(store, embedder, fit_sample, config.seed, options)
-    return build_from_source(
+    manifest = build_from_source(
         StoreVectorSource(store, emb),
         out,
         config,
@@ -167,3 +201,11 @@ def build_index(
         extra_identity=identity,
         executor=executor,
     )
+    keys = _resolve_label_keys(store, label_keys)
+    if keys:
+        from index.label_heads import train_label_heads
+
+        train_label_heads(
+            store, out, keys, seed=config.seed, progress=progress, **dict(heads_options or {})
+        )
+    return manifest

@@ -42,19 +42,23 @@ from query.vote import (
     mean_top_similarity,
     vote,
     vote_weights,
+    votes_from_probabilities,
 )
 
 logger = logging.getLogger(__name__)
 
 Align = Literal["none", "mnn"]
+Predictor = Literal["auto", "heads", "knn"]
+PREDICTORS: tuple[str, ...] = ("auto", "heads", "knn")
 
 DEFAULT_K = 30
 DEFAULT_MIN_CONFIDENCE = 0.5
 DEFAULT_WEIGHTING: Weighting = "adaptive"
-DEFAULT_FAR_QUANTILE = 0.01
+DEFAULT_FAR_QUANTILE = 0.001
 DEFAULT_CLASS_BALANCE = 0.5
 DEFAULT_ALIGN: Align = "mnn"
 DEFAULT_BATCH_SIZE = 10_000
+DEFAULT_PREDICTOR: Predictor = "auto"
 DATASET_COLUMN = "dataset_id"
 SIMILARITY_COLUMN = "atlas_similarity"
 NEAREST_COLUMN = "atlas_nearest_similarity"
@@ -203,6 +207,13 @@ def _far_threshold(
         return None, None, None
     if far_quantile is None:
         return None, None, int(cal.k)
+    if far_quantile == DEFAULT_FAR_QUANTILE and far_quantile not in cal.quantiles:
+        lowest = min(cal.quantiles)
+        logger.warning(
+            "the index was calibrated before the default far_quantile %s existed: using its lowest calibrated "
+            "quantile %s (rebuild the index to get %s)", far_quantile, lowest, far_quantile,
+        )
+        far_quantile = lowest
     try:
         nearest = float(cal.threshold("first_neighbor", far_quantile)) if cal.first_neighbor else None
         return float(cal.threshold("mean_topk", far_quantile)), nearest, int(cal.k)
@@ -234,6 +245,7 @@ def annotate(
     align_sample: int = DEFAULT_ALIGN_SAMPLE,
     far_quantile: float | None = DEFAULT_FAR_QUANTILE,
     keep_neighbors: bool = True,
+    predictor: Predictor = DEFAULT_PREDICTOR,
     progress: bool = True,
 ) -> AnnotationResult:
     """Transfer atlas labels to query cells by similarity-weighted voting of their nearest atlas cells.
@@ -272,6 +284,13 @@ def annotate(
         the nearest neighbour too spares the cells of types with fewer atlas cells than the calibration's k,
         whose k nearest cannot all be of their type.
     keep_neighbors: keep the neighbours table (``n_cells x k`` rows; turn off for very large queries).
+    predictor: what decides the label. ``"heads"``: the index's supervised label heads for that column
+        (:mod:`index.label_heads`: the mean class probability of a logistic model on the embedder's gene features
+        and one on the MNN-shifted embedding; confidence = the winner's probability); ``"knn"``: the neighbours'
+        vote; ``"auto"`` (default): heads for the columns that have them, the vote for the others. With
+        ``where``, the heads choose among the labels of the cells it selects. ``k``, ``weighting``,
+        ``class_balance`` and ``max_votes_per_dataset`` shape the vote only; the neighbours are searched in
+        every mode (far-from-atlas calls, the neighbours table).
 
     Defaults were chosen by measurement with ``scripts/bench_annotate.py --tune`` (grid and results in
     docs/benchmarks.md) on two tuning pairs only, the synthetic atlas with two cell types held out of the
@@ -298,6 +317,8 @@ def annotate(
         raise InputError(f"align must be 'none' or 'mnn' (got {align!r})")
     if not float(class_balance) >= 0:
         raise InputError(f"class_balance must be >= 0 (got {class_balance})")
+    if predictor not in PREDICTORS:
+        raise InputError(f"predictor must be one of {', '.join(PREDICTORS)} (got {predictor!r})")
     if int(align_sample) < 1:
         raise InputError(f"align_sample must be at least 1 (got {align_sample})")
     truth_map = _normalise_truth(truth_key, keys)
@@ -333,6 +354,27 @@ def annotate(
                     key,
                     f" under where={where!r}" if where else "",
                 )
+        if max_votes_per_dataset is not None and predictor == "heads":
+            raise InputError(
+                "max_votes_per_dataset caps the neighbours' vote, which predictor 'heads' does not use (the heads "
+                "are trained on a sample spread evenly over atlas datasets); use predictor 'knn' or 'auto'"
+            )
+        if max_votes_per_dataset is not None and predictor == "auto":
+            logger.info("max_votes_per_dataset given: labels come from the capped neighbour vote, not the heads")
+        heads = {} if predictor == "knn" or max_votes_per_dataset is not None else idx.label_heads()
+        missing_heads = [key for key in keys if key not in heads]
+        if predictor == "heads" and missing_heads:
+            raise InputError(
+                f"the index has no label head for {missing_heads} (heads: {sorted(heads) or 'none'}); train them "
+                "with `scatlas build ATLAS INDEX --label-key KEY` or use predictor 'knn'/'auto'"
+            )
+        use_heads = {key: heads[key] for key in keys if key in heads}
+        head_columns = {  # head class j -> position in categories[key] (-1: not among the labels allowed)
+            key: _codes(h.classes, categories[key]) for key, h in use_heads.items()
+        }
+        for key, cols in head_columns.items():
+            if not (cols >= 0).any():
+                logger.warning("none of the %r label head's classes is among the atlas labels selected", key)
         has_datasets = DATASET_COLUMN in available
         datasets = pd.Index(
             _atlas_label_counts(idx, DATASET_COLUMN, where).index if has_datasets else [], dtype=object
@@ -398,10 +440,12 @@ def annotate(
         t_embed = t_search = t_vote = 0.0
         lookup_columns = list(dict.fromkeys([*keys, *([DATASET_COLUMN] if has_datasets else [])]))
         bar = tqdm(total=n, desc="annotate", unit="cell", disable=not progress)
+        want_genes = any(h.needs_gene_features for h in use_heads.values())
         for chunk in iter_cell_chunks(source, chunk_size=int(batch_size), obsm_keys=obsm_keys):
             rows = np.asarray(chunk.ids, dtype=np.int64)
             t0 = time.perf_counter()
             vectors = apply_shift(idx.embed(chunk), shift)
+            gene_features = embedder.gene_features(chunk) if want_genes else None
             t1 = time.perf_counter()
             result = idx.search(vectors, k_search, where)
             t2 = time.perf_counter()
@@ -427,14 +471,23 @@ def annotate(
                     if len(uniq)
                     else -np.ones_like(ids)
                 )
-                v = vote(
-                    codes[:, :k],
-                    weights,
-                    n_labels=len(categories[key]),
-                    datasets=None if dcodes is None else dcodes[:, :k],
-                    max_votes_per_dataset=max_votes_per_dataset,
-                    class_weights=class_weights[key],
-                )
+                if key in use_heads:
+                    v = votes_from_probabilities(
+                        _head_probabilities(
+                            use_heads[key].predict_proba(vectors, gene_features),
+                            head_columns[key],
+                            len(categories[key]),
+                        )
+                    )
+                else:
+                    v = vote(
+                        codes[:, :k],
+                        weights,
+                        n_labels=len(categories[key]),
+                        datasets=None if dcodes is None else dcodes[:, :k],
+                        max_votes_per_dataset=max_votes_per_dataset,
+                        class_weights=class_weights[key],
+                    )
                 d = decide(
                     v,
                     similarity[rows],
@@ -513,6 +566,8 @@ def annotate(
                 "class_balance": float(class_balance),
                 "align": align,
                 "far_quantile": far_quantile,
+                "predictor": predictor,
+                "predicted_by": {key: ("heads" if key in use_heads else "knn") for key in keys},
                 "batch_size": int(batch_size),
                 "min_gene_overlap": float(min_gene_overlap),
             },
@@ -542,6 +597,17 @@ def annotate(
             source.close()
         if own_index:
             idx.close()
+
+
+def _head_probabilities(proba: np.ndarray, columns: np.ndarray, n_labels: int) -> np.ndarray:
+    """A head's class probabilities moved onto the annotation's label codes; classes outside them (a ``where``
+    filter that leaves some labels out) are dropped and the rest renormalised."""
+    out = np.zeros((len(proba), n_labels), dtype=np.float64)
+    keep = columns >= 0
+    out[:, columns[keep]] = proba[:, keep]
+    total = out.sum(axis=1, keepdims=True)
+    np.divide(out, total, out=out, where=total > 0)
+    return out
 
 
 def _neighbors_frame(

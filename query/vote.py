@@ -191,6 +191,21 @@ def vote(
     return Votes(winner, confidence, n_voters)
 
 
+def votes_from_probabilities(proba: np.ndarray) -> Votes:
+    """:class:`Votes` from per-class probabilities ``(n, n_labels)`` (a label head's): the most probable label
+    wins with its probability as confidence; rows that are all zero (no allowed label) have no winner."""
+    p = np.asarray(proba, dtype=np.float64)
+    if p.ndim != 2:
+        raise InputError(f"probabilities must be a 2-d array (got shape {p.shape})")
+    n = len(p)
+    if p.shape[1] == 0:
+        return Votes(np.full(n, -1, np.int64), np.zeros(n, np.float32), np.zeros(n, np.int32))
+    winner = p.argmax(axis=1).astype(np.int64)
+    conf = p[np.arange(n), winner]
+    winner[~(conf > 0)] = -1
+    return Votes(winner, conf.astype(np.float32), (p > 0).sum(axis=1).astype(np.int32))
+
+
 def balance_weights(counts: np.ndarray, exponent: float) -> np.ndarray:
     """Per-label vote factors ``count ** -exponent``, 1 for the most frequent label (0: no cells)."""
     c = np.asarray(counts, dtype=np.float64)

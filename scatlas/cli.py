@@ -256,17 +256,30 @@ def _option_value(text: str) -> Any:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for FAISS (default: all cores).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling and training.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index directory instead of resuming it.")
+@click.option("--label-key", "label_keys", multiple=True, metavar="COLUMN",
+              help="Atlas label column to train a supervised label head for (repeatable; used by annotate). "
+                   "Default: cell_type when the atlas has it.")
+@click.option("--no-label-heads", is_flag=True, help="Train no label head (annotate then votes by neighbours).")
+@click.option("--head-cells-per-label", type=click.IntRange(min=1), default=None,
+              help="Atlas cells sampled per label to train a head (default 2,000; spread over datasets).")
 @executor_options
+@progress_option
 def build(atlas_dir: Path, index_dir: Path, embedder: str, embedder_option: tuple[str, ...], shard_size: int, factory: str,
-          device: str, chunk_size: int, fit_sample: int, threads: int | None, seed: int, overwrite: bool, executor: str,
-          ray_address: str | None, cpus_per_task: float) -> None:
+          device: str, chunk_size: int, fit_sample: int, threads: int | None, seed: int, overwrite: bool,
+          label_keys: tuple[str, ...], no_label_heads: bool, head_cells_per_label: int | None, executor: str,
+          ray_address: str | None, cpus_per_task: float, progress: bool) -> None:
     """Embed every cell of an atlas store and write a sharded FAISS index (resumes an interrupted build)."""
     from index import build_index, index_info
 
+    if no_label_heads and label_keys:
+        raise click.UsageError("--no-label-heads and --label-key exclude each other")
     options = {k: _option_value(v) for k, v in _parse_pairs(embedder_option, "--embedder-option")}
+    keys: tuple[str, ...] | str = () if no_label_heads else (label_keys or "auto")
+    heads_options = {"max_cells_per_label": head_cells_per_label} if head_cells_per_label else {}
     build_index(atlas_dir, index_dir, embedder=embedder, shard_size=shard_size, factory=factory, device=device,
                 chunk_size=chunk_size, fit_sample=fit_sample, overwrite=overwrite, seed=seed, threads=threads,
-                embedder_options=options, executor=_make_executor(executor, ray_address, cpus_per_task))
+                embedder_options=options, executor=_make_executor(executor, ray_address, cpus_per_task),
+                label_keys=keys, heads_options=heads_options, progress=progress)
     _print_info(index_info(index_dir))
 
 
@@ -308,7 +321,7 @@ def info(index_dir: Path, as_json: bool) -> None:
 @click.option("--k", type=click.IntRange(min=1), default=30, show_default=True, help="Neighbours per query cell.")
 @click.option("--where", default=None, help="SQL filter over the atlas cells, e.g. \"tissue = 'lung'\".")
 @click.option("--min-confidence", type=click.FloatRange(0, 1), default=None,
-              help="Below this weighted vote share a cell is 'unknown' (default: the measured default).")
+              help="Below this confidence (head probability or weighted vote share) a cell is 'unknown' (default: the measured default).")
 @click.option("--max-votes-per-dataset", type=click.IntRange(min=1), default=None,
               help="Cap on the votes one atlas dataset may cast for a query cell.")
 @click.option("--truth-key", default=None, help="Query obs column with known labels: adds accuracy, macro-F1, confusion.")
@@ -319,17 +332,20 @@ def info(index_dir: Path, as_json: bool) -> None:
 @click.option("--min-gene-overlap", type=click.FloatRange(0, 1), default=None,
               help="Refuse queries carrying less than this fraction of the embedder's genes.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Query cells per batch.")
+@click.option("--predictor", type=click.Choice(["auto", "heads", "knn"]), default="auto", show_default=True,
+              help="What decides the label: the index's label heads, the neighbours' vote, or heads where trained.")
 @progress_option
 def annotate(query_file: Path, index_dir: Path, out_h5ad: Path, label_keys: tuple[str, ...], k: int, where: str | None,
              min_confidence: float | None, max_votes_per_dataset: int | None, truth_key: str | None,
              neighbors_path: Path | None, report_path: Path | None, min_gene_overlap: float | None,
-             batch_size: int | None, progress: bool) -> None:
+             batch_size: int | None, predictor: str, progress: bool) -> None:
     """Annotate QUERY_FILE (.h5ad): embed with the index's embedder, find k nearest atlas cells, vote labels."""
     from query import annotate as run_annotate
 
     optional: dict[str, Any] = {"min_confidence": min_confidence, "min_gene_overlap": min_gene_overlap, "batch_size": batch_size}
     result = run_annotate(query_file, index_dir, label_keys=list(label_keys), k=k, where=where,
                           max_votes_per_dataset=max_votes_per_dataset, truth_key=truth_key, progress=progress,
+                          predictor=predictor,
                           **{key: v for key, v in optional.items() if v is not None})
     stem = out_h5ad.with_suffix("")
     neighbors_path = neighbors_path or stem.with_name(stem.name + ".neighbors.parquet")

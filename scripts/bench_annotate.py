@@ -61,7 +61,7 @@ DOCS = REPO / "docs" / "benchmarks.md"
 MARK_START, MARK_END = "<!-- bench_annotate:start -->", "<!-- bench_annotate:end -->"
 LABEL = "label"  # the harmonised label column written into every reference and query file
 TUNING_PAIRS = ("synthetic", "kang2018_ctrl_to_stim")
-TUNED = ("k", "weighting", "class_balance", "align", "min_confidence", "far_quantile")
+TUNED = ("predictor", "k", "weighting", "class_balance", "align", "min_confidence", "far_quantile")
 
 log = logging.getLogger("bench_annotate")
 
@@ -351,7 +351,7 @@ def build_scatlas(p: Prepared) -> None:
     shutil.rmtree(store, ignore_errors=True)
     ingest(p.refs, store, progress=False)
     p.index_dir = p.work / "index"
-    build_index(store, p.index_dir, overwrite=True)
+    build_index(store, p.index_dir, overwrite=True, label_keys=[LABEL], progress=False)
     p.build_s = time.perf_counter() - t0
     with AtlasIndex.open(p.index_dir) as idx:
         p.hvg = idx.embedder.genes  # type: ignore[attr-defined]
@@ -540,15 +540,19 @@ def tune(p: Prepared) -> list[dict[str, Any]]:
     truth, ref_labels = _truth(p)
     with AtlasIndex.open(p.index_dir) as idx:  # type: ignore[arg-type]
         cal = idx.manifest.calibration
+    from query.annotate import DEFAULT_CLASS_BALANCE, DEFAULT_K, DEFAULT_WEIGHTING
+
     rows = []
     grid = [
-        (k, w, b, a)
+        ("knn", k, w, b, a)
         for k in (10, 15, 30, 50)
         for w in ("uniform", "similarity", "adaptive")
         for b in (0.0, 0.5, 1.0)
         for a in ("none", "mnn")
     ]
-    for k, weighting, balance, align in grid:
+    # k, weighting and class_balance shape the vote only: the heads are tried once per alignment
+    grid += [("heads", DEFAULT_K, DEFAULT_WEIGHTING, DEFAULT_CLASS_BALANCE, a) for a in ("none", "mnn")]
+    for predictor, k, weighting, balance, align in grid:
         res = annotate(
             p.query,
             p.index_dir,
@@ -559,6 +563,7 @@ def tune(p: Prepared) -> list[dict[str, Any]]:
             align=align,  # type: ignore[arg-type]
             min_confidence=0.0,
             far_quantile=None,
+            predictor=predictor,  # type: ignore[arg-type]
             progress=False,
         )
         raw = res.predictions[f"{LABEL}_pred"].astype(str).to_numpy()
@@ -566,7 +571,7 @@ def tune(p: Prepared) -> list[dict[str, Any]]:
         sim = res.predictions["atlas_similarity"].to_numpy()
         near = res.predictions["atlas_nearest_similarity"].to_numpy()
         for mc in (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
-            for fq in (None, *cal.quantiles[:3]):
+            for fq in (None, *[q for q in cal.quantiles if q <= 0.01]):
                 if fq is None:
                     far = np.zeros(len(sim), dtype=bool)
                 else:  # annotate's rule: both statistics below their calibrated quantiles
@@ -577,6 +582,7 @@ def tune(p: Prepared) -> list[dict[str, Any]]:
                 rows.append(
                     {
                         "pair": p.name,
+                        "predictor": predictor,
                         "k": k,
                         "weighting": weighting,
                         "class_balance": balance,
@@ -607,12 +613,13 @@ def pick(rows: list[dict[str, Any]]) -> dict[str, Any]:
     by_setting: dict[tuple[Any, ...], list[float]] = {}
     for r in rows:
         s = _tune_score(r)
-        key = (r["k"], r["weighting"], r["class_balance"], r["align"], r["min_confidence"], r["far_quantile"])
+        key = tuple(r[c] for c in TUNED)
         by_setting.setdefault(key, []).append(s)
     n_pairs = max(len(v) for v in by_setting.values())
     best = max((v for v in by_setting.items() if len(v[1]) == n_pairs), key=lambda kv: float(np.mean(kv[1])))
-    k, weighting, balance, align, mc, fq = best[0]
+    predictor, k, weighting, balance, align, mc, fq = best[0]
     return {
+        "predictor": predictor,
         "k": k,
         "weighting": weighting,
         "class_balance": balance,
@@ -653,6 +660,7 @@ def _defaults() -> dict[str, Any]:
     )
 
     return {
+        "predictor": "heads",  # DEFAULT_PREDICTOR "auto" = the heads wherever the index has them (it does here)
         "k": DEFAULT_K,
         "weighting": DEFAULT_WEIGHTING,
         "class_balance": DEFAULT_CLASS_BALANCE,
@@ -678,7 +686,7 @@ def _tuning_lines(tuning: dict[str, Any]) -> list[str]:
         f"Voting parameters picked by `--tune` on {' and '.join(tuning['pairs'])} only "
         "(score per pair: open-set macro-F1, i.e. macro-F1 with the cells of types absent from the reference as "
         "one more class, `unknown`, which is plain macro-F1 where there are none; then the mean over pairs): "
-        f"k={t['k']}, weighting={t['weighting']}, class_balance={t['class_balance']}, align={t['align']}, "
+        f"predictor={t.get('predictor', 'knn')}, k={t['k']}, weighting={t['weighting']}, class_balance={t['class_balance']}, align={t['align']}, "
         f"min_confidence={t['min_confidence']}, far_quantile={t['far_quantile']} (score {t['score']}). "
         f"{verdict} Best score reachable with each value held fixed:",
         "",
@@ -920,7 +928,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--methods",
         nargs="*",
-        default=["scatlas", "scatlas_no_abstain", "logreg", "celltypist", "scanpy_ingest"],
+        default=["scatlas", "scatlas_no_abstain", "scatlas_knn", "logreg", "celltypist", "scanpy_ingest"],
     )
     ap.add_argument(
         "--peer-python",
@@ -1022,6 +1030,7 @@ def main(argv: list[str] | None = None) -> int:
         runners: dict[str, Callable[[], tuple[np.ndarray | None, dict[str, Any]]]] = {
             "scatlas": lambda p=p: run_scatlas(p),
             "scatlas_no_abstain": lambda p=p: run_scatlas(p, min_confidence=0.0, far_quantile=None),
+            "scatlas_knn": lambda p=p: run_scatlas(p, predictor="knn"),
             "logreg": lambda p=p: run_logreg(p),
             "celltypist": lambda p=p: run_peer(p, "celltypist", args.peer_python),
             "scanpy_ingest": lambda p=p: run_peer(p, "scanpy_ingest", args.peer_python),

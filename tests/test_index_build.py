@@ -82,7 +82,7 @@ def test_manifest_records_what_was_built_and_measured(tmp_path):
     assert [s["n"] for s in raw["shards"]] == [1000, 1000, 1000]
     assert all(len(f["sha256"]) == 64 for s in raw["shards"] for f in s["files"].values())
     cal = m.calibration
-    assert cal.quantiles == [0.01, 0.05, 0.10, 0.25, 0.50] and cal.n_cells == 500
+    assert cal.quantiles == [0.001, 0.002, 0.005, 0.01, 0.05, 0.10, 0.25, 0.50] and cal.n_cells == 500
     assert np.all(np.diff(cal.first_neighbor) >= 0) and np.all(np.diff(cal.mean_topk) >= 0)
     assert all(f >= t for f, t in zip(cal.first_neighbor, cal.mean_topk, strict=True))
     assert 0 < cal.first_neighbor[0] <= 1.0

@@ -71,7 +71,9 @@ def assert_exact(ids: np.ndarray, scores: np.ndarray, base: np.ndarray, base_ids
         assert len(set(row.tolist())) == k
 
 
-def digests(root: Path, skip: tuple[str, ...] = ("manifest.json", "build.json", "cells.duckdb", "progress.json")) -> dict[str, str]:
+def digests(
+    root: Path, skip: tuple[str, ...] = ("manifest.json", "build.json", "cells.duckdb", "progress.json", "heads.json")
+) -> dict[str, str]:
     """SHA-256 of every file under ``root`` (relative path -> digest), except those named in ``skip``."""
     out = {}
     for path in sorted(root.rglob("*")):

@@ -57,6 +57,17 @@ class Embedder(ABC):
         """How ``genes`` map onto the genes this embedder reads (``None`` when it reads no genes)."""
         return None
 
+    @property
+    def gene_feature_names(self) -> list[str] | None:
+        """Names of the columns of :meth:`gene_features` (``None``: this embedder has no gene features)."""
+        return None
+
+    def gene_features(self, chunk: CellChunk) -> np.ndarray | None:
+        """Gene-level features of the cells, ``(len(chunk), n_features)`` float32, that a supervised label head
+        can read besides the embedding (the expression the embedder itself starts from, before any projection);
+        ``None`` when the embedder has none (precomputed vectors, models with their own tokenisation)."""
+        return None
+
     @abstractmethod
     def params(self) -> dict[str, Any]:
         """JSON-serialisable parameters that, with the saved artefact, reproduce the embedder."""

@@ -382,6 +382,24 @@ class PCAEmbedder(Embedder):
             out[start : start + len(z)] = z @ W.T
         return out
 
+    @property
+    def gene_feature_names(self) -> list[str] | None:
+        return [str(k) for k in self._fitted().genes.keys]
+
+    def gene_features(self, chunk: CellChunk) -> np.ndarray:
+        """log1p(CP10k) of the embedder's genes (unscaled, as a logistic regression on HVGs reads them); a gene
+        the chunk lacks takes its atlas mean, as in :meth:`transform`, so a partial gene overlap does not read as
+        zero expression."""
+        model = self._fitted()
+        if len(chunk) == 0:
+            return np.zeros((0, len(model.means)), dtype=np.float32)
+        match = self.gene_match(chunk.genes)
+        out = np.asarray(match.project(_lognorm_X(chunk)).toarray(), dtype=np.float32)
+        missing = self._missing(match)
+        if missing.any():
+            out[:, missing] = model.means[missing].astype(np.float32)
+        return out
+
     # -- fit ------------------------------------------------------------------------------------------------------
 
     def fit(self, sample: SampleSource) -> None:

@@ -1,0 +1,195 @@
+"""Supervised label heads: the softmax fitter, training with the index, use by annotate, refusal of stale heads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import index.label_heads as label_heads
+from atlas import ingest
+from atlas.errors import IndexFormatError, InputError
+from index import AtlasIndex, build_index
+from index.label_heads import HEADS_DIR, HEADS_FILE, train_label_heads
+from index.softmax import balanced_sample_weights, fit_softmax
+from query import annotate
+from query.vote import UNKNOWN, votes_from_probabilities
+from tests.conftest import make_adata
+
+# -- the fitter --------------------------------------------------------------------------------------------------
+
+
+def _blobs(n_per: tuple[int, ...], d: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, size=(len(n_per), d))
+    X = np.concatenate([rng.normal(c, 1.0, size=(n, d)) for c, n in zip(centres, n_per, strict=True)])
+    y = np.repeat(np.arange(len(n_per)), n_per)
+    return X, y
+
+
+def test_softmax_reaches_the_optimum_of_its_objective() -> None:
+    """At the returned (W, b) the gradient of  sum_i s_i CE_i + ||W||^2 / (2C)  vanishes (first-order optimality)."""
+    X, y = _blobs((60, 25, 10))
+    C = 0.5
+    m = fit_softmax(X, y, 3, C=C)
+    P = m.predict_proba(X).astype(np.float64)
+    s = balanced_sample_weights(y, 3)
+    R = (P - np.eye(3)[y]) * s[:, None]
+    grad_W = X.T @ R + m.weights.astype(np.float64) / C
+    grad_b = R.sum(axis=0)
+    scale = float(np.abs(X.T @ (np.eye(3)[y] * s[:, None])).max())
+    assert np.abs(grad_W).max() < 1e-3 * scale
+    assert np.abs(grad_b).max() < 1e-3 * scale
+
+
+def test_softmax_balances_classes_and_ignores_absent_ones() -> None:
+    X, y = _blobs((300, 6), seed=1)
+    m = fit_softmax(X, y, 3, C=1.0)  # class 2 has no sample
+    P = m.predict_proba(X)
+    assert (P.argmax(axis=1)[y == 1] == 1).mean() == 1.0  # the 6-cell class is not swamped
+    assert P[:, 2].max() < 1e-6  # never predicted
+    assert np.allclose(P.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_softmax_refuses_bad_input() -> None:
+    X, y = _blobs((5, 5))
+    with pytest.raises(InputError, match="class codes"):
+        fit_softmax(X, y, 1)
+    with pytest.raises(InputError, match="C must be"):
+        fit_softmax(X, y, 2, C=0.0)
+    with pytest.raises(InputError, match="at least one"):
+        fit_softmax(X[:0], y[:0], 2)
+
+
+def test_votes_from_probabilities() -> None:
+    v = votes_from_probabilities(np.array([[0.2, 0.8], [0.0, 0.0], [0.6, 0.4]]))
+    assert v.winner.tolist() == [1, -1, 0]
+    np.testing.assert_allclose(v.confidence, [0.8, 0.0, 0.6])
+
+
+# -- with an index -----------------------------------------------------------------------------------------------
+
+
+def _two_dataset_atlas(root: Path) -> Path:
+    a = make_adata(300, 60, seed=1, prefix="a")
+    b = make_adata(200, 60, seed=2, prefix="b")
+    a.obs["dataset_id"] = "A"
+    b.obs["dataset_id"] = "B"
+    a.write_h5ad(root / "a.h5ad")
+    b.write_h5ad(root / "b.h5ad")
+    ingest([root / "a.h5ad", root / "b.h5ad"], root / "atlas", progress=False)
+    return root / "atlas"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("heads")
+    atlas = _two_dataset_atlas(root)
+    build_index(atlas, root / "index", embedder_options={"n_hvg": 40, "n_components": 8}, progress=False)
+    return {"root": root, "atlas": atlas, "index": root / "index"}
+
+
+def test_build_trains_cell_type_heads_by_default(built: dict[str, Any]) -> None:
+    meta = json.loads((built["index"] / HEADS_DIR / HEADS_FILE).read_text())
+    entry = meta["heads"]["cell_type"]
+    assert entry["classes"] == ["B cell", "T cell", "monocyte"]
+    assert set(entry["features"]) == {"genes", "embedding"}
+    assert entry["n_train"] == 500  # every cell: fewer than the per-label cap
+    with AtlasIndex.open(built["index"]) as idx:
+        head = idx.label_heads()["cell_type"]
+        assert head.classes == entry["classes"]
+
+
+def test_training_sample_is_capped_per_label_and_spread_over_datasets(built: dict[str, Any]) -> None:
+    with AtlasIndex.open(built["index"]) as idx:
+        con = idx.connect()
+        config = label_heads.HeadsConfig(label_keys=("cell_type",), max_cells_per_label=40)
+        ids, labels = label_heads.sample_training_cells(con, "cell_type", config)
+        meta = idx.cells(ids, columns=["cell_type", "dataset_id"])
+    assert np.all(np.diff(ids) > 0)
+    counts = pd.Series(labels).value_counts()
+    assert set(counts) == {40}
+    assert (meta["cell_type"].astype(str).to_numpy() == labels).all()
+    per_ds = meta.groupby(["cell_type", "dataset_id"], observed=True).size()
+    assert set(per_ds) == {20}  # each label's 40 cells split evenly between datasets A and B
+
+
+def test_annotate_uses_heads_and_recovers_labels(built: dict[str, Any]) -> None:
+    q = make_adata(120, 60, seed=7, prefix="q")
+    res = annotate(q, built["index"], truth_key="cell_type", progress=False)
+    assert res.report["params"]["predicted_by"] == {"cell_type": "heads"}
+    assert res.report["evaluation"]["cell_type"]["accuracy"] > 0.95
+    conf = res.predictions["cell_type_confidence"].to_numpy()
+    assert ((conf > 0) & (conf <= 1)).all()
+    knn = annotate(q, built["index"], truth_key="cell_type", predictor="knn", progress=False)
+    assert knn.report["params"]["predicted_by"] == {"cell_type": "knn"}
+
+
+def test_where_restricts_the_heads_to_the_selected_labels(built: dict[str, Any]) -> None:
+    q = make_adata(90, 60, seed=8, prefix="q")
+    res = annotate(q, built["index"], where="cell_type <> 'monocyte'", progress=False)
+    pred = set(res.predictions["cell_type_pred"].astype(str))
+    assert "monocyte" not in pred
+    assert pred <= {"B cell", "T cell", UNKNOWN}
+
+
+def test_heads_predictor_without_heads_and_cap_with_heads_are_refused(built: dict[str, Any]) -> None:
+    q = make_adata(20, 60, seed=9)
+    with pytest.raises(InputError, match="no label head for"):
+        annotate(q, built["index"], label_keys=["donor_id"], predictor="heads", progress=False)
+    with pytest.raises(InputError, match="max_votes_per_dataset"):
+        annotate(q, built["index"], predictor="heads", max_votes_per_dataset=2, progress=False)
+    with pytest.raises(InputError, match="predictor must be"):
+        annotate(q, built["index"], predictor="vote", progress=False)  # type: ignore[arg-type]
+
+
+def test_retraining_is_skipped_when_settings_match_and_failure_keeps_old_heads(
+    built: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    heads_json = built["index"] / HEADS_DIR / HEADS_FILE
+    before = heads_json.read_bytes()
+
+    def boom(*a: Any, **k: Any) -> Any:
+        raise RuntimeError("killed mid-training")
+
+    monkeypatch.setattr(label_heads, "fit_softmax", boom)
+    # same settings: nothing is retrained (the broken fitter is never called)
+    train_label_heads(built["atlas"], built["index"], ["cell_type"], progress=False)
+    # other settings: training fails, and the heads already there stay as they were; no temporary dir is left
+    with pytest.raises(RuntimeError, match="killed"):
+        train_label_heads(built["atlas"], built["index"], ["cell_type"], max_cells_per_label=50, progress=False)
+    assert heads_json.read_bytes() == before
+    assert not list(built["index"].glob(f".{HEADS_DIR}.*"))  # noqa: PIE810
+
+
+def test_heads_of_another_build_are_refused(tmp_path: Path) -> None:
+    atlas = _two_dataset_atlas(tmp_path)
+    build_index(atlas, tmp_path / "index", embedder_options={"n_hvg": 40, "n_components": 8}, progress=False)
+    manifest = tmp_path / "index" / "manifest.json"
+    payload = json.loads(manifest.read_text())
+    payload["built"] = "another time"
+    manifest.write_text(json.dumps(payload))
+    q = make_adata(10, 60, seed=3)
+    with pytest.raises(IndexFormatError, match="another build"):
+        annotate(q, tmp_path / "index", progress=False)
+    # the neighbour vote does not read the heads and still works
+    res = annotate(q, tmp_path / "index", predictor="knn", progress=False)
+    assert len(res.predictions) == 10
+
+
+def test_label_key_without_labels_is_refused_but_auto_skips(tmp_path: Path) -> None:
+    a = make_adata(100, 60, seed=1)
+    a.obs["cell_type"] = pd.Categorical([None] * 100, categories=["x"])
+    a.write_h5ad(tmp_path / "a.h5ad")
+    ingest([tmp_path / "a.h5ad"], tmp_path / "atlas", progress=False)
+    opts = {"n_hvg": 40, "n_components": 8}
+    build_index(tmp_path / "atlas", tmp_path / "index", embedder_options=opts, progress=False)
+    assert not (tmp_path / "index" / HEADS_DIR).exists()
+    with pytest.raises(InputError, match="no atlas cell has a 'cell_type' label"):
+        train_label_heads(tmp_path / "atlas", tmp_path / "index", ["cell_type"], progress=False)
+    with pytest.raises(InputError, match="not a column"):
+        train_label_heads(tmp_path / "atlas", tmp_path / "index", ["nope"], progress=False)
