@@ -146,6 +146,41 @@ def bandwidth(ram_gb: float, repeats: int) -> dict[str, float]:
     }
 
 
+def paired(idx: Any, clf: Any, out_dir: Path, maps: list[np.ndarray], threads: int, args: argparse.Namespace
+           ) -> dict[str, Any]:
+    """``--pairs`` rounds of (reference read, sweep) back to back, so that both see the same machine state.
+
+    The reference of a round is the best of three reads of memory, each with the sweep's thread count: torch's
+    sum of a 1 GB float16 array in RAM, torch's sum over the very shard files the sweep reads (page cache, memory
+    maps) and numpy's 1-thread sum of the RAM array. The fraction of a round = sweep GB/s / that reference; the
+    median and the lowest over rounds are reported (the bandwidth of this VM moves between runs, by up to 1.6x, so
+    a reference measured minutes apart from the sweep can mislead either way).
+    """
+    import torch
+
+    from query.hunt import sweep
+
+    x = np.ones(int(args.ram_gb * 1e9) // 8 * 4, dtype=np.float16)
+    u, t = x.view(np.uint64), torch.from_numpy(x)
+    tmaps = [torch.from_numpy(np.asarray(v).reshape(-1)) for v in maps]
+    n_bytes = sum(int(np.asarray(v).nbytes) for v in maps)
+    torch.set_num_threads(threads)
+    rounds = []
+    for _ in range(args.pairs):
+        ram_torch = x.nbytes / 1e9 / best_of(lambda: t.sum(), 3)
+        ram_numpy = x.nbytes / 1e9 / best_of(lambda: np.add.reduce(u), 3)
+        cache_torch = n_bytes / 1e9 / best_of(lambda: [m.sum() for m in tmaps], 3)
+        ref = max(ram_torch, ram_numpy, cache_torch)
+        s = max((sweep(idx, clf, out_dir, device="cpu", resume=False, progress=False, threads=threads)
+                 for _ in range(3)), key=lambda r: r.gb_per_second)
+        rounds.append({"ram_torch_gbps": ram_torch, "ram_numpy_gbps": ram_numpy, "page_cache_torch_gbps": cache_torch,
+                       "reference_gbps": ref, "sweep_gbps": s.gb_per_second, "fraction": s.gb_per_second / ref})
+    torch.set_num_threads(max(args.thread_counts))
+    fr = np.array([r["fraction"] for r in rounds])
+    return {"paired_rounds": rounds, "paired_threads": threads, "paired_fraction_median": float(np.median(fr)),
+            "paired_fraction_min": float(fr.min()), "paired_fraction_max": float(fr.max())}
+
+
 def drop_cache(paths: list[Path]) -> bool:
     if not hasattr(os, "posix_fadvise"):
         return False
@@ -231,6 +266,7 @@ def bench_dim(d: int, args: argparse.Namespace, tmp: Path, bw: dict[str, float])
     out["n_hits"] = best.n_hits
     out["kernel"] = best.kernel
     out["threads"] = best.threads
+    out.update(paired(idx, clf, tmp / f"s{d}-paired", maps, best.threads, args))
     if args.cold and drop_cache(idx.shard_files()):
         cold = sweep(ShardDirIndex(root, d), clf, tmp / f"s{d}-cold", device="cpu", resume=False, progress=False)
         out["sweep_cold_gbps"] = cold.gb_per_second
@@ -304,6 +340,26 @@ def markdown(result: dict[str, Any], command: str) -> str:
         "machine: there the cold rate applies).",
         "",
     ]
+    if all("paired_rounds" in r for r in result["dims"]):
+        lines += [
+            "Paired rounds (the target's measure): in each round the reference read and the sweep run back to back "
+            "with the sweep's thread count; reference = the best of torch's sum over a 1 GB float16 array in RAM, "
+            "torch's sum over the same shard files in the page cache, and numpy's 1-thread sum (each best of 3); "
+            "sweep = best of 3.",
+            "",
+            "| d | rounds | threads | reference GB/s (min-max) | sweep GB/s (min-max) | sweep / reference: median "
+            "| lowest | highest |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in result["dims"]:
+            refs = [x["reference_gbps"] for x in r["paired_rounds"]]
+            sws = [x["sweep_gbps"] for x in r["paired_rounds"]]
+            lines.append(
+                f"| {r['d']} | {len(refs)} | {r['paired_threads']} | {min(refs):.1f}-{max(refs):.1f} "
+                f"| {min(sws):.1f}-{max(sws):.1f} | {100 * r['paired_fraction_median']:.0f}% "
+                f"| {100 * r['paired_fraction_min']:.0f}% | {100 * r['paired_fraction_max']:.0f}% |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -328,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-gb", type=float, default=0.5, help="GB per shard")
     parser.add_argument("--dims", type=int, nargs="+", default=[128, 1280])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=7, help="rounds of (reference read, sweep) back to back")
     parser.add_argument("--threads", dest="thread_counts", type=int, nargs="+", default=None,
                         help="torch thread counts to measure (default: 1 and torch's default)")
     parser.add_argument("--no-cold", dest="cold", action="store_false")

@@ -193,3 +193,35 @@ def test_label_key_without_labels_is_refused_but_auto_skips(tmp_path: Path) -> N
         train_label_heads(tmp_path / "atlas", tmp_path / "index", ["cell_type"], progress=False)
     with pytest.raises(InputError, match="not a column"):
         train_label_heads(tmp_path / "atlas", tmp_path / "index", ["nope"], progress=False)
+
+
+def test_cli_build_label_heads_and_annotate_predictor(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from scatlas.cli import cli
+
+    atlas = _two_dataset_atlas(tmp_path)
+    runner = CliRunner()
+    common = ["build", "--atlas", str(atlas), "--embedder-option", "n_hvg=40", "--embedder-option", "n_components=8",
+              "--no-progress"]
+    res = runner.invoke(cli, [*common, "--index", str(tmp_path / "plain"), "--no-label-heads"])
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "plain" / HEADS_DIR).exists()
+    res = runner.invoke(cli, [*common, "--index", str(tmp_path / "x"), "--no-label-heads", "--label-key", "cell_type"])
+    assert res.exit_code != 0 and "exclude each other" in res.output
+    query = tmp_path / "q.h5ad"
+    make_adata(30, 60, seed=5, prefix="q").write_h5ad(query)
+    res = runner.invoke(cli, ["annotate", str(query), "--index", str(tmp_path / "plain"), "--out",
+                              str(tmp_path / "o.h5ad"), "--predictor", "heads", "--no-progress"])
+    assert res.exit_code == 1 and res.output.startswith("Error: ") and "no label head" in res.output
+    assert "Traceback" not in res.output
+    res = runner.invoke(cli, [*common, "--index", str(tmp_path / "plain"), "--label-key", "cell_type",
+                              "--head-cells-per-label", "50"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "plain" / HEADS_DIR / HEADS_FILE).read_text())
+    assert meta["config"]["max_cells_per_label"] == 50 and meta["heads"]["cell_type"]["n_train"] == 150
+    res = runner.invoke(cli, ["annotate", str(query), "--index", str(tmp_path / "plain"), "--out",
+                              str(tmp_path / "o.h5ad"), "--predictor", "heads", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "o.report.json").read_text())
+    assert report["params"]["predicted_by"] == {"cell_type": "heads"}
