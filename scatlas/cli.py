@@ -345,7 +345,7 @@ def annotate(query_file: Path, index_dir: Path, out_h5ad: Path, label_keys: tupl
     optional: dict[str, Any] = {"min_confidence": min_confidence, "min_gene_overlap": min_gene_overlap, "batch_size": batch_size}
     result = run_annotate(query_file, index_dir, label_keys=list(label_keys), k=k, where=where,
                           max_votes_per_dataset=max_votes_per_dataset, truth_key=truth_key, progress=progress,
-                          predictor=predictor,
+                          predictor=predictor,  # type: ignore[arg-type]
                           **{key: v for key, v in optional.items() if v is not None})
     stem = out_h5ad.with_suffix("")
     neighbors_path = neighbors_path or stem.with_name(stem.name + ".neighbors.parquet")
