@@ -39,7 +39,7 @@ import numpy as np
 
 START, END = "<!-- bench_sweep:start -->", "<!-- bench_sweep:end -->"
 ATLAS_CELLS = 36_000_000
-DEFAULT_BLOCK_BYTES = 64 << 20  # as query.hunt.sweep
+DEFAULT_BLOCK_BYTES = 256 << 20  # as query.hunt.sweep
 HIT_QUANTILE = 0.999
 
 
@@ -150,9 +150,9 @@ def paired(idx: Any, clf: Any, out_dir: Path, maps: list[np.ndarray], threads: i
            ) -> dict[str, Any]:
     """``--pairs`` rounds of (reference read, sweep) back to back, so that both see the same machine state.
 
-    The reference of a round is the best of three reads of memory, each with the sweep's thread count: torch's
-    sum of a 1 GB float16 array in RAM, torch's sum over the very shard files the sweep reads (page cache, memory
-    maps) and numpy's 1-thread sum of the RAM array. The fraction of a round = sweep GB/s / that reference; the
+    The reference of a round is the best of three reads of memory: torch's sum (with every thread of the run) of a
+    1 GB float16 array in RAM and over the very shard files the sweep reads (page cache, memory maps), and numpy's
+    1-thread sum of the RAM array. The sweep runs with its best thread count (``threads``). The fraction of a round = sweep GB/s / that reference; the
     median and the lowest over rounds are reported (the bandwidth of this VM moves between runs, by up to 1.6x, so
     a reference measured minutes apart from the sweep can mislead either way).
     """
@@ -164,9 +164,9 @@ def paired(idx: Any, clf: Any, out_dir: Path, maps: list[np.ndarray], threads: i
     u, t = x.view(np.uint64), torch.from_numpy(x)
     tmaps = [torch.from_numpy(np.asarray(v).reshape(-1)) for v in maps]
     n_bytes = sum(int(np.asarray(v).nbytes) for v in maps)
-    torch.set_num_threads(threads)
     rounds = []
     for _ in range(args.pairs):
+        torch.set_num_threads(max(args.thread_counts))
         ram_torch = x.nbytes / 1e9 / best_of(lambda: t.sum(), 3)
         ram_numpy = x.nbytes / 1e9 / best_of(lambda: np.add.reduce(u), 3)
         cache_torch = n_bytes / 1e9 / best_of(lambda: [m.sum() for m in tmaps], 3)
@@ -342,10 +342,10 @@ def markdown(result: dict[str, Any], command: str) -> str:
     ]
     if all("paired_rounds" in r for r in result["dims"]):
         lines += [
-            "Paired rounds (the target's measure): in each round the reference read and the sweep run back to back "
-            "with the sweep's thread count; reference = the best of torch's sum over a 1 GB float16 array in RAM, "
-            "torch's sum over the same shard files in the page cache, and numpy's 1-thread sum (each best of 3); "
-            "sweep = best of 3.",
+            "Paired rounds (the target's measure): in each round the reference read and the sweep run back to back; "
+            "reference = the best of torch's sum with every thread over a 1 GB float16 array in RAM and over the "
+            "same shard files in the page cache, and numpy's 1-thread sum (each best of 3); sweep = best of 3 with "
+            "its best thread count (the threads column).",
             "",
             "| d | rounds | threads | reference GB/s (min-max) | sweep GB/s (min-max) | sweep / reference: median "
             "| lowest | highest |",
