@@ -16,7 +16,9 @@ bench pair while taking 2.5x as long (float64 took another 2x; scripts/bench_ann
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -54,6 +56,30 @@ def softmax_rows(logits: np.ndarray) -> np.ndarray:
     np.exp(z, out=z)
     z /= z.sum(axis=1, keepdims=True)
     return z.astype(np.float32)
+
+
+def minimize_lbfgs(
+    params: list[Any], objective: Callable[[], Any], *, max_iter: int, tolerance_grad: float,
+    tolerance_change: float,
+) -> tuple[int, float]:
+    """Minimise ``objective()`` (a scalar torch tensor of ``params``) full-batch with L-BFGS and a strong Wolfe
+    line search; returns (iterations, final loss). Shared by the label heads and the hunt's binary classifier."""
+    import torch
+
+    opt = torch.optim.LBFGS(
+        params, lr=1.0, max_iter=max_iter, tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
+        history_size=20, line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> Any:
+        opt.zero_grad()
+        loss = objective()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    n_iter = int(opt.state[params[0]].get("n_iter", 0))
+    return n_iter, float(loss.detach().cpu()) if isinstance(loss, torch.Tensor) else float("nan")
 
 
 def balanced_sample_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
@@ -102,21 +128,13 @@ def fit_softmax(
     W = torch.zeros((d, n_classes), dtype=dtype, device=device, requires_grad=True)
     b = torch.zeros(n_classes, dtype=dtype, device=device, requires_grad=True)
     penalty = 1.0 / (2.0 * float(C) * n)  # the objective divided by n (same minimiser, better scaled)
-    opt = torch.optim.LBFGS(
-        [W, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-6, tolerance_change=1e-9, history_size=20,
-        line_search_fn="strong_wolfe",
-    )
     log_softmax = torch.nn.functional.log_softmax
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
+    def objective() -> torch.Tensor:
         logp = log_softmax(Xt @ W + b + mask, dim=1)
-        loss = -(st * logp.gather(1, yt[:, None])[:, 0]).sum() + penalty * (W * W).sum()
-        loss.backward()
-        return loss
+        return -(st * logp.gather(1, yt[:, None])[:, 0]).sum() + penalty * (W * W).sum()
 
-    loss = opt.step(closure)
-    n_iter = int(opt.state[W].get("n_iter", 0))
+    n_iter, loss = minimize_lbfgs([W, b], objective, max_iter=max_iter, tolerance_grad=1e-6, tolerance_change=1e-9)
     if n_iter >= max_iter:
         logger.debug("label head: L-BFGS stopped at max_iter=%d", max_iter)
     bias = b.detach().cpu().numpy()
@@ -125,5 +143,5 @@ def fit_softmax(
         weights=W.detach().cpu().numpy().astype(np.float32),
         bias=bias.astype(np.float32),
         n_iter=n_iter,
-        loss=float(loss.detach().cpu()) if isinstance(loss, torch.Tensor) else float("nan"),
+        loss=loss,
     )

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from atlas.errors import InputError
+from index.softmax import minimize_lbfgs
 from query.hunt.metrics import average_precision
 
 logger = logging.getLogger(__name__)
@@ -85,29 +86,21 @@ def fit_logistic(
         b = torch.tensor(float(init[1]), dtype=dtype, device=device)
     w.requires_grad_(True)
     b.requires_grad_(True)
-    opt = torch.optim.LBFGS(
-        [w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12, history_size=20,
-        line_search_fn="strong_wolfe",
-    )
     softplus = torch.nn.functional.softplus
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
+    def objective() -> torch.Tensor:
         logits = Xt @ w + b
         # BCE with logits = softplus(z) - y z (softplus is the fastest stable form on CPU, float64 included)
-        loss = (st * (softplus(logits) - yt * logits)).sum() + 0.5 * l2 * (w * w).sum()
-        loss.backward()
-        return loss
+        return (st * (softplus(logits) - yt * logits)).sum() + 0.5 * l2 * (w * w).sum()
 
-    loss = opt.step(closure)
-    n_iter = int(opt.state[w].get("n_iter", 0))
+    n_iter, loss = minimize_lbfgs([w, b], objective, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12)
     w_z = w.detach().cpu().numpy().astype(np.float64)
     w_raw = w_z / sd
     return LogisticFit(
         weights=w_raw.astype(np.float32),
         bias=float(b.detach().cpu()) - float(np.dot(w_raw, mu)),
         n_iter=n_iter,
-        loss=float(loss.detach().cpu()) if isinstance(loss, torch.Tensor) else float("nan"),
+        loss=loss,
     )
 
 
