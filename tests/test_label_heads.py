@@ -225,3 +225,16 @@ def test_cli_build_label_heads_and_annotate_predictor(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "o.report.json").read_text())
     assert report["params"]["predicted_by"] == {"cell_type": "heads"}
+
+
+@pytest.mark.gpu
+def test_softmax_on_gpu_matches_cpu() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    X, y = _blobs((200, 80, 30), d=16, seed=4)
+    cpu = fit_softmax(X, y, 3, C=0.5)
+    gpu = fit_softmax(X, y, 3, C=0.5, device="cuda")
+    assert (cpu.predict_proba(X).argmax(1) == gpu.predict_proba(X).argmax(1)).mean() > 0.99
+    np.testing.assert_allclose(cpu.predict_proba(X), gpu.predict_proba(X), atol=1e-2)
