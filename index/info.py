@@ -21,11 +21,16 @@ def directory_bytes(path: Path) -> int:
 
 
 def index_info(path: str | Path) -> dict[str, Any]:
-    """Cells, shards, dim, embedder, factory, measured recall, size on disk, bytes per cell, build seconds."""
+    """Cells, shards, dim, embedder, factory, measured recall, size on disk, bytes per cell, build seconds, and
+    the label heads (column -> classes, training cells, features)."""
     path = Path(path)
     idx = AtlasIndex.open(path)
     m = idx.manifest
     size = directory_bytes(path)
+    heads = {
+        key: {"classes": len(h.classes), "train_cells": h.record.get("n_train"), "features": sorted(h.models)}
+        for key, h in idx.label_heads().items()
+    }
     return {
         "path": str(path),
         "format_version": m.format_version,
@@ -47,4 +52,5 @@ def index_info(path: str | Path) -> dict[str, Any]:
         "build_seconds": m.build.get("seconds"),
         "built": m.build.get("finished"),
         "device": m.build.get("device"),
+        "label_heads": heads,
     }

@@ -295,6 +295,10 @@ def _print_info(info: dict[str, Any]) -> None:
                                                     if recall is not None else "not measured"))
     click.echo(f"size on disk {size / 2**20:,.1f} MiB ({info['bytes_per_cell']:,.0f} bytes per cell)")
     click.echo(f"built        {info.get('built')} in {info.get('build_seconds')} s on {info.get('device')}")
+    heads = info.get("label_heads") or {}
+    click.echo("label heads  " + ("; ".join(
+        f"{key}: {h['classes']} classes, {h['train_cells']:,} training cells ({'+'.join(h['features'])})"
+        for key, h in heads.items()) if heads else "none (annotate votes by neighbours)"))
 
 
 @cli.command()
