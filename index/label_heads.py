@@ -56,6 +56,10 @@ zheng -> kang: 0.74 against 0.75 at 0.1 alone, 0.79 against 0.80 with the embedd
 DEFAULT_C_EMBEDDING = 10.0
 """Picked among 1, 10 and 100 on the same pairs (differences there were <= 0.01)."""
 DATASET_COLUMN = "dataset_id"
+AUTO_MAX_LABELS = 1_000
+"""``label_keys="auto"`` trains heads for the text columns with 2 to this many distinct values."""
+NOT_LABELS = frozenset({"soma_joinid", DATASET_COLUMN, "source_dataset_id"})
+"""The cell id and provenance: the store's dataset and the input's own dataset_id (renamed at ingest)."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,22 @@ def manifest_digest(index_dir: Path) -> str:
 
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+def label_columns(con: Any, max_labels: int = AUTO_MAX_LABELS) -> list[str]:
+    """The columns of the cells table that look like annotations: text (VARCHAR or ENUM) columns with 2 to
+    ``max_labels`` distinct values and at most one distinct value per two labelled cells (not names or ids), other
+    than the cell id and ``dataset_id``; ``cell_type`` first when present, then in table order."""
+    candidates = [
+        str(row[0]) for row in con.execute("DESCRIBE cells").fetchall()
+        if str(row[0]) not in NOT_LABELS and (str(row[1]) == "VARCHAR" or str(row[1]).startswith("ENUM"))
+    ]
+    out = []
+    for col in candidates:
+        n_distinct, n = con.execute(f"SELECT count(DISTINCT {_quote(col)}), count({_quote(col)}) FROM cells").fetchone()
+        if 2 <= n_distinct <= max_labels and 2 * n_distinct <= n:
+            out.append(col)
+    return sorted(out, key=lambda c: c != "cell_type")
 
 
 def sample_training_cells(con: Any, key: str, config: HeadsConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -119,29 +119,17 @@ def _resumable_embedder(out: Path, identity: dict[str, Any]) -> Embedder | None:
     return load_embedder(saved.parent)
 
 
-AUTO_LABEL_KEY = "cell_type"
-
-
 def _resolve_label_keys(store: Any, label_keys: Sequence[str] | str) -> tuple[str, ...]:
     if label_keys == "auto":
+        from index.label_heads import label_columns
+
         con = store.connect()
         try:
-            columns = [r[0] for r in con.execute("DESCRIBE cells").fetchall()]
+            keys = tuple(label_columns(con))
         finally:
             con.close()
-        labelled = 0
-        if AUTO_LABEL_KEY in columns:
-            con = store.connect()
-            try:
-                labelled = con.execute(
-                    f'SELECT count(*) FROM cells WHERE "{AUTO_LABEL_KEY}" IS NOT NULL'
-                ).fetchone()[0]
-            finally:
-                con.close()
-        if labelled:
-            return (AUTO_LABEL_KEY,)
-        logger.info("the atlas has no %r labels: no label heads are trained", AUTO_LABEL_KEY)
-        return ()
+        logger.info("label heads for %s", ", ".join(keys) if keys else "no column (none looks like a label)")
+        return keys
     if isinstance(label_keys, str):
         return (label_keys,)
     return tuple(label_keys)
@@ -175,7 +163,8 @@ def build_index(
     tasks run (:mod:`index.executor`; default: this process). ``label_keys``: cell-table columns to train
     supervised label heads for once the index is complete (:func:`index.label_heads.train_label_heads`, with
     ``heads_options``); they are kept when already trained with the same settings for this build. ``"auto"``:
-    ``cell_type`` when the atlas has that column, else none; ``()``: none.
+    every text column of the cell table that looks like an annotation (:func:`index.label_heads.label_columns`:
+    2 to 1,000 distinct values, e.g. cell_type, tissue, disease); ``()``: none.
     """
     from atlas.store import AtlasStore
 

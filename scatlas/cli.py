@@ -258,7 +258,7 @@ def _option_value(text: str) -> Any:
 @click.option("--overwrite", is_flag=True, help="Replace an existing index directory instead of resuming it.")
 @click.option("--label-key", "label_keys", multiple=True, metavar="COLUMN",
               help="Atlas label column to train a supervised label head for (repeatable; used by annotate). "
-                   "Default: cell_type when the atlas has it.")
+                   "Default: every text column with 2 to 1,000 distinct values (cell_type, tissue, disease, ...).")
 @click.option("--no-label-heads", is_flag=True, help="Train no label head (annotate then votes by neighbours).")
 @click.option("--head-cells-per-label", type=click.IntRange(min=1), default=None,
               help="Atlas cells sampled per label to train a head (default 2,000; spread over datasets).")

@@ -93,8 +93,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"root": root, "atlas": atlas, "index": root / "index"}
 
 
-def test_build_trains_cell_type_heads_by_default(built: dict[str, Any]) -> None:
+def test_build_trains_heads_for_label_like_columns_by_default(built: dict[str, Any]) -> None:
     meta = json.loads((built["index"] / HEADS_DIR / HEADS_FILE).read_text())
+    # cell_type and donor_id (2 values); not tissue (1 value), not dataset_id, not the numeric n_counts
+    assert list(meta["heads"]) == ["cell_type", "donor_id"]
     entry = meta["heads"]["cell_type"]
     assert entry["classes"] == ["B cell", "T cell", "monocyte"]
     assert set(entry["features"]) == {"genes", "embedding"}
@@ -140,7 +142,7 @@ def test_where_restricts_the_heads_to_the_selected_labels(built: dict[str, Any])
 def test_heads_predictor_without_heads_and_cap_with_heads_are_refused(built: dict[str, Any]) -> None:
     q = make_adata(20, 60, seed=9)
     with pytest.raises(InputError, match="no label head for"):
-        annotate(q, built["index"], label_keys=["donor_id"], predictor="heads", progress=False)
+        annotate(q, built["index"], label_keys=["tissue"], predictor="heads", progress=False)
     with pytest.raises(InputError, match="max_votes_per_dataset"):
         annotate(q, built["index"], predictor="heads", max_votes_per_dataset=2, progress=False)
     with pytest.raises(InputError, match="predictor must be"):
@@ -157,11 +159,12 @@ def test_retraining_is_skipped_when_settings_match_and_failure_keeps_old_heads(
         raise RuntimeError("killed mid-training")
 
     monkeypatch.setattr(label_heads, "fit_softmax", boom)
+    keys = json.loads(before)["config"]["label_keys"]  # what the build chose
     # same settings: nothing is retrained (the broken fitter is never called)
-    train_label_heads(built["atlas"], built["index"], ["cell_type"], progress=False)
+    train_label_heads(built["atlas"], built["index"], keys, progress=False)
     # other settings: training fails, and the heads already there stay as they were; no temporary dir is left
     with pytest.raises(RuntimeError, match="killed"):
-        train_label_heads(built["atlas"], built["index"], ["cell_type"], max_cells_per_label=50, progress=False)
+        train_label_heads(built["atlas"], built["index"], keys, max_cells_per_label=50, progress=False)
     assert heads_json.read_bytes() == before
     assert not list(built["index"].glob(f".{HEADS_DIR}.*"))  # noqa: PIE810
 
@@ -188,7 +191,8 @@ def test_label_key_without_labels_is_refused_but_auto_skips(tmp_path: Path) -> N
     ingest([tmp_path / "a.h5ad"], tmp_path / "atlas", progress=False)
     opts = {"n_hvg": 40, "n_components": 8}
     build_index(tmp_path / "atlas", tmp_path / "index", embedder_options=opts, progress=False)
-    assert not (tmp_path / "index" / HEADS_DIR).exists()
+    heads = json.loads((tmp_path / "index" / HEADS_DIR / HEADS_FILE).read_text())["heads"]
+    assert set(heads) == {"donor_id"}  # the other text column with labels; tissue has one value
     with pytest.raises(InputError, match="no atlas cell has a 'cell_type' label"):
         train_label_heads(tmp_path / "atlas", tmp_path / "index", ["cell_type"], progress=False)
     with pytest.raises(InputError, match="not a column"):
