@@ -20,7 +20,6 @@ and renamed into place, so it is complete or absent.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,13 +28,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from atlas.errors import IndexFormatError, InputError
-from index.manifest import CELLS_DB_FILE, MANIFEST_FILE
-from index.metadata import columns_of, connect
+from index.manifest import MANIFEST_FILE, manifest_digest
+from index.metadata import columns_of, quote_ident
 from index.softmax import SoftmaxModel, fit_softmax
 from index.vectors import as_stored
 
@@ -44,8 +43,6 @@ logger = logging.getLogger(__name__)
 HEADS_DIR = "heads"
 HEADS_FILE = "heads.json"
 HEADS_FORMAT = 1
-Feature = Literal["genes", "embedding"]
-FEATURES: tuple[Feature, ...] = ("genes", "embedding")
 
 DEFAULT_MAX_CELLS_PER_LABEL = 2_000
 DEFAULT_MAX_CELLS = 100_000
@@ -110,14 +107,6 @@ class LabelHead:
         return np.mean(parts, axis=0).astype(np.float32)
 
 
-def manifest_digest(index_dir: Path) -> str:
-    return hashlib.sha256((Path(index_dir) / MANIFEST_FILE).read_bytes()).hexdigest()[:16]
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def label_columns(con: Any, max_labels: int = AUTO_MAX_LABELS) -> list[str]:
     """The columns of the cells table that look like annotations: text (VARCHAR or ENUM) columns with 2 to
     ``max_labels`` distinct values and at most one distinct value per two labelled cells (not names or ids), other
@@ -126,11 +115,16 @@ def label_columns(con: Any, max_labels: int = AUTO_MAX_LABELS) -> list[str]:
         str(row[0]) for row in con.execute("DESCRIBE cells").fetchall()
         if str(row[0]) not in NOT_LABELS and (str(row[1]) == "VARCHAR" or str(row[1]).startswith("ENUM"))
     ]
-    out = []
-    for col in candidates:
-        n_distinct, n = con.execute(f"SELECT count(DISTINCT {_quote(col)}), count({_quote(col)}) FROM cells").fetchone()
-        if 2 <= n_distinct <= max_labels and 2 * n_distinct <= n:
-            out.append(col)
+    if not candidates:
+        return []
+    counts = con.execute(  # one scan of the table for every candidate
+        "SELECT " + ", ".join(f"count(DISTINCT {quote_ident(c)}), count({quote_ident(c)})" for c in candidates)
+        + " FROM cells"
+    ).fetchone()
+    out = [
+        col for col, n_distinct, n in zip(candidates, counts[0::2], counts[1::2], strict=True)
+        if 2 <= n_distinct <= max_labels and 2 * n_distinct <= n
+    ]
     return sorted(out, key=lambda c: c != "cell_type")
 
 
@@ -144,8 +138,8 @@ def sample_training_cells(con: Any, key: str, config: HeadsConfig) -> tuple[np.n
     available = columns_of(con)
     if key not in available:
         raise InputError(f"label key {key!r} is not a column of the index's cell table; available: {available}")
-    col = _quote(key)
-    ds = _quote(DATASET_COLUMN) if DATASET_COLUMN in available else "NULL"
+    col = quote_ident(key)
+    ds = quote_ident(DATASET_COLUMN) if DATASET_COLUMN in available else "NULL"
     seed = int(config.seed)
     n_labels = con.execute(f"SELECT count(DISTINCT {col}) FROM cells WHERE {col} IS NOT NULL").fetchone()[0]
     if not n_labels:
@@ -213,11 +207,7 @@ def _read_training_data(
                 f"{built_from}: train heads from the store the index was built from"
             )
         want_genes = index.embedder.gene_feature_names is not None
-        con = connect(index_dir / CELLS_DB_FILE)
-        try:
-            samples = {key: sample_training_cells(con, key, config) for key in config.label_keys}
-        finally:
-            con.close()
+        samples = {key: sample_training_cells(index.connect(), key, config) for key in config.label_keys}
         all_ids = np.unique(np.concatenate([ids for ids, _ in samples.values()]))
         logger.info("label heads: reading %d sampled atlas cells for %s", len(all_ids), ", ".join(config.label_keys))
         vecs, genes = _features(store, index, all_ids, want_genes, progress)
@@ -264,7 +254,7 @@ def train_label_heads(
             return dict(old)
     t0 = time.perf_counter()
     own_store = isinstance(atlas, (str, Path))
-    store: Any = AtlasStore.open(atlas) if isinstance(atlas, (str, Path)) else atlas
+    store: Any = AtlasStore.open(atlas) if own_store else atlas
     try:
         vecs, genes, samples, all_ids, fingerprint = _read_training_data(store, index_dir, config, progress)
     finally:

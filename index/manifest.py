@@ -7,6 +7,7 @@ rerun resumes only when it would produce the same index.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -178,6 +179,11 @@ class IndexManifest:
 
     def write(self, directory: str | Path) -> Path:
         return write_json_atomic(Path(directory) / MANIFEST_FILE, self.to_dict())
+
+
+def manifest_digest(directory: str | Path) -> str:
+    """A short id of one build of the index at ``directory``: SHA-256 of its manifest.json (first 16 hex digits)."""
+    return hashlib.sha256((Path(directory) / MANIFEST_FILE).read_bytes()).hexdigest()[:16]
 
 
 def read_manifest(directory: str | Path) -> IndexManifest:

@@ -72,6 +72,11 @@ def connect(path: Path) -> Any:
     return duckdb.connect(str(path), read_only=True)
 
 
+def quote_ident(name: str) -> str:
+    """``name`` as a double-quoted SQL identifier (embedded quotes doubled)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 def columns_of(con: Any) -> list[str]:
     return [r[0] for r in con.execute(f"DESCRIBE {CELLS_TABLE}").fetchall()]
 

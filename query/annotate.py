@@ -7,7 +7,6 @@ this module streams the query and looks up neighbours' labels; :mod:`query.vote`
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -25,8 +24,8 @@ from atlas.genes import MIN_GENE_OVERLAP, check_overlap
 from atlas.sources import open_h5ad
 from atlas.sources.base import iter_cell_chunks
 from index import AtlasIndex
-from index.manifest import MANIFEST_FILE
-from index.metadata import columns_of
+from index.manifest import manifest_digest
+from index.metadata import columns_of, quote_ident
 from query.align import DEFAULT_SAMPLE as DEFAULT_ALIGN_SAMPLE
 from query.align import Alignment, apply_shift, estimate_shift
 from query.evaluate import confusion_table, evaluate_labels
@@ -126,10 +125,6 @@ class AnnotationResult:
 # -- helpers -------------------------------------------------------------------------------------------------
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _as_str_values(values: Any) -> np.ndarray:
     s = pd.Series(np.asarray(values, dtype=object))
     return s.where(s.notna(), None).map(lambda v: None if v is None else str(v)).to_numpy(dtype=object)
@@ -137,7 +132,7 @@ def _as_str_values(values: Any) -> np.ndarray:
 
 def _atlas_label_counts(index: AtlasIndex, column: str, where: str | None) -> pd.Series:
     """Cells per non-NULL value of ``column`` (as strings, sorted), among the cells ``where`` selects."""
-    sql = f"SELECT {_quote(column)} AS v, count(*) AS n FROM cells WHERE {_quote(column)} IS NOT NULL"
+    sql = f"SELECT {quote_ident(column)} AS v, count(*) AS n FROM cells WHERE {quote_ident(column)} IS NOT NULL"
     if where:
         sql += f" AND ({where})"
     res = index.connect().execute(sql + " GROUP BY 1").fetchnumpy()
@@ -165,9 +160,8 @@ def _normalise_truth(truth_key: str | Mapping[str, str] | None, label_keys: Sequ
 
 
 def _manifest_id(index: AtlasIndex) -> str | None:
-    path = Path(index.path) / MANIFEST_FILE
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        return manifest_digest(index.path)
     except OSError:
         return None
 
