@@ -33,6 +33,7 @@ from query.outputs import plot_confusion, write_annotated_h5ad, write_json, writ
 from query.vote import (
     REASON_FAR,
     REASON_LOW_CONFIDENCE,
+    REASON_NO_EXPRESSION,
     REASON_NONE,
     UNKNOWN,
     Weighting,
@@ -61,7 +62,7 @@ DEFAULT_PREDICTOR: Predictor = "auto"
 DATASET_COLUMN = "dataset_id"
 SIMILARITY_COLUMN = "atlas_similarity"
 NEAREST_COLUMN = "atlas_nearest_similarity"
-REASONS = (REASON_NONE, REASON_LOW_CONFIDENCE, REASON_FAR)
+REASONS = (REASON_NONE, REASON_LOW_CONFIDENCE, REASON_FAR, REASON_NO_EXPRESSION)
 
 
 @dataclass
@@ -70,7 +71,8 @@ class AnnotationResult:
 
     ``predictions``: indexed like the query's obs; per label key ``<key>_pred`` (``"unknown"`` when
     abstained), ``<key>_confidence`` (weighted vote share of the winner) and ``<key>_unknown_reason`` (``""``,
-    ``"low_confidence"`` or ``"far_from_atlas"``), plus ``atlas_similarity`` (mean similarity of the cell's
+    ``"low_confidence"``, ``"far_from_atlas"`` or ``"no_expression"``: no count on any gene the embedder reads),
+    plus ``atlas_similarity`` (mean similarity of the cell's
     calibration-k nearest atlas cells) and ``atlas_nearest_similarity`` (similarity of the nearest one).
     ``neighbors``: one row per (query cell, neighbour) that voted or could
     have (``query_row``, ``query_cell``, ``atlas_cell_id`` = soma_joinid, ``rank`` from 0, ``similarity``,
@@ -435,6 +437,7 @@ def annotate(
         nearest = np.full(n, np.nan, dtype=np.float32)
         neigh: list[tuple[np.ndarray, ...]] = []
         t_embed = t_search = t_vote = 0.0
+        n_silent = 0
         lookup_columns = list(dict.fromkeys([*keys, *([DATASET_COLUMN] if has_datasets else [])]))
         bar = tqdm(total=n, desc="annotate", unit="cell", disable=not progress)
         want_genes = any(h.needs_gene_features for h in use_heads.values())
@@ -443,6 +446,8 @@ def annotate(
             t0 = time.perf_counter()
             vectors = apply_shift(idx.embed(chunk), shift)
             gene_features = embedder.gene_features(chunk) if want_genes else None
+            silent = ~embedder.expressed(chunk)
+            n_silent += int(silent.sum())
             t1 = time.perf_counter()
             result = idx.search(vectors, k_search, where)
             t2 = time.perf_counter()
@@ -493,11 +498,15 @@ def annotate(
                     nearest_similarity=nearest[rows],
                     far_nearest_threshold=far_nearest,
                 )
-                pred[key][rows] = d.code
-                conf[key][rows] = v.confidence
+                pred[key][rows] = np.where(silent, -1, d.code)
+                conf[key][rows] = np.where(silent, 0.0, v.confidence)
                 reason[key][rows] = np.select(
-                    [d.reason == REASON_LOW_CONFIDENCE, d.reason == REASON_FAR],
-                    [reason_code[REASON_LOW_CONFIDENCE], reason_code[REASON_FAR]],
+                    [silent, d.reason == REASON_LOW_CONFIDENCE, d.reason == REASON_FAR],
+                    [
+                        reason_code[REASON_NO_EXPRESSION],
+                        reason_code[REASON_LOW_CONFIDENCE],
+                        reason_code[REASON_FAR],
+                    ],
                     0,
                 ).astype(np.int8)
             if keep_neighbors:
@@ -520,6 +529,11 @@ def annotate(
             t_vote += t3 - t2
             bar.update(len(rows))
         bar.close()
+        if n_silent:
+            logger.warning(
+                "%d of %d query cells have no expression on the index embedder's genes: they are 'unknown' "
+                "(reason %r)", n_silent, n, REASON_NO_EXPRESSION,
+            )
 
         obs_names = pd.Index(source.obs.index.astype(str), name=source.obs.index.name)
         predictions = pd.DataFrame(index=obs_names)

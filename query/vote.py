@@ -37,6 +37,7 @@ UNKNOWN = "unknown"
 """The predicted label of abstained cells."""
 REASON_LOW_CONFIDENCE = "low_confidence"
 REASON_FAR = "far_from_atlas"
+REASON_NO_EXPRESSION = "no_expression"
 REASON_NONE = ""
 
 _TIE_RTOL = 1e-6

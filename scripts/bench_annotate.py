@@ -173,6 +173,51 @@ PAIRS: tuple[Pair, ...] = (
         query_map=KANG_BROAD,
         note="FACS-sorted reference, broad harmonised labels; DC/Mk/Eryth absent from the reference, "
         "T activated not scored",
+    ),    # The same files split the other way round: more held-out pairs, so that a method is not tuned to one direction.
+    Pair(
+        "kang2018_stim_to_ctrl",
+        "kang2018_ifnb_ctrl_stim_2800.h5ad",
+        "cell_type",
+        "sample",
+        ("STIM",),
+        ("CTRL",),
+        note="the reverse of kang2018_ctrl_to_stim: stimulated reference, control query",
+    ),
+    Pair(
+        "symphony_5p_to_3p",
+        "symphony_pbmc_10x_3chemistries.h5ad",
+        "cell_type",
+        "donor",
+        ("5p",),
+        ("3pv1", "3pv2"),
+        note="10x 5' reference, 3' v1 + v2 query; log-normalised input",
+    ),
+    Pair(
+        "tian_dropseq_to_celseq2",
+        "tian2019_3celllines_celseq2_dropseq.h5ad",
+        "cell_line",
+        "tech",
+        ("Dropseq",),
+        ("CELseq2",),
+        note="the reverse of tian_celseq2_to_dropseq",
+    ),
+    Pair(
+        "pancreas_b4b5_to_b1",
+        "pancreas_3studies_beta_ductal_cepo.h5ad",
+        "cellTypes",
+        "batch",
+        ("batch 4", "batch 5"),
+        ("batch 1",),
+        note="beta/ductal; Smart-seq2-like + non-integer study -> inDrop-like counts",
+    ),
+    Pair(
+        "mesc_batch3_to_batch2",
+        "mesc_2batches_scmerge.h5ad",
+        "cellTypes",
+        "batch",
+        ("batch3",),
+        ("batch2",),
+        note="the reverse of mesc_batch2_to_batch3",
     ),
 )
 SKIPPED = {

@@ -11,6 +11,7 @@ import anndata
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
 from atlas import ingest
 from atlas.errors import GeneOverlapError, InputError
@@ -142,6 +143,35 @@ def test_empty_query_is_refused(tiny: dict[str, Any], tmp_path: Path) -> None:
     q[:0].copy().write_h5ad(tmp_path / "empty.h5ad")
     with pytest.raises(InputError, match="no cells"):
         annotate(tmp_path / "empty.h5ad", tiny["index"], progress=False)
+
+
+def test_nan_expression_is_refused_with_the_cells_named(tiny: dict[str, Any], tmp_path: Path) -> None:
+    q = make_adata(30, 60, seed=2, prefix="q")
+    X = q.X.toarray()
+    X[[3, 17], 5] = np.nan
+    q.X = sp.csr_matrix(X)
+    with pytest.raises(InputError, match=r"NaN or infinite values in 2 cell\(s\).*\[3, 17\]"):
+        annotate(q, tiny["index"], progress=False)
+    X[[3, 17], 5] = np.inf
+    q.X = X  # dense, written to a file: the file reader checks too
+    q.write_h5ad(tmp_path / "inf.h5ad")
+    with pytest.raises(InputError, match="NaN or infinite"):
+        annotate(tmp_path / "inf.h5ad", tiny["index"], progress=False)
+
+
+def test_cells_without_expression_on_the_embedders_genes_are_unknown(tiny: dict[str, Any]) -> None:
+    q = make_adata(40, 60, seed=2, prefix="q")
+    X = q.X.toarray()
+    X[:4] = 0.0  # empty droplets
+    q.X = sp.csr_matrix(X)
+    res = annotate(q, tiny["index"], min_confidence=0.0, far_quantile=None, progress=False)
+    p = res.predictions
+    assert (p["cell_type_pred"].iloc[:4] == UNKNOWN).all()
+    assert (p["cell_type_unknown_reason"].iloc[:4] == "no_expression").all()
+    assert (p["cell_type_confidence"].iloc[:4] == 0).all()
+    # every other cell is labelled (both abstention rules are off)
+    assert (p["cell_type_pred"].iloc[4:] != UNKNOWN).all()
+    assert res.report["labels"]["cell_type"]["unknown_reasons"] == {"no_expression": 4}
 
 
 def test_unknown_label_key_lists_columns(tiny: dict[str, Any]) -> None:

@@ -102,6 +102,22 @@ def test_row_independent_and_chunking_invariant(fitted, data):
     np.testing.assert_allclose(mates[0], full[5], atol=1e-5)
 
 
+def test_expressed_reads_only_the_embedders_genes(fitted, data):
+    X = sp.csr_matrix(data.counts[:6], dtype=np.float32).toarray()
+    read = np.zeros(X.shape[1], dtype=bool)
+    read[fitted.gene_match(data.genes).source_cols] = True
+    X[0] = 0.0  # no counts at all
+    X[1, read] = 0.0  # counts only on genes the embedder does not read
+    X[1, ~read] = 3.0
+    X[2, :] = 0.0
+    X[2, np.flatnonzero(read)[0]] = 1.0  # one count on one of its genes
+    X[3, read] = -0.0  # signed zeros are not expression
+    X[3, ~read] = 0.0
+    chunk = chunk_of(sp.csr_matrix(X), data.genes)
+    np.testing.assert_array_equal(fitted.expressed(chunk), [False, False, True, False, True, True])
+    assert chunk.X.nnz == sp.csr_matrix(X).nnz  # the chunk is not modified
+
+
 def test_counts_and_lognorm_give_the_same_vectors(fitted, data):
     a = fitted.transform(chunk_of(data.counts, data.genes, "counts"))
     b = fitted.transform(chunk_of(to_lognorm(data.counts, "counts"), data.genes, "lognorm"))

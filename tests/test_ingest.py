@@ -202,6 +202,29 @@ def test_bad_input_leaves_store_unchanged(tmp_path, h5ad_factory, case):
     assert sorted(p.name for p in atlas.iterdir()) == files_before
 
 
+def test_nan_values_refuse_their_dataset_and_leave_it_invisible(tmp_path, h5ad_factory):
+    """Non-finite values are found while a dataset streams in (checking first would read every file twice): the
+    datasets before it stay committed, the bad one is never visible, and the fixed file ingests afterwards."""
+    atlas = tmp_path / "atlas"
+
+    def nan(ad):
+        X = ad.X.toarray()
+        X[-1, 0] = np.nan
+        ad.X = sp.csr_matrix(X)
+        return ad
+
+    good, bad = h5ad_factory("good", seed=5), h5ad_factory("bad", seed=6, transform=nan)
+    with pytest.raises(InputError, match=r"bad\.h5ad.*NaN or infinite values in 1 cell"):
+        ingest([good, bad], atlas, chunk_size=30, progress=False)
+    store = AtlasStore.open(atlas)
+    assert [d.dataset_id for d in store.datasets] == ["good"]
+    n_good = store.n_cells
+    with store.connect() as con:
+        assert con.execute("SELECT count(*) FROM cells").fetchone()[0] == n_good
+    ingest([h5ad_factory("bad", seed=6)], atlas, progress=False)
+    assert AtlasStore.open(atlas).n_cells == 2 * n_good
+
+
 def test_interrupted_ingest_is_invisible_and_next_ingest_works(tmp_path, h5ad_factory, monkeypatch):
     atlas = tmp_path / "atlas"
     ingest([h5ad_factory("first", seed=1)], atlas, progress=False)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+import scipy.sparse as sp
 
 from atlas.chunks import CellChunk
 from atlas.genes import GeneMatch, GeneVocabulary
@@ -56,6 +57,22 @@ class Embedder(ABC):
     def gene_match(self, genes: GeneVocabulary) -> GeneMatch | None:
         """How ``genes`` map onto the genes this embedder reads (``None`` when it reads no genes)."""
         return None
+
+    def expressed(self, chunk: CellChunk) -> np.ndarray:
+        """``(len(chunk),)`` bool: the cells with any positive expression on the genes this embedder reads.
+
+        A cell without any carries nothing for the embedder to place: its vector is whatever an empty profile
+        maps to, and a label read from it would be confident and meaningless (callers mark such cells rather than
+        label them). Embedders that read no genes (``gene_match`` is None) report every cell."""
+        n = len(chunk)
+        if chunk.X is None:
+            return np.ones(n, dtype=bool)
+        match = self.gene_match(chunk.genes)
+        if match is None:
+            return np.ones(n, dtype=bool)
+        X = sp.csr_matrix(chunk.X)[:, match.source_cols]  # a copy: the chunk is not modified
+        X.data = (X.data > 0).astype(np.float32)
+        return np.asarray(X.sum(axis=1)).ravel() > 0
 
     @property
     def gene_feature_names(self) -> list[str] | None:

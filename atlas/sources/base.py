@@ -108,6 +108,24 @@ class DatasetSource(Protocol):
     def close(self) -> None: ...
 
 
+def check_finite(block: sp.csr_matrix, rows: np.ndarray, what: str) -> sp.csr_matrix:
+    """``block`` unchanged when every stored value is finite; InputError naming the cells otherwise.
+
+    A NaN or infinite expression value would spread through normalisation into the cell's embedding and come
+    out as a confident but meaningless label, so it is refused where it is read, before anything uses it.
+    """
+    data = block.data
+    if data.size and not np.isfinite(data).all():
+        bad = np.unique(np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))[~np.isfinite(data)])
+        cells = np.asarray(rows)[bad]
+        raise InputError(
+            f"{what}: the expression matrix has NaN or infinite values in {len(cells)} cell(s) of rows "
+            f"{int(np.asarray(rows).min())}-{int(np.asarray(rows).max())} (e.g. cells at positions "
+            f"{cells[:5].tolist()}); fix or drop those cells and retry"
+        )
+    return block
+
+
 def iter_cell_chunks(
     source: DatasetSource, chunk_size: int = 10_000, rows: Sequence[int] | np.ndarray | None = None,
     obsm_keys: Sequence[str] = (),

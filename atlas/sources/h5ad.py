@@ -16,7 +16,13 @@ import scipy.sparse as sp
 
 from atlas.errors import InputError
 from atlas.genes import GeneVocabulary
-from atlas.sources.base import COUNTS_LAYERS, ExpressionChoice, choose_expression, genes_from_var
+from atlas.sources.base import (
+    COUNTS_LAYERS,
+    ExpressionChoice,
+    check_finite,
+    choose_expression,
+    genes_from_var,
+)
 from atlas.xkind import XKind, detect_x_kind
 
 logger = logging.getLogger(__name__)
@@ -165,7 +171,8 @@ class H5adSource:
     def iter_rows(self, rows: np.ndarray, chunk_size: int) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
         for a, b, pos in _windows(np.asarray(rows, dtype=np.int64), chunk_size):
             block = self._reader.rows(a, b)
-            yield pos, block if len(pos) == b - a else block[pos - a]
+            block = block if len(pos) == b - a else block[pos - a]
+            yield pos, check_finite(block, pos, f"{self.path}: {self.expression.location}")
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # closing a broken file must not mask the real error
@@ -218,8 +225,8 @@ class AnnDataSource:
     def iter_rows(self, rows: np.ndarray, chunk_size: int) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
         m = self._mats[self.expression.location]
         for _a, _b, pos in _windows(np.asarray(rows, dtype=np.int64), chunk_size):
-            block = m[pos]
-            yield pos, sp.csr_matrix(block, dtype=np.float32)
+            block = sp.csr_matrix(m[pos], dtype=np.float32)
+            yield pos, check_finite(block, pos, f"{self.name}: {self.expression.location}")
 
     def close(self) -> None:
         pass

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 
 from atlas.errors import InputError
 from atlas.genes import GeneVocabulary
-from atlas.sources.base import ExpressionChoice, choose_expression, genes_from_var
+from atlas.sources.base import ExpressionChoice, check_finite, choose_expression, genes_from_var
 from atlas.xkind import detect_x_kind
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class SomaExperimentSource:
         rows = np.asarray(rows, dtype=np.int64)
         for a in range(0, len(rows), chunk_size):
             pos = rows[a : a + chunk_size]
-            yield pos, self._read(self._joinids[pos])
+            yield pos, check_finite(self._read(self._joinids[pos]), pos, f"{self.uri}: X[{self.layer!r}]")
 
     def obsm_keys(self) -> list[str]:
         ms = self._exp.ms[self.measurement]
