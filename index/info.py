@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from atlas.errors import IndexFormatError
 from index.atlas_index import AtlasIndex
 
 
@@ -22,14 +23,20 @@ def directory_bytes(path: Path) -> int:
 
 def index_info(path: str | Path) -> dict[str, Any]:
     """Cells, shards, dim, embedder, factory, measured recall, size on disk, bytes per cell, build seconds, and
-    the label heads (column -> classes, training cells, features)."""
+    the label heads (column -> classes, training cells, features; ``label_heads_error`` says why stored heads
+    cannot be used, e.g. trained for another build)."""
     path = Path(path)
     idx = AtlasIndex.open(path)
     m = idx.manifest
     size = directory_bytes(path)
+    heads_error = None
+    try:  # info describes the index even when its heads cannot be used (annotate refuses them)
+        loaded = idx.label_heads()
+    except IndexFormatError as exc:
+        loaded, heads_error = {}, str(exc)
     heads = {
         key: {"classes": len(h.classes), "train_cells": h.record.get("n_train"), "features": sorted(h.models)}
-        for key, h in idx.label_heads().items()
+        for key, h in loaded.items()
     }
     return {
         "path": str(path),
@@ -53,4 +60,5 @@ def index_info(path: str | Path) -> dict[str, Any]:
         "built": m.build.get("finished"),
         "device": m.build.get("device"),
         "label_heads": heads,
+        "label_heads_error": heads_error,
     }

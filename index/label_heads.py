@@ -354,13 +354,14 @@ def load_label_heads(index_dir: str | Path, *, embedder_fingerprint: str) -> dic
     try:
         meta = json.loads(path.read_text())
     except ValueError as exc:
-        raise IndexFormatError(f"{path} is unreadable ({exc}); retrain the heads (scatlas build --label-key)") from exc
+        raise IndexFormatError(f"{path} is unreadable ({exc}); retrain the heads (`scatlas build --atlas ATLAS --index INDEX --label-key KEY`)") from exc
     if meta.get("format") != HEADS_FORMAT:
         raise IndexFormatError(f"{path} has format {meta.get('format')!r}; this scatlas reads {HEADS_FORMAT}")
     if meta.get("manifest_sha256") != manifest_digest(index_dir):
         raise IndexFormatError(
             f"the label heads in {path.parent} were trained for another build of this index; retrain them "
-            "(scatlas build ... --label-key KEY) or delete that directory"
+            "(`scatlas build --atlas ATLAS --index INDEX --label-key KEY` with the build's own arguments) or delete "
+            "that directory"
         )
     if meta.get("embedder_fingerprint") != embedder_fingerprint:
         raise IndexFormatError(

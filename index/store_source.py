@@ -107,14 +107,20 @@ def _resumable_embedder(out: Path, identity: dict[str, Any]) -> Embedder | None:
     from atlas.embed import load_embedder
 
     build, saved = out / BUILD_FILE, out / EMBEDDER_DIR / "embedder.json"
-    if not (build.is_file() and saved.is_file()):
+    if not build.is_file():
         return None
     try:
         old = json.loads(build.read_text()).get("identity", {})
     except ValueError:
+        return None  # build_from_source reports the unreadable record
+    diffs = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in identity.items() if old.get(k) != v]
+    if diffs:  # refused before fitting, which on a large atlas takes minutes
+        raise InputError(
+            f"{out} holds a build with different arguments ({'; '.join(diffs)}). Use a new index directory, rerun "
+            "with the original arguments to resume, or pass --overwrite to rebuild from scratch."
+        )
+    if not saved.is_file():
         return None
-    if any(old.get(k) != v for k, v in identity.items()):
-        return None  # build_from_source reports the mismatch
     logger.info("resume: reusing the embedder saved in %s", saved.parent)
     return load_embedder(saved.parent)
 

@@ -365,7 +365,8 @@ def annotate(
         if predictor == "heads" and missing_heads:
             raise InputError(
                 f"the index has no label head for {missing_heads} (heads: {sorted(heads) or 'none'}); train them "
-                "with `scatlas build ATLAS INDEX --label-key KEY` or use predictor 'knn'/'auto'"
+                "with `scatlas build --atlas ATLAS --index INDEX --label-key KEY` (on a built index, with its own build "
+                "arguments, this only trains the heads) or use predictor 'knn'/'auto'"
             )
         use_heads = {key: heads[key] for key in keys if key in heads}
         head_columns = {  # head class j -> position in categories[key] (-1: not among the labels allowed)

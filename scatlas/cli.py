@@ -251,7 +251,7 @@ def _option_value(text: str) -> Any:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where FAISS trains and adds; 'cuda' fails if no GPU is usable.")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=20_000, show_default=True, help="Cells embedded per chunk.")
-@click.option("--fit-sample", type=click.IntRange(min=1), default=100_000, show_default=True,
+@click.option("--fit-sample", type=click.IntRange(min=1), default=50_000, show_default=True,
               help="Cells sampled across datasets to fit the embedder.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for FAISS (default: all cores).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling and training.")
@@ -296,6 +296,9 @@ def _print_info(info: dict[str, Any]) -> None:
     click.echo(f"size on disk {size / 2**20:,.1f} MiB ({info['bytes_per_cell']:,.0f} bytes per cell)")
     click.echo(f"built        {info.get('built')} in {info.get('build_seconds')} s on {info.get('device')}")
     heads = info.get("label_heads") or {}
+    if info.get("label_heads_error"):
+        click.echo(f"label heads  unusable: {info['label_heads_error']}")
+        return
     click.echo("label heads  " + ("; ".join(
         f"{key}: {h['classes']} classes, {h['train_cells']:,} training cells ({'+'.join(h['features'])})"
         for key, h in heads.items()) if heads else "none (annotate votes by neighbours)"))

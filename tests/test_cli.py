@@ -113,3 +113,44 @@ def test_synth_bad_arguments(tmp_path, args, message):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code != 0
     assert message in result.output
+
+
+def _library_functions() -> dict[tuple[str, ...], object]:
+    from atlas import ingest
+    from index import build_index
+    from query import annotate
+    from query.hunt import report, sweep, train
+
+    return {
+        ("ingest",): ingest, ("build",): build_index, ("annotate",): annotate,
+        ("hunt", "train"): train, ("hunt", "sweep"): sweep, ("hunt", "report"): report,
+    }
+
+
+@pytest.mark.parametrize("command", list(_library_functions()), ids=lambda c: " ".join(c))
+def test_cli_defaults_are_the_librarys(command):
+    """A command is a thin wrapper: an option it shares (by name) with the library function must default to the
+    same value, or to None (meaning: the library decides), so the CLI and Python users get the same run."""
+    import inspect
+
+    fn = _library_functions()[command]
+    params = inspect.signature(fn).parameters  # type: ignore[arg-type]
+    cmd = cli
+    for part in command:
+        cmd = cmd.commands[part]  # type: ignore[attr-defined]
+    compared = 0
+    for p in cmd.params:  # type: ignore[attr-defined]
+        lib = params.get(p.name or "")
+        if lib is None or lib.default is inspect.Parameter.empty or p.default is None or p.multiple or p.is_flag:
+            continue
+        if p.name == "executor":  # a name here, the executor object it makes there
+            continue
+        compared += 1
+        default = p.default
+        if isinstance(lib.default, tuple) and isinstance(default, str):  # "a,b,c" on the command line
+            default = tuple(default.split(","))
+        assert default == lib.default, (
+            f"`scatlas {' '.join(command)} --{p.name.replace('_', '-')}` defaults to {p.default!r}, "
+            f"{fn.__name__}() to {lib.default!r}"  # type: ignore[attr-defined]
+        )
+    assert compared

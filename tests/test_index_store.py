@@ -24,7 +24,7 @@ def atlas(tmp_path_factory):
     return root / "atlas"
 
 
-def test_build_index_from_store_and_search_own_cells(atlas, tmp_path):
+def test_build_index_from_store_and_search_own_cells(atlas, tmp_path, monkeypatch):
     opts = {"n_hvg": 40, "n_components": 8}
     m = build_index(atlas, tmp_path / "idx", embedder="pca", embedder_options=opts, fit_sample=300,
                     shard_size=180, chunk_size=70)
@@ -53,6 +53,16 @@ def test_build_index_from_store_and_search_own_cells(atlas, tmp_path):
     with pytest.raises(InputError, match="different arguments"):
         build_index(atlas, tmp_path / "idx", embedder="pca", embedder_options={"n_hvg": 30, "n_components": 8},
                     fit_sample=300, shard_size=180)
+    # refused before the embedder is fitted again (minutes on a large atlas), naming what differs
+    import index.store_source as store_source
+
+    def no_fit(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the embedder was fitted before the arguments were checked")
+
+    monkeypatch.setattr(store_source, "_fit_embedder", no_fit)
+    with pytest.raises(InputError, match=r"fit_sample: 300 there, 400 now"):
+        build_index(atlas, tmp_path / "idx", embedder="pca", embedder_options=opts, fit_sample=400,
+                    shard_size=180, chunk_size=70)
 
 
 def test_interrupted_store_build_resumes_with_the_saved_embedder(atlas, tmp_path):

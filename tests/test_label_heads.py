@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from click.testing import CliRunner
 
 import index.label_heads as label_heads
 from atlas import ingest
@@ -18,6 +19,7 @@ from index.label_heads import HEADS_DIR, HEADS_FILE, train_label_heads
 from index.softmax import balanced_sample_weights, fit_softmax
 from query import annotate
 from query.vote import UNKNOWN, votes_from_probabilities
+from scatlas.cli import cli
 from tests.conftest import make_adata
 
 # -- the fitter --------------------------------------------------------------------------------------------------
@@ -182,6 +184,10 @@ def test_heads_of_another_build_are_refused(tmp_path: Path) -> None:
     # the neighbour vote does not read the heads and still works
     res = annotate(q, tmp_path / "index", predictor="knn", progress=False)
     assert len(res.predictions) == 10
+    # `scatlas info` still describes the index and says why its heads are unusable
+    out = CliRunner().invoke(cli, ["info", str(tmp_path / "index")])
+    assert out.exit_code == 0, out.output
+    assert "label heads  unusable:" in out.output and "another build" in out.output
 
 
 def test_label_key_without_labels_is_refused_but_auto_skips(tmp_path: Path) -> None:
