@@ -213,7 +213,8 @@ def check_overlap(
         )
     if frac < warn_fraction:
         logger.warning(
-            "only %.1f%% of the %s's genes are in the %s; missing genes are treated as zero and results may degrade",
+            "only %.1f%% of the %s's genes are in the %s; the embedding is computed without the missing genes "
+            "and results may degrade",
             100 * frac,
             against,
             what,

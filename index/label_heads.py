@@ -25,12 +25,13 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from atlas.errors import IndexFormatError, InputError
 from index.manifest import MANIFEST_FILE, manifest_digest
@@ -43,6 +44,9 @@ logger = logging.getLogger(__name__)
 HEADS_DIR = "heads"
 HEADS_FILE = "heads.json"
 HEADS_FORMAT = 1
+SAMPLE_FILE = "training_sample.npz"
+"""The gene features of the training sample (CSR, float16 values), kept so that heads can be refitted for a query
+that lacks some of the embedder's genes (:func:`refit_for_genes`)."""
 
 DEFAULT_MAX_CELLS_PER_LABEL = 2_000
 DEFAULT_MAX_CELLS = 100_000
@@ -90,6 +94,8 @@ class LabelHead:
     classes: list[str]
     models: dict[str, SoftmaxModel]
     record: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # heads.json's training config (C values, caps)
+    directory: Path | None = None  # the heads directory it was loaded from (training sample, per-key rows)
 
     @property
     def needs_gene_features(self) -> bool:
@@ -249,7 +255,8 @@ def train_label_heads(
             old = json.loads(existing.read_text())
         except ValueError:
             old = {}
-        if old.get("manifest_sha256") == digest and old.get("config") == _config_json(config):
+        complete = not old.get("gene_features") or "training_sample" in old  # heads from before the sample was kept
+        if old.get("manifest_sha256") == digest and old.get("config") == _config_json(config) and complete:
             logger.info("label heads for %s are already trained for this index", ", ".join(keys))
             return dict(old)
     t0 = time.perf_counter()
@@ -265,6 +272,8 @@ def train_label_heads(
     tmp.mkdir(parents=True)
     try:
         payload = _fit_and_write(tmp, keys, samples, all_ids, vecs, genes, config, device)
+        if genes is not None:
+            payload["training_sample"] = _write_training_sample(tmp / SAMPLE_FILE, genes)
         payload.update(
             {
                 "manifest_sha256": digest,
@@ -308,7 +317,7 @@ def _fit_and_write(
         if genes is not None:
             models["genes"] = fit_softmax(genes[rows], y, len(classes), C=config.c_genes, device=device)
         fname = f"{n:03d}.npz"
-        arrays: dict[str, Any] = {}
+        arrays: dict[str, Any] = {"train_rows": rows.astype(np.int64), "train_y": y.astype(np.int32)}
         for feat, m in models.items():
             arrays[f"{feat}_weights"], arrays[f"{feat}_bias"] = m.weights, m.bias
         with open(tmp / fname, "wb") as fh:
@@ -333,6 +342,110 @@ def _fit_and_write(
         "heads": entries,
         "trained": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _write_training_sample(path: Path, genes: np.ndarray) -> dict[str, Any]:
+    """Store the sample's gene features as CSR (float16 values: log1p(CP10k) <= ~12 keeps 3 significant digits;
+    uint16 gene indices where they fit) and return heads.json's record of it."""
+    X = sp.csr_matrix(genes)
+    idx_dtype = np.uint16 if X.shape[1] <= np.iinfo(np.uint16).max + 1 else np.int32
+    with open(path, "wb") as fh:
+        np.savez(
+            fh,
+            data=X.data.astype(np.float16),
+            indices=X.indices.astype(idx_dtype),
+            indptr=X.indptr.astype(np.int64),
+            shape=np.asarray(X.shape, dtype=np.int64),
+        )
+    return {"file": SAMPLE_FILE, "cells": int(X.shape[0]), "genes": int(X.shape[1]), "nnz": int(X.nnz),
+            "bytes": path.stat().st_size}
+
+
+def load_training_sample(directory: str | Path) -> sp.csr_matrix | None:
+    """The stored gene features of the heads' training sample (float32 CSR), or None when the heads have none
+    (trained before it was kept, or the embedder has no gene features)."""
+    path = Path(directory) / SAMPLE_FILE
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            shape = tuple(int(v) for v in z["shape"])
+            return sp.csr_matrix(
+                (z["data"].astype(np.float32), z["indices"].astype(np.int32), z["indptr"]), shape=shape
+            )
+    except (KeyError, OSError, ValueError) as exc:
+        raise IndexFormatError(f"the label heads' training sample {path} is unreadable ({exc}); retrain them") from exc
+
+
+def refit_for_genes(
+    heads: dict[str, LabelHead],
+    present: np.ndarray,
+    embed: Callable[[np.ndarray], np.ndarray] | None,
+    *,
+    device: str = "cpu",
+    block_rows: int = 10_000,
+) -> dict[str, LabelHead]:
+    """The heads refitted on their training sample as seen by a query that has only the embedder's genes marked in
+    ``present`` (bool over ``Embedder.gene_feature_names``).
+
+    A head trained on every gene reads a missing gene as its atlas mean; when many genes are missing, or
+    informative ones, that drifts far from what the head learnt. Refitted: the ``genes`` head on the present genes
+    only (the missing ones get weight 0, so it still reads full-width gene features), and the ``embedding`` head on
+    the sample re-embedded the way the query is embedded (``embed``: gene features -> L2-normalised vectors with
+    the missing genes treated as the embedder treats them; None keeps the stored embedding head). Same objective,
+    C and training cells as at build time; cost grows with the sample (at most ``max_cells_per_label`` x labels),
+    not with the atlas or the query. Heads without a stored training sample are returned unchanged (logged).
+    """
+    present = np.asarray(present, dtype=bool)
+    out: dict[str, LabelHead] = {}
+    cache: dict[Path, tuple[np.ndarray, np.ndarray | None]] = {}
+    for key, head in heads.items():
+        sample = None if head.directory is None or "genes" not in head.models else head.directory
+        if sample is None:
+            out[key] = head
+            continue
+        if sample not in cache:
+            G = load_training_sample(sample)
+            if G is None:
+                logger.warning(
+                    "the label heads were trained before their training sample was kept: they cannot be refitted for "
+                    "the query's genes (retrain them: `scatlas build ... --label-key KEY`)"
+                )
+                cache[sample] = (np.zeros((0, 0), np.float32), None)
+            else:
+                if G.shape[1] != len(present):
+                    raise IndexFormatError(
+                        f"the heads' training sample has {G.shape[1]} genes, the embedder {len(present)}; retrain them"
+                    )
+                Gp = np.asarray(G[:, np.flatnonzero(present)].toarray(), dtype=np.float32)
+                V = None
+                if embed is not None:
+                    V = np.concatenate(
+                        [embed(G[a : a + block_rows].toarray()) for a in range(0, G.shape[0], block_rows)]
+                    ).astype(np.float32)
+                cache[sample] = (Gp, V)
+        Gp, V = cache[sample]
+        if Gp.size == 0 and V is None:
+            out[key] = head
+            continue
+        with np.load(sample / head.record["file"], allow_pickle=False) as z:
+            rows, y = z["train_rows"], z["train_y"]
+        c_genes = float(head.config.get("c_genes", DEFAULT_C_GENES))
+        c_emb = float(head.config.get("c_embedding", DEFAULT_C_EMBEDDING))
+        k = len(head.classes)
+        models = dict(head.models)
+        fitted = fit_softmax(Gp[rows], y, k, C=c_genes, device=device)
+        weights = np.zeros((len(present), k), dtype=np.float32)
+        weights[present] = fitted.weights
+        models["genes"] = SoftmaxModel(weights, fitted.bias, fitted.n_iter, fitted.loss)
+        if V is not None and "embedding" in models:
+            models["embedding"] = fit_softmax(V[rows], y, k, C=c_emb, device=device)
+        out[key] = LabelHead(
+            key=key, classes=head.classes, models=models,
+            record={**head.record, "refit_for_genes": int(present.sum())}, config=head.config,
+            directory=head.directory,
+        )
+    return out
 
 
 def _config_json(config: HeadsConfig) -> dict[str, Any]:
@@ -378,5 +491,8 @@ def load_label_heads(index_dir: str | Path, *, embedder_fingerprint: str) -> dic
                 }
         except (KeyError, OSError, ValueError) as exc:
             raise IndexFormatError(f"the label head {key!r} in {path.parent} is unreadable ({exc}); retrain it") from exc
-        heads[key] = LabelHead(key=key, classes=list(entry["classes"]), models=models, record=entry)
+        heads[key] = LabelHead(
+            key=key, classes=list(entry["classes"]), models=models, record=entry, config=dict(meta.get("config", {})),
+            directory=path.parent,
+        )
     return heads

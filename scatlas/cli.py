@@ -341,18 +341,21 @@ def info(index_dir: Path, as_json: bool) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Query cells per batch.")
 @click.option("--predictor", type=click.Choice(["auto", "heads", "knn"]), default="auto", show_default=True,
               help="What decides the label: the index's label heads, the neighbours' vote, or heads where trained.")
+@click.option("--missing-genes", type=click.Choice(["refit", "impute"]), default="refit", show_default=True,
+              help="When the query lacks some of the embedder's genes: refit the label heads on their training "
+                   "sample without them, or use the heads as trained (missing genes read as their atlas mean).")
 @progress_option
 def annotate(query_file: Path, index_dir: Path, out_h5ad: Path, label_keys: tuple[str, ...], k: int, where: str | None,
              min_confidence: float | None, max_votes_per_dataset: int | None, truth_key: str | None,
              neighbors_path: Path | None, report_path: Path | None, min_gene_overlap: float | None,
-             batch_size: int | None, predictor: str, progress: bool) -> None:
+             batch_size: int | None, predictor: str, missing_genes: str, progress: bool) -> None:
     """Annotate QUERY_FILE (.h5ad): embed with the index's embedder, find k nearest atlas cells, vote labels."""
     from query import annotate as run_annotate
 
     optional: dict[str, Any] = {"min_confidence": min_confidence, "min_gene_overlap": min_gene_overlap, "batch_size": batch_size}
     result = run_annotate(query_file, index_dir, label_keys=list(label_keys), k=k, where=where,
                           max_votes_per_dataset=max_votes_per_dataset, truth_key=truth_key, progress=progress,
-                          predictor=predictor,  # type: ignore[arg-type]
+                          predictor=predictor, missing_genes=missing_genes,  # type: ignore[arg-type]
                           **{key: v for key, v in optional.items() if v is not None})
     stem = out_h5ad.with_suffix("")
     neighbors_path = neighbors_path or stem.with_name(stem.name + ".neighbors.parquet")

@@ -118,6 +118,31 @@ def test_expressed_reads_only_the_embedders_genes(fitted, data):
     assert chunk.X.nnz == sp.csr_matrix(X).nnz  # the chunk is not modified
 
 
+def test_transform_from_gene_features_matches_transform(fitted, data):
+    chunk = chunk_of(data.counts[:50], data.genes)
+    G = fitted.gene_features(chunk)
+    every = np.ones(G.shape[1], dtype=bool)
+    np.testing.assert_allclose(fitted.transform_gene_features(G, every), fitted.transform(chunk), atol=1e-4)
+    # a query without some of the embedder's genes: the same vectors as its own chunk gives
+    names = fitted.gene_feature_names
+    rng = np.random.default_rng(1)
+    drop = set(rng.choice(names, size=len(names) // 3, replace=False))
+    keep_cols = np.array([k not in drop for k in data.genes.keys])
+    sub_genes = GeneVocabulary(
+        keys=data.genes.keys[keep_cols], feature_id=data.genes.feature_id[keep_cols],
+        feature_name=data.genes.feature_name[keep_cols],
+    )
+    partial = chunk_of(sp.csr_matrix(data.counts[:50])[:, np.flatnonzero(keep_cols)], sub_genes)
+    present = np.array([k not in drop for k in names])
+    Gp = fitted.gene_features(partial)  # normalised over the genes the partial query has
+    np.testing.assert_allclose(fitted.transform_gene_features(Gp, present), fitted.transform(partial), atol=1e-4)
+    # the genes it lacks play no part
+    Gp[:, ~present] = 123.0
+    np.testing.assert_allclose(fitted.transform_gene_features(Gp, present), fitted.transform(partial), atol=1e-4)
+    with pytest.raises(InputError, match="present must mark"):
+        fitted.transform_gene_features(G, present[:-1])
+
+
 def test_counts_and_lognorm_give_the_same_vectors(fitted, data):
     a = fitted.transform(chunk_of(data.counts, data.genes, "counts"))
     b = fitted.transform(chunk_of(to_lognorm(data.counts, "counts"), data.genes, "lognorm"))

@@ -17,6 +17,7 @@ from atlas.errors import IndexFormatError, InputError
 from index import AtlasIndex, build_index
 from index.label_heads import HEADS_DIR, HEADS_FILE, train_label_heads
 from index.softmax import balanced_sample_weights, fit_softmax
+from index.vectors import l2_normalize
 from query import annotate
 from query.vote import UNKNOWN, votes_from_probabilities
 from scatlas.cli import cli
@@ -248,3 +249,99 @@ def test_softmax_on_gpu_matches_cpu() -> None:
     gpu = fit_softmax(X, y, 3, C=0.5, device="cuda")
     assert (cpu.predict_proba(X).argmax(1) == gpu.predict_proba(X).argmax(1)).mean() > 0.99
     np.testing.assert_allclose(cpu.predict_proba(X), gpu.predict_proba(X), atol=1e-2)
+
+
+# -- refitting for a query that lacks genes ------------------------------------------------------------------------
+
+
+def _sample_gene_features(index_dir: Path, atlas: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted ids of the heads' training cells, their gene features computed afresh from the store)."""
+    from atlas.store import AtlasStore
+
+    with AtlasIndex.open(index_dir) as idx:
+        ids = np.unique(np.concatenate([
+            label_heads.sample_training_cells(idx.connect(), key, label_heads.HeadsConfig(label_keys=(key,)))[0]
+            for key in idx.label_heads()
+        ]))
+        store = AtlasStore.open(atlas)
+        parts = {int(c.ids[0]): idx.embedder.gene_features(c) for c in store.read_cells(ids, with_X=True)}
+        return ids, np.concatenate([parts[k] for k in sorted(parts)])
+
+
+def test_training_sample_is_kept_and_refit_is_the_fit_on_the_present_genes(built: dict[str, Any]) -> None:
+    heads_dir = built["index"] / HEADS_DIR
+    meta = json.loads((heads_dir / HEADS_FILE).read_text())
+    ids, fresh = _sample_gene_features(built["index"], built["atlas"])
+    assert meta["training_sample"]["cells"] == len(ids) == 500
+    G = label_heads.load_training_sample(heads_dir)
+    assert G is not None and G.shape == fresh.shape == (500, 40)
+    np.testing.assert_allclose(G.toarray(), fresh, rtol=1e-3, atol=1e-3)  # float16 values
+
+    rng = np.random.default_rng(0)
+    present = np.zeros(40, dtype=bool)
+    present[rng.choice(40, size=25, replace=False)] = True
+    with AtlasIndex.open(built["index"]) as idx:
+        heads = idx.label_heads()
+        emb = idx.embedder
+
+        def embed(g: np.ndarray) -> np.ndarray:
+            return l2_normalize(emb.transform_gene_features(g, present))
+
+        refit = label_heads.refit_for_genes(heads, present, embed)
+    head = refit["cell_type"]
+    with np.load(heads_dir / heads["cell_type"].record["file"]) as z:
+        rows, y = z["train_rows"], z["train_y"]
+    Gd = G.toarray()
+    expect_genes = fit_softmax(Gd[:, present][rows], y, 3, C=label_heads.DEFAULT_C_GENES)
+    np.testing.assert_allclose(head.models["genes"].weights[present], expect_genes.weights, atol=1e-5)
+    assert not head.models["genes"].weights[~present].any()  # a missing gene carries no weight
+    expect_emb = fit_softmax(embed(Gd)[rows], y, 3, C=label_heads.DEFAULT_C_EMBEDDING)
+    np.testing.assert_allclose(head.models["embedding"].weights, expect_emb.weights, atol=1e-5)
+    assert head.record["refit_for_genes"] == 25
+    assert "refit_for_genes" not in heads["cell_type"].record  # the loaded heads are not modified
+
+
+def test_annotate_refits_the_heads_for_a_query_missing_genes(built: dict[str, Any]) -> None:
+    q = make_adata(150, 60, seed=7, prefix="q")
+    with AtlasIndex.open(built["index"]) as idx:
+        emb_genes = set(idx.embedder.gene_feature_names or [])
+    in_emb = [g for g in q.var_names if g in emb_genes]
+    drop = in_emb[:3] + in_emb[5:8] + in_emb[20:30]  # some planted markers of two types, and ten other genes
+    partial = q[:, [g for g in q.var_names if g not in set(drop)]].copy()
+    kw: dict[str, Any] = {"truth_key": "cell_type", "min_gene_overlap": 0.5, "min_confidence": 0.0,
+                          "far_quantile": None, "progress": False}
+    res = annotate(partial, built["index"], **kw)
+    refit = res.report["params"]["heads_refit_for_query_genes"]
+    assert refit["genes_present"] == 24 and refit["genes"] == 40 and refit["keys"] == ["cell_type"]
+    accuracy = res.report["evaluation"]["cell_type"]["accuracy"]
+    # the heads as trained, reading the missing genes as their atlas means, do worse (0.95 against 0.99)
+    imputed = annotate(partial, built["index"], missing_genes="impute", **kw)
+    assert imputed.report["params"]["heads_refit_for_query_genes"] is None
+    assert accuracy > 0.98 and accuracy > imputed.report["evaluation"]["cell_type"]["accuracy"]
+    with pytest.raises(InputError, match="missing_genes must be one of refit, impute"):
+        annotate(partial, built["index"], missing_genes="drop", **kw)  # type: ignore[arg-type]
+    full = annotate(q, built["index"], truth_key="cell_type", progress=False)
+    assert full.report["params"]["heads_refit_for_query_genes"] is None
+
+
+def test_heads_without_a_training_sample_are_used_as_they_are_and_retrained(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    atlas = _two_dataset_atlas(tmp_path)
+    index = tmp_path / "index"
+    build_index(atlas, index, embedder_options={"n_hvg": 40, "n_components": 8}, label_keys=["cell_type"],
+                progress=False)
+    heads_json = index / HEADS_DIR / HEADS_FILE
+    meta = json.loads(heads_json.read_text())  # as trained before the sample was kept
+    del meta["training_sample"]
+    heads_json.write_text(json.dumps(meta))
+    (index / HEADS_DIR / label_heads.SAMPLE_FILE).unlink()
+    q = make_adata(60, 60, seed=7, prefix="q")
+    partial = q[:, q.var_names[10:]].copy()
+    with caplog.at_level("WARNING"):
+        res = annotate(partial, index, min_gene_overlap=0.5, progress=False)
+    assert "cannot be refitted" in caplog.text
+    assert res.report["params"]["heads_refit_for_query_genes"]["keys"] == []
+    # the same build settings retrain them, since they lack what refitting needs
+    train_label_heads(atlas, index, ["cell_type"], progress=False)
+    assert (index / HEADS_DIR / label_heads.SAMPLE_FILE).is_file()

@@ -79,6 +79,12 @@ class Embedder(ABC):
         """Names of the columns of :meth:`gene_features` (``None``: this embedder has no gene features)."""
         return None
 
+    def transform_gene_features(self, features: np.ndarray, present: np.ndarray) -> np.ndarray:
+        """What :meth:`transform` returns for cells whose :meth:`gene_features` are ``features`` when only the genes
+        marked in ``present`` (bool over :attr:`gene_feature_names`) are measured: the atlas side of a query that
+        lacks the other genes, so that a model can be refitted on atlas cells embedded as that query is."""
+        raise NotImplementedError(f"the {self.name} embedder cannot embed from gene features")
+
     def gene_features(self, chunk: CellChunk) -> np.ndarray | None:
         """Gene-level features of the cells, ``(len(chunk), n_features)`` float32, that a supervised label head
         can read besides the embedding (the expression the embedder itself starts from, before any projection);

@@ -400,6 +400,29 @@ class PCAEmbedder(Embedder):
             out[:, missing] = model.means[missing].astype(np.float32)
         return out
 
+    def transform_gene_features(self, features: np.ndarray, present: np.ndarray) -> np.ndarray:
+        """:meth:`transform` of cells given by their gene features (log1p CP10k of the embedder's genes), with the
+        genes outside ``present`` treated as :meth:`transform` treats genes a query lacks (zero after centring).
+        With every gene present it equals :meth:`transform` of the same cells."""
+        model = self._fitted()
+        present = np.asarray(present, dtype=bool)
+        if present.shape != (len(model.means),):
+            raise InputError(f"present must mark each of the embedder's {len(model.means)} genes (got {present.shape})")
+        features = np.asarray(features)
+        out = np.empty((len(features), self.dim), dtype=np.float32)
+        W = model.components.astype(np.float64)
+        divisor = self._divisor(model)
+        mv = self.config.max_value
+        for start in range(0, len(features), _BLOCK_ROWS):
+            z = features[start : start + _BLOCK_ROWS].astype(np.float64) - model.means
+            if divisor is not None:
+                z /= divisor
+            np.clip(z, -mv, mv, out=z)
+            z -= model.center
+            z[:, ~present] = 0.0
+            out[start : start + len(z)] = z @ W.T
+        return out
+
     # -- fit ------------------------------------------------------------------------------------------------------
 
     def fit(self, sample: SampleSource) -> None:
