@@ -423,27 +423,28 @@ def annotate(
                 )
             obsm_keys = (key_needed,)
 
-        heads_refit: dict[str, Any] | None = None
-        if missing_genes == "refit" and use_heads and match is not None and embedder.gene_feature_names is not None:
+        present: np.ndarray | None = None  # which of the embedder's gene features the query has
+        if match is not None and embedder.gene_feature_names is not None:
             present = np.zeros(match.n_target, dtype=bool)
             present[match.target_cols] = True
-            if not present.all():
-                t0 = time.perf_counter()
-                use_heads = refit_for_genes(
-                    use_heads, present,
-                    lambda g: l2_normalize(embedder.transform_gene_features(g, present)),
+        heads_refit: dict[str, Any] | None = None
+        if missing_genes == "refit" and use_heads and present is not None and not present.all():
+            t0 = time.perf_counter()
+            use_heads = refit_for_genes(
+                use_heads, present,
+                lambda g: l2_normalize(embedder.transform_gene_features(g, present)),
+            )
+            refit = sorted(k for k, h in use_heads.items() if "refit_for_genes" in h.record)
+            heads_refit = {
+                "genes_present": int(present.sum()), "genes": int(len(present)), "keys": refit,
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+            if refit:
+                logger.info(
+                    "the query has %d of the embedder's %d genes: label heads for %s refitted on the atlas "
+                    "training sample as the query sees it (%.1f s)",
+                    int(present.sum()), len(present), ", ".join(refit), heads_refit["seconds"],
                 )
-                refit = sorted(k for k, h in use_heads.items() if "refit_for_genes" in h.record)
-                heads_refit = {
-                    "genes_present": int(present.sum()), "genes": int(len(present)), "keys": refit,
-                    "seconds": round(time.perf_counter() - t0, 2),
-                }
-                if refit:
-                    logger.info(
-                        "the query has %d of the embedder's %d genes: label heads for %s refitted on the atlas "
-                        "training sample as the query sees it (%.1f s)",
-                        int(present.sum()), len(present), ", ".join(refit), heads_refit["seconds"],
-                    )
 
         alignment: Alignment | None = None
         t_align = 0.0
@@ -477,12 +478,16 @@ def annotate(
         n_silent = 0
         lookup_columns = list(dict.fromkeys([*keys, *([DATASET_COLUMN] if has_datasets else [])]))
         bar = tqdm(total=n, desc="annotate", unit="cell", disable=not progress)
-        want_genes = any(h.needs_gene_features for h in use_heads.values())
+        want_genes = present is not None and any(h.needs_gene_features for h in use_heads.values())
         for chunk in iter_cell_chunks(source, chunk_size=int(batch_size), obsm_keys=obsm_keys):
             rows = np.asarray(chunk.ids, dtype=np.int64)
             t0 = time.perf_counter()
-            vectors = apply_shift(idx.embed(chunk), shift)
             gene_features = embedder.gene_features(chunk) if want_genes else None
+            if gene_features is not None and present is not None:  # embedded from the same features: one pass
+                vectors = l2_normalize(embedder.transform_gene_features(gene_features, present))
+            else:
+                vectors = idx.embed(chunk)
+            vectors = apply_shift(vectors, shift)
             silent = ~embedder.expressed(chunk)
             n_silent += int(silent.sum())
             t1 = time.perf_counter()

@@ -371,6 +371,10 @@ def _echo_annotation(report: dict[str, Any]) -> None:
     if overlap:
         click.echo(f"gene overlap: {overlap.get('n_matched')} of the embedder's {overlap.get('n_target_genes')} genes "
                    f"({100 * overlap.get('fraction_of_target', 0):.1f}%)")
+    refit = report.get("params", {}).get("heads_refit_for_query_genes")
+    if refit and refit.get("keys"):
+        click.echo(f"label heads for {', '.join(refit['keys'])} refitted for the query's {refit['genes_present']} of "
+                   f"{refit['genes']} genes ({refit['seconds']} s)")
     for key, lab in report.get("labels", {}).items():
         counts = lab.get("counts", {})
         top = ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])[:8])

@@ -236,6 +236,21 @@ def test_cli_build_label_heads_and_annotate_predictor(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "o.report.json").read_text())
     assert report["params"]["predicted_by"] == {"cell_type": "heads"}
+    # a query without a third of the genes: heads refitted by default, as trained with --missing-genes impute
+    partial = tmp_path / "partial.h5ad"
+    q = make_adata(30, 60, seed=5, prefix="q")
+    q[:, q.var_names[20:]].copy().write_h5ad(partial)
+    base = ["annotate", str(partial), "--index", str(tmp_path / "plain"), "--out", str(tmp_path / "p.h5ad"),
+            "--no-progress"]
+    res = runner.invoke(cli, base)
+    assert res.exit_code == 0, res.output
+    assert "label heads for cell_type refitted for the query's" in res.output
+    assert json.loads((tmp_path / "p.report.json").read_text())["params"]["missing_genes"] == "refit"
+    res = runner.invoke(cli, [*base, "--missing-genes", "impute"])
+    assert res.exit_code == 0, res.output
+    assert "refitted" not in res.output
+    report = json.loads((tmp_path / "p.report.json").read_text())
+    assert report["params"]["missing_genes"] == "impute" and report["params"]["heads_refit_for_query_genes"] is None
 
 
 @pytest.mark.gpu
