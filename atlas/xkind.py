@@ -38,3 +38,30 @@ def detect_x_kind(values: np.ndarray | sp.spmatrix | sp.sparray) -> XKind:
     if data.max() <= LOG_SCALE_MAX:
         return "lognorm"
     return "normalized"
+
+
+LOGNORM_TOTAL_TOLERANCE = 0.02
+"""Rows whose expm1 sums lie within this relative distance of their median count as normalised to one total."""
+
+
+def detect_lognorm_total(values: np.ndarray | sp.spmatrix | sp.sparray) -> float | None:
+    """The per-cell total that a log-normalised matrix was normalised to, or None when it cannot be told.
+
+    ``log1p(x / total_i * T)`` over all of a cell's genes gives rows whose ``expm1`` sums are all ``T``: 10,000 for
+    Seurat's LogNormalize (CP10k), 1e6 for log1p(CPM), the median total count for scanpy's ``normalize_total``
+    without ``target_sum``. When at least 99% of the non-empty rows of the sample sum to within
+    :data:`LOGNORM_TOTAL_TOLERANCE` of their median, that median is returned. A matrix holding a subset of the
+    genes (highly variable genes only) has rows that sum to different values: None, and the values are used as
+    they are.
+    """
+    X = sp.csr_matrix(values, dtype=np.float64)
+    if X.nnz == 0:
+        return None
+    E = X.copy()
+    np.expm1(E.data, out=E.data)
+    totals = np.asarray(E.sum(axis=1)).ravel()[np.diff(X.indptr) > 0]
+    median = float(np.median(totals))
+    if not np.isfinite(median) or median <= 0:
+        return None
+    within = np.abs(totals - median) <= LOGNORM_TOTAL_TOLERANCE * median
+    return median if within.mean() >= 0.99 else None

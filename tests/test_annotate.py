@@ -159,6 +159,21 @@ def test_nan_expression_is_refused_with_the_cells_named(tiny: dict[str, Any], tm
         annotate(tmp_path / "inf.h5ad", tiny["index"], progress=False)
 
 
+def test_log1p_cpm_and_median_total_queries_give_the_counts_result(tiny: dict[str, Any]) -> None:
+    q = make_adata(80, 60, seed=2, prefix="q")
+    base = annotate(q, tiny["index"], progress=False).predictions
+    X = sp.csr_matrix(q.X, dtype=np.float64)
+    totals = np.asarray(X.sum(axis=1)).ravel()
+    for target in (1e6, float(np.median(totals))):  # log1p(CPM); scanpy's normalize_total default + log1p
+        Y = sp.csr_matrix(sp.diags(target / totals) @ X)
+        Y.data = np.log1p(Y.data)
+        ln = anndata.AnnData(X=Y.astype(np.float32), obs=q.obs, var=q.var)
+        res = annotate(ln, tiny["index"], progress=False)
+        assert "rescaled to 10,000" in res.report["query"]["expression"]
+        pd.testing.assert_series_equal(res.predictions["cell_type_pred"], base["cell_type_pred"])
+        np.testing.assert_allclose(res.predictions["cell_type_confidence"], base["cell_type_confidence"], atol=1e-3)
+
+
 def test_cells_without_expression_on_the_embedders_genes_are_unknown(tiny: dict[str, Any]) -> None:
     q = make_adata(40, 60, seed=2, prefix="q")
     X = q.X.toarray()

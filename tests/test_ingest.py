@@ -150,6 +150,58 @@ def test_x_kind_choice_prefers_counts(tmp_path, h5ad_factory):
     assert fingerprint(atlas) == before
 
 
+def _lognorm_to(X, total):
+    """log1p(x / cell total * ``total``) of counts, as scanpy's normalize_total + log1p or log1p(CPM) give."""
+    X = sp.csr_matrix(X, dtype=np.float64)
+    Y = sp.csr_matrix(sp.diags(total / np.asarray(X.sum(axis=1)).ravel()) @ X)
+    Y.data = np.log1p(Y.data)
+    return Y.astype(np.float32)
+
+
+def test_detect_lognorm_total():
+    from atlas.xkind import detect_lognorm_total
+
+    counts = make_adata(300, 60, seed=4).X
+    assert detect_lognorm_total(_lognorm_to(counts, 1e4)) == pytest.approx(1e4, rel=1e-4)
+    assert detect_lognorm_total(_lognorm_to(counts, 1e6)) == pytest.approx(1e6, rel=1e-4)
+    empty_rows = sp.vstack([_lognorm_to(counts, 2500.0), sp.csr_matrix((5, 60), dtype=np.float32)])
+    assert detect_lognorm_total(empty_rows) == pytest.approx(2500.0, rel=1e-4)  # empty cells do not count
+    # a subset of the genes (highly variable genes only): rows sum to different values, nothing can be told
+    assert detect_lognorm_total(_lognorm_to(counts, 1e4)[:, :30]) is None
+    assert detect_lognorm_total(sp.csr_matrix((4, 60), dtype=np.float32)) is None
+
+
+def test_log_normalised_inputs_of_another_total_are_rescaled_to_cp10k(tmp_path, h5ad_factory):
+    """log1p(CPM) or scanpy's median-total normalisation read as log1p(CP10k): the scale the atlas uses."""
+    from atlas.sources import open_h5ad
+
+    counts = make_adata(120, 60, seed=4).X
+    expect = to_lognorm(counts, "counts").toarray()
+    for total in (1e6, 1234.5):
+        src = open_h5ad(anndata.AnnData(X=_lognorm_to(counts, total)))
+        assert src.expression.lognorm_total == pytest.approx(total, rel=1e-4)
+        assert "rescaled to 10,000" in src.expression.describe()
+        got = sp.vstack([X for _, X in src.iter_rows(np.arange(120), 50)]).toarray()
+        np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-5)
+    assert open_h5ad(anndata.AnnData(X=_lognorm_to(counts, 1e4))).expression.lognorm_total is None
+    hvg_only = open_h5ad(anndata.AnnData(X=_lognorm_to(counts, 1e6)[:, :30]))
+    assert hvg_only.expression.lognorm_total is None  # cannot be told: used as it is
+
+    def cpm(ad):
+        ad.X = _lognorm_to(ad.X, 1e6)
+        return ad
+
+    path = h5ad_factory("cpm", transform=cpm)
+    r = ingest([path], tmp_path / "atlas", progress=False)
+    assert r.datasets[0].x_kind == "lognorm" and "rescaled to log1p CP10k" in r.datasets[0].x_source
+    store = AtlasStore.open(tmp_path / "atlas")
+    src_counts = anndata.read_h5ad(h5ad_factory("cpm_counts"))
+    np.testing.assert_allclose(
+        in_source_gene_order(store, store_X(store, "cpm"), src_counts.var),
+        to_lognorm(src_counts.X, "counts").toarray(), rtol=1e-4, atol=1e-5,
+    )
+
+
 def test_non_primary_cells_skipped_by_default(tmp_path, h5ad_factory):
     def flag(ad):
         ad.obs["is_primary_data"] = np.arange(ad.n_obs) % 4 != 0

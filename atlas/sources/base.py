@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -14,7 +14,8 @@ import scipy.sparse as sp
 from atlas.chunks import CellChunk
 from atlas.errors import InputError
 from atlas.genes import GeneVocabulary, is_ensembl
-from atlas.xkind import XKind
+from atlas.normalize import TARGET_SUM
+from atlas.xkind import LOGNORM_TOTAL_TOLERANCE, XKind, detect_lognorm_total
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +31,38 @@ class ExpressionChoice:
     location: str  # "X", "layers/<name>", "raw/X"
     x_kind: XKind
     candidates: dict[str, XKind]  # every matrix inspected and its kind
+    lognorm_total: float | None = None  # log-normalised to this per-cell total (None: 10,000 or not told)
 
     def describe(self) -> str:
         seen = ", ".join(f"{k}={v}" for k, v in self.candidates.items())
-        return f"{self.location} ({self.x_kind}; inspected: {seen})"
+        rescaled = ""
+        if self.lognorm_total is not None:
+            rescaled = f", normalised to {self.lognorm_total:,.6g} per cell: rescaled to {TARGET_SUM:,.0f}"
+        return f"{self.location} ({self.x_kind}{rescaled}; inspected: {seen})"
+
+
+def with_lognorm_total(choice: ExpressionChoice, sample: sp.csr_matrix) -> ExpressionChoice:
+    """``choice`` with ``lognorm_total`` set when it reads log-normalised values normalised to a total other than
+    10,000 (log1p CPM, scanpy's median total): such values are rescaled to log1p(CP10k) as they are read
+    (:func:`rescale_lognorm`), the scale the atlas and the embedders use."""
+    if choice.x_kind != "lognorm":
+        return choice
+    total = detect_lognorm_total(sample)
+    if total is None or abs(total / TARGET_SUM - 1.0) <= LOGNORM_TOTAL_TOLERANCE:
+        return choice
+    logger.info("%s holds log1p of values normalised to %.6g per cell: rescaling to %g", choice.location, total,
+                TARGET_SUM)
+    return replace(choice, lognorm_total=total)
+
+
+def rescale_lognorm(block: sp.csr_matrix, choice: ExpressionChoice) -> sp.csr_matrix:
+    """log1p(expm1(v) * 10,000 / total) of a block read from ``choice`` (unchanged when no rescale is due)."""
+    if choice.lognorm_total is None or block.nnz == 0:
+        return block
+    out = block.copy()
+    data = np.expm1(out.data.astype(np.float64)) * (TARGET_SUM / choice.lognorm_total)
+    out.data = np.log1p(data).astype(out.data.dtype)
+    return out
 
 
 def choose_expression(candidates: dict[str, XKind], what: str) -> ExpressionChoice:

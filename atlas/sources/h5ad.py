@@ -22,6 +22,8 @@ from atlas.sources.base import (
     check_finite,
     choose_expression,
     genes_from_var,
+    rescale_lognorm,
+    with_lognorm_total,
 )
 from atlas.xkind import XKind, detect_x_kind
 
@@ -132,8 +134,10 @@ class H5adSource:
                 raise InputError(f"{what}: {loc} has {reader.shape[0]} rows but obs has {n} cells")
         if self._readers["X"].shape[1] != len(self._var_main):
             raise InputError(f"{what}: X has {self._readers['X'].shape[1]} columns but var has {len(self._var_main)}")
-        kinds: dict[str, XKind] = {loc: self._detect(reader) for loc, reader in self._readers.items()}
-        self.expression: ExpressionChoice = choose_expression(kinds, what)
+        samples = {loc: self._sample(reader) for loc, reader in self._readers.items()}
+        kinds: dict[str, XKind] = {loc: detect_x_kind(m) for loc, m in samples.items()}
+        chosen = choose_expression(kinds, what)
+        self.expression: ExpressionChoice = with_lognorm_total(chosen, samples[chosen.location])
         self._reader = self._readers[self.expression.location]
         if self.expression.location == "raw/X":
             self.var: pd.DataFrame = anndata.io.read_elem(f["raw"]["var"])
@@ -145,9 +149,10 @@ class H5adSource:
         self._obsm_group = f["obsm"] if "obsm" in f and isinstance(f["obsm"], h5py.Group) else None
         logger.info("%s: %d cells x %d genes; expression from %s", what, n, len(self.var), self.expression.describe())
 
-    def _detect(self, reader: _MatrixReader) -> XKind:
+    def _sample(self, reader: _MatrixReader) -> sp.csr_matrix:
+        """Rows from a few windows spread over the matrix (what its kind and scale are told from)."""
         blocks = [reader.rows(a, b) for a, b in _sample_windows(reader.shape[0])]
-        return detect_x_kind(sp.vstack(blocks) if blocks else sp.csr_matrix((0, reader.shape[1])))
+        return sp.csr_matrix(sp.vstack(blocks)) if blocks else sp.csr_matrix((0, reader.shape[1]))
 
     @property
     def n_obs(self) -> int:
@@ -172,7 +177,8 @@ class H5adSource:
         for a, b, pos in _windows(np.asarray(rows, dtype=np.int64), chunk_size):
             block = self._reader.rows(a, b)
             block = block if len(pos) == b - a else block[pos - a]
-            yield pos, check_finite(block, pos, f"{self.path}: {self.expression.location}")
+            block = check_finite(block, pos, f"{self.path}: {self.expression.location}")
+            yield pos, rescale_lognorm(block, self.expression)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # closing a broken file must not mask the real error
@@ -202,11 +208,13 @@ class AnnDataSource:
         self._mats = {k: v for k, v in mats.items() if v is not None}
         if not self._mats:
             raise InputError(f"{name}: the AnnData has no expression matrix")
-        kinds: dict[str, XKind] = {}
-        for loc, m in self._mats.items():
-            sample = m[: SAMPLE_WINDOWS * SAMPLE_ROWS_PER_WINDOW]
-            kinds[loc] = detect_x_kind(sample if sp.issparse(sample) else np.asarray(sample))
-        self.expression = choose_expression(kinds, name)
+        samples = {
+            loc: sp.csr_matrix(m[: SAMPLE_WINDOWS * SAMPLE_ROWS_PER_WINDOW], dtype=np.float32)
+            for loc, m in self._mats.items()
+        }
+        kinds: dict[str, XKind] = {loc: detect_x_kind(m) for loc, m in samples.items()}
+        chosen = choose_expression(kinds, name)
+        self.expression = with_lognorm_total(chosen, samples[chosen.location])
         self.var = adata.raw.var if self.expression.location == "raw/X" else adata.var
         self.genes = genes_from_var(self.var, name)
 
@@ -225,8 +233,8 @@ class AnnDataSource:
     def iter_rows(self, rows: np.ndarray, chunk_size: int) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
         m = self._mats[self.expression.location]
         for _a, _b, pos in _windows(np.asarray(rows, dtype=np.int64), chunk_size):
-            block = sp.csr_matrix(m[pos], dtype=np.float32)
-            yield pos, check_finite(block, pos, f"{self.name}: {self.expression.location}")
+            block = check_finite(sp.csr_matrix(m[pos], dtype=np.float32), pos, f"{self.name}: {self.expression.location}")
+            yield pos, rescale_lognorm(block, self.expression)
 
     def close(self) -> None:
         pass
