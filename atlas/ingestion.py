@@ -317,7 +317,8 @@ def _x_source(expression: Any) -> str:
     total = getattr(expression, "lognorm_total", None)
     if total is None:
         return str(expression.location)
-    return f"{expression.location} (log1p of values normalised to {total:.6g} per cell, rescaled to log1p CP10k)"
+    log = "log2(1 + x)" if getattr(expression, "lognorm_base", None) == 2 else "log1p"
+    return f"{expression.location} ({log} of values normalised to {total:.6g} per cell, rescaled to log1p CP10k)"
 
 
 def _write_dataset(writer: StoreWriter, plan: DatasetPlan, chunk_size: int, progress: bool) -> DatasetIngestReport:

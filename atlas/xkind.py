@@ -44,7 +44,9 @@ LOGNORM_TOTAL_TOLERANCE = 0.02
 """Rows whose expm1 sums lie within this relative distance of their median count as normalised to one total."""
 
 
-def detect_lognorm_total(values: np.ndarray | sp.spmatrix | sp.sparray) -> float | None:
+def detect_lognorm_total(
+    values: np.ndarray | sp.spmatrix | sp.sparray, base: float = float(np.e)
+) -> float | None:
     """The per-cell total that a log-normalised matrix was normalised to, or None when it cannot be told.
 
     ``log1p(x / total_i * T)`` over all of a cell's genes gives rows whose ``expm1`` sums are all ``T``: 10,000 for
@@ -52,13 +54,13 @@ def detect_lognorm_total(values: np.ndarray | sp.spmatrix | sp.sparray) -> float
     without ``target_sum``. When at least 99% of the non-empty rows of the sample sum to within
     :data:`LOGNORM_TOTAL_TOLERANCE` of their median, that median is returned. A matrix holding a subset of the
     genes (highly variable genes only) has rows that sum to different values: None, and the values are used as
-    they are.
+    they are. ``base=2`` tells the total of ``log2(1 + x)`` values (log2 CPM/TPM) the same way.
     """
     X = sp.csr_matrix(values, dtype=np.float64)
     if X.nnz == 0:
         return None
     E = X.copy()
-    np.expm1(E.data, out=E.data)
+    E.data = np.expm1(E.data * np.log(base))
     totals = np.asarray(E.sum(axis=1)).ravel()[np.diff(X.indptr) > 0]
     median = float(np.median(totals))
     if not np.isfinite(median) or median <= 0:

@@ -169,7 +169,7 @@ def test_log1p_cpm_and_median_total_queries_give_the_counts_result(tiny: dict[st
         Y.data = np.log1p(Y.data)
         ln = anndata.AnnData(X=Y.astype(np.float32), obs=q.obs, var=q.var)
         res = annotate(ln, tiny["index"], progress=False)
-        assert "rescaled to 10,000" in res.report["query"]["expression"]
+        assert "rescaled to log1p CP10k" in res.report["query"]["expression"]
         pd.testing.assert_series_equal(res.predictions["cell_type_pred"], base["cell_type_pred"])
         np.testing.assert_allclose(res.predictions["cell_type_confidence"], base["cell_type_confidence"], atol=1e-3)
 

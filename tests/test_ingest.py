@@ -180,10 +180,17 @@ def test_log_normalised_inputs_of_another_total_are_rescaled_to_cp10k(tmp_path, 
     for total in (1e6, 1234.5):
         src = open_h5ad(anndata.AnnData(X=_lognorm_to(counts, total)))
         assert src.expression.lognorm_total == pytest.approx(total, rel=1e-4)
-        assert "rescaled to 10,000" in src.expression.describe()
+        assert "rescaled to log1p CP10k" in src.expression.describe()
         got = sp.vstack([X for _, X in src.iter_rows(np.arange(120), 50)]).toarray()
         np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-5)
     assert open_h5ad(anndata.AnnData(X=_lognorm_to(counts, 1e4))).expression.lognorm_total is None
+    log2_tpm = _lognorm_to(counts, 1e6)
+    log2_tpm.data = (np.expm1(log2_tpm.data.astype(np.float64)) + 1).astype(np.float64)
+    log2_tpm.data = np.log2(log2_tpm.data).astype(np.float32)  # log2(1 + TPM-like values)
+    src = open_h5ad(anndata.AnnData(X=log2_tpm))
+    assert src.expression.lognorm_base == 2 and src.expression.lognorm_total == pytest.approx(1e6, rel=1e-4)
+    got = sp.vstack([X for _, X in src.iter_rows(np.arange(120), 50)]).toarray()
+    np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-5)
     hvg_only = open_h5ad(anndata.AnnData(X=_lognorm_to(counts, 1e6)[:, :30]))
     assert hvg_only.expression.lognorm_total is None  # cannot be told: used as it is
 

@@ -32,35 +32,44 @@ class ExpressionChoice:
     x_kind: XKind
     candidates: dict[str, XKind]  # every matrix inspected and its kind
     lognorm_total: float | None = None  # log-normalised to this per-cell total (None: 10,000 or not told)
+    lognorm_base: float = float(np.e)  # the logarithm's base (2 for log2(1 + x) values)
 
     def describe(self) -> str:
         seen = ", ".join(f"{k}={v}" for k, v in self.candidates.items())
         rescaled = ""
         if self.lognorm_total is not None:
-            rescaled = f", normalised to {self.lognorm_total:,.6g} per cell: rescaled to {TARGET_SUM:,.0f}"
+            log = "log2(1 + x)" if self.lognorm_base == 2 else "log1p"
+            rescaled = f", {log} of values normalised to {self.lognorm_total:,.6g} per cell: rescaled to log1p CP10k"
         return f"{self.location} ({self.x_kind}{rescaled}; inspected: {seen})"
 
 
 def with_lognorm_total(choice: ExpressionChoice, sample: sp.csr_matrix) -> ExpressionChoice:
     """``choice`` with ``lognorm_total`` set when it reads log-normalised values normalised to a total other than
-    10,000 (log1p CPM, scanpy's median total): such values are rescaled to log1p(CP10k) as they are read
+    10,000 (log1p CPM, scanpy's median total) or log2(1 + x) values of a known total: such values are rescaled to log1p(CP10k) as they are read
     (:func:`rescale_lognorm`), the scale the atlas and the embedders use."""
     if choice.x_kind != "lognorm":
         return choice
     total = detect_lognorm_total(sample)
-    if total is None or abs(total / TARGET_SUM - 1.0) <= LOGNORM_TOTAL_TOLERANCE:
-        return choice
-    logger.info("%s holds log1p of values normalised to %.6g per cell: rescaling to %g", choice.location, total,
-                TARGET_SUM)
-    return replace(choice, lognorm_total=total)
+    if total is not None:
+        if abs(total / TARGET_SUM - 1.0) <= LOGNORM_TOTAL_TOLERANCE:
+            return choice
+        base = float(np.e)
+    else:
+        total, base = detect_lognorm_total(sample, base=2.0), 2.0
+        if total is None:
+            return choice
+    logger.info("%s holds log%s(1 + x) of values normalised to %.6g per cell: rescaling to log1p CP10k",
+                choice.location, "2" if base == 2 else "", total)
+    return replace(choice, lognorm_total=total, lognorm_base=base)
 
 
 def rescale_lognorm(block: sp.csr_matrix, choice: ExpressionChoice) -> sp.csr_matrix:
-    """log1p(expm1(v) * 10,000 / total) of a block read from ``choice`` (unchanged when no rescale is due)."""
+    """log1p(x * 10,000 / total) of a block read from ``choice``, x = base ** v - 1 (unchanged when no rescale is
+    due)."""
     if choice.lognorm_total is None or block.nnz == 0:
         return block
     out = block.copy()
-    data = np.expm1(out.data.astype(np.float64)) * (TARGET_SUM / choice.lognorm_total)
+    data = np.expm1(out.data.astype(np.float64) * np.log(choice.lognorm_base)) * (TARGET_SUM / choice.lognorm_total)
     out.data = np.log1p(data).astype(out.data.dtype)
     return out
 
