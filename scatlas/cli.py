@@ -305,13 +305,19 @@ def _print_info(info: dict[str, Any]) -> None:
 
 
 @cli.command()
-@click.argument("index_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("index_path", required=False, metavar="[INDEX_DIR]",
+                type=click.Path(file_okay=False, path_type=Path))
+@click.option("--index", "index_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Index directory written by `scatlas build` (as in build and annotate; or give it as INDEX_DIR).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def info(index_dir: Path, as_json: bool) -> None:
-    """Show an index: cells, shards, embedder, factory, measured recall, size on disk, bytes per cell."""
+def info(index_path: Path | None, index_dir: Path | None, as_json: bool) -> None:
+    """Show an index: cells, shards, embedder, factory, measured recall, size on disk, bytes per cell, label heads."""
     from index import index_info
 
-    figures = index_info(index_dir)
+    path = index_dir if index_path is None else index_path
+    if path is None or (index_path is not None and index_dir is not None):
+        raise click.UsageError("give the index directory once: `scatlas info --index DIR` or `scatlas info DIR`")
+    figures = index_info(path)
     if as_json:
         click.echo(json.dumps(figures, indent=2, default=str))
     else:

@@ -186,9 +186,12 @@ def test_heads_of_another_build_are_refused(tmp_path: Path) -> None:
     res = annotate(q, tmp_path / "index", predictor="knn", progress=False)
     assert len(res.predictions) == 10
     # `scatlas info` still describes the index and says why its heads are unusable
-    out = CliRunner().invoke(cli, ["info", str(tmp_path / "index")])
-    assert out.exit_code == 0, out.output
-    assert "label heads  unusable:" in out.output and "another build" in out.output
+    for args in (["info", str(tmp_path / "index")], ["info", "--index", str(tmp_path / "index")]):
+        out = CliRunner().invoke(cli, args)
+        assert out.exit_code == 0, out.output
+        assert "label heads  unusable:" in out.output and "another build" in out.output
+    out = CliRunner().invoke(cli, ["info"])
+    assert out.exit_code == 2 and "give the index directory once" in out.output
 
 
 def test_label_key_without_labels_is_refused_but_auto_skips(tmp_path: Path) -> None:
