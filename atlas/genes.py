@@ -156,6 +156,12 @@ class GeneMatch:
     def fraction_of_target(self) -> float:
         return self.n_matched / self.n_target if self.n_target else 0.0
 
+    def target_present(self) -> np.ndarray:
+        """``(n_target,)`` bool: the target genes the source has."""
+        present = np.zeros(self.n_target, dtype=bool)
+        present[self.target_cols] = True
+        return present
+
     def summary(self) -> dict[str, float | int]:
         return {
             "n_source_genes": self.n_source,

@@ -426,8 +426,7 @@ def annotate(
 
         present: np.ndarray | None = None  # which of the embedder's gene features the query has
         if match is not None and embedder.gene_feature_names is not None:
-            present = np.zeros(match.n_target, dtype=bool)
-            present[match.target_cols] = True
+            present = match.target_present()
         heads_refit: dict[str, Any] | None = None
         if missing_genes == "refit" and use_heads and present is not None and not present.all():
             t0 = time.perf_counter()

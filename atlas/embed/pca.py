@@ -374,7 +374,7 @@ class PCAEmbedder(Embedder):
         if len(chunk) == 0:
             return out
         match = self.gene_match(chunk.genes)
-        missing = self._missing(match)
+        missing = ~match.target_present()
         W = model.components.astype(np.float64)
         for start, z in self._standardised_blocks(chunk, match):
             z -= model.center
@@ -395,7 +395,7 @@ class PCAEmbedder(Embedder):
             return np.zeros((0, len(model.means)), dtype=np.float32)
         match = self.gene_match(chunk.genes)
         out = np.asarray(match.project(_lognorm_X(chunk)).toarray(), dtype=np.float32)
-        missing = self._missing(match)
+        missing = ~match.target_present()
         if missing.any():
             out[:, missing] = model.means[missing].astype(np.float32)
         return out
@@ -481,7 +481,7 @@ class PCAEmbedder(Embedder):
             if len(chunk) == 0:
                 continue
             match = probe.gene_match(chunk.genes)
-            missing = probe._missing(match)
+            missing = ~match.target_present()
             for _, z in probe._standardised_blocks(chunk, match):
                 z[:, missing] = 0.0
                 gram += z.T @ z
@@ -573,11 +573,6 @@ class PCAEmbedder(Embedder):
         if self.model is None:
             raise InputError("the PCA embedder is not fitted: call fit(sample) first, or load a saved embedder")
         return self.model
-
-    def _missing(self, match: GeneMatch) -> np.ndarray:
-        missing = np.ones(match.n_target, dtype=bool)
-        missing[match.target_cols] = False
-        return missing
 
     def _divisor(self, model: PCAModel) -> np.ndarray | None:
         """Per-gene divisor of the centred values (see the module docstring); None: no scaling."""
