@@ -182,9 +182,9 @@ def _features(
     bar = tqdm(total=len(ids), desc="label heads: read", unit="cell", disable=not progress)
     for chunk in store.read_cells(ids, with_X=emb.needs == "X", obsm_keys=obsm):
         rows = np.searchsorted(ids, np.asarray(chunk.ids, dtype=np.int64))
-        vecs[rows] = as_stored(emb.transform(chunk))[1]
-        if want_genes:
-            g = emb.gene_features(chunk)
+        v, g = emb.transform_with_features(chunk) if want_genes else (emb.transform(chunk), None)
+        vecs[rows] = as_stored(v)[1]
+        if g is not None:
             if genes is None:
                 genes = np.zeros((len(ids), g.shape[1]), dtype=np.float32)
             genes[rows] = g

@@ -478,15 +478,15 @@ def annotate(
         n_silent = 0
         lookup_columns = list(dict.fromkeys([*keys, *([DATASET_COLUMN] if has_datasets else [])]))
         bar = tqdm(total=n, desc="annotate", unit="cell", disable=not progress)
-        want_genes = present is not None and any(h.needs_gene_features for h in use_heads.values())
+        want_genes = any(h.needs_gene_features for h in use_heads.values())
         for chunk in iter_cell_chunks(source, chunk_size=int(batch_size), obsm_keys=obsm_keys):
             rows = np.asarray(chunk.ids, dtype=np.int64)
             t0 = time.perf_counter()
-            gene_features = embedder.gene_features(chunk) if want_genes else None
-            if gene_features is not None and present is not None:  # embedded from the same features: one pass
-                vectors = l2_normalize(embedder.transform_gene_features(gene_features, present))
+            if want_genes:
+                raw, gene_features = embedder.transform_with_features(chunk)
+                vectors = l2_normalize(raw)  # as idx.embed(chunk)
             else:
-                vectors = idx.embed(chunk)
+                vectors, gene_features = idx.embed(chunk), None
             vectors = apply_shift(vectors, shift)
             silent = ~embedder.expressed(chunk)
             n_silent += int(silent.sum())

@@ -79,6 +79,11 @@ class Embedder(ABC):
         """Names of the columns of :meth:`gene_features` (``None``: this embedder has no gene features)."""
         return None
 
+    def transform_with_features(self, chunk: CellChunk) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(transform(chunk), gene_features(chunk))``, computed together where the embedder can share the work
+        (the PCA embedder normalises a chunk once for both)."""
+        return self.transform(chunk), self.gene_features(chunk)
+
     def transform_gene_features(self, features: np.ndarray, present: np.ndarray) -> np.ndarray:
         """What :meth:`transform` returns for cells whose :meth:`gene_features` are ``features`` when only the genes
         marked in ``present`` (bool over :attr:`gene_feature_names`) are measured: the atlas side of a query that

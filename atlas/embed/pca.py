@@ -400,6 +400,11 @@ class PCAEmbedder(Embedder):
             out[:, missing] = model.means[missing].astype(np.float32)
         return out
 
+    def transform_with_features(self, chunk: CellChunk) -> tuple[np.ndarray, np.ndarray]:
+        """The chunk's vectors computed from its gene features: one normalisation of the chunk for both."""
+        features = self.gene_features(chunk)
+        return self.transform_gene_features(features, self.gene_match(chunk.genes).target_present()), features
+
     def transform_gene_features(self, features: np.ndarray, present: np.ndarray) -> np.ndarray:
         """:meth:`transform` of cells given by their gene features (log1p CP10k of the embedder's genes), with the
         genes outside ``present`` treated as :meth:`transform` treats genes a query lacks (zero after centring).
