@@ -15,7 +15,7 @@ from atlas.chunks import CellChunk
 from atlas.errors import InputError
 from atlas.genes import GeneVocabulary, is_ensembl
 from atlas.normalize import TARGET_SUM
-from atlas.xkind import LOGNORM_TOTAL_TOLERANCE, XKind, detect_lognorm_total
+from atlas.xkind import LOGNORM_TOTAL_TOLERANCE, XKind, detect_lognorm_total, detect_x_kind
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,13 @@ def rescale_lognorm(block: sp.csr_matrix, choice: ExpressionChoice) -> sp.csr_ma
     data = np.expm1(out.data.astype(np.float64) * np.log(choice.lognorm_base)) * (TARGET_SUM / choice.lognorm_total)
     out.data = np.log1p(data).astype(out.data.dtype)
     return out
+
+
+def expression_from_samples(samples: dict[str, sp.csr_matrix], what: str) -> ExpressionChoice:
+    """The matrix a source reads, from a sample of rows of each candidate: its kind (:func:`choose_expression`)
+    and, for log-normalised values, the per-cell total they were normalised to (:func:`with_lognorm_total`)."""
+    chosen = choose_expression({loc: detect_x_kind(m) for loc, m in samples.items()}, what)
+    return with_lognorm_total(chosen, samples[chosen.location])
 
 
 def choose_expression(candidates: dict[str, XKind], what: str) -> ExpressionChoice:
@@ -162,6 +169,12 @@ def check_finite(block: sp.csr_matrix, rows: np.ndarray, what: str) -> sp.csr_ma
             f"{cells[:5].tolist()}); fix or drop those cells and retry"
         )
     return block
+
+
+def checked_block(block: sp.csr_matrix, rows: np.ndarray, what: str, choice: ExpressionChoice) -> sp.csr_matrix:
+    """What every source yields for a block of rows it read: refused when not finite (:func:`check_finite`),
+    rescaled to log1p(CP10k) where the source's values are on another scale (:func:`rescale_lognorm`)."""
+    return rescale_lognorm(check_finite(block, rows, what), choice)
 
 
 def iter_cell_chunks(

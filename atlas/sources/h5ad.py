@@ -19,13 +19,10 @@ from atlas.genes import GeneVocabulary
 from atlas.sources.base import (
     COUNTS_LAYERS,
     ExpressionChoice,
-    check_finite,
-    choose_expression,
+    checked_block,
+    expression_from_samples,
     genes_from_var,
-    rescale_lognorm,
-    with_lognorm_total,
 )
-from atlas.xkind import XKind, detect_x_kind
 
 logger = logging.getLogger(__name__)
 
@@ -135,9 +132,7 @@ class H5adSource:
         if self._readers["X"].shape[1] != len(self._var_main):
             raise InputError(f"{what}: X has {self._readers['X'].shape[1]} columns but var has {len(self._var_main)}")
         samples = {loc: self._sample(reader) for loc, reader in self._readers.items()}
-        kinds: dict[str, XKind] = {loc: detect_x_kind(m) for loc, m in samples.items()}
-        chosen = choose_expression(kinds, what)
-        self.expression: ExpressionChoice = with_lognorm_total(chosen, samples[chosen.location])
+        self.expression: ExpressionChoice = expression_from_samples(samples, what)
         self._reader = self._readers[self.expression.location]
         if self.expression.location == "raw/X":
             self.var: pd.DataFrame = anndata.io.read_elem(f["raw"]["var"])
@@ -177,8 +172,7 @@ class H5adSource:
         for a, b, pos in _windows(np.asarray(rows, dtype=np.int64), chunk_size):
             block = self._reader.rows(a, b)
             block = block if len(pos) == b - a else block[pos - a]
-            block = check_finite(block, pos, f"{self.path}: {self.expression.location}")
-            yield pos, rescale_lognorm(block, self.expression)
+            yield pos, checked_block(block, pos, f"{self.path}: {self.expression.location}", self.expression)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # closing a broken file must not mask the real error
@@ -212,9 +206,7 @@ class AnnDataSource:
             loc: sp.csr_matrix(m[: SAMPLE_WINDOWS * SAMPLE_ROWS_PER_WINDOW], dtype=np.float32)
             for loc, m in self._mats.items()
         }
-        kinds: dict[str, XKind] = {loc: detect_x_kind(m) for loc, m in samples.items()}
-        chosen = choose_expression(kinds, name)
-        self.expression = with_lognorm_total(chosen, samples[chosen.location])
+        self.expression = expression_from_samples(samples, name)
         self.var = adata.raw.var if self.expression.location == "raw/X" else adata.var
         self.genes = genes_from_var(self.var, name)
 
@@ -233,8 +225,8 @@ class AnnDataSource:
     def iter_rows(self, rows: np.ndarray, chunk_size: int) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
         m = self._mats[self.expression.location]
         for _a, _b, pos in _windows(np.asarray(rows, dtype=np.int64), chunk_size):
-            block = check_finite(sp.csr_matrix(m[pos], dtype=np.float32), pos, f"{self.name}: {self.expression.location}")
-            yield pos, rescale_lognorm(block, self.expression)
+            block = sp.csr_matrix(m[pos], dtype=np.float32)
+            yield pos, checked_block(block, pos, f"{self.name}: {self.expression.location}", self.expression)
 
     def close(self) -> None:
         pass

@@ -13,15 +13,7 @@ import scipy.sparse as sp
 
 from atlas.errors import InputError
 from atlas.genes import GeneVocabulary
-from atlas.sources.base import (
-    ExpressionChoice,
-    check_finite,
-    choose_expression,
-    genes_from_var,
-    rescale_lognorm,
-    with_lognorm_total,
-)
-from atlas.xkind import detect_x_kind
+from atlas.sources.base import ExpressionChoice, checked_block, expression_from_samples, genes_from_var
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +79,7 @@ class SomaExperimentSource:
         keys[pos], fid[pos], fname[pos] = vocab.keys, vocab.feature_id, vocab.feature_name
         self.genes = GeneVocabulary(keys=keys, feature_id=fid, feature_name=fname)
         sample = self._read(self._joinids[: min(len(self._joinids), 2000)])
-        self.expression: ExpressionChoice = with_lognorm_total(
-            choose_expression({f"X/{layer}": detect_x_kind(sample)}, f"{uri} ({name})"), sample
-        )
+        self.expression: ExpressionChoice = expression_from_samples({f"X/{layer}": sample}, f"{uri} ({name})")
 
     @property
     def n_obs(self) -> int:
@@ -106,8 +96,8 @@ class SomaExperimentSource:
         rows = np.asarray(rows, dtype=np.int64)
         for a in range(0, len(rows), chunk_size):
             pos = rows[a : a + chunk_size]
-            block = check_finite(self._read(self._joinids[pos]), pos, f"{self.uri}: X[{self.layer!r}]")
-            yield pos, rescale_lognorm(block, self.expression)
+            block = self._read(self._joinids[pos])
+            yield pos, checked_block(block, pos, f"{self.uri}: X[{self.layer!r}]", self.expression)
 
     def obsm_keys(self) -> list[str]:
         ms = self._exp.ms[self.measurement]
