@@ -312,13 +312,9 @@ def _duckdb_type(values: pd.Series) -> str:
     return "VARCHAR"
 
 
-def _x_source(expression: Any) -> str:
+def _x_source(location: str, rescale_note: str | None) -> str:
     """Where the values came from, and the rescale applied to them on the way in (provenance in the store)."""
-    total = getattr(expression, "lognorm_total", None)
-    if total is None:
-        return str(expression.location)
-    log = "log2(1 + x)" if getattr(expression, "lognorm_base", None) == 2 else "log1p"
-    return f"{expression.location} ({log} of values normalised to {total:.6g} per cell, rescaled to log1p CP10k)"
+    return location if rescale_note is None else f"{location} ({rescale_note})"
 
 
 def _write_dataset(writer: StoreWriter, plan: DatasetPlan, chunk_size: int, progress: bool) -> DatasetIngestReport:
@@ -407,7 +403,7 @@ def _write_dataset(writer: StoreWriter, plan: DatasetPlan, chunk_size: int, prog
             bar.close()
         record = DatasetRecord(
             dataset_id=plan.dataset_id, start=obs_start, stop=obs_start + n, x_kind=plan.source.expression.x_kind,
-            x_source=_x_source(plan.source.expression), source=plan.source_label, source_format=plan.source_format,
+            x_source=_x_source(plan.source.expression.location, plan.source.expression.rescale_note()), source=plan.source_label, source_format=plan.source_format,
             genes=genes.report, obs_columns=plan.extra_columns, obsm=plan.obsm_dims,
             n_skipped_non_primary=plan.n_skipped_non_primary, ingested_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
         )

@@ -34,13 +34,17 @@ class ExpressionChoice:
     lognorm_total: float | None = None  # log-normalised to this per-cell total (None: 10,000 or not told)
     lognorm_base: float = float(np.e)  # the logarithm's base (2 for log2(1 + x) values)
 
+    def rescale_note(self) -> str | None:
+        """What the values were and that they are rescaled as read; None when they are used as they are."""
+        if self.lognorm_total is None:
+            return None
+        log = "log2(1 + x)" if self.lognorm_base == 2 else "log1p"
+        return f"{log} of values normalised to {self.lognorm_total:,.6g} per cell, rescaled to log1p CP10k"
+
     def describe(self) -> str:
         seen = ", ".join(f"{k}={v}" for k, v in self.candidates.items())
-        rescaled = ""
-        if self.lognorm_total is not None:
-            log = "log2(1 + x)" if self.lognorm_base == 2 else "log1p"
-            rescaled = f", {log} of values normalised to {self.lognorm_total:,.6g} per cell: rescaled to log1p CP10k"
-        return f"{self.location} ({self.x_kind}{rescaled}; inspected: {seen})"
+        note = self.rescale_note()
+        return f"{self.location} ({self.x_kind}{f', {note}' if note else ''}; inspected: {seen})"
 
 
 def with_lognorm_total(choice: ExpressionChoice, sample: sp.csr_matrix) -> ExpressionChoice:
