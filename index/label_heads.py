@@ -398,36 +398,16 @@ def refit_for_genes(
     """
     present = np.asarray(present, dtype=bool)
     out: dict[str, LabelHead] = {}
-    cache: dict[Path, tuple[np.ndarray, np.ndarray | None]] = {}
+    samples: dict[Path, tuple[np.ndarray, np.ndarray | None] | None] = {}  # one read per heads directory
     for key, head in heads.items():
         sample = None if head.directory is None or "genes" not in head.models else head.directory
-        if sample is None:
+        if sample is not None and sample not in samples:
+            samples[sample] = _sample_as_query_sees(sample, present, embed, block_rows)
+        seen = samples[sample] if sample is not None else None
+        if sample is None or seen is None:
             out[key] = head
             continue
-        if sample not in cache:
-            G = load_training_sample(sample)
-            if G is None:
-                logger.warning(
-                    "the label heads were trained before their training sample was kept: they cannot be refitted for "
-                    "the query's genes (retrain them: `scatlas build ... --label-key KEY`)"
-                )
-                cache[sample] = (np.zeros((0, 0), np.float32), None)
-            else:
-                if G.shape[1] != len(present):
-                    raise IndexFormatError(
-                        f"the heads' training sample has {G.shape[1]} genes, the embedder {len(present)}; retrain them"
-                    )
-                Gp = np.asarray(G[:, np.flatnonzero(present)].toarray(), dtype=np.float32)
-                V = None
-                if embed is not None:
-                    V = np.concatenate(
-                        [embed(G[a : a + block_rows].toarray()) for a in range(0, G.shape[0], block_rows)]
-                    ).astype(np.float32)
-                cache[sample] = (Gp, V)
-        Gp, V = cache[sample]
-        if Gp.size == 0 and V is None:
-            out[key] = head
-            continue
+        Gp, V = seen
         with np.load(sample / head.record["file"], allow_pickle=False) as z:
             rows, y = z["train_rows"], z["train_y"]
         c_genes = float(head.config.get("c_genes", DEFAULT_C_GENES))
@@ -446,6 +426,29 @@ def refit_for_genes(
             directory=head.directory,
         )
     return out
+
+
+def _sample_as_query_sees(
+    directory: Path, present: np.ndarray, embed: Callable[[np.ndarray], np.ndarray] | None, block_rows: int
+) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """(the training sample's features on the present genes, dense float32; its vectors re-embedded by ``embed``
+    or None), or None when the heads have no stored sample (logged)."""
+    G = load_training_sample(directory)
+    if G is None:
+        logger.warning(
+            "the label heads were trained before their training sample was kept: they cannot be refitted for "
+            "the query's genes (retrain them: `scatlas build ... --label-key KEY`)"
+        )
+        return None
+    if G.shape[1] != len(present):
+        raise IndexFormatError(
+            f"the heads' training sample has {G.shape[1]} genes, the embedder {len(present)}; retrain them"
+        )
+    Gp = np.asarray(G[:, np.flatnonzero(present)].toarray(), dtype=np.float32)
+    if embed is None:
+        return Gp, None
+    V = np.concatenate([embed(G[a : a + block_rows].toarray()) for a in range(0, G.shape[0], block_rows)])
+    return Gp, V.astype(np.float32)
 
 
 def _config_json(config: HeadsConfig) -> dict[str, Any]:
