@@ -335,6 +335,9 @@ def info(index_path: Path | None, index_dir: Path | None, as_json: bool) -> None
 @click.option("--where", default=None, help="SQL filter over the atlas cells, e.g. \"tissue = 'lung'\".")
 @click.option("--min-confidence", type=click.FloatRange(0, 1), default=None,
               help="Below this confidence (head probability or weighted vote share) a cell is 'unknown' (default: the measured default).")
+@click.option("--far-quantile", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Call a cell 'unknown' when its neighbours are less similar than this quantile of the atlas' own "
+                   "neighbour similarities (0.001 to turn it on; default: off, the measured default).")
 @click.option("--max-votes-per-dataset", type=click.IntRange(min=1), default=None,
               help="Cap on the votes one atlas dataset may cast for a query cell.")
 @click.option("--truth-key", default=None, help="Query obs column with known labels: adds accuracy, macro-F1, confusion.")
@@ -352,13 +355,14 @@ def info(index_path: Path | None, index_dir: Path | None, as_json: bool) -> None
                    "sample without them, or use the heads as trained (missing genes read as their atlas mean).")
 @progress_option
 def annotate(query_file: Path, index_dir: Path, out_h5ad: Path, label_keys: tuple[str, ...], k: int, where: str | None,
-             min_confidence: float | None, max_votes_per_dataset: int | None, truth_key: str | None,
-             neighbors_path: Path | None, report_path: Path | None, min_gene_overlap: float | None,
+             min_confidence: float | None, far_quantile: float | None, max_votes_per_dataset: int | None,
+             truth_key: str | None, neighbors_path: Path | None, report_path: Path | None, min_gene_overlap: float | None,
              batch_size: int | None, predictor: str, missing_genes: str, progress: bool) -> None:
     """Annotate QUERY_FILE (.h5ad): embed with the index's embedder, find k nearest atlas cells, vote labels."""
     from query import annotate as run_annotate
 
-    optional: dict[str, Any] = {"min_confidence": min_confidence, "min_gene_overlap": min_gene_overlap, "batch_size": batch_size}
+    optional: dict[str, Any] = {"min_confidence": min_confidence, "far_quantile": far_quantile,
+                                "min_gene_overlap": min_gene_overlap, "batch_size": batch_size}
     result = run_annotate(query_file, index_dir, label_keys=list(label_keys), k=k, where=where,
                           max_votes_per_dataset=max_votes_per_dataset, truth_key=truth_key, progress=progress,
                           predictor=predictor, missing_genes=missing_genes,  # type: ignore[arg-type]
