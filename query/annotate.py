@@ -24,7 +24,7 @@ from atlas.genes import MIN_GENE_OVERLAP, check_overlap
 from atlas.sources import open_h5ad
 from atlas.sources.base import iter_cell_chunks
 from index import AtlasIndex
-from index.label_heads import refit_for_genes
+from index.label_heads import SAMPLE_FILE, refit_for_genes
 from index.manifest import manifest_digest
 from index.metadata import columns_of, quote_ident
 from index.vectors import l2_normalize
@@ -55,6 +55,14 @@ PREDICTORS: tuple[str, ...] = ("auto", "heads", "knn")
 MissingGenes = Literal["refit", "impute"]
 MISSING_GENES: tuple[str, ...] = ("refit", "impute")
 DEFAULT_MISSING_GENES: MissingGenes = "refit"
+
+MIN_GENE_OVERLAP_REFIT = 0.15
+"""Default gene-overlap floor when the label heads decide and are refitted for the query's genes. Measured with
+``scripts/bench_annotate.py --gene-dropout`` on three real pairs (random draws of the embedder's genes kept;
+docs/benchmarks.md): refitted heads stay level with logistic regression trained on the same genes down to 10%
+kept, but macro-F1 falls with the genes for both: about 0.66-0.76 at 20% kept (0.78-0.89 with every gene) and
+0.46-0.66 at 10%, where too little is left to tell the types apart; a real partial query (pbmc3k's own 2,000
+highly variable genes, 20% of kang's) scored 0.725 against logreg's 0.713."""
 
 DEFAULT_K = 30
 DEFAULT_MIN_CONFIDENCE = 0.3
@@ -242,7 +250,7 @@ def annotate(
     max_votes_per_dataset: int | None = None,
     truth_key: str | Mapping[str, str] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    min_gene_overlap: float = MIN_GENE_OVERLAP,
+    min_gene_overlap: float | None = None,
     weighting: Weighting = DEFAULT_WEIGHTING,
     class_balance: float = DEFAULT_CLASS_BALANCE,
     align: Align = DEFAULT_ALIGN,
@@ -275,6 +283,10 @@ def annotate(
         abstention rate on cells whose label it lacks, to ``report["evaluation"]``.
     batch_size: query cells embedded and searched at a time (memory is bounded by it, not by the query size).
     min_gene_overlap: refuse the query when fewer than this fraction of the embedder's genes are present.
+        None (default): :data:`MIN_GENE_OVERLAP_REFIT` (0.15) when every label column is decided by label heads
+        that can be refitted for the query's genes (``missing_genes="refit"``, heads with their training sample),
+        else :data:`atlas.genes.MIN_GENE_OVERLAP` (0.5): the neighbour vote has nothing to adapt to the missing
+        genes. The value used is in the report's ``params``.
     weighting: vote weights by similarity (see :mod:`query.vote`): ``adaptive``, ``similarity`` or
         ``uniform``.
     class_balance: each vote is divided by (its label's atlas cell count) ** class_balance (0 = plain votes,
@@ -420,6 +432,16 @@ def annotate(
             )
         embedder = idx.embedder
         match = embedder.gene_match(source.genes)
+        if min_gene_overlap is None:
+            refittable = (
+                missing_genes == "refit" and embedder.gene_feature_names is not None and bool(keys)
+                and all(
+                    key in use_heads and use_heads[key].needs_gene_features and use_heads[key].directory is not None
+                    and (use_heads[key].directory / SAMPLE_FILE).is_file()  # type: ignore[operator]
+                    for key in keys
+                )
+            )
+            min_gene_overlap = MIN_GENE_OVERLAP_REFIT if refittable else MIN_GENE_OVERLAP
         if match is not None:
             check_overlap(match, what="query", against="index embedder", min_fraction=min_gene_overlap)
         obsm_keys: tuple[str, ...] = ()

@@ -346,7 +346,8 @@ def info(index_path: Path | None, index_dir: Path | None, as_json: bool) -> None
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON report. Default: next to --out.")
 @click.option("--min-gene-overlap", type=click.FloatRange(0, 1), default=None,
-              help="Refuse queries carrying less than this fraction of the embedder's genes.")
+              help="Refuse queries carrying less than this fraction of the embedder's genes (default: 0.15 when "
+                   "label heads refitted for the query's genes decide every label, else 0.5).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Query cells per batch.")
 @click.option("--predictor", type=click.Choice(["auto", "heads", "knn"]), default="auto", show_default=True,
               help="What decides the label: the index's label heads, the neighbours' vote, or heads where trained.")

@@ -18,7 +18,7 @@ from atlas.errors import GeneOverlapError, InputError
 from atlas.synthetic import SyntheticAtlasConfig, write_h5ad_datasets
 from index import AtlasIndex, build_index
 from query import AnnotationResult, annotate
-from query.annotate import FAR_QUANTILE_WHEN_ON
+from query.annotate import FAR_QUANTILE_WHEN_ON, MIN_GENE_OVERLAP_REFIT
 from query.vote import UNKNOWN
 from tests.conftest import make_adata
 
@@ -126,7 +126,7 @@ def test_zero_gene_overlap_is_refused(tiny: dict[str, Any]) -> None:
         annotate(q, tiny["index"], progress=False)
 
 
-def test_partial_gene_overlap_warns_then_refuses(
+def test_partial_gene_overlap_warns_then_refuses_below_the_predictors_floor(
     tiny: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     q = make_adata(60, 60, seed=2, prefix="q")
@@ -142,10 +142,19 @@ def test_partial_gene_overlap_warns_then_refuses(
     assert 0.5 <= frac < 0.8
     assert any("genes are in the query" in r.getMessage() for r in caplog.records)
     keep_few = [g for g in q.var_names if g not in used[: int(len(used) * 0.7)]]
-    with pytest.raises(GeneOverlapError, match="at least 50%"):
-        annotate(q[:, keep_few].copy(), tiny["index"], progress=False)
-    res = annotate(q[:, keep_few].copy(), tiny["index"], progress=False, min_gene_overlap=0.2)
+    # the label heads decide and are refitted for the genes the query has: the floor is 15%
+    res = annotate(q[:, keep_few].copy(), tiny["index"], progress=False)
     assert res.report["gene_overlap"]["fraction_of_target"] < 0.5
+    assert res.report["params"]["min_gene_overlap"] == MIN_GENE_OVERLAP_REFIT
+    assert res.report["params"]["heads_refit_for_query_genes"]["keys"] == ["cell_type"]
+    # the neighbour vote has nothing to adapt: the floor stays at 50%
+    with pytest.raises(GeneOverlapError, match="at least 50%"):
+        annotate(q[:, keep_few].copy(), tiny["index"], progress=False, predictor="knn")
+    res = annotate(q[:, keep_few].copy(), tiny["index"], progress=False, predictor="knn", min_gene_overlap=0.2)
+    assert res.report["params"]["min_gene_overlap"] == 0.2
+    keep_very_few = [g for g in q.var_names if g not in used[: int(len(used) * 0.9)]]
+    with pytest.raises(GeneOverlapError, match="at least 15%"):
+        annotate(q[:, keep_very_few].copy(), tiny["index"], progress=False)
 
 
 def test_empty_query_is_refused(tiny: dict[str, Any], tmp_path: Path) -> None:
