@@ -47,9 +47,12 @@ def test_annotate_cli(pipeline):
         test_build_and_info(pipeline)
     query = sorted((pipeline / "h5ad").glob("*.h5ad"))[-1]
     before = query.read_bytes()
+    # the settings for a query that may hold types the atlas lacks (fibroblasts are held out of it)
     out = run("annotate", str(query), "--index", str(pipeline / "index"), "--out", str(pipeline / "q.h5ad"),
-              "--truth-key", "cell_type", "--no-progress")
+              "--truth-key", "cell_type", "--min-confidence", "0.5", "--far-quantile", "0.001", "--no-progress")
     assert "macro-F1" in out
+    params = json.loads((pipeline / "q.report.json").read_text())["params"]
+    assert params["min_confidence"] == 0.5 and params["far_quantile"] == 0.001
     assert query.read_bytes() == before  # input never modified
     annotated = anndata.read_h5ad(pipeline / "q.h5ad")
     assert {"cell_type_pred", "cell_type_confidence", "cell_type_unknown_reason"} <= set(annotated.obs.columns)
