@@ -715,6 +715,7 @@ def gene_dropout(p: Prepared, keep_fractions: list[float], draws: int = 5) -> li
 
 def tune(p: Prepared) -> list[dict[str, Any]]:
     """Vote once per (k, weighting) without abstention, then apply every threshold pair offline."""
+    from atlas.errors import GeneOverlapError
     from index import AtlasIndex
     from query.annotate import annotate
     from query.evaluate import evaluate_labels
@@ -735,21 +736,29 @@ def tune(p: Prepared) -> list[dict[str, Any]]:
     ]
     # k, weighting and class_balance shape the vote only: the heads are tried once per alignment
     grid += [("heads", DEFAULT_K, DEFAULT_WEIGHTING, DEFAULT_CLASS_BALANCE, a) for a in ("none", "mnn")]
+    refused: set[str] = set()
     for predictor, k, weighting, balance, align in grid:
-        res = annotate(
-            p.query,
-            p.index_dir,
-            **p.annotate_kw,
-            label_keys=[LABEL],
-            k=k,
-            weighting=weighting,  # type: ignore[arg-type]
-            class_balance=balance,
-            align=align,  # type: ignore[arg-type]
-            min_confidence=0.0,
-            far_quantile=None,
-            predictor=predictor,  # type: ignore[arg-type]
-            progress=False,
-        )
+        if predictor in refused:
+            continue
+        try:
+            res = annotate(
+                p.query,
+                p.index_dir,
+                **p.annotate_kw,
+                label_keys=[LABEL],
+                k=k,
+                weighting=weighting,  # type: ignore[arg-type]
+                class_balance=balance,
+                align=align,  # type: ignore[arg-type]
+                min_confidence=0.0,
+                far_quantile=None,
+                predictor=predictor,  # type: ignore[arg-type]
+                progress=False,
+            )
+        except GeneOverlapError as exc:  # the vote's 50% floor on a partial query: no row, so `pick` skips it
+            log.info("%s: predictor %s refused (%s); its settings are left out of the pick", p.name, predictor, exc)
+            refused.add(predictor)
+            continue
         raw = res.predictions[f"{LABEL}_pred"].astype(str).to_numpy()
         conf = res.predictions[f"{LABEL}_confidence"].to_numpy()
         sim = res.predictions["atlas_similarity"].to_numpy()
@@ -885,7 +894,8 @@ def _tuning_lines(tuning: dict[str, Any]) -> list[str]:
         s = _tune_score(r)
         key = tuple(r[c] for c in TUNED)
         best.setdefault(key, []).append(s)
-    means = {k: float(np.mean(v)) for k, v in best.items()}
+    complete = max(len(v) for v in best.values())  # settings refused on some pair (the vote on a partial query) left out
+    means = {k: float(np.mean(v)) for k, v in best.items() if len(v) == complete}
     for i, col in enumerate(TUNED):
         values = sorted(
             {k[i] for k in means}, key=lambda v: (v is None, str(v) if isinstance(v, str) else v or 0)
