@@ -300,11 +300,11 @@ def annotate(
         :data:`FAR_QUANTILE_WHEN_ON` (0.001) is the value to turn it on with. Atlas cells are compared with cells
         of their own batch, so a query from another lab or condition sits lower on both statistics even where its
         types are in the atlas: at 0.001 the rule called 0.9% of the known cells of zheng_sorted_to_kang_ctrl and
-        1.8% of zheng_sorted_to_kang_stim far while catching 3.7% of their absent types (DC, megakaryocytes,
-        erythrocytes sit next to known types in any embedding of the sorted reference's genes), which cost those
-        pairs 0.008 and 0.022 macro-F1; it catches what no atlas type resembles (the synthetic pair: 8.5% of
-        absent cells against 0.9% of known ones; fibroblasts held out of the synthetic atlas of
-        tests/test_annotate.py). Requiring the nearest neighbour too spares the cells of types with fewer atlas
+        1.8% of zheng_sorted_to_kang_stim far and none of their absent types (DC, megakaryocytes, erythrocytes
+        sit next to known types in any embedding of the sorted reference's genes), which cost those pairs 0.008
+        and 0.021 macro-F1 (``--tune`` grid, docs/benchmarks.md); it catches some of what no atlas type resembles
+        (the synthetic pair: 8.5% of absent cells against 0.9% of known ones; fibroblasts held out of the
+        synthetic atlas of tests/test_annotate.py). Requiring the nearest neighbour too spares the cells of types with fewer atlas
         cells than the calibration's k, whose k nearest cannot all be of their type.
     keep_neighbors: keep the neighbours table (``n_cells x k`` rows; turn off for very large queries).
     predictor: what decides the label. ``"heads"``: the index's supervised label heads for that column

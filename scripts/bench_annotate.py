@@ -896,6 +896,12 @@ def _tuning_lines(tuning: dict[str, Any]) -> list[str]:
         best.setdefault(key, []).append(s)
     complete = max(len(v) for v in best.values())  # settings refused on some pair (the vote on a partial query) left out
     means = {k: float(np.mean(v)) for k, v in best.items() if len(v) == complete}
+    left_out = sorted({str(k[0]) for k, v in best.items() if len(v) < complete})
+    if left_out:
+        out[-2] += (
+            f" Predictor {', '.join(left_out)} was refused on some pairs (its gene-overlap floor on a partial query), "
+            "so its settings are out of the pick and of this summary."
+        )
     for i, col in enumerate(TUNED):
         values = sorted(
             {k[i] for k in means}, key=lambda v: (v is None, str(v) if isinstance(v, str) else v or 0)
@@ -1009,7 +1015,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
         lines += _tuning_lines(results["tuning"])
     if results.get("gene_dropout"):
         commands = results.get("gene_dropout_commands") or [results.get("gene_dropout_command", command)]
-        lines += _dropout_lines(results["gene_dropout"], commands)
+        lines += _dropout_lines(results["gene_dropout"], commands, results.get("gene_dropout_note", ""))
     if results.get("scale"):
         s = results["scale"]
         lines += [
@@ -1031,8 +1037,9 @@ def _mean_range(values: list[float]) -> str:
     return f"{v.mean():.3f} ({v.min():.3f}-{v.max():.3f})"
 
 
-def _dropout_lines(dropout: dict[str, list[dict[str, Any]]], commands: list[str]) -> list[str]:
-    """``commands``: the runs whose rows were merged (e.g. high fractions with 5 draws, low ones with 3)."""
+def _dropout_lines(dropout: dict[str, list[dict[str, Any]]], commands: list[str], note: str = "") -> list[str]:
+    """``commands``: the runs whose rows were merged (e.g. high fractions with 5 draws, low ones with 3); ``note``:
+    what the reader should know about them (the JSON's ``gene_dropout_note``)."""
     lines = [
         "",
         f"Queries lacking genes ({', '.join(f'`{c}`' for c in commands)}): the query of each pair with only a random share of the "
@@ -1040,7 +1047,7 @@ def _dropout_lines(dropout: dict[str, list[dict[str, Any]]], commands: list[str]
         "highest) over the draws. *refit*: the default, label heads refitted on their training sample without the "
         "missing genes (`missing_genes=\"refit\"`); *as trained*: `missing_genes=\"impute\"` (a missing gene reads "
         "as its atlas mean); logreg: trained on the genes kept. *refit - as trained*: the mean of the per-draw "
-        "differences; *refit s*: annotate's mean wall time with the refit (as trained: *s*).",
+        "differences; *refit s*: annotate's mean wall time with the refit (as trained: *s*)." + (f" {note}" if note else ""),
         "",
         "| pair | genes kept | draws | scatlas refit | scatlas as trained | logreg | refit - as trained | refit s | "
         "as trained s |",
