@@ -101,6 +101,12 @@ class LabelHead:
     def needs_gene_features(self) -> bool:
         return "genes" in self.models
 
+    @property
+    def can_refit_for_genes(self) -> bool:
+        """Whether :func:`refit_for_genes` can refit this head: it reads gene features and its training sample was
+        kept next to it."""
+        return self.needs_gene_features and self.directory is not None and (self.directory / SAMPLE_FILE).is_file()
+
     def predict_proba(self, vectors: np.ndarray, gene_features: np.ndarray | None) -> np.ndarray:
         """``(n, len(classes))`` float32: the mean of the heads' class probabilities."""
         parts = []
@@ -400,7 +406,7 @@ def refit_for_genes(
     out: dict[str, LabelHead] = {}
     samples: dict[Path, tuple[np.ndarray, np.ndarray | None] | None] = {}  # one read per heads directory
     for key, head in heads.items():
-        sample = None if head.directory is None or "genes" not in head.models else head.directory
+        sample = head.directory if head.needs_gene_features else None
         if sample is not None and sample not in samples:
             samples[sample] = _sample_as_query_sees(sample, present, embed, block_rows)
         seen = samples[sample] if sample is not None else None

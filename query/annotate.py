@@ -24,7 +24,7 @@ from atlas.genes import MIN_GENE_OVERLAP, check_overlap
 from atlas.sources import open_h5ad
 from atlas.sources.base import iter_cell_chunks
 from index import AtlasIndex
-from index.label_heads import SAMPLE_FILE, refit_for_genes
+from index.label_heads import refit_for_genes
 from index.manifest import manifest_digest
 from index.metadata import columns_of, quote_ident
 from index.vectors import l2_normalize
@@ -273,9 +273,10 @@ def annotate(
     where: SQL predicate restricting the atlas cells searched (e.g. ``"tissue = 'blood'"``).
     min_confidence: a cell whose winning label has less than this confidence (the heads' probability or the
         vote's weighted share) is ``"unknown"`` (reason ``low_confidence``). The default 0.3 abstains only on
-        calls spread over four or more labels (a winner below 1/3 needs that); see "Defaults" below for why not higher. To hunt for types the atlas may
-        lack, raise it (0.5 abstained on 33% of the synthetic pair's absent cells, 4% at 0.3) and accept losing
-        known cells: on real pairs no signal tells absent types apart (below).
+        calls spread over four or more labels (a winner below 1/3 needs that); see "Defaults" below for why not
+        higher. To hunt for types the atlas may lack, raise it (0.5 abstained on 33% of the synthetic pair's
+        absent cells, 4% at 0.3) and accept losing known cells: on real pairs no signal tells absent types apart
+        (below).
     max_votes_per_dataset: at most this many of a cell's neighbours from any one atlas dataset vote (None: no
         cap).
     truth_key: a query obs column with known labels (for ``label_keys[0]``), or ``{label_key: obs column}``;
@@ -304,8 +305,8 @@ def annotate(
         sit next to known types in any embedding of the sorted reference's genes), which cost those pairs 0.008
         and 0.021 macro-F1 (``--tune`` grid, docs/benchmarks.md); it catches some of what no atlas type resembles
         (the synthetic pair: 8.5% of absent cells against 0.9% of known ones; fibroblasts held out of the
-        synthetic atlas of tests/test_annotate.py). Requiring the nearest neighbour too spares the cells of types with fewer atlas
-        cells than the calibration's k, whose k nearest cannot all be of their type.
+        synthetic atlas of tests/test_annotate.py). Requiring the nearest neighbour too spares the cells of types
+        with fewer atlas cells than the calibration's k, whose k nearest cannot all be of their type.
     keep_neighbors: keep the neighbours table (``n_cells x k`` rows; turn off for very large queries).
     predictor: what decides the label. ``"heads"``: the index's supervised label heads for that column
         (:mod:`index.label_heads`: the mean class probability of a logistic model on the embedder's gene features
@@ -434,12 +435,8 @@ def annotate(
         match = embedder.gene_match(source.genes)
         if min_gene_overlap is None:
             refittable = (
-                missing_genes == "refit" and embedder.gene_feature_names is not None and bool(keys)
-                and all(
-                    key in use_heads and use_heads[key].needs_gene_features and use_heads[key].directory is not None
-                    and (use_heads[key].directory / SAMPLE_FILE).is_file()  # type: ignore[operator]
-                    for key in keys
-                )
+                missing_genes == "refit" and embedder.gene_feature_names is not None
+                and all(key in use_heads and use_heads[key].can_refit_for_genes for key in keys)
             )
             min_gene_overlap = MIN_GENE_OVERLAP_REFIT if refittable else MIN_GENE_OVERLAP
         if match is not None:

@@ -1250,6 +1250,8 @@ def main(argv: list[str] | None = None) -> int:
         "pairs": [],
         "skipped": SKIPPED,
     }
+    from query.annotate import FAR_QUANTILE_WHEN_ON
+
     prepared: dict[str, Prepared] = {}
     for name in names:
         log.info("== %s", name)
@@ -1289,7 +1291,7 @@ def main(argv: list[str] | None = None) -> int:
         runners: dict[str, Callable[[], tuple[np.ndarray | None, dict[str, Any]]]] = {
             "scatlas": lambda p=p: run_scatlas(p),
             "scatlas_no_abstain": lambda p=p: run_scatlas(p, min_confidence=0.0, far_quantile=None),
-            "scatlas_abstain": lambda p=p: run_scatlas(p, min_confidence=0.5, far_quantile=0.001),
+            "scatlas_abstain": lambda p=p: run_scatlas(p, min_confidence=0.5, far_quantile=FAR_QUANTILE_WHEN_ON),
             "scatlas_knn": lambda p=p: run_scatlas(p, predictor="knn"),
             "logreg": lambda p=p: run_logreg(p),
             "celltypist": lambda p=p: run_peer(p, "celltypist", args.peer_python),
