@@ -1,7 +1,9 @@
 """``scatlas ingest``: add atlas dumps (.h5ad files, Census-layout SOMA experiments) to an atlas store.
 
-Every input is validated before anything is written (bad input leaves the store as it was). Each dataset is then
-written and committed on its own: an interruption loses at most the dataset being written, never a committed one.
+Inputs are opened and planned first (names, mappings, dataset ids), then every row of every input is validated
+as it streams into the store's staging (reserved ids no reader sees), and all datasets of one command are
+published together or not at all: a bad value in the last file, a full disk or an interruption leaves the store
+as it was.
 """
 
 from __future__ import annotations
@@ -22,13 +24,16 @@ import pyarrow as pa
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from atlas.digest import XDigest, canonical
 from atlas.errors import DatasetExistsError, InputError, StoreError
 from atlas.genes import GeneVocabulary, strip_version
 from atlas.schema import STANDARD_OBS_COLUMNS
 from atlas.sources.base import DatasetSource
 from atlas.sources.h5ad import open_h5ad
 from atlas.sources.soma import is_soma_experiment, open_soma_experiment
+from atlas.sql import quote_ident
 from atlas.store import CELLS_DB, MEASUREMENT, X_LAYER, AtlasStore, DatasetRecord, StoreWriter
+from atlas.validate import check_embedding, check_name, escaped
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +63,13 @@ class DatasetPlan:
     obs_map: dict[str, str]
     obs_sample: pd.DataFrame  # one standardised row: the columns and their types
     extra_columns: list[str]
+    renamed_columns: dict[str, str]  # source obs column -> stored name, where it had to change
     obsm_dims: dict[str, int]
     n_skipped_non_primary: int
 
     def standard_obs(self, rows: np.ndarray) -> pd.DataFrame:
         """Standardised obs (schema columns + extras) of the given source rows."""
-        frame, _ = _standardise_obs(
+        frame, _, _ = _standardise_obs(
             self.source.obs.iloc[rows], self.dataset_id, self.obs_map, self.source_label, self.source_format == "soma"
         )
         return frame
@@ -81,6 +87,7 @@ class DatasetIngestReport:
     genes: dict[str, int]
     obsm: dict[str, int]
     seconds: float
+    renamed_columns: dict[str, str] = field(default_factory=dict)
 
     @property
     def cells_per_second(self) -> float:
@@ -118,7 +125,9 @@ def _to_bool(values: pd.Series, what: str) -> np.ndarray:
 
 def _standardise_obs(
     obs: pd.DataFrame, dataset_id: str, obs_map: Mapping[str, str], what: str, from_soma: bool
-) -> tuple[pd.DataFrame, list[str]]:
+) -> tuple[pd.DataFrame, list[str], dict[str, str]]:
+    """The schema's columns plus every other obs column (``extras``), with names checked; an extra whose name
+    clashes with another after normalisation (case, surrounding blanks) is stored as ``NAME_orig`` (``renamed``)."""
     missing = [s for s in obs_map if s not in obs.columns]
     if missing:
         raise InputError(
@@ -143,15 +152,18 @@ def _standardise_obs(
             out[col] = _as_str_column(frame[col]).to_numpy()
         else:
             out[col] = None
-    taken = {c.lower() for c in out.columns} | {"soma_joinid"}
+    taken = {_normalised(c) for c in out.columns} | {"soma_joinid"}
     extras: list[str] = []
+    renamed: dict[str, str] = {}
     for col in frame.columns:
         if col in STANDARD_OBS_COLUMNS or col == "soma_joinid":
             continue
-        name = str(col)
-        while name.lower() in taken:
+        name = check_name(col, f"{what}: obs column")
+        while _normalised(name) in taken:
             name = f"{name}_orig"
-        taken.add(name.lower())
+        if name != str(col):
+            renamed[str(col)] = name
+        taken.add(_normalised(name))
         values = frame[col]
         if isinstance(values.dtype, pd.CategoricalDtype) or values.dtype == object:
             out[name] = _as_str_column(values).to_numpy()
@@ -160,7 +172,12 @@ def _standardise_obs(
         else:
             out[name] = _as_str_column(values).to_numpy()
         extras.append(name)
-    return out, extras
+    return out, extras, renamed
+
+
+def _normalised(name: str) -> str:
+    """How DuckDB (case-insensitive) and people (blanks) tell column names apart."""
+    return name.strip().casefold()
 
 
 def _plan_dataset(
@@ -175,7 +192,12 @@ def _plan_dataset(
         raise InputError(f"{what}: duplicate cell names in obs, e.g. {dups}; make them unique (adata.obs_names_make_unique())")
     # Standardise one row to validate the mapping and learn the extra columns; the rest is done chunk by chunk at
     # write time, so categorical obs columns are never expanded to strings for the whole dataset.
-    sample, extras = _standardise_obs(source.obs.iloc[:1], dataset_id, obs_map, what, fmt == "soma")
+    check_name(dataset_id, f"{label}: dataset id")
+    for target in obs_map.values():
+        check_name(target, f"{what}: --obs-map target")
+    sample, extras, renamed = _standardise_obs(source.obs.iloc[:1], dataset_id, obs_map, what, fmt == "soma")
+    for old, new in renamed.items():
+        logger.warning("%s: obs column %s clashes with another column name; stored as %s", what, escaped(old), escaped(new))
     primary = _primary_flags(source.obs, obs_map, what)
     keep = np.ones(len(primary), dtype=bool) if keep_non_primary else primary
     n_skipped = int((~keep).sum())
@@ -189,7 +211,7 @@ def _plan_dataset(
             obsm_dims[key] = int(first.shape[1])
     return DatasetPlan(
         source=source, dataset_id=dataset_id, source_label=label, source_format=fmt, rows=rows,
-        obs_map=dict(obs_map), obs_sample=sample, extra_columns=extras, obsm_dims=obsm_dims,
+        obs_map=dict(obs_map), obs_sample=sample, extra_columns=extras, renamed_columns=renamed, obsm_dims=obsm_dims,
         n_skipped_non_primary=n_skipped,
     )
 
@@ -312,123 +334,199 @@ def _duckdb_type(values: pd.Series) -> str:
     return "VARCHAR"
 
 
+def _common_type(have: str, want: str) -> str:
+    """The column type that holds values of both types without loss: DOUBLE for numbers, else VARCHAR."""
+    if have == want:
+        return have
+    if {have, want} <= {"BIGINT", "DOUBLE", "INTEGER", "FLOAT"}:
+        return "DOUBLE"
+    return "VARCHAR"
+
+
+def _add_obs_columns(con: duckdb.DuckDBPyConnection, plan: DatasetPlan) -> None:
+    """Add the plan's extra obs columns to ``cells`` (names quoted); a column another dataset made with another
+    type is widened (BIGINT -> DOUBLE, else VARCHAR) instead of casting this dataset's values into it."""
+    existing = {
+        str(name).lower(): (str(name), str(kind))
+        for name, kind in con.execute("SELECT column_name, column_type FROM (DESCRIBE cells)").fetchall()
+    }
+    for col in plan.extra_columns:
+        want = _duckdb_type(plan.obs_sample[col])
+        if col.lower() not in existing:
+            con.execute(f"ALTER TABLE cells ADD COLUMN {quote_ident(col)} {want}")
+            continue
+        name, have = existing[col.lower()]
+        wider = _common_type(have, want)
+        if wider != have:
+            con.execute(f"ALTER TABLE cells ALTER COLUMN {quote_ident(name)} TYPE {wider}")
+            logger.warning("%s: obs column %s holds %s values, other datasets %s: the column is now %s",
+                           plan.dataset_id, escaped(col), want, have, wider)
+
+
 def _x_source(location: str, rescale_note: str | None) -> str:
     """Where the values came from, and the rescale applied to them on the way in (provenance in the store)."""
     return location if rescale_note is None else f"{location} ({rescale_note})"
 
 
-def _write_dataset(writer: StoreWriter, plan: DatasetPlan, chunk_size: int, progress: bool) -> DatasetIngestReport:
+def _extended(vocab: GeneVocabulary, genes: GenePlan, n_genes: int) -> GeneVocabulary:
+    """The atlas vocabulary after a dataset's new genes and learned Ensembl ids (``n_genes`` = new high water)."""
+    keys, fid, fname = (np.full(n_genes, "", dtype=object) for _ in range(3))
+    m = len(vocab.keys)
+    keys[:m], fid[:m], fname[:m] = vocab.keys, vocab.feature_id, vocab.feature_name
+    rows = genes.new_genes
+    j = rows["var_joinid"].to_numpy(dtype=np.int64)
+    keys[j], fid[j], fname[j] = rows["gene_key"].to_numpy(), rows["feature_id"].to_numpy(), rows["feature_name"].to_numpy()
+    for var_id, ensembl in genes.learned_ensembl:
+        fid[var_id] = ensembl
+    return GeneVocabulary(keys=keys, feature_id=fid, feature_name=fname)
+
+
+def _write_genes(con: duckdb.DuckDBPyConnection, rna: Any, genes: GenePlan, vocab: GeneVocabulary, dataset_id: str) -> None:
+    """New genes and learned Ensembl ids into SOMA ``var`` and the DuckDB ``genes`` table."""
+    if not len(genes.new_genes) and not genes.learned_ensembl:
+        return
+    var_rows = genes.new_genes.copy()
+    if genes.learned_ensembl:
+        learned = pd.DataFrame(
+            [(j, vocab.keys[j], fid, vocab.feature_name[j]) for j, fid in genes.learned_ensembl],
+            columns=["var_joinid", "gene_key", "feature_id", "feature_name"],
+        )
+        var_rows = pd.concat([var_rows, learned], ignore_index=True)
+        for j, fid in genes.learned_ensembl:
+            con.execute("UPDATE genes SET feature_id = ? WHERE var_joinid = ?", [fid, j])
+    rna.var.write(
+        pa.table({
+            "soma_joinid": pa.array(var_rows["var_joinid"].to_numpy(), pa.int64()),
+            "gene_key": pa.array(var_rows["gene_key"].astype(str), pa.large_string()),
+            "feature_id": pa.array(var_rows["feature_id"].astype(str), pa.large_string()),
+            "feature_name": pa.array(var_rows["feature_name"].astype(str), pa.large_string()),
+        })
+    )
+    if len(genes.new_genes):
+        new = genes.new_genes.assign(added_by=dataset_id)
+        new = new.replace({"feature_id": {"": None}, "feature_name": {"": None}})
+        con.register("new_genes", new)
+        con.execute("INSERT INTO genes SELECT var_joinid, gene_key, feature_id, feature_name, added_by FROM new_genes")
+        con.unregister("new_genes")
+
+
+def _in_atlas_genes(block: sp.csr_matrix, keep_cols: np.ndarray, col_ids: np.ndarray, n_genes: int) -> sp.csr_matrix:
+    """A source block with its kept columns renumbered to atlas gene ids, in canonical form (what is stored)."""
+    sub = sp.csr_matrix(block[:, keep_cols])
+    return canonical(sp.csr_matrix((sub.data, col_ids[sub.indices], sub.indptr), shape=(sub.shape[0], n_genes)))
+
+
+def _write_chunk(exp: Any, con: duckdb.DuckDBPyConnection, plan: DatasetPlan, pos: np.ndarray, ids: np.ndarray,
+                 X: sp.csr_matrix) -> None:
+    """One chunk of cells: X, obs, obsm into SOMA, the cell rows into DuckDB."""
+    rna = exp.ms[MEASUREMENT]
+    if X.nnz:
+        coo = X.tocoo()
+        rna.X[X_LAYER].write(
+            pa.table({
+                "soma_dim_0": pa.array(ids[coo.row], pa.int64()),
+                "soma_dim_1": pa.array(coo.col.astype(np.int64), pa.int64()),
+                "soma_data": pa.array(coo.data.astype(np.float32), pa.float32()),
+            })
+        )
+    frame = plan.standard_obs(pos)
+    exp.obs.write(pa.table({
+        "soma_joinid": pa.array(ids, pa.int64()),
+        **{c: pa.array(frame[c].to_numpy(), pa.bool_() if c == "is_primary_data" else pa.large_string())
+           for c in STANDARD_OBS_COLUMNS},
+    }))
+    for key in plan.obsm_dims:
+        vec = check_embedding(plan.source.read_obsm(key, pos), pos, f"{plan.source_label}: obsm[{escaped(key)}]")
+        r, c = np.nonzero(np.ones_like(vec, dtype=bool))
+        rna["obsm"][key].write(
+            pa.table({
+                "soma_dim_0": pa.array(ids[r], pa.int64()),
+                "soma_dim_1": pa.array(c.astype(np.int64), pa.int64()),
+                "soma_data": pa.array(vec[r, c].astype(np.float32), pa.float32()),
+            })
+        )
+    con.register("chunk_cells", frame.assign(soma_joinid=ids))
+    con.execute("INSERT INTO cells BY NAME SELECT * FROM chunk_cells")
+    con.unregister("chunk_cells")
+
+
+def _write_dataset(
+    writer: StoreWriter, con: duckdb.DuckDBPyConnection, vocab: GeneVocabulary, plan: DatasetPlan, chunk_size: int,
+    progress: bool,
+) -> tuple[DatasetRecord, DatasetIngestReport, GeneVocabulary]:
+    """Stream one dataset into the store's staging (reserved, unpublished ids) inside the command's transaction;
+    every row is validated as it is read. Returns its record, its report and the vocabulary it leaves."""
     t0 = time.perf_counter()
-    store = AtlasStore(writer.path, writer.state)
-    genes = plan_genes(plan.source.genes, store.genes, writer.state.var_high_water)
+    genes = plan_genes(plan.source.genes, vocab, writer.var_next)
     n = len(plan.rows)
     obs_start, var_start = writer.reserve(plan.dataset_id, n, len(genes.new_genes), plan.obsm_dims)
-    assert var_start == writer.state.var_high_water  # plan_genes used the same high-water mark
-    var_stop = var_start + len(genes.new_genes)
+    n_genes = var_start + len(genes.new_genes)
     keep_cols = np.flatnonzero(genes.columns >= 0)
     col_ids = genes.columns[keep_cols]
+    digest = XDigest()
+    _add_obs_columns(con, plan)
+    with writer.experiment("w") as exp:
+        _write_genes(con, exp.ms[MEASUREMENT], genes, vocab, plan.dataset_id)
+        bar = tqdm(total=n, desc=f"ingest {plan.dataset_id}", unit="cell", disable=not progress, leave=False)
+        done = 0
+        for pos, block in plan.source.iter_rows(plan.rows, chunk_size):
+            ids = np.arange(obs_start + done, obs_start + done + len(pos), dtype=np.int64)
+            X = _in_atlas_genes(block, keep_cols, col_ids, n_genes)
+            digest.update(ids, X)
+            _write_chunk(exp, con, plan, pos, ids, X)
+            done += len(pos)
+            bar.update(len(pos))
+        bar.close()
+    expression = plan.source.expression
+    record = DatasetRecord(
+        dataset_id=plan.dataset_id, start=obs_start, stop=obs_start + n, x_kind=expression.x_kind,
+        x_source=_x_source(expression.location, expression.rescale_note()), source=plan.source_label,
+        source_format=plan.source_format, genes=genes.report, obs_columns=plan.extra_columns, obsm=plan.obsm_dims,
+        n_skipped_non_primary=plan.n_skipped_non_primary, ingested_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        x_sha256=digest.hexdigest(), renamed_columns=plan.renamed_columns,
+    )
+    report = DatasetIngestReport(
+        dataset_id=plan.dataset_id, source=plan.source_label, n_cells=n, first_cell_id=obs_start,
+        n_skipped_non_primary=plan.n_skipped_non_primary, x_kind=record.x_kind, x_source=record.x_source,
+        genes=genes.report, obsm=plan.obsm_dims, seconds=round(time.perf_counter() - t0, 3),
+        renamed_columns=plan.renamed_columns,
+    )
+    logger.info(
+        "staged %s: %d cells (ids %d..%d), X from %s (%s), genes: %s, %.0f cells/s",
+        plan.dataset_id, n, obs_start, obs_start + n - 1, record.x_source, record.x_kind, genes.report,
+        report.cells_per_second,
+    )
+    return record, report, _extended(vocab, genes, n_genes)
 
+
+def _write_all(writer: StoreWriter, plans: Sequence[DatasetPlan], chunk_size: int, progress: bool) -> list[DatasetIngestReport]:
+    """Stage every dataset in one DuckDB transaction, then publish them all (:meth:`StoreWriter.commit`): a
+    failure anywhere leaves the store as it was."""
+    vocab = AtlasStore(writer.path, writer.state).genes
     con = duckdb.connect(str(writer.path / CELLS_DB))
     try:
         con.execute("BEGIN TRANSACTION")
-        existing = {r[0].lower(): r[1] for r in con.execute("SELECT column_name, column_type FROM (DESCRIBE cells)").fetchall()}
-        for col in plan.extra_columns:
-            if col.lower() not in existing:
-                con.execute(f'ALTER TABLE cells ADD COLUMN "{col}" {_duckdb_type(plan.obs_sample[col])}')
-        with writer.experiment("w") as exp:
-            rna = exp.ms[MEASUREMENT]
-            if len(genes.new_genes) or genes.learned_ensembl:
-                var_rows = genes.new_genes.copy()
-                if genes.learned_ensembl:
-                    old = store.genes
-                    learned = pd.DataFrame(
-                        [(j, old.keys[j], fid, old.feature_name[j]) for j, fid in genes.learned_ensembl],
-                        columns=["var_joinid", "gene_key", "feature_id", "feature_name"],
-                    )
-                    var_rows = pd.concat([var_rows, learned], ignore_index=True)
-                    for j, fid in genes.learned_ensembl:
-                        con.execute("UPDATE genes SET feature_id = ? WHERE var_joinid = ?", [fid, j])
-                rna.var.write(
-                    pa.table({
-                        "soma_joinid": pa.array(var_rows["var_joinid"].to_numpy(), pa.int64()),
-                        "gene_key": pa.array(var_rows["gene_key"].astype(str), pa.large_string()),
-                        "feature_id": pa.array(var_rows["feature_id"].astype(str), pa.large_string()),
-                        "feature_name": pa.array(var_rows["feature_name"].astype(str), pa.large_string()),
-                    })
-                )
-                if len(genes.new_genes):
-                    new = genes.new_genes.assign(added_by=plan.dataset_id)
-                    new = new.replace({"feature_id": {"": None}, "feature_name": {"": None}})
-                    con.register("new_genes", new)
-                    con.execute("INSERT INTO genes SELECT var_joinid, gene_key, feature_id, feature_name, added_by FROM new_genes")
-                    con.unregister("new_genes")
-            bar = tqdm(total=n, desc=f"ingest {plan.dataset_id}", unit="cell", disable=not progress, leave=False)
-            done = 0
-            for pos, block in plan.source.iter_rows(plan.rows, chunk_size):
-                m = len(pos)
-                ids = np.arange(obs_start + done, obs_start + done + m, dtype=np.int64)
-                sub = sp.csr_matrix(block[:, keep_cols])
-                coo = sub.tocoo()
-                if coo.nnz:
-                    rna.X[X_LAYER].write(
-                        pa.table({
-                            "soma_dim_0": pa.array(ids[coo.row], pa.int64()),
-                            "soma_dim_1": pa.array(col_ids[coo.col], pa.int64()),
-                            "soma_data": pa.array(coo.data.astype(np.float32), pa.float32()),
-                        })
-                    )
-                frame = plan.standard_obs(pos)
-                std = {c: frame[c].to_numpy() for c in STANDARD_OBS_COLUMNS}
-                obs_table = pa.table({
-                    "soma_joinid": pa.array(ids, pa.int64()),
-                    **{c: pa.array(v, pa.bool_() if c == "is_primary_data" else pa.large_string()) for c, v in std.items()},
-                })
-                exp.obs.write(obs_table)
-                for key in plan.obsm_dims:
-                    vec = plan.source.read_obsm(key, pos)
-                    r, c = np.nonzero(np.ones_like(vec, dtype=bool))
-                    rna["obsm"][key].write(
-                        pa.table({
-                            "soma_dim_0": pa.array(ids[r], pa.int64()),
-                            "soma_dim_1": pa.array(c.astype(np.int64), pa.int64()),
-                            "soma_data": pa.array(vec[r, c].astype(np.float32), pa.float32()),
-                        })
-                    )
-                cells = frame.assign(soma_joinid=ids)
-                con.register("chunk_cells", cells)
-                con.execute("INSERT INTO cells BY NAME SELECT * FROM chunk_cells")
-                con.unregister("chunk_cells")
-                done += m
-                bar.update(m)
-            bar.close()
-        record = DatasetRecord(
-            dataset_id=plan.dataset_id, start=obs_start, stop=obs_start + n, x_kind=plan.source.expression.x_kind,
-            x_source=_x_source(plan.source.expression.location, plan.source.expression.rescale_note()), source=plan.source_label, source_format=plan.source_format,
-            genes=genes.report, obs_columns=plan.extra_columns, obsm=plan.obsm_dims,
-            n_skipped_non_primary=plan.n_skipped_non_primary, ingested_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        )
-        writer.commit(record, var_stop, plan.obsm_dims, con)
+        records, reports, obsm_dims = [], [], {}
+        for plan in plans:
+            record, report, vocab = _write_dataset(writer, con, vocab, plan, chunk_size, progress)
+            records.append(record)
+            reports.append(report)
+            obsm_dims.update(plan.obsm_dims)
+        writer.commit(records, obsm_dims, con)
     except duckdb.Error as exc:
-        con.execute("ROLLBACK")
-        raise InputError(f"{plan.source_label}: cell metadata could not be stored: {exc}") from exc
+        with contextlib.suppress(duckdb.Error):
+            con.execute("ROLLBACK")
+        raise StoreError(
+            f"{writer.path}: the cell metadata could not be stored ({type(exc).__name__}); nothing was added. "
+            "Check the disk and that no other process has the store's cells.duckdb open, then rerun"
+        ) from exc
     except BaseException:
         with contextlib.suppress(duckdb.Error):
             con.execute("ROLLBACK")
         raise
     finally:
         con.close()
-    seconds = time.perf_counter() - t0
-    report = DatasetIngestReport(
-        dataset_id=plan.dataset_id, source=plan.source_label, n_cells=n, first_cell_id=obs_start,
-        n_skipped_non_primary=plan.n_skipped_non_primary, x_kind=record.x_kind, x_source=record.x_source,
-        genes=genes.report, obsm=plan.obsm_dims, seconds=round(seconds, 3),
-    )
-    logger.info(
-        "ingested %s: %d cells (ids %d..%d), X from %s (%s), genes: %s, %.0f cells/s",
-        plan.dataset_id, n, obs_start, obs_start + n - 1, record.x_source, record.x_kind, genes.report,
-        report.cells_per_second,
-    )
-    return report
+    return reports
 
 
 def ingest(
@@ -481,8 +579,7 @@ def ingest(
         report = IngestReport(atlas=str(atlas))
         try:
             with StoreWriter.open(atlas, create=True) as writer:
-                for plan in plans:
-                    report.datasets.append(_write_dataset(writer, plan, chunk_size, progress))
+                report.datasets.extend(_write_all(writer, plans, chunk_size, progress))
         except BaseException:
             if created_here and AtlasStore.exists(atlas) and not AtlasStore.open(atlas).datasets:
                 shutil.rmtree(atlas, ignore_errors=True)  # nothing committed: leave no half-made store behind

@@ -70,6 +70,8 @@ class DatasetRecord:
     obsm: dict[str, int] = field(default_factory=dict)
     n_skipped_non_primary: int = 0
     ingested_at: str = ""
+    x_sha256: str = ""  # atlas.digest.XDigest of the stored X values ("" in stores written before it existed)
+    renamed_columns: dict[str, str] = field(default_factory=dict)  # obs column -> the name it is stored under
 
     @property
     def n_cells(self) -> int:
@@ -186,7 +188,9 @@ class AtlasStore:
             fid, fname = keys.copy(), keys.copy()
             if n and self.state.datasets:
                 with self.connect() as con:
-                    rows = con.execute("SELECT var_joinid, gene_key, feature_id, feature_name FROM genes").fetchall()
+                    rows = con.execute(
+                        "SELECT var_joinid, gene_key, feature_id, feature_name FROM genes WHERE var_joinid < ?", [n]
+                    ).fetchall()
                 for j, key, f_id, f_name in rows:
                     keys[j], fid[j], fname[j] = key, f_id or "", f_name or ""
             self._genes = GeneVocabulary(keys=keys, feature_id=fid, feature_name=fname)
@@ -376,6 +380,9 @@ class StoreWriter:
     def __init__(self, path: Path, state: StoreState) -> None:
         self.path = path
         self.state = state
+        self._reservations: list[dict[str, Any]] = []  # this command's, journalled, published by commit()
+        self.obs_next = state.obs_high_water  # next free ids, beyond every reservation
+        self.var_next = state.var_high_water
 
     @classmethod
     @contextmanager
@@ -394,6 +401,7 @@ class StoreWriter:
                 raise StoreError(f"{path}: no atlas store to append to; use --mode write to create one")
             writer = cls(path, state)
             writer._recover()
+            writer.obs_next, writer.var_next = writer.state.obs_high_water, writer.state.var_high_water
             yield writer
 
     # -- recovery ---------------------------------------------------------------------------------------------
@@ -401,13 +409,22 @@ class StoreWriter:
         journal = self.path / JOURNAL_FILE
         if not journal.is_file():
             return
-        j = json.loads(journal.read_text())
+        try:
+            j = json.loads(journal.read_text())
+            reservations = j.get("reservations", [j])  # one dataset a journal before
+            obs_stop = max(int(r.get("obs_stop", 0)) for r in reservations)
+            var_stop = max(int(r.get("var_stop", 0)) for r in reservations)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise StoreError(
+                f"{journal}: the journal of an interrupted ingest is damaged; the store's committed datasets are "
+                "intact, but it cannot be appended to safely: ingest into a new store"
+            ) from exc
         logger.warning(
-            "%s: recovering from an interrupted ingest of %r: its ids [%d, %d) stay unused",
-            self.path, j.get("dataset_id"), j.get("obs_start", 0), j.get("obs_stop", 0),
+            "%s: recovering from an interrupted ingest of %s: its cell ids up to %d stay unused",
+            self.path, [r.get("dataset_id") for r in reservations], obs_stop,
         )
-        self.state.obs_high_water = max(self.state.obs_high_water, int(j.get("obs_stop", 0)))
-        self.state.var_high_water = max(self.state.var_high_water, int(j.get("var_stop", 0)))
+        self.state.obs_high_water = max(self.state.obs_high_water, obs_stop)
+        self.state.var_high_water = max(self.state.var_high_water, var_stop)
         committed = [d.dataset_id for d in self.state.datasets]
         with duckdb.connect(str(self.path / CELLS_DB)) as con:
             con.register("committed", pa.table({"dataset_id": pa.array(committed, pa.string())}))
@@ -419,16 +436,21 @@ class StoreWriter:
 
     # -- writing one dataset ------------------------------------------------------------------------------------
     def reserve(self, dataset_id: str, n_cells: int, n_new_genes: int, obsm_dims: dict[str, int]) -> tuple[int, int]:
-        """Reserve id ranges (journalled first), grow the SOMA arrays; returns (first cell id, first new gene id)."""
+        """Reserve id ranges (journalled first), grow the SOMA arrays; returns (first cell id, first new gene id).
+
+        Reservations of one command accumulate until :meth:`commit` publishes them all; until then no reader sees
+        them, and an interruption leaves their ranges unused.
+        """
         import tiledbsoma
 
-        obs_start, var_start = self.state.obs_high_water, self.state.var_high_water
+        obs_start, var_start = self.obs_next, self.var_next
         obs_stop, var_stop = obs_start + n_cells, var_start + n_new_genes
-        write_json_atomic(
-            self.path / JOURNAL_FILE,
+        self._reservations.append(
             {"dataset_id": dataset_id, "obs_start": obs_start, "obs_stop": obs_stop, "var_start": var_start,
-             "var_stop": var_stop, "started_at": _now()},
+             "var_stop": var_stop, "started_at": _now()}
         )
+        write_json_atomic(self.path / JOURNAL_FILE, {"reservations": self._reservations})
+        self.obs_next, self.var_next = obs_stop, var_stop
         uri = str(self.path / EXPERIMENT_DIR)
         n_obs, n_var = max(obs_stop, 1), max(var_stop, 1)
         with tiledbsoma.Experiment.open(uri, "w") as exp:
@@ -452,16 +474,20 @@ class StoreWriter:
 
         return tiledbsoma.Experiment.open(str(self.path / EXPERIMENT_DIR), mode)
 
-    def commit(self, record: DatasetRecord, var_stop: int, obsm_dims: dict[str, int], con: duckdb.DuckDBPyConnection) -> None:
-        """Finish the DuckDB transaction, then publish ``store.json`` (the commit point), then drop the journal."""
-        con.execute(
-            "INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [record.dataset_id, record.start, record.stop, record.n_cells, record.x_kind, record.x_source, record.source],
-        )
+    def commit(self, records: Sequence[DatasetRecord], obsm_dims: dict[str, int], con: duckdb.DuckDBPyConnection) -> None:
+        """Publish every dataset of this command at once: the DuckDB transaction, then ``store.json`` (the commit
+        point), then drop the journal."""
+        for record in records:
+            con.execute(
+                "INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [record.dataset_id, record.start, record.stop, record.n_cells, record.x_kind, record.x_source,
+                 record.source],
+            )
         con.execute("COMMIT")
-        self.state.datasets.append(record)
-        self.state.obs_high_water = record.stop
-        self.state.var_high_water = max(self.state.var_high_water, var_stop)
+        self.state.datasets.extend(records)
+        self.state.obs_high_water = max(self.state.obs_high_water, self.obs_next)
+        self.state.var_high_water = max(self.state.var_high_water, self.var_next)
         self.state.obsm_dims.update(obsm_dims)
         write_json_atomic(self.path / STATE_FILE, self.state.to_json())
         (self.path / JOURNAL_FILE).unlink(missing_ok=True)
+        self._reservations = []

@@ -261,10 +261,13 @@ def test_bad_input_leaves_store_unchanged(tmp_path, h5ad_factory, case):
     assert sorted(p.name for p in atlas.iterdir()) == files_before
 
 
-def test_nan_values_refuse_their_dataset_and_leave_it_invisible(tmp_path, h5ad_factory):
-    """Non-finite values are found while a dataset streams in (checking first would read every file twice): the
-    datasets before it stay committed, the bad one is never visible, and the fixed file ingests afterwards."""
+def test_nan_values_refuse_the_whole_command_and_leave_the_store_as_it_was(tmp_path, h5ad_factory):
+    """Non-finite values are found while a dataset streams in (checking first would read every file twice); the
+    command publishes all its datasets or none: the good file before the bad one is not added either, and both
+    ingest once the bad one is fixed."""
     atlas = tmp_path / "atlas"
+    ingest([h5ad_factory("base", seed=4)], atlas, progress=False)
+    before = fingerprint(atlas)
 
     def nan(ad):
         X = ad.X.toarray()
@@ -275,13 +278,14 @@ def test_nan_values_refuse_their_dataset_and_leave_it_invisible(tmp_path, h5ad_f
     good, bad = h5ad_factory("good", seed=5), h5ad_factory("bad", seed=6, transform=nan)
     with pytest.raises(InputError, match=r"bad\.h5ad.*NaN or infinite values in 1 cell"):
         ingest([good, bad], atlas, chunk_size=30, progress=False)
+    assert fingerprint(atlas) == before
     store = AtlasStore.open(atlas)
-    assert [d.dataset_id for d in store.datasets] == ["good"]
-    n_good = store.n_cells
+    assert [d.dataset_id for d in store.datasets] == ["base"]
+    n_base = store.n_cells
     with store.connect() as con:
-        assert con.execute("SELECT count(*) FROM cells").fetchone()[0] == n_good
-    ingest([h5ad_factory("bad", seed=6)], atlas, progress=False)
-    assert AtlasStore.open(atlas).n_cells == 2 * n_good
+        assert con.execute("SELECT count(*) FROM cells").fetchone()[0] == n_base
+    ingest([good, h5ad_factory("bad", seed=6)], atlas, progress=False)
+    assert AtlasStore.open(atlas).n_cells == 3 * n_base
 
 
 def test_interrupted_ingest_is_invisible_and_next_ingest_works(tmp_path, h5ad_factory, monkeypatch):

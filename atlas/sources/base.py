@@ -15,6 +15,7 @@ from atlas.chunks import CellChunk
 from atlas.errors import InputError
 from atlas.genes import GeneVocabulary, is_ensembl
 from atlas.normalize import TARGET_SUM
+from atlas.validate import check_values
 from atlas.xkind import LOGNORM_TOTAL_TOLERANCE, XKind, detect_lognorm_total, detect_x_kind
 
 logger = logging.getLogger(__name__)
@@ -157,28 +158,11 @@ class DatasetSource(Protocol):
     def close(self) -> None: ...
 
 
-def check_finite(block: sp.csr_matrix, rows: np.ndarray, what: str) -> sp.csr_matrix:
-    """``block`` unchanged when every stored value is finite; InputError naming the cells otherwise.
-
-    A NaN or infinite expression value would spread through normalisation into the cell's embedding and come
-    out as a confident but meaningless label, so it is refused where it is read, before anything uses it.
-    """
-    data = block.data
-    if data.size and not np.isfinite(data).all():
-        bad = np.unique(np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))[~np.isfinite(data)])
-        cells = np.asarray(rows)[bad]
-        raise InputError(
-            f"{what}: the expression matrix has NaN or infinite values in {len(cells)} cell(s) of rows "
-            f"{int(np.asarray(rows).min())}-{int(np.asarray(rows).max())} (e.g. cells at positions "
-            f"{cells[:5].tolist()}); fix or drop those cells and retry"
-        )
-    return block
-
-
 def checked_block(block: sp.csr_matrix, rows: np.ndarray, what: str, choice: ExpressionChoice) -> sp.csr_matrix:
-    """What every source yields for a block of rows it read: refused when not finite (:func:`check_finite`),
-    rescaled to log1p(CP10k) where the source's values are on another scale (:func:`rescale_lognorm`)."""
-    return rescale_lognorm(check_finite(block, rows, what), choice)
+    """What every source yields for a block of rows it read: refused when a value breaks the source's kind
+    (:func:`atlas.validate.check_values`: non-finite, negative, fractional counts, absurd), rescaled to
+    log1p(CP10k) where the source's values are on another scale (:func:`rescale_lognorm`)."""
+    return rescale_lognorm(check_values(block, rows, choice.x_kind, what), choice)
 
 
 def iter_cell_chunks(

@@ -23,8 +23,12 @@ from atlas.sources.base import (
     expression_from_samples,
     genes_from_var,
 )
+from atlas.validate import check_csr
 
 logger = logging.getLogger(__name__)
+
+_READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError)
+"""What h5py, numpy and scipy raise on damaged bytes or structure of a file."""
 
 SAMPLE_WINDOWS = 4
 SAMPLE_ROWS_PER_WINDOW = 500
@@ -78,15 +82,35 @@ class _MatrixReader:
             raise InputError(f"{what}: expected a 2-d matrix, got shape {self.shape}")
 
     def rows(self, a: int, b: int) -> sp.csr_matrix:
+        """Rows ``a:b`` as float32 CSR; InputError when the file's bytes or structure are damaged."""
+        try:
+            return self._rows(a, b)
+        except _READ_ERRORS as exc:
+            raise InputError(f"{self.what}: rows {a}-{b - 1} cannot be read ({type(exc).__name__}): the file is "
+                             "damaged; rewrite or re-download it") from exc
+
+    def _rows(self, a: int, b: int) -> sp.csr_matrix:
         if self.kind == "dense":
             return sp.csr_matrix(np.asarray(self.element[a:b], dtype=np.float32))
         if self.kind == "csc":
             return sp.csr_matrix(self._backed[a:b], dtype=np.float32)
         indptr = self.element["indptr"][a : b + 1].astype(np.int64)
+        n_data = int(self.element["data"].shape[0])
+        check_csr(indptr, np.zeros(0, dtype=np.int64), n_data, self.shape[1], self.what)
         lo, hi = int(indptr[0]), int(indptr[-1])
         data = self.element["data"][lo:hi].astype(np.float32, copy=False)
         indices = self.element["indices"][lo:hi]
+        check_csr(indptr, indices, n_data, self.shape[1], self.what)
         return sp.csr_matrix((data, indices, indptr - lo), shape=(b - a, self.shape[1]))
+
+
+def _dataframe(element: h5py.Group, what: str) -> pd.DataFrame:
+    """An AnnData dataframe element (obs, var); InputError when the file holds something else there."""
+    frame = anndata.io.read_elem(element)
+    if not isinstance(frame, pd.DataFrame):
+        raise InputError(f"{what} is not a dataframe (it reads as {type(frame).__name__}); the file is damaged: "
+                         "rewrite it with anndata")
+    return frame
 
 
 class H5adSource:
@@ -116,8 +140,8 @@ class H5adSource:
         for key in ("X", "obs", "var"):
             if key not in f:
                 raise InputError(f"{what}: missing '{key}'; is this an AnnData .h5ad file?")
-        self.obs: pd.DataFrame = anndata.io.read_elem(f["obs"])
-        self._var_main: pd.DataFrame = anndata.io.read_elem(f["var"])
+        self.obs: pd.DataFrame = _dataframe(f["obs"], f"{what}: obs")
+        self._var_main: pd.DataFrame = _dataframe(f["var"], f"{what}: var")
         self._readers: dict[str, _MatrixReader] = {"X": _MatrixReader(f["X"], f"{what}: X")}
         for layer in COUNTS_LAYERS:
             if "layers" in f and layer in f["layers"]:
@@ -135,7 +159,7 @@ class H5adSource:
         self.expression: ExpressionChoice = expression_from_samples(samples, what)
         self._reader = self._readers[self.expression.location]
         if self.expression.location == "raw/X":
-            self.var: pd.DataFrame = anndata.io.read_elem(f["raw"]["var"])
+            self.var: pd.DataFrame = _dataframe(f["raw"]["var"], f"{what}: raw/var")
         else:
             self.var = self._var_main
         if self._reader.shape[1] != len(self.var):
@@ -236,7 +260,7 @@ def _is_legacy(path: Path) -> bool:
     try:
         with h5py.File(path, "r") as f:
             return "raw.X" in f or "encoding-type" not in f.attrs
-    except OSError:
+    except _READ_ERRORS:
         return False  # H5adSource reports the unreadable file
 
 

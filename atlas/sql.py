@@ -1,0 +1,8 @@
+"""SQL text built from names that come from data: always quoted, never spliced raw."""
+
+from __future__ import annotations
+
+
+def quote_ident(name: str) -> str:
+    """``name`` as a double-quoted SQL identifier (embedded quotes doubled)."""
+    return '"' + str(name).replace('"', '""') + '"'
