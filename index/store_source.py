@@ -14,6 +14,7 @@ import numpy as np
 from atlas.errors import InputError
 from index.build import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE, BuildConfig, _prepare_dir, build_from_source
 from index.manifest import BUILD_FILE, EMBEDDER_DIR, IndexManifest
+from index.metadata import CellsFile
 from index.source import ShardSpec, plan_over_ranges
 
 if TYPE_CHECKING:
@@ -125,6 +126,15 @@ def _resumable_embedder(out: Path, identity: dict[str, Any]) -> Embedder | None:
     return load_embedder(saved.parent)
 
 
+def committed_cells(store: Any) -> CellsFile:
+    """The store's cell metadata restricted to its committed datasets' id ranges (what an index may copy).
+
+    Rows an ingest is still writing, or one that was interrupted left behind, lie outside these ranges.
+    """
+    ranges = tuple((int(start), int(stop)) for _ds, start, stop in store.cell_ranges())
+    return CellsFile(Path(store.cells_db_path), ranges)
+
+
 def _resolve_label_keys(store: Any, label_keys: Sequence[str] | str) -> tuple[str, ...]:
     if label_keys == "auto":
         from index.label_heads import label_columns
@@ -183,13 +193,13 @@ def build_index(
     )
     options = dict(embedder_options or {})
     identity = {"embedder": embedder, "fit_sample": fit_sample, "embedder_options": options}
-    _prepare_dir(out, overwrite)
+    _prepare_dir(out, overwrite, inputs=(atlas,))
     emb = _resumable_embedder(out, identity) or _fit_embedder(store, embedder, fit_sample, config.seed, options)
     manifest = build_from_source(
         StoreVectorSource(store, emb),
         out,
         config,
-        cells=store.cells_db_path,
+        cells=committed_cells(store),
         embedder=emb,
         snapshot=store.snapshot(),
         gene_vocabulary_hash=store.genes.fingerprint(),

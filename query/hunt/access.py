@@ -164,7 +164,12 @@ def cursor(index: HuntIndex) -> Iterator[Any]:
 
 
 def sql_ids(index: HuntIndex, predicate: str) -> np.ndarray:
-    """Sorted ids of the index's cells matching an SQL predicate over its ``cells`` table (possibly none)."""
+    """Sorted ids of the index's cells matching an SQL predicate over its ``cells`` table (possibly none).
+
+    The predicate is checked by :func:`index.predicate.validate_predicate` (inside :func:`where_ids`) before it runs;
+    InputError when it is invalid, uses anything but columns, literals, operators and plain scalar functions, or
+    fails on the data (the message names the error class, never cell values).
+    """
     with cursor(index) as con:
         return where_ids(con, predicate, allow_empty=True, what="SQL predicate")
 

@@ -8,7 +8,8 @@ The expression is parsed with :mod:`ast` and evaluated by walking the tree; only
 * ``and`` / ``or`` / ``not`` and their pandas spellings ``&`` / ``|`` / ``~``; parentheses.
 
 Nothing else (calls, attributes, subscripts, arithmetic) is evaluated, so a predicate cannot run code.
-Missing values never match a comparison (``!=`` included).
+Missing values never match a comparison (``!=`` included). A predicate is at most :data:`MAX_LENGTH` characters
+and :data:`MAX_DEPTH` levels of nesting deep; longer or deeper ones are refused with an InputError.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ import pandas as pd
 from atlas.errors import InputError
 
 _BACKTICK = re.compile(r"`([^`]*)`")
+
+MAX_LENGTH = 10_000
+"""Longest predicate accepted, in characters."""
+MAX_DEPTH = 100
+"""Deepest nesting of the predicate's syntax tree accepted (``not not ... x``, nested parentheses)."""
 
 _COMPARE: dict[type[ast.cmpop], Callable[[Any, Any], Any]] = {
     ast.Eq: operator.eq,
@@ -140,6 +146,11 @@ def evaluate_predicate(frame: pd.DataFrame, predicate: str) -> np.ndarray:
     text = (predicate or "").strip()
     if not text:
         raise InputError("the positive predicate is empty; pass e.g. \"cell_type == 'Norn cell'\"")
+    if len(text) > MAX_LENGTH:
+        raise InputError(
+            f"the positive predicate is {len(text):,} characters long; at most {MAX_LENGTH:,} are accepted: shorten "
+            "it (e.g. \"col in ['a', 'b']\" instead of many ors)"
+        )
     names: dict[str, str] = {}
 
     def quote(m: re.Match[str]) -> str:
@@ -148,10 +159,48 @@ def evaluate_predicate(frame: pd.DataFrame, predicate: str) -> np.ndarray:
         return key
 
     source = _BACKTICK.sub(quote, text)
+    tree = _parse(source, text)
+    frame = frame.reset_index(drop=True)
+    try:
+        mask = _Evaluator(frame, text, names).mask(tree.body)
+    except (RecursionError, MemoryError):
+        raise _too_deep(text) from None
+    return mask.to_numpy(dtype=bool)
+
+
+def _parse(source: str, text: str) -> ast.Expression:
+    """``source`` parsed as one expression, at most :data:`MAX_DEPTH` deep; InputError otherwise."""
     try:
         tree = ast.parse(source, mode="eval")
     except SyntaxError as exc:
-        raise InputError(f"predicate {text!r} is not a valid expression: {exc.msg}") from exc
-    frame = frame.reset_index(drop=True)
-    mask = _Evaluator(frame, text, names).mask(tree.body)
-    return mask.to_numpy(dtype=bool)
+        raise InputError(f"predicate {_shown(text)} is not a valid expression: {exc.msg}") from exc
+    except (RecursionError, MemoryError):
+        raise _too_deep(text) from None
+    if _depth(tree) > MAX_DEPTH:
+        raise _too_deep(text)
+    return tree
+
+
+def _depth(tree: ast.AST) -> int:
+    """Nesting depth of ``tree`` (walked iteratively, stopping once past :data:`MAX_DEPTH`)."""
+    deepest = 0
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > MAX_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
+
+
+def _too_deep(text: str) -> InputError:
+    return InputError(
+        f"predicate {_shown(text)} is nested more than {MAX_DEPTH} levels deep; flatten it, e.g. "
+        "\"cell_type in ['a', 'b'] and donor_id == 'd1'\""
+    )
+
+
+def _shown(text: str, limit: int = 200) -> str:
+    """``text`` quoted for a message, cut to ``limit`` characters."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
