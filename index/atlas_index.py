@@ -10,14 +10,22 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from atlas.errors import EmbedderMismatchError, IndexFormatError, InputError
+from atlas.errors import EmbedderMismatchError, IndexFormatError, InputError, StoreError
 from index._faiss import faiss_module
 from index.device import faiss_gpu_count, resolve_device, set_faiss_threads
 from index.manifest import CELLS_DB_FILE, EMBEDDER_DIR, SHARDS_DIR, TRAINED_FILE, IndexManifest, read_manifest
 from index.metadata import cells_frame, connect, where_ids
 from index.searcher import QUERY_BATCH, ShardSearcher
-from index.shard import verify_shard
+from index.shard import check_shard_ids, damaged_hint, verify_shard
 from index.vectors import check_queries, l2_normalize
+from index.verify import (
+    check_big_file,
+    check_files,
+    check_small_files,
+    note_once,
+    read_bytes_total,
+    verify_on_read_limit,
+)
 
 if TYPE_CHECKING:
     from atlas.chunks import CellChunk
@@ -49,13 +57,61 @@ def id_bitmap_selector(ids: np.ndarray, id_max: int) -> tuple[Any, np.ndarray]:
     return faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap)), bitmap
 
 
+def _checksum_on_read(path: Path, manifest: IndexManifest) -> bool:
+    """Whether the index is small enough to checksum its big files on first read (logged once when not)."""
+    limit, total = verify_on_read_limit(), read_bytes_total(manifest)
+    if limit and total <= limit:
+        return True
+    note_once(
+        "no-checksum-on-read", path, logging.INFO,
+        "index %s: its %.1f GiB of shards and databases are not checksummed when read (over the %.1f GiB of "
+        "$SCATLAS_VERIFY_ON_READ_MAX_BYTES%s); run `scatlas verify --index %s` after copying or restoring it",
+        path, total / 2**30, limit / 2**30, ", 0 = never" if not limit else "", path,
+    )
+    return False
+
+
+def _check_files(path: Path, manifest: IndexManifest, *, verify: bool, on_read: bool) -> None:
+    """Sizes of ``trained.faiss`` and ``cells.duckdb`` (their checksums too with ``verify``; ``trained.faiss``'s
+    with ``on_read``), and the sizes and checksums of the small files."""
+    big = {TRAINED_FILE: manifest.trained, CELLS_DB_FILE: manifest.cells_db}
+    check_files(path, big, fix=damaged_hint(path), checksum=False)
+    check_small_files(path, manifest)
+    if on_read:
+        check_big_file(path, TRAINED_FILE, manifest.trained, cached=not verify)
+    if verify:
+        check_big_file(path, CELLS_DB_FILE, manifest.cells_db, cached=False)
+
+
+_EMBEDDER_LOAD_ERRORS = (StoreError, OSError, ValueError, KeyError, TypeError, EOFError)
+
+
+def _load_embedder(edir: Path) -> Embedder:
+    """The embedder saved in ``edir``, with any failure to read it as IndexFormatError."""
+    import zipfile
+    import zlib
+
+    from atlas.embed import load_embedder
+
+    try:
+        emb: Embedder = load_embedder(edir)
+    except (*_EMBEDDER_LOAD_ERRORS, zipfile.BadZipFile, zlib.error) as exc:
+        raise IndexFormatError(
+            f"the index's embedder in {edir} cannot be loaded ({exc}); {damaged_hint(edir.parent)}"
+        ) from exc
+    return emb
+
+
 class AtlasIndex:
     """A read-only view of an index directory. Use :meth:`open`."""
 
-    def __init__(self, path: Path, manifest: IndexManifest, searcher: ShardSearcher) -> None:
+    def __init__(
+        self, path: Path, manifest: IndexManifest, searcher: ShardSearcher, *, verify_on_read: bool = False
+    ) -> None:
         self.path = path
         self._manifest = manifest
         self._searcher = searcher
+        self._verify_on_read = verify_on_read
         self._embedder: Embedder | None = None
         self._con: Any = None
         self._heads: dict[str, LabelHead] | None = None
@@ -71,34 +127,37 @@ class AtlasIndex:
     ) -> AtlasIndex:
         """Open and validate an index directory.
 
-        Checks the manifest (present, known format) and that every listed file exists with its recorded size;
-        ``verify=True`` also checks SHA-256 checksums (reads everything). ``threads``: FAISS threads (default
-        ``$SCATLAS_THREADS`` or all cores). ``mmap``: memory-map shard indexes instead of loading them.
-        ``device``: ``cpu`` (default), ``cuda`` (every GPU FAISS sees: the coarse quantizer replicated on each,
-        flat shards spread across them; DependencyError without one) or ``auto``.
+        Checks the manifest (present, known format), that every listed file exists with its recorded size, the
+        SHA-256 of the small files (``build.json``, ``embedder/*``) and each shard's id count and range. When the
+        big files total at most :func:`index.verify.verify_on_read_limit` bytes (2 GiB), ``trained.faiss`` is
+        checksummed here, each shard before its first use and ``cells.duckdb`` before the first metadata query.
+        ``verify=True`` checks every checksum now (reads everything). Damage raises IndexFormatError.
+        ``threads``: FAISS threads (default ``$SCATLAS_THREADS`` or all cores). ``mmap``: memory-map shard indexes
+        instead of loading them. ``device``: ``cpu`` (default), ``cuda`` (every GPU FAISS sees: the coarse
+        quantizer replicated on each, flat shards spread across them; DependencyError without one) or ``auto``.
         """
         faiss = faiss_module()
 
         path = Path(path)
         manifest = read_manifest(path)
-        for name, rec in ((TRAINED_FILE, manifest.trained), (CELLS_DB_FILE, manifest.cells_db)):
-            f = path / name
-            if not f.is_file() or f.stat().st_size != rec.bytes:
-                raise IndexFormatError(f"{f} is missing or does not have the size the manifest records; rebuild")
+        on_read = verify or _checksum_on_read(path, manifest)
+        _check_files(path, manifest, verify=verify, on_read=on_read)
         shards = []
         for shard in manifest.shards:
             sdir = path / SHARDS_DIR / shard.dirname
-            verify_shard(sdir, shard, checksums=verify)
+            verify_shard(sdir, shard, checksums=verify, cached=False)
+            check_shard_ids(sdir, shard)
             shards.append((shard, sdir))
         set_faiss_threads(threads)
         try:
             trained = faiss.read_index(str(path / TRAINED_FILE))
         except RuntimeError as exc:
-            raise IndexFormatError(f"{path / TRAINED_FILE} is unreadable ({exc}); rebuild the index") from exc
+            raise IndexFormatError(f"{path / TRAINED_FILE} is unreadable ({exc}); {damaged_hint(path)}") from exc
         if trained.d != manifest.dim:
             raise IndexFormatError(f"{path / TRAINED_FILE} is {trained.d}-d, the manifest says {manifest.dim}")
         gpus = faiss_gpu_count() if resolve_device(device) == "cuda" else 0
-        return cls(path, manifest, ShardSearcher(trained, shards, mmap=mmap, gpus=gpus))
+        searcher = ShardSearcher(trained, shards, mmap=mmap, gpus=gpus, verify_on_read=on_read)
+        return cls(path, manifest, searcher, verify_on_read=on_read)
 
     # -- properties -----------------------------------------------------------------------------------------
     @property
@@ -117,8 +176,6 @@ class AtlasIndex:
     def embedder(self) -> Embedder:
         """The index's own embedder (loaded on first use; its fingerprint must match the manifest)."""
         if self._embedder is None:
-            from atlas.embed import load_embedder
-
             info = self._manifest.embedder
             edir = self.path / EMBEDDER_DIR
             if not (edir / "embedder.json").is_file():
@@ -126,7 +183,7 @@ class AtlasIndex:
                     f"the index at {self.path} was built from precomputed vectors without an embedder "
                     f"({info.name!r}); embed queries yourself and pass vectors to search()"
                 )
-            emb = load_embedder(edir)
+            emb = _load_embedder(edir)
             if emb.fingerprint() != info.fingerprint:
                 raise EmbedderMismatchError(
                     f"the embedder in {edir} has fingerprint {emb.fingerprint()} but the index was built with "
@@ -141,7 +198,10 @@ class AtlasIndex:
         if self._heads is None:
             from index.label_heads import load_label_heads
 
-            self._heads = load_label_heads(self.path, embedder_fingerprint=self._manifest.embedder.fingerprint)
+            self._heads = load_label_heads(
+                self.path, embedder_fingerprint=self._manifest.embedder.fingerprint,
+                recorded=self._manifest.heads_files,
+            )
         return self._heads
 
     def embed(self, chunk: CellChunk) -> np.ndarray:
@@ -202,6 +262,8 @@ class AtlasIndex:
     def connect(self) -> Any:
         """A read-only DuckDB connection to the index's ``cells.duckdb`` (shared by this object)."""
         if self._con is None:
+            if self._verify_on_read:
+                check_big_file(self.path, CELLS_DB_FILE, self._manifest.cells_db)
             self._con = connect(self.path / CELLS_DB_FILE)
         return self._con
 

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from atlas.errors import DependencyError, IndexFormatError, InputError, TaskError
+from atlas.outputs import INDEX, check_output_dir, claim_output_dir, writing
 from index._faiss import faiss_module
 from index.device import Device, faiss_gpu_count, resolve_device, set_faiss_threads
 from index.evaluate import TARGET_RECALL, calibrate, tune_and_measure
@@ -51,6 +53,7 @@ from index.searcher import ShardSearcher
 from index.shard import clean_tmp, file_record, read_done, verify_shard, write_shard
 from index.source import ShardSpec, VectorSource
 from index.vectors import as_stored
+from index.verify import small_file_records
 
 if TYPE_CHECKING:
     from atlas.embed.base import Embedder
@@ -108,18 +111,15 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def _prepare_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out} exists and is not a directory; choose another index directory")
-    if overwrite and out.exists() and any(out.iterdir()):
-        if not ((out / BUILD_FILE).exists() or (out / MANIFEST_FILE).exists()):
-            raise InputError(
-                f"{out} is not empty and is not a scatlas index; refusing to delete it with overwrite: "
-                "choose another directory"
-            )
-        logger.info("overwrite: removing the existing index at %s", out)
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+def _prepare_dir(out: Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> None:
+    """Create ``out``, or accept it empty or holding an index (removed first with ``overwrite``); refuse anything
+    else, and an ``out`` that is, holds or lies inside one of ``inputs`` (:class:`~atlas.outputs.OutputError`)."""
+    check_output_dir(out, INDEX, inputs=inputs, replace=overwrite)
+    with writing(out):
+        if overwrite and out.exists() and any(out.iterdir()):
+            logger.info("overwrite: removing the existing index at %s", out)
+            shutil.rmtree(out)
+    claim_output_dir(out, INDEX)
 
 
 def _clean_partials(out: Path) -> None:
@@ -468,6 +468,7 @@ def build_from_source(
         },
         recall=recall,
         calibration=calibration,
+        files=small_file_records(out),  # build.json, embedder/*: checked at every open
     )
     manifest.write(out)
     logger.info(

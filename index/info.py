@@ -8,6 +8,8 @@ from typing import Any
 
 from atlas.errors import IndexFormatError
 from index.atlas_index import AtlasIndex
+from index.manifest import IndexManifest
+from index.verify import read_bytes_total, verify_on_read_limit
 
 
 def directory_bytes(path: Path) -> int:
@@ -24,7 +26,7 @@ def directory_bytes(path: Path) -> int:
 def index_info(path: str | Path) -> dict[str, Any]:
     """Cells, shards, dim, embedder, factory, measured recall, size on disk, bytes per cell, build seconds, and
     the label heads (column -> classes, training cells, features; ``label_heads_error`` says why stored heads
-    cannot be used, e.g. trained for another build)."""
+    cannot be used, e.g. trained for another build), and what the manifest's checksums cover (``integrity``)."""
     path = Path(path)
     idx = AtlasIndex.open(path)
     m = idx.manifest
@@ -61,4 +63,16 @@ def index_info(path: str | Path) -> dict[str, Any]:
         "device": m.build.get("device"),
         "label_heads": heads,
         "label_heads_error": heads_error,
+        "integrity": integrity(m),
+    }
+
+
+def integrity(m: IndexManifest) -> dict[str, Any]:
+    """What the manifest's checksums cover and when they are checked (see :mod:`index.verify`)."""
+    limit = verify_on_read_limit()
+    return {
+        "small_files_recorded": m.files is not None,
+        "heads_recorded": m.heads_files is not None,
+        "checksum_on_read": bool(limit) and read_bytes_total(m) <= limit,
+        "checksum_on_read_max_bytes": limit,
     }

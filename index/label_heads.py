@@ -25,6 +25,8 @@ import logging
 import os
 import shutil
 import time
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,10 +36,13 @@ import numpy as np
 import scipy.sparse as sp
 
 from atlas.errors import IndexFormatError, InputError
-from index.manifest import MANIFEST_FILE, manifest_digest
-from index.metadata import columns_of, quote_ident
+from atlas.sql import quote_ident
+from index.manifest import MANIFEST_FILE, FileRecord, manifest_digest, read_manifest, record_heads_files
+from index.metadata import columns_of
+from index.shard import file_record
 from index.softmax import SoftmaxModel, fit_softmax
 from index.vectors import as_stored
+from index.verify import check_files
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +66,13 @@ AUTO_MAX_LABELS = 1_000
 """``label_keys="auto"`` trains heads for the text columns with 2 to this many distinct values."""
 NOT_LABELS = frozenset({"soma_joinid", DATASET_COLUMN, "source_dataset_id"})
 """The cell id and provenance: the store's dataset and the input's own dataset_id (renamed at ingest)."""
+NPZ_ERRORS = (KeyError, OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile, zlib.error)
+"""What reading a damaged ``.npz`` raises (a bad zip, a bad CRC, a truncated member, a bad array header)."""
+RETRAIN_HINT = (
+    "retrain the label heads with `scatlas build --atlas ATLAS --index {index} --label-key KEY` (the index's own "
+    "build arguments: on a built index this only trains the heads) or rebuild the index; "
+    "`scatlas verify --index {index}` lists every damaged file"
+)
 
 
 @dataclass(frozen=True)
@@ -261,9 +273,14 @@ def train_label_heads(
             old = json.loads(existing.read_text())
         except ValueError:
             old = {}
+        old = old if isinstance(old, dict) else {}
         complete = not old.get("gene_features") or "training_sample" in old  # heads from before the sample was kept
-        if old.get("manifest_sha256") == digest and old.get("config") == _config_json(config) and complete:
+        if (
+            old.get("manifest_sha256") == digest and old.get("config") == _config_json(config) and complete
+            and _recorded_heads_intact(index_dir)
+        ):
             logger.info("label heads for %s are already trained for this index", ", ".join(keys))
+            _record_heads(index_dir)
             return dict(old)
     t0 = time.perf_counter()
     own_store = isinstance(atlas, (str, Path))
@@ -298,7 +315,28 @@ def train_label_heads(
         os.replace(final, old_dir)
     os.replace(tmp, final)
     shutil.rmtree(old_dir, ignore_errors=True)
+    _record_heads(index_dir)
     return payload
+
+
+def _record_heads(index_dir: Path) -> None:
+    """Record the size and SHA-256 of every file in ``heads/`` in the index manifest."""
+    heads = index_dir / HEADS_DIR
+    records = {
+        p.relative_to(index_dir).as_posix(): file_record(p) for p in sorted(heads.rglob("*")) if p.is_file()
+    }
+    record_heads_files(index_dir, records)
+
+
+def _recorded_heads_intact(index_dir: Path) -> bool:
+    """False (logged) when the manifest records heads files that are missing or damaged: they are retrained."""
+    recorded = read_manifest(index_dir).heads_files
+    try:
+        check_files(index_dir, recorded or {}, fix="retraining them")
+    except IndexFormatError as exc:
+        logger.warning("%s", exc)
+        return False
+    return True
 
 
 def _fit_and_write(
@@ -379,8 +417,11 @@ def load_training_sample(directory: str | Path) -> sp.csr_matrix | None:
             return sp.csr_matrix(
                 (z["data"].astype(np.float32), z["indices"].astype(np.int32), z["indptr"]), shape=shape
             )
-    except (KeyError, OSError, ValueError) as exc:
-        raise IndexFormatError(f"the label heads' training sample {path} is unreadable ({exc}); retrain them") from exc
+    except NPZ_ERRORS as exc:
+        raise IndexFormatError(
+            f"the label heads' training sample {path} is unreadable ({exc}); "
+            + RETRAIN_HINT.format(index=path.parent.parent)
+        ) from exc
 
 
 def refit_for_genes(
@@ -463,20 +504,26 @@ def _config_json(config: HeadsConfig) -> dict[str, Any]:
     return d
 
 
-def load_label_heads(index_dir: str | Path, *, embedder_fingerprint: str) -> dict[str, LabelHead]:
+def load_label_heads(
+    index_dir: str | Path, *, embedder_fingerprint: str, recorded: dict[str, FileRecord] | None = None
+) -> dict[str, LabelHead]:
     """The label heads stored with an index (``{}`` when it has none).
 
-    IndexFormatError when they belong to another build of the index (its manifest changed) or are unreadable;
-    EmbedderMismatchError-like refusal (IndexFormatError) when their embedder fingerprint differs.
+    ``recorded``: the manifest's records of the heads' files (``IndexManifest.heads_files``); when given, every one
+    must be present with its size and SHA-256 (a deleted or damaged ``heads/`` is an error, not "no heads").
+    IndexFormatError when they are damaged, belong to another build of the index (its manifest changed), or were
+    trained with another embedder.
     """
     index_dir = Path(index_dir)
     path = index_dir / HEADS_DIR / HEADS_FILE
+    hint = RETRAIN_HINT.format(index=index_dir)
+    if recorded:
+        if not path.parent.is_dir():
+            raise IndexFormatError(f"{path.parent} is missing but the index manifest records label heads there; {hint}")
+        check_files(index_dir, recorded, fix=f"the manifest records label heads that cannot be used: {hint}")
     if not path.is_file():
         return {}
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as exc:
-        raise IndexFormatError(f"{path} is unreadable ({exc}); retrain the heads (`scatlas build --atlas ATLAS --index INDEX --label-key KEY`)") from exc
+    meta = _read_heads_json(path, hint)
     if meta.get("format") != HEADS_FORMAT:
         raise IndexFormatError(f"{path} has format {meta.get('format')!r}; this scatlas reads {HEADS_FORMAT}")
     if meta.get("manifest_sha256") != manifest_digest(index_dir):
@@ -491,17 +538,31 @@ def load_label_heads(index_dir: str | Path, *, embedder_fingerprint: str) -> dic
             f"index uses {embedder_fingerprint}; retrain them"
         )
     heads: dict[str, LabelHead] = {}
-    for key, entry in meta.get("heads", {}).items():
+    for key, entry in dict(meta.get("heads") or {}).items():
         try:
-            with np.load(path.parent / entry["file"], allow_pickle=False) as npz:
-                models = {
-                    f: SoftmaxModel(npz[f"{f}_weights"], npz[f"{f}_bias"], int(entry["iterations"][f]), float("nan"))
-                    for f in entry["features"]
-                }
-        except (KeyError, OSError, ValueError) as exc:
-            raise IndexFormatError(f"the label head {key!r} in {path.parent} is unreadable ({exc}); retrain it") from exc
-        heads[key] = LabelHead(
-            key=key, classes=list(entry["classes"]), models=models, record=entry, config=dict(meta.get("config", {})),
-            directory=path.parent,
-        )
+            heads[key] = _load_head(path.parent, key, entry, dict(meta.get("config") or {}))
+        except (*NPZ_ERRORS, AttributeError) as exc:
+            raise IndexFormatError(f"the label head {key!r} in {path.parent} is unreadable ({exc}); {hint}") from exc
     return heads
+
+
+def _read_heads_json(path: Path, hint: str) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise IndexFormatError(f"{path} is unreadable ({exc}); {hint}") from exc
+    if not isinstance(meta, dict):
+        raise IndexFormatError(f"{path} does not hold a JSON object; {hint}")
+    return meta
+
+
+def _load_head(directory: Path, key: str, entry: dict[str, Any], config: dict[str, Any]) -> LabelHead:
+    """One label column's heads from its ``.npz`` (raises what a damaged file or entry raises)."""
+    with np.load(directory / entry["file"], allow_pickle=False) as npz:
+        models = {
+            f: SoftmaxModel(npz[f"{f}_weights"], npz[f"{f}_bias"], int(entry["iterations"][f]), float("nan"))
+            for f in entry["features"]
+        }
+    return LabelHead(
+        key=key, classes=list(entry["classes"]), models=models, record=entry, config=config, directory=directory
+    )

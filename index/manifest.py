@@ -3,18 +3,26 @@
 An index directory is valid only when ``manifest.json`` exists, parses, has a known format version and lists
 shards whose files are present with the recorded sizes. ``build.json`` records the arguments of a build so that a
 rerun resumes only when it would produce the same index.
+
+Integrity records: every file the index reads has a :class:`FileRecord` (size, SHA-256): the shards' files,
+``trained.faiss`` and ``cells.duckdb``; ``files`` covers the small files (``build.json``, ``embedder/*``) and
+``heads_files`` the label heads (``heads/*``), recorded when they are trained after the build. Manifests written
+before ``files`` existed have ``files = None``: their small files are not covered (see :mod:`index.verify`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from atlas.atomic import write_json_atomic
 from atlas.errors import IndexFormatError
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
@@ -31,6 +39,8 @@ SHARD_INDEX_FILE = "index.faiss"
 SHARD_IDS_FILE = "ids.npy"
 SHARD_VECTORS_FILE = "vectors.f16.npy"
 SHARD_FILES = (SHARD_INDEX_FILE, SHARD_IDS_FILE, SHARD_VECTORS_FILE)
+FILES_KEY = "files"
+HEADS_FILES_KEY = "heads_files"
 
 METRIC = "inner_product"
 CALIBRATION_QUANTILES = (0.001, 0.002, 0.005, 0.01, 0.05, 0.10, 0.25, 0.50)
@@ -46,6 +56,17 @@ class FileRecord:
 
     bytes: int
     sha256: str
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FileRecord:
+        return cls(bytes=int(d["bytes"]), sha256=str(d["sha256"]))
+
+
+def _file_records(d: Any) -> dict[str, FileRecord] | None:
+    """``{relative path: FileRecord}`` from its JSON form; None when absent."""
+    if d is None:
+        return None
+    return {str(name): FileRecord.from_dict(rec) for name, rec in dict(d).items()}
 
 
 @dataclass(frozen=True)
@@ -64,7 +85,7 @@ class ShardRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ShardRecord:
-        files = {name: FileRecord(**rec) for name, rec in d["files"].items()}
+        files = {name: FileRecord.from_dict(rec) for name, rec in d["files"].items()}
         return cls(no=int(d["no"]), n=int(d["n"]), id_min=int(d["id_min"]), id_max=int(d["id_max"]), files=files)
 
 
@@ -148,6 +169,15 @@ class IndexManifest:
     build: dict[str, Any]
     recall: RecallReport
     calibration: Calibration
+    files: dict[str, FileRecord] | None = None  # build.json, embedder/*; None in manifests older than these records
+    heads_files: dict[str, FileRecord] | None = field(default=None, compare=False)
+    """heads/*, recorded after the heads are trained (None: none recorded). Not part of the build's identity: it is
+    left out of equality and of :func:`manifest_digest`, like the heads themselves."""
+
+    @property
+    def shard_bytes(self) -> int:
+        """Total size of the shards' files."""
+        return sum(rec.bytes for shard in self.shards for rec in shard.files.values())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,12 +199,14 @@ class IndexManifest:
             dim=int(d["dim"]),
             n_cells=int(d["n_cells"]),
             shards=[ShardRecord.from_dict(s) for s in d["shards"]],
-            trained=FileRecord(**d["trained"]),
-            cells_db=FileRecord(**d["cells_db"]),
+            trained=FileRecord.from_dict(d["trained"]),
+            cells_db=FileRecord.from_dict(d["cells_db"]),
             versions=dict(d["versions"]),
             build=dict(d["build"]),
             recall=RecallReport(**d["recall"]),
             calibration=Calibration(**d["calibration"]),
+            files=_file_records(d.get(FILES_KEY)),
+            heads_files=_file_records(d.get(HEADS_FILES_KEY)),
         )
 
     def write(self, directory: str | Path) -> Path:
@@ -182,8 +214,45 @@ class IndexManifest:
 
 
 def manifest_digest(directory: str | Path) -> str:
-    """A short id of one build of the index at ``directory``: SHA-256 of its manifest.json (first 16 hex digits)."""
-    return hashlib.sha256((Path(directory) / MANIFEST_FILE).read_bytes()).hexdigest()[:16]
+    """A short id of one build of the index at ``directory`` (first 16 hex digits of a SHA-256).
+
+    Manifests with integrity records (``files``): the SHA-256 of the manifest without ``heads_files`` in canonical
+    JSON, so that recording the label heads (trained after the build, and bound to this digest) leaves it unchanged.
+    Older manifests: the SHA-256 of the file's bytes, as before.
+    """
+    data = (Path(directory) / MANIFEST_FILE).read_bytes()
+    try:
+        raw = json.loads(data)
+    except ValueError:
+        raw = None
+    if isinstance(raw, dict) and raw.get(FILES_KEY) is not None:
+        raw.pop(HEADS_FILES_KEY, None)
+        data = json.dumps(raw, indent=2, sort_keys=True, default=str).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def record_heads_files(directory: str | Path, records: dict[str, FileRecord]) -> bool:
+    """Record the label heads' files in the manifest (``heads_files``); the build's digest is unchanged.
+
+    Returns False (logged) for manifests from before integrity records, which are left as they are.
+    """
+    path = Path(directory) / MANIFEST_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise IndexFormatError(f"{path} is unreadable ({exc}); rebuild the index") from exc
+    if not isinstance(raw, dict) or raw.get(FILES_KEY) is None:
+        logger.warning(
+            "the manifest of %s predates integrity records: the label heads are not recorded in it and a damaged "
+            "or deleted heads/ cannot be told from an index without heads; rebuild the index to cover them",
+            directory,
+        )
+        return False
+    payload = {name: {"bytes": rec.bytes, "sha256": rec.sha256} for name, rec in sorted(records.items())}
+    if raw.get(HEADS_FILES_KEY) != payload:
+        raw[HEADS_FILES_KEY] = payload
+        write_json_atomic(path, raw)
+    return True
 
 
 def read_manifest(directory: str | Path) -> IndexManifest:

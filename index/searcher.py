@@ -20,6 +20,7 @@ from atlas.errors import IndexFormatError
 from index._faiss import faiss_module
 from index.factory import apply_chain, gpu_replicas, is_exact, ivf_of, to_gpu
 from index.manifest import SHARD_IDS_FILE, SHARD_INDEX_FILE, SHARD_VECTORS_FILE, ShardRecord
+from index.shard import verify_shard
 from index.vectors import float16_to_float32
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class _Shard:
     ids: np.ndarray | None = None
     vectors: np.ndarray | None = None
     gpu_index: Any = None
+    verified: bool = False
 
 
 class _Merge:
@@ -68,10 +70,15 @@ class _Merge:
 
 
 class ShardSearcher:
-    """Top-k inner-product search over shards (``records`` with their directories) cloned from ``trained``."""
+    """Top-k inner-product search over shards (``records`` with their directories) cloned from ``trained``.
+
+    ``verify_on_read``: check a shard's SHA-256 checksums before its ids, vectors or FAISS index are first used
+    (once per shard: the check sits where the files are opened, not in the search loops).
+    """
 
     def __init__(
-        self, trained: Any, shards: list[tuple[ShardRecord, Path]], *, mmap: bool = False, gpus: int = 0
+        self, trained: Any, shards: list[tuple[ShardRecord, Path]], *, mmap: bool = False, gpus: int = 0,
+        verify_on_read: bool = False,
     ) -> None:
         self.trained = trained
         self.exact = is_exact(trained)
@@ -81,6 +88,7 @@ class ShardSearcher:
         self._mmap = mmap
         self.dim = int(trained.d)
         self.gpus = int(gpus)
+        self.verify_on_read = bool(verify_on_read)
         self._coarse: Any = self._ivf.quantizer if self._ivf is not None else None
         if self.gpus and self._ivf is not None:
             # the coarse quantizer, shared by every shard, replicated on every GPU (IndexReplicas splits queries)
@@ -99,8 +107,15 @@ class ShardSearcher:
         return max((s.record.id_max for s in self._shards), default=-1)
 
     # -- loading -------------------------------------------------------------------------------------------
+    def _verify(self, shard: _Shard) -> None:
+        """The shard's checksums, before its files are first used (IndexFormatError when they do not match)."""
+        if self.verify_on_read and not shard.verified:
+            verify_shard(shard.directory, shard.record, checksums=True)
+            shard.verified = True
+
     def _data(self, shard: _Shard) -> tuple[np.ndarray, np.ndarray]:
         if shard.ids is None or shard.vectors is None:
+            self._verify(shard)
             try:
                 shard.ids = np.load(shard.directory / SHARD_IDS_FILE, mmap_mode="r")
                 shard.vectors = np.load(shard.directory / SHARD_VECTORS_FILE, mmap_mode="r")
@@ -112,6 +127,7 @@ class ShardSearcher:
         faiss = faiss_module()
 
         if shard.index is None:
+            self._verify(shard)
             path = shard.directory / SHARD_INDEX_FILE
             flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if self._mmap else 0
             try:

@@ -41,12 +41,45 @@ logger = logging.getLogger(__name__)
 TMP_PREFIX = ".tmp-"
 
 
-def sha256_file(path: Path, bufsize: int = 8 << 20) -> str:
+def sha256_file(path: Path, bufsize: int = 8 << 20, on_bytes: Callable[[int], None] | None = None) -> str:
+    """Hex SHA-256 of a file; ``on_bytes(n)`` is called after each block read (progress bars)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(bufsize):
             h.update(block)
+            if on_bytes is not None:
+                on_bytes(len(block))
     return h.hexdigest()
+
+
+_CHECKSUMMED: set[tuple[str, int, int, int, int, str]] = set()
+"""Files whose SHA-256 matched in this process, by (real path, inode, size, mtime, ctime, digest): a file is hashed
+once per process however often an index is reopened (a rewrite changes its mtime and ctime)."""
+
+
+def _file_key(path: Path, sha256: str) -> tuple[str, int, int, int, int, str]:
+    st = path.stat()
+    return str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, sha256
+
+
+def checksum_matches(path: Path, rec: FileRecord, *, cached: bool = True) -> bool:
+    """Whether ``path`` has the recorded SHA-256 (remembered for this process once it has; ``cached=False``
+    hashes it again all the same)."""
+    key = _file_key(path, rec.sha256)
+    if cached and key in _CHECKSUMMED:
+        return True
+    if sha256_file(path) != rec.sha256:
+        return False
+    _CHECKSUMMED.add(key)
+    return True
+
+
+def damaged_hint(index_dir: Path | str) -> str:
+    """What to do about a damaged index (the end of every integrity error)."""
+    return (
+        "the index is damaged or was modified: rebuild it (`scatlas build ... --overwrite`); "
+        f"`scatlas verify --index {index_dir}` lists every damaged file"
+    )
 
 
 def file_record(path: Path) -> FileRecord:
@@ -202,20 +235,50 @@ def read_done(shard_dir: Path) -> ShardRecord:
         raise IndexFormatError(f"shard {shard_dir} has no readable {DONE_FILE} ({exc}); rebuild the index") from exc
 
 
-def verify_shard(shard_dir: Path, expected: ShardRecord, *, checksums: bool) -> None:
-    """Raise IndexFormatError unless every file of the shard exists with the expected size (and checksum)."""
+def verify_shard(shard_dir: Path, expected: ShardRecord, *, checksums: bool, cached: bool = True) -> None:
+    """Raise IndexFormatError unless every file of the shard exists with the expected size (and checksum;
+    ``cached=False``: hashed even when this process has checked the same file before)."""
+    hint = damaged_hint(shard_dir.parent.parent)
     for name, rec in expected.files.items():
         path = shard_dir / name
         if not path.is_file():
-            raise IndexFormatError(f"shard file {path} is missing; the index is damaged: rebuild it")
+            raise IndexFormatError(f"shard file {path} is missing; {hint}")
         size = path.stat().st_size
         if size != rec.bytes:
-            raise IndexFormatError(
-                f"shard file {path} has {size} bytes where the manifest records {rec.bytes}; the index is damaged "
-                "or was modified: rebuild it"
-            )
-        if checksums and sha256_file(path) != rec.sha256:
-            raise IndexFormatError(f"shard file {path} fails its SHA-256 check; the index is damaged: rebuild it")
+            raise IndexFormatError(f"shard file {path} has {size} bytes where the manifest records {rec.bytes}; {hint}")
+        if checksums and not checksum_matches(path, rec, cached=cached):
+            raise IndexFormatError(f"shard file {path} fails its SHA-256 check; {hint}")
+
+
+def shard_ids_problem(shard_dir: Path, expected: ShardRecord) -> str | None:
+    """What is wrong with the shard's ids file against the manifest's count and id range (its header, first and
+    last id: a few bytes read), or None. Catches a shard directory copied or moved over another."""
+    path = shard_dir / SHARD_IDS_FILE
+    try:
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        return f"cannot read {path} ({exc})"
+    try:
+        if ids.ndim != 1 or ids.dtype != np.int64:
+            return f"{path} holds {ids.dtype} ids of shape {ids.shape}, not {expected.n} int64 ids"
+        n = len(ids)
+        first, last = (int(ids[0]), int(ids[-1])) if n else (None, None)
+    finally:
+        del ids
+    if (n, first, last) != (expected.n, expected.id_min, expected.id_max):
+        return (
+            f"{path} holds {n} ids from {first} to {last} where the manifest records shard {expected.no} as "
+            f"{expected.n} ids from {expected.id_min} to {expected.id_max} (a shard directory copied or moved over "
+            "another?)"
+        )
+    return None
+
+
+def check_shard_ids(shard_dir: Path, expected: ShardRecord) -> None:
+    """IndexFormatError when the shard's ids do not match the manifest's count and id range (:func:`shard_ids_problem`)."""
+    problem = shard_ids_problem(shard_dir, expected)
+    if problem is not None:
+        raise IndexFormatError(f"{problem}; {damaged_hint(shard_dir.parent.parent)}")
 
 
 def clean_tmp(shards_dir: Path) -> None:

@@ -329,10 +329,15 @@ def run(n, d, factory, shard_size, queries, clusters, threads, work, methods, ef
         i = argv.index("--json-out")
         argv = argv[:i] + argv[i + 2:]
     cmd = "nice .venv/bin/python scripts/bench_index.py run " + " ".join(argv)
+    from index.verify import verify_on_read_limit
+
     record = {"n": n, "d": d, "factory": factory, "queries": queries, "clusters": clusters, "threads": threads,
               "command": cmd.strip(), "load_at_start": round(load, 2),
               "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}",
-              "date": time.strftime("%Y-%m-%d %H:%M"), "results": results}
+              "date": time.strftime("%Y-%m-%d %H:%M"), "results": results,
+              # shards are SHA-256 checked once, on first read in a process, up to this many bytes (outside the
+              # timed rounds, which follow warm-up searches)
+              "verify_on_read_max_bytes": verify_on_read_limit()}
     payload = json.dumps(record, indent=2)
     print(payload)
     if json_out:

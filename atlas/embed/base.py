@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +22,9 @@ from atlas.chunks import CellChunk
 from atlas.genes import GeneMatch, GeneVocabulary
 
 EMBEDDER_FILE = "embedder.json"
+NPZ_LOAD_ERRORS = (KeyError, OSError, ValueError, TypeError, IndexError, EOFError, zipfile.BadZipFile, zlib.error)
+"""What reading a damaged ``.npz`` artefact raises (a bad zip, a bad CRC, a truncated member, a bad array header,
+a missing or malformed array); loaders turn these into :class:`~atlas.errors.StoreError`."""
 
 
 class Embedder(ABC):

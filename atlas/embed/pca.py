@@ -50,7 +50,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from atlas.chunks import CellChunk
-from atlas.embed.base import Embedder
+from atlas.embed.base import NPZ_LOAD_ERRORS, Embedder
 from atlas.errors import InputError, StoreError
 from atlas.genes import GeneMatch, GeneVocabulary, match_genes
 from atlas.normalize import to_lognorm
@@ -622,6 +622,8 @@ class PCAEmbedder(Embedder):
         try:
             with np.load(path, allow_pickle=False) as npz:
                 emb.model = PCAModel.from_arrays({k: npz[k] for k in npz.files})
-        except (KeyError, ValueError, OSError) as exc:
-            raise StoreError(f"cannot read the PCA artefact {path} ({exc}); rebuild the index") from exc
+        except NPZ_LOAD_ERRORS as exc:
+            raise StoreError(
+                f"cannot read the PCA artefact {path} ({type(exc).__name__}: {exc}): it is damaged; rebuild the index"
+            ) from exc
         return emb
