@@ -19,6 +19,15 @@ class DatasetExistsError(InputError):
     """A dataset id is already in the atlas store."""
 
 
+class OutputError(InputError):
+    """An output path is refused (it holds something else, or it is an input), or writing to it failed."""
+
+
+class OutputWriteError(OutputError, OSError):
+    """Writing an output failed (disk full, read-only file system, permissions); an OSError too, for callers that
+    catch those. Its text says what failed and what to do."""
+
+
 class GeneOverlapError(InputError):
     """Too few of the query's genes are known to the index or embedder."""
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from atlas.digest import XDigest, canonical
 from atlas.errors import DatasetExistsError, InputError, StoreError
 from atlas.genes import GeneVocabulary, strip_version
+from atlas.outputs import ATLAS_STORE, check_output_dir
 from atlas.schema import STANDARD_OBS_COLUMNS
 from atlas.sources.base import DatasetSource
 from atlas.sources.h5ad import open_h5ad
@@ -559,7 +560,7 @@ def ingest(
         raise InputError("no input files given")
     if chunk_size <= 0:
         raise InputError(f"chunk size must be positive, got {chunk_size}")
-    atlas = Path(atlas)
+    atlas = check_output_dir(atlas, ATLAS_STORE, inputs=sources)
     exists = AtlasStore.exists(atlas)
     if mode == "write" and exists:
         raise StoreError(f"{atlas}: an atlas store already exists; use --mode append to add datasets, or a new directory")

@@ -21,12 +21,13 @@ from tqdm.auto import tqdm
 
 from atlas.errors import InputError
 from atlas.genes import MIN_GENE_OVERLAP, check_overlap
+from atlas.outputs import check_distinct
 from atlas.sources import open_h5ad
 from atlas.sources.base import iter_cell_chunks
 from index import AtlasIndex
 from index.label_heads import refit_for_genes
 from index.manifest import manifest_digest
-from index.metadata import columns_of, quote_ident
+from index.metadata import columns_of, value_counts
 from index.vectors import l2_normalize
 from query.align import DEFAULT_SAMPLE as DEFAULT_ALIGN_SAMPLE
 from query.align import Alignment, apply_shift, estimate_shift
@@ -125,17 +126,19 @@ class AnnotationResult:
         """
         if confusion_png is not None and not self._truth:
             raise InputError("a confusion matrix needs truth labels: annotate with truth_key=...")
+        check_distinct([out_h5ad, neighbors_parquet, report_json, confusion_png])
+        inputs = () if isinstance(self._query, anndata.AnnData) else (Path(self._query),)
         written: dict[str, Path] = {}
         if out_h5ad is not None:
             written["h5ad"] = write_annotated_h5ad(self._query, self.predictions, out_h5ad)
         if neighbors_parquet is not None:
-            written["neighbors"] = write_parquet(self.neighbors, neighbors_parquet)
+            written["neighbors"] = write_parquet(self.neighbors, neighbors_parquet, inputs=inputs)
         if report_json is not None:
-            written["report"] = write_json(self.report, report_json)
+            written["report"] = write_json(self.report, report_json, inputs=inputs)
         if confusion_png is not None:
             key = next(iter(self._truth))
             written["confusion"] = plot_confusion(
-                self.confusion(key), confusion_png, title=f"{key}: truth vs predicted"
+                self.confusion(key), confusion_png, title=f"{key}: truth vs predicted", inputs=inputs
             )
         return written
 
@@ -148,16 +151,15 @@ def _as_str_values(values: Any) -> np.ndarray:
     return s.where(s.notna(), None).map(lambda v: None if v is None else str(v)).to_numpy(dtype=object)
 
 
-def _atlas_label_counts(index: AtlasIndex, column: str, where: str | None) -> pd.Series:
-    """Cells per non-NULL value of ``column`` (as strings, sorted), among the cells ``where`` selects."""
-    sql = f"SELECT {quote_ident(column)} AS v, count(*) AS n FROM cells WHERE {quote_ident(column)} IS NOT NULL"
-    if where:
-        sql += f" AND ({where})"
-    res = index.connect().execute(sql + " GROUP BY 1").fetchnumpy()
-    counts = pd.Series(
-        np.asarray(res["n"], dtype=np.int64), index=pd.Index(_as_str_values(res["v"]), dtype=object)
-    )
-    return counts.groupby(level=0).sum().sort_index()
+def _atlas_label_counts(index: AtlasIndex, column: str, ids: np.ndarray | None) -> pd.Series:
+    """Cells per non-NULL value of ``column`` (as strings, sorted), among the cells ``ids`` (None: all cells).
+
+    ``ids`` come from the ``where`` predicate through :meth:`AtlasIndex.filter_ids`, the one checked path from a
+    user predicate to SQL; the predicate itself is never put into this query.
+    """
+    values, counts = value_counts(index.connect(), column, ids)
+    series = pd.Series(counts, index=pd.Index(_as_str_values(values), dtype=object))
+    return series.groupby(level=0).sum().sort_index()
 
 
 def _codes(values: Any, categories: pd.Index) -> np.ndarray:
@@ -369,11 +371,10 @@ def annotate(
                 f"label key(s) {missing} are not columns of the index's cell table; "
                 f"available: {', '.join(available)}"
             )
-        n_where: int | None = None
-        if where is not None:
-            n_where = len(idx.filter_ids(where))  # the index's error for an invalid or empty filter
+        selected_ids = None if where is None else idx.filter_ids(where)  # the index's error for a bad or empty filter
+        n_where = None if selected_ids is None else len(selected_ids)
         far_threshold, far_nearest, far_k, far_used = _far_threshold(idx, far_quantile)
-        label_counts = {key: _atlas_label_counts(idx, key, where) for key in keys}
+        label_counts = {key: _atlas_label_counts(idx, key, selected_ids) for key in keys}
         categories = {key: pd.Index(c.index, dtype=object) for key, c in label_counts.items()}
         class_weights = {
             key: balance_weights(c.to_numpy(), float(class_balance)) for key, c in label_counts.items()
@@ -413,7 +414,7 @@ def annotate(
                 logger.warning("none of the %r label head's classes is among the atlas labels selected", key)
         has_datasets = DATASET_COLUMN in available
         datasets = pd.Index(
-            _atlas_label_counts(idx, DATASET_COLUMN, where).index if has_datasets else [], dtype=object
+            _atlas_label_counts(idx, DATASET_COLUMN, selected_ids).index if has_datasets else [], dtype=object
         )
         if max_votes_per_dataset is not None and not has_datasets:
             raise InputError(

@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +22,60 @@ import pandas as pd
 
 from atlas.atomic import write_json_atomic
 from atlas.errors import InputError
+from atlas.outputs import (
+    OutputError,
+    OutputWriteError,
+    check_output_file,
+    looks_like,
+    os_error_message,
+    show,
+    writing,
+)
 
 logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``target``: renamed onto ``target`` on success, removed on error."""
+def atomic_path(
+    target: str | Path, *, inputs: Iterable[str | Path | None] = (), file_kind: str | None = None
+) -> Iterator[Path]:
+    """Yield a temporary path next to ``target``: renamed onto ``target`` on success, removed on error.
+
+    ``target`` is refused (:class:`~atlas.outputs.OutputError`) when it is a directory, one of ``inputs``, or an
+    existing file of another kind than ``file_kind``; an OSError while writing (disk full, read-only) becomes an
+    OutputError that says what to do.
+    """
     target = Path(target)
-    if target.exists() and target.is_dir():
-        raise InputError(f"{target} is a directory; give a file path")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    check_output_file(target, inputs=inputs, file_kind=file_kind)
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
     tmp = Path(name)
     try:
-        yield tmp
-        os.replace(tmp, target)
+        try:
+            yield tmp
+            os.replace(tmp, target)
+        except OutputError:
+            raise
+        except OSError as exc:
+            action = "writing" if exc.filename in (None, str(tmp), str(target), tmp, target) else "accessing"
+            raise OutputWriteError(os_error_message(exc, action, target)) from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale(path: str | Path, file_kind: str) -> bool:
+    """Delete ``path`` when it is a file of ``file_kind`` left by an earlier run that this run does not rewrite."""
+    path = Path(path)
+    if not path.is_file() or path.is_symlink():
+        return False
+    with writing(path):
+        if not looks_like(path, file_kind) or path.stat().st_size == 0:
+            return False
+        path.unlink()
+    logger.info("removed %s: an output of an earlier run that this run does not write", path)
+    return True
 
 
 def _is_modern_h5ad(path: Path) -> bool:
@@ -83,11 +118,10 @@ def write_annotated_h5ad(query: str | Path | anndata.AnnData, columns: pd.DataFr
     written without the string-to-categorical conversion anndata would otherwise apply to the caller's object.
     """
     out = Path(out)
-    if not isinstance(query, anndata.AnnData):
-        src = Path(query)
-        if out.exists() and src.exists() and os.path.samefile(src, out):
-            raise InputError(f"{out} is the query file itself; write the annotated copy to another path")
-    with atomic_path(out) as tmp:
+    inputs = () if isinstance(query, anndata.AnnData) else (Path(query),)
+    if inputs and out.exists() and inputs[0].exists() and os.path.samefile(inputs[0], out):
+        raise OutputError(f"{show(out)} is the query file itself; write the annotated copy to another path")
+    with atomic_path(out, inputs=inputs, file_kind="h5ad") as tmp:
         if isinstance(query, anndata.AnnData):
             query.write_h5ad(tmp, convert_strings_to_categoricals=False)
             _patch_obs(tmp, columns)
@@ -102,26 +136,32 @@ def write_annotated_h5ad(query: str | Path | anndata.AnnData, columns: pd.DataFr
     return out
 
 
-def write_parquet(frame: pd.DataFrame, out: str | Path) -> Path:
+def write_parquet(frame: pd.DataFrame, out: str | Path, *, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """``frame`` as a Parquet file (zstd), atomically; an existing non-Parquet file at ``out`` is refused."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     out = Path(out)
-    with atomic_path(out) as tmp:
-        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp, compression="zstd")
+    with atomic_path(out, inputs=inputs, file_kind="parquet") as tmp, open(tmp, "wb") as fh:
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), fh, compression="zstd")
     logger.info("wrote %s (%d rows)", out, len(frame))
     return out
 
 
-def write_json(payload: dict[str, Any], out: str | Path) -> Path:
+def write_json(payload: dict[str, Any], out: str | Path, *, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """``payload`` as JSON, atomically; an existing file at ``out`` that is not JSON is refused."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(Path(out), payload)
+    check_output_file(out, inputs=inputs, file_kind="json")
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out, payload)
     logger.info("wrote %s", out)
     return out
 
 
-def plot_confusion(table: pd.DataFrame, out: str | Path, *, title: str = "") -> Path:
+def plot_confusion(
+    table: pd.DataFrame, out: str | Path, *, title: str = "", inputs: Iterable[str | Path | None] = ()
+) -> Path:
     """A row-normalised confusion matrix (truth rows, predicted columns) with counts, as PNG (Agg canvas)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -155,7 +195,7 @@ def plot_confusion(table: pd.DataFrame, out: str | Path, *, title: str = "") -> 
     fig.colorbar(im, ax=ax, fraction=0.04, label="fraction of truth row")
     fig.tight_layout()
     out = Path(out)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    with atomic_path(out, inputs=inputs, file_kind="png") as tmp, open(tmp, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=120)
     logger.info("wrote %s", out)
     return out

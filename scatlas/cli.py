@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -13,22 +16,88 @@ from typing import Any
 import click
 
 from atlas.errors import ScatlasError
+from atlas.outputs import (
+    check_distinct,
+    check_output_file,
+    os_error_message,
+    safe_text,
+    show,
+    writing,
+)
 from scatlas import __version__
 
 logger = logging.getLogger("scatlas")
 
 
 class ScatlasGroup(click.Group):
-    """Turns every ScatlasError into ``Error: ...`` on stderr and exit status 1, without a traceback."""
+    """Turns every ScatlasError into ``Error: ...`` on stderr and exit status 1, without a traceback.
+
+    As a last resort it does the same for errors of the operating system (disk full, read-only, permissions), a
+    DuckDB file locked by another process, and a file name a library cannot encode.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # already a message (from a nested group), or click's own exit
         except ScatlasError as exc:
-            raise click.ClickException(str(exc)) from exc
+            raise click.ClickException(safe_text(str(exc))) from exc
         except KeyboardInterrupt:
-            click.echo("Interrupted; rerun the same command to resume.", err=True)
+            _echo("Interrupted; rerun the same command to resume.", err=True)
             ctx.exit(130)
+        except OSError as exc:
+            raise click.ClickException(os_error_message(exc)) from exc
+        except UnicodeError as exc:
+            if "surrogates" not in str(exc):
+                raise
+            raise click.ClickException(
+                "a file or directory name is not valid UTF-8, and a library used here cannot open it; rename it "
+                "(or link it) to a UTF-8 name and rerun"
+            ) from exc
+        except Exception as exc:
+            message = _duckdb_message(exc) or _os_phrase_message(exc)
+            if message is None:
+                raise
+            raise click.ClickException(message) from exc
+
+
+_LOCKED = ("Could not set lock", "Conflicting lock", "different configuration")
+_DUCKDB_OS = {"No space left on device": "free space on that file system, or write somewhere else",
+              "Read-only file system": "that file system is read-only: write somewhere else",
+              "Permission denied": "check the permissions of that path",
+              "Disk quota exceeded": "free space within your quota, or write somewhere else"}
+
+
+def _os_phrase_message(exc: Exception) -> str | None:
+    """``Error:`` text for a library's own exception that reports a full or read-only disk (TileDB, FAISS, ...)."""
+    text = str(exc)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        if os.strerror(code) in text:
+            return os_error_message(OSError(code, os.strerror(code)), "writing") + f" ({type(exc).__name__})"
+    return None
+
+
+def _duckdb_message(exc: Exception) -> str | None:
+    """``Error:`` text for a DuckDB error about its database file (locked, disk full, ...), else None."""
+    duckdb = sys.modules.get("duckdb")
+    if duckdb is None or not isinstance(exc, duckdb.Error):
+        return None
+    text = str(exc)
+    match = re.search(r'(?:lock on file|database file) "([^"]+)"', text)
+    name = f"the DuckDB database {show(match.group(1))}" if match else "a DuckDB database file of this command"
+    if any(marker in text for marker in _LOCKED):
+        return (f"{name} is in use by another process; wait for that process to finish (or stop it), "
+                "then rerun")
+    for reason, hint in _DUCKDB_OS.items():
+        if reason in text:
+            return f"{reason} while accessing {name}: {hint}"
+    return None
+
+
+def _echo(message: str, **kwargs: Any) -> None:
+    """``click.echo`` of text that may hold a non-UTF-8 file name (shown with U+FFFD instead of failing)."""
+    click.echo(safe_text(message), **kwargs)
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -93,10 +162,14 @@ def _parse_obs_map(values: tuple[str, ...]) -> dict[str, str]:
 
 
 def _echo_json(payload: Any, path: Path | None) -> None:
-    text = json.dumps(payload, indent=2, default=str)
+    """Write ``payload`` as JSON to ``path`` (atomically), when given."""
     if path is None:
         return
-    path.write_text(text)
+    from atlas.atomic import write_json_atomic
+
+    check_output_file(path, file_kind="json")
+    with writing(path):
+        write_json_atomic(path, payload)
 
 
 @click.group(cls=ScatlasGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -130,18 +203,20 @@ def ingest(sources: tuple[str, ...], atlas_dir: Path, dataset_id: str | None, ob
     """Add .h5ad files or Census-layout TileDB-SOMA experiments (SOURCES) to an atlas store."""
     from atlas.ingestion import ingest as run_ingest
 
+    if report_path is not None:
+        check_output_file(report_path, inputs=sources, file_kind="json")
     report = run_ingest(list(sources), atlas_dir, dataset_id=dataset_id, obs_map=_parse_obs_map(obs_map), mode=mode,  # type: ignore[arg-type]
                         keep_non_primary=keep_non_primary, chunk_size=chunk_size, progress=progress)
     for d in report.datasets:
         g = d.genes
-        click.echo(
+        _echo(
             f"{d.dataset_id}: {d.n_cells} cells (ids from {d.first_cell_id}), {d.n_skipped_non_primary} non-primary skipped, "
             f"X from {d.x_source} ({d.x_kind}); genes {g['n_genes']}: {g['n_existing']} known, {g['n_new']} new, "
             f"{g['n_with_ensembl']} with Ensembl id, {g['n_symbol_only']} symbol only "
             f"({g['n_symbol_mapped_to_ensembl']} mapped to Ensembl), {g['n_duplicates_dropped']} duplicates dropped; "
             f"{d.cells_per_second:.0f} cells/s"
         )
-    click.echo(f"{atlas_dir}: {report.n_cells_in_store} cells in {len(report.datasets)} new dataset(s)")
+    _echo(f"{atlas_dir}: {report.n_cells_in_store} cells in {len(report.datasets)} new dataset(s)")
     _echo_json(report.to_json(), report_path)
 
 
@@ -204,7 +279,7 @@ def synth(out_dir: Path | None, atlas_dir: Path | None, cells: int, genes: int, 
             raise InputError("--embeddings writes .npy files: give --out DIR")
         ecfg = SyntheticEmbeddingConfig(n=cells, d=dim, n_clusters=clusters, seed=seed)
         paths = synthesize(ecfg, out_dir, fmt="npy", overwrite=overwrite)
-        click.echo(f"wrote {cells} x {dim} synthetic vectors in {clusters} clusters: {', '.join(map(str, paths))}")
+        _echo(f"wrote {cells} x {dim} synthetic vectors in {clusters} clusters: {', '.join(map(str, paths))}")
         return
     try:
         rare_types = tuple(_rare_type(RareType, name, spec) for name, spec in _parse_pairs(rare, "--rare")) or DEFAULT_RARE_TYPES
@@ -220,14 +295,14 @@ def synth(out_dir: Path | None, atlas_dir: Path | None, cells: int, genes: int, 
         from atlas.synthetic_store import ingest_synthetic
 
         report = ingest_synthetic(cfg, atlas_dir, progress=progress)
-        click.echo(f"{atlas_dir}: ingested {sum(d.n_cells for d in report.datasets)} synthetic cells in "
+        _echo(f"{atlas_dir}: ingested {sum(d.n_cells for d in report.datasets)} synthetic cells in "
                    f"{len(report.datasets)} datasets ({report.n_cells_in_store} cells in the store)")
         return
     assert out_dir is not None
     paths = synthesize(cfg, out_dir, overwrite=overwrite)
-    click.echo(f"wrote {len(paths)} synthetic datasets ({cells} cells x {genes} genes) to {out_dir}")
+    _echo(f"wrote {len(paths)} synthetic datasets ({cells} cells x {genes} genes) to {out_dir}")
     for p in paths:
-        click.echo(f"  {p}")
+        _echo(f"  {p}")
 
 
 def _option_value(text: str) -> Any:
@@ -286,20 +361,20 @@ def build(atlas_dir: Path, index_dir: Path, embedder: str, embedder_option: tupl
 def _print_info(info: dict[str, Any]) -> None:
     size = info["size_bytes"]
     recall = info.get("recall")
-    click.echo(f"index        {info['path']}")
-    click.echo(f"cells        {info['cells']:,} in {info['shards']} shard(s)")
-    click.echo(f"embedder     {info['embedder']} (fingerprint {info['embedder_fingerprint']}), {info['dim']} dims")
-    click.echo(f"factory      {info['factory']} ({'exact' if info.get('exact') else 'approximate'}; "
+    _echo(f"index        {info['path']}")
+    _echo(f"cells        {info['cells']:,} in {info['shards']} shard(s)")
+    _echo(f"embedder     {info['embedder']} (fingerprint {info['embedder_fingerprint']}), {info['dim']} dims")
+    _echo(f"factory      {info['factory']} ({'exact' if info.get('exact') else 'approximate'}; "
                f"nprobe={info.get('nprobe')}, rerank={info.get('rerank')})")
-    click.echo(f"recall@{info.get('k', 30)}    " + (f"{recall:.4f} measured on {info.get('recall_queries')} atlas cells"
+    _echo(f"recall@{info.get('k', 30)}    " + (f"{recall:.4f} measured on {info.get('recall_queries')} atlas cells"
                                                     if recall is not None else "not measured"))
-    click.echo(f"size on disk {size / 2**20:,.1f} MiB ({info['bytes_per_cell']:,.0f} bytes per cell)")
-    click.echo(f"built        {info.get('built')} in {info.get('build_seconds')} s on {info.get('device')}")
+    _echo(f"size on disk {size / 2**20:,.1f} MiB ({info['bytes_per_cell']:,.0f} bytes per cell)")
+    _echo(f"built        {info.get('built')} in {info.get('build_seconds')} s on {info.get('device')}")
     heads = info.get("label_heads") or {}
     if info.get("label_heads_error"):
-        click.echo(f"label heads  unusable: {info['label_heads_error']}")
+        _echo(f"label heads  unusable: {info['label_heads_error']}")
         return
-    click.echo("label heads  " + ("; ".join(
+    _echo("label heads  " + ("; ".join(
         f"{key}: {h['classes']} classes, {h['train_cells']:,} training cells ({'+'.join(h['features'])})"
         for key, h in heads.items()) if heads else "none (annotate votes by neighbours)"))
 
@@ -319,9 +394,46 @@ def info(index_path: Path | None, index_dir: Path | None, as_json: bool) -> None
         raise click.UsageError("give the index directory once: `scatlas info --index DIR` or `scatlas info DIR`")
     figures = index_info(path)
     if as_json:
-        click.echo(json.dumps(figures, indent=2, default=str))
+        _echo(json.dumps(figures, indent=2, default=str))
     else:
         _print_info(figures)
+
+
+@cli.command()
+@click.option("--index", "index_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Index directory to check: every file against the manifest's checksums, shard ids against its ranges.")
+@atlas_option(required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print what was checked and found as JSON.")
+@progress_option
+def verify(index_dir: Path | None, atlas_dir: Path | None, as_json: bool, progress: bool) -> None:
+    """Read an index and/or an atlas store back whole and check every checksum; exit 1 when anything is wrong."""
+    from atlas.verify import verify_store
+    from index.verify import verify_index
+
+    if index_dir is None and atlas_dir is None:
+        raise click.UsageError("give --index DIR and/or --atlas DIR")
+    found: dict[str, Any] = {}
+    if index_dir is not None:
+        report = verify_index(index_dir, progress=progress)
+        found["index"] = {**report.to_dict(), "problems": [str(p) for p in report.problems]}
+    if atlas_dir is not None:
+        store = verify_store(atlas_dir, progress=progress)
+        found["atlas"] = {"path": store.path, "ok": store.ok, "datasets": store.n_datasets, "cells": store.n_cells,
+                          "values": store.n_values, "problems": store.problems, "notes": store.notes}
+    if as_json:
+        _echo(json.dumps(found, indent=2, default=str))
+    for what, result in found.items():
+        if not as_json:
+            state = "intact" if result["ok"] else f"{len(result['problems'])} problem(s)"
+            _echo(f"{what} {result['path']}: {state}")
+            for line in result["problems"] + [f"note: {n}" for n in result["notes"]]:
+                _echo(f"  {line}")
+    broken = [what for what, result in found.items() if not result["ok"]]
+    if broken:
+        raise ScatlasError(
+            f"the {' and the '.join(broken)} failed verification (problems listed above): rebuild the index with "
+            "`scatlas build --overwrite`, or re-ingest damaged datasets into a new store"
+        )
 
 
 @cli.command()
@@ -361,38 +473,52 @@ def annotate(query_file: Path, index_dir: Path, out_h5ad: Path, label_keys: tupl
              batch_size: int | None, predictor: str, missing_genes: str, progress: bool) -> None:
     """Annotate QUERY_FILE (.h5ad): embed with the index's embedder, find k nearest atlas cells, vote labels."""
     from query import annotate as run_annotate
+    from query.outputs import remove_stale
 
+    stem = out_h5ad.with_suffix("")
+    neighbors_path = neighbors_path or stem.with_name(stem.name + ".neighbors.parquet")
+    report_path = report_path or stem.with_name(stem.name + ".report.json")
+    default_confusion = stem.with_name(stem.name + ".confusion.png")
+    confusion = default_confusion if truth_key else None
+    _check_annotate_outputs((query_file, index_dir), out_h5ad, neighbors_path, report_path, confusion)
     optional: dict[str, Any] = {"min_confidence": min_confidence, "far_quantile": far_quantile,
                                 "min_gene_overlap": min_gene_overlap, "batch_size": batch_size}
     result = run_annotate(query_file, index_dir, label_keys=list(label_keys), k=k, where=where,
                           max_votes_per_dataset=max_votes_per_dataset, truth_key=truth_key, progress=progress,
                           predictor=predictor, missing_genes=missing_genes,  # type: ignore[arg-type]
                           **{key: v for key, v in optional.items() if v is not None})
-    stem = out_h5ad.with_suffix("")
-    neighbors_path = neighbors_path or stem.with_name(stem.name + ".neighbors.parquet")
-    report_path = report_path or stem.with_name(stem.name + ".report.json")
-    confusion = stem.with_name(stem.name + ".confusion.png") if truth_key else None
     result.write(out_h5ad, neighbors_parquet=neighbors_path, report_json=report_path, confusion_png=confusion)
+    if confusion is None and default_confusion not in (out_h5ad, neighbors_path, report_path):
+        remove_stale(default_confusion, "png")  # an earlier run's matrix would not match these predictions
     _echo_annotation(result.report)
-    click.echo(f"wrote {out_h5ad}, {neighbors_path}, {report_path}" + (f", {confusion}" if confusion else ""))
+    _echo(f"wrote {out_h5ad}, {neighbors_path}, {report_path}" + (f", {confusion}" if confusion else ""))
+
+
+def _check_annotate_outputs(inputs: tuple[Path, ...], h5ad: Path, neighbors: Path, report: Path,
+                            confusion: Path | None) -> None:
+    """Refuse, before any work, outputs that are inputs, lie inside the index, coincide, or hold other files."""
+    check_distinct([h5ad, neighbors, report, confusion])
+    for path, kind in ((h5ad, "h5ad"), (neighbors, "parquet"), (report, "json"), (confusion, "png")):
+        if path is not None:
+            check_output_file(path, inputs=inputs, file_kind=kind)
 
 
 def _echo_annotation(report: dict[str, Any]) -> None:
     overlap = report.get("gene_overlap", {})
     if overlap:
-        click.echo(f"gene overlap: {overlap.get('n_matched')} of the embedder's {overlap.get('n_target_genes')} genes "
+        _echo(f"gene overlap: {overlap.get('n_matched')} of the embedder's {overlap.get('n_target_genes')} genes "
                    f"({100 * overlap.get('fraction_of_target', 0):.1f}%)")
     refit = report.get("params", {}).get("heads_refit_for_query_genes")
     if refit and refit.get("keys"):
-        click.echo(f"label heads for {', '.join(refit['keys'])} refitted for the query's {refit['genes_present']} of "
+        _echo(f"label heads for {', '.join(refit['keys'])} refitted for the query's {refit['genes_present']} of "
                    f"{refit['genes']} genes ({refit['seconds']} s)")
     for key, lab in report.get("labels", {}).items():
         counts = lab.get("counts", {})
         top = ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])[:8])
-        click.echo(f"{key}: unknown rate {100 * lab.get('unknown_rate', 0):.1f}%; {top}")
+        _echo(f"{key}: unknown rate {100 * lab.get('unknown_rate', 0):.1f}%; {top}")
         ev = report.get("evaluation", {}).get(key)
         if ev:
-            click.echo(f"{key} vs truth: accuracy {ev.get('accuracy', float('nan')):.3f}, "
+            _echo(f"{key} vs truth: accuracy {ev.get('accuracy', float('nan')):.3f}, "
                        f"macro-F1 {ev.get('macro_f1', float('nan')):.3f}, "
                        f"abstention on types absent from the atlas {ev.get('abstention_rate_absent')}")
 
@@ -422,9 +548,9 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
     clf = train(index_dir, cells_file, positive=positive, positive_sql=positive_sql, background=background,
                 device=device, seed=seed, out=out_dir, progress=progress)
     m = clf.metrics
-    click.echo(f"classifier {out_dir}: {clf.counts}")
-    click.echo("cross-validated: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items() if isinstance(v, float)))
-    click.echo(f"threshold {clf.threshold:.4f}; embedder fingerprint {clf.embedder_fingerprint}")
+    _echo(f"classifier {out_dir}: {clf.counts}")
+    _echo("cross-validated: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items() if isinstance(v, float)))
+    _echo(f"threshold {clf.threshold:.4f}; embedder fingerprint {clf.embedder_fingerprint}")
 
 
 @hunt.command("sweep")
@@ -448,10 +574,10 @@ def hunt_sweep(index_dir: Path, classifier_dir: Path, out_dir: Path, min_score: 
     s = sweep(index_dir, classifier_dir, out_dir, min_score=min_score, min_probability=min_probability, resume=not restart,
               device=device, threads=threads, progress=progress,
               executor=_make_executor(executor, ray_address, cpus_per_task))
-    click.echo(f"swept {s.n_cells:,} cells in {s.n_shards} shards ({s.n_shards_resumed} resumed) on {s.device}: "
+    _echo(f"swept {s.n_cells:,} cells in {s.n_shards} shards ({s.n_shards_resumed} resumed) on {s.device}: "
                f"{s.n_hits:,} hits (cut-off {s.cutoff:.4f}, {s.cutoff_source}); "
                f"{s.cells_per_second:,.0f} cells/s, {s.gb_per_second:.2f} GB/s")
-    click.echo(f"hits: {s.hits_path}")
+    _echo(f"hits: {s.hits_path}")
 
 
 @hunt.command("report")
@@ -474,18 +600,18 @@ def hunt_report(hits: Path, index_dir: Path, out_dir: Path, by: str, de_group: s
     columns = tuple(c.strip() for c in by.split(",") if c.strip())
     r = report(hits, index_dir, out_dir, by=columns, de_group=de_group, de_reference=de_reference, atlas=atlas_dir,
                de=not no_de)
-    click.echo(f"{r.n_hits:,} hits of {r.n_cells:,} cells ({100 * r.hit_rate:.3f}%)")
+    _echo(f"{r.n_hits:,} hits of {r.n_cells:,} cells ({100 * r.hit_rate:.3f}%)")
     top = r.enrichment.sort_values("q").head(8) if "q" in r.enrichment.columns else r.enrichment.head(8)
-    click.echo(top.to_string(index=False))
+    _echo(top.to_string(index=False))
     if r.de_skipped:
-        click.echo(f"differential expression skipped: {r.de_skipped}")
+        _echo(f"differential expression skipped: {r.de_skipped}")
     for name, path in r.files.items():
-        click.echo(f"{name}: {path}")
+        _echo(f"{name}: {path}")
 
 
 @cli.command()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo_out"), show_default=True,
-              help="Working directory (replaced).")
+              help="Working directory: created, or emptied when it holds an earlier demo (anything else is refused).")
 @click.option("--cells", type=click.IntRange(min=2000), default=12_000, show_default=True, help="Synthetic cells in all.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @progress_option
@@ -494,8 +620,8 @@ def demo(out_dir: Path, cells: int, seed: int, progress: bool) -> None:
     from scatlas.demo import run_demo
 
     t = time.perf_counter()
-    result = run_demo(out_dir, n_cells=cells, seed=seed, progress=progress, echo=click.echo)
-    click.echo(f"demo finished in {time.perf_counter() - t:.0f} s; outputs in {result.out_dir}")
+    result = run_demo(out_dir, n_cells=cells, seed=seed, progress=progress, echo=_echo)
+    _echo(f"demo finished in {time.perf_counter() - t:.0f} s; outputs in {result.out_dir}")
 
 
 def main() -> None:

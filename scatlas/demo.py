@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from atlas.outputs import DEMO, check_output_dir, claim_output_dir, is_kind, writing
+
 logger = logging.getLogger(__name__)
 
 RARE_TYPE = "norn cell"
@@ -22,6 +24,16 @@ class DemoResult:
     out_dir: Path
     stages: list[tuple[str, float, str]] = field(default_factory=list)  # (stage, seconds, what it did)
     figures: dict[str, Any] = field(default_factory=dict)
+
+
+def _fresh_demo_dir(out: Path) -> Path:
+    """An empty demo directory at ``out``: created, or emptied when it holds an earlier demo (and only then)."""
+    check_output_dir(out, DEMO, replace=True)
+    if out.is_dir() and is_kind(out, DEMO):
+        logger.info("removing the earlier demo in %s", out)
+        with writing(out):
+            shutil.rmtree(out)
+    return claim_output_dir(out, DEMO)
 
 
 def run_demo(
@@ -48,10 +60,7 @@ def run_demo(
     )
     from index import build_index, index_info
 
-    out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out = _fresh_demo_dir(Path(out_dir))
     result = DemoResult(out_dir=out)
     atlas_sets = tuple(range(n_datasets - 1))
     query_set = n_datasets - 1

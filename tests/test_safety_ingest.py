@@ -4,7 +4,6 @@ of its datasets or none, and ``verify_store`` finds what changed behind the stor
 from __future__ import annotations
 
 import errno
-import hashlib
 from pathlib import Path
 
 import duckdb
@@ -20,18 +19,7 @@ from atlas.ingestion import _standardise_obs, ingest
 from atlas.store import STATE_FILE, AtlasStore
 from atlas.verify import verify_store
 from scatlas.cli import cli
-
-
-def fingerprint(atlas: Path) -> str:
-    """What a reader sees: store.json, the cell and gene tables, every committed X value."""
-    store = AtlasStore.open(atlas)
-    h = hashlib.sha256((atlas / STATE_FILE).read_bytes())
-    with store.connect() as con:
-        h.update(str(con.execute("SELECT * FROM cells ORDER BY soma_joinid").fetchall()).encode())
-        h.update(str(con.execute("SELECT * FROM genes ORDER BY var_joinid").fetchall()).encode())
-    for c in store.iter_chunks():
-        h.update(c.X.toarray().tobytes())
-    return h.hexdigest()
+from tests.test_ingest import fingerprint
 
 
 @pytest.fixture

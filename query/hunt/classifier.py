@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from atlas.errors import InputError
+from atlas.outputs import CLASSIFIER, check_output_dir, os_error_message, show, writing
 from query.hunt.calibration import Calibration
 
 logger = logging.getLogger(__name__)
@@ -122,13 +124,23 @@ class HuntClassifier:
             "weights_sha256": hashlib.sha256(self.weights.tobytes()).hexdigest(),
         }
 
-    def save(self, path: str | Path, *, overwrite: bool = True) -> Path:
-        """Write the classifier directory atomically (temporary sibling, then rename); returns its path."""
+    def save(self, path: str | Path, *, overwrite: bool = True, inputs: Iterable[str | Path | None] = ()) -> Path:
+        """Write the classifier directory atomically (temporary sibling, then rename); returns its path.
+
+        Only a new path, an empty directory or an earlier classifier directory is written (an earlier classifier
+        is replaced unless ``overwrite=False``); anything else, or a path among ``inputs``, raises
+        :class:`~atlas.outputs.OutputError`.
+        """
         path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise InputError(f"{path} exists and is not a directory; choose another classifier path")
-        if path.exists() and not overwrite:
-            raise InputError(f"{path} already exists; choose another path or allow overwriting")
+        check_output_dir(path, CLASSIFIER, inputs=inputs, replace=True)
+        if path.exists() and any(path.iterdir()) and not overwrite:
+            raise InputError(f"{show(path)} already exists; choose another path or allow overwriting")
+        with writing(path):
+            self._write_dir(path)
+        logger.info("saved hunt classifier %s to %s", self.fingerprint(), path)
+        return path
+
+    def _write_dir(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         if tmp.exists():
@@ -149,8 +161,6 @@ class HuntClassifier:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        logger.info("saved hunt classifier %s to %s", self.fingerprint(), path)
-        return path
 
     @classmethod
     def load(cls, path: str | Path) -> HuntClassifier:
@@ -158,37 +168,78 @@ class HuntClassifier:
         path = Path(path)
         meta_path, w_path = path / META_FILE, path / WEIGHTS_FILE
         if not meta_path.is_file() or not w_path.is_file():
-            raise InputError(f"{path} is not a hunt classifier directory ({META_FILE} / {WEIGHTS_FILE} missing); "
-                             "train one with `scatlas hunt train`")
-        try:
-            meta = json.loads(meta_path.read_text())
-            weights = np.load(w_path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{path}: unreadable classifier ({exc}); retrain it") from exc
+            raise InputError(f"{show(path)} is not a hunt classifier directory ({META_FILE} / {WEIGHTS_FILE} "
+                             "missing); train one with `scatlas hunt train`")
+        meta = _read_meta(path, meta_path)
+        weights = _read_weights(path, w_path)
         if meta.get("format_version") != FORMAT_VERSION:
-            raise InputError(f"{path}: classifier format {meta.get('format_version')!r}, this scatlas reads "
+            raise InputError(f"{show(path)}: classifier format {meta.get('format_version')!r}, this scatlas reads "
                              f"{FORMAT_VERSION}; retrain it")
         if hashlib.sha256(np.ascontiguousarray(weights, dtype=np.float32).tobytes()).hexdigest() != meta.get(
             "weights_sha256"
         ):
-            raise InputError(f"{path}: {WEIGHTS_FILE} does not match its recorded checksum; retrain the classifier")
-        clf = cls(
+            raise InputError(_damaged(path, f"{WEIGHTS_FILE} does not match its recorded checksum"))
+        try:
+            clf = cls._from_meta(meta, weights)
+        except KeyError as exc:
+            raise InputError(_damaged(path, f"{META_FILE} lacks the field {exc.args[0]!r}")) from exc
+        except (TypeError, ValueError, AttributeError, InputError) as exc:  # e.g. an unknown calibration
+            raise InputError(_damaged(path, f"{META_FILE} holds a value of the wrong type or an invalid value")) from exc
+        if clf.fingerprint() != meta.get("fingerprint"):
+            raise InputError(_damaged(path, f"{META_FILE} was modified (fingerprint mismatch)"))
+        return clf
+
+    @classmethod
+    def _from_meta(cls, meta: dict[str, Any], weights: np.ndarray) -> HuntClassifier:
+        return cls(
             weights=weights,
             bias=meta["bias"],
             threshold=meta["threshold"],
             calibration=Calibration.from_dict(meta["calibration"]),
-            embedder_fingerprint=meta["embedder_fingerprint"],
-            index_manifest_id=meta["index_manifest_id"],
-            metrics=meta.get("metrics", {}),
-            counts=meta.get("counts", {}),
+            embedder_fingerprint=str(meta["embedder_fingerprint"]),
+            index_manifest_id=str(meta["index_manifest_id"]),
+            metrics=dict(meta.get("metrics", {})),
+            counts=dict(meta.get("counts", {})),
             seed=int(meta.get("seed", 0)),
-            params=meta.get("params", {}),
-            created_at=meta.get("created_at", ""),
-            versions=meta.get("versions", {}),
+            params=dict(meta.get("params", {})),
+            created_at=str(meta.get("created_at", "")),
+            versions=dict(meta.get("versions", {})),
         )
-        if clf.fingerprint() != meta.get("fingerprint"):
-            raise InputError(f"{path}: classifier.json was modified (fingerprint mismatch); retrain the classifier")
-        return clf
+
+
+def _damaged(path: Path, why: str) -> str:
+    return (f"the classifier directory {show(path)} is damaged ({why}); retrain it with `scatlas hunt train` "
+            "(a new classifier may be written over it)")
+
+
+def _read_meta(path: Path, meta_path: Path) -> dict[str, Any]:
+    """``classifier.json`` as a dict; InputError naming what is wrong (never echoing the file's text)."""
+    try:
+        text = meta_path.read_bytes().decode("utf-8")
+        meta = json.loads(text)
+    except OSError as exc:
+        raise InputError(os_error_message(exc, "reading", meta_path)) from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(_damaged(path, f"{META_FILE} is not UTF-8 text")) from exc
+    except json.JSONDecodeError as exc:
+        raise InputError(_damaged(path, f"{META_FILE} is not valid JSON: line {exc.lineno} column {exc.colno}")) from exc
+    if not isinstance(meta, dict):
+        raise InputError(_damaged(path, f"{META_FILE} does not hold a classifier record"))
+    return meta
+
+
+def _read_weights(path: Path, w_path: Path) -> np.ndarray:
+    try:
+        weights = np.load(w_path, allow_pickle=False)
+    except OSError as exc:
+        if exc.errno is not None:
+            raise InputError(os_error_message(exc, "reading", w_path)) from exc
+        raise InputError(_damaged(path, f"{WEIGHTS_FILE} is not a NumPy array file")) from exc
+    except (ValueError, EOFError) as exc:
+        raise InputError(_damaged(path, f"{WEIGHTS_FILE} is not a readable NumPy array")) from exc
+    if not isinstance(weights, np.ndarray) or weights.dtype.kind not in "fiu":
+        raise InputError(_damaged(path, f"{WEIGHTS_FILE} does not hold numeric weights"))
+    return weights
 
 
 def exact_scores(x: np.ndarray, weights: np.ndarray, bias: float) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from atlas.errors import InputError, ScatlasError
+from atlas.outputs import REPORT, check_output_dir, claim_output_dir, os_error_message, show, writing
 from query.hunt.access import IndexLike, atlas_path, cursor, open_index
 from query.hunt.de import MIN_CELLS_PER_SIDE as MIN_SIDE
 from query.hunt.de import DEMethod, differential_expression, group_comparisons, matched_background
@@ -66,22 +67,48 @@ def _read_hits(hits: str | Path | pd.DataFrame) -> pd.DataFrame:
     if isinstance(hits, pd.DataFrame):
         frame = hits
     else:
-        path = Path(hits)
-        if path.is_dir():
-            path = path / HITS_FILE
-        if not path.is_file():
-            raise InputError(f"no hits at {path}; run `scatlas hunt sweep` first (it writes {HITS_FILE})")
-        frame = pd.read_parquet(path)
+        frame = _read_hits_file(_hits_file(hits))
     if "soma_joinid" not in frame.columns:
         raise InputError(f"the hits have no soma_joinid column (columns: {list(frame.columns)})")
     return frame
 
 
+def _hits_file(hits: str | Path) -> Path:
+    path = Path(hits)
+    if path.is_dir():
+        path = path / HITS_FILE
+    if not path.is_file():
+        raise InputError(f"no hits at {show(path)}; run `scatlas hunt sweep` first (it writes {HITS_FILE})")
+    return path
+
+
+def _read_hits_file(path: Path) -> pd.DataFrame:
+    """A hits Parquet file; InputError when it is not one (never echoing what the file holds)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    not_hits = (f"{show(path)} is not a hits Parquet file written by `scatlas hunt sweep`; give the sweep's "
+                f"{HITS_FILE} (or its directory)")
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"PAR1":
+                raise InputError(not_hits)
+            fh.seek(0)
+            return pq.read_table(fh).to_pandas()
+    except OSError as exc:
+        if exc.errno is None:  # pyarrow reports a damaged file as an OSError without errno
+            raise InputError(not_hits) from exc
+        raise InputError(os_error_message(exc, "reading", path)) from exc
+    except (pa.ArrowException, ValueError) as exc:
+        raise InputError(not_hits) from exc
+
+
 def _atomic(path: Path, write: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with writing(path):
+            write(tmp)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -107,7 +134,11 @@ def _plot(enr: pd.DataFrame, by: Sequence[str], rate: float, path: Path) -> None
         ax.set_title(f"hits by {column} (red: enriched, q < 0.05)", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=120)
+
+    _atomic(path, save)
 
 
 def _md_table(frame: pd.DataFrame, floatfmt: str = ".3g") -> str:
@@ -221,11 +252,12 @@ def report(
     t0 = time.perf_counter()
     if max_cells < MIN_SIDE:
         raise InputError(f"max_cells must be at least {MIN_SIDE}")
+    inputs = [getattr(index, "path", index), atlas] + ([] if isinstance(hits, pd.DataFrame) else [hits])
+    check_output_dir(out_dir, REPORT, inputs=[p for p in inputs if isinstance(p, str | Path)])
     idx = open_index(index)
     frame = _read_hits(hits)
-    hits_source = str(hits) if not isinstance(hits, pd.DataFrame) else "a DataFrame"
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    hits_source = show(hits) if not isinstance(hits, pd.DataFrame) else "a DataFrame"
+    out = claim_output_dir(out_dir, REPORT)
     by = list(by)
 
     with cursor(idx) as con:

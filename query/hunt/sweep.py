@@ -19,12 +19,15 @@ restarts. The hits are exactly those with ``float32(w . x + b) >= cut`` on the s
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ from tqdm.auto import tqdm
 
 from atlas.atomic import write_json_atomic
 from atlas.errors import EmbedderMismatchError, InputError
+from atlas.outputs import SWEEP, OutputError, check_output_dir, claim_output_dir, show, writing
 from index.executor import Executor, LocalExecutor, Task, TaskContext
 from query.hunt.access import (
     IndexLike,
@@ -51,6 +55,7 @@ from query.hunt.kernels import BlockScorer, ThreadTuner
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "sweep.json"
+LOCK_FILE = ".sweep.lock"
 SUMMARY_FILE = "summary.json"
 HITS_FILE = "hits.parquet"
 PARTIALS_DIR = "partials"
@@ -101,12 +106,16 @@ class SweepSummary:
 
 def _write_partial(path: Path, ids: np.ndarray, scores: np.ndarray, meta: dict[str, int]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, ids=ids.astype(np.int64), scores=scores.astype(np.float32),
-                 meta=np.array([meta["n"], meta["id_min"], meta["id_max"]], dtype=np.int64))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with writing(path), open(tmp, "wb") as fh:
+            np.savez(fh, ids=ids.astype(np.int64), scores=scores.astype(np.float32),
+                     meta=np.array([meta["n"], meta["id_min"], meta["id_max"]], dtype=np.int64))
+            fh.flush()
+            os.fsync(fh.fileno())
+        with writing(path):
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _read_partial(path: Path, expect: dict[str, int]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -136,9 +145,11 @@ def _cutoff(clf: HuntClassifier, min_score: float | None, min_probability: float
     return clf.threshold, f"classifier threshold ({clf.metrics.get('threshold', {}).get('rule', 'cv')})"
 
 
-def _prepare_out(out: Path, key: dict[str, Any], resume: bool) -> dict[str, Any]:
-    """Load a matching state to resume, or start a new one (refusing a mismatching state while resuming)."""
-    out.mkdir(parents=True, exist_ok=True)
+def _prepare_out(out: Path, key: dict[str, Any], resume: bool, lock: contextlib.ExitStack) -> dict[str, Any]:
+    """Create ``out``, take its lock (into ``lock``), then load a matching state to resume or start a new one
+    (refusing a mismatching state while resuming)."""
+    claim_output_dir(out, SWEEP)
+    lock.enter_context(_sweep_lock(out))
     state_path = out / STATE_FILE
     if state_path.is_file():
         try:
@@ -260,28 +271,49 @@ def score_shard(
 
 
 def _write_hits(index: Any, out: Path, ids: np.ndarray, scores: np.ndarray, probs: np.ndarray) -> Path:
-    """Join the hits with the index's cells table and write ``hits.parquet`` (temporary file + rename)."""
+    """Join the hits with the index's cells table and write ``hits.parquet`` (temporary file + rename).
+
+    The rows are streamed from DuckDB into a file this process opened (any file name works, and the row count of
+    the file renamed into place is checked against this run's hits).
+    """
     import pyarrow as pa
 
     target = out / HITS_FILE
     tmp = out / f".{HITS_FILE}.tmp-{os.getpid()}"
     hits = pa.table({"soma_joinid": ids.astype(np.int64), "score": scores.astype(np.float32),
                      "probability": probs.astype(np.float32)})
-    with cursor(index) as con:
-        con.register("_hunt_hits", hits)
-        cols = [r[0] for r in con.execute("DESCRIBE cells").fetchall()]
-        extra = ", ".join(f'c."{c}"' for c in cols if c not in ("soma_joinid", "score", "probability"))
-        select = "h.soma_joinid, h.score, h.probability" + (f", {extra}" if extra else "")
-        path_sql = str(tmp).replace("'", "''")
-        con.execute(
-            f"COPY (SELECT {select} FROM _hunt_hits h LEFT JOIN cells c ON h.soma_joinid = c.soma_joinid "
-            f"ORDER BY h.score DESC, h.soma_joinid) TO '{path_sql}' (FORMAT PARQUET)"
-        ).fetchall()
     try:
-        os.replace(tmp, target)
+        with cursor(index) as con:
+            con.register("_hunt_hits", hits)
+            cols = [r[0] for r in con.execute("DESCRIBE cells").fetchall()]
+            extra = ", ".join(f'c."{c}"' for c in cols if c not in ("soma_joinid", "score", "probability"))
+            select = "h.soma_joinid, h.score, h.probability" + (f", {extra}" if extra else "")
+            rel = con.sql(f"SELECT {select} FROM _hunt_hits h LEFT JOIN cells c ON h.soma_joinid = c.soma_joinid "
+                          "ORDER BY h.score DESC, h.soma_joinid")
+            with writing(target):
+                n_rows = _write_parquet_stream(rel, tmp)
+        if n_rows != len(ids):
+            raise OutputError(f"{show(tmp)} holds {n_rows} rows, not this sweep's {len(ids)} hits; rerun the sweep")
+        with writing(target):
+            os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
     return target
+
+
+def _write_parquet_stream(rel: Any, path: Path, rows: int = 65_536) -> int:
+    """Write a DuckDB relation to a Parquet file at ``path`` batch by batch, fsynced; returns the file's rows."""
+    import pyarrow.parquet as pq
+
+    reader = (getattr(rel, "to_arrow_reader", None) or rel.fetch_record_batch)(rows)
+    with open(path, "wb") as fh:
+        with pq.ParquetWriter(fh, reader.schema) as writer:
+            for batch in reader:
+                writer.write_batch(batch)
+        fh.flush()
+        os.fsync(fh.fileno())
+    with open(path, "rb") as fh:
+        return int(pq.ParquetFile(fh).metadata.num_rows)
 
 
 def sweep(
@@ -305,19 +337,67 @@ def sweep(
     index: an opened :class:`index.AtlasIndex` or the path of an index directory.
     classifier: a :class:`HuntClassifier` or the directory it was saved to. Its embedder fingerprint must equal
         the index's (EmbedderMismatchError otherwise).
-    out: output directory (created); see the module docstring for its layout.
+    out: output directory (created); see the module docstring for its layout. Only a new or empty directory or
+        an earlier sweep directory is written (OutputError otherwise, and when it is or holds an input); one sweep
+        at a time writes there (a second one is refused while the first holds ``OUT/.sweep.lock``).
     min_score: the cut on raw scores (``score >= min_score`` is a hit); default: the classifier's threshold.
     min_probability: alternatively, a cut on the calibrated probability (converted to a raw score).
     block_size: rows of stored vectors scored at a time (default: 256 MiB of vectors).
     device: ``auto`` (GPU when torch sees one), ``cpu`` or ``cuda`` (DependencyError without CUDA).
     resume: continue a matching interrupted sweep in ``out`` (a mismatching one is refused); ``False`` discards
-        whatever ``out`` holds and starts over.
+        the earlier sweep's files in ``out`` and starts over.
     threads: torch CPU threads for the sweep; default: chosen between 1 and torch's current setting by timing
         blocks, re-checked every 8 GiB (see :class:`~query.hunt.kernels.ThreadTuner`). Restored afterwards.
     executor: where the per-shard scoring tasks run (:mod:`index.executor`): default this process (one thread per
         GPU when sweeping on CUDA); a :class:`~index.executor.RayExecutor` spreads shards over a cluster. The hits
         are the same either way.
     """
+    inputs = _input_paths(index, classifier)
+    check_output_dir(out, SWEEP, inputs=inputs)
+    with contextlib.ExitStack() as lock, writing(out, action=None):
+        return _sweep(index, classifier, Path(out), min_score=min_score, min_probability=min_probability,
+                      block_size=block_size, device=device, resume=resume, threads=threads, progress=progress,
+                      executor=executor, lock=lock)
+
+
+def _input_paths(index: Any, classifier: Any) -> tuple[Path, ...]:
+    found = [index, getattr(index, "path", None), classifier]
+    return tuple(Path(p) for p in found if isinstance(p, str | Path))
+
+
+@contextlib.contextmanager
+def _sweep_lock(out: Path) -> Iterator[None]:
+    """Hold ``OUT/.sweep.lock`` (flock, non-blocking): one sweep at a time writes into ``out``."""
+    with writing(out / LOCK_FILE):
+        fh = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the whole sweep, closed below
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise OutputError(
+                f"another sweep is writing to {show(out)}; wait for it to finish, or give another output directory"
+            ) from exc
+        yield
+    finally:
+        fh.close()  # releases the lock
+
+
+def _sweep(
+    index: IndexLike,
+    classifier: HuntClassifier | str | Path,
+    out: str | Path,
+    *,
+    min_score: float | None = None,
+    min_probability: float | None = None,
+    block_size: int | None = None,
+    device: str = "auto",
+    resume: bool = True,
+    threads: int | None = None,
+    progress: bool = True,
+    executor: Executor | None = None,
+    lock: contextlib.ExitStack,
+) -> SweepSummary:
+    """:func:`sweep` once ``out`` is checked; ``lock`` receives the sweep lock, held until the caller exits it."""
     import torch
 
     t0 = time.perf_counter()
@@ -351,7 +431,7 @@ def sweep(
         "index_manifest_id": manifest_id(idx),
         "cutoff": repr(float(cutoff)),
     }
-    state = _prepare_out(out, key, resume)
+    state = _prepare_out(out, key, resume, lock)
     state_path = out / STATE_FILE
     if threads is not None and threads < 1:
         raise InputError(f"threads must be >= 1 (got {threads})")

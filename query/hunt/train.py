@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from atlas.errors import InputError
 from atlas.genes import MIN_GENE_OVERLAP, check_overlap
+from atlas.outputs import CLASSIFIER, check_output_dir
 from atlas.sources.base import iter_cell_chunks
 from atlas.sources.h5ad import open_h5ad
 from query.align import DEFAULT_SAMPLE as ALIGN_SAMPLE
@@ -255,6 +256,9 @@ def train(
     Raises InputError when no positive or no negative cell is found, or fewer than 3 positives.
     """
     t0 = time.perf_counter()
+    inputs = _input_paths(index, cells)
+    if out is not None:  # refuse a bad output before the work, not after it
+        check_output_dir(out, CLASSIFIER, inputs=inputs, replace=True)
     idx = open_index(index)
     if cells is None and positive_sql is None:
         raise InputError("no positives: give labelled cells with positive=..., or positive_sql=... over the atlas")
@@ -407,5 +411,11 @@ def train(
         choice.precision, choice.recall, metrics["expected_false_hits_per_million"],
     )
     if out is not None:
-        clf.save(out)
+        clf.save(out, inputs=inputs)
     return clf
+
+
+def _input_paths(index: Any, cells: Any) -> tuple[Path, ...]:
+    """The files and directories training reads: the index directory and the labelled cells' file."""
+    found = [index, getattr(index, "path", None), cells]
+    return tuple(Path(p) for p in found if isinstance(p, str | Path))

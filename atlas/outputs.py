@@ -1,0 +1,355 @@
+"""Where a command may write: guards for output directories and files, and OS errors turned into clear messages.
+
+The rule: a command writes only into paths it created or that hold its own kind of output (a classifier directory
+may replace a classifier directory, a sweep directory a sweep directory, ...); anything else that is not empty is
+refused. No output may be, contain, or sit inside one of the command's inputs.
+
+A directory claimed new or empty gets a small marker file (:data:`MARKER_FILE`) naming its kind, unless the kind's
+own files already identify it (an index has ``build.json``, a classifier ``classifier.json``, ...).
+
+This module is the bottom layer: it knows the other layers' file names as plain strings, never by import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from atlas.errors import OutputError, OutputWriteError
+
+logger = logging.getLogger(__name__)
+
+MARKER_FILE = ".scatlas-output.json"
+"""Written into an output directory scatlas created (or found empty): ``{"kind": NAME}``."""
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """A kind of output directory: its marker name, how to describe it, and the files that identify it.
+
+    ``layouts``: sets of entry names; a directory holding every name of one set is of this kind.
+    ``marker``: write :data:`MARKER_FILE` into a directory claimed new or empty (off for kinds whose own files
+    appear at once, or whose directory is replaced as a whole).
+    """
+
+    name: str
+    what: str
+    layouts: tuple[tuple[str, ...], ...] = ()
+    marker: bool = True
+
+
+ATLAS_STORE = OutputKind("atlas-store", "an atlas store", (("store.json",),), marker=False)
+INDEX = OutputKind("index", "a scatlas index", (("manifest.json",), ("build.json",)), marker=False)
+CLASSIFIER = OutputKind("hunt-classifier", "a hunt classifier", (("classifier.json",),), marker=False)
+SWEEP = OutputKind("hunt-sweep", "a hunt sweep directory", (("sweep.json",), ("hits.parquet", "summary.json")))
+REPORT = OutputKind("hunt-report", "a hunt report", (("enrichment.csv",), ("report.md",)))
+DEMO = OutputKind("demo", "a scatlas demo directory", (("h5ad", "atlas", "index"),))
+KINDS: tuple[OutputKind, ...] = (ATLAS_STORE, INDEX, CLASSIFIER, SWEEP, REPORT, DEMO)
+
+MAGIC: dict[str, tuple[bytes, ...]] = {
+    "parquet": (b"PAR1",),
+    "png": (b"\x89PNG\r\n\x1a\n",),
+    "h5ad": (b"\x89HDF\r\n\x1a\n",),
+    "json": (b"{", b"["),
+}
+"""How a file of each kind begins (JSON: after leading white space)."""
+
+
+# -- display -----------------------------------------------------------------------------------------------------
+
+
+def show(path: PathLike | bytes) -> str:
+    """A path as printable text: bytes that are not UTF-8 (surrogate escapes) become U+FFFD."""
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError:
+        return safe_text(os.fspath(path))  # type: ignore[arg-type]
+    return raw.decode("utf-8", "replace")
+
+
+def safe_text(text: str) -> str:
+    """``text`` with any lone surrogate (from a non-UTF-8 file name) replaced, so that it can be printed."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+# -- recognising directories -------------------------------------------------------------------------------------
+
+
+def _resolve(path: PathLike) -> Path:
+    return Path(os.path.abspath(os.path.realpath(os.fspath(path))))
+
+
+def marker_kind(path: Path) -> str | None:
+    """The kind named by the marker file of directory ``path``, or None (absent or unreadable)."""
+    try:
+        payload = json.loads((path / MARKER_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    kind = payload.get("kind") if isinstance(payload, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def kind_of(path: PathLike) -> OutputKind | None:
+    """The kind of output directory ``path`` holds (by marker, else by layout), or None."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    named = marker_kind(path)
+    for kind in KINDS:
+        if named == kind.name:
+            return kind
+    for kind in KINDS:
+        if any(all((path / name).exists() for name in layout) for layout in kind.layouts):
+            return kind
+    return None
+
+
+def is_kind(path: PathLike, kind: OutputKind) -> bool:
+    """Whether directory ``path`` holds ``kind`` (its marker, or one of its layouts)."""
+    path = Path(path)
+    named = marker_kind(path)
+    if named is not None:
+        return named == kind.name
+    return any(all((path / name).exists() for name in layout) for layout in kind.layouts)
+
+
+def describe_dir(path: PathLike) -> str:
+    """What a directory holds, for messages: its kind, or a count of its entries and one name (never contents)."""
+    kind = kind_of(path)
+    if kind is not None:
+        return kind.what
+    names = sorted(p.name for p in Path(path).iterdir() if p.name != MARKER_FILE)
+    if not names:
+        return "nothing"
+    return f"{len(names)} other entr{'y' if len(names) == 1 else 'ies'} (e.g. {show(names[0])!r})"
+
+
+def _entries(path: Path) -> list[str]:
+    return [p.name for p in path.iterdir() if p.name != MARKER_FILE]
+
+
+# -- relations with inputs ---------------------------------------------------------------------------------------
+
+
+def _is_within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def _check_inputs(out: Path, inputs: Iterable[PathLike | None], *, directory: bool) -> None:
+    """Refuse an output equal to an input, inside an input directory, or (a directory) containing an input."""
+    target = _resolve(out)
+    for item in inputs:
+        if item is None:
+            continue
+        src = _resolve(item)
+        same = target == src or (out.exists() and Path(item).exists() and _samefile(out, Path(item)))
+        if same:
+            raise OutputError(
+                f"{show(out)} is also an input of this command ({show(item)}); writing there would destroy it: "
+                "give another output path"
+            )
+        if src != target and _is_within(target, src) and Path(item).is_dir():
+            raise OutputError(
+                f"{show(out)} lies inside the input {show(item)}; writing there would change that input: "
+                "give an output path outside it"
+            )
+        if directory and src != target and _is_within(src, target):
+            raise OutputError(
+                f"{show(out)} contains the input {show(item)}; an output directory must not hold the command's "
+                "inputs: give another output directory"
+            )
+
+
+def _samefile(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+# -- directories -------------------------------------------------------------------------------------------------
+
+
+def check_output_dir(
+    path: PathLike,
+    kind: OutputKind,
+    *,
+    inputs: Iterable[PathLike | None] = (),
+    replace: bool = False,
+) -> Path:
+    """Refuse ``path`` as an output directory of ``kind`` unless it is new, empty, or already holds ``kind``.
+
+    ``replace``: the caller deletes or renames the directory as a whole, so the current directory (or one holding
+    it) is refused too. Nothing is created; returns ``Path(path)``. Raises :class:`OutputError`.
+    """
+    out = Path(path)
+    _check_inputs(out, inputs, directory=True)
+    resolved = _resolve(out)
+    if resolved == _resolve(os.sep):
+        raise OutputError(f"{show(out)} is the root directory; give a new subdirectory for {kind.what}")
+    if replace and _is_within(_resolve(os.getcwd()), resolved):
+        raise OutputError(
+            f"{show(out)} is the current directory or holds it, and this command replaces its output directory: "
+            f"give a new subdirectory (e.g. ./{kind.name}) for {kind.what}"
+        )
+    if not out.exists() and not out.is_symlink():
+        return out
+    if not out.is_dir():
+        raise OutputError(f"{show(out)} exists and is not a directory; give a new directory for {kind.what}")
+    with _reading(out):
+        if not _entries(out) or is_kind(out, kind):
+            return out
+        held = describe_dir(out)
+    hint = " (the current directory)" if resolved == _resolve(os.getcwd()) else ""
+    raise OutputError(
+        f"{show(out)}{hint} is not empty and holds {held}, not {kind.what}; refusing to write {kind.what} there: "
+        "give a new or empty directory"
+    )
+
+
+def claim_output_dir(
+    path: PathLike,
+    kind: OutputKind,
+    *,
+    inputs: Iterable[PathLike | None] = (),
+    replace: bool = False,
+) -> Path:
+    """:func:`check_output_dir`, then create the directory (with its marker, for kinds that use one)."""
+    out = check_output_dir(path, kind, inputs=inputs, replace=replace)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        if kind.marker and marker_kind(out) is None and not _entries(out):
+            (out / MARKER_FILE).write_text(json.dumps({"kind": kind.name}) + "\n", encoding="utf-8")
+    return out
+
+
+# -- files -------------------------------------------------------------------------------------------------------
+
+
+def looks_like(path: PathLike, file_kind: str) -> bool:
+    """Whether the file at ``path`` begins like a ``file_kind`` file (see :data:`MAGIC`); an empty file does."""
+    magics = MAGIC[file_kind]
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if file_kind == "json":
+        head = head.lstrip()
+    return not head or any(head.startswith(m) for m in magics)
+
+
+def check_output_file(
+    path: PathLike,
+    *,
+    inputs: Iterable[PathLike | None] = (),
+    file_kind: str | None = None,
+) -> Path:
+    """Refuse ``path`` as an output file when it is a directory, an input, inside an input directory, or an
+    existing file of another kind than ``file_kind`` (a key of :data:`MAGIC`). Nothing is written."""
+    out = Path(path)
+    if out.is_dir():
+        raise OutputError(f"{show(out)} is a directory; give a file path")
+    _check_inputs(out, inputs, directory=False)
+    if file_kind is not None and out.is_file():
+        with _reading(out):
+            ok = looks_like(out, file_kind)
+        if not ok:
+            raise OutputError(
+                f"{show(out)} exists and is not a {file_kind} file; refusing to replace it: give another path "
+                "(or delete that file first)"
+            )
+    return out
+
+
+def check_distinct(paths: Iterable[PathLike | None]) -> None:
+    """Refuse two outputs of one command that name the same file."""
+    seen: dict[Path, PathLike] = {}
+    for p in paths:
+        if p is None:
+            continue
+        key = _resolve(p)
+        if key in seen:
+            raise OutputError(f"{show(p)} is given for two outputs of this command; give each its own path")
+        seen[key] = p
+
+
+# -- OS errors ---------------------------------------------------------------------------------------------------
+
+_HINTS = {
+    errno.ENOSPC: "free space on that file system, or write somewhere else",
+    errno.EDQUOT: "free space within your quota, or write somewhere else",
+    errno.EROFS: "that file system is read-only: write somewhere else",
+    errno.EACCES: "check the permissions of that path, or write somewhere else",
+    errno.EPERM: "check the permissions of that path, or write somewhere else",
+    errno.ENOENT: "check that the path exists",
+    errno.ENOTDIR: "a part of that path is a file, not a directory: check the path",
+    errno.EISDIR: "that path is a directory: give a file path",
+    errno.ENAMETOOLONG: "use a shorter path",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n) and rerun",
+    errno.EFBIG: "the file is too large for that file system: write somewhere else",
+}
+
+
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+def os_error_message(exc: OSError, action: str | None = None, path: PathLike | None = None) -> str:
+    """``<strerror> while <action> <file>: <what to do>``, from an OSError (never the file's contents).
+
+    ``action`` defaults to "writing" for errors only a write raises (disk full, read-only), else "accessing".
+    """
+    code = exc.errno
+    if code is None:  # h5py and others put the errno in their text only
+        found = re.search(r"errno = (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    if action is None:
+        action = "writing" if code in _WRITE_ERRNOS else "accessing"
+    reason = exc.strerror or (os.strerror(code) if code is not None else "") or _first_line(exc)
+    name = exc.filename if exc.filename is not None else path
+    where = f" {show(name)}" if name is not None else ""
+    hint = _HINTS.get(code if code is not None else -1, "check the path, the free space and the permissions, then rerun")
+    return f"{safe_text(reason)} while {action}{where}: {hint}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0][:200] if text else "") or type(exc).__name__
+
+
+@contextlib.contextmanager
+def writing(path: PathLike | None = None, action: str | None = "writing") -> Iterator[None]:
+    """Turn an OSError raised while writing ``path`` into an :class:`OutputError` saying what to do.
+
+    ``action=None``: the message says "writing" or "accessing" after the error (for blocks that also read).
+    """
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise OutputWriteError(os_error_message(exc, action, path)) from exc
+
+
+@contextlib.contextmanager
+def _reading(path: PathLike) -> Iterator[None]:
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise OutputWriteError(os_error_message(exc, "reading", path)) from exc

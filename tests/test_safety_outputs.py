@@ -1,0 +1,320 @@
+"""Commands write only where they may, and every failure reads ``Error: ...`` (no traceback).
+
+One tiny atlas store, index, classifier and sweep are made once for the module through the command line; each test
+then points a command at a path it must not write (an input, another command's output, the current directory) or
+makes a write fail, and checks the message and that nothing was changed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner, Result
+
+from atlas.errors import InputError
+from scatlas.cli import cli
+
+POSITIVE = "cell_type == 'norn cell'"
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(cli, ["-q", *args])
+
+
+def ok(*args: str) -> str:
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def refused(*args: str, match: str) -> str:
+    """Run a command that must fail cleanly: exit status 1, ``Error: ...`` containing ``match``, no traceback."""
+    result = invoke(*args)
+    text = result.output
+    assert result.exit_code == 1, text
+    assert "Error: " in text and "Traceback" not in text, text
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert match in text, text
+    return text
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (relative path) with the SHA-256 of its bytes."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("safety")
+    ok("synth", "--out", str(root / "h5ad"), "--cells", "1500", "--genes", "200", "--datasets", "3",
+       "--rare", "norn cell=0.05@0,1,2", "--no-progress")
+    files = sorted((root / "h5ad").glob("*.h5ad"))
+    ok("ingest", str(files[0]), str(files[1]), "--atlas", str(root / "atlas"), "--no-progress")
+    ok("build", "--atlas", str(root / "atlas"), "--index", str(root / "index"), "--shard-size", "400",
+       "--embedder-option", "n_components=16", "--fit-sample", "1000", "--no-label-heads", "--no-progress")
+    ok("hunt", "train", "--index", str(root / "index"), "--cells", str(files[2]), "--positive", POSITIVE,
+       "--out", str(root / "clf"), "--background", "300", "--no-progress")
+    ok("hunt", "sweep", "--index", str(root / "index"), "--classifier", str(root / "clf"), "--out", str(root / "sweep"),
+       "--no-progress")
+    return {"root": root, "atlas": root / "atlas", "index": root / "index", "query": files[2], "clf": root / "clf",
+            "sweep": root / "sweep"}
+
+
+def train_args(world: dict[str, Path], out: Path | str) -> list[str]:
+    return ["hunt", "train", "--index", str(world["index"]), "--cells", str(world["query"]), "--positive", POSITIVE,
+            "--out", str(out), "--background", "300", "--no-progress"]
+
+
+# -- refusing paths ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["atlas", "index"])
+def test_train_refuses_to_replace_a_store_or_an_index(world, target):
+    before = snapshot(world[target])
+    text = refused(*train_args(world, world[target]), match=str(world[target]))
+    assert "not empty" in text or "input" in text
+    assert snapshot(world[target]) == before
+
+
+def test_train_refuses_the_current_directory(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    refused(*train_args(world, "."), match="current directory")
+    (tmp_path / "notes.txt").write_text("keep me")
+    refused(*train_args(world, "."), match="current directory")
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_train_refuses_a_directory_inside_the_index(world):
+    before = snapshot(world["index"])
+    refused(*train_args(world, world["index"] / "clf"), match="inside the input")
+    assert snapshot(world["index"]) == before
+
+
+def test_a_classifier_directory_is_replaced_by_a_new_classifier(world, tmp_path):
+    out = tmp_path / "clf"
+    ok(*train_args(world, out))
+    first = json.loads((out / "classifier.json").read_text())
+    ok(*train_args(world, out)[:-1], "--seed", "3", "--no-progress")
+    second = json.loads((out / "classifier.json").read_text())
+    assert second["seed"] == 3 and first["seed"] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["classifier.json", "weights.npy"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left behind
+
+
+@pytest.mark.parametrize("option", ["--report", "--neighbors", "--out"])
+def test_annotate_refuses_to_write_over_its_query(world, tmp_path, option):
+    query = tmp_path / "q.h5ad"
+    shutil.copyfile(world["query"], query)
+    before = snapshot(tmp_path)
+    args = {"--out": str(tmp_path / "a.h5ad"), option: str(query)}
+    flat = [x for kv in args.items() for x in kv]
+    refused("annotate", str(query), "--index", str(world["index"]), *flat, "--no-progress", match=str(query))
+    assert snapshot(tmp_path) == before
+
+
+def test_annotate_refuses_outputs_inside_the_index_or_a_foreign_file(world, tmp_path):
+    before = snapshot(world["index"])
+    refused("annotate", str(world["query"]), "--index", str(world["index"]), "--out", str(world["index"] / "a.h5ad"),
+            "--no-progress", match="inside the input")
+    assert snapshot(world["index"]) == before
+    notes = tmp_path / "notes.json"
+    notes.write_text("not json at all")
+    refused("annotate", str(world["query"]), "--index", str(world["index"]), "--out", str(tmp_path / "a.h5ad"),
+            "--report", str(notes), "--no-progress", match="not a json file")
+    assert notes.read_text() == "not json at all"
+
+
+def test_sweep_and_report_refuse_foreign_directories(world, tmp_path, monkeypatch):
+    before = snapshot(world["index"])
+    refused("hunt", "sweep", "--index", str(world["index"]), "--classifier", str(world["clf"]), "--out",
+            str(world["index"]), "--no-progress", match="input")
+    assert snapshot(world["index"]) == before
+    (tmp_path / "notes.txt").write_text("keep me")
+    monkeypatch.chdir(tmp_path)
+    refused("hunt", "sweep", "--index", str(world["index"]), "--classifier", str(world["clf"]), "--out", ".",
+            "--no-progress", match="current directory")
+    refused("hunt", "report", str(world["sweep"] / "hits.parquet"), "--index", str(world["index"]), "--out",
+            str(world["sweep"]), "--no-de", match="input")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_demo_refuses_a_directory_that_is_not_a_demo(tmp_path):
+    out = tmp_path / "work"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    refused("demo", "--out", str(out), "--cells", "2000", "--no-progress", match="not empty")
+    assert (out / "thesis.tex").read_text() == "years of work"
+
+
+def test_demo_replaces_an_earlier_demo(tmp_path, monkeypatch):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / ".scatlas-output.json").write_text(json.dumps({"kind": "demo"}))
+    (out / "query.confusion.png").write_bytes(b"old")
+
+    def stop(*args, **kwargs):
+        raise InputError("stopped after preparing the directory")
+
+    monkeypatch.setattr("atlas.synthetic.write_h5ad_datasets", stop)
+    refused("demo", "--out", str(out), "--cells", "2000", "--no-progress", match="stopped after preparing")
+    assert sorted(p.name for p in out.iterdir()) == [".scatlas-output.json"]
+
+
+def test_ingest_refuses_a_directory_that_is_not_a_store(world, tmp_path):
+    before = snapshot(world["index"])
+    refused("ingest", str(world["query"]), "--atlas", str(world["index"]), "--no-progress", match="scatlas index")
+    assert snapshot(world["index"]) == before
+
+
+# -- failed writes and reads -------------------------------------------------------------------------------------
+
+
+def test_disk_full_while_annotating_is_an_error_not_a_traceback(world, tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("query.outputs.shutil.copyfile", full)
+    text = refused("annotate", str(world["query"]), "--index", str(world["index"]), "--out", str(tmp_path / "a.h5ad"),
+                   "--no-progress", match="No space left on device")
+    assert "free space" in text
+    assert not list(tmp_path.iterdir())
+
+
+def test_disk_full_in_a_report_is_an_error(world, tmp_path, monkeypatch):
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full)
+    text = refused("hunt", "report", str(world["sweep"]), "--index", str(world["index"]), "--out",
+                   str(tmp_path / "rep"), "--no-de", match="No space left on device")
+    assert "enrichment.csv" in text and "free space" in text
+
+
+def test_read_only_target_in_a_sweep_is_an_error(world, tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(np, "savez", read_only)  # the sweep's per-shard partial files
+    text = refused("hunt", "sweep", "--index", str(world["index"]), "--classifier", str(world["clf"]), "--out",
+                   str(tmp_path / "sw"), "--no-progress", match="Read-only file system")
+    assert "write somewhere else" in text
+
+
+def test_os_errors_from_any_command_are_mapped_by_the_cli(world, tmp_path, monkeypatch):
+    def failing(*args, **kwargs):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "store" / "x"))
+
+    monkeypatch.setattr("atlas.ingestion.ingest", failing)
+    text = refused("ingest", str(world["query"]), "--atlas", str(tmp_path / "store"), match="Permission denied")
+    assert str(tmp_path / "store" / "x") in text and "permissions" in text
+
+    def tiledb_full(*args, **kwargs):  # a library's own exception reporting a full disk
+        raise RuntimeError("[TileDB::IO] Error: Cannot write to file; No space left on device")
+
+    monkeypatch.setattr("atlas.ingestion.ingest", tiledb_full)
+    refused("ingest", str(world["query"]), "--atlas", str(tmp_path / "store"), match="No space left on device")
+
+
+def test_a_locked_cells_table_is_reported_as_in_use(world, tmp_path):
+    index = tmp_path / "index"
+    shutil.copytree(world["index"], index)
+    code = "import duckdb, sys; con = duckdb.connect(sys.argv[1]); print('ready', flush=True); sys.stdin.readline()"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(index / "cells.duckdb")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        refused("hunt", "report", str(world["sweep"]), "--index", str(index), "--out", str(tmp_path / "rep"),
+                "--no-de", match="in use by another process")
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait()
+
+
+def test_a_damaged_classifier_is_named_and_its_text_not_echoed(world, tmp_path):
+    clf = tmp_path / "clf"
+    shutil.copytree(world["clf"], clf)
+    (clf / "classifier.json").write_text("SECRET-CONTENT {")
+    text = refused("hunt", "sweep", "--index", str(world["index"]), "--classifier", str(clf), "--out",
+                   str(tmp_path / "sw"), "--no-progress", match="is damaged")
+    assert "scatlas hunt train" in text and "SECRET-CONTENT" not in text
+    meta = json.loads((world["clf"] / "classifier.json").read_text())
+    del meta["bias"]
+    (clf / "classifier.json").write_text(json.dumps(meta))
+    refused("hunt", "sweep", "--index", str(world["index"]), "--classifier", str(clf), "--out", str(tmp_path / "sw"),
+            "--no-progress", match="lacks the field 'bias'")
+    (clf / "weights.npy").write_bytes(b"SECRET-CONTENT")
+    refused("hunt", "sweep", "--index", str(world["index"]), "--classifier", str(clf), "--out", str(tmp_path / "sw"),
+            "--no-progress", match="weights.npy")
+    # a damaged classifier directory may be replaced by retraining
+    ok(*train_args(world, clf))
+
+
+def test_report_on_a_file_that_is_not_parquet(world, tmp_path):
+    bogus = tmp_path / "hits.parquet"
+    bogus.write_text("SECRET-CONTENT")
+    text = refused("hunt", "report", str(bogus), "--index", str(world["index"]), "--out", str(tmp_path / "rep"),
+                   "--no-de", match="not a hits Parquet file written by `scatlas hunt sweep`")
+    assert "SECRET-CONTENT" not in text
+    refused("hunt", "report", str(world["query"]), "--index", str(world["index"]), "--out", str(tmp_path / "rep"),
+            "--no-de", match="not a hits Parquet file")
+
+
+def test_a_second_sweep_into_the_same_directory_is_refused(world, tmp_path):
+    out = tmp_path / "sw"
+    shutil.copytree(world["sweep"], out)
+    before = snapshot(out)
+    with open(out / ".sweep.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another sweep holds the directory
+        refused("hunt", "sweep", "--index", str(world["index"]), "--classifier", str(world["clf"]), "--out", str(out),
+                "--restart", "--no-progress", match="another sweep is writing to")
+    assert snapshot(out) == before
+    text = ok("hunt", "sweep", "--index", str(world["index"]), "--classifier", str(world["clf"]), "--out", str(out),
+              "--restart", "--no-progress")
+    n_rows = len(pd.read_parquet(out / "hits.parquet"))
+    assert f": {n_rows:,} hits" in text
+    assert json.loads((out / "summary.json").read_text())["n_hits"] == n_rows
+
+
+# -- outputs of an earlier run, and file names -------------------------------------------------------------------
+
+
+def test_annotating_again_removes_the_earlier_confusion_matrix(world, tmp_path):
+    out = tmp_path / "a.h5ad"
+    ok("annotate", str(world["query"]), "--index", str(world["index"]), "--out", str(out), "--truth-key", "cell_type",
+       "--no-progress")
+    assert (tmp_path / "a.confusion.png").is_file()
+    ok("annotate", str(world["query"]), "--index", str(world["index"]), "--out", str(out), "--no-progress")
+    assert not (tmp_path / "a.confusion.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5ad", "a.neighbors.parquet", "a.report.json"]
+
+
+def test_non_utf8_file_names_work(world, tmp_path):
+    query = tmp_path / os.fsdecode(b"q\xff.h5ad")
+    shutil.copyfile(world["query"], query)
+    out = tmp_path / os.fsdecode(b"out\xfe.h5ad")
+    ok("annotate", str(query), "--index", str(world["index"]), "--out", str(out), "--no-progress")
+    assert out.is_file() and out.with_name(os.fsdecode(b"out\xfe.neighbors.parquet")).is_file()
+    sweep_dir = tmp_path / os.fsdecode(b"sweep\xff")
+    ok("hunt", "sweep", "--index", str(world["index"]), "--classifier", str(world["clf"]), "--out", str(sweep_dir),
+       "--no-progress")
+    ok("hunt", "report", str(sweep_dir), "--index", str(world["index"]), "--out", str(tmp_path / os.fsdecode(b"r\xff")),
+       "--no-de")
+    text = refused("hunt", "report", str(query), "--index", str(world["index"]), "--out", str(tmp_path / "r2"),
+                   "--no-de", match="not a hits Parquet file")
+    text.encode("utf-8")  # printable: the undecodable byte is shown as U+FFFD
