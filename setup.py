@@ -9,7 +9,7 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "query.hunt._fp16dot",
+            "scatlas.query.hunt._fp16dot",
             sources=["query/hunt/_fp16dot.c"],
             extra_compile_args=["-O3", "-std=c11"],
             optional=True,

@@ -2,13 +2,13 @@
 
 Public API::
 
-    from atlas import ingest, AtlasStore
+    from scatlas.atlas import ingest, AtlasStore
     report = ingest(["a.h5ad", "census_exp/"], "my_atlas", obs_map={"cluster": "cell_type"})
     store = AtlasStore.open("my_atlas")
 """
 
-from atlas.errors import ScatlasError
-from atlas.ingestion import IngestReport, ingest
-from atlas.store import AtlasStore
+from scatlas.atlas.errors import ScatlasError
+from scatlas.atlas.ingestion import IngestReport, ingest
+from scatlas.atlas.store import AtlasStore
 
 __all__ = ["AtlasStore", "IngestReport", "ScatlasError", "ingest"]

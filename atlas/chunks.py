@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from atlas.genes import GeneVocabulary
-from atlas.xkind import XKind
+from scatlas.atlas.genes import GeneVocabulary
+from scatlas.atlas.xkind import XKind
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from atlas.errors import GeneOverlapError
+from scatlas.atlas.errors import GeneOverlapError
 
 logger = logging.getLogger(__name__)
 

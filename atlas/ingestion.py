@@ -24,17 +24,17 @@ import pyarrow as pa
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from atlas.digest import XDigest, canonical
-from atlas.errors import DatasetExistsError, InputError, StoreError
-from atlas.genes import GeneVocabulary, strip_version
-from atlas.outputs import ATLAS_STORE, check_output_dir
-from atlas.schema import STANDARD_OBS_COLUMNS
-from atlas.sources.base import DatasetSource
-from atlas.sources.h5ad import open_h5ad
-from atlas.sources.soma import is_soma_experiment, open_soma_experiment
-from atlas.sql import quote_ident
-from atlas.store import CELLS_DB, MEASUREMENT, X_LAYER, AtlasStore, DatasetRecord, StoreWriter
-from atlas.validate import check_embedding, check_name, escaped
+from scatlas.atlas.digest import XDigest, canonical
+from scatlas.atlas.errors import DatasetExistsError, InputError, StoreError
+from scatlas.atlas.genes import GeneVocabulary, strip_version
+from scatlas.atlas.outputs import ATLAS_STORE, check_output_dir
+from scatlas.atlas.schema import STANDARD_OBS_COLUMNS
+from scatlas.atlas.sources.base import DatasetSource
+from scatlas.atlas.sources.h5ad import open_h5ad
+from scatlas.atlas.sources.soma import is_soma_experiment, open_soma_experiment
+from scatlas.atlas.sql import quote_ident
+from scatlas.atlas.store import CELLS_DB, MEASUREMENT, X_LAYER, AtlasStore, DatasetRecord, StoreWriter
+from scatlas.atlas.validate import check_embedding, check_name, escaped
 
 logger = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from atlas.errors import InputError
-from atlas.xkind import XKind
+from scatlas.atlas.errors import InputError
+from scatlas.atlas.xkind import XKind
 
 TARGET_SUM = 1e4
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from atlas.errors import OutputError, OutputWriteError
+from scatlas.atlas.errors import OutputError, OutputWriteError
 
 logger = logging.getLogger(__name__)
 

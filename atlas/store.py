@@ -29,12 +29,12 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from atlas.atomic import write_json_atomic
-from atlas.chunks import CellChunk
-from atlas.errors import InputError, StoreError
-from atlas.genes import GeneVocabulary
-from atlas.schema import STANDARD_OBS_COLUMNS, obs_arrow_schema, var_arrow_schema
-from atlas.sources.soma import STREAM_CONTEXT_CONFIG, arrow_to_csr
+from scatlas.atlas.atomic import write_json_atomic
+from scatlas.atlas.chunks import CellChunk
+from scatlas.atlas.errors import InputError, StoreError
+from scatlas.atlas.genes import GeneVocabulary
+from scatlas.atlas.schema import STANDARD_OBS_COLUMNS, obs_arrow_schema, var_arrow_schema
+from scatlas.atlas.sources.soma import STREAM_CONTEXT_CONFIG, arrow_to_csr
 
 logger = logging.getLogger(__name__)
 

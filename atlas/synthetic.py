@@ -40,8 +40,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from atlas.errors import InputError
-from atlas.normalize import to_lognorm
+from scatlas.atlas.errors import InputError
+from scatlas.atlas.normalize import to_lognorm
 
 try:
     from anndata.io import write_elem

@@ -7,8 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from atlas.ingestion import IngestMode, IngestReport, ingest
-from atlas.synthetic import SyntheticAtlasConfig, write_h5ad_datasets
+from scatlas.atlas.ingestion import IngestMode, IngestReport, ingest
+from scatlas.atlas.synthetic import SyntheticAtlasConfig, write_h5ad_datasets
 
 logger = logging.getLogger(__name__)
 

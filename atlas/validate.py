@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from atlas.errors import InputError
-from atlas.xkind import LOG_SCALE_MAX, XKind
+from scatlas.atlas.errors import InputError
+from scatlas.atlas.xkind import LOG_SCALE_MAX, XKind
 
 MAX_VALUE = 1e9
 """No count or normalised value of one gene in one cell comes near this; larger ones are corrupt input."""

@@ -9,9 +9,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from atlas.digest import XDigest, canonical
-from atlas.errors import ScatlasError
-from atlas.store import JOURNAL_FILE, AtlasStore
+from scatlas.atlas.digest import XDigest, canonical
+from scatlas.atlas.errors import ScatlasError
+from scatlas.atlas.store import JOURNAL_FILE, AtlasStore
 
 logger = logging.getLogger(__name__)
 

@@ -4,10 +4,10 @@
 :class:`VectorSource`; ``AtlasIndex.open(path)`` searches; ``index_info(path)`` summarises.
 """
 
-from index.atlas_index import AtlasIndex, SearchResult
-from index.build import BuildConfig, build_from_source
-from index.info import index_info
-from index.manifest import (
+from scatlas.index.atlas_index import AtlasIndex, SearchResult
+from scatlas.index.build import BuildConfig, build_from_source
+from scatlas.index.info import index_info
+from scatlas.index.manifest import (
     Calibration,
     EmbedderInfo,
     IndexManifest,
@@ -15,7 +15,7 @@ from index.manifest import (
     SearchDefaults,
     read_manifest,
 )
-from index.source import (
+from scatlas.index.source import (
     ArrayVectorSource,
     NpyVectorSource,
     RangeVectorSource,
@@ -23,7 +23,7 @@ from index.source import (
     VectorSource,
     synthetic_source,
 )
-from index.store_source import StoreVectorSource, build_index
+from scatlas.index.store_source import StoreVectorSource, build_index
 
 __all__ = [
     "ArrayVectorSource",

@@ -10,15 +10,22 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from atlas.errors import EmbedderMismatchError, IndexFormatError, InputError, StoreError
-from index._faiss import faiss_module
-from index.device import faiss_gpu_count, resolve_device, set_faiss_threads
-from index.manifest import CELLS_DB_FILE, EMBEDDER_DIR, SHARDS_DIR, TRAINED_FILE, IndexManifest, read_manifest
-from index.metadata import cells_frame, connect, where_ids
-from index.searcher import QUERY_BATCH, ShardSearcher
-from index.shard import check_shard_ids, damaged_hint, verify_shard
-from index.vectors import check_queries, l2_normalize
-from index.verify import (
+from scatlas.atlas.errors import EmbedderMismatchError, IndexFormatError, InputError, StoreError
+from scatlas.index._faiss import faiss_module
+from scatlas.index.device import faiss_gpu_count, resolve_device, set_faiss_threads
+from scatlas.index.manifest import (
+    CELLS_DB_FILE,
+    EMBEDDER_DIR,
+    SHARDS_DIR,
+    TRAINED_FILE,
+    IndexManifest,
+    read_manifest,
+)
+from scatlas.index.metadata import cells_frame, connect, where_ids
+from scatlas.index.searcher import QUERY_BATCH, ShardSearcher
+from scatlas.index.shard import check_shard_ids, damaged_hint, verify_shard
+from scatlas.index.vectors import check_queries, l2_normalize
+from scatlas.index.verify import (
     check_big_file,
     check_files,
     check_small_files,
@@ -28,9 +35,9 @@ from index.verify import (
 )
 
 if TYPE_CHECKING:
-    from atlas.chunks import CellChunk
-    from atlas.embed.base import Embedder
-    from index.label_heads import LabelHead
+    from scatlas.atlas.chunks import CellChunk
+    from scatlas.atlas.embed.base import Embedder
+    from scatlas.index.label_heads import LabelHead
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +98,7 @@ def _load_embedder(edir: Path) -> Embedder:
     import zipfile
     import zlib
 
-    from atlas.embed import load_embedder
+    from scatlas.atlas.embed import load_embedder
 
     try:
         emb: Embedder = load_embedder(edir)
@@ -196,7 +203,7 @@ class AtlasIndex:
         """The supervised label heads trained for this index (``{label column: LabelHead}``; empty when none;
         see :mod:`index.label_heads`)."""
         if self._heads is None:
-            from index.label_heads import load_label_heads
+            from scatlas.index.label_heads import load_label_heads
 
             self._heads = load_label_heads(
                 self.path, embedder_fingerprint=self._manifest.embedder.fingerprint,

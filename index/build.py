@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from atlas.errors import DependencyError, IndexFormatError, InputError, TaskError
-from atlas.outputs import INDEX, check_output_dir, claim_output_dir, writing
-from index._faiss import faiss_module
-from index.device import Device, faiss_gpu_count, resolve_device, set_faiss_threads
-from index.evaluate import TARGET_RECALL, calibrate, tune_and_measure
-from index.executor import Executor, LocalExecutor, Task, TaskContext, local_devices
-from index.factory import Assigner, default_train_sample, is_exact, resolve_factory, train_index
-from index.manifest import (
+from scatlas.atlas.errors import DependencyError, IndexFormatError, InputError, TaskError
+from scatlas.atlas.outputs import INDEX, check_output_dir, claim_output_dir, writing
+from scatlas.index._faiss import faiss_module
+from scatlas.index.device import Device, faiss_gpu_count, resolve_device, set_faiss_threads
+from scatlas.index.evaluate import TARGET_RECALL, calibrate, tune_and_measure
+from scatlas.index.executor import Executor, LocalExecutor, Task, TaskContext, local_devices
+from scatlas.index.factory import Assigner, default_train_sample, is_exact, resolve_factory, train_index
+from scatlas.index.manifest import (
     BUILD_FILE,
     CELLS_DB_FILE,
     EMBEDDER_DIR,
@@ -48,15 +48,15 @@ from index.manifest import (
     shard_dirname,
     write_json_atomic,
 )
-from index.metadata import CellsInput, write_cells_db
-from index.searcher import ShardSearcher
-from index.shard import clean_tmp, file_record, read_done, verify_shard, write_shard
-from index.source import ShardSpec, VectorSource
-from index.vectors import as_stored
-from index.verify import small_file_records
+from scatlas.index.metadata import CellsInput, write_cells_db
+from scatlas.index.searcher import ShardSearcher
+from scatlas.index.shard import clean_tmp, file_record, read_done, verify_shard, write_shard
+from scatlas.index.source import ShardSpec, VectorSource
+from scatlas.index.vectors import as_stored
+from scatlas.index.verify import small_file_records
 
 if TYPE_CHECKING:
-    from atlas.embed.base import Embedder
+    from scatlas.atlas.embed.base import Embedder
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import logging
 import os
 from typing import Literal
 
-from atlas.errors import DependencyError, InputError
-from index._faiss import faiss_module
+from scatlas.atlas.errors import DependencyError, InputError
+from scatlas.index._faiss import faiss_module
 
 logger = logging.getLogger(__name__)
 

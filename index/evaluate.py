@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from index.manifest import CALIBRATION_QUANTILES, Calibration, RecallReport
-from index.searcher import ShardSearcher
+from scatlas.index.manifest import CALIBRATION_QUANTILES, Calibration, RecallReport
+from scatlas.index.searcher import ShardSearcher
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from atlas.errors import DependencyError, InputError, ScatlasError, TaskError
+from scatlas.atlas.errors import DependencyError, InputError, ScatlasError, TaskError
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from atlas.errors import InputError
-from index._faiss import faiss_module
-from index.device import Device
+from scatlas.atlas.errors import InputError
+from scatlas.index._faiss import faiss_module
+from scatlas.index.device import Device
 
 logger = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from atlas.errors import IndexFormatError
-from index.atlas_index import AtlasIndex
-from index.manifest import IndexManifest
-from index.verify import read_bytes_total, verify_on_read_limit
+from scatlas.atlas.errors import IndexFormatError
+from scatlas.index.atlas_index import AtlasIndex
+from scatlas.index.manifest import IndexManifest
+from scatlas.index.verify import read_bytes_total, verify_on_read_limit
 
 
 def directory_bytes(path: Path) -> int:

@@ -35,14 +35,20 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from atlas.errors import IndexFormatError, InputError
-from atlas.sql import quote_ident
-from index.manifest import MANIFEST_FILE, FileRecord, manifest_digest, read_manifest, record_heads_files
-from index.metadata import columns_of
-from index.shard import file_record
-from index.softmax import SoftmaxModel, fit_softmax
-from index.vectors import as_stored
-from index.verify import check_files
+from scatlas.atlas.errors import IndexFormatError, InputError
+from scatlas.atlas.sql import quote_ident
+from scatlas.index.manifest import (
+    MANIFEST_FILE,
+    FileRecord,
+    manifest_digest,
+    read_manifest,
+    record_heads_files,
+)
+from scatlas.index.metadata import columns_of
+from scatlas.index.shard import file_record
+from scatlas.index.softmax import SoftmaxModel, fit_softmax
+from scatlas.index.vectors import as_stored
+from scatlas.index.verify import check_files
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +227,7 @@ def _read_training_data(
     store: Any, index_dir: Path, config: HeadsConfig, progress: bool
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray, str]:
     """(vectors, gene features or None, per-key (ids, labels) samples, all sampled ids, embedder fingerprint)."""
-    from index.atlas_index import AtlasIndex
+    from scatlas.index.atlas_index import AtlasIndex
 
     with AtlasIndex.open(index_dir) as index:
         built_from = index.manifest.atlas_snapshot.get("n_cells")
@@ -256,7 +262,7 @@ def train_label_heads(
 
     Reuses existing heads when they were trained with the same settings for this very build of the index.
     """
-    from atlas.store import AtlasStore
+    from scatlas.atlas.store import AtlasStore
 
     keys = (label_keys,) if isinstance(label_keys, str) else tuple(label_keys)
     config = HeadsConfig(

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from atlas.atomic import write_json_atomic
-from atlas.errors import IndexFormatError
+from scatlas.atlas.atomic import write_json_atomic
+from scatlas.atlas.errors import IndexFormatError
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from atlas.errors import IndexFormatError, InputError
-from atlas.sql import quote_ident
-from index.predicate import CELLS_TABLE, ID_COLUMN, describe_columns, shown, validate_predicate
+from scatlas.atlas.errors import IndexFormatError, InputError
+from scatlas.atlas.sql import quote_ident
+from scatlas.index.predicate import CELLS_TABLE, ID_COLUMN, describe_columns, shown, validate_predicate
 
 logger = logging.getLogger(__name__)
 

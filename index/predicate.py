@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from atlas.errors import InputError
+from scatlas.atlas.errors import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from atlas.errors import IndexFormatError
-from index._faiss import faiss_module
-from index.factory import apply_chain, gpu_replicas, is_exact, ivf_of, to_gpu
-from index.manifest import SHARD_IDS_FILE, SHARD_INDEX_FILE, SHARD_VECTORS_FILE, ShardRecord
-from index.shard import verify_shard
-from index.vectors import float16_to_float32
+from scatlas.atlas.errors import IndexFormatError
+from scatlas.index._faiss import faiss_module
+from scatlas.index.factory import apply_chain, gpu_replicas, is_exact, ivf_of, to_gpu
+from scatlas.index.manifest import SHARD_IDS_FILE, SHARD_INDEX_FILE, SHARD_VECTORS_FILE, ShardRecord
+from scatlas.index.shard import verify_shard
+from scatlas.index.vectors import float16_to_float32
 
 logger = logging.getLogger(__name__)
 

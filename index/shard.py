@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 from numpy.lib.format import open_memmap
 
-from atlas.errors import IndexFormatError, InputError
-from index._faiss import faiss_module
-from index.factory import Assigner, add_vectors, clone, is_exact
-from index.manifest import (
+from scatlas.atlas.errors import IndexFormatError, InputError
+from scatlas.index._faiss import faiss_module
+from scatlas.index.factory import Assigner, add_vectors, clone, is_exact
+from scatlas.index.manifest import (
     DONE_FILE,
     SHARD_FILES,
     SHARD_IDS_FILE,
@@ -33,8 +33,8 @@ from index.manifest import (
     shard_dirname,
     write_json_atomic,
 )
-from index.source import ShardSpec, VectorSource
-from index.vectors import as_stored
+from scatlas.index.source import ShardSpec, VectorSource
+from scatlas.index.vectors import as_stored
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from atlas.errors import InputError
+from scatlas.atlas.errors import InputError
 
 logger = logging.getLogger(__name__)
 

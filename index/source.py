@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from atlas.errors import InputError
+from scatlas.atlas.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ def synthetic_source(config: Any) -> RangeVectorSource:
     """Clustered synthetic vectors of an :class:`atlas.synthetic.SyntheticEmbeddingConfig`, streamed by range."""
     import dataclasses
 
-    from atlas.synthetic import vectors_for_range
+    from scatlas.atlas.synthetic import vectors_for_range
 
     block = max(1024, 2**22 // config.d)  # atlas.synthetic draws blocks of this many rows: regenerate each once
     cache: dict[int, np.ndarray] = {}

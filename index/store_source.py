@@ -11,15 +11,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from atlas.errors import InputError
-from index.build import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE, BuildConfig, _prepare_dir, build_from_source
-from index.manifest import BUILD_FILE, EMBEDDER_DIR, IndexManifest
-from index.metadata import CellsFile
-from index.source import ShardSpec, plan_over_ranges
+from scatlas.atlas.errors import InputError
+from scatlas.index.build import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_SHARD_SIZE,
+    BuildConfig,
+    _prepare_dir,
+    build_from_source,
+)
+from scatlas.index.manifest import BUILD_FILE, EMBEDDER_DIR, IndexManifest
+from scatlas.index.metadata import CellsFile
+from scatlas.index.source import ShardSpec, plan_over_ranges
 
 if TYPE_CHECKING:
-    from atlas.embed.base import Embedder
-    from index.executor import Executor
+    from scatlas.atlas.embed.base import Embedder
+    from scatlas.index.executor import Executor
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +90,13 @@ class StoreVectorSource:
 
 
 def _reopen_store_source(path: str, embedder: Embedder) -> StoreVectorSource:
-    from atlas.store import AtlasStore
+    from scatlas.atlas.store import AtlasStore
 
     return StoreVectorSource(AtlasStore.open(path), embedder)
 
 
 def _fit_embedder(store: Any, spec: str, fit_sample: int, seed: int, options: dict[str, Any]) -> Embedder:
-    from atlas.embed import make_embedder
+    from scatlas.atlas.embed import make_embedder
 
     embedder = make_embedder(spec, **options)
     if embedder.requires_fit:
@@ -105,7 +111,7 @@ def _fit_embedder(store: Any, spec: str, fit_sample: int, seed: int, options: di
 
 def _resumable_embedder(out: Path, identity: dict[str, Any]) -> Embedder | None:
     """The embedder saved by an interrupted build with the same embedder arguments, if any."""
-    from atlas.embed import load_embedder
+    from scatlas.atlas.embed import load_embedder
 
     build, saved = out / BUILD_FILE, out / EMBEDDER_DIR / "embedder.json"
     if not build.is_file():
@@ -137,7 +143,7 @@ def committed_cells(store: Any) -> CellsFile:
 
 def _resolve_label_keys(store: Any, label_keys: Sequence[str] | str) -> tuple[str, ...]:
     if label_keys == "auto":
-        from index.label_heads import label_columns
+        from scatlas.index.label_heads import label_columns
 
         con = store.connect()
         try:
@@ -182,7 +188,7 @@ def build_index(
     every text column of the cell table that looks like an annotation (:func:`index.label_heads.label_columns`:
     2 to 1,000 distinct values, e.g. cell_type, tissue, disease); ``()``: none.
     """
-    from atlas.store import AtlasStore
+    from scatlas.atlas.store import AtlasStore
 
     if fit_sample < 1:
         raise InputError(f"fit_sample must be >= 1 (got {fit_sample})")
@@ -208,7 +214,7 @@ def build_index(
     )
     keys = _resolve_label_keys(store, label_keys)
     if keys:
-        from index.label_heads import train_label_heads
+        from scatlas.index.label_heads import train_label_heads
 
         train_label_heads(
             store, out, keys, seed=config.seed, progress=progress, **dict(heads_options or {})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from atlas.errors import InputError
+from scatlas.atlas.errors import InputError
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from atlas.errors import IndexFormatError, InputError
-from index.manifest import (
+from scatlas.atlas.errors import IndexFormatError, InputError
+from scatlas.index.manifest import (
     BUILD_FILE,
     CELLS_DB_FILE,
     EMBEDDER_DIR,
@@ -37,7 +37,7 @@ from index.manifest import (
     ShardRecord,
     read_manifest,
 )
-from index.shard import checksum_matches, damaged_hint, file_record, sha256_file, shard_ids_problem
+from scatlas.index.shard import checksum_matches, damaged_hint, file_record, sha256_file, shard_ids_problem
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def _range_problems(manifest: IndexManifest) -> list[Problem]:
 
 
 def _notes(index_dir: Path, manifest: IndexManifest) -> list[str]:
-    from index.label_heads import HEADS_DIR
+    from scatlas.index.label_heads import HEADS_DIR
 
     notes = []
     if manifest.files is None:

@@ -3,15 +3,15 @@
 
 Public API::
 
-    from query import annotate
+    from scatlas.query import annotate
     result = annotate("query.h5ad", "atlas_index", label_keys=["cell_type"], truth_key="cell_type")
     result.predictions            # <key>_pred / <key>_confidence / <key>_unknown_reason per query cell
     result.write("annotated.h5ad", neighbors_parquet="nn.parquet", report_json="report.json")
 """
 
-from query.annotate import AnnotationResult, annotate
-from query.evaluate import confusion_table, evaluate_labels
-from query.vote import UNKNOWN, Votes, vote, vote_weights
+from scatlas.query.annotate import AnnotationResult, annotate
+from scatlas.query.evaluate import confusion_table, evaluate_labels
+from scatlas.query.vote import UNKNOWN, Votes, vote, vote_weights
 
 __all__ = [
     "UNKNOWN",

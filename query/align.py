@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from index import AtlasIndex
+from scatlas.index import AtlasIndex
 
 logger = logging.getLogger(__name__)
 

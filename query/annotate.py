@@ -19,21 +19,21 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from atlas.errors import InputError
-from atlas.genes import MIN_GENE_OVERLAP, check_overlap
-from atlas.outputs import check_distinct
-from atlas.sources import open_h5ad
-from atlas.sources.base import iter_cell_chunks
-from index import AtlasIndex
-from index.label_heads import refit_for_genes
-from index.manifest import manifest_digest
-from index.metadata import columns_of, value_counts
-from index.vectors import l2_normalize
-from query.align import DEFAULT_SAMPLE as DEFAULT_ALIGN_SAMPLE
-from query.align import Alignment, apply_shift, estimate_shift
-from query.evaluate import confusion_table, evaluate_labels
-from query.outputs import plot_confusion, write_annotated_h5ad, write_json, write_parquet
-from query.vote import (
+from scatlas.atlas.errors import InputError
+from scatlas.atlas.genes import MIN_GENE_OVERLAP, check_overlap
+from scatlas.atlas.outputs import check_distinct
+from scatlas.atlas.sources import open_h5ad
+from scatlas.atlas.sources.base import iter_cell_chunks
+from scatlas.index import AtlasIndex
+from scatlas.index.label_heads import refit_for_genes
+from scatlas.index.manifest import manifest_digest
+from scatlas.index.metadata import columns_of, value_counts
+from scatlas.index.vectors import l2_normalize
+from scatlas.query.align import DEFAULT_SAMPLE as DEFAULT_ALIGN_SAMPLE
+from scatlas.query.align import Alignment, apply_shift, estimate_shift
+from scatlas.query.evaluate import confusion_table, evaluate_labels
+from scatlas.query.outputs import plot_confusion, write_annotated_h5ad, write_json, write_parquet
+from scatlas.query.vote import (
     REASON_FAR,
     REASON_LOW_CONFIDENCE,
     REASON_NO_EXPRESSION,

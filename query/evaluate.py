@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from query.vote import UNKNOWN
+from scatlas.query.vote import UNKNOWN
 
 
 def _as_str(values: Sequence[object] | np.ndarray | pd.Series) -> np.ndarray:

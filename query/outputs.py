@@ -20,9 +20,9 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from atlas.atomic import write_json_atomic
-from atlas.errors import InputError
-from atlas.outputs import (
+from scatlas.atlas.atomic import write_json_atomic
+from scatlas.atlas.errors import InputError
+from scatlas.atlas.outputs import (
     OutputError,
     OutputWriteError,
     check_output_file,

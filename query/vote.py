@@ -28,7 +28,7 @@ from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 
-from atlas.errors import InputError
+from scatlas.atlas.errors import InputError
 
 Weighting = Literal["uniform", "similarity", "adaptive"]
 WEIGHTINGS: tuple[str, ...] = get_args(Weighting)

@@ -1,7 +1,8 @@
 """scatlas: a vector-search reference atlas for single-cell RNA-seq.
 
-This package holds only the command-line wiring; the work is done by the ``atlas``, ``index`` and ``query``
-packages, each usable from Python on its own.
+``scatlas.atlas`` (store, ingest, embedders), ``scatlas.index`` (sharded FAISS index, metadata) and
+``scatlas.query`` (annotate, hunt) do the work, each usable from Python; this package's ``cli`` wires them to the
+``scatlas`` command.
 """
 
 __version__ = "0.1.0"

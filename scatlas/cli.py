@@ -15,8 +15,9 @@ from typing import Any
 
 import click
 
-from atlas.errors import ScatlasError
-from atlas.outputs import (
+from scatlas import __version__
+from scatlas.atlas.errors import ScatlasError
+from scatlas.atlas.outputs import (
     check_distinct,
     check_output_file,
     os_error_message,
@@ -24,7 +25,6 @@ from atlas.outputs import (
     show,
     writing,
 )
-from scatlas import __version__
 
 logger = logging.getLogger("scatlas")
 
@@ -142,7 +142,7 @@ def executor_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _make_executor(executor: str, ray_address: str | None, cpus_per_task: float) -> Any:
     """None for the default local executor (the library picks its devices), else the chosen executor."""
-    from index.executor import RayExecutor
+    from scatlas.index.executor import RayExecutor
 
     if executor == "local":
         if ray_address is not None:
@@ -165,7 +165,7 @@ def _echo_json(payload: Any, path: Path | None) -> None:
     """Write ``payload`` as JSON to ``path`` (atomically), when given."""
     if path is None:
         return
-    from atlas.atomic import write_json_atomic
+    from scatlas.atlas.atomic import write_json_atomic
 
     check_output_file(path, file_kind="json")
     with writing(path):
@@ -201,7 +201,7 @@ def cli(verbose: int, quiet: bool) -> None:
 def ingest(sources: tuple[str, ...], atlas_dir: Path, dataset_id: str | None, obs_map: tuple[str, ...], mode: str,
            keep_non_primary: bool, chunk_size: int, report_path: Path | None, progress: bool) -> None:
     """Add .h5ad files or Census-layout TileDB-SOMA experiments (SOURCES) to an atlas store."""
-    from atlas.ingestion import ingest as run_ingest
+    from scatlas.atlas.ingestion import ingest as run_ingest
 
     if report_path is not None:
         check_output_file(report_path, inputs=sources, file_kind="json")
@@ -263,8 +263,8 @@ def synth(out_dir: Path | None, atlas_dir: Path | None, cells: int, genes: int, 
 
     With --out, writes one .h5ad per dataset; with --atlas, ingests it straight into an atlas store.
     """
-    from atlas.errors import InputError
-    from atlas.synthetic import (
+    from scatlas.atlas.errors import InputError
+    from scatlas.atlas.synthetic import (
         DEFAULT_RARE_TYPES,
         RareType,
         SyntheticAtlasConfig,
@@ -292,7 +292,7 @@ def synth(out_dir: Path | None, atlas_dir: Path | None, cells: int, genes: int, 
     cfg = SyntheticAtlasConfig(n_cells=cells, n_genes=genes, n_datasets=datasets, n_donors=donors, rare_types=rare_types,
                                absent_types=absent_map, layout=layout, gene_ids=gene_ids, seed=seed)  # type: ignore[arg-type]
     if atlas_dir is not None:
-        from atlas.synthetic_store import ingest_synthetic
+        from scatlas.atlas.synthetic_store import ingest_synthetic
 
         report = ingest_synthetic(cfg, atlas_dir, progress=progress)
         _echo(f"{atlas_dir}: ingested {sum(d.n_cells for d in report.datasets)} synthetic cells in "
@@ -344,7 +344,7 @@ def build(atlas_dir: Path, index_dir: Path, embedder: str, embedder_option: tupl
           label_keys: tuple[str, ...], no_label_heads: bool, head_cells_per_label: int | None, executor: str,
           ray_address: str | None, cpus_per_task: float, progress: bool) -> None:
     """Embed every cell of an atlas store and write a sharded FAISS index (resumes an interrupted build)."""
-    from index import build_index, index_info
+    from scatlas.index import build_index, index_info
 
     if no_label_heads and label_keys:
         raise click.UsageError("--no-label-heads and --label-key exclude each other")
@@ -387,7 +387,7 @@ def _print_info(info: dict[str, Any]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def info(index_path: Path | None, index_dir: Path | None, as_json: bool) -> None:
     """Show an index: cells, shards, embedder, factory, measured recall, size on disk, bytes per cell, label heads."""
-    from index import index_info
+    from scatlas.index import index_info
 
     path = index_dir if index_path is None else index_path
     if path is None or (index_path is not None and index_dir is not None):
@@ -407,8 +407,8 @@ def info(index_path: Path | None, index_dir: Path | None, as_json: bool) -> None
 @progress_option
 def verify(index_dir: Path | None, atlas_dir: Path | None, as_json: bool, progress: bool) -> None:
     """Read an index and/or an atlas store back whole and check every checksum; exit 1 when anything is wrong."""
-    from atlas.verify import verify_store
-    from index.verify import verify_index
+    from scatlas.atlas.verify import verify_store
+    from scatlas.index.verify import verify_index
 
     if index_dir is None and atlas_dir is None:
         raise click.UsageError("give --index DIR and/or --atlas DIR")
@@ -472,8 +472,8 @@ def annotate(query_file: Path, index_dir: Path, out_h5ad: Path, label_keys: tupl
              truth_key: str | None, neighbors_path: Path | None, report_path: Path | None, min_gene_overlap: float | None,
              batch_size: int | None, predictor: str, missing_genes: str, progress: bool) -> None:
     """Annotate QUERY_FILE (.h5ad): embed with the index's embedder, find k nearest atlas cells, vote labels."""
-    from query import annotate as run_annotate
-    from query.outputs import remove_stale
+    from scatlas.query import annotate as run_annotate
+    from scatlas.query.outputs import remove_stale
 
     stem = out_h5ad.with_suffix("")
     neighbors_path = neighbors_path or stem.with_name(stem.name + ".neighbors.parquet")
@@ -543,7 +543,7 @@ def hunt() -> None:
 def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, positive_sql: str | None, out_dir: Path,
                background: int, device: str, seed: int, progress: bool) -> None:
     """Train a class-balanced logistic classifier on known rare cells; cross-validated metrics, calibrated score."""
-    from query.hunt import train
+    from scatlas.query.hunt import train
 
     clf = train(index_dir, cells_file, positive=positive, positive_sql=positive_sql, background=background,
                 device=device, seed=seed, out=out_dir, progress=progress)
@@ -569,7 +569,7 @@ def hunt_sweep(index_dir: Path, classifier_dir: Path, out_dir: Path, min_score: 
                restart: bool, device: str, threads: int | None, executor: str, ray_address: str | None,
                cpus_per_task: float, progress: bool) -> None:
     """Score every cell of every shard from the stored vectors; write hits joined with cell metadata."""
-    from query.hunt import sweep
+    from scatlas.query.hunt import sweep
 
     s = sweep(index_dir, classifier_dir, out_dir, min_score=min_score, min_probability=min_probability, resume=not restart,
               device=device, threads=threads, progress=progress,
@@ -595,7 +595,7 @@ def hunt_sweep(index_dir: Path, classifier_dir: Path, out_dir: Path, min_score: 
 def hunt_report(hits: Path, index_dir: Path, out_dir: Path, by: str, de_group: str | None, de_reference: str | None,
                 atlas_dir: Path | None, no_de: bool) -> None:
     """Enrichment of hits per group (Fisher test, BH q), bar chart, differential expression from the atlas counts."""
-    from query.hunt import report
+    from scatlas.query.hunt import report
 
     columns = tuple(c.strip() for c in by.split(",") if c.strip())
     r = report(hits, index_dir, out_dir, by=columns, de_group=de_group, de_reference=de_reference, atlas=atlas_dir,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from atlas.outputs import DEMO, check_output_dir, claim_output_dir, is_kind, writing
+from scatlas.atlas.outputs import DEMO, check_output_dir, claim_output_dir, is_kind, writing
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +51,14 @@ def run_demo(
     the atlas datasets lack, which annotation should call "unknown", and a rare population (``norn cell``, 2%
     of cells where present) that the hunt learns from the query's labelled cells and finds in the atlas.
     """
-    from atlas import ingest
-    from atlas.synthetic import (
+    from scatlas.atlas import ingest
+    from scatlas.atlas.synthetic import (
         DEFAULT_CELL_TYPES,
         RareType,
         SyntheticAtlasConfig,
         write_h5ad_datasets,
     )
-    from index import build_index, index_info
+    from scatlas.index import build_index, index_info
 
     out = _fresh_demo_dir(Path(out_dir))
     result = DemoResult(out_dir=out)
@@ -105,7 +105,7 @@ def run_demo(
     query_file = files[-1]
 
     def do_annotate() -> str:
-        from query import annotate
+        from scatlas.query import annotate
 
         res = annotate(query_file, out / "index", label_keys=["cell_type"], truth_key="cell_type", progress=progress)
         res.write(out / "query.annotated.h5ad", neighbors_parquet=out / "query.neighbors.parquet",
@@ -120,7 +120,7 @@ def run_demo(
     stage("annotate", do_annotate)
 
     def do_hunt() -> str:
-        from query.hunt import report, sweep, train
+        from scatlas.query.hunt import report, sweep, train
 
         clf = train(out / "index", query_file, positive=f"cell_type == '{RARE_TYPE}'", background=5000,
                     out=out / "hunt" / "classifier", progress=progress)

@@ -368,7 +368,7 @@ def prepare_synthetic(work: Path, n_cells: int, seed: int = 0) -> tuple[list[Pat
     """4 synthetic datasets; datasets 0-2 are the reference, 3 the query; SYN_HELD_OUT types only in 3."""
     import anndata
 
-    from atlas.synthetic import SyntheticAtlasConfig, write_h5ad_datasets
+    from scatlas.atlas.synthetic import SyntheticAtlasConfig, write_h5ad_datasets
 
     config = SyntheticAtlasConfig(
         n_cells=n_cells,
@@ -414,9 +414,9 @@ def lognorm_matrix(path: Path, genes: Any | None) -> tuple[Any, np.ndarray, Any]
     """(log1p(CP10k) CSR over ``genes`` (or the file's own genes), labels, the file's GeneVocabulary)."""
     import scipy.sparse as sp
 
-    from atlas.genes import match_genes
-    from atlas.normalize import to_lognorm
-    from atlas.sources import open_h5ad
+    from scatlas.atlas.genes import match_genes
+    from scatlas.atlas.normalize import to_lognorm
+    from scatlas.atlas.sources import open_h5ad
 
     src = open_h5ad(path)
     try:
@@ -436,7 +436,7 @@ def _ref_query(p: Prepared, genes: Any | None) -> tuple[Any, np.ndarray, Any, np
 
     parts = [lognorm_matrix(r, genes) for r in p.refs]
     if genes is None:  # all genes: align every reference file and the query on the first file's genes
-        from atlas.genes import match_genes
+        from scatlas.atlas.genes import match_genes
 
         base = parts[0][2]
         X = sp.vstack(
@@ -446,7 +446,7 @@ def _ref_query(p: Prepared, genes: Any | None) -> tuple[Any, np.ndarray, Any, np
         Xq = match_genes(gq, base).project(Xq)
         vocab = base
     else:
-        from atlas.genes import GeneVocabulary, match_genes
+        from scatlas.atlas.genes import GeneVocabulary, match_genes
 
         X = sp.vstack([x for x, _, _ in parts]).tocsr()
         Xq, yq, gq = lognorm_matrix(p.query, genes)
@@ -464,7 +464,7 @@ def _ref_query(p: Prepared, genes: Any | None) -> tuple[Any, np.ndarray, Any, np
 
 
 def run_scatlas(p: Prepared, **annotate_kw: Any) -> tuple[np.ndarray, dict[str, Any]]:
-    from query.annotate import annotate
+    from scatlas.query.annotate import annotate
 
     t0 = time.perf_counter()
     kw = {**p.annotate_kw, **annotate_kw}
@@ -481,8 +481,8 @@ def run_scatlas(p: Prepared, **annotate_kw: Any) -> tuple[np.ndarray, dict[str, 
 
 
 def build_scatlas(p: Prepared) -> None:
-    from atlas import ingest
-    from index import AtlasIndex, build_index
+    from scatlas.atlas import ingest
+    from scatlas.index import AtlasIndex, build_index
 
     t0 = time.perf_counter()
     store = p.work / "atlas"
@@ -634,7 +634,7 @@ def run_peer(p: Prepared, method: str, python: str | None) -> tuple[np.ndarray |
 
 
 def _truth(p: Prepared) -> tuple[np.ndarray, set[str]]:
-    from atlas.sources import open_h5ad
+    from scatlas.atlas.sources import open_h5ad
 
     src = open_h5ad(p.query)
     truth = src.obs[LABEL].to_numpy(dtype=object)
@@ -648,7 +648,7 @@ def _truth(p: Prepared) -> tuple[np.ndarray, set[str]]:
 
 
 def score(p: Prepared, pred: np.ndarray) -> dict[str, Any]:
-    from query.evaluate import evaluate_labels
+    from scatlas.query.evaluate import evaluate_labels
 
     truth, ref_labels = _truth(p)
     m = evaluate_labels(truth, pred, ref_labels)
@@ -679,8 +679,8 @@ def gene_dropout(p: Prepared, keep_fractions: list[float], draws: int = 5) -> li
     nothing), hence several draws and their mean."""
     import anndata
 
-    from atlas.genes import match_genes
-    from atlas.sources import open_h5ad
+    from scatlas.atlas.genes import match_genes
+    from scatlas.atlas.sources import open_h5ad
 
     q = anndata.read_h5ad(p.query)
     src = open_h5ad(p.query)
@@ -715,16 +715,16 @@ def gene_dropout(p: Prepared, keep_fractions: list[float], draws: int = 5) -> li
 
 def tune(p: Prepared) -> list[dict[str, Any]]:
     """Vote once per (k, weighting) without abstention, then apply every threshold pair offline."""
-    from atlas.errors import GeneOverlapError
-    from index import AtlasIndex
-    from query.annotate import annotate
-    from query.evaluate import evaluate_labels
-    from query.vote import UNKNOWN, far_from_atlas
+    from scatlas.atlas.errors import GeneOverlapError
+    from scatlas.index import AtlasIndex
+    from scatlas.query.annotate import annotate
+    from scatlas.query.evaluate import evaluate_labels
+    from scatlas.query.vote import UNKNOWN, far_from_atlas
 
     truth, ref_labels = _truth(p)
     with AtlasIndex.open(p.index_dir) as idx:  # type: ignore[arg-type]
         cal = idx.manifest.calibration
-    from query.annotate import DEFAULT_CLASS_BALANCE, DEFAULT_K, DEFAULT_WEIGHTING
+    from scatlas.query.annotate import DEFAULT_CLASS_BALANCE, DEFAULT_K, DEFAULT_WEIGHTING
 
     rows = []
     grid = [
@@ -846,7 +846,7 @@ DEFAULT_DEVIATIONS: dict[str, str] = {}
 
 
 def _defaults() -> dict[str, Any]:
-    from query.annotate import (
+    from scatlas.query.annotate import (
         DEFAULT_ALIGN,
         DEFAULT_CLASS_BALANCE,
         DEFAULT_FAR_QUANTILE,
@@ -1082,9 +1082,9 @@ def write_docs(block: str) -> None:
 
 def prepare_scale(work: Path, n_cells: int) -> Path:
     """A 20,000-cell synthetic atlas index and an ``n_cells``-cell synthetic query (another dataset)."""
-    from atlas import ingest
-    from atlas.synthetic import SyntheticAtlasConfig, write_h5ad_datasets
-    from index import build_index
+    from scatlas.atlas import ingest
+    from scatlas.atlas.synthetic import SyntheticAtlasConfig, write_h5ad_datasets
+    from scatlas.index import build_index
 
     ref_cfg = SyntheticAtlasConfig(
         n_cells=20_000, n_genes=3000, n_datasets=2, seed=1, non_primary_fraction=0.0
@@ -1110,8 +1110,8 @@ def _rss_mb(field: str) -> float:
 
 def scale_worker(index_dir: Path, query: Path, batch_size: int) -> dict[str, Any]:
     """Annotate ``query`` with the defaults in this (fresh) process and measure annotate's own peak RSS."""
-    from index import AtlasIndex
-    from query.annotate import annotate
+    from scatlas.index import AtlasIndex
+    from scatlas.query.annotate import annotate
 
     idx = AtlasIndex.open(index_dir)
     rss0 = _rss_mb("VmRSS")
@@ -1250,7 +1250,7 @@ def main(argv: list[str] | None = None) -> int:
         "pairs": [],
         "skipped": SKIPPED,
     }
-    from query.annotate import FAR_QUANTILE_WHEN_ON
+    from scatlas.query.annotate import FAR_QUANTILE_WHEN_ON
 
     prepared: dict[str, Prepared] = {}
     for name in names:
@@ -1275,7 +1275,7 @@ def main(argv: list[str] | None = None) -> int:
         truth, ref_labels = _truth(p)
         n_ref = 0
         for r in refs:
-            from atlas.sources import open_h5ad
+            from scatlas.atlas.sources import open_h5ad
 
             s = open_h5ad(r)
             n_ref += s.n_obs

@@ -40,8 +40,8 @@ def make(n: int, d: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from index.label_heads import DEFAULT_C_GENES
-    from index.softmax import fit_softmax
+    from scatlas.index.label_heads import DEFAULT_C_GENES
+    from scatlas.index.softmax import fit_softmax
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", type=int, nargs="+", default=[20_000, 100_000])

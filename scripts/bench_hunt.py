@@ -52,9 +52,9 @@ def run_case(case: Case, raw: Path, work: Path, background: int | None = None, a
     import anndata
     import pandas as pd
 
-    from atlas import ingest
-    from index import build_index
-    from query.hunt import sweep, train
+    from scatlas.atlas import ingest
+    from scatlas.index import build_index
+    from scatlas.query.hunt import sweep, train
 
     adata = anndata.read_h5ad(raw / case.file)
     held = adata.obs[case.batch].astype(str) == case.held

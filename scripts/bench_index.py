@@ -51,7 +51,7 @@ def _status(field: str) -> int:
 
 
 def _recall(got: np.ndarray, truth: np.ndarray) -> float:
-    from index.evaluate import recall_at_k
+    from scatlas.index.evaluate import recall_at_k
 
     return round(recall_at_k(got[:, :K], truth[:, :K]), 4)
 
@@ -68,7 +68,7 @@ def _timed_search(fn: Any, q: np.ndarray, repeats: int = 3) -> tuple[Any, float]
 
 
 def _chunks(path: Path):
-    from index.source import NpyVectorSource
+    from scatlas.index.source import NpyVectorSource
 
     src = NpyVectorSource(path)
     for a in range(0, src.n_cells, CHUNK):
@@ -102,7 +102,7 @@ def phase_exact(work: str, threads: int) -> dict[str, Any]:
 
 
 def phase_ours(work: str, threads: int, factory: str, shard_size: int) -> dict[str, Any]:
-    from index import AtlasIndex, BuildConfig, NpyVectorSource, build_from_source
+    from scatlas.index import AtlasIndex, BuildConfig, NpyVectorSource, build_from_source
 
     work_p = Path(work)
     out = work_p / f"ours-{factory.replace(',', '_')}"
@@ -137,8 +137,8 @@ def phase_raw(work: str, threads: int, factory: str, nprobe: int | None, rerank:
     """The same factory in plain FAISS: same training sample size and seeds, add from the same file."""
     import faiss
 
-    from index.factory import default_train_sample, is_exact, ivf_of, make_index
-    from index.source import NpyVectorSource
+    from scatlas.index.factory import default_train_sample, is_exact, ivf_of, make_index
+    from scatlas.index.source import NpyVectorSource
 
     faiss.omp_set_num_threads(threads)
     work_p = Path(work)
@@ -188,7 +188,7 @@ def phase_hnsw(work: str, threads: int, m: int, ef_construction: int) -> dict[st
     q = np.load(work_p / "queries.npy")
     truth = np.load(work_p / "truth.npy")
     n, d = np.load(work_p / "vectors.npy", mmap_mode="r").shape
-    import index.source  # noqa: F401 - imported by _chunks: keep its memory out of the index's
+    import scatlas.index.source  # noqa: F401 - imported by _chunks: keep its memory out of the index's
     rss0 = _status("VmRSS")
     index = hnswlib.Index(space="ip", dim=d)
     index.init_index(max_elements=n, M=m, ef_construction=ef_construction, random_seed=0)
@@ -291,8 +291,8 @@ def cli() -> None:
 def run(n, d, factory, shard_size, queries, clusters, threads, work, methods, ef_construction, json_out, write_doc,
         keep) -> None:
     """Benchmark one (N, d)."""
-    from atlas.synthetic import SyntheticEmbeddingConfig, sample_queries, write_embedding_npy
-    from index.device import resolve_threads
+    from scatlas.atlas.synthetic import SyntheticEmbeddingConfig, sample_queries, write_embedding_npy
+    from scatlas.index.device import resolve_threads
 
     threads = resolve_threads(threads)
     wanted = methods.split(",")
@@ -329,7 +329,7 @@ def run(n, d, factory, shard_size, queries, clusters, threads, work, methods, ef
         i = argv.index("--json-out")
         argv = argv[:i] + argv[i + 2:]
     cmd = "nice .venv/bin/python scripts/bench_index.py run " + " ".join(argv)
-    from index.verify import verify_on_read_limit
+    from scatlas.index.verify import verify_on_read_limit
 
     record = {"n": n, "d": d, "factory": factory, "queries": queries, "clusters": clusters, "threads": threads,
               "command": cmd.strip(), "load_at_start": round(load, 2),
@@ -364,8 +364,8 @@ def scale(n, d, factory, shard_size, clusters, queries, threads, out) -> None:
     """
     import logging
 
-    from atlas.synthetic import SyntheticEmbeddingConfig, sample_queries
-    from index import AtlasIndex, BuildConfig, build_from_source, index_info, synthetic_source
+    from scatlas.atlas.synthetic import SyntheticEmbeddingConfig, sample_queries
+    from scatlas.index import AtlasIndex, BuildConfig, build_from_source, index_info, synthetic_source
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = SyntheticEmbeddingConfig(n=n, d=d, n_clusters=clusters, seed=0, chunk_size=CHUNK)
@@ -403,11 +403,11 @@ def add_ab(n, d, factory, rounds, threads) -> None:
 
     import faiss
 
-    from atlas.synthetic import SyntheticEmbeddingConfig, vectors_for_range
-    from index.device import set_faiss_threads
-    from index.factory import Assigner, choose_pq_m, make_index
-    from index.shard import write_shard
-    from index.source import ArrayVectorSource, ShardSpec
+    from scatlas.atlas.synthetic import SyntheticEmbeddingConfig, vectors_for_range
+    from scatlas.index.device import set_faiss_threads
+    from scatlas.index.factory import Assigner, choose_pq_m, make_index
+    from scatlas.index.shard import write_shard
+    from scatlas.index.source import ArrayVectorSource, ShardSpec
 
     threads = set_faiss_threads(threads)
     factory = factory or f"IVF1024,PQ{choose_pq_m(d)}"
@@ -472,8 +472,8 @@ def _rerank_numpy(searcher: Any, q: np.ndarray, cand: np.ndarray, k: int) -> tup
 def rerank_ab(index_dir, queries_file, n_queries, rounds, threads) -> None:
     """Interleaved A/B of exact re-ranking alone: the numpy reference vs ``ShardSearcher.rerank``, on the
     candidates the index's own default search parameters produce, and the whole ``AtlasIndex.search``."""
-    from index import AtlasIndex
-    from index.vectors import l2_normalize
+    from scatlas.index import AtlasIndex
+    from scatlas.index.vectors import l2_normalize
 
     idx = AtlasIndex.open(index_dir, threads=threads)
     s = idx._searcher

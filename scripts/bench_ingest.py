@@ -24,7 +24,7 @@ START, END = "<!-- bench_ingest:start -->", "<!-- bench_ingest:end -->"
 
 CHILD = """
 import sys, time, resource, json
-from atlas import ingest
+from scatlas.atlas import ingest
 t = time.perf_counter()
 r = ingest([sys.argv[1]], sys.argv[2], chunk_size=int(sys.argv[3]), progress=False)
 dt = time.perf_counter() - t
@@ -63,7 +63,7 @@ def write_table(rows: list[dict], command: str) -> None:
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--no-doc", is_flag=True, help="Do not update docs/benchmarks.md.")
 def main(sizes: tuple[int, ...], genes: int, chunk_size: int, json_out: Path | None, no_doc: bool) -> None:
-    from atlas.synthetic import SyntheticAtlasConfig, write_h5ad_datasets
+    from scatlas.atlas.synthetic import SyntheticAtlasConfig, write_h5ad_datasets
 
     rows = []
     for n in sizes:

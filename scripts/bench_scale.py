@@ -85,7 +85,7 @@ class MemorySampler:
 
 
 def _config(n: int, d: int, clusters: int) -> Any:
-    from atlas.synthetic import SyntheticEmbeddingConfig
+    from scatlas.atlas.synthetic import SyntheticEmbeddingConfig
 
     return SyntheticEmbeddingConfig(n=n, d=d, n_clusters=clusters, seed=0, chunk_size=CHUNK)
 
@@ -94,7 +94,7 @@ def _embedder_info(cfg: Any) -> Any:
     import dataclasses
     import hashlib
 
-    from index import EmbedderInfo
+    from scatlas.index import EmbedderInfo
 
     params = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "chunk_size"}
     fp = "synthetic-" + hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
@@ -106,7 +106,7 @@ def stage_cells(path: str, n: int, d: int, clusters: int) -> dict[str, Any]:
     import duckdb
     import pyarrow as pa
 
-    from atlas.synthetic import vectors_for_range
+    from scatlas.atlas.synthetic import vectors_for_range
 
     cfg = _config(n, d, clusters)
     target = Path(path)
@@ -136,7 +136,7 @@ def stage_cells(path: str, n: int, d: int, clusters: int) -> dict[str, Any]:
 
 
 def stage_build(out: str, cells: str, n: int, d: int, clusters: int, shard_size: int, factory: str) -> dict[str, Any]:
-    from index import BuildConfig, build_from_source, index_info, synthetic_source
+    from scatlas.index import BuildConfig, build_from_source, index_info, synthetic_source
 
     cfg = _config(n, d, clusters)
     t0 = time.perf_counter()
@@ -152,8 +152,8 @@ def stage_build(out: str, cells: str, n: int, d: int, clusters: int, shard_size:
 def stage_eval(out: str) -> dict[str, Any]:
     """The build's last step alone (recall tuning + calibration, as ``build_from_source`` runs them) on the built
     index, in a fresh process: its memory figures are those of that step."""
-    from index import AtlasIndex
-    from index.evaluate import calibrate, tune_and_measure
+    from scatlas.index import AtlasIndex
+    from scatlas.index.evaluate import calibrate, tune_and_measure
 
     idx = AtlasIndex.open(out)
     m = idx.manifest
@@ -169,9 +169,9 @@ def stage_eval(out: str) -> dict[str, Any]:
 
 
 def stage_annotate(out: str, n: int, d: int, clusters: int, queries: int, recall_queries: int) -> dict[str, Any]:
-    from atlas.synthetic import sample_queries
-    from index import AtlasIndex
-    from index.evaluate import recall_at_k
+    from scatlas.atlas.synthetic import sample_queries
+    from scatlas.index import AtlasIndex
+    from scatlas.index.evaluate import recall_at_k
 
     cfg = _config(n, d, clusters)
     q, qlab = sample_queries(cfg, queries, seed=1)
@@ -218,9 +218,9 @@ def stage_sweep(out: str, sweep_dir: str, n: int, d: int, clusters: int) -> dict
     import duckdb
     import pandas as pd
 
-    from atlas.synthetic import sample_queries
-    from query.hunt import HuntClassifier, sweep
-    from query.hunt.calibration import Calibration
+    from scatlas.atlas.synthetic import sample_queries
+    from scatlas.query.hunt import HuntClassifier, sweep
+    from scatlas.query.hunt.calibration import Calibration
 
     cfg = _config(n, d, clusters)
     q, qlab = sample_queries(cfg, 50_000, seed=7)

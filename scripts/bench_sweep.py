@@ -160,7 +160,7 @@ def paired(idx: Any, clf: Any, out_dir: Path, maps: list[np.ndarray], threads: i
     """
     import torch
 
-    from query.hunt import sweep
+    from scatlas.query.hunt import sweep
 
     x = np.ones(int(args.ram_gb * 1e9) // 8 * 4, dtype=np.float16)
     u, t = x.view(np.uint64), torch.from_numpy(x)
@@ -199,10 +199,10 @@ def drop_cache(paths: list[Path]) -> bool:
 def bench_dim(d: int, args: argparse.Namespace, tmp: Path, bw: dict[str, float]) -> dict[str, Any]:
     import torch
 
-    from query.hunt import HuntClassifier, sweep
-    from query.hunt.calibration import Calibration
-    from query.hunt.classifier import exact_scores
-    from query.hunt.kernels import BlockScorer
+    from scatlas.query.hunt import HuntClassifier, sweep
+    from scatlas.query.hunt.calibration import Calibration
+    from scatlas.query.hunt.classifier import exact_scores
+    from scatlas.query.hunt.kernels import BlockScorer
 
     rng = np.random.default_rng(d)
     w = (rng.standard_normal(d) * 3).astype(np.float32)

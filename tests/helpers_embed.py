@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from atlas.chunks import CellChunk
-from atlas.genes import GeneVocabulary
-from atlas.normalize import to_lognorm
+from scatlas.atlas.chunks import CellChunk
+from scatlas.atlas.genes import GeneVocabulary
+from scatlas.atlas.normalize import to_lognorm
 
 
 @dataclass

@@ -13,13 +13,13 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from atlas import ingest
-from atlas.errors import GeneOverlapError, InputError
-from atlas.synthetic import SyntheticAtlasConfig, write_h5ad_datasets
-from index import AtlasIndex, build_index
-from query import AnnotationResult, annotate
-from query.annotate import FAR_QUANTILE_WHEN_ON, MIN_GENE_OVERLAP_REFIT
-from query.vote import UNKNOWN
+from scatlas.atlas import ingest
+from scatlas.atlas.errors import GeneOverlapError, InputError
+from scatlas.atlas.synthetic import SyntheticAtlasConfig, write_h5ad_datasets
+from scatlas.index import AtlasIndex, build_index
+from scatlas.query import AnnotationResult, annotate
+from scatlas.query.annotate import FAR_QUANTILE_WHEN_ON, MIN_GENE_OVERLAP_REFIT
+from scatlas.query.vote import UNKNOWN
 from tests.conftest import make_adata
 
 HELD_OUT = "fibroblast"
@@ -335,7 +335,7 @@ def test_failed_write_leaves_nothing(
         Path(dst).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("query.outputs.shutil.copyfile", broken_copy)
+    monkeypatch.setattr("scatlas.query.outputs.shutil.copyfile", broken_copy)
     with pytest.raises(OSError, match="disk full"):
         res.write(out / "a.h5ad")
     assert list(out.iterdir()) == []

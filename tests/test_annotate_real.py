@@ -8,12 +8,12 @@ import anndata
 import numpy as np
 import pytest
 
-from atlas import ingest
-from atlas.sources import open_h5ad
-from atlas.sources.base import iter_cell_chunks
-from index import AtlasIndex, build_index
-from query import annotate
-from query.evaluate import evaluate_labels
+from scatlas.atlas import ingest
+from scatlas.atlas.sources import open_h5ad
+from scatlas.atlas.sources.base import iter_cell_chunks
+from scatlas.index import AtlasIndex, build_index
+from scatlas.query import annotate
+from scatlas.query.evaluate import evaluate_labels
 
 SHARED_RAW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raw"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from atlas.errors import InputError
-from query.evaluate import confusion_table, evaluate_labels
-from query.vote import (
+from scatlas.atlas.errors import InputError
+from scatlas.query.evaluate import confusion_table, evaluate_labels
+from scatlas.query.vote import (
     REASON_FAR,
     REASON_LOW_CONFIDENCE,
     REASON_NONE,

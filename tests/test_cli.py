@@ -90,7 +90,7 @@ def test_synth_writes_files_and_ingests(tmp_path):
          "--rare", "norn=0.05", "--absent", "B cell=0", "--no-progress"],
     )
     assert result.exit_code == 0, result.output
-    from atlas import AtlasStore
+    from scatlas.atlas import AtlasStore
 
     store = AtlasStore.open(tmp_path / "atlas")
     assert len(store.datasets) == 2
@@ -116,10 +116,10 @@ def test_synth_bad_arguments(tmp_path, args, message):
 
 
 def _library_functions() -> dict[tuple[str, ...], object]:
-    from atlas import ingest
-    from index import build_index
-    from query import annotate
-    from query.hunt import report, sweep, train
+    from scatlas.atlas import ingest
+    from scatlas.index import build_index
+    from scatlas.query import annotate
+    from scatlas.query.hunt import report, sweep, train
 
     return {
         ("ingest",): ingest, ("build",): build_index, ("annotate",): annotate,

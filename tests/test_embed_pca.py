@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from atlas.embed.base import EMBEDDER_FILE
-from atlas.embed.pca import PCAEmbedder
-from atlas.embed.registry import load_embedder, make_embedder
-from atlas.errors import GeneOverlapError, InputError, StoreError
-from atlas.genes import GeneVocabulary, check_overlap
-from atlas.normalize import to_lognorm
+from scatlas.atlas.embed.base import EMBEDDER_FILE
+from scatlas.atlas.embed.pca import PCAEmbedder
+from scatlas.atlas.embed.registry import load_embedder, make_embedder
+from scatlas.atlas.errors import GeneOverlapError, InputError, StoreError
+from scatlas.atlas.genes import GeneVocabulary, check_overlap
+from scatlas.atlas.normalize import to_lognorm
 from tests.helpers_embed import (
     chunk_of,
     chunks_of,

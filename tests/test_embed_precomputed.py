@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from atlas.embed.precomputed import PrecomputedEmbedder
-from atlas.embed.registry import load_embedder, make_embedder
-from atlas.errors import InputError
+from scatlas.atlas.embed.precomputed import PrecomputedEmbedder
+from scatlas.atlas.embed.registry import load_embedder, make_embedder
+from scatlas.atlas.errors import InputError
 from tests.helpers_embed import chunk_of, gene_vocabulary
 
 GENES = gene_vocabulary(5)

@@ -16,10 +16,10 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from atlas.embed.registry import load_embedder, make_embedder
-from atlas.errors import DependencyError, InputError, StoreError
-from atlas.genes import GeneVocabulary
-from atlas.normalize import to_lognorm
+from scatlas.atlas.embed.registry import load_embedder, make_embedder
+from scatlas.atlas.errors import DependencyError, InputError, StoreError
+from scatlas.atlas.genes import GeneVocabulary
+from scatlas.atlas.normalize import to_lognorm
 from tests.helpers_embed import chunk_of, make_counts
 
 HAS_UCE = importlib.util.find_spec("uce") is not None
@@ -38,7 +38,7 @@ TINY = dict(
 
 
 def _write_model_files(root: Path, seed: int = 0) -> dict[str, Path]:
-    from atlas.embed.uce import SPECIES_FILES, _uce_model
+    from scatlas.atlas.embed.uce import SPECIES_FILES, _uce_model
 
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -224,7 +224,7 @@ def test_counts_versus_lognorm(files, data, caplog):
     np.testing.assert_allclose(a, b, atol=1e-5)
     raw = uce(files, **TINY)
     assert raw.fingerprint() != emb.fingerprint()
-    with caplog.at_level("WARNING", logger="atlas.embed.uce"):
+    with caplog.at_level("WARNING", logger="scatlas.atlas.embed.uce"):
         c = raw.transform(chunk_of(lognorm, genes, "lognorm"))
     assert "trained on raw counts" in caplog.text
     assert c.shape == a.shape and np.isfinite(c).all()
@@ -296,7 +296,7 @@ def test_bad_inputs(files, tmp_path):
 
 
 def test_missing_uce_is_a_dependency_error(monkeypatch, tmp_path):
-    import atlas.embed.uce as uce_mod
+    import scatlas.atlas.embed.uce as uce_mod
 
     monkeypatch.setitem(sys.modules, "uce", None)
     monkeypatch.setattr(uce_mod, "_uce_model_module", None)
@@ -306,7 +306,7 @@ def test_missing_uce_is_a_dependency_error(monkeypatch, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")
 def test_cuda_without_cuda_is_a_dependency_error(tmp_path):
-    from atlas.embed.uce import resolve_device
+    from scatlas.atlas.embed.uce import resolve_device
 
     with pytest.raises(DependencyError, match="CUDA"):
         resolve_device("cuda")

@@ -16,12 +16,12 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from atlas.errors import InputError, TaskError
-from index import ArrayVectorSource, EmbedderInfo, build_from_source
-from index.executor import LocalExecutor, RayExecutor, Task, TaskContext, make_executor
-from query.hunt import HuntClassifier, sweep
-from query.hunt.calibration import Calibration
+from scatlas.atlas.errors import InputError, TaskError
 from scatlas.cli import cli
+from scatlas.index import ArrayVectorSource, EmbedderInfo, build_from_source
+from scatlas.index.executor import LocalExecutor, RayExecutor, Task, TaskContext, make_executor
+from scatlas.query.hunt import HuntClassifier, sweep
+from scatlas.query.hunt.calibration import Calibration
 from tests.test_index_helpers import array_source, config, digests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,8 +170,8 @@ def test_task_errors_on_ray_are_not_retried_and_keep_their_message(ray_cluster, 
 DRIVER = textwrap.dedent("""
     import sys, time
     import ray
-    from index import build_from_source
-    from index.executor import RayExecutor
+    from scatlas.index import build_from_source
+    from scatlas.index.executor import RayExecutor
     from tests.test_index_helpers import array_source, config
 
     class Slow:
@@ -215,7 +215,7 @@ def test_driver_killed_mid_build_resumes_on_rerun(ray_cluster, local_build, tmp_
 
 
 def test_ray_sweep_equals_local_sweep(ray_cluster, local_build, tmp_path):
-    from index import AtlasIndex
+    from scatlas.index import AtlasIndex
 
     idx = AtlasIndex.open(local_build)
     w = np.random.default_rng(0).standard_normal(32).astype(np.float32)

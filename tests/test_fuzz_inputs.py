@@ -15,7 +15,7 @@ import pytest
 import scipy.sparse as sp
 from click.testing import CliRunner
 
-from atlas.store import STATE_FILE, AtlasStore
+from scatlas.atlas.store import STATE_FILE, AtlasStore
 from scatlas.cli import cli
 from tests.conftest import make_adata
 

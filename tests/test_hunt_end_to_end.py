@@ -6,11 +6,11 @@ import anndata
 import pandas as pd
 import pytest
 
-from atlas import ingest
-from atlas.errors import GeneOverlapError, InputError
-from atlas.synthetic import RareType, SyntheticAtlasConfig, plan_atlas, write_h5ad_datasets
-from index import AtlasIndex, BuildConfig, build_index
-from query.hunt import report, sweep, train
+from scatlas.atlas import ingest
+from scatlas.atlas.errors import GeneOverlapError, InputError
+from scatlas.atlas.synthetic import RareType, SyntheticAtlasConfig, plan_atlas, write_h5ad_datasets
+from scatlas.index import AtlasIndex, BuildConfig, build_index
+from scatlas.query.hunt import report, sweep, train
 
 RARE = "Norn cell"
 CONFIG = SyntheticAtlasConfig(

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from atlas.synthetic import SyntheticEmbeddingConfig, vectors_for_range
-from index import ArrayVectorSource, AtlasIndex, BuildConfig, EmbedderInfo, build_from_source
+from scatlas.atlas.synthetic import SyntheticEmbeddingConfig, vectors_for_range
+from scatlas.index import ArrayVectorSource, AtlasIndex, BuildConfig, EmbedderInfo, build_from_source
 
 FAST = {"eval_queries": 100, "calibration_cells": 200}
 DATASETS = np.array(["ds0", "ds1", "ds2"])
@@ -78,7 +78,7 @@ def build_vector_index(
 
 def stored(data: Planted) -> np.ndarray:
     """The vectors as the index stores them (normalised, float16, by the index's own storage function), as float64."""
-    from index.vectors import as_stored
+    from scatlas.index.vectors import as_stored
 
     return as_stored(data.vectors)[0].astype(np.float64)
 

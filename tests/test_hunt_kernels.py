@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from query.hunt.classifier import exact_scores
-from query.hunt.kernels import BlockScorer
+from scatlas.query.hunt.classifier import exact_scores
+from scatlas.query.hunt.kernels import BlockScorer
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -53,7 +53,7 @@ def test_candidates_of_an_empty_block():
 
 def test_compiled_kernel_matches_float64_on_every_path():
     """The AVX2/F16C path and the portable loop, odd dimensions, several threads, non-contiguous input refused."""
-    from query.hunt import fp16dot
+    from scatlas.query.hunt import fp16dot
 
     if not fp16dot.available():
         pytest.skip("the compiled kernel is not built here")

@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from atlas.errors import DependencyError, EmbedderMismatchError, InputError
-from query.hunt import HuntClassifier, sweep, train
-from query.hunt.calibration import Calibration
+from scatlas.atlas.errors import DependencyError, EmbedderMismatchError, InputError
+from scatlas.query.hunt import HuntClassifier, sweep, train
+from scatlas.query.hunt.calibration import Calibration
 from tests.test_hunt_helpers import build_vector_index, exact_hits, planted
 
-sweep_mod = importlib.import_module("query.hunt.sweep")  # the package exports the function under the same name
+sweep_mod = importlib.import_module("scatlas.query.hunt.sweep")  # the package exports the function under the same name
 
 LABELLED = "cell_type = 'Norn cell'"  # rare cells annotated in dataset ds0 only
 
@@ -179,7 +179,7 @@ def test_gpu_sweep_and_training_match_the_cpu(atlas, clf, tmp_path):
 def test_sweep_spreads_shards_over_every_gpu(atlas, clf, tmp_path):
     import torch
 
-    from index.executor import LocalExecutor
+    from scatlas.index.executor import LocalExecutor
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")

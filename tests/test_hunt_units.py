@@ -12,15 +12,15 @@ import pytest
 import scipy.sparse as sp
 from scipy import stats
 
-from atlas.errors import InputError
-from query.hunt.calibration import fit_isotonic, fit_platt
-from query.hunt.classifier import exact_scores
-from query.hunt.de import rank_sum, welch_t
-from query.hunt.enrichment import bh_qvalues, enrichment, enrichment_table, fisher_table
-from query.hunt.kernels import BlockScorer, ThreadTuner
-from query.hunt.logistic import cross_validate, fit_logistic, stratified_folds
-from query.hunt.metrics import average_precision, choose_threshold, roc_auc
-from query.hunt.predicate import evaluate_predicate
+from scatlas.atlas.errors import InputError
+from scatlas.query.hunt.calibration import fit_isotonic, fit_platt
+from scatlas.query.hunt.classifier import exact_scores
+from scatlas.query.hunt.de import rank_sum, welch_t
+from scatlas.query.hunt.enrichment import bh_qvalues, enrichment, enrichment_table, fisher_table
+from scatlas.query.hunt.kernels import BlockScorer, ThreadTuner
+from scatlas.query.hunt.logistic import cross_validate, fit_logistic, stratified_folds
+from scatlas.query.hunt.metrics import average_precision, choose_threshold, roc_auc
+from scatlas.query.hunt.predicate import evaluate_predicate
 
 # -- predicate ----------------------------------------------------------------------------------------------------
 
@@ -178,7 +178,7 @@ def test_block_scorer_finds_exactly_the_rows_above_the_cut(d, kernel):
 
 @pytest.mark.parametrize("kernel", ["fp16", "auto"])
 def test_block_scorer_falls_back_to_fp32_when_fp16_is_not_accurate_enough(monkeypatch, kernel):
-    import query.hunt.kernels as kernels
+    import scatlas.query.hunt.kernels as kernels
 
     monkeypatch.setattr(kernels, "MARGIN_FACTOR", 1e-9)  # no margin: float16 rounding must be caught
     rng = np.random.default_rng(5)

@@ -9,9 +9,16 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from atlas.errors import IndexFormatError, InputError, TaskError
-from index import ArrayVectorSource, AtlasIndex, IndexManifest, ShardSpec, build_from_source, read_manifest
-from index.evaluate import recall_at_k
+from scatlas.atlas.errors import IndexFormatError, InputError, TaskError
+from scatlas.index import (
+    ArrayVectorSource,
+    AtlasIndex,
+    IndexManifest,
+    ShardSpec,
+    build_from_source,
+    read_manifest,
+)
+from scatlas.index.evaluate import recall_at_k
 from tests.test_index_helpers import (
     array_source,
     assert_exact,

@@ -6,10 +6,10 @@ import faiss
 import numpy as np
 import pytest
 
-from atlas.errors import DependencyError
-from index import AtlasIndex, build_from_source
-from index.device import faiss_gpu_count, resolve_device
-from index.evaluate import recall_at_k
+from scatlas.atlas.errors import DependencyError
+from scatlas.index import AtlasIndex, build_from_source
+from scatlas.index.device import faiss_gpu_count, resolve_device
+from scatlas.index.evaluate import recall_at_k
 from tests.test_index_helpers import array_source, brute_force, clustered, config
 
 HAS_GPU = faiss_gpu_count() > 0
@@ -43,7 +43,7 @@ def test_gpu_build_writes_cpu_indexes_with_the_same_recall(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs CUDA and faiss-gpu")
 def test_shards_built_on_every_gpu_equal_a_one_gpu_build(tmp_path):
-    from index.executor import LocalExecutor
+    from scatlas.index.executor import LocalExecutor
     from tests.test_index_helpers import digests
 
     src = array_source(20_000, 32, seed=3)

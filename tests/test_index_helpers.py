@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from atlas.synthetic import SyntheticEmbeddingConfig, sample_queries, vectors_for_range
-from index import ArrayVectorSource, BuildConfig
+from scatlas.atlas.synthetic import SyntheticEmbeddingConfig, sample_queries, vectors_for_range
+from scatlas.index import ArrayVectorSource, BuildConfig
 
 FAST = {"eval_queries": 200, "calibration_cells": 500}
 """Small evaluation samples keep builds to about a second."""

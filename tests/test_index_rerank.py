@@ -7,9 +7,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from index import ArrayVectorSource, AtlasIndex, build_from_source
-from index.shard import _NpyWriter, file_record
-from index.vectors import l2_normalize, to_float16
+from scatlas.index import ArrayVectorSource, AtlasIndex, build_from_source
+from scatlas.index.shard import _NpyWriter, file_record
+from scatlas.index.vectors import l2_normalize, to_float16
 from tests.test_index_helpers import clustered, config
 
 IVF = "IVF16,PQ4"
@@ -55,7 +55,7 @@ def test_rerank_equals_float64_reference(sharded, monkeypatch, k):
     q = l2_normalize(rng.standard_normal((n, 32)))
     ref_ids, ref_sc = _reference(q, cand, k, ids, stored)
     for budget in (1, 4096, 1 << 30):  # one query per block, a few, all at once
-        monkeypatch.setattr("index.searcher.RERANK_BYTES", budget)
+        monkeypatch.setattr("scatlas.index.searcher.RERANK_BYTES", budget)
         got_ids, got_sc = searcher.rerank(q, cand, k)
         assert got_ids.shape == (n, k) and got_ids.dtype == np.int64 and got_sc.dtype == np.float32
         np.testing.assert_array_equal(got_ids, ref_ids)

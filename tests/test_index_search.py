@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 
-import index.atlas_index as atlas_index_module
-from atlas.chunks import CellChunk
-from atlas.embed.precomputed import PrecomputedEmbedder
-from atlas.errors import EmbedderMismatchError, InputError
-from atlas.genes import GeneVocabulary
-from index import AtlasIndex, build_from_source
-from index.evaluate import recall_at_k
+import scatlas.index.atlas_index as atlas_index_module
+from scatlas.atlas.chunks import CellChunk
+from scatlas.atlas.embed.precomputed import PrecomputedEmbedder
+from scatlas.atlas.errors import EmbedderMismatchError, InputError
+from scatlas.atlas.genes import GeneVocabulary
+from scatlas.index import AtlasIndex, build_from_source
+from scatlas.index.evaluate import recall_at_k
 from tests.test_index_helpers import array_source, assert_exact, brute_force, clustered, config, metadata
 
 N, D = 6000, 32

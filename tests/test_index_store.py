@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from atlas import AtlasStore, ingest
-from atlas.errors import InputError
-from index import AtlasIndex, build_index, index_info
+from scatlas.atlas import AtlasStore, ingest
+from scatlas.atlas.errors import InputError
+from scatlas.index import AtlasIndex, build_index, index_info
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_build_index_from_store_and_search_own_cells(atlas, tmp_path, monkeypatc
         build_index(atlas, tmp_path / "idx", embedder="pca", embedder_options={"n_hvg": 30, "n_components": 8},
                     fit_sample=300, shard_size=180)
     # refused before the embedder is fitted again (minutes on a large atlas), naming what differs
-    import index.store_source as store_source
+    import scatlas.index.store_source as store_source
 
     def no_fit(*args: object, **kwargs: object) -> None:
         raise AssertionError("the embedder was fitted before the arguments were checked")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from atlas.errors import InputError
-from index.device import resolve_threads
-from index.evaluate import drop_self, recall_at_k
-from index.factory import auto_factory, choose_nlist, choose_pq_m, resolve_factory
-from index.source import ArrayVectorSource, plan_over_ranges
+from scatlas.atlas.errors import InputError
+from scatlas.index.device import resolve_threads
+from scatlas.index.evaluate import drop_self, recall_at_k
+from scatlas.index.factory import auto_factory, choose_nlist, choose_pq_m, resolve_factory
+from scatlas.index.source import ArrayVectorSource, plan_over_ranges
 
 
 def test_auto_factory_flat_below_the_crossover_and_ivfpq_above():

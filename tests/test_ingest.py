@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from atlas import AtlasStore, ingest
-from atlas.errors import DatasetExistsError, InputError, StoreError
-from atlas.normalize import to_lognorm
+from scatlas.atlas import AtlasStore, ingest
+from scatlas.atlas.errors import DatasetExistsError, InputError, StoreError
+from scatlas.atlas.normalize import to_lognorm
 from tests.conftest import make_adata
 
 
@@ -159,7 +159,7 @@ def _lognorm_to(X, total):
 
 
 def test_detect_lognorm_total():
-    from atlas.xkind import detect_lognorm_total
+    from scatlas.atlas.xkind import detect_lognorm_total
 
     counts = make_adata(300, 60, seed=4).X
     assert detect_lognorm_total(_lognorm_to(counts, 1e4)) == pytest.approx(1e4, rel=1e-4)
@@ -173,7 +173,7 @@ def test_detect_lognorm_total():
 
 def test_log_normalised_inputs_of_another_total_are_rescaled_to_cp10k(tmp_path, h5ad_factory):
     """log1p(CPM) or scanpy's median-total normalisation read as log1p(CP10k): the scale the atlas uses."""
-    from atlas.sources import open_h5ad
+    from scatlas.atlas.sources import open_h5ad
 
     counts = make_adata(120, 60, seed=4).X
     expect = to_lognorm(counts, "counts").toarray()
@@ -293,7 +293,7 @@ def test_interrupted_ingest_is_invisible_and_next_ingest_works(tmp_path, h5ad_fa
     ingest([h5ad_factory("first", seed=1)], atlas, progress=False)
     before = fingerprint(atlas)
 
-    import atlas.ingestion as ingest_mod
+    import scatlas.atlas.ingestion as ingest_mod
 
     real = ingest_mod.pa.table
     calls = {"n": 0}
@@ -323,7 +323,7 @@ def test_interrupted_ingest_is_invisible_and_next_ingest_works(tmp_path, h5ad_fa
 
 
 def test_first_failed_ingest_leaves_no_store(tmp_path, h5ad_factory, monkeypatch):
-    import atlas.ingestion as ingest_mod
+    import scatlas.atlas.ingestion as ingest_mod
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")

@@ -11,16 +11,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-import index.verify as verify_mod
-from atlas import ingest
-from atlas.errors import IndexFormatError, InputError
-from index import AtlasIndex, build_index
-from index.label_heads import HEADS_DIR, HEADS_FILE, load_label_heads, train_label_heads
-from index.manifest import manifest_digest
-from index.verify import VERIFY_ON_READ_ENV, verify_index
-from query import annotate
-from query.hunt import HuntClassifier, sweep
-from query.hunt.calibration import Calibration
+import scatlas.index.verify as verify_mod
+from scatlas.atlas import ingest
+from scatlas.atlas.errors import IndexFormatError, InputError
+from scatlas.index import AtlasIndex, build_index
+from scatlas.index.label_heads import HEADS_DIR, HEADS_FILE, load_label_heads, train_label_heads
+from scatlas.index.manifest import manifest_digest
+from scatlas.index.verify import VERIFY_ON_READ_ENV, verify_index
+from scatlas.query import annotate
+from scatlas.query.hunt import HuntClassifier, sweep
+from scatlas.query.hunt.calibration import Calibration
 from tests.conftest import make_adata
 
 SHARD0, SHARD1 = "shards/0000", "shards/0001"

@@ -11,16 +11,16 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-import index.label_heads as label_heads
-from atlas import ingest
-from atlas.errors import IndexFormatError, InputError
-from index import AtlasIndex, build_index
-from index.label_heads import HEADS_DIR, HEADS_FILE, train_label_heads
-from index.softmax import balanced_sample_weights, fit_softmax
-from index.vectors import l2_normalize
-from query import annotate
-from query.vote import UNKNOWN, votes_from_probabilities
+import scatlas.index.label_heads as label_heads
+from scatlas.atlas import ingest
+from scatlas.atlas.errors import IndexFormatError, InputError
 from scatlas.cli import cli
+from scatlas.index import AtlasIndex, build_index
+from scatlas.index.label_heads import HEADS_DIR, HEADS_FILE, train_label_heads
+from scatlas.index.softmax import balanced_sample_weights, fit_softmax
+from scatlas.index.vectors import l2_normalize
+from scatlas.query import annotate
+from scatlas.query.vote import UNKNOWN, votes_from_probabilities
 from tests.conftest import make_adata
 
 # -- the fitter --------------------------------------------------------------------------------------------------
@@ -274,7 +274,7 @@ def test_softmax_on_gpu_matches_cpu() -> None:
 
 def _sample_gene_features(index_dir: Path, atlas: Path) -> tuple[np.ndarray, np.ndarray]:
     """(sorted ids of the heads' training cells, their gene features computed afresh from the store)."""
-    from atlas.store import AtlasStore
+    from scatlas.atlas.store import AtlasStore
 
     with AtlasIndex.open(index_dir) as idx:
         ids = np.unique(np.concatenate([

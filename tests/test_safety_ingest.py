@@ -14,10 +14,10 @@ import pytest
 import scipy.sparse as sp
 from click.testing import CliRunner
 
-from atlas.errors import InputError
-from atlas.ingestion import _standardise_obs, ingest
-from atlas.store import STATE_FILE, AtlasStore
-from atlas.verify import verify_store
+from scatlas.atlas.errors import InputError
+from scatlas.atlas.ingestion import _standardise_obs, ingest
+from scatlas.atlas.store import STATE_FILE, AtlasStore
+from scatlas.atlas.verify import verify_store
 from scatlas.cli import cli
 from tests.test_ingest import fingerprint
 
@@ -180,7 +180,7 @@ def test_a_column_of_another_type_is_widened_not_coerced(tmp_path, h5ad_factory)
 def test_a_failure_before_store_json_leaves_the_old_state_visible_and_recovers(base_atlas, h5ad_factory, monkeypatch):
     """Killed between the DuckDB commit and store.json: readers see the old datasets, the next ingest clears the
     staged rows and goes on."""
-    import atlas.store as store_mod
+    import scatlas.atlas.store as store_mod
 
     real = store_mod.write_json_atomic
 
@@ -207,7 +207,7 @@ def test_a_failure_before_store_json_leaves_the_old_state_visible_and_recovers(b
 
 
 def test_disk_full_during_ingest_is_an_error_and_changes_nothing(base_atlas, h5ad_factory, monkeypatch):
-    import atlas.ingestion as ingestion
+    import scatlas.atlas.ingestion as ingestion
 
     real = ingestion._write_chunk
     calls = {"n": 0}

@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner, Result
 
-from atlas.errors import InputError
+from scatlas.atlas.errors import InputError
 from scatlas.cli import cli
 
 POSITIVE = "cell_type == 'norn cell'"
@@ -170,7 +170,7 @@ def test_demo_replaces_an_earlier_demo(tmp_path, monkeypatch):
     def stop(*args, **kwargs):
         raise InputError("stopped after preparing the directory")
 
-    monkeypatch.setattr("atlas.synthetic.write_h5ad_datasets", stop)
+    monkeypatch.setattr("scatlas.atlas.synthetic.write_h5ad_datasets", stop)
     refused("demo", "--out", str(out), "--cells", "2000", "--no-progress", match="stopped after preparing")
     assert sorted(p.name for p in out.iterdir()) == [".scatlas-output.json"]
 
@@ -188,7 +188,7 @@ def test_disk_full_while_annotating_is_an_error_not_a_traceback(world, tmp_path,
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("query.outputs.shutil.copyfile", full)
+    monkeypatch.setattr("scatlas.query.outputs.shutil.copyfile", full)
     text = refused("annotate", str(world["query"]), "--index", str(world["index"]), "--out", str(tmp_path / "a.h5ad"),
                    "--no-progress", match="No space left on device")
     assert "free space" in text
@@ -219,14 +219,14 @@ def test_os_errors_from_any_command_are_mapped_by_the_cli(world, tmp_path, monke
     def failing(*args, **kwargs):
         raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "store" / "x"))
 
-    monkeypatch.setattr("atlas.ingestion.ingest", failing)
+    monkeypatch.setattr("scatlas.atlas.ingestion.ingest", failing)
     text = refused("ingest", str(world["query"]), "--atlas", str(tmp_path / "store"), match="Permission denied")
     assert str(tmp_path / "store" / "x") in text and "permissions" in text
 
     def tiledb_full(*args, **kwargs):  # a library's own exception reporting a full disk
         raise RuntimeError("[TileDB::IO] Error: Cannot write to file; No space left on device")
 
-    monkeypatch.setattr("atlas.ingestion.ingest", tiledb_full)
+    monkeypatch.setattr("scatlas.atlas.ingestion.ingest", tiledb_full)
     refused("ingest", str(world["query"]), "--atlas", str(tmp_path / "store"), match="No space left on device")
 
 

@@ -17,14 +17,14 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
-from atlas import ingest
-from atlas.errors import InputError
-from index import AtlasIndex, build_from_source, build_index
-from index.metadata import CellsFile, connect, where_ids, write_cells_db
-from index.predicate import MAX_LENGTH, validate_predicate
-from index.store_source import committed_cells
-from query.hunt.predicate import evaluate_predicate
+from scatlas.atlas import ingest
+from scatlas.atlas.errors import InputError
 from scatlas.cli import cli
+from scatlas.index import AtlasIndex, build_from_source, build_index
+from scatlas.index.metadata import CellsFile, connect, where_ids, write_cells_db
+from scatlas.index.predicate import MAX_LENGTH, validate_predicate
+from scatlas.index.store_source import committed_cells
+from scatlas.query.hunt.predicate import evaluate_predicate
 from tests.conftest import make_adata
 from tests.test_index_helpers import array_source, config
 
@@ -286,7 +286,7 @@ def test_write_cells_db_copies_only_the_given_ranges(tmp_path: Path) -> None:
 
 
 def test_rows_outside_committed_datasets_never_reach_the_index(tmp_path: Path) -> None:
-    from atlas.store import AtlasStore
+    from scatlas.atlas.store import AtlasStore
 
     make_adata(80, 60, seed=2, prefix="c").write_h5ad(tmp_path / "c.h5ad")
     ingest([tmp_path / "c.h5ad"], tmp_path / "atlas", progress=False)

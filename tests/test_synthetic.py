@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from atlas.errors import InputError
-from atlas.normalize import to_lognorm
-from atlas.schema import STANDARD_OBS_COLUMNS
-from atlas.synthetic import (
+from scatlas.atlas.errors import InputError
+from scatlas.atlas.normalize import to_lognorm
+from scatlas.atlas.schema import STANDARD_OBS_COLUMNS
+from scatlas.atlas.synthetic import (
     CellType,
     RareType,
     SyntheticAtlasConfig,
@@ -29,7 +29,7 @@ from atlas.synthetic import (
     vectors_for_range,
     write_h5ad_datasets,
 )
-from atlas.xkind import detect_x_kind
+from scatlas.atlas.xkind import detect_x_kind
 
 SMALL = SyntheticAtlasConfig(n_cells=2400, n_genes=150, n_datasets=3, n_donors=3, chunk_size=500, seed=7)
 

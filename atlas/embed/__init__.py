@@ -1,6 +1,6 @@
 """Pluggable embedders: cells -> float32 vectors."""
 
-from atlas.embed.base import Embedder
-from atlas.embed.registry import available_embedders, load_embedder, make_embedder
+from scatlas.atlas.embed.base import Embedder
+from scatlas.atlas.embed.registry import available_embedders, load_embedder, make_embedder
 
 __all__ = ["Embedder", "available_embedders", "load_embedder", "make_embedder"]

@@ -18,8 +18,8 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import scipy.sparse as sp
 
-from atlas.chunks import CellChunk
-from atlas.genes import GeneMatch, GeneVocabulary
+from scatlas.atlas.chunks import CellChunk
+from scatlas.atlas.genes import GeneMatch, GeneVocabulary
 
 EMBEDDER_FILE = "embedder.json"
 NPZ_LOAD_ERRORS = (KeyError, OSError, ValueError, TypeError, IndexError, EOFError, zipfile.BadZipFile, zlib.error)

@@ -49,11 +49,11 @@ from typing import Any, Literal, get_args
 import numpy as np
 import scipy.sparse as sp
 
-from atlas.chunks import CellChunk
-from atlas.embed.base import NPZ_LOAD_ERRORS, Embedder
-from atlas.errors import InputError, StoreError
-from atlas.genes import GeneMatch, GeneVocabulary, match_genes
-from atlas.normalize import to_lognorm
+from scatlas.atlas.chunks import CellChunk
+from scatlas.atlas.embed.base import NPZ_LOAD_ERRORS, Embedder
+from scatlas.atlas.errors import InputError, StoreError
+from scatlas.atlas.genes import GeneMatch, GeneVocabulary, match_genes
+from scatlas.atlas.normalize import to_lognorm
 
 logger = logging.getLogger(__name__)
 

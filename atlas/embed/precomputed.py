@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from atlas.chunks import CellChunk
-from atlas.embed.base import Embedder
-from atlas.errors import InputError
+from scatlas.atlas.chunks import CellChunk
+from scatlas.atlas.embed.base import Embedder
+from scatlas.atlas.errors import InputError
 
 logger = logging.getLogger(__name__)
 

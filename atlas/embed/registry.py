@@ -7,14 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from atlas.embed.base import EMBEDDER_FILE, Embedder
-from atlas.errors import InputError, StoreError
+from scatlas.atlas.embed.base import EMBEDDER_FILE, Embedder
+from scatlas.atlas.errors import InputError, StoreError
 
 # name -> "module:Class"; modules are imported only when the embedder is used.
 _BACKENDS: dict[str, str] = {
-    "pca": "atlas.embed.pca:PCAEmbedder",
-    "precomputed": "atlas.embed.precomputed:PrecomputedEmbedder",
-    "uce": "atlas.embed.uce:UCEEmbedder",
+    "pca": "scatlas.atlas.embed.pca:PCAEmbedder",
+    "precomputed": "scatlas.atlas.embed.precomputed:PrecomputedEmbedder",
+    "uce": "scatlas.atlas.embed.uce:UCEEmbedder",
 }
 
 

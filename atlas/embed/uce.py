@@ -55,11 +55,11 @@ from typing import Any, Literal
 import numpy as np
 import scipy.sparse as sp
 
-from atlas.chunks import CellChunk
-from atlas.embed.base import Embedder
-from atlas.errors import DependencyError, InputError, StoreError
-from atlas.genes import GeneMatch, GeneVocabulary, is_ensembl, match_genes
-from atlas.normalize import to_lognorm
+from scatlas.atlas.chunks import CellChunk
+from scatlas.atlas.embed.base import Embedder
+from scatlas.atlas.errors import DependencyError, InputError, StoreError
+from scatlas.atlas.genes import GeneMatch, GeneVocabulary, is_ensembl, match_genes
+from scatlas.atlas.normalize import to_lognorm
 
 logger = logging.getLogger(__name__)
 

@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from atlas.chunks import CellChunk
-from atlas.errors import InputError
-from atlas.genes import GeneVocabulary, is_ensembl
-from atlas.normalize import TARGET_SUM
-from atlas.validate import check_values
-from atlas.xkind import LOGNORM_TOTAL_TOLERANCE, XKind, detect_lognorm_total, detect_x_kind
+from scatlas.atlas.chunks import CellChunk
+from scatlas.atlas.errors import InputError
+from scatlas.atlas.genes import GeneVocabulary, is_ensembl
+from scatlas.atlas.normalize import TARGET_SUM
+from scatlas.atlas.validate import check_values
+from scatlas.atlas.xkind import LOGNORM_TOTAL_TOLERANCE, XKind, detect_lognorm_total, detect_x_kind
 
 logger = logging.getLogger(__name__)
 

@@ -14,16 +14,16 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from atlas.errors import InputError
-from atlas.genes import GeneVocabulary
-from atlas.sources.base import (
+from scatlas.atlas.errors import InputError
+from scatlas.atlas.genes import GeneVocabulary
+from scatlas.atlas.sources.base import (
     COUNTS_LAYERS,
     ExpressionChoice,
     checked_block,
     expression_from_samples,
     genes_from_var,
 )
-from atlas.validate import check_csr
+from scatlas.atlas.validate import check_csr
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,14 @@ import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
 
-from atlas.errors import InputError
-from atlas.genes import GeneVocabulary
-from atlas.sources.base import ExpressionChoice, checked_block, expression_from_samples, genes_from_var
+from scatlas.atlas.errors import InputError
+from scatlas.atlas.genes import GeneVocabulary
+from scatlas.atlas.sources.base import (
+    ExpressionChoice,
+    checked_block,
+    expression_from_samples,
+    genes_from_var,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Public API::
 
-    from query.hunt import train, sweep, report, HuntClassifier
+    from scatlas.query.hunt import train, sweep, report, HuntClassifier
 
     clf = train(index, "kidney.h5ad", positive="cell_type == 'Norn cell'", background=20_000, out="norn.clf")
     summary = sweep(index, clf, "norn_sweep")              # -> norn_sweep/hits.parquet
@@ -13,9 +13,9 @@ Modules: :mod:`~query.hunt.train` (positives, background, CV, calibration, thres
 :mod:`~query.hunt.report`, :mod:`~query.hunt.enrichment` and :mod:`~query.hunt.de`.
 """
 
-from query.hunt.classifier import HuntClassifier
-from query.hunt.report import ReportResult, report
-from query.hunt.sweep import SweepSummary, sweep
-from query.hunt.train import train
+from scatlas.query.hunt.classifier import HuntClassifier
+from scatlas.query.hunt.report import ReportResult, report
+from scatlas.query.hunt.sweep import SweepSummary, sweep
+from scatlas.query.hunt.train import train
 
 __all__ = ["HuntClassifier", "ReportResult", "SweepSummary", "report", "sweep", "train"]

@@ -20,9 +20,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from atlas.chunks import CellChunk
-from atlas.errors import IndexFormatError, InputError
-from index.metadata import where_ids
+from scatlas.atlas.chunks import CellChunk
+from scatlas.atlas.errors import IndexFormatError, InputError
+from scatlas.index.metadata import where_ids
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def open_index(index: IndexLike) -> HuntIndex:
     """An opened index as is, or ``AtlasIndex.open(path)`` for a path."""
     if isinstance(index, str | Path):
         try:
-            atlas_index = importlib.import_module("index").AtlasIndex
+            atlas_index = importlib.import_module("scatlas.index").AtlasIndex
         except (ImportError, AttributeError) as exc:  # pragma: no cover - depends on the index package
             raise IndexFormatError(f"cannot open the index at {index}: index.AtlasIndex is not available ({exc})") from exc
         opened: HuntIndex = atlas_index.open(index)

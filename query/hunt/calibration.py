@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy.optimize import minimize
 
-from atlas.errors import InputError
+from scatlas.atlas.errors import InputError
 
 CalibrationMethod = Literal["platt", "isotonic"]
 

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from atlas.errors import InputError
-from atlas.outputs import CLASSIFIER, check_output_dir, os_error_message, show, writing
-from query.hunt.calibration import Calibration
+from scatlas.atlas.errors import InputError
+from scatlas.atlas.outputs import CLASSIFIER, check_output_dir, os_error_message, show, writing
+from scatlas.query.hunt.calibration import Calibration
 
 logger = logging.getLogger(__name__)
 

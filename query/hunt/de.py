@@ -27,9 +27,9 @@ import scipy.sparse as sp
 from scipy.stats import norm
 from scipy.stats import t as t_dist
 
-from atlas.errors import InputError
-from atlas.normalize import to_lognorm
-from query.hunt.enrichment import MISSING, bh_qvalues
+from scatlas.atlas.errors import InputError
+from scatlas.atlas.normalize import to_lognorm
+from scatlas.query.hunt.enrichment import MISSING, bh_qvalues
 
 logger = logging.getLogger(__name__)
 

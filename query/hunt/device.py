@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
-from atlas.errors import DependencyError, InputError
+from scatlas.atlas.errors import DependencyError, InputError
 
 logger = logging.getLogger(__name__)
 

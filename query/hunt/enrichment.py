@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import fisher_exact
 
-from atlas.errors import InputError
+from scatlas.atlas.errors import InputError
 
 logger = logging.getLogger(__name__)
 

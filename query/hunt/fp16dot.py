@@ -25,7 +25,7 @@ MIN_ROWS_PER_THREAD = 4096
 
 @lru_cache(maxsize=1)
 def _lib() -> Any:
-    spec = importlib.util.find_spec("query.hunt._fp16dot")
+    spec = importlib.util.find_spec("scatlas.query.hunt._fp16dot")
     if spec is None or spec.origin is None:
         logger.debug("the compiled float16 kernel is not built; the sweep uses torch")
         return None

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from query.hunt.classifier import exact_scores
+from scatlas.query.hunt.classifier import exact_scores
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class BlockScorer:
     def __init__(self, weights: np.ndarray, bias: float, cutoff: float, *, device: str = "cpu", kernel: str = "auto"):
         import torch
 
-        from query.hunt import fp16dot
+        from scatlas.query.hunt import fp16dot
 
         if kernel == "auto":
             kernel = "c16" if device == "cpu" and fp16dot.available() else "fp16"
@@ -139,7 +139,7 @@ class BlockScorer:
         """The compiled kernel's scores (a view of a reused buffer), with torch's current CPU thread count."""
         import torch
 
-        from query.hunt import fp16dot
+        from scatlas.query.hunt import fp16dot
 
         n = len(block)
         if self._out is None or len(self._out) < n:

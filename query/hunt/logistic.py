@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from atlas.errors import InputError
-from index.softmax import minimize_lbfgs
-from query.hunt.metrics import average_precision
+from scatlas.atlas.errors import InputError
+from scatlas.index.softmax import minimize_lbfgs
+from scatlas.query.hunt.metrics import average_precision
 
 logger = logging.getLogger(__name__)
 

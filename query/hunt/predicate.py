@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from atlas.errors import InputError
+from scatlas.atlas.errors import InputError
 
 _BACKTICK = re.compile(r"`([^`]*)`")
 

@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from atlas.errors import InputError, ScatlasError
-from atlas.outputs import REPORT, check_output_dir, claim_output_dir, os_error_message, show, writing
-from query.hunt.access import IndexLike, atlas_path, cursor, open_index
-from query.hunt.de import MIN_CELLS_PER_SIDE as MIN_SIDE
-from query.hunt.de import DEMethod, differential_expression, group_comparisons, matched_background
-from query.hunt.enrichment import Alternative, enrichment
-from query.hunt.sweep import HITS_FILE
+from scatlas.atlas.errors import InputError, ScatlasError
+from scatlas.atlas.outputs import REPORT, check_output_dir, claim_output_dir, os_error_message, show, writing
+from scatlas.query.hunt.access import IndexLike, atlas_path, cursor, open_index
+from scatlas.query.hunt.de import MIN_CELLS_PER_SIDE as MIN_SIDE
+from scatlas.query.hunt.de import DEMethod, differential_expression, group_comparisons, matched_background
+from scatlas.query.hunt.enrichment import Alternative, enrichment
+from scatlas.query.hunt.sweep import HITS_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def _html(res: ReportResult, by: Sequence[str], hits_source: str) -> str:
 
 def _open_store(index: Any, atlas: str | Path | None) -> tuple[Any, str | None]:
     """The atlas store for DE, or ``(None, reason)`` when it cannot be reached."""
-    from atlas.store import AtlasStore
+    from scatlas.atlas.store import AtlasStore
 
     path = Path(atlas) if atlas is not None else atlas_path(index)
     if path is None:

@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from atlas.atomic import write_json_atomic
-from atlas.errors import EmbedderMismatchError, InputError
-from atlas.outputs import SWEEP, OutputError, check_output_dir, claim_output_dir, show, writing
-from index.executor import Executor, LocalExecutor, Task, TaskContext
-from query.hunt.access import (
+from scatlas.atlas.atomic import write_json_atomic
+from scatlas.atlas.errors import EmbedderMismatchError, InputError
+from scatlas.atlas.outputs import SWEEP, OutputError, check_output_dir, claim_output_dir, show, writing
+from scatlas.index.executor import Executor, LocalExecutor, Task, TaskContext
+from scatlas.query.hunt.access import (
     IndexLike,
     cursor,
     embedder_fingerprint,
@@ -48,9 +48,9 @@ from query.hunt.access import (
     manifest_id,
     open_index,
 )
-from query.hunt.classifier import HuntClassifier
-from query.hunt.device import resolve_device
-from query.hunt.kernels import BlockScorer, ThreadTuner
+from scatlas.query.hunt.classifier import HuntClassifier
+from scatlas.query.hunt.device import resolve_device
+from scatlas.query.hunt.kernels import BlockScorer, ThreadTuner
 
 logger = logging.getLogger(__name__)
 

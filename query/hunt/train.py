@@ -21,14 +21,14 @@ from typing import Any, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from atlas.errors import InputError
-from atlas.genes import MIN_GENE_OVERLAP, check_overlap
-from atlas.outputs import CLASSIFIER, check_output_dir
-from atlas.sources.base import iter_cell_chunks
-from atlas.sources.h5ad import open_h5ad
-from query.align import DEFAULT_SAMPLE as ALIGN_SAMPLE
-from query.align import apply_shift, estimate_shift
-from query.hunt.access import (
+from scatlas.atlas.errors import InputError
+from scatlas.atlas.genes import MIN_GENE_OVERLAP, check_overlap
+from scatlas.atlas.outputs import CLASSIFIER, check_output_dir
+from scatlas.atlas.sources.base import iter_cell_chunks
+from scatlas.atlas.sources.h5ad import open_h5ad
+from scatlas.query.align import DEFAULT_SAMPLE as ALIGN_SAMPLE
+from scatlas.query.align import apply_shift, estimate_shift
+from scatlas.query.hunt.access import (
     IndexLike,
     embedder_fingerprint,
     gather_vectors,
@@ -39,12 +39,12 @@ from query.hunt.access import (
     shard_sizes,
     sql_ids,
 )
-from query.hunt.calibration import CalibrationMethod, fit_calibration
-from query.hunt.classifier import HuntClassifier
-from query.hunt.device import resolve_device
-from query.hunt.logistic import DEFAULT_L2_GRID, cross_validate, fit_logistic
-from query.hunt.metrics import average_precision, choose_threshold, roc_auc
-from query.hunt.predicate import evaluate_predicate
+from scatlas.query.hunt.calibration import CalibrationMethod, fit_calibration
+from scatlas.query.hunt.classifier import HuntClassifier
+from scatlas.query.hunt.device import resolve_device
+from scatlas.query.hunt.logistic import DEFAULT_L2_GRID, cross_validate, fit_logistic
+from scatlas.query.hunt.metrics import average_precision, choose_threshold, roc_auc
+from scatlas.query.hunt.predicate import evaluate_predicate
 
 logger = logging.getLogger(__name__)
 
