@@ -40,4 +40,5 @@ class XDigest:
         self._hash.update(entries.tobytes())
 
     def hexdigest(self) -> str:
+        """The digest of the values fed so far (hex)."""
         return self._hash.hexdigest()

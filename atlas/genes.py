@@ -24,20 +24,21 @@ logger = logging.getLogger(__name__)
 _ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 
 MIN_GENE_OVERLAP = 0.5
-"""Default: a query must carry at least this fraction of the genes an embedder reads, or it is refused. A judgement
-informed by ``scripts/bench_annotate.py --gene-dropout`` (docs/benchmarks.md, 5 random draws of the genes per
-fraction): below half of the genes, which genes are missing matters more than the method. On kang2018 with 30% kept,
-macro-F1 ranged 0.68-0.79 over the draws, against 0.76-0.83 with 50% kept."""
+"""Default: a query must carry at least this fraction of the genes an embedder reads, or it is refused (below half,
+which genes are missing matters more than the method; figures in docs/benchmarks.md, "Figures behind the atlas
+defaults")."""
 
 WARN_GENE_OVERLAP = 0.8
 """Below this fraction of an embedder's genes, a query is accepted with a warning."""
 
 
 def is_ensembl(value: str) -> bool:
+    """Whether ``value`` looks like an Ensembl gene id (``ENSG...``, ``ENSMUSG...``, with or without version)."""
     return bool(_ENSEMBL_RE.match(str(value)))
 
 
 def strip_version(ensembl_id: str) -> str:
+    """An Ensembl id without its ``.version`` suffix; anything else unchanged."""
     return str(ensembl_id).split(".", 1)[0] if is_ensembl(ensembl_id) else str(ensembl_id)
 
 
@@ -66,6 +67,7 @@ class GeneVocabulary:
 
     @classmethod
     def from_arrays(cls, feature_id: Sequence[object], feature_name: Sequence[object]) -> GeneVocabulary:
+        """A vocabulary from parallel Ensembl ids (empty, None or a non-Ensembl value: unknown) and symbols."""
         fid = np.array([strip_version(v) if is_ensembl(v) else "" for v in _clean(feature_id)], dtype=object)
         fname = _clean(feature_name)
         keys = np.where(fid != "", fid, fname).astype(object)
@@ -94,6 +96,7 @@ class GeneVocabulary:
         return self._fingerprint[0]
 
     def to_frame(self) -> pd.DataFrame:
+        """The vocabulary as a table: ``gene_key``, ``feature_id``, ``feature_name``."""
         return pd.DataFrame({"gene_key": self.keys, "feature_id": self.feature_id, "feature_name": self.feature_name})
 
     def _index(self, what: str) -> dict[str, int]:
@@ -150,10 +153,12 @@ class GeneMatch:
 
     @property
     def n_matched(self) -> int:
+        """Target genes the source has."""
         return len(np.unique(self.target_cols))
 
     @property
     def fraction_of_target(self) -> float:
+        """Share of the target genes the source has (0 for an empty target)."""
         return self.n_matched / self.n_target if self.n_target else 0.0
 
     def target_present(self) -> np.ndarray:
@@ -163,6 +168,7 @@ class GeneMatch:
         return present
 
     def summary(self) -> dict[str, float | int]:
+        """Gene counts and the overlap, for reports."""
         return {
             "n_source_genes": self.n_source,
             "n_target_genes": self.n_target,

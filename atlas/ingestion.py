@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -43,6 +44,9 @@ IngestMode = Literal["write", "append"]
 
 DEFAULT_CHUNK_SIZE = 10_000
 
+_SOMA_NAME = re.compile(r"^(?!\.{1,2}$)[^/\\]+$")
+"""obsm keys become TileDB-SOMA array names."""
+
 
 @dataclass
 class GenePlan:
@@ -56,6 +60,8 @@ class GenePlan:
 
 @dataclass
 class DatasetPlan:
+    """One input dataset as planned before any row is stored: its source, id, kept rows and obs columns."""
+
     source: DatasetSource
     dataset_id: str
     source_label: str
@@ -78,6 +84,8 @@ class DatasetPlan:
 
 @dataclass
 class DatasetIngestReport:
+    """What ingesting one dataset did: its id range, what was read (X kind and source), genes, obsm, timing."""
+
     dataset_id: str
     source: str
     n_cells: int
@@ -92,16 +100,20 @@ class DatasetIngestReport:
 
     @property
     def cells_per_second(self) -> float:
+        """Ingest throughput (NaN when no time was measured)."""
         return self.n_cells / self.seconds if self.seconds > 0 else float("nan")
 
 
 @dataclass
 class IngestReport:
+    """What one ingest command did: the store, each dataset's report and the cells in the store afterwards."""
+
     atlas: str
     datasets: list[DatasetIngestReport] = field(default_factory=list)
     n_cells_in_store: int = 0
 
     def to_json(self) -> dict[str, Any]:
+        """The report as JSON-ready data."""
         return {"atlas": self.atlas, "n_cells_in_store": self.n_cells_in_store, "datasets": [asdict(d) for d in self.datasets]}
 
 
@@ -136,7 +148,10 @@ def _standardise_obs(
         )
     frame = obs.copy()
     if "dataset_id" in frame.columns and not from_soma and "dataset_id" not in obs_map.values():
-        frame = frame.rename(columns={"dataset_id": "source_dataset_id"})
+        kept = "source_dataset_id"
+        while kept in frame.columns:
+            kept += "_orig"
+        frame = frame.rename(columns={"dataset_id": kept})
     frame = frame.rename(columns=dict(obs_map))
     if frame.columns.duplicated().any():
         dup = list(frame.columns[frame.columns.duplicated()])
@@ -157,7 +172,7 @@ def _standardise_obs(
     extras: list[str] = []
     renamed: dict[str, str] = {}
     for col in frame.columns:
-        if col in STANDARD_OBS_COLUMNS or col == "soma_joinid":
+        if col in STANDARD_OBS_COLUMNS and col != "obs_id":  # obs_id is the cell name: a column of that name is kept
             continue
         name = check_name(col, f"{what}: obs column")
         while _normalised(name) in taken:
@@ -207,8 +222,17 @@ def _plan_dataset(
     rows = np.flatnonzero(keep).astype(np.int64)
     obsm_dims: dict[str, int] = {}
     for key in source.obsm_keys():
-        first = source.read_obsm(key, rows[:1])
+        check_name(key, f"{what}: obsm key")
+        if not _SOMA_NAME.match(key):
+            raise InputError(f"{what}: obsm key {escaped(key)} is not usable as an array name (no '/' or "
+                             "'\\', not '.' or '..'); rename it")
+        try:
+            first, last = source.read_obsm(key, rows[:1]), source.read_obsm(key, np.array([source.n_obs - 1]))
+        except (IndexError, ValueError) as exc:
+            raise InputError(f"{what}: obsm[{escaped(key)}] does not have one row per cell; the file is damaged") from exc
         if np.issubdtype(first.dtype, np.number):
+            if first.ndim != 2 or first.shape[1] == 0 or last.shape[0] != 1:
+                raise InputError(f"{what}: obsm[{escaped(key)}] has no columns or the wrong shape; drop or fix it")
             obsm_dims[key] = int(first.shape[1])
     return DatasetPlan(
         source=source, dataset_id=dataset_id, source_label=label, source_format=fmt, rows=rows,
@@ -411,8 +435,17 @@ def _write_genes(con: duckdb.DuckDBPyConnection, rna: Any, genes: GenePlan, voca
         con.unregister("new_genes")
 
 
-def _in_atlas_genes(block: sp.csr_matrix, keep_cols: np.ndarray, col_ids: np.ndarray, n_genes: int) -> sp.csr_matrix:
-    """A source block with its kept columns renumbered to atlas gene ids, in canonical form (what is stored)."""
+def _in_atlas_genes(
+    block: sp.csr_matrix, keep_cols: np.ndarray, col_ids: np.ndarray, n_genes: int, pos: np.ndarray, what: str
+) -> sp.csr_matrix:
+    """A source block with its kept columns renumbered to atlas gene ids, in canonical form (what is stored);
+    InputError when a row names one column twice (a damaged sparse matrix: its values would be summed)."""
+    if not block.has_canonical_format:  # sorted without duplicates is told without a copy
+        summed = block.copy()
+        summed.sum_duplicates()
+        if summed.nnz != block.nnz:
+            raise InputError(f"{what}: the sparse matrix is damaged: a row of cells {int(pos[0])}-{int(pos[-1])} "
+                             "names one column twice; rewrite the file (e.g. adata.write_h5ad)")
     sub = sp.csr_matrix(block[:, keep_cols])
     return canonical(sp.csr_matrix((sub.data, col_ids[sub.indices], sub.indptr), shape=(sub.shape[0], n_genes)))
 
@@ -472,7 +505,7 @@ def _write_dataset(
         done = 0
         for pos, block in plan.source.iter_rows(plan.rows, chunk_size):
             ids = np.arange(obs_start + done, obs_start + done + len(pos), dtype=np.int64)
-            X = _in_atlas_genes(block, keep_cols, col_ids, n_genes)
+            X = _in_atlas_genes(block, keep_cols, col_ids, n_genes, pos, plan.source_label)
             digest.update(ids, X)
             _write_chunk(exp, con, plan, pos, ids, X)
             done += len(pos)

@@ -39,20 +39,27 @@ class OutputKind:
     ``layouts``: sets of entry names; a directory holding every name of one set is of this kind.
     ``marker``: write :data:`MARKER_FILE` into a directory claimed new or empty (off for kinds whose own files
     appear at once, or whose directory is replaced as a whole).
+    ``entries``: every name such a directory may hold (besides the marker and hidden temporary files): a directory
+    replaced as a whole must hold nothing else, so that a user's own files are never deleted with it.
     """
 
     name: str
     what: str
     layouts: tuple[tuple[str, ...], ...] = ()
     marker: bool = True
+    entries: frozenset[str] = frozenset()
 
 
 ATLAS_STORE = OutputKind("atlas-store", "an atlas store", (("store.json",),), marker=False)
-INDEX = OutputKind("index", "a scatlas index", (("manifest.json",), ("build.json",)), marker=False)
-CLASSIFIER = OutputKind("hunt-classifier", "a hunt classifier", (("classifier.json",),), marker=False)
+INDEX = OutputKind("index", "a scatlas index", (("manifest.json",), ("build.json",)), marker=False, entries=frozenset({
+    "manifest.json", "build.json", "progress.json", "trained.faiss", "cells.duckdb", "embedder", "shards", "heads"}))
+CLASSIFIER = OutputKind("hunt-classifier", "a hunt classifier", (("classifier.json",),), marker=False,
+                        entries=frozenset({"classifier.json", "weights.npy"}))
 SWEEP = OutputKind("hunt-sweep", "a hunt sweep directory", (("sweep.json",), ("hits.parquet", "summary.json")))
 REPORT = OutputKind("hunt-report", "a hunt report", (("enrichment.csv",), ("report.md",)))
-DEMO = OutputKind("demo", "a scatlas demo directory", (("h5ad", "atlas", "index"),))
+DEMO = OutputKind("demo", "a scatlas demo directory", (("h5ad", "atlas", "index"),), entries=frozenset({
+    "h5ad", "atlas", "index", "hunt", "query.annotated.h5ad", "query.neighbors.parquet", "query.report.json",
+    "query.confusion.png"}))
 KINDS: tuple[OutputKind, ...] = (ATLAS_STORE, INDEX, CLASSIFIER, SWEEP, REPORT, DEMO)
 
 MAGIC: dict[str, tuple[bytes, ...]] = {
@@ -128,6 +135,16 @@ def is_kind(path: PathLike, kind: OutputKind) -> bool:
     if named is not None:
         return named == kind.name
     return any(all((path / name).exists() for name in layout) for layout in kind.layouts)
+
+
+def _foreign_entries(path: Path, kind: OutputKind) -> list[str]:
+    """Names in ``path`` that ``kind`` never writes (its marker and hidden ``.*.tmp*`` files aside)."""
+    if not kind.entries:
+        return []
+    return sorted(
+        name for name in _entries(path)
+        if name not in kind.entries and name != MARKER_FILE and not (name.startswith(".") and ".tmp" in name)
+    )
 
 
 def describe_dir(path: PathLike) -> str:
@@ -214,8 +231,17 @@ def check_output_dir(
     if not out.is_dir():
         raise OutputError(f"{show(out)} exists and is not a directory; give a new directory for {kind.what}")
     with _reading(out):
-        if not _entries(out) or is_kind(out, kind):
+        if not _entries(out):
             return out
+        if is_kind(out, kind):
+            foreign = _foreign_entries(out, kind) if replace else []
+            if not foreign:
+                return out
+            raise OutputError(
+                f"{show(out)} looks like {kind.what} but also holds {len(foreign)} other entr"
+                f"{'y' if len(foreign) == 1 else 'ies'} (e.g. {show(foreign[0])}); refusing to replace it: move "
+                "them out or give a new directory"
+            )
         held = describe_dir(out)
     hint = " (the current directory)" if resolved == _resolve(os.getcwd()) else ""
     raise OutputError(
@@ -253,21 +279,52 @@ def looks_like(path: PathLike, file_kind: str) -> bool:
     return not head or any(head.startswith(m) for m in magics)
 
 
+H5AD_MARK = "scatlas_output"
+"""Root attribute of the ``.h5ad`` files scatlas writes: only such a file may be replaced by a new output."""
+
+PROTECTED_KINDS = (ATLAS_STORE, INDEX, CLASSIFIER, SWEEP)
+"""Directories whose files other commands rely on: no output file of another command is written inside them."""
+
+
+def _inside_protected(out: Path) -> OutputKind | None:
+    """The kind of the scatlas store, index, classifier or sweep directory that ``out`` would be written into."""
+    for parent in _resolve(out).parents:
+        kind = kind_of(parent)
+        if kind in PROTECTED_KINDS:
+            return kind
+    return None
+
+
+def _scatlas_h5ad(path: Path) -> bool:
+    """Whether the ``.h5ad`` at ``path`` was written by scatlas (carries :data:`H5AD_MARK`)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return H5AD_MARK in f.attrs
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
 def check_output_file(
     path: PathLike,
     *,
     inputs: Iterable[PathLike | None] = (),
     file_kind: str | None = None,
 ) -> Path:
-    """Refuse ``path`` as an output file when it is a directory, an input, inside an input directory, or an
-    existing file of another kind than ``file_kind`` (a key of :data:`MAGIC`). Nothing is written."""
+    """Refuse ``path`` as an output file when it is a directory, an input, inside an input directory or inside an
+    atlas store, index, classifier or sweep directory, or an existing file of another kind than ``file_kind`` (a
+    key of :data:`MAGIC`; an existing ``.h5ad`` must be one scatlas wrote). Nothing is written."""
     out = Path(path)
     if out.is_dir():
         raise OutputError(f"{show(out)} is a directory; give a file path")
     _check_inputs(out, inputs, directory=False)
+    protected = _inside_protected(out)
+    if protected is not None:
+        raise OutputError(f"{show(out)} lies inside {protected.what}; refusing to write there: give a path outside it")
     if file_kind is not None and out.is_file():
         with _reading(out):
-            ok = looks_like(out, file_kind)
+            ok = looks_like(out, file_kind) and (file_kind != "h5ad" or _scatlas_h5ad(out))
         if not ok:
             raise OutputError(
                 f"{show(out)} exists and is not a {file_kind} file; refusing to replace it: give another path "

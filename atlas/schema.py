@@ -24,6 +24,7 @@ RESERVED_COLUMNS = ("soma_joinid",)
 
 
 def obs_arrow_schema() -> pa.Schema:
+    """Arrow schema of the SOMA ``obs`` dataframe: ``soma_joinid`` and the standard columns."""
     fields = [pa.field("soma_joinid", pa.int64(), nullable=False)]
     for name in STANDARD_OBS_COLUMNS:
         fields.append(pa.field(name, pa.bool_() if name == "is_primary_data" else pa.large_string()))
@@ -31,6 +32,7 @@ def obs_arrow_schema() -> pa.Schema:
 
 
 def var_arrow_schema() -> pa.Schema:
+    """Arrow schema of the SOMA ``var`` dataframe: ``soma_joinid`` and the gene identifiers."""
     return pa.schema(
         [
             pa.field("soma_joinid", pa.int64(), nullable=False),

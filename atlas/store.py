@@ -35,6 +35,7 @@ from scatlas.atlas.errors import InputError, StoreError
 from scatlas.atlas.genes import GeneVocabulary
 from scatlas.atlas.schema import STANDARD_OBS_COLUMNS, obs_arrow_schema, var_arrow_schema
 from scatlas.atlas.sources.soma import STREAM_CONTEXT_CONFIG, arrow_to_csr
+from scatlas.atlas.sql import quote_ident
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +76,14 @@ class DatasetRecord:
 
     @property
     def n_cells(self) -> int:
+        """Cells of the dataset (its id range is ``[start, stop)``)."""
         return self.stop - self.start
 
 
 @dataclass
 class StoreState:
+    """The committed state of a store (``store.json``): format, id high-water marks, obsm widths, datasets."""
+
     format_version: int = STORE_FORMAT_VERSION
     created_at: str = field(default_factory=_now)
     obs_high_water: int = 0
@@ -88,10 +92,12 @@ class StoreState:
     datasets: list[DatasetRecord] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
+        """The state as JSON-ready data."""
         return asdict(self)
 
     @classmethod
     def from_json(cls, payload: dict[str, Any], where: Path) -> StoreState:
+        """The state read from ``payload`` (the contents of ``where``, named in errors); other formats refused."""
         version = payload.get("format_version")
         if version != STORE_FORMAT_VERSION:
             raise StoreError(
@@ -121,10 +127,12 @@ class AtlasStore:
     # -- opening -----------------------------------------------------------------------------------------------
     @staticmethod
     def exists(path: str | Path) -> bool:
+        """Whether ``path`` holds a committed store (a ``store.json``)."""
         return (Path(path) / STATE_FILE).is_file()
 
     @classmethod
     def open(cls, path: str | Path) -> AtlasStore:
+        """Open the store at ``path`` for reading; StoreError when it is not one or its state is unreadable."""
         path = Path(path)
         state_path = path / STATE_FILE
         if not state_path.is_file():
@@ -139,6 +147,7 @@ class AtlasStore:
         return cls(path, state)
 
     def close(self) -> None:
+        """Close the SOMA experiment if it was opened."""
         if self._exp is not None:
             self._exp.close()
             self._exp = None
@@ -152,27 +161,33 @@ class AtlasStore:
     # -- committed content ------------------------------------------------------------------------------------
     @property
     def experiment_uri(self) -> str:
+        """The TileDB-SOMA experiment's URI."""
         return str(self.path / EXPERIMENT_DIR)
 
     @property
     def cells_db_path(self) -> Path:
+        """The DuckDB file of cell metadata."""
         return self.path / CELLS_DB
 
     @property
     def datasets(self) -> list[DatasetRecord]:
+        """The committed datasets, in commit order."""
         return list(self.state.datasets)
 
     @property
     def n_cells(self) -> int:
+        """Cells of all committed datasets."""
         return sum(d.n_cells for d in self.state.datasets)
 
     def dataset(self, dataset_id: str) -> DatasetRecord:
+        """The record of ``dataset_id``; InputError naming the known ids when absent."""
         for d in self.state.datasets:
             if d.dataset_id == dataset_id:
                 return d
         raise InputError(f"no dataset {dataset_id!r} in {self.path}; it has: {[d.dataset_id for d in self.state.datasets]}")
 
     def cell_ranges(self) -> list[tuple[str, int, int]]:
+        """``(dataset_id, start, stop)`` of each dataset, by first cell id."""
         return sorted(((d.dataset_id, d.start, d.stop) for d in self.state.datasets), key=lambda r: r[1])
 
     def connect(self) -> duckdb.DuckDBPyConnection:
@@ -211,6 +226,7 @@ class AtlasStore:
         }
 
     def cell_ranges_records(self) -> list[DatasetRecord]:
+        """The dataset records by first cell id."""
         return sorted(self.state.datasets, key=lambda d: d.start)
 
     # -- reading cells ----------------------------------------------------------------------------------------
@@ -312,7 +328,7 @@ class AtlasStore:
     def obs(self, ids: Sequence[int] | np.ndarray, columns: Sequence[str] | None = None) -> Any:
         """Cell metadata rows for ``ids`` (pandas DataFrame, in the order given)."""
         ids = np.asarray(ids, dtype=np.int64)
-        cols = "*" if columns is None else ", ".join(f'c."{c}"' for c in columns)
+        cols = "*" if columns is None else ", ".join(f"c.{quote_ident(c)}" for c in columns)
         with self.connect() as con:
             con.register("wanted", pa.table({"soma_joinid": ids, "_pos": np.arange(len(ids))}))
             sel = "c.*" if cols == "*" else f"c.soma_joinid, {cols}"
@@ -387,6 +403,7 @@ class StoreWriter:
     @classmethod
     @contextmanager
     def open(cls, path: str | Path, *, create: bool) -> Iterator[StoreWriter]:
+        """Lock the store at ``path`` (created when absent and ``create``), recover an interrupted ingest, yield."""
         path = Path(path)
         with _locked(path):
             if AtlasStore.exists(path):
@@ -470,6 +487,7 @@ class StoreWriter:
         return obs_start, var_start
 
     def experiment(self, mode: str = "w") -> Any:
+        """The SOMA experiment opened in ``mode`` (the caller closes it)."""
         import tiledbsoma
 
         return tiledbsoma.Experiment.open(str(self.path / EXPERIMENT_DIR), mode)

@@ -2,19 +2,31 @@
 
 ``build_index(atlas, out, ...)`` indexes an atlas store; ``build_from_source(source, out, config)`` indexes any
 :class:`VectorSource`; ``AtlasIndex.open(path)`` searches; ``index_info(path)`` summarises.
+
+This package's names are the index's public surface: :mod:`query` imports from here (chiefly :class:`AtlasIndex`),
+never from the modules inside.
 """
 
 from scatlas.index.atlas_index import AtlasIndex, SearchResult
 from scatlas.index.build import BuildConfig, build_from_source
+from scatlas.index.device import resolve_device, torch_gpu_count
+from scatlas.index.embedding import check_obsm
+from scatlas.index.executor import Executor, LocalExecutor, RayExecutor, Task, TaskContext, make_executor
+from scatlas.index.heads_training import train_label_heads
 from scatlas.index.info import index_info
+from scatlas.index.label_heads import LabelHead, refit_for_genes
 from scatlas.index.manifest import (
-    Calibration,
+    DEFAULT_K,
     EmbedderInfo,
     IndexManifest,
     RecallReport,
     SearchDefaults,
+    SimilarityCalibration,
     read_manifest,
 )
+from scatlas.index.progress import Progress, progress_bar
+from scatlas.index.sampling import sample_sorted
+from scatlas.index.softmax import minimize_lbfgs
 from scatlas.index.source import (
     ArrayVectorSource,
     NpyVectorSource,
@@ -24,25 +36,47 @@ from scatlas.index.source import (
     synthetic_source,
 )
 from scatlas.index.store_source import StoreVectorSource, build_index
+from scatlas.index.vectors import as_stored, l2_normalize
+from scatlas.index.verify import verify_index
 
 __all__ = [
+    "DEFAULT_K",
     "ArrayVectorSource",
     "AtlasIndex",
     "BuildConfig",
-    "Calibration",
     "EmbedderInfo",
+    "Executor",
     "IndexManifest",
+    "LabelHead",
+    "LocalExecutor",
     "NpyVectorSource",
+    "Progress",
     "RangeVectorSource",
+    "RayExecutor",
     "RecallReport",
     "SearchDefaults",
     "SearchResult",
     "ShardSpec",
+    "SimilarityCalibration",
     "StoreVectorSource",
+    "Task",
+    "TaskContext",
     "VectorSource",
+    "as_stored",
     "build_from_source",
     "build_index",
+    "check_obsm",
     "index_info",
-    "synthetic_source",
+    "l2_normalize",
+    "make_executor",
+    "minimize_lbfgs",
+    "progress_bar",
     "read_manifest",
+    "refit_for_genes",
+    "resolve_device",
+    "sample_sorted",
+    "synthetic_source",
+    "torch_gpu_count",
+    "train_label_heads",
+    "verify_index",
 ]

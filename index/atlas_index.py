@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -13,15 +14,19 @@ import pandas as pd
 from scatlas.atlas.errors import EmbedderMismatchError, IndexFormatError, InputError, StoreError
 from scatlas.index._faiss import faiss_module
 from scatlas.index.device import faiss_gpu_count, resolve_device, set_faiss_threads
+from scatlas.index.label_heads import LabelHead, load_label_heads
 from scatlas.index.manifest import (
     CELLS_DB_FILE,
+    DEFAULT_K,
     EMBEDDER_DIR,
     SHARDS_DIR,
     TRAINED_FILE,
     IndexManifest,
+    manifest_digest,
     read_manifest,
 )
-from scatlas.index.metadata import cells_frame, connect, where_ids
+from scatlas.index.metadata import cells_frame, columns_of, connect, value_counts, where_ids
+from scatlas.index.sampling import sample_sorted
 from scatlas.index.searcher import QUERY_BATCH, ShardSearcher
 from scatlas.index.shard import check_shard_ids, damaged_hint, verify_shard
 from scatlas.index.vectors import check_queries, l2_normalize
@@ -37,7 +42,6 @@ from scatlas.index.verify import (
 if TYPE_CHECKING:
     from scatlas.atlas.chunks import CellChunk
     from scatlas.atlas.embed.base import Embedder
-    from scatlas.index.label_heads import LabelHead
 
 logger = logging.getLogger(__name__)
 
@@ -110,13 +114,16 @@ def _load_embedder(edir: Path) -> Embedder:
 
 
 class AtlasIndex:
-    """A read-only view of an index directory. Use :meth:`open`."""
+    """A read-only view of an index directory (use :meth:`open`): search, the stored vectors, the cells table, the
+    embedder and the label heads. Everything :mod:`query` uses of an index goes through this class."""
 
     def __init__(
-        self, path: Path, manifest: IndexManifest, searcher: ShardSearcher, *, verify_on_read: bool = False
+        self, path: Path, manifest: IndexManifest, searcher: ShardSearcher, *, verify_on_read: bool = False,
+        build_id: str | None = None,
     ) -> None:
         self.path = path
         self._manifest = manifest
+        self._build_id = build_id
         self._searcher = searcher
         self._verify_on_read = verify_on_read
         self._embedder: Embedder | None = None
@@ -147,6 +154,7 @@ class AtlasIndex:
 
         path = Path(path)
         manifest = read_manifest(path)
+        build_id = manifest_digest(path)
         on_read = verify or _checksum_on_read(path, manifest)
         _check_files(path, manifest, verify=verify, on_read=on_read)
         shards = []
@@ -164,12 +172,31 @@ class AtlasIndex:
             raise IndexFormatError(f"{path / TRAINED_FILE} is {trained.d}-d, the manifest says {manifest.dim}")
         gpus = faiss_gpu_count() if resolve_device(device) == "cuda" else 0
         searcher = ShardSearcher(trained, shards, mmap=mmap, gpus=gpus, verify_on_read=on_read)
-        return cls(path, manifest, searcher, verify_on_read=on_read)
+        return cls(path, manifest, searcher, verify_on_read=on_read, build_id=build_id)
 
     # -- properties -----------------------------------------------------------------------------------------
     @property
     def manifest(self) -> IndexManifest:
         return self._manifest
+
+    @property
+    def build_id(self) -> str:
+        """A short id of this build of the index (:func:`index.manifest.manifest_digest`): what label heads and hunt
+        classifiers record as the index they were trained against. Training label heads leaves it unchanged."""
+        if self._build_id is None:
+            self._build_id = manifest_digest(self.path)
+        return self._build_id
+
+    @property
+    def embedder_fingerprint(self) -> str:
+        """The fingerprint of the embedder that made the index's vectors (what queries and classifiers must match)."""
+        return self._manifest.embedder.fingerprint or self.embedder.fingerprint()
+
+    @property
+    def atlas_path(self) -> Path | None:
+        """Where the atlas store the index was built from was (per the manifest; it may have moved), or None."""
+        path = self._manifest.atlas_snapshot.get("path")
+        return Path(path) if path else None
 
     @property
     def n_cells(self) -> int:
@@ -203,8 +230,6 @@ class AtlasIndex:
         """The supervised label heads trained for this index (``{label column: LabelHead}``; empty when none;
         see :mod:`index.label_heads`)."""
         if self._heads is None:
-            from scatlas.index.label_heads import load_label_heads
-
             self._heads = load_label_heads(
                 self.path, embedder_fingerprint=self._manifest.embedder.fingerprint,
                 recorded=self._manifest.heads_files,
@@ -256,11 +281,14 @@ class AtlasIndex:
         del _bitmap  # the selector points into it: keep it alive until the search is done
         return SearchResult(ids, scores)
 
-    def filter_ids(self, where: str) -> np.ndarray:
-        """Sorted ids of the cells matching an SQL predicate over the cells table."""
-        return where_ids(self.connect(), where)
+    def filter_ids(self, where: str, *, allow_empty: bool = False, what: str = "where filter") -> np.ndarray:
+        """Sorted ids of the cells matching an SQL predicate over the cells table, checked by
+        :func:`index.predicate.validate_predicate` before it runs (InputError naming ``what`` when it is invalid,
+        or, unless ``allow_empty``, when it matches no cell)."""
+        with self.cursor() as con:
+            return where_ids(con, where, allow_empty=allow_empty, what=what)
 
-    def exact_search(self, vectors: np.ndarray, k: int = 30) -> SearchResult:
+    def exact_search(self, vectors: np.ndarray, k: int = DEFAULT_K) -> SearchResult:
         """Brute force over the stored vectors (for evaluation; slow on large atlases)."""
         ids, scores = self._searcher.exact_search(check_queries(vectors, self.dim), k)
         return SearchResult(ids, scores)
@@ -274,6 +302,23 @@ class AtlasIndex:
             self._con = connect(self.path / CELLS_DB_FILE)
         return self._con
 
+    @contextmanager
+    def cursor(self) -> Iterator[Any]:
+        """A private cursor on the index's shared DuckDB connection, closed afterwards (the connection stays open)."""
+        cur = self.connect().cursor()
+        try:
+            yield cur
+        finally:
+            cur.close()
+
+    def columns(self) -> list[str]:
+        """The columns of the cells table."""
+        return columns_of(self.connect())
+
+    def value_counts(self, column: str, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(values, cell counts) of ``column`` among the cells ``ids`` (None: all), NULLs left out."""
+        return value_counts(self.connect(), column, ids)
+
     def cells(self, ids: np.ndarray, columns: list[str] | None = None) -> pd.DataFrame:
         """Metadata rows for ``ids`` (flattened), in order; -1 and unknown ids give rows of NaN."""
         return cells_frame(self.connect(), ids, columns)
@@ -281,6 +326,29 @@ class AtlasIndex:
     def iter_shards(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """``(shard_no, ids int64 memmap, vectors float16 memmap (n, dim))`` for every shard, in id order."""
         yield from self._searcher.iter_shards()
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors (float32 copies of the float16 values) of cells ``ids`` (1-D, any order), in that
+        order; InputError when the index does not hold some of them."""
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        missing = ~self._searcher.contains(ids)
+        if missing.any():
+            raise InputError(
+                f"{int(missing.sum())} cell ids are not in the index (e.g. {int(ids[missing][0])}); the index may be "
+                "older than the atlas: rebuild it"
+            )
+        return self._searcher.gather(ids)
+
+    def sample_ids(self, n: int, *, exclude: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+        """Up to ``n`` cell ids drawn uniformly (seeded) from all indexed cells except ``exclude``, sorted."""
+        excl = np.zeros(0, dtype=np.int64) if exclude is None else np.unique(np.asarray(exclude, dtype=np.int64))
+        n = int(min(n, max(self.n_cells - len(excl), 0)))
+        if n <= 0:
+            return np.zeros(0, dtype=np.int64)
+        rng = np.random.default_rng(seed)
+        # oversample by the excluded count, so that removing excluded ids still leaves n
+        ids = self._searcher.ids_at(sample_sorted(self.n_cells, n + len(excl), rng))
+        return sample_sorted(np.setdiff1d(ids, excl), n, rng).astype(np.int64)
 
     def close(self) -> None:
         if self._con is not None:

@@ -20,18 +20,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from scatlas.atlas.errors import DependencyError, IndexFormatError, InputError, TaskError
 from scatlas.atlas.outputs import INDEX, check_output_dir, claim_output_dir, writing
 from scatlas.index._faiss import faiss_module
-from scatlas.index.device import Device, faiss_gpu_count, resolve_device, set_faiss_threads
+from scatlas.index.device import Device, faiss_gpu_count, resolve_device, set_faiss_threads, torch_gpu_count
 from scatlas.index.evaluate import TARGET_RECALL, calibrate, tune_and_measure
 from scatlas.index.executor import Executor, LocalExecutor, Task, TaskContext, local_devices
 from scatlas.index.factory import Assigner, default_train_sample, is_exact, resolve_factory, train_index
 from scatlas.index.manifest import (
     BUILD_FILE,
     CELLS_DB_FILE,
+    DEFAULT_K,
     EMBEDDER_DIR,
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -49,6 +49,7 @@ from scatlas.index.manifest import (
     write_json_atomic,
 )
 from scatlas.index.metadata import CellsInput, write_cells_db
+from scatlas.index.progress import progress_bar
 from scatlas.index.searcher import ShardSearcher
 from scatlas.index.shard import clean_tmp, file_record, read_done, verify_shard, write_shard
 from scatlas.index.source import ShardSpec, VectorSource
@@ -62,7 +63,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 1_000_000
 DEFAULT_CHUNK_SIZE = 20_000
-DEFAULT_K = 30
 
 
 @dataclass(frozen=True)
@@ -280,11 +280,8 @@ def _local_devices(faiss_device: Device, embed_gpu: bool) -> list[str]:
     """Local task slots: one per GPU when FAISS runs on GPUs, or when a model embedder can use torch's GPUs."""
     if faiss_device == "cuda":
         return local_devices("cuda", faiss_gpu_count())
-    if embed_gpu:
-        import torch
-
-        if torch.cuda.is_available():
-            return local_devices("cuda", torch.cuda.device_count())
+    if embed_gpu and torch_gpu_count():
+        return local_devices("cuda", torch_gpu_count())
     return ["cpu"]
 
 
@@ -335,12 +332,7 @@ def build_from_source(
     _prepare_dir(out, overwrite)
     if source.n_cells == 0:
         raise InputError("the source has no cells to index")
-    if embedder is not None:
-        embedder_info = EmbedderInfo(embedder.name, embedder.params(), embedder.fingerprint(), embedder.dim)
-    if embedder_info is None:
-        embedder_info = EmbedderInfo("none", {}, "", source.dim)
-    if embedder_info.dim != source.dim:
-        raise InputError(f"the embedder makes {embedder_info.dim}-d vectors but the source yields {source.dim}-d")
+    embedder_info = _embedder_info(source, embedder, embedder_info)
     identity = {
         **config.identity(),
         "source": source.describe(),
@@ -366,7 +358,103 @@ def build_from_source(
     trained, train_s = _train(out, source, factory, config, device)
     if embedder is not None:
         _save_embedder(out, embedder)
+    shards = _build_shards(source, out, trained, config, device, executor)
+    cells_path = out / CELLS_DB_FILE
+    if not cells_path.exists():
+        ids = None
+        if cells is None:
+            ids = np.concatenate([np.load(out / SHARDS_DIR / r.dirname / SHARD_IDS_FILE) for r in shards.records])
+        write_cells_db(cells_path, cells, ids)
+    searcher = ShardSearcher(trained, [(r, out / SHARDS_DIR / r.dirname) for r in shards.records])
+    t_eval = time.perf_counter()
+    recall = tune_and_measure(
+        searcher, k=config.k, n_queries=config.eval_queries, seed=config.seed + 101,
+        target=config.target_recall, nprobe=config.nprobe, rerank=config.rerank,
+    )
+    calibration = calibrate(
+        searcher, k=config.k, n_cells=config.calibration_cells, seed=config.seed + 202,
+        nprobe=recall.nprobe, rerank=recall.rerank,
+    )
+    build = {
+        "started": started,
+        "finished": _now(),
+        "seconds": round(time.perf_counter() - t_start, 2),
+        "train_seconds": round(train_s, 2),
+        **shards.record(),
+        "eval_seconds": round(time.perf_counter() - t_eval, 2),
+        "device": device,
+        "threads": threads,
+        "config": asdict(config),
+    }
+    manifest = IndexManifest(
+        format_version=FORMAT_VERSION,
+        embedder=embedder_info,
+        gene_vocabulary_hash=gene_vocabulary_hash,
+        atlas_snapshot=dict(snapshot or {}),
+        factory=factory,
+        metric=METRIC,
+        exact=is_exact(trained),
+        search=SearchDefaults(k=config.k, nprobe=recall.nprobe, rerank=recall.rerank),
+        dim=source.dim,
+        n_cells=sum(r.n for r in shards.records),
+        shards=shards.records,
+        trained=file_record(out / TRAINED_FILE),
+        cells_db=file_record(cells_path),
+        versions=_versions(),
+        build=build,
+        recall=recall,
+        calibration=calibration,
+        files=small_file_records(out),  # build.json, embedder/*: checked at every open
+    )
+    manifest.write(out)
+    logger.info(
+        "built index %s: %d cells in %d shards, %s, recall@%d %.3f (nprobe=%s, rerank=%d), %.1f s", out,
+        manifest.n_cells, len(shards.records), factory, recall.k, recall.recall, recall.nprobe, recall.rerank,
+        build["seconds"],
+    )
+    return manifest
 
+
+def _embedder_info(source: VectorSource, embedder: Embedder | None, info: EmbedderInfo | None) -> EmbedderInfo:
+    """What the manifest records about the embedder: from ``embedder``, else ``info``, else "none"."""
+    if embedder is not None:
+        info = EmbedderInfo(embedder.name, embedder.params(), embedder.fingerprint(), embedder.dim)
+    if info is None:
+        info = EmbedderInfo("none", {}, "", source.dim)
+    if info.dim != source.dim:
+        raise InputError(f"the embedder makes {info.dim}-d vectors but the source yields {source.dim}-d")
+    return info
+
+
+@dataclass
+class _Shards:
+    """The shards of a build and how they were made (recorded in the manifest's ``build``)."""
+
+    records: list[ShardRecord]
+    add_seconds: float
+    added: int
+    reused: int
+    task_device: Device
+    task_gpus: float
+    executor: dict[str, Any]
+
+    def record(self) -> dict[str, Any]:
+        add_s = self.add_seconds
+        return {
+            "add_seconds": round(add_s, 2),
+            "cells_added": self.added,
+            "add_cells_per_second": round(self.added / add_s, 1) if self.added and add_s > 0 else None,
+            "shards_reused": self.reused,
+            "task_device": self.task_device,
+            "task_gpus": self.task_gpus,
+            "executor": self.executor,
+        }
+
+
+def _build_shards(
+    source: VectorSource, out: Path, trained: Any, config: BuildConfig, device: Device, executor: Executor | None
+) -> _Shards:
+    """Write every shard of ``source`` not completed by an earlier run, as tasks on ``executor``."""
     shards_dir = out / SHARDS_DIR
     shards_dir.mkdir(exist_ok=True)
     clean_tmp(shards_dir)
@@ -401,8 +489,8 @@ def build_from_source(
         progress.record(rec)
 
     t_add = time.perf_counter()
-    with tqdm(total=source.n_cells, initial=sum(r.n for r in done.values()), unit="cell", desc="index shards",
-              disable=None) as bar:
+    with progress_bar(total=source.n_cells, initial=sum(r.n for r in done.values()), unit="cell",
+                      desc="index shards") as bar:
         try:
             executor.run(tasks, on_done, progress=bar.update)
         finally:
@@ -412,67 +500,7 @@ def build_from_source(
     missing = [spec.shard_no for spec in plan if spec.shard_no not in done]
     if missing:
         raise IndexFormatError(f"shards {missing} were not built; rerun the same command to resume")
-    records = [done[spec.shard_no] for spec in plan]
-    added = sum(spec.n for spec in todo)
-
-    cells_path = out / CELLS_DB_FILE
-    if not cells_path.exists():
-        ids = None
-        if cells is None:
-            ids = np.concatenate([np.load(shards_dir / r.dirname / SHARD_IDS_FILE) for r in records])
-        write_cells_db(cells_path, cells, ids)
-
-    searcher = ShardSearcher(trained, [(r, shards_dir / r.dirname) for r in records])
-    t_eval = time.perf_counter()
-    recall = tune_and_measure(
-        searcher, k=config.k, n_queries=config.eval_queries, seed=config.seed + 101,
-        target=config.target_recall, nprobe=config.nprobe, rerank=config.rerank,
+    return _Shards(
+        [done[spec.shard_no] for spec in plan], add_s, sum(spec.n for spec in todo), reused, task_device, task_gpus,
+        executor.describe(),
     )
-    calibration = calibrate(
-        searcher, k=config.k, n_cells=config.calibration_cells, seed=config.seed + 202,
-        nprobe=recall.nprobe, rerank=recall.rerank,
-    )
-    eval_s = time.perf_counter() - t_eval
-    seconds = time.perf_counter() - t_start
-    manifest = IndexManifest(
-        format_version=FORMAT_VERSION,
-        embedder=embedder_info,
-        gene_vocabulary_hash=gene_vocabulary_hash,
-        atlas_snapshot=dict(snapshot or {}),
-        factory=factory,
-        metric=METRIC,
-        exact=is_exact(trained),
-        search=SearchDefaults(k=config.k, nprobe=recall.nprobe, rerank=recall.rerank),
-        dim=source.dim,
-        n_cells=sum(r.n for r in records),
-        shards=records,
-        trained=file_record(out / TRAINED_FILE),
-        cells_db=file_record(cells_path),
-        versions=_versions(),
-        build={
-            "started": started,
-            "finished": _now(),
-            "seconds": round(seconds, 2),
-            "train_seconds": round(train_s, 2),
-            "add_seconds": round(add_s, 2),
-            "eval_seconds": round(eval_s, 2),
-            "cells_added": added,
-            "add_cells_per_second": round(added / add_s, 1) if added and add_s > 0 else None,
-            "shards_reused": reused,
-            "device": device,
-            "task_device": task_device,
-            "task_gpus": task_gpus,
-            "executor": executor.describe(),
-            "threads": threads,
-            "config": asdict(config),
-        },
-        recall=recall,
-        calibration=calibration,
-        files=small_file_records(out),  # build.json, embedder/*: checked at every open
-    )
-    manifest.write(out)
-    logger.info(
-        "built index %s: %d cells in %d shards, %s, recall@%d %.3f (nprobe=%s, rerank=%d), %.1f s",
-        out, manifest.n_cells, len(records), factory, recall.k, recall.recall, recall.nprobe, recall.rerank, seconds,
-    )
-    return manifest

@@ -1,4 +1,4 @@
-"""Device choice (CPU / CUDA) and FAISS thread counts. GPU FAISS is imported and used only on request."""
+"""Device choice (CPU / CUDA, for FAISS or torch) and FAISS thread counts. GPU FAISS is used only on request."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from scatlas.index._faiss import faiss_module
 logger = logging.getLogger(__name__)
 
 Device = Literal["cpu", "cuda"]
+Backend = Literal["faiss", "torch"]
 THREADS_ENV = "SCATLAS_THREADS"
 
 
@@ -26,25 +27,39 @@ def faiss_gpu_count() -> int:
         return 0
 
 
-def resolve_device(device: str) -> Device:
-    """``"auto"`` -> GPU when FAISS has one (logged), else CPU; ``"cuda"`` without one -> DependencyError."""
-    device = (device or "auto").lower()
-    if device not in ("auto", "cpu", "cuda", "gpu"):
+def torch_gpu_count() -> int:
+    """Number of CUDA devices torch can use (0 with a CPU-only build or without a visible GPU)."""
+    import torch
+
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+_NO_GPU = {
+    "faiss": "FAISS sees no GPU (faiss-cpu is installed, or no CUDA device is visible). Install the GPU build (pip "
+    "install 'scatlas[gpu]', i.e. faiss-gpu) on a CUDA machine, or use --device cpu / auto.",
+    "torch": "torch sees no CUDA device (CPU-only torch build, or no GPU visible). Install a CUDA build of torch on "
+    "a GPU machine, or use device='cpu' / 'auto'.",
+}
+
+
+def resolve_device(device: str | None, *, backend: Backend = "faiss") -> Device:
+    """The device to run on: ``"cpu"``; ``"cuda"`` (or ``"gpu"``), DependencyError when ``backend`` (FAISS or torch)
+    sees no GPU; ``"auto"`` (or None), a GPU when ``backend`` sees one (logged), else the CPU."""
+    choice = (device or "auto").lower()
+    if choice == "gpu":
+        choice = "cuda"
+    if choice not in ("auto", "cpu", "cuda"):
         raise InputError(f"unknown device {device!r}; use auto, cpu or cuda")
-    if device == "cpu":
+    if choice == "cpu":
         return "cpu"
-    n_gpus = faiss_gpu_count()
-    if device in ("cuda", "gpu"):
+    n_gpus = faiss_gpu_count() if backend == "faiss" else torch_gpu_count()
+    if choice == "cuda":
         if n_gpus == 0:
-            raise DependencyError(
-                "device='cuda' was asked for but FAISS sees no GPU (faiss-cpu is installed, or no CUDA device is "
-                "visible). Install the GPU build (pip install 'scatlas[gpu]', i.e. faiss-gpu) on a CUDA machine, "
-                "or use --device cpu / auto."
-            )
+            raise DependencyError(f"device='cuda' was asked for but {_NO_GPU[backend]}")
         return "cuda"
-    choice: Device = "cuda" if n_gpus > 0 else "cpu"
-    logger.info("device auto: using %s (FAISS sees %d GPU%s)", choice, n_gpus, "" if n_gpus == 1 else "s")
-    return choice
+    resolved: Device = "cuda" if n_gpus > 0 else "cpu"
+    logger.info("device auto: using %s (%s sees %d GPU%s)", resolved, backend, n_gpus, "" if n_gpus == 1 else "s")
+    return resolved
 
 
 def resolve_threads(threads: int | None = None) -> int:

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from scatlas.index.manifest import CALIBRATION_QUANTILES, Calibration, RecallReport
+from scatlas.index.manifest import CALIBRATION_QUANTILES, RecallReport, SimilarityCalibration
+from scatlas.index.sampling import sample_sorted
 from scatlas.index.searcher import ShardSearcher
 
 logger = logging.getLogger(__name__)
@@ -26,22 +27,8 @@ RERANK_MIN_FACTOR, RERANK_MAX = 2, 4096
 
 def sample_cells(searcher: ShardSearcher, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``n`` random atlas cells (sorted ids) and their stored vectors (float32)."""
-    shards = list(searcher.iter_shards())
-    counts = np.array([len(ids) for _, ids, _ in shards], dtype=np.int64)
-    total = int(counts.sum())
-    rng = np.random.default_rng(seed)
-    pos = np.sort(rng.choice(total, size=min(n, total), replace=False))
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    ids = np.empty(len(pos), dtype=np.int64)
-    vecs = np.empty((len(pos), searcher.dim), dtype=np.float32)
-    which = np.searchsorted(offsets, pos, side="right") - 1
-    for s in np.unique(which):
-        m = which == s
-        _, sid, sv = shards[int(s)]
-        local = pos[m] - offsets[s]
-        ids[m] = sid[local]
-        vecs[m] = sv[local]
-    return ids, vecs
+    ids = searcher.ids_at(sample_sorted(searcher.n_cells, n, seed))
+    return ids, searcher.gather(ids)
 
 
 def drop_self(ids: np.ndarray, scores: np.ndarray, self_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -153,7 +140,7 @@ def tune_and_measure(
 
 def calibrate(
     searcher: ShardSearcher, *, k: int, n_cells: int, seed: int, nprobe: int | None, rerank: int
-) -> Calibration:
+) -> SimilarityCalibration:
     """Quantiles of the nearest-neighbour and mean top-k similarity of sampled atlas cells (self excluded)."""
     ids, vecs = sample_cells(searcher, n_cells, seed)
     nn_ids, nn_scores = searcher.search(vecs, k + 1, nprobe=nprobe, rerank=rerank + 1 if rerank else 0)
@@ -162,7 +149,7 @@ def calibrate(
     first = nn_scores[:, 0][valid[:, 0]]
     mean_topk = np.array([row[m].mean() for row, m in zip(nn_scores, valid, strict=True) if m.any()])
     qs = list(CALIBRATION_QUANTILES)
-    return Calibration(
+    return SimilarityCalibration(
         k=k,
         n_cells=len(ids),
         quantiles=qs,

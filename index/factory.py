@@ -22,16 +22,14 @@ logger = logging.getLogger(__name__)
 
 FLAT_MAX_WORK = 12_800_000
 """``auto`` builds an exact flat index while cells x dims <= this (100k cells at d=128, 256k at d=50, 10k at
-d=1280). Exact search costs N x d per query: on 2 cores it measured ~550 queries/s at 200k x 128 and ~60 at
-1M x 128, while IVF-PQ with re-ranking served 5-7k queries/s at recall@30 >= 0.95 (docs/benchmarks.md); below
-this size exact search still answers ~1k queries/s, needs no training and is exact."""
+d=1280), IVF-PQ above (see docs/benchmarks.md#index-flat-or-ivf)."""
 
 PCA_ABOVE_DIM = 256
 """``auto`` reduces vectors of more dimensions than this to ``PCA_DIM`` before IVF-PQ (re-ranking stays exact)."""
 PCA_DIM = 256
 NLIST_MIN, NLIST_MAX = 16, 16384
-"""With a flat coarse quantizer, assigning a vector costs nlist x d: 36M cells x 16384 lists x 128 d is ~150 TFLOP
-(about 25 min on 2 cores); more lists would want an HNSW quantizer."""
+"""Bounds on the inverted lists of ``auto`` IVF; with a flat coarse quantizer, assigning a vector costs nlist x d,
+so more lists would want an HNSW quantizer (see docs/benchmarks.md#index-flat-or-ivf)."""
 TRAIN_POINTS_PER_LIST = 50
 """Training sample for ``auto`` IVF: this many points per inverted list (FAISS warns below 39)."""
 TRAIN_SAMPLE_MIN, TRAIN_SAMPLE_MAX = 20_000, 1_000_000

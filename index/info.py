@@ -7,8 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from scatlas.atlas.errors import IndexFormatError
+from scatlas.atlas.sql import quote_ident
 from scatlas.index.atlas_index import AtlasIndex
+from scatlas.index.heads_training import DATASET_COLUMN, label_column_classes
+from scatlas.index.label_heads import read_heads_record
 from scatlas.index.manifest import IndexManifest
+from scatlas.index.metadata import columns_of
 from scatlas.index.verify import read_bytes_total, verify_on_read_limit
 
 
@@ -24,22 +28,24 @@ def directory_bytes(path: Path) -> int:
 
 
 def index_info(path: str | Path) -> dict[str, Any]:
-    """Cells, shards, dim, embedder, factory, measured recall, size on disk, bytes per cell, build seconds, and
-    the label heads (column -> classes, training cells, features; ``label_heads_error`` says why stored heads
-    cannot be used, e.g. trained for another build), and what the manifest's checksums cover (``integrity``)."""
+    """A summary of the index at ``path`` (JSON-serialisable).
+
+    Besides the manifest's figures (cells, shards, dim, embedder, factory, measured recall, build time): size on
+    disk and bytes per cell; ``heads_seconds`` (training the label heads, None without heads) and
+    ``total_seconds`` (index build + heads); ``datasets`` (``[{"dataset_id", "cells"}]``, from the cells table);
+    ``label_columns`` (``{column: classes}``, the columns that look like labels); ``label_heads`` (column ->
+    classes, training cells, features; ``label_heads_error`` says why stored heads cannot be used, e.g. trained
+    for another build); ``integrity`` (what the manifest's checksums cover).
+    """
     path = Path(path)
-    idx = AtlasIndex.open(path)
-    m = idx.manifest
-    size = directory_bytes(path)
-    heads_error = None
-    try:  # info describes the index even when its heads cannot be used (annotate refuses them)
-        loaded = idx.label_heads()
-    except IndexFormatError as exc:
-        loaded, heads_error = {}, str(exc)
-    heads = {
-        key: {"classes": len(h.classes), "train_cells": h.record.get("n_train"), "features": sorted(h.models)}
-        for key, h in loaded.items()
-    }
+    with AtlasIndex.open(path) as idx:
+        m = idx.manifest
+        size = directory_bytes(path)
+        heads, heads_seconds, heads_error = _heads(idx)
+        with idx.cursor() as con:
+            datasets = _datasets(con)
+            labels = label_column_classes(con)
+    build_seconds = m.build.get("seconds")
     return {
         "path": str(path),
         "format_version": m.format_version,
@@ -58,13 +64,44 @@ def index_info(path: str | Path) -> dict[str, Any]:
         "recall_queries": m.recall.n_queries,
         "size_bytes": size,
         "bytes_per_cell": round(size / m.n_cells, 1) if m.n_cells else None,
-        "build_seconds": m.build.get("seconds"),
+        "build_seconds": build_seconds,
+        "heads_seconds": heads_seconds,
+        "total_seconds": round(float(build_seconds or 0) + float(heads_seconds or 0), 2)
+        if build_seconds is not None else None,
         "built": m.build.get("finished"),
         "device": m.build.get("device"),
+        "datasets": datasets,
+        "label_columns": labels,
         "label_heads": heads,
         "label_heads_error": heads_error,
         "integrity": integrity(m),
     }
+
+
+def _heads(idx: AtlasIndex) -> tuple[dict[str, Any], float | None, str | None]:
+    """(column -> summary of its label heads, seconds their training took, why they cannot be used or None)."""
+    try:  # info describes the index even when its heads cannot be used (annotate refuses them)
+        loaded = idx.label_heads()
+        record = read_heads_record(idx.path) if loaded else None
+    except IndexFormatError as exc:
+        return {}, None, str(exc)
+    heads = {
+        key: {"classes": len(h.classes), "train_cells": h.record.get("n_train"), "features": sorted(h.models)}
+        for key, h in loaded.items()
+    }
+    seconds = (record or {}).get("seconds")
+    return heads, float(seconds) if isinstance(seconds, int | float) else None, None
+
+
+def _datasets(con: Any) -> list[dict[str, Any]]:
+    """``[{"dataset_id", "cells"}]`` in id order, from the cells table (empty without a ``dataset_id`` column)."""
+    if DATASET_COLUMN not in columns_of(con):
+        return []
+    col = quote_ident(DATASET_COLUMN)
+    rows = con.execute(
+        f"SELECT CAST({col} AS VARCHAR), count(*) FROM cells GROUP BY {col} ORDER BY min(soma_joinid)"
+    ).fetchall()
+    return [{"dataset_id": ds, "cells": int(n)} for ds, n in rows]
 
 
 def integrity(m: IndexManifest) -> dict[str, Any]:

@@ -39,10 +39,18 @@ SHARD_INDEX_FILE = "index.faiss"
 SHARD_IDS_FILE = "ids.npy"
 SHARD_VECTORS_FILE = "vectors.f16.npy"
 SHARD_FILES = (SHARD_INDEX_FILE, SHARD_IDS_FILE, SHARD_VECTORS_FILE)
+HEADS_DIR = "heads"
+HEADS_FILE = "heads.json"
+HEADS_SAMPLE_FILE = "training_sample.npz"
+"""The gene features of the label heads' training sample, kept so that heads can be refitted for a query that
+lacks some of the embedder's genes (:func:`index.label_heads.refit_for_genes`)."""
 FILES_KEY = "files"
 HEADS_FILES_KEY = "heads_files"
 
 METRIC = "inner_product"
+DEFAULT_K = 30
+"""Neighbours returned by a search, and voting in ``annotate``, unless told otherwise (recorded per index in
+:class:`SearchDefaults`)."""
 CALIBRATION_QUANTILES = (0.001, 0.002, 0.005, 0.01, 0.05, 0.10, 0.25, 0.50)
 
 
@@ -127,7 +135,7 @@ class RecallReport:
 
 
 @dataclass(frozen=True)
-class Calibration:
+class SimilarityCalibration:
     """Distribution of atlas-to-atlas neighbour similarities (self excluded), for "far from the atlas" calls.
 
     ``first_neighbor[q]`` / ``mean_topk[q]`` are quantiles at ``quantiles[q]`` of the cosine similarity of the
@@ -168,7 +176,7 @@ class IndexManifest:
     versions: dict[str, str]
     build: dict[str, Any]
     recall: RecallReport
-    calibration: Calibration
+    calibration: SimilarityCalibration
     files: dict[str, FileRecord] | None = None  # build.json, embedder/*; None in manifests older than these records
     heads_files: dict[str, FileRecord] | None = field(default=None, compare=False)
     """heads/*, recorded after the heads are trained (None: none recorded). Not part of the build's identity: it is
@@ -204,7 +212,7 @@ class IndexManifest:
             versions=dict(d["versions"]),
             build=dict(d["build"]),
             recall=RecallReport(**d["recall"]),
-            calibration=Calibration(**d["calibration"]),
+            calibration=SimilarityCalibration(**d["calibration"]),
             files=_file_records(d.get(FILES_KEY)),
             heads_files=_file_records(d.get(HEADS_FILES_KEY)),
         )

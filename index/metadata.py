@@ -276,7 +276,7 @@ def cells_frame(con: Any, ids: np.ndarray, columns: list[str] | None = None) -> 
     name = f"_ids_{uuid.uuid4().hex[:8]}"
     con.register(name, pa.table({"_pos": np.arange(len(flat), dtype=np.int64), ID_COLUMN: flat}))
     try:
-        select = ", ".join([f"q.{ID_COLUMN}"] + [f'c."{c}"' for c in wanted])
+        select = ", ".join([f"q.{ID_COLUMN}"] + [f"c.{quote_ident(c)}" for c in wanted])
         df = con.execute(
             f"SELECT {select} FROM {name} q LEFT JOIN {CELLS_TABLE} c ON q.{ID_COLUMN} = c.{ID_COLUMN} "
             "ORDER BY q._pos"

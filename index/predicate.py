@@ -12,7 +12,8 @@ that column from that table, whose WHERE clause holds only:
 
 Anything else (subqueries, table functions such as ``read_text``, set operations, several statements, lambdas,
 parameters, window or aggregate functions) is refused with an :class:`InputError`. The statement that was checked
-is the one that runs (:attr:`Predicate.sql`), text for text.
+is the one that runs (:attr:`Predicate.sql`): DuckDB writes it back from the checked tree
+(``json_deserialize_sql``), so nothing the tree does not hold can run.
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def validate_predicate(predicate: str, columns: Mapping[str, str], *, what: str 
             f"invalid {what} {shown(text)}: unknown column {exc.name!r}. Columns of the cells table: "
             f"{describe_columns(columns)}"
         ) from None
-    return Predicate(text=text, sql=sql)
+    return Predicate(text=text, sql=_rendered(tree, text, what))
 
 
 def describe_columns(columns: Mapping[str, str]) -> str:
@@ -194,6 +195,19 @@ def _validator() -> Any:
         con.execute("SET lock_configuration=true")
         _VALIDATOR.append(con)
     return _VALIDATOR[0]
+
+
+def _rendered(tree: dict[str, Any], text: str, what: str) -> str:
+    """The SQL DuckDB writes back from the checked syntax tree: what runs is exactly what was checked, even where
+    the parser drops a clause it does not keep in the tree (an unused ``WINDOW``)."""
+    import duckdb
+
+    try:
+        with _LOCK:
+            row = _validator().execute("SELECT json_deserialize_sql(?::JSON)", [json.dumps(tree)]).fetchall()
+    except duckdb.Error:
+        raise InputError(f"invalid {what} {shown(text)}: DuckDB could not write it back as SQL; simplify it") from None
+    return str(row[0][0])
 
 
 def _parse(sql: str, text: str, what: str) -> dict[str, Any]:

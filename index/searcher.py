@@ -28,8 +28,8 @@ logger = logging.getLogger(__name__)
 QUERY_BATCH = 4096
 """Queries per FAISS call (bounds the candidate arrays: QUERY_BATCH x rerank x 12 bytes)."""
 RERANK_BYTES = 8 << 20
-"""Bound on the float16 candidate vectors gathered per block of queries during re-ranking (small enough to stay in
-the L3 cache between the gather and the scan: 4-8 MiB measured fastest at d=1280, 681 candidates)."""
+"""Bound on the float16 candidate vectors gathered per block of queries during re-ranking, small enough to stay in
+the L3 cache between the gather and the scan (see docs/benchmarks.md#index-re-ranking)."""
 EXACT_BLOCK = 65_536
 """Rows of stored vectors per block in exact (brute-force) search."""
 
@@ -117,10 +117,16 @@ class ShardSearcher:
         if shard.ids is None or shard.vectors is None:
             self._verify(shard)
             try:
-                shard.ids = np.load(shard.directory / SHARD_IDS_FILE, mmap_mode="r")
-                shard.vectors = np.load(shard.directory / SHARD_VECTORS_FILE, mmap_mode="r")
+                ids = np.load(shard.directory / SHARD_IDS_FILE, mmap_mode="r")
+                vectors = np.load(shard.directory / SHARD_VECTORS_FILE, mmap_mode="r")
             except (OSError, ValueError) as exc:
                 raise IndexFormatError(f"cannot read the vectors of shard {shard.directory} ({exc}); rebuild") from exc
+            if ids.ndim != 1 or vectors.shape != (len(ids), self.dim):
+                raise IndexFormatError(
+                    f"shard {shard.directory}: {len(ids)} ids with vectors of shape {vectors.shape}, expected "
+                    f"({len(ids)}, {self.dim}); the index is damaged: rebuild it"
+                )
+            shard.ids, shard.vectors = ids, vectors
         return shard.ids, shard.vectors
 
     def _index(self, shard: _Shard) -> Any:
@@ -155,6 +161,30 @@ class ShardSearcher:
             ids, vecs = self._data(shard)
             yield shard.record.no, ids, vecs
 
+    def ids_at(self, positions: np.ndarray) -> np.ndarray:
+        """The ids at sorted global row ``positions`` (rows counted over the shards in id order)."""
+        chosen: list[np.ndarray] = []
+        offset = 0
+        for _, sid, _ in self.iter_shards():
+            lo, hi = np.searchsorted(positions, [offset, offset + len(sid)])
+            if hi > lo:
+                chosen.append(np.asarray(sid[positions[lo:hi] - offset], dtype=np.int64))
+            offset += len(sid)
+        return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """Which of ``ids`` (1-D, any order) the shards hold (bool mask)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.zeros(len(ids), dtype=bool)
+        which = np.searchsorted(self._starts, ids, side="right") - 1
+        for s in np.unique(which[which >= 0]):
+            rows = np.flatnonzero(which == s)
+            sid, _ = self._data(self._shards[int(s)])
+            if len(sid):
+                pos = np.minimum(np.searchsorted(sid, ids[rows]), len(sid) - 1)
+                out[rows] = np.asarray(sid[pos]) == ids[rows]
+        return out
+
     # -- search --------------------------------------------------------------------------------------------
     def search(
         self,
@@ -179,9 +209,9 @@ class ShardSearcher:
         """Unmap the pages of the stored vectors from this process (they stay in the page cache).
 
         Re-ranking gathers candidates at random rows, and the kernel maps the neighbouring cached pages of every
-        row it faults in (fault-around): without this, one calibration pass over a 36M-cell index left the whole
-        9 GB of vectors counted in the process's RSS (VmHWM 12 GiB for 3 GiB of allocations). Called after each
-        re-ranking block, so RSS is bounded by what one block of candidates touches.
+        row it faults in (fault-around), so without this the whole vectors file ends up counted in the process's
+        RSS (see docs/benchmarks.md#index-re-ranking). Called after each re-ranking block, so RSS is bounded by
+        what one block of candidates touches.
         """
         if not hasattr(mmap, "MADV_DONTNEED"):
             return
@@ -235,9 +265,8 @@ class ShardSearcher:
         """Stored float16 rows of existing ``ids`` (1-D, any order) into ``out`` (len(ids), d) float16, in order.
 
         ``np.take`` from the shards' memmaps (one memcpy per row; ``mode="clip"`` writes straight into ``out``, the
-        positions being checked already). Single-threaded on purpose: torch's parallel ``index_select`` measured
-        2x faster on an idle machine but 10x slower with other jobs running, its OpenMP threads contending with
-        FAISS's at every one of the many small calls.
+        positions being checked already). Single-threaded on purpose: a parallel gather's threads contend with
+        FAISS's at every one of the many small calls (see docs/benchmarks.md#index-re-ranking).
         """
         if len(ids) == 0:
             return

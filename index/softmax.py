@@ -7,11 +7,8 @@ Training minimises
 with balanced sample weights ``s_i = n / (K * n_{y_i})`` (each of the K classes carries the same total weight)
 and an unpenalised intercept: the objective of scikit-learn's ``LogisticRegression(class_weight="balanced",
 C=C)``, so ``C`` means what it means there. It is convex; it is solved full-batch with L-BFGS (strong Wolfe line
-search) in float32 (the float32 features are used in place, with no copy), on the CPU or a GPU. Nearly separable
-training sets (common: cell types are distinct) make the last iterations crawl; ``max_iter=200`` is the default
-because on the synthetic bench pair (10k cells, 2,000 genes, 9 labels; measured ad hoc) going from 100 to 500
-iterations changed 1.5% of the query's predictions and its macro-F1 by less than 0.002, while 500 took 2.5x as long
-as 200 (and float64 another 2x).
+search) in float32 (the float32 features are used in place, with no copy), on the CPU or a GPU, for at most
+:data:`DEFAULT_MAX_ITER` iterations (see docs/benchmarks.md#label-heads-iterations).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from scatlas.atlas.errors import InputError
+from scatlas.index.sampling import sample_sorted
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,6 @@ def plan_over_ranges(ranges: Sequence[tuple[int, int]], shard_size: int) -> list
     return specs
 
 
-def _sample_positions(n_total: int, n: int, seed: int) -> np.ndarray:
-    n = min(int(n), n_total)
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n_total, size=n, replace=False)).astype(np.int64)
-
-
 class ArrayVectorSource:
     """An in-memory ``(n, d)`` array with sorted unique ids (default ``0..n-1``), for tests and small atlases."""
 
@@ -130,7 +125,7 @@ class ArrayVectorSource:
             yield self._ids[a:b], np.asarray(self._x[a:b], dtype=np.float32)
 
     def sample(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        pos = _sample_positions(self.n_cells, n, seed)
+        pos = sample_sorted(self.n_cells, n, seed)
         return self._ids[pos], np.asarray(self._x[pos], dtype=np.float32)
 
     def describe(self) -> dict[str, Any]:
@@ -171,7 +166,7 @@ class RangeVectorSource:
             yield np.arange(a, b, dtype=np.int64), np.asarray(self._fn(a, b), dtype=np.float32)
 
     def sample(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        ids = _sample_positions(self._n, n, seed)
+        ids = sample_sorted(self._n, n, seed)
         # Read the sample in runs of consecutive ids so that the generator is called on ranges, not one by one.
         out = np.empty((len(ids), self._d), dtype=np.float32)
         block = 4096

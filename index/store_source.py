@@ -19,8 +19,11 @@ from scatlas.index.build import (
     _prepare_dir,
     build_from_source,
 )
+from scatlas.index.embedding import obsm_keys, reads_x
+from scatlas.index.heads_training import label_columns, train_label_heads
 from scatlas.index.manifest import BUILD_FILE, EMBEDDER_DIR, IndexManifest
 from scatlas.index.metadata import CellsFile
+from scatlas.index.progress import Progress
 from scatlas.index.source import ShardSpec, plan_over_ranges
 
 if TYPE_CHECKING:
@@ -38,9 +41,8 @@ class StoreVectorSource:
     def __init__(self, store: Any, embedder: Embedder) -> None:
         self.store = store
         self.embedder = embedder
-        self._with_x = embedder.needs == "X"
-        key = embedder.obsm_key
-        self._obsm = (key,) if embedder.needs == "obsm" and key else ()
+        self._with_x = reads_x(embedder)
+        self._obsm = obsm_keys(embedder)
 
     @property
     def n_cells(self) -> int:
@@ -101,11 +103,10 @@ def _fit_embedder(store: Any, spec: str, fit_sample: int, seed: int, options: di
     embedder = make_embedder(spec, **options)
     if embedder.requires_fit:
         ids = store.sample_ids(fit_sample, seed=seed)
-        key = embedder.obsm_key
-        obsm = (key,) if embedder.needs == "obsm" and key else ()
+        with_x, obsm = reads_x(embedder), obsm_keys(embedder)
         logger.info("fitting embedder %s on %d sampled cells", spec, len(ids))
         # A zero-argument callable: fitting may take several passes over the sample (PCA takes two).
-        embedder.fit(lambda: store.read_cells(ids, with_X=embedder.needs == "X", obsm_keys=obsm))  # type: ignore[arg-type]
+        embedder.fit(lambda: store.read_cells(ids, with_X=with_x, obsm_keys=obsm))  # type: ignore[arg-type]
     return embedder
 
 
@@ -143,8 +144,6 @@ def committed_cells(store: Any) -> CellsFile:
 
 def _resolve_label_keys(store: Any, label_keys: Sequence[str] | str) -> tuple[str, ...]:
     if label_keys == "auto":
-        from scatlas.index.label_heads import label_columns
-
         con = store.connect()
         try:
             keys = tuple(label_columns(con))
@@ -175,7 +174,7 @@ def build_index(
     executor: Executor | None = None,
     label_keys: Sequence[str] | str = "auto",
     heads_options: dict[str, Any] | None = None,
-    progress: bool = True,
+    progress: Progress = True,
 ) -> IndexManifest:
     """Build (or resume) the index of an atlas store at ``out`` and return its manifest.
 
@@ -183,9 +182,9 @@ def build_index(
     datasets when it needs fitting, saved into ``out/embedder/``, and recorded in the manifest. ``config``
     overrides every build setting at once (shard_size, factory, ... are then ignored). ``executor``: where the shard
     tasks run (:mod:`index.executor`; default: this process). ``label_keys``: cell-table columns to train
-    supervised label heads for once the index is complete (:func:`index.label_heads.train_label_heads`, with
+    supervised label heads for once the index is complete (:func:`index.heads_training.train_label_heads`, with
     ``heads_options``); they are kept when already trained with the same settings for this build. ``"auto"``:
-    every text column of the cell table that looks like an annotation (:func:`index.label_heads.label_columns`:
+    every text column of the cell table that looks like an annotation (:func:`index.heads_training.label_columns`:
     2 to 1,000 distinct values, e.g. cell_type, tissue, disease); ``()``: none.
     """
     from scatlas.atlas.store import AtlasStore
@@ -214,8 +213,6 @@ def build_index(
     )
     keys = _resolve_label_keys(store, label_keys)
     if keys:
-        from scatlas.index.label_heads import train_label_heads
-
         train_label_heads(
             store, out, keys, seed=config.seed, progress=progress, **dict(heads_options or {})
         )

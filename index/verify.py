@@ -28,6 +28,7 @@ from scatlas.index.manifest import (
     BUILD_FILE,
     CELLS_DB_FILE,
     EMBEDDER_DIR,
+    HEADS_DIR,
     MANIFEST_FILE,
     SHARD_IDS_FILE,
     SHARDS_DIR,
@@ -37,6 +38,7 @@ from scatlas.index.manifest import (
     ShardRecord,
     read_manifest,
 )
+from scatlas.index.progress import Progress, progress_bar
 from scatlas.index.shard import checksum_matches, damaged_hint, file_record, sha256_file, shard_ids_problem
 
 logger = logging.getLogger(__name__)
@@ -216,8 +218,6 @@ def _range_problems(manifest: IndexManifest) -> list[Problem]:
 
 
 def _notes(index_dir: Path, manifest: IndexManifest) -> list[str]:
-    from scatlas.index.label_heads import HEADS_DIR
-
     notes = []
     if manifest.files is None:
         notes.append("the manifest predates integrity records: build.json, embedder/ and heads/ were not checked; "
@@ -238,14 +238,13 @@ def _read_manifest_or_report(index_dir: Path) -> IndexManifest | VerifyReport:
         return VerifyReport(str(index_dir), False, 1, 0, [Problem(MANIFEST_FILE, str(exc))])
 
 
-def verify_index(path: str | Path, *, progress: bool = True) -> VerifyReport:
+def verify_index(path: str | Path, *, progress: Progress = True) -> VerifyReport:
     """Read every file of the index at ``path`` and check it against the manifest: sizes, SHA-256 checksums
     (shards, ``trained.faiss``, ``cells.duckdb``, ``build.json``, ``embedder/*``, ``heads/*``) and each shard's
     ids against its recorded count and range. Damage is reported, not raised; IndexFormatError only when ``path``
-    is not an index directory (no such directory, or no ``manifest.json``). ``progress``: a tqdm bar of bytes.
+    is not an index directory (no such directory, or no ``manifest.json``). ``progress``: a bar of bytes
+    (:data:`~index.progress.Progress`).
     """
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     index_dir = Path(path)
     manifest = _read_manifest_or_report(index_dir)
@@ -253,8 +252,8 @@ def verify_index(path: str | Path, *, progress: bool = True) -> VerifyReport:
         return manifest
     files = _recorded_files(manifest)
     problems: list[Problem] = []
-    with tqdm(total=sum(rec.bytes for _, rec in files), unit="B", unit_scale=True, desc="verify",
-              disable=not progress) as bar:
+    with progress_bar(progress, total=sum(rec.bytes for _, rec in files), unit="B", unit_scale=True,
+                      desc="verify") as bar:
         for rel, rec in files:
             what = _hash_problem(index_dir, rel, rec, bar.update)
             if what is not None:

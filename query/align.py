@@ -20,12 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from scatlas.index import AtlasIndex
+from scatlas.index import AtlasIndex, l2_normalize
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SAMPLE = 5000
-DEFAULT_K = 20
+MNN_K = 20
+"""Neighbours on each side (query -> atlas, atlas -> query) among which mutual pairs are found."""
 MAX_ITERATIONS = 4
 TOLERANCE = 0.01  # stop when an update moves the query by less than this (Euclidean norm, unit vectors)
 MIN_PAIRS = 20
@@ -52,37 +53,11 @@ class Alignment:
         }
 
 
-def normalise(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0).astype(np.float32, copy=False)
-
-
 def apply_shift(vectors: np.ndarray, shift: np.ndarray | None) -> np.ndarray:
     """Shifted, re-normalised float32 vectors (the input is not modified); ``None`` returns them unchanged."""
     if shift is None:
         return vectors
-    return normalise(np.asarray(vectors, dtype=np.float32) + shift[None, :].astype(np.float32))
-
-
-def atlas_vectors(index: AtlasIndex, ids: np.ndarray) -> np.ndarray:
-    """Stored (float16 -> float32) vectors of sorted unique atlas ids, read from the shards' memory maps."""
-    ids = np.asarray(ids, dtype=np.int64)
-    out = np.zeros((len(ids), index.dim), dtype=np.float32)
-    found = np.zeros(len(ids), dtype=bool)
-    for _, sid, vecs in index.iter_shards():
-        if len(sid) == 0:
-            continue
-        lo, hi = np.searchsorted(ids, [sid[0], sid[-1] + 1])
-        if hi <= lo:
-            continue
-        want = ids[lo:hi]
-        pos = np.minimum(np.searchsorted(sid, want), len(sid) - 1)
-        hit = np.asarray(sid[pos]) == want
-        out[lo:hi][hit] = np.asarray(vecs[pos[hit]], dtype=np.float32)
-        found[lo:hi] |= hit
-    if not found.all():
-        logger.warning("%d atlas ids were not found in the index shards", int((~found).sum()))
-    return out
+    return l2_normalize(np.asarray(vectors, dtype=np.float32) + shift[None, :].astype(np.float32))
 
 
 def _mnn_pairs(index: AtlasIndex, q: np.ndarray, k: int, where: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +69,7 @@ def _mnn_pairs(index: AtlasIndex, q: np.ndarray, k: int, where: str | None) -> t
     cand = np.unique(ids[ids >= 0])
     if len(cand) == 0:
         return np.zeros(0, np.int64), np.zeros((0, q.shape[1]), np.float32)
-    A = atlas_vectors(index, cand)
+    A = index.vectors(cand)
     kk = min(k, len(q))
     _, back = faiss.knn(
         np.ascontiguousarray(A), np.ascontiguousarray(q), kk, metric=faiss.METRIC_INNER_PRODUCT
@@ -113,7 +88,7 @@ def estimate_shift(
     index: AtlasIndex,
     sample: np.ndarray,
     *,
-    k: int = DEFAULT_K,
+    k: int = MNN_K,
     where: str | None = None,
     max_iterations: int = MAX_ITERATIONS,
     tolerance: float = TOLERANCE,

@@ -17,22 +17,25 @@ from typing import Any, Literal
 import anndata
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from scatlas.atlas.errors import InputError
-from scatlas.atlas.genes import MIN_GENE_OVERLAP, check_overlap
+from scatlas.atlas.genes import MIN_GENE_OVERLAP
 from scatlas.atlas.outputs import check_distinct
-from scatlas.atlas.sources import open_h5ad
-from scatlas.atlas.sources.base import iter_cell_chunks
-from scatlas.index import AtlasIndex
-from scatlas.index.label_heads import refit_for_genes
-from scatlas.index.manifest import manifest_digest
-from scatlas.index.metadata import columns_of, value_counts
-from scatlas.index.vectors import l2_normalize
+from scatlas.index import (
+    DEFAULT_K,
+    AtlasIndex,
+    LabelHead,
+    Progress,
+    l2_normalize,
+    progress_bar,
+    refit_for_genes,
+    sample_sorted,
+)
 from scatlas.query.align import DEFAULT_SAMPLE as DEFAULT_ALIGN_SAMPLE
 from scatlas.query.align import Alignment, apply_shift, estimate_shift
 from scatlas.query.evaluate import confusion_table, evaluate_labels
 from scatlas.query.outputs import plot_confusion, write_annotated_h5ad, write_json, write_parquet
+from scatlas.query.prepare import QueryCells, open_query
 from scatlas.query.vote import (
     REASON_FAR,
     REASON_LOW_CONFIDENCE,
@@ -58,14 +61,9 @@ MISSING_GENES: tuple[str, ...] = ("refit", "impute")
 DEFAULT_MISSING_GENES: MissingGenes = "refit"
 
 MIN_GENE_OVERLAP_REFIT = 0.15
-"""Default gene-overlap floor when the label heads decide and are refitted for the query's genes. Measured with
-``scripts/bench_annotate.py --gene-dropout`` on three real pairs (random draws of the embedder's genes kept;
-docs/benchmarks.md): refitted heads stay level with logistic regression trained on the same genes down to 10%
-kept, but macro-F1 falls with the genes for both: about 0.66-0.76 at 20% kept (0.78-0.89 with every gene) and
-0.46-0.66 at 10%, where too little is left to tell the types apart; a real partial query (pbmc3k's own 2,000
-highly variable genes, 20% of kang's) scored 0.725 against logreg's 0.713."""
+"""Default gene-overlap floor when label heads refitted for the query's genes decide every label (see
+docs/benchmarks.md#annotate-gene-overlap)."""
 
-DEFAULT_K = 30
 DEFAULT_MIN_CONFIDENCE = 0.3
 DEFAULT_WEIGHTING: Weighting = "adaptive"
 DEFAULT_FAR_QUANTILE: float | None = None
@@ -157,7 +155,7 @@ def _atlas_label_counts(index: AtlasIndex, column: str, ids: np.ndarray | None) 
     ``ids`` come from the ``where`` predicate through :meth:`AtlasIndex.filter_ids`, the one checked path from a
     user predicate to SQL; the predicate itself is never put into this query.
     """
-    values, counts = value_counts(index.connect(), column, ids)
+    values, counts = index.value_counts(column, ids)
     series = pd.Series(counts, index=pd.Index(_as_str_values(values), dtype=object))
     return series.groupby(level=0).sum().sort_index()
 
@@ -179,20 +177,24 @@ def _normalise_truth(truth_key: str | Mapping[str, str] | None, label_keys: Sequ
     return dict(truth_key)
 
 
-def _manifest_id(index: AtlasIndex) -> str | None:
-    try:
-        return manifest_digest(index.path)
-    except OSError:
-        return None
-
-
 def _validate(
+    keys: list[str],
+    label_keys: Any,
+    *,
     k: int,
     min_confidence: float,
     max_votes_per_dataset: int | None,
     batch_size: int,
     far_quantile: float | None,
+    align: str,
+    class_balance: float,
+    predictor: str,
+    missing_genes: str,
+    align_sample: int,
 ) -> None:
+    """InputError naming the first invalid argument of :func:`annotate`."""
+    if not keys or any(not isinstance(x, str) or not x for x in keys) or len(set(keys)) != len(keys):
+        raise InputError(f"label_keys must be one or more distinct column names (got {label_keys!r})")
     if int(k) < 1:
         raise InputError(f"k must be at least 1 (got {k})")
     if not 0.0 <= float(min_confidence) <= 1.0:
@@ -205,6 +207,16 @@ def _validate(
         raise InputError(f"batch_size must be at least 1 (got {batch_size})")
     if far_quantile is not None and not 0.0 < float(far_quantile) < 1.0:
         raise InputError(f"far_quantile must be in (0, 1) or None (got {far_quantile})")
+    if align not in ("none", "mnn"):
+        raise InputError(f"align must be 'none' or 'mnn' (got {align!r})")
+    if not float(class_balance) >= 0:
+        raise InputError(f"class_balance must be >= 0 (got {class_balance})")
+    if predictor not in PREDICTORS:
+        raise InputError(f"predictor must be one of {', '.join(PREDICTORS)} (got {predictor!r})")
+    if missing_genes not in MISSING_GENES:
+        raise InputError(f"missing_genes must be one of {', '.join(MISSING_GENES)} (got {missing_genes!r})")
+    if int(align_sample) < 1:
+        raise InputError(f"align_sample must be at least 1 (got {align_sample})")
 
 
 def _far_threshold(
@@ -261,426 +273,389 @@ def annotate(
     keep_neighbors: bool = True,
     predictor: Predictor = DEFAULT_PREDICTOR,
     missing_genes: MissingGenes = DEFAULT_MISSING_GENES,
-    progress: bool = True,
+    progress: Progress = True,
 ) -> AnnotationResult:
-    """Transfer atlas labels to query cells by similarity-weighted voting of their nearest atlas cells.
+    """Transfer atlas labels to the cells of ``query``: each label from the index's label heads or a vote of the
+    cell's nearest atlas cells; ``"unknown"`` where the call is not confident or the cell lies far from the atlas.
 
-    Parameters
-    ----------
-    query: an ``.h5ad`` path (read in chunks; raw counts are taken from X, ``layers['counts']`` or ``.raw``
-        when present, else log-normalised values) or an in-memory AnnData. Never modified.
-    index: an index directory (``build_index``) or an opened :class:`~index.AtlasIndex`.
-    label_keys: columns of the index's cell table to transfer, each predicted on its own.
-    k: neighbours that vote per query cell.
-    where: SQL predicate restricting the atlas cells searched (e.g. ``"tissue = 'blood'"``).
-    min_confidence: a cell whose winning label has less than this confidence (the heads' probability or the
-        vote's weighted share) is ``"unknown"`` (reason ``low_confidence``). The default 0.3 abstains only on
-        calls spread over four or more labels (a winner below 1/3 needs that); see "Defaults" below for why not
-        higher. To hunt for types the atlas may lack, raise it (0.5 abstained on 33% of the synthetic pair's
-        absent cells, 4% at 0.3) and accept losing known cells: on real pairs no signal tells absent types apart
-        (below).
-    max_votes_per_dataset: at most this many of a cell's neighbours from any one atlas dataset vote (None: no
-        cap).
-    truth_key: a query obs column with known labels (for ``label_keys[0]``), or ``{label_key: obs column}``;
-        adds accuracy, macro-F1 and per-class precision/recall on cells whose label the atlas has, and the
-        abstention rate on cells whose label it lacks, to ``report["evaluation"]``.
-    batch_size: query cells embedded and searched at a time (memory is bounded by it, not by the query size).
-    min_gene_overlap: refuse the query when fewer than this fraction of the embedder's genes are present.
-        None (default): :data:`MIN_GENE_OVERLAP_REFIT` (0.15) when every label column is decided by label heads
-        that can be refitted for the query's genes (``missing_genes="refit"``, heads with their training sample),
-        else :data:`atlas.genes.MIN_GENE_OVERLAP` (0.5): the neighbour vote has nothing to adapt to the missing
-        genes. The value used is in the report's ``params``.
-    weighting: vote weights by similarity (see :mod:`query.vote`): ``adaptive``, ``similarity`` or
-        ``uniform``.
-    class_balance: each vote is divided by (its label's atlas cell count) ** class_balance (0 = plain votes,
-        1 = fully balanced), so that rare atlas types are not outvoted by frequent neighbours.
-    align: ``"mnn"`` shifts the query as a whole onto the atlas in the embedding space before searching (one
-        vector, estimated from mutual nearest neighbours of ``align_sample`` random query cells; see
-        :mod:`query.align`); ``"none"`` searches with the vectors as embedded.
-    far_quantile: a cell whose mean similarity to its nearest atlas cells *and* whose similarity to its
-        nearest atlas cell are both below this quantile of the same statistics among atlas cells themselves
-        (the index manifest's calibration) is ``"unknown"`` (reason ``far_from_atlas``). Off (None) by default;
-        :data:`FAR_QUANTILE_WHEN_ON` (0.001) is the value to turn it on with. Atlas cells are compared with cells
-        of their own batch, so a query from another lab or condition sits lower on both statistics even where its
-        types are in the atlas: at 0.001 the rule called 0.9% of the known cells of zheng_sorted_to_kang_ctrl and
-        1.8% of zheng_sorted_to_kang_stim far and none of their absent types (DC, megakaryocytes, erythrocytes
-        sit next to known types in any embedding of the sorted reference's genes), which cost those pairs 0.008
-        and 0.021 macro-F1 (``--tune`` grid, docs/benchmarks.md); it catches some of what no atlas type resembles
-        (the synthetic pair: 8.5% of absent cells against 0.9% of known ones; fibroblasts held out of the
-        synthetic atlas of tests/test_annotate.py). Requiring the nearest neighbour too spares the cells of types
-        with fewer atlas cells than the calibration's k, whose k nearest cannot all be of their type.
-    keep_neighbors: keep the neighbours table (``n_cells x k`` rows; turn off for very large queries).
-    predictor: what decides the label. ``"heads"``: the index's supervised label heads for that column
-        (:mod:`index.label_heads`: the mean class probability of a logistic model on the embedder's gene features
-        and one on the MNN-shifted embedding; confidence = the winner's probability); ``"knn"``: the neighbours'
-        vote; ``"auto"`` (default): heads for the columns that have them, the vote for the others. With
-        ``where``, the heads choose among the labels of the cells it selects. ``k``, ``weighting``,
-        ``class_balance`` and ``max_votes_per_dataset`` shape the vote only; the neighbours are searched in
-        every mode (far-from-atlas calls, the neighbours table).
-    missing_genes: what the label heads do when the query lacks some of the embedder's genes. ``"refit"``
-        (default): refit them on their stored training sample as the query sees it (the gene head on the genes it
-        has; the embedding head on the sample re-embedded without the others), which costs a fit on that sample
-        (bounded by its size, not the atlas); ``"impute"``: use them as trained, reading each missing gene as its
-        atlas mean. Over 5 random draws of the genes of three real pairs (``scripts/bench_annotate.py
-        --gene-dropout``, docs/benchmarks.md), ``refit`` gained -0.004 to +0.022 macro-F1 on average with 90% of
-        the genes kept, +0.008 to +0.032 with 50% and +0.029 to +0.088 with 30%.
+    query: an ``.h5ad`` path (read in chunks) or an AnnData; never modified.
+    index: an index directory or an opened :class:`~index.AtlasIndex`.
+    label_keys: columns of the index's cell table to transfer, each on its own.
+    k: neighbours that vote per cell. where: an SQL predicate restricting the atlas cells searched.
+    min_confidence: below this winning probability (heads) or vote share a cell is unknown (``low_confidence``).
+    max_votes_per_dataset: at most this many of a cell's voters from one atlas dataset (None: no cap).
+    truth_key: a query obs column of known labels (for ``label_keys[0]``), or ``{label_key: column}``; adds
+        ``report["evaluation"]``.
+    batch_size: query cells embedded and searched at a time (bounds memory).
+    min_gene_overlap: refuse a query with a smaller fraction of the embedder's genes (None:
+        :data:`MIN_GENE_OVERLAP_REFIT` when refitted heads decide every label, else
+        :data:`atlas.genes.MIN_GENE_OVERLAP`).
+    weighting: vote weights from similarities (:mod:`query.vote`). class_balance: each vote is divided by its
+        label's atlas cell count to this power (0: plain votes, 1: fully balanced).
+    align: ``"mnn"`` shifts the query onto the atlas first (:mod:`query.align`, estimated on ``align_sample``
+        cells); ``"none"`` searches with the vectors as embedded.
+    far_quantile: a cell whose mean top-k and nearest similarities are both below this quantile of the atlas'
+        own is unknown (``far_from_atlas``); None: off (:data:`FAR_QUANTILE_WHEN_ON` turns it on).
+    keep_neighbors: keep the neighbours table (``n_cells x k`` rows).
+    predictor: ``"heads"`` (the index's label heads), ``"knn"`` (the vote) or ``"auto"`` (heads where they exist).
+    missing_genes: for a query lacking some of the embedder's genes, ``"refit"`` the heads on the genes it has, or
+        ``"impute"`` (each missing gene reads as its atlas mean).
+    progress: a progress bar (:data:`index.progress.Progress`).
 
-    Defaults were chosen by measurement with ``scripts/bench_annotate.py --tune`` (grid and results in
-    docs/benchmarks.md) on every bench pair (16 real reference/query pairs and a synthetic atlas with two cell
-    types held out of the reference): predictor in {heads, knn} x (for the vote) k in {10, 15, 30, 50} x
-    weighting x class_balance in {0, 0.5, 1}, x align in {none, mnn} x min_confidence in {0 .. 0.8} x far_quantile
-    in {off, 0.001 .. 0.01}. Declared rule: first the worst margin over the real pairs against logistic regression
-    on the same genes (the baseline label transfer has to beat), then the mean open-set macro-F1 (macro-F1 with
-    the cells of absent types as one more class, ``unknown``). Until session 5 the rule was the mean over two
-    tuning pairs only (kang2018 CTRL -> STIM and the synthetic atlas), which chose ``min_confidence=0.5`` and
-    ``far_quantile=0.001`` for the sake of the synthetic absent types; four pairs added afterwards showed what
-    that cost on real data: symphony 3'v1 -> 3'v2 0.751 against 0.800 without abstention (logreg 0.792),
-    zheng_sorted_to_kang_stim 0.783 against 0.818 (logreg 0.813).
-
-    Raises
-    ------
-    InputError: empty query, unknown label or truth column, invalid parameters; the index's own error for an
-        invalid ``where`` or one matching no atlas cell.
-    GeneOverlapError: the query shares too few genes with the index's embedder.
+    How the defaults were chosen: docs/benchmarks.md#annotate-defaults. Raises InputError (empty query, unknown
+    column, invalid parameter, a ``where`` matching no atlas cell) and GeneOverlapError (too few shared genes).
     """
     t_start = time.perf_counter()
     keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
-    if not keys or any(not isinstance(x, str) or not x for x in keys) or len(set(keys)) != len(keys):
-        raise InputError(f"label_keys must be one or more distinct column names (got {label_keys!r})")
-    _validate(k, min_confidence, max_votes_per_dataset, batch_size, far_quantile)
-    if align not in ("none", "mnn"):
-        raise InputError(f"align must be 'none' or 'mnn' (got {align!r})")
-    if not float(class_balance) >= 0:
-        raise InputError(f"class_balance must be >= 0 (got {class_balance})")
-    if predictor not in PREDICTORS:
-        raise InputError(f"predictor must be one of {', '.join(PREDICTORS)} (got {predictor!r})")
-    if missing_genes not in MISSING_GENES:
-        raise InputError(f"missing_genes must be one of {', '.join(MISSING_GENES)} (got {missing_genes!r})")
-    if int(align_sample) < 1:
-        raise InputError(f"align_sample must be at least 1 (got {align_sample})")
+    _validate(keys, label_keys, k=k, min_confidence=min_confidence, max_votes_per_dataset=max_votes_per_dataset,
+              batch_size=batch_size, far_quantile=far_quantile, align=align, class_balance=class_balance,
+              predictor=predictor, missing_genes=missing_genes, align_sample=align_sample)
     truth_map = _normalise_truth(truth_key, keys)
-
     own_index = not isinstance(index, AtlasIndex)
     idx = AtlasIndex.open(index) if not isinstance(index, AtlasIndex) else index
-    source = None
+    cells: QueryCells | None = None
     try:
-        available = columns_of(idx.connect())
-        missing = [c for c in keys if c not in available]
-        if missing:
-            raise InputError(
-                f"label key(s) {missing} are not columns of the index's cell table; "
-                f"available: {', '.join(available)}"
-            )
-        selected_ids = None if where is None else idx.filter_ids(where)  # the index's error for a bad or empty filter
-        n_where = None if selected_ids is None else len(selected_ids)
-        far_threshold, far_nearest, far_k, far_used = _far_threshold(idx, far_quantile)
-        label_counts = {key: _atlas_label_counts(idx, key, selected_ids) for key in keys}
-        categories = {key: pd.Index(c.index, dtype=object) for key, c in label_counts.items()}
-        class_weights = {
-            key: balance_weights(c.to_numpy(), float(class_balance)) for key, c in label_counts.items()
-        }
-        for key, cats in categories.items():
-            if UNKNOWN in set(cats):
-                logger.warning(
-                    "the atlas has a %r label %r: it cannot be told apart from abstentions", key, UNKNOWN
-                )
-            if len(cats) == 0:
-                logger.warning(
-                    "no atlas cell has a %r label%s: every cell will be unknown",
-                    key,
-                    f" under where={where!r}" if where else "",
-                )
-        if max_votes_per_dataset is not None and predictor == "heads":
-            raise InputError(
-                "max_votes_per_dataset caps the neighbours' vote, which predictor 'heads' does not use (the heads "
-                "are trained on a sample spread evenly over atlas datasets); use predictor 'knn' or 'auto'"
-            )
-        if max_votes_per_dataset is not None and predictor == "auto":
-            logger.info("max_votes_per_dataset given: labels come from the capped neighbour vote, not the heads")
-        heads = {} if predictor == "knn" or max_votes_per_dataset is not None else idx.label_heads()
-        missing_heads = [key for key in keys if key not in heads]
-        if predictor == "heads" and missing_heads:
-            raise InputError(
-                f"the index has no label head for {missing_heads} (heads: {sorted(heads) or 'none'}); train them "
-                "with `scatlas build --atlas ATLAS --index INDEX --label-key KEY` (on a built index, with its own build "
-                "arguments, this only trains the heads) or use predictor 'knn'/'auto'"
-            )
-        use_heads = {key: heads[key] for key in keys if key in heads}
-        head_columns = {  # head class j -> position in categories[key] (-1: not among the labels allowed)
-            key: _codes(h.classes, categories[key]) for key, h in use_heads.items()
-        }
-        for key, cols in head_columns.items():
-            if not (cols >= 0).any():
-                logger.warning("none of the %r label head's classes is among the atlas labels selected", key)
-        has_datasets = DATASET_COLUMN in available
-        datasets = pd.Index(
-            _atlas_label_counts(idx, DATASET_COLUMN, selected_ids).index if has_datasets else [], dtype=object
-        )
-        if max_votes_per_dataset is not None and not has_datasets:
-            raise InputError(
-                f"max_votes_per_dataset needs a {DATASET_COLUMN!r} column in the index's cell table"
-            )
+        atlas = _atlas_labels(idx, keys, where, far_quantile, class_balance, predictor, max_votes_per_dataset)
         t_open = time.perf_counter() - t_start
-
-        source = open_h5ad(query)
-        n = source.n_obs
-        if n == 0:
-            raise InputError(f"the query {getattr(source, 'name', '')!r} has no cells")
-        missing_truth = [c for c in truth_map.values() if c not in source.obs.columns]
+        cells = open_query(query, idx)
+        missing_truth = [c for c in truth_map.values() if c not in cells.source.obs.columns]
         if missing_truth:
             raise InputError(
                 f"truth column(s) {missing_truth} are not in the query's obs; "
-                f"obs has: {', '.join(map(str, source.obs.columns))}"
+                f"obs has: {', '.join(map(str, cells.source.obs.columns))}"
             )
-        embedder = idx.embedder
-        match = embedder.gene_match(source.genes)
         if min_gene_overlap is None:
-            refittable = (
-                missing_genes == "refit" and embedder.gene_feature_names is not None
-                and all(key in use_heads and use_heads[key].can_refit_for_genes for key in keys)
-            )
-            min_gene_overlap = MIN_GENE_OVERLAP_REFIT if refittable else MIN_GENE_OVERLAP
-        if match is not None:
-            check_overlap(match, what="query", against="index embedder", min_fraction=min_gene_overlap)
-        obsm_keys: tuple[str, ...] = ()
-        if embedder.needs == "obsm":
-            key_needed = embedder.obsm_key
-            if key_needed is None or key_needed not in source.obsm_keys():
-                raise InputError(
-                    f"the index's embedder reads obsm[{key_needed!r}], which the query lacks "
-                    f"(obsm keys: {source.obsm_keys() or 'none'}); compute that embedding for the query first"
-                )
-            obsm_keys = (key_needed,)
-
-        present: np.ndarray | None = None  # which of the embedder's gene features the query has
-        if match is not None and embedder.gene_feature_names is not None:
-            present = match.target_present()
-        heads_refit: dict[str, Any] | None = None
-        if missing_genes == "refit" and use_heads and present is not None and not present.all():
-            t0 = time.perf_counter()
-            use_heads = refit_for_genes(
-                use_heads, present,
-                lambda g: l2_normalize(embedder.transform_gene_features(g, present)),
-            )
-            refit = sorted(k for k, h in use_heads.items() if "refit_for_genes" in h.record)
-            heads_refit = {
-                "genes_present": int(present.sum()), "genes": int(len(present)), "keys": refit,
-                "seconds": round(time.perf_counter() - t0, 2),
-            }
-            if refit:
-                logger.info(
-                    "the query has %d of the embedder's %d genes: label heads for %s refitted on the atlas "
-                    "training sample as the query sees it (%.1f s)",
-                    int(present.sum()), len(present), ", ".join(refit), heads_refit["seconds"],
-                )
-
-        alignment: Alignment | None = None
-        t_align = 0.0
-        if align == "mnn":
-            t0 = time.perf_counter()
-            rng = np.random.default_rng(0)
-            rows_s = np.sort(rng.choice(n, size=min(n, int(align_sample)), replace=False))
-            sample = np.concatenate(
-                [
-                    idx.embed(c)
-                    for c in iter_cell_chunks(
-                        source, chunk_size=int(batch_size), rows=rows_s, obsm_keys=obsm_keys
-                    )
-                ]
-            )
-            alignment = estimate_shift(idx, sample, where=where)
-            t_align = time.perf_counter() - t0
-        shift = alignment.shift if alignment is not None else None
-        stat_k = far_k or int(
-            k
-        )  # the similarity statistic uses the calibration's k, to be comparable with it
-        k_search = max(int(k), stat_k)
-        pred = {key: np.full(n, -1, dtype=np.int64) for key in keys}
-        conf = {key: np.zeros(n, dtype=np.float32) for key in keys}
-        reason = {key: np.zeros(n, dtype=np.int8) for key in keys}
-        reason_code = {r: i for i, r in enumerate(REASONS)}
-        similarity = np.full(n, np.nan, dtype=np.float32)
-        nearest = np.full(n, np.nan, dtype=np.float32)
-        neigh: list[tuple[np.ndarray, ...]] = []
-        t_embed = t_search = t_vote = 0.0
-        n_silent = 0
-        lookup_columns = list(dict.fromkeys([*keys, *([DATASET_COLUMN] if has_datasets else [])]))
-        bar = tqdm(total=n, desc="annotate", unit="cell", disable=not progress)
-        want_genes = any(h.needs_gene_features for h in use_heads.values())
-        for chunk in iter_cell_chunks(source, chunk_size=int(batch_size), obsm_keys=obsm_keys):
-            rows = np.asarray(chunk.ids, dtype=np.int64)
-            t0 = time.perf_counter()
-            if want_genes:
-                raw, gene_features = embedder.transform_with_features(chunk)
-                vectors = l2_normalize(raw)  # as idx.embed(chunk)
-            else:
-                vectors, gene_features = idx.embed(chunk), None
-            vectors = apply_shift(vectors, shift)
-            silent = ~embedder.expressed(chunk)
-            n_silent += int(silent.sum())
-            t1 = time.perf_counter()
-            result = idx.search(vectors, k_search, where)
-            t2 = time.perf_counter()
-            ids, scores = result.ids, result.scores
-            valid = ids >= 0
-            uniq = np.unique(ids[valid])
-            meta = idx.cells(uniq, columns=lookup_columns)
-            pos = np.searchsorted(uniq, np.where(valid, ids, uniq[0] if len(uniq) else 0))
-            dcodes = None
-            if has_datasets:
-                dcodes = (
-                    np.where(valid, _codes(meta[DATASET_COLUMN], datasets)[pos], -1)
-                    if len(uniq)
-                    else -np.ones_like(ids)
-                )
-            similarity[rows] = mean_top_similarity(scores, stat_k)
-            nearest[rows] = mean_top_similarity(scores, 1)
-            top_ids, top_scores = ids[:, :k], scores[:, :k]
-            weights = vote_weights(top_scores, weighting)
-            for key in keys:
-                codes = (
-                    np.where(valid, _codes(meta[key], categories[key])[pos], -1)
-                    if len(uniq)
-                    else -np.ones_like(ids)
-                )
-                if key in use_heads:
-                    v = votes_from_probabilities(
-                        _head_probabilities(
-                            use_heads[key].predict_proba(vectors, gene_features),
-                            head_columns[key],
-                            len(categories[key]),
-                        )
-                    )
-                else:
-                    v = vote(
-                        codes[:, :k],
-                        weights,
-                        n_labels=len(categories[key]),
-                        datasets=None if dcodes is None else dcodes[:, :k],
-                        max_votes_per_dataset=max_votes_per_dataset,
-                        class_weights=class_weights[key],
-                    )
-                d = decide(
-                    v,
-                    similarity[rows],
-                    min_confidence=float(min_confidence),
-                    far_threshold=far_threshold,
-                    nearest_similarity=nearest[rows],
-                    far_nearest_threshold=far_nearest,
-                )
-                pred[key][rows] = np.where(silent, -1, d.code)
-                conf[key][rows] = np.where(silent, 0.0, v.confidence)
-                reason[key][rows] = np.select(
-                    [silent, d.reason == REASON_LOW_CONFIDENCE, d.reason == REASON_FAR],
-                    [
-                        reason_code[REASON_NO_EXPRESSION],
-                        reason_code[REASON_LOW_CONFIDENCE],
-                        reason_code[REASON_FAR],
-                    ],
-                    0,
-                ).astype(np.int8)
-            if keep_neighbors:
-                m = top_ids >= 0
-                r_idx, c_idx = np.nonzero(m)
-                neigh.append(
-                    (
-                        rows[r_idx].astype(np.int64),
-                        top_ids[m],
-                        c_idx.astype(np.int16),
-                        top_scores[m].astype(np.float32),
-                        (dcodes[:, :k][m] if dcodes is not None else np.full(int(m.sum()), -1)).astype(
-                            np.int32
-                        ),
-                    )
-                )
-            t3 = time.perf_counter()
-            t_embed += t1 - t0
-            t_search += t2 - t1
-            t_vote += t3 - t2
-            bar.update(len(rows))
-        bar.close()
-        if n_silent:
+            min_gene_overlap = _default_min_overlap(cells, keys, atlas.heads, missing_genes)
+        cells.check(min_gene_overlap)
+        heads_refit = _refit_heads(cells, atlas, missing_genes)
+        alignment, t_align = _align(cells, align, align_sample, batch_size, where)
+        run = _Transfer(idx, atlas, k=int(k), min_confidence=float(min_confidence), weighting=weighting,
+                        max_votes_per_dataset=max_votes_per_dataset, where=where, keep_neighbors=keep_neighbors,
+                        n=cells.n_cells, shift=alignment.shift if alignment is not None else None)
+        with progress_bar(progress, total=cells.n_cells, desc="annotate", unit="cell") as bar:
+            for chunk in cells.chunks(batch_size):
+                run.add(chunk)
+                bar.update(len(chunk.ids))
+        if run.n_silent:
             logger.warning(
                 "%d of %d query cells have no expression on the index embedder's genes: they are 'unknown' "
-                "(reason %r)", n_silent, n, REASON_NO_EXPRESSION,
+                "(reason %r)", run.n_silent, cells.n_cells, REASON_NO_EXPRESSION,
             )
-
-        obs_names = pd.Index(source.obs.index.astype(str), name=source.obs.index.name)
-        predictions = pd.DataFrame(index=obs_names)
-        for key in keys:
-            cats = [*categories[key], *([UNKNOWN] if UNKNOWN not in set(categories[key]) else [])]
-            unk = cats.index(UNKNOWN)
-            predictions[f"{key}_pred"] = pd.Categorical.from_codes(
-                np.where(pred[key] >= 0, pred[key], unk), categories=cats
-            )
-            predictions[f"{key}_confidence"] = conf[key]
-            predictions[f"{key}_unknown_reason"] = pd.Categorical.from_codes(
-                reason[key].astype(np.int64), categories=list(REASONS)
-            )
-        predictions[SIMILARITY_COLUMN] = similarity
-        predictions[NEAREST_COLUMN] = nearest
-        neighbors = _neighbors_frame(neigh, obs_names, datasets)
-        truth = {key: source.obs[col].reset_index(drop=True) for key, col in truth_map.items()}
-        t_total = time.perf_counter() - t_start
-        report = _report(
-            source=source,
-            query=query,
-            idx=idx,
-            match=match,
-            keys=keys,
-            predictions=predictions,
-            categories=categories,
-            truth=truth,
-            truth_map=truth_map,
-            far_threshold=far_threshold,
-            far_nearest=far_nearest,
-            far_k=far_k,
-            far_used=far_used,
-            alignment=alignment,
-            params={
-                "label_keys": keys,
-                "k": int(k),
-                "where": where,
-                "atlas_cells_matching_where": n_where,
-                "min_confidence": float(min_confidence),
-                "max_votes_per_dataset": max_votes_per_dataset,
-                "weighting": weighting,
-                "class_balance": float(class_balance),
-                "align": align,
-                "far_quantile": far_quantile,
-                "predictor": predictor,
-                "predicted_by": {key: ("heads" if key in use_heads else "knn") for key in keys},
-                "missing_genes": missing_genes,
-                "heads_refit_for_query_genes": heads_refit,
-                "batch_size": int(batch_size),
-                "min_gene_overlap": float(min_gene_overlap),
-            },
-            timings={
-                "open_index_s": round(t_open, 3),
-                "align_s": round(t_align, 3),
-                "embed_s": round(t_embed, 3),
-                "search_s": round(t_search, 3),
-                "vote_s": round(t_vote, 3),
-                "total_s": round(t_total, 3),
-                "cells_per_second": round(n / t_total, 1) if t_total > 0 else None,
-            },
-        )
-        summary = ", ".join(
-            f"{key}: {report['labels'][key]['n_predicted_labels']} labels, "
-            f"{100 * report['labels'][key]['unknown_rate']:.1f}% unknown"
-            for key in keys
-        )
-        logger.info(
-            "annotated %d cells in %.1f s (%.0f cells/s); %s", n, t_total, n / max(t_total, 1e-9), summary
-        )
-        return AnnotationResult(
-            predictions=predictions, neighbors=neighbors, report=report, _query=query, _truth=truth
-        )
+        params = {
+            "label_keys": keys,
+            "k": int(k),
+            "where": where,
+            "atlas_cells_matching_where": atlas.n_where,
+            "min_confidence": float(min_confidence),
+            "max_votes_per_dataset": max_votes_per_dataset,
+            "weighting": weighting,
+            "class_balance": float(class_balance),
+            "align": align,
+            "far_quantile": far_quantile,
+            "predictor": predictor,
+            "predicted_by": {key: ("heads" if key in atlas.heads else "knn") for key in keys},
+            "missing_genes": missing_genes,
+            "heads_refit_for_query_genes": heads_refit,
+            "batch_size": int(batch_size),
+            "min_gene_overlap": float(min_gene_overlap),
+        }
+        timings = {"open_index_s": round(t_open, 3), "align_s": round(t_align, 3)}
+        return _result(query, cells, atlas, run, alignment, truth_map, params, timings, t_start)
     finally:
-        if source is not None:
-            source.close()
+        if cells is not None:
+            cells.close()
         if own_index:
             idx.close()
+
+
+def _result(
+    query: Any, cells: QueryCells, atlas: _AtlasLabels, run: _Transfer, alignment: Alignment | None,
+    truth_map: dict[str, str], params: dict[str, Any], timings: dict[str, Any], t_start: float,
+) -> AnnotationResult:
+    """The annotation's result: predictions, neighbours and report (logged in one line)."""
+    source, idx, keys, n = cells.source, cells.index, atlas.keys, cells.n_cells
+    obs_names = pd.Index(source.obs.index.astype(str), name=source.obs.index.name)
+    predictions = run.predictions(obs_names)
+    neighbors = _neighbors_frame(run.neighbors, obs_names, atlas.datasets)
+    truth = {key: source.obs[col].reset_index(drop=True) for key, col in truth_map.items()}
+    t_total = time.perf_counter() - t_start
+    report = _report(
+        source=source, query=query, idx=idx, match=cells.match, keys=keys, predictions=predictions,
+        categories=atlas.categories, truth=truth, truth_map=truth_map, far_threshold=atlas.far_threshold,
+        far_nearest=atlas.far_nearest, far_k=atlas.far_k, far_used=atlas.far_used, alignment=alignment,
+        params=params,
+        timings={
+            **timings,
+            "embed_s": round(run.t_embed, 3),
+            "search_s": round(run.t_search, 3),
+            "vote_s": round(run.t_vote, 3),
+            "total_s": round(t_total, 3),
+            "cells_per_second": round(n / t_total, 1) if t_total > 0 else None,
+        },
+    )
+    summary = ", ".join(
+        f"{key}: {report['labels'][key]['n_predicted_labels']} labels, "
+        f"{100 * report['labels'][key]['unknown_rate']:.1f}% unknown"
+        for key in keys
+    )
+    logger.info("annotated %d cells in %.1f s (%.0f cells/s); %s", n, t_total, n / max(t_total, 1e-9), summary)
+    return AnnotationResult(predictions=predictions, neighbors=neighbors, report=report, _query=query, _truth=truth)
+
+
+@dataclass
+class _AtlasLabels:
+    """The atlas side of an annotation: the labels to choose among (under ``where``), their vote weights, the label
+    heads that decide, the atlas datasets, and the far-from-atlas thresholds."""
+
+    keys: list[str]
+    selected_ids: np.ndarray | None
+    categories: dict[str, pd.Index]
+    class_weights: dict[str, np.ndarray]
+    heads: dict[str, LabelHead]
+    head_columns: dict[str, np.ndarray]
+    has_datasets: bool
+    datasets: pd.Index
+    far_threshold: float | None
+    far_nearest: float | None
+    far_k: int | None
+    far_used: float | None
+
+    @property
+    def n_where(self) -> int | None:
+        return None if self.selected_ids is None else len(self.selected_ids)
+
+
+def _atlas_labels(
+    idx: AtlasIndex, keys: list[str], where: str | None, far_quantile: float | None, class_balance: float,
+    predictor: str, max_votes_per_dataset: int | None,
+) -> _AtlasLabels:
+    """Read what the atlas contributes to an annotation (see :class:`_AtlasLabels`), checking the label keys,
+    ``where`` and the predictor against the index."""
+    available = idx.columns()
+    missing = [c for c in keys if c not in available]
+    if missing:
+        raise InputError(
+            f"label key(s) {missing} are not columns of the index's cell table; available: {', '.join(available)}"
+        )
+    selected_ids = None if where is None else idx.filter_ids(where)  # the index's error for a bad or empty filter
+    far_threshold, far_nearest, far_k, far_used = _far_threshold(idx, far_quantile)
+    label_counts = {key: _atlas_label_counts(idx, key, selected_ids) for key in keys}
+    categories = {key: pd.Index(c.index, dtype=object) for key, c in label_counts.items()}
+    class_weights = {key: balance_weights(c.to_numpy(), float(class_balance)) for key, c in label_counts.items()}
+    for key, cats in categories.items():
+        if UNKNOWN in set(cats):
+            logger.warning("the atlas has a %r label %r: it cannot be told apart from abstentions", key, UNKNOWN)
+        if len(cats) == 0:
+            logger.warning(
+                "no atlas cell has a %r label%s: every cell will be unknown", key, f" under where={where!r}" if where else "",
+            )
+    heads = _deciding_heads(idx, keys, predictor, max_votes_per_dataset)
+    head_columns = {  # head class j -> position in categories[key] (-1: not among the labels allowed)
+        key: _codes(h.classes, categories[key]) for key, h in heads.items()
+    }
+    for key, cols in head_columns.items():
+        if not (cols >= 0).any():
+            logger.warning("none of the %r label head's classes is among the atlas labels selected", key)
+    has_datasets = DATASET_COLUMN in available
+    datasets = pd.Index(
+        _atlas_label_counts(idx, DATASET_COLUMN, selected_ids).index if has_datasets else [], dtype=object
+    )
+    if max_votes_per_dataset is not None and not has_datasets:
+        raise InputError(f"max_votes_per_dataset needs a {DATASET_COLUMN!r} column in the index's cell table")
+    return _AtlasLabels(keys, selected_ids, categories, class_weights, heads, head_columns, has_datasets, datasets,
+                        far_threshold, far_nearest, far_k, far_used)
+
+
+def _deciding_heads(
+    idx: AtlasIndex, keys: list[str], predictor: str, max_votes_per_dataset: int | None
+) -> dict[str, LabelHead]:
+    """The label heads that decide the labels ``keys`` (none for the vote)."""
+    if max_votes_per_dataset is not None and predictor == "heads":
+        raise InputError(
+            "max_votes_per_dataset caps the neighbours' vote, which predictor 'heads' does not use (the heads "
+            "are trained on a sample spread evenly over atlas datasets); use predictor 'knn' or 'auto'"
+        )
+    if max_votes_per_dataset is not None and predictor == "auto":
+        logger.info("max_votes_per_dataset given: labels come from the capped neighbour vote, not the heads")
+    heads = {} if predictor == "knn" or max_votes_per_dataset is not None else idx.label_heads()
+    missing_heads = [key for key in keys if key not in heads]
+    if predictor == "heads" and missing_heads:
+        raise InputError(
+            f"the index has no label head for {missing_heads} (heads: {sorted(heads) or 'none'}); train them "
+            "with `scatlas build --atlas ATLAS --index INDEX --label-key KEY` (on a built index, with its own build "
+            "arguments, this only trains the heads) or use predictor 'knn'/'auto'"
+        )
+    return {key: heads[key] for key in keys if key in heads}
+
+
+def _default_min_overlap(
+    cells: QueryCells, keys: list[str], heads: dict[str, LabelHead], missing_genes: str
+) -> float:
+    """:data:`MIN_GENE_OVERLAP_REFIT` when heads that can be refitted for the query's genes decide every label,
+    else :data:`atlas.genes.MIN_GENE_OVERLAP` (the vote has nothing to adapt to missing genes)."""
+    refittable = (
+        missing_genes == "refit" and cells.embedder.gene_feature_names is not None
+        and all(key in heads and heads[key].can_refit_for_genes for key in keys)
+    )
+    return MIN_GENE_OVERLAP_REFIT if refittable else MIN_GENE_OVERLAP
+
+
+def _refit_heads(cells: QueryCells, atlas: _AtlasLabels, missing_genes: str) -> dict[str, Any] | None:
+    """Refit ``atlas.heads`` in place for the embedder's genes the query has (``missing_genes="refit"``, some
+    missing); the report's record of it, or None."""
+    embedder = cells.embedder
+    if cells.match is None or embedder.gene_feature_names is None:
+        return None
+    present = cells.match.target_present()  # which of the embedder's gene features the query has
+    if missing_genes != "refit" or not atlas.heads or present.all():
+        return None
+    t0 = time.perf_counter()
+    atlas.heads = refit_for_genes(
+        atlas.heads, present, lambda g: l2_normalize(embedder.transform_gene_features(g, present))
+    )
+    refit = sorted(k for k, h in atlas.heads.items() if "refit_for_genes" in h.record)
+    record = {
+        "genes_present": int(present.sum()), "genes": int(len(present)), "keys": refit,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if refit:
+        logger.info(
+            "the query has %d of the embedder's %d genes: label heads for %s refitted on the atlas training sample "
+            "as the query sees it (%.1f s)", int(present.sum()), len(present), ", ".join(refit), record["seconds"],
+        )
+    return record
+
+
+def _align(
+    cells: QueryCells, align: str, align_sample: int, batch_size: int, where: str | None
+) -> tuple[Alignment | None, float]:
+    """The MNN shift of the query onto the atlas (``align="mnn"``) and the seconds it took."""
+    if align != "mnn":
+        return None, 0.0
+    t0 = time.perf_counter()
+    rows = sample_sorted(cells.n_cells, int(align_sample), 0)
+    alignment = estimate_shift(cells.index, cells.embed(rows, batch_size), where=where)
+    return alignment, time.perf_counter() - t0
+
+
+class _Transfer:
+    """The label transfer proper, chunk by chunk: embed, search, decide each label; keeps the results."""
+
+    def __init__(
+        self, idx: AtlasIndex, atlas: _AtlasLabels, *, k: int, min_confidence: float, weighting: Weighting,
+        max_votes_per_dataset: int | None, where: str | None, keep_neighbors: bool, n: int, shift: np.ndarray | None,
+    ) -> None:
+        self.idx, self.atlas, self.k, self.where, self.shift = idx, atlas, k, where, shift
+        self.min_confidence, self.weighting, self.max_votes = min_confidence, weighting, max_votes_per_dataset
+        self.keep_neighbors = keep_neighbors
+        self.stat_k = atlas.far_k or k  # the similarity statistic uses the calibration's k, to be comparable with it
+        self.k_search = max(k, self.stat_k)
+        self.want_genes = any(h.needs_gene_features for h in atlas.heads.values())
+        keys = atlas.keys
+        self.pred = {key: np.full(n, -1, dtype=np.int64) for key in keys}
+        self.conf = {key: np.zeros(n, dtype=np.float32) for key in keys}
+        self.reason = {key: np.zeros(n, dtype=np.int8) for key in keys}
+        self.similarity = np.full(n, np.nan, dtype=np.float32)
+        self.nearest = np.full(n, np.nan, dtype=np.float32)
+        self.neighbors: list[tuple[np.ndarray, ...]] = []
+        self.lookup = list(dict.fromkeys([*keys, *([DATASET_COLUMN] if atlas.has_datasets else [])]))
+        self.t_embed = self.t_search = self.t_vote = 0.0
+        self.n_silent = 0
+
+    def add(self, chunk: Any) -> None:
+        """Annotate one chunk of query cells (its ids are row positions in the query)."""
+        rows = np.asarray(chunk.ids, dtype=np.int64)
+        t0 = time.perf_counter()
+        embedder = self.idx.embedder
+        if self.want_genes:
+            raw, gene_features = embedder.transform_with_features(chunk)
+            vectors = l2_normalize(raw)  # as idx.embed(chunk)
+        else:
+            vectors, gene_features = self.idx.embed(chunk), None
+        vectors = apply_shift(vectors, self.shift)
+        silent = ~embedder.expressed(chunk)
+        self.n_silent += int(silent.sum())
+        t1 = time.perf_counter()
+        result = self.idx.search(vectors, self.k_search, self.where)
+        t2 = time.perf_counter()
+        ids, scores = result.ids, result.scores
+        valid = ids >= 0
+        uniq = np.unique(ids[valid])
+        meta = self.idx.cells(uniq, columns=self.lookup)
+        pos = np.searchsorted(uniq, np.where(valid, ids, uniq[0] if len(uniq) else 0))
+
+        def codes_of(column: str, categories: pd.Index) -> np.ndarray:
+            if not len(uniq):
+                return -np.ones_like(ids)
+            return np.where(valid, _codes(meta[column], categories)[pos], -1)
+
+        dcodes = codes_of(DATASET_COLUMN, self.atlas.datasets) if self.atlas.has_datasets else None
+        self.similarity[rows] = mean_top_similarity(scores, self.stat_k)
+        self.nearest[rows] = mean_top_similarity(scores, 1)
+        weights = vote_weights(scores[:, : self.k], self.weighting)
+        for key in self.atlas.keys:
+            self._decide(key, rows, silent, codes_of(key, self.atlas.categories[key]), dcodes, weights, vectors,
+                         gene_features)
+        if self.keep_neighbors:
+            self._keep_neighbors(rows, ids[:, : self.k], scores[:, : self.k], dcodes)
+        t3 = time.perf_counter()
+        self.t_embed += t1 - t0
+        self.t_search += t2 - t1
+        self.t_vote += t3 - t2
+
+    def _decide(
+        self, key: str, rows: np.ndarray, silent: np.ndarray, codes: np.ndarray, dcodes: np.ndarray | None,
+        weights: np.ndarray, vectors: np.ndarray, gene_features: np.ndarray | None,
+    ) -> None:
+        atlas, k = self.atlas, self.k
+        n_labels = len(atlas.categories[key])
+        if key in atlas.heads:
+            proba = atlas.heads[key].predict_proba(vectors, gene_features)
+            v = votes_from_probabilities(_head_probabilities(proba, atlas.head_columns[key], n_labels))
+        else:
+            v = vote(
+                codes[:, :k], weights, n_labels=n_labels, datasets=None if dcodes is None else dcodes[:, :k],
+                max_votes_per_dataset=self.max_votes, class_weights=atlas.class_weights[key],
+            )
+        d = decide(
+            v, self.similarity[rows], min_confidence=self.min_confidence, far_threshold=atlas.far_threshold,
+            nearest_similarity=self.nearest[rows], far_nearest_threshold=atlas.far_nearest,
+        )
+        self.pred[key][rows] = np.where(silent, -1, d.code)
+        self.conf[key][rows] = np.where(silent, 0.0, v.confidence)
+        self.reason[key][rows] = np.select(
+            [silent, d.reason == REASON_LOW_CONFIDENCE, d.reason == REASON_FAR],
+            [REASONS.index(REASON_NO_EXPRESSION), REASONS.index(REASON_LOW_CONFIDENCE), REASONS.index(REASON_FAR)],
+            0,
+        ).astype(np.int8)
+
+    def _keep_neighbors(
+        self, rows: np.ndarray, top_ids: np.ndarray, top_scores: np.ndarray, dcodes: np.ndarray | None
+    ) -> None:
+        m = top_ids >= 0
+        r_idx, c_idx = np.nonzero(m)
+        datasets = dcodes[:, : self.k][m] if dcodes is not None else np.full(int(m.sum()), -1)
+        self.neighbors.append(
+            (rows[r_idx].astype(np.int64), top_ids[m], c_idx.astype(np.int16), top_scores[m].astype(np.float32),
+             datasets.astype(np.int32))
+        )
+
+    def predictions(self, obs_names: pd.Index) -> pd.DataFrame:
+        """The predictions table (see :class:`AnnotationResult`)."""
+        predictions = pd.DataFrame(index=obs_names)
+        for key in self.atlas.keys:
+            cats = [*self.atlas.categories[key], *([UNKNOWN] if UNKNOWN not in set(self.atlas.categories[key]) else [])]
+            unk = cats.index(UNKNOWN)
+            predictions[f"{key}_pred"] = pd.Categorical.from_codes(
+                np.where(self.pred[key] >= 0, self.pred[key], unk), categories=cats
+            )
+            predictions[f"{key}_confidence"] = self.conf[key]
+            predictions[f"{key}_unknown_reason"] = pd.Categorical.from_codes(
+                self.reason[key].astype(np.int64), categories=list(REASONS)
+            )
+        predictions[SIMILARITY_COLUMN] = self.similarity
+        predictions[NEAREST_COLUMN] = self.nearest
+        return predictions
 
 
 def _head_probabilities(proba: np.ndarray, columns: np.ndarray, n_labels: int) -> np.ndarray:
@@ -772,7 +747,7 @@ def _report(
         },
         "index": {
             "path": str(idx.path),
-            "manifest_sha256": _manifest_id(idx),
+            "manifest_sha256": idx.build_id,
             "n_cells": m.n_cells,
             "embedder": {
                 "name": m.embedder.name,

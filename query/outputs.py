@@ -23,6 +23,7 @@ import pandas as pd
 from scatlas.atlas.atomic import write_json_atomic
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.outputs import (
+    H5AD_MARK,
     OutputError,
     OutputWriteError,
     check_output_file,
@@ -132,6 +133,8 @@ def write_annotated_h5ad(query: str | Path | anndata.AnnData, columns: pd.DataFr
             adata = anndata.read_h5ad(query)
             adata.obs = _merged_obs(adata.obs, columns)
             adata.write_h5ad(tmp)
+        with h5py.File(tmp, "r+") as f:
+            f.attrs[H5AD_MARK] = "annotate"  # a later run may replace this file, and no other
     logger.info("wrote %s (%d obs columns added)", out, columns.shape[1])
     return out
 

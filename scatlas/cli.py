@@ -292,7 +292,7 @@ def synth(out_dir: Path | None, atlas_dir: Path | None, cells: int, genes: int, 
     cfg = SyntheticAtlasConfig(n_cells=cells, n_genes=genes, n_datasets=datasets, n_donors=donors, rare_types=rare_types,
                                absent_types=absent_map, layout=layout, gene_ids=gene_ids, seed=seed)  # type: ignore[arg-type]
     if atlas_dir is not None:
-        from scatlas.atlas.synthetic_store import ingest_synthetic
+        from scatlas.atlas.synthetic import ingest_synthetic
 
         report = ingest_synthetic(cfg, atlas_dir, progress=progress)
         _echo(f"{atlas_dir}: ingested {sum(d.n_cells for d in report.datasets)} synthetic cells in "
@@ -369,7 +369,16 @@ def _print_info(info: dict[str, Any]) -> None:
     _echo(f"recall@{info.get('k', 30)}    " + (f"{recall:.4f} measured on {info.get('recall_queries')} atlas cells"
                                                     if recall is not None else "not measured"))
     _echo(f"size on disk {size / 2**20:,.1f} MiB ({info['bytes_per_cell']:,.0f} bytes per cell)")
-    _echo(f"built        {info.get('built')} in {info.get('build_seconds')} s on {info.get('device')}")
+    heads_s = info.get("heads_seconds")
+    _echo(f"built        {info.get('built')} in {info.get('total_seconds', info.get('build_seconds'))} s on "
+          f"{info.get('device')}" + (f" (index {info.get('build_seconds')} s, label heads {heads_s} s)" if heads_s else ""))
+    datasets = info.get("datasets") or []
+    if datasets:
+        _echo("datasets     " + ", ".join(f"{d['dataset_id']} ({d['cells']:,})" for d in datasets[:10])
+              + (f" and {len(datasets) - 10} more" if len(datasets) > 10 else ""))
+    labels = info.get("label_columns") or {}
+    if labels:
+        _echo("labels       " + ", ".join(f"{col} ({n} values)" for col, n in labels.items()))
     heads = info.get("label_heads") or {}
     if info.get("label_heads_error"):
         _echo(f"label heads  unusable: {info['label_heads_error']}")
@@ -574,9 +583,10 @@ def hunt_sweep(index_dir: Path, classifier_dir: Path, out_dir: Path, min_score: 
     s = sweep(index_dir, classifier_dir, out_dir, min_score=min_score, min_probability=min_probability, resume=not restart,
               device=device, threads=threads, progress=progress,
               executor=_make_executor(executor, ray_address, cpus_per_task))
+    rate = (f"{s.cells_per_second:,.0f} cells/s, {s.gb_per_second:.2f} GB/s" if s.n_shards_scored
+            else "nothing scored in this run: every shard was done before")
     _echo(f"swept {s.n_cells:,} cells in {s.n_shards} shards ({s.n_shards_resumed} resumed) on {s.device}: "
-               f"{s.n_hits:,} hits (cut-off {s.cutoff:.4f}, {s.cutoff_source}); "
-               f"{s.cells_per_second:,.0f} cells/s, {s.gb_per_second:.2f} GB/s")
+          f"{s.n_hits:,} hits (cut-off {s.cutoff:.4f}, {s.cutoff_source}); {rate}")
     _echo(f"hits: {s.hits_path}")
 
 

@@ -10,7 +10,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scatlas.atlas.outputs import DEMO, check_output_dir, claim_output_dir, is_kind, writing
+from scatlas.atlas.errors import OutputError
+from scatlas.atlas.outputs import (
+    ATLAS_STORE,
+    DEMO,
+    INDEX,
+    check_output_dir,
+    claim_output_dir,
+    is_kind,
+    show,
+    writing,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +40,13 @@ def _fresh_demo_dir(out: Path) -> Path:
     """An empty demo directory at ``out``: created, or emptied when it holds an earlier demo (and only then)."""
     check_output_dir(out, DEMO, replace=True)
     if out.is_dir() and is_kind(out, DEMO):
+        for sub, kind in (("atlas", ATLAS_STORE), ("index", INDEX)):  # what the demo made there, and nothing else
+            check_output_dir(out / sub, kind, replace=True)
+        h5ad = out / "h5ad"
+        foreign = [p.name for p in h5ad.iterdir() if p.suffix != ".h5ad" or not p.is_file()] if h5ad.is_dir() else []
+        if foreign:
+            raise OutputError(f"{show(out / 'h5ad')} holds files the demo did not write (e.g. {show(foreign[0])}); "
+                              "give a new directory")
         logger.info("removing the earlier demo in %s", out)
         with writing(out):
             shutil.rmtree(out)

@@ -12,7 +12,6 @@ with ``--write-docs``, to the bench_hunt section of docs/benchmarks.md.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from docs_block import write_block
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = ROOT.parent / "shared" / "data" / "raw"
@@ -152,12 +152,7 @@ def main(raw: Path, names: tuple[str, ...], align: tuple[str, ...], embedder_opt
     click.echo(text)
     if write_docs:
         block = f"{START}\n<!-- bench_hunt:data {json.dumps(rows)} -->\n{text}{END}"
-        doc = DOCS.read_text()
-        if START in doc:
-            doc = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, doc, flags=re.S)
-        else:
-            doc = doc.rstrip() + "\n\n" + block + "\n"
-        DOCS.write_text(doc)
+        write_block(DOCS, START, END, block)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from typing import Any
 
 import click
 import numpy as np
+from docs_block import write_block
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -258,14 +259,8 @@ def _read_runs(text: str) -> list[dict[str, Any]]:
 
 
 def write_docs(runs: list[dict[str, Any]], docs: Path) -> None:
-    text = docs.read_text() if docs.exists() else "# Benchmarks\n"
     block = f"{START}\n<!-- bench_index:data {json.dumps(runs)} -->\n\n{render(runs)}\n{END}"
-    if START in text and END in text:
-        pre, rest = text.split(START, 1)
-        text = pre + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + f"\n\n## Index\n\n{block}\n"
-    docs.write_text(text)
+    write_block(docs, START, END, block, heading="Index")
 
 
 # -- CLI ------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import click
+from docs_block import write_block
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -47,13 +48,7 @@ def write_table(rows: list[dict], command: str) -> None:
             f"| {r['seconds']:.1f} | {r['cells_per_s']:.0f} | {r['peak_rss_mb']:.0f} |"
         )
     lines.append(END)
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if START in text:
-        head, rest = text.split(START, 1)
-        text = head + "\n".join(lines) + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n## Ingest\n\n" + "\n".join(lines) + "\n"
-    DOC.write_text(text)
+    write_block(DOC, START, END, "\n".join(lines), heading="Ingest")
 
 
 @click.command()

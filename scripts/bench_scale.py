@@ -26,7 +26,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import re
 import sys
 import threading
 import time
@@ -35,6 +34,7 @@ from typing import Any
 
 import click
 import numpy as np
+from docs_block import write_block
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -356,13 +356,8 @@ def projection(r: dict[str, Any]) -> list[str]:
 
 
 def write_docs(r: dict[str, Any]) -> None:
-    text = DOCS.read_text()
     block = f"{START}\n<!-- bench_scale:data {json.dumps(r, default=str)} -->\n{render(r)}{END}"
-    if START in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOCS.write_text(text)
+    write_block(DOCS, START, END, block)
 
 
 @click.command()

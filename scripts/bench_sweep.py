@@ -36,6 +36,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+from docs_block import write_block
 
 START, END = "<!-- bench_sweep:start -->", "<!-- bench_sweep:end -->"
 ATLAS_CELLS = 36_000_000
@@ -366,17 +367,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
 
 
 def write_docs(path: Path, section: str) -> None:
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    block = f"{START}\n{section}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_block(path, START, END, f"{START}\n{section}\n{END}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,6 +85,13 @@ def test_report_skips_de_when_the_store_is_unreachable_and_groups_by_disease(wor
     assert all(c.startswith("disease: ") for c in by.de["comparison"].unique())
 
 
+def test_report_without_de_on_request_does_not_warn(world, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="scatlas.query.hunt.report"):
+        res = report(world["summary"].hits_path, world["index"], tmp_path / "node", de=False)
+    assert res.de is None and "not requested" in res.de_skipped
+    assert not [r for r in caplog.records if "differential expression" in r.getMessage()]
+
+
 def test_training_leaves_the_callers_anndata_alone_and_refuses_poor_gene_overlap(world):
     adata = anndata.read_h5ad(world["files"][0])
     before_obs, before_x = adata.obs.copy(), adata.X.copy()

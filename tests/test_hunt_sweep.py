@@ -125,6 +125,9 @@ def test_interrupted_sweep_resumes_per_shard_with_identical_hits(atlas, clf, tmp
     assert (again.n_shards_resumed, again.n_shards_scored) == (1, 2)
     a, b = pd.read_parquet(full.hits_path), pd.read_parquet(again.hits_path)
     pd.testing.assert_frame_equal(a, b)
+    done = sweep(idx, clf, tmp_path / "resumed", progress=False)  # every shard resumed: nothing scored
+    assert (done.n_shards_scored, done.cells_scored) == (0, 0)
+    assert done.cells_per_second == 0.0 and done.gb_per_second == 0.0  # not NaN
 
 
 def test_rerun_with_another_classifier_is_refused_unless_restarted(atlas, clf, tmp_path):

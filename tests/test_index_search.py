@@ -113,6 +113,21 @@ def test_iter_shards_yields_every_stored_vector(flat):
     np.testing.assert_allclose(vecs, src._x / np.linalg.norm(src._x, axis=1, keepdims=True), atol=1e-3)
 
 
+def test_stored_vectors_sampled_ids_and_build_id_of_an_opened_index(flat):
+    out, src = flat
+    idx = AtlasIndex.open(out)
+    stored = np.concatenate([np.asarray(v, dtype=np.float32) for _, _, v in idx.iter_shards()])
+    rows = np.array([5999, 0, 2600, 1])  # any order, across shards
+    np.testing.assert_array_equal(idx.vectors(src._ids[rows]), stored[rows])
+    with pytest.raises(InputError, match="not in the index"):
+        idx.vectors(np.array([10, 3]))  # 3 is below every id
+    sample = idx.sample_ids(50, exclude=src._ids[:3000], seed=1)
+    assert len(sample) == 50 and (np.diff(sample) > 0).all() and (sample >= src._ids[3000]).all()
+    assert np.array_equal(sample, idx.sample_ids(50, exclude=src._ids[:3000], seed=1))
+    assert len(idx.sample_ids(10**6)) == N
+    assert idx.build_id == AtlasIndex.open(out).build_id and len(idx.build_id) == 16
+
+
 def test_search_arguments_are_checked_and_results_padded(tmp_path):
     build_from_source(array_source(50, 8), tmp_path / "tiny", config(eval_queries=10, calibration_cells=20))
     idx = AtlasIndex.open(tmp_path / "tiny", threads=1)

@@ -46,6 +46,9 @@ def test_build_index_from_store_and_search_own_cells(atlas, tmp_path, monkeypatc
     assert (sub.ids >= 300).all()
     info = index_info(tmp_path / "idx")
     assert info["cells"] == 500 and info["embedder"] == "pca" and info["bytes_per_cell"] > 0
+    assert info["datasets"] == [{"dataset_id": "ds_a", "cells": 300}, {"dataset_id": "ds_b", "cells": 200}]
+    assert info["label_columns"].get("cell_type", 0) >= 2
+    assert info["total_seconds"] >= info["build_seconds"]
     # a rerun with the same arguments is a no-op; other embedder arguments are refused
     again = build_index(atlas, tmp_path / "idx", embedder="pca", embedder_options=opts, fit_sample=300,
                         shard_size=180, chunk_size=70)

@@ -9,6 +9,8 @@ from scatlas.atlas.errors import InputError
 from scatlas.index.device import resolve_threads
 from scatlas.index.evaluate import drop_self, recall_at_k
 from scatlas.index.factory import auto_factory, choose_nlist, choose_pq_m, resolve_factory
+from scatlas.index.progress import bar_disabled, progress_bar
+from scatlas.index.sampling import sample_sorted
 from scatlas.index.source import ArrayVectorSource, plan_over_ranges
 
 
@@ -54,3 +56,30 @@ def test_drop_self_and_recall():
     out_ids, out_scores = drop_self(ids, scores, np.array([5, 3]), 2)
     assert out_ids.tolist() == [[1, 2], [7, 8]] and out_scores.tolist() == [[0.9, 0.8], [0.9, 0.8]]
     assert recall_at_k(np.array([[1, 2], [9, 9]]), np.array([[2, 1], [7, 8]])) == 0.5
+
+
+def test_progress_bars_show_on_a_terminal_only_unless_forced():
+    import io
+
+    assert bar_disabled(True) is None and bar_disabled(False) is True and bar_disabled("always") is False
+    piped = io.StringIO()  # not a TTY: no bar, no blank lines
+    with progress_bar(True, total=3, file=piped) as bar:
+        bar.update(3)
+    assert piped.getvalue() == ""
+    with progress_bar("always", total=3, file=piped) as bar:
+        bar.update(3)
+    assert "3/3" in piped.getvalue()
+
+
+def test_sample_sorted_draws_without_replacement_and_takes_all_when_n_covers_it():
+    got = sample_sorted(100, 10, 3)
+    assert got.dtype == np.int64 and len(np.unique(got)) == 10 and (np.diff(got) > 0).all()
+    assert (got == sample_sorted(100, 10, 3)).all()  # seeded
+    assert (sample_sorted(5, 10, 0) == np.arange(5)).all()
+    items = np.array([40, 10, 30, 20])
+    assert (sample_sorted(items, 9, 0) == [10, 20, 30, 40]).all()
+    rng = np.random.default_rng(0)
+    before = rng.bit_generator.state
+    sample_sorted(items, 4, rng)  # covers the population: no draw, the generator does not advance
+    assert rng.bit_generator.state == before
+    assert set(sample_sorted(items, 2, rng)) <= set(items.tolist())

@@ -15,7 +15,8 @@ import scatlas.index.verify as verify_mod
 from scatlas.atlas import ingest
 from scatlas.atlas.errors import IndexFormatError, InputError
 from scatlas.index import AtlasIndex, build_index
-from scatlas.index.label_heads import HEADS_DIR, HEADS_FILE, load_label_heads, train_label_heads
+from scatlas.index.heads_training import train_label_heads
+from scatlas.index.label_heads import HEADS_DIR, HEADS_FILE, load_label_heads
 from scatlas.index.manifest import manifest_digest
 from scatlas.index.verify import VERIFY_ON_READ_ENV, verify_index
 from scatlas.query import annotate

@@ -11,12 +11,14 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+import scatlas.index.heads_training as heads_training
 import scatlas.index.label_heads as label_heads
 from scatlas.atlas import ingest
 from scatlas.atlas.errors import IndexFormatError, InputError
 from scatlas.cli import cli
 from scatlas.index import AtlasIndex, build_index
-from scatlas.index.label_heads import HEADS_DIR, HEADS_FILE, train_label_heads
+from scatlas.index.heads_training import train_label_heads
+from scatlas.index.label_heads import HEADS_DIR, HEADS_FILE
 from scatlas.index.softmax import balanced_sample_weights, fit_softmax
 from scatlas.index.vectors import l2_normalize
 from scatlas.query import annotate
@@ -112,8 +114,8 @@ def test_build_trains_heads_for_label_like_columns_by_default(built: dict[str, A
 def test_training_sample_is_capped_per_label_and_spread_over_datasets(built: dict[str, Any]) -> None:
     with AtlasIndex.open(built["index"]) as idx:
         con = idx.connect()
-        config = label_heads.HeadsConfig(label_keys=("cell_type",), max_cells_per_label=40)
-        ids, labels = label_heads.sample_training_cells(con, "cell_type", config)
+        config = heads_training.HeadsConfig(label_keys=("cell_type",), max_cells_per_label=40)
+        ids, labels = heads_training.sample_training_cells(con, "cell_type", config)
         meta = idx.cells(ids, columns=["cell_type", "dataset_id"])
     assert np.all(np.diff(ids) > 0)
     counts = pd.Series(labels).value_counts()
@@ -161,7 +163,7 @@ def test_retraining_is_skipped_when_settings_match_and_failure_keeps_old_heads(
     def boom(*a: Any, **k: Any) -> Any:
         raise RuntimeError("killed mid-training")
 
-    monkeypatch.setattr(label_heads, "fit_softmax", boom)
+    monkeypatch.setattr(heads_training, "fit_softmax", boom)
     keys = json.loads(before)["config"]["label_keys"]  # what the build chose
     # same settings: nothing is retrained (the broken fitter is never called)
     train_label_heads(built["atlas"], built["index"], keys, progress=False)
@@ -278,7 +280,7 @@ def _sample_gene_features(index_dir: Path, atlas: Path) -> tuple[np.ndarray, np.
 
     with AtlasIndex.open(index_dir) as idx:
         ids = np.unique(np.concatenate([
-            label_heads.sample_training_cells(idx.connect(), key, label_heads.HeadsConfig(label_keys=(key,)))[0]
+            heads_training.sample_training_cells(idx.connect(), key, heads_training.HeadsConfig(label_keys=(key,)))[0]
             for key in idx.label_heads()
         ]))
         store = AtlasStore.open(atlas)

@@ -250,3 +250,103 @@ def test_verify_store_finds_changed_values_and_missing_rows(tmp_path, h5ad_facto
         con.execute("DELETE FROM cells WHERE soma_joinid = 3")
     problems = verify_store(atlas, progress=False).problems
     assert any("'a'" in p and "rows in the cells table" in p for p in problems)
+
+
+LEAK = "cell_type\", current_setting('threads') || '/' || (SELECT count(*) FROM cells) AS \"leak"
+
+
+def test_column_names_stay_quoted_through_hunt_sweep_and_report(tmp_path, h5ad_factory):
+    """A name from an ingested file reaches the sweep's and the report's SQL quoted: no injected expression runs."""
+    import pandas as pd
+
+    def edit(ad):
+        ad.obs[LEAK] = "x"
+        ad.obs['q"uote'] = ad.obs["donor_id"].astype(str)
+        return ad
+
+    files = [h5ad_factory(f"leak{i}", seed=i, n_cells=200, transform=edit) for i in (1, 2)]
+    atlas, index = tmp_path / "atlas", tmp_path / "index"
+    runner = CliRunner()
+
+    def run(*args: str) -> str:
+        result = runner.invoke(cli, ["-q", *args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    run("ingest", *map(str, files), "--atlas", str(atlas), "--no-progress")
+    run("build", "--atlas", str(atlas), "--index", str(index), "--embedder-option", "n_components=8",
+        "--no-label-heads", "--no-progress")
+    run("hunt", "train", "--index", str(index), "--positive-sql", "cell_type = 'B cell'", "--out",
+        str(tmp_path / "clf"), "--no-progress")
+    run("hunt", "sweep", "--index", str(index), "--classifier", str(tmp_path / "clf"), "--out",
+        str(tmp_path / "sweep"), "--no-progress")
+    hits = pd.read_parquet(tmp_path / "sweep" / "hits.parquet")
+    assert len(hits) > 0 and "leak" not in hits.columns and LEAK in hits.columns
+    assert (hits[LEAK] == "x").all() and 'q"uote' in hits.columns
+    run("hunt", "report", str(tmp_path / "sweep" / "hits.parquet"), "--index", str(index), "--by", 'q"uote',
+        "--out", str(tmp_path / "rep"))
+    assert (tmp_path / "rep" / "enrichment.csv").is_file()
+
+
+def _damage(kind: str):
+    def damage(path: Path) -> None:
+        with h5py.File(path, "r+") as f:
+            if kind == "duplicate":  # row 0 names its first column twice
+                idx = f["X/indices"][...]
+                ptr = f["X/indptr"][...]
+                idx[ptr[0] + 1] = idx[ptr[0]]
+                f["X/indices"][...] = idx
+            elif kind == "csc_lie":
+                f["X"].attrs["encoding-type"] = "csc_matrix"
+            else:  # legacy layout (loaded whole) with an out-of-range column index
+                for key in list(f.attrs):
+                    del f.attrs[key]
+                idx = f["X/indices"][...]
+                idx[5] = 5000
+                f["X/indices"][...] = idx
+
+    return damage
+
+
+@pytest.mark.parametrize("kind", ["duplicate", "csc_lie", "legacy_out_of_range"])
+def test_damage_the_readers_could_take_for_data_is_refused(base_atlas, h5ad_factory, kind):
+    before = fingerprint(base_atlas)
+    path = h5ad_factory(f"dmg_{kind}", seed=5)
+    _damage(kind)(path)
+    result = CliRunner().invoke(cli, ["ingest", str(path), "--atlas", str(base_atlas), "--no-progress"])
+    assert result.exit_code != 0, result.output
+    assert "Error:" in result.output and "damaged" in result.output and "Traceback" not in result.output
+    assert fingerprint(base_atlas) == before
+
+
+@pytest.mark.parametrize("key, rows, dims, message", [
+    ("short", 50, 4, "one row per cell"), ("..", None, 4, "array name"), ("empty", None, 0, "no columns"),
+])
+def test_bad_obsm_entries_are_refused(base_atlas, h5ad_factory, key, rows, dims, message):
+    def edit(ad):
+        ad.obsm[key] = np.ones((ad.n_obs, dims), dtype=np.float32)
+        return ad
+
+    path = h5ad_factory(f"obsm_{dims}", seed=6, transform=edit)
+    if rows is not None:
+        with h5py.File(path, "r+") as f:
+            data = f[f"obsm/{key}"][:rows]
+            del f[f"obsm/{key}"]
+            f[f"obsm/{key}"] = data
+    before = fingerprint(base_atlas)
+    result = CliRunner().invoke(cli, ["ingest", str(path), "--atlas", str(base_atlas), "--no-progress"])
+    assert result.exit_code != 0 and "Error:" in result.output and message in result.output, result.output
+    assert "Traceback" not in result.output and fingerprint(base_atlas) == before
+
+
+def test_columns_named_like_reserved_ones_are_kept_renamed(base_atlas, h5ad_factory):
+    def edit(ad):
+        ad.obs["obs_id"] = "theirs"
+        ad.obs["soma_joinid"] = 7
+        return ad
+
+    report = ingest([h5ad_factory("reserved", seed=8, transform=edit)], base_atlas, progress=False)
+    assert report.datasets[0].renamed_columns == {"obs_id": "obs_id_orig", "soma_joinid": "soma_joinid_orig"}
+    store = AtlasStore.open(base_atlas)
+    df = store.obs([store.dataset("reserved").start])
+    assert df["obs_id_orig"].iloc[0] == "theirs" and df["soma_joinid_orig"].iloc[0] == 7

@@ -318,3 +318,41 @@ def test_non_utf8_file_names_work(world, tmp_path):
     text = refused("hunt", "report", str(query), "--index", str(world["index"]), "--out", str(tmp_path / "r2"),
                    "--no-de", match="not a hits Parquet file")
     text.encode("utf-8")  # printable: the undecodable byte is shown as U+FFFD
+
+
+def test_annotate_never_writes_into_a_store_or_a_sweep_nor_over_a_foreign_h5ad(world, tmp_path):
+    """Files of other commands look like annotate's kinds (JSON, Parquet, HDF5): they are refused all the same."""
+    before = {k: snapshot(world[k]) for k in ("atlas", "sweep")}
+    base = ["annotate", str(world["query"]), "--index", str(world["index"]), "--no-progress"]
+    refused(*base, "--out", str(tmp_path / "a.h5ad"), "--report", str(world["atlas"] / "store.json"),
+            match="inside an atlas store")
+    refused(*base, "--out", str(tmp_path / "b.h5ad"), "--neighbors", str(world["sweep"] / "hits.parquet"),
+            match="inside a hunt sweep directory")
+    raw = tmp_path / "raw.h5ad"
+    shutil.copyfile(world["query"], raw)
+    kept = raw.read_bytes()
+    refused(*base, "--out", str(raw), match="not a h5ad file")
+    assert raw.read_bytes() == kept
+    assert {k: snapshot(world[k]) for k in ("atlas", "sweep")} == before
+    ok(*base, "--out", str(tmp_path / "c.h5ad"))
+    ok(*base, "--out", str(tmp_path / "c.h5ad"))  # its own earlier output is replaced
+
+
+def test_replacing_a_directory_that_holds_other_files_is_refused(world, tmp_path):
+    """A directory that only looks like an index (a manifest.json) or a demo (h5ad/, atlas/, index/) keeps the
+    user's files: --overwrite and demo replace only what they wrote."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "manifest.json").write_text('{"name": "my-web-app"}')
+    (proj / "precious.txt").write_text("keep")
+    refused("build", "--atlas", str(world["atlas"]), "--index", str(proj), "--overwrite", "--no-label-heads",
+            "--no-progress", match="also holds")
+    assert (proj / "precious.txt").read_text() == "keep"
+    mine = tmp_path / "mine"
+    for sub in ("h5ad", "atlas", "index"):
+        (mine / sub).mkdir(parents=True)
+    (mine / "atlas" / "thesis.tex").write_text("years")
+    refused("demo", "--out", str(mine), "--cells", "2000", "--no-progress", match="thesis.tex")
+    (mine / "notes.txt").write_text("keep")
+    refused("demo", "--out", str(mine), "--cells", "2000", "--no-progress", match="also holds")
+    assert (mine / "notes.txt").read_text() == "keep" and (mine / "atlas" / "thesis.tex").read_text() == "years"

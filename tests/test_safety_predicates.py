@@ -347,3 +347,13 @@ def test_cli_hunt_train_positive_sql_attacks_are_clean_errors(vec_index: dict[st
         assert res.exit_code == 1, res.output
         assert res.output.startswith("Error: ") and "Traceback" not in res.output, res.output
         assert "root:" not in res.output and SECRET not in res.output
+
+
+def test_text_the_tree_drops_never_runs():
+    """DuckDB drops an unused named WINDOW before building the tree: the statement that runs is written back from
+    the checked tree, so its subquery and table function are not in it."""
+    from scatlas.index.predicate import validate_predicate
+
+    text = "1=1) WINDOW w AS (ORDER BY (SELECT content FROM read_text('/etc/passwd'))"
+    checked = validate_predicate(text, {"cell_type": "VARCHAR"})
+    assert "read_text" not in checked.sql and "WINDOW" not in checked.sql.upper()

@@ -37,14 +37,18 @@ class Embedder(ABC):
 
     @property
     @abstractmethod
-    def dim(self) -> int: ...
+    def dim(self) -> int:
+        """Length of the output vectors."""
+        ...
 
     @property
     def is_fitted(self) -> bool:
+        """Whether :meth:`transform` can run (an embedder without a fit always can)."""
         return True
 
     @property
     def requires_fit(self) -> bool:
+        """Whether the embedder must be fitted on an atlas sample before use."""
         return False
 
     @property
@@ -114,6 +118,7 @@ class Embedder(ABC):
         return ""
 
     def fingerprint(self) -> str:
+        """16 hex digits identifying the vectors: name, params and the fitted artefact's digest."""
         payload = json.dumps({"name": self.name, "params": self.params()}, sort_keys=True, default=str)
         return hashlib.sha256((payload + self.artefact_digest()).encode()).hexdigest()[:16]
 

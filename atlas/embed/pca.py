@@ -17,18 +17,11 @@
 * ``"floor"``: divide each gene by ``max(sd, median sd of the selected genes)``. Genes that vary more than the
   median selected gene get the same spread as with ``"zscore"``, but a gene that varies little is not blown up to
   unit variance (a lowly expressed gene that is mostly sampling noise, or one that only a batch switches on).
-  For label transfer (the pairs of ``scripts/bench_annotate.py``, k-NN votes without abstention, macro-F1
-  against ``"zscore"``; measured ad hoc, the script has no option for it): mesc +0.05, synthetic +0.01, zheng
-  and kang2018 +0.01 or less, tian and pancreas equal, symphony -0.007. It is not the default because the genes
-  it damps include the markers of rare populations, which only a few cells express: for the rare-cell hunt on
-  real data (``scripts/bench_hunt.py --align mnn --embedder-option scale=floor`` against ``scale=zscore``:
-  positives from one sample, sweep over the others) it found 6 of the 18 symphony DCs where ``"zscore"`` found
-  all 18 (kang2018 pDC recall 0.77 vs 0.85, Mk 0.43 vs 0.50), and on the synthetic Norn-cell atlas of
-  ``tests/test_hunt_end_to_end.py`` recall fell from >= 0.9 to 0.73 (that test, run with ``"floor"`` as the
-  default).
-* ``"none"``: centre only (PCA of log1p(CP10k), as scanpy's default). Label transfer, measured the same ad hoc
-  way: mesc +0.11 but symphony -0.12, synthetic -0.28, kang2018 -0.03: the few genes with the largest log-scale
-  spread then dominate the principal axes.
+  Not the default: the genes it damps include the markers of rare populations, which only a few cells express.
+* ``"none"``: centre only (PCA of log1p(CP10k), as scanpy's default): the few genes with the largest log-scale
+  spread dominate the principal axes.
+
+The measurements behind the default are in docs/benchmarks.md ("Figures behind the atlas defaults").
 
 ``transform`` matches a chunk's genes to the selected genes (Ensembl id first, then symbol), normalises the chunk
 with :func:`atlas.normalize.to_lognorm` (library size over *all* of the chunk's genes), scales, centres and
@@ -78,6 +71,13 @@ LEGACY_SCALE: Scale = "zscore"
 
 @dataclass(frozen=True)
 class PCAParams:
+    """The parameters of a PCA embedder (part of its fingerprint).
+
+    ``n_hvg``: highly variable genes selected; ``n_components``: output dimension (at most ``n_hvg``);
+    ``max_value``: scaled values are clipped to ``[-max_value, max_value]``; ``seed``: recorded only (the fit
+    draws nothing); ``scale``: how genes are scaled before the PCA (see the module docstring).
+    """
+
     n_hvg: int = 2000
     n_components: int = 50
     max_value: float = 10.0

@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PrecomputedParams:
+    """The obsm ``key`` the vectors are read from and their dimension ``dim`` (None: learned by ``fit``)."""
+
     key: str
     dim: int | None = None
 

@@ -19,6 +19,7 @@ _BACKENDS: dict[str, str] = {
 
 
 def available_embedders() -> list[str]:
+    """Names of the embedder backends (``precomputed`` is asked for as ``precomputed:KEY``)."""
     return sorted(_BACKENDS)
 
 

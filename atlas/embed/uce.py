@@ -204,6 +204,15 @@ def _torch_load(path: Path) -> Any:
 
 @dataclass(frozen=True)
 class UCEConfig:
+    """The parameters of a UCE embedder: model files, network shape, sentence layout and how it runs.
+
+    Files: ``model_path`` (weights), ``token_file``, ``protein_embeddings``, ``spec_chrom_csv_path``,
+    ``offset_pkl_path`` (or ``species_offset``) for ``species``. Network and tokens: as the package's model
+    (``nlayers`` ... ``n_chrom_tokens``). ``sample_size`` genes per cell sentence, padded to ``pad_length``;
+    ``weighting``: what gene draws are weighted by (see the module docstring); ``batch_size``, ``device`` and
+    ``seed`` (of each cell's generator) set how it runs.
+    """
+
     model_path: str
     token_file: str
     protein_embeddings: str | None = None

@@ -43,6 +43,7 @@ class ExpressionChoice:
         return f"{log} of values normalised to {self.lognorm_total:,.6g} per cell, rescaled to log1p CP10k"
 
     def describe(self) -> str:
+        """Where the values come from, their kind and what was inspected, for logs and reports."""
         seen = ", ".join(f"{k}={v}" for k, v in self.candidates.items())
         note = self.rescale_note()
         return f"{self.location} ({self.x_kind}{f', {note}' if note else ''}; inspected: {seen})"
@@ -145,17 +146,25 @@ class DatasetSource(Protocol):
     expression: ExpressionChoice
 
     @property
-    def n_obs(self) -> int: ...
+    def n_obs(self) -> int:
+        """Cells (rows) of the dataset."""
+        ...
 
-    def obsm_keys(self) -> list[str]: ...
+    def obsm_keys(self) -> list[str]:
+        """Keys of the per-cell matrices (``obsm``) the dataset has."""
+        ...
 
     def iter_rows(self, rows: np.ndarray, chunk_size: int) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
         """Yield (row positions, CSR float32 block) for the given sorted row positions, in order."""
         ...
 
-    def read_obsm(self, key: str, rows: np.ndarray) -> np.ndarray: ...
+    def read_obsm(self, key: str, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (sorted positions) of ``obsm[key]``."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release open files."""
+        ...
 
 
 def checked_block(block: sp.csr_matrix, rows: np.ndarray, what: str, choice: ExpressionChoice) -> sp.csr_matrix:

@@ -80,6 +80,11 @@ class _MatrixReader:
                 raise InputError(f"{what}: unsupported matrix encoding {enc!r}")
         if len(self.shape) != 2:
             raise InputError(f"{what}: expected a 2-d matrix, got shape {self.shape}")
+        if self.kind in ("csr", "csc"):
+            major = self.shape[0] if self.kind == "csr" else self.shape[1]
+            if element["indptr"].shape != (major + 1,):
+                raise InputError(f"{what}: the sparse matrix is damaged: {element['indptr'].shape[0]} row pointers for "
+                                 f"a {self.kind.upper()} matrix of shape {self.shape}; rewrite the file")
 
     def rows(self, a: int, b: int) -> sp.csr_matrix:
         """Rows ``a:b`` as float32 CSR; InputError when the file's bytes or structure are damaged."""
@@ -209,6 +214,23 @@ class H5adSource:
         self.close()
 
 
+def _check_in_memory(matrix: Any, what: str) -> None:
+    """InputError when an in-memory sparse matrix's structure is invalid (out-of-range indices, bad pointers,
+    a column named twice in a row): a legacy file loaded whole skips the per-block checks of the chunked reader."""
+    if not sp.issparse(matrix) or matrix.format not in ("csr", "csc"):
+        return
+    try:
+        matrix.check_format(full_check=True)
+    except ValueError as exc:
+        raise InputError(f"{what}: the sparse matrix is damaged ({type(exc).__name__}); rewrite the file") from exc
+    if matrix.has_canonical_format:  # sorted, no duplicates: told without a copy
+        return
+    copy = matrix.copy()
+    copy.sum_duplicates()
+    if copy.nnz != matrix.nnz:
+        raise InputError(f"{what}: the sparse matrix is damaged: an entry is stored twice; rewrite the file")
+
+
 class AnnDataSource:
     """An in-memory AnnData viewed as a source. The caller's object is never modified."""
 
@@ -226,6 +248,8 @@ class AnnDataSource:
         self._mats = {k: v for k, v in mats.items() if v is not None}
         if not self._mats:
             raise InputError(f"{name}: the AnnData has no expression matrix")
+        for loc, m in self._mats.items():
+            _check_in_memory(m, f"{name}: {loc}")
         samples = {
             loc: sp.csr_matrix(m[: SAMPLE_WINDOWS * SAMPLE_ROWS_PER_WINDOW], dtype=np.float32)
             for loc, m in self._mats.items()

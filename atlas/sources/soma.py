@@ -33,6 +33,7 @@ def _context() -> Any:
 
 
 def is_soma_experiment(uri: str) -> bool:
+    """Whether ``uri`` is a readable TileDB-SOMA experiment."""
     import tiledbsoma
 
     try:

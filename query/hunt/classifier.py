@@ -245,10 +245,8 @@ def _read_weights(path: Path, w_path: Path) -> np.ndarray:
 def exact_scores(x: np.ndarray, weights: np.ndarray, bias: float) -> np.ndarray:
     """``x @ w + b`` in float64 (independent of how rows are batched), rounded to float32.
 
-    Computed with ``einsum``, not BLAS: a multi-threaded BLAS call leaves its worker threads spinning for about
-    0.1 s afterwards, and the sweep calls this between blocks of its own kernel threads; on 2 cores the spinning
-    threads took the cores from the kernel, and the d=1280 sweep ran at 14 GB/s with 2 threads against 25 GB/s for
-    its kernel on in-RAM data (scripts/bench_sweep.py, before this change; 22 GB/s after it)."""
+    Computed with ``einsum``, not BLAS: a multi-threaded BLAS call leaves its worker threads spinning afterwards,
+    taking the cores from the sweep's kernel threads between blocks (see docs/benchmarks.md#sweep-exact-scores)."""
     w64 = np.asarray(weights, dtype=np.float64)
     return (np.einsum("ij,j->i", np.asarray(x, dtype=np.float64), w64) + float(bias)).astype(np.float32)
 

@@ -29,6 +29,8 @@ from scipy.stats import t as t_dist
 
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.normalize import to_lognorm
+from scatlas.atlas.sql import quote_ident
+from scatlas.index import sample_sorted
 from scatlas.query.hunt.enrichment import MISSING, bh_qvalues
 
 logger = logging.getLogger(__name__)
@@ -52,10 +54,8 @@ class Comparison:
 
 
 def _sample(ids: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    ids = np.unique(np.asarray(ids, dtype=np.int64))
-    if len(ids) <= n:
-        return ids
-    return np.sort(rng.choice(ids, size=n, replace=False))
+    """Up to ``n`` of the distinct ``ids``, sorted."""
+    return sample_sorted(np.unique(np.asarray(ids, dtype=np.int64)), n, rng)
 
 
 def matched_background(con: Any, hit_ids: np.ndarray, max_cells: int, seed: int) -> Comparison:
@@ -100,7 +100,7 @@ def group_comparisons(
     con.register("_hunt_hit_ids", pa.table({"soma_joinid": np.unique(np.asarray(hit_ids, dtype=np.int64))}))
     try:
         df = con.execute(
-            f"""SELECT h.soma_joinid, COALESCE(CAST(c."{column}" AS VARCHAR), '{MISSING}') AS level
+            f"""SELECT h.soma_joinid, COALESCE(CAST(c.{quote_ident(column)} AS VARCHAR), '{MISSING}') AS level
                 FROM _hunt_hit_ids h JOIN cells c ON h.soma_joinid = c.soma_joinid ORDER BY h.soma_joinid"""
         ).df()
     finally:

@@ -17,6 +17,7 @@ import pandas as pd
 from scipy.stats import fisher_exact
 
 from scatlas.atlas.errors import InputError
+from scatlas.atlas.sql import quote_ident
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def group_counts(con: Any, hit_ids: np.ndarray, column: str) -> pd.DataFrame:
     con.register("_hunt_hit_ids", pa.table({"soma_joinid": np.unique(np.asarray(hit_ids, dtype=np.int64))}))
     try:
         df = con.execute(
-            f"""SELECT COALESCE(CAST(c."{column}" AS VARCHAR), '{MISSING}') AS "group",
+            f"""SELECT COALESCE(CAST(c.{quote_ident(column)} AS VARCHAR), '{MISSING}') AS "group",
                        count(*) AS n_cells, count(h.soma_joinid) AS n_hits
                 FROM cells c LEFT JOIN _hunt_hit_ids h ON c.soma_joinid = h.soma_joinid
                 GROUP BY 1 ORDER BY 1"""

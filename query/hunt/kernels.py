@@ -2,11 +2,10 @@
 
 The fast pass reads the stored block as it is, with no float32 copy of the data, which is what lets the sweep run
 near memory bandwidth (see ``docs/benchmarks.md``). On the CPU it is the compiled kernel of
-:mod:`query.hunt.fp16dot` (kernel ``"c16"``: float16 rows converted in registers, float32 accumulation; about 3x
-torch's float16 ``mv`` per core at d=128), or, where that extension was not built, a torch float16
-matrix-vector product (``"fp16"``: ``torch.mv`` over ``torch.from_numpy(block)``; also the GPU kernel). Its result
-has at worst float16 precision, so every row whose fast score lies within
-``margin`` of the cut is re-scored exactly (float64 on the stored values, :func:`exact_scores`); rows below the
+:mod:`query.hunt.fp16dot` (kernel ``"c16"``: float16 rows converted in registers, float32 accumulation), or, where
+that extension was not built, a torch float16 matrix-vector product (``"fp16"``: ``torch.mv`` over
+``torch.from_numpy(block)``; also the GPU kernel). Its result has at worst float16 precision, so every row whose
+fast score lies within ``margin`` of the cut is re-scored exactly (float64 on the stored values, :func:`exact_scores`); rows below the
 cut minus the margin cannot be hits. The hits and their scores are therefore exactly those of the float64 score of
 the stored vectors, whatever the kernel, block size or device.
 
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from scatlas.index import sample_sorted
 from scatlas.query.hunt.classifier import exact_scores
 
 logger = logging.getLogger(__name__)
@@ -110,8 +110,7 @@ class BlockScorer:
 
     def check(self, block: np.ndarray, seed: int = 0) -> float:
         """Measure the fast kernel's largest error on up to ``CHECK_ROWS`` rows; fall back to fp32 if too large."""
-        rng = np.random.default_rng(seed)
-        rows = np.sort(rng.choice(len(block), size=min(CHECK_ROWS, len(block)), replace=False))
+        rows = sample_sorted(len(block), CHECK_ROWS, seed)
         sub = np.ascontiguousarray(block[rows])
         fast = self.fast_scores(sub).numpy().astype(np.float64)
         exact = exact_scores(sub, self.w, 0.0).astype(np.float64)
@@ -175,8 +174,8 @@ class ThreadTuner:
     """Chooses the torch CPU thread count from timed blocks, and re-checks it as the sweep goes.
 
     On a machine shared with other work, several torch threads can be much slower than one (a thread waiting for
-    a descheduled sibling at every synchronisation; measured up to 6x at d=128 under load, see
-    docs/benchmarks.md), while on an idle machine they are faster. So one block is scored with each candidate count
+    a descheduled sibling at every synchronisation; see docs/benchmarks.md#sweep-threads), while on an idle
+    machine they are faster. So one block is scored with each candidate count
     (real work, not extra passes), the fastest count is used, and the comparison is repeated after every
     ``retune_bytes`` of vectors. Each candidate is timed on ``rounds`` blocks, interleaved.
     """

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from scatlas.atlas.errors import InputError
-from scatlas.index.softmax import minimize_lbfgs
+from scatlas.index import minimize_lbfgs
 from scatlas.query.hunt.metrics import average_precision
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,8 @@ import pandas as pd
 
 from scatlas.atlas.errors import InputError, ScatlasError
 from scatlas.atlas.outputs import REPORT, check_output_dir, claim_output_dir, os_error_message, show, writing
-from scatlas.query.hunt.access import IndexLike, atlas_path, cursor, open_index
+from scatlas.index import AtlasIndex
+from scatlas.query.hunt.access import IndexLike, input_paths, open_index
 from scatlas.query.hunt.de import MIN_CELLS_PER_SIDE as MIN_SIDE
 from scatlas.query.hunt.de import DEMethod, differential_expression, group_comparisons, matched_background
 from scatlas.query.hunt.enrichment import Alternative, enrichment
@@ -203,11 +204,11 @@ def _html(res: ReportResult, by: Sequence[str], hits_source: str) -> str:
     ) + "</body></html>"
 
 
-def _open_store(index: Any, atlas: str | Path | None) -> tuple[Any, str | None]:
+def _open_store(index: AtlasIndex, atlas: str | Path | None) -> tuple[Any, str | None]:
     """The atlas store for DE, or ``(None, reason)`` when it cannot be reached."""
     from scatlas.atlas.store import AtlasStore
 
-    path = Path(atlas) if atlas is not None else atlas_path(index)
+    path = Path(atlas) if atlas is not None else index.atlas_path
     if path is None:
         return None, "the index manifest names no atlas store and no atlas= path was given"
     if not AtlasStore.exists(path):
@@ -252,21 +253,20 @@ def report(
     t0 = time.perf_counter()
     if max_cells < MIN_SIDE:
         raise InputError(f"max_cells must be at least {MIN_SIDE}")
-    inputs = [getattr(index, "path", index), atlas] + ([] if isinstance(hits, pd.DataFrame) else [hits])
-    check_output_dir(out_dir, REPORT, inputs=[p for p in inputs if isinstance(p, str | Path)])
+    check_output_dir(out_dir, REPORT, inputs=input_paths(index, atlas, hits))
     idx = open_index(index)
     frame = _read_hits(hits)
     hits_source = show(hits) if not isinstance(hits, pd.DataFrame) else "a DataFrame"
     out = claim_output_dir(out_dir, REPORT)
     by = list(by)
 
-    with cursor(idx) as con:
+    with idx.cursor() as con:
         return _report(idx, con, frame, hits_source, out, by, de_group, de_reference, atlas, de, de_method, max_cells,
                        alternative, seed, t0)
 
 
 def _report(
-    idx: Any,
+    idx: AtlasIndex,
     con: Any,
     frame: pd.DataFrame,
     hits_source: str,
@@ -310,7 +310,7 @@ def _report(
                 de_frame = differential_expression(store, comps, de_method)
             finally:
                 store.close()
-    if skipped is not None:
+    if skipped is not None and de:  # skipped on request: nothing to warn about
         logger.warning("differential expression skipped: %s", skipped)
     if de_frame is not None:
         de_path = out / "de.csv"

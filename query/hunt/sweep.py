@@ -33,23 +33,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from scatlas.atlas.atomic import write_json_atomic
 from scatlas.atlas.errors import EmbedderMismatchError, InputError
 from scatlas.atlas.outputs import SWEEP, OutputError, check_output_dir, claim_output_dir, show, writing
-from scatlas.index.executor import Executor, LocalExecutor, Task, TaskContext
-from scatlas.query.hunt.access import (
-    IndexLike,
-    cursor,
-    embedder_fingerprint,
-    index_dim,
-    iter_shards,
-    manifest_id,
-    open_index,
+from scatlas.atlas.sql import quote_ident
+from scatlas.index import (
+    AtlasIndex,
+    Executor,
+    LocalExecutor,
+    Progress,
+    Task,
+    TaskContext,
+    progress_bar,
+    resolve_device,
+    torch_gpu_count,
 )
+from scatlas.query.hunt.access import IndexLike, input_paths, open_index
 from scatlas.query.hunt.classifier import HuntClassifier
-from scatlas.query.hunt.device import resolve_device
 from scatlas.query.hunt.kernels import BlockScorer, ThreadTuner
 
 logger = logging.getLogger(__name__)
@@ -61,16 +62,15 @@ HITS_FILE = "hits.parquet"
 PARTIALS_DIR = "partials"
 STATE_VERSION = 1
 DEFAULT_BLOCK_BYTES = 256 << 20
-"""Default block: 256 MiB of float16 vectors (1,048,576 rows at d=128, 104,857 at d=1280). A block is a view of the
-shard's memory map (the compiled kernel reads it in place; only its scores, 4 bytes a row, are allocated), so a
-large block costs no memory, and it means few thread synchronisations per GB: 2 threads swept 19.8 GB/s at d=128
-with 64 MiB blocks and 23.4 with 256 MiB (21.5 and 22.6 at d=1280; medians of 5 interleaved rounds, measured ad
-hoc). The torch kernels (GPU, and the fp32 fallback) copy a block: on the CPU the fp32 one needs twice its size."""
+"""Default block: 256 MiB of float16 vectors, scored in place from the shard's memory map (so a large block costs
+no memory) with few thread synchronisations per GB (see docs/benchmarks.md#sweep-block). The torch kernels (GPU,
+and the fp32 fallback) copy a block: on the CPU the fp32 one needs twice its size."""
 
 
 @dataclass
 class SweepSummary:
-    """What a sweep did. Rates are over the shards scored in this run (resumed shards are not re-read)."""
+    """What a sweep did. Rates are over the shards scored in this run (resumed shards are not re-read; 0 when
+    every shard was resumed)."""
 
     out: str
     hits_path: str
@@ -254,7 +254,7 @@ def score_shard(
         if ctx.threads:
             torch.set_num_threads(int(ctx.threads))
         scorer = _SCORERS[key] = BlockScorer(clf.weights, clf.bias, cutoff, device=ctx.torch_device)
-    found = next(((ids, vecs) for no, ids, vecs in iter_shards(idx) if no == shard_no), None)
+    found = next(((ids, vecs) for no, ids, vecs in idx.iter_shards() if no == shard_no), None)
     if found is None:
         raise InputError(f"the index has no shard {shard_no}")
     ids, vecs = found
@@ -270,7 +270,7 @@ def score_shard(
     return ShardScore(partial.stem, meta, h_ids, h_scores, n_cand, seconds, scorer.kernel, scorer.max_error)
 
 
-def _write_hits(index: Any, out: Path, ids: np.ndarray, scores: np.ndarray, probs: np.ndarray) -> Path:
+def _write_hits(index: AtlasIndex, out: Path, ids: np.ndarray, scores: np.ndarray, probs: np.ndarray) -> Path:
     """Join the hits with the index's cells table and write ``hits.parquet`` (temporary file + rename).
 
     The rows are streamed from DuckDB into a file this process opened (any file name works, and the row count of
@@ -283,10 +283,10 @@ def _write_hits(index: Any, out: Path, ids: np.ndarray, scores: np.ndarray, prob
     hits = pa.table({"soma_joinid": ids.astype(np.int64), "score": scores.astype(np.float32),
                      "probability": probs.astype(np.float32)})
     try:
-        with cursor(index) as con:
+        with index.cursor() as con:
             con.register("_hunt_hits", hits)
             cols = [r[0] for r in con.execute("DESCRIBE cells").fetchall()]
-            extra = ", ".join(f'c."{c}"' for c in cols if c not in ("soma_joinid", "score", "probability"))
+            extra = ", ".join(f"c.{quote_ident(c)}" for c in cols if c not in ("soma_joinid", "score", "probability"))
             select = "h.soma_joinid, h.score, h.probability" + (f", {extra}" if extra else "")
             rel = con.sql(f"SELECT {select} FROM _hunt_hits h LEFT JOIN cells c ON h.soma_joinid = c.soma_joinid "
                           "ORDER BY h.score DESC, h.soma_joinid")
@@ -327,7 +327,7 @@ def sweep(
     device: str = "auto",
     resume: bool = True,
     threads: int | None = None,
-    progress: bool = True,
+    progress: Progress = True,
     executor: Executor | None = None,
 ) -> SweepSummary:
     """Score every indexed cell with ``classifier``; write the hits (joined with cell metadata) to ``out``.
@@ -342,7 +342,7 @@ def sweep(
         at a time writes there (a second one is refused while the first holds ``OUT/.sweep.lock``).
     min_score: the cut on raw scores (``score >= min_score`` is a hit); default: the classifier's threshold.
     min_probability: alternatively, a cut on the calibrated probability (converted to a raw score).
-    block_size: rows of stored vectors scored at a time (default: 256 MiB of vectors).
+    block_size: rows of stored vectors scored at a time (default: :data:`DEFAULT_BLOCK_BYTES` of vectors).
     device: ``auto`` (GPU when torch sees one), ``cpu`` or ``cuda`` (DependencyError without CUDA).
     resume: continue a matching interrupted sweep in ``out`` (a mismatching one is refused); ``False`` discards
         the earlier sweep's files in ``out`` and starts over.
@@ -352,17 +352,16 @@ def sweep(
         GPU when sweeping on CUDA); a :class:`~index.executor.RayExecutor` spreads shards over a cluster. The hits
         are the same either way.
     """
-    inputs = _input_paths(index, classifier)
-    check_output_dir(out, SWEEP, inputs=inputs)
+    check_output_dir(out, SWEEP, inputs=input_paths(index, classifier))
     with contextlib.ExitStack() as lock, writing(out, action=None):
-        return _sweep(index, classifier, Path(out), min_score=min_score, min_probability=min_probability,
-                      block_size=block_size, device=device, resume=resume, threads=threads, progress=progress,
-                      executor=executor, lock=lock)
-
-
-def _input_paths(index: Any, classifier: Any) -> tuple[Path, ...]:
-    found = [index, getattr(index, "path", None), classifier]
-    return tuple(Path(p) for p in found if isinstance(p, str | Path))
+        t0 = time.perf_counter()
+        idx = open_index(index)
+        clf = _load_classifier(classifier)
+        plan = _plan(idx, clf, min_score, min_probability, block_size, device, threads)
+        out = Path(out)
+        state = _prepare_out(out, plan.key, resume, lock)  # the lock is held until the ExitStack closes
+        run = _run(idx, clf, plan, out, state, executor, threads, progress)
+        return _finish(idx, clf, plan, out, state, run, t0)
 
 
 @contextlib.contextmanager
@@ -382,163 +381,198 @@ def _sweep_lock(out: Path) -> Iterator[None]:
         fh.close()  # releases the lock
 
 
-def _sweep(
-    index: IndexLike,
-    classifier: HuntClassifier | str | Path,
-    out: str | Path,
-    *,
-    min_score: float | None = None,
-    min_probability: float | None = None,
-    block_size: int | None = None,
-    device: str = "auto",
-    resume: bool = True,
-    threads: int | None = None,
-    progress: bool = True,
-    executor: Executor | None = None,
-    lock: contextlib.ExitStack,
-) -> SweepSummary:
-    """:func:`sweep` once ``out`` is checked; ``lock`` receives the sweep lock, held until the caller exits it."""
-    import torch
+@dataclass(frozen=True)
+class _Plan:
+    """What a sweep computes: the cut, the block size, the device, and the key its state must match to resume."""
 
-    t0 = time.perf_counter()
-    idx = open_index(index)
-    clf = _load_classifier(classifier)
-    idx_fp = embedder_fingerprint(idx)
-    if clf.embedder_fingerprint != idx_fp:
+    cutoff: float
+    cutoff_source: str
+    block_size: int
+    device: str
+    requested_device: str
+    key: dict[str, Any]
+
+
+def _plan(
+    idx: AtlasIndex, clf: HuntClassifier, min_score: float | None, min_probability: float | None,
+    block_size: int | None, device: str, threads: int | None,
+) -> _Plan:
+    """Check the classifier against the index and the arguments; the sweep's plan."""
+    if clf.embedder_fingerprint != idx.embedder_fingerprint:
         raise EmbedderMismatchError(
             f"the classifier was trained on vectors of embedder {clf.embedder_fingerprint}, but this index was built "
-            f"with embedder {idx_fp}: its scores would be meaningless. Retrain the classifier against this index "
-            "(scatlas hunt train --index ...) or sweep the index it was trained for."
+            f"with embedder {idx.embedder_fingerprint}: its scores would be meaningless. Retrain the classifier "
+            "against this index (scatlas hunt train --index ...) or sweep the index it was trained for."
         )
-    dim = index_dim(idx)
-    if clf.dim != dim:
-        raise EmbedderMismatchError(f"the classifier has {clf.dim} weights but the index holds {dim}-d vectors")
-    if clf.index_manifest_id != manifest_id(idx):
+    if clf.dim != idx.dim:
+        raise EmbedderMismatchError(f"the classifier has {clf.dim} weights but the index holds {idx.dim}-d vectors")
+    if clf.index_manifest_id != idx.build_id:
         logger.info("the classifier was trained against another build (%s) of an index with the same embedder",
                     clf.index_manifest_id)
     cutoff, cutoff_source = _cutoff(clf, min_score, min_probability)
     if not math.isfinite(cutoff):
         raise InputError(f"the requested cut ({cutoff_source}) is unreachable by any score; lower it")
     if block_size is None:
-        block_size = max(1, DEFAULT_BLOCK_BYTES // (2 * dim))
+        block_size = max(1, DEFAULT_BLOCK_BYTES // (2 * idx.dim))
     if block_size <= 0:
         raise InputError(f"block_size must be positive (got {block_size})")
-    torch_device = resolve_device(device)
-    out = Path(out)
-    key = {
-        "classifier": clf.fingerprint(),
-        "embedder": idx_fp,
-        "index_manifest_id": manifest_id(idx),
-        "cutoff": repr(float(cutoff)),
-    }
-    state = _prepare_out(out, key, resume, lock)
-    state_path = out / STATE_FILE
     if threads is not None and threads < 1:
         raise InputError(f"threads must be >= 1 (got {threads})")
+    key = {
+        "classifier": clf.fingerprint(),
+        "embedder": idx.embedder_fingerprint,
+        "index_manifest_id": idx.build_id,
+        "cutoff": repr(float(cutoff)),
+    }
+    return _Plan(cutoff, cutoff_source, int(block_size), resolve_device(device, backend="torch"), device, key)
+
+
+@dataclass
+class _Run:
+    """What the scoring tasks of one run did, and the hits of every shard (resumed or scored)."""
+
+    results: dict[str, tuple[np.ndarray, np.ndarray]]
+    device: str
+    n_cells: int = 0
+    n_shards: int = 0
+    n_resumed: int = 0
+    n_scored: int = 0
+    cells_scored: int = 0
+    n_candidates: int = 0
+    scoring_seconds: float = 0.0
+    max_error: float = 0.0
+    kernels: set[str] = field(default_factory=set)
+    scorer_kernel: str = ""
+    threads: int = 0
+
+    def add(self, res: ShardScore) -> None:
+        self.results[res.name] = (res.ids, res.scores)
+        self.n_scored += 1
+        self.cells_scored += res.meta["n"]
+        self.n_candidates += res.n_candidates
+        self.scoring_seconds += res.seconds
+        self.max_error = max(self.max_error, res.max_error)
+        self.kernels.add(res.kernel)
+
+
+def _run(
+    idx: AtlasIndex, clf: HuntClassifier, plan: _Plan, out: Path, state: dict[str, Any], executor: Executor | None,
+    threads: int | None, progress: Progress,
+) -> _Run:
+    """Score every shard not done by an earlier run, as tasks on ``executor``, recording each in ``state``."""
+    import torch
+
+    torch_device = plan.device
     if executor is None:
-        gpus = torch.cuda.device_count() if torch_device == "cuda" else 0
+        gpus = torch_gpu_count() if torch_device == "cuda" else 0
         executor = LocalExecutor(["cpu"] if torch_device == "cpu" else [f"cuda:{i}" for i in range(max(1, gpus))])
-    elif executor.name != "local" and device == "auto":
+    elif executor.name != "local" and plan.requested_device == "auto":
         torch_device = "cuda" if executor.gpu_count() > 0 else "cpu"
+    run = _Run({}, torch_device)
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
-    n_threads = torch.get_num_threads()
+    run.threads = torch.get_num_threads()
     # The scorer of tasks run in this process (the local executor on the CPU or the first GPU): one for the whole
     # sweep, so that thread tuning carries over from shard to shard.
-    scorer = BlockScorer(clf.weights, clf.bias, cutoff, device="cpu" if torch_device == "cpu" else "cuda:0")
-    tuner = ThreadTuner([1, n_threads]) if threads is None and torch_device == "cpu" and n_threads > 1 else None
+    scorer = BlockScorer(clf.weights, clf.bias, plan.cutoff, device="cpu" if torch_device == "cpu" else "cuda:0")
+    tuner = ThreadTuner([1, run.threads]) if threads is None and torch_device == "cpu" and run.threads > 1 else None
     scorer.tuner = tuner
-    scorer_key = _scorer_key(clf, cutoff, scorer.device)
+    scorer_key = _scorer_key(clf, plan.cutoff, scorer.device)
     _SCORERS[scorer_key] = scorer
+    run.scorer_kernel = scorer.kernel
+    tasks = _tasks(idx, clf, plan, out, state, run, gpus=1.0 if torch_device == "cuda" else 0.0)
+    state_path = out / STATE_FILE
 
-    shards = list(iter_shards(idx))
-    n_cells = sum(len(ids) for _, ids, _ in shards)
-    results: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    def on_done(task: Task, res: ShardScore) -> None:
+        state["shards"][res.name] = {**res.meta, "n_hits": len(res.ids)}
+        write_json_atomic(state_path, state)
+        run.add(res)
+
+    try:
+        with progress_bar(progress, total=run.n_cells, initial=run.n_cells - sum(t.cells for t in tasks),
+                          desc="sweep", unit="cell", unit_scale=True) as bar:
+            executor.run(tasks, on_done, progress=bar.update)
+    finally:
+        if tuner is not None and tuner.history:
+            run.threads = tuner.history[-1]
+        torch.set_num_threads(old_threads)
+        _SCORERS.pop(scorer_key, None)
+    return run
+
+
+def _tasks(
+    idx: AtlasIndex, clf: HuntClassifier, plan: _Plan, out: Path, state: dict[str, Any], run: _Run, gpus: float
+) -> list[Task]:
+    """A scoring task per shard whose partial file an earlier run did not leave intact (those are read into
+    ``run``); sets ``run``'s cell and shard counts."""
     tasks: list[Task] = []
-    n_resumed = 0
-    for no, ids, _vecs in shards:
+    for no, ids, _vecs in idx.iter_shards():
         name = f"{no:04d}"
         meta = {"n": len(ids), "id_min": int(ids[0]) if len(ids) else -1,
                 "id_max": int(ids[-1]) if len(ids) else -1}
         part_path = out / PARTIALS_DIR / f"{name}.npz"
         got = _read_partial(part_path, meta) if name in state["shards"] else None
+        run.n_cells += len(ids)
+        run.n_shards += 1
         if got is not None:
-            n_resumed += 1
-            results[name] = got
+            run.n_resumed += 1
+            run.results[name] = got
         else:
-            tasks.append(Task(f"sweep-{name}", score_shard, (idx, no, clf, cutoff, block_size, part_path, meta),
-                              gpus=1.0 if torch_device == "cuda" else 0.0, cells=len(ids)))
-    n_shards = len(shards)
-    del shards  # the driver keeps no mappings open while tasks run
-    stats = {"scored": 0, "cells": 0, "cand": 0, "seconds": 0.0, "max_error": 0.0}
-    kernels: set[str] = set()
+            tasks.append(Task(f"sweep-{name}", score_shard,
+                              (idx, no, clf, plan.cutoff, plan.block_size, part_path, meta), gpus=gpus, cells=len(ids)))
+    return tasks
 
-    def on_done(task: Task, res: ShardScore) -> None:
-        state["shards"][res.name] = {**res.meta, "n_hits": len(res.ids)}
-        write_json_atomic(state_path, state)
-        results[res.name] = (res.ids, res.scores)
-        stats["scored"] += 1
-        stats["cells"] += res.meta["n"]
-        stats["cand"] += res.n_candidates
-        stats["seconds"] += res.seconds
-        stats["max_error"] = max(stats["max_error"], res.max_error)
-        kernels.add(res.kernel)
 
-    try:
-        with tqdm(total=n_cells, initial=n_cells - sum(t.cells for t in tasks), desc="sweep", unit="cell",
-                  unit_scale=True, disable=not progress) as bar:
-            executor.run(tasks, on_done, progress=bar.update)
-    finally:
-        if tuner is not None and tuner.history:
-            n_threads = tuner.history[-1]
-        torch.set_num_threads(old_threads)
-        _SCORERS.pop(scorer_key, None)
-    n_scored, cells_scored, n_cand = int(stats["scored"]), int(stats["cells"]), int(stats["cand"])
-    scoring = float(stats["seconds"])
-    ordered = [results[f"{no:04d}"] for no in sorted(int(k) for k in results)]
-    all_ids = [r[0] for r in ordered]
-    all_scores = [r[1] for r in ordered]
-
-    hit_ids = np.concatenate(all_ids) if all_ids else np.zeros(0, dtype=np.int64)
-    hit_scores = np.concatenate(all_scores) if all_scores else np.zeros(0, dtype=np.float32)
+def _finish(
+    idx: AtlasIndex, clf: HuntClassifier, plan: _Plan, out: Path, state: dict[str, Any], run: _Run, t0: float
+) -> SweepSummary:
+    """Write the hits, the summary and the completed state; log and return the summary."""
+    ordered = [run.results[f"{no:04d}"] for no in sorted(int(k) for k in run.results)]
+    hit_ids = np.concatenate([r[0] for r in ordered]) if ordered else np.zeros(0, dtype=np.int64)
+    hit_scores = np.concatenate([r[1] for r in ordered]) if ordered else np.zeros(0, dtype=np.float32)
     hits_path = _write_hits(idx, out, hit_ids, hit_scores, clf.probability(hit_scores))
-    bytes_scored = cells_scored * dim * 2
+    bytes_scored = run.cells_scored * idx.dim * 2
+    scoring = run.scoring_seconds
     summary = SweepSummary(
         out=str(out),
         hits_path=str(hits_path),
-        n_cells=n_cells,
-        n_shards=n_shards,
-        n_shards_scored=n_scored,
-        n_shards_resumed=n_resumed,
+        n_cells=run.n_cells,
+        n_shards=run.n_shards,
+        n_shards_scored=run.n_scored,
+        n_shards_resumed=run.n_resumed,
         n_hits=len(hit_ids),
-        cutoff=float(cutoff),
-        cutoff_source=cutoff_source,
-        device=torch_device,
-        kernel="+".join(sorted(kernels)) or scorer.kernel,
-        block_size=int(block_size),
-        threads=n_threads,
-        cells_scored=cells_scored,
+        cutoff=float(plan.cutoff),
+        cutoff_source=plan.cutoff_source,
+        device=run.device,
+        kernel="+".join(sorted(run.kernels)) or run.scorer_kernel,
+        block_size=plan.block_size,
+        threads=run.threads,
+        cells_scored=run.cells_scored,
         bytes_scored=bytes_scored,
-        n_candidates_rescored=n_cand,
+        n_candidates_rescored=run.n_candidates,
         scoring_seconds=scoring,
         seconds=time.perf_counter() - t0,
-        cells_per_second=cells_scored / scoring if scoring > 0 else float("nan"),
-        gb_per_second=bytes_scored / scoring / 1e9 if scoring > 0 else float("nan"),
-        kernel_max_error=float(stats["max_error"]),
+        cells_per_second=run.cells_scored / scoring if scoring > 0 else 0.0,  # 0: nothing scored in this run
+        gb_per_second=bytes_scored / scoring / 1e9 if scoring > 0 else 0.0,
+        kernel_max_error=run.max_error,
         classifier_fingerprint=clf.fingerprint(),
-        embedder_fingerprint=idx_fp,
-        index_manifest_id=key["index_manifest_id"],
-        hit_rate=len(hit_ids) / n_cells if n_cells else 0.0,
+        embedder_fingerprint=plan.key["embedder"],
+        index_manifest_id=plan.key["index_manifest_id"],
+        hit_rate=len(hit_ids) / run.n_cells if run.n_cells else 0.0,
     )
     state["complete"] = True
     state["n_hits"] = len(hit_ids)
-    write_json_atomic(state_path, state)
+    write_json_atomic(out / STATE_FILE, state)
     write_json_atomic(out / SUMMARY_FILE, summary.to_json())
+    rate = (
+        f"scoring {summary.cells_per_second:.0f} cells/s, {summary.gb_per_second:.2f} GB/s"
+        if scoring > 0 else "nothing scored in this run"
+    )
     logger.info(
-        "swept %d cells in %d shards (%d resumed): %d hits (%.4f%%) at score >= %.4f; scoring %.0f cells/s, "
-        "%.2f GB/s (%s, %s kernel, %d threads); total %.1fs",
-        n_cells, n_shards, n_resumed, len(hit_ids), 100 * summary.hit_rate, cutoff, summary.cells_per_second,
-        summary.gb_per_second, torch_device, summary.kernel, n_threads, summary.seconds,
+        "swept %d cells in %d shards (%d resumed): %d hits (%.4f%%) at score >= %.4f; %s (%s, %s kernel, "
+        "%d threads); total %.1fs",
+        run.n_cells, run.n_shards, run.n_resumed, len(hit_ids), 100 * summary.hit_rate, plan.cutoff, rate, run.device,
+        summary.kernel, run.threads, summary.seconds,
     )
     return summary

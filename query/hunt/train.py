@@ -15,36 +15,25 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from scatlas.atlas.errors import InputError
-from scatlas.atlas.genes import MIN_GENE_OVERLAP, check_overlap
+from scatlas.atlas.genes import MIN_GENE_OVERLAP
 from scatlas.atlas.outputs import CLASSIFIER, check_output_dir
-from scatlas.atlas.sources.base import iter_cell_chunks
-from scatlas.atlas.sources.h5ad import open_h5ad
+from scatlas.index import AtlasIndex, Progress, as_stored, resolve_device, sample_sorted
 from scatlas.query.align import DEFAULT_SAMPLE as ALIGN_SAMPLE
 from scatlas.query.align import apply_shift, estimate_shift
-from scatlas.query.hunt.access import (
-    IndexLike,
-    embedder_fingerprint,
-    gather_vectors,
-    index_dim,
-    manifest_id,
-    open_index,
-    sample_ids,
-    shard_sizes,
-    sql_ids,
-)
+from scatlas.query.hunt.access import IndexLike, input_paths, open_index
 from scatlas.query.hunt.calibration import CalibrationMethod, fit_calibration
 from scatlas.query.hunt.classifier import HuntClassifier
-from scatlas.query.hunt.device import resolve_device
-from scatlas.query.hunt.logistic import DEFAULT_L2_GRID, cross_validate, fit_logistic
-from scatlas.query.hunt.metrics import average_precision, choose_threshold, roc_auc
+from scatlas.query.hunt.logistic import DEFAULT_L2_GRID, CVResult, cross_validate, fit_logistic
+from scatlas.query.hunt.metrics import ThresholdChoice, average_precision, choose_threshold, roc_auc
 from scatlas.query.hunt.predicate import evaluate_predicate
+from scatlas.query.prepare import open_query
 
 logger = logging.getLogger(__name__)
 
@@ -58,45 +47,13 @@ SPY_QUANTILE = 0.1
 MAX_EXCLUDED = 0.01
 
 
-def _embed_rows(index: Any, source: Any, rows: np.ndarray, chunk_size: int, progress: bool) -> np.ndarray:
-    embedder = index.embedder
-    obsm_keys: tuple[str, ...] = ()
-    if getattr(embedder, "needs", "X") == "obsm":
-        key = embedder.obsm_key
-        if key not in source.obsm_keys():
-            raise InputError(
-                f"the index's embedder reads obsm[{key!r}], which {source.name} does not have (it has: "
-                f"{source.obsm_keys() or 'none'}); embed the cells with the same model first"
-            )
-        obsm_keys = (key,)
-    out = np.empty((len(rows), index_dim(index)), dtype=np.float32)
-    pos = 0
-    with tqdm(total=len(rows), desc="embed cells", unit="cell", disable=not progress) as bar:
-        for chunk in iter_cell_chunks(source, chunk_size=chunk_size, rows=rows, obsm_keys=obsm_keys):
-            vec = np.asarray(index.embed(chunk), dtype=np.float32)
-            if vec.shape != (len(chunk), out.shape[1]):
-                raise InputError(f"the embedder returned shape {vec.shape} for {len(chunk)} cells")
-            out[pos : pos + len(chunk)] = vec
-            pos += len(chunk)
-            bar.update(len(chunk))
-    return out
-
-
-def _as_stored(x: np.ndarray) -> np.ndarray:
-    """L2-normalise and round through float16, as the index stores vectors."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    x = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
-    return x.astype(np.float16).astype(np.float32)
-
-
 IN_ATLAS_PROBE = 200
 IN_ATLAS_SIMILARITY = 0.999
 """A labelled cell whose nearest atlas cell is this similar (cosine; float16 storage rounds ~1e-4) is an atlas cell."""
 
 
 def _align_to_atlas(
-    idx: Any, pos: np.ndarray, neg: np.ndarray, seed: int
+    idx: AtlasIndex, pos: np.ndarray, neg: np.ndarray, seed: int
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Shift the labelled cells' vectors onto the atlas by the MNN offset estimated on a sample of all of them.
 
@@ -105,13 +62,13 @@ def _align_to_atlas(
     """
     both = np.concatenate([pos, neg])
     rng = np.random.default_rng(seed)
-    probe = both[np.sort(rng.choice(len(both), size=min(len(both), IN_ATLAS_PROBE), replace=False))]
+    probe = both[sample_sorted(len(both), IN_ATLAS_PROBE, rng)]
     top = idx.search(probe, k=1).scores[:, 0]
     in_atlas = float(np.mean(top >= IN_ATLAS_SIMILARITY))
     if in_atlas >= 0.5:
         logger.info("%.0f%% of the labelled cells are atlas cells: no alignment needed", 100 * in_atlas)
         return pos, neg, {"skipped": "the labelled cells are in the atlas", "in_atlas_fraction": in_atlas}
-    rows = np.sort(rng.choice(len(both), size=min(len(both), ALIGN_SAMPLE), replace=False))
+    rows = sample_sorted(len(both), ALIGN_SAMPLE, rng)
     alignment = estimate_shift(idx, both[rows])
     info = {"shift_norm": float(np.linalg.norm(alignment.shift)), "mnn_pairs": alignment.n_pairs,
             "sample": alignment.n_sample, "in_atlas_fraction": in_atlas}
@@ -121,7 +78,7 @@ def _align_to_atlas(
 
 
 def _cells_part(
-    index: Any,
+    index: AtlasIndex,
     cells: Any,
     positive: str | None,
     max_positives: int,
@@ -129,12 +86,13 @@ def _cells_part(
     min_gene_overlap: float,
     chunk_size: int,
     seed: int,
-    progress: bool,
+    progress: Progress,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Embedded positives and sampled negatives of the labelled cells, and a report."""
+    """Embedded positives and sampled negatives of the labelled cells (rounded as stored), and a report."""
     if positive is None:
         raise InputError("labelled cells were given without a positive predicate; pass positive=\"cell_type == 'X'\"")
-    source = open_h5ad(cells)
+    labelled = open_query(cells, index, what="labelled cells ({name})", allow_empty=True)
+    source = labelled.source
     try:
         mask = evaluate_predicate(source.obs, positive)
         pos_rows = np.flatnonzero(mask).astype(np.int64)
@@ -142,9 +100,8 @@ def _cells_part(
         rng = np.random.default_rng(seed)
         if len(pos_rows) > max_positives:
             logger.info("using %d of the %d matching labelled cells (max_positives)", max_positives, len(pos_rows))
-            pos_rows = np.sort(rng.choice(pos_rows, size=max_positives, replace=False))
-        n_neg = min(max(int(cell_negatives), 0), len(neg_all))
-        neg_rows = np.sort(rng.choice(neg_all, size=n_neg, replace=False)) if n_neg else np.zeros(0, dtype=np.int64)
+            pos_rows = sample_sorted(pos_rows, max_positives, rng)
+        neg_rows = sample_sorted(neg_all, max(int(cell_negatives), 0), rng)
         report: dict[str, Any] = {
             "source": getattr(source, "name", "cells"),
             "n_cells": int(source.n_obs),
@@ -152,18 +109,16 @@ def _cells_part(
             "expression": source.expression.describe(),
         }
         if len(pos_rows) == 0:
-            return np.zeros((0, index_dim(index)), np.float32), np.zeros((0, index_dim(index)), np.float32), report
-        match = index.embedder.gene_match(source.genes)
-        if match is not None:
-            check_overlap(match, what=f"labelled cells ({report['source']})", against="index's embedder",
-                          min_fraction=min_gene_overlap)
-            report["gene_overlap"] = match.summary()
+            return np.zeros((0, index.dim), np.float32), np.zeros((0, index.dim), np.float32), report
+        labelled.check(min_gene_overlap)
+        if labelled.match is not None:
+            report["gene_overlap"] = labelled.match.summary()
         rows = np.union1d(pos_rows, neg_rows)
-        vec = _as_stored(_embed_rows(index, source, rows, chunk_size, progress))
+        vec = as_stored(labelled.embed(rows, chunk_size, progress))[1]
         is_pos = np.isin(rows, pos_rows)
         return vec[is_pos], vec[~is_pos], report
     finally:
-        source.close()
+        labelled.close()
 
 
 def _duplicates(bg: np.ndarray, pos: np.ndarray, block: int = 4096) -> np.ndarray:
@@ -215,7 +170,7 @@ def train(
     min_gene_overlap: float = MIN_GENE_OVERLAP,
     out: str | Path | None = None,
     chunk_size: int = 5_000,
-    progress: bool = True,
+    progress: Progress = True,
     align: Literal["none", "mnn"] = "mnn",
 ) -> HuntClassifier:
     """Train a hunt classifier; save it to ``out`` when given.
@@ -238,25 +193,18 @@ def train(
     calibration: ``platt`` or ``isotonic``, fitted on the out-of-fold scores.
     target_precision: choose the threshold as the lowest cut reaching this cross-validated precision; default
         (``None``): the cut maximising F1.
-    clean_background: the atlas background is unlabelled, so it holds some cells of the rare population too. With
-        this (default), background cells identical to a labelled positive are dropped, and after a first
-        cross-validation the background cells whose out-of-fold score reaches the 10% quantile of the held-out
-        positives' scores (at most 1% of the background) are excluded as likely unlabelled positives, and the
-        model is cross-validated and fitted again; ``counts`` records how many. The reported metrics are those of
-        the second round (cells excluded as likely positives count neither way).
-
-    align: ``"mnn"`` (default) shifts the labelled cells' vectors onto the atlas before training, as annotate does
-        for queries (:mod:`query.align`: one offset from mutual nearest neighbours). Without it, labelled cells from
-        another batch or condition than the atlas differ from every atlas cell by that batch's offset; because all
-        positives come from the labelled cells and most negatives from the atlas, the classifier learns the offset
-        as "positive" and then scores the atlas' own rare cells too low (measured on kang2018 and the symphony
-        chemistries: see docs/benchmarks.md, rare-cell hunt on real data). ``"none"`` trains on the vectors as
-        embedded.
+    clean_background: drop background cells identical to a labelled positive, and, after a first
+        cross-validation, those scoring like the held-out positives (likely unlabelled positives: at least the
+        :data:`SPY_QUANTILE` quantile of the positives' out-of-fold scores, at most :data:`MAX_EXCLUDED` of the
+        background), then cross-validate and fit again; ``counts`` records how many.
+    align: ``"mnn"`` shifts the labelled cells' vectors onto the atlas before training, as annotate does for
+        queries (:mod:`query.align`), so the classifier does not learn their batch offset as "positive" (see
+        docs/benchmarks.md#hunt-align); ``"none"`` trains on the vectors as embedded.
 
     Raises InputError when no positive or no negative cell is found, or fewer than 3 positives.
     """
     t0 = time.perf_counter()
-    inputs = _input_paths(index, cells)
+    inputs = input_paths(index, cells)
     if out is not None:  # refuse a bad output before the work, not after it
         check_output_dir(out, CLASSIFIER, inputs=inputs, replace=True)
     idx = open_index(index)
@@ -270,121 +218,26 @@ def train(
         raise InputError(f"align must be 'none' or 'mnn' (got {align!r})")
     if background < 0 or cell_negatives < 0 or max_positives < MIN_POSITIVES:
         raise InputError(f"background and cell_negatives must be >= 0 and max_positives >= {MIN_POSITIVES}")
-    torch_device = resolve_device(device)
-    dim = index_dim(idx)
-
-    pos_parts: list[np.ndarray] = []
-    labelled_pos = np.zeros((0, dim), dtype=np.float32)
-    neg_parts: list[np.ndarray] = []
-    counts: dict[str, int] = {}
-    report: dict[str, Any] = {}
+    torch_device = resolve_device(device, backend="torch")
+    ts = _TrainingSet(idx.dim)
     if cells is not None:
-        cpos, cneg, report = _cells_part(
-            idx, cells, positive, max_positives, cell_negatives, min_gene_overlap, chunk_size, seed, progress
-        )
-        labelled_pos = cpos  # as embedded: compared with stored atlas vectors to find the labelled cells in the atlas
-        if align == "mnn" and len(cpos) + len(cneg):
-            cpos, cneg, report["alignment"] = _align_to_atlas(idx, cpos, cneg, seed)
-        pos_parts.append(cpos)
-        neg_parts.append(cneg)
-        counts["positives_from_cells"], counts["negatives_from_cells"] = len(cpos), len(cneg)
-    atlas_pos_ids = np.zeros(0, dtype=np.int64)
+        ts.add_cells(idx, cells, positive, max_positives, cell_negatives, min_gene_overlap, chunk_size, seed,
+                     progress, align)
     if positive_sql is not None:
-        atlas_pos_ids = sql_ids(idx, positive_sql)
-        counts["atlas_cells_matching_sql"] = len(atlas_pos_ids)
-        if len(atlas_pos_ids) > max_positives:
-            logger.info("using %d of the %d atlas cells matching the SQL predicate (max_positives)", max_positives,
-                        len(atlas_pos_ids))
-            rng = np.random.default_rng(seed)
-            atlas_pos_ids = np.sort(rng.choice(atlas_pos_ids, size=max_positives, replace=False))
-        if len(atlas_pos_ids):
-            pos_parts.append(gather_vectors(idx, atlas_pos_ids))
-        counts["positives_from_atlas"] = len(atlas_pos_ids)
-    n_pos = sum(len(p) for p in pos_parts)
-    if n_pos == 0:
-        where = []
-        if cells is not None:
-            where.append(f"the predicate {positive!r} matches none of the {report.get('n_cells', '?')} labelled cells")
-        if positive_sql is not None:
-            where.append(f"the SQL predicate {positive_sql!r} matches no atlas cell")
-        raise InputError(f"empty positive set: {' and '.join(where)}; check the column values (e.g. spelling, case)")
-    if n_pos < MIN_POSITIVES:
-        raise InputError(f"only {n_pos} positive cell(s); at least {MIN_POSITIVES} are needed to cross-validate")
-    bg_ids = sample_ids(idx, background, exclude=atlas_pos_ids, seed=seed)
-    bg = gather_vectors(idx, bg_ids) if len(bg_ids) else np.zeros((0, dim), np.float32)
-    P = np.concatenate([p for p in pos_parts if len(p)]).astype(np.float32)
-    N = np.concatenate([p for p in neg_parts if len(p)] or [np.zeros((0, dim), np.float32)]).astype(np.float32)
-    if cells is not None and len(labelled_pos) and len(bg):
-        dup = _duplicates(bg, labelled_pos)
-        if dup.any():
-            logger.info("dropped %d background cells identical to labelled positives (the labelled dataset is in "
-                        "the atlas)", int(dup.sum()))
-            bg, bg_ids = bg[~dup], bg_ids[~dup]
-        counts["background_duplicates_dropped"] = int(dup.sum())
-    if len(N) + len(bg) == 0:
-        raise InputError("no negative cells: the atlas background is empty (background=0 or every atlas cell is "
-                         "positive) and the labelled cells have no non-matching cells; raise background")
-    if n_pos < FEW_POSITIVES:
-        logger.warning("only %d positive cells: cross-validated metrics are very uncertain", n_pos)
-
-    k = int(min(n_folds, n_pos))
-    grid = (float(l2),) if l2 is not None else DEFAULT_L2_GRID
-    X = np.concatenate([P, N, bg])
-    y = np.r_[np.ones(len(P), dtype=bool), np.zeros(len(N) + len(bg), dtype=bool)]
-    cv = cross_validate(X, y, l2_grid=grid, n_folds=k, seed=seed, device=torch_device)
-    counts["background_excluded_as_likely_positive"] = 0
-    if clean_background and len(bg):
-        suspect = _likely_positives(cv.oof_scores[: len(P)], cv.oof_scores[len(P) + len(N) :])
-        if suspect.any():
-            logger.info(
-                "excluding %d of %d background cells that score like the labelled positives (likely unlabelled "
-                "positives); refitting", int(suspect.sum()), len(bg),
-            )
-            bg, bg_ids = bg[~suspect], bg_ids[~suspect]
-            counts["background_excluded_as_likely_positive"] = int(suspect.sum())
-            X = np.concatenate([P, N, bg])
-            y = np.r_[np.ones(len(P), dtype=bool), np.zeros(len(N) + len(bg), dtype=bool)]
-            cv = cross_validate(X, y, l2_grid=grid, n_folds=k, seed=seed, device=torch_device)
-    counts["negatives_from_atlas"] = len(bg)
-    n_neg = len(N) + len(bg)
-    counts["n_positive"], counts["n_negative"] = n_pos, n_neg
-    choice = choose_threshold(y, cv.oof_scores, target_precision=target_precision)
-    calib = fit_calibration(cv.oof_scores, y, calibration)
-    final = fit_logistic(X, y, cv.l2, device=torch_device)
-
-    n_index = sum(n for _, n in shard_sizes(idx))
-    metrics: dict[str, Any] = {
-        "cv_folds": k,
-        "l2": cv.l2,
-        "auprc_by_l2": {f"{lam:g}": v for lam, v in sorted(cv.ap_by_l2.items())},
-        "auprc": average_precision(y, cv.oof_scores),
-        "auprc_by_fold": cv.ap_by_fold,
-        "roc_auc": roc_auc(y, cv.oof_scores),
-        "auprc_baseline": n_pos / (n_pos + n_neg),
-        "threshold": choice.to_dict(),
-        "precision": choice.precision,
-        "recall": choice.recall,
-        "f1": choice.f1,
-        "false_positive_rate": choice.false_positive_rate,
-        "expected_false_hits_per_million": choice.false_positive_rate * 1e6,
-        "expected_false_hits_in_index": choice.false_positive_rate * n_index,
-        "n_index_cells": n_index,
-        "l2_selection": "given" if l2 is not None else "cross-validated AUPRC on the same folds (slightly optimistic)",
-        "final_fit_iterations": final.n_iter,
-        "note": "precision/recall/AUPRC are cross-validated on the training mix (labelled positives vs the "
-        "background sample); atlas-wide precision depends on the prevalence: use expected_false_hits_in_index",
-    }
-    import torch
-
+        ts.add_atlas_positives(idx, positive_sql, max_positives, seed)
+    ts.check_positives(cells is not None, positive, positive_sql)
+    ts.add_background(idx, background, seed, drop_duplicates=cells is not None)
+    fit = _fit(ts, l2=l2, n_folds=n_folds, seed=seed, device=torch_device, clean_background=clean_background)
+    choice = choose_threshold(fit.y, fit.cv.oof_scores, target_precision=target_precision)
     clf = HuntClassifier(
-        weights=final.weights,
-        bias=final.bias,
+        weights=fit.weights,
+        bias=fit.bias,
         threshold=choice.threshold,
-        calibration=calib,
-        embedder_fingerprint=embedder_fingerprint(idx),
-        index_manifest_id=manifest_id(idx),
-        metrics=metrics,
-        counts=counts,
+        calibration=fit_calibration(fit.cv.oof_scores, fit.y, calibration),
+        embedder_fingerprint=idx.embedder_fingerprint,
+        index_manifest_id=idx.build_id,
+        metrics=_metrics(fit, choice, ts, idx.n_cells, given_l2=l2 is not None),
+        counts=ts.counts,
         seed=seed,
         params={
             "positive": positive,
@@ -399,23 +252,184 @@ def train(
             "align": align,
             "l2": l2,
             "device": torch_device,
-            "cells": report,
+            "cells": ts.report,
         },
-        versions={"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__},
+        versions=_versions(),
     )
-    secs = time.perf_counter() - t0
     logger.info(
         "trained hunt classifier %s on %d positive / %d negative cells in %.1fs: CV AUPRC %.3f (baseline %.3f), "
         "at threshold %.3f precision %.3f recall %.3f; expected false hits %.1f per million atlas cells",
-        clf.fingerprint(), n_pos, n_neg, secs, metrics["auprc"], metrics["auprc_baseline"], clf.threshold,
-        choice.precision, choice.recall, metrics["expected_false_hits_per_million"],
+        clf.fingerprint(), ts.n_positive, ts.n_negative, time.perf_counter() - t0, clf.metrics["auprc"],
+        clf.metrics["auprc_baseline"], clf.threshold, choice.precision, choice.recall,
+        clf.metrics["expected_false_hits_per_million"],
     )
     if out is not None:
         clf.save(out, inputs=inputs)
     return clf
 
 
-def _input_paths(index: Any, cells: Any) -> tuple[Path, ...]:
-    """The files and directories training reads: the index directory and the labelled cells' file."""
-    found = [index, getattr(index, "path", None), cells]
-    return tuple(Path(p) for p in found if isinstance(p, str | Path))
+@dataclass
+class _TrainingSet:
+    """The training vectors by origin: positives, the labelled cells' negatives, the atlas background."""
+
+    dim: int
+    positives: list[np.ndarray] = field(default_factory=list)
+    negatives: list[np.ndarray] = field(default_factory=list)
+    labelled_positives: np.ndarray | None = None  # as embedded: to find the labelled cells in the atlas
+    atlas_positive_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    background: np.ndarray | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_positive(self) -> int:
+        return sum(len(p) for p in self.positives)
+
+    @property
+    def n_negative(self) -> int:
+        return sum(len(n) for n in self.negatives) + (len(self.background) if self.background is not None else 0)
+
+    def add_cells(
+        self, idx: AtlasIndex, cells: Any, positive: str | None, max_positives: int, cell_negatives: int,
+        min_gene_overlap: float, chunk_size: int, seed: int, progress: Progress, align: str,
+    ) -> None:
+        cpos, cneg, self.report = _cells_part(
+            idx, cells, positive, max_positives, cell_negatives, min_gene_overlap, chunk_size, seed, progress
+        )
+        self.labelled_positives = cpos
+        if align == "mnn" and len(cpos) + len(cneg):
+            cpos, cneg, self.report["alignment"] = _align_to_atlas(idx, cpos, cneg, seed)
+        self.positives.append(cpos)
+        self.negatives.append(cneg)
+        self.counts["positives_from_cells"], self.counts["negatives_from_cells"] = len(cpos), len(cneg)
+
+    def add_atlas_positives(self, idx: AtlasIndex, positive_sql: str, max_positives: int, seed: int) -> None:
+        ids = idx.filter_ids(positive_sql, allow_empty=True, what="SQL predicate")
+        self.counts["atlas_cells_matching_sql"] = len(ids)
+        if len(ids) > max_positives:
+            logger.info("using %d of the %d atlas cells matching the SQL predicate (max_positives)", max_positives,
+                        len(ids))
+            ids = sample_sorted(ids, max_positives, seed)
+        if len(ids):
+            self.positives.append(idx.vectors(ids))
+        self.atlas_positive_ids = ids
+        self.counts["positives_from_atlas"] = len(ids)
+
+    def check_positives(self, with_cells: bool, positive: str | None, positive_sql: str | None) -> None:
+        n_pos = self.n_positive
+        if n_pos == 0:
+            where = []
+            if with_cells:
+                where.append(f"the predicate {positive!r} matches none of the {self.report.get('n_cells', '?')} "
+                             "labelled cells")
+            if positive_sql is not None:
+                where.append(f"the SQL predicate {positive_sql!r} matches no atlas cell")
+            raise InputError(f"empty positive set: {' and '.join(where)}; check the column values (e.g. spelling, case)")
+        if n_pos < MIN_POSITIVES:
+            raise InputError(f"only {n_pos} positive cell(s); at least {MIN_POSITIVES} are needed to cross-validate")
+
+    def add_background(self, idx: AtlasIndex, n: int, seed: int, *, drop_duplicates: bool) -> None:
+        """``n`` atlas cells sampled as negatives (positives excluded; with ``drop_duplicates``, those identical to a
+        labelled positive too)."""
+        ids = idx.sample_ids(n, exclude=self.atlas_positive_ids, seed=seed)
+        bg = idx.vectors(ids) if len(ids) else np.zeros((0, self.dim), np.float32)
+        labelled = self.labelled_positives
+        if drop_duplicates and labelled is not None and len(labelled) and len(bg):
+            dup = _duplicates(bg, labelled)
+            if dup.any():
+                logger.info("dropped %d background cells identical to labelled positives (the labelled dataset is "
+                            "in the atlas)", int(dup.sum()))
+                bg = bg[~dup]
+            self.counts["background_duplicates_dropped"] = int(dup.sum())
+        self.background = bg
+        if not any(len(p) for p in self.negatives) and len(bg) == 0:
+            raise InputError("no negative cells: the atlas background is empty (background=0 or every atlas cell is "
+                             "positive) and the labelled cells have no non-matching cells; raise background")
+        if self.n_positive < FEW_POSITIVES:
+            logger.warning("only %d positive cells: cross-validated metrics are very uncertain", self.n_positive)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(positives, the labelled cells' negatives, background), float32."""
+        P = np.concatenate([p for p in self.positives if len(p)]).astype(np.float32)
+        N = np.concatenate([p for p in self.negatives if len(p)] or [np.zeros((0, self.dim), np.float32)])
+        bg = self.background if self.background is not None else np.zeros((0, self.dim), np.float32)
+        return P, N.astype(np.float32), bg
+
+
+@dataclass
+class _Fit:
+    """The cross-validated and final fits, on ``X`` / ``y``."""
+
+    X: np.ndarray
+    y: np.ndarray
+    cv: CVResult
+    n_folds: int
+    weights: np.ndarray
+    bias: float
+    n_iter: int
+
+
+def _stack(P: np.ndarray, N: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return (np.concatenate([P, N, bg]),
+            np.r_[np.ones(len(P), dtype=bool), np.zeros(len(N) + len(bg), dtype=bool)])
+
+
+def _fit(
+    ts: _TrainingSet, *, l2: float | None, n_folds: int, seed: int, device: str, clean_background: bool
+) -> _Fit:
+    """Cross-validate (choosing L2 unless given), exclude likely unlabelled positives from the background and
+    cross-validate again (``clean_background``), then fit on everything."""
+    P, N, bg = ts.arrays()
+    k = int(min(n_folds, len(P)))
+    grid = (float(l2),) if l2 is not None else DEFAULT_L2_GRID
+    X, y = _stack(P, N, bg)
+    cv = cross_validate(X, y, l2_grid=grid, n_folds=k, seed=seed, device=device)
+    ts.counts["background_excluded_as_likely_positive"] = 0
+    if clean_background and len(bg):
+        suspect = _likely_positives(cv.oof_scores[: len(P)], cv.oof_scores[len(P) + len(N) :])
+        if suspect.any():
+            logger.info(
+                "excluding %d of %d background cells that score like the labelled positives (likely unlabelled "
+                "positives); refitting", int(suspect.sum()), len(bg),
+            )
+            bg = ts.background = bg[~suspect]
+            ts.counts["background_excluded_as_likely_positive"] = int(suspect.sum())
+            X, y = _stack(P, N, bg)
+            cv = cross_validate(X, y, l2_grid=grid, n_folds=k, seed=seed, device=device)
+    ts.counts["negatives_from_atlas"] = len(bg)
+    ts.counts["n_positive"], ts.counts["n_negative"] = ts.n_positive, ts.n_negative
+    final = fit_logistic(X, y, cv.l2, device=device)
+    return _Fit(X, y, cv, k, final.weights, final.bias, final.n_iter)
+
+
+def _metrics(fit: _Fit, choice: ThresholdChoice, ts: _TrainingSet, n_index: int, *, given_l2: bool) -> dict[str, Any]:
+    """The classifier's record of its cross-validated quality."""
+    cv, y = fit.cv, fit.y
+    n_pos, n_neg = ts.n_positive, ts.n_negative
+    return {
+        "cv_folds": fit.n_folds,
+        "l2": cv.l2,
+        "auprc_by_l2": {f"{lam:g}": v for lam, v in sorted(cv.ap_by_l2.items())},
+        "auprc": average_precision(y, cv.oof_scores),
+        "auprc_by_fold": cv.ap_by_fold,
+        "roc_auc": roc_auc(y, cv.oof_scores),
+        "auprc_baseline": n_pos / (n_pos + n_neg),
+        "threshold": choice.to_dict(),
+        "precision": choice.precision,
+        "recall": choice.recall,
+        "f1": choice.f1,
+        "false_positive_rate": choice.false_positive_rate,
+        "expected_false_hits_per_million": choice.false_positive_rate * 1e6,
+        "expected_false_hits_in_index": choice.false_positive_rate * n_index,
+        "n_index_cells": n_index,
+        "l2_selection": "given" if given_l2 else "cross-validated AUPRC on the same folds (slightly optimistic)",
+        "final_fit_iterations": fit.n_iter,
+        "note": "precision/recall/AUPRC are cross-validated on the training mix (labelled positives vs the "
+        "background sample); atlas-wide precision depends on the prevalence: use expected_false_hits_in_index",
+    }
+
+
+def _versions() -> dict[str, str]:
+    import torch
+
+    return {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__}

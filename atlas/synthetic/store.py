@@ -1,22 +1,24 @@
-"""Generate a synthetic atlas straight into an atlas store (through temporary .h5ad files, one dataset at a time)."""
+"""Generating a synthetic atlas straight into an atlas store, through temporary .h5ad files one dataset at a time."""
 
 from __future__ import annotations
 
-import logging
 import shutil
 import tempfile
 from pathlib import Path
 
 from scatlas.atlas.ingestion import IngestMode, IngestReport, ingest
-from scatlas.atlas.synthetic import SyntheticAtlasConfig, write_h5ad_datasets
-
-logger = logging.getLogger(__name__)
+from scatlas.atlas.synthetic.config import SyntheticAtlasConfig
+from scatlas.atlas.synthetic.h5ad import write_h5ad_datasets
 
 
 def ingest_synthetic(
     config: SyntheticAtlasConfig, atlas: str | Path, *, mode: IngestMode = "append", progress: bool = True
 ) -> IngestReport:
-    """Write each synthetic dataset to a temporary .h5ad, ingest it, delete it: disk use stays one dataset."""
+    """Write each synthetic dataset to a temporary .h5ad, ingest it, delete it: disk use stays one dataset.
+
+    ``atlas``: the store's directory; ``mode``: the ingest mode of the first dataset (the others append);
+    ``progress``: show ingest's progress bars.
+    """
     atlas = Path(atlas)
     parent = atlas.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
