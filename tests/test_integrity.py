@@ -146,7 +146,7 @@ def test_old_manifests_open_with_a_note_and_a_garbled_embedder_is_a_clean_error(
 ) -> None:
     _drop_integrity_records(index_copy)
     (index_copy / "embedder" / "pca.npz").write_bytes(b"PK\x03\x04 not really a zip file" * 10)
-    with caplog.at_level(logging.WARNING, logger="index"):
+    with caplog.at_level(logging.WARNING, logger="scatlas.index"):
         idx = AtlasIndex.open(index_copy)
     assert "predates integrity records" in caplog.text
     with pytest.raises(IndexFormatError, match=r"embedder.*cannot be loaded.*pca\.npz.*damaged"):
@@ -192,7 +192,7 @@ def test_over_the_limit_shards_are_not_checksummed_on_read_but_it_is_logged(
 ) -> None:
     flip(index_copy / SHARD1 / VECTORS)
     monkeypatch.setattr(verify_mod, "VERIFY_ON_READ_MAX_BYTES", 1)
-    with caplog.at_level(logging.INFO, logger="index"):
+    with caplog.at_level(logging.INFO, logger="scatlas.index"):
         idx = AtlasIndex.open(index_copy)
     assert "not checksummed when read" in caplog.text and "scatlas verify" in caplog.text
     assert idx.search(queries(), k=3).ids.shape == (5, 3)  # the damage goes unnoticed, as announced
