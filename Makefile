@@ -8,12 +8,16 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
+# Stamped on the files that declare the environment: a changed pin re-runs the install, and pip then replaces any
+# installed version the new pins exclude (pip check fails the setup if the result is inconsistent). Everything the
+# tests import comes from the extras [test,bench] (scanpy, CellTypist, Ray, scikit-learn, ...), nothing by hand.
 $(STAMP): pyproject.toml setup.py query/hunt/_fp16dot.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first: the pinned CPU build lies on local disk; a bare `torch` would fetch a CUDA build.
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) -m pip check
 	touch $(STAMP)
 
 demo: setup
@@ -23,8 +27,10 @@ test: setup
 	$(VENV)/bin/ruff check atlas index query scatlas tests scripts
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
-	$(VENV)/bin/python -m pytest -q
+	# Everything, slow tests included (about 10 minutes on an idle 2-core machine); --durations keeps that in view.
+	$(VENV)/bin/python -m pytest -q --durations=15
 
+# Skips the tests marked slow (over ~20 s each: Ray, the 5,000-cell hunt, numba-compiled scanpy steps, real data).
 test-fast: setup
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 

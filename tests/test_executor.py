@@ -149,6 +149,7 @@ def local_build(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_ray_build_equals_local_build_and_retries_a_killed_task(ray_cluster, local_build, tmp_path):
     marker = tmp_path / "killed"
     src = KillOnce(array_source(8000, 32, seed=3), kill_shard=1, marker=marker)
@@ -160,6 +161,7 @@ def test_ray_build_equals_local_build_and_retries_a_killed_task(ray_cluster, loc
     assert digests(tmp_path / "idx") == digests(local_build)
 
 
+@pytest.mark.slow
 def test_task_errors_on_ray_are_not_retried_and_keep_their_message(ray_cluster, tmp_path):
     with pytest.raises(TaskError, match="task t2 failed on Ray.*bad shard"):
         RayExecutor(max_retries=3).run([Task(f"t{i}", _fail, (i,)) for i in range(3)], lambda t, r: None)
@@ -167,45 +169,61 @@ def test_task_errors_on_ray_are_not_retried_and_keep_their_message(ray_cluster, 
         RayExecutor().run([Task("t3", _fail, (3,))], lambda t, r: None)
 
 
+# Shards after the first yield one chunk, then hold (saying so in a file) until the test releases them after it has
+# killed this driver: the kill lands mid-shard however slow or loaded the machine is, and a released task fails
+# rather than write anything late.
 DRIVER = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     import ray
     from scatlas.index import build_from_source
     from scatlas.index.executor import RayExecutor
     from tests.test_index_helpers import array_source, config
 
-    class Slow:
-        def __init__(self, src):
-            self.src = src
+    class Held:
+        def __init__(self, src, release):
+            self.src, self.release = src, release
         def __getattr__(self, name):
-            if name.startswith("_") or name == "src":
+            if name.startswith("_") or name in ("src", "release"):
                 raise AttributeError(name)
             return getattr(self.src, name)
         def iter_vectors(self, spec, chunk_size):
-            for item in self.src.iter_vectors(spec, chunk_size):
-                if spec.shard_no > 0:
-                    time.sleep(0.5)
+            for i, item in enumerate(self.src.iter_vectors(spec, chunk_size)):
+                if spec.shard_no > 0 and i == 1:
+                    open(self.release + ".held", "w").close()
+                    while not os.path.exists(self.release):
+                        time.sleep(0.1)
+                    raise RuntimeError("released after the driver was killed")
                 yield item
 
     ray.init(address=sys.argv[2], log_to_driver=False, configure_logging=False)
-    build_from_source(Slow(array_source(8000, 32, seed=3)), sys.argv[1],
+    build_from_source(Held(array_source(8000, 32, seed=3), sys.argv[3]), sys.argv[1],
                       config(factory="IVF64,PQ4", shard_size=2000, chunk_size=500),
                       executor=RayExecutor(max_in_flight=1))
 """)
 
 
+@pytest.mark.slow
 def test_driver_killed_mid_build_resumes_on_rerun(ray_cluster, local_build, tmp_path):
-    out = tmp_path / "idx"
+    out, release = tmp_path / "idx", tmp_path / "release"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SCATLAS_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(out), ray_cluster], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not (out / "shards" / "0000" / "done.json").exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"the driver did not finish a shard: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)  # a crashed driver: no cleanup, tasks in flight lost
-    proc.wait()
+    log = tmp_path / "driver.log"  # a file, not a pipe: a chatty driver can never block on a full pipe
+    with log.open("wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(out), ray_cluster, str(release)], env=env,
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        # No speed assumption: the driver cannot finish shard 1 until released. The limit only guards a hang.
+        deadline = time.monotonic() + 900
+        held = tmp_path / "release.held"
+        while not ((out / "shards" / "0000" / "done.json").exists() and held.exists()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                pytest.fail(f"the driver did not finish shard 0 and start shard 1: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)  # a crashed driver: no cleanup, tasks in flight lost
+        proc.wait()
+    finally:
+        release.touch()  # any task of the dead driver still held now fails without writing
     assert not (out / "manifest.json").exists()
     assert "0000" in (out / "progress.json").read_text()
     m = build_from_source(array_source(8000, 32, seed=3), out, config(factory=IVF, shard_size=2000, chunk_size=500),
@@ -214,6 +232,7 @@ def test_driver_killed_mid_build_resumes_on_rerun(ray_cluster, local_build, tmp_
     assert digests(out) == digests(local_build)
 
 
+@pytest.mark.slow
 def test_ray_sweep_equals_local_sweep(ray_cluster, local_build, tmp_path):
     from scatlas.index import AtlasIndex
 
@@ -233,6 +252,7 @@ def _cli(*args: str) -> str:
     return result.output
 
 
+@pytest.mark.slow
 def test_cli_build_and_sweep_on_ray_equal_local_runs(ray_cluster, tmp_path):
     """From an atlas store: the store source and the fitted embedder travel to the Ray workers."""
     _cli("synth", "--atlas", str(tmp_path / "atlas"), "--cells", "2400", "--genes", "200", "--datasets", "2",

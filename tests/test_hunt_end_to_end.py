@@ -12,6 +12,9 @@ from scatlas.atlas.synthetic import RareType, SyntheticAtlasConfig, plan_atlas, 
 from scatlas.index import AtlasIndex, BuildConfig, build_index
 from scatlas.query.hunt import report, sweep, train
 
+# A 5,000-cell atlas ingested, indexed, trained on and swept once for the module (~20 s on an idle 2-core machine).
+pytestmark = pytest.mark.slow
+
 RARE = "Norn cell"
 CONFIG = SyntheticAtlasConfig(
     n_cells=5000, n_genes=300, n_datasets=3, n_donors=2, seed=1, non_primary_fraction=0.0,

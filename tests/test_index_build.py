@@ -85,7 +85,7 @@ def test_manifest_records_what_was_built_and_measured(tmp_path):
         assert key in raw
     assert raw["metric"] == "inner_product" and raw["dim"] == 16 and raw["n_cells"] == 3000
     assert {"faiss", "numpy", "duckdb"} <= set(raw["versions"])
-    assert raw["build"]["seconds"] > 0 and raw["recall"]["k"] == 30
+    assert raw["build"]["seconds"] >= 0 and raw["recall"]["k"] == 30  # >= : a fast machine may round to 0.0
     assert [s["n"] for s in raw["shards"]] == [1000, 1000, 1000]
     assert all(len(f["sha256"]) == 64 for s in raw["shards"] for f in s["files"].values())
     cal = m.calibration
