@@ -123,7 +123,7 @@ def kind_of(path: PathLike) -> OutputKind | None:
         if named == kind.name:
             return kind
     for kind in KINDS:
-        if any(all((path / name).exists() for name in layout) for layout in kind.layouts):
+        if _has_layout(path, kind):
             return kind
     return None
 
@@ -134,17 +134,23 @@ def is_kind(path: PathLike, kind: OutputKind) -> bool:
     named = marker_kind(path)
     if named is not None:
         return named == kind.name
-    return any(all((path / name).exists() for name in layout) for layout in kind.layouts)
+    return _has_layout(path, kind)
 
 
 def _foreign_entries(path: Path, kind: OutputKind) -> list[str]:
-    """Names in ``path`` that ``kind`` never writes (its marker and hidden ``.*.tmp*`` files aside)."""
+    """Names in ``path`` that ``kind`` never writes (hidden ``.*.tmp*`` files aside; :func:`_entries` skips the
+    marker)."""
     if not kind.entries:
         return []
     return sorted(
         name for name in _entries(path)
-        if name not in kind.entries and name != MARKER_FILE and not (name.startswith(".") and ".tmp" in name)
+        if name not in kind.entries and not (name.startswith(".") and ".tmp" in name)
     )
+
+
+def _has_layout(path: Path, kind: OutputKind) -> bool:
+    """Whether directory ``path`` holds every entry of one of ``kind``'s layouts."""
+    return any(all((path / name).exists() for name in layout) for layout in kind.layouts)
 
 
 def describe_dir(path: PathLike) -> str:
