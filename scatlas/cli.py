@@ -527,9 +527,10 @@ def _echo_annotation(report: dict[str, Any]) -> None:
         _echo(f"{key}: unknown rate {100 * lab.get('unknown_rate', 0):.1f}%; {top}")
         ev = report.get("evaluation", {}).get(key)
         if ev:
+            absent = ev.get("abstention_rate_absent")
             _echo(f"{key} vs truth: accuracy {ev.get('accuracy', float('nan')):.3f}, "
-                       f"macro-F1 {ev.get('macro_f1', float('nan')):.3f}, "
-                       f"abstention on types absent from the atlas {ev.get('abstention_rate_absent')}")
+                  f"macro-F1 {ev.get('macro_f1', float('nan')):.3f}"
+                  + (f", types absent from the atlas called unknown: {100 * absent:.1f}%" if absent is not None else ""))
 
 
 @cli.group(cls=ScatlasGroup)
@@ -602,14 +603,15 @@ def hunt_sweep(index_dir: Path, classifier_dir: Path, out_dir: Path, min_score: 
 @click.option("--atlas", "atlas_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Atlas store for differential expression (default: the one the index was built from).")
 @click.option("--no-de", is_flag=True, help="Skip differential expression.")
+@progress_option
 def hunt_report(hits: Path, index_dir: Path, out_dir: Path, by: str, de_group: str | None, de_reference: str | None,
-                atlas_dir: Path | None, no_de: bool) -> None:
+                atlas_dir: Path | None, no_de: bool, progress: bool) -> None:
     """Enrichment of hits per group (Fisher test, BH q), bar chart, differential expression from the atlas counts."""
     from scatlas.query.hunt import report
 
     columns = tuple(c.strip() for c in by.split(",") if c.strip())
     r = report(hits, index_dir, out_dir, by=columns, de_group=de_group, de_reference=de_reference, atlas=atlas_dir,
-               de=not no_de)
+               de=not no_de, progress=progress)
     _echo(f"{r.n_hits:,} hits of {r.n_cells:,} cells ({100 * r.hit_rate:.3f}%)")
     top = r.enrichment.sort_values("q").head(8) if "q" in r.enrichment.columns else r.enrichment.head(8)
     _echo(top.to_string(index=False))

@@ -30,7 +30,7 @@ from scipy.stats import t as t_dist
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.normalize import to_lognorm
 from scatlas.atlas.sql import quote_ident
-from scatlas.index import sample_sorted
+from scatlas.index import Progress, progress_bar, sample_sorted
 from scatlas.query.hunt.enrichment import MISSING, bh_qvalues
 
 logger = logging.getLogger(__name__)
@@ -250,22 +250,32 @@ def compare(
 
 
 def differential_expression(
-    store: Any, comparisons: Sequence[Comparison], method: DEMethod = "wilcoxon"
+    store: Any, comparisons: Sequence[Comparison], method: DEMethod = "wilcoxon", progress: Progress = False
 ) -> pd.DataFrame:
-    """Run every comparison against the store; one stacked table (``DE_COLUMNS``)."""
+    """Run every comparison against the store; one stacked table (``DE_COLUMNS``). ``progress``: a bar over the
+    comparisons (:data:`index.progress.Progress`)."""
     tables = []
-    for comp in comparisons:
-        if len(comp.ids_a) < MIN_CELLS_PER_SIDE or len(comp.ids_b) < MIN_CELLS_PER_SIDE:
-            logger.warning("DE %s skipped: %d vs %d cells (need %d per side)", comp.name, len(comp.ids_a),
-                           len(comp.ids_b), MIN_CELLS_PER_SIDE)
-            continue
-        both = np.union1d(comp.ids_a, comp.ids_b)
-        X = read_lognorm(store, both)
-        in_a = np.isin(both, comp.ids_a)
-        in_b = np.isin(both, comp.ids_b)
-        tables.append(compare(X[np.flatnonzero(in_a)], X[np.flatnonzero(in_b)], store.genes, comp.name, method))
-        logger.info("DE %s: %d vs %d cells, %d genes tested", comp.name, int(in_a.sum()), int(in_b.sum()),
-                    len(tables[-1]))
+    with progress_bar(progress, total=len(comparisons), desc="differential expression", unit="comparison") as bar:
+        for comp in comparisons:
+            table = _one_comparison(store, comp, method)
+            if table is not None:
+                tables.append(table)
+            bar.update(1)
     if not tables:
         return pd.DataFrame(columns=DE_COLUMNS)
     return pd.concat(tables, ignore_index=True)[DE_COLUMNS]
+
+
+def _one_comparison(store: Any, comp: Comparison, method: DEMethod) -> pd.DataFrame | None:
+    """The DE table of one comparison, its cells read from the store; None when a side has too few cells."""
+    if len(comp.ids_a) < MIN_CELLS_PER_SIDE or len(comp.ids_b) < MIN_CELLS_PER_SIDE:
+        logger.warning("DE %s skipped: %d vs %d cells (need %d per side)", comp.name, len(comp.ids_a),
+                       len(comp.ids_b), MIN_CELLS_PER_SIDE)
+        return None
+    both = np.union1d(comp.ids_a, comp.ids_b)
+    X = read_lognorm(store, both)
+    in_a = np.isin(both, comp.ids_a)
+    in_b = np.isin(both, comp.ids_b)
+    table = compare(X[np.flatnonzero(in_a)], X[np.flatnonzero(in_b)], store.genes, comp.name, method)
+    logger.info("DE %s: %d vs %d cells, %d genes tested", comp.name, int(in_a.sum()), int(in_b.sum()), len(table))
+    return table

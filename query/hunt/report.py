@@ -25,7 +25,7 @@ import pandas as pd
 
 from scatlas.atlas.errors import InputError, ScatlasError
 from scatlas.atlas.outputs import REPORT, check_output_dir, claim_output_dir, os_error_message, show, writing
-from scatlas.index import AtlasIndex
+from scatlas.index import AtlasIndex, Progress
 from scatlas.query.hunt.access import IndexLike, input_paths, open_index
 from scatlas.query.hunt.de import MIN_CELLS_PER_SIDE as MIN_SIDE
 from scatlas.query.hunt.de import DEMethod, differential_expression, group_comparisons, matched_background
@@ -233,6 +233,7 @@ def report(
     max_cells: int = 5_000,
     alternative: Alternative = "two-sided",
     seed: int = 0,
+    progress: Progress = True,
 ) -> ReportResult:
     """Enrichment of ``hits`` per group, a bar chart, and DE of the hits; written to ``out_dir``.
 
@@ -249,6 +250,7 @@ def report(
     de_method: ``wilcoxon`` (rank-sum) or ``t-test`` (Welch), on log1p(CP10k) values.
     max_cells: at most this many cells per side of a DE comparison (sampled with ``seed``).
     alternative: of the Fisher tests: ``two-sided`` (default), ``greater`` (enrichment only) or ``less``.
+    progress: a bar over the DE comparisons (:data:`index.progress.Progress`).
     """
     t0 = time.perf_counter()
     if max_cells < MIN_SIDE:
@@ -262,7 +264,7 @@ def report(
 
     with idx.cursor() as con:
         return _report(idx, con, frame, hits_source, out, by, de_group, de_reference, atlas, de, de_method, max_cells,
-                       alternative, seed, t0)
+                       alternative, seed, t0, progress)
 
 
 def _report(
@@ -281,6 +283,7 @@ def _report(
     alternative: Alternative,
     seed: int,
     t0: float,
+    progress: Progress,
 ) -> ReportResult:
     hit_ids = np.unique(frame["soma_joinid"].to_numpy(dtype=np.int64))
     enr, n_cells, n_hits = enrichment(con, hit_ids, by, alternative)
@@ -307,7 +310,7 @@ def _report(
                     comps = group_comparisons(con, hit_ids, de_group, de_reference, max_cells, seed)
                 else:
                     comps = [matched_background(con, hit_ids, max_cells, seed)]
-                de_frame = differential_expression(store, comps, de_method)
+                de_frame = differential_expression(store, comps, de_method, progress)
             finally:
                 store.close()
     if skipped is not None and de:  # skipped on request: nothing to warn about
