@@ -32,6 +32,10 @@ class GeneOverlapError(InputError):
     """Too few of the query's genes are known to the index or embedder."""
 
 
+class SpeciesMismatchError(InputError):
+    """The query's genes look like another species' than those the index's embedder reads."""
+
+
 class StoreError(ScatlasError):
     """The atlas store is missing, corrupt, locked, or of an unknown format."""
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from scatlas.atlas.digest import XDigest, canonical
 from scatlas.atlas.errors import DatasetExistsError, InputError, StoreError
 from scatlas.atlas.genes import GeneVocabulary, strip_version
+from scatlas.atlas.ontology_map import OntologyFill, read_ontology_map, term_column
 from scatlas.atlas.outputs import ATLAS_STORE, check_output_dir
 from scatlas.atlas.schema import STANDARD_OBS_COLUMNS
 from scatlas.atlas.sources.base import DatasetSource
@@ -73,13 +74,24 @@ class DatasetPlan:
     renamed_columns: dict[str, str]  # source obs column -> stored name, where it had to change
     obsm_dims: dict[str, int]
     n_skipped_non_primary: int
+    ontology_fill: OntologyFill | None = None  # --ontology-map: fills empty CL terms of a label column
 
     def standard_obs(self, rows: np.ndarray) -> pd.DataFrame:
-        """Standardised obs (schema columns + extras) of the given source rows."""
+        """Standardised obs (schema columns + extras) of the given source rows, with CL terms filled from the
+        ontology map when there is one."""
         frame, _, _ = _standardise_obs(
             self.source.obs.iloc[rows], self.dataset_id, self.obs_map, self.source_label, self.source_format == "soma"
         )
-        return frame
+        return frame if self.ontology_fill is None else self.ontology_fill.apply(frame)
+
+    def attach_ontology_fill(self, fill: OntologyFill) -> None:
+        """Fill ``fill``'s term column while writing; a term column the dataset lacks (for a label key other than
+        ``cell_type``, whose term column is in the schema) is added as an extra column."""
+        self.ontology_fill = fill
+        col = fill.term_key
+        if fill.label_key in self.obs_sample.columns and col not in self.obs_sample.columns:
+            self.obs_sample = self.obs_sample.assign(**{col: np.array([None], dtype=object)})
+            self.extra_columns = [*self.extra_columns, col]
 
 
 @dataclass
@@ -97,6 +109,7 @@ class DatasetIngestReport:
     obsm: dict[str, int]
     seconds: float
     renamed_columns: dict[str, str] = field(default_factory=dict)
+    ontology: dict[str, Any] | None = None  # what --ontology-map did (see OntologyFill.report)
 
     @property
     def cells_per_second(self) -> float:
@@ -524,6 +537,7 @@ def _write_dataset(
         n_skipped_non_primary=plan.n_skipped_non_primary, x_kind=record.x_kind, x_source=record.x_source,
         genes=genes.report, obsm=plan.obsm_dims, seconds=round(time.perf_counter() - t0, 3),
         renamed_columns=plan.renamed_columns,
+        ontology=plan.ontology_fill.report() if plan.ontology_fill is not None else None,
     )
     logger.info(
         "staged %s: %d cells (ids %d..%d), X from %s (%s), genes: %s, %.0f cells/s",
@@ -573,6 +587,8 @@ def ingest(
     keep_non_primary: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: bool = True,
+    ontology_map: str | Path | Mapping[str, str] | None = None,
+    ontology_label_key: str = "cell_type",
 ) -> IngestReport:
     """Ingest ``.h5ad`` files and/or Census-layout SOMA experiments into the atlas store at ``atlas``.
 
@@ -586,6 +602,11 @@ def ingest(
     mode: ``"write"`` creates a new store and refuses an existing one; ``"append"`` adds to a store, creating it
         when absent. A dataset id already in the store is always refused.
     keep_non_primary: keep cells with ``is_primary_data == False`` (Census duplicates), skipped by default.
+    ontology_map: a CSV file with the columns ``label,ontology_term_id`` (:func:`atlas.ontology_map.read_ontology_map`)
+        or a ``{label: CL term id}`` mapping: fills ``{ontology_label_key}_ontology_term_id`` of the cells whose
+        ``ontology_label_key`` value is in it and whose term is empty; terms the data has are kept (a different
+        one is reported as a conflict). Each dataset's report says what was filled (``ontology``).
+    ontology_label_key: the label column the map's labels are values of (default ``cell_type``).
     """
     if mode not in ("write", "append"):
         raise InputError(f"mode must be 'write' or 'append', got {mode!r}")
@@ -593,6 +614,7 @@ def ingest(
         raise InputError("no input files given")
     if chunk_size <= 0:
         raise InputError(f"chunk size must be positive, got {chunk_size}")
+    table = _ontology_table(ontology_map, ontology_label_key)
     atlas = check_output_dir(atlas, ATLAS_STORE, inputs=sources)
     exists = AtlasStore.exists(atlas)
     if mode == "write" and exists:
@@ -601,6 +623,9 @@ def ingest(
         raise InputError(f"{atlas}: exists and is not a directory")
     plans = _open_sources(sources, dataset_id, dict(obs_map or {}), keep_non_primary)
     try:
+        if table is not None:
+            for plan in plans:
+                plan.attach_ontology_fill(OntologyFill(table, ontology_label_key))
         if exists:
             present = {d.dataset_id for d in AtlasStore.open(atlas).datasets}
             clash = [p.dataset_id for p in plans if p.dataset_id in present]
@@ -623,3 +648,20 @@ def ingest(
     finally:
         for plan in plans:
             plan.source.close()
+
+
+def _ontology_table(ontology_map: str | Path | Mapping[str, str] | None, label_key: str) -> dict[str, str] | None:
+    """The checked ``{label: CL term}`` of ``--ontology-map`` (read before anything else is opened), or None."""
+    if ontology_map is None:
+        return None
+    check_name(label_key, "--ontology-label-key")
+    check_name(term_column(label_key), "--ontology-label-key's term column")
+    if isinstance(ontology_map, Mapping):
+        from scatlas.atlas.ontology import cell_ontology
+
+        onto = cell_ontology()
+        table = {}
+        for label, term in ontology_map.items():
+            table[str(label)] = onto.resolve_term(str(term), f"ontology map: the term id of {escaped(label, 60)}")[0]
+        return table
+    return read_ontology_map(ontology_map)

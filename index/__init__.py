@@ -7,6 +7,8 @@ This package's names are the index's public surface: :mod:`query` imports from h
 never from the modules inside.
 """
 
+from scatlas.index.align import DEFAULT_SAMPLE as ALIGN_SAMPLE
+from scatlas.index.align import Alignment, apply_shift, estimate_shift
 from scatlas.index.atlas_index import AtlasIndex, SearchResult
 from scatlas.index.build import BuildConfig, build_from_source
 from scatlas.index.device import resolve_device, torch_gpu_count
@@ -14,6 +16,7 @@ from scatlas.index.embedding import check_obsm
 from scatlas.index.executor import Executor, LocalExecutor, RayExecutor, Task, TaskContext, make_executor
 from scatlas.index.heads_training import train_label_heads
 from scatlas.index.info import index_info
+from scatlas.index.label_classes import LabelClasses
 from scatlas.index.label_heads import LabelHead, refit_for_genes
 from scatlas.index.manifest import (
     DEFAULT_K,
@@ -24,6 +27,7 @@ from scatlas.index.manifest import (
     SimilarityCalibration,
     read_manifest,
 )
+from scatlas.index.mapping import MappingCalibration, calibrate_mapping, read_mapping_calibration
 from scatlas.index.progress import Progress, progress_bar
 from scatlas.index.sampling import sample_sorted
 from scatlas.index.softmax import minimize_lbfgs
@@ -40,13 +44,21 @@ from scatlas.index.vectors import as_stored, l2_normalize
 from scatlas.index.verify import verify_index
 
 __all__ = [
+    "ALIGN_SAMPLE",
     "DEFAULT_K",
+    "Alignment",
+    "MappingCalibration",
+    "apply_shift",
+    "calibrate_mapping",
+    "estimate_shift",
+    "read_mapping_calibration",
     "ArrayVectorSource",
     "AtlasIndex",
     "BuildConfig",
     "EmbedderInfo",
     "Executor",
     "IndexManifest",
+    "LabelClasses",
     "LabelHead",
     "LocalExecutor",
     "NpyVectorSource",

@@ -14,6 +14,7 @@ import pandas as pd
 from scatlas.atlas.errors import EmbedderMismatchError, IndexFormatError, InputError, StoreError
 from scatlas.index._faiss import faiss_module
 from scatlas.index.device import faiss_gpu_count, resolve_device, set_faiss_threads
+from scatlas.index.label_classes import LabelClasses, identity_classes, load_label_classes
 from scatlas.index.label_heads import LabelHead, load_label_heads
 from scatlas.index.manifest import (
     CELLS_DB_FILE,
@@ -129,6 +130,8 @@ class AtlasIndex:
         self._embedder: Embedder | None = None
         self._con: Any = None
         self._heads: dict[str, LabelHead] | None = None
+        self._classes: dict[str, LabelClasses] | None = None
+        self._identity: dict[str, LabelClasses] = {}
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled (e.g. into a Ray task) as "open the index at this path": handles and mappings do not travel."""
@@ -235,6 +238,23 @@ class AtlasIndex:
                 recorded=self._manifest.heads_files,
             )
         return self._heads
+
+    def label_classes(self, key: str) -> LabelClasses:
+        """The classes of label column ``key`` (:mod:`index.label_classes`): its values merged by Cell Ontology
+        term, as stored at build time. For an index built before label classes, or a column without stored
+        classes: identity classes from the cells table (each value its own class, no terms). IndexFormatError when
+        the manifest records label-class files that are missing or damaged; InputError when ``key`` is not a
+        column of the cells table."""
+        if self._classes is None:
+            self._classes = load_label_classes(
+                self.path, recorded=self._manifest.labels_files, digest=self.build_id
+            )
+        if key in self._classes:
+            return self._classes[key]
+        if key not in self._identity:
+            values, _counts = self.value_counts(key)
+            self._identity[key] = identity_classes(key, values.tolist())
+        return self._identity[key]
 
     def embed(self, chunk: CellChunk) -> np.ndarray:
         """``(n, dim)`` float32 L2-normalised vectors of a chunk of cells, with the index's embedder."""

@@ -13,7 +13,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from scatlas.atlas.errors import IndexFormatError, InputError
 from scatlas.atlas.sql import quote_ident
 from scatlas.index.atlas_index import AtlasIndex
 from scatlas.index.embedding import obsm_keys, reads_x
+from scatlas.index.label_classes import ensure_label_classes
 from scatlas.index.label_heads import (
     DEFAULT_C_EMBEDDING,
     DEFAULT_C_GENES,
@@ -49,6 +51,8 @@ DATASET_COLUMN = "dataset_id"
 AUTO_MAX_LABELS = 1_000
 """``label_keys="auto"`` trains heads for the text columns with 2 to this many distinct values."""
 NOT_LABELS = frozenset({"soma_joinid", DATASET_COLUMN, "source_dataset_id"})
+TERM_SUFFIX = "_ontology_term_id"
+"""Columns of ontology term ids are the terms of a label column (its classes), not labels of their own."""
 """The cell id and provenance: the store's dataset and the input's own dataset_id (renamed at ingest)."""
 
 
@@ -83,11 +87,12 @@ def label_columns(con: Any, max_labels: int = AUTO_MAX_LABELS) -> list[str]:
 def label_column_classes(con: Any, max_labels: int = AUTO_MAX_LABELS) -> dict[str, int]:
     """``{column: distinct values}`` of the cells table's columns that look like annotations: text (VARCHAR or
     ENUM) columns with 2 to ``max_labels`` distinct values and at most one distinct value per two labelled cells
-    (not names or ids), other than the cell id and ``dataset_id``; ``cell_type`` first when present, then in table
-    order."""
+    (not names or ids), other than the cell id, ``dataset_id`` and ontology term columns; ``cell_type`` first when
+    present, then in table order."""
     candidates = [
         str(row[0]) for row in con.execute("DESCRIBE cells").fetchall()
-        if str(row[0]) not in NOT_LABELS and (str(row[1]) == "VARCHAR" or str(row[1]).startswith("ENUM"))
+        if str(row[0]) not in NOT_LABELS and not str(row[0]).endswith(TERM_SUFFIX)
+        and (str(row[1]) == "VARCHAR" or str(row[1]).startswith("ENUM"))
     ]
     if not candidates:
         return {}
@@ -102,36 +107,52 @@ def label_column_classes(con: Any, max_labels: int = AUTO_MAX_LABELS) -> dict[st
     return {col: out[col] for col in sorted(out, key=lambda c: c != "cell_type")}
 
 
-def sample_training_cells(con: Any, key: str, config: HeadsConfig) -> tuple[np.ndarray, np.ndarray]:
+def sample_training_cells(
+    con: Any, key: str, config: HeadsConfig, value_class: Mapping[str, str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(sorted cell ids, their labels as str) of the training sample of one label column.
 
-    Per label at most ``max_cells_per_label`` cells, taken round-robin over datasets (each dataset's cells in a
-    seeded random order), then at most ``max_cells`` overall with every label keeping an equal share where it
-    can. NULL labels are left out.
+    ``value_class``: value -> class (:class:`index.label_classes.LabelClasses`); the labels are then the classes
+    (values not in it are their own class) and the caps below apply per class. Per label at most
+    ``max_cells_per_label`` cells, taken round-robin over datasets (each dataset's cells in a seeded random
+    order), then at most ``max_cells`` overall with every label keeping an equal share where it can. NULL labels
+    are left out.
     """
+    import pyarrow as pa
+
     available = columns_of(con)
     if key not in available:
         raise InputError(f"label key {key!r} is not a column of the index's cell table; available: {available}")
-    col = quote_ident(key)
-    ds = quote_ident(DATASET_COLUMN) if DATASET_COLUMN in available else "NULL"
+    col = f"c.{quote_ident(key)}"
+    ds = f"c.{quote_ident(DATASET_COLUMN)}" if DATASET_COLUMN in available else "NULL"
     seed = int(config.seed)
-    n_labels = con.execute(f"SELECT count(DISTINCT {col}) FROM cells WHERE {col} IS NOT NULL").fetchone()[0]
-    if not n_labels:
-        raise InputError(f"no atlas cell has a {key!r} label: there is nothing to train a label head on")
-    per_label = min(int(config.max_cells_per_label), max(1, int(config.max_cells) // int(n_labels)))
-    sql = f"""
-        WITH ranked AS (
-            SELECT soma_joinid AS id, CAST({col} AS VARCHAR) AS label,
-                   row_number() OVER (PARTITION BY {col}, {ds} ORDER BY hash(soma_joinid + {seed})) AS r_ds
-            FROM cells WHERE {col} IS NOT NULL
-        ), spread AS (
-            SELECT id, label,
-                   row_number() OVER (PARTITION BY label ORDER BY r_ds, hash(id * 7 + {seed})) AS r_label
-            FROM ranked
-        )
-        SELECT id, label FROM spread WHERE r_label <= {per_label} ORDER BY id
+    mapping = f"_classes_{uuid.uuid4().hex[:8]}"
+    pairs = sorted(dict(value_class or {}).items())
+    con.register(mapping, pa.table({"value": pa.array([v for v, _ in pairs], pa.string()),
+                                    "cls": pa.array([c for _, c in pairs], pa.string())}))
+    labelled = f"""
+        SELECT c.soma_joinid AS id, coalesce(m.cls, CAST({col} AS VARCHAR)) AS label, {ds} AS ds
+        FROM cells c LEFT JOIN {mapping} m ON CAST({col} AS VARCHAR) = m.value WHERE {col} IS NOT NULL
     """
-    res = con.execute(sql).fetchnumpy()
+    try:
+        n_labels = con.execute(f"SELECT count(DISTINCT label) FROM ({labelled})").fetchall()[0][0]
+        if not n_labels:
+            raise InputError(f"no atlas cell has a {key!r} label: there is nothing to train a label head on")
+        per_label = min(int(config.max_cells_per_label), max(1, int(config.max_cells) // int(n_labels)))
+        sql = f"""
+            WITH ranked AS (
+                SELECT id, label, row_number() OVER (PARTITION BY label, ds ORDER BY hash(id + {seed})) AS r_ds
+                FROM ({labelled})
+            ), spread AS (
+                SELECT id, label,
+                       row_number() OVER (PARTITION BY label ORDER BY r_ds, hash(id * 7 + {seed})) AS r_label
+                FROM ranked
+            )
+            SELECT id, label FROM spread WHERE r_label <= {per_label} ORDER BY id
+        """
+        res = con.execute(sql).fetchnumpy()
+    finally:
+        con.unregister(mapping)
     return np.asarray(res["id"], dtype=np.int64), np.asarray(res["label"], dtype=object).astype(str)
 
 
@@ -166,7 +187,8 @@ def _features(
 def _read_training_data(
     store: Any, index_dir: Path, config: HeadsConfig, progress: Progress
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray, str]:
-    """(vectors, gene features or None, per-key (ids, labels) samples, all sampled ids, embedder fingerprint)."""
+    """(vectors, gene features or None, per-key (ids, class labels) samples, all sampled ids, embedder
+    fingerprint)."""
     with AtlasIndex.open(index_dir) as index:
         built_from = index.manifest.atlas_snapshot.get("n_cells")
         if built_from not in (None, store.n_cells):
@@ -175,7 +197,10 @@ def _read_training_data(
                 f"{built_from}: train heads from the store the index was built from"
             )
         want_genes = index.embedder.gene_feature_names is not None
-        samples = {key: sample_training_cells(index.connect(), key, config) for key in config.label_keys}
+        samples = {
+            key: sample_training_cells(index.connect(), key, config, index.label_classes(key).value_class)
+            for key in config.label_keys
+        }
         all_ids = np.unique(np.concatenate([ids for ids, _ in samples.values()]))
         logger.info("label heads: reading %d sampled atlas cells for %s", len(all_ids), ", ".join(config.label_keys))
         vecs, genes = _features(store, index, all_ids, want_genes, progress)
@@ -211,7 +236,9 @@ def train_label_heads(
     digest = manifest_digest(index_dir) if (index_dir / MANIFEST_FILE).is_file() else None
     if digest is None:
         raise IndexFormatError(f"{index_dir} has no manifest: build the index before training label heads")
-    old = _already_trained(index_dir, digest, config)
+    classes = ensure_label_classes(index_dir, keys)  # the heads' classes: values merged by CL term
+    class_ids = {key: classes[key].digest() for key in keys}
+    old = _already_trained(index_dir, digest, config, class_ids)
     if old is not None:
         logger.info("label heads for %s are already trained for this index", ", ".join(keys))
         _record_heads(index_dir)
@@ -236,6 +263,7 @@ def train_label_heads(
                 "manifest_sha256": digest,
                 "embedder_fingerprint": fingerprint,
                 "gene_features": genes is not None,
+                "label_classes": class_ids,
                 "seconds": round(time.perf_counter() - t0, 2),
             }
         )
@@ -253,9 +281,11 @@ def train_label_heads(
     return payload
 
 
-def _already_trained(index_dir: Path, digest: str, config: HeadsConfig) -> dict[str, Any] | None:
-    """heads.json's payload when the heads there were trained with ``config`` for this build (``digest``) and are
-    intact, else None."""
+def _already_trained(
+    index_dir: Path, digest: str, config: HeadsConfig, class_ids: dict[str, str]
+) -> dict[str, Any] | None:
+    """heads.json's payload when the heads there were trained with ``config`` on the label classes ``class_ids``
+    (key -> :meth:`LabelClasses.digest`) for this build (``digest``) and are intact, else None."""
     existing = index_dir / HEADS_DIR / HEADS_FILE
     if not existing.is_file():
         return None
@@ -267,7 +297,7 @@ def _already_trained(index_dir: Path, digest: str, config: HeadsConfig) -> dict[
     complete = not old.get("gene_features") or "training_sample" in old  # heads from before the sample was kept
     if (
         old.get("manifest_sha256") == digest and old.get("config") == _config_json(config) and complete
-        and _recorded_heads_intact(index_dir)
+        and old.get("label_classes") == class_ids and _recorded_heads_intact(index_dir)
     ):
         return dict(old)
     return None

@@ -6,7 +6,8 @@ rerun resumes only when it would produce the same index.
 
 Integrity records: every file the index reads has a :class:`FileRecord` (size, SHA-256): the shards' files,
 ``trained.faiss`` and ``cells.duckdb``; ``files`` covers the small files (``build.json``, ``embedder/*``) and
-``heads_files`` the label heads (``heads/*``), recorded when they are trained after the build. Manifests written
+``heads_files`` the label heads (``heads/*``), recorded when they are trained after the build, and ``labels_files``
+the label classes (``labels/*``, :mod:`index.label_classes`), recorded when they are computed after the build. Manifests written
 before ``files`` existed have ``files = None``: their small files are not covered (see :mod:`index.verify`).
 """
 
@@ -44,8 +45,14 @@ HEADS_FILE = "heads.json"
 HEADS_SAMPLE_FILE = "training_sample.npz"
 """The gene features of the label heads' training sample, kept so that heads can be refitted for a query that
 lacks some of the embedder's genes (:func:`index.label_heads.refit_for_genes`)."""
+LABELS_DIR = "labels"
+LABELS_FILE = "label_classes.json"
+"""The label classes of the index's label columns (values of one CL term merged; :mod:`index.label_classes`)."""
 FILES_KEY = "files"
 HEADS_FILES_KEY = "heads_files"
+LABELS_FILES_KEY = "labels_files"
+AFTER_BUILD_KEYS = (HEADS_FILES_KEY, LABELS_FILES_KEY)
+"""Records of files made after the build (heads, label classes): left out of :func:`manifest_digest`."""
 
 METRIC = "inner_product"
 DEFAULT_K = 30
@@ -181,6 +188,8 @@ class IndexManifest:
     heads_files: dict[str, FileRecord] | None = field(default=None, compare=False)
     """heads/*, recorded after the heads are trained (None: none recorded). Not part of the build's identity: it is
     left out of equality and of :func:`manifest_digest`, like the heads themselves."""
+    labels_files: dict[str, FileRecord] | None = field(default=None, compare=False)
+    """labels/*, recorded after the label classes are computed (None: none recorded); like ``heads_files``."""
 
     @property
     def shard_bytes(self) -> int:
@@ -215,6 +224,7 @@ class IndexManifest:
             calibration=SimilarityCalibration(**d["calibration"]),
             files=_file_records(d.get(FILES_KEY)),
             heads_files=_file_records(d.get(HEADS_FILES_KEY)),
+            labels_files=_file_records(d.get(LABELS_FILES_KEY)),
         )
 
     def write(self, directory: str | Path) -> Path:
@@ -224,8 +234,9 @@ class IndexManifest:
 def manifest_digest(directory: str | Path) -> str:
     """A short id of one build of the index at ``directory`` (first 16 hex digits of a SHA-256).
 
-    Manifests with integrity records (``files``): the SHA-256 of the manifest without ``heads_files`` in canonical
-    JSON, so that recording the label heads (trained after the build, and bound to this digest) leaves it unchanged.
+    Manifests with integrity records (``files``): the SHA-256 of the manifest without ``heads_files`` and
+    ``labels_files`` in canonical JSON, so that recording the label heads and classes (made after the build, and
+    bound to this digest) leaves it unchanged.
     Older manifests: the SHA-256 of the file's bytes, as before.
     """
     data = (Path(directory) / MANIFEST_FILE).read_bytes()
@@ -234,7 +245,8 @@ def manifest_digest(directory: str | Path) -> str:
     except ValueError:
         raw = None
     if isinstance(raw, dict) and raw.get(FILES_KEY) is not None:
-        raw.pop(HEADS_FILES_KEY, None)
+        for key in AFTER_BUILD_KEYS:
+            raw.pop(key, None)
         data = json.dumps(raw, indent=2, sort_keys=True, default=str).encode()
     return hashlib.sha256(data).hexdigest()[:16]
 
@@ -244,6 +256,17 @@ def record_heads_files(directory: str | Path, records: dict[str, FileRecord]) ->
 
     Returns False (logged) for manifests from before integrity records, which are left as they are.
     """
+    return _record_after_build(directory, HEADS_FILES_KEY, records, "label heads", "heads/")
+
+
+def record_labels_files(directory: str | Path, records: dict[str, FileRecord]) -> bool:
+    """Record the label classes' files in the manifest (``labels_files``); like :func:`record_heads_files`."""
+    return _record_after_build(directory, LABELS_FILES_KEY, records, "label classes", "labels/")
+
+
+def _record_after_build(
+    directory: str | Path, key: str, records: dict[str, FileRecord], what: str, where: str
+) -> bool:
     path = Path(directory) / MANIFEST_FILE
     try:
         raw = json.loads(path.read_text())
@@ -251,14 +274,14 @@ def record_heads_files(directory: str | Path, records: dict[str, FileRecord]) ->
         raise IndexFormatError(f"{path} is unreadable ({exc}); rebuild the index") from exc
     if not isinstance(raw, dict) or raw.get(FILES_KEY) is None:
         logger.warning(
-            "the manifest of %s predates integrity records: the label heads are not recorded in it and a damaged "
-            "or deleted heads/ cannot be told from an index without heads; rebuild the index to cover them",
-            directory,
+            "the manifest of %s predates integrity records: the %s are not recorded in it and a damaged "
+            "or deleted %s cannot be told from an index without them; rebuild the index to cover them",
+            directory, what, where,
         )
         return False
     payload = {name: {"bytes": rec.bytes, "sha256": rec.sha256} for name, rec in sorted(records.items())}
-    if raw.get(HEADS_FILES_KEY) != payload:
-        raw[HEADS_FILES_KEY] = payload
+    if raw.get(key) != payload:
+        raw[key] = payload
         write_json_atomic(path, raw)
     return True
 

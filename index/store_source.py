@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from scatlas.atlas.errors import InputError
+from scatlas.atlas.sql import quote_ident
 from scatlas.index.build import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_SHARD_SIZE,
@@ -20,9 +21,11 @@ from scatlas.index.build import (
     build_from_source,
 )
 from scatlas.index.embedding import obsm_keys, reads_x
-from scatlas.index.heads_training import label_columns, train_label_heads
-from scatlas.index.manifest import BUILD_FILE, EMBEDDER_DIR, IndexManifest
-from scatlas.index.metadata import CellsFile
+from scatlas.index.heads_training import label_column_classes, label_columns, train_label_heads
+from scatlas.index.label_classes import ensure_label_classes
+from scatlas.index.manifest import BUILD_FILE, CELLS_DB_FILE, EMBEDDER_DIR, IndexManifest
+from scatlas.index.mapping import MAPPING_FILE, calibrate_mapping
+from scatlas.index.metadata import CellsFile, columns_of, connect
 from scatlas.index.progress import Progress
 from scatlas.index.source import ShardSpec, plan_over_ranges
 
@@ -33,6 +36,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_FIT_SAMPLE = 50_000
+DEFAULT_LABEL_KEY = "cell_type"
+"""The label column that gets label heads (and label classes) by default, when the atlas has it."""
+LABEL_KEYS_DEFAULT = "default"
+"""``label_keys`` value (or entry of a sequence): :data:`DEFAULT_LABEL_KEY` when it looks like a label column."""
+LABEL_KEYS_ALL = ("all", "auto")
+"""``label_keys`` values: every column that looks like a label (``auto``: the former name of ``all``)."""
 
 
 class StoreVectorSource:
@@ -143,17 +152,41 @@ def committed_cells(store: Any) -> CellsFile:
 
 
 def _resolve_label_keys(store: Any, label_keys: Sequence[str] | str) -> tuple[str, ...]:
-    if label_keys == "auto":
-        con = store.connect()
-        try:
-            keys = tuple(label_columns(con))
-        finally:
-            con.close()
-        logger.info("label heads for %s", ", ".join(keys) if keys else "no column (none looks like a label)")
-        return keys
-    if isinstance(label_keys, str):
-        return (label_keys,)
-    return tuple(label_keys)
+    """The label columns to train heads for: ``"all"`` (or ``"auto"``): every column that looks like a label;
+    ``"default"``: ``cell_type`` when it looks like one; a sequence: those columns, a ``"default"`` entry standing
+    for ``cell_type`` when it looks like one."""
+    wanted = [label_keys] if isinstance(label_keys, str) else list(label_keys)
+    if not any(k in LABEL_KEYS_ALL or k == LABEL_KEYS_DEFAULT for k in wanted):
+        return tuple(dict.fromkeys(wanted))
+    con = store.connect()
+    try:
+        labels = label_column_classes(con) if LABEL_KEYS_DEFAULT in wanted else {}
+        every = label_columns(con) if any(k in LABEL_KEYS_ALL for k in wanted) else []
+    finally:
+        con.close()
+    keys: list[str] = []
+    for k in wanted:
+        if k in LABEL_KEYS_ALL:
+            keys += every
+        elif k == LABEL_KEYS_DEFAULT:
+            keys += [DEFAULT_LABEL_KEY] if DEFAULT_LABEL_KEY in labels else []
+        else:
+            keys.append(k)
+    keys = list(dict.fromkeys(keys))
+    logger.info("label heads for %s", ", ".join(keys) if keys else "no column (none looks like a label)")
+    return tuple(keys)
+
+
+def _class_keys(out: Path, head_keys: Sequence[str]) -> list[str]:
+    """The columns to compute label classes for: those with heads, and ``cell_type`` when it has values."""
+    con = connect(out / CELLS_DB_FILE)
+    try:
+        has_default = DEFAULT_LABEL_KEY in columns_of(con) and con.execute(
+            f"SELECT count({quote_ident(DEFAULT_LABEL_KEY)}) FROM cells"
+        ).fetchall()[0][0]
+    finally:
+        con.close()
+    return list(dict.fromkeys([*([DEFAULT_LABEL_KEY] if has_default else []), *head_keys]))
 
 
 def build_index(
@@ -172,7 +205,7 @@ def build_index(
     embedder_options: dict[str, Any] | None = None,
     config: BuildConfig | None = None,
     executor: Executor | None = None,
-    label_keys: Sequence[str] | str = "auto",
+    label_keys: Sequence[str] | str = LABEL_KEYS_DEFAULT,
     heads_options: dict[str, Any] | None = None,
     progress: Progress = True,
 ) -> IndexManifest:
@@ -183,9 +216,12 @@ def build_index(
     overrides every build setting at once (shard_size, factory, ... are then ignored). ``executor``: where the shard
     tasks run (:mod:`index.executor`; default: this process). ``label_keys``: cell-table columns to train
     supervised label heads for once the index is complete (:func:`index.heads_training.train_label_heads`, with
-    ``heads_options``); they are kept when already trained with the same settings for this build. ``"auto"``:
-    every text column of the cell table that looks like an annotation (:func:`index.heads_training.label_columns`:
-    2 to 1,000 distinct values, e.g. cell_type, tissue, disease); ``()``: none.
+    ``heads_options``); they are kept when already trained with the same settings for this build. ``"default"``:
+    ``cell_type`` when the atlas has it as a label column; ``"all"`` (or ``"auto"``): every text column of the
+    cell table that looks like an annotation (:func:`index.heads_training.label_columns`: 2 to 1,000 distinct
+    values, e.g. cell_type, tissue, disease); a sequence: those columns (an entry ``"default"`` adds cell_type as
+    ``"default"`` does); ``()``: none. Label classes (:mod:`index.label_classes`: values merged by Cell Ontology
+    term; the heads are trained on them) are stored for every column with heads and for ``cell_type``.
     """
     from scatlas.atlas.store import AtlasStore
 
@@ -212,8 +248,11 @@ def build_index(
         executor=executor,
     )
     keys = _resolve_label_keys(store, label_keys)
+    ensure_label_classes(out, _class_keys(out, keys))
     if keys:
         train_label_heads(
             store, out, keys, seed=config.seed, progress=progress, **dict(heads_options or {})
         )
+    if not (out / MAPPING_FILE).exists():  # how atlas data maps when held out: judges queries (query.mapping)
+        calibrate_mapping(out, seed=config.seed, progress=progress)
     return manifest

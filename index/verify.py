@@ -6,7 +6,8 @@
   most :func:`verify_on_read_limit` bytes: the SHA-256 of a shard's files before its vectors, ids or FAISS index
   are used, of ``trained.faiss`` at open and of ``cells.duckdb`` at the first metadata query. Larger indexes are
   not hashed on read (logged once); run :func:`verify_index` on them after copying or restoring.
-* ``label_heads()``: the SHA-256 of every recorded ``heads/*`` file before the heads are loaded.
+* ``label_heads()``: the SHA-256 of every recorded ``heads/*`` file before the heads are loaded;
+  ``label_classes()`` the same for ``labels/*``.
 * :func:`verify_index`: every file, every checksum, and the shards' ids against the manifest; it reports damage
   rather than raising.
 """
@@ -29,6 +30,7 @@ from scatlas.index.manifest import (
     CELLS_DB_FILE,
     EMBEDDER_DIR,
     HEADS_DIR,
+    LABELS_DIR,
     MANIFEST_FILE,
     SHARD_IDS_FILE,
     SHARDS_DIR,
@@ -167,6 +169,7 @@ def _recorded_files(manifest: IndexManifest) -> list[tuple[str, FileRecord]]:
     out = [(TRAINED_FILE, manifest.trained), (CELLS_DB_FILE, manifest.cells_db)]
     out += sorted((manifest.files or {}).items())
     out += sorted((manifest.heads_files or {}).items())
+    out += sorted((manifest.labels_files or {}).items())
     for shard in manifest.shards:
         out += [(f"{SHARDS_DIR}/{shard.dirname}/{name}", rec) for name, rec in sorted(shard.files.items())]
     return out
@@ -225,6 +228,9 @@ def _notes(index_dir: Path, manifest: IndexManifest) -> list[str]:
     elif manifest.heads_files is None and (index_dir / HEADS_DIR).is_dir():
         notes.append("heads/ is not recorded in the manifest (its training was interrupted?): it was not checked; "
                      "retrain the heads (`scatlas build ... --label-key KEY`) to record them")
+    if manifest.files is not None and manifest.labels_files is None and (index_dir / LABELS_DIR).is_dir():
+        notes.append("labels/ is not recorded in the manifest (its writing was interrupted?): it was not checked; "
+                     "rerun the build (`scatlas build ...` with its arguments) to record it")
     return notes
 
 
@@ -240,7 +246,7 @@ def _read_manifest_or_report(index_dir: Path) -> IndexManifest | VerifyReport:
 
 def verify_index(path: str | Path, *, progress: Progress = True) -> VerifyReport:
     """Read every file of the index at ``path`` and check it against the manifest: sizes, SHA-256 checksums
-    (shards, ``trained.faiss``, ``cells.duckdb``, ``build.json``, ``embedder/*``, ``heads/*``) and each shard's
+    (shards, ``trained.faiss``, ``cells.duckdb``, ``build.json``, ``embedder/*``, ``heads/*``, ``labels/*``) and each shard's
     ids against its recorded count and range. Damage is reported, not raised; IndexFormatError only when ``path``
     is not an index directory (no such directory, or no ``manifest.json``). ``progress``: a bar of bytes
     (:data:`~index.progress.Progress`).

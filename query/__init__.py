@@ -5,7 +5,7 @@ Public API::
 
     from scatlas.query import annotate
     result = annotate("query.h5ad", "atlas_index", label_keys=["cell_type"], truth_key="cell_type")
-    result.predictions            # <key>_pred / <key>_confidence / <key>_unknown_reason per query cell
+    result.predictions            # <key>_pred, _level, _confidence, _unknown_reason, ... per query cell
     result.write("annotated.h5ad", neighbors_parquet="nn.parquet", report_json="report.json")
 """
 

@@ -125,3 +125,54 @@ def confusion_table(
     cols = sorted(c for c in table.columns if c != unknown)
     cols = sorted(set(cols) | set(rows) - {unknown}) + [unknown]
     return table.reindex(index=rows, columns=cols, fill_value=0)
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> float | None:
+    """Expected calibration error: the cell-weighted mean, over ``n_bins`` equal-width confidence bins, of
+    |accuracy - mean confidence| in the bin (None without cells)."""
+    conf = np.clip(np.asarray(confidence, dtype=np.float64), 0.0, 1.0)
+    ok = np.asarray(correct, dtype=bool)
+    if conf.size == 0:
+        return None
+    bins = np.minimum((conf * n_bins).astype(np.int64), n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins)
+    gap = np.abs(np.bincount(bins, weights=ok, minlength=n_bins) - np.bincount(bins, weights=conf, minlength=n_bins))
+    return round(float(gap.sum() / conf.size), 4) if count.sum() else None
+
+
+def ontology_metrics(
+    truth_terms: Sequence[str | None] | np.ndarray,
+    level: Sequence[str] | np.ndarray,
+    answer_terms: Sequence[str] | np.ndarray,
+    confidence: np.ndarray,
+    ancestors_of: Any,
+) -> dict[str, Any]:
+    """Ontology-aware scores of the answers (see :mod:`query.fallback`) against the truth's CL terms.
+
+    ``truth_terms``: each cell's true CL id (None: unlabelled or without a term; left out). ``level``: ``fine``,
+    ``ancestor`` or ``unknown``. ``answer_terms``: the answer's CL id ("" when it has none). ``ancestors_of``: a
+    callable giving a CL id's ancestors. A fine answer is right when its term is the truth's; an ancestor answer
+    when its term is the truth's or one of the truth's ancestors. Accuracy and the expected calibration error of
+    ``confidence`` are over the answered cells (fine or ancestor).
+    """
+    t = np.asarray([v or "" for v in truth_terms], dtype=object)
+    lv = np.asarray(level, dtype=object)
+    a = np.asarray(answer_terms, dtype=object)
+    scored = t != ""
+    answered = scored & (lv != "unknown")
+    correct = np.zeros(len(t), dtype=bool)
+    for i in np.flatnonzero(answered):
+        if a[i] == t[i]:
+            correct[i] = True
+        elif lv[i] == "ancestor" and a[i]:
+            correct[i] = a[i] in ancestors_of(t[i])
+    n_scored, n_answered = int(scored.sum()), int(answered.sum())
+    return {
+        "n_cells_with_truth_term": n_scored,
+        "answered_rate": _ratio(n_answered, n_scored),
+        "fine_rate": _ratio(np.sum(scored & (lv == "fine")), n_scored),
+        "ancestor_rate": _ratio(np.sum(scored & (lv == "ancestor")), n_scored),
+        "unknown_rate": _ratio(np.sum(scored & (lv == "unknown")), n_scored),
+        "ontology_accuracy": _ratio(np.sum(correct), n_answered),
+        "ece": expected_calibration_error(np.asarray(confidence)[answered], correct[answered]),
+    }

@@ -103,21 +103,44 @@ def _merged_obs(obs: pd.DataFrame, columns: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _patch_obs(path: Path, columns: pd.DataFrame) -> None:
-    """Replace ``obs`` of the (copied) file at ``path`` by obs + ``columns``, in place."""
+def _put(f: h5py.File, group: str, name: str, value: Any) -> None:
+    """Write ``value`` as ``group/name`` of an open h5ad (created, or replaced with a warning)."""
+    if group not in f:
+        anndata.io.write_elem(f, group, {})
+    if name in f[group]:
+        logger.warning("overwriting existing %s[%r] in the annotated copy", group, name)
+        del f[group][name]
+    anndata.io.write_elem(f[group], name, value)
+
+
+def _patch(path: Path, columns: pd.DataFrame, obsm: dict[str, np.ndarray], uns: dict[str, Any]) -> None:
+    """Replace ``obs`` of the (copied) file at ``path`` by obs + ``columns`` and add ``obsm``/``uns`` entries,
+    in place."""
     with h5py.File(path, "r+") as f:
         obs = anndata.io.read_elem(f["obs"])
         merged = _merged_obs(obs, columns)
         del f["obs"]
         anndata.io.write_elem(f, "obs", merged)
+        for name, matrix in obsm.items():
+            if len(matrix) != len(merged):
+                raise InputError(f"obsm {name!r} has {len(matrix)} rows for {len(merged)} cells")
+            _put(f, "obsm", name, np.asarray(matrix))
+        for name, value in uns.items():
+            _put(f, "uns", name, np.asarray(value, dtype=object) if isinstance(value, list) else value)
 
 
-def write_annotated_h5ad(query: str | Path | anndata.AnnData, columns: pd.DataFrame, out: str | Path) -> Path:
-    """Write a new ``.h5ad``: the query with ``columns`` added to ``obs`` (row order = the query's).
+def write_annotated_h5ad(
+    query: str | Path | anndata.AnnData, columns: pd.DataFrame, out: str | Path, *,
+    obsm: dict[str, np.ndarray] | None = None, uns: dict[str, Any] | None = None,
+) -> Path:
+    """Write a new ``.h5ad``: the query with ``columns`` added to ``obs`` (row order = the query's), and the
+    ``obsm`` matrices and ``uns`` entries given.
 
-    A file query is copied and only its ``obs`` is rewritten (memory stays bounded); an in-memory AnnData is
-    written without the string-to-categorical conversion anndata would otherwise apply to the caller's object.
+    A file query is copied and only ``obs``, ``obsm`` and ``uns`` are rewritten (memory stays bounded); an
+    in-memory AnnData is written without the string-to-categorical conversion anndata would otherwise apply to the
+    caller's object.
     """
+    obsm, uns = dict(obsm or {}), dict(uns or {})
     out = Path(out)
     inputs = () if isinstance(query, anndata.AnnData) else (Path(query),)
     if inputs and out.exists() and inputs[0].exists() and os.path.samefile(inputs[0], out):
@@ -125,13 +148,15 @@ def write_annotated_h5ad(query: str | Path | anndata.AnnData, columns: pd.DataFr
     with atomic_path(out, inputs=inputs, file_kind="h5ad") as tmp:
         if isinstance(query, anndata.AnnData):
             query.write_h5ad(tmp, convert_strings_to_categoricals=False)
-            _patch_obs(tmp, columns)
+            _patch(tmp, columns, obsm, uns)
         elif _is_modern_h5ad(Path(query)):
             shutil.copyfile(query, tmp)
-            _patch_obs(tmp, columns)
+            _patch(tmp, columns, obsm, uns)
         else:  # pre-0.7 layout: such files are small, load it whole
             adata = anndata.read_h5ad(query)
             adata.obs = _merged_obs(adata.obs, columns)
+            adata.obsm.update(obsm)
+            adata.uns.update(uns)
             adata.write_h5ad(tmp)
         with h5py.File(tmp, "r+") as f:
             f.attrs[H5AD_MARK] = "annotate"  # a later run may replace this file, and no other

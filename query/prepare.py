@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +12,14 @@ import anndata
 import numpy as np
 
 from scatlas.atlas.chunks import CellChunk
-from scatlas.atlas.errors import InputError
+from scatlas.atlas.errors import InputError, SpeciesMismatchError
 from scatlas.atlas.genes import GeneMatch, check_overlap
 from scatlas.atlas.sources import open_h5ad
 from scatlas.atlas.sources.base import iter_cell_chunks
+from scatlas.atlas.species import SpeciesGuess, guess_species_of_genes
 from scatlas.index import AtlasIndex, Progress, check_obsm, progress_bar
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -24,7 +28,8 @@ class QueryCells:
 
     ``source``: the opened ``.h5ad`` or AnnData (raw counts from X, ``layers['counts']`` or ``.raw`` when present,
     else log-normalised values); ``match``: its genes against the embedder's (None for embedders that read no
-    genes); ``what``: how messages name the cells (e.g. ``"query"``).
+    genes); ``what``: how messages name the cells (e.g. ``"query"``); ``species``: the species guessed from the
+    cells' genes and from the embedder's (:func:`species_check`; empty for embedders that read no genes).
     """
 
     source: Any
@@ -32,6 +37,7 @@ class QueryCells:
     match: GeneMatch | None
     what: str
     obsm_keys: tuple[str, ...] = ()
+    species: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_cells(self) -> int:
@@ -70,19 +76,62 @@ class QueryCells:
         self.source.close()
 
 
+def species_check(genes: Any, embedder: Any, *, what: str = "query", allow_mismatch: bool = False) -> dict[str, Any]:
+    """Guess the species of ``genes`` (a GeneVocabulary) and of the genes ``embedder`` reads, and refuse a pair of
+    different species (:class:`SpeciesMismatchError`; a warning with ``allow_mismatch``). Returns
+    ``{"query": guess, "index": guess, "compatible": bool}`` (guesses as dicts; empty when the embedder has no gene
+    list)."""
+    emb_genes = getattr(embedder, "genes", None)
+    if emb_genes is None or not hasattr(emb_genes, "feature_name"):
+        return {}
+    mine, theirs = guess_species_of_genes(genes), guess_species_of_genes(emb_genes)
+    ok = mine.compatible(theirs)
+    out = {"query": mine.to_dict(), "index": theirs.to_dict(), "compatible": ok}
+    if ok:
+        if mine.species is None or theirs.species is None:
+            logger.info("species of the %s's genes: %s; of the embedder's: %s", what, _said(mine), _said(theirs))
+        return out
+    text = (
+        f"species mismatch: the {what}'s genes look {mine.species} ({mine.basis}) but the index's embedder reads "
+        f"{theirs.species} genes ({theirs.basis})"
+    )
+    if allow_mismatch:
+        logger.warning("%s; going on as asked (allow_species_mismatch): labels may be meaningless", text)
+        return out
+    raise SpeciesMismatchError(
+        f"{text}: annotate against an index built from {mine.species} cells, or build one with a cross-species "
+        "embedder; pass --allow-species-mismatch to go on anyway"
+    )
+
+
+def _said(guess: SpeciesGuess) -> str:
+    return f"{guess.species} ({guess.basis})" if guess.species else f"undecided ({guess.basis})"
+
+
 def open_query(
-    query: str | Path | anndata.AnnData, index: AtlasIndex, *, what: str = "query", allow_empty: bool = False
+    query: str | Path | anndata.AnnData,
+    index: AtlasIndex,
+    *,
+    what: str = "query",
+    allow_empty: bool = False,
+    allow_species_mismatch: bool = False,
 ) -> QueryCells:
     """Open ``query`` (an ``.h5ad`` path, read in chunks, or an AnnData, never modified) for ``index``'s embedder;
     InputError when it has no cells (unless ``allow_empty``). ``what`` names the cells in messages, ``{name}``
-    standing for the source's name. Call :meth:`QueryCells.check` before embedding, and ``close()`` after."""
+    standing for the source's name. Its genes must look like the same species as the embedder's
+    (:func:`species_check`: SpeciesMismatchError, unless ``allow_species_mismatch``, then a warning); this runs
+    before any gene-overlap check. Call :meth:`QueryCells.check` before embedding, and ``close()`` after."""
     source = open_h5ad(query)
     what = what.format(name=getattr(source, "name", ""))
     try:
         if source.n_obs == 0 and not allow_empty:
             raise InputError(f"the {what} {getattr(source, 'name', '')!r} has no cells")
-        match = index.embedder.gene_match(source.genes)
+        embedder = index.embedder
+        match = embedder.gene_match(source.genes)
+        species = {} if match is None else species_check(
+            source.genes, embedder, what=what, allow_mismatch=allow_species_mismatch
+        )
     except BaseException:
         source.close()
         raise
-    return QueryCells(source, index, match, what)
+    return QueryCells(source, index, match, what, species=species)

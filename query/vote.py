@@ -192,6 +192,46 @@ def vote(
     return Votes(winner, confidence, n_voters)
 
 
+def vote_shares(
+    labels: np.ndarray,
+    weights: np.ndarray,
+    *,
+    n_labels: int,
+    datasets: np.ndarray | None = None,
+    max_votes_per_dataset: int | None = None,
+    class_weights: np.ndarray | None = None,
+) -> np.ndarray:
+    """Each label's share of a row's voting weight, ``(n, n_labels)`` float64 (rows sum to 1, or 0 where nobody
+    voted): the class probabilities of the vote, under the same rules as :func:`vote` (where all weights of a row
+    are zero, each voter counts 1)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    n, k = labels.shape
+    w = np.asarray(weights, dtype=np.float64)
+    if class_weights is not None:
+        cw = np.asarray(class_weights, dtype=np.float64)
+        w = w * np.where(labels >= 0, cw[np.maximum(labels, 0)] if n_labels else 0.0, 0.0)
+    voting = labels >= 0
+    if max_votes_per_dataset is not None:
+        if datasets is None:
+            raise InputError("max_votes_per_dataset needs the neighbours' dataset codes")
+        voting &= cap_per_dataset(np.asarray(datasets), max_votes_per_dataset)
+    out = np.zeros((n, n_labels), dtype=np.float64)
+    if n == 0 or n_labels == 0:
+        return out
+    rows = np.broadcast_to(np.arange(n)[:, None], (n, k))[voting]
+    codes = labels[voting]
+    np.add.at(out, (rows, codes), w[voting])
+    total = out.sum(axis=1)
+    zero = (total <= 0) & voting.any(axis=1)
+    if zero.any():  # every weight zero: count heads
+        counts = np.zeros_like(out)
+        np.add.at(counts, (rows, codes), 1.0)
+        out[zero] = counts[zero]
+        total = out.sum(axis=1)
+    np.divide(out, total[:, None], out=out, where=total[:, None] > 0)
+    return out
+
+
 def votes_from_probabilities(proba: np.ndarray) -> Votes:
     """:class:`Votes` from per-class probabilities ``(n, n_labels)`` (a label head's): the most probable label
     wins with its probability as confidence; rows that are all zero (no allowed label) have no winner."""

@@ -197,16 +197,25 @@ def cli(verbose: int, quiet: bool) -> None:
 @click.option("--keep-non-primary", is_flag=True, help="Keep cells with is_primary_data == False (Census duplicates).")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=10_000, show_default=True, help="Cells per write chunk.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the ingest report as JSON.")
+@click.option("--ontology-map", "ontology_map", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              metavar="FILE.csv",
+              help="CSV with the columns label,ontology_term_id (Cell Ontology ids): fills the term column of cells "
+                   "whose label is listed and whose term is empty; terms the data has are never overwritten.")
+@click.option("--ontology-label-key", default="cell_type", show_default=True, metavar="COLUMN",
+              help="With --ontology-map: the label column its labels are values of; the terms go to "
+                   "COLUMN_ontology_term_id.")
 @progress_option
 def ingest(sources: tuple[str, ...], atlas_dir: Path, dataset_id: str | None, obs_map: tuple[str, ...], mode: str,
-           keep_non_primary: bool, chunk_size: int, report_path: Path | None, progress: bool) -> None:
+           keep_non_primary: bool, chunk_size: int, report_path: Path | None, ontology_map: Path | None,
+           ontology_label_key: str, progress: bool) -> None:
     """Add .h5ad files or Census-layout TileDB-SOMA experiments (SOURCES) to an atlas store."""
     from scatlas.atlas.ingestion import ingest as run_ingest
 
     if report_path is not None:
         check_output_file(report_path, inputs=sources, file_kind="json")
     report = run_ingest(list(sources), atlas_dir, dataset_id=dataset_id, obs_map=_parse_obs_map(obs_map), mode=mode,  # type: ignore[arg-type]
-                        keep_non_primary=keep_non_primary, chunk_size=chunk_size, progress=progress)
+                        keep_non_primary=keep_non_primary, chunk_size=chunk_size, progress=progress,
+                        ontology_map=ontology_map, ontology_label_key=ontology_label_key)
     for d in report.datasets:
         g = d.genes
         _echo(
@@ -216,8 +225,31 @@ def ingest(sources: tuple[str, ...], atlas_dir: Path, dataset_id: str | None, ob
             f"({g['n_symbol_mapped_to_ensembl']} mapped to Ensembl), {g['n_duplicates_dropped']} duplicates dropped; "
             f"{d.cells_per_second:.0f} cells/s"
         )
+        if d.ontology is not None:
+            _echo_ontology_fill(d.dataset_id, d.ontology)
     _echo(f"{atlas_dir}: {report.n_cells_in_store} cells in {len(report.datasets)} new dataset(s)")
     _echo_json(report.to_json(), report_path)
+
+
+def _echo_ontology_fill(dataset_id: str, rep: dict[str, Any]) -> None:
+    """One dataset's --ontology-map outcome: labels mapped by the data's own terms, by the map, and not at all."""
+    key, col = rep["label_key"], rep["term_column"]
+    if not rep.get("label_column_present"):
+        _echo(f"  ontology map: {dataset_id} has no {key} column; nothing filled")
+        return
+    line = (f"  ontology map ({key} -> {col}): {rep['labels']} labels: {rep['from_data']} had terms in the data, "
+            f"{rep['from_map']} mapped by the map, {rep['partly_from_map']} partly, {rep['unmapped']} not mapped; "
+            f"{rep['cells_filled']} cells filled")
+    _echo(line)
+    if rep["unmapped"]:
+        resolvable = rep.get("unmapped_resolvable") or {}
+        names = ", ".join(repr(v)[:60] + (f" ({resolvable[v][1]} match: {resolvable[v][2]})" if v in resolvable else "")
+                          for v in rep["unmapped_labels"][:10])
+        more = f" and {rep['unmapped'] - 10} more" if rep["unmapped"] > 10 else ""
+        _echo(f"  not mapped: {names}{more}")
+    if rep["n_conflicting_labels"]:
+        names = ", ".join(f"{v!r:.60} ({n} cells)" for v, n in list(rep["conflicts"].items())[:10])
+        _echo(f"  conflicts (the data's own term kept): {names}")
 
 
 def _parse_pairs(values: tuple[str, ...], option: str) -> list[tuple[str, str]]:
@@ -332,8 +364,10 @@ def _option_value(text: str) -> Any:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling and training.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index directory instead of resuming it.")
 @click.option("--label-key", "label_keys", multiple=True, metavar="COLUMN",
-              help="Atlas label column to train a supervised label head for (repeatable; used by annotate). "
-                   "Default: every text column with 2 to 1,000 distinct values (cell_type, tissue, disease, ...).")
+              help="Atlas label column to train a supervised label head for, besides cell_type (repeatable; used by "
+                   "annotate). Default: cell_type only, when the atlas has it. 'all': every text column with 2 to "
+                   "1,000 distinct values (cell_type, tissue, disease, ...). Label values of one Cell Ontology term "
+                   "are merged into one class first.")
 @click.option("--no-label-heads", is_flag=True, help="Train no label head (annotate then votes by neighbours).")
 @click.option("--head-cells-per-label", type=click.IntRange(min=1), default=None,
               help="Atlas cells sampled per label to train a head (default 2,000; spread over datasets).")
@@ -349,7 +383,15 @@ def build(atlas_dir: Path, index_dir: Path, embedder: str, embedder_option: tupl
     if no_label_heads and label_keys:
         raise click.UsageError("--no-label-heads and --label-key exclude each other")
     options = {k: _option_value(v) for k, v in _parse_pairs(embedder_option, "--embedder-option")}
-    keys: tuple[str, ...] | str = () if no_label_heads else (label_keys or "auto")
+    keys: tuple[str, ...] | str
+    if no_label_heads:
+        keys = ()
+    elif "all" in label_keys:
+        if len(label_keys) > 1:
+            raise click.UsageError("--label-key all already names every label column; give it alone")
+        keys = "all"
+    else:
+        keys = ("default", *label_keys)  # cell_type (when the atlas has it) and the columns named
     heads_options = {"max_cells_per_label": head_cells_per_label} if head_cells_per_label else {}
     build_index(atlas_dir, index_dir, embedder=embedder, shard_size=shard_size, factory=factory, device=device,
                 chunk_size=chunk_size, fit_sample=fit_sample, overwrite=overwrite, seed=seed, threads=threads,
@@ -449,7 +491,8 @@ def verify(index_dir: Path | None, atlas_dir: Path | None, as_json: bool, progre
 @click.argument("query_file", type=click.Path(dir_okay=False, path_type=Path))
 @index_option
 @click.option("--out", "out_h5ad", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="New .h5ad: the query with <key>_pred, <key>_confidence, <key>_unknown_reason in obs.")
+              help="New .h5ad: the query with <key>_pred, _level, _confidence, _unknown_reason, ... in obs and "
+                   "the class probabilities in obsm['<key>_proba'].")
 @click.option("--label-key", "label_keys", multiple=True, default=("cell_type",), show_default=True,
               help="Atlas metadata column to transfer (repeatable).")
 @click.option("--k", type=click.IntRange(min=1), default=30, show_default=True, help="Neighbours per query cell.")
@@ -461,7 +504,16 @@ def verify(index_dir: Path | None, atlas_dir: Path | None, as_json: bool, progre
                    "neighbour similarities (0.001 to turn it on; default: off, the measured default).")
 @click.option("--max-votes-per-dataset", type=click.IntRange(min=1), default=None,
               help="Cap on the votes one atlas dataset may cast for a query cell.")
-@click.option("--truth-key", default=None, help="Query obs column with known labels: adds accuracy, macro-F1, confusion.")
+@click.option("--truth-key", default=None, help="Query obs column with known labels: adds accuracy, macro-F1, "
+              "ontology-aware accuracy, calibration error and a confusion matrix.")
+@click.option("--ontology-map", "ontology_map", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="CSV (label,ontology_term_id) giving the --truth-key labels' Cell Ontology terms where neither the "
+                   "query nor the atlas does.")
+@click.option("--mapping-check/--no-mapping-check", default=True, show_default=True,
+              help="Call the cells of a query that maps poorly onto the atlas (another tissue) 'unknown' "
+                   "(out_of_atlas) unless they map well on their own; off: only report the verdict.")
+@click.option("--allow-species-mismatch", is_flag=True,
+              help="Annotate a query whose genes look like another species than the index's (refused otherwise).")
 @click.option("--neighbors", "neighbors_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Neighbours table (Parquet). Default: next to --out.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -478,9 +530,11 @@ def verify(index_dir: Path | None, atlas_dir: Path | None, as_json: bool, progre
 @progress_option
 def annotate(query_file: Path, index_dir: Path, out_h5ad: Path, label_keys: tuple[str, ...], k: int, where: str | None,
              min_confidence: float | None, far_quantile: float | None, max_votes_per_dataset: int | None,
-             truth_key: str | None, neighbors_path: Path | None, report_path: Path | None, min_gene_overlap: float | None,
+             truth_key: str | None, ontology_map: Path | None, mapping_check: bool, allow_species_mismatch: bool,
+             neighbors_path: Path | None, report_path: Path | None, min_gene_overlap: float | None,
              batch_size: int | None, predictor: str, missing_genes: str, progress: bool) -> None:
-    """Annotate QUERY_FILE (.h5ad): embed with the index's embedder, find k nearest atlas cells, vote labels."""
+    """Annotate QUERY_FILE (.h5ad): embed with the index's embedder, find k nearest atlas cells, answer each label
+    (a class, a Cell Ontology ancestor when unsure of the class, or 'unknown')."""
     from scatlas.query import annotate as run_annotate
     from scatlas.query.outputs import remove_stale
 
@@ -494,6 +548,8 @@ def annotate(query_file: Path, index_dir: Path, out_h5ad: Path, label_keys: tupl
                                 "min_gene_overlap": min_gene_overlap, "batch_size": batch_size}
     result = run_annotate(query_file, index_dir, label_keys=list(label_keys), k=k, where=where,
                           max_votes_per_dataset=max_votes_per_dataset, truth_key=truth_key, progress=progress,
+                          ontology_map=ontology_map, check_mapping=mapping_check,
+                          allow_species_mismatch=allow_species_mismatch,
                           predictor=predictor, missing_genes=missing_genes,  # type: ignore[arg-type]
                           **{key: v for key, v in optional.items() if v is not None})
     result.write(out_h5ad, neighbors_parquet=neighbors_path, report_json=report_path, confusion_png=confusion)
@@ -513,24 +569,49 @@ def _check_annotate_outputs(inputs: tuple[Path, ...], h5ad: Path, neighbors: Pat
 
 
 def _echo_annotation(report: dict[str, Any]) -> None:
-    overlap = report.get("gene_overlap", {})
+    overlap = report.get("gene_overlap") or {}
     if overlap:
         _echo(f"gene overlap: {overlap.get('n_matched')} of the embedder's {overlap.get('n_target_genes')} genes "
-                   f"({100 * overlap.get('fraction_of_target', 0):.1f}%)")
+              f"({100 * overlap.get('fraction_of_target', 0):.1f}%)")
     refit = report.get("params", {}).get("heads_refit_for_query_genes")
     if refit and refit.get("keys"):
         _echo(f"label heads for {', '.join(refit['keys'])} refitted for the query's {refit['genes_present']} of "
-                   f"{refit['genes']} genes ({refit['seconds']} s)")
+              f"{refit['genes']} genes ({refit['seconds']} s)")
+    mapping = report.get("mapping") or {}
+    if mapping.get("verdict") == "maps_poorly":
+        _echo("WARNING: the query maps poorly onto the atlas (another tissue, species or technology?): "
+              + "; ".join(mapping.get("reasons", [])) + ". "
+              + (f"{mapping.get('cells_out_of_atlas', 0):,} cells are 'unknown' (out_of_atlas)." if mapping.get("applied")
+                 else "Cells were labelled anyway (--no-mapping-check)."), err=True)
+    elif mapping.get("verdict") == "maps_well":
+        _echo(f"mapping: the query maps onto the atlas (score {mapping.get('score')})")
     for key, lab in report.get("labels", {}).items():
         counts = lab.get("counts", {})
         top = ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])[:8])
-        _echo(f"{key}: unknown rate {100 * lab.get('unknown_rate', 0):.1f}%; {top}")
+        by = "label head" if lab.get("predicted_by") == "heads" else "neighbour vote (the index has no label head for it)"
+        levels = ", ".join(f"{lv} {n}" for lv, n in lab.get("levels", {}).items())
+        _echo(f"{key} (by {by}): unknown rate {100 * lab.get('unknown_rate', 0):.1f}%; levels: {levels}; {top}")
         ev = report.get("evaluation", {}).get(key)
         if ev:
-            absent = ev.get("abstention_rate_absent")
-            _echo(f"{key} vs truth: accuracy {ev.get('accuracy', float('nan')):.3f}, "
-                  f"macro-F1 {ev.get('macro_f1', float('nan')):.3f}"
-                  + (f", types absent from the atlas called unknown: {100 * absent:.1f}%" if absent is not None else ""))
+            _echo_evaluation(key, ev)
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    """A metric for the terminal: formatted, or 'n/a' when it could not be computed."""
+    return format(value, spec) if isinstance(value, (int, float)) else "n/a"
+
+
+def _echo_evaluation(key: str, ev: dict[str, Any]) -> None:
+    onto = ev.get("ontology") or {}
+    _echo(f"{key} vs truth: accuracy {_fmt(ev.get('accuracy'))}, macro-F1 {_fmt(ev.get('macro_f1'))} (best class); "
+          f"ontology-aware accuracy {_fmt(onto.get('ontology_accuracy'))} of the answered, "
+          f"{_fmt(100 * onto['fine_rate'] if isinstance(onto.get('fine_rate'), float) else None, '.1f')}% fine, "
+          f"ECE {_fmt(onto.get('ece'))}")
+    absent = ev.get("truth_labels_absent_from_atlas") or {}
+    if absent:
+        names = ", ".join(list(absent)[:6]) + (", ..." if len(absent) > 6 else "")
+        _echo(f"{key}: {sum(absent.values()):,} cells have truth labels the atlas does not have ({names}); "
+              f"called unknown: {_fmt(ev.get('with_abstention', {}).get('abstention_rate_absent'))}")
 
 
 @cli.group(cls=ScatlasGroup)

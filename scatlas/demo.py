@@ -129,10 +129,13 @@ def run_demo(
                   report_json=out / "query.report.json", confusion_png=out / "query.confusion.png")
         ev = res.report["evaluation"]["cell_type"]
         result.figures["annotate"] = ev
-        return (f"annotated {ev['n_cells']} held-out cells: accuracy {ev['accuracy']:.3f} "
-                f"(on cells given a label {ev.get('accuracy_assigned', float('nan')):.3f}), macro-F1 {ev['macro_f1']:.3f}, "
-                f"unknown rate {ev['unknown_rate']:.3f}; '{HELD_OUT_TYPE}' (absent from the atlas) called unknown "
-                f"in {ev['abstention_rate_absent']:.0%} of {ev['n_absent']} cells -> {out / 'query.annotated.h5ad'}")
+        onto, strict = ev["ontology"], ev["with_abstention"]
+        absent = res.report["labels"]["cell_type"]
+        return (f"annotated {ev['n_cells']} held-out cells ({absent['levels']}): best-class accuracy "
+                f"{ev['accuracy']:.3f}, macro-F1 {ev['macro_f1']:.3f}; ontology-aware accuracy of the answers "
+                f"{onto['ontology_accuracy']:.3f}, {onto['fine_rate']:.0%} answered at the fine level; "
+                f"'{HELD_OUT_TYPE}' (absent from the atlas) called unknown in {strict['abstention_rate_absent']:.0%} "
+                f"of {ev['n_absent']} cells -> {out / 'query.annotated.h5ad'}")
 
     stage("annotate", do_annotate)
 
@@ -145,11 +148,11 @@ def run_demo(
         rep = report(summary.hits_path, out / "index", out / "hunt" / "report", by=("dataset_id", "tissue", "disease"))
         import duckdb
 
-        with duckdb.connect(str(out / "index" / "cells.duckdb"), read_only=True) as con:
-            truth = con.execute(f"SELECT count(*) FROM cells WHERE cell_type = '{RARE_TYPE}'").fetchone()[0]  # type: ignore[index]
+        with duckdb.connect(str(out / "index" / "cells.duckdb"), read_only=True) as con:  # the path is bound, not quoted
+            truth = con.execute("SELECT count(*) FROM cells WHERE cell_type = ?", [RARE_TYPE]).fetchone()[0]  # type: ignore[index]
             found = con.execute(
-                f"SELECT count(*) FROM cells JOIN read_parquet('{summary.hits_path}') h USING (soma_joinid) "
-                f"WHERE cells.cell_type = '{RARE_TYPE}'"
+                "SELECT count(*) FROM cells JOIN read_parquet(?) h USING (soma_joinid) WHERE cells.cell_type = ?",
+                [str(summary.hits_path), RARE_TYPE],
             ).fetchone()[0]  # type: ignore[index]
         precision = found / summary.n_hits if summary.n_hits else float("nan")
         recall = found / truth if truth else float("nan")

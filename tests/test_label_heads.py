@@ -98,10 +98,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"root": root, "atlas": atlas, "index": root / "index"}
 
 
-def test_build_trains_heads_for_label_like_columns_by_default(built: dict[str, Any]) -> None:
+def test_build_trains_heads_for_cell_type_by_default(built: dict[str, Any]) -> None:
     meta = json.loads((built["index"] / HEADS_DIR / HEADS_FILE).read_text())
-    # cell_type and donor_id (2 values); not tissue (1 value), not dataset_id, not the numeric n_counts
-    assert list(meta["heads"]) == ["cell_type", "donor_id"]
+    # cell_type only (donor_id also looks like a label: `--label-key all` would train it too)
+    assert list(meta["heads"]) == ["cell_type"]
     entry = meta["heads"]["cell_type"]
     assert entry["classes"] == ["B cell", "T cell", "monocyte"]
     assert set(entry["features"]) == {"genes", "embedding"}
@@ -203,6 +203,8 @@ def test_label_key_without_labels_is_refused_but_auto_skips(tmp_path: Path) -> N
     ingest([tmp_path / "a.h5ad"], tmp_path / "atlas", progress=False)
     opts = {"n_hvg": 40, "n_components": 8}
     build_index(tmp_path / "atlas", tmp_path / "index", embedder_options=opts, progress=False)
+    assert not (tmp_path / "index" / HEADS_DIR).exists()  # the default (cell_type) has no labels: no heads
+    build_index(tmp_path / "atlas", tmp_path / "index", embedder_options=opts, label_keys="all", progress=False)
     heads = json.loads((tmp_path / "index" / HEADS_DIR / HEADS_FILE).read_text())["heads"]
     assert set(heads) == {"donor_id"}  # the other text column with labels; tissue has one value
     with pytest.raises(InputError, match="no atlas cell has a 'cell_type' label"):

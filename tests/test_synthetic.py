@@ -66,7 +66,11 @@ def test_chunks_belong_to_one_dataset_and_names_are_unique() -> None:
     obs, _ = _concat(chunks)
     per_type = obs.groupby("cell_type")["cell_type_ontology_term_id"].nunique()
     assert (per_type == 1).all()
-    assert obs["cell_type_ontology_term_id"].str.fullmatch(r"CL:000\d{4}").all()
+    # the real Cell Ontology ids of the type names
+    assert obs["cell_type_ontology_term_id"].str.fullmatch(r"CL:\d{7}").all()
+    terms = obs.groupby("cell_type")["cell_type_ontology_term_id"].first()
+    assert terms["B cell"] == "CL:0000236" and terms["classical monocyte"] == "CL:0000860"
+    assert terms["CD4-positive, alpha-beta T cell"] == "CL:0000624" and terms["ionocyte"] == "CL:0005006"
     assert obs.groupby("cell_type_ontology_term_id")["cell_type"].nunique().max() == 1
     # donors are nested in datasets; donor-level metadata is constant per donor
     assert (obs.groupby("donor_id")["dataset_id"].nunique() == 1).all()
@@ -259,6 +263,14 @@ def test_gene_identifiers() -> None:
     assert (var.index == var["feature_id"]).all()
     symbols = plan_atlas(SyntheticAtlasConfig(**{**SMALL.__dict__, "gene_ids": "symbol"})).var
     assert list(symbols.index[:2]) == ["GENE1", "GENE2"] and "feature_id" not in symbols.columns
+
+
+def test_a_type_name_that_is_no_cl_term_has_no_term_id() -> None:
+    config = SyntheticAtlasConfig(**{**SMALL.__dict__, "rare_types": (RareType("norn cell", 0.05, datasets=(0,)),)})
+    obs = dataset_anndata(config, 0).obs
+    norn = obs["cell_type"] == "norn cell"
+    assert norn.sum() > 0 and obs.loc[norn, "cell_type_ontology_term_id"].isna().all()
+    assert obs.loc[~norn, "cell_type_ontology_term_id"].notna().all()
 
 
 def test_held_out_type_can_be_generated_for_one_dataset_only() -> None:

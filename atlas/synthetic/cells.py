@@ -97,6 +97,15 @@ def _categorical(values: Sequence[str], codes: np.ndarray) -> pd.Categorical:
     return pd.Categorical.from_codes(lookup[codes], categories=categories)
 
 
+def _term_ids(plan: AtlasPlan, present: np.ndarray, type_codes: np.ndarray) -> pd.Categorical:
+    """The cells' CL ids as a categorical over the present types' ids; missing (NaN) for a type whose name is no
+    CL term."""
+    ids = [plan.ontology_ids[t] for t in present]
+    categories = sorted({i for i in ids if i is not None})
+    lookup = np.array([categories.index(i) if i is not None else -1 for i in ids] + [-1], dtype=np.int64)
+    return pd.Categorical.from_codes(lookup[type_codes], categories=categories)
+
+
 def make_obs(plan: AtlasPlan, ds: DatasetPlan, cells: Cells) -> pd.DataFrame:
     """The obs table of ``cells`` (CELLxGENE Census columns + ``truth_is_rare``; names ``<dataset>_<row>``)."""
     n = len(cells)
@@ -118,9 +127,7 @@ def make_obs(plan: AtlasPlan, ds: DatasetPlan, cells: Cells) -> pd.DataFrame:
             "cell_type": pd.Categorical.from_codes(
                 type_codes, categories=[plan.type_names[t] for t in present]
             ),
-            "cell_type_ontology_term_id": pd.Categorical.from_codes(
-                type_codes, categories=[plan.ontology_ids[t] for t in present]
-            ),
+            "cell_type_ontology_term_id": _term_ids(plan, present, type_codes),
             "tissue": pd.Categorical.from_codes(one, categories=[ds.tissue]),
             "tissue_general": pd.Categorical.from_codes(one, categories=[ds.tissue_general]),
             "disease": _categorical([d.disease for d in donors], cells.donors),

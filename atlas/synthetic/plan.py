@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from scatlas.atlas.errors import InputError
+from scatlas.atlas.ontology import cell_ontology
 from scatlas.atlas.synthetic._common import (
     S_DATASETS,
     S_DISEASE,
@@ -53,17 +54,11 @@ def _split_counts(total: int, weights: np.ndarray) -> np.ndarray:
     return counts
 
 
-def _ontology_ids(names: Sequence[str]) -> list[str]:
-    """Fake but stable ``CL:000xxxx`` ids, from a hash of the name (collisions resolved in order)."""
-    taken: set[int] = set()
-    out = []
-    for name in names:
-        code = name_key(name) % 10_000
-        while code in taken:
-            code = (code + 1) % 10_000
-        taken.add(code)
-        out.append(f"CL:000{code:04d}")
-    return out
+def _ontology_ids(names: Sequence[str]) -> list[str | None]:
+    """The Cell Ontology id of each type name (exact CL name, synonym or normalised name, see
+    :meth:`atlas.ontology.CellOntology.lookup`); None for a name that is no CL term (e.g. ``norn cell``)."""
+    onto = cell_ontology()
+    return [onto.lookup(name)[0] for name in names]
 
 
 def _counts_block_cells(n_genes: int) -> int:
@@ -110,7 +105,7 @@ class AtlasPlan:
     config: SyntheticAtlasConfig
     type_names: tuple[str, ...]
     is_rare: np.ndarray
-    ontology_ids: tuple[str, ...]
+    ontology_ids: tuple[str | None, ...]  # CL id per type name; None where the name is no CL term
     rare_datasets: dict[str, tuple[int, ...]]
     datasets: tuple[DatasetPlan, ...]
     var: pd.DataFrame

@@ -1,0 +1,102 @@
+"""Does a query map onto the atlas? A query-level verdict from the index's mapping calibration, and which cells are
+out of the atlas.
+
+The calibration (:mod:`index.mapping`) held out each atlas dataset and recorded how such a "new" dataset maps: the
+norm of its MNN shift and the share of its cells whose score (percentile of the mean top-k similarity among
+held-out atlas cells) falls under the atlas' low tail. A query that needs a larger shift, or has a larger share of
+cells in that tail, than any atlas dataset (with the margins of :func:`index.mapping.derive_thresholds`) maps
+poorly: then each cell that does not map well on its own is out of the atlas. A query that maps well loses only its
+cells below anything atlas datasets show.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from scatlas.index import MappingCalibration
+
+Verdict = Literal["maps_well", "maps_poorly", "uncalibrated"]
+
+
+@dataclass(frozen=True)
+class MappingVerdict:
+    """The verdict on a query (see :func:`assess_mapping`).
+
+    ``verdict``: ``"maps_well"``, ``"maps_poorly"`` or ``"uncalibrated"`` (the index has no mapping calibration);
+    ``score``: share of the query's cells that map as atlas datasets' cells do (score at least the calibration's
+    ``low_score``), None when uncalibrated; ``evidence``: the numbers behind it; ``thresholds``: the cuts used.
+    """
+
+    verdict: Verdict
+    score: float | None
+    evidence: dict[str, Any] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    reasons: tuple[str, ...] = ()
+
+    def out_of_atlas(self, cell_scores: np.ndarray) -> np.ndarray:
+        """Bool mask of cells out of the atlas: when the query maps poorly, every cell scoring under
+        ``individual_score``; when it maps well, only those under ``extreme_score`` (below what any atlas dataset
+        shows); none when uncalibrated. NaN scores count as out (when calibrated)."""
+        s = np.asarray(cell_scores, dtype=np.float64)
+        if self.verdict == "uncalibrated":
+            return np.zeros(s.shape, dtype=bool)
+        cut = self.thresholds["individual_score" if self.verdict == "maps_poorly" else "extreme_score"]
+        out: np.ndarray = ~(s >= cut)
+        return out
+
+    def to_report(self) -> dict[str, Any]:
+        """The verdict as a JSON-ready dict for the annotation report."""
+        return {
+            "verdict": self.verdict,
+            "score": None if self.score is None else round(self.score, 4),
+            "reasons": list(self.reasons),
+            "evidence": self.evidence,
+            "thresholds": self.thresholds,
+        }
+
+
+def assess_mapping(
+    cell_scores: np.ndarray, shift_norm: float | None, calibration: MappingCalibration | None
+) -> MappingVerdict:
+    """The verdict on a query from its cells' scores (:meth:`MappingCalibration.cell_scores`) and the norm of its
+    MNN shift (None: not aligned). It maps poorly when the shift exceeds ``max_shift_norm`` or the share of cells
+    scoring under ``low_score`` exceeds ``max_low_fraction``."""
+    if calibration is None:
+        return MappingVerdict("uncalibrated", None, {"note": "the index has no mapping calibration (mapping.json)"})
+    t = dict(calibration.thresholds)
+    s = np.asarray(cell_scores, dtype=np.float64)
+    low = float(np.mean(~(s >= t["low_score"]))) if len(s) else 0.0
+    groups = calibration.groups
+    key = "aligned" if shift_norm is not None else "unaligned"
+    atlas_low = [g.below[key].get("0.05", 0.0) for g in groups]  # share under the pooled 5% quantile
+    evidence: dict[str, Any] = {
+        "n_cells": int(len(s)),
+        "shift_norm": None if shift_norm is None else round(float(shift_norm), 4),
+        "atlas_shift_norm_range": [min(g.shift_norm for g in groups), max(g.shift_norm for g in groups)],
+        "low_fraction": round(low, 4),
+        "atlas_low_fraction_max": round(max(atlas_low), 4) if atlas_low else None,
+        "median_cell_score": round(float(np.nanmedian(s)), 4) if len(s) else None,
+        "grouping": calibration.grouping,
+        "n_groups": len(groups),
+    }
+    reasons = []
+    if shift_norm is not None and float(shift_norm) > t["max_shift_norm"]:
+        reasons.append(
+            f"the query needed a shift of {float(shift_norm):.3f} to align, over {t['max_shift_norm']:.3f} "
+            f"(atlas {calibration.grouping}s held out: at most {evidence['atlas_shift_norm_range'][1]:.3f})"
+        )
+    if low > t["max_low_fraction"]:
+        reasons.append(
+            f"{100 * low:.0f}% of its cells map below the atlas' {100 * t['low_score']:.0f}% tail, over "
+            f"{100 * t['max_low_fraction']:.0f}%"
+        )
+    verdict: Verdict = "maps_poorly" if reasons else "maps_well"
+    return MappingVerdict(verdict, 1.0 - low, evidence, t, tuple(reasons))
+
+
+def out_of_atlas(verdict: MappingVerdict, cell_scores: np.ndarray) -> np.ndarray:
+    """:meth:`MappingVerdict.out_of_atlas` as a function."""
+    return verdict.out_of_atlas(cell_scores)

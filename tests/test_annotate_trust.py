@@ -1,0 +1,129 @@
+"""Annotation you can trust, through the CLI: every output column, ontology fallback, out-of-atlas queries, species
+refusal, heads only where asked, and a truth column that shares no label with the atlas."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from scatlas.atlas.synthetic import SyntheticAtlasConfig, write_h5ad_datasets
+from scatlas.cli import cli
+
+KEY = "cell_type"
+COLUMNS = ("pred", "pred_ontology_term_id", "pred_fine", "confidence", "level", "unknown_reason", "runner_up",
+           "runner_up_proba", "mapping_score")
+
+
+def _run(*args: str) -> Any:
+    result = CliRunner().invoke(cli, [*map(str, args)], catch_exceptions=False)
+    return result
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A synthetic blood-like atlas of two datasets (CL names as labels), and a third dataset as a query."""
+    root = tmp_path_factory.mktemp("trust")
+    cfg = SyntheticAtlasConfig(n_cells=3000, n_genes=300, n_datasets=3, n_donors=2, seed=5, rare_types=(),
+                               non_primary_fraction=0.0)
+    paths = write_h5ad_datasets(cfg, root / "h5ad")
+    assert _run("ingest", *paths[:2], "--atlas", root / "atlas", "--no-progress").exit_code == 0
+    res = _run("build", "--atlas", root / "atlas", "--index", root / "index", "--embedder-option", "n_hvg=250",
+               "--embedder-option", "n_components=20", "--no-progress")
+    assert res.exit_code == 0, res.output
+    return {"root": root, "index": root / "index", "query": paths[2]}
+
+
+def _annotate(built: dict[str, Path], query: Path, out: str, *extra: str) -> tuple[Any, pd.DataFrame, dict[str, Any]]:
+    out_path = built["root"] / out
+    res = _run("annotate", query, "--index", built["index"], "--out", out_path, "--no-progress", *extra)
+    if res.exit_code != 0:
+        return res, pd.DataFrame(), {}
+    report = json.loads(out_path.with_suffix("").with_name(out_path.stem + ".report.json").read_text())
+    return res, anndata.read_h5ad(out_path).obs, report
+
+
+def test_every_output_column_and_the_probabilities(built: dict[str, Path]) -> None:
+    res, obs, report = _annotate(built, built["query"], "same.h5ad", "--truth-key", KEY)
+    assert res.exit_code == 0, res.output
+    for c in COLUMNS:
+        assert f"{KEY}_{c}" in obs.columns, c
+    adata = anndata.read_h5ad(built["root"] / "same.h5ad")
+    proba, classes = adata.obsm[f"{KEY}_proba"], list(adata.uns[f"{KEY}_proba_classes"])
+    assert proba.shape == (adata.n_obs, len(classes))
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-4)
+    fine = obs[f"{KEY}_level"] == "fine"
+    assert (obs.loc[fine, f"{KEY}_pred"].astype(str) == obs.loc[fine, f"{KEY}_pred_fine"].astype(str)).all()
+    assert obs.loc[fine, f"{KEY}_pred_ontology_term_id"].str.fullmatch(r"CL:\d{7}").all()
+    best = np.asarray(classes)[proba.argmax(axis=1)]
+    assert (best == obs[f"{KEY}_pred_fine"].astype(str).to_numpy()).mean() > 0.99
+    # a same-tissue query of other donors: it maps well, few unknowns, the ontology-aware scores are reported
+    assert report["mapping"]["verdict"] == "maps_well"
+    assert (obs[f"{KEY}_pred"] == "unknown").mean() <= 0.03
+    ev = report["evaluation"][KEY]
+    assert ev["ontology"]["ontology_accuracy"] > 0.95 and ev["ontology"]["fine_rate"] > 0.85
+    assert ev["ontology"]["ece"] is not None
+    assert "ontology-aware accuracy" in res.output and "(by label head)" in res.output
+
+
+def test_truth_labels_absent_from_the_atlas_do_not_crash(built: dict[str, Path], tmp_path: Path) -> None:
+    q = anndata.read_h5ad(built["query"])
+    q.obs["other"] = pd.Categorical(np.where(np.arange(q.n_obs) % 2, "Zorblax cells", "Quux"))
+    q.write_h5ad(tmp_path / "q.h5ad")
+    res, _, report = _annotate(built, tmp_path / "q.h5ad", "absent.h5ad", "--truth-key", "other")
+    assert res.exit_code == 0, res.output
+    assert "truth labels the atlas does not have" in res.output
+    ev = report["evaluation"][KEY]
+    assert ev["n_known"] == 0 and ev["accuracy"] is None and ev["macro_f1"] is None
+    assert set(ev["truth_labels_absent_from_atlas"]) == {"Zorblax cells", "Quux"}
+    assert "n/a" in res.output
+
+
+def test_a_query_that_maps_poorly_is_unknown_out_of_atlas(built: dict[str, Path], tmp_path: Path) -> None:
+    """Shuffling the query's gene names makes profiles no atlas cell has: another tissue, as the atlas sees it."""
+    q = anndata.read_h5ad(built["query"])
+    order = np.random.default_rng(0).permutation(q.n_vars)
+    foreign = anndata.AnnData(X=q.X, obs=q.obs[[KEY]].copy(), var=q.var.iloc[order].copy())
+    foreign.write_h5ad(tmp_path / "foreign.h5ad")
+    res, obs, report = _annotate(built, tmp_path / "foreign.h5ad", "foreign_out.h5ad")
+    assert res.exit_code == 0, res.output
+    assert "WARNING: the query maps poorly" in res.output
+    assert report["mapping"]["verdict"] == "maps_poorly" and report["mapping"]["reasons"]
+    assert (obs[f"{KEY}_pred"] == "unknown").mean() >= 0.9
+    assert (obs.loc[obs[f"{KEY}_pred"] == "unknown", f"{KEY}_unknown_reason"] == "out_of_atlas").mean() > 0.9
+    # --no-mapping-check reports the verdict but labels anyway
+    res2, obs2, report2 = _annotate(built, tmp_path / "foreign.h5ad", "foreign_nocheck.h5ad", "--no-mapping-check")
+    assert res2.exit_code == 0 and report2["mapping"]["verdict"] == "maps_poorly"
+    assert (obs2[f"{KEY}_unknown_reason"] == "out_of_atlas").sum() == 0
+
+
+def test_another_species_is_refused_with_both_named(built: dict[str, Path], tmp_path: Path) -> None:
+    q = anndata.read_h5ad(built["query"])
+    names = q.var["feature_name"].astype(str) if "feature_name" in q.var else q.var_names.to_series()
+    mouse = anndata.AnnData(X=q.X, obs=q.obs[[KEY]].copy(),
+                            var=pd.DataFrame(index=[n[:1] + n[1:].lower() for n in names]))
+    mouse.write_h5ad(tmp_path / "mouse.h5ad")
+    res, _, _ = _annotate(built, tmp_path / "mouse.h5ad", "mouse_out.h5ad")
+    assert res.exit_code != 0
+    first = next(line for line in res.output.splitlines() if line.startswith("Error:"))
+    assert first.startswith("Error:") and "species" in first and "mouse" in first and "human" in first
+    assert "Traceback" not in res.output
+    res2, obs2, _ = _annotate(built, tmp_path / "mouse.h5ad", "mouse_allowed.h5ad", "--allow-species-mismatch")
+    assert res2.exit_code == 0, res2.output
+    assert len(obs2) == q.n_obs
+
+
+def test_a_column_without_a_head_is_voted_and_said_so(built: dict[str, Path]) -> None:
+    res, obs, report = _annotate(built, built["query"], "donor.h5ad", "--label-key", "donor_id",
+                                 "--label-key", KEY)
+    assert res.exit_code == 0, res.output
+    assert report["labels"]["donor_id"]["predicted_by"] == "knn"
+    assert report["labels"][KEY]["predicted_by"] == "heads"
+    assert "donor_id (by neighbour vote (the index has no label head for it))" in res.output
+    assert "donor_id_pred" in obs.columns

@@ -1,0 +1,116 @@
+"""Mapping calibration (held-out atlas datasets) and the query-level mapping verdict, on a synthetic atlas."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import anndata
+import numpy as np
+import pytest
+
+from scatlas.atlas import ingest
+from scatlas.atlas.errors import IndexFormatError
+from scatlas.atlas.synthetic import SyntheticAtlasConfig, write_h5ad_datasets
+from scatlas.index import (
+    AtlasIndex,
+    apply_shift,
+    build_index,
+    calibrate_mapping,
+    estimate_shift,
+    read_mapping_calibration,
+)
+from scatlas.index.mapping import MAPPING_FILE, MappingCalibration
+from scatlas.query.mapping import assess_mapping
+from scatlas.query.prepare import open_query
+from scatlas.query.vote import mean_top_similarity
+
+
+@pytest.fixture(scope="module")
+def atlas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Datasets 0-2 form the atlas (three groups to hold out); dataset 3 is a new dataset of the same cells."""
+    root = tmp_path_factory.mktemp("mapping")
+    cfg = SyntheticAtlasConfig(n_cells=1600, n_genes=300, n_datasets=4, n_donors=2, seed=5, rare_types=(),
+                               non_primary_fraction=0.0)
+    paths = write_h5ad_datasets(cfg, root / "h5ad")
+    ingest(paths[:3], root / "atlas", progress=False)
+    build_index(root / "atlas", root / "index", embedder_options={"n_hvg": 200, "n_components": 16},
+                label_keys=(), progress=False)
+    cal = calibrate_mapping(root / "index", cells_per_group=300)
+    return {"index": root / "index", "query": paths[3], "root": root, "cal": cal}
+
+
+def _verdict(index: Path, query: Any) -> tuple[Any, np.ndarray]:
+    cal = read_mapping_calibration(index)
+    with AtlasIndex.open(index) as idx:
+        cells = open_query(query, idx)
+        try:
+            vectors = cells.embed(np.arange(cells.n_cells), 1000)
+        finally:
+            cells.close()
+        alignment = estimate_shift(idx, vectors)
+        k = cal.k if cal is not None else 30
+        s = mean_top_similarity(idx.search(apply_shift(vectors, alignment.shift), k).scores, k)
+    scores = cal.cell_scores(s, aligned=True) if cal is not None else np.full(len(s), np.nan)
+    verdict = assess_mapping(scores, float(np.linalg.norm(alignment.shift)), cal)
+    return verdict, verdict.out_of_atlas(scores)
+
+
+def test_calibration_holds_out_each_dataset_and_round_trips(atlas: dict[str, Any]) -> None:
+    cal: MappingCalibration = atlas["cal"]
+    assert cal.grouping == "dataset" and cal.column == "dataset_id" and len(cal.groups) == 3
+    assert all(0 < g.n_cells <= 300 for g in cal.groups) and all(g.shift_norm >= 0 for g in cal.groups)
+    for key in ("aligned", "unaligned"):
+        ref = cal.reference[key]
+        assert 0 < len(ref) <= 4000 and np.all(np.diff(ref) >= 0)
+    assert set(cal.thresholds) >= {"max_shift_norm", "max_low_fraction", "individual_score", "extreme_score"}
+    back = read_mapping_calibration(atlas["index"])
+    assert back is not None and back.to_dict() == cal.to_dict()
+    # the scores: percentiles of the reference
+    ref = cal.reference["aligned"]
+    scores = cal.cell_scores(np.array([ref[0] - 1, np.median(ref), ref[-1] + 1, np.nan]), aligned=True)
+    assert scores[0] == 0 and scores[2] == 1 and abs(scores[1] - 0.5) < 0.05 and scores[3] == 0
+
+
+def test_a_new_dataset_of_the_same_cells_maps_well(atlas: dict[str, Any]) -> None:
+    verdict, out = _verdict(atlas["index"], atlas["query"])
+    assert verdict.verdict == "maps_well", verdict.to_report()
+    assert out.mean() <= 0.02
+    report = verdict.to_report()
+    assert report["score"] > 0.8 and report["evidence"]["grouping"] == "dataset"
+    json.dumps(report)
+
+
+def test_a_foreign_query_maps_poorly(atlas: dict[str, Any]) -> None:
+    """The same dataset with its genes shuffled: another tissue's programs on the same gene names."""
+    adata = anndata.read_h5ad(atlas["query"])
+    perm = np.random.default_rng(0).permutation(adata.n_vars)
+    foreign = anndata.AnnData(adata.X[:, perm], obs=adata.obs, var=adata.var)
+    verdict, out = _verdict(atlas["index"], foreign)
+    assert verdict.verdict == "maps_poorly", verdict.to_report()
+    assert verdict.reasons and out.mean() >= 0.9
+
+
+def test_an_index_without_calibration_is_uncalibrated(atlas: dict[str, Any], tmp_path: Path) -> None:
+    verdict = assess_mapping(np.array([0.1, 0.9]), 0.3, None)
+    assert verdict.verdict == "uncalibrated" and verdict.score is None
+    assert not verdict.out_of_atlas(np.array([0.0, 1.0])).any()
+    assert read_mapping_calibration(tmp_path) is None
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: "{not json",
+        lambda d: json.dumps({**d, "format_version": 99}),
+        lambda d: json.dumps({**d, "reference": {"aligned": [0.5, 0.1], "unaligned": [0.1]}}),
+        lambda d: json.dumps({**d, "thresholds": {**d["thresholds"], "max_low_fraction": "high"}}),
+        lambda d: json.dumps({**d, "groups": []}),
+        lambda d: json.dumps([1, 2]),
+    ],
+)
+def test_a_damaged_mapping_file_is_a_clear_error(atlas: dict[str, Any], tmp_path: Path, damage: Any) -> None:
+    (tmp_path / MAPPING_FILE).write_text(damage(atlas["cal"].to_dict()))
+    with pytest.raises(IndexFormatError, match="mapping.json is damaged .*recompute it with calibrate_mapping"):
+        read_mapping_calibration(tmp_path)
