@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from scatlas.atlas.errors import IndexFormatError
+
 
 def write_json_atomic(path: Path, payload: Any) -> Path:
     """Write JSON to a temporary file in the same directory, fsync it, then rename it over ``path``."""
@@ -23,3 +25,21 @@ def write_json_atomic(path: Path, payload: Any) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+MAX_JSON_BYTES = 64 << 20
+"""Largest JSON file of our own read back (manifests, records, calibrations are far smaller)."""
+
+
+def read_json_object(path: Path, fix: str) -> dict[str, Any]:
+    """The JSON object stored at ``path`` (one of our records). IndexFormatError, saying ``fix``, when it is
+    unreadable, too large, not JSON or not an object; the error names the problem, never the content."""
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ValueError(f"over {MAX_JSON_BYTES >> 20} MiB")
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise IndexFormatError(f"{path} is unreadable ({type(exc).__name__}); {fix}") from None
+    if not isinstance(payload, dict):
+        raise IndexFormatError(f"{path} does not hold a JSON object; {fix}")
+    return payload

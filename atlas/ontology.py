@@ -46,6 +46,14 @@ _NEGATIVE = re.compile(r"(?<=\w)\s*-(?=\s|$|[,;/)])")
 _PUNCT = re.compile(r"[\s_\-,;:./()\[\]'\"]+")
 
 
+ABBREVIATIONS = {
+    "b": "b cell", "t": "t cell", "nk": "natural killer cell", "mono": "monocyte", "dc": "dendritic cell",
+    "pdc": "plasmacytoid dendritic cell", "cdc": "conventional dendritic cell", "mk": "megakaryocyte",
+    "eryth": "erythrocyte", "treg": "regulatory t cell", "mac": "macrophage", "neu": "neutrophil",
+}
+"""Short forms common in cell-type labels, expanded when suggesting terms (suggestions only: never applied)."""
+
+
 def normalise_label(label: str) -> str:
     """``label`` in the form normalised lookups compare: case-folded, ``X+`` / ``X-`` as ``X positive`` /
     ``X negative``, hyphens, underscores and punctuation as blanks, plural words singular (``cells`` -> ``cell``,
@@ -178,7 +186,14 @@ class CellOntology:
         if self._choices is None:
             self._choices = sorted(self._by_normalised)
         out: list[tuple[str, str]] = []
-        for match in difflib.get_close_matches(normalise_label(text), self._choices, n=4 * n, cutoff=0.6):
+        words = normalise_label(text).split()
+        expanded = " ".join(ABBREVIATIONS.get(w, w) for w in words)
+        if expanded in self._by_normalised:  # "CD14 Mono" -> "cd14 monocyte"
+            term = self._by_normalised[expanded]
+            out.append((term, str(self.name(term))))
+        if len(expanded) < 4:  # too short for a fuzzy match to mean anything
+            return tuple(out)
+        for match in difflib.get_close_matches(expanded, self._choices, n=4 * n, cutoff=0.6):
             term = self._by_normalised[match]
             if all(term != t for t, _ in out):
                 out.append((term, str(self.name(term))))

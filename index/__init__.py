@@ -27,7 +27,12 @@ from scatlas.index.manifest import (
     SimilarityCalibration,
     read_manifest,
 )
-from scatlas.index.mapping import MappingCalibration, calibrate_mapping, read_mapping_calibration
+from scatlas.index.mapping import (
+    MappingCalibration,
+    calibrate_mapping,
+    mean_top_similarity,
+    read_mapping_calibration,
+)
 from scatlas.index.progress import Progress, progress_bar
 from scatlas.index.sampling import sample_sorted
 from scatlas.index.softmax import minimize_lbfgs
@@ -81,6 +86,7 @@ __all__ = [
     "index_info",
     "l2_normalize",
     "make_executor",
+    "mean_top_similarity",
     "minimize_lbfgs",
     "progress_bar",
     "read_manifest",

@@ -10,6 +10,7 @@ from scatlas.atlas.errors import IndexFormatError
 from scatlas.atlas.sql import quote_ident
 from scatlas.index.atlas_index import AtlasIndex
 from scatlas.index.heads_training import DATASET_COLUMN, label_column_classes
+from scatlas.index.label_classes import load_label_classes
 from scatlas.index.label_heads import read_heads_record
 from scatlas.index.manifest import IndexManifest
 from scatlas.index.metadata import columns_of
@@ -42,6 +43,7 @@ def index_info(path: str | Path) -> dict[str, Any]:
         m = idx.manifest
         size = directory_bytes(path)
         heads, heads_seconds, heads_error = _heads(idx)
+        classes = _classes(idx, heads_error)
         with idx.cursor() as con:
             datasets = _datasets(con)
             labels = label_column_classes(con)
@@ -74,8 +76,33 @@ def index_info(path: str | Path) -> dict[str, Any]:
         "label_columns": labels,
         "label_heads": heads,
         "label_heads_error": heads_error,
+        "label_classes": classes,
         "integrity": integrity(m),
     }
+
+
+MAX_LISTED = 8
+"""Unmapped label values listed by name per column (the counts cover all)."""
+
+
+def _classes(idx: AtlasIndex, heads_error: str | None) -> dict[str, Any]:
+    """Column -> how its values were mapped to Cell Ontology terms and merged into classes (stored columns only)."""
+    if heads_error is not None:
+        return {}
+    stored = load_label_classes(idx.path, recorded=idx.manifest.labels_files, digest=idx.build_id)
+    out = {}
+    for key, c in stored.items():
+        report = dict(c.report)
+        unmapped = report.get("unmapped") or {}
+        out[key] = {
+            "values": len(c.value_class),
+            "classes": len(c.classes),
+            "classes_with_term": sum(1 for k in c.classes if k in c.class_term),
+            "by_how": report.get("by_how", {}),
+            "unmapped": sorted(unmapped)[:MAX_LISTED] if isinstance(unmapped, dict) else [],
+            "n_unmapped": len(unmapped) if isinstance(unmapped, dict) else 0,
+        }
+    return out
 
 
 def _heads(idx: AtlasIndex) -> tuple[dict[str, Any], float | None, str | None]:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from scatlas.atlas.atomic import write_json_atomic
+from scatlas.atlas.atomic import read_json_object, write_json_atomic
 from scatlas.atlas.errors import IndexFormatError, InputError
 from scatlas.atlas.sql import quote_ident
 from scatlas.index.manifest import (
@@ -249,13 +249,7 @@ def _read(index_dir: Path, recorded: Mapping[str, FileRecord] | None) -> dict[st
         check_files(index_dir, dict(recorded), fix=f"the manifest records label classes that cannot be used: {hint}")
     if not path.is_file():
         return None
-    try:
-        payload = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise IndexFormatError(f"{path} is unreadable ({type(exc).__name__}); {hint}") from exc
-    if not isinstance(payload, dict):
-        raise IndexFormatError(f"{path} does not hold a JSON object; {hint}")
-    return payload
+    return read_json_object(path, hint)
 
 
 def _usable(payload: dict[str, Any] | None, digest: str, index_dir: Path) -> dict[str, Any]:

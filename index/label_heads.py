@@ -13,7 +13,6 @@ they belong to), one ``<n>.npz`` per label column, and the training sample's gen
 
 from __future__ import annotations
 
-import json
 import logging
 import zipfile
 import zlib
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from scatlas.atlas.atomic import read_json_object
 from scatlas.atlas.errors import IndexFormatError, InputError
 from scatlas.index.manifest import (
     HEADS_DIR,
@@ -236,13 +236,7 @@ def read_heads_record(index_dir: str | Path) -> dict[str, Any] | None:
 
 
 def _read_heads_json(path: Path, hint: str) -> dict[str, Any]:
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise IndexFormatError(f"{path} is unreadable ({exc}); {hint}") from exc
-    if not isinstance(meta, dict):
-        raise IndexFormatError(f"{path} does not hold a JSON object; {hint}")
-    return meta
+    return read_json_object(path, hint)
 
 
 def _load_head(directory: Path, key: str, entry: dict[str, Any], config: dict[str, Any]) -> LabelHead:

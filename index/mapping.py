@@ -4,7 +4,7 @@ A query is a dataset the atlas has not seen. To tell "maps like a new atlas data
 atlas dataset (else donor, else a random fold of cells) is held out in turn: a sample of its stored vectors is
 aligned onto the rest of the atlas (:func:`index.align.estimate_shift`, as a query is) and, with and without that
 shift, each sampled cell gets ``s`` = the mean similarity of its ``k`` nearest atlas cells outside its group
-(``k`` of the index's similarity calibration, as :func:`query.vote.mean_top_similarity` computes it). The pooled
+(``k`` of the index's similarity calibration, :func:`mean_top_similarity`). The pooled
 ``s`` values are the reference a query cell's ``s`` is ranked against (:meth:`MappingCalibration.cell_scores`);
 per-group shift norms and shares of cells in the pooled low tail give the query-level thresholds
 (:func:`derive_thresholds`). Written to ``<index>/mapping.json``.
@@ -12,7 +12,6 @@ per-group shift norms and shares of cells in the pooled low tail give the query-
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from scatlas.atlas.atomic import write_json_atomic
+from scatlas.atlas.atomic import read_json_object, write_json_atomic
 from scatlas.atlas.errors import IndexFormatError, InputError
 from scatlas.atlas.sql import quote_ident, quote_literal
 from scatlas.index.align import Alignment, apply_shift, estimate_shift
@@ -56,13 +55,17 @@ SHIFT_FACTOR = 1.5
 SHIFT_FLOOR = 0.2
 LOW_FRACTION_MARGIN = 0.05
 LOW_FRACTION_FLOOR = 0.10
+LOW_FRACTION_FLOOR_WITHIN = 0.25
+"""The floor when the held-out groups are donors or random folds of one dataset: they show less spread than
+another lab's data of the same tissue does (a stimulated PBMC query of another lab: 14% in the tail against a
+single sorted-PBMC dataset, docs/benchmarks.md#query-mapping-check)."""
 INDIVIDUAL_SCORE = 0.5
 """In a query that maps poorly, a cell whose own score reaches this (the median held-out atlas cell) still maps."""
 
 
 def mean_top_similarity(scores: np.ndarray, k: int) -> np.ndarray:
-    """Mean similarity of each row's first ``k`` valid neighbours (NaN where a row has none); the definition of
-    :func:`query.vote.mean_top_similarity`, which the index layer cannot import."""
+    """Mean similarity of each row's first ``k`` valid neighbours (NaN where a row has none): the statistic the
+    mapping calibration and annotation's similarity columns share."""
     s = np.asarray(scores, dtype=np.float64)[:, :k]
     valid = np.isfinite(s)
     count = valid.sum(axis=1)
@@ -217,13 +220,14 @@ def _group_from(g: Any) -> GroupStats:
     )
 
 
-def derive_thresholds(groups: list[GroupStats], low_fractions: list[float], extreme_scores: list[float]
-                      ) -> dict[str, float]:
+def derive_thresholds(groups: list[GroupStats], low_fractions: list[float], extreme_scores: list[float],
+                      grouping: str = "dataset") -> dict[str, float]:
     """The query-level cuts from the held-out groups (every group is a dataset the atlas saw as new):
 
     * ``max_shift_norm`` = max(SHIFT_FACTOR x the largest group shift, SHIFT_FLOOR);
     * ``max_low_fraction`` = max(the largest group share of cells scoring under ``low_score``
-      + LOW_FRACTION_MARGIN, LOW_FRACTION_FLOOR);
+      + LOW_FRACTION_MARGIN, LOW_FRACTION_FLOOR, or LOW_FRACTION_FLOOR_WITHIN when ``grouping`` is not
+      ``"dataset"``);
     * ``extreme_score`` = the lowest score any group's EXTREME_QUANTILE reaches (cells of a query that maps well are
       out of the atlas only under it); ``individual_score`` = INDIVIDUAL_SCORE.
     """
@@ -232,7 +236,10 @@ def derive_thresholds(groups: list[GroupStats], low_fractions: list[float], extr
     extreme = min(extreme_scores) if extreme_scores else 0.0
     return {
         "max_shift_norm": round(max(SHIFT_FACTOR * shift, SHIFT_FLOOR), 4),
-        "max_low_fraction": round(max(low + LOW_FRACTION_MARGIN, LOW_FRACTION_FLOOR), 4),
+        "max_low_fraction": round(
+            max(low + LOW_FRACTION_MARGIN, LOW_FRACTION_FLOOR if grouping == "dataset" else LOW_FRACTION_FLOOR_WITHIN),
+            4,
+        ),
         "individual_score": INDIVIDUAL_SCORE,
         "extreme_score": round(extreme, 5),
         "low_score": LOW_SCORE,
@@ -364,7 +371,7 @@ def _summarise(
         note += f"; {len(per)} of {n_total} groups"
     return MappingCalibration(
         grouping=grouping, column=column, k=k, reference=reference, groups=groups,
-        thresholds=derive_thresholds(groups, low_fractions, extremes), n_groups_total=n_total, note=note,
+        thresholds=derive_thresholds(groups, low_fractions, extremes, grouping), n_groups_total=n_total, note=note,
         params={"cells_per_group": int(cells_per_group), "seed": int(seed), "low_cuts": cuts},
     )
 
@@ -375,13 +382,10 @@ def read_mapping_calibration(index_dir: str | Path) -> MappingCalibration | None
     path = Path(index_dir) / MAPPING_FILE
     if not path.is_file():
         return None
+    fix = (f"recompute it with calibrate_mapping({str(path.parent)!r}) or delete it to annotate without the "
+           "mapping check")
+    data = read_json_object(path, fix)
     try:
-        if path.stat().st_size > 16 * 2**20:
-            raise ValueError("over 16 MiB")
-        data = json.loads(path.read_text(encoding="utf-8"))
         return MappingCalibration.from_dict(data)
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise IndexFormatError(
-            f"{path} is damaged ({str(exc)[:200]}): recompute it with calibrate_mapping({str(path.parent)!r}) or "
-            "delete it to annotate without the mapping check"
-        ) from None
+    except (ValueError, RecursionError) as exc:
+        raise IndexFormatError(f"{path} is damaged ({str(exc)[:200]}): {fix}") from None

@@ -73,7 +73,8 @@ MIN_GENE_OVERLAP_REFIT = 0.15
 """Default gene-overlap floor when label heads refitted for the query's genes decide every label (see
 docs/benchmarks.md#annotate-gene-overlap)."""
 
-DEFAULT_MIN_CONFIDENCE = 0.3
+DEFAULT_MIN_CONFIDENCE = 0.5
+"""The probability an answer needs, fine or ancestor: chosen by scripts/bench_fallback.py (docs/benchmarks.md)."""
 DEFAULT_WEIGHTING: Weighting = "adaptive"
 DEFAULT_FAR_QUANTILE: float | None = None
 DEFAULT_CLASS_BALANCE = 0.5

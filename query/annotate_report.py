@@ -115,7 +115,7 @@ def label_summary(predictions: pd.DataFrame, key: str, atlas: AtlasLabels) -> di
     return {
         "predicted_by": "heads" if key in atlas.heads else "knn",
         "n_atlas_labels": len(atlas.categories[key]),
-        "n_predicted_labels": int((counts[counts.index != UNKNOWN] > 0).sum()),
+        "n_predicted_labels": int(predictions.loc[predictions[f"{key}_level"] == "fine", f"{key}_pred"].nunique()),
         "counts": {str(lbl): int(c) for lbl, c in counts.items() if c > 0},
         "unknown_rate": round(float((p == UNKNOWN).mean()), 4) if len(p) else 0.0,
         "unknown_reasons": {str(r): int(c) for r, c in reasons.items() if r != REASON_NONE and c > 0},

@@ -62,8 +62,9 @@ def assess_mapping(
     cell_scores: np.ndarray, shift_norm: float | None, calibration: MappingCalibration | None
 ) -> MappingVerdict:
     """The verdict on a query from its cells' scores (:meth:`MappingCalibration.cell_scores`) and the norm of its
-    MNN shift (None: not aligned). It maps poorly when the shift exceeds ``max_shift_norm`` or the share of cells
-    scoring under ``low_score`` exceeds ``max_low_fraction``."""
+    MNN shift (None: not aligned). It maps poorly when the share of cells scoring under ``low_score`` exceeds
+    ``max_low_fraction``, or, where the calibration held out atlas datasets, the shift exceeds
+    ``max_shift_norm``."""
     if calibration is None:
         return MappingVerdict("uncalibrated", None, {"note": "the index has no mapping calibration (mapping.json)"})
     t = dict(calibration.thresholds)
@@ -83,7 +84,11 @@ def assess_mapping(
         "n_groups": len(groups),
     }
     reasons = []
-    if shift_norm is not None and float(shift_norm) > t["max_shift_norm"]:
+    # Shifts between donors of one dataset, or random folds, say nothing of those between labs and conditions:
+    # the shift rule needs atlas datasets held out.
+    shift_rule = calibration.grouping == "dataset"
+    evidence["shift_rule"] = "on" if shift_rule else f"off (the atlas' held-out groups are {calibration.grouping}s)"
+    if shift_rule and shift_norm is not None and float(shift_norm) > t["max_shift_norm"]:
         reasons.append(
             f"the query needed a shift of {float(shift_norm):.3f} to align, over {t['max_shift_norm']:.3f} "
             f"(atlas {calibration.grouping}s held out: at most {evidence['atlas_shift_norm_range'][1]:.3f})"

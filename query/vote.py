@@ -29,6 +29,7 @@ from typing import Literal, NamedTuple, get_args
 import numpy as np
 
 from scatlas.atlas.errors import InputError
+from scatlas.index import mean_top_similarity as mean_top_similarity  # the index's statistic, used here
 
 Weighting = Literal["uniform", "similarity", "adaptive"]
 WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
@@ -49,13 +50,6 @@ class Votes(NamedTuple):
     winner: np.ndarray  # (n,) int64 label code; -1 where no neighbour voted
     confidence: np.ndarray  # (n,) float32 weighted vote share of the winner; 0 where nobody voted
     n_voters: np.ndarray  # (n,) int32 neighbours that voted (labelled, within the cap)
-
-
-class Decision(NamedTuple):
-    """Final calls after abstention: label codes (-1 = unknown) and the reason for each unknown."""
-
-    code: np.ndarray  # (n,) int64; -1 = unknown
-    reason: np.ndarray  # (n,) object: "", "low_confidence" or "far_from_atlas"
 
 
 def vote_weights(scores: np.ndarray, weighting: Weighting = "adaptive") -> np.ndarray:
@@ -232,21 +226,6 @@ def vote_shares(
     return out
 
 
-def votes_from_probabilities(proba: np.ndarray) -> Votes:
-    """:class:`Votes` from per-class probabilities ``(n, n_labels)`` (a label head's): the most probable label
-    wins with its probability as confidence; rows that are all zero (no allowed label) have no winner."""
-    p = np.asarray(proba, dtype=np.float64)
-    if p.ndim != 2:
-        raise InputError(f"probabilities must be a 2-d array (got shape {p.shape})")
-    n = len(p)
-    if p.shape[1] == 0:
-        return Votes(np.full(n, -1, np.int64), np.zeros(n, np.float32), np.zeros(n, np.int32))
-    winner = p.argmax(axis=1).astype(np.int64)
-    conf = p[np.arange(n), winner]
-    winner[~(conf > 0)] = -1
-    return Votes(winner, conf.astype(np.float32), (p > 0).sum(axis=1).astype(np.int32))
-
-
 def balance_weights(counts: np.ndarray, exponent: float) -> np.ndarray:
     """Per-label vote factors ``count ** -exponent``, 1 for the most frequent label (0: no cells)."""
     c = np.asarray(counts, dtype=np.float64)
@@ -258,15 +237,6 @@ def balance_weights(counts: np.ndarray, exponent: float) -> np.ndarray:
     pos = c > 0
     out[pos] = (c[pos] / c.max()) ** -exponent
     return out
-
-
-def mean_top_similarity(scores: np.ndarray, k: int) -> np.ndarray:
-    """Mean similarity of each row's first ``k`` valid neighbours (NaN where a row has none)."""
-    s = np.asarray(scores, dtype=np.float64)[:, :k]
-    valid = np.isfinite(s)
-    count = valid.sum(axis=1)
-    total = np.where(valid, s, 0.0).sum(axis=1)
-    return np.divide(total, count, out=np.full(len(s), np.nan), where=count > 0)
 
 
 def far_from_atlas(
@@ -284,35 +254,3 @@ def far_from_atlas(
             raise InputError("far_nearest_threshold needs the nearest neighbours' similarities")
         far &= ~(np.asarray(nearest_similarity, dtype=np.float64) >= far_nearest_threshold)
     return far
-
-
-def decide(
-    votes: Votes,
-    mean_similarity: np.ndarray,
-    *,
-    min_confidence: float,
-    far_threshold: float | None,
-    nearest_similarity: np.ndarray | None = None,
-    far_nearest_threshold: float | None = None,
-) -> Decision:
-    """Abstain (code -1) where the vote is weak or the cell lies beyond the atlas.
-
-    ``far_from_atlas``: the mean top-k similarity is below ``far_threshold`` (or undefined: no neighbour) and,
-    when ``far_nearest_threshold`` is given, the similarity of the nearest neighbour (``nearest_similarity``)
-    is below it too (both must say "far": the mean top-k statistic alone calls every cell of a type with fewer
-    than k atlas cells far, since its k nearest cannot all be of its type). ``far_from_atlas`` takes
-    precedence over ``low_confidence``: confidence < ``min_confidence`` or nobody voted.
-    """
-    if not 0.0 <= min_confidence <= 1.0:
-        raise InputError(f"min_confidence must be in [0, 1] (got {min_confidence})")
-    n = len(votes.winner)
-    code = votes.winner.copy()
-    reason = np.full(n, REASON_NONE, dtype=object)
-    low = (votes.winner < 0) | (votes.confidence < min_confidence)
-    reason[low] = REASON_LOW_CONFIDENCE
-    if far_threshold is not None:
-        far = far_from_atlas(mean_similarity, far_threshold, nearest_similarity, far_nearest_threshold)
-        reason[far] = REASON_FAR
-        low |= far
-    code[low] = -1
-    return Decision(code, reason)

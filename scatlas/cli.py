@@ -421,6 +421,12 @@ def _print_info(info: dict[str, Any]) -> None:
     labels = info.get("label_columns") or {}
     if labels:
         _echo("labels       " + ", ".join(f"{col} ({n} values)" for col, n in labels.items()))
+    for key, c in (info.get("label_classes") or {}).items():
+        how = ", ".join(f"{n} by {h}" for h, n in c.get("by_how", {}).items() if n and h != "unmapped")
+        _echo(f"classes      {key}: {c['values']} values -> {c['classes']} classes, {c['classes_with_term']} with a Cell "
+              f"Ontology term ({how or 'none mapped'})"
+              + (f"; no term: {', '.join(c['unmapped'])}" + (" ..." if c["n_unmapped"] > len(c["unmapped"]) else "")
+                 + " (give them terms with `scatlas ingest --ontology-map`)" if c.get("n_unmapped") else ""))
     heads = info.get("label_heads") or {}
     if info.get("label_heads_error"):
         _echo(f"label heads  unusable: {info['label_heads_error']}")

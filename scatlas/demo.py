@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 RARE_TYPE = "norn cell"
 HELD_OUT_TYPE = "fibroblast"
 RARE_FRACTION = 0.02
+DEMO_HEAD_CELLS_PER_LABEL = 500
+"""Training cells per label for the demo's cell_type head (the default, 2,000, would triple the demo's time)."""
 
 
 @dataclass
@@ -112,7 +114,8 @@ def run_demo(
     stage("ingest", do_ingest)
 
     def do_build() -> str:
-        build_index(out / "atlas", out / "index", shard_size=max(1000, n_cells // 4))
+        build_index(out / "atlas", out / "index", shard_size=max(1000, n_cells // 4),
+                    heads_options={"max_cells_per_label": DEMO_HEAD_CELLS_PER_LABEL}, progress=progress)
         info = index_info(out / "index")
         result.figures["index"] = info
         return (f"index of {info['cells']} cells in {info['shards']} shards, {info['embedder']} {info['dim']}-d, "

@@ -25,6 +25,12 @@ has (an "unknown" counts as a miss), the unknown rate on those cells, and the ab
 label the reference lacks. Peers never abstain. Wall time covers fitting and predicting (for scatlas: ingest +
 index build + annotate).
 
+Cell Ontology: every pair whose labels have CL terms (``annotate_bench/ontology_maps.py``) passes them to
+``ingest(ontology_map=...)`` and ``annotate(ontology_map=...)``; scatlas' metrics then also hold ``fine`` (the same
+metrics on ``label_pred_fine``, its best class without abstention or ancestor fallback) and ``ontology``
+(ontology-aware accuracy, fine / ancestor / unknown rates, ECE of the confidence), shown in the block
+"Annotation: ontology-aware scores" of docs/benchmarks.md (``--docs-blocks``).
+
 ``--tune`` sweeps scatlas' parameters (predictor, k, weighting, class_balance, align, min_confidence,
 far_quantile) on every pair run and records the grid; :func:`annotate_bench.tuning.pick` chooses by its declared rule (worst margin
 against logreg over the real pairs, then mean open-set macro-F1) and the defaults in ``query.annotate`` come from

@@ -81,7 +81,7 @@ def test_synthetic_transfer_recovers_labels_and_abstains_on_absent_type(syntheti
     default = annotate(synthetic["query"], synthetic["index"], truth_key="cell_type", progress=False)
     ev_default = default.report["evaluation"]["cell_type"]["with_abstention"]
     assert ev_default["macro_f1"] > 0.9 and ev_default["unknown_rate_known"] < 0.01
-    assert ev_default["absent_types"][HELD_OUT]["unknown_rate"] < ev["absent_types"][HELD_OUT]["unknown_rate"]
+    assert ev_default["absent_types"][HELD_OUT]["unknown_rate"] <= ev["absent_types"][HELD_OUT]["unknown_rate"]
     assert default.report["params"]["far_quantile"] is None
     p = res.predictions
     fine = p["cell_type_level"] == "fine"

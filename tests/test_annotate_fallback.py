@@ -123,3 +123,16 @@ def test_curated_subclasses_hold_the_usual_groupings() -> None:
     terms = curated_subclasses()
     assert {T_CELL, LYMPHOCYTE, "CL:0000576"} <= terms  # T cell, lymphocyte, monocyte
     assert "CL:0000219" not in terms  # motile cell
+
+
+def test_a_fine_class_coarser_than_the_truth_is_right() -> None:
+    """An atlas that does not split CD4 T cells answers "CD4 T" for a naive CD4 T cell: right at its resolution."""
+    naive_cd4 = "CL:0000895"
+
+    def ancestors_of(t: str) -> frozenset[str]:
+        return frozenset({CD4, T_CELL, LYMPHOCYTE, LEUKOCYTE} if t == naive_cd4 else ANCESTORS.get(t, ()))
+
+    m = ontology_metrics([naive_cd4, naive_cd4], ["fine", "ancestor"], [CD4, CD4], np.array([0.9, 0.9]), ancestors_of)
+    assert m["ontology_accuracy"] == 1.0
+    wrong = ontology_metrics([CD4], ["fine"], [naive_cd4], np.array([0.9]), lambda t: frozenset(ANCESTORS.get(t, ())))
+    assert wrong["ontology_accuracy"] == 0.0  # finer than the truth is not implied by it

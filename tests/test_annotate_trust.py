@@ -37,6 +37,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     res = _run("build", "--atlas", root / "atlas", "--index", root / "index", "--embedder-option", "n_hvg=250",
                "--embedder-option", "n_components=20", "--no-progress")
     assert res.exit_code == 0, res.output
+    # the build says how labels became classes: the synthetic types are CL names, each its own term
+    assert "classes      cell_type:" in res.output and "with a Cell Ontology term" in res.output
+    assert "label heads  cell_type:" in res.output and "donor_id:" not in res.output  # heads only where asked
     return {"root": root, "index": root / "index", "query": paths[2]}
 
 

@@ -6,16 +6,10 @@ import numpy as np
 import pytest
 
 from scatlas.atlas.errors import InputError
-from scatlas.query.evaluate import confusion_table, evaluate_labels
 from scatlas.query.vote import (
-    REASON_FAR,
-    REASON_LOW_CONFIDENCE,
-    REASON_NONE,
-    UNKNOWN,
-    Votes,
     balance_weights,
     cap_per_dataset,
-    decide,
+    far_from_atlas,
     mean_top_similarity,
     vote,
     vote_weights,
@@ -126,79 +120,11 @@ def test_mean_top_similarity_ignores_missing() -> None:
     assert mean_top_similarity(s, 1)[0] == pytest.approx(0.9)
 
 
-def test_decide_reasons_and_precedence() -> None:
-    votes = Votes(
-        winner=np.array([0, 1, 1, -1, 0]),
-        confidence=np.array([0.9, 0.3, 0.9, 0.0, 0.2], dtype=np.float32),
-        n_voters=np.array([5, 5, 5, 0, 5]),
-    )
-    sim = np.array([0.8, 0.8, 0.1, 0.8, np.nan])
-    d = decide(votes, sim, min_confidence=0.5, far_threshold=0.5)
-    assert d.code.tolist() == [0, -1, -1, -1, -1]
-    assert d.reason.tolist() == [
-        REASON_NONE,
-        REASON_LOW_CONFIDENCE,
-        REASON_FAR,
-        REASON_LOW_CONFIDENCE,
-        REASON_FAR,
-    ]
-    d = decide(votes, sim, min_confidence=0.0, far_threshold=None)
-    assert d.code.tolist() == [0, 1, 1, -1, 0]  # nobody voted: still unknown
-    with pytest.raises(InputError):
-        decide(votes, sim, min_confidence=1.5, far_threshold=None)
-
-
-def test_decide_far_needs_both_statistics_when_given_two_thresholds() -> None:
-    votes = Votes(
-        winner=np.array([0, 0, 0, 0]),
-        confidence=np.ones(4, dtype=np.float32),
-        n_voters=np.array([5, 5, 5, 5]),
-    )
+def test_far_from_atlas_needs_both_statistics_when_given_two_thresholds() -> None:
     mean_sim = np.array([0.1, 0.1, 0.8, np.nan])
     nearest = np.array([0.2, 0.9, 0.2, np.nan])
-    d = decide(votes, mean_sim, min_confidence=0.5, far_threshold=0.5)
-    assert d.reason.tolist() == [REASON_FAR, REASON_FAR, REASON_NONE, REASON_FAR]
+    assert far_from_atlas(mean_sim, 0.5).tolist() == [True, True, False, True]
     # a cell with one close atlas neighbour (a type with fewer than k atlas cells) is not far
-    d = decide(
-        votes, mean_sim, min_confidence=0.5, far_threshold=0.5, nearest_similarity=nearest, far_nearest_threshold=0.5
-    )
-    assert d.reason.tolist() == [REASON_FAR, REASON_NONE, REASON_NONE, REASON_FAR]
-    assert d.code.tolist() == [-1, 0, 0, -1]
+    assert far_from_atlas(mean_sim, 0.5, nearest, 0.5).tolist() == [True, False, False, True]
     with pytest.raises(InputError):
-        decide(votes, mean_sim, min_confidence=0.5, far_threshold=0.5, far_nearest_threshold=0.5)
-
-
-def test_evaluate_labels_known_absent_and_unknown() -> None:
-    truth = ["A", "A", "A", "B", "B", "C", "C", None]
-    pred = ["A", "A", UNKNOWN, "B", "A", UNKNOWN, "B", "A"]
-    m = evaluate_labels(truth, pred, {"A", "B", "D"})
-    assert (m["n_known"], m["n_absent"], m["n_unlabelled"]) == (5, 2, 1)
-    assert m["accuracy"] == pytest.approx(3 / 5)
-    # A: tp 2, fp 1, fn 1 -> P 2/3 R 2/3; B: tp 1, fp 0, fn 1 -> P 1 R 1/2
-    f1_a, f1_b = 2 / 3, 2 * 1 * 0.5 / 1.5
-    assert m["macro_f1"] == pytest.approx((f1_a + f1_b) / 2, abs=1e-4)
-    assert m["per_class"]["B"]["precision"] == 1.0
-    assert m["per_class"]["A"]["unknown_rate"] == pytest.approx(1 / 3, abs=1e-4)
-    assert m["unknown_rate_known"] == pytest.approx(1 / 5)
-    assert m["accuracy_assigned"] == pytest.approx(3 / 4)
-    assert m["abstention_rate_absent"] == pytest.approx(0.5)
-    assert m["absent_types"]["C"]["predicted_as"] == {UNKNOWN: 1, "B": 1}
-    assert "D" not in m["per_class"]  # an atlas label the query lacks is not a class of the score
-    # open set: C cells are class "unknown"; A 2/3, B: tp 1 fp 1 (a C cell) fn 1 -> 1/2, unknown: tp 1 fp 1 fn 1
-    assert m["macro_f1_open"] == pytest.approx((2 / 3 + 1 / 2 + 1 / 2) / 3, abs=1e-4)
-    closed = evaluate_labels(truth[:5], pred[:5], {"A", "B"})
-    assert closed["macro_f1_open"] == closed["macro_f1"]  # no absent cells: the same score
-
-
-def test_evaluate_labels_no_known_cells() -> None:
-    m = evaluate_labels(["X", "Y"], [UNKNOWN, "A"], {"A"})
-    assert m["accuracy"] is None and m["macro_f1"] is None
-    assert m["abstention_rate_absent"] == 0.5
-
-
-def test_confusion_table_has_unknown_last() -> None:
-    t = confusion_table(["A", "B", "B", "C"], ["A", "A", UNKNOWN, "B"])
-    assert list(t.columns)[-1] == UNKNOWN
-    assert list(t.index) == ["A", "B", "C"]
-    assert t.loc["B", "A"] == 1 and t.loc["B", UNKNOWN] == 1 and t.loc["C", "B"] == 1
-    assert int(t.to_numpy().sum()) == 4
+        far_from_atlas(mean_sim, 0.5, None, 0.5)

@@ -22,7 +22,7 @@ from scatlas.index.label_heads import HEADS_DIR, HEADS_FILE
 from scatlas.index.softmax import balanced_sample_weights, fit_softmax
 from scatlas.index.vectors import l2_normalize
 from scatlas.query import annotate
-from scatlas.query.vote import UNKNOWN, votes_from_probabilities
+from scatlas.query.vote import UNKNOWN
 from tests.conftest import make_adata
 
 # -- the fitter --------------------------------------------------------------------------------------------------
@@ -68,12 +68,6 @@ def test_softmax_refuses_bad_input() -> None:
         fit_softmax(X, y, 2, C=0.0)
     with pytest.raises(InputError, match="at least one"):
         fit_softmax(X[:0], y[:0], 2)
-
-
-def test_votes_from_probabilities() -> None:
-    v = votes_from_probabilities(np.array([[0.2, 0.8], [0.0, 0.0], [0.6, 0.4]]))
-    assert v.winner.tolist() == [1, -1, 0]
-    np.testing.assert_allclose(v.confidence, [0.8, 0.0, 0.6])
 
 
 # -- with an index -----------------------------------------------------------------------------------------------

@@ -20,10 +20,20 @@ from .dropout import DROPOUT_PAIRS, gene_dropout
 from .methods import Prepared
 from .pairs import PAIRS, SKIPPED
 from .peers import PEER_PINS, WORKERS, make_peer_venv
-from .render import macro_f1, markdown, write_docs
+from .render import (
+    PEERS,
+    has_ontology,
+    macro_f1,
+    markdown,
+    ontology_markdown,
+    write_docs,
+    write_ontology_docs,
+)
 from .run import peer_notes, run_pair
 from .scale import prepare_scale, scale_worker
 from .tuning import pick, tune
+
+DOCS_BLOCKS = ("auto", "main", "ontology", "both")
 
 DEFAULT_METHODS = [
     "scatlas",
@@ -43,6 +53,15 @@ def parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--work", type=Path, default=None, help="working directory (default: a temporary one)")
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
+    ap.add_argument(
+        "--docs-blocks",
+        choices=DOCS_BLOCKS,
+        default="auto",
+        help="with --write-docs: which blocks of docs/benchmarks.md to write: 'main' (the results table), "
+        "'ontology' (the ontology-aware scores), 'both', or 'auto' (default: the ontology block when scatlas has "
+        "ontology-aware scores, and the main block when the run has every peer (logreg, celltypist, "
+        "scanpy_ingest), so that a run of some methods only does not drop the peers' rows)",
+    )
     ap.add_argument("--pairs", nargs="*", default=None, help="pair names (default: all, plus synthetic)")
     ap.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS))
     ap.add_argument(
@@ -100,7 +119,7 @@ def main(argv: list[str] | None = None, description: str = "") -> int:
         return 0
     if args.render:
         saved = json.loads(args.render.read_text())
-        _publish(markdown(saved, saved["command"]), args.write_docs)
+        _publish(saved, saved["command"], args.write_docs, args.docs_blocks)
         return 0
     if args.make_peer_venv:
         args.peer_python = make_peer_venv(args.make_peer_venv)
@@ -110,7 +129,7 @@ def main(argv: list[str] | None = None, description: str = "") -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_annotate_"))
     results = _run(ap, args, command, work)
     _save(results, args.json_out)
-    _publish(markdown(results, command), args.write_docs)
+    _publish(results, command, args.write_docs, args.docs_blocks)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
@@ -189,8 +208,30 @@ def _save(results: dict[str, Any], json_out: Path | None) -> None:
         json_out.write_text(json.dumps(results, indent=2, default=str))
 
 
-def _publish(block: str, into_docs: bool) -> None:
-    """Print the Markdown ``block``, and write it into docs/benchmarks.md when ``into_docs``."""
-    if into_docs:
-        write_docs(block)
-    sys.stdout.write(block + "\n")
+def _publish(results: dict[str, Any], command: str, into_docs: bool, blocks: str = "auto") -> None:
+    """Print the Markdown blocks of ``results`` (the main table, and the ontology-aware scores when scatlas has
+    them), and write into docs/benchmarks.md (``into_docs``) the ones ``blocks`` selects (see ``--docs-blocks``)."""
+    main_block = markdown(results, command)
+    onto = has_ontology(results)
+    onto_block = ontology_markdown(results, command) if onto else None
+    sys.stdout.write(main_block + "\n")
+    if onto_block:
+        sys.stdout.write("\n" + onto_block + "\n")
+    if not into_docs:
+        return
+    if blocks == "auto":
+        methods = {m for pr in results["pairs"] for m in pr["methods"]}
+        write_main = set(PEERS) <= methods
+        write_onto = onto
+        if not write_main:
+            log.info("docs: main block left as it is (this run lacks %s); --docs-blocks main writes it anyway",
+                     ", ".join(sorted(set(PEERS) - methods)))
+    else:
+        write_main, write_onto = blocks in ("main", "both"), blocks in ("ontology", "both")
+    if write_main:
+        write_docs(main_block)
+    if write_onto:
+        if onto_block is None:
+            log.warning("docs: no ontology-aware scores in these results; ontology block left as it is")
+        else:
+            write_ontology_docs(onto_block)

@@ -12,6 +12,9 @@ import numpy as np
 
 from .common import LABEL
 
+FINE_PRED = "_pred_fine"
+"""The key of scatlas' ``{label}_pred_fine`` array in a runner's info (taken out before the info is saved)."""
+
 
 @dataclass
 class Prepared:
@@ -22,8 +25,9 @@ class Prepared:
     work: Path
     index_dir: Path | None = None
     hvg: Any = None  # GeneVocabulary of the embedder's genes
-    annotate_kw: dict[str, Any] = field(default_factory=dict)
+    annotate_kw: dict[str, Any] = field(default_factory=dict)  # ontology_map: the query labels' CL terms
     build_s: float = 0.0
+    ref_terms: dict[str, str] = field(default_factory=dict)  # reference label -> CL term, given to ingest
 
 
 def lognorm_matrix(path: Path, genes: Any | None) -> tuple[Any, np.ndarray, Any]:
@@ -86,12 +90,25 @@ def run_scatlas(p: Prepared, **annotate_kw: Any) -> tuple[np.ndarray, dict[str, 
     kw = {**p.annotate_kw, **annotate_kw}
     res = annotate(p.query, p.index_dir, label_keys=[LABEL], truth_key=LABEL, progress=False, **kw)
     t = time.perf_counter() - t0
+    ev = res.report["evaluation"][LABEL]
     extra = {
         "annotate_s": round(t, 3),
         "build_s": round(p.build_s, 3),
         "wall_s": round(t + p.build_s, 3),
         "gene_overlap": res.report["gene_overlap"],
         "unknown_reasons": res.report["labels"][LABEL]["unknown_reasons"],
+        "levels": res.report["labels"][LABEL]["levels"],
+        "mapping": {k: res.report["mapping"].get(k) for k in ("verdict", "cells_out_of_atlas")},
+        # annotate's own evaluation: flat (K_pred_fine), with abstention (K_pred) and ontology-aware
+        "annotate_eval": {
+            "macro_f1": ev.get("macro_f1"),
+            "accuracy": ev.get("accuracy"),
+            "with_abstention_macro_f1": ev.get("with_abstention", {}).get("macro_f1"),
+            "ontology": ev.get("ontology"),
+            "truth_labels_absent_from_atlas": ev.get("truth_labels_absent_from_atlas"),
+        },
+        # popped by run.run_method and scored like the other methods (the best class, no abstention)
+        FINE_PRED: res.predictions[f"{LABEL}_pred_fine"].astype(str).to_numpy(),
     }
     return res.predictions[f"{LABEL}_pred"].astype(str).to_numpy(), extra
 
@@ -103,7 +120,7 @@ def build_scatlas(p: Prepared) -> None:
     t0 = time.perf_counter()
     store = p.work / "atlas"
     shutil.rmtree(store, ignore_errors=True)
-    ingest(p.refs, store, progress=False)
+    ingest(p.refs, store, progress=False, ontology_map=p.ref_terms or None, ontology_label_key=LABEL)
     p.index_dir = p.work / "index"
     build_index(store, p.index_dir, overwrite=True, label_keys=[LABEL], progress=False)
     p.build_s = time.perf_counter() - t0

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import ontology_maps as cl
 from .common import LABEL
 
 
@@ -29,6 +30,10 @@ class Pair:
     ref_map: dict[str, str | None] = field(default_factory=dict)  # label harmonisation (None: unlabelled)
     query_map: dict[str, str | None] = field(default_factory=dict)
     note: str = ""
+    # CL terms of the harmonised labels (annotate_bench.ontology_maps): reference -> ingest(ontology_map=...),
+    # query -> annotate(ontology_map=...); empty: labels without CL terms (cell lines, culture conditions)
+    ref_terms: dict[str, str] = field(default_factory=dict)
+    query_terms: dict[str, str] = field(default_factory=dict)
 
 
 ZHENG_BROAD = {
@@ -82,6 +87,8 @@ _ZHENG_TO_KANG_CTRL = Pair(
     query_split="sample",
     ref_map=ZHENG_BROAD,
     query_map=KANG_BROAD,
+    ref_terms=cl.BROAD,
+    query_terms=cl.BROAD,
     note="FACS-sorted reference, broad harmonised labels; DC/Mk/Eryth absent from the reference, "
     "T activated not scored",
 )
@@ -96,6 +103,8 @@ _KANG_CTRL_TO_PBMC3K = Pair(
     query_split="__all__",
     query_label="classified",
     query_map=PBMC3K_TO_KANG,
+    ref_terms=cl.KANG,
+    query_terms=cl.KANG,
     note="another lab's PBMCs as a partial query: log-normalised values of its own 2,000 HVGs only, which "
     "hold 406 (20%) of the reference's 2,000 HVGs (accepted by annotate's default floor of 15% with refitted "
     "label heads; the 50% floor before session 5 refused it) and the peers use those 406 genes; "
@@ -110,6 +119,8 @@ PAIRS: tuple[Pair, ...] = (
         "sample",
         ("CTRL",),
         ("STIM",),
+        ref_terms=cl.KANG,
+        query_terms=cl.KANG,
         note="IFN-beta stimulation shifts every type; 13 Seurat-tutorial labels",
     ),
     Pair(
@@ -119,6 +130,8 @@ PAIRS: tuple[Pair, ...] = (
         "donor",
         ("3pv1", "3pv2"),
         ("5p",),
+        ref_terms=cl.SYMPHONY,
+        query_terms=cl.SYMPHONY,
         note="10x 3' v1 + v2 reference, 5' query; log-normalised input",
     ),
     Pair(
@@ -137,6 +150,8 @@ PAIRS: tuple[Pair, ...] = (
         "batch",
         ("batch 1", "batch 4"),
         ("batch 5",),
+        ref_terms=cl.PANCREAS,
+        query_terms=cl.PANCREAS,
         note="beta/ductal; counts (inDrop, Smart-seq2) -> non-integer study",
     ),
     Pair(
@@ -158,6 +173,8 @@ PAIRS: tuple[Pair, ...] = (
         "sample",
         ("STIM",),
         ("CTRL",),
+        ref_terms=cl.KANG,
+        query_terms=cl.KANG,
         note="the reverse of kang2018_ctrl_to_stim: stimulated reference, control query",
     ),
     Pair(
@@ -167,6 +184,8 @@ PAIRS: tuple[Pair, ...] = (
         "donor",
         ("5p",),
         ("3pv1", "3pv2"),
+        ref_terms=cl.SYMPHONY,
+        query_terms=cl.SYMPHONY,
         note="10x 5' reference, 3' v1 + v2 query; log-normalised input",
     ),
     Pair(
@@ -185,6 +204,8 @@ PAIRS: tuple[Pair, ...] = (
         "batch",
         ("batch 4", "batch 5"),
         ("batch 1",),
+        ref_terms=cl.PANCREAS,
+        query_terms=cl.PANCREAS,
         note="beta/ductal; Smart-seq2-like + non-integer study -> inDrop-like counts",
     ),
     Pair(
@@ -206,6 +227,8 @@ PAIRS: tuple[Pair, ...] = (
         "donor",
         ("3pv1",),
         ("3pv2",),
+        ref_terms=cl.SYMPHONY,
+        query_terms=cl.SYMPHONY,
         note="10x 3' v1 reference, 3' v2 query; log-normalised input",
     ),
     Pair(
@@ -215,6 +238,8 @@ PAIRS: tuple[Pair, ...] = (
         "batch",
         ("batch 1", "batch 5"),
         ("batch 4",),
+        ref_terms=cl.PANCREAS,
+        query_terms=cl.PANCREAS,
         note="beta/ductal; inDrop-like counts + non-integer study -> Smart-seq2-like",
     ),
     dataclasses.replace(

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from docs_block import write_block
 
-from .common import DOCS, MARK_END, MARK_START, TUNED
+from .common import BASELINE, DOCS, MARK_END, MARK_START, ONTO_HEADING, ONTO_MARK_END, ONTO_MARK_START, TUNED
 from .pairs import SKIPPED
 from .tuning import tune_score
 
@@ -164,18 +164,28 @@ def markdown(results: dict[str, Any], command: str) -> str:
         "*scatlas_knn* is the neighbour vote alone (`predictor=\"knn\"`, the method before label heads). "
         "logreg is scikit-learn's `LogisticRegression(class_weight=\"balanced\")` on log1p CP10k of the same "
         "highly variable genes as scatlas' embedder (those the query has). Wall time: fit + predict (scatlas: ingest + index build, "
-        "label heads included, + annotate).",
+        "label heads included, + annotate). "
+        "For scatlas' rows (runs since the Cell Ontology answers of issue 15; – before): *macro-F1 fine*: of its best "
+        "class without abstention or ontology fallback (`label_pred_fine`); *onto acc*: ontology-aware accuracy of the "
+        "answered cells (an answer, fine or ancestor, is right when its CL term is the truth's or one of the "
+        "truth's ancestors); *fine*: the share of cells answered with a class; *ECE*: expected "
+        "calibration error of `label_confidence` on the answered cells (the labels' CL terms: "
+        "`scripts/annotate_bench/ontology_maps.py`; see *Annotation: ontology-aware scores*).",
         "",
-        "| pair | method | accuracy | macro-F1 | unknown | abstain absent | wall s |",
-        "|---|---|---|---|---|---|---|",
+        "| pair | method | accuracy | macro-F1 | unknown | abstain absent | macro-F1 fine | onto acc | fine | ECE | "
+        "wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for pair in results["pairs"]:
         for meth, r in pair["methods"].items():
             if r.get("error"):
-                lines.append(f"| {pair['name']} | {meth} | failed: {r['error'][:90]} | | | | |")
+                lines.append(f"| {pair['name']} | {meth} | failed: {r['error'][:90]} | | | | | | | | |")
                 continue
             m = r["metrics"]
+            onto = m.get("ontology") or {}
             cells = [m["accuracy"], m["macro_f1"], m["unknown_rate_known"], m["abstention_rate_absent"]]
+            cells += [(m.get("fine") or {}).get("macro_f1"), onto.get("ontology_accuracy"), onto.get("fine_rate"),
+                      onto.get("ece")]
             cells.append(r["info"].get("wall_s"))
             lines.append(f"| {pair['name']} | {meth} | " + " | ".join(_fmt(c) for c in cells) + " |")
     lines += ["", "Pairs:", ""]
@@ -243,3 +253,143 @@ def _dropout_lines(dropout: dict[str, list[dict[str, Any]]], commands: list[str]
 def write_docs(block: str) -> None:
     """Put the Markdown ``block`` into docs/benchmarks.md, in place of the earlier one."""
     write_block(DOCS, MARK_START, MARK_END, block)
+
+
+SAME_TISSUE = (
+    "kang2018_ctrl_to_stim",
+    "kang2018_stim_to_ctrl",
+    "symphony_3p_to_5p",
+    "symphony_5p_to_3p",
+    "symphony_3pv1_to_3pv2",
+    "zheng_sorted_to_kang_ctrl",
+    "zheng_sorted_to_kang_stim",
+    "kang_ctrl_to_pbmc3k",
+    "kang_stim_to_pbmc3k",
+)
+"""Pairs of the same tissue (PBMC) from another donor, lab, chemistry or condition: the targets below apply."""
+TARGET_UNKNOWN, TARGET_ONTOLOGY_ACCURACY, TARGET_FINE = 0.03, 0.97, 0.85
+"""Targets on same-tissue pairs: unknown rate at most, ontology-aware accuracy and fine rate at least."""
+ONTO_METHOD = "scatlas"
+
+
+def ontology_rows(results: dict[str, Any], method: str = ONTO_METHOD) -> list[dict[str, Any]]:
+    """Per pair with ``method`` scored: the flat and ontology-aware numbers of the ontology block, the margin over
+    logreg and, on :data:`SAME_TISSUE` pairs, whether each target is met."""
+    rows = []
+    for pair in results["pairs"]:
+        r = pair["methods"].get(method, {})
+        if r.get("error") or "metrics" not in r:
+            continue
+        m, o = r["metrics"], r["metrics"].get("ontology") or {}
+        fine = (m.get("fine") or {}).get("macro_f1")
+        base = macro_f1(pair, BASELINE)
+        row: dict[str, Any] = {
+            "pair": pair["name"],
+            "macro_f1_fine": fine,
+            "logreg_macro_f1": base,
+            "margin": None if fine is None or base is None else round(fine - base, 4),
+            "macro_f1_with_abstention": m.get("macro_f1"),
+            "ontology_accuracy": o.get("ontology_accuracy"),
+            "fine_rate": o.get("fine_rate"),
+            "ancestor_rate": o.get("ancestor_rate"),
+            "unknown_rate": o.get("unknown_rate"),
+            "ece": o.get("ece"),
+            "n_with_term": o.get("n_cells_with_truth_term"),
+            "mapping": (r.get("info", {}).get("mapping") or {}).get("verdict"),
+            "absent": m.get("absent_types") or {},
+        }
+        if pair["name"] in SAME_TISSUE and o.get("n_cells_with_truth_term"):
+            row["targets"] = {
+                "unknown": o["unknown_rate"] is not None and o["unknown_rate"] <= TARGET_UNKNOWN,
+                "ontology_accuracy": o["ontology_accuracy"] is not None
+                and o["ontology_accuracy"] >= TARGET_ONTOLOGY_ACCURACY,
+                "fine": o["fine_rate"] is not None and o["fine_rate"] >= TARGET_FINE,
+            }
+        rows.append(row)
+    return rows
+
+
+def _targets_cell(row: dict[str, Any]) -> str:
+    t = row.get("targets")
+    if t is None:
+        return "–"
+    if all(t.values()):
+        return "met"
+    return "missed: " + ", ".join(k.replace("_", " ") for k, ok in t.items() if not ok)
+
+
+def _absent(name: str, a: Any) -> str:
+    if isinstance(a, dict) and "n" in a:
+        rate = a.get("unknown_rate")
+        return f"{name} ({a['n']}; {_fmt(rate) if rate is not None else '–'})"
+    return f"{name} ({a})"
+
+
+def ontology_markdown(results: dict[str, Any], command: str) -> str:
+    """The block of docs/benchmarks.md between :data:`ONTO_MARK_START` and :data:`ONTO_MARK_END`."""
+    rows = ontology_rows(results)
+    lines = [
+        ONTO_MARK_START,
+        f"Command: `{command}`  ",
+        f"Machine: {results['machine']}; run {results['date']}.",
+        "",
+        "scatlas (`query.annotate`, defaults) with Cell Ontology terms for every label that has one "
+        "(`scripts/annotate_bench/ontology_maps.py`: passed to `atlas.ingest(ontology_map=...)` for the reference "
+        "and to `annotate(ontology_map=...)` for the query's truth; the cell lines and mESC culture conditions have "
+        "none and stay flat). *macro-F1 fine*: scatlas' best class without abstention or fallback "
+        "(`label_pred_fine`), scored like logreg's predictions (logreg: the same genes, the same run; *margin* = "
+        "fine - logreg); *with abstention*: macro-F1 of the answers (`label_pred`, where an ancestor or `unknown` "
+        "counts as a miss); *onto acc*: ontology-aware accuracy of the answered cells (an answer, fine or ancestor, "
+        "is right when its CL term is the truth's or one of the truth's ancestors); "
+        "*fine* / *ancestor* / *unknown*: shares of the cells with a truth term answered with a class, a CL "
+        "ancestor, or `unknown`; *ECE*: expected calibration error of `label_confidence` on the answered cells. "
+        "Cells whose type the reference lacks count in the ontology columns (they can only be right at an "
+        "ancestor). *mapping*: annotate's query-level verdict (`report[\"mapping\"]`); a query that maps poorly has "
+        "its cells that do not map well on their own called `unknown` (`out_of_atlas`). *targets* (same-tissue pairs "
+        "only): unknown <= "
+        f"{TARGET_UNKNOWN:.0%}, onto acc >= {TARGET_ONTOLOGY_ACCURACY}, fine >= {TARGET_FINE:.0%}.",
+        "",
+        "| pair | macro-F1 fine | logreg | margin | with abstention | onto acc | fine | ancestor | unknown | ECE | "
+        "cells with term | mapping | targets |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [r["macro_f1_fine"], r["logreg_macro_f1"], r["margin"], r["macro_f1_with_abstention"],
+                 r["ontology_accuracy"], r["fine_rate"], r["ancestor_rate"], r["unknown_rate"], r["ece"],
+                 r["n_with_term"]]
+        margin = r["margin"]
+        shown = [_fmt(c) for c in cells]
+        if margin is not None:
+            shown[2] = f"{margin:+.3f}"
+        lines.append(f"| {r['pair']} | " + " | ".join(shown) + f" | {r['mapping'] or '–'} | {_targets_cell(r)} |")
+    behind = [r for r in rows if r["margin"] is not None and r["margin"] < 0]
+    judged = [r for r in rows if r.get("targets")]
+    met = [r["pair"] for r in judged if all(r["targets"].values())]
+    lines += [
+        "",
+        "Flat macro-F1 at least logreg's: "
+        + ("on every pair." if not behind else "not on " + ", ".join(
+            f"{r['pair']} ({r['macro_f1_fine']:.3f} vs {r['logreg_macro_f1']:.3f})" for r in behind) + "."),
+        f"Same-tissue targets met on {len(met)} of {len(judged)} pairs"
+        + (f" ({', '.join(met)})." if met else "."),
+    ]
+    absent = {r["pair"]: r["absent"] for r in rows if r["absent"]}
+    if absent:
+        lines.append(
+            "Query types absent from the reference (cells; share called `unknown`): "
+            + "; ".join(f"{k}: {', '.join(_absent(t, a) for t, a in v.items())}" for k, v in absent.items()) + "."
+        )
+    lines.append(ONTO_MARK_END)
+    return "\n".join(lines)
+
+
+def write_ontology_docs(block: str) -> None:
+    """Put the ontology ``block`` into docs/benchmarks.md (appended under its heading the first time)."""
+    write_block(DOCS, ONTO_MARK_START, ONTO_MARK_END, block, heading=ONTO_HEADING)
+
+
+def has_ontology(results: dict[str, Any]) -> bool:
+    """Whether some pair has scatlas' ontology-aware metrics (runs since issue 15)."""
+    return any(
+        (pr["methods"].get(ONTO_METHOD, {}).get("metrics") or {}).get("ontology") for pr in results["pairs"]
+    )

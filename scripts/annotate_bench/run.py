@@ -13,9 +13,15 @@ import numpy as np
 
 from .common import log
 from .evaluate import query_truth, score
-from .methods import Prepared, build_scatlas, run_logreg, run_scatlas
+from .methods import FINE_PRED, Prepared, build_scatlas, run_logreg, run_scatlas
 from .pairs import PAIRS, SYN_HELD_OUT, prepare_pair, prepare_synthetic
 from .peers import run_peer
+
+ONTOLOGY_METRICS = (
+    "ontology_accuracy", "fine_rate", "ancestor_rate", "unknown_rate", "answered_rate", "ece",
+    "n_cells_with_truth_term", "truth_terms_by",
+)
+"""The ontology-aware scores of annotate's report copied into a scatlas method's metrics."""
 
 Runner = Callable[[], tuple[np.ndarray | None, dict[str, Any]]]
 
@@ -34,8 +40,10 @@ def prepare(name: str, args: argparse.Namespace, pwork: Path) -> Prepared:
     else:
         pair = next(p for p in PAIRS if p.name == name)
         refs, q = prepare_pair(pair, args.raw_dir, pwork)
-        p = Prepared(name, refs, q, pair.note, pwork)
+        p = Prepared(name, refs, q, pair.note, pwork, ref_terms=dict(pair.ref_terms))
         p.annotate_kw = dict(pair.annotate_kw)
+        if pair.query_terms:
+            p.annotate_kw.setdefault("ontology_map", dict(pair.query_terms))
     build_scatlas(p)
     return p
 
@@ -62,7 +70,13 @@ def run_method(p: Prepared, meth: str, by_name: dict[str, Runner]) -> dict[str, 
         if pred is None:
             err = info.get("other_env_error") or info.get("project_env_error") or "failed"
             return {"error": err, "info": info}
+        fine = info.pop(FINE_PRED, None)
         m = score(p, pred)
+        if fine is not None:  # scatlas: its best class without abstention, scored like the peers' predictions
+            m["fine"] = {k: v for k, v in score(p, fine).items() if k != "absent_types"}
+            ev = info.get("annotate_eval", {})
+            if ev.get("ontology") is not None:
+                m["ontology"] = {k: ev["ontology"].get(k) for k in ONTOLOGY_METRICS}
         log.info(
             "%s %s: acc %s macro-F1 %s unknown %s abstain-absent %s (%.1f s)",
             p.name,
@@ -73,6 +87,13 @@ def run_method(p: Prepared, meth: str, by_name: dict[str, Runner]) -> dict[str, 
             m["abstention_rate_absent"],
             info.get("wall_s", float("nan")),
         )
+        if fine is not None:
+            o = m.get("ontology", {})
+            log.info(
+                "%s %s: fine macro-F1 %s; ontology accuracy %s fine %s ancestor %s unknown %s ECE %s",
+                p.name, meth, m["fine"]["macro_f1"], o.get("ontology_accuracy"), o.get("fine_rate"),
+                o.get("ancestor_rate"), o.get("unknown_rate"), o.get("ece"),
+            )
         return {"metrics": m, "info": info}
     except Exception as exc:
         log.error("%s %s failed: %s", p.name, meth, exc)
