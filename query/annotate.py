@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_ALIGN", "DEFAULT_ALIGN_SAMPLE", "DEFAULT_BATCH_SIZE", "DEFAULT_CLASS_BALANCE", "DEFAULT_FAR_QUANTILE",
     "DEFAULT_K", "DEFAULT_MIN_CONFIDENCE", "DEFAULT_MISSING_GENES", "DEFAULT_PREDICTOR", "DEFAULT_WEIGHTING",
-    "FAR_QUANTILE_WHEN_ON", "MIN_GENE_OVERLAP_REFIT", "AnnotationResult", "annotate",
+    "FAR_QUANTILE_WHEN_ON", "MIN_CONFIDENCE_FLAT", "MIN_CONFIDENCE_ONTOLOGY", "MIN_GENE_OVERLAP_REFIT", "AnnotationResult", "annotate",
 ]
 
 Align = Literal["none", "mnn"]
@@ -73,8 +73,14 @@ MIN_GENE_OVERLAP_REFIT = 0.15
 """Default gene-overlap floor when label heads refitted for the query's genes decide every label (see
 docs/benchmarks.md#annotate-gene-overlap)."""
 
-DEFAULT_MIN_CONFIDENCE = 0.5
-"""The probability an answer needs, fine or ancestor: chosen by scripts/bench_fallback.py (docs/benchmarks.md)."""
+DEFAULT_MIN_CONFIDENCE: float | None = None
+"""None: per label key, :data:`MIN_CONFIDENCE_ONTOLOGY` where its classes have Cell Ontology terms (an unsure
+class can fall back to an ancestor), else :data:`MIN_CONFIDENCE_FLAT`."""
+MIN_CONFIDENCE_ONTOLOGY = 0.5
+"""The cut with ancestor answers: chosen by scripts/bench_fallback.py's rule (docs/benchmarks.md)."""
+MIN_CONFIDENCE_FLAT = 0.3
+"""The cut for labels without terms (unsure means unknown): chosen by scripts/bench_annotate.py --tune
+(docs/benchmarks.md#annotate-defaults)."""
 DEFAULT_WEIGHTING: Weighting = "adaptive"
 DEFAULT_FAR_QUANTILE: float | None = None
 DEFAULT_CLASS_BALANCE = 0.5
@@ -174,7 +180,7 @@ def _validate(
     label_keys: Any,
     *,
     k: int,
-    min_confidence: float,
+    min_confidence: float | None,
     max_votes_per_dataset: int | None,
     batch_size: int,
     far_quantile: float | None,
@@ -189,7 +195,7 @@ def _validate(
         raise InputError(f"label_keys must be one or more distinct column names (got {label_keys!r})")
     if int(k) < 1:
         raise InputError(f"k must be at least 1 (got {k})")
-    if not 0.0 <= float(min_confidence) <= 1.0:
+    if min_confidence is not None and not 0.0 <= float(min_confidence) <= 1.0:
         raise InputError(f"min_confidence must be between 0 and 1 (got {min_confidence})")
     if max_votes_per_dataset is not None and int(max_votes_per_dataset) < 1:
         raise InputError(
@@ -221,7 +227,7 @@ def annotate(
     label_keys: Sequence[str] | str = ("cell_type",),
     k: int = DEFAULT_K,
     where: str | None = None,
-    min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+    min_confidence: float | None = DEFAULT_MIN_CONFIDENCE,
     max_votes_per_dataset: int | None = None,
     truth_key: str | Mapping[str, str] | None = None,
     ontology_map: str | Path | Mapping[str, str] | None = None,
@@ -248,7 +254,9 @@ def annotate(
     index: an index directory or an opened :class:`~index.AtlasIndex`.
     label_keys: columns of the index's cell table to transfer, each on its own.
     k: neighbours that vote per cell. where: an SQL predicate restricting the atlas cells searched.
-    min_confidence: the probability (heads) or vote share an answer needs, fine or ancestor (``low_confidence``).
+    min_confidence: the probability (heads) or vote share an answer needs, fine or ancestor (``low_confidence``);
+        None: :data:`MIN_CONFIDENCE_ONTOLOGY` for label keys with Cell Ontology terms, else
+        :data:`MIN_CONFIDENCE_FLAT`.
     max_votes_per_dataset: at most this many of a cell's voters from one atlas dataset (None: no cap).
     truth_key: a query obs column of known labels (for ``label_keys[0]``), or ``{label_key: column}``; adds
         ``report["evaluation"]``. ontology_map: the truth labels' CL terms (a ``label,ontology_term_id`` CSV or a
@@ -309,7 +317,7 @@ def annotate(
         mapping = _mapping(idx, run, alignment, check_mapping)
         params = {
             "label_keys": keys, "k": int(k), "where": where, "atlas_cells_matching_where": atlas.n_where,
-            "min_confidence": float(min_confidence), "max_votes_per_dataset": max_votes_per_dataset,
+            "min_confidence": _cuts(atlas, min_confidence), "max_votes_per_dataset": max_votes_per_dataset,
             "weighting": weighting, "class_balance": float(class_balance), "align": align,
             "far_quantile": far_quantile, "check_mapping": bool(check_mapping), "predictor": predictor,
             "predicted_by": {key: ("heads" if key in atlas.heads else "knn") for key in keys},
@@ -323,6 +331,16 @@ def annotate(
             cells.close()
         if own_index:
             idx.close()
+
+
+def _cuts(atlas: AtlasLabels, min_confidence: float | None) -> dict[str, float]:
+    """The confidence cut of each label key (see :data:`DEFAULT_MIN_CONFIDENCE`)."""
+    if min_confidence is not None:
+        return {key: float(min_confidence) for key in atlas.keys}
+    return {
+        key: MIN_CONFIDENCE_ONTOLOGY if any(atlas.ontology[key].class_terms) else MIN_CONFIDENCE_FLAT
+        for key in atlas.keys
+    }
 
 
 def _check_truth_columns(cells: QueryCells, truth_map: dict[str, str]) -> None:
@@ -364,6 +382,19 @@ def _mapping(idx: AtlasIndex, run: Transfer, alignment: Alignment | None, apply:
     return _Mapping(verdict, scores, out, apply)
 
 
+MAPPING_MIN_OVERLAP = 0.5
+"""Below this share of the embedder's genes the mapping check is weak: the missing genes read as the atlas mean pull
+every query cell towards the atlas (docs/benchmarks.md#query-mapping-check)."""
+
+
+def _mapping_caveat(cells: QueryCells) -> dict[str, str]:
+    overlap = cells.match.fraction_of_target if cells.match is not None else 1.0
+    if overlap >= MAPPING_MIN_OVERLAP:
+        return {}
+    return {"caveat": f"the query has {100 * overlap:.0f}% of the embedder's genes: with so few, a query of another "
+                      "tissue can still look as if it maps well"}
+
+
 def _result(
     query: Any, cells: QueryCells, atlas: AtlasLabels, run: Transfer, alignment: Alignment | None,
     mapping: _Mapping, truth_map: dict[str, str], user_map: Mapping[str, str] | None, params: dict[str, Any],
@@ -393,7 +424,7 @@ def _result(
         "species": getattr(cells, "species", {}),
         "gene_overlap": cells.match.summary() if cells.match is not None else None,
         "alignment": alignment.summary() if alignment is not None else None,
-        "mapping": {**mapping.verdict.to_report(), "applied": mapping.applied,
+        "mapping": {**mapping.verdict.to_report(), "applied": mapping.applied, **_mapping_caveat(cells),
                     "cells_out_of_atlas": int(mapping.out_of_atlas.sum())},
         "far_from_atlas": far_summary(atlas, run, params["k"], predictions),
         "labels": {key: label_summary(predictions, key, atlas) for key in keys},

@@ -139,14 +139,15 @@ class Transfer:
         return far_from_atlas(self.similarity, a.far_threshold, self.nearest, a.far_nearest)
 
     def predictions(
-        self, obs_names: pd.Index, *, min_confidence: float, out_of_atlas: np.ndarray,
+        self, obs_names: pd.Index, *, min_confidence: dict[str, float], out_of_atlas: np.ndarray,
         mapping_score: np.ndarray | None,
     ) -> pd.DataFrame:
-        """The predictions table, one row per query cell (columns: see :class:`query.annotate.AnnotationResult`)."""
+        """The predictions table, one row per query cell (columns: see :class:`query.annotate.AnnotationResult`);
+        ``min_confidence``: the cut of each label key."""
         predictions = pd.DataFrame(index=obs_names)
         far = self.far()
         for key in self.atlas.keys:
-            for column, values in self._answer_columns(key, min_confidence, far, out_of_atlas).items():
+            for column, values in self._answer_columns(key, min_confidence[key], far, out_of_atlas).items():
                 predictions[column] = values
             if mapping_score is not None:
                 predictions[f"{key}_mapping_score"] = mapping_score.astype(np.float32)

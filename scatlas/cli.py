@@ -504,7 +504,9 @@ def verify(index_dir: Path | None, atlas_dir: Path | None, as_json: bool, progre
 @click.option("--k", type=click.IntRange(min=1), default=30, show_default=True, help="Neighbours per query cell.")
 @click.option("--where", default=None, help="SQL filter over the atlas cells, e.g. \"tissue = 'lung'\".")
 @click.option("--min-confidence", type=click.FloatRange(0, 1), default=None,
-              help="Below this confidence (head probability or weighted vote share) a cell is 'unknown' (default: the measured default).")
+              help="The confidence (head probability or weighted vote share) an answer needs, a class or a Cell "
+                   "Ontology ancestor; below it the cell is 'unknown' (default: 0.5 for labels with CL terms, 0.3 "
+                   "without; both measured).")
 @click.option("--far-quantile", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Call a cell 'unknown' when its neighbours are less similar than this quantile of the atlas' own "
                    "neighbour similarities (0.001 to turn it on; default: off, the measured default).")
@@ -590,7 +592,8 @@ def _echo_annotation(report: dict[str, Any]) -> None:
               + (f"{mapping.get('cells_out_of_atlas', 0):,} cells are 'unknown' (out_of_atlas)." if mapping.get("applied")
                  else "Cells were labelled anyway (--no-mapping-check)."), err=True)
     elif mapping.get("verdict") == "maps_well":
-        _echo(f"mapping: the query maps onto the atlas (score {mapping.get('score')})")
+        _echo(f"mapping: the query maps onto the atlas (score {mapping.get('score')})"
+              + (f"; note: {mapping['caveat']}" if mapping.get("caveat") else ""))
     for key, lab in report.get("labels", {}).items():
         counts = lab.get("counts", {})
         top = ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])[:8])

@@ -130,3 +130,14 @@ def test_a_column_without_a_head_is_voted_and_said_so(built: dict[str, Path]) ->
     assert report["labels"][KEY]["predicted_by"] == "heads"
     assert "donor_id (by neighbour vote (the index has no label head for it))" in res.output
     assert "donor_id_pred" in obs.columns
+
+
+def test_few_shared_genes_come_with_a_caveat_on_the_mapping(built: dict[str, Path], tmp_path: Path) -> None:
+    q = anndata.read_h5ad(built["query"])
+    keep = np.random.default_rng(1).random(q.n_vars) < 0.3
+    q[:, keep].copy().write_h5ad(tmp_path / "partial.h5ad")
+    res, _, report = _annotate(built, tmp_path / "partial.h5ad", "partial_out.h5ad")
+    assert res.exit_code == 0, res.output
+    assert "can still look as if it maps well" in report["mapping"]["caveat"]
+    res2, _, full = _annotate(built, built["query"], "full_out.h5ad")
+    assert "caveat" not in full["mapping"]

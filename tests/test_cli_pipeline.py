@@ -52,7 +52,7 @@ def test_annotate_cli(pipeline):
               "--truth-key", "cell_type", "--min-confidence", "0.5", "--far-quantile", "0.001", "--no-progress")
     assert "macro-F1" in out
     params = json.loads((pipeline / "q.report.json").read_text())["params"]
-    assert params["min_confidence"] == 0.5 and params["far_quantile"] == 0.001
+    assert params["min_confidence"] == {"cell_type": 0.5} and params["far_quantile"] == 0.001
     assert query.read_bytes() == before  # input never modified
     annotated = anndata.read_h5ad(pipeline / "q.h5ad")
     assert {"cell_type_pred", "cell_type_confidence", "cell_type_unknown_reason"} <= set(annotated.obs.columns)
