@@ -141,3 +141,24 @@ def test_few_shared_genes_come_with_a_caveat_on_the_mapping(built: dict[str, Pat
     assert "can still look as if it maps well" in report["mapping"]["caveat"]
     res2, _, full = _annotate(built, built["query"], "full_out.h5ad")
     assert "caveat" not in full["mapping"]
+
+
+def test_an_unsure_class_falls_back_to_a_cell_ontology_ancestor(built: dict[str, Path]) -> None:
+    """With a strict cut, cells torn between related classes (CD4 vs CD8 alpha-beta T cells) are answered with a
+    term that holds both: its CL name and id, level ``ancestor``, and the term is an ancestor of the best class'."""
+    from scatlas.atlas.ontology import cell_ontology
+
+    res, obs, report = _annotate(built, built["query"], "strict.h5ad", "--min-confidence", "0.9", "--truth-key", KEY)
+    assert res.exit_code == 0, res.output
+    anc = obs[obs[f"{KEY}_level"] == "ancestor"]
+    assert len(anc) > 0
+    onto = cell_ontology()
+    fine_terms = dict(zip(obs[f"{KEY}_pred_fine"].astype(str), obs[f"{KEY}_pred_ontology_term_id"], strict=True))
+    for _, row in anc.iterrows():
+        term = row[f"{KEY}_pred_ontology_term_id"]
+        assert onto.name(term) == str(row[f"{KEY}_pred"])  # named by CL at the ancestor level
+        best = onto.lookup(str(row[f"{KEY}_pred_fine"]))[0] or fine_terms.get(str(row[f"{KEY}_pred_fine"]))
+        assert best is None or term in onto.ancestors(best)
+        assert row[f"{KEY}_confidence"] >= 0.9 > row[f"{KEY}_runner_up_proba"]
+    assert report["labels"][KEY]["levels"]["ancestor"] == len(anc)
+    assert report["params"]["min_confidence"] == {KEY: 0.9}
