@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -262,6 +263,8 @@ def test_cli_build_and_sweep_on_ray_equal_local_runs(ray_cluster, tmp_path):
     _cli("build", *common, "--index", str(tmp_path / "local"))
     _cli("build", *common, "--index", str(tmp_path / "ray"), "--executor", "ray", "--ray-address", ray_cluster)
     assert digests(tmp_path / "ray") == digests(tmp_path / "local")
+    classes = [json.loads((tmp_path / d / "labels" / "label_classes.json").read_text())["keys"] for d in ("ray", "local")]
+    assert classes[0] == classes[1]
     _cli("hunt", "train", "--index", str(tmp_path / "local"), "--positive-sql", "cell_type = 'norn cell'",
          "--out", str(tmp_path / "clf"), "--background", "500", "--no-progress")
     for name in ("local", "ray"):

@@ -72,9 +72,13 @@ def assert_exact(ids: np.ndarray, scores: np.ndarray, base: np.ndarray, base_ids
 
 
 def digests(
-    root: Path, skip: tuple[str, ...] = ("manifest.json", "build.json", "cells.duckdb", "progress.json", "heads.json")
+    root: Path,
+    skip: tuple[str, ...] = (
+        "manifest.json", "build.json", "cells.duckdb", "progress.json", "heads.json", "label_classes.json",
+    ),
 ) -> dict[str, str]:
-    """SHA-256 of every file under ``root`` (relative path -> digest), except those named in ``skip``."""
+    """SHA-256 of every file under ``root`` (relative path -> digest), except those named in ``skip`` (records that
+    hold times, or name the build by its manifest's digest)."""
     out = {}
     for path in sorted(root.rglob("*")):
         if path.is_file() and path.name not in skip:
