@@ -54,7 +54,7 @@ ATLAS_STORE = OutputKind("atlas-store", "an atlas store", (("store.json",),), ma
 INDEX = OutputKind("index", "a scatlas index", (("manifest.json",), ("build.json",)), marker=False, entries=frozenset({
     "manifest.json", "build.json", "progress.json", "trained.faiss", "cells.duckdb", "embedder", "shards", "heads"}))
 CLASSIFIER = OutputKind("hunt-classifier", "a hunt classifier", (("classifier.json",),), marker=False,
-                        entries=frozenset({"classifier.json", "weights.npy"}))
+                        entries=frozenset({"classifier.json", "weights.npy", "stage2_weights.npy"}))
 SWEEP = OutputKind("hunt-sweep", "a hunt sweep directory", (("sweep.json",), ("hits.parquet", "summary.json")))
 REPORT = OutputKind("hunt-report", "a hunt report", (("enrichment.csv",), ("report.md",)))
 DEMO = OutputKind("demo", "a scatlas demo directory", (("h5ad", "atlas", "index"),), entries=frozenset({

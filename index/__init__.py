@@ -33,6 +33,8 @@ from scatlas.index.mapping import (
     mean_top_similarity,
     read_mapping_calibration,
 )
+from scatlas.index.metadata import failure_reason
+from scatlas.index.predicate import Predicate, validate_predicate
 from scatlas.index.progress import Progress, progress_bar
 from scatlas.index.sampling import sample_sorted
 from scatlas.index.softmax import minimize_lbfgs
@@ -56,6 +58,7 @@ __all__ = [
     "apply_shift",
     "calibrate_mapping",
     "estimate_shift",
+    "failure_reason",
     "read_mapping_calibration",
     "ArrayVectorSource",
     "AtlasIndex",
@@ -67,6 +70,7 @@ __all__ = [
     "LabelHead",
     "LocalExecutor",
     "NpyVectorSource",
+    "Predicate",
     "Progress",
     "RangeVectorSource",
     "RayExecutor",
@@ -96,5 +100,6 @@ __all__ = [
     "synthetic_source",
     "torch_gpu_count",
     "train_label_heads",
+    "validate_predicate",
     "verify_index",
 ]

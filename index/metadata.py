@@ -205,7 +205,7 @@ def where_ids(con: Any, predicate: str, *, allow_empty: bool = False, what: str 
     except duckdb.Error as exc:
         raise InputError(
             f"the {what} {shown(checked.text)} failed on the cells table ({type(exc).__name__}: "
-            f"{_reason(exc)}). Compare each column with values of its type; columns of the cells table: "
+            f"{failure_reason(exc)}). Compare each column with values of its type; columns of the cells table: "
             f"{describe_columns(columns)}"
         ) from None
     ids = np.unique(np.asarray(ids, dtype=np.int64))
@@ -214,7 +214,7 @@ def where_ids(con: Any, predicate: str, *, allow_empty: bool = False, what: str 
     return ids
 
 
-def _reason(exc: BaseException) -> str:
+def failure_reason(exc: BaseException) -> str:
     """A generic reason for a DuckDB error, from its class only (its message can quote cell values)."""
     import duckdb
 

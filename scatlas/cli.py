@@ -632,25 +632,44 @@ def hunt() -> None:
 @index_option
 @click.option("--cells", "cells_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help=".h5ad with the known cells (positives) and other cells (negatives).")
-@click.option("--positive", default=None, help="Predicate over the --cells obs, e.g. \"cell_type == 'Norn'\".")
+@click.option("--positive", default=None, help="SQL predicate over the --cells obs, e.g. \"cell_type = 'Norn'\" "
+              "(as --positive-sql; the older \"cell_type == 'Norn'\" form also works).")
 @click.option("--positive-sql", default=None, help="SQL predicate over the atlas cells, for types the atlas already labels.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Classifier directory.")
 @click.option("--background", type=click.IntRange(min=0), default=20_000, show_default=True,
               help="Atlas cells sampled as extra negatives.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--two-stage", is_flag=True,
+              help="Also train a gene-level stage 2 that re-scores stage 1's candidates from the atlas store "
+                   "(experimental: on the real bench cases it lost recall on 3 of 4; docs/benchmarks.md).")
 @progress_option
 def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, positive_sql: str | None, out_dir: Path,
-               background: int, device: str, seed: int, progress: bool) -> None:
-    """Train a class-balanced logistic classifier on known rare cells; cross-validated metrics, calibrated score."""
+               background: int, device: str, seed: int, two_stage: bool, progress: bool) -> None:
+    """Train a class-balanced logistic classifier on known rare cells (on the embedding; with --two-stage also a
+    gene-level stage 2); cross-validated metrics, calibrated scores."""
     from scatlas.query.hunt import train
 
     clf = train(index_dir, cells_file, positive=positive, positive_sql=positive_sql, background=background,
-                device=device, seed=seed, out=out_dir, progress=progress)
+                device=device, seed=seed, out=out_dir, progress=progress, two_stage=two_stage)
     m = clf.metrics
-    _echo(f"classifier {out_dir}: {clf.counts}")
-    _echo("cross-validated: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items() if isinstance(v, float)))
-    _echo(f"threshold {clf.threshold:.4f}; embedder fingerprint {clf.embedder_fingerprint}")
+    _echo(f"classifier {out_dir}: {clf.counts.get('n_positive')} positives, {clf.counts.get('n_negative')} negatives "
+          f"({clf.counts})")
+    _echo(f"stage 1 (embedding), cross-validated: precision {m['precision']:.3f}, recall {m['recall']:.3f}, AUPRC "
+          f"{m['auprc']:.3f} at threshold {clf.threshold:.4f}; expected false hits per million atlas cells "
+          f"{m['expected_false_hits_per_million']:.1f}")
+    if clf.stage2 is None:
+        _echo(f"no stage 2: {clf.params.get('stage2_skipped', 'not trained')}")
+    else:
+        m2 = clf.stage2.metrics
+        c1, two = m2["stage1_candidates"], m2["two_stage"]
+        _echo(f"stage 1 candidate cut {clf.stage2.stage1_cut:.4f}: recall {c1['recall']:.3f}, passes "
+              f"{1e6 * c1['false_positive_rate']:.0f} negatives per million")
+        _echo(f"stage 2 ({m2['n_genes']} genes), cross-validated: precision {m2['precision']:.3f}, recall "
+              f"{m2['recall']:.3f}, AUPRC {m2['auprc']:.3f} at threshold {clf.stage2.threshold:.4f}")
+        _echo(f"two stages, cross-validated: precision {two['precision']:.3f}, recall {two['recall']:.3f}; expected "
+              f"hits per million atlas cells {two['expected_hits_per_million']:.1f}")
+    _echo(f"embedder fingerprint {clf.embedder_fingerprint}")
 
 
 @hunt.command("sweep")
@@ -663,21 +682,28 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
 @click.option("--restart", is_flag=True, help="Discard a previous sweep in OUT instead of resuming it.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: tuned by timing).")
+@click.option("--stage1-only", is_flag=True, help="Skip a two-stage classifier's stage 2 (hits: stage 1's).")
+@click.option("--atlas", "atlas_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Atlas store stage 2 reads (default: the one the index was built from).")
 @executor_options
 @progress_option
 def hunt_sweep(index_dir: Path, classifier_dir: Path, out_dir: Path, min_score: float | None, min_probability: float | None,
-               restart: bool, device: str, threads: int | None, executor: str, ray_address: str | None,
-               cpus_per_task: float, progress: bool) -> None:
-    """Score every cell of every shard from the stored vectors; write hits joined with cell metadata."""
+               restart: bool, device: str, threads: int | None, stage1_only: bool, atlas_dir: Path | None, executor: str,
+               ray_address: str | None, cpus_per_task: float, progress: bool) -> None:
+    """Score every cell of every shard from the stored vectors (stage 1); with a two-stage classifier, score the
+    candidates' gene features from the atlas store (stage 2); write hits joined with cell metadata."""
     from scatlas.query.hunt import sweep
 
     s = sweep(index_dir, classifier_dir, out_dir, min_score=min_score, min_probability=min_probability, resume=not restart,
               device=device, threads=threads, progress=progress,
-              executor=_make_executor(executor, ray_address, cpus_per_task))
+              executor=_make_executor(executor, ray_address, cpus_per_task), two_stage=not stage1_only,
+              atlas=atlas_dir)
     rate = (f"{s.cells_per_second:,.0f} cells/s, {s.gb_per_second:.2f} GB/s" if s.n_shards_scored
             else "nothing scored in this run: every shard was done before")
     _echo(f"swept {s.n_cells:,} cells in {s.n_shards} shards ({s.n_shards_resumed} resumed) on {s.device}: "
           f"{s.n_hits:,} hits (cut-off {s.cutoff:.4f}, {s.cutoff_source}); {rate}")
+    kept = f", stage 2 kept {s.n_stage2_kept:,}" if s.n_stage2_kept is not None else ""
+    _echo(f"{s.stages}: stage 1 passed {s.n_stage1_passed:,} cells{kept}")
     _echo(f"hits: {s.hits_path}")
 
 
@@ -685,28 +711,44 @@ def hunt_sweep(index_dir: Path, classifier_dir: Path, out_dir: Path, min_score: 
 @click.argument("hits", type=click.Path(path_type=Path))
 @index_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Report directory.")
-@click.option("--by", default="dataset_id,tissue,disease", show_default=True,
-              help="Comma-separated cell columns to test for enrichment.")
+@click.option("--by", default=None, help="Comma-separated cell columns to break the hits down by (enrichment) "
+              "[default: cell_type (the atlas label), donor_id, dataset_id: those the cells table has]. Columns "
+              "missing in every cell are left out.")
 @click.option("--de", "de_group", default=None, help="Compare hits between the levels of this column instead of "
               "against matched non-hits (e.g. disease).")
 @click.option("--de-reference", default=None, help="With --de: the level the others are compared against (e.g. normal).")
 @click.option("--atlas", "atlas_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Atlas store for differential expression (default: the one the index was built from).")
 @click.option("--no-de", is_flag=True, help="Skip differential expression.")
+@click.option("--de-method", type=click.Choice(["wilcoxon", "t-test"]), default="wilcoxon", show_default=True,
+              help="Test per gene, on log1p(CP10k) values.")
 @progress_option
-def hunt_report(hits: Path, index_dir: Path, out_dir: Path, by: str, de_group: str | None, de_reference: str | None,
-                atlas_dir: Path | None, no_de: bool, progress: bool) -> None:
-    """Enrichment of hits per group (Fisher test, BH q), bar chart, differential expression from the atlas counts."""
+def hunt_report(hits: Path, index_dir: Path, out_dir: Path, by: str | None, de_group: str | None, de_reference: str | None,
+                atlas_dir: Path | None, no_de: bool, de_method: str, progress: bool) -> None:
+    """Hits by atlas label, donor and dataset (Fisher test, BH q), score histogram, genes up/down vs matched non-hits."""
     from scatlas.query.hunt import report
 
-    columns = tuple(c.strip() for c in by.split(",") if c.strip())
+    columns = None if by is None else tuple(c.strip() for c in by.split(",") if c.strip())
     r = report(hits, index_dir, out_dir, by=columns, de_group=de_group, de_reference=de_reference, atlas=atlas_dir,
-               de=not no_de, progress=progress)
-    _echo(f"{r.n_hits:,} hits of {r.n_cells:,} cells ({100 * r.hit_rate:.3f}%)")
-    top = r.enrichment.sort_values("q").head(8) if "q" in r.enrichment.columns else r.enrichment.head(8)
-    _echo(top.to_string(index=False))
+               de=not no_de, de_method="t-test" if de_method == "t-test" else "wilcoxon", progress=progress)
+    _echo(f"{r.n_hits:,} hits of {r.n_cells:,} cells ({100 * r.hit_rate:.3f}%); by {', '.join(r.by) or 'nothing'}")
+    if r.left_out:
+        _echo(r.left_out_sentence())
+    enr = r.enrichment
+    for column in r.by:
+        top = enr[enr["column"] == column].sort_values("n_hits", ascending=False, kind="stable").head(5)
+        _echo(f"{column}: " + ", ".join(f"{str(g)[:40]} {n:,} ({100 * f:.2g}%)" for g, n, f in
+                                       zip(top["group"], top["n_hits"], top["fraction"], strict=True)))
     if r.de_skipped:
         _echo(f"differential expression skipped: {r.de_skipped}")
+    elif r.de is not None and not r.de.empty:
+        if r.de_matching:
+            _echo(r.de_matching)
+        for name, sub in r.de.groupby("comparison", sort=False):
+            sig = sub[sub["qvalue"] < 0.05]
+            up = sig[sig["log2fc"] > 0].sort_values("log2fc", ascending=False).head(8)["gene_symbol"]
+            down = sig[sig["log2fc"] < 0].sort_values("log2fc").head(8)["gene_symbol"]
+            _echo(f"{name}: up {', '.join(map(str, up)) or '-'}; down {', '.join(map(str, down)) or '-'}")
     for name, path in r.files.items():
         _echo(f"{name}: {path}")
 

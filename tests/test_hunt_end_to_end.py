@@ -59,9 +59,11 @@ def test_labelled_cells_of_one_dataset_find_the_population_in_every_dataset(worl
 def test_report_enrichment_and_de_find_the_planted_population(world, tmp_path):
     res = report(world["summary"].hits_path, world["index"], tmp_path / "rep")
     enr = res.enrichment
-    for column in ("dataset_id", "tissue", "disease"):
+    assert res.by == ["cell_type", "donor_id", "dataset_id"] and not res.left_out  # the default breakdown
+    for column in ("cell_type", "donor_id", "dataset_id"):
         sub = enr[enr["column"] == column]
         assert sub["n_cells"].sum() == CONFIG.n_cells and sub["n_hits"].sum() == res.n_hits
+    assert enr[enr["column"] == "cell_type"].set_index("group").loc[RARE, "fold"] > 10
     by_ds = enr[enr["column"] == "dataset_id"].set_index("group")
     assert by_ds.loc["synth-001", "n_hits"] == 0 and by_ds.loc["synth-001", "qvalue"] < 0.05  # depleted
     assert by_ds.loc["synth-000", "fold"] > 1
@@ -72,9 +74,12 @@ def test_report_enrichment_and_de_find_the_planted_population(world, tmp_path):
     assert len(up) >= 10
     assert up["feature_id"].isin(markers).mean() >= 0.7, up[["gene_symbol", "log2fc", "qvalue"]]
     assert (de["n_a"] == res.n_hits).all() and (de["n_b"] == res.n_hits).all()  # matched per dataset
-    for name in ("enrichment.csv", "enrichment.png", "de.csv", "report.md", "report.html"):
+    for name in ("enrichment.csv", "enrichment.png", "scores.png", "de.csv", "report.md", "report.html"):
         assert (tmp_path / "rep" / name).stat().st_size > 0
-    assert "Differential expression" in (tmp_path / "rep" / "report.md").read_text()
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "Differential expression" in md and "Top up-regulated" in md and "Top down-regulated" in md
+    assert res.de_matching and "matched to the" in res.de_matching and "on dataset_id" in res.de_matching
+    assert res.de_matching in md and res.de_matching in (tmp_path / "rep" / "report.html").read_text()
 
 
 def test_report_skips_de_when_the_store_is_unreachable_and_groups_by_disease(world, tmp_path):
@@ -84,7 +89,7 @@ def test_report_skips_de_when_the_store_is_unreachable_and_groups_by_disease(wor
     assert not (tmp_path / "nostore" / "de.csv").exists()
     by = report(world["root"] / "sweep", world["index"], tmp_path / "bydisease", by=("disease",), de_group="disease",
                 de_method="t-test")
-    assert by.de is not None and len(by.de)
+    assert by.de is not None and len(by.de) and by.by == ["disease"] and by.de_matching is None
     assert all(c.startswith("disease: ") for c in by.de["comparison"].unique())
 
 

@@ -63,9 +63,9 @@ def test_predicate_matches(obs, predicate, expected):
         ("__import__('os').system('true')", "not allowed"),
         ("cell_type.str.contains('x')", "not allowed"),
         ("celltype == 'x'", "unknown column 'celltype'"),
-        ("cell_type = 'x'", "not a valid expression"),
-        ("cell_type", "bare non-boolean column"),
-        ("donor_id in 'd1'", "list of values"),
+        ("cell_type = = 'x'", "expected an SQL predicate such as"),
+        ("cell_type", "failed on the cells"),  # a bare text column is no condition
+        ("donor_id in 'd1' and nope == 1", "list of values"),  # neither SQL (no column nope) nor pandas-like
         ("", "empty"),
     ],
 )

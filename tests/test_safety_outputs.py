@@ -107,12 +107,15 @@ def test_train_refuses_a_directory_inside_the_index(world):
 
 def test_a_classifier_directory_is_replaced_by_a_new_classifier(world, tmp_path):
     out = tmp_path / "clf"
-    ok(*train_args(world, out))
+    ok(*train_args(world, out)[:-1], "--two-stage", "--no-progress")
     first = json.loads((out / "classifier.json").read_text())
+    two = sorted(p.name for p in out.iterdir())
     ok(*train_args(world, out)[:-1], "--seed", "3", "--no-progress")
     second = json.loads((out / "classifier.json").read_text())
     assert second["seed"] == 3 and first["seed"] == 0
+    # a one-stage classifier replaces a two-stage one whole: no stale stage-2 file is left
     assert sorted(p.name for p in out.iterdir()) == ["classifier.json", "weights.npy"]
+    assert set(two) <= {"classifier.json", "stage2_weights.npy", "weights.npy"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left behind
 
 

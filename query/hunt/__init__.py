@@ -4,9 +4,9 @@ Public API::
 
     from scatlas.query.hunt import train, sweep, report, HuntClassifier
 
-    clf = train(index, "kidney.h5ad", positive="cell_type == 'Norn cell'", background=20_000, out="norn.clf")
+    clf = train(index, "kidney.h5ad", positive="cell_type = 'Norn cell'", background=20_000, out="norn.clf")
     summary = sweep(index, clf, "norn_sweep")              # -> norn_sweep/hits.parquet
-    result = report(summary.hits_path, index, "norn_report", by=("dataset_id", "tissue", "disease"))
+    result = report(summary.hits_path, index, "norn_report")  # by atlas label, donor, dataset
 
 Modules: :mod:`~query.hunt.train` (positives, background, CV, calibration, threshold), :mod:`~query.hunt.classifier`
 (the saved model), :mod:`~query.hunt.sweep` and :mod:`~query.hunt.kernels` (scoring stored float16 vectors),

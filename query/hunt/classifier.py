@@ -6,6 +6,8 @@ Saved as a directory (written to a temporary sibling and renamed into place)::
       classifier.json   everything but the weights: bias, threshold, calibration, metrics, embedder fingerprint,
                         index manifest id, training counts, seed, versions, and the SHA-256 of weights.npy
       weights.npy       (d,) float32
+      stage2_weights.npy  optional: (n_genes,) float32 weights of stage 2 (:mod:`query.hunt.stage2`), whose record
+                        is classifier.json's ``stage2`` (absent: a one-stage classifier, as before)
 
 A classifier is tied to the embedder that made its training vectors (``embedder_fingerprint``): a sweep refuses
 an index whose embedder differs. ``index_manifest_id`` records which index build it was trained against.
@@ -29,12 +31,14 @@ import numpy as np
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.outputs import CLASSIFIER, check_output_dir, os_error_message, show, writing
 from scatlas.query.hunt.calibration import Calibration
+from scatlas.query.hunt.stage2 import GeneStage
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 META_FILE = "classifier.json"
 WEIGHTS_FILE = "weights.npy"
+STAGE2_WEIGHTS_FILE = "stage2_weights.npy"
 
 
 @dataclass
@@ -44,6 +48,8 @@ class HuntClassifier:
     ``metrics`` holds the cross-validated estimates (AUPRC, ROC AUC, precision / recall / F1 / false-positive
     rate at the threshold, per-fold AUPRC, the chosen L2 penalty, expected false hits per million atlas cells).
     ``counts`` holds the training-set sizes by origin. ``calibration`` maps scores to probabilities (training mix).
+    ``stage2``: the gene-level second stage of a two-stage classifier (:class:`~query.hunt.stage2.GeneStage`, with
+    stage 1's candidate cut), or None.
     """
 
     weights: np.ndarray
@@ -58,6 +64,7 @@ class HuntClassifier:
     params: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     versions: dict[str, str] = field(default_factory=dict)
+    stage2: GeneStage | None = None
 
     def __post_init__(self) -> None:
         self.weights = np.ascontiguousarray(np.asarray(self.weights, dtype=np.float32).ravel())
@@ -82,6 +89,8 @@ class HuntClassifier:
             "calibration": self.calibration.to_dict(),
             "embedder": self.embedder_fingerprint,
         }
+        if self.stage2 is not None:  # one-stage classifiers keep their fingerprint
+            payload["stage2"] = self.stage2.fingerprint()
         h.update(json.dumps(payload, sort_keys=True).encode())
         return h.hexdigest()[:16]
 
@@ -122,6 +131,7 @@ class HuntClassifier:
             "created_at": self.created_at,
             "versions": self.versions,
             "weights_sha256": hashlib.sha256(self.weights.tobytes()).hexdigest(),
+            **({"stage2": self.stage2.to_json()} if self.stage2 is not None else {}),
         }
 
     def save(self, path: str | Path, *, overwrite: bool = True, inputs: Iterable[str | Path | None] = ()) -> Path:
@@ -148,6 +158,8 @@ class HuntClassifier:
         tmp.mkdir()
         try:
             np.save(tmp / WEIGHTS_FILE, self.weights)
+            if self.stage2 is not None:
+                np.save(tmp / STAGE2_WEIGHTS_FILE, self.stage2.weights)
             with open(tmp / META_FILE, "w") as fh:
                 json.dump(self.to_json(), fh, indent=2, sort_keys=True, default=_json_default)
                 fh.flush()
@@ -179,8 +191,10 @@ class HuntClassifier:
             "weights_sha256"
         ):
             raise InputError(_damaged(path, f"{WEIGHTS_FILE} does not match its recorded checksum"))
+        stage2 = _read_stage2(path, meta)
         try:
             clf = cls._from_meta(meta, weights)
+            clf.stage2 = stage2
         except KeyError as exc:
             raise InputError(_damaged(path, f"{META_FILE} lacks the field {exc.args[0]!r}")) from exc
         except (TypeError, ValueError, AttributeError, InputError) as exc:  # e.g. an unknown calibration
@@ -226,6 +240,24 @@ def _read_meta(path: Path, meta_path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise InputError(_damaged(path, f"{META_FILE} does not hold a classifier record"))
     return meta
+
+
+def _read_stage2(path: Path, meta: dict[str, Any]) -> GeneStage | None:
+    """Stage 2 of a two-stage classifier (None when ``classifier.json`` records none), checksum checked."""
+    record = meta.get("stage2")
+    if record is None:
+        return None
+    w_path = path / STAGE2_WEIGHTS_FILE
+    if not isinstance(record, dict) or not w_path.is_file():
+        raise InputError(_damaged(path, f"its stage 2 record or {STAGE2_WEIGHTS_FILE} is missing"))
+    weights = _read_weights(path, w_path)
+    digest = hashlib.sha256(np.ascontiguousarray(weights, dtype=np.float32).tobytes()).hexdigest()
+    if digest != record.get("weights_sha256"):
+        raise InputError(_damaged(path, f"{STAGE2_WEIGHTS_FILE} does not match its recorded checksum"))
+    try:
+        return GeneStage.from_json(record, weights)
+    except (KeyError, TypeError, ValueError, AttributeError, InputError) as exc:
+        raise InputError(_damaged(path, f"{META_FILE} holds an invalid stage 2 record")) from exc
 
 
 def _read_weights(path: Path, w_path: Path) -> np.ndarray:

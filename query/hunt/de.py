@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 DEMethod = Literal["wilcoxon", "t-test"]
 LFC_PSEUDOCOUNT = 0.1
 MIN_CELLS_PER_SIDE = 3
+MATCHED = "hits vs matched non-hits"
+MATCH_COLUMN = "dataset_id"
+"""The cells-table column non-hits are matched on (per-value counts), when the table has it."""
 DE_COLUMNS = [
     "comparison", "gene_key", "gene_symbol", "feature_id", "log2fc", "mean_a", "mean_b", "pct_a", "pct_b",
     "statistic", "auc", "pvalue", "qvalue", "n_a", "n_b",
@@ -51,6 +54,19 @@ class Comparison:
     name: str
     ids_a: np.ndarray
     ids_b: np.ndarray
+    matched_on: tuple[str, ...] = ()
+    """Columns side B was drawn to match side A on (per-value counts), for hits vs matched non-hits."""
+
+    def matching(self) -> str:
+        """A sentence saying what side B was matched on (empty for comparisons between groups of hits)."""
+        if self.name != MATCHED:
+            return ""
+        if not self.matched_on:
+            return (f"The {len(self.ids_b):,} non-hits are a random sample of the atlas, not matched on anything "
+                    f"(the cells table has no {MATCH_COLUMN} column).")
+        on = ", ".join(self.matched_on)
+        return (f"The {len(self.ids_b):,} non-hits are matched to the {len(self.ids_a):,} hits on {on}: as many "
+                f"non-hit cells from each {on} value as it has hits (fewer where it has too few).")
 
 
 def _sample(ids: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -59,33 +75,39 @@ def _sample(ids: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def matched_background(con: Any, hit_ids: np.ndarray, max_cells: int, seed: int) -> Comparison:
-    """Up to ``max_cells`` hits vs as many non-hits drawn from the same datasets (per-dataset counts matched)."""
+    """Up to ``max_cells`` hits vs as many non-hits drawn from the same datasets (per-dataset counts matched; a
+    random sample of non-hits when the cells table has no ``dataset_id``)."""
     import pyarrow as pa
 
     rng = np.random.default_rng(seed)
     a = _sample(hit_ids, max_cells, rng)
+    matched = MATCH_COLUMN in [r[0] for r in con.execute("DESCRIBE cells").fetchall()]
+    key = f"c.{quote_ident(MATCH_COLUMN)}" if matched else "NULL"
+    same = f"{quote_ident(MATCH_COLUMN)} IS NOT DISTINCT FROM ?" if matched else "? IS NULL"
     con.register("_hunt_all_hits", pa.table({"soma_joinid": np.unique(np.asarray(hit_ids, dtype=np.int64))}))
     con.register("_hunt_de_a", pa.table({"soma_joinid": a}))
     try:
         per_ds = con.execute(
-            "SELECT c.dataset_id, count(*) AS n FROM _hunt_de_a h JOIN cells c ON h.soma_joinid = c.soma_joinid "
+            f"SELECT {key} AS value, count(*) AS n FROM _hunt_de_a h JOIN cells c ON h.soma_joinid = c.soma_joinid "
             "GROUP BY 1 ORDER BY 1"
         ).fetchall()
         parts = []
-        for dataset_id, n in per_ds:
+        for value, n in per_ds:
             got = con.execute(
-                "SELECT soma_joinid FROM cells WHERE dataset_id IS NOT DISTINCT FROM ? AND soma_joinid NOT IN "
+                f"SELECT soma_joinid FROM cells WHERE {same} AND soma_joinid NOT IN "
                 "(SELECT soma_joinid FROM _hunt_all_hits) ORDER BY hash(soma_joinid, ?), soma_joinid LIMIT ?",
-                [dataset_id, int(seed), int(n)],
+                [value, int(seed), int(n)],
             ).fetchnumpy()["soma_joinid"]
             if len(got) < n:
-                logger.info("dataset %s: only %d non-hit cells to match its %d hits", dataset_id, len(got), n)
+                logger.info("%s %s: only %d non-hit cells to match its %d hits", MATCH_COLUMN, value, len(got), n)
             parts.append(np.asarray(got, dtype=np.int64))
     finally:
         con.unregister("_hunt_de_a")
         con.unregister("_hunt_all_hits")
+    if not matched:
+        logger.warning("the cells table has no %s column: DE non-hits are not matched to the hits", MATCH_COLUMN)
     b = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
-    return Comparison("hits vs matched non-hits", a, b)
+    return Comparison(MATCHED, a, b, (MATCH_COLUMN,) if matched else ())
 
 
 def group_comparisons(

@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 Alternative = Literal["two-sided", "greater", "less"]
 MISSING = "(missing)"
+DEFAULT_BY: tuple[str, ...] = ("cell_type", "donor_id", "dataset_id")
+"""The default breakdown of hits, first those of these columns the cells table has: the atlas label, donor, dataset."""
 ENRICHMENT_COLUMNS = ["column", "group", "n_cells", "n_hits", "fraction", "fold", "odds_ratio", "pvalue", "qvalue"]
 
 
@@ -84,6 +86,19 @@ def group_counts(con: Any, hit_ids: np.ndarray, column: str) -> pd.DataFrame:
     finally:
         con.unregister("_hunt_hit_ids")
     return df
+
+
+def default_by(columns: Sequence[str]) -> list[str]:
+    """The default breakdown: those of :data:`DEFAULT_BY` (the atlas label, donor, dataset) the table has."""
+    return [c for c in DEFAULT_BY if c in columns]
+
+
+def all_missing(con: Any, by: Sequence[str]) -> list[str]:
+    """The columns of ``by`` that are NULL in every cell of the ``cells`` table (one query)."""
+    if not by:
+        return []
+    counts = con.execute("SELECT " + ", ".join(f"count({quote_ident(c)})" for c in by) + " FROM cells").fetchall()[0]
+    return [c for c, n in zip(by, counts, strict=True) if int(n) == 0]
 
 
 def enrichment(

@@ -1,6 +1,12 @@
-"""A safe, pandas-query-like predicate over a cell table: ``cell_type == 'Norn cell' and donor_id in ['d1', 'd2']``.
+"""The ``--positive`` predicate over the labelled cells' obs: SQL, as ``--positive-sql`` and ``--where`` take.
 
-The expression is parsed with :mod:`ast` and evaluated by walking the tree; only these forms are accepted:
+:func:`evaluate_predicate` reads a predicate as SQL first (``cell_type = 'Norn cell' AND donor_id IN ('d1', 'd2')``,
+checked by the index's whitelist and run sandboxed: :mod:`query.hunt.sql_predicate`). For compatibility, a
+predicate that is not allowed SQL but is a valid older pandas-query-like predicate
+(``cell_type == 'Norn cell' and donor_id in ['d1', 'd2']``) is evaluated as one (:func:`evaluate_pandas_predicate`).
+``==`` is also valid SQL here and means ``=``.
+
+The pandas-like form is parsed with :mod:`ast` and evaluated by walking the tree; only these forms are accepted:
 
 * column names (bare identifiers, or any name in backticks: ```cell type` == 'x'``) and literals
   (strings, numbers, ``True``/``False``/``None``, lists/tuples/sets of literals);
@@ -15,6 +21,7 @@ and :data:`MAX_DEPTH` levels of nesting deep; longer or deeper ones are refused 
 from __future__ import annotations
 
 import ast
+import logging
 import operator
 import re
 from collections.abc import Callable
@@ -24,8 +31,13 @@ import numpy as np
 import pandas as pd
 
 from scatlas.atlas.errors import InputError
+from scatlas.query.hunt.sql_predicate import EXAMPLE, PredicateFailed, evaluate_sql_predicate
+
+logger = logging.getLogger(__name__)
 
 _BACKTICK = re.compile(r"`([^`]*)`")
+_PANDAS_MARKS = re.compile(r"==|\[|`|&|~|(?<!\|)\|(?!\|)|\b(?:True|False|None)\b")
+_SQL_STRING = re.compile(r"'(?:[^']|'')*'")
 
 MAX_LENGTH = 10_000
 """Longest predicate accepted, in characters."""
@@ -142,15 +154,55 @@ class _Evaluator:
 
 
 def evaluate_predicate(frame: pd.DataFrame, predicate: str) -> np.ndarray:
-    """Boolean mask (numpy, one per row of ``frame``) of the rows matching ``predicate``."""
+    """Boolean mask (numpy, one per row of ``frame``) of the rows matching ``predicate``: SQL, or the older
+    pandas-like form when it is not allowed SQL but is valid that way (see the module docstring).
+
+    InputError when it is neither, saying which syntax is expected and why it was refused.
+    """
+    text = _checked_text(predicate)
+    try:
+        return evaluate_sql_predicate(frame, text)
+    except PredicateFailed:
+        raise
+    except InputError as sql_error:
+        try:
+            mask = evaluate_pandas_predicate(frame, text)
+        except InputError as pandas_error:
+            if _looks_pandas(text):
+                raise InputError(
+                    f"{pandas_error} (or write it as an SQL predicate such as \"{EXAMPLE}\")"
+                ) from None
+            quotes = " In SQL strings take single quotes; double quotes name columns." if '"' in text else ""
+            raise InputError(
+                f"{sql_error} (expected an SQL predicate such as \"{EXAMPLE}\", as --positive-sql and --where "
+                f"take).{quotes}"
+            ) from None
+        logger.info("the positive predicate was read in the older pandas-like form; SQL such as %r is preferred",
+                    EXAMPLE)
+        return mask
+
+
+def _looks_pandas(text: str) -> bool:
+    """``text`` uses a spelling of the pandas-like form (``==``, lists, backticks, ``& | ~``,
+    ``True``/``False``/``None``) outside single-quoted strings."""
+    return bool(_PANDAS_MARKS.search(_SQL_STRING.sub("''", text)))
+
+
+def _checked_text(predicate: str) -> str:
     text = (predicate or "").strip()
     if not text:
-        raise InputError("the positive predicate is empty; pass e.g. \"cell_type == 'Norn cell'\"")
+        raise InputError(f"the positive predicate is empty; pass an SQL predicate such as \"{EXAMPLE}\"")
     if len(text) > MAX_LENGTH:
         raise InputError(
             f"the positive predicate is {len(text):,} characters long; at most {MAX_LENGTH:,} are accepted: shorten "
-            "it (e.g. \"col in ['a', 'b']\" instead of many ors)"
+            "it (e.g. \"col IN ('a', 'b')\" instead of many ORs)"
         )
+    return text
+
+
+def evaluate_pandas_predicate(frame: pd.DataFrame, predicate: str) -> np.ndarray:
+    """Boolean mask of the rows matching the older pandas-like ``predicate`` (``cell_type == 'x'``)."""
+    text = _checked_text(predicate)
     names: dict[str, str] = {}
 
     def quote(m: re.Match[str]) -> str:

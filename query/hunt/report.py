@@ -1,12 +1,16 @@
-"""``hunt report``: where the hits are (enrichment per dataset / tissue / disease) and what they express (DE).
+"""``hunt report``: where the hits are (by atlas label, donor, dataset ...) and what they express (DE).
 
+By default hits are broken down by the atlas label (``cell_type``), ``donor_id`` and ``dataset_id``, those of them
+the cells table has; a column that is missing (NULL) in every cell is left out, and the report says so.
 Writes into ``out_dir`` (each file via a temporary name and rename):
 
 * ``enrichment.csv``: per grouping column and group: cells, hits, hit fraction, fold over the atlas-wide hit
   rate, Fisher exact p and Benjamini-Hochberg q (see :mod:`query.hunt.enrichment`);
 * ``enrichment.png``: bar charts of the hit fraction of the top groups per column, the atlas rate marked;
+* ``scores.png``: a histogram of the hits' ``score`` (when the hits have one);
 * ``de.csv``: differential expression (see :mod:`query.hunt.de`), when the atlas store is reachable;
-* ``report.md`` and ``report.html``: a short summary of the above, saying when and why DE was skipped.
+* ``report.md`` and ``report.html``: a short summary of the above: the breakdowns, the genes up- and
+  down-regulated in hits and what the non-hits were matched on, saying when and why DE was skipped.
 """
 
 from __future__ import annotations
@@ -29,12 +33,11 @@ from scatlas.index import AtlasIndex, Progress
 from scatlas.query.hunt.access import IndexLike, input_paths, open_index
 from scatlas.query.hunt.de import MIN_CELLS_PER_SIDE as MIN_SIDE
 from scatlas.query.hunt.de import DEMethod, differential_expression, group_comparisons, matched_background
-from scatlas.query.hunt.enrichment import Alternative, enrichment
+from scatlas.query.hunt.enrichment import DEFAULT_BY, Alternative, all_missing, default_by, enrichment
 from scatlas.query.hunt.sweep import HITS_FILE
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BY: tuple[str, ...] = ("dataset_id", "tissue", "disease")
 TOP_GROUPS = 15
 TOP_GENES = 15
 
@@ -52,6 +55,12 @@ class ReportResult:
     de_skipped: str | None
     files: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    by: list[str] = field(default_factory=list)
+    """The columns the hits are broken down by (after leaving out ``left_out``)."""
+    left_out: dict[str, str] = field(default_factory=dict)
+    """Breakdown columns left out -> why (missing in every cell; a default column the cells table lacks)."""
+    de_matching: str | None = None
+    """What the non-hits of the DE were matched on (a sentence), for hits vs matched non-hits."""
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -59,9 +68,18 @@ class ReportResult:
             "n_hits": self.n_hits,
             "n_cells": self.n_cells,
             "hit_rate": self.hit_rate,
+            "by": self.by,
+            "left_out": self.left_out,
             "de_skipped": self.de_skipped,
+            "de_matching": self.de_matching,
             "files": self.files,
         }
+
+    def left_out_sentence(self) -> str:
+        """Which breakdown columns were left out and why ("" when none)."""
+        if not self.left_out:
+            return ""
+        return "Left out of the breakdown: " + "; ".join(f"{c} ({why})" for c, why in self.left_out.items()) + "."
 
 
 def _read_hits(hits: str | Path | pd.DataFrame) -> pd.DataFrame:
@@ -121,6 +139,8 @@ def _plot(enr: pd.DataFrame, by: Sequence[str], rate: float, path: Path) -> None
     n = max(len(by), 1)
     fig = Figure(figsize=(7.5, 3.2 * n))
     FigureCanvasAgg(fig)
+    if not by:
+        fig.text(0.5, 0.5, "no column to break the hits down by", ha="center", va="center")
     for i, column in enumerate(by):
         ax = fig.add_subplot(n, 1, i + 1)
         sub = enr[enr["column"] == column].sort_values(["n_hits", "fold"], ascending=False).head(TOP_GROUPS)
@@ -135,11 +155,36 @@ def _plot(enr: pd.DataFrame, by: Sequence[str], rate: float, path: Path) -> None
         ax.set_title(f"hits by {column} (red: enriched, q < 0.05)", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
+    _save_png(fig, path)
+
+
+def _save_png(fig: Any, path: Path) -> None:
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             fig.savefig(fh, format="png", dpi=120)
 
     _atomic(path, save)
+
+
+def _plot_scores(scores: np.ndarray, path: Path) -> None:
+    """Histogram of the hits' scores (the sweep's raw classifier score), the lowest marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 3.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    finite = scores[np.isfinite(scores)]
+    ax.hist(finite, bins=min(50, max(5, len(finite) // 5)), color="#2c7fb8")
+    if len(finite):
+        ax.axvline(float(finite.min()), color="black", linestyle="--", linewidth=1,
+                   label=f"lowest hit score {float(finite.min()):.3g}")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("score")
+    ax.set_ylabel("hits")
+    ax.set_title(f"scores of the {len(finite):,} hits", fontsize=9)
+    fig.tight_layout()
+    _save_png(fig, path)
 
 
 def _md_table(frame: pd.DataFrame, floatfmt: str = ".3g") -> str:
@@ -153,52 +198,84 @@ def _md_table(frame: pd.DataFrame, floatfmt: str = ".3g") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _de_tables(sub: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The top genes up- and down-regulated in side A (q < 0.05), strongest change first."""
+    sig = sub[sub["qvalue"] < 0.05]
+    up = sig[sig["log2fc"] > 0].sort_values("log2fc", ascending=False, kind="stable").head(TOP_GENES)
+    down = sig[sig["log2fc"] < 0].sort_values("log2fc", kind="stable").head(TOP_GENES)
+    cols = ["gene_symbol", "log2fc", "pct_a", "pct_b", "qvalue"]
+    return up[cols], down[cols]
+
+
+def _de_counts(sub: pd.DataFrame) -> str:
+    sig = sub["qvalue"] < 0.05
+    n_up, n_down = int((sig & (sub["log2fc"] > 0)).sum()), int((sig & (sub["log2fc"] < 0)).sum())
+    return f"{int(sig.sum())} genes at q < 0.05: {n_up} up-regulated, {n_down} down-regulated"
+
+
+def _intro(res: ReportResult, hits_source: str) -> list[str]:
+    """The opening lines (plain text): hits, breakdown columns, what was left out."""
+    lines = [f"Hits: {res.n_hits:,} of {res.n_cells:,} atlas cells ({100 * res.hit_rate:.4g}%), from {hits_source}.",
+             "Broken down by: " + (", ".join(res.by) if res.by else "nothing") + "."]
+    if res.left_out:
+        lines.append(res.left_out_sentence())
+    return lines
+
+
 def _markdown(res: ReportResult, by: Sequence[str], hits_source: str) -> str:
-    parts = [
-        "# Rare-cell hunt report\n",
-        f"Hits: **{res.n_hits:,}** of {res.n_cells:,} atlas cells ({100 * res.hit_rate:.4g}%), from {hits_source}.\n",
-        "Enrichment: Fisher's exact test per group against the rest of the atlas, Benjamini-Hochberg q within "
-        "each column; fold = group hit fraction / atlas hit rate.\n",
-    ]
+    parts = ["# Rare-cell hunt report\n\n"]
+    parts.extend(line + "\n\n" for line in _intro(res, hits_source))
+    parts.append("Enrichment: Fisher's exact test per group against the rest of the atlas, Benjamini-Hochberg q "
+                 "within each column; fold = group hit fraction / atlas hit rate.\n")
     for column in by:
         sub = res.enrichment[res.enrichment["column"] == column].head(TOP_GROUPS)
         parts.append(f"\n## By {column}\n\n")
         parts.append(_md_table(sub[["group", "n_cells", "n_hits", "fraction", "fold", "qvalue"]]))
+    if "scores_png" in res.files:
+        parts.append(f"\n## Scores\n\nHistogram of the hits' scores: `{Path(res.files['scores_png']).name}`.\n")
     parts.append("\n## Differential expression\n\n")
     if res.de is None:
         parts.append(f"Skipped: {res.de_skipped}\n")
     elif res.de.empty:
         parts.append("No comparison had enough cells.\n")
     else:
+        if res.de_matching:
+            parts.append(res.de_matching + "\n")
         for name, sub in res.de.groupby("comparison", sort=False):
-            up = sub[(sub["qvalue"] < 0.05) & (sub["log2fc"] > 0)].head(TOP_GENES)
+            up, down = _de_tables(sub)
             parts.append(f"\n### {name} ({int(sub['n_a'].iloc[0])} vs {int(sub['n_b'].iloc[0])} cells)\n\n")
-            parts.append(f"{int((sub['qvalue'] < 0.05).sum())} genes at q < 0.05; top up-regulated:\n\n")
-            parts.append(_md_table(up[["gene_symbol", "log2fc", "pct_a", "pct_b", "qvalue"]]))
+            parts.append(f"{_de_counts(sub)}.\n\nTop up-regulated:\n\n")
+            parts.append(_md_table(up))
+            parts.append("\nTop down-regulated:\n\n")
+            parts.append(_md_table(down))
     parts.append("\nFiles: " + ", ".join(f"`{Path(p).name}`" for p in res.files.values()) + "\n")
     return "".join(parts)
 
 
 def _html(res: ReportResult, by: Sequence[str], hits_source: str) -> str:
     esc = html.escape
-    body = [
-        "<h1>Rare-cell hunt report</h1>",
-        f"<p>Hits: <b>{res.n_hits:,}</b> of {res.n_cells:,} atlas cells ({100 * res.hit_rate:.4g}%), from "
-        f"{esc(hits_source)}.</p>",
-    ]
+    body = ["<h1>Rare-cell hunt report</h1>"]
+    body.extend(f"<p>{esc(line)}</p>" for line in _intro(res, hits_source))
     if "png" in res.files:
         body.append(f'<img src="{esc(Path(res.files["png"]).name)}" style="max-width:100%">')
     for column in by:
         sub = res.enrichment[res.enrichment["column"] == column].head(TOP_GROUPS)
         body.append(f"<h2>By {esc(column)}</h2>")
         body.append(sub[["group", "n_cells", "n_hits", "fraction", "fold", "qvalue"]].to_html(index=False))
+    if "scores_png" in res.files:
+        body.append("<h2>Scores</h2>")
+        body.append(f'<img src="{esc(Path(res.files["scores_png"]).name)}" style="max-width:100%">')
     body.append("<h2>Differential expression</h2>")
     if res.de is None:
         body.append(f"<p>Skipped: {esc(str(res.de_skipped))}</p>")
     else:
+        if res.de_matching:
+            body.append(f"<p>{esc(res.de_matching)}</p>")
         for name, sub in res.de.groupby("comparison", sort=False):
-            body.append(f"<h3>{esc(str(name))}</h3>")
-            body.append(sub.head(TOP_GENES)[["gene_symbol", "log2fc", "pct_a", "pct_b", "qvalue"]].to_html(index=False))
+            up, down = _de_tables(sub)
+            body.append(f"<h3>{esc(str(name))}</h3><p>{esc(_de_counts(sub))}.</p>")
+            body.append("<h4>Top up-regulated</h4>" + up.to_html(index=False))
+            body.append("<h4>Top down-regulated</h4>" + down.to_html(index=False))
     return "<!doctype html><html><head><meta charset='utf-8'><title>hunt report</title></head><body>" + "".join(
         body
     ) + "</body></html>"
@@ -224,7 +301,7 @@ def report(
     index: IndexLike,
     out_dir: str | Path,
     *,
-    by: Sequence[str] = DEFAULT_BY,
+    by: Sequence[str] | None = None,
     de_group: str | None = None,
     de_reference: str | None = None,
     atlas: str | Path | None = None,
@@ -241,7 +318,9 @@ def report(
     ----------
     hits: ``hits.parquet`` of a sweep, its output directory, or a DataFrame with a ``soma_joinid`` column.
     index: the index that was swept (its ``cells`` table gives the atlas-wide group sizes).
-    by: columns of the cells table to test for enrichment, each on its own.
+    by: columns of the cells table to break the hits down by (enrichment), each on its own; default: those of
+        :data:`DEFAULT_BY` (``cell_type``, the atlas label; ``donor_id``; ``dataset_id``) the table has. A column
+        missing in every cell is left out (``ReportResult.left_out`` says which).
     de_group: compare hits between the levels of this column (e.g. ``"disease"``) instead of against matched
         non-hits; ``de_reference`` is the level to compare against (default ``normal`` when present, else
         each level against the other hits).
@@ -260,11 +339,28 @@ def report(
     frame = _read_hits(hits)
     hits_source = show(hits) if not isinstance(hits, pd.DataFrame) else "a DataFrame"
     out = claim_output_dir(out_dir, REPORT)
-    by = list(by)
 
     with idx.cursor() as con:
-        return _report(idx, con, frame, hits_source, out, by, de_group, de_reference, atlas, de, de_method, max_cells,
-                       alternative, seed, t0, progress)
+        columns, left_out = _breakdown(con, by)
+        return _report(idx, con, frame, hits_source, out, columns, left_out, de_group, de_reference, atlas, de,
+                       de_method, max_cells, alternative, seed, t0, progress)
+
+
+def _breakdown(con: Any, by: Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
+    """The columns to break hits down by, and those left out -> why (unknown given columns raise later)."""
+    names = [r[0] for r in con.execute("DESCRIBE cells").fetchall()]
+    left_out: dict[str, str] = {}
+    if by is None:
+        columns = default_by(names)
+        left_out.update({c: "not a column of the cells table" for c in DEFAULT_BY if c not in names})
+    else:
+        columns = list(dict.fromkeys(by))
+    for column in all_missing(con, [c for c in columns if c in names]):
+        left_out[column] = "missing in every cell"
+    kept = [c for c in columns if c not in left_out]
+    if left_out:
+        logger.info("breakdown columns left out: %s", left_out)
+    return kept, left_out
 
 
 def _report(
@@ -274,6 +370,7 @@ def _report(
     hits_source: str,
     out: Path,
     by: list[str],
+    left_out: dict[str, str],
     de_group: str | None,
     de_reference: str | None,
     atlas: str | Path | None,
@@ -295,8 +392,13 @@ def _report(
     png = out / "enrichment.png"
     _plot(enr, by, rate, png)
     files["png"] = str(png)
+    if "score" in frame.columns:
+        scores_png = out / "scores.png"
+        _plot_scores(frame["score"].to_numpy(dtype=np.float64), scores_png)
+        files["scores_png"] = str(scores_png)
 
     de_frame: pd.DataFrame | None = None
+    matching: str | None = None
     skipped: str | None = None
     if not de:
         skipped = "not requested (de=False)"
@@ -310,6 +412,7 @@ def _report(
                     comps = group_comparisons(con, hit_ids, de_group, de_reference, max_cells, seed)
                 else:
                     comps = [matched_background(con, hit_ids, max_cells, seed)]
+                    matching = comps[0].matching()
                 de_frame = differential_expression(store, comps, de_method, progress)
             finally:
                 store.close()
@@ -322,7 +425,7 @@ def _report(
 
     result = ReportResult(
         out_dir=str(out), n_hits=n_hits, n_cells=n_cells, hit_rate=rate, enrichment=enr, de=de_frame,
-        de_skipped=skipped, files=files,
+        de_skipped=skipped, files=files, by=by, left_out=left_out, de_matching=matching,
     )
     md_path, html_path = out / "report.md", out / "report.html"
     files["markdown"], files["html"] = str(md_path), str(html_path)

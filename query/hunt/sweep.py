@@ -5,6 +5,7 @@ Output directory::
     OUT/
       sweep.json            state: what is being swept (classifier, embedder, index build, cut) and the shards done
       partials/NNNN.npz     per shard: ids and exact scores of its hits (written atomically)
+      stage2/NNNN.npz       two-stage sweeps: per chunk of stage 1's candidates, their stage-2 scores
       hits.parquet          the hits joined with the cell metadata (dataset_id, tissue, disease, cell_type, ...),
                             best first: soma_joinid, score, probability, <cells table columns>
       summary.json          the :class:`SweepSummary`
@@ -51,7 +52,13 @@ from scatlas.index import (
 )
 from scatlas.query.hunt.access import IndexLike, input_paths, open_index
 from scatlas.query.hunt.classifier import HuntClassifier
+from scatlas.query.hunt.gene_reads import open_index_store
 from scatlas.query.hunt.kernels import BlockScorer, ThreadTuner
+from scatlas.query.hunt.partials import read_partial as _read_partial
+from scatlas.query.hunt.partials import write_partial as _write_partial
+from scatlas.query.hunt.stage2 import GeneStage
+from scatlas.query.hunt.sweep_stage2 import DEFAULT_CHUNK as STAGE2_CHUNK
+from scatlas.query.hunt.sweep_stage2 import STAGE2_DIR, Stage2Result, score_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +77,9 @@ and the fp32 fallback) copy a block: on the CPU the fp32 one needs twice its siz
 @dataclass
 class SweepSummary:
     """What a sweep did. Rates are over the shards scored in this run (resumed shards are not re-read; 0 when
-    every shard was resumed)."""
+    every shard was resumed). ``stages`` says whether stage 2 ran (and why not); ``n_stage1_passed`` cells passed
+    stage 1 (the candidates, at ``stage1_cutoff``, when stage 2 ran), ``n_stage2_kept`` of them stage 2 kept (the
+    hits; None without stage 2); ``cutoff`` is the cut that made the hits (stage 2's score when it ran)."""
 
     out: str
     hits_path: str
@@ -97,6 +106,13 @@ class SweepSummary:
     embedder_fingerprint: str
     index_manifest_id: str
     hit_rate: float = field(default=0.0)
+    stages: str = "stage 1 only: the classifier has no stage 2"
+    n_stage1_passed: int = 0
+    n_stage2_kept: int | None = None
+    stage1_cutoff: float | None = None
+    stage2_seconds: float = 0.0
+    n_stage2_chunks: int = 0
+    n_stage2_chunks_resumed: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
@@ -104,45 +120,25 @@ class SweepSummary:
 
 
 
-def _write_partial(path: Path, ids: np.ndarray, scores: np.ndarray, meta: dict[str, int]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with writing(path), open(tmp, "wb") as fh:
-            np.savez(fh, ids=ids.astype(np.int64), scores=scores.astype(np.float32),
-                     meta=np.array([meta["n"], meta["id_min"], meta["id_max"]], dtype=np.int64))
-            fh.flush()
-            os.fsync(fh.fileno())
-        with writing(path):
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _read_partial(path: Path, expect: dict[str, int]) -> tuple[np.ndarray, np.ndarray] | None:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = z["meta"].tolist()
-            if meta != [expect["n"], expect["id_min"], expect["id_max"]]:
-                return None
-            return z["ids"].astype(np.int64), z["scores"].astype(np.float32)
-    except (OSError, ValueError, KeyError):
-        return None
-
-
 def _load_classifier(classifier: HuntClassifier | str | Path) -> HuntClassifier:
     return classifier if isinstance(classifier, HuntClassifier) else HuntClassifier.load(classifier)
 
 
-def _cutoff(clf: HuntClassifier, min_score: float | None, min_probability: float | None) -> tuple[float, str]:
+def _cutoff(
+    model: HuntClassifier | GeneStage, min_score: float | None, min_probability: float | None, what: str = ""
+) -> tuple[float, str]:
+    """The cut on ``model``'s raw score: ``min_score``, ``min_probability`` through its calibration, else its
+    cross-validated threshold; and how it was chosen (suffixed with ``what``)."""
     if min_score is not None and min_probability is not None:
         raise InputError("give min_score or min_probability, not both")
     if min_score is not None:
         if not math.isfinite(min_score):
             raise InputError(f"min_score must be a finite number (got {min_score})")
-        return float(min_score), "min_score"
+        return float(min_score), f"min_score{what}"
     if min_probability is not None:
-        return float(clf.calibration.min_score_for(min_probability)), f"min_probability={min_probability:g}"
-    return clf.threshold, f"classifier threshold ({clf.metrics.get('threshold', {}).get('rule', 'cv')})"
+        return float(model.calibration.min_score_for(min_probability)), f"min_probability={min_probability:g}{what}"
+    name = "stage 2 threshold" if isinstance(model, GeneStage) else "classifier threshold"
+    return model.threshold, f"{name} ({model.metrics.get('threshold', {}).get('rule', 'cv')})"
 
 
 def _prepare_out(out: Path, key: dict[str, Any], resume: bool, lock: contextlib.ExitStack) -> dict[str, Any]:
@@ -174,6 +170,7 @@ def _prepare_out(out: Path, key: dict[str, Any], resume: bool, lock: contextlib.
     for name in (STATE_FILE, HITS_FILE, SUMMARY_FILE):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / PARTIALS_DIR, ignore_errors=True)
+    shutil.rmtree(out / STAGE2_DIR, ignore_errors=True)
     (out / PARTIALS_DIR).mkdir()
     state = {"format_version": STATE_VERSION, "key": key, "shards": {}, "complete": False}
     write_json_atomic(state_path, state)
@@ -329,8 +326,17 @@ def sweep(
     threads: int | None = None,
     progress: Progress = True,
     executor: Executor | None = None,
+    two_stage: bool = True,
+    atlas: str | Path | None = None,
+    stage2_chunk_size: int = STAGE2_CHUNK,
 ) -> SweepSummary:
     """Score every indexed cell with ``classifier``; write the hits (joined with cell metadata) to ``out``.
+
+    A two-stage classifier (one with ``stage2``, see :mod:`query.hunt.stage2`) sweeps in two stages: stage 1
+    passes the cells scoring at least its candidate cut (chosen for recall), stage 2 scores their gene features
+    read from the atlas store and its cut makes the hits (:mod:`query.hunt.sweep_stage2`). Without stage 2, with
+    ``two_stage=False`` or when the store is not reachable, stage 1 at the classifier's threshold is the answer
+    (the summary's ``stages`` says which and why).
 
     Parameters
     ----------
@@ -340,8 +346,10 @@ def sweep(
     out: output directory (created); see the module docstring for its layout. Only a new or empty directory or
         an earlier sweep directory is written (OutputError otherwise, and when it is or holds an input); one sweep
         at a time writes there (a second one is refused while the first holds ``OUT/.sweep.lock``).
-    min_score: the cut on raw scores (``score >= min_score`` is a hit); default: the classifier's threshold.
-    min_probability: alternatively, a cut on the calibrated probability (converted to a raw score).
+    min_score: the cut on raw scores (``score >= min_score`` is a hit); default: the classifier's threshold. With
+        two stages, the cut on stage 2's score (stage 1 keeps its candidate cut).
+    min_probability: alternatively, a cut on the calibrated probability (converted to a raw score; stage 2's
+        calibration with two stages).
     block_size: rows of stored vectors scored at a time (default: :data:`DEFAULT_BLOCK_BYTES` of vectors).
     device: ``auto`` (GPU when torch sees one), ``cpu`` or ``cuda`` (DependencyError without CUDA).
     resume: continue a matching interrupted sweep in ``out`` (a mismatching one is refused); ``False`` discards
@@ -351,17 +359,78 @@ def sweep(
     executor: where the per-shard scoring tasks run (:mod:`index.executor`): default this process (one thread per
         GPU when sweeping on CUDA); a :class:`~index.executor.RayExecutor` spreads shards over a cluster. The hits
         are the same either way.
+    two_stage: run stage 2 when the classifier has one (``False``: stage 1 alone, at its own threshold).
+    atlas: the atlas store stage 2 reads (default: the one the index was built from).
+    stage2_chunk_size: candidates read and scored per stage-2 chunk (bounds memory; one partial file each).
     """
     check_output_dir(out, SWEEP, inputs=input_paths(index, classifier))
     with contextlib.ExitStack() as lock, writing(out, action=None):
         t0 = time.perf_counter()
         idx = open_index(index)
         clf = _load_classifier(classifier)
-        plan = _plan(idx, clf, min_score, min_probability, block_size, device, threads)
+        store, stages = _stage2_store(idx, clf, two_stage, atlas)
+        if store is not None:
+            lock.callback(store.close)
+        plan = _plan(idx, clf, min_score, min_probability, block_size, device, threads,
+                     stage2=clf.stage2 if store is not None else None, stages=stages)
         out = Path(out)
         state = _prepare_out(out, plan.key, resume, lock)  # the lock is held until the ExitStack closes
         run = _run(idx, clf, plan, out, state, executor, threads, progress)
-        return _finish(idx, clf, plan, out, state, run, t0)
+        cand_ids, cand_scores = _stage1_hits(run)
+        if plan.stage2 is None:
+            hits = _Hits(cand_ids, cand_scores, clf.probability(cand_scores), len(cand_ids))
+        else:
+            hits = _stage2_hits(store, idx, plan, out, state, cand_ids, stage2_chunk_size, progress)
+        return _finish(idx, clf, plan, out, state, run, hits, t0)
+
+
+def _stage2_store(
+    idx: AtlasIndex, clf: HuntClassifier, two_stage: bool, atlas: str | Path | None
+) -> tuple[Any, str]:
+    """The atlas store stage 2 reads (None when stage 2 does not run) and the sweep's ``stages`` note."""
+    if clf.stage2 is None:
+        return None, "stage 1 only: the classifier has no stage 2"
+    if not two_stage:
+        return None, "stage 1 only: two_stage=False"
+    store, why = open_index_store(idx, atlas)
+    if store is None:
+        logger.warning("stage 2 cannot run (%s): stage 1's hits at its own threshold are the answer", why)
+        return None, f"stage 1 only: {why}"
+    return store, "two stages: stage 1 candidates, stage 2 on gene features"
+
+
+@dataclass
+class _Hits:
+    """The final hits (ids sorted) with their scores and probabilities, and how many cells passed stage 1."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+    probabilities: np.ndarray
+    n_stage1: int
+    stage2: Stage2Result | None = None
+
+
+def _stage1_hits(run: _Run) -> tuple[np.ndarray, np.ndarray]:
+    ordered = [run.results[f"{no:04d}"] for no in sorted(int(k) for k in run.results)]
+    ids = np.concatenate([r[0] for r in ordered]) if ordered else np.zeros(0, dtype=np.int64)
+    scores = np.concatenate([r[1] for r in ordered]) if ordered else np.zeros(0, dtype=np.float32)
+    order = np.argsort(ids, kind="stable")
+    return ids[order], scores[order]
+
+
+def _stage2_hits(
+    store: Any, idx: AtlasIndex, plan: _Plan, out: Path, state: dict[str, Any], candidates: np.ndarray,
+    chunk_size: int, progress: Progress,
+) -> _Hits:
+    """Stage 2 over stage 1's candidates; the hits are those scoring at least the plan's cut."""
+    stage = plan.stage2
+    assert stage is not None
+    res = score_candidates(store, idx.embedder, stage, candidates, out, state, out / STATE_FILE,
+                           chunk_size=chunk_size, progress=progress)
+    keep = res.scores >= np.float32(plan.cutoff)
+    logger.info("stage 2: kept %d of %d candidates (%d chunks, %d resumed) in %.1fs", int(keep.sum()),
+                len(candidates), res.n_chunks, res.n_resumed, res.seconds)
+    return _Hits(res.ids[keep], res.scores[keep], stage.calibration.apply(res.scores[keep]), len(candidates), res)
 
 
 @contextlib.contextmanager
@@ -383,7 +452,9 @@ def _sweep_lock(out: Path) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class _Plan:
-    """What a sweep computes: the cut, the block size, the device, and the key its state must match to resume."""
+    """What a sweep computes: the cuts, the block size, the device, and the key its state must match to resume.
+
+    With ``stage2``, ``stage1_cutoff`` passes candidates and ``cutoff`` is stage 2's; else both are stage 1's."""
 
     cutoff: float
     cutoff_source: str
@@ -391,11 +462,14 @@ class _Plan:
     device: str
     requested_device: str
     key: dict[str, Any]
+    stage1_cutoff: float = float("nan")
+    stage2: GeneStage | None = None
+    stages: str = ""
 
 
 def _plan(
     idx: AtlasIndex, clf: HuntClassifier, min_score: float | None, min_probability: float | None,
-    block_size: int | None, device: str, threads: int | None,
+    block_size: int | None, device: str, threads: int | None, *, stage2: GeneStage | None = None, stages: str = "",
 ) -> _Plan:
     """Check the classifier against the index and the arguments; the sweep's plan."""
     if clf.embedder_fingerprint != idx.embedder_fingerprint:
@@ -409,7 +483,12 @@ def _plan(
     if clf.index_manifest_id != idx.build_id:
         logger.info("the classifier was trained against another build (%s) of an index with the same embedder",
                     clf.index_manifest_id)
-    cutoff, cutoff_source = _cutoff(clf, min_score, min_probability)
+    if stage2 is None:
+        cutoff, cutoff_source = _cutoff(clf, min_score, min_probability)
+        stage1_cutoff = cutoff
+    else:
+        cutoff, cutoff_source = _cutoff(stage2, min_score, min_probability, " (stage 2)")
+        stage1_cutoff = stage2.stage1_cut
     if not math.isfinite(cutoff):
         raise InputError(f"the requested cut ({cutoff_source}) is unreachable by any score; lower it")
     if block_size is None:
@@ -422,9 +501,12 @@ def _plan(
         "classifier": clf.fingerprint(),
         "embedder": idx.embedder_fingerprint,
         "index_manifest_id": idx.build_id,
-        "cutoff": repr(float(cutoff)),
+        "cutoff": repr(float(stage1_cutoff)),
     }
-    return _Plan(cutoff, cutoff_source, int(block_size), resolve_device(device, backend="torch"), device, key)
+    if stage2 is not None:  # one-stage sweeps keep their key (and resume as before)
+        key["stage2_cutoff"] = repr(float(cutoff))
+    return _Plan(cutoff, cutoff_source, int(block_size), resolve_device(device, backend="torch"), device, key,
+                 stage1_cutoff, stage2, stages)
 
 
 @dataclass
@@ -475,10 +557,10 @@ def _run(
     run.threads = torch.get_num_threads()
     # The scorer of tasks run in this process (the local executor on the CPU or the first GPU): one for the whole
     # sweep, so that thread tuning carries over from shard to shard.
-    scorer = BlockScorer(clf.weights, clf.bias, plan.cutoff, device="cpu" if torch_device == "cpu" else "cuda:0")
+    scorer = BlockScorer(clf.weights, clf.bias, plan.stage1_cutoff, device="cpu" if torch_device == "cpu" else "cuda:0")
     tuner = ThreadTuner([1, run.threads]) if threads is None and torch_device == "cpu" and run.threads > 1 else None
     scorer.tuner = tuner
-    scorer_key = _scorer_key(clf, plan.cutoff, scorer.device)
+    scorer_key = _scorer_key(clf, plan.stage1_cutoff, scorer.device)
     _SCORERS[scorer_key] = scorer
     run.scorer_kernel = scorer.kernel
     tasks = _tasks(idx, clf, plan, out, state, run, gpus=1.0 if torch_device == "cuda" else 0.0)
@@ -520,18 +602,18 @@ def _tasks(
             run.results[name] = got
         else:
             tasks.append(Task(f"sweep-{name}", score_shard,
-                              (idx, no, clf, plan.cutoff, plan.block_size, part_path, meta), gpus=gpus, cells=len(ids)))
+                              (idx, no, clf, plan.stage1_cutoff, plan.block_size, part_path, meta), gpus=gpus, cells=len(ids)))
     return tasks
 
 
 def _finish(
-    idx: AtlasIndex, clf: HuntClassifier, plan: _Plan, out: Path, state: dict[str, Any], run: _Run, t0: float
+    idx: AtlasIndex, clf: HuntClassifier, plan: _Plan, out: Path, state: dict[str, Any], run: _Run, hits: _Hits,
+    t0: float,
 ) -> SweepSummary:
     """Write the hits, the summary and the completed state; log and return the summary."""
-    ordered = [run.results[f"{no:04d}"] for no in sorted(int(k) for k in run.results)]
-    hit_ids = np.concatenate([r[0] for r in ordered]) if ordered else np.zeros(0, dtype=np.int64)
-    hit_scores = np.concatenate([r[1] for r in ordered]) if ordered else np.zeros(0, dtype=np.float32)
-    hits_path = _write_hits(idx, out, hit_ids, hit_scores, clf.probability(hit_scores))
+    hit_ids = hits.ids
+    hits_path = _write_hits(idx, out, hit_ids, hits.scores, hits.probabilities)
+    s2 = hits.stage2
     bytes_scored = run.cells_scored * idx.dim * 2
     scoring = run.scoring_seconds
     summary = SweepSummary(
@@ -560,9 +642,17 @@ def _finish(
         embedder_fingerprint=plan.key["embedder"],
         index_manifest_id=plan.key["index_manifest_id"],
         hit_rate=len(hit_ids) / run.n_cells if run.n_cells else 0.0,
+        stages=plan.stages or "stage 1 only: the classifier has no stage 2",
+        n_stage1_passed=hits.n_stage1,
+        n_stage2_kept=len(hit_ids) if s2 is not None else None,
+        stage1_cutoff=float(plan.stage1_cutoff),
+        stage2_seconds=s2.seconds if s2 is not None else 0.0,
+        n_stage2_chunks=s2.n_chunks if s2 is not None else 0,
+        n_stage2_chunks_resumed=s2.n_resumed if s2 is not None else 0,
     )
     state["complete"] = True
     state["n_hits"] = len(hit_ids)
+    state["n_stage1_passed"] = hits.n_stage1
     write_json_atomic(out / STATE_FILE, state)
     write_json_atomic(out / SUMMARY_FILE, summary.to_json())
     rate = (
@@ -575,4 +665,6 @@ def _finish(
         run.n_cells, run.n_shards, run.n_resumed, len(hit_ids), 100 * summary.hit_rate, plan.cutoff, rate, run.device,
         summary.kernel, run.threads, summary.seconds,
     )
+    logger.info("%s: stage 1 passed %d cells%s", summary.stages, hits.n_stage1,
+                f", stage 2 kept {len(hit_ids)}" if s2 is not None else "")
     return summary

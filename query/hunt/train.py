@@ -30,9 +30,11 @@ from scatlas.query.align import apply_shift, estimate_shift
 from scatlas.query.hunt.access import IndexLike, input_paths, open_index
 from scatlas.query.hunt.calibration import CalibrationMethod, fit_calibration
 from scatlas.query.hunt.classifier import HuntClassifier
+from scatlas.query.hunt.gene_reads import open_index_store, read_gene_features
 from scatlas.query.hunt.logistic import DEFAULT_L2_GRID, CVResult, cross_validate, fit_logistic
 from scatlas.query.hunt.metrics import ThresholdChoice, average_precision, choose_threshold, roc_auc
 from scatlas.query.hunt.predicate import evaluate_predicate
+from scatlas.query.hunt.stage2 import GeneStage, fit_gene_stage
 from scatlas.query.prepare import open_query
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,9 @@ DUPLICATE_COSINE = 0.9995
 SPY_QUANTILE = 0.1
 MAX_EXCLUDED = 0.01
 
+
+STAGE2_MIN_GENES = 0.9
+"""Stage 2 is trained only when the labelled cells measure at least this share of the embedder's genes."""
 
 IN_ATLAS_PROBE = 200
 IN_ATLAS_SIMILARITY = 0.999
@@ -87,8 +92,10 @@ def _cells_part(
     chunk_size: int,
     seed: int,
     progress: Progress,
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Embedded positives and sampled negatives of the labelled cells (rounded as stored), and a report."""
+    want_genes: bool = False,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any], tuple[np.ndarray, np.ndarray] | None]:
+    """Embedded positives and sampled negatives of the labelled cells (rounded as stored), a report, and with
+    ``want_genes`` their gene features (positives, negatives; None when the cells lack too many of the genes)."""
     if positive is None:
         raise InputError("labelled cells were given without a positive predicate; pass positive=\"cell_type == 'X'\"")
     labelled = open_query(cells, index, what="labelled cells ({name})", allow_empty=True)
@@ -109,16 +116,29 @@ def _cells_part(
             "expression": source.expression.describe(),
         }
         if len(pos_rows) == 0:
-            return np.zeros((0, index.dim), np.float32), np.zeros((0, index.dim), np.float32), report
+            return np.zeros((0, index.dim), np.float32), np.zeros((0, index.dim), np.float32), report, None
         labelled.check(min_gene_overlap)
         if labelled.match is not None:
             report["gene_overlap"] = labelled.match.summary()
         rows = np.union1d(pos_rows, neg_rows)
         vec = as_stored(labelled.embed(rows, chunk_size, progress))[1]
         is_pos = np.isin(rows, pos_rows)
-        return vec[is_pos], vec[~is_pos], report
+        genes = _labelled_gene_features(labelled, rows, chunk_size, report) if want_genes else None
+        return vec[is_pos], vec[~is_pos], report, (genes[is_pos], genes[~is_pos]) if genes is not None else None
     finally:
         labelled.close()
+
+
+def _labelled_gene_features(labelled: Any, rows: np.ndarray, chunk_size: int, report: dict[str, Any]) -> np.ndarray | None:
+    """Gene features of the labelled cells ``rows`` (sorted), or None (noted in ``report``) when they measure fewer
+    than :data:`STAGE2_MIN_GENES` of the embedder's genes."""
+    present = labelled.match.target_present() if labelled.match is not None else None
+    if present is None or present.mean() < STAGE2_MIN_GENES:
+        have = "no gene matrix" if present is None else f"{present.mean():.0%} of the embedder's genes"
+        report["stage2_skipped"] = f"the labelled cells have {have} (stage 2 needs {STAGE2_MIN_GENES:.0%})"
+        return None
+    parts = [labelled.embedder.gene_features(chunk) for chunk in labelled.chunks(chunk_size, rows)]
+    return np.concatenate(parts).astype(np.float32)
 
 
 def _duplicates(bg: np.ndarray, pos: np.ndarray, block: int = 4096) -> np.ndarray:
@@ -172,6 +192,7 @@ def train(
     chunk_size: int = 5_000,
     progress: Progress = True,
     align: Literal["none", "mnn"] = "mnn",
+    two_stage: bool = False,
 ) -> HuntClassifier:
     """Train a hunt classifier; save it to ``out`` when given.
 
@@ -200,6 +221,12 @@ def train(
     align: ``"mnn"`` shifts the labelled cells' vectors onto the atlas before training, as annotate does for
         queries (:mod:`query.align`), so the classifier does not learn their batch offset as "positive" (see
         docs/benchmarks.md#hunt-align); ``"none"`` trains on the vectors as embedded.
+    two_stage: also train stage 2 (off by default: it lost recall across batches on the real bench cases,
+        docs/benchmarks.md), a classifier on the embedder's gene features (:mod:`query.hunt.stage2`), on
+        the same cells and folds, and choose stage 1's candidate cut for recall; done when the embedder has gene
+        features, the labelled cells measure its genes and the atlas store is reachable (else
+        ``params["stage2_skipped"]`` says why and the classifier is one-stage). Its features are held densely:
+        (positives + negatives) x the embedder's genes, float32.
 
     Raises InputError when no positive or no negative cell is found, or fewer than 3 positives.
     """
@@ -219,16 +246,24 @@ def train(
     if background < 0 or cell_negatives < 0 or max_positives < MIN_POSITIVES:
         raise InputError(f"background and cell_negatives must be >= 0 and max_positives >= {MIN_POSITIVES}")
     torch_device = resolve_device(device, backend="torch")
+    gene_names, skipped = _stage2_genes(idx) if two_stage else (None, "not requested (two_stage=False)")
     ts = _TrainingSet(idx.dim)
     if cells is not None:
         ts.add_cells(idx, cells, positive, max_positives, cell_negatives, min_gene_overlap, chunk_size, seed,
-                     progress, align)
+                     progress, align, want_genes=gene_names is not None)
     if positive_sql is not None:
         ts.add_atlas_positives(idx, positive_sql, max_positives, seed)
     ts.check_positives(cells is not None, positive, positive_sql)
     ts.add_background(idx, background, seed, drop_duplicates=cells is not None)
     fit = _fit(ts, l2=l2, n_folds=n_folds, seed=seed, device=torch_device, clean_background=clean_background)
     choice = choose_threshold(fit.y, fit.cv.oof_scores, target_precision=target_precision)
+    stage2 = None
+    if gene_names is not None:
+        stage2, skipped = _train_stage2(idx, ts, fit, gene_names, choice.threshold, l2=l2, seed=seed, device=torch_device,
+                                        calibration=calibration, target_precision=target_precision,
+                                        chunk_size=chunk_size)
+    if skipped:
+        logger.info("stage 2 not trained: %s; the classifier is one-stage", skipped)
     clf = HuntClassifier(
         weights=fit.weights,
         bias=fit.bias,
@@ -253,8 +288,11 @@ def train(
             "l2": l2,
             "device": torch_device,
             "cells": ts.report,
+            "two_stage": two_stage,
+            **({"stage2_skipped": skipped} if skipped else {}),
         },
         versions=_versions(),
+        stage2=stage2,
     )
     logger.info(
         "trained hunt classifier %s on %d positive / %d negative cells in %.1fs: CV AUPRC %.3f (baseline %.3f), "
@@ -268,6 +306,44 @@ def train(
     return clf
 
 
+def _stage2_genes(idx: AtlasIndex) -> tuple[list[str] | None, str | None]:
+    """The embedder's gene feature names, or ``(None, why stage 2 cannot be trained)``."""
+    try:
+        names = idx.embedder.gene_feature_names
+    except InputError as exc:
+        return None, f"the index has no embedder to read genes with ({exc})"
+    return (list(names), None) if names else (None, "the index's embedder has no gene features")
+
+
+def _train_stage2(
+    idx: AtlasIndex, ts: _TrainingSet, fit: _Fit, gene_names: list[str], stage1_threshold: float, *,
+    l2: float | None, seed: int,
+    device: str, calibration: CalibrationMethod, target_precision: float | None, chunk_size: int,
+) -> tuple[GeneStage | None, str | None]:
+    """Stage 2 on the gene features of stage 1's final training rows (read from the store for atlas cells), or
+    ``(None, why not)``."""
+    if ts.labelled_positives is not None and ts.cell_genes is None:
+        return None, ts.report.get("stage2_skipped", "the labelled cells have no gene features")
+    store, why = open_index_store(idx)
+    if store is None:
+        return None, why
+    try:
+        atlas_pos = read_gene_features(store, idx.embedder, ts.atlas_positive_ids, chunk_size)
+        bg = read_gene_features(store, idx.embedder, ts.background_ids, chunk_size)
+    finally:
+        store.close()
+    cpos, cneg = ts.cell_genes if ts.cell_genes is not None else (np.zeros((0, len(gene_names)), np.float32),) * 2
+    G = np.concatenate([cpos, atlas_pos, cneg, bg])
+    if len(G) != len(fit.y):
+        raise AssertionError(f"stage 2 has {len(G)} rows for stage 1's {len(fit.y)}")  # a bug, not an input
+    sampled = ts.counts.get("negatives_from_atlas", 0) + ts.counts.get("background_excluded_as_likely_positive", 0)
+    excluded = ts.counts.get("background_excluded_as_likely_positive", 0) / sampled if sampled else 0.0
+    stage = fit_gene_stage(G, fit.y, fit.cv.oof_scores, gene_names, stage1_threshold=stage1_threshold, l2=l2, n_folds=fit.n_folds, seed=seed,
+                           device=device, calibration=calibration, target_precision=target_precision,
+                           excluded_fraction=excluded)
+    return stage, None
+
+
 @dataclass
 class _TrainingSet:
     """The training vectors by origin: positives, the labelled cells' negatives, the atlas background."""
@@ -278,6 +354,8 @@ class _TrainingSet:
     labelled_positives: np.ndarray | None = None  # as embedded: to find the labelled cells in the atlas
     atlas_positive_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     background: np.ndarray | None = None
+    background_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    cell_genes: tuple[np.ndarray, np.ndarray] | None = None  # gene features of the labelled positives, negatives
     counts: dict[str, int] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
 
@@ -291,10 +369,11 @@ class _TrainingSet:
 
     def add_cells(
         self, idx: AtlasIndex, cells: Any, positive: str | None, max_positives: int, cell_negatives: int,
-        min_gene_overlap: float, chunk_size: int, seed: int, progress: Progress, align: str,
+        min_gene_overlap: float, chunk_size: int, seed: int, progress: Progress, align: str, want_genes: bool = False,
     ) -> None:
-        cpos, cneg, self.report = _cells_part(
-            idx, cells, positive, max_positives, cell_negatives, min_gene_overlap, chunk_size, seed, progress
+        cpos, cneg, self.report, self.cell_genes = _cells_part(
+            idx, cells, positive, max_positives, cell_negatives, min_gene_overlap, chunk_size, seed, progress,
+            want_genes,
         )
         self.labelled_positives = cpos
         if align == "mnn" and len(cpos) + len(cneg):
@@ -339,9 +418,9 @@ class _TrainingSet:
             if dup.any():
                 logger.info("dropped %d background cells identical to labelled positives (the labelled dataset is "
                             "in the atlas)", int(dup.sum()))
-                bg = bg[~dup]
+                bg, ids = bg[~dup], ids[~dup]
             self.counts["background_duplicates_dropped"] = int(dup.sum())
-        self.background = bg
+        self.background, self.background_ids = bg, np.asarray(ids, dtype=np.int64)
         if not any(len(p) for p in self.negatives) and len(bg) == 0:
             raise InputError("no negative cells: the atlas background is empty (background=0 or every atlas cell is "
                              "positive) and the labelled cells have no non-matching cells; raise background")
@@ -393,6 +472,7 @@ def _fit(
                 "positives); refitting", int(suspect.sum()), len(bg),
             )
             bg = ts.background = bg[~suspect]
+            ts.background_ids = ts.background_ids[~suspect]
             ts.counts["background_excluded_as_likely_positive"] = int(suspect.sum())
             X, y = _stack(P, N, bg)
             cv = cross_validate(X, y, l2_grid=grid, n_folds=k, seed=seed, device=device)

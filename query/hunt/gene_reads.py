@@ -1,0 +1,53 @@
+"""Gene features of atlas cells for stage 2: the index's atlas store opened (or why not), cells read in id order."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scatlas.atlas.errors import ScatlasError
+from scatlas.index import AtlasIndex
+
+logger = logging.getLogger(__name__)
+
+
+def open_index_store(index: AtlasIndex, atlas: str | Path | None = None) -> tuple[Any, str | None]:
+    """The atlas store the index was built from (or ``atlas``), or ``(None, reason)`` when it cannot be used."""
+    from scatlas.atlas.store import AtlasStore
+
+    path = Path(atlas) if atlas is not None else index.atlas_path
+    if path is None:
+        return None, "the index manifest names no atlas store"
+    if not AtlasStore.exists(path):
+        return None, f"the atlas store {path} is not reachable (no store.json there)"
+    try:
+        store = AtlasStore.open(path)
+    except ScatlasError as exc:
+        return None, f"the atlas store {path} could not be opened: {exc}"
+    built_from = index.manifest.atlas_snapshot.get("n_cells")
+    if built_from not in (None, store.n_cells):
+        store.close()
+        return None, f"the atlas store {path} has {store.n_cells} cells, the index was built from {built_from}"
+    return store, None
+
+
+def iter_gene_features(
+    store: Any, embedder: Any, ids: np.ndarray, chunk_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(ids, gene features)`` of atlas cells ``ids`` (sorted, unique), chunk by chunk, in id order."""
+    for chunk in store.read_cells(np.asarray(ids, dtype=np.int64), chunk_size=int(chunk_size), with_X=True):
+        yield np.asarray(chunk.ids, dtype=np.int64), np.asarray(embedder.gene_features(chunk), dtype=np.float32)
+
+
+def read_gene_features(store: Any, embedder: Any, ids: np.ndarray, chunk_size: int) -> np.ndarray:
+    """``(len(ids), n_genes)`` gene features of atlas cells ``ids`` (any order, unique), in that order."""
+    ids = np.asarray(ids, dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    out = np.zeros((len(ids), len(embedder.gene_feature_names)), dtype=np.float32)
+    for got, g in iter_gene_features(store, embedder, ids[order], chunk_size):
+        out[order[np.searchsorted(ids[order], got)]] = g
+    return out

@@ -1,0 +1,164 @@
+"""Stage 2 of a two-stage hunt: a logistic classifier on gene features, and stage 1's candidate cut.
+
+Stage 1 (the linear score on stored vectors) passes candidates at a cut chosen for recall; stage 2 scores the
+candidates on the embedder's gene features (log1p CP10k of its genes, read from the atlas store) and decides the
+hits. Stage 2 is class-balanced and L2-regularised (:mod:`query.hunt.logistic`), calibrated, and its cut is chosen
+on its out-of-fold scores, on the same training cells and folds as stage 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from scatlas.atlas.errors import InputError
+from scatlas.query.hunt.calibration import Calibration, CalibrationMethod, fit_calibration
+from scatlas.query.hunt.logistic import DEFAULT_L2_GRID, cross_validate, fit_logistic
+from scatlas.query.hunt.metrics import average_precision, choose_threshold, roc_auc
+
+logger = logging.getLogger(__name__)
+
+STAGE1_RECALL = 0.98
+"""Stage 1's candidate cut keeps at least this fraction of the positives stage 2 recalls, and of all labelled
+positives (cross-validated), and is never above stage 1's own threshold."""
+
+
+@dataclass
+class GeneStage:
+    """``score(g) = weights . g + bias`` on gene features ``g`` (columns ``gene_names``); ``>= threshold`` is a
+    hit. ``stage1_cut``: the cut on stage 1's raw score that passes candidates to this stage."""
+
+    weights: np.ndarray
+    bias: float
+    threshold: float
+    calibration: Calibration
+    gene_names: list[str]
+    stage1_cut: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.weights = np.ascontiguousarray(np.asarray(self.weights, dtype=np.float32).ravel())
+        self.bias, self.threshold, self.stage1_cut = float(self.bias), float(self.threshold), float(self.stage1_cut)
+        self.gene_names = [str(g) for g in self.gene_names]
+        if len(self.gene_names) != len(self.weights):
+            raise InputError(f"stage 2 has {len(self.weights)} weights for {len(self.gene_names)} gene names")
+        if not np.isfinite(self.weights).all() or not np.isfinite(self.bias):
+            raise InputError("stage 2 weights must be finite")
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        """Raw scores of gene features ``(n, n_genes)``: float64 ``einsum`` (batch-independent), as float32."""
+        g = np.asarray(features, dtype=np.float64)
+        if g.ndim != 2 or g.shape[1] != len(self.weights):
+            raise InputError(f"gene features of shape {g.shape} do not match stage 2's {len(self.weights)} genes")
+        return (np.einsum("ij,j->i", g, self.weights.astype(np.float64)) + self.bias).astype(np.float32)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(self.weights.tobytes())
+        h.update(json.dumps({"bias": self.bias, "threshold": self.threshold, "stage1_cut": self.stage1_cut,
+                             "calibration": self.calibration.to_dict(), "genes": self.gene_names},
+                            sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything but the weights (saved beside, with their SHA-256 here)."""
+        return {"bias": self.bias, "threshold": self.threshold, "stage1_cut": self.stage1_cut,
+                "calibration": self.calibration.to_dict(), "gene_names": self.gene_names, "metrics": self.metrics,
+                "fingerprint": self.fingerprint(),
+                "weights_sha256": hashlib.sha256(self.weights.tobytes()).hexdigest()}
+
+    @classmethod
+    def from_json(cls, meta: dict[str, Any], weights: np.ndarray) -> GeneStage:
+        return cls(weights=weights, bias=meta["bias"], threshold=meta["threshold"],
+                   calibration=Calibration.from_dict(meta["calibration"]), gene_names=list(meta["gene_names"]),
+                   stage1_cut=meta["stage1_cut"], metrics=dict(meta.get("metrics", {})))
+
+
+def stage1_candidate_cut(stage1_oof: np.ndarray, recalled: np.ndarray, recall: float = STAGE1_RECALL) -> float:
+    """The highest stage-1 cut keeping at least ``recall`` of the ``recalled`` positives (their out-of-fold
+    stage-1 scores ``stage1_oof[recalled]``); all of the positives when stage 2 recalls none."""
+    s = np.sort(np.asarray(stage1_oof, dtype=np.float64)[recalled])
+    if len(s) == 0:
+        raise InputError("no positive to choose stage 1's candidate cut from")
+    drop = int(np.floor((1.0 - recall) * len(s) + 1e-9))
+    return float(np.nextafter(np.float32(s[drop]), np.float32(-np.inf)))  # float32 scores at the cut pass
+
+
+def _rates(y: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    tp = int((predicted & y).sum())
+    fp = int((predicted & ~y).sum())
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / n_pos if n_pos else 0.0
+    return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0,
+            "false_positive_rate": fp / n_neg if n_neg else 0.0}
+
+
+def fit_gene_stage(
+    G: np.ndarray,
+    y: np.ndarray,
+    stage1_oof: np.ndarray,
+    gene_names: list[str],
+    *,
+    stage1_threshold: float,
+    l2: float | None,
+    n_folds: int,
+    seed: int,
+    device: str,
+    calibration: CalibrationMethod,
+    target_precision: float | None,
+    excluded_fraction: float = 0.0,
+) -> GeneStage:
+    """Cross-validate and fit stage 2 on gene features ``G`` of the training cells ``y`` (the rows, order and
+    folds of stage 1, whose out-of-fold scores are ``stage1_oof``); choose stage 1's candidate cut: the lowest of
+    the :data:`STAGE1_RECALL` cut over the positives stage 2 recalls, that over all positives, and
+    ``stage1_threshold`` (stage 1's own cut), so that stage 2 never sees fewer cells than stage 1 alone would hit.
+
+    ``excluded_fraction``: the share of the atlas background sample dropped as likely positives (it enters the
+    expected hits per million atlas cells).
+    """
+    y = np.asarray(y).astype(bool)
+    grid = (float(l2),) if l2 is not None else DEFAULT_L2_GRID
+    cv = cross_validate(G, y, l2_grid=grid, n_folds=n_folds, seed=seed, device=device)
+    choice = choose_threshold(y, cv.oof_scores, target_precision=target_precision)
+    recalled = y & (cv.oof_scores >= choice.threshold)
+    cut1 = min(stage1_candidate_cut(stage1_oof, recalled if recalled.any() else y), stage1_candidate_cut(stage1_oof, y),
+               float(np.nextafter(np.float32(stage1_threshold), np.float32(-np.inf))))
+    passed1 = np.asarray(stage1_oof) >= cut1
+    both = passed1 & (cv.oof_scores >= choice.threshold)
+    final = fit_logistic(G, y, cv.l2, device=device)
+    two = _rates(y, both)
+    metrics = {
+        "cv_folds": n_folds,
+        "l2": cv.l2,
+        "auprc_by_l2": {f"{lam:g}": v for lam, v in sorted(cv.ap_by_l2.items())},
+        "auprc": average_precision(y, cv.oof_scores),
+        "roc_auc": roc_auc(y, cv.oof_scores),
+        "threshold": choice.to_dict(),
+        "precision": choice.precision,
+        "recall": choice.recall,
+        "f1": choice.f1,
+        "stage1_candidates": {**_rates(y, passed1), "cut": cut1, "recall_of_stage2_recalled":
+                              float(passed1[recalled].mean()) if recalled.any() else float("nan")},
+        "two_stage": {
+            **two,
+            "expected_false_hits_per_million": two["false_positive_rate"] * 1e6,
+            "expected_hits_per_million": 1e6 * (two["false_positive_rate"] * (1 - excluded_fraction)
+                                                + excluded_fraction * two["recall"]),
+        },
+        "n_genes": G.shape[1],
+        "final_fit_iterations": final.n_iter,
+    }
+    logger.info(
+        "stage 2 on %d genes: CV AUPRC %.3f, precision %.3f recall %.3f at its cut; stage 1 passes %.4f%% of the "
+        "negatives at cut %.4f; two stages: precision %.3f recall %.3f", G.shape[1], metrics["auprc"],
+        choice.precision, choice.recall, 100 * metrics["stage1_candidates"]["false_positive_rate"], cut1,
+        two["precision"], two["recall"],
+    )
+    return GeneStage(weights=final.weights, bias=final.bias, threshold=choice.threshold,
+                     calibration=fit_calibration(cv.oof_scores, y, calibration), gene_names=list(gene_names),
+                     stage1_cut=cut1, metrics=metrics)

@@ -1,0 +1,96 @@
+"""``--positive``: SQL over the labelled cells' obs (the language of --positive-sql and --where), legacy ``==`` too."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from scatlas.atlas.errors import InputError
+from scatlas.query.hunt.predicate import evaluate_predicate
+from scatlas.query.hunt.sql_predicate import PredicateFailed, sql_table
+
+
+@pytest.fixture
+def obs() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(["Norn cell", "T cell", "Norn cell", None, "B cell"]),
+            "donor_id": ["d1", "d1", "d2", "d3", "d2"],
+            "n_genes": [900, 1200, 300, 2000, 50],
+            "cell type": ["a", "b", "a", "b", "a"],
+            "mixed": ["x", 1, None, "y", 2.5],
+        },
+        index=[f"c{i}" for i in range(5)],
+    )
+
+
+@pytest.mark.parametrize(
+    ("predicate", "expected"),
+    [
+        ("cell_type = 'Norn cell'", [1, 0, 1, 0, 0]),
+        ("cell_type <> 'Norn cell'", [0, 1, 0, 0, 1]),  # NULL never matches
+        ("donor_id IN ('d2', 'd3')", [0, 0, 1, 1, 1]),
+        ("donor_id NOT IN ('d2')", [1, 1, 0, 1, 0]),
+        ("cell_type = 'Norn cell' AND donor_id = 'd2'", [0, 0, 1, 0, 0]),
+        ("cell_type = 'T cell' OR n_genes < 100", [0, 1, 0, 0, 1]),
+        ("NOT n_genes >= 900", [0, 0, 1, 0, 1]),
+        ("cell_type IS NULL", [0, 0, 0, 1, 0]),
+        ("n_genes BETWEEN 100 AND 1200", [1, 1, 1, 0, 0]),
+        ("\"cell type\" = 'a' AND lower(cell_type) LIKE 'norn%'", [1, 0, 1, 0, 0]),
+        ("mixed = 'y'", [0, 0, 0, 1, 0]),  # mixed object columns are read as text
+        # the older pandas-like form keeps working
+        ("cell_type == 'Norn cell'", [1, 0, 1, 0, 0]),
+        ("donor_id in ['d2', 'd3']", [0, 0, 1, 1, 1]),
+        ("cell_type == \"Norn cell\" and donor_id == 'd2'", [0, 0, 1, 0, 0]),
+        ("~(donor_id == 'd1') & (n_genes > 100)", [0, 0, 1, 1, 0]),
+        ("`cell type` == 'a' or cell_type == 'T cell'", [1, 1, 1, 0, 1]),
+    ],
+)
+def test_sql_and_legacy_predicates_select_the_same_cells(obs, predicate, expected):
+    np.testing.assert_array_equal(evaluate_predicate(obs, predicate), np.array(expected, dtype=bool))
+
+
+@pytest.mark.parametrize(
+    ("predicate", "message"),
+    [
+        ("1=1; DROP TABLE cells", "not several statements"),
+        ("cell_type = 'x'; SELECT 1", "not several statements"),
+        ("read_csv('/etc/passwd') IS NOT NULL", "read_csv"),
+        ("EXISTS (SELECT * FROM read_text('/etc/passwd'))", "not allowed"),
+        ("n_genes IN (SELECT 1)", "subquery"),
+        ("1=1) UNION SELECT soma_joinid FROM cells --", "expected an SQL predicate"),
+        ("getenv('HOME') = 'x'", "not allowed"),
+        ("__import__('os').system('true')", "not allowed"),
+        ("celltype = 'x'", "unknown column 'celltype'"),
+    ],
+)
+def test_injection_attempts_are_refused_before_anything_runs(obs, predicate, message):
+    with pytest.raises(InputError, match=message):
+        evaluate_predicate(obs, predicate)
+
+
+def test_a_bad_predicate_says_which_syntax_is_expected_without_echoing_long_input(obs):
+    with pytest.raises(InputError, match=r"expected an SQL predicate such as \"cell_type = 'pDC'\"") as err:
+        evaluate_predicate(obs, "cell_type = = " + "'x' " * 2000)
+    assert len(str(err.value)) < 2000 and "'x' " * 100 not in str(err.value)
+    with pytest.raises(InputError, match="single quotes"):
+        evaluate_predicate(obs, 'cell_type = "pDC" AND n_genes > 1')  # "pDC" names a column in SQL
+    with pytest.raises(InputError, match="characters long"):
+        evaluate_predicate(obs, " OR ".join(["cell_type = 'a'"] * 1000))
+    with pytest.raises(InputError, match="empty"):
+        evaluate_predicate(obs, "  ")
+
+
+def test_a_predicate_failing_on_the_data_names_the_error_class_not_the_data(obs):
+    with pytest.raises(PredicateFailed, match="ConversionException") as err:
+        evaluate_predicate(obs, "n_genes = 'secret-value-xyz' OR cell_type = 'a'")
+    assert str(err.value).count("secret-value-xyz") == 1  # quoted once in the predicate, never from the data
+
+
+def test_the_predicate_table_keeps_row_order_and_leaves_out_a_clashing_id_column():
+    frame = pd.DataFrame({"soma_joinid": [7, 8], "Cell_Type": ["a", "b"], "cell_type": ["c", "d"]}, index=[5, 3])
+    table = sql_table(frame)
+    assert list(table.columns) == ["soma_joinid", "Cell_Type"]
+    assert table["soma_joinid"].tolist() == [0, 1]
+    np.testing.assert_array_equal(evaluate_predicate(frame, "cell_type = 'b'"), [False, True])

@@ -1,0 +1,145 @@
+"""The two-stage hunt on a counts-level synthetic atlas whose embedding blurs the rare population.
+
+The rare type differs from the others on 6 marker genes only, and the index's PCA keeps 3 components (dominated by
+the common types), so stage 1 (the linear score on stored vectors) cannot separate it; stage 2 (on gene
+features read from the atlas store) can.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from scatlas.atlas import ingest
+from scatlas.atlas.errors import InputError
+from scatlas.atlas.synthetic import RareType, SyntheticAtlasConfig, write_h5ad_datasets
+from scatlas.index import AtlasIndex, BuildConfig, build_index
+from scatlas.query.hunt import HuntClassifier, sweep, train
+from scatlas.query.hunt.classifier import STAGE2_WEIGHTS_FILE
+from scatlas.query.hunt.stage2 import stage1_candidate_cut
+
+stage2_sweep = importlib.import_module("scatlas.query.hunt.sweep_stage2")
+
+pytestmark = pytest.mark.slow  # one ~20 s atlas for the module
+
+RARE = "Norn cell"
+CONFIG = SyntheticAtlasConfig(
+    n_cells=5000, n_genes=300, n_datasets=3, n_donors=2, seed=1, non_primary_fraction=0.0, batch_sigma=0.1,
+    rare_types=(RareType(RARE, 0.03, datasets=(0, 1, 2)),), n_rare_markers=6, marker_lfc=(4.0, 4.5),
+)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hunt_two_stage")
+    files = write_h5ad_datasets(CONFIG, root / "h5ad")
+    ingest(files, root / "atlas", progress=False)
+    build_index(
+        root / "atlas", root / "index", embedder="pca", fit_sample=5000,
+        embedder_options={"n_hvg": 250, "n_components": 3},
+        config=BuildConfig(shard_size=2000, eval_queries=100, calibration_cells=200),
+    )
+    idx = AtlasIndex.open(root / "index")
+    clf = train(idx, files[0], positive=f"cell_type = '{RARE}'", background=3000, progress=False, out=root / "clf",
+                two_stage=True)
+    truth = set(idx.connect().cursor().execute(f"SELECT soma_joinid FROM cells WHERE cell_type = '{RARE}'").df()
+                ["soma_joinid"].tolist())
+    return {"root": root, "index": idx, "clf": clf, "truth": truth}
+
+
+def _quality(summary, truth: set[int]) -> tuple[float, float]:
+    got = set(pd.read_parquet(summary.hits_path)["soma_joinid"].tolist())
+    tp = len(got & truth)
+    return tp / max(len(got), 1), tp / len(truth)
+
+
+def test_two_stages_recover_the_population_stage_one_alone_misses(world, tmp_path):
+    clf, truth = world["clf"], world["truth"]
+    assert clf.stage2 is not None and "stage2_skipped" not in clf.params
+    m2 = clf.stage2.metrics
+    assert m2["stage1_candidates"]["recall_of_stage2_recalled"] >= 0.98
+    assert {"precision", "recall", "expected_hits_per_million"} <= set(m2["two_stage"])
+    loaded = HuntClassifier.load(world["root"] / "clf")
+    assert loaded.fingerprint() == clf.fingerprint() and loaded.stage2.gene_names == clf.stage2.gene_names
+    np.testing.assert_array_equal(loaded.stage2.weights, clf.stage2.weights)
+
+    two = sweep(world["index"], world["root"] / "clf", tmp_path / "two", progress=False)
+    one = sweep(world["index"], clf, tmp_path / "one", progress=False, two_stage=False)
+    p2, r2 = _quality(two, truth)
+    p1, r1 = _quality(one, truth)
+    assert p2 >= 0.9 and r2 >= 0.9, (p2, r2)
+    assert min(p1, r1) < 0.8, (p1, r1)  # the embedding blurs the population
+    assert two.stages.startswith("two stages") and one.stages == "stage 1 only: two_stage=False"
+    assert two.n_stage1_passed > two.n_stage2_kept == two.n_hits and one.n_stage2_kept is None
+    assert clf.stage2.stage1_cut < clf.threshold and two.n_stage1_passed >= one.n_hits  # candidates: a superset
+    assert two.stage1_cutoff == pytest.approx(clf.stage2.stage1_cut) and two.cutoff == clf.stage2.threshold
+    hits = pd.read_parquet(two.hits_path)
+    np.testing.assert_allclose(hits["probability"], clf.stage2.calibration.apply(hits["score"].to_numpy()), rtol=1e-6)
+    recorded = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert recorded["n_stage1_passed"] == two.n_stage1_passed and recorded["n_stage2_kept"] == two.n_hits
+
+
+def test_an_interrupted_stage_two_resumes_to_identical_hits(world, tmp_path, monkeypatch):
+    want = sweep(world["index"], world["clf"], tmp_path / "whole", progress=False, stage2_chunk_size=97)
+    real, calls = stage2_sweep._score_chunk, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("simulated crash in stage 2")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stage2_sweep, "_score_chunk", failing)
+    with pytest.raises(OSError, match="simulated"):
+        sweep(world["index"], world["clf"], tmp_path / "cut", progress=False, stage2_chunk_size=97)
+    state = json.loads((tmp_path / "cut" / "sweep.json").read_text())
+    assert len(state["stage2"]["chunks"]) == 2 and not state["complete"]
+    monkeypatch.setattr(stage2_sweep, "_score_chunk", real)
+    got = sweep(world["index"], world["clf"], tmp_path / "cut", progress=False, stage2_chunk_size=97)
+    assert got.n_stage2_chunks == want.n_stage2_chunks > 3 and got.n_stage2_chunks_resumed == 2
+    assert got.n_shards_resumed == got.n_shards  # stage 1 was not redone either
+    a, b = pd.read_parquet(want.hits_path), pd.read_parquet(got.hits_path)
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_an_index_whose_store_is_gone_sweeps_with_stage_one_and_says_so(world, tmp_path):
+    root = world["root"]
+    baseline = sweep(world["index"], world["clf"], tmp_path / "s1", progress=False, two_stage=False)
+    os.rename(root / "atlas", root / "atlas.moved")
+    try:
+        s = sweep(world["index"], world["clf"], tmp_path / "nostore", progress=False)
+    finally:
+        os.rename(root / "atlas.moved", root / "atlas")
+    assert s.stages.startswith("stage 1 only") and "not reachable" in s.stages
+    assert s.n_stage2_kept is None and s.n_stage1_passed == s.n_hits == baseline.n_hits
+    assert s.cutoff == world["clf"].threshold
+    pd.testing.assert_frame_equal(pd.read_parquet(s.hits_path), pd.read_parquet(baseline.hits_path))
+
+
+def test_a_damaged_stage_two_is_refused_and_one_stage_classifiers_load(world, tmp_path):
+    clf = world["clf"]
+    clf.save(tmp_path / "c")
+    np.save(tmp_path / "c" / STAGE2_WEIGHTS_FILE, clf.stage2.weights + 1)
+    with pytest.raises(InputError, match="stage2_weights.npy does not match"):
+        HuntClassifier.load(tmp_path / "c")
+    one = HuntClassifier(clf.weights, clf.bias, clf.threshold, clf.calibration, clf.embedder_fingerprint, "x")
+    one.save(tmp_path / "one")
+    assert not (tmp_path / "one" / STAGE2_WEIGHTS_FILE).exists()
+    assert "stage2" not in json.loads((tmp_path / "one" / "classifier.json").read_text())
+    assert HuntClassifier.load(tmp_path / "one").stage2 is None
+
+
+def test_stage_one_cut_keeps_the_recalled_positives():
+    scores = np.arange(100, dtype=np.float64)
+    recalled = np.zeros(100, dtype=bool)
+    recalled[50:] = True
+    cut = stage1_candidate_cut(scores, recalled, recall=0.98)  # may drop 1 of 50
+    assert (scores[recalled] >= cut).mean() >= 0.98 and cut > 50
+    assert stage1_candidate_cut(scores, recalled, recall=1.0) < 50
+    with pytest.raises(InputError):
+        stage1_candidate_cut(scores, np.zeros(100, dtype=bool))
