@@ -110,6 +110,14 @@ def load_training_sample(directory: str | Path) -> sp.csr_matrix | None:
         ) from exc
 
 
+def refit_c_genes(c_genes: float, present: np.ndarray) -> float:
+    """C of a gene head refitted on the ``present`` genes: the trained head's C times (all genes / present genes),
+    so the L2 penalty shrinks with the number of features it spreads over; measured with scripts/bench_refit.py
+    (docs/benchmarks.md)."""
+    n_present = int(np.count_nonzero(present))
+    return float(c_genes) * len(present) / max(n_present, 1)
+
+
 def refit_for_genes(
     heads: dict[str, LabelHead],
     present: np.ndarray,
@@ -143,7 +151,7 @@ def refit_for_genes(
         Gp, V = seen
         with np.load(sample / head.record["file"], allow_pickle=False) as z:
             rows, y = z["train_rows"], z["train_y"]
-        c_genes = float(head.config.get("c_genes", DEFAULT_C_GENES))
+        c_genes = refit_c_genes(float(head.config.get("c_genes", DEFAULT_C_GENES)), present)
         c_emb = float(head.config.get("c_embedding", DEFAULT_C_EMBEDDING))
         k = len(head.classes)
         models = dict(head.models)

@@ -308,7 +308,9 @@ def test_training_sample_is_kept_and_refit_is_the_fit_on_the_present_genes(built
     with np.load(heads_dir / heads["cell_type"].record["file"]) as z:
         rows, y = z["train_rows"], z["train_y"]
     Gd = G.toarray()
-    expect_genes = fit_softmax(Gd[:, present][rows], y, 3, C=label_heads.DEFAULT_C_GENES)
+    expect_genes = fit_softmax(
+        Gd[:, present][rows], y, 3, C=label_heads.DEFAULT_C_GENES * 40 / 25  # C x all genes / genes present
+    )
     np.testing.assert_allclose(head.models["genes"].weights[present], expect_genes.weights, atol=1e-5)
     assert not head.models["genes"].weights[~present].any()  # a missing gene carries no weight
     expect_emb = fit_softmax(embed(Gd)[rows], y, 3, C=label_heads.DEFAULT_C_EMBEDDING)
