@@ -36,6 +36,10 @@ class SpeciesMismatchError(InputError):
     """The query's genes look like another species' than those the index's embedder reads."""
 
 
+class TooFewCellsError(InputError):
+    """The atlas has too few cells for what was asked (e.g. holding groups out to calibrate the mapping check)."""
+
+
 class StoreError(ScatlasError):
     """The atlas store is missing, corrupt, locked, or of an unknown format."""
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from scatlas.atlas.atomic import read_json_object, write_json_atomic
-from scatlas.atlas.errors import IndexFormatError, InputError
+from scatlas.atlas.errors import IndexFormatError, InputError, TooFewCellsError
 from scatlas.atlas.sql import quote_ident, quote_literal
 from scatlas.index.align import Alignment, apply_shift, estimate_shift
 from scatlas.index.atlas_index import AtlasIndex
@@ -314,7 +314,7 @@ def calibrate_mapping(
                     per.append((value, *got))
                 bar.update(1)
     if not per:
-        raise InputError(
+        raise TooFewCellsError(
             f"the index at {path} is too small to calibrate mapping: no group could be held out with {k} "
             "cells left; index more cells"
         )

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from scatlas.atlas.errors import InputError
+from scatlas.atlas.errors import InputError, TooFewCellsError
 from scatlas.atlas.sql import quote_ident
 from scatlas.index.build import (
     DEFAULT_CHUNK_SIZE,
@@ -254,5 +254,8 @@ def build_index(
             store, out, keys, seed=config.seed, progress=progress, **dict(heads_options or {})
         )
     if not (out / MAPPING_FILE).exists():  # how atlas data maps when held out: judges queries (query.mapping)
-        calibrate_mapping(out, seed=config.seed, progress=progress)
+        try:
+            calibrate_mapping(out, seed=config.seed, progress=progress)
+        except TooFewCellsError as exc:  # a tiny atlas is still an index; annotate reports "uncalibrated"
+            logger.warning("%s: annotate will not judge how queries map onto it", exc)
     return manifest

@@ -114,3 +114,24 @@ def test_a_damaged_mapping_file_is_a_clear_error(atlas: dict[str, Any], tmp_path
     (tmp_path / MAPPING_FILE).write_text(damage(atlas["cal"].to_dict()))
     with pytest.raises(IndexFormatError, match=r"mapping.json (is damaged|is unreadable|does not hold).*recompute it with calibrate_mapping"):
         read_mapping_calibration(tmp_path)
+
+
+def test_an_atlas_too_small_to_calibrate_still_builds_and_annotates(tmp_path: Path, caplog: Any) -> None:
+    """40 cells: no group can be held out with k cells left. The build warns and writes no mapping.json; annotate
+    then calls the query's mapping uncalibrated; calibrating it directly says why it cannot."""
+    from scatlas.atlas.errors import TooFewCellsError
+    from scatlas.index import build_index, calibrate_mapping
+    from scatlas.query import annotate
+    from tests.conftest import make_adata
+
+    make_adata(40, 60, seed=1, prefix="a").write_h5ad(tmp_path / "a.h5ad")
+    ingest([tmp_path / "a.h5ad"], tmp_path / "atlas", progress=False)
+    with caplog.at_level("WARNING", logger="scatlas.index"):
+        build_index(tmp_path / "atlas", tmp_path / "index", embedder_options={"n_hvg": 40, "n_components": 8},
+                    progress=False)
+    assert "too small to calibrate mapping" in caplog.text
+    assert not (tmp_path / "index" / MAPPING_FILE).exists()
+    res = annotate(make_adata(20, 60, seed=2, prefix="q"), tmp_path / "index", progress=False)
+    assert res.report["mapping"]["verdict"] == "uncalibrated"
+    with pytest.raises(TooFewCellsError, match="too small to calibrate mapping"):
+        calibrate_mapping(tmp_path / "index")
