@@ -16,16 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from annotate_bench.pairs import PAIRS  # noqa: E402
-from docs_block import write_block  # noqa: E402
+from docs_block import write_bench_section  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-START, END = "<!-- bench_fallback:start -->", "<!-- bench_fallback:end -->"
 MIN_FINE, MAX_UNKNOWN = 0.85, 0.03
 
 
@@ -99,10 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         args.json_out.write_text(json.dumps({"cuts": cuts, "chosen": chosen, "rows": rows}, indent=2))
     if args.write_docs:
-        command = "nice .venv/bin/python scripts/bench_fallback.py " + " ".join(argv if argv is not None else sys.argv[1:])
         doc = (__doc__ or "").split("\n\n", 2)[2].strip().replace("\n", " ")
-        block = f"{START}\nCommand: `{command}` ({time.strftime('%Y-%m-%d %H:%M')}).\n\n{doc}\n\n{table}\n{END}"
-        write_block(REPO / "docs" / "benchmarks.md", START, END, block, heading="Annotation: the confidence cut")
+        write_bench_section("bench_fallback", "bench_fallback.py", argv if argv is not None else sys.argv[1:], doc, table,
+                            "Annotation: the confidence cut")
     return 0
 
 

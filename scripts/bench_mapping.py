@@ -146,16 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         args.json_out.write_text(json.dumps({"indexes": indexes, "queries": rows}, indent=2, default=str))
     if args.write_docs:
-        from docs_block import write_block
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from docs_block import write_bench_section
 
-        command = "nice .venv/bin/python scripts/bench_mapping.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        block = (f"{START}\nCommand: `{command.strip()}` ({time.strftime('%Y-%m-%d %H:%M')}).\n\n{DOC_TEXT}\n\n"
-                 f"{table}\n{END}")
-        write_block(REPO / "docs" / "benchmarks.md", START, END, block, heading="Query mapping check")
+        write_bench_section("bench_mapping", "bench_mapping.py", argv if argv is not None else sys.argv[1:], DOC_TEXT,
+                            table, "Query mapping check")
     return 0
 
 
-START, END = "<!-- bench_mapping:start -->", "<!-- bench_mapping:end -->"
 DOC_TEXT = (
     "A PBMC atlas (kang2018 CTRL and STIM as two datasets, zheng2017's sorted PBMCs), built with the defaults, and "
     "queries annotated with the defaults. Each query file holds a few hundred to 2,000 selected genes, so each gets "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +21,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from annotate_bench.pairs import PAIRS  # noqa: E402
-from docs_block import write_block  # noqa: E402
+from docs_block import write_bench_section  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-START, END = "<!-- bench_refit:start -->", "<!-- bench_refit:end -->"
 DROPOUT_PAIRS = ("kang2018_ctrl_to_stim", "zheng_sorted_to_kang_ctrl", "symphony_5p_to_3p")
 PARTIAL_PAIRS = ("kang_ctrl_to_pbmc3k", "kang_stim_to_pbmc3k")
 
@@ -108,10 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     sys.stdout.write(table + "\n")
     if args.write_docs:
-        command = "nice .venv/bin/python scripts/bench_refit.py " + " ".join(argv if argv is not None else sys.argv[1:])
         doc = (__doc__ or "").split("\n\n", 2)[2].strip().replace("\n", " ")
-        block = f"{START}\nCommand: `{command}` ({time.strftime('%Y-%m-%d %H:%M')}).\n\n{doc}\n\n{table}\n{END}"
-        write_block(REPO / "docs" / "benchmarks.md", START, END, block, heading="Label heads refitted for a query's genes")
+        write_bench_section("bench_refit", "bench_refit.py", argv if argv is not None else sys.argv[1:], doc, table,
+                            "Label heads refitted for a query's genes")
     return 0
 
 

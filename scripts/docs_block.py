@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 
@@ -22,3 +23,12 @@ def write_block(path: Path, start: str, end: str, block: str, heading: str | Non
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_bench_section(name: str, script: str, args: list[str], text: str, table: str, heading: str) -> None:
+    """Write a benchmark's section of docs/benchmarks.md: the command that produced it (``script`` with ``args``)
+    and the time, ``text``, then ``table``, between the markers ``<!-- {name}:start -->`` / ``end``."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    command = f"nice .venv/bin/python scripts/{script} " + " ".join(args)
+    block = f"{start}\nCommand: `{command.strip()}` ({time.strftime('%Y-%m-%d %H:%M')}).\n\n{text}\n\n{table}\n{end}"
+    write_block(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", start, end, block, heading=heading)
