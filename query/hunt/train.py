@@ -24,9 +24,16 @@ import numpy as np
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.genes import MIN_GENE_OVERLAP
 from scatlas.atlas.outputs import CLASSIFIER, check_output_dir
-from scatlas.index import AtlasIndex, Progress, as_stored, resolve_device, sample_sorted
-from scatlas.query.align import DEFAULT_SAMPLE as ALIGN_SAMPLE
-from scatlas.query.align import apply_shift, estimate_shift
+from scatlas.index import (
+    ALIGN_SAMPLE,
+    AtlasIndex,
+    Progress,
+    apply_shift,
+    as_stored,
+    estimate_shift,
+    resolve_device,
+    sample_sorted,
+)
 from scatlas.query.hunt.access import IndexLike, input_paths, open_index
 from scatlas.query.hunt.calibration import CalibrationMethod, fit_calibration
 from scatlas.query.hunt.classifier import HuntClassifier
@@ -219,7 +226,7 @@ def train(
         :data:`SPY_QUANTILE` quantile of the positives' out-of-fold scores, at most :data:`MAX_EXCLUDED` of the
         background), then cross-validate and fit again; ``counts`` records how many.
     align: ``"mnn"`` shifts the labelled cells' vectors onto the atlas before training, as annotate does for
-        queries (:mod:`query.align`), so the classifier does not learn their batch offset as "positive" (see
+        queries (:func:`index.estimate_shift`), so the classifier does not learn their batch offset as "positive" (see
         docs/benchmarks.md#hunt-align); ``"none"`` trains on the vectors as embedded.
     two_stage: also train stage 2 (off by default: it lost recall across batches on the real bench cases,
         docs/benchmarks.md), a classifier on the embedder's gene features (:mod:`query.hunt.stage2`), on
