@@ -74,8 +74,8 @@ MIN_GENE_OVERLAP_REFIT = 0.15
 docs/benchmarks.md#annotate-gene-overlap)."""
 
 DEFAULT_MIN_CONFIDENCE: float | None = None
-"""None: per label key, :data:`MIN_CONFIDENCE_ONTOLOGY` where its classes have Cell Ontology terms (an unsure
-class can fall back to an ancestor), else :data:`MIN_CONFIDENCE_FLAT`."""
+"""None: per label key, :data:`MIN_CONFIDENCE_ONTOLOGY` where at least half of its classes have Cell Ontology terms
+(an unsure class can fall back to an ancestor), else :data:`MIN_CONFIDENCE_FLAT`."""
 MIN_CONFIDENCE_ONTOLOGY = 0.5
 """The cut with ancestor answers: chosen by scripts/bench_fallback.py's rule (docs/benchmarks.md)."""
 MIN_CONFIDENCE_FLAT = 0.3
@@ -337,8 +337,11 @@ def _cuts(atlas: AtlasLabels, min_confidence: float | None) -> dict[str, float]:
     """The confidence cut of each label key (see :data:`DEFAULT_MIN_CONFIDENCE`)."""
     if min_confidence is not None:
         return {key: float(min_confidence) for key in atlas.keys}
+    def mostly_with_terms(terms: tuple[str, ...]) -> bool:  # else most unsure calls have nothing to fall back to
+        return bool(terms) and 2 * sum(1 for t in terms if t) >= len(terms)
+
     return {
-        key: MIN_CONFIDENCE_ONTOLOGY if any(atlas.ontology[key].class_terms) else MIN_CONFIDENCE_FLAT
+        key: MIN_CONFIDENCE_ONTOLOGY if mostly_with_terms(atlas.ontology[key].class_terms) else MIN_CONFIDENCE_FLAT
         for key in atlas.keys
     }
 

@@ -505,8 +505,8 @@ def verify(index_dir: Path | None, atlas_dir: Path | None, as_json: bool, progre
 @click.option("--where", default=None, help="SQL filter over the atlas cells, e.g. \"tissue = 'lung'\".")
 @click.option("--min-confidence", type=click.FloatRange(0, 1), default=None,
               help="The confidence (head probability or weighted vote share) an answer needs, a class or a Cell "
-                   "Ontology ancestor; below it the cell is 'unknown' (default: 0.5 for labels with CL terms, 0.3 "
-                   "without; both measured).")
+                   "Ontology ancestor; below it the cell is 'unknown' (default: 0.5 where at least half of the "
+                   "label's classes have CL terms, else 0.3; both measured).")
 @click.option("--far-quantile", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Call a cell 'unknown' when its neighbours are less similar than this quantile of the atlas' own "
                    "neighbour similarities (0.001 to turn it on; default: off, the measured default).")

@@ -151,3 +151,36 @@ def test_two_vocabularies_one_class_per_term(tmp_path: Path, cl_tables: object) 
     # refitted to them) and many of its CD4 T cells are called CD8 with confidence.
     assert onto["ontology_accuracy"] >= 0.83
     assert onto["fine_rate"] >= 0.72
+
+
+@pytest.mark.parametrize(
+    ("query", "verdict"),
+    [("pancreas_3studies_beta_ductal_cepo.h5ad", "maps_poorly"), ("pbmc3k_seurat_labels_clustifyr.h5ad", "maps_well")],
+)
+def test_a_pancreas_query_maps_poorly_onto_a_pbmc_atlas_and_a_pbmc_one_does_not(
+    tmp_path: Path, query: str, verdict: str
+) -> None:
+    """A PBMC atlas (kang2018 CTRL and STIM as two datasets, zheng2017's sorted PBMCs) on the query's genes, so that
+    what is judged is the biology, not missing genes (as scripts/bench_mapping.py does): pancreas islet cells map
+    poorly and at least 90% of them are unknown (out_of_atlas); another lab's PBMCs map well, at most 3% unknown."""
+    genes = set(map(str, anndata.read_h5ad(SHARED_RAW / query, backed="r").var_names))
+    kang = anndata.read_h5ad(SHARED_RAW / "kang2018_ifnb_ctrl_stim_2800.h5ad")
+    files = []
+    for sample in ("CTRL", "STIM"):
+        part = kang[kang.obs["sample"].astype(str) == sample]
+        part[:, part.var_names.isin(sorted(genes))].copy().write_h5ad(tmp_path / f"kang_{sample}.h5ad")
+        files.append(tmp_path / f"kang_{sample}.h5ad")
+    zheng = anndata.read_h5ad(SHARED_RAW / "zheng2017_pbmc_sorted_reference_mudan.h5ad")
+    zheng[:, zheng.var_names.isin(sorted(genes))].copy().write_h5ad(tmp_path / "zheng_sorted.h5ad")
+    files.append(tmp_path / "zheng_sorted.h5ad")
+    ingest(files, tmp_path / "atlas", progress=False)
+    build_index(tmp_path / "atlas", tmp_path / "index", progress=False)
+    res = annotate(SHARED_RAW / query, tmp_path / "index", progress=False, keep_neighbors=False)
+    mapping = res.report["mapping"]
+    assert mapping["verdict"] == verdict, mapping
+    unknown = (res.predictions["cell_type_pred"] == "unknown").mean()
+    if verdict == "maps_poorly":
+        assert mapping["reasons"] and unknown >= 0.9
+        assert (res.predictions["cell_type_unknown_reason"] == "out_of_atlas").mean() >= 0.9
+    else:
+        assert unknown <= 0.03
