@@ -12,7 +12,7 @@ its cost does not grow with the query; every query cell is then shifted by the s
 before the search.
 
 It lives in the index layer because the build's mapping calibration (:mod:`index.mapping`) aligns held-out atlas
-datasets exactly as a query is aligned; :mod:`query.align` re-exports it.
+datasets exactly as a query is aligned.
 """
 
 from __future__ import annotations
