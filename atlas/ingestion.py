@@ -13,7 +13,7 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from scatlas.atlas.digest import XDigest, canonical
 from scatlas.atlas.errors import DatasetExistsError, InputError, StoreError
 from scatlas.atlas.genes import GeneVocabulary, strip_version
+from scatlas.atlas.ingest_pipeline import GLOBAL_ORDER_WRITE, GlobalOrder, read_ahead
 from scatlas.atlas.ontology_map import OntologyFill, read_ontology_map, term_column
 from scatlas.atlas.outputs import ATLAS_STORE, check_output_dir
 from scatlas.atlas.schema import STANDARD_OBS_COLUMNS
@@ -44,6 +45,9 @@ IngestMode = Literal["write", "append"]
 """``write``: create a new store (refused if one exists). ``append``: add datasets to a store (created if absent)."""
 
 DEFAULT_CHUNK_SIZE = 10_000
+
+DEFAULT_READ_AHEAD = 1
+"""Chunks read and converted ahead of the writes, in a thread (see :func:`atlas.ingest_pipeline.read_ahead`)."""
 
 _SOMA_NAME = re.compile(r"^(?!\.{1,2}$)[^/\\]+$")
 """obsm keys become TileDB-SOMA array names."""
@@ -75,12 +79,14 @@ class DatasetPlan:
     obsm_dims: dict[str, int]
     n_skipped_non_primary: int
     ontology_fill: OntologyFill | None = None  # --ontology-map: fills empty CL terms of a label column
+    obs_set: dict[str, str] = field(default_factory=dict)  # --obs-set: one value for every cell
 
     def standard_obs(self, rows: np.ndarray) -> pd.DataFrame:
         """Standardised obs (schema columns + extras) of the given source rows, with CL terms filled from the
         ontology map when there is one."""
         frame, _, _ = _standardise_obs(
-            self.source.obs.iloc[rows], self.dataset_id, self.obs_map, self.source_label, self.source_format == "soma"
+            self.source.obs.iloc[rows], self.dataset_id, self.obs_map, self.source_label, self.source_format == "soma",
+            self.obs_set,
         )
         return frame if self.ontology_fill is None else self.ontology_fill.apply(frame)
 
@@ -110,6 +116,7 @@ class DatasetIngestReport:
     seconds: float
     renamed_columns: dict[str, str] = field(default_factory=dict)
     ontology: dict[str, Any] | None = None  # what --ontology-map did (see OntologyFill.report)
+    obs_set: dict[str, str] = field(default_factory=dict)  # --obs-set: the columns set to one value for every cell
 
     @property
     def cells_per_second(self) -> float:
@@ -134,6 +141,10 @@ class IngestReport:
 
 
 def _as_str_column(values: pd.Series) -> pd.Series:
+    """The values as strings, missing ones None (a categorical column: its categories converted once)."""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        names = np.array([*(str(c) for c in values.cat.categories), None], dtype=object)
+        return pd.Series(names[values.cat.codes.to_numpy()], index=values.index)  # code -1 (missing) -> None
     out = values.astype(object).where(values.notna(), None)
     return out.map(lambda v: None if v is None else str(v))
 
@@ -149,26 +160,58 @@ def _to_bool(values: pd.Series, what: str) -> np.ndarray:
     return lowered.map(mapping).to_numpy(dtype=bool)
 
 
+OBS_SET_RESERVED = {
+    "obs_id": "it is each cell's name",
+    "dataset_id": "it is set by the ingest; use --dataset-id",
+    "is_primary_data": "it decides which cells are stored; use --keep-non-primary or --obs-map",
+    "soma_joinid": "it is the cell id",
+}
+"""Columns --obs-set may not set, and why."""
+
+NOT_KEPT_TARGETS = ("dataset_id", "is_primary_data")
+"""--obs-map targets whose source column is not kept as an extra: the dataset id is set by the ingest, and
+is_primary_data decided which cells were stored (re-mapping it later cannot bring skipped cells back)."""
+
+
+def kept_originals(columns: Sequence[object], obs_map: Mapping[str, str]) -> list[str]:
+    """The --obs-map source columns kept under their own names as well (for a later re-mapping, e.g. ``scatlas
+    relabel``): all but standard column names (``dataset_id`` included) and sources mapped onto
+    :data:`NOT_KEPT_TARGETS` or onto themselves."""
+    present = {str(c) for c in columns}
+    return [
+        src for src, dst in obs_map.items()
+        if src in present and src != dst and src not in STANDARD_OBS_COLUMNS and dst not in NOT_KEPT_TARGETS
+    ]
+
+
 def _standardise_obs(
-    obs: pd.DataFrame, dataset_id: str, obs_map: Mapping[str, str], what: str, from_soma: bool
+    obs: pd.DataFrame, dataset_id: str, obs_map: Mapping[str, str], what: str, from_soma: bool,
+    obs_set: Mapping[str, str] | None = None,
 ) -> tuple[pd.DataFrame, list[str], dict[str, str]]:
     """The schema's columns plus every other obs column (``extras``), with names checked; an extra whose name
-    clashes with another after normalisation (case, surrounding blanks) is stored as ``NAME_orig`` (``renamed``)."""
+    clashes with another after normalisation (case, surrounding blanks) is stored as ``NAME_orig`` (``renamed``).
+
+    The source of each --obs-map rename is kept as an extra too (:func:`kept_originals`); --obs-set columns hold
+    one value for every cell (a standard column, or an extra VARCHAR column) and are refused when the data has a
+    column of that name."""
     missing = [s for s in obs_map if s not in obs.columns]
     if missing:
         raise InputError(
-            f"{what}: --obs-map names column(s) {missing} that are not in obs; obs has: {list(obs.columns)}"
+            f"{what}: --obs-map names column(s) {[escaped(m) for m in missing]} that are not in obs; obs has: "
+            f"{[escaped(c) for c in obs.columns]}"
         )
     frame = obs.copy()
-    if "dataset_id" in frame.columns and not from_soma and "dataset_id" not in obs_map.values():
-        kept = "source_dataset_id"
-        while kept in frame.columns:
-            kept += "_orig"
-        frame = frame.rename(columns={"dataset_id": kept})
+    kept = kept_originals(list(obs.columns), obs_map)
+    if ("dataset_id" in frame.columns and not from_soma and "dataset_id" not in obs_map.values()
+            and "dataset_id" not in obs_map):
+        kept_id = "source_dataset_id"
+        while kept_id in frame.columns:
+            kept_id += "_orig"
+        frame = frame.rename(columns={"dataset_id": kept_id})
     frame = frame.rename(columns=dict(obs_map))
     if frame.columns.duplicated().any():
         dup = list(frame.columns[frame.columns.duplicated()])
-        raise InputError(f"{what}: --obs-map produces duplicate column names {dup}")
+        raise InputError(f"{what}: --obs-map produces duplicate column names {[escaped(d) for d in dup]}")
     out = pd.DataFrame(index=pd.RangeIndex(len(frame)))
     out["obs_id"] = np.asarray(frame.index.astype(str), dtype=object)
     out["dataset_id"] = dataset_id
@@ -184,16 +227,16 @@ def _standardise_obs(
     taken = {_normalised(c) for c in out.columns} | {"soma_joinid"}
     extras: list[str] = []
     renamed: dict[str, str] = {}
-    for col in frame.columns:
-        if col in STANDARD_OBS_COLUMNS and col != "obs_id":  # obs_id is the cell name: a column of that name is kept
-            continue
+    # obs_id is the cell name: a column of that name is kept (as obs_id_orig)
+    candidates = [(col, frame[col]) for col in frame.columns if col not in STANDARD_OBS_COLUMNS or col == "obs_id"]
+    candidates += [(src, obs[src]) for src in kept]
+    for col, values in candidates:
         name = check_name(col, f"{what}: obs column")
         while _normalised(name) in taken:
             name = f"{name}_orig"
         if name != str(col):
             renamed[str(col)] = name
         taken.add(_normalised(name))
-        values = frame[col]
         if isinstance(values.dtype, pd.CategoricalDtype) or values.dtype == object:
             out[name] = _as_str_column(values).to_numpy()
         elif pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values):
@@ -201,6 +244,21 @@ def _standardise_obs(
         else:
             out[name] = _as_str_column(values).to_numpy()
         extras.append(name)
+    if obs_set:
+        in_data = {_normalised(str(c)): str(c) for c in [*frame.columns, *kept, *extras]}
+        for col, value in obs_set.items():
+            clash = in_data.get(_normalised(col))
+            if clash is not None:
+                raise InputError(
+                    f"{what}: --obs-set {escaped(col)}: the data has a column {escaped(clash)} already; rename it "
+                    f"with --obs-map (e.g. --obs-map {escaped(clash)}=NEW_NAME) or drop it from the file, or drop "
+                    "this --obs-set"
+                )
+            if col in STANDARD_OBS_COLUMNS:
+                out[col] = value
+            else:
+                out[col] = np.full(len(out), value, dtype=object)
+                extras.append(col)
     return out, extras, renamed
 
 
@@ -210,7 +268,8 @@ def _normalised(name: str) -> str:
 
 
 def _plan_dataset(
-    source: DatasetSource, dataset_id: str, label: str, fmt: str, obs_map: Mapping[str, str], keep_non_primary: bool
+    source: DatasetSource, dataset_id: str, label: str, fmt: str, obs_map: Mapping[str, str], keep_non_primary: bool,
+    obs_set: Mapping[str, str] | None = None,
 ) -> DatasetPlan:
     what = f"{label} (dataset {dataset_id!r})"
     if source.n_obs == 0:
@@ -224,7 +283,7 @@ def _plan_dataset(
     check_name(dataset_id, f"{label}: dataset id")
     for target in obs_map.values():
         check_name(target, f"{what}: --obs-map target")
-    sample, extras, renamed = _standardise_obs(source.obs.iloc[:1], dataset_id, obs_map, what, fmt == "soma")
+    sample, extras, renamed = _standardise_obs(source.obs.iloc[:1], dataset_id, obs_map, what, fmt == "soma", obs_set)
     for old, new in renamed.items():
         logger.warning("%s: obs column %s clashes with another column name; stored as %s", what, escaped(old), escaped(new))
     primary = _primary_flags(source.obs, obs_map, what)
@@ -250,7 +309,7 @@ def _plan_dataset(
     return DatasetPlan(
         source=source, dataset_id=dataset_id, source_label=label, source_format=fmt, rows=rows,
         obs_map=dict(obs_map), obs_sample=sample, extra_columns=extras, renamed_columns=renamed, obsm_dims=obsm_dims,
-        n_skipped_non_primary=n_skipped,
+        n_skipped_non_primary=n_skipped, obs_set=dict(obs_set or {}),
     )
 
 
@@ -331,15 +390,47 @@ def plan_genes(source_genes: GeneVocabulary, atlas_genes: GeneVocabulary, var_st
 
 
 def _open_sources(
-    paths: Sequence[str | Path], dataset_id: str | None, obs_map: Mapping[str, str], keep_non_primary: bool
+    paths: Sequence[str | Path], dataset_id: str | None, obs_map: Mapping[str, str], keep_non_primary: bool,
+    x_layer: str | None = None, obs_set: Mapping[str, str] | None = None,
 ) -> list[DatasetPlan]:
     plans: list[DatasetPlan] = []
+    try:
+        _open_each(plans, paths, dataset_id, obs_map, keep_non_primary, x_layer, obs_set)
+    except BaseException:
+        for plan in plans:  # the sources opened before the failure
+            plan.source.close()
+        raise
+    if dataset_id is not None and len(plans) > 1:
+        for plan in plans:
+            plan.source.close()
+        raise InputError(f"--dataset-id names one dataset, but the inputs hold {len(plans)}; ingest them one at a time")
+    ids = [p.dataset_id for p in plans]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        for plan in plans:
+            plan.source.close()
+        raise InputError(f"dataset ids {dup} occur more than once among the inputs; rename the files or use --dataset-id")
+    return plans
+
+
+def _open_each(
+    plans: list[DatasetPlan], paths: Sequence[str | Path], dataset_id: str | None, obs_map: Mapping[str, str],
+    keep_non_primary: bool, x_layer: str | None, obs_set: Mapping[str, str] | None,
+) -> None:
+    """Open and plan every input into ``plans`` (appended as they are made, so a failure can close them)."""
     for raw in paths:
         label = str(raw)
         remote = "://" in label  # e.g. s3://bucket/census/homo_sapiens: tiledbsoma reads it where it can
         if (remote or Path(label).is_dir()) and is_soma_experiment(label):
-            for soma_src in open_soma_experiment(label, dataset_id=dataset_id):
-                plans.append(_plan_dataset(soma_src, soma_src.name, label, "soma", obs_map, keep_non_primary))
+            soma_sources = open_soma_experiment(label, dataset_id=dataset_id, layer=x_layer)
+            for i, soma_src in enumerate(soma_sources):
+                try:
+                    plans.append(_plan_dataset(soma_src, soma_src.name, label, "soma", obs_map, keep_non_primary,
+                                               obs_set))
+                except BaseException:
+                    for unplanned in soma_sources[i:]:
+                        unplanned.close()
+                    raise
             continue
         p = Path(label)
         if remote:
@@ -348,15 +439,12 @@ def _open_sources(
             raise InputError(f"{label}: no such file or directory")
         if p.is_dir():
             raise InputError(f"{label}: a directory that is not a TileDB-SOMA experiment")
-        h5 = open_h5ad(p)
-        plans.append(_plan_dataset(h5, dataset_id or p.stem, label, "h5ad", obs_map, keep_non_primary))
-    if dataset_id is not None and len(plans) > 1:
-        raise InputError(f"--dataset-id names one dataset, but the inputs hold {len(plans)}; ingest them one at a time")
-    ids = [p.dataset_id for p in plans]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
-    if dup:
-        raise InputError(f"dataset ids {dup} occur more than once among the inputs; rename the files or use --dataset-id")
-    return plans
+        h5 = open_h5ad(p, x_layer=x_layer)
+        try:
+            plans.append(_plan_dataset(h5, dataset_id or p.stem, label, "h5ad", obs_map, keep_non_primary, obs_set))
+        except BaseException:
+            h5.close()
+            raise
 
 
 # -- writing --------------------------------------------------------------------------------------------------------
@@ -463,46 +551,105 @@ def _in_atlas_genes(
     return canonical(sp.csr_matrix((sub.data, col_ids[sub.indices], sub.indptr), shape=(sub.shape[0], n_genes)))
 
 
-def _write_chunk(exp: Any, con: duckdb.DuckDBPyConnection, plan: DatasetPlan, pos: np.ndarray, ids: np.ndarray,
-                 X: sp.csr_matrix) -> None:
-    """One chunk of cells: X, obs, obsm into SOMA, the cell rows into DuckDB."""
-    rna = exp.ms[MEASUREMENT]
+@dataclass
+class PreparedChunk:
+    """One chunk of cells ready to store, made by the reading side (in a read-ahead thread when there is one):
+    its X values as a COO table (in the X array's global order when it is known), its SOMA obs rows, its obsm
+    tables and its rows of the ``cells`` table."""
+
+    ids: np.ndarray
+    x: pa.Table | None  # None: no stored value in the chunk
+    x_global_order: bool
+    obs: pa.Table
+    obsm: dict[str, tuple[pa.Table, bool]]  # key -> (COO table, in global order)
+    cells: pa.Table | pd.DataFrame  # a DataFrame only where Arrow cannot take the values as they are
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _coo_table(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, order: GlobalOrder | None) -> tuple[pa.Table, bool]:
+    """A SOMA sparse write (``soma_dim_0``, ``soma_dim_1``, ``soma_data``) of row-major coordinates, permuted into
+    the array's global order when ``order`` is known (then TileDB need not sort it: the bool is True)."""
+    perm = order.permutation(rows, cols) if order is not None else None
+    if perm is not None:
+        rows, cols, values = rows[perm], cols[perm], values[perm]
+    table = pa.table({
+        "soma_dim_0": pa.array(np.asarray(rows, dtype=np.int64), pa.int64()),
+        "soma_dim_1": pa.array(np.asarray(cols, dtype=np.int64), pa.int64()),
+        "soma_data": pa.array(np.asarray(values, dtype=np.float32), pa.float32()),
+    })
+    return table, order is not None
+
+
+def _cells_table(frame: pd.DataFrame, ids: np.ndarray) -> pa.Table | pd.DataFrame:
+    """The chunk's rows of the DuckDB ``cells`` table as Arrow (what DuckDB scans fastest, and made here, off the
+    writing thread); the DataFrame itself where Arrow refuses a column's values (DuckDB reads those as before)."""
+    rows = frame.assign(soma_joinid=ids)
+    try:
+        return pa.Table.from_pandas(rows, preserve_index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return rows
+
+
+def _prepare_chunk(plan: DatasetPlan, pos: np.ndarray, ids: np.ndarray, X: sp.csr_matrix, x_order: GlobalOrder | None,
+                   obsm_orders: Mapping[str, GlobalOrder | None]) -> PreparedChunk:
+    """Everything one chunk stores, computed from the source (obs standardised and checked, obsm read and checked,
+    X as COO in write order) without touching the store."""
+    x_table: pa.Table | None = None
+    x_global = False
     if X.nnz:
-        coo = X.tocoo()
-        rna.X[X_LAYER].write(
-            pa.table({
-                "soma_dim_0": pa.array(ids[coo.row], pa.int64()),
-                "soma_dim_1": pa.array(coo.col.astype(np.int64), pa.int64()),
-                "soma_data": pa.array(coo.data.astype(np.float32), pa.float32()),
-            })
-        )
+        rows = np.repeat(ids, np.diff(X.indptr))
+        x_table, x_global = _coo_table(rows, X.indices, X.data, x_order)
     frame = plan.standard_obs(pos)
-    exp.obs.write(pa.table({
+    obs = pa.table({
         "soma_joinid": pa.array(ids, pa.int64()),
         **{c: pa.array(frame[c].to_numpy(), pa.bool_() if c == "is_primary_data" else pa.large_string())
            for c in STANDARD_OBS_COLUMNS},
-    }))
+    })
+    obsm: dict[str, tuple[pa.Table, bool]] = {}
     for key in plan.obsm_dims:
         vec = check_embedding(plan.source.read_obsm(key, pos), pos, f"{plan.source_label}: obsm[{escaped(key)}]")
-        r, c = np.nonzero(np.ones_like(vec, dtype=bool))
-        rna["obsm"][key].write(
-            pa.table({
-                "soma_dim_0": pa.array(ids[r], pa.int64()),
-                "soma_dim_1": pa.array(c.astype(np.int64), pa.int64()),
-                "soma_data": pa.array(vec[r, c].astype(np.float32), pa.float32()),
-            })
-        )
-    con.register("chunk_cells", frame.assign(soma_joinid=ids))
-    con.execute("INSERT INTO cells BY NAME SELECT * FROM chunk_cells")
-    con.unregister("chunk_cells")
+        r, c = np.divmod(np.arange(vec.size, dtype=np.int64), vec.shape[1])  # every entry, row-major
+        obsm[key] = _coo_table(ids[r], c, vec.reshape(-1), obsm_orders.get(key))
+    return PreparedChunk(ids=ids, x=x_table, x_global_order=x_global, obs=obs, obsm=obsm, cells=_cells_table(frame, ids))
+
+
+def _write_chunk(exp: Any, con: duckdb.DuckDBPyConnection, chunk: PreparedChunk) -> None:
+    """One prepared chunk into the store's staging: X, obs, obsm into SOMA, the cell rows into DuckDB."""
+    rna = exp.ms[MEASUREMENT]
+    if chunk.x is not None:
+        rna.X[X_LAYER].write(chunk.x, platform_config=GLOBAL_ORDER_WRITE if chunk.x_global_order else None)
+    exp.obs.write(chunk.obs, platform_config=GLOBAL_ORDER_WRITE)  # one dimension, ids ascending: global order
+    for key, (table, global_order) in chunk.obsm.items():
+        rna["obsm"][key].write(table, platform_config=GLOBAL_ORDER_WRITE if global_order else None)
+    con.register("chunk_cells", chunk.cells)
+    try:
+        con.execute("INSERT INTO cells BY NAME SELECT * FROM chunk_cells")
+    finally:
+        con.unregister("chunk_cells")
+
+
+def _prepared_chunks(plan: DatasetPlan, obs_start: int, keep_cols: np.ndarray, col_ids: np.ndarray, n_genes: int,
+                     digest: XDigest, chunk_size: int, x_order: GlobalOrder | None,
+                     obsm_orders: Mapping[str, GlobalOrder | None]) -> Iterator[PreparedChunk]:
+    """The dataset's chunks, read, checked, renumbered to atlas genes, digested (in order) and prepared."""
+    done = 0
+    for pos, block in plan.source.iter_rows(plan.rows, chunk_size):
+        ids = np.arange(obs_start + done, obs_start + done + len(pos), dtype=np.int64)
+        X = _in_atlas_genes(block, keep_cols, col_ids, n_genes, pos, plan.source_label)
+        digest.update(ids, X)
+        yield _prepare_chunk(plan, pos, ids, X, x_order, obsm_orders)
+        done += len(pos)
 
 
 def _write_dataset(
     writer: StoreWriter, con: duckdb.DuckDBPyConnection, vocab: GeneVocabulary, plan: DatasetPlan, chunk_size: int,
-    progress: bool,
+    progress: bool, read_ahead_chunks: int = 0,
 ) -> tuple[DatasetRecord, DatasetIngestReport, GeneVocabulary]:
     """Stream one dataset into the store's staging (reserved, unpublished ids) inside the command's transaction;
-    every row is validated as it is read. Returns its record, its report and the vocabulary it leaves."""
+    every row is validated as it is read. Chunks are read and prepared up to ``read_ahead_chunks`` ahead of the
+    writes, in a thread (0: in turn). Returns its record, its report and the vocabulary it leaves."""
     t0 = time.perf_counter()
     genes = plan_genes(plan.source.genes, vocab, writer.var_next)
     n = len(plan.rows)
@@ -513,17 +660,17 @@ def _write_dataset(
     digest = XDigest()
     _add_obs_columns(con, plan)
     with writer.experiment("w") as exp:
-        _write_genes(con, exp.ms[MEASUREMENT], genes, vocab, plan.dataset_id)
-        bar = tqdm(total=n, desc=f"ingest {plan.dataset_id}", unit="cell", disable=not progress, leave=False)
-        done = 0
-        for pos, block in plan.source.iter_rows(plan.rows, chunk_size):
-            ids = np.arange(obs_start + done, obs_start + done + len(pos), dtype=np.int64)
-            X = _in_atlas_genes(block, keep_cols, col_ids, n_genes, pos, plan.source_label)
-            digest.update(ids, X)
-            _write_chunk(exp, con, plan, pos, ids, X)
-            done += len(pos)
-            bar.update(len(pos))
-        bar.close()
+        rna = exp.ms[MEASUREMENT]
+        _write_genes(con, rna, genes, vocab, plan.dataset_id)
+        x_order = GlobalOrder.of(rna.X[X_LAYER])
+        obsm_orders = {key: GlobalOrder.of(rna["obsm"][key]) for key in plan.obsm_dims}
+        chunks = _prepared_chunks(plan, obs_start, keep_cols, col_ids, n_genes, digest, chunk_size, x_order,
+                                  obsm_orders)
+        with tqdm(total=n, desc=f"ingest {plan.dataset_id}", unit="cell", disable=not progress, leave=False) as bar, \
+                read_ahead(chunks, read_ahead_chunks, name=f"ingest-read-{plan.dataset_id}") as ready:
+            for chunk in ready:
+                _write_chunk(exp, con, chunk)
+                bar.update(len(chunk))
     expression = plan.source.expression
     record = DatasetRecord(
         dataset_id=plan.dataset_id, start=obs_start, stop=obs_start + n, x_kind=expression.x_kind,
@@ -538,6 +685,7 @@ def _write_dataset(
         genes=genes.report, obsm=plan.obsm_dims, seconds=round(time.perf_counter() - t0, 3),
         renamed_columns=plan.renamed_columns,
         ontology=plan.ontology_fill.report() if plan.ontology_fill is not None else None,
+        obs_set=dict(plan.obs_set),
     )
     logger.info(
         "staged %s: %d cells (ids %d..%d), X from %s (%s), genes: %s, %.0f cells/s",
@@ -547,7 +695,8 @@ def _write_dataset(
     return record, report, _extended(vocab, genes, n_genes)
 
 
-def _write_all(writer: StoreWriter, plans: Sequence[DatasetPlan], chunk_size: int, progress: bool) -> list[DatasetIngestReport]:
+def _write_all(writer: StoreWriter, plans: Sequence[DatasetPlan], chunk_size: int, progress: bool,
+               read_ahead_chunks: int = 0) -> list[DatasetIngestReport]:
     """Stage every dataset in one DuckDB transaction, then publish them all (:meth:`StoreWriter.commit`): a
     failure anywhere leaves the store as it was."""
     vocab = AtlasStore(writer.path, writer.state).genes
@@ -556,7 +705,7 @@ def _write_all(writer: StoreWriter, plans: Sequence[DatasetPlan], chunk_size: in
         con.execute("BEGIN TRANSACTION")
         records, reports, obsm_dims = [], [], {}
         for plan in plans:
-            record, report, vocab = _write_dataset(writer, con, vocab, plan, chunk_size, progress)
+            record, report, vocab = _write_dataset(writer, con, vocab, plan, chunk_size, progress, read_ahead_chunks)
             records.append(record)
             reports.append(report)
             obsm_dims.update(plan.obsm_dims)
@@ -589,6 +738,9 @@ def ingest(
     progress: bool = True,
     ontology_map: str | Path | Mapping[str, str] | None = None,
     ontology_label_key: str = "cell_type",
+    x_layer: str | None = None,
+    obs_set: Mapping[str, str] | None = None,
+    read_ahead: int = DEFAULT_READ_AHEAD,
 ) -> IngestReport:
     """Ingest ``.h5ad`` files and/or Census-layout SOMA experiments into the atlas store at ``atlas``.
 
@@ -607,6 +759,15 @@ def ingest(
         ``ontology_label_key`` value is in it and whose term is empty; terms the data has are kept (a different
         one is reported as a conflict). Each dataset's report says what was filled (``ontology``).
     ontology_label_key: the label column the map's labels are values of (default ``cell_type``).
+    x_layer: the matrix to read. For a SOMA experiment, the X layer (default ``raw`` when present, else the only
+        one; several and no ``raw`` is refused). For an ``.h5ad``: ``X``, ``raw`` (``adata.raw.X``) or a layer
+        (``NAME`` or ``layers/NAME``); default: raw counts wherever they are, else log-normalised values. It is
+        recorded in each dataset's ``x_source``.
+    obs_set: ``{column: value}`` set for every cell of every dataset of this ingest (e.g. ``{"tissue": "blood"}``):
+        a standard column gets the value, another becomes an extra VARCHAR column. A column the data has already
+        is refused (rename it with ``obs_map``); ``obs_id``, ``dataset_id``, ``is_primary_data`` cannot be set.
+    read_ahead: chunks read, checked and converted in a thread ahead of the writes (memory: about this many chunks
+        more); 0 reads and writes in turn in one thread. The store content is the same either way.
     """
     if mode not in ("write", "append"):
         raise InputError(f"mode must be 'write' or 'append', got {mode!r}")
@@ -614,6 +775,11 @@ def ingest(
         raise InputError("no input files given")
     if chunk_size <= 0:
         raise InputError(f"chunk size must be positive, got {chunk_size}")
+    if read_ahead < 0:
+        raise InputError(f"read-ahead must be 0 or more chunks, got {read_ahead}")
+    if x_layer is not None:
+        check_name(x_layer, "--x-layer")
+    constants = _check_obs_set(obs_set)
     table = _ontology_table(ontology_map, ontology_label_key)
     atlas = check_output_dir(atlas, ATLAS_STORE, inputs=sources)
     exists = AtlasStore.exists(atlas)
@@ -621,7 +787,7 @@ def ingest(
         raise StoreError(f"{atlas}: an atlas store already exists; use --mode append to add datasets, or a new directory")
     if atlas.exists() and not atlas.is_dir():
         raise InputError(f"{atlas}: exists and is not a directory")
-    plans = _open_sources(sources, dataset_id, dict(obs_map or {}), keep_non_primary)
+    plans = _open_sources(sources, dataset_id, dict(obs_map or {}), keep_non_primary, x_layer, constants)
     try:
         if table is not None:
             for plan in plans:
@@ -638,7 +804,7 @@ def ingest(
         report = IngestReport(atlas=str(atlas))
         try:
             with StoreWriter.open(atlas, create=True) as writer:
-                report.datasets.extend(_write_all(writer, plans, chunk_size, progress))
+                report.datasets.extend(_write_all(writer, plans, chunk_size, progress, read_ahead))
         except BaseException:
             if created_here and AtlasStore.exists(atlas) and not AtlasStore.open(atlas).datasets:
                 shutil.rmtree(atlas, ignore_errors=True)  # nothing committed: leave no half-made store behind
@@ -648,6 +814,28 @@ def ingest(
     finally:
         for plan in plans:
             plan.source.close()
+
+
+def _check_obs_set(obs_set: Mapping[str, str] | None) -> dict[str, str]:
+    """The checked ``--obs-set`` columns: names usable as columns (check_name), not reserved, not a schema column
+    in another case, not twice; values strings."""
+    out: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    standard = {_normalised(c): c for c in STANDARD_OBS_COLUMNS}
+    for col, value in (obs_set or {}).items():
+        name = check_name(col, "--obs-set column")
+        if name in OBS_SET_RESERVED:
+            raise InputError(f"--obs-set {escaped(name)}: this column cannot be set ({OBS_SET_RESERVED[name]})")
+        if _normalised(name) in standard and name != standard[_normalised(name)]:
+            raise InputError(f"--obs-set {escaped(name)}: the schema column is {standard[_normalised(name)]!r}; "
+                             "use that name")
+        if _normalised(name) in seen:
+            raise InputError(f"--obs-set names the column {escaped(name)} twice (as {escaped(seen[_normalised(name)])})")
+        if not isinstance(value, str):
+            raise InputError(f"--obs-set {escaped(name)}: the value must be a string, got {type(value).__name__}")
+        seen[_normalised(name)] = name
+        out[name] = value
+    return out
 
 
 def _ontology_table(ontology_map: str | Path | Mapping[str, str] | None, label_key: str) -> dict[str, str] | None:

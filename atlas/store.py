@@ -9,6 +9,9 @@ Layout of ``ATLAS_DIR``::
 
 Cell ids are ``soma_joinid``: global, stable, never renumbered. Each dataset owns a contiguous id range. A failed
 ingest leaves its reserved range unused (a hole) and is never visible: readers see only datasets in ``store.json``.
+A removed dataset (:mod:`atlas.lifecycle`) leaves a hole too: its ids are never reused. Rows of the DuckDB tables
+whose dataset is not in ``store.json`` (an ingest or a remove interrupted after its commit point) are deleted by
+the next writer (:meth:`StoreWriter.open`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import json
 import logging
 import shutil
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +76,7 @@ class DatasetRecord:
     ingested_at: str = ""
     x_sha256: str = ""  # atlas.digest.XDigest of the stored X values ("" in stores written before it existed)
     renamed_columns: dict[str, str] = field(default_factory=dict)  # obs column -> the name it is stored under
+    obs_revision: int = 0  # bumped by every `scatlas relabel` of the dataset (its labels changed after ingest)
 
     @property
     def n_cells(self) -> int:
@@ -201,7 +205,7 @@ class AtlasStore:
             n = self.state.var_high_water
             keys = np.full(n, "", dtype=object)
             fid, fname = keys.copy(), keys.copy()
-            if n and self.state.datasets:
+            if n:  # genes outlive the dataset that added them (removed datasets): the vocabulary never shrinks
                 with self.connect() as con:
                     rows = con.execute(
                         "SELECT var_joinid, gene_key, feature_id, feature_name FROM genes WHERE var_joinid < ?", [n]
@@ -220,7 +224,8 @@ class AtlasStore:
             "n_genes": int(sum(1 for k in self.genes.keys if k)),
             "gene_vocabulary": self.genes.fingerprint(),
             "datasets": [
-                {"dataset_id": d.dataset_id, "start": d.start, "stop": d.stop, "ingested_at": d.ingested_at}
+                {"dataset_id": d.dataset_id, "start": d.start, "stop": d.stop, "ingested_at": d.ingested_at,
+                 "obs_revision": d.obs_revision, "x_sha256": d.x_sha256}
                 for d in self.cell_ranges_records()
             ],
         }
@@ -399,6 +404,7 @@ class StoreWriter:
         self._reservations: list[dict[str, Any]] = []  # this command's, journalled, published by commit()
         self.obs_next = state.obs_high_water  # next free ids, beyond every reservation
         self.var_next = state.var_high_water
+        self.cleaned_datasets: list[str] = []  # datasets whose uncommitted rows opening this writer deleted
 
     @classmethod
     @contextmanager
@@ -423,33 +429,70 @@ class StoreWriter:
 
     # -- recovery ---------------------------------------------------------------------------------------------
     def _recover(self) -> None:
+        """Make the DuckDB tables match ``store.json``: delete rows of uncommitted datasets (every open: a remove or
+        an ingest interrupted after its DuckDB step), and after an interrupted ingest (its journal) keep its
+        reserved id ranges unused by raising the high-water marks past them."""
         journal = self.path / JOURNAL_FILE
-        if not journal.is_file():
+        reservations: list[dict[str, Any]] = []
+        obs_stop = var_stop = 0
+        if journal.is_file():
+            try:
+                j = json.loads(journal.read_text())
+                reservations = j.get("reservations", [j])  # one dataset a journal before
+                obs_stop = max(int(r.get("obs_stop", 0)) for r in reservations)
+                var_stop = max(int(r.get("var_stop", 0)) for r in reservations)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise StoreError(
+                    f"{journal}: the journal of an interrupted ingest is damaged; the store's committed datasets are "
+                    "intact, but it cannot be appended to safely: ingest into a new store"
+                ) from exc
+        self.cleaned_datasets = self.delete_uncommitted_rows()
+        if self.cleaned_datasets:
+            logger.warning("%s: finished an interrupted ingest or remove: deleted the rows of %d dataset(s) that "
+                           "store.json does not hold", self.path, len(self.cleaned_datasets))
+        if not reservations:
             return
-        try:
-            j = json.loads(journal.read_text())
-            reservations = j.get("reservations", [j])  # one dataset a journal before
-            obs_stop = max(int(r.get("obs_stop", 0)) for r in reservations)
-            var_stop = max(int(r.get("var_stop", 0)) for r in reservations)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise StoreError(
-                f"{journal}: the journal of an interrupted ingest is damaged; the store's committed datasets are "
-                "intact, but it cannot be appended to safely: ingest into a new store"
-            ) from exc
         logger.warning(
             "%s: recovering from an interrupted ingest of %s: its cell ids up to %d stay unused",
             self.path, [r.get("dataset_id") for r in reservations], obs_stop,
         )
         self.state.obs_high_water = max(self.state.obs_high_water, obs_stop)
         self.state.var_high_water = max(self.state.var_high_water, var_stop)
-        committed = [d.dataset_id for d in self.state.datasets]
-        with duckdb.connect(str(self.path / CELLS_DB)) as con:
-            con.register("committed", pa.table({"dataset_id": pa.array(committed, pa.string())}))
-            con.execute("DELETE FROM cells WHERE dataset_id NOT IN (SELECT dataset_id FROM committed)")
-            con.execute("DELETE FROM genes WHERE added_by NOT IN (SELECT dataset_id FROM committed)")
-            con.execute("DELETE FROM datasets WHERE dataset_id NOT IN (SELECT dataset_id FROM committed)")
         write_json_atomic(self.path / STATE_FILE, self.state.to_json())
         journal.unlink()
+
+    def delete_uncommitted_rows(self) -> list[str]:
+        """Delete, in one DuckDB transaction, the ``cells`` and ``datasets`` rows of datasets not in this writer's
+        state (removed, or staged by an ingest that never committed) and ``genes`` rows at or beyond the gene
+        high-water mark (added by such an ingest). Returns the ids of the datasets whose rows were deleted (the
+        counts per table are logged)."""
+        db = self.path / CELLS_DB
+        if not db.is_file():
+            return []
+        committed = pa.table({"dataset_id": pa.array([d.dataset_id for d in self.state.datasets], pa.string())})
+        deleted: dict[str, int] = {}
+        with duckdb.connect(str(db)) as con:
+            con.register("committed", committed)
+            con.execute("BEGIN TRANSACTION")
+            try:
+                gone = [str(r[0]) for r in con.execute(
+                    "SELECT DISTINCT dataset_id FROM datasets WHERE dataset_id NOT IN (SELECT dataset_id FROM committed)"
+                ).fetchall()]
+                for table in ("cells", "datasets"):
+                    row = con.execute(
+                        f"DELETE FROM {table} WHERE dataset_id NOT IN (SELECT dataset_id FROM committed)"
+                    ).fetchone()
+                    deleted[table] = int(row[0]) if row else 0
+                row = con.execute("DELETE FROM genes WHERE var_joinid >= ?", [self.state.var_high_water]).fetchone()
+                deleted["genes"] = int(row[0]) if row else 0
+                con.execute("COMMIT")
+            except BaseException:
+                with suppress(duckdb.Error):
+                    con.execute("ROLLBACK")
+                raise
+        if any(deleted.values()):
+            logger.info("%s: deleted the rows of %d dataset(s) not in store.json: %s", self.path, len(gone), deleted)
+        return gone
 
     # -- writing one dataset ------------------------------------------------------------------------------------
     def reserve(self, dataset_id: str, n_cells: int, n_new_genes: int, obsm_dims: dict[str, int]) -> tuple[int, int]:

@@ -36,6 +36,8 @@ from scatlas.index.mapping import (
 from scatlas.index.metadata import failure_reason
 from scatlas.index.predicate import Predicate, validate_predicate
 from scatlas.index.progress import Progress, progress_bar
+from scatlas.index.refmap import ensure_reference_map, fit_reference_map
+from scatlas.index.refmap_model import ReferenceMap
 from scatlas.index.sampling import sample_sorted
 from scatlas.index.softmax import minimize_lbfgs
 from scatlas.index.source import (
@@ -47,6 +49,7 @@ from scatlas.index.source import (
     synthetic_source,
 )
 from scatlas.index.store_source import StoreVectorSource, build_index
+from scatlas.index.update import UpdateReport, update_index
 from scatlas.index.vectors import as_stored, l2_normalize
 from scatlas.index.verify import verify_index
 
@@ -75,6 +78,7 @@ __all__ = [
     "RangeVectorSource",
     "RayExecutor",
     "RecallReport",
+    "ReferenceMap",
     "SearchDefaults",
     "SearchResult",
     "ShardSpec",
@@ -87,6 +91,8 @@ __all__ = [
     "build_from_source",
     "build_index",
     "check_obsm",
+    "ensure_reference_map",
+    "fit_reference_map",
     "index_info",
     "l2_normalize",
     "make_executor",
@@ -101,5 +107,5 @@ __all__ = [
     "torch_gpu_count",
     "train_label_heads",
     "validate_predicate",
-    "verify_index",
+    "verify_index", "UpdateReport", "update_index",
 ]

@@ -27,6 +27,7 @@ from scatlas.index.manifest import (
     read_manifest,
 )
 from scatlas.index.metadata import cells_frame, columns_of, connect, value_counts, where_ids
+from scatlas.index.refmap_model import ReferenceMap, load_reference_map
 from scatlas.index.sampling import sample_sorted
 from scatlas.index.searcher import QUERY_BATCH, ShardSearcher
 from scatlas.index.shard import check_shard_ids, damaged_hint, verify_shard
@@ -39,6 +40,7 @@ from scatlas.index.verify import (
     read_bytes_total,
     verify_on_read_limit,
 )
+from scatlas.index.versions import resolve_index_dir
 
 if TYPE_CHECKING:
     from scatlas.atlas.chunks import CellChunk
@@ -132,6 +134,7 @@ class AtlasIndex:
         self._heads: dict[str, LabelHead] | None = None
         self._classes: dict[str, LabelClasses] | None = None
         self._identity: dict[str, LabelClasses] = {}
+        self._refmap: list[ReferenceMap | None] = []
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled (e.g. into a Ray task) as "open the index at this path": handles and mappings do not travel."""
@@ -155,7 +158,7 @@ class AtlasIndex:
         """
         faiss = faiss_module()
 
-        path = Path(path)
+        path = resolve_index_dir(Path(path))  # the current version (index.versions)
         manifest = read_manifest(path)
         build_id = manifest_digest(path)
         on_read = verify or _checksum_on_read(path, manifest)
@@ -255,6 +258,17 @@ class AtlasIndex:
             values, _counts = self.value_counts(key)
             self._identity[key] = identity_classes(key, values.tolist())
         return self._identity[key]
+
+    def reference_map(self) -> ReferenceMap | None:
+        """The 2-D reference map of the atlas fitted at build (:mod:`index.refmap`): ``.transform(vectors) -> (n, 2)``
+        places cells on it; ``.ids`` / ``.coords`` are the sampled atlas cells and their coordinates. None when the
+        index has none (built with ``--no-map``, before maps existed, or from under 50 cells). IndexFormatError
+        when its recorded files are missing or damaged (their SHA-256 is checked before they are read)."""
+        if not self._refmap:
+            self._refmap.append(load_reference_map(
+                self.path, recorded=self._manifest.refmap_files, digest=self.build_id, dim=self.dim
+            ))
+        return self._refmap[0]
 
     def embed(self, chunk: CellChunk) -> np.ndarray:
         """``(n, dim)`` float32 L2-normalised vectors of a chunk of cells, with the index's embedder."""

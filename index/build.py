@@ -24,6 +24,7 @@ import numpy as np
 from scatlas.atlas.errors import DependencyError, IndexFormatError, InputError, TaskError
 from scatlas.atlas.outputs import INDEX, check_output_dir, claim_output_dir, writing
 from scatlas.index._faiss import faiss_module
+from scatlas.index.changes import identity_changes
 from scatlas.index.device import Device, faiss_gpu_count, resolve_device, set_faiss_threads, torch_gpu_count
 from scatlas.index.evaluate import TARGET_RECALL, calibrate, tune_and_measure
 from scatlas.index.executor import Executor, LocalExecutor, Task, TaskContext, local_devices
@@ -145,18 +146,25 @@ def _check_build_record(out: Path, record: dict[str, Any]) -> bool:
         old = json.loads(path.read_text())
     except ValueError as exc:
         raise IndexFormatError(f"{path} is unreadable ({exc}); rebuild with --overwrite") from exc
-    diffs = [
-        f"{key}: {old.get('identity', {}).get(key)!r} there, {value!r} now"
-        for key, value in record["identity"].items()
-        if old.get("identity", {}).get(key) != value
-    ]
-    diffs += [f"{key}: only in the earlier build" for key in old.get("identity", {}) if key not in record["identity"]]
-    if diffs:
-        raise InputError(
-            f"{out} holds a build with different arguments ({'; '.join(diffs)}). Use a new index directory, "
-            "rerun with the original arguments to resume, or pass --overwrite to rebuild from scratch."
-        )
+    old_identity = old.get("identity", {}) if isinstance(old, dict) else {}
+    if old_identity != record["identity"]:
+        raise different_build_error(out, old_identity, record["identity"])
     return True
+
+
+def different_build_error(out: Path, old: dict[str, Any], new: dict[str, Any]) -> InputError:
+    """The refusal of a build into ``out``, which holds a build of other arguments (``build.json`` identities
+    ``old`` and ``new``): what changed, in words, and what to do."""
+    changes = identity_changes(old, new)
+    only_data = set(k for k in set(old) | set(new) if old.get(k) != new.get(k)) == {"source"}
+    todo = (
+        "Run `scatlas build --update --atlas ATLAS --index DIR` to bring the index up to date without re-embedding "
+        "it, or pass --overwrite to rebuild it from scratch."
+        if only_data else
+        "Use a new index directory, rerun with the original arguments to resume (or to --update it), or pass "
+        "--overwrite to rebuild from scratch."
+    )
+    return InputError(f"{out} holds an index built with other arguments: {'; '.join(changes)}. {todo}")
 
 
 def _train(out: Path, source: VectorSource, factory: str, config: BuildConfig, device: Device) -> tuple[Any, float]:

@@ -34,6 +34,8 @@ def index_info(path: str | Path) -> dict[str, Any]:
     Besides the manifest's figures (cells, shards, dim, embedder, factory, measured recall, build time): size on
     disk and bytes per cell; ``heads_seconds`` (training the label heads, None without heads) and
     ``total_seconds`` (index build + heads); ``datasets`` (``[{"dataset_id", "cells"}]``, from the cells table);
+    ``version`` (1, one more per ``build --update``) and ``updates`` (how many); ``embedder_genes`` (the genes the
+    embedder reads, fixed by the build: queries' gene overlap is measured against them);
     ``label_columns`` (``{column: classes}``, the columns that look like labels); ``label_heads`` (column ->
     classes, training cells, features; ``label_heads_error`` says why stored heads cannot be used, e.g. trained
     for another build); ``integrity`` (what the manifest's checksums cover).
@@ -41,7 +43,7 @@ def index_info(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     with AtlasIndex.open(path) as idx:
         m = idx.manifest
-        size = directory_bytes(path)
+        size = directory_bytes(idx.path)
         heads, heads_seconds, heads_error = _heads(idx)
         classes = _classes(idx, heads_error)
         with idx.cursor() as con:
@@ -51,6 +53,9 @@ def index_info(path: str | Path) -> dict[str, Any]:
     return {
         "path": str(path),
         "format_version": m.format_version,
+        "version": m.version,
+        "updates": len(m.updates),
+        "embedder_genes": _embedder_genes(idx),
         "cells": m.n_cells,
         "shards": len(m.shards),
         "dim": m.dim,
@@ -79,6 +84,17 @@ def index_info(path: str | Path) -> dict[str, Any]:
         "label_classes": classes,
         "integrity": integrity(m),
     }
+
+
+def _embedder_genes(idx: AtlasIndex) -> int | None:
+    """How many genes the embedder reads: fixed when the index was built (updates keep it), and what a query's gene
+    overlap is measured against. None for embedders that read no genes (precomputed vectors)."""
+    try:
+        genes = getattr(idx.embedder, "genes", None)
+    except IndexFormatError:
+        return None
+    keys = getattr(genes, "keys", None)
+    return None if keys is None else int(sum(1 for k in keys if k))
 
 
 MAX_LISTED = 8

@@ -7,7 +7,8 @@ rerun resumes only when it would produce the same index.
 Integrity records: every file the index reads has a :class:`FileRecord` (size, SHA-256): the shards' files,
 ``trained.faiss`` and ``cells.duckdb``; ``files`` covers the small files (``build.json``, ``embedder/*``) and
 ``heads_files`` the label heads (``heads/*``), recorded when they are trained after the build, and ``labels_files``
-the label classes (``labels/*``, :mod:`index.label_classes`), recorded when they are computed after the build. Manifests written
+the label classes (``labels/*``, :mod:`index.label_classes`), recorded when they are computed after the build, and
+``refmap_files`` the reference map (``refmap/*``, :mod:`index.refmap`), recorded when it is fitted. Manifests written
 before ``files`` existed have ``files = None``: their small files are not covered (see :mod:`index.verify`).
 """
 
@@ -48,11 +49,15 @@ lacks some of the embedder's genes (:func:`index.label_heads.refit_for_genes`)."
 LABELS_DIR = "labels"
 LABELS_FILE = "label_classes.json"
 """The label classes of the index's label columns (values of one CL term merged; :mod:`index.label_classes`)."""
+REFMAP_DIR = "refmap"
+REFMAP_FILE = "refmap.json"
+"""The reference map: a 2-D UMAP of a sample of atlas cells, and what places new cells on it (:mod:`index.refmap`)."""
 FILES_KEY = "files"
 HEADS_FILES_KEY = "heads_files"
 LABELS_FILES_KEY = "labels_files"
-AFTER_BUILD_KEYS = (HEADS_FILES_KEY, LABELS_FILES_KEY)
-"""Records of files made after the build (heads, label classes): left out of :func:`manifest_digest`."""
+REFMAP_FILES_KEY = "refmap_files"
+AFTER_BUILD_KEYS = (HEADS_FILES_KEY, LABELS_FILES_KEY, REFMAP_FILES_KEY)
+"""Records of files made after the build (heads, label classes, reference map): left out of :func:`manifest_digest`."""
 
 METRIC = "inner_product"
 DEFAULT_K = 30
@@ -190,6 +195,12 @@ class IndexManifest:
     left out of equality and of :func:`manifest_digest`, like the heads themselves."""
     labels_files: dict[str, FileRecord] | None = field(default=None, compare=False)
     """labels/*, recorded after the label classes are computed (None: none recorded); like ``heads_files``."""
+    refmap_files: dict[str, FileRecord] | None = field(default=None, compare=False)
+    """refmap/*, recorded after the reference map is fitted (None: none recorded); like ``heads_files``."""
+    version: int = 1
+    """1 for a build, one more for each ``build --update`` (:mod:`index.update`; its files: :mod:`index.versions`)."""
+    updates: list[dict[str, Any]] = field(default_factory=list)
+    """What each update changed (datasets added, removed, relabelled), its drift measure, recall and time."""
 
     @property
     def shard_bytes(self) -> int:
@@ -225,6 +236,9 @@ class IndexManifest:
             files=_file_records(d.get(FILES_KEY)),
             heads_files=_file_records(d.get(HEADS_FILES_KEY)),
             labels_files=_file_records(d.get(LABELS_FILES_KEY)),
+            refmap_files=_file_records(d.get(REFMAP_FILES_KEY)),
+            version=int(d.get("version", 1)),
+            updates=list(d.get("updates") or []),
         )
 
     def write(self, directory: str | Path) -> Path:
@@ -262,6 +276,11 @@ def record_heads_files(directory: str | Path, records: dict[str, FileRecord]) ->
 def record_labels_files(directory: str | Path, records: dict[str, FileRecord]) -> bool:
     """Record the label classes' files in the manifest (``labels_files``); like :func:`record_heads_files`."""
     return _record_after_build(directory, LABELS_FILES_KEY, records, "label classes", "labels/")
+
+
+def record_refmap_files(directory: str | Path, records: dict[str, FileRecord]) -> bool:
+    """Record the reference map's files in the manifest (``refmap_files``); like :func:`record_heads_files`."""
+    return _record_after_build(directory, REFMAP_FILES_KEY, records, "reference map", "refmap/")
 
 
 def _record_after_build(

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from scatlas.atlas.atomic import read_json_object
 from scatlas.atlas.errors import InputError, TooFewCellsError
 from scatlas.atlas.sql import quote_ident
 from scatlas.index.build import (
@@ -19,15 +20,19 @@ from scatlas.index.build import (
     BuildConfig,
     _prepare_dir,
     build_from_source,
+    different_build_error,
 )
+from scatlas.index.changes import store_changes
 from scatlas.index.embedding import obsm_keys, reads_x
 from scatlas.index.heads_training import label_column_classes, label_columns, train_label_heads
 from scatlas.index.label_classes import ensure_label_classes
-from scatlas.index.manifest import BUILD_FILE, CELLS_DB_FILE, EMBEDDER_DIR, IndexManifest
+from scatlas.index.manifest import BUILD_FILE, CELLS_DB_FILE, EMBEDDER_DIR, IndexManifest, read_manifest
 from scatlas.index.mapping import MAPPING_FILE, calibrate_mapping
 from scatlas.index.metadata import CellsFile, columns_of, connect
 from scatlas.index.progress import Progress
+from scatlas.index.refmap import ensure_reference_map
 from scatlas.index.source import ShardSpec, plan_over_ranges
+from scatlas.index.versions import current_version
 
 if TYPE_CHECKING:
     from scatlas.atlas.embed.base import Embedder
@@ -72,7 +77,10 @@ class StoreVectorSource:
             yield np.asarray(chunk.ids, dtype=np.int64), self.embedder.transform(chunk)
 
     def sample(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.asarray(self.store.sample_ids(n, seed=seed), dtype=np.int64)
+        return self.vectors_of(np.asarray(self.store.sample_ids(n, seed=seed), dtype=np.int64))
+
+    def vectors_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, vectors)`` of the given cells (sorted, unique, committed ids), embedded chunk by chunk."""
         parts_ids, parts_vecs = [], []
         for chunk in self.store.read_cells(ids, with_X=self._with_x, obsm_keys=self._obsm):
             parts_ids.append(np.asarray(chunk.ids, dtype=np.int64))
@@ -130,12 +138,8 @@ def _resumable_embedder(out: Path, identity: dict[str, Any]) -> Embedder | None:
         old = json.loads(build.read_text()).get("identity", {})
     except ValueError:
         return None  # build_from_source reports the unreadable record
-    diffs = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in identity.items() if old.get(k) != v]
-    if diffs:  # refused before fitting, which on a large atlas takes minutes
-        raise InputError(
-            f"{out} holds a build with different arguments ({'; '.join(diffs)}). Use a new index directory, rerun "
-            "with the original arguments to resume, or pass --overwrite to rebuild from scratch."
-        )
+    if any(old.get(k) != v for k, v in identity.items()):  # refused before fitting, which takes minutes
+        raise different_build_error(out, {k: old.get(k) for k in identity}, identity)
     if not saved.is_file():
         return None
     logger.info("resume: reusing the embedder saved in %s", saved.parent)
@@ -189,6 +193,24 @@ def _class_keys(out: Path, head_keys: Sequence[str]) -> list[str]:
     return list(dict.fromkeys([*([DEFAULT_LABEL_KEY] if has_default else []), *head_keys]))
 
 
+def _updated_manifest(out: Path, current: Path, store: Any, identity: dict[str, Any]) -> IndexManifest:
+    """The manifest of an index that ``build --update`` brought to a later version, when the build's arguments and
+    the store still match it; InputError saying what changed and what to do otherwise."""
+    old = read_json_object(current / BUILD_FILE, "rebuild the index with --overwrite").get("identity", {})
+    if any(old.get(k) != v for k, v in identity.items()):
+        raise different_build_error(out, {k: old.get(k) for k in identity}, identity)
+    manifest = read_manifest(current)
+    changes = store_changes(manifest.atlas_snapshot, store.snapshot())
+    if not changes.empty:
+        raise InputError(
+            f"{out} (version {manifest.version}) is behind its atlas store: {'; '.join(changes.sentences())}. Run "
+            "`scatlas build --update --atlas ATLAS --index DIR` to bring it up to date, or pass --overwrite to "
+            "rebuild it from scratch."
+        )
+    logger.info("index at %s (version %d) is up to date with its atlas store", out, manifest.version)
+    return manifest
+
+
 def build_index(
     atlas: str | Path,
     out: str | Path,
@@ -208,6 +230,7 @@ def build_index(
     label_keys: Sequence[str] | str = LABEL_KEYS_DEFAULT,
     heads_options: dict[str, Any] | None = None,
     progress: Progress = True,
+    reference_map: bool = True,
 ) -> IndexManifest:
     """Build (or resume) the index of an atlas store at ``out`` and return its manifest.
 
@@ -222,6 +245,8 @@ def build_index(
     values, e.g. cell_type, tissue, disease); a sequence: those columns (an entry ``"default"`` adds cell_type as
     ``"default"`` does); ``()``: none. Label classes (:mod:`index.label_classes`: values merged by Cell Ontology
     term; the heads are trained on them) are stored for every column with heads and for ``cell_type``.
+    ``reference_map``: fit the 2-D reference map (:mod:`index.refmap`: a UMAP of 20,000 sampled cells; skipped for
+    an atlas under 50 cells), unless one was fitted for this build already.
     """
     from scatlas.atlas.store import AtlasStore
 
@@ -235,6 +260,9 @@ def build_index(
     options = dict(embedder_options or {})
     identity = {"embedder": embedder, "fit_sample": fit_sample, "embedder_options": options}
     _prepare_dir(out, overwrite, inputs=(atlas,))
+    version, current = current_version(out)
+    if version > 1:  # updated since it was built: the build's arguments and the store must match the current version
+        return _updated_manifest(out, current, store, identity)
     emb = _resumable_embedder(out, identity) or _fit_embedder(store, embedder, fit_sample, config.seed, options)
     manifest = build_from_source(
         StoreVectorSource(store, emb),
@@ -258,4 +286,6 @@ def build_index(
             calibrate_mapping(out, seed=config.seed, progress=progress)
         except TooFewCellsError as exc:  # a tiny atlas is still an index; annotate reports "uncalibrated"
             logger.warning("%s: annotate will not judge how queries map onto it", exc)
+    if reference_map:  # the atlas in 2-D (index.refmap), on which annotate and search place queries
+        ensure_reference_map(out, seed=config.seed)
     return manifest

@@ -7,7 +7,7 @@
   are used, of ``trained.faiss`` at open and of ``cells.duckdb`` at the first metadata query. Larger indexes are
   not hashed on read (logged once); run :func:`verify_index` on them after copying or restoring.
 * ``label_heads()``: the SHA-256 of every recorded ``heads/*`` file before the heads are loaded;
-  ``label_classes()`` the same for ``labels/*``.
+  ``label_classes()`` the same for ``labels/*``, ``reference_map()`` for ``refmap/*``.
 * :func:`verify_index`: every file, every checksum, and the shards' ids against the manifest; it reports damage
   rather than raising.
 """
@@ -32,6 +32,7 @@ from scatlas.index.manifest import (
     HEADS_DIR,
     LABELS_DIR,
     MANIFEST_FILE,
+    REFMAP_DIR,
     SHARD_IDS_FILE,
     SHARDS_DIR,
     TRAINED_FILE,
@@ -42,6 +43,7 @@ from scatlas.index.manifest import (
 )
 from scatlas.index.progress import Progress, progress_bar
 from scatlas.index.shard import checksum_matches, damaged_hint, file_record, sha256_file, shard_ids_problem
+from scatlas.index.versions import resolve_index_dir
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +172,7 @@ def _recorded_files(manifest: IndexManifest) -> list[tuple[str, FileRecord]]:
     out += sorted((manifest.files or {}).items())
     out += sorted((manifest.heads_files or {}).items())
     out += sorted((manifest.labels_files or {}).items())
+    out += sorted((manifest.refmap_files or {}).items())
     for shard in manifest.shards:
         out += [(f"{SHARDS_DIR}/{shard.dirname}/{name}", rec) for name, rec in sorted(shard.files.items())]
     return out
@@ -231,6 +234,9 @@ def _notes(index_dir: Path, manifest: IndexManifest) -> list[str]:
     if manifest.files is not None and manifest.labels_files is None and (index_dir / LABELS_DIR).is_dir():
         notes.append("labels/ is not recorded in the manifest (its writing was interrupted?): it was not checked; "
                      "rerun the build (`scatlas build ...` with its arguments) to record it")
+    if manifest.files is not None and manifest.refmap_files is None and (index_dir / REFMAP_DIR).is_dir():
+        notes.append("refmap/ is not recorded in the manifest (its writing was interrupted?): it was not checked "
+                     "and is not used; rerun the build (`scatlas build ...` with its arguments) to fit it again")
     return notes
 
 
@@ -246,13 +252,14 @@ def _read_manifest_or_report(index_dir: Path) -> IndexManifest | VerifyReport:
 
 def verify_index(path: str | Path, *, progress: Progress = True) -> VerifyReport:
     """Read every file of the index at ``path`` and check it against the manifest: sizes, SHA-256 checksums
-    (shards, ``trained.faiss``, ``cells.duckdb``, ``build.json``, ``embedder/*``, ``heads/*``, ``labels/*``) and each shard's
+    (shards, ``trained.faiss``, ``cells.duckdb``, ``build.json``, ``embedder/*``, ``heads/*``, ``labels/*``,
+    ``refmap/*``) and each shard's
     ids against its recorded count and range. Damage is reported, not raised; IndexFormatError only when ``path``
     is not an index directory (no such directory, or no ``manifest.json``). ``progress``: a bar of bytes
     (:data:`~index.progress.Progress`).
     """
     t0 = time.perf_counter()
-    index_dir = Path(path)
+    index_dir = resolve_index_dir(Path(path))
     manifest = _read_manifest_or_report(index_dir)
     if isinstance(manifest, VerifyReport):
         return manifest

@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import anndata
 import numpy as np
@@ -31,6 +31,7 @@ from scatlas.index import (
     AtlasIndex,
     LabelHead,
     Progress,
+    ReferenceMap,
     estimate_shift,
     l2_normalize,
     progress_bar,
@@ -49,7 +50,14 @@ from scatlas.query.annotate_report import (
 from scatlas.query.atlas_labels import FAR_QUANTILE_WHEN_ON, AtlasLabels, atlas_labels
 from scatlas.query.evaluate import confusion_table
 from scatlas.query.mapping import MappingVerdict, assess_mapping
-from scatlas.query.outputs import plot_confusion, write_annotated_h5ad, write_json, write_parquet
+from scatlas.query.outputs import (
+    MapPlacement,
+    plot_annotation_map,
+    plot_confusion,
+    write_annotated_h5ad,
+    write_json,
+    write_parquet,
+)
 from scatlas.query.prepare import QueryCells, open_query
 from scatlas.query.transfer import REASON_OUT_OF_ATLAS, Transfer
 from scatlas.query.vote import REASON_NO_EXPRESSION, Weighting
@@ -59,7 +67,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_ALIGN", "DEFAULT_ALIGN_SAMPLE", "DEFAULT_BATCH_SIZE", "DEFAULT_CLASS_BALANCE", "DEFAULT_FAR_QUANTILE",
     "DEFAULT_K", "DEFAULT_MIN_CONFIDENCE", "DEFAULT_MISSING_GENES", "DEFAULT_PREDICTOR", "DEFAULT_WEIGHTING",
-    "FAR_QUANTILE_WHEN_ON", "MIN_CONFIDENCE_FLAT", "MIN_CONFIDENCE_ONTOLOGY", "MIN_GENE_OVERLAP_REFIT", "AnnotationResult", "annotate",
+    "FAR_QUANTILE_WHEN_ON", "MAP_OBSM", "MIN_CONFIDENCE_FLAT", "MIN_CONFIDENCE_ONTOLOGY", "MIN_GENE_OVERLAP_REFIT",
+    "AnnotationResult", "annotate",
 ]
 
 Align = Literal["none", "mnn"]
@@ -88,6 +97,8 @@ DEFAULT_ALIGN: Align = "mnn"
 DEFAULT_ALIGN_SAMPLE = ALIGN_SAMPLE
 DEFAULT_BATCH_SIZE = 10_000
 DEFAULT_PREDICTOR: Predictor = "auto"
+MAP_OBSM = "X_atlas_umap"
+"""The ``obsm`` key of the query cells' coordinates on the atlas' reference map in the annotated ``.h5ad``."""
 
 
 @dataclass
@@ -106,7 +117,8 @@ class AnnotationResult:
     ``neighbors``: one row per (query cell, neighbour) kept (``query_row``, ``query_cell``, ``atlas_cell_id`` =
     soma_joinid, ``rank`` from 0, ``similarity``, ``dataset_id``). ``report``: JSON-serialisable summary (species,
     gene overlap, mapping verdict, label counts and levels, index identity, timings, and ``evaluation`` when a
-    truth column was given).
+    truth column was given). ``placement``: the query cells on the index's reference map (None when the index has
+    none; see :meth:`AtlasIndex.reference_map`).
     """
 
     predictions: pd.DataFrame
@@ -115,6 +127,7 @@ class AnnotationResult:
     _query: str | Path | anndata.AnnData = field(repr=False)
     probabilities: dict[str, tuple[list[str], np.ndarray]] = field(default_factory=dict, repr=False)
     _truth: dict[str, pd.Series] = field(default_factory=dict, repr=False)
+    placement: MapPlacement | None = field(default=None, repr=False)
 
     def confusion(self, label_key: str | None = None) -> pd.DataFrame:
         """Counts of (truth, predicted) for a label key (default: the first evaluated one)."""
@@ -131,21 +144,29 @@ class AnnotationResult:
         neighbors_parquet: str | Path | None = None,
         report_json: str | Path | None = None,
         confusion_png: str | Path | None = None,
+        map_png: str | Path | None = None,
     ) -> dict[str, Path]:
         """Write the outputs that are given a path; each atomically (temporary file, then rename).
 
         ``out_h5ad``: a new ``.h5ad`` = the query with the prediction columns added to obs, each key's class
-        probabilities in ``obsm["K_proba"]`` and their class names in ``uns["K_proba_classes"]`` (the query itself
-        is never modified). ``confusion_png`` needs truth labels (``truth_key``).
+        probabilities in ``obsm["K_proba"]`` and their class names in ``uns["K_proba_classes"]``, and the cells'
+        place on the atlas' reference map in ``obsm["X_atlas_umap"]`` when the index has one (the query itself is
+        never modified). ``confusion_png`` needs truth labels (``truth_key``); ``map_png`` (the query on the atlas
+        map, coloured by the first label key's prediction and confidence) a reference map.
         """
         if confusion_png is not None and not self._truth:
             raise InputError("a confusion matrix needs truth labels: annotate with truth_key=...")
-        check_distinct([out_h5ad, neighbors_parquet, report_json, confusion_png])
+        if map_png is not None and self.placement is None:
+            raise InputError("the index has no reference map (built with --no-map, or before maps existed): "
+                             "rebuild it (`scatlas build --overwrite ...`) to draw the query on the atlas")
+        check_distinct([out_h5ad, neighbors_parquet, report_json, confusion_png, map_png])
         inputs = () if isinstance(self._query, anndata.AnnData) else (Path(self._query),)
         written: dict[str, Path] = {}
         if out_h5ad is not None:
             obsm = {f"{key}_proba": matrix for key, (_, matrix) in self.probabilities.items()}
             uns = {f"{key}_proba_classes": list(names) for key, (names, _) in self.probabilities.items()}
+            if self.placement is not None:
+                obsm[MAP_OBSM] = self.placement.query_xy
             written["h5ad"] = write_annotated_h5ad(self._query, self.predictions, out_h5ad, obsm=obsm, uns=uns)
         if neighbors_parquet is not None:
             written["neighbors"] = write_parquet(self.neighbors, neighbors_parquet, inputs=inputs)
@@ -155,6 +176,12 @@ class AnnotationResult:
             key = next(iter(self._truth))
             written["confusion"] = plot_confusion(
                 self.confusion(key), confusion_png, title=f"{key}: truth vs predicted", inputs=inputs
+            )
+        if map_png is not None and self.placement is not None:
+            key = self.report["params"]["label_keys"][0]
+            written["map"] = plot_annotation_map(
+                self.placement, self.predictions[f"{key}_pred"], self.predictions[f"{key}_confidence"].to_numpy(),
+                map_png, key=key, inputs=inputs,
             )
         return written
 
@@ -302,11 +329,13 @@ def annotate(
         cells.check(min_gene_overlap)
         heads_refit = _refit_heads(cells, atlas, missing_genes)
         alignment, t_align = _align(cells, align, align_sample, batch_size, where)
-        run = Transfer(idx, atlas, k=int(k), weighting=weighting, max_votes_per_dataset=max_votes_per_dataset,
-                       where=where, keep_neighbors=keep_neighbors, n=cells.n_cells,
-                       shift=alignment.shift if alignment is not None else None)
+        placing = _PlacingIndex(idx, idx.reference_map(), cells.n_cells)
+        run = Transfer(cast(AtlasIndex, placing), atlas, k=int(k), weighting=weighting,
+                       max_votes_per_dataset=max_votes_per_dataset, where=where, keep_neighbors=keep_neighbors,
+                       n=cells.n_cells, shift=alignment.shift if alignment is not None else None)
         with progress_bar(progress, total=cells.n_cells, desc="annotate", unit="cell") as bar:
             for chunk in cells.chunks(batch_size):
+                placing.rows = np.asarray(chunk.ids, dtype=np.int64)
                 run.add(chunk)
                 bar.update(len(chunk.ids))
         if run.n_silent:
@@ -324,13 +353,50 @@ def annotate(
             "missing_genes": missing_genes, "heads_refit_for_query_genes": heads_refit,
             "batch_size": int(batch_size), "min_gene_overlap": float(min_gene_overlap),
         }
-        timings = {"open_index_s": round(t_open, 3), "align_s": round(t_align, 3)}
-        return _result(query, cells, atlas, run, alignment, mapping, truth_map, user_map, params, timings, t_start)
+        timings = {"open_index_s": round(t_open, 3), "align_s": round(t_align, 3), "map_s": round(placing.seconds, 3)}
+        result = _result(query, cells, atlas, run, alignment, mapping, truth_map, user_map, params, timings, t_start)
+        result.placement = placing.placement(run.silent, keys[0])
+        result.report["map"] = result.placement.summary() if result.placement is not None else {"available": False}
+        return result
     finally:
         if cells is not None:
             cells.close()
         if own_index:
             idx.close()
+
+
+class _PlacingIndex:
+    """The index as :class:`Transfer` sees it, placing on the reference map each batch of query vectors it searches
+    with (the embedded and shifted vectors) before searching; ``rows``: the query rows of the batch being added.
+    Everything else is the index's own."""
+
+    def __init__(self, idx: AtlasIndex, refmap: ReferenceMap | None, n: int) -> None:
+        self._idx, self._map = idx, refmap
+        self.rows: np.ndarray | None = None
+        self.xy = np.full((n, 2), np.nan, dtype=np.float32) if refmap is not None else None
+        self.seconds = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._idx, name)
+
+    def search(self, vectors: np.ndarray, k: int | None = None, where: str | None = None, **kwargs: Any) -> Any:
+        if self.xy is not None and self._map is not None and self.rows is not None:
+            t0 = time.perf_counter()
+            self.xy[self.rows] = self._map.transform(vectors)
+            self.seconds += time.perf_counter() - t0
+        self.rows = None
+        return self._idx.search(vectors, k, where, **kwargs)
+
+    def placement(self, silent: np.ndarray, key: str) -> MapPlacement | None:
+        """The query on the map (cells with no expression on the embedder's genes not placed), the atlas sample
+        with its values of ``key`` when the cells table has it."""
+        if self._map is None or self.xy is None:
+            return None
+        self.xy[np.asarray(silent, dtype=bool)] = np.nan
+        labels = None
+        if key in self._idx.columns():
+            labels = self._idx.cells(self._map.ids, columns=[key])[key].to_numpy()
+        return MapPlacement(self.xy, self._map.coords, labels, key)
 
 
 def _cuts(atlas: AtlasLabels, min_confidence: float | None) -> dict[str, float]:

@@ -1,5 +1,5 @@
-"""Writing annotation results: a new annotated ``.h5ad``, the neighbours as Parquet, the report as JSON and a
-confusion-matrix PNG. Every file is written to a temporary name in the target directory and renamed into
+"""Writing annotation and search results: a new annotated ``.h5ad``, tables as Parquet (or CSV), the report as
+JSON, a confusion-matrix PNG and the query on the atlas' reference map (PNG). Every file is written to a temporary name in the target directory and renamed into
 place, so a reader never sees a partial file and an interrupted write leaves no file behind. The query is
 never modified.
 """
@@ -11,7 +11,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -227,3 +228,175 @@ def plot_confusion(
         fig.savefig(fh, format="png", dpi=120)
     logger.info("wrote %s", out)
     return out
+
+
+# -- tables as Parquet or CSV ------------------------------------------------------------------------------------
+
+TABLE_SUFFIXES = (".parquet", ".csv")
+
+
+def table_format(path: str | Path) -> str:
+    """``parquet`` or ``csv`` from the file name's suffix; InputError for any other."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise InputError(f"{show(Path(path))}: give a file name ending in .parquet or .csv (got {suffix or 'none'!r})")
+    return suffix[1:]
+
+
+def check_table_output(out: str | Path, *, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Refuse ``out`` as a Parquet/CSV output before any work: an input, inside a store or index, a directory, another
+    suffix, or an existing file of another kind (a CSV path holding a binary file: an ``.h5ad``, Parquet, PNG)."""
+    out = Path(out)
+    kind = table_format(out)
+    check_output_file(out, inputs=inputs, file_kind="parquet" if kind == "parquet" else None)
+    if kind == "csv" and out.is_file():
+        with writing(out), open(out, "rb") as fh:
+            head = fh.read(512)
+        if b"\x00" in head or any(head.startswith(m) for m in (b"PAR1", b"\x89HDF", b"\x89PNG")):
+            raise OutputError(f"{show(out)} exists and is not a CSV file; refusing to replace it: give another path "
+                              "(or delete that file first)")
+    return out
+
+
+def write_table(frame: pd.DataFrame, out: str | Path, *, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """``frame`` as Parquet or CSV (by ``out``'s suffix), atomically; see :func:`check_table_output`."""
+    out = check_table_output(out, inputs=inputs)
+    if table_format(out) == "parquet":
+        return write_parquet(frame, out, inputs=inputs)
+    with atomic_path(out, inputs=inputs) as tmp:
+        frame.to_csv(tmp, index=False)
+    logger.info("wrote %s (%d rows)", out, len(frame))
+    return out
+
+
+# -- the query on the atlas' reference map -------------------------------------------------------------------------
+
+MAP_COLOURS = 12
+"""Predicted labels drawn in their own colour (the most frequent); the others are drawn as "other"."""
+ATLAS_GREY = "#d4d4d4"
+
+
+@dataclass(frozen=True)
+class MapPlacement:
+    """The query on the index's reference map: ``query_xy`` ``(n_query, 2)`` (NaN for cells not placed),
+    ``atlas_xy`` ``(n_sample, 2)`` the sampled atlas cells, ``atlas_labels`` their values of ``label_key`` (for
+    the labels written on the map; None without)."""
+
+    query_xy: np.ndarray
+    atlas_xy: np.ndarray
+    atlas_labels: np.ndarray | None = None
+    label_key: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"available": True, "atlas_sample_cells": len(self.atlas_xy),
+                "query_cells_placed": int(np.isfinite(self.query_xy[:, 0]).sum()), "label_key": self.label_key}
+
+
+def _point_size(n: int) -> float:
+    return float(np.clip(4000.0 / max(n, 1), 0.3, 12.0))
+
+
+def _atlas_layer(ax: Any, atlas_xy: np.ndarray, labels: np.ndarray | None) -> None:
+    """The atlas sample in light grey, with its most common labels written at their medians."""
+    ax.scatter(atlas_xy[:, 0], atlas_xy[:, 1], s=_point_size(len(atlas_xy)), c=ATLAS_GREY, linewidths=0,
+               rasterized=True, zorder=1)
+    if labels is not None and len(labels) == len(atlas_xy):
+        values = pd.Series(labels).astype(object).where(pd.notna(labels), None)
+        counts = values.value_counts()
+        for label in counts.index[:20]:
+            if counts[label] < max(5, 0.01 * len(values)):
+                continue
+            x, y = np.median(atlas_xy[(values == label).to_numpy()], axis=0)
+            ax.text(x, y, str(label)[:30], fontsize=6, color="#707070", ha="center", va="center", zorder=4)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel("atlas UMAP 1", fontsize=7)
+    ax.set_ylabel("atlas UMAP 2", fontsize=7)
+
+
+def _save_png(fig: Any, out: str | Path, inputs: Iterable[str | Path | None]) -> Path:
+    out = Path(out)
+    with atomic_path(out, inputs=inputs, file_kind="png") as tmp, open(tmp, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=120)
+    logger.info("wrote %s", out)
+    return out
+
+
+def _figure(panels: int) -> tuple[Any, list[Any]]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.2 * panels, 5.2))
+    FigureCanvasAgg(fig)
+    return fig, [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
+
+
+def plot_annotation_map(
+    placement: MapPlacement, predicted: pd.Series | np.ndarray, confidence: np.ndarray | None, out: str | Path, *,
+    key: str = "cell_type", unknown: str = "unknown", inputs: Iterable[str | Path | None] = (),
+) -> Path:
+    """A PNG of the query on the atlas' reference map: the atlas sample in light grey (its labels written on it),
+    the query coloured by its predicted ``key`` (the :data:`MAP_COLOURS` most frequent labels, ``unknown`` in dark
+    grey, the rest as "other") and, in a second panel, by confidence."""
+    import matplotlib
+
+    xy = np.asarray(placement.query_xy, dtype=np.float64)
+    ok = np.isfinite(xy).all(axis=1)
+    labels = pd.Series(np.asarray(predicted, dtype=object)).astype(str).to_numpy()
+    fig, axes = _figure(2 if confidence is not None else 1)
+    size = _point_size(int(ok.sum())) * 1.5
+    ax = axes[0]
+    _atlas_layer(ax, placement.atlas_xy, placement.atlas_labels)
+    known = pd.Series(labels[ok & (labels != unknown)]).value_counts()
+    shown = list(known.index[:MAP_COLOURS])
+    tab10, tab20 = matplotlib.colormaps["tab10"], matplotlib.colormaps["tab20"]
+    palette = [tab10(i) for i in range(10)] + [tab20(2 * i + 1) for i in range(10)]
+    groups: list[tuple[str, Any]] = [(name, palette[i % len(palette)]) for i, name in enumerate(shown)]
+    groups.append(("other", "#000000"))
+    groups.append((unknown, "#5a5a5a"))
+    for name, colour in groups:
+        if name == "other":
+            mask = ok & ~np.isin(labels, [*shown, unknown])
+        else:
+            mask = ok & (labels == name)
+        if mask.any():
+            ax.scatter(xy[mask, 0], xy[mask, 1], s=size, color=colour, linewidths=0, label=f"{name[:30]} ({mask.sum()})",
+                       rasterized=True, zorder=2 if name != unknown else 3)
+    ax.set_title(f"query by predicted {key} ({int(ok.sum())} cells)", fontsize=9)
+    ax.legend(fontsize=6, markerscale=max(1.0, 6 / size), loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    if confidence is not None:
+        ax2 = axes[1]
+        _atlas_layer(ax2, placement.atlas_xy, None)
+        conf = np.asarray(confidence, dtype=np.float64)
+        order = np.flatnonzero(ok)[np.argsort(conf[ok], kind="stable")]  # confident cells drawn last
+        im = ax2.scatter(xy[order, 0], xy[order, 1], s=size, c=conf[order], cmap="viridis", vmin=0, vmax=1,
+                         linewidths=0, rasterized=True, zorder=2)
+        fig.colorbar(im, ax=ax2, fraction=0.04, label=f"{key} confidence")
+        ax2.set_title(f"query by {key} confidence", fontsize=9)
+    fig.tight_layout()
+    return _save_png(fig, out, inputs)
+
+
+def plot_search_map(
+    atlas_xy: np.ndarray, query_xy: np.ndarray, hits_xy: np.ndarray, out: str | Path, *,
+    atlas_labels: np.ndarray | None = None, centroid_xy: Sequence[float] | None = None, title: str = "",
+    inputs: Iterable[str | Path | None] = (),
+) -> Path:
+    """A PNG of a search on the atlas' reference map: the atlas sample in light grey, the atlas cells hit in red,
+    the query cells in blue, the centroid (centroid mode) as a star."""
+    fig, (ax,) = _figure(1)
+    _atlas_layer(ax, np.asarray(atlas_xy), atlas_labels)
+    hits_xy, query_xy = np.asarray(hits_xy).reshape(-1, 2), np.asarray(query_xy).reshape(-1, 2)
+    if len(hits_xy):
+        ax.scatter(hits_xy[:, 0], hits_xy[:, 1], s=_point_size(len(hits_xy)) * 2, c="#d62728", linewidths=0,
+                   label=f"atlas cells hit ({len(hits_xy)} drawn)", rasterized=True, zorder=2)
+    if len(query_xy):
+        ax.scatter(query_xy[:, 0], query_xy[:, 1], s=_point_size(len(query_xy)) * 2, c="#1f77b4", linewidths=0,
+                   alpha=0.7, label=f"query cells ({len(query_xy)} drawn)", rasterized=True, zorder=3)
+    if centroid_xy is not None:
+        ax.scatter([centroid_xy[0]], [centroid_xy[1]], s=160, marker="*", c="#ffbf00", edgecolors="black",
+                   linewidths=0.6, label="query centroid", zorder=5)
+    ax.legend(fontsize=7, loc="best", markerscale=2, frameon=False)
+    ax.set_title(title or "query and hits on the atlas map", fontsize=9)
+    fig.tight_layout()
+    return _save_png(fig, out, inputs)

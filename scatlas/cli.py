@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import errno
 import json
-import logging
-import os
-import re
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,156 +14,21 @@ from scatlas.atlas.errors import ScatlasError
 from scatlas.atlas.outputs import (
     check_distinct,
     check_output_file,
-    os_error_message,
-    safe_text,
-    show,
-    writing,
 )
-
-logger = logging.getLogger("scatlas")
-
-
-class ScatlasGroup(click.Group):
-    """Turns every ScatlasError into ``Error: ...`` on stderr and exit status 1, without a traceback.
-
-    As a last resort it does the same for errors of the operating system (disk full, read-only, permissions), a
-    DuckDB file locked by another process, and a file name a library cannot encode.
-    """
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
-            raise  # already a message (from a nested group), or click's own exit
-        except ScatlasError as exc:
-            raise click.ClickException(safe_text(str(exc))) from exc
-        except KeyboardInterrupt:
-            _echo("Interrupted; rerun the same command to resume.", err=True)
-            ctx.exit(130)
-        except OSError as exc:
-            raise click.ClickException(os_error_message(exc)) from exc
-        except UnicodeError as exc:
-            if "surrogates" not in str(exc):
-                raise
-            raise click.ClickException(
-                "a file or directory name is not valid UTF-8, and a library used here cannot open it; rename it "
-                "(or link it) to a UTF-8 name and rerun"
-            ) from exc
-        except Exception as exc:
-            message = _duckdb_message(exc) or _os_phrase_message(exc)
-            if message is None:
-                raise
-            raise click.ClickException(message) from exc
-
-
-_LOCKED = ("Could not set lock", "Conflicting lock", "different configuration")
-_DUCKDB_OS = {"No space left on device": "free space on that file system, or write somewhere else",
-              "Read-only file system": "that file system is read-only: write somewhere else",
-              "Permission denied": "check the permissions of that path",
-              "Disk quota exceeded": "free space within your quota, or write somewhere else"}
-
-
-def _os_phrase_message(exc: Exception) -> str | None:
-    """``Error:`` text for a library's own exception that reports a full or read-only disk (TileDB, FAISS, ...)."""
-    text = str(exc)
-    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-        if os.strerror(code) in text:
-            return os_error_message(OSError(code, os.strerror(code)), "writing") + f" ({type(exc).__name__})"
-    return None
-
-
-def _duckdb_message(exc: Exception) -> str | None:
-    """``Error:`` text for a DuckDB error about its database file (locked, disk full, ...), else None."""
-    duckdb = sys.modules.get("duckdb")
-    if duckdb is None or not isinstance(exc, duckdb.Error):
-        return None
-    text = str(exc)
-    match = re.search(r'(?:lock on file|database file) "([^"]+)"', text)
-    name = f"the DuckDB database {show(match.group(1))}" if match else "a DuckDB database file of this command"
-    if any(marker in text for marker in _LOCKED):
-        return (f"{name} is in use by another process; wait for that process to finish (or stop it), "
-                "then rerun")
-    for reason, hint in _DUCKDB_OS.items():
-        if reason in text:
-            return f"{reason} while accessing {name}: {hint}"
-    return None
-
-
-def _echo(message: str, **kwargs: Any) -> None:
-    """``click.echo`` of text that may hold a non-UTF-8 file name (shown with U+FFFD instead of failing)."""
-    click.echo(safe_text(message), **kwargs)
-
-
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
-    for noisy in ("numba", "h5py", "matplotlib", "PIL", "fsspec", "faiss", "faiss.loader"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-# -- shared option bundles ---------------------------------------------------------------------------------------
-
-
-def atlas_option(required: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    return click.option(
-        "--atlas", "atlas_dir", type=click.Path(file_okay=False, path_type=Path), required=required,
-        help="Atlas store directory (TileDB-SOMA experiment + DuckDB cell table).",
-    )
-
-
-def index_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--index", "index_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-        help="Index directory written by `scatlas build`.",
-    )(f)
-
-
-def progress_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")(f)
-
-
-def executor_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """``--executor local|ray``, ``--ray-address``, ``--cpus-per-task``: where shard tasks run."""
-    f = click.option("--cpus-per-task", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-                     help="With --executor ray: CPUs each shard task asks for (and the threads it uses).")(f)
-    f = click.option("--ray-address", default=None, metavar="ADDR",
-                     help="With --executor ray: the cluster (HOST:PORT, or 'auto' for the one `ray start` began on "
-                          "this node). Default: a new local Ray cluster.")(f)
-    return click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-                        help="Run the shard tasks in this process (local) or as Ray tasks (pip install 'scatlas[ray]'; "
-                             "paths must be visible to every node).")(f)
-
-
-def _make_executor(executor: str, ray_address: str | None, cpus_per_task: float) -> Any:
-    """None for the default local executor (the library picks its devices), else the chosen executor."""
-    from scatlas.index.executor import RayExecutor
-
-    if executor == "local":
-        if ray_address is not None:
-            raise click.UsageError("--ray-address is only used with --executor ray")
-        return None
-    return RayExecutor(ray_address, cpus_per_task=cpus_per_task)
-
-
-def _parse_obs_map(values: tuple[str, ...]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in values:
-        src, sep, dst = item.partition("=")
-        if not sep or not src or not dst:
-            raise click.BadParameter(f"expected SOURCE=TARGET, got {item!r}", param_hint="--obs-map")
-        out[src] = dst
-    return out
-
-
-def _echo_json(payload: Any, path: Path | None) -> None:
-    """Write ``payload`` as JSON to ``path`` (atomically), when given."""
-    if path is None:
-        return
-    from scatlas.atlas.atomic import write_json_atomic
-
-    check_output_file(path, file_kind="json")
-    with writing(path):
-        write_json_atomic(path, payload)
+from scatlas.cli_common import (
+    ScatlasGroup,
+    _echo,
+    _echo_json,
+    _echo_ontology_fill,
+    _make_executor,
+    _parse_obs_map,
+    _parse_pairs,
+    _setup_logging,
+    atlas_option,
+    executor_options,
+    index_option,
+    progress_option,
+)
 
 
 @click.group(cls=ScatlasGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -204,18 +63,43 @@ def cli(verbose: int, quiet: bool) -> None:
 @click.option("--ontology-label-key", default="cell_type", show_default=True, metavar="COLUMN",
               help="With --ontology-map: the label column its labels are values of; the terms go to "
                    "COLUMN_ontology_term_id.")
+@click.option("--x-layer", default=None, metavar="NAME",
+              help="The matrix to read. SOMA experiment: the X layer (default: raw when present, else the only "
+                   "one). .h5ad: X, raw (adata.raw.X) or a layer name (layers/NAME also works); default: raw counts "
+                   "wherever they are (X, layers['counts'], .raw), else log-normalised values.")
+@click.option("--obs-set", multiple=True, metavar="COLUMN=VALUE",
+              help="Set COLUMN to VALUE for every cell of every input (repeatable), e.g. tissue=blood; a schema "
+                   "column gets the value, another becomes a new column. A column the data has already is refused "
+                   "(rename it with --obs-map).")
+@click.option("--read-ahead", type=click.IntRange(min=0), default=1, show_default=True,  # = ingestion.DEFAULT_READ_AHEAD
+              metavar="CHUNKS",
+              help="Chunks read and converted in a thread ahead of the writes (memory: about this many chunks "
+                   "more); 0 reads and writes in turn. The stored data are the same.")
 @progress_option
 def ingest(sources: tuple[str, ...], atlas_dir: Path, dataset_id: str | None, obs_map: tuple[str, ...], mode: str,
            keep_non_primary: bool, chunk_size: int, report_path: Path | None, ontology_map: Path | None,
-           ontology_label_key: str, progress: bool) -> None:
-    """Add .h5ad files or Census-layout TileDB-SOMA experiments (SOURCES) to an atlas store."""
+           ontology_label_key: str, x_layer: str | None, obs_set: tuple[str, ...], read_ahead: int,
+           progress: bool) -> None:
+    """Add .h5ad files or Census-layout TileDB-SOMA experiments (SOURCES) to an atlas store.
+
+    The source column of each --obs-map rename is kept too, under its own name (unless it is a schema column).
+    """
     from scatlas.atlas.ingestion import ingest as run_ingest
 
+    constants: dict[str, str] = {}
+    for item in obs_set:
+        column, sep, value = item.partition("=")
+        if not sep or not column or not value:
+            raise click.BadParameter(f"expected COLUMN=VALUE, got {item!r}", param_hint="--obs-set")
+        if column in constants:
+            raise click.BadParameter(f"column {column!r} given twice", param_hint="--obs-set")
+        constants[column] = value
     if report_path is not None:
         check_output_file(report_path, inputs=sources, file_kind="json")
     report = run_ingest(list(sources), atlas_dir, dataset_id=dataset_id, obs_map=_parse_obs_map(obs_map), mode=mode,  # type: ignore[arg-type]
                         keep_non_primary=keep_non_primary, chunk_size=chunk_size, progress=progress,
-                        ontology_map=ontology_map, ontology_label_key=ontology_label_key)
+                        ontology_map=ontology_map, ontology_label_key=ontology_label_key, x_layer=x_layer,
+                        obs_set=constants, read_ahead=read_ahead)
     for d in report.datasets:
         g = d.genes
         _echo(
@@ -229,37 +113,6 @@ def ingest(sources: tuple[str, ...], atlas_dir: Path, dataset_id: str | None, ob
             _echo_ontology_fill(d.dataset_id, d.ontology)
     _echo(f"{atlas_dir}: {report.n_cells_in_store} cells in {len(report.datasets)} new dataset(s)")
     _echo_json(report.to_json(), report_path)
-
-
-def _echo_ontology_fill(dataset_id: str, rep: dict[str, Any]) -> None:
-    """One dataset's --ontology-map outcome: labels mapped by the data's own terms, by the map, and not at all."""
-    key, col = rep["label_key"], rep["term_column"]
-    if not rep.get("label_column_present"):
-        _echo(f"  ontology map: {dataset_id} has no {key} column; nothing filled")
-        return
-    line = (f"  ontology map ({key} -> {col}): {rep['labels']} labels: {rep['from_data']} had terms in the data, "
-            f"{rep['from_map']} mapped by the map, {rep['partly_from_map']} partly, {rep['unmapped']} not mapped; "
-            f"{rep['cells_filled']} cells filled")
-    _echo(line)
-    if rep["unmapped"]:
-        resolvable = rep.get("unmapped_resolvable") or {}
-        names = ", ".join(repr(v)[:60] + (f" ({resolvable[v][1]} match: {resolvable[v][2]})" if v in resolvable else "")
-                          for v in rep["unmapped_labels"][:10])
-        more = f" and {rep['unmapped'] - 10} more" if rep["unmapped"] > 10 else ""
-        _echo(f"  not mapped: {names}{more}")
-    if rep["n_conflicting_labels"]:
-        names = ", ".join(f"{v!r:.60} ({n} cells)" for v, n in list(rep["conflicts"].items())[:10])
-        _echo(f"  conflicts (the data's own term kept): {names}")
-
-
-def _parse_pairs(values: tuple[str, ...], option: str) -> list[tuple[str, str]]:
-    out = []
-    for item in values:
-        key, sep, val = item.rpartition("=")
-        if not sep or not key or not val:
-            raise click.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint=option)
-        out.append((key, val))
-    return out
 
 
 def _rare_type(cls: Any, name: str, spec: str) -> Any:
@@ -349,7 +202,7 @@ def _option_value(text: str) -> Any:
 @cli.command()
 @atlas_option()
 @index_option
-@click.option("--embedder", default="pca", show_default=True, help="pca, precomputed:KEY (an obsm key of the store), or uce.")
+@click.option("--embedder", default="pca", show_default=True, help="pca, precomputed:KEY (an obsm key of the store), uce, scvi, or a plug-in: `scatlas embedders` lists them.")
 @click.option("--embedder-option", multiple=True, metavar="NAME=VALUE",
               help="Embedder parameter, e.g. n_components=30 or model_dir=/weights/uce (repeatable).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1_000_000, show_default=True, help="Cells per shard.")
@@ -371,15 +224,37 @@ def _option_value(text: str) -> Any:
 @click.option("--no-label-heads", is_flag=True, help="Train no label head (annotate then votes by neighbours).")
 @click.option("--head-cells-per-label", type=click.IntRange(min=1), default=None,
               help="Atlas cells sampled per label to train a head (default 2,000; spread over datasets).")
+@click.option("--no-map", is_flag=True,
+              help="Fit no reference map (a 2-D UMAP of 20,000 sampled atlas cells, on which annotate and search "
+                   "draw the query; about a minute on 2 cores).")
+@click.option("--update", is_flag=True,
+              help="Bring an existing index up to date with its atlas store: datasets added since become new shards "
+                   "(embedded with the index's own embedder), removed ones leave it, relabelled ones get their new "
+                   "labels; every setting comes from the index's build record. Refused when the added cells drift "
+                   "too far (see --max-far-fraction).")
+@click.option("--max-far-fraction", type=click.FloatRange(min=0, max=1, min_open=True), default=0.5,
+              show_default=True,
+              help="With --update: refuse when more than this fraction of the added cells lie farther from the "
+                   "index than 99% of atlas cells lie from their nearest neighbour.")
+@click.option("--min-gene-ratio", type=click.FloatRange(min=0, max=1), default=0.5, show_default=True,
+              help="With --update: refuse when the added cells detect fewer of the embedder's genes than this "
+                   "fraction of what as many atlas cells detect (a gene panel, another species).")
 @executor_options
 @progress_option
-def build(atlas_dir: Path, index_dir: Path, embedder: str, embedder_option: tuple[str, ...], shard_size: int, factory: str,
-          device: str, chunk_size: int, fit_sample: int, threads: int | None, seed: int, overwrite: bool,
-          label_keys: tuple[str, ...], no_label_heads: bool, head_cells_per_label: int | None, executor: str,
-          ray_address: str | None, cpus_per_task: float, progress: bool) -> None:
-    """Embed every cell of an atlas store and write a sharded FAISS index (resumes an interrupted build)."""
+@click.pass_context
+def build(ctx: click.Context, atlas_dir: Path, index_dir: Path, embedder: str, embedder_option: tuple[str, ...],
+          shard_size: int, factory: str, device: str, chunk_size: int, fit_sample: int, threads: int | None, seed: int,
+          overwrite: bool, label_keys: tuple[str, ...], no_label_heads: bool, head_cells_per_label: int | None,
+          no_map: bool, update: bool, max_far_fraction: float, min_gene_ratio: float, executor: str, ray_address: str | None, cpus_per_task: float,
+          progress: bool) -> None:
+    """Embed every cell of an atlas store and write a sharded FAISS index (resumes an interrupted build;
+    --update brings a built index up to date with its store)."""
     from scatlas.index import build_index, index_info
 
+    if update:
+        _build_update(ctx, atlas_dir, index_dir, device, threads, chunk_size, (max_far_fraction, min_gene_ratio),
+                      _make_executor(executor, ray_address, cpus_per_task), progress)
+        return
     if no_label_heads and label_keys:
         raise click.UsageError("--no-label-heads and --label-key exclude each other")
     options = {k: _option_value(v) for k, v in _parse_pairs(embedder_option, "--embedder-option")}
@@ -396,7 +271,37 @@ def build(atlas_dir: Path, index_dir: Path, embedder: str, embedder_option: tupl
     build_index(atlas_dir, index_dir, embedder=embedder, shard_size=shard_size, factory=factory, device=device,
                 chunk_size=chunk_size, fit_sample=fit_sample, overwrite=overwrite, seed=seed, threads=threads,
                 embedder_options=options, executor=_make_executor(executor, ray_address, cpus_per_task),
-                label_keys=keys, heads_options=heads_options, progress=progress)
+                label_keys=keys, heads_options=heads_options, progress=progress, reference_map=not no_map)
+    _print_info(index_info(index_dir))
+
+
+_FIXED_BY_BUILD = ("embedder", "embedder_option", "shard_size", "factory", "fit_sample", "seed", "overwrite",
+                   "label_keys", "no_label_heads", "head_cells_per_label", "no_map")
+
+
+def _build_update(ctx: click.Context, atlas_dir: Path, index_dir: Path, device: str, threads: int | None,
+                  chunk_size: int, limits: tuple[float, float], executor: Any, progress: bool) -> None:
+    from click.core import ParameterSource
+
+    from scatlas.index import index_info, update_index
+
+    given = [name for name in _FIXED_BY_BUILD if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+    if given:
+        names = ", ".join("--" + n.replace("_", "-").replace("label-keys", "label-key") for n in given)
+        raise click.UsageError(f"--update takes every setting from the index's build record; drop {names}")
+    chunk = chunk_size if ctx.get_parameter_source("chunk_size") == ParameterSource.COMMANDLINE else None
+    report = update_index(atlas_dir, index_dir, device=None if device == "auto" else device, threads=threads,
+                          chunk_size=chunk, max_far_fraction=limits[0], min_gene_ratio=limits[1], executor=executor,
+                          progress=progress)
+    if report.up_to_date:
+        _echo(f"index {index_dir} is up to date with {atlas_dir} (version {report.version}); nothing to do")
+        return
+    _echo(f"updated {index_dir} to version {report.version} in {report.seconds:.1f} s: "
+          + "; ".join(report.changes.sentences()))
+    if report.drift is not None:
+        _echo(f"drift        {report.drift.sentence()}")
+    for text in report.warnings:
+        _echo(f"warning      {text}")
     _print_info(index_info(index_dir))
 
 
@@ -405,7 +310,12 @@ def _print_info(info: dict[str, Any]) -> None:
     recall = info.get("recall")
     _echo(f"index        {info['path']}")
     _echo(f"cells        {info['cells']:,} in {info['shards']} shard(s)")
-    _echo(f"embedder     {info['embedder']} (fingerprint {info['embedder_fingerprint']}), {info['dim']} dims")
+    genes = info.get("embedder_genes")
+    _echo(f"embedder     {info['embedder']} (fingerprint {info['embedder_fingerprint']}), {info['dim']} dims"
+          + (f", reads {genes:,} genes (fixed by the build; queries' gene overlap is measured against them)"
+             if genes else ""))
+    if info.get("version", 1) > 1:
+        _echo(f"version      {info['version']} ({info['updates']} update(s) since the build)")
     _echo(f"factory      {info['factory']} ({'exact' if info.get('exact') else 'approximate'}; "
                f"nprobe={info.get('nprobe')}, rerank={info.get('rerank')})")
     _echo(f"recall@{info.get('k', 30)}    " + (f"{recall:.4f} measured on {info.get('recall_queries')} atlas cells"
@@ -497,8 +407,9 @@ def verify(index_dir: Path | None, atlas_dir: Path | None, as_json: bool, progre
 @click.argument("query_file", type=click.Path(dir_okay=False, path_type=Path))
 @index_option
 @click.option("--out", "out_h5ad", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="New .h5ad: the query with <key>_pred, _level, _confidence, _unknown_reason, ... in obs and "
-                   "the class probabilities in obsm['<key>_proba'].")
+              help="New .h5ad: the query with <key>_pred, _level, _confidence, _unknown_reason, ... in obs, "
+                   "the class probabilities in obsm['<key>_proba'] and, when the index has a reference map, the "
+                   "cells' place on it in obsm['X_atlas_umap'] (drawn in OUT's stem + .umap.png).")
 @click.option("--label-key", "label_keys", multiple=True, default=("cell_type",), show_default=True,
               help="Atlas metadata column to transfer (repeatable).")
 @click.option("--k", type=click.IntRange(min=1), default=30, show_default=True, help="Neighbours per query cell.")
@@ -551,7 +462,8 @@ def annotate(query_file: Path, index_dir: Path, out_h5ad: Path, label_keys: tupl
     report_path = report_path or stem.with_name(stem.name + ".report.json")
     default_confusion = stem.with_name(stem.name + ".confusion.png")
     confusion = default_confusion if truth_key else None
-    _check_annotate_outputs((query_file, index_dir), out_h5ad, neighbors_path, report_path, confusion)
+    map_png = stem.with_name(stem.name + ".umap.png")  # written when the index has a reference map
+    _check_annotate_outputs((query_file, index_dir), out_h5ad, neighbors_path, report_path, confusion, map_png)
     optional: dict[str, Any] = {"min_confidence": min_confidence, "far_quantile": far_quantile,
                                 "min_gene_overlap": min_gene_overlap, "batch_size": batch_size}
     result = run_annotate(query_file, index_dir, label_keys=list(label_keys), k=k, where=where,
@@ -560,18 +472,23 @@ def annotate(query_file: Path, index_dir: Path, out_h5ad: Path, label_keys: tupl
                           allow_species_mismatch=allow_species_mismatch,
                           predictor=predictor, missing_genes=missing_genes,  # type: ignore[arg-type]
                           **{key: v for key, v in optional.items() if v is not None})
-    result.write(out_h5ad, neighbors_parquet=neighbors_path, report_json=report_path, confusion_png=confusion)
+    drawn = map_png if result.placement is not None else None
+    result.write(out_h5ad, neighbors_parquet=neighbors_path, report_json=report_path, confusion_png=confusion,
+                 map_png=drawn)
     if confusion is None and default_confusion not in (out_h5ad, neighbors_path, report_path):
         remove_stale(default_confusion, "png")  # an earlier run's matrix would not match these predictions
+    if drawn is None:
+        remove_stale(map_png, "png")  # an earlier run's map would not show these predictions
     _echo_annotation(result.report)
-    _echo(f"wrote {out_h5ad}, {neighbors_path}, {report_path}" + (f", {confusion}" if confusion else ""))
+    _echo(f"wrote {out_h5ad}, {neighbors_path}, {report_path}" + (f", {confusion}" if confusion else "")
+          + (f", {drawn}" if drawn else ""))
 
 
 def _check_annotate_outputs(inputs: tuple[Path, ...], h5ad: Path, neighbors: Path, report: Path,
-                            confusion: Path | None) -> None:
+                            confusion: Path | None, map_png: Path | None = None) -> None:
     """Refuse, before any work, outputs that are inputs, lie inside the index, coincide, or hold other files."""
-    check_distinct([h5ad, neighbors, report, confusion])
-    for path, kind in ((h5ad, "h5ad"), (neighbors, "parquet"), (report, "json"), (confusion, "png")):
+    check_distinct([h5ad, neighbors, report, confusion, map_png])
+    for path, kind in ((h5ad, "h5ad"), (neighbors, "parquet"), (report, "json"), (confusion, "png"), (map_png, "png")):
         if path is not None:
             check_output_file(path, inputs=inputs, file_kind=kind)
 
@@ -771,3 +688,14 @@ def demo(out_dir: Path, cells: int, seed: int, progress: bool) -> None:
 def main() -> None:
     cli(prog_name="scatlas")
 
+
+from scatlas.cli_atlas import datasets, relabel, remove  # noqa: E402  (commands of their own modules)
+from scatlas.cli_embed import embedders, evaluate  # noqa: E402
+from scatlas.cli_search import search  # noqa: E402
+
+cli.add_command(datasets)
+cli.add_command(remove)
+cli.add_command(relabel)
+cli.add_command(search)
+cli.add_command(embedders)
+cli.add_command(evaluate)

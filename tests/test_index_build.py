@@ -135,7 +135,7 @@ def test_rerun_with_other_arguments_is_refused_and_overwrite_rebuilds(tmp_path):
     first = build_from_source(src, tmp_path / "idx", config(shard_size=1000))
     again = build_from_source(src, tmp_path / "idx", config(shard_size=1000))  # complete: nothing to do
     assert again == first
-    with pytest.raises(InputError, match=r"different arguments \(shard_size: 1000 there, 700 now\).*--overwrite"):
+    with pytest.raises(InputError, match=r"other arguments: the shard size was 1000 and is 700 now.*--overwrite"):
         build_from_source(src, tmp_path / "idx", config(shard_size=700))
     other = array_source(2000, 16, seed=1)
     with pytest.raises(InputError, match="source"):

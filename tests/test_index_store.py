@@ -53,7 +53,7 @@ def test_build_index_from_store_and_search_own_cells(atlas, tmp_path, monkeypatc
     again = build_index(atlas, tmp_path / "idx", embedder="pca", embedder_options=opts, fit_sample=300,
                         shard_size=180, chunk_size=70)
     assert again == m
-    with pytest.raises(InputError, match="different arguments"):
+    with pytest.raises(InputError, match="other arguments"):
         build_index(atlas, tmp_path / "idx", embedder="pca", embedder_options={"n_hvg": 30, "n_components": 8},
                     fit_sample=300, shard_size=180)
     # refused before the embedder is fitted again (minutes on a large atlas), naming what differs
@@ -63,7 +63,7 @@ def test_build_index_from_store_and_search_own_cells(atlas, tmp_path, monkeypatc
         raise AssertionError("the embedder was fitted before the arguments were checked")
 
     monkeypatch.setattr(store_source, "_fit_embedder", no_fit)
-    with pytest.raises(InputError, match=r"fit_sample: 300 there, 400 now"):
+    with pytest.raises(InputError, match=r"the embedder's fit sample was 300 and is 400 now"):
         build_index(atlas, tmp_path / "idx", embedder="pca", embedder_options=opts, fit_sample=400,
                     shard_size=180, chunk_size=70)
 

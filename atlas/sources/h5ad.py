@@ -23,7 +23,7 @@ from scatlas.atlas.sources.base import (
     expression_from_samples,
     genes_from_var,
 )
-from scatlas.atlas.validate import check_csr
+from scatlas.atlas.validate import check_csr, check_name, escaped
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,25 @@ class _MatrixReader:
         return sp.csr_matrix((data, indices, indptr - lo), shape=(b - a, self.shape[1]))
 
 
+RAW_NAMES = ("raw", "raw/X", "raw.X")
+"""What ``--x-layer`` calls ``adata.raw.X``; ``X`` is ``adata.X``, anything else (or ``layers/NAME``) a layer."""
+
+
+def requested_matrix(x_layer: str, layers: list[str], has_x: bool, has_raw: bool, what: str) -> str:
+    """The location (``X``, ``raw/X``, ``layers/NAME``) of the matrix ``--x-layer`` names; InputError listing what
+    the file holds when it is absent. Layer names come from the file: shown escaped, checked with check_name."""
+    if x_layer == "X" and has_x:
+        return "X"
+    if x_layer in RAW_NAMES and has_raw:
+        return "raw/X"
+    name = x_layer[len("layers/"):] if x_layer.startswith("layers/") and x_layer[len("layers/"):] in layers else x_layer
+    if name in layers:
+        return f"layers/{check_name(name, f'{what}: layer')}"
+    held = (["X"] if has_x else []) + (["raw"] if has_raw else []) + [escaped(n) for n in layers]
+    raise InputError(f"{what}: no matrix {escaped(x_layer)} to read (--x-layer names X, raw or a layer); it holds: "
+                     f"{', '.join(held) or 'none'}")
+
+
 def _dataframe(element: h5py.Group, what: str) -> pd.DataFrame:
     """An AnnData dataframe element (obs, var); InputError when the file holds something else there."""
     frame = anndata.io.read_elem(element)
@@ -121,9 +140,10 @@ def _dataframe(element: h5py.Group, what: str) -> pd.DataFrame:
 class H5adSource:
     """A ``.h5ad`` file read in row chunks. obs/var are read into memory; the matrix never is."""
 
-    def __init__(self, path: str | Path, name: str | None = None) -> None:
+    def __init__(self, path: str | Path, name: str | None = None, x_layer: str | None = None) -> None:
         self.path = Path(path)
         self.name = name or self.path.stem
+        self.x_layer = x_layer  # --x-layer: the one matrix to read (default: counts wherever they are)
         if not self.path.is_file():
             raise InputError(f"{self.path}: no such file")
         try:
@@ -142,23 +162,38 @@ class H5adSource:
     def _setup(self) -> None:
         f = self._file
         what = str(self.path)
-        for key in ("X", "obs", "var"):
+        for key in ("X", "obs", "var") if self.x_layer is None else ("obs", "var"):
             if key not in f:
                 raise InputError(f"{what}: missing '{key}'; is this an AnnData .h5ad file?")
         self.obs: pd.DataFrame = _dataframe(f["obs"], f"{what}: obs")
         self._var_main: pd.DataFrame = _dataframe(f["var"], f"{what}: var")
-        self._readers: dict[str, _MatrixReader] = {"X": _MatrixReader(f["X"], f"{what}: X")}
-        for layer in COUNTS_LAYERS:
-            if "layers" in f and layer in f["layers"]:
-                self._readers[f"layers/{layer}"] = _MatrixReader(f["layers"][layer], f"{what}: layers/{layer}")
-                break
-        if "raw" in f and "X" in f["raw"]:
-            self._readers["raw/X"] = _MatrixReader(f["raw"]["X"], f"{what}: raw/X")
+        layers = f["layers"] if "layers" in f and isinstance(f["layers"], h5py.Group) else None
+        has_raw = "raw" in f and isinstance(f["raw"], h5py.Group) and "X" in f["raw"]
+        self._readers: dict[str, _MatrixReader] = {}
+        if self.x_layer is not None:
+            loc = requested_matrix(self.x_layer, [str(k) for k in layers] if layers is not None else [], "X" in f,
+                                   has_raw, what)
+            if loc == "X":
+                element = f["X"]
+            elif loc == "raw/X":
+                element = f["raw"]["X"]
+            else:
+                assert layers is not None  # requested_matrix only names layers the file has
+                element = layers[loc[len("layers/"):]]
+            self._readers[loc] = _MatrixReader(element, f"{what}: {loc}")
+        else:
+            self._readers["X"] = _MatrixReader(f["X"], f"{what}: X")
+            for layer in COUNTS_LAYERS:
+                if layers is not None and layer in layers:
+                    self._readers[f"layers/{layer}"] = _MatrixReader(layers[layer], f"{what}: layers/{layer}")
+                    break
+            if has_raw:
+                self._readers["raw/X"] = _MatrixReader(f["raw"]["X"], f"{what}: raw/X")
         n = len(self.obs)
         for loc, reader in self._readers.items():
             if reader.shape[0] != n:
                 raise InputError(f"{what}: {loc} has {reader.shape[0]} rows but obs has {n} cells")
-        if self._readers["X"].shape[1] != len(self._var_main):
+        if "X" in self._readers and self._readers["X"].shape[1] != len(self._var_main):
             raise InputError(f"{what}: X has {self._readers['X'].shape[1]} columns but var has {len(self._var_main)}")
         samples = {loc: self._sample(reader) for loc, reader in self._readers.items()}
         self.expression: ExpressionChoice = expression_from_samples(samples, what)
@@ -234,17 +269,23 @@ def _check_in_memory(matrix: Any, what: str) -> None:
 class AnnDataSource:
     """An in-memory AnnData viewed as a source. The caller's object is never modified."""
 
-    def __init__(self, adata: anndata.AnnData, name: str = "query") -> None:
+    def __init__(self, adata: anndata.AnnData, name: str = "query", x_layer: str | None = None) -> None:
         self.name = name
         self._adata = adata
         self.obs = adata.obs
-        mats: dict[str, Any] = {"X": adata.X}
-        for layer in COUNTS_LAYERS:
-            if layer in adata.layers:
-                mats[f"layers/{layer}"] = adata.layers[layer]
-                break
-        if adata.raw is not None:
-            mats["raw/X"] = adata.raw.X
+        mats: dict[str, Any] = {}
+        if x_layer is not None:
+            loc = requested_matrix(x_layer, [str(k) for k in adata.layers], adata.X is not None, adata.raw is not None,
+                                   name)
+            mats[loc] = adata.X if loc == "X" else adata.raw.X if loc == "raw/X" else adata.layers[loc[len("layers/"):]]
+        else:
+            mats["X"] = adata.X
+            for layer in COUNTS_LAYERS:
+                if layer in adata.layers:
+                    mats[f"layers/{layer}"] = adata.layers[layer]
+                    break
+            if adata.raw is not None:
+                mats["raw/X"] = adata.raw.X
         self._mats = {k: v for k, v in mats.items() if v is not None}
         if not self._mats:
             raise InputError(f"{name}: the AnnData has no expression matrix")
@@ -288,14 +329,20 @@ def _is_legacy(path: Path) -> bool:
         return False  # H5adSource reports the unreadable file
 
 
-def open_h5ad(source: str | Path | anndata.AnnData, name: str | None = None) -> H5adSource | AnnDataSource:
+def open_h5ad(
+    source: str | Path | anndata.AnnData, name: str | None = None, x_layer: str | None = None
+) -> H5adSource | AnnDataSource:
     """Open a path to an ``.h5ad`` (chunked) or wrap an in-memory AnnData.
+
+    ``x_layer``: read only this matrix: ``X``, ``raw`` (``adata.raw.X``) or a layer (``NAME`` or ``layers/NAME``);
+    default: raw counts wherever they are (X, ``layers['counts']`` and the like, ``.raw``), else log-normalised
+    values (:func:`atlas.sources.base.choose_expression`).
 
     Files written by anndata < 0.7 (no encoding attributes, ``raw.X``) cannot be read in chunks; they are loaded
     whole, with a warning (such files are small: they predate atlas-sized data).
     """
     if isinstance(source, anndata.AnnData):
-        return AnnDataSource(source, name or "query")
+        return AnnDataSource(source, name or "query", x_layer)
     path = Path(source)
     if path.is_file() and _is_legacy(path):
         logger.warning("%s: legacy (pre-0.7) AnnData layout: loading it whole instead of in chunks", path)
@@ -303,5 +350,5 @@ def open_h5ad(source: str | Path | anndata.AnnData, name: str | None = None) -> 
             adata = anndata.read_h5ad(path)
         except Exception as exc:
             raise InputError(f"{path}: could not read legacy .h5ad: {exc}") from exc
-        return AnnDataSource(adata, name or path.stem)
-    return H5adSource(path, name)
+        return AnnDataSource(adata, name or path.stem, x_layer)
+    return H5adSource(path, name, x_layer)

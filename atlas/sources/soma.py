@@ -19,6 +19,7 @@ from scatlas.atlas.sources.base import (
     expression_from_samples,
     genes_from_var,
 )
+from scatlas.atlas.validate import check_name, escaped
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,32 @@ def is_soma_experiment(uri: str) -> bool:
         return False
 
 
+DEFAULT_X_LAYER = "raw"
+"""The X layer read when none is named and the experiment has several (the Census layout's raw counts)."""
+
+
+def choose_x_layer(layers: list[str], requested: str | None, what: str) -> str:
+    """The X layer to read: ``requested`` when given (InputError listing the layers when absent), else ``raw``
+    when present, else the only layer (``tiledbsoma.io.from_anndata`` writes one named ``data``); several layers
+    and no ``raw``: InputError naming them and saying to pass ``--x-layer``. Layer names come from the file:
+    messages show them escaped, and the chosen one must pass :func:`check_name` (it is recorded in the store)."""
+    names = ", ".join(escaped(name) for name in layers) or "none"
+    if requested is not None:
+        if requested not in layers:
+            raise InputError(f"{what}: no X layer {escaped(requested)}; its X layers: {names}")
+        chosen = requested
+    elif DEFAULT_X_LAYER in layers:
+        chosen = DEFAULT_X_LAYER
+    elif len(layers) == 1:
+        chosen = layers[0]
+    elif not layers:
+        raise InputError(f"{what}: the measurement has no X layer")
+    else:
+        raise InputError(f"{what}: X has {len(layers)} layers ({names}) and none is named 'raw'; choose the one "
+                         "to ingest with --x-layer NAME")
+    return check_name(chosen, f"{what}: X layer")
+
+
 def arrow_to_csr(table: pa.Table, row_ids: np.ndarray, n_cols: int) -> sp.csr_matrix:
     """COO Arrow table (soma_dim_0 = joinid, soma_dim_1, soma_data) -> CSR with rows in ``row_ids`` order."""
     if table.num_rows == 0:
@@ -63,7 +90,7 @@ class SomaExperimentSource:
         obs: pd.DataFrame,
         name: str,
         measurement: str = "RNA",
-        layer: str = "raw",
+        layer: str = DEFAULT_X_LAYER,
     ) -> None:
         import tiledbsoma
 
@@ -103,7 +130,7 @@ class SomaExperimentSource:
         for a in range(0, len(rows), chunk_size):
             pos = rows[a : a + chunk_size]
             block = self._read(self._joinids[pos])
-            yield pos, checked_block(block, pos, f"{self.uri}: X[{self.layer!r}]", self.expression)
+            yield pos, checked_block(block, pos, f"{self.uri}: X[{escaped(self.layer)}]", self.expression)
 
     def obsm_keys(self) -> list[str]:
         ms = self._exp.ms[self.measurement]
@@ -130,20 +157,22 @@ def open_soma_experiment(
     uri: str,
     *,
     measurement: str = "RNA",
-    layer: str = "raw",
+    layer: str | None = None,
     value_filter: str | None = None,
     dataset_id: str | None = None,
 ) -> list[SomaExperimentSource]:
-    """One source per ``dataset_id`` in the experiment's obs (or one, named ``dataset_id``, when there is none)."""
+    """One source per ``dataset_id`` in the experiment's obs (or one, named ``dataset_id``, when there is none).
+
+    ``layer``: the X layer to read; default ``raw`` when present, else the only one (:func:`choose_x_layer`).
+    """
     import tiledbsoma
 
     if not is_soma_experiment(uri):
         raise InputError(f"{uri}: not a TileDB-SOMA experiment (or not readable)")
     with tiledbsoma.Experiment.open(uri, context=_context()) as exp:
         if measurement not in exp.ms:
-            raise InputError(f"{uri}: no measurement {measurement!r}; has: {list(exp.ms.keys())}")
-        if layer not in exp.ms[measurement].X:
-            raise InputError(f"{uri}: no X layer {layer!r}; has: {list(exp.ms[measurement].X.keys())}")
+            raise InputError(f"{uri}: no measurement {measurement!r}; has: {[escaped(m) for m in exp.ms]}")
+        chosen = choose_x_layer([str(k) for k in exp.ms[measurement].X], layer, uri)
         obs = exp.obs.read(value_filter=value_filter).concat().to_pandas()
     if len(obs) == 0:
         raise InputError(f"{uri}: no cells{' match ' + value_filter if value_filter else ''}")
@@ -158,6 +187,6 @@ def open_soma_experiment(
     for ds, frame in groups:
         sub = frame.drop(columns=["soma_joinid"])
         sources.append(
-            SomaExperimentSource(uri, frame["soma_joinid"].to_numpy(), sub, str(ds), measurement, layer)
+            SomaExperimentSource(uri, frame["soma_joinid"].to_numpy(), sub, str(ds), measurement, chosen)
         )
     return sources

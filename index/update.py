@@ -1,0 +1,393 @@
+"""``build --update``: bring an index up to date with its atlas store without re-embedding what it holds.
+
+Datasets added to the store since the index was built become new shards, embedded with the index's own embedder
+and added to its trained quantizer (no refit, no retrain); removed datasets' cells are removed from their shards
+(FAISS id removal); relabelled datasets only change the cells table. Every argument comes from the index's own
+build record. The label heads, label classes and mapping calibration are made anew when the index had them, and
+recall and the similarity calibration are re-measured. The new version is written completely in
+``versions/NNNN`` (unchanged files hard-linked) and made current by one atomic rename (:mod:`index.versions`):
+readers get the old version or the new one. An interrupted update resumes (completed shards are kept).
+
+Before any shard is written the added cells are checked for drift (:mod:`index.drift`); too far: refused, rebuild.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scatlas.atlas.atomic import read_json_object, write_json_atomic
+from scatlas.atlas.errors import IndexFormatError, InputError, TooFewCellsError
+from scatlas.index.build import BuildConfig, _build_shards, _now, _versions
+from scatlas.index.changes import StoreChanges, store_changes
+from scatlas.index.drift import DEFAULT_MAX_FAR_FRACTION, DEFAULT_MIN_GENE_RATIO, DRIFT_SAMPLE, Drift, detected_genes, measure_drift
+from scatlas.index.embedding import obsm_keys, reads_x
+from scatlas.index.evaluate import calibrate, sample_cells, tune_and_measure
+from scatlas.index.executor import Executor
+from scatlas.index.heads_training import train_label_heads
+from scatlas.index.label_classes import ensure_label_classes
+from scatlas.index.manifest import (
+    BUILD_FILE,
+    CELLS_DB_FILE,
+    EMBEDDER_DIR,
+    HEADS_DIR,
+    HEADS_FILE,
+    SHARDS_DIR,
+    TRAINED_FILE,
+    IndexManifest,
+    ShardRecord,
+    manifest_digest,
+    read_manifest,
+)
+from scatlas.index.mapping import MAPPING_FILE, calibrate_mapping
+from scatlas.index.metadata import write_cells_db
+from scatlas.index.progress import Progress
+from scatlas.index.refmap import ensure_reference_map
+from scatlas.index.searcher import ShardSearcher
+from scatlas.index.shard import file_record
+from scatlas.index.shard_edit import carried_shard, link_shard, overlaps, strip_shard
+from scatlas.index.source import ShardSpec, plan_over_ranges
+from scatlas.index.store_source import StoreVectorSource, _class_keys, committed_cells
+from scatlas.index.verify import small_file_records
+from scatlas.index.versions import (
+    commit_version,
+    current_version,
+    link_file,
+    link_tree,
+    remove_superseded,
+    version_dirname,
+)
+
+logger = logging.getLogger(__name__)
+
+UPDATE_FILE = "update.json"
+LOCK_FILE = ".update.lock"
+
+
+@dataclass
+class UpdateReport:
+    """What ``build --update`` did: the version it made (or the current one when nothing changed)."""
+
+    index: str
+    version: int
+    changes: StoreChanges
+    drift: Drift | None = None
+    n_cells: int = 0
+    recall: float | None = None
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.changes.empty
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index, "version": self.version, "up_to_date": self.up_to_date,
+            "changes": self.changes.to_json(), "drift": None if self.drift is None else self.drift.to_json(),
+            "n_cells": self.n_cells, "recall": self.recall, "seconds": self.seconds, "warnings": self.warnings,
+        }
+
+
+class _PlannedSource:
+    """A store source whose shard plan is given (the added datasets' shards, numbered after the existing ones)."""
+
+    def __init__(self, inner: StoreVectorSource, specs: list[ShardSpec]) -> None:
+        self.inner, self.specs = inner, specs
+
+    @property
+    def n_cells(self) -> int:
+        return sum(s.n for s in self.specs)
+
+    @property
+    def dim(self) -> int:
+        return self.inner.dim
+
+    @property
+    def accelerated(self) -> bool:
+        return self.inner.accelerated
+
+    def shard_plan(self, shard_size: int) -> list[ShardSpec]:
+        return list(self.specs)
+
+    def iter_vectors(self, spec: ShardSpec, chunk_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return self.inner.iter_vectors(spec, chunk_size)
+
+    def on_device(self, device: str) -> _PlannedSource:
+        return _PlannedSource(self.inner.on_device(device), self.specs)
+
+    def sample(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError("an update trains nothing")
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe()
+
+
+@contextmanager
+def _update_lock(root: Path) -> Iterator[None]:
+    with open(root / LOCK_FILE, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"another update of {root} is running; wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _snapshot_digest(snapshot: dict[str, Any]) -> str:
+    body = {k: v for k, v in snapshot.items() if k != "path"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _prepare_target(root: Path, version: int, record: dict[str, Any]) -> Path:
+    """``versions/NNNN`` for ``version``: kept when an interrupted update of the same change left it, else new."""
+    import shutil
+
+    target = root / version_dirname(version)
+    if target.exists():
+        try:
+            same = read_json_object(target / UPDATE_FILE, "") == record
+        except IndexFormatError:
+            same = False
+        if same:
+            logger.info("resume: continuing the interrupted update in %s", target)
+        else:
+            logger.info("removing %s, left by an update of another change", target)
+            shutil.rmtree(target)
+    target.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(target / UPDATE_FILE, record)
+    return target
+
+
+def _sample_ids(ranges: list[tuple[int, int]], n: int, seed: int) -> np.ndarray:
+    """Up to ``n`` sorted cell ids drawn from the ``[start, stop)`` ranges."""
+    ids = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in ranges] or [np.zeros(0, dtype=np.int64)])
+    if len(ids) > n:
+        ids = np.sort(np.random.default_rng(seed).choice(ids, n, replace=False))
+    return ids
+
+
+def _drift_sample(source: StoreVectorSource, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Vectors of the cells ``ids`` and which of the embedder's genes they detect (None: it reads no genes)."""
+    match = source.embedder.gene_match(source.store.genes) if reads_x(source.embedder) else None
+    vecs, detected = [], None if match is None else np.zeros(match.n_target, dtype=bool)
+    for chunk in source.store.read_cells(ids, with_X=reads_x(source.embedder), obsm_keys=obsm_keys(source.embedder)):
+        vecs.append(source.embedder.transform(chunk))
+        if detected is not None and chunk.X is not None:
+            detected |= detected_genes(chunk.X, match)
+    return (np.concatenate(vecs) if vecs else np.zeros((0, source.dim), np.float32)), detected
+
+
+def _measure(source: StoreVectorSource, old: IndexManifest, searcher: ShardSearcher, changes: StoreChanges,
+             seed: int, max_far_fraction: float, min_gene_ratio: float) -> Drift:
+    """The drift of the added cells against the index before the update (:mod:`index.drift`)."""
+    added = _sample_ids([(d.start, d.stop) for d in changes.added], DRIFT_SAMPLE, seed)
+    added_ids = {d.dataset_id for d in changes.added}
+    kept = [(s, e) for ds, s, e in source.store.cell_ranges() if ds not in added_ids]
+    vecs, det_new = _drift_sample(source, added)
+    _, det_old = _drift_sample(source, _sample_ids(kept, len(added), seed + 1))
+    ratio = None
+    if det_new is not None and det_old is not None and det_old.any():
+        ratio = float(det_new.mean() / det_old.mean())
+    atlas = sample_cells(searcher, DRIFT_SAMPLE, seed + 2)[1]
+    return measure_drift(searcher, old, vecs, atlas, max_far_fraction=max_far_fraction, gene_ratio=ratio,
+                         min_gene_ratio=min_gene_ratio)
+
+
+def _carry_shards(cur: Path, target: Path, old: IndexManifest, removed: list[tuple[int, int]]) -> list[ShardRecord]:
+    """The old shards in ``target``: hard-linked, or rewritten without removed cells (dropped when emptied)."""
+    out = []
+    (target / SHARDS_DIR).mkdir(exist_ok=True)
+    for rec in old.shards:
+        src, dst = cur / SHARDS_DIR / rec.dirname, target / SHARDS_DIR / rec.dirname
+        done = carried_shard(dst, rec)
+        if done is None:
+            done = strip_shard(src, dst, rec, removed) if overlaps(rec, removed) else link_shard(src, dst, rec)
+        if done is not None:
+            out.append(done)
+    return out
+
+
+def _heads_config(cur: Path) -> dict[str, Any] | None:
+    path = cur / HEADS_DIR / HEADS_FILE
+    if not path.is_file():
+        return None
+    config = read_json_object(path, "rebuild the index with --overwrite").get("config")
+    return dict(config) if isinstance(config, dict) else None
+
+
+def update_index(
+    atlas: str | Path,
+    index: str | Path,
+    *,
+    device: str | None = None,
+    threads: int | None = None,
+    chunk_size: int | None = None,
+    max_far_fraction: float = DEFAULT_MAX_FAR_FRACTION,
+    min_gene_ratio: float = DEFAULT_MIN_GENE_RATIO,
+    executor: Executor | None = None,
+    progress: Progress = True,
+) -> UpdateReport:
+    """Bring the index at ``index`` up to date with the atlas store at ``atlas`` (see the module docstring).
+
+    ``device``, ``threads``, ``chunk_size``: where and how the new shards are made (default: as recorded by the
+    build); every other setting comes from the build record. ``max_far_fraction``: the drift limit
+    (:mod:`index.drift`). Returns what changed; an index already up to date is left as it is.
+    """
+    from scatlas.atlas.embed import load_embedder
+    from scatlas.atlas.store import AtlasStore
+
+    t0 = time.perf_counter()
+    root = Path(index)
+    if not 0 < max_far_fraction <= 1 or not 0 <= min_gene_ratio <= 1:
+        raise InputError(f"max_far_fraction must be in (0, 1] and min_gene_ratio in [0, 1] (got {max_far_fraction}, "
+                         f"{min_gene_ratio})")
+    with _update_lock(root) if root.is_dir() else _no_index(root):
+        version, cur = current_version(root)
+        old = read_manifest(cur)
+        build = read_json_object(cur / BUILD_FILE, "rebuild the index with --overwrite")
+        if (build.get("identity", {}).get("source") or {}).get("kind") != "atlas":
+            raise InputError(f"{root} was built from vectors, not an atlas store: it cannot be updated; rebuild it")
+        store = AtlasStore.open(atlas)
+        snapshot = store.snapshot()
+        changes = store_changes(old.atlas_snapshot, snapshot)
+        report = UpdateReport(str(root), version, changes, n_cells=old.n_cells)
+        if changes.empty:
+            logger.info("index %s is up to date with %s (version %d)", root, atlas, version)
+            return report
+        settings = {k: v for k, v in dict(build.get("settings", {})).items() if k in BuildConfig.__dataclass_fields__}
+        config = replace(
+            BuildConfig(**settings), device=device or settings.get("device", "auto"),
+            threads=threads if threads is not None else settings.get("threads"),
+            chunk_size=chunk_size or settings.get("chunk_size", BuildConfig.chunk_size),
+        )
+        report.warnings += _fit_warnings(root, changes)
+        embedder = load_embedder(cur / EMBEDDER_DIR)
+        source = StoreVectorSource(store, embedder)
+        trained_path = cur / TRAINED_FILE
+        old_searcher = ShardSearcher(_read_trained(trained_path), [(r, cur / SHARDS_DIR / r.dirname) for r in old.shards])
+        if changes.added:
+            drift = _measure(source, old, old_searcher, changes, config.seed + 303, max_far_fraction, min_gene_ratio)
+            report.drift = drift
+            logger.info("drift of the added cells: %s", drift.sentence())
+            if drift.too_far:
+                raise InputError(
+                    f"the added data is too far from what the index's embedder and quantizer were fitted on: "
+                    f"{drift.sentence()}. Rebuild the index (`scatlas build --overwrite ...`) to fit them anew, or "
+                    "relax --max-far-fraction / --min-gene-ratio if these cells belong in this index as it is"
+                )
+        new_version = version + 1
+        record = {"base_version": version, "base_build_id": manifest_digest(cur),
+                  "store": _snapshot_digest(snapshot)}
+        target = _prepare_target(root, new_version, record)
+        for name in (TRAINED_FILE, BUILD_FILE):
+            link_file(cur / name, target / name)
+        link_tree(cur / EMBEDDER_DIR, target / EMBEDDER_DIR)
+        removed = [(d.start, d.stop) for d in changes.removed]
+        shards = _carry_shards(cur, target, old, removed)
+        next_no = max([r.no for r in old.shards] + [-1]) + 1
+        specs = [ShardSpec(next_no + s.shard_no, s.start, s.stop, s.n)
+                 for s in plan_over_ranges([(d.start, d.stop) for d in changes.added], config.shard_size)]
+        trained = old_searcher.trained
+        added = _build_shards(_PlannedSource(source, specs), target, trained, config, _device(config), executor)
+        shards = sorted(shards + added.records, key=lambda r: r.id_min)
+        if not shards:
+            raise InputError("the update would leave the index with no cells; remove the index instead")
+        cells_path = target / CELLS_DB_FILE
+        write_cells_db(cells_path, committed_cells(store))
+        searcher = ShardSearcher(trained, [(r, target / SHARDS_DIR / r.dirname) for r in shards])
+        recall = tune_and_measure(searcher, k=old.recall.k, n_queries=config.eval_queries, seed=config.seed + 101,
+                                  target=config.target_recall, nprobe=old.search.nprobe, rerank=old.search.rerank)
+        if recall.recall < config.target_recall and not old.exact:
+            logger.info("recall %.3f is below the target %.3f: re-tuning nprobe / rerank", recall.recall,
+                        config.target_recall)
+            recall = tune_and_measure(searcher, k=old.recall.k, n_queries=config.eval_queries,
+                                      seed=config.seed + 101, target=config.target_recall)
+        calibration = calibrate(searcher, k=old.calibration.k, n_cells=config.calibration_cells,
+                                seed=config.seed + 202, nprobe=recall.nprobe, rerank=recall.rerank)
+        entry = {"version": new_version, "finished": _now(), "seconds": round(time.perf_counter() - t0, 2),
+                 **changes.to_json(), "drift": None if report.drift is None else report.drift.to_json(),
+                 "recall": recall.recall, "shards_added": len(added.records), "cells_embedded": added.added,
+                 "warnings": report.warnings}
+        manifest = replace(
+            old, version=new_version, updates=[*old.updates, entry], atlas_snapshot=snapshot,
+            gene_vocabulary_hash=store.genes.fingerprint(), n_cells=sum(r.n for r in shards), shards=shards,
+            cells_db=file_record(cells_path), versions=_versions(), recall=recall, calibration=calibration,
+            search=replace(old.search, nprobe=recall.nprobe, rerank=recall.rerank),
+            files=small_file_records(target), heads_files=None, labels_files=None, refmap_files=None,
+        )
+        manifest.write(target)
+        _refresh_after_build(cur, target, store, config.seed, progress)
+        commit_version(root, new_version)
+        remove_superseded(root, new_version)
+    report.version, report.n_cells, report.recall = new_version, manifest.n_cells, recall.recall
+    report.seconds = round(time.perf_counter() - t0, 2)
+    logger.info("updated %s to version %d in %.1f s", root, new_version, report.seconds)
+    return report
+
+
+@contextmanager
+def _no_index(root: Path) -> Iterator[None]:
+    raise IndexFormatError(f"no index at {root}: build one with `scatlas build --atlas ATLAS --index DIR` first")
+    yield  # pragma: no cover
+
+
+def _read_trained(path: Path) -> Any:
+    from scatlas.index.build import _load_trained
+
+    return _load_trained(path)
+
+
+def _device(config: BuildConfig) -> Any:
+    from scatlas.index.device import resolve_device
+
+    return resolve_device(config.device)
+
+
+def _fit_warnings(root: Path, changes: StoreChanges) -> list[str]:
+    """A warning when datasets the embedder was fitted on (those of the first build) are removed."""
+    try:
+        first = read_manifest(root).atlas_snapshot
+    except IndexFormatError:
+        return []
+    fitted = {str(d.get("dataset_id")) for d in first.get("datasets", [])}
+    gone = [d.dataset_id for d in changes.removed if d.dataset_id in fitted]
+    if not gone:
+        return []
+    text = (f"{len(gone)} removed dataset(s) were among those the embedder was fitted on; the embedder stays as "
+            "it is (rebuild with --overwrite to fit it on the datasets the atlas holds now)")
+    logger.warning(text)
+    return [text]
+
+
+def _refresh_after_build(cur: Path, target: Path, store: Any, seed: int, progress: Progress) -> None:
+    """Label classes, label heads (with the settings of the previous version's) and the mapping calibration of the
+    new version, for each the previous version had."""
+    config = _heads_config(cur)
+    keys = list(config.get("label_keys", [])) if config else []
+    ensure_label_classes(target, _class_keys(target, keys))
+    if config and keys:
+        options = {k: config[k] for k in ("max_cells_per_label", "max_cells", "c_genes", "c_embedding") if k in config}
+        train_label_heads(store, target, keys, seed=int(config.get("seed", seed)), progress=progress, **options)
+    if (cur / MAPPING_FILE).exists() and not (target / MAPPING_FILE).exists():
+        try:
+            calibrate_mapping(target, seed=seed, progress=progress)
+        except TooFewCellsError as exc:
+            logger.warning("%s: annotate will not judge how queries map onto it", exc)
+    if read_manifest(cur).refmap_files:  # the previous version had a reference map: fit the new one like it
+        ensure_reference_map(target, seed=seed, like=cur)
+
+
+__all__ = ["UpdateReport", "update_index"]

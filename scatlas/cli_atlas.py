@@ -1,0 +1,109 @@
+"""``scatlas datasets``, ``scatlas remove``, ``scatlas relabel``: thin commands over :mod:`scatlas.atlas.lifecycle`.
+
+:mod:`scatlas.cli` registers the commands on its group.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from scatlas.atlas.validate import escaped
+from scatlas.cli_common import _echo, _echo_json, _echo_ontology_fill, atlas_option
+
+
+def _values(top: list[tuple[str | None, int]]) -> str:
+    """``'value' cells, ...`` (values escaped and capped; a missing value shown as such)."""
+    return ", ".join(f"{'(missing)' if v is None else escaped(v, 40)} {n:,}" for v, n in top)
+
+
+def _obs_pairs(values: tuple[str, ...]) -> list[tuple[str, str]]:
+    out = []
+    for item in values:
+        src, sep, dst = item.partition("=")
+        if not sep or not src or not dst:
+            raise click.BadParameter(f"expected SOURCE=TARGET, got {escaped(item, 60)}", param_hint="--obs-map")
+        out.append((src, dst))
+    return out
+
+
+@click.command()
+@atlas_option()
+@click.option("--json-out", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              metavar="FILE", help="Also write the listing as JSON.")
+def datasets(atlas_dir: Path, json_out: Path | None) -> None:
+    """List the datasets of an atlas store: cells, ids, genes, X, source, revision, labels.
+
+    Label columns are the text columns with 2 to 1,000 distinct values in the dataset, shown with their 10 most
+    frequent values.
+    """
+    from scatlas.atlas.lifecycle import list_datasets
+
+    listing = list_datasets(atlas_dir)
+    unused = f" ({listing.n_unused_ids:,} ids unused: removed datasets or failed ingests)" if listing.n_unused_ids else ""
+    _echo(f"{atlas_dir}: {len(listing.datasets)} dataset(s), {listing.n_cells:,} cells, {listing.n_genes:,} genes; "
+          f"cell ids below {listing.obs_high_water:,} taken{unused}")
+    for d in listing.datasets:
+        genes = "genes unknown" if d.n_genes is None else f"{d.n_genes:,} genes ({d.n_genes_added:,} added to the atlas)"
+        _echo(f"{d.dataset_id}: {d.n_cells:,} cells (ids {d.start}-{d.stop - 1}), {genes}, X {d.x_kind} from "
+              f"{d.x_source}")
+        _echo(f"  source {d.source} ({d.source_format}), ingested {d.ingested_at or '?'}, obs revision {d.obs_revision}")
+        for col in d.label_columns:
+            _echo(f"  {col.name} ({col.n_values:,} values): {_values(col.top)}")
+    _echo_json(listing.to_json(), json_out)
+
+
+@click.command()
+@atlas_option()
+@click.option("--dataset", "dataset_ids", multiple=True, required=True, metavar="ID",
+              help="A dataset to remove (repeatable); `scatlas datasets` lists them.")
+def remove(atlas_dir: Path, dataset_ids: tuple[str, ...]) -> None:
+    """Remove datasets from an atlas store; their ids are never reused.
+
+    store.json (the commit point) is rewritten without them, then their rows leave the cell table; an interrupted
+    remove is finished by the next command that writes to the store. The removed cells' expression data stays in
+    the TileDB-SOMA experiment as an unused id range: disk space is not reclaimed (re-ingest into a new store
+    for that).
+    """
+    from scatlas.atlas.lifecycle import remove_datasets
+
+    report = remove_datasets(atlas_dir, dataset_ids)
+    for dataset_id, n_cells, start, stop in report.removed:
+        _echo(f"removed {dataset_id}: {n_cells:,} cells (ids {start}-{stop - 1})")
+    for dataset_id in report.finished_earlier:
+        _echo(f"{dataset_id}: already removed by an interrupted remove, now finished")
+    _echo(f"{atlas_dir}: {report.n_datasets} dataset(s), {report.n_cells:,} cells left; {report.n_unused_ids:,} cell "
+          "ids unused and never reused; their expression data stays on disk (space is not reclaimed)")
+
+
+@click.command()
+@atlas_option()
+@click.option("--dataset", "dataset_id", required=True, metavar="ID", help="The dataset to relabel.")
+@click.option("--obs-map", "obs_map", multiple=True, required=True, metavar="SOURCE=TARGET",
+              help="Copy the dataset's obs column SOURCE onto the column TARGET, e.g. celltype=cell_type "
+                   "(repeatable; the pairs apply at once).")
+@click.option("--ontology-map", "ontology_map", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              metavar="FILE.csv",
+              help="CSV with the columns label,ontology_term_id: refill TARGET_ontology_term_id from it. Without "
+                   "it, those terms are cleared for the dataset (they described the old labels).")
+def relabel(atlas_dir: Path, dataset_id: str, obs_map: tuple[str, ...], ontology_map: Path | None) -> None:
+    """Re-apply an obs mapping to the stored metadata of one dataset.
+
+    Mends a forgotten `ingest --obs-map` without re-ingesting: each SOURCE=TARGET copies a column the store kept
+    (an obs column under its original name) onto a column of the store (not soma_joinid, dataset_id, obs_id or
+    is_primary_data). The dataset's obs revision is bumped, so an index built before sees the change
+    (`scatlas build --update` gives it the new labels).
+    """
+    from scatlas.atlas.lifecycle import relabel_dataset
+
+    report = relabel_dataset(atlas_dir, dataset_id, _obs_pairs(obs_map), ontology_map=ontology_map)
+    _echo(f"{report.dataset_id}: {report.n_cells:,} cells, obs revision {report.obs_revision}")
+    for col in report.columns:
+        more = f" (of {col.n_values:,})" if col.n_values > len(col.values) else ""
+        _echo(f"  {col.source} -> {col.target}: {col.n_changed:,} cells changed; values{more}: {_values(col.values)}")
+        if col.terms == "cleared":
+            _echo(f"  {col.term_column}: cleared for this dataset (the terms described the old labels; give "
+                  "--ontology-map to refill them)")
+        elif col.ontology is not None:
+            _echo_ontology_fill(report.dataset_id, col.ontology)

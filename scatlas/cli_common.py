@@ -1,0 +1,200 @@
+"""What every ``scatlas`` command module shares: the error handling of the group, output helpers, logging setup
+and the option bundles. :mod:`scatlas.cli` defines the group; command modules (``cli_*.py``) import from here."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from scatlas.atlas.errors import ScatlasError
+from scatlas.atlas.outputs import (
+    check_output_file,
+    os_error_message,
+    safe_text,
+    show,
+    writing,
+)
+
+logger = logging.getLogger("scatlas")
+
+
+class ScatlasGroup(click.Group):
+    """Turns every ScatlasError into ``Error: ...`` on stderr and exit status 1, without a traceback.
+
+    As a last resort it does the same for errors of the operating system (disk full, read-only, permissions), a
+    DuckDB file locked by another process, and a file name a library cannot encode.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # already a message (from a nested group), or click's own exit
+        except ScatlasError as exc:
+            raise click.ClickException(safe_text(str(exc))) from exc
+        except KeyboardInterrupt:
+            _echo("Interrupted; rerun the same command to resume.", err=True)
+            ctx.exit(130)
+        except OSError as exc:
+            raise click.ClickException(os_error_message(exc)) from exc
+        except UnicodeError as exc:
+            if "surrogates" not in str(exc):
+                raise
+            raise click.ClickException(
+                "a file or directory name is not valid UTF-8, and a library used here cannot open it; rename it "
+                "(or link it) to a UTF-8 name and rerun"
+            ) from exc
+        except Exception as exc:
+            message = _duckdb_message(exc) or _os_phrase_message(exc)
+            if message is None:
+                raise
+            raise click.ClickException(message) from exc
+
+
+_LOCKED = ("Could not set lock", "Conflicting lock", "different configuration")
+_DUCKDB_OS = {"No space left on device": "free space on that file system, or write somewhere else",
+              "Read-only file system": "that file system is read-only: write somewhere else",
+              "Permission denied": "check the permissions of that path",
+              "Disk quota exceeded": "free space within your quota, or write somewhere else"}
+
+
+def _os_phrase_message(exc: Exception) -> str | None:
+    """``Error:`` text for a library's own exception that reports a full or read-only disk (TileDB, FAISS, ...)."""
+    text = str(exc)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        if os.strerror(code) in text:
+            return os_error_message(OSError(code, os.strerror(code)), "writing") + f" ({type(exc).__name__})"
+    return None
+
+
+def _duckdb_message(exc: Exception) -> str | None:
+    """``Error:`` text for a DuckDB error about its database file (locked, disk full, ...), else None."""
+    duckdb = sys.modules.get("duckdb")
+    if duckdb is None or not isinstance(exc, duckdb.Error):
+        return None
+    text = str(exc)
+    match = re.search(r'(?:lock on file|database file) "([^"]+)"', text)
+    name = f"the DuckDB database {show(match.group(1))}" if match else "a DuckDB database file of this command"
+    if any(marker in text for marker in _LOCKED):
+        return (f"{name} is in use by another process; wait for that process to finish (or stop it), "
+                "then rerun")
+    for reason, hint in _DUCKDB_OS.items():
+        if reason in text:
+            return f"{reason} while accessing {name}: {hint}"
+    return None
+
+
+def _echo(message: str, **kwargs: Any) -> None:
+    """``click.echo`` of text that may hold a non-UTF-8 file name (shown with U+FFFD instead of failing)."""
+    click.echo(safe_text(message), **kwargs)
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    for noisy in ("numba", "h5py", "matplotlib", "PIL", "fsspec", "faiss", "faiss.loader"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# -- shared option bundles ---------------------------------------------------------------------------------------
+
+
+def atlas_option(required: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--atlas", "atlas_dir", type=click.Path(file_okay=False, path_type=Path), required=required,
+        help="Atlas store directory (TileDB-SOMA experiment + DuckDB cell table).",
+    )
+
+
+def index_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--index", "index_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+        help="Index directory written by `scatlas build`.",
+    )(f)
+
+
+def progress_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")(f)
+
+
+def executor_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--executor local|ray``, ``--ray-address``, ``--cpus-per-task``: where shard tasks run."""
+    f = click.option("--cpus-per-task", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+                     help="With --executor ray: CPUs each shard task asks for (and the threads it uses).")(f)
+    f = click.option("--ray-address", default=None, metavar="ADDR",
+                     help="With --executor ray: the cluster (HOST:PORT, or 'auto' for the one `ray start` began on "
+                          "this node). Default: a new local Ray cluster.")(f)
+    return click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                        help="Run the shard tasks in this process (local) or as Ray tasks (pip install 'scatlas[ray]'; "
+                             "paths must be visible to every node).")(f)
+
+
+def _make_executor(executor: str, ray_address: str | None, cpus_per_task: float) -> Any:
+    """None for the default local executor (the library picks its devices), else the chosen executor."""
+    from scatlas.index.executor import RayExecutor
+
+    if executor == "local":
+        if ray_address is not None:
+            raise click.UsageError("--ray-address is only used with --executor ray")
+        return None
+    return RayExecutor(ray_address, cpus_per_task=cpus_per_task)
+
+
+def _parse_obs_map(values: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values:
+        src, sep, dst = item.partition("=")
+        if not sep or not src or not dst:
+            raise click.BadParameter(f"expected SOURCE=TARGET, got {item!r}", param_hint="--obs-map")
+        out[src] = dst
+    return out
+
+
+def _echo_json(payload: Any, path: Path | None) -> None:
+    """Write ``payload`` as JSON to ``path`` (atomically), when given."""
+    if path is None:
+        return
+    from scatlas.atlas.atomic import write_json_atomic
+
+    check_output_file(path, file_kind="json")
+    with writing(path):
+        write_json_atomic(path, payload)
+
+
+def _echo_ontology_fill(dataset_id: str, rep: dict[str, Any]) -> None:
+    """One dataset's --ontology-map outcome: labels mapped by the data's own terms, by the map, and not at all."""
+    key, col = rep["label_key"], rep["term_column"]
+    if not rep.get("label_column_present"):
+        _echo(f"  ontology map: {dataset_id} has no {key} column; nothing filled")
+        return
+    line = (f"  ontology map ({key} -> {col}): {rep['labels']} labels: {rep['from_data']} had terms in the data, "
+            f"{rep['from_map']} mapped by the map, {rep['partly_from_map']} partly, {rep['unmapped']} not mapped; "
+            f"{rep['cells_filled']} cells filled")
+    _echo(line)
+    if rep["unmapped"]:
+        resolvable = rep.get("unmapped_resolvable") or {}
+        names = ", ".join(repr(v)[:60] + (f" ({resolvable[v][1]} match: {resolvable[v][2]})" if v in resolvable else "")
+                          for v in rep["unmapped_labels"][:10])
+        more = f" and {rep['unmapped'] - 10} more" if rep["unmapped"] > 10 else ""
+        _echo(f"  not mapped: {names}{more}")
+    if rep["n_conflicting_labels"]:
+        names = ", ".join(f"{v!r:.60} ({n} cells)" for v, n in list(rep["conflicts"].items())[:10])
+        _echo(f"  conflicts (the data's own term kept): {names}")
+
+
+def _parse_pairs(values: tuple[str, ...], option: str) -> list[tuple[str, str]]:
+    out = []
+    for item in values:
+        key, sep, val = item.rpartition("=")
+        if not sep or not key or not val:
+            raise click.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint=option)
+        out.append((key, val))
+    return out

@@ -1,0 +1,248 @@
+"""Jobs: a bounded pool of worker threads, one directory per job under the server's work directory, and their
+removal after a retention time.
+
+Why threads (not processes): the index is loaded once and shared read-only (:mod:`scatlas.server.shared`, each
+thread with its own DuckDB cursor); the work of a job is NumPy, FAISS, PyTorch and HDF5 calls that release the GIL,
+so jobs overlap on the cores; and a process pool would hold one copy of the index per worker. What a thread cannot
+have: a job cannot be killed while it runs (a running job finishes or fails; shutting the server down waits for the
+running jobs and drops the queued ones).
+
+A job's progress is an estimate: each job moves through stages (e.g. annotate 0.02-0.9, writing 0.9-0.99), and
+inside a stage it follows ``1 - exp(-t / expected)``, where ``expected`` is the stage's duration predicted from the
+query's cell count and the seconds per cell that earlier jobs of the same kind took (a running mean); 1.0 when done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scatlas.atlas.atomic import write_json_atomic
+from scatlas.atlas.errors import OutputError, ScatlasError
+from scatlas.atlas.outputs import safe_text
+
+logger = logging.getLogger(__name__)
+
+JOBS_DIR = "jobs"
+WORK_MARKER = ".scatlas-serve.json"
+"""Marks a server work directory (its content is the server's to remove)."""
+JOB_MARKER = ".scatlas-job"
+JOB_ID = re.compile(r"^[A-Za-z0-9_-]{20,64}$")
+"""What a job id looks like (:func:`secrets.token_urlsafe` of 18 bytes gives 24 characters)."""
+STATES = ("queued", "running", "done", "failed")
+INTERNAL_ERROR = "internal error while running the job (the server's log has the details)"
+
+DEFAULT_SECONDS_PER_CELL = {"annotate": 0.004, "search": 0.002, "hunt": 0.004}
+"""Seconds per query cell before any job of the kind has finished (measured on a shared 2-core machine)."""
+DEFAULT_BASE_SECONDS = {"annotate": 3.0, "search": 2.0, "hunt": 10.0}
+
+
+class QueueFull(ScatlasError):
+    """Too many jobs are queued or running: retry later."""
+
+
+@dataclass
+class Job:
+    """A job's state; ``files`` maps the names clients may download to the files in ``directory`` (both fixed by
+    the server, never taken from a client)."""
+
+    id: str
+    kind: str
+    directory: Path
+    cells: int = 0
+    status: str = "queued"
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    error: str | None = None
+    result: dict[str, Any] | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    upload_name: str = "the uploaded file"
+    _stage: tuple[str, float, float, float, float] = ("queued", 0.0, 0.0, 0.0, 1.0)
+
+    def stage(self, name: str, start: float, end: float, expected_s: float) -> None:
+        """Enter stage ``name``, which runs the progress from ``start`` to ``end`` in about ``expected_s`` seconds."""
+        self._stage = (name, float(start), float(end), time.monotonic(), max(float(expected_s), 0.1))
+
+    @property
+    def progress(self) -> float:
+        if self.status == "done":
+            return 1.0
+        _, start, end, t0, expected = self._stage
+        if self.status != "running":
+            return start
+        elapsed = time.monotonic() - t0
+        return round(start + (end - start) * (1.0 - math.exp(-elapsed / expected)), 4)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job": self.id, "kind": self.kind, "status": self.status, "progress": self.progress,
+            "stage": self._stage[0], "error": self.error, "result": self.result,
+            "files": sorted(self.files) if self.status == "done" else [],
+            "created": self.created, "started": self.started, "finished": self.finished,
+        }
+
+
+def prepare_work_dir(path: Path) -> None:
+    """Create the work directory, or take over one a server used before (its job directories are removed: their
+    jobs are gone with that server); refuse a directory that holds anything else."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"the work directory {path} is a file; give a directory")
+    if path.is_dir() and any(path.iterdir()) and not (path / WORK_MARKER).is_file():
+        raise OutputError(
+            f"the work directory {path} holds files the server did not write; give a new or empty directory (the "
+            "server removes what it writes there)"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    jobs = path / JOBS_DIR
+    if jobs.is_dir():
+        for child in jobs.iterdir():
+            if child.is_dir() and (child / JOB_MARKER).is_file():
+                shutil.rmtree(child, ignore_errors=True)
+    jobs.mkdir(exist_ok=True, mode=0o700)
+    write_json_atomic(path / WORK_MARKER, {"kind": "scatlas serve work directory"})
+
+
+class JobManager:
+    """Runs jobs on ``workers`` threads; at most ``max_pending`` queued or running at once (:class:`QueueFull`
+    beyond); removes a finished job (its directory and its record) ``retention_s`` seconds after it finished."""
+
+    def __init__(self, work_dir: Path, *, workers: int = 2, retention_s: float = 3600.0, max_pending: int = 32,
+                 sweep_every_s: float | None = None) -> None:
+        self.work_dir = Path(work_dir)
+        self.jobs_dir = self.work_dir / JOBS_DIR
+        self.retention_s = float(retention_s)
+        self.max_pending = int(max_pending)
+        self._pool = ThreadPoolExecutor(max_workers=int(workers), thread_name_prefix="scatlas-job")
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._rates: dict[str, float] = dict(DEFAULT_SECONDS_PER_CELL)
+        self._stop = threading.Event()
+        every = sweep_every_s if sweep_every_s is not None else min(60.0, max(self.retention_s / 4, 0.5))
+        self._sweeper = threading.Thread(target=self._sweep_loop, args=(every,), name="scatlas-job-cleanup",
+                                         daemon=True)
+        self._sweeper.start()
+
+    # -- jobs ----------------------------------------------------------------------------------------------------
+    def new_job(self, kind: str) -> Job:
+        """A new job with its directory (not yet queued: :meth:`submit` queues it, :meth:`discard` drops it)."""
+        with self._lock:
+            if self._pending() >= self.max_pending:
+                raise QueueFull(f"{self.max_pending} jobs are queued or running; retry in a minute")
+            job_id = secrets.token_urlsafe(18)
+            directory = self.jobs_dir / job_id
+            directory.mkdir(mode=0o700)
+            (directory / JOB_MARKER).touch()
+            job = Job(job_id, kind, directory)
+            job.status = "uploading"
+            self._jobs[job_id] = job
+        return job
+
+    def _pending(self) -> int:
+        return sum(1 for j in self._jobs.values() if j.status in ("uploading", "queued", "running"))
+
+    def discard(self, job: Job) -> None:
+        """Drop a job that was never queued (its upload was refused)."""
+        with self._lock:
+            self._jobs.pop(job.id, None)
+        shutil.rmtree(job.directory, ignore_errors=True)
+
+    def submit(self, job: Job, work: Callable[[Job], dict[str, Any]]) -> None:
+        """Queue ``work(job) -> result summary``; its ScatlasError fails the job with the error's message."""
+        job.status = "queued"
+        job.stage("queued", 0.0, 0.0, 1.0)
+        self._pool.submit(self._run, job, work)
+
+    def _run(self, job: Job, work: Callable[[Job], dict[str, Any]]) -> None:
+        if self._stop.is_set():
+            return
+        job.status, job.started = "running", time.time()
+        t0 = time.perf_counter()
+        try:
+            result = work(job)
+        except ScatlasError as exc:
+            job.error = self.public_text(job, str(exc))
+            job.status = "failed"
+            logger.info("job %s (%s) failed: %s", job.id, job.kind, job.error)
+        except Exception:
+            logger.exception("job %s (%s) failed with an internal error", job.id, job.kind)
+            job.error = INTERNAL_ERROR
+            job.status = "failed"
+        else:
+            job.result = result
+            job.status = "done"
+            if job.cells:
+                rate = (time.perf_counter() - t0 - DEFAULT_BASE_SECONDS.get(job.kind, 0.0)) / job.cells
+                self._rates[job.kind] = 0.7 * self._rates.get(job.kind, rate) + 0.3 * max(rate, 1e-5)
+        finally:
+            job.finished = time.time()
+            with contextlib.suppress(OSError):
+                (job.directory / "query.h5ad").unlink(missing_ok=True)  # the outputs hold what is needed of it
+
+    @staticmethod
+    def public_text(job: Job, text: str) -> str:
+        """A message for the client: the job directory's paths replaced by the names the client knows."""
+        text = safe_text(text).replace(str(job.directory / "query.h5ad"), job.upload_name)
+        return text.replace(str(job.directory) + "/", "").replace(str(job.directory), "the job directory")
+
+    def expected_seconds(self, kind: str, cells: int) -> float:
+        return DEFAULT_BASE_SECONDS.get(kind, 2.0) + self._rates.get(kind, 0.003) * max(cells, 1)
+
+    def get(self, job_id: str) -> Job | None:
+        if not JOB_ID.match(job_id or ""):
+            return None
+        with self._lock:
+            job = self._jobs.get(job_id)
+        return job if job is not None and job.status != "uploading" else None
+
+    def file(self, job: Job, name: str) -> Path | None:
+        """The file ``name`` of a done job, when the job has one of that name (None otherwise)."""
+        fixed = job.files.get(name)
+        if job.status != "done" or fixed is None:
+            return None
+        path = job.directory / fixed
+        return path if path.is_file() else None
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            states = [j.status for j in self._jobs.values()]
+        return {s: states.count(s) for s in STATES}
+
+    # -- retention -----------------------------------------------------------------------------------------------
+    def remove_expired(self, now: float | None = None) -> list[str]:
+        """Remove the finished jobs older than the retention time (directory and record); their ids."""
+        now = time.time() if now is None else now
+        with self._lock:
+            expired = [j for j in self._jobs.values()
+                       if j.finished is not None and now - j.finished >= self.retention_s]
+            for job in expired:
+                del self._jobs[job.id]
+        for job in expired:
+            shutil.rmtree(job.directory, ignore_errors=True)
+            logger.info("job %s removed after the retention time", job.id)
+        return [j.id for j in expired]
+
+    def _sweep_loop(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                self.remove_expired()
+            except Exception:  # keep sweeping; a failed removal is retried next time
+                logger.exception("removing expired jobs failed")
+
+    def shutdown(self) -> None:
+        """Stop the cleanup, drop queued jobs and wait for the running ones."""
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._sweeper.join(timeout=5)
