@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup browser demo test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -20,10 +20,23 @@ $(STAMP): pyproject.toml setup.py query/hunt/_fp16dot.c
 	$(PY) -m pip check
 	touch $(STAMP)
 
+# Debian's chromium + chromium-driver for the page's browser test (tests/test_server_browser.py), installed with
+# apt-get when either is missing and we are root (as on CI); with both present this does nothing. Elsewhere it says
+# what to install, and the browser test skips saying why.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's chromium and chromium-driver (browser test of scatlas serve)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else \
+		echo "note: chromium and chromedriver not found; install Debian's chromium and chromium-driver as root for the browser test"; \
+	fi
+
 demo: setup
 	$(VENV)/bin/scatlas demo --out demo_out
 
-test: setup
+test: setup browser
 	$(VENV)/bin/ruff check atlas index query scatlas tests scripts
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
@@ -31,7 +44,7 @@ test: setup
 	$(VENV)/bin/python -m pytest -q --durations=15
 
 # Skips the tests marked slow (over ~20 s each: Ray, the 5,000-cell hunt, numba-compiled scanpy steps, real data).
-test-fast: setup
+test-fast: setup browser
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 lint: setup

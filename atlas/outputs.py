@@ -52,7 +52,8 @@ class OutputKind:
 
 ATLAS_STORE = OutputKind("atlas-store", "an atlas store", (("store.json",),), marker=False)
 INDEX = OutputKind("index", "a scatlas index", (("manifest.json",), ("build.json",)), marker=False, entries=frozenset({
-    "manifest.json", "build.json", "progress.json", "trained.faiss", "cells.duckdb", "embedder", "shards", "heads"}))
+    "manifest.json", "build.json", "progress.json", "trained.faiss", "cells.duckdb", "embedder", "shards", "heads",
+    "labels", "mapping.json", "refmap", "versions", "current.json", ".update.lock"}))
 CLASSIFIER = OutputKind("hunt-classifier", "a hunt classifier", (("classifier.json",),), marker=False,
                         entries=frozenset({"classifier.json", "weights.npy", "stage2_weights.npy"}))
 SWEEP = OutputKind("hunt-sweep", "a hunt sweep directory", (("sweep.json",), ("hits.parquet", "summary.json")))

@@ -35,7 +35,8 @@ def index_info(path: str | Path) -> dict[str, Any]:
     disk and bytes per cell; ``heads_seconds`` (training the label heads, None without heads) and
     ``total_seconds`` (index build + heads); ``datasets`` (``[{"dataset_id", "cells"}]``, from the cells table);
     ``version`` (1, one more per ``build --update``) and ``updates`` (how many); ``embedder_genes`` (the genes the
-    embedder reads, fixed by the build: queries' gene overlap is measured against them);
+    embedder reads, fixed by the build: queries' gene overlap is measured against them); ``reference_map_cells``
+    (atlas cells on the 2-D reference map, None without one);
     ``label_columns`` (``{column: classes}``, the columns that look like labels); ``label_heads`` (column ->
     classes, training cells, features; ``label_heads_error`` says why stored heads cannot be used, e.g. trained
     for another build); ``integrity`` (what the manifest's checksums cover).
@@ -56,6 +57,7 @@ def index_info(path: str | Path) -> dict[str, Any]:
         "version": m.version,
         "updates": len(m.updates),
         "embedder_genes": _embedder_genes(idx),
+        "reference_map_cells": _map_cells(idx),
         "cells": m.n_cells,
         "shards": len(m.shards),
         "dim": m.dim,
@@ -84,6 +86,15 @@ def index_info(path: str | Path) -> dict[str, Any]:
         "label_classes": classes,
         "integrity": integrity(m),
     }
+
+
+def _map_cells(idx: AtlasIndex) -> int | None:
+    """Atlas cells on the reference map fitted at build (None: no map, or one that cannot be used)."""
+    try:
+        refmap = idx.reference_map()
+    except IndexFormatError:
+        return None
+    return None if refmap is None else len(refmap.ids)
 
 
 def _embedder_genes(idx: AtlasIndex) -> int | None:

@@ -30,7 +30,14 @@ from scatlas.atlas.atomic import read_json_object, write_json_atomic
 from scatlas.atlas.errors import IndexFormatError, InputError, TooFewCellsError
 from scatlas.index.build import BuildConfig, _build_shards, _now, _versions
 from scatlas.index.changes import StoreChanges, store_changes
-from scatlas.index.drift import DEFAULT_MAX_FAR_FRACTION, DEFAULT_MIN_GENE_RATIO, DRIFT_SAMPLE, Drift, detected_genes, measure_drift
+from scatlas.index.drift import (
+    DEFAULT_MAX_FAR_FRACTION,
+    DEFAULT_MIN_GENE_RATIO,
+    DRIFT_SAMPLE,
+    Drift,
+    detected_genes,
+    measure_drift,
+)
 from scatlas.index.embedding import obsm_keys, reads_x
 from scatlas.index.evaluate import calibrate, sample_cells, tune_and_measure
 from scatlas.index.executor import Executor

@@ -67,7 +67,9 @@ class SearchHits(NamedTuple):
     ``n_cells`` (atlas cells searched), ``share_hits``, ``share_atlas``, ``fold`` (their ratio), ``fraction`` (hits
     among the group's cells), ``odds_ratio``, ``pvalue`` (Fisher, one-sided: enriched) and ``qvalue`` (BH within the
     column), sorted by column then q-value. ``report``: JSON-serialisable summary (query, index, parameters, counts,
-    top groups, the placement on the reference map when the index has one, timings).
+    top groups, timings and ``map``: when the index has a reference map, up to :data:`MAP_POINTS` query cells
+    (``query_rows``, ``query_xy``) and distinct atlas cells hit (``hit_ids``, ``hits_xy``), sampled, placed on it,
+    and the centroid's place in centroid mode).
     """
 
     hits: pd.DataFrame
@@ -102,8 +104,9 @@ class _Run:
     """The search, chunk by chunk: hits (cells mode) or the vector sum (centroid mode), and the map placement."""
 
     def __init__(self, idx: AtlasIndex, mode: str, k: int, where: str | None, refmap: ReferenceMap | None,
-                 n: int) -> None:
+                 n: int, place: np.ndarray) -> None:
         self.idx, self.mode, self.k, self.where, self.refmap = idx, mode, k, where, refmap
+        self.place = place  # the query rows placed on the map (a sample: the report draws at most MAP_POINTS)
         self.rows: list[np.ndarray] = []
         self.ids: list[np.ndarray] = []
         self.scores: list[np.ndarray] = []
@@ -121,8 +124,9 @@ class _Run:
         self.n_silent += int((~ok).sum())
         self.n_used += len(rows)
         t1 = time.perf_counter()
-        if self.xy is not None and self.refmap is not None and len(rows):
-            self.xy[rows] = self.refmap.transform(vectors)
+        placed = np.isin(rows, self.place)
+        if self.xy is not None and self.refmap is not None and placed.any():
+            self.xy[rows[placed]] = self.refmap.transform(vectors[placed])
         if self.mode == "centroid":
             self.total += vectors.sum(axis=0, dtype=np.float64)
         elif len(rows):
@@ -241,12 +245,11 @@ def _map_report(idx: AtlasIndex, refmap: ReferenceMap | None, run: _Run, hit_ids
     """The query (a sample of its cells, and the centroid) and a sample of the hits placed on the reference map."""
     if refmap is None or run.xy is None:
         return {"available": False}
-    placed = np.flatnonzero(np.isfinite(run.xy[:, 0]))
-    query_rows = _sampled(placed, MAP_POINTS)
+    query_rows = np.flatnonzero(np.isfinite(run.xy[:, 0]))  # a sample of the cells used (see _Run.place)
     hits = _sampled(np.unique(hit_ids), MAP_POINTS)
     hits_xy = refmap.transform(idx.vectors(hits)) if len(hits) else np.zeros((0, 2), np.float32)
     out: dict[str, Any] = {
-        "available": True, "atlas_sample_cells": len(refmap), "query_cells_placed": len(placed),
+        "available": True, "atlas_sample_cells": len(refmap), "query_cells_placed": len(query_rows),
         "query_rows": query_rows.tolist(), "query_xy": np.round(run.xy[query_rows], 4).tolist(),
         "hit_ids": hits.tolist(), "hits_xy": np.round(hits_xy, 4).tolist(),
     }
@@ -290,7 +293,7 @@ def search_cells(
         cells.check(MIN_GENE_OVERLAP)
         rows = select_cells(cells, cells_where)
         refmap = idx.reference_map()
-        run = _Run(idx, mode, int(k), where, refmap, cells.n_cells)
+        run = _Run(idx, mode, int(k), where, refmap, cells.n_cells, _sampled(rows, MAP_POINTS))
         with progress_bar(progress, total=len(rows), desc="search", unit="cell") as bar:
             for chunk in _chunks(cells, rows):
                 run.add(chunk)

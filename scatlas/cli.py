@@ -226,7 +226,7 @@ def _option_value(text: str) -> Any:
               help="Atlas cells sampled per label to train a head (default 2,000; spread over datasets).")
 @click.option("--no-map", is_flag=True,
               help="Fit no reference map (a 2-D UMAP of 20,000 sampled atlas cells, on which annotate and search "
-                   "draw the query; about a minute on 2 cores).")
+                   "draw the query; 20-45 s on 2 cores).")
 @click.option("--update", is_flag=True,
               help="Bring an existing index up to date with its atlas store: datasets added since become new shards "
                    "(embedded with the index's own embedder), removed ones leave it, relabelled ones get their new "
@@ -314,6 +314,8 @@ def _print_info(info: dict[str, Any]) -> None:
     _echo(f"embedder     {info['embedder']} (fingerprint {info['embedder_fingerprint']}), {info['dim']} dims"
           + (f", reads {genes:,} genes (fixed by the build; queries' gene overlap is measured against them)"
              if genes else ""))
+    if info.get("reference_map_cells"):
+        _echo(f"map          a UMAP of {info['reference_map_cells']:,} atlas cells (annotate and search place queries on it)")
     if info.get("version", 1) > 1:
         _echo(f"version      {info['version']} ({info['updates']} update(s) since the build)")
     _echo(f"factory      {info['factory']} ({'exact' if info.get('exact') else 'approximate'}; "
@@ -692,6 +694,7 @@ def main() -> None:
 from scatlas.cli_atlas import datasets, relabel, remove  # noqa: E402  (commands of their own modules)
 from scatlas.cli_embed import embedders, evaluate  # noqa: E402
 from scatlas.cli_search import search  # noqa: E402
+from scatlas.cli_serve import serve  # noqa: E402
 
 cli.add_command(datasets)
 cli.add_command(remove)
@@ -699,3 +702,4 @@ cli.add_command(relabel)
 cli.add_command(search)
 cli.add_command(embedders)
 cli.add_command(evaluate)
+cli.add_command(serve)

@@ -200,7 +200,6 @@ def test_interrupted_update_resumes(store_ab, monkeypatch):
 
 
 def test_remove_then_update_drops_the_cells_and_equals_a_fresh_build(store_ab):
-    from scatlas.atlas.lifecycle import remove_datasets
 
     atlas, b, tmp = store_ab
     index = tmp / "index"
@@ -231,6 +230,10 @@ def test_remove_then_update_drops_the_cells_and_equals_a_fresh_build(store_ab):
     assert update_index(atlas, index, progress=False, max_far_fraction=1.0).version == 3
     assert not (index / "shards").exists()  # version 1's files went once version 3 was current
     assert (index / "versions" / "0002").is_dir()  # the previous version stays for readers that had it open
+    # --overwrite replaces an updated index with a fresh build (version 1 again)
+    assert build_index(atlas, index, overwrite=True, **BUILD).version == 1
+    assert not (index / CURRENT_FILE).exists() and not (index / "versions").exists()
+    run("build", "--atlas", str(atlas), "--index", str(index), "--overwrite", "--shard-size", "150", "--no-progress")
 
 
 def test_interrupted_removal_update_resumes_to_the_same_index(store_ab, monkeypatch):

@@ -304,7 +304,8 @@ def test_annotating_again_removes_the_earlier_confusion_matrix(world, tmp_path):
     assert (tmp_path / "a.confusion.png").is_file()
     ok("annotate", str(world["query"]), "--index", str(world["index"]), "--out", str(out), "--no-progress")
     assert not (tmp_path / "a.confusion.png").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5ad", "a.neighbors.parquet", "a.report.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5ad", "a.neighbors.parquet", "a.report.json",
+                                                          "a.umap.png"]
 
 
 def test_non_utf8_file_names_work(world, tmp_path):

@@ -122,6 +122,21 @@ def seeded(seed: int) -> Iterator[None]:
                 os.environ["PL_GLOBAL_SEED"] = env
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's CPU threads set to ``n`` for the duration (0: left as they are), then restored."""
+    import torch
+
+    old = torch.get_num_threads()
+    if n and n != old:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != old:
+            torch.set_num_threads(old)
+
+
 def _epoch_logger(what: str, total: int) -> Any:
     """A Lightning callback logging the training's progress (about ten lines) through :data:`logger`."""
     from lightning.pytorch.callbacks import Callback
@@ -201,10 +216,12 @@ def counts_anndata(X: sp.csr_matrix, batches: Sequence[str] | None, info: ModelI
     return anndata.AnnData(X=sp.csr_matrix(X, dtype=np.float32), obs=obs, var=var)
 
 
-def latent_mean(model: Any, X: sp.csr_matrix, batches: Sequence[str] | None, info: ModelInfo, batch_size: int) -> np.ndarray:
+def latent_mean(
+    model: Any, X: sp.csr_matrix, batches: Sequence[str] | None, info: ModelInfo, batch_size: int, threads: int
+) -> np.ndarray:
     """``get_latent_representation`` (the posterior mean) of cells given as counts on the model's genes."""
     adata = counts_anndata(X, batches, info, info.var_names)
-    with quiet():
+    with quiet(), torch_threads(threads):
         try:
             z = model.get_latent_representation(adata, give_mean=True, batch_size=int(batch_size))
         finally:
@@ -227,11 +244,12 @@ def _forget(model: Any, adata: Any) -> None:
 def train_reference(
     adata: Any, *, batch_col: str | None, n_latent: int, n_layers: int, n_hidden: int, dropout_rate: float,
     gene_likelihood: str, encode_covariates: bool, max_epochs: int, batch_size: int, seed: int, device: str,
+    threads: int,
 ) -> Any:
     """Set up ``adata`` and train an SCVI model on all of its cells (no validation split); in eval mode."""
     scvi = import_scvi()
     accelerator, devices = lightning_devices(device)
-    with seeded(seed), quiet(), tempfile.TemporaryDirectory(prefix="scatlas-scvi-") as tmp:
+    with seeded(seed), quiet(), torch_threads(threads), tempfile.TemporaryDirectory(prefix="scatlas-scvi-") as tmp:
         scvi.model.SCVI.setup_anndata(adata, batch_key=batch_col)
         model = scvi.model.SCVI(
             adata, n_latent=n_latent, n_layers=n_layers, n_hidden=n_hidden, dropout_rate=dropout_rate,
@@ -248,13 +266,13 @@ def train_reference(
 
 
 def train_query(
-    adata: Any, reference: Any, *, max_epochs: int, batch_size: int, seed: int, device: str
+    adata: Any, reference: Any, *, max_epochs: int, batch_size: int, seed: int, device: str, threads: int
 ) -> Any:
     """scArches query update (``prepare_query_anndata`` + ``load_query_data`` + a short training of the new
     batches' parameters, weight decay off as scvi-tools advises); in eval mode."""
     scvi = import_scvi()
     accelerator, index = lightning_devices(device)
-    with seeded(seed), quiet(), tempfile.TemporaryDirectory(prefix="scatlas-scvi-") as tmp:
+    with seeded(seed), quiet(), torch_threads(threads), tempfile.TemporaryDirectory(prefix="scatlas-scvi-") as tmp:
         scvi.model.SCVI.prepare_query_anndata(adata, reference)
         query = scvi.model.SCVI.load_query_data(adata, reference, accelerator=accelerator, device=index)
         query.train(

@@ -34,6 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from scatlas import __version__
 from scatlas.atlas.errors import InputError, ScatlasError
@@ -160,15 +161,21 @@ def create_app(
         raise InputError("workers and max_pending must be >= 1, max_upload_mb > 0 and retention_s >= 0")
     if token is not None and not token:
         token = None
-    own = work_dir is None
-    wdir = Path(tempfile.mkdtemp(prefix="scatlas-serve-")) if work_dir is None else Path(work_dir)
-    prepare_work_dir(wdir)
     shared = SharedIndex(index_dir)
+    own = work_dir is None
     try:
+        wdir = Path(tempfile.mkdtemp(prefix="scatlas-serve-")) if work_dir is None else Path(work_dir)
+    except BaseException:
+        shared.close()
+        raise
+    try:
+        prepare_work_dir(wdir)
         jobs = JobManager(wdir, workers=workers, retention_s=retention_s, max_pending=max_pending,
                           sweep_every_s=cleanup_every_s)
     except BaseException:
         shared.close()
+        if own:
+            shutil.rmtree(wdir, ignore_errors=True)
         raise
     state = ServerState(shared, jobs, token, int(max_upload_mb * 2**20), wdir, own, workers, retention_s)
     state.info = json.loads(json.dumps(shared.info, default=str))
@@ -225,7 +232,7 @@ def _handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
-        logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        # Starlette re-raises the exception after this answer, and the ASGI server logs it with its traceback
         return _error(500, "internal server error (the server's log has the details)")
 
 
@@ -308,7 +315,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/api/overview", dependencies=[auth])
     def overview() -> dict[str, Any]:
         return {**state.shared.overview, "has_map": state.shared.has_map(),
-                "label_heads": sorted((state.info.get("label_heads") or {})),
+                "label_heads": sorted(state.info.get("label_heads") or {}),
                 "label_columns": list(state.info.get("label_columns") or {}),
                 "max_upload_mb": state.max_bytes / 2**20, "workers": state.workers,
                 "retention_s": state.retention_s, "jobs": state.jobs.counts(), "warnings": state.shared.warnings}
@@ -380,6 +387,9 @@ async def _submit(state: ServerState, request: Request, kind: str, parse: Callab
     except InputError as exc:
         state.jobs.discard(job)
         raise type(exc)(state.jobs.public_text(job, str(exc))) from None
+    except ClientDisconnect:
+        state.jobs.discard(job)
+        raise ApiError(400, "the upload was interrupted") from None
     except BaseException:
         state.jobs.discard(job)
         raise

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import re
 import secrets
 import shutil
@@ -70,6 +71,7 @@ class Job:
     files: dict[str, str] = field(default_factory=dict)
     upload_name: str = "the uploaded file"
     _stage: tuple[str, float, float, float, float] = ("queued", 0.0, 0.0, 0.0, 1.0)
+    _final: float | None = None
 
     def stage(self, name: str, start: float, end: float, expected_s: float) -> None:
         """Enter stage ``name``, which runs the progress from ``start`` to ``end`` in about ``expected_s`` seconds."""
@@ -79,6 +81,8 @@ class Job:
     def progress(self) -> float:
         if self.status == "done":
             return 1.0
+        if self._final is not None:
+            return self._final  # where a failed job stopped
         _, start, end, t0, expected = self._stage
         if self.status != "running":
             return start
@@ -92,6 +96,20 @@ class Job:
             "files": sorted(self.files) if self.status == "done" else [],
             "created": self.created, "started": self.started, "finished": self.finished,
         }
+
+
+def share_cores(workers: int) -> None:
+    """Give this job thread's OpenMP parallel regions (FAISS) its share of the cores: ``cores // workers``.
+
+    OpenMP's thread count is per calling thread, so this leaves other threads as they are. Without it two job
+    threads each start a FAISS team as wide as the machine, and the spinning teams oversubscribe the cores (measured
+    with scripts/bench_serve.py: two workers then finished fewer small searches per second than one).
+    """
+    try:
+        import faiss
+    except ImportError:  # pragma: no cover - faiss is a dependency
+        return
+    faiss.omp_set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
 
 
 def prepare_work_dir(path: Path) -> None:
@@ -125,7 +143,8 @@ class JobManager:
         self.jobs_dir = self.work_dir / JOBS_DIR
         self.retention_s = float(retention_s)
         self.max_pending = int(max_pending)
-        self._pool = ThreadPoolExecutor(max_workers=int(workers), thread_name_prefix="scatlas-job")
+        self._pool = ThreadPoolExecutor(max_workers=int(workers), thread_name_prefix="scatlas-job",
+                                        initializer=share_cores, initargs=(int(workers),))
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._rates: dict[str, float] = dict(DEFAULT_SECONDS_PER_CELL)
@@ -168,28 +187,28 @@ class JobManager:
     def _run(self, job: Job, work: Callable[[Job], dict[str, Any]]) -> None:
         if self._stop.is_set():
             return
+        job.stage("starting", 0.01, 0.02, 1.0)
         job.status, job.started = "running", time.time()
         t0 = time.perf_counter()
+        result: dict[str, Any] | None = None
+        error: str | None = None
         try:
             result = work(job)
         except ScatlasError as exc:
-            job.error = self.public_text(job, str(exc))
-            job.status = "failed"
-            logger.info("job %s (%s) failed: %s", job.id, job.kind, job.error)
+            error = self.public_text(job, str(exc))
+            logger.info("job %s (%s) failed: %s", job.id, job.kind, error)
         except Exception:
             logger.exception("job %s (%s) failed with an internal error", job.id, job.kind)
-            job.error = INTERNAL_ERROR
-            job.status = "failed"
-        else:
-            job.result = result
-            job.status = "done"
-            if job.cells:
-                rate = (time.perf_counter() - t0 - DEFAULT_BASE_SECONDS.get(job.kind, 0.0)) / job.cells
-                self._rates[job.kind] = 0.7 * self._rates.get(job.kind, rate) + 0.3 * max(rate, 1e-5)
-        finally:
-            job.finished = time.time()
-            with contextlib.suppress(OSError):
-                (job.directory / "query.h5ad").unlink(missing_ok=True)  # the outputs hold what is needed of it
+            error = INTERNAL_ERROR
+        with contextlib.suppress(OSError):
+            (job.directory / "query.h5ad").unlink(missing_ok=True)  # the outputs hold what is needed of it
+        if error is None and job.cells:
+            rate = (time.perf_counter() - t0 - DEFAULT_BASE_SECONDS.get(job.kind, 0.0)) / job.cells
+            self._rates[job.kind] = 0.7 * self._rates.get(job.kind, rate) + 0.3 * max(rate, 1e-5)
+        job.finished = time.time()
+        job._final = job.progress
+        job.result, job.error = result, error
+        job.status = "failed" if error is not None else "done"  # last: a client seeing it sees everything else
 
     @staticmethod
     def public_text(job: Job, text: str) -> str:

@@ -1,5 +1,5 @@
 """The atlas' reference map as a PNG for the page (``GET /api/map.png``): the sampled atlas cells, coloured by
-their label (the most frequent :data:`COLOURS` labels; the rest grey)."""
+their label (the most frequent :data:`COLOURS` labels; other labels dark grey, cells without one light grey)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 from scatlas.index import AtlasIndex
 
 COLOURS = 20
+MISSING = "(no label)"
 
 
 def atlas_map_png(idx: AtlasIndex, label_column: str | None) -> bytes | None:
@@ -27,13 +28,15 @@ def atlas_map_png(idx: AtlasIndex, label_column: str | None) -> bytes | None:
     ax = fig.add_subplot(1, 1, 1)
     size = float(np.clip(4000.0 / max(len(xy), 1), 0.3, 10.0))
     if label_column is not None and label_column in idx.columns():
-        labels = idx.cells(refmap.ids, [label_column])[label_column].astype(object).fillna("(missing)").astype(str)
-        counts = labels.value_counts()
+        labels = idx.cells(refmap.ids, [label_column])[label_column].astype(object).fillna(MISSING).astype(str)
+        counts = labels[labels != MISSING].value_counts()
         shown = list(counts.index[:COLOURS])
-        rest = ~labels.isin(shown).to_numpy()
-        if rest.any():
-            ax.scatter(xy[rest, 0], xy[rest, 1], s=size, c="#c8c8c8", linewidths=0, rasterized=True,
-                       label=f"other ({int(rest.sum())})")
+        missing = (labels == MISSING).to_numpy()
+        rest = ~labels.isin(shown).to_numpy() & ~missing
+        for mask, colour, name in ((missing, "#dedede", MISSING), (rest, "#9a9a9a", "other")):
+            if mask.any():
+                ax.scatter(xy[mask, 0], xy[mask, 1], s=size, c=colour, linewidths=0, rasterized=True,
+                           label=f"{name} ({int(mask.sum())})")
         cmap = matplotlib.colormaps["tab20"]
         for i, name in enumerate(shown):
             mask = (labels == name).to_numpy()

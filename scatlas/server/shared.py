@@ -19,6 +19,7 @@ and closed with the server.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from pathlib import Path
@@ -120,7 +121,7 @@ class SharedIndex:
             ).fetchall()
         by: dict[str, list[list[Any]]] = {}
         for dataset, label, n in rows:
-            by.setdefault(str(dataset), []).append(["(missing)" if label is None else str(label), int(n)])
+            by.setdefault(str(dataset), []).append(["(no label)" if label is None else str(label), int(n)])
         for dataset, labels in by.items():
             top, rest = labels[:LABEL_TOP], labels[LABEL_TOP:]
             if rest:
@@ -133,8 +134,6 @@ class SharedIndex:
             self._closed = True
             views, self._views = self._views, []
         for view in views:
-            try:
+            with contextlib.suppress(Exception):  # a cursor of a connection closed already
                 view._con.close()
-            except Exception:  # a cursor of a connection closed already
-                pass
         self.index.close()

@@ -174,7 +174,7 @@ def run_annotate(job: Job, view: AtlasIndex, p: AnnotateParams, expected_s: floa
 
     t0 = time.perf_counter()
     job.stage("annotate", 0.02, 0.9, expected_s)
-    optional = {"min_confidence": p.min_confidence} if p.min_confidence is not None else {}
+    optional: dict[str, Any] = {"min_confidence": p.min_confidence} if p.min_confidence is not None else {}
     result = annotate(job.directory / QUERY_FILE, view, label_keys=p.label_keys, where=p.where, progress=False,
                       **optional)
     job.stage("writing", 0.9, 0.99, 1.0 + expected_s / 10)
@@ -290,10 +290,10 @@ def run_hunt(job: Job, view: AtlasIndex, p: HuntParams, expected_s: float) -> di
     if rep.de is not None and not rep.de.empty:
         sig = rep.de[(rep.de["qvalue"] < 0.05) & (rep.de["log2fc"] > 0)].sort_values("log2fc", ascending=False)
         genes_up = [str(g) for g in sig["gene_symbol"].head(10)]
-    summary = {
+    metrics: dict[str, Any] = {k: round(float(m[k]), 4) for k in ("precision", "recall", "auprc") if k in m}
+    summary: dict[str, Any] = {
         "classifier": {"positives": clf.counts.get("n_positive"), "negatives": clf.counts.get("n_negative"),
-                       "threshold": round(float(clf.threshold), 4),
-                       **{k: round(float(m[k]), 4) for k in ("precision", "recall", "auprc") if k in m}},
+                       "threshold": round(float(clf.threshold), 4), **metrics},
         "sweep": {"cells": swept.n_cells, "hits": n_swept_hits, "cutoff": round(float(swept.cutoff), 4)},
         "where": p.where, "hits": int(len(hits)), "by": by, "de_skipped": rep.de_skipped, "genes_up": genes_up,
         "seconds": round(time.perf_counter() - t0, 2),

@@ -161,7 +161,7 @@ def check_h5ad(path: Path, size: int) -> int:
     try:
         with h5py.File(path, "r") as f:
             missing = [name for name in ("obs", "var", "X") if name not in f]
-            x = f["X"] if "X" in f else None
+            x = f.get("X")
             shape = x.attrs.get("shape") if isinstance(x, h5py.Group) else getattr(x, "shape", None)
     except (OSError, ValueError) as exc:
         raise InputError(f"the uploaded file is not a readable HDF5 file ({type(exc).__name__})") from None
