@@ -336,6 +336,16 @@ class AtlasIndex:
             self._con = connect(self.path / CELLS_DB_FILE)
         return self._con
 
+    def thread_view(self) -> AtlasIndex:
+        """A view of this index for another thread: it shares everything loaded (shards, embedder, heads, map) and
+        has its own DuckDB cursor, DuckDB connections being unsafe to share across threads. Load what the threads
+        read before making views (a lazy load in one view is not seen by the others); close the view's
+        :meth:`connect` cursor when the thread is done, never the view itself (that closes the shared shards)."""
+        view = object.__new__(AtlasIndex)
+        view.__dict__.update(self.__dict__)
+        view._con = self.connect().cursor()
+        return view
+
     @contextmanager
     def cursor(self) -> Iterator[Any]:
         """A private cursor on the index's shared DuckDB connection, closed afterwards (the connection stays open)."""

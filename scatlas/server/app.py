@@ -67,6 +67,7 @@ MEDIA = {".csv": "text/csv; charset=utf-8", ".png": "image/png", ".json": "appli
          ".html": "text/html; charset=utf-8", ".h5ad": "application/x-hdf5"}
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
             "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+INTERNAL = "internal server error (the server's log has the details)"
 FILE_CSP = "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
@@ -232,8 +233,8 @@ def _handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
-        # Starlette re-raises the exception after this answer, and the ASGI server logs it with its traceback
-        return _error(500, "internal server error (the server's log has the details)")
+        # the last resort (the guard middleware answers errors of the routes); the ASGI server logs the traceback
+        return _error(500, INTERNAL)
 
 
 def _middleware(app: FastAPI, state: ServerState) -> None:
@@ -248,7 +249,11 @@ def _middleware(app: FastAPI, state: ServerState) -> None:
             parts = urlsplit(origin)
             if parts.netloc.lower() != (request.headers.get("host") or "").lower():
                 return _error(403, "cross-origin requests are not accepted")
-        response: Response = await call_next(request)
+        try:
+            response: Response = await call_next(request)
+        except Exception:  # a bug: logged with its traceback here, answered without it
+            logger.exception("%s %s failed", request.method, request.url.path)
+            response = _error(500, INTERNAL)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "no-referrer")
         response.headers.setdefault("X-Frame-Options", "DENY")

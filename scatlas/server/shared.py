@@ -90,9 +90,7 @@ class SharedIndex:
             with self._lock:
                 if self._closed:
                     raise ScatlasError("the server is shutting down")
-                view = object.__new__(AtlasIndex)
-                view.__dict__.update(self.index.__dict__)
-                view._con = self.index.connect().cursor()
+                view = self.index.thread_view()
                 self._views.append(view)
             self._local.view = view
         return view
@@ -135,5 +133,5 @@ class SharedIndex:
             views, self._views = self._views, []
         for view in views:
             with contextlib.suppress(Exception):  # a cursor of a connection closed already
-                view._con.close()
+                view.connect().close()
         self.index.close()
