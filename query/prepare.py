@@ -22,6 +22,10 @@ from scatlas.index import AtlasIndex, Progress, check_obsm, progress_bar
 logger = logging.getLogger(__name__)
 
 
+QUERY_UPDATE_CHUNK = 10_000
+"""Cells per chunk read for an embedder's query preparation (:meth:`QueryCells.check`)."""
+
+
 @dataclass
 class QueryCells:
     """Cells opened for embedding with ``index``'s embedder (see :func:`open_query`).
@@ -38,6 +42,8 @@ class QueryCells:
     what: str
     obsm_keys: tuple[str, ...] = ()
     species: dict[str, Any] = field(default_factory=dict)
+    query_update: dict[str, Any] = field(default_factory=dict)
+    """What the embedder's ``prepare_query`` did for these cells (scVI: the query update of unseen batches)."""
 
     @property
     def n_cells(self) -> int:
@@ -49,10 +55,14 @@ class QueryCells:
 
     def check(self, min_gene_overlap: float) -> None:
         """Refuse cells that share fewer than ``min_gene_overlap`` of the embedder's genes (GeneOverlapError) or lack
-        the ``obsm`` embedding it reads (InputError)."""
+        the ``obsm`` embedding it reads (InputError); then let an embedder that adapts to queries prepare for these
+        cells (``prepare_query``: scVI's scArches update of batches it has not seen; undone by :meth:`close`)."""
         if self.match is not None:
             check_overlap(self.match, what=self.what, against="index's embedder", min_fraction=min_gene_overlap)
         self.obsm_keys = check_obsm(self.embedder, self.source.obsm_keys(), f"the {self.what}")
+        prepare = getattr(self.embedder, "prepare_query", None)  # e.g. scVI's scArches update of unseen batches
+        if prepare is not None:
+            self.query_update = prepare(lambda: self.chunks(QUERY_UPDATE_CHUNK), what=self.what)
 
     def chunks(self, chunk_size: int, rows: np.ndarray | None = None) -> Iterator[CellChunk]:
         """The cells (or the rows ``rows``) in chunks of ``chunk_size``; chunk ids are row positions."""
@@ -73,6 +83,9 @@ class QueryCells:
         return out
 
     def close(self) -> None:
+        reset = getattr(self.embedder, "reset_query", None)
+        if self.query_update and reset is not None:
+            reset()
         self.source.close()
 
 

@@ -45,12 +45,17 @@ def _timed(fn, *args, **kwargs):
               help="Working directory (default: a temporary one, removed at the end).")
 @click.option("--doc/--no-doc", default=True, show_default=True, help="Write the table into docs/benchmarks.md.")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def main(cells: int, factory: str, work: Path | None, doc: bool, json_out: Path | None) -> None:
+@click.option("--from-json", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Only write the docs table from an earlier run's --json-out.")
+def main(cells: int, factory: str, work: Path | None, doc: bool, json_out: Path | None, from_json: Path | None) -> None:
     from scatlas.atlas import ingest
     from scatlas.atlas.lifecycle import relabel_dataset, remove_datasets
     from scatlas.atlas.synthetic import SyntheticAtlasConfig, synthesize
     from scatlas.index import build_index, update_index
 
+    if from_json is not None:
+        write_docs(json.loads(from_json.read_text()))
+        return
     own = work is None
     work = Path(tempfile.mkdtemp(prefix="bench_update_")) if work is None else work
     work.mkdir(parents=True, exist_ok=True)
@@ -95,21 +100,27 @@ def main(cells: int, factory: str, work: Path | None, doc: bool, json_out: Path 
     if json_out:
         json_out.write_text(text)
     if doc:
-        table = "\n".join(
-            ["| change | cells after | `build --update` s | fresh build s | update / fresh | recall@30 after |",
-             "|---|---|---|---|---|---|"]
-            + [f"| {r['change']} | {r['cells_after']:,} | {r['update_s']} | {r['fresh_s']} | "
-               f"{r['update_s'] / r['fresh_s']:.2f} | {r['recall']:.4f} |" for r in rows]
-        )
-        args = [f"--cells {cells}"] + ([f"--factory {factory}"] if factory != "auto" else [])
-        write_bench_section(
-            "bench_update", "bench_update.py", args,
-            f"A synthetic atlas of 4 datasets, {cells:,} cells, 2,000 genes ({os.cpu_count()} CPUs); the first 3 "
-            f"indexed with the defaults ({first_s} s). Each change is applied with `build --update`, then a fresh "
-            "build over the same datasets runs in a new directory in the same run (it refits the embedder and "
-            "re-embeds every cell). Both train the cell_type label heads and the mapping calibration. The first "
-            "row's drift: " + str(rows[0].get("drift")), table, "Updating an index",
-        )
+        write_docs(result)
+
+
+def write_docs(result: dict) -> None:
+    """The table of ``result`` (this script's JSON) into docs/benchmarks.md."""
+    rows, cells, factory, first_s = result["rows"], result["cells"], result["factory"], result["first_build_s"]
+    table = "\n".join(
+        ["| change | cells after | `build --update` s | fresh build s | update / fresh | recall@30 after |",
+         "|---|---|---|---|---|---|"]
+        + [f"| {r['change']} | {r['cells_after']:,} | {r['update_s']} | {r['fresh_s']} | "
+           f"{r['update_s'] / r['fresh_s']:.2f} | {r['recall']:.4f} |" for r in rows]
+    )
+    args = [f"--cells {cells}"] + ([f"--factory {factory}"] if factory != "auto" else [])
+    write_bench_section(
+        "bench_update", "bench_update.py", args,
+        f"A synthetic atlas of 4 datasets, {cells:,} cells, 2,000 genes ({result['cpus']} CPUs); the first 3 "
+        f"indexed with the defaults ({first_s} s). Each change is applied with `build --update`, then a fresh "
+        "build over the same datasets runs in a new directory in the same run (it refits the embedder and "
+        "re-embeds every cell). Both train the cell_type label heads, the mapping calibration and the reference "
+        "map. The first row's drift: " + str(rows[0].get("drift")), table, "Updating an index",
+    )
 
 
 if __name__ == "__main__":

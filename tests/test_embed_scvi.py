@@ -4,6 +4,7 @@ atlas vectors, save/load and pretrained-model round trips, the query update, and
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,9 @@ def test_save_load_round_trip(built, tmp_path):
     assert again.fingerprint() == emb.fingerprint()
     parts = chunks(make_adata(120, 100, seed=1), "d1")
     np.testing.assert_array_equal(embed(emb, parts), embed(again, parts))
+    shipped = pickle.loads(pickle.dumps(emb))  # as a Ray worker gets it: the model travels as its saved files
+    assert shipped.fingerprint() == emb.fingerprint()
+    np.testing.assert_array_equal(embed(shipped, parts), embed(emb, parts))
 
 
 def test_query_update_moves_only_the_unseen_batch(built):

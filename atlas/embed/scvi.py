@@ -21,6 +21,9 @@ embedding, trained on the atlas sample or loaded from a pretrained scvi-tools mo
 * The embedder directory holds the model in scvi-tools' format (``scvi_model/model.pt``) and the gene list
   (``scvi_genes.npz``); the fingerprint hashes the weights, the genes, the batches and the parameters.
 
+Training and embedding run on ``device`` (auto: CUDA when torch sees a GPU; cuda without one is an error) with
+``threads`` torch CPU threads (1 by default). Progress is logged (about ten lines per training), never printed.
+
 The batch is read from ``CellChunk.dataset_id``: chunks carry no other cell metadata, so ``batch_key`` is
 ``dataset_id`` or ``none``. ``gene_features`` is None: label heads use the embedding only.
 """
@@ -143,7 +146,9 @@ class _Query:
 
 
 class SCVIEmbedder(Embedder):
-    """scVI latent means (``n_latent`` floats) of raw counts; see the module docstring."""
+    """scVI latent means of raw counts (scvi-tools), trained on the atlas sample or loaded from model_dir.
+
+    See the module docstring: genes, batches, unseen batches and the query update (:meth:`prepare_query`)."""
 
     name = "scvi"
     needs = "X"

@@ -11,6 +11,7 @@ import numpy as np
 
 from scatlas.atlas.errors import ScatlasError
 from scatlas.index import AtlasIndex
+from scatlas.query.hunt.stage2 import GeneStats
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +38,28 @@ def open_index_store(index: AtlasIndex, atlas: str | Path | None = None) -> tupl
 
 def iter_gene_features(
     store: Any, embedder: Any, ids: np.ndarray, chunk_size: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(ids, gene features)`` of atlas cells ``ids`` (sorted, unique), chunk by chunk, in id order."""
+) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
+    """``(ids, gene features, dataset id)`` of atlas cells ``ids`` (sorted, unique), chunk by chunk, in id order
+    (a chunk never spans datasets)."""
     for chunk in store.read_cells(np.asarray(ids, dtype=np.int64), chunk_size=int(chunk_size), with_X=True):
-        yield np.asarray(chunk.ids, dtype=np.int64), np.asarray(embedder.gene_features(chunk), dtype=np.float32)
+        yield (np.asarray(chunk.ids, dtype=np.int64), np.asarray(embedder.gene_features(chunk), dtype=np.float32),
+               str(chunk.dataset_id))
+
+
+def dataset_sample(store: Any, dataset_id: str, n: int, seed: int) -> np.ndarray:
+    """Up to ``n`` cell ids of the atlas dataset ``dataset_id``, drawn uniformly with ``seed`` (sorted)."""
+    rec = next((r for r in store.cell_ranges_records() if r.dataset_id == dataset_id), None)
+    if rec is None:
+        raise ScatlasError(f"the atlas store has no dataset {dataset_id!r}; rebuild the index from this store")
+    rng = np.random.default_rng([int(seed), rec.start])
+    take = min(int(n), rec.n_cells)
+    return np.sort(rec.start + rng.choice(rec.n_cells, size=take, replace=False)).astype(np.int64)
+
+
+def dataset_gene_stats(store: Any, embedder: Any, dataset_id: str, n: int, seed: int, chunk_size: int) -> GeneStats:
+    """The gene statistics of the atlas dataset ``dataset_id`` on up to ``n`` of its cells (seeded uniform sample)."""
+    ids = dataset_sample(store, dataset_id, n, seed)
+    return GeneStats.of(np.concatenate([g for _, g, _ in iter_gene_features(store, embedder, ids, chunk_size)]))
 
 
 def read_gene_features(store: Any, embedder: Any, ids: np.ndarray, chunk_size: int) -> np.ndarray:
@@ -48,6 +67,6 @@ def read_gene_features(store: Any, embedder: Any, ids: np.ndarray, chunk_size: i
     ids = np.asarray(ids, dtype=np.int64)
     order = np.argsort(ids, kind="stable")
     out = np.zeros((len(ids), len(embedder.gene_feature_names)), dtype=np.float32)
-    for got, g in iter_gene_features(store, embedder, ids[order], chunk_size):
+    for got, g, _ in iter_gene_features(store, embedder, ids[order], chunk_size):
         out[order[np.searchsorted(ids[order], got)]] = g
     return out

@@ -140,8 +140,10 @@ def cross_validate(
     n_folds: int,
     seed: int,
     device: str = "cpu",
+    standardize: bool = True,
 ) -> CVResult:
     """Out-of-fold scores for every penalty of ``l2_grid`` on the same stratified folds; choose by AUPRC.
+    ``standardize`` is :func:`fit_logistic`'s (off for features already on a common scale).
 
     The choice follows the one-standard-error rule: the strongest penalty whose pooled out-of-fold AUPRC is within
     one standard error (of the per-fold AUPRCs at the best penalty) of the best.
@@ -157,7 +159,7 @@ def cross_validate(
         train, test = folds != f, folds == f
         init: tuple[np.ndarray, float] | None = None
         for lam in grid:
-            fit = fit_logistic(X[train], y[train], lam, device=device, init=init)
+            fit = fit_logistic(X[train], y[train], lam, device=device, init=init, standardize=standardize)
             init = (fit.weights, fit.bias)
             oof.setdefault(lam, np.empty(len(y), dtype=np.float64))[test] = decision(X[test], fit.weights, fit.bias)
     ap_by_l2 = {lam: average_precision(y, oof[lam]) for lam in grid}

@@ -3,7 +3,16 @@
 Stage 1 (the linear score on stored vectors) passes candidates at a cut chosen for recall; stage 2 scores the
 candidates on the embedder's gene features (log1p CP10k of its genes, read from the atlas store) and decides the
 hits. Stage 2 is class-balanced and L2-regularised (:mod:`query.hunt.logistic`), calibrated, and its cut is chosen
-on its out-of-fold scores, on the same training cells and folds as stage 1.
+on its out-of-fold scores, with stage 1's folds.
+
+Batches (``batch_standardized``): the gene features of the labelled cells and of each atlas dataset differ by their
+batch (chemistry, lab, a stimulation of the whole sample) as much as by cell type, and a classifier trained on one
+batch's cells misreads another's. So each gene is standardised within its batch: the labelled cells by their own
+mean and standard deviation, an atlas cell by those of its dataset (estimated on :data:`BATCH_SAMPLE` of its cells,
+:func:`query.hunt.gene_reads.dataset_gene_stats`), the deviation floored at ``sd_floor`` (the median deviation of
+the labelled cells' genes) so that a gene that barely varies in one batch is not blown up. Stage 2 trains only on
+rows of batches that hold both classes (:func:`query.hunt.train`): an atlas background that is all negative
+(and holds the unlabelled positives) would teach it "the atlas' batch is negative" (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -23,15 +32,51 @@ from scatlas.query.hunt.metrics import average_precision, choose_threshold, roc_
 
 logger = logging.getLogger(__name__)
 
+BATCH_SAMPLE = 1_000
+"""Cells sampled from an atlas dataset to estimate its genes' mean and standard deviation."""
+
 STAGE1_RECALL = 0.98
 """Stage 1's candidate cut keeps at least this fraction of the positives stage 2 recalls, and of all labelled
 positives (cross-validated), and is never above stage 1's own threshold."""
 
 
+@dataclass(frozen=True)
+class GeneStats:
+    """Per-gene mean and standard deviation (float64) of one batch's gene features, from ``n`` cells."""
+
+    mean: np.ndarray
+    sd: np.ndarray
+    n: int
+
+    @classmethod
+    def of(cls, features: np.ndarray) -> GeneStats:
+        g = np.asarray(features, dtype=np.float64)
+        if g.ndim != 2 or len(g) == 0:
+            raise InputError(f"gene statistics need at least one cell (got features of shape {g.shape})")
+        return cls(g.mean(axis=0), g.std(axis=0), len(g))
+
+    def floor(self) -> float:
+        """The median standard deviation of the genes that vary (1.0 when none does)."""
+        varying = self.sd[self.sd > 0]
+        return float(np.median(varying)) if len(varying) else 1.0
+
+
+def standardize(features: np.ndarray, stats: GeneStats, sd_floor: float) -> np.ndarray:
+    """``(features - mean) / max(sd, sd_floor)`` per gene, float64."""
+    g = np.asarray(features, dtype=np.float64)
+    if g.ndim != 2 or g.shape[1] != len(stats.mean):
+        raise InputError(f"gene features of shape {g.shape} do not match statistics of {len(stats.mean)} genes")
+    return (g - stats.mean) / np.maximum(stats.sd, sd_floor)
+
+
 @dataclass
 class GeneStage:
     """``score(g) = weights . g + bias`` on gene features ``g`` (columns ``gene_names``); ``>= threshold`` is a
-    hit. ``stage1_cut``: the cut on stage 1's raw score that passes candidates to this stage."""
+    hit. ``stage1_cut``: the cut on stage 1's raw score that passes candidates to this stage.
+
+    With ``batch_standardized`` the weights act on features standardised within each cell's batch
+    (:func:`standardize`, floored at ``sd_floor``; an atlas dataset's statistics from ``batch_sample`` of its
+    cells); without (classifiers trained before it existed), on the features as they are."""
 
     weights: np.ndarray
     bias: float
@@ -40,6 +85,9 @@ class GeneStage:
     gene_names: list[str]
     stage1_cut: float
     metrics: dict[str, Any] = field(default_factory=dict)
+    batch_standardized: bool = False
+    sd_floor: float = 1.0
+    batch_sample: int = BATCH_SAMPLE
 
     def __post_init__(self) -> None:
         self.weights = np.ascontiguousarray(np.asarray(self.weights, dtype=np.float32).ravel())
@@ -49,33 +97,49 @@ class GeneStage:
             raise InputError(f"stage 2 has {len(self.weights)} weights for {len(self.gene_names)} gene names")
         if not np.isfinite(self.weights).all() or not np.isfinite(self.bias):
             raise InputError("stage 2 weights must be finite")
+        self.batch_standardized = bool(self.batch_standardized)
+        self.sd_floor, self.batch_sample = float(self.sd_floor), int(self.batch_sample)
+        if not (self.sd_floor > 0 and np.isfinite(self.sd_floor)) or self.batch_sample < 2:
+            raise InputError(f"stage 2 needs sd_floor > 0 and batch_sample >= 2 (got {self.sd_floor}, {self.batch_sample})")
 
-    def scores(self, features: np.ndarray) -> np.ndarray:
-        """Raw scores of gene features ``(n, n_genes)``: float64 ``einsum`` (batch-independent), as float32."""
+    def scores(self, features: np.ndarray, stats: GeneStats | None = None) -> np.ndarray:
+        """Raw scores of gene features ``(n, n_genes)`` of one batch (``stats``: its statistics, required when
+        ``batch_standardized``): float64 ``einsum`` (independent of how rows are chunked), as float32."""
         g = np.asarray(features, dtype=np.float64)
         if g.ndim != 2 or g.shape[1] != len(self.weights):
             raise InputError(f"gene features of shape {g.shape} do not match stage 2's {len(self.weights)} genes")
+        if self.batch_standardized:
+            if stats is None:
+                raise InputError("this stage 2 standardises genes within each batch: give the batch's statistics")
+            g = standardize(g, stats, self.sd_floor)
         return (np.einsum("ij,j->i", g, self.weights.astype(np.float64)) + self.bias).astype(np.float32)
+
+    def _batch_record(self) -> dict[str, Any]:
+        """What batch standardisation adds to the record (nothing for a stage 2 without it: its fingerprint stays)."""
+        return ({"batch_standardized": True, "sd_floor": self.sd_floor, "batch_sample": self.batch_sample}
+                if self.batch_standardized else {})
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(self.weights.tobytes())
         h.update(json.dumps({"bias": self.bias, "threshold": self.threshold, "stage1_cut": self.stage1_cut,
-                             "calibration": self.calibration.to_dict(), "genes": self.gene_names},
-                            sort_keys=True).encode())
+                             "calibration": self.calibration.to_dict(), "genes": self.gene_names,
+                             **self._batch_record()}, sort_keys=True).encode())
         return h.hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:
         """Everything but the weights (saved beside, with their SHA-256 here)."""
         return {"bias": self.bias, "threshold": self.threshold, "stage1_cut": self.stage1_cut,
                 "calibration": self.calibration.to_dict(), "gene_names": self.gene_names, "metrics": self.metrics,
-                "fingerprint": self.fingerprint(),
+                "fingerprint": self.fingerprint(), **self._batch_record(),
                 "weights_sha256": hashlib.sha256(self.weights.tobytes()).hexdigest()}
 
     @classmethod
     def from_json(cls, meta: dict[str, Any], weights: np.ndarray) -> GeneStage:
         return cls(weights=weights, bias=meta["bias"], threshold=meta["threshold"],
                    calibration=Calibration.from_dict(meta["calibration"]), gene_names=list(meta["gene_names"]),
-                   stage1_cut=meta["stage1_cut"], metrics=dict(meta.get("metrics", {})))
+                   stage1_cut=meta["stage1_cut"], metrics=dict(meta.get("metrics", {})),
+                   batch_standardized=bool(meta.get("batch_standardized", False)),
+                   sd_floor=meta.get("sd_floor", 1.0), batch_sample=meta.get("batch_sample", BATCH_SAMPLE))
 
 
 def stage1_candidate_cut(stage1_oof: np.ndarray, recalled: np.ndarray, recall: float = STAGE1_RECALL) -> float:
@@ -112,6 +176,8 @@ def fit_gene_stage(
     calibration: CalibrationMethod,
     target_precision: float | None,
     excluded_fraction: float = 0.0,
+    sd_floor: float | None = None,
+    batch_sample: int = BATCH_SAMPLE,
 ) -> GeneStage:
     """Cross-validate and fit stage 2 on gene features ``G`` of the training cells ``y`` (the rows, order and
     folds of stage 1, whose out-of-fold scores are ``stage1_oof``); choose stage 1's candidate cut: the lowest of
@@ -119,18 +185,22 @@ def fit_gene_stage(
     ``stage1_threshold`` (stage 1's own cut), so that stage 2 never sees fewer cells than stage 1 alone would hit.
 
     ``excluded_fraction``: the share of the atlas background sample dropped as likely positives (it enters the
-    expected hits per million atlas cells).
+    expected hits per million atlas cells). ``sd_floor``: ``G`` is standardised within batches with this floor
+    (:func:`standardize`; the stage is ``batch_standardized`` and fits the features as they are); None: ``G`` is
+    the raw gene features (standardised globally by the fit, as before batches were).
     """
     y = np.asarray(y).astype(bool)
     grid = (float(l2),) if l2 is not None else DEFAULT_L2_GRID
-    cv = cross_validate(G, y, l2_grid=grid, n_folds=n_folds, seed=seed, device=device)
+    std = sd_floor is None
+    n_folds = int(min(n_folds, y.sum()))
+    cv = cross_validate(G, y, l2_grid=grid, n_folds=n_folds, seed=seed, device=device, standardize=std)
     choice = choose_threshold(y, cv.oof_scores, target_precision=target_precision)
     recalled = y & (cv.oof_scores >= choice.threshold)
     cut1 = min(stage1_candidate_cut(stage1_oof, recalled if recalled.any() else y), stage1_candidate_cut(stage1_oof, y),
                float(np.nextafter(np.float32(stage1_threshold), np.float32(-np.inf))))
     passed1 = np.asarray(stage1_oof) >= cut1
     both = passed1 & (cv.oof_scores >= choice.threshold)
-    final = fit_logistic(G, y, cv.l2, device=device)
+    final = fit_logistic(G, y, cv.l2, device=device, standardize=std)
     two = _rates(y, both)
     metrics = {
         "cv_folds": n_folds,
@@ -161,4 +231,5 @@ def fit_gene_stage(
     )
     return GeneStage(weights=final.weights, bias=final.bias, threshold=choice.threshold,
                      calibration=fit_calibration(cv.oof_scores, y, calibration), gene_names=list(gene_names),
-                     stage1_cut=cut1, metrics=metrics)
+                     stage1_cut=cut1, metrics=metrics, batch_standardized=not std,
+                     sd_floor=sd_floor if sd_floor is not None else 1.0, batch_sample=batch_sample)

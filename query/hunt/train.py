@@ -37,11 +37,12 @@ from scatlas.index import (
 from scatlas.query.hunt.access import IndexLike, input_paths, open_index
 from scatlas.query.hunt.calibration import CalibrationMethod, fit_calibration
 from scatlas.query.hunt.classifier import HuntClassifier
-from scatlas.query.hunt.gene_reads import open_index_store, read_gene_features
+from scatlas.query.hunt.gene_reads import dataset_gene_stats, open_index_store, read_gene_features
 from scatlas.query.hunt.logistic import DEFAULT_L2_GRID, CVResult, cross_validate, fit_logistic
 from scatlas.query.hunt.metrics import ThresholdChoice, average_precision, choose_threshold, roc_auc
 from scatlas.query.hunt.predicate import evaluate_predicate
-from scatlas.query.hunt.stage2 import GeneStage, fit_gene_stage
+from scatlas.query.hunt.stage2 import BATCH_SAMPLE, GeneStage, GeneStats, fit_gene_stage, standardize
+from scatlas.query.hunt.sweep_stage2 import STATS_SEED
 from scatlas.query.prepare import open_query
 
 logger = logging.getLogger(__name__)
@@ -327,28 +328,68 @@ def _train_stage2(
     l2: float | None, seed: int,
     device: str, calibration: CalibrationMethod, target_precision: float | None, chunk_size: int,
 ) -> tuple[GeneStage | None, str | None]:
-    """Stage 2 on the gene features of stage 1's final training rows (read from the store for atlas cells), or
-    ``(None, why not)``."""
+    """Stage 2 on the gene features of stage 1's training rows whose batches hold both classes, standardised within
+    each batch (:mod:`query.hunt.stage2`), or ``(None, why not)``.
+
+    The labelled cells (positives and negatives: one batch) always train it; the atlas rows (read from the store,
+    each standardised by its dataset's statistics, as the sweep will) join only when atlas cells are positives
+    (``positive_sql``) or the labelled cells have no negatives: an all-negative atlas background, which also holds
+    the unlabelled positives, would teach stage 2 the atlas' batch as "negative" (docs/benchmarks.md)."""
     if ts.labelled_positives is not None and ts.cell_genes is None:
         return None, ts.report.get("stage2_skipped", "the labelled cells have no gene features")
     store, why = open_index_store(idx)
     if store is None:
         return None, why
+    n_genes = len(gene_names)
+    cpos, cneg = ts.cell_genes if ts.cell_genes is not None else (np.zeros((0, n_genes), np.float32),) * 2
+    n_cp, n_ap, n_cn, n_bg = len(cpos), len(ts.atlas_positive_ids), len(cneg), len(ts.background_ids)
+    use_atlas = n_ap > 0 or n_cn == 0
     try:
-        atlas_pos = read_gene_features(store, idx.embedder, ts.atlas_positive_ids, chunk_size)
-        bg = read_gene_features(store, idx.embedder, ts.background_ids, chunk_size)
+        parts: list[np.ndarray] = []
+        rows: list[np.ndarray] = []
+        floor = None
+        if n_cp + n_cn:
+            labelled = GeneStats.of(np.concatenate([cpos, cneg]))
+            floor = labelled.floor()
+            parts += [standardize(cpos, labelled, floor), standardize(cneg, labelled, floor)]
+            rows += [np.arange(n_cp), n_cp + n_ap + np.arange(n_cn)]
+        if use_atlas:
+            ids = np.concatenate([ts.atlas_positive_ids, ts.background_ids])
+            raw = read_gene_features(store, idx.embedder, ids, chunk_size)
+            floor = floor if floor is not None else GeneStats.of(raw).floor()
+            parts.append(_standardize_by_dataset(store, idx.embedder, ids, raw, floor, chunk_size))
+            rows += [n_cp + np.arange(n_ap), n_cp + n_ap + n_cn + np.arange(n_bg)]
     finally:
         store.close()
-    cpos, cneg = ts.cell_genes if ts.cell_genes is not None else (np.zeros((0, len(gene_names)), np.float32),) * 2
-    G = np.concatenate([cpos, atlas_pos, cneg, bg])
-    if len(G) != len(fit.y):
-        raise AssertionError(f"stage 2 has {len(G)} rows for stage 1's {len(fit.y)}")  # a bug, not an input
+    G, sel = np.concatenate(parts), np.concatenate(rows)
+    if len(fit.y) != n_cp + n_ap + n_cn + n_bg:
+        raise AssertionError(f"stage 2 counts {n_cp + n_ap + n_cn + n_bg} rows for stage 1's {len(fit.y)}")  # a bug
     sampled = ts.counts.get("negatives_from_atlas", 0) + ts.counts.get("background_excluded_as_likely_positive", 0)
     excluded = ts.counts.get("background_excluded_as_likely_positive", 0) / sampled if sampled else 0.0
-    stage = fit_gene_stage(G, fit.y, fit.cv.oof_scores, gene_names, stage1_threshold=stage1_threshold, l2=l2, n_folds=fit.n_folds, seed=seed,
-                           device=device, calibration=calibration, target_precision=target_precision,
-                           excluded_fraction=excluded)
+    assert floor is not None
+    stage = fit_gene_stage(G, fit.y[sel], fit.cv.oof_scores[sel], gene_names, stage1_threshold=stage1_threshold,
+                           l2=l2, n_folds=fit.n_folds, seed=seed, device=device, calibration=calibration,
+                           target_precision=target_precision, excluded_fraction=excluded, sd_floor=floor,
+                           batch_sample=BATCH_SAMPLE)
+    stage.metrics["training_rows"] = {"labelled_positives": n_cp, "labelled_negatives": n_cn,
+                                      "atlas_positives": n_ap if use_atlas else 0,
+                                      "atlas_background": n_bg if use_atlas else 0}
     return stage, None
+
+
+def _standardize_by_dataset(
+    store: Any, embedder: Any, ids: np.ndarray, raw: np.ndarray, floor: float, chunk_size: int
+) -> np.ndarray:
+    """Gene features ``raw`` of atlas cells ``ids`` standardised by their datasets' statistics (as the sweep's)."""
+    ranges = store.cell_ranges()
+    starts = np.array([a for _, a, _ in ranges], dtype=np.int64)
+    which = np.searchsorted(starts, ids, side="right") - 1
+    out = np.empty(raw.shape, dtype=np.float64)
+    for k in np.unique(which):
+        dataset_id = ranges[int(k)][0]
+        stats = dataset_gene_stats(store, embedder, dataset_id, BATCH_SAMPLE, STATS_SEED, chunk_size)
+        out[which == k] = standardize(raw[which == k], stats, floor)
+    return out
 
 
 @dataclass
