@@ -561,7 +561,8 @@ def hunt() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--two-stage", is_flag=True,
               help="Also train a gene-level stage 2 that re-scores stage 1's candidates from the atlas store "
-                   "(experimental: on the real bench cases it lost recall on 3 of 4; docs/benchmarks.md).")
+                   "(experimental: genes standardised per batch; on the real bench cases it beats stage 1 on 2 of 4 "
+                   "and loses on 2; docs/benchmarks.md).")
 @progress_option
 def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, positive_sql: str | None, out_dir: Path,
                background: int, device: str, seed: int, two_stage: bool, progress: bool) -> None:

@@ -74,7 +74,7 @@ def assert_exact(ids: np.ndarray, scores: np.ndarray, base: np.ndarray, base_ids
 def digests(
     root: Path,
     skip: tuple[str, ...] = (
-        "manifest.json", "build.json", "cells.duckdb", "progress.json", "heads.json", "label_classes.json",
+        "manifest.json", "build.json", "cells.duckdb", "progress.json", "heads.json", "label_classes.json", "refmap.json",
     ),
 ) -> dict[str, str]:
     """SHA-256 of every file under ``root`` (relative path -> digest), except those named in ``skip`` (records that

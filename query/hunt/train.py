@@ -229,12 +229,13 @@ def train(
     align: ``"mnn"`` shifts the labelled cells' vectors onto the atlas before training, as annotate does for
         queries (:func:`index.estimate_shift`), so the classifier does not learn their batch offset as "positive" (see
         docs/benchmarks.md#hunt-align); ``"none"`` trains on the vectors as embedded.
-    two_stage: also train stage 2 (off by default: it lost recall across batches on the real bench cases,
-        docs/benchmarks.md), a classifier on the embedder's gene features (:mod:`query.hunt.stage2`), on
-        the same cells and folds, and choose stage 1's candidate cut for recall; done when the embedder has gene
-        features, the labelled cells measure its genes and the atlas store is reachable (else
-        ``params["stage2_skipped"]`` says why and the classifier is one-stage). Its features are held densely:
-        (positives + negatives) x the embedder's genes, float32.
+    two_stage: also train stage 2 (:mod:`query.hunt.stage2`): a classifier on the embedder's gene features
+        standardised within each batch, trained on the labelled cells (the atlas rows join only with atlas positives
+        or without labelled negatives), with stage 1's folds; stage 1's candidate cut is then chosen for recall.
+        Off by default: on the real bench cases it gains on two of four and loses on two (docs/benchmarks.md).
+        Done when the embedder has gene features, the labelled cells measure its genes and the atlas store is
+        reachable (else ``params["stage2_skipped"]`` says why and the classifier is one-stage). Its features are
+        held densely: the training rows x the embedder's genes, float64.
 
     Raises InputError when no positive or no negative cell is found, or fewer than 3 positives.
     """
