@@ -21,6 +21,7 @@ from scatlas.cli_common import (
     _echo_json,
     _echo_ontology_fill,
     _make_executor,
+    _option_value,
     _parse_obs_map,
     _parse_pairs,
     _setup_logging,
@@ -188,15 +189,6 @@ def synth(out_dir: Path | None, atlas_dir: Path | None, cells: int, genes: int, 
     _echo(f"wrote {len(paths)} synthetic datasets ({cells} cells x {genes} genes) to {out_dir}")
     for p in paths:
         _echo(f"  {p}")
-
-
-def _option_value(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 @cli.command()

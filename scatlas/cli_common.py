@@ -198,3 +198,13 @@ def _parse_pairs(values: tuple[str, ...], option: str) -> list[tuple[str, str]]:
             raise click.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint=option)
         out.append((key, val))
     return out
+
+
+def _option_value(text: str) -> Any:
+    """An ``--embedder-option`` value: an int, a float, true / false, else the text."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)

@@ -15,7 +15,14 @@ import click
 
 from scatlas.atlas.errors import ScatlasError
 from scatlas.atlas.validate import escaped
-from scatlas.cli_common import _echo, _make_executor, atlas_option, executor_options, progress_option
+from scatlas.cli_common import (
+    _echo,
+    _make_executor,
+    _option_value,
+    atlas_option,
+    executor_options,
+    progress_option,
+)
 
 
 def embedder_rows() -> list[dict[str, Any]]:
@@ -60,15 +67,6 @@ def embedders(as_json: bool) -> None:
         if not r["usable"]:
             text = f"UNUSABLE: {r['error']}"
         _echo(f"{r['spec']:<{width}}  {r['from']:<{origin}}  {fits:<4}  {text}")
-
-
-def _option_value(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def _embedder_options(values: tuple[str, ...], specs: list[str]) -> dict[str, dict[str, Any]]:
