@@ -20,6 +20,10 @@ class CellChunk:
     ``X``: float32 CSR, one row per cell, columns in the gene space ``genes`` (``None`` when not read).
     ``x_kind``: what ``X`` holds (one kind per chunk: chunks never span datasets).
     ``obsm``: precomputed per-cell matrices, e.g. ``{"uce": (n, 1280) float32}``.
+    ``dataset_id``: the dataset the cells come from (a query: the source's name).
+    ``obs``: the cell metadata columns an embedder asked for (:attr:`Embedder.obs_columns`), each an object array
+    of ``len(chunk)`` strings, None where a cell has no value (:func:`obs_values`); a column the cells lack
+    altogether (a query without it) is absent.
     """
 
     ids: np.ndarray
@@ -28,6 +32,21 @@ class CellChunk:
     genes: GeneVocabulary
     obsm: Mapping[str, np.ndarray] = field(default_factory=dict)
     dataset_id: str | None = None
+    obs: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def obs_values(values: object) -> np.ndarray:
+    """Cell metadata values as :attr:`CellChunk.obs` holds them: an object array of ``str(value)``, None where a
+    value is missing (None, NaN, ``pd.NA``, NaT)."""
+    import pandas as pd
+
+    arr = np.asarray(values, dtype=object).ravel()
+    if len(arr) == 0:
+        return np.zeros(0, dtype=object)
+    missing = np.asarray(pd.isna(arr), dtype=bool)
+    out = np.array([str(v) for v in arr], dtype=object)
+    out[missing] = None
+    return out

@@ -8,7 +8,6 @@ as it was.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import shutil
@@ -35,7 +34,7 @@ from scatlas.atlas.schema import STANDARD_OBS_COLUMNS
 from scatlas.atlas.sources.base import DatasetSource
 from scatlas.atlas.sources.h5ad import open_h5ad
 from scatlas.atlas.sources.soma import is_soma_experiment, open_soma_experiment
-from scatlas.atlas.sql import quote_ident
+from scatlas.atlas.sql import quote_ident, transaction
 from scatlas.atlas.store import CELLS_DB, MEASUREMENT, X_LAYER, AtlasStore, DatasetRecord, StoreWriter
 from scatlas.atlas.validate import check_embedding, check_name, escaped
 
@@ -702,25 +701,20 @@ def _write_all(writer: StoreWriter, plans: Sequence[DatasetPlan], chunk_size: in
     vocab = AtlasStore(writer.path, writer.state).genes
     con = duckdb.connect(str(writer.path / CELLS_DB))
     try:
-        con.execute("BEGIN TRANSACTION")
-        records, reports, obsm_dims = [], [], {}
-        for plan in plans:
-            record, report, vocab = _write_dataset(writer, con, vocab, plan, chunk_size, progress, read_ahead_chunks)
-            records.append(record)
-            reports.append(report)
-            obsm_dims.update(plan.obsm_dims)
-        writer.commit(records, obsm_dims, con)
+        with transaction(con, commit=False):  # writer.commit commits at its commit point
+            records, reports, obsm_dims = [], [], {}
+            for plan in plans:
+                record, report, vocab = _write_dataset(writer, con, vocab, plan, chunk_size, progress,
+                                                       read_ahead_chunks)
+                records.append(record)
+                reports.append(report)
+                obsm_dims.update(plan.obsm_dims)
+            writer.commit(records, obsm_dims, con)
     except duckdb.Error as exc:
-        with contextlib.suppress(duckdb.Error):
-            con.execute("ROLLBACK")
         raise StoreError(
             f"{writer.path}: the cell metadata could not be stored ({type(exc).__name__}); nothing was added. "
             "Check the disk and that no other process has the store's cells.duckdb open, then rerun"
         ) from exc
-    except BaseException:
-        with contextlib.suppress(duckdb.Error):
-            con.execute("ROLLBACK")
-        raise
     finally:
         con.close()
     return reports

@@ -20,7 +20,6 @@ error messages show names escaped (:func:`atlas.validate.escaped`) and never dat
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,7 @@ from scatlas.atlas.atomic import write_json_atomic
 from scatlas.atlas.errors import InputError, StoreError
 from scatlas.atlas.ontology_map import OntologyFill, read_ontology_map, term_column
 from scatlas.atlas.schema import STANDARD_OBS_COLUMNS
-from scatlas.atlas.sql import quote_ident
+from scatlas.atlas.sql import quote_ident, transaction
 from scatlas.atlas.store import CELLS_DB, STATE_FILE, AtlasStore, DatasetRecord, StoreWriter
 from scatlas.atlas.validate import escaped
 
@@ -336,9 +335,8 @@ def relabel_dataset(
             record.obs_columns += [c.target for c in columns
                                    if c.target not in STANDARD_OBS_COLUMNS and c.target not in record.obs_columns]
             write_json_atomic(path / STATE_FILE, writer.state.to_json())  # the commit point of the new revision
-            con.execute("BEGIN TRANSACTION")
-            _apply_relabel(con, dataset_id, columns, types, terms)
-            con.execute("COMMIT")
+            with transaction(con):
+                _apply_relabel(con, dataset_id, columns, types, terms)
             report = RelabelReport(atlas=str(path), dataset_id=dataset_id, n_cells=record.n_cells,
                                    obs_revision=record.obs_revision, columns=columns)
             for col in columns:
@@ -352,16 +350,10 @@ def relabel_dataset(
                     if terms is not None:
                         col.ontology = _terms_report(con, dataset_id, col, terms)
         except duckdb.Error as exc:
-            with contextlib.suppress(duckdb.Error):
-                con.execute("ROLLBACK")
             raise StoreError(
                 f"{path}: the cell metadata could not be relabelled ({type(exc).__name__}); the labels are unchanged. "
                 "Check the disk and that no other process has the store's cells.duckdb open, then rerun"
             ) from exc
-        except BaseException:
-            with contextlib.suppress(duckdb.Error):
-                con.execute("ROLLBACK")
-            raise
         finally:
             con.close()
     logger.info("%s: relabelled dataset %s (obs revision %d)", path, escaped(dataset_id), report.obs_revision)

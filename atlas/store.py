@@ -39,6 +39,7 @@ from scatlas.atlas.genes import GeneVocabulary
 from scatlas.atlas.schema import STANDARD_OBS_COLUMNS, obs_arrow_schema, var_arrow_schema
 from scatlas.atlas.sources.soma import STREAM_CONTEXT_CONFIG, arrow_to_csr
 from scatlas.atlas.sql import quote_ident
+from scatlas.atlas.store_obs import obs_reader
 
 logger = logging.getLogger(__name__)
 
@@ -254,8 +255,6 @@ class AtlasStore:
         return arrow_to_csr(pa.concat_tables(tables), row_ids, n_cols)
 
     def _read_obsm(self, key: str, ids: np.ndarray) -> np.ndarray:
-        if key not in self.state.obsm_dims:
-            raise InputError(f"no obsm[{key!r}] in {self.path}; available: {sorted(self.state.obsm_dims) or 'none'}")
         arr = self._experiment().ms[MEASUREMENT]["obsm"][key]
         out = np.full((len(ids), self.state.obsm_dims[key]), np.nan, dtype=np.float32)
         if len(ids):
@@ -263,6 +262,24 @@ class AtlasStore:
             r = np.searchsorted(ids, table.column("soma_dim_0").to_numpy())
             out[r, table.column("soma_dim_1").to_numpy()] = table.column("soma_data").to_numpy()
         return out
+
+    def _check_obsm(self, keys: Sequence[str], records: Sequence[DatasetRecord]) -> None:
+        """InputError, before any cell is read, when an obsm key is not in the store or some of ``records`` (the
+        datasets a read covers) lack it: naming the key and how many datasets lack it."""
+        for key in keys:
+            if key not in self.state.obsm_dims:
+                raise InputError(f"no obsm[{key!r}] in {self.path}; available: {sorted(self.state.obsm_dims) or 'none'}")
+            lacking = sum(1 for rec in records if key not in rec.obsm)
+            if lacking:
+                raise InputError(
+                    f"obsm[{key!r}] is missing from {lacking} of the {len(records)} dataset(s) read from {self.path}: "
+                    f"every dataset must hold that embedding; re-ingest those datasets with obsm[{key!r}] (made by the "
+                    "same model), remove them from the store, or use an embedder that reads the expression"
+                )
+
+    def _obs_reader(self, columns: Sequence[str]) -> Any:
+        """:func:`atlas.store_obs.obs_reader` of this store's cells table (None inside when no column is asked)."""
+        return obs_reader(self.connect, columns, str(self.path))
 
     def _record_for(self, dataset_id: str) -> DatasetRecord:
         return next(d for d in self.state.datasets if d.dataset_id == dataset_id)
@@ -274,38 +291,65 @@ class AtlasStore:
         chunk_size: int = 10_000,
         with_X: bool = True,
         obsm_keys: Sequence[str] = (),
+        obs_columns: Sequence[str] = (),
     ) -> Iterator[CellChunk]:
-        """Stream committed cells with ``start <= soma_joinid < stop`` in id order; chunks never span datasets."""
+        """Stream committed cells with ``start <= soma_joinid < stop`` in id order; chunks never span datasets.
+
+        ``with_X``: read the expression; ``obsm_keys``: the stored embeddings to read (every dataset read must
+        hold them: InputError before the first chunk otherwise); ``obs_columns``: the cell metadata columns to
+        read into :attr:`CellChunk.obs`."""
         if chunk_size <= 0:
             raise InputError(f"chunk size must be positive, got {chunk_size}")
         genes = self.genes
+        spans = []
         for rec in self.cell_ranges_records():
             a0 = rec.start if start is None else max(rec.start, start)
             b0 = rec.stop if stop is None else min(rec.stop, stop)
-            for a in range(a0, b0, chunk_size):
-                b = min(a + chunk_size, b0)
-                ids = np.arange(a, b, dtype=np.int64)
-                X = self._read_x(slice(a, b - 1), ids) if with_X else None
-                obsm = {k: self._read_obsm(k, ids) for k in obsm_keys}
-                yield CellChunk(ids=ids, X=X, x_kind=rec.x_kind, genes=genes, obsm=obsm, dataset_id=rec.dataset_id)  # type: ignore[arg-type]
+            if a0 < b0:
+                spans.append((rec, a0, b0))
+        self._check_obsm(obsm_keys, [rec for rec, _, _ in spans])
+        with self._obs_reader(obs_columns) as read_obs:
+            for rec, a0, b0 in spans:
+                for a in range(a0, b0, chunk_size):
+                    b = min(a + chunk_size, b0)
+                    ids = np.arange(a, b, dtype=np.int64)
+                    X = self._read_x(slice(a, b - 1), ids) if with_X else None
+                    obsm = {k: self._read_obsm(k, ids) for k in obsm_keys}
+                    obs = read_obs(ids) if read_obs is not None else {}
+                    yield CellChunk(ids=ids, X=X, x_kind=rec.x_kind, genes=genes, obsm=obsm,  # type: ignore[arg-type]
+                                    dataset_id=rec.dataset_id, obs=obs)
 
     def read_cells(
-        self, ids: Sequence[int] | np.ndarray, chunk_size: int = 10_000, with_X: bool = True, obsm_keys: Sequence[str] = ()
+        self,
+        ids: Sequence[int] | np.ndarray,
+        chunk_size: int = 10_000,
+        with_X: bool = True,
+        obsm_keys: Sequence[str] = (),
+        obs_columns: Sequence[str] = (),
     ) -> Iterator[CellChunk]:
-        """Stream the given cells (sorted, unique, committed ids) as chunks that never span datasets."""
+        """Stream the given cells (sorted, unique, committed ids) as chunks that never span datasets; ``with_X``,
+        ``obsm_keys`` and ``obs_columns`` as for :meth:`iter_chunks`."""
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids) and np.any(np.diff(ids) <= 0):
             raise InputError("cell ids must be sorted and unique")
         genes = self.genes
+        spans = []
         covered = 0
         for rec in self.cell_ranges_records():
-            lo, hi = np.searchsorted(ids, [rec.start, rec.stop])
+            lo, hi = (int(i) for i in np.searchsorted(ids, [rec.start, rec.stop]))
             covered += hi - lo
-            for a in range(lo, hi, chunk_size):
-                sel = ids[a : min(a + chunk_size, hi)]
-                X = self._read_x(sel, sel) if with_X else None
-                obsm = {k: self._read_obsm(k, sel) for k in obsm_keys}
-                yield CellChunk(ids=sel, X=X, x_kind=rec.x_kind, genes=genes, obsm=obsm, dataset_id=rec.dataset_id)  # type: ignore[arg-type]
+            if lo < hi:
+                spans.append((rec, lo, hi))
+        self._check_obsm(obsm_keys, [rec for rec, _, _ in spans])
+        with self._obs_reader(obs_columns) as read_obs:
+            for rec, lo, hi in spans:
+                for a in range(lo, hi, chunk_size):
+                    sel = ids[a : min(a + chunk_size, hi)]
+                    X = self._read_x(sel, sel) if with_X else None
+                    obsm = {k: self._read_obsm(k, sel) for k in obsm_keys}
+                    obs = read_obs(sel) if read_obs is not None else {}
+                    yield CellChunk(ids=sel, X=X, x_kind=rec.x_kind, genes=genes, obsm=obsm,  # type: ignore[arg-type]
+                                    dataset_id=rec.dataset_id, obs=obs)
         if covered != len(ids):
             raise InputError(f"{len(ids) - covered} requested cell ids are not in the atlas store")
 

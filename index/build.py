@@ -460,13 +460,16 @@ class _Shards:
 
 
 def _build_shards(
-    source: VectorSource, out: Path, trained: Any, config: BuildConfig, device: Device, executor: Executor | None
+    source: VectorSource, out: Path, trained: Any, config: BuildConfig, device: Device, executor: Executor | None,
+    plan: list[ShardSpec] | None = None,
 ) -> _Shards:
-    """Write every shard of ``source`` not completed by an earlier run, as tasks on ``executor``."""
+    """Write every shard of ``plan`` (default: all of ``source``, ``source.shard_plan``) not completed by an
+    earlier run, as tasks on ``executor``."""
     shards_dir = out / SHARDS_DIR
     shards_dir.mkdir(exist_ok=True)
     clean_tmp(shards_dir)
-    plan = source.shard_plan(config.shard_size)
+    if plan is None:
+        plan = source.shard_plan(config.shard_size)
     embed_gpu = bool(getattr(source, "accelerated", False))
     executor = executor or LocalExecutor(_local_devices(device, embed_gpu))
     task_device = _task_device(config.device, device, executor)
@@ -497,7 +500,7 @@ def _build_shards(
         progress.record(rec)
 
     t_add = time.perf_counter()
-    with progress_bar(total=source.n_cells, initial=sum(r.n for r in done.values()), unit="cell",
+    with progress_bar(total=sum(spec.n for spec in plan), initial=sum(r.n for r in done.values()), unit="cell",
                       desc="index shards") as bar:
         try:
             executor.run(tasks, on_done, progress=bar.update)

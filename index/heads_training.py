@@ -25,7 +25,7 @@ import scipy.sparse as sp
 from scatlas.atlas.errors import IndexFormatError, InputError
 from scatlas.atlas.sql import quote_ident
 from scatlas.index.atlas_index import AtlasIndex
-from scatlas.index.embedding import obsm_keys, reads_x
+from scatlas.index.embedding import obs_columns, obsm_keys, reads_x
 from scatlas.index.label_classes import ensure_label_classes
 from scatlas.index.label_heads import (
     DEFAULT_C_EMBEDDING,
@@ -165,7 +165,8 @@ def _features(
     genes = None
     got = np.zeros(len(ids), dtype=bool)
     bar = progress_bar(progress, total=len(ids), desc="label heads: read", unit="cell")
-    for chunk in store.read_cells(ids, with_X=reads_x(emb), obsm_keys=obsm_keys(emb)):
+    for chunk in store.read_cells(ids, with_X=reads_x(emb), obsm_keys=obsm_keys(emb),
+                                  obs_columns=obs_columns(emb)):
         rows = np.searchsorted(ids, np.asarray(chunk.ids, dtype=np.int64))
         v, g = emb.transform_with_features(chunk) if want_genes else (emb.transform(chunk), None)
         vecs[rows] = as_stored(v)[1]

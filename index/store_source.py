@@ -23,7 +23,7 @@ from scatlas.index.build import (
     different_build_error,
 )
 from scatlas.index.changes import store_changes
-from scatlas.index.embedding import obsm_keys, reads_x
+from scatlas.index.embedding import obs_columns, obsm_keys, reads_x
 from scatlas.index.heads_training import label_column_classes, label_columns, train_label_heads
 from scatlas.index.label_classes import ensure_label_classes
 from scatlas.index.manifest import BUILD_FILE, CELLS_DB_FILE, EMBEDDER_DIR, IndexManifest, read_manifest
@@ -57,6 +57,7 @@ class StoreVectorSource:
         self.embedder = embedder
         self._with_x = reads_x(embedder)
         self._obsm = obsm_keys(embedder)
+        self._obs = obs_columns(embedder)
 
     @property
     def n_cells(self) -> int:
@@ -71,7 +72,8 @@ class StoreVectorSource:
 
     def iter_vectors(self, spec: ShardSpec, chunk_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         chunks = self.store.iter_chunks(
-            start=spec.start, stop=spec.stop, chunk_size=chunk_size, with_X=self._with_x, obsm_keys=self._obsm
+            start=spec.start, stop=spec.stop, chunk_size=chunk_size, with_X=self._with_x, obsm_keys=self._obsm,
+            obs_columns=self._obs,
         )
         for chunk in chunks:
             yield np.asarray(chunk.ids, dtype=np.int64), self.embedder.transform(chunk)
@@ -82,7 +84,7 @@ class StoreVectorSource:
     def vectors_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, vectors)`` of the given cells (sorted, unique, committed ids), embedded chunk by chunk."""
         parts_ids, parts_vecs = [], []
-        for chunk in self.store.read_cells(ids, with_X=self._with_x, obsm_keys=self._obsm):
+        for chunk in self.store.read_cells(ids, with_X=self._with_x, obsm_keys=self._obsm, obs_columns=self._obs):
             parts_ids.append(np.asarray(chunk.ids, dtype=np.int64))
             parts_vecs.append(self.embedder.transform(chunk))
         if not parts_ids:
@@ -120,10 +122,10 @@ def _fit_embedder(store: Any, spec: str, fit_sample: int, seed: int, options: di
     embedder = make_embedder(spec, **options)
     if embedder.requires_fit:
         ids = store.sample_ids(fit_sample, seed=seed)
-        with_x, obsm = reads_x(embedder), obsm_keys(embedder)
+        with_x, obsm, obs = reads_x(embedder), obsm_keys(embedder), obs_columns(embedder)
         logger.info("fitting embedder %s on %d sampled cells", spec, len(ids))
         # A zero-argument callable: fitting may take several passes over the sample (PCA takes two).
-        embedder.fit(lambda: store.read_cells(ids, with_X=with_x, obsm_keys=obsm))  # type: ignore[arg-type]
+        embedder.fit(lambda: store.read_cells(ids, with_X=with_x, obsm_keys=obsm, obs_columns=obs))  # type: ignore[arg-type]
     return embedder
 
 

@@ -28,8 +28,9 @@ import numpy as np
 
 from scatlas.atlas.atomic import read_json_object, write_json_atomic
 from scatlas.atlas.errors import IndexFormatError, InputError, TooFewCellsError
-from scatlas.index.build import BuildConfig, _build_shards, _now, _versions
+from scatlas.index.build import BuildConfig, _build_shards, _load_trained, _now, _versions
 from scatlas.index.changes import StoreChanges, store_changes
+from scatlas.index.device import resolve_device
 from scatlas.index.drift import (
     DEFAULT_MAX_FAR_FRACTION,
     DEFAULT_MIN_GENE_RATIO,
@@ -38,7 +39,7 @@ from scatlas.index.drift import (
     detected_genes,
     measure_drift,
 )
-from scatlas.index.embedding import obsm_keys, reads_x
+from scatlas.index.embedding import obs_columns, obsm_keys, reads_x
 from scatlas.index.evaluate import calibrate, sample_cells, tune_and_measure
 from scatlas.index.executor import Executor
 from scatlas.index.heads_training import train_label_heads
@@ -106,38 +107,10 @@ class UpdateReport:
         }
 
 
-class _PlannedSource:
-    """A store source whose shard plan is given (the added datasets' shards, numbered after the existing ones)."""
-
-    def __init__(self, inner: StoreVectorSource, specs: list[ShardSpec]) -> None:
-        self.inner, self.specs = inner, specs
-
-    @property
-    def n_cells(self) -> int:
-        return sum(s.n for s in self.specs)
-
-    @property
-    def dim(self) -> int:
-        return self.inner.dim
-
-    @property
-    def accelerated(self) -> bool:
-        return self.inner.accelerated
-
-    def shard_plan(self, shard_size: int) -> list[ShardSpec]:
-        return list(self.specs)
-
-    def iter_vectors(self, spec: ShardSpec, chunk_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        return self.inner.iter_vectors(spec, chunk_size)
-
-    def on_device(self, device: str) -> _PlannedSource:
-        return _PlannedSource(self.inner.on_device(device), self.specs)
-
-    def sample(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError("an update trains nothing")
-
-    def describe(self) -> dict[str, Any]:
-        return self.inner.describe()
+def _check_index(root: Path) -> None:
+    """Raise :class:`IndexFormatError` unless ``root`` is a directory (an index to update)."""
+    if not root.is_dir():
+        raise IndexFormatError(f"no index at {root}: build one with `scatlas build --atlas ATLAS --index DIR` first")
 
 
 @contextmanager
@@ -190,7 +163,8 @@ def _drift_sample(source: StoreVectorSource, ids: np.ndarray) -> tuple[np.ndarra
     """Vectors of the cells ``ids`` and which of the embedder's genes they detect (None: it reads no genes)."""
     match = source.embedder.gene_match(source.store.genes) if reads_x(source.embedder) else None
     vecs, detected = [], None if match is None else np.zeros(match.n_target, dtype=bool)
-    for chunk in source.store.read_cells(ids, with_X=reads_x(source.embedder), obsm_keys=obsm_keys(source.embedder)):
+    for chunk in source.store.read_cells(ids, with_X=reads_x(source.embedder), obsm_keys=obsm_keys(source.embedder),
+                                         obs_columns=obs_columns(source.embedder)):
         vecs.append(source.embedder.transform(chunk))
         if detected is not None and chunk.X is not None:
             detected |= detected_genes(chunk.X, match)
@@ -261,7 +235,8 @@ def update_index(
     if not 0 < max_far_fraction <= 1 or not 0 <= min_gene_ratio <= 1:
         raise InputError(f"max_far_fraction must be in (0, 1] and min_gene_ratio in [0, 1] (got {max_far_fraction}, "
                          f"{min_gene_ratio})")
-    with _update_lock(root) if root.is_dir() else _no_index(root):
+    _check_index(root)
+    with _update_lock(root):
         version, cur = current_version(root)
         old = read_manifest(cur)
         build = read_json_object(cur / BUILD_FILE, "rebuild the index with --overwrite")
@@ -283,8 +258,8 @@ def update_index(
         report.warnings += _fit_warnings(root, changes)
         embedder = load_embedder(cur / EMBEDDER_DIR)
         source = StoreVectorSource(store, embedder)
-        trained_path = cur / TRAINED_FILE
-        old_searcher = ShardSearcher(_read_trained(trained_path), [(r, cur / SHARDS_DIR / r.dirname) for r in old.shards])
+        old_searcher = ShardSearcher(_load_trained(cur / TRAINED_FILE),
+                                     [(r, cur / SHARDS_DIR / r.dirname) for r in old.shards])
         if changes.added:
             drift = _measure(source, old, old_searcher, changes, config.seed + 303, max_far_fraction, min_gene_ratio)
             report.drift = drift
@@ -308,7 +283,7 @@ def update_index(
         specs = [ShardSpec(next_no + s.shard_no, s.start, s.stop, s.n)
                  for s in plan_over_ranges([(d.start, d.stop) for d in changes.added], config.shard_size)]
         trained = old_searcher.trained
-        added = _build_shards(_PlannedSource(source, specs), target, trained, config, _device(config), executor)
+        added = _build_shards(source, target, trained, config, resolve_device(config.device), executor, plan=specs)
         shards = sorted(shards + added.records, key=lambda r: r.id_min)
         if not shards:
             raise InputError("the update would leave the index with no cells; remove the index instead")
@@ -343,24 +318,6 @@ def update_index(
     report.seconds = round(time.perf_counter() - t0, 2)
     logger.info("updated %s to version %d in %.1f s", root, new_version, report.seconds)
     return report
-
-
-@contextmanager
-def _no_index(root: Path) -> Iterator[None]:
-    raise IndexFormatError(f"no index at {root}: build one with `scatlas build --atlas ATLAS --index DIR` first")
-    yield  # pragma: no cover
-
-
-def _read_trained(path: Path) -> Any:
-    from scatlas.index.build import _load_trained
-
-    return _load_trained(path)
-
-
-def _device(config: BuildConfig) -> Any:
-    from scatlas.index.device import resolve_device
-
-    return resolve_device(config.device)
 
 
 def _fit_warnings(root: Path, changes: StoreChanges) -> list[str]:

@@ -492,6 +492,7 @@ def _result(
         "params": params,
         "species": getattr(cells, "species", {}),
         "gene_overlap": cells.match.summary() if cells.match is not None else None,
+        "query_update": cells.query_update or None,
         "alignment": alignment.summary() if alignment is not None else None,
         "mapping": {**mapping.verdict.to_report(), "applied": mapping.applied, **_mapping_caveat(cells),
                     "cells_out_of_atlas": int(mapping.out_of_atlas.sum())},

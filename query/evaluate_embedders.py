@@ -60,6 +60,7 @@ import scipy.sparse as sp
 
 from scatlas.atlas.atomic import write_json_atomic
 from scatlas.atlas.chunks import CellChunk
+from scatlas.atlas.embed.base import CellReads
 from scatlas.atlas.errors import InputError, TooFewCellsError
 from scatlas.atlas.outputs import OutputKind, check_output_file, claim_output_dir, writing
 from scatlas.atlas.sql import quote_ident, quote_literal
@@ -76,6 +77,7 @@ from scatlas.index import (
     sample_sorted,
     train_label_heads,
 )
+from scatlas.index.embedding import cell_reads
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +169,7 @@ class RestSource:
     def __init__(self, store: Any, embedder: Any, ids: np.ndarray) -> None:
         self.store, self.embedder = store, embedder
         self.ids = np.asarray(ids, dtype=np.int64)
-        self._with_x, self._obsm = reads(embedder)
+        self._reads = cell_reads(embedder, "atlas")
 
     @property
     def n_cells(self) -> int:
@@ -186,7 +188,7 @@ class RestSource:
 
     def chunks(self, ids: np.ndarray, chunk_size: int) -> Iterator[CellChunk]:
         """The cells ``ids`` (sorted, a subset of this source's) as chunks: contiguous runs read as slices."""
-        yield from read_chunks(self.store, ids, chunk_size, self._with_x, self._obsm)
+        yield from read_chunks(self.store, ids, chunk_size, self._reads)
 
     def iter_vectors(self, spec: ShardSpec, chunk_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         lo, hi = np.searchsorted(self.ids, [spec.start, spec.stop])
@@ -224,23 +226,18 @@ def _reopen_rest_source(path: str, embedder: Any, ids: np.ndarray) -> RestSource
     return RestSource(AtlasStore.open(path), embedder, ids)
 
 
-def reads(embedder: Any) -> tuple[bool, tuple[str, ...]]:
-    """(whether ``embedder`` reads X, the obsm keys it reads)."""
-    key = embedder.obsm_key
-    return embedder.needs == "X", ((str(key),) if embedder.needs == "obsm" and key else ())
-
-
-def read_chunks(store: Any, ids: np.ndarray, chunk_size: int, with_x: bool, obsm: Sequence[str]) -> Iterator[CellChunk]:
-    """Chunks of the store's cells ``ids`` (sorted, unique): runs of consecutive ids are read as slices."""
+def read_chunks(store: Any, ids: np.ndarray, chunk_size: int, reads: CellReads) -> Iterator[CellChunk]:
+    """Chunks of the store's cells ``ids`` (sorted, unique) with what ``reads`` says (:func:`index.embedding.
+    cell_reads`): runs of consecutive ids are read as slices."""
     if not len(ids):
         return
+    what = {"with_X": reads.x, "obsm_keys": reads.obsm, "obs_columns": reads.obs}
     breaks = np.flatnonzero(np.diff(ids) != 1) + 1
     if len(breaks) > 64:  # scattered cells (a donor held out across datasets): point reads
-        yield from store.read_cells(ids, chunk_size=chunk_size, with_X=with_x, obsm_keys=obsm)
+        yield from store.read_cells(ids, chunk_size=chunk_size, **what)
         return
     for run in np.split(ids, breaks):
-        yield from store.iter_chunks(start=int(run[0]), stop=int(run[-1]) + 1, chunk_size=chunk_size,
-                                     with_X=with_x, obsm_keys=obsm)
+        yield from store.iter_chunks(start=int(run[0]), stop=int(run[-1]) + 1, chunk_size=chunk_size, **what)
 
 
 # -- the evaluation -----------------------------------------------------------------------------------------------
@@ -380,9 +377,9 @@ def _holdout(store: Any, cells: _Cells, spec: str, options: dict[str, Any], grou
     embedder = make_embedder(spec, **options)
     if embedder.requires_fit:
         fit_ids = sample_sorted(rest_ids, s.fit_sample, s.seed).astype(np.int64)
-        with_x, obsm = reads(embedder)
+        fit_reads = cell_reads(embedder, "atlas")
         # a zero-argument callable: fitting may take several passes over the sample (PCA takes two)
-        embedder.fit(lambda: read_chunks(store, fit_ids, 10_000, with_x, obsm))  # type: ignore[arg-type]
+        embedder.fit(lambda: read_chunks(store, fit_ids, 10_000, fit_reads))  # type: ignore[arg-type]
     timer.add("fit", t0)
     # 2. the index of the rest (shard tasks on the executor), its metadata only the rest's rows
     t0 = time.perf_counter()
@@ -433,8 +430,9 @@ def _held_out_cells(store: Any, idx: AtlasIndex, ids: np.ndarray, timer: _Timer)
 
     from scatlas.atlas.normalize import to_lognorm
 
-    with_x, obsm_keys = reads(idx.embedder)
-    chunks = list(read_chunks(store, ids, 10_000, with_x, obsm_keys))
+    reads = cell_reads(idx.embedder, "query")  # held-out cells are queries (scVI with atlas_obsm: from counts)
+    with_x, obsm_keys = reads.x, reads.obsm
+    chunks = list(read_chunks(store, ids, 10_000, reads))
     parts, t0 = [], time.perf_counter()
     for chunk in chunks:
         parts.append(idx.embed(chunk))

@@ -223,11 +223,7 @@ def plot_confusion(
                     )
     fig.colorbar(im, ax=ax, fraction=0.04, label="fraction of truth row")
     fig.tight_layout()
-    out = Path(out)
-    with atomic_path(out, inputs=inputs, file_kind="png") as tmp, open(tmp, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=120)
-    logger.info("wrote %s", out)
-    return out
+    return _save_png(fig, out, inputs)
 
 
 # -- tables as Parquet or CSV ------------------------------------------------------------------------------------
@@ -315,6 +311,7 @@ def _atlas_layer(ax: Any, atlas_xy: np.ndarray, labels: np.ndarray | None) -> No
 
 
 def _save_png(fig: Any, out: str | Path, inputs: Iterable[str | Path | None]) -> Path:
+    """Write ``fig`` to ``out`` as a 120-dpi PNG, atomically (``inputs``: files it must not replace); returns it."""
     out = Path(out)
     with atomic_path(out, inputs=inputs, file_kind="png") as tmp, open(tmp, "wb") as fh:
         fig.savefig(fh, format="png", dpi=120)

@@ -18,6 +18,7 @@ from scatlas.atlas.sources import open_h5ad
 from scatlas.atlas.sources.base import iter_cell_chunks
 from scatlas.atlas.species import SpeciesGuess, guess_species_of_genes
 from scatlas.index import AtlasIndex, Progress, check_obsm, progress_bar
+from scatlas.index.embedding import cell_reads
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,9 @@ class QueryCells:
     ``source``: the opened ``.h5ad`` or AnnData (raw counts from X, ``layers['counts']`` or ``.raw`` when present,
     else log-normalised values); ``match``: its genes against the embedder's (None for embedders that read no
     genes); ``what``: how messages name the cells (e.g. ``"query"``); ``species``: the species guessed from the
-    cells' genes and from the embedder's (:func:`species_check`; empty for embedders that read no genes).
+    cells' genes and from the embedder's (:func:`species_check`; empty for embedders that read no genes);
+    ``obs_columns``: the obs columns the embedder reads of query cells that the source has (one it lacks is left
+    out of the chunks: the embedder decides what that means; scVI: the cells are one batch named after the source).
     """
 
     source: Any
@@ -41,6 +44,7 @@ class QueryCells:
     match: GeneMatch | None
     what: str
     obsm_keys: tuple[str, ...] = ()
+    obs_columns: tuple[str, ...] = ()
     species: dict[str, Any] = field(default_factory=dict)
     query_update: dict[str, Any] = field(default_factory=dict)
     """What the embedder's ``prepare_query`` did for these cells (scVI: the query update of unseen batches)."""
@@ -66,7 +70,8 @@ class QueryCells:
 
     def chunks(self, chunk_size: int, rows: np.ndarray | None = None) -> Iterator[CellChunk]:
         """The cells (or the rows ``rows``) in chunks of ``chunk_size``; chunk ids are row positions."""
-        return iter_cell_chunks(self.source, chunk_size=int(chunk_size), rows=rows, obsm_keys=self.obsm_keys)
+        return iter_cell_chunks(self.source, chunk_size=int(chunk_size), rows=rows, obsm_keys=self.obsm_keys,
+                                obs_columns=self.obs_columns)
 
     def embed(self, rows: np.ndarray, chunk_size: int, progress: Progress = False) -> np.ndarray:
         """``(len(rows), dim)`` float32 L2-normalised vectors of the rows ``rows`` (sorted), by the index's embedder."""
@@ -144,7 +149,19 @@ def open_query(
         species = {} if match is None else species_check(
             source.genes, embedder, what=what, allow_mismatch=allow_species_mismatch
         )
+        columns = _obs_columns(source, embedder, what)
     except BaseException:
         source.close()
         raise
-    return QueryCells(source, index, match, what, species=species)
+    return QueryCells(source, index, match, what, species=species, obs_columns=columns)
+
+
+def _obs_columns(source: Any, embedder: Any, what: str) -> tuple[str, ...]:
+    """The obs columns ``embedder`` reads of query cells that ``source`` has; those it lacks are logged."""
+    wanted = cell_reads(embedder, "query").obs
+    have = tuple(c for c in wanted if c in source.obs.columns)
+    for column in wanted:
+        if column not in have:
+            logger.info("the %s has no obs column %r, which the index's embedder reads: its cells are read without it",
+                        what, column)
+    return have

@@ -25,6 +25,7 @@ from scatlas.cli_common import (
     _parse_obs_map,
     _parse_pairs,
     _setup_logging,
+    _split_pair,
     atlas_option,
     executor_options,
     index_option,
@@ -89,9 +90,7 @@ def ingest(sources: tuple[str, ...], atlas_dir: Path, dataset_id: str | None, ob
 
     constants: dict[str, str] = {}
     for item in obs_set:
-        column, sep, value = item.partition("=")
-        if not sep or not column or not value:
-            raise click.BadParameter(f"expected COLUMN=VALUE, got {item!r}", param_hint="--obs-set")
+        column, value = _split_pair(item, "--obs-set", "COLUMN=VALUE")
         if column in constants:
             raise click.BadParameter(f"column {column!r} given twice", param_hint="--obs-set")
         constants[column] = value
@@ -492,6 +491,13 @@ def _echo_annotation(report: dict[str, Any]) -> None:
     if overlap:
         _echo(f"gene overlap: {overlap.get('n_matched')} of the embedder's {overlap.get('n_target_genes')} genes "
               f"({100 * overlap.get('fraction_of_target', 0):.1f}%)")
+    update = report.get("query_update") or {}
+    if update.get("query_update"):
+        _echo(f"query update: the embedder adapted to the query's {update.get('cells', 0):,} cells of "
+              f"{len(update.get('batches', []))} batch(es) it had not seen ({update.get('epochs')} epochs, "
+              f"{update.get('seconds')} s)")
+    elif update.get("reason"):
+        _echo(f"query update: none ({update['reason']})")
     refit = report.get("params", {}).get("heads_refit_for_query_genes")
     if refit and refit.get("keys"):
         _echo(f"label heads for {', '.join(refit['keys'])} refitted for the query's {refit['genes_present']} of "

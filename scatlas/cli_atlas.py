@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from scatlas.atlas.validate import escaped
-from scatlas.cli_common import _echo, _echo_json, _echo_ontology_fill, atlas_option
+from scatlas.cli_common import _echo, _echo_json, _echo_ontology_fill, _split_pair, atlas_option
 
 
 def _values(top: list[tuple[str | None, int]]) -> str:
@@ -19,13 +19,9 @@ def _values(top: list[tuple[str | None, int]]) -> str:
 
 
 def _obs_pairs(values: tuple[str, ...]) -> list[tuple[str, str]]:
-    out = []
-    for item in values:
-        src, sep, dst = item.partition("=")
-        if not sep or not src or not dst:
-            raise click.BadParameter(f"expected SOURCE=TARGET, got {escaped(item, 60)}", param_hint="--obs-map")
-        out.append((src, dst))
-    return out
+    """The ``--obs-map SOURCE=TARGET`` items as pairs, in order."""
+    return [_split_pair(item, "--obs-map", "SOURCE=TARGET", show_item=lambda text: escaped(text, 60))
+            for item in values]
 
 
 @click.command()

@@ -148,14 +148,20 @@ def _make_executor(executor: str, ray_address: str | None, cpus_per_task: float)
     return RayExecutor(ray_address, cpus_per_task=cpus_per_task)
 
 
+def _split_pair(item: str, option: str, form: str, *, last: bool = False,
+                show_item: Callable[[str], str] = repr) -> tuple[str, str]:
+    """One ``A=B`` item of a repeated ``option``, split at its first ``=`` (``last``: its last) into two non-empty
+    sides; otherwise click.BadParameter saying the ``form`` expected (e.g. ``SOURCE=TARGET``) and the item (as
+    ``show_item`` writes it)."""
+    key, sep, value = item.rpartition("=") if last else item.partition("=")
+    if not sep or not key or not value:
+        raise click.BadParameter(f"expected {form}, got {show_item(item)}", param_hint=option)
+    return key, value
+
+
 def _parse_obs_map(values: tuple[str, ...]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in values:
-        src, sep, dst = item.partition("=")
-        if not sep or not src or not dst:
-            raise click.BadParameter(f"expected SOURCE=TARGET, got {item!r}", param_hint="--obs-map")
-        out[src] = dst
-    return out
+    """The ``--obs-map SOURCE=TARGET`` items as a mapping (a source given twice: the last target)."""
+    return dict(_split_pair(item, "--obs-map", "SOURCE=TARGET") for item in values)
 
 
 def _echo_json(payload: Any, path: Path | None) -> None:
@@ -191,13 +197,8 @@ def _echo_ontology_fill(dataset_id: str, rep: dict[str, Any]) -> None:
 
 
 def _parse_pairs(values: tuple[str, ...], option: str) -> list[tuple[str, str]]:
-    out = []
-    for item in values:
-        key, sep, val = item.rpartition("=")
-        if not sep or not key or not val:
-            raise click.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint=option)
-        out.append((key, val))
-    return out
+    """The ``NAME=VALUE`` items of ``option`` as pairs, in order (split at the last ``=``)."""
+    return [_split_pair(item, option, "NAME=VALUE", last=True) for item in values]
 
 
 def _option_value(text: str) -> Any:

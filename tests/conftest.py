@@ -1,8 +1,9 @@
-"""Shared fixtures: small synthetic AnnData files in the conventions of real atlas dumps, and ../shared data."""
+"""Shared fixtures: small synthetic AnnData files in the conventions of real atlas dumps, a small synthetic atlas
+and index with a planted rare type, the toy embedder plug-in, the CLI runner, and ../shared data."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anndata
@@ -10,7 +11,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from click.testing import CliRunner
 
+from scatlas.atlas import ingest
+from scatlas.atlas.synthetic import RareType, SyntheticAtlasConfig, write_h5ad_datasets
+from scatlas.cli import cli
+from scatlas.index import build_index
+from tests.plugin_pkg import install, uninstall
+
+PLANTED = "norn cell"
 SHARED_RAW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raw"
 
 
@@ -74,3 +83,34 @@ def h5ad_factory(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def planted_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three synthetic datasets (2,400 cells, 6% :data:`PLANTED` cells in each): datasets 0 and 1 ingested into
+    ``root/atlas`` and indexed (default build) in ``index``, dataset 2 the ``query``. Built once per session; the
+    tests that share it (search, serve, the browser) only read it."""
+    root = tmp_path_factory.mktemp("planted_world")
+    cfg = SyntheticAtlasConfig(
+        n_cells=2400, n_genes=300, n_datasets=3, n_donors=2, seed=5, non_primary_fraction=0.0,
+        rare_types=(RareType(PLANTED, 0.06, datasets=(0, 1, 2)),),
+    )
+    paths = write_h5ad_datasets(cfg, root / "h5ad")
+    ingest(paths[:2], root / "atlas", progress=False)
+    build_index(root / "atlas", root / "index", embedder_options={"n_hvg": 250, "n_components": 20},
+                progress=False)
+    return {"root": root, "index": root / "index", "query": paths[2]}
+
+
+def run_cli(*args: str) -> str:
+    """The output of ``scatlas -q ARGS`` (exceptions propagate), asserting that it succeeded."""
+    result = CliRunner().invoke(cli, ["-q", *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture
+def toy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """The toy embedder plug-in (tests/plugin_pkg) installed for one test (its site dir), uninstalled after."""
+    yield install(monkeypatch, tmp_path / "plugin")
+    uninstall()

@@ -11,34 +11,29 @@ import pytest
 from click.testing import CliRunner
 
 from scatlas.cli import cli
-
-
-def run(*args: str) -> str:
-    result = CliRunner().invoke(cli, ["-q", *args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
+from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli_pipeline")
-    run("synth", "--out", str(root / "h5ad"), "--cells", "3000", "--genes", "300", "--datasets", "3",
+    run_cli("synth", "--out", str(root / "h5ad"), "--cells", "3000", "--genes", "300", "--datasets", "3",
         "--rare", "norn cell=0.04@0,1,2", "--absent", "fibroblast=0,1", "--no-progress")
     files = sorted((root / "h5ad").glob("*.h5ad"))
-    run("ingest", *map(str, files[:2]), "--atlas", str(root / "atlas"), "--no-progress")
+    run_cli("ingest", *map(str, files[:2]), "--atlas", str(root / "atlas"), "--no-progress")
     return root
 
 
 def test_build_and_info(pipeline):
-    out = run("build", "--atlas", str(pipeline / "atlas"), "--index", str(pipeline / "index"), "--shard-size", "700",
+    out = run_cli("build", "--atlas", str(pipeline / "atlas"), "--index", str(pipeline / "index"), "--shard-size", "700",
               "--embedder-option", "n_components=20", "--fit-sample", "2000")
     assert "recall@30" in out and "shard(s)" in out
     assert "label heads" in out and "cell_type:" in out  # trained by default: the atlas has cell_type labels
-    info = json.loads(run("info", str(pipeline / "index"), "--json"))
+    info = json.loads(run_cli("info", str(pipeline / "index"), "--json"))
     assert info["dim"] == 20 and info["shards"] >= 2 and info["recall"] > 0.95
     assert info["label_heads"]["cell_type"]["features"] == ["embedding", "genes"]
     # rerunning the same build resumes (nothing to do) and keeps the index
-    run("build", "--atlas", str(pipeline / "atlas"), "--index", str(pipeline / "index"), "--shard-size", "700",
+    run_cli("build", "--atlas", str(pipeline / "atlas"), "--index", str(pipeline / "index"), "--shard-size", "700",
         "--embedder-option", "n_components=20", "--fit-sample", "2000")
 
 
@@ -48,7 +43,7 @@ def test_annotate_cli(pipeline):
     query = sorted((pipeline / "h5ad").glob("*.h5ad"))[-1]
     before = query.read_bytes()
     # the settings for a query that may hold types the atlas lacks (fibroblasts are held out of it)
-    out = run("annotate", str(query), "--index", str(pipeline / "index"), "--out", str(pipeline / "q.h5ad"),
+    out = run_cli("annotate", str(query), "--index", str(pipeline / "index"), "--out", str(pipeline / "q.h5ad"),
               "--truth-key", "cell_type", "--min-confidence", "0.5", "--far-quantile", "0.001", "--no-progress")
     assert "macro-F1" in out
     params = json.loads((pipeline / "q.report.json").read_text())["params"]
@@ -67,15 +62,15 @@ def test_hunt_cli(pipeline):
         test_build_and_info(pipeline)
     query = sorted((pipeline / "h5ad").glob("*.h5ad"))[-1]
     idx = str(pipeline / "index")
-    out = run("hunt", "train", "--index", idx, "--cells", str(query), "--positive", "cell_type == 'norn cell'",
+    out = run_cli("hunt", "train", "--index", idx, "--cells", str(query), "--positive", "cell_type == 'norn cell'",
               "--out", str(pipeline / "clf"), "--background", "1000", "--no-progress")
     assert "threshold" in out
-    out = run("hunt", "sweep", "--index", idx, "--classifier", str(pipeline / "clf"), "--out", str(pipeline / "sweep"),
+    out = run_cli("hunt", "sweep", "--index", idx, "--classifier", str(pipeline / "clf"), "--out", str(pipeline / "sweep"),
               "--no-progress")
     assert "hits" in out and "GB/s" in out
     hits = pd.read_parquet(pipeline / "sweep" / "hits.parquet")
     assert len(hits) > 0 and "dataset_id" in hits.columns
-    out = run("hunt", "report", str(pipeline / "sweep" / "hits.parquet"), "--index", idx, "--out", str(pipeline / "rep"))
+    out = run_cli("hunt", "report", str(pipeline / "sweep" / "hits.parquet"), "--index", idx, "--out", str(pipeline / "rep"))
     assert (pipeline / "rep" / "enrichment.csv").is_file()
 
 
@@ -94,7 +89,7 @@ def test_cli_errors_for_bad_index_and_query(pipeline, tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_every_stage(tmp_path):
-    out = run("demo", "--out", str(tmp_path / "demo"), "--cells", "4000", "--no-progress")
+    out = run_cli("demo", "--out", str(tmp_path / "demo"), "--cells", "4000", "--no-progress")
     for stage in ("synthesise", "ingest", "build", "annotate", "hunt"):
         assert f"== {stage}" in out
     assert (tmp_path / "demo" / "query.annotated.h5ad").is_file()

@@ -22,21 +22,10 @@ from scatlas.atlas.embed.registry import (
 )
 from scatlas.atlas.errors import DependencyError, InputError
 from scatlas.cli import cli
+from tests.conftest import run_cli
 from tests.plugin_pkg import install, uninstall
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(*args: str) -> str:
-    result = CliRunner().invoke(cli, ["-q", *args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-@pytest.fixture
-def toy(monkeypatch, tmp_path):
-    yield install(monkeypatch, tmp_path / "plugin")
-    uninstall()
 
 
 def test_builtin_embedders_register_in_pyproject_as_in_the_fallback_table():
@@ -62,26 +51,26 @@ def test_a_plugin_is_listed_without_being_imported(toy):
     assert "toy" in available_embedders() and "scatlas_toy_embedder" not in sys.modules
     entry = registered_embedders()["toy"]
     assert not entry.builtin and entry.origin == "scatlas-toy-embedder 0.1"
-    out = run("embedders")
+    out = run_cli("embedders")
     line = next(ln for ln in out.splitlines() if ln.startswith("toy "))
     assert "scatlas-toy-embedder 0.1" in line and " yes " in line and "random projection" in line
-    rows = {r["name"]: r for r in json.loads(run("embedders", "--json"))}
+    rows = {r["name"]: r for r in json.loads(run_cli("embedders", "--json"))}
     assert rows["toy"]["usable"] and rows["toy"]["fits"] and rows["pca"]["builtin"]
     embedder = make_embedder("toy", dim=4)
     assert embedder.name == "toy" and embedder.dim == 4 and embedder.requires_fit
 
 
 def test_a_plugin_builds_annotates_and_is_needed_to_open_its_index(toy, tmp_path, monkeypatch):
-    run("synth", "--out", str(tmp_path / "h5ad"), "--cells", "900", "--genes", "200", "--datasets", "3",
+    run_cli("synth", "--out", str(tmp_path / "h5ad"), "--cells", "900", "--genes", "200", "--datasets", "3",
         "--no-progress")
     files = sorted((tmp_path / "h5ad").glob("*.h5ad"))
-    run("ingest", *map(str, files[:2]), "--atlas", str(tmp_path / "atlas"), "--no-progress")
+    run_cli("ingest", *map(str, files[:2]), "--atlas", str(tmp_path / "atlas"), "--no-progress")
     index = tmp_path / "index"
-    out = run("build", "--atlas", str(tmp_path / "atlas"), "--index", str(index), "--embedder", "toy",
+    out = run_cli("build", "--atlas", str(tmp_path / "atlas"), "--index", str(index), "--embedder", "toy",
               "--embedder-option", "n_genes=80", "--no-progress")
     assert "embedder     toy" in out and "16 dims" in out
-    assert json.loads(run("info", str(index), "--json"))["embedder"] == "toy"
-    out = run("annotate", str(files[2]), "--index", str(index), "--out", str(tmp_path / "q.h5ad"),
+    assert json.loads(run_cli("info", str(index), "--json"))["embedder"] == "toy"
+    out = run_cli("annotate", str(files[2]), "--index", str(index), "--out", str(tmp_path / "q.h5ad"),
               "--truth-key", "cell_type", "--no-progress")
     report = json.loads((tmp_path / "q.report.json").read_text())
     assert report["evaluation"]["cell_type"]["accuracy"] > 0.5, out
@@ -124,7 +113,7 @@ def test_a_broken_plugin_gives_a_clear_error_naming_it(monkeypatch, tmp_path):
         result = CliRunner().invoke(cli, ["build", "--atlas", str(tmp_path / "no-atlas"), "--index",
                                           str(tmp_path / "i"), "--embedder", "broken"])
         assert result.exit_code == 1 and result.output.startswith("Error: ") and "Traceback" not in result.output
-        out = run("embedders")  # the listing still works and says what is wrong
+        out = run_cli("embedders")  # the listing still works and says what is wrong
         assert "UNUSABLE" in next(ln for ln in out.splitlines() if ln.startswith("broken "))
         assert "pca" in out and "toy" in out
     finally:

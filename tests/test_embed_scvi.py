@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from click.testing import CliRunner
 
 pytest.importorskip("scvi", reason="scvi-tools is not installed (pip install 'scatlas[scvi]'; the test extra has it)")
 
@@ -20,17 +19,10 @@ from scatlas.atlas.embed.scvi_backend import quiet  # noqa: E402
 from scatlas.atlas.errors import InputError  # noqa: E402
 from scatlas.atlas.genes import GeneVocabulary  # noqa: E402
 from scatlas.atlas.store import AtlasStore  # noqa: E402
-from scatlas.cli import cli  # noqa: E402
 from scatlas.index import AtlasIndex, l2_normalize  # noqa: E402
-from tests.conftest import make_adata  # noqa: E402
+from tests.conftest import make_adata, run_cli  # noqa: E402
 
 TINY = {"max_epochs": 3, "n_hvg": 60, "n_latent": 8, "n_hidden": 32, "query_epochs": 2}
-
-
-def run(*args: str) -> str:
-    result = CliRunner().invoke(cli, ["-q", *args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 def chunks(adata, name: str, size: int = 100, kind: str = "counts") -> list[CellChunk]:
@@ -53,26 +45,29 @@ def built(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("scvi")
     for i, name in enumerate(["d1", "d2", "query"]):
         make_adata(300 if name != "query" else 150, 100, seed=i + 1).write_h5ad(root / f"{name}.h5ad")
-    run("ingest", str(root / "d1.h5ad"), str(root / "d2.h5ad"), "--atlas", str(root / "atlas"), "--no-progress")
+    run_cli("ingest", str(root / "d1.h5ad"), str(root / "d2.h5ad"), "--atlas", str(root / "atlas"), "--no-progress")
     opts = [x for k, v in TINY.items() for x in ("--embedder-option", f"{k}={v}")]
-    out = run("build", "--atlas", str(root / "atlas"), "--index", str(root / "index"), "--embedder", "scvi", *opts,
+    out = run_cli("build", "--atlas", str(root / "atlas"), "--index", str(root / "index"), "--embedder", "scvi", *opts,
               "--shard-size", "250", "--no-progress")
     assert "shard(s)" in out
     return root
 
 
 def test_build_with_scvi_and_annotate(built):
-    info = json.loads(run("info", str(built / "index"), "--json"))
+    info = json.loads(run_cli("info", str(built / "index"), "--json"))
     assert info["embedder"] == "scvi" and info["dim"] == TINY["n_latent"]
     assert info["label_heads"]["cell_type"]["features"] == ["embedding"]  # no gene features: the embedding head
     saved = json.loads((built / "index" / "embedder" / "embedder.json").read_text())
     assert saved["params"]["max_epochs"] == 3 and saved["params"]["batch_key"] == "dataset_id"
     assert (built / "index" / "embedder" / "scvi_model" / "model.pt").is_file()
-    out = run("annotate", str(built / "query.h5ad"), "--index", str(built / "index"), "--out", str(built / "q.h5ad"),
+    out = run_cli("annotate", str(built / "query.h5ad"), "--index", str(built / "index"), "--out", str(built / "q.h5ad"),
               "--truth-key", "cell_type", "--no-progress")
     assert "macro-F1" in out
     report = json.loads((built / "q.report.json").read_text())
     assert report["evaluation"]["cell_type"]["accuracy"] > 0.5  # three planted types, a 3-epoch model
+    update = report["query_update"]  # the query's dataset is a batch the model has not seen: updated, and said so
+    assert update["query_update"] is True and update["cells"] == 150 and update["batches"] == ["query"]
+    assert "query update: the embedder adapted to the query's 150 cells of 1 batch(es)" in out
 
 
 def test_atlas_cells_embed_as_at_build(built):
@@ -158,8 +153,10 @@ def test_refuses_what_scvi_cannot_read():
     emb = make_embedder("scvi", **TINY)
     with pytest.raises(InputError, match="raw counts.*'lognorm'"):
         emb.fit(chunks(make_adata(100, 60), "d1", kind="lognorm"))
-    with pytest.raises(InputError, match="batch_key must be 'dataset_id' or 'none'.*donor_id"):
-        make_embedder("scvi", batch_key="donor_id")
+    with pytest.raises(InputError, match="batch_key must be 'dataset_id', 'none' or an obs column name"):
+        make_embedder("scvi", batch_key=" ")
+    with pytest.raises(InputError, match="atlas_obsm needs model_dir"):
+        make_embedder("scvi", atlas_obsm="X_scvi")
     with pytest.raises(InputError, match="max_epochs"):
         make_embedder("scvi", max_epochs=0)
     with pytest.raises(InputError, match="not fitted"):

@@ -14,36 +14,24 @@ from click.testing import CliRunner
 from scatlas.atlas.errors import InputError, TooFewCellsError
 from scatlas.cli import cli
 from scatlas.query.evaluate_embedders import EvaluationSettings, batch_mixing, evaluate_embedders
-from tests.plugin_pkg import install, uninstall
+from tests.conftest import run_cli
 
 RATES = ("knn_macro_f1", "knn_unaligned_macro_f1", "heads_macro_f1", "knn_accuracy", "heads_accuracy",
          "batch_mixing", "label_conservation", "hunt_recall", "hunt_precision")
 SECONDS = ("fit_seconds_per_1k", "build_seconds_per_1k", "embed_seconds_per_1k", "heads_seconds")
 
 
-def run(*args: str) -> str:
-    result = CliRunner().invoke(cli, ["-q", *args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
 @pytest.fixture(scope="module")
 def synthetic_atlas(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("evaluate")
-    run("synth", "--atlas", str(root / "atlas"), "--cells", "1800", "--genes", "200", "--datasets", "3",
+    run_cli("synth", "--atlas", str(root / "atlas"), "--cells", "1800", "--genes", "200", "--datasets", "3",
         "--rare", "norn cell=0.016@0,1,2", "--no-progress")
     return root / "atlas"
 
 
-@pytest.fixture
-def toy(monkeypatch, tmp_path):
-    yield install(monkeypatch, tmp_path / "plugin")
-    uninstall()
-
-
 def test_evaluate_pca_and_a_plugin_on_a_synthetic_atlas(synthetic_atlas, toy, tmp_path):
     out = tmp_path / "eval"
-    text = run("evaluate", "--atlas", str(synthetic_atlas), "--embedders", "pca,toy", "--out", str(out),
+    text = run_cli("evaluate", "--atlas", str(synthetic_atlas), "--embedders", "pca,toy", "--out", str(out),
                "--max-holdouts", "2", "--embedder-option", "pca:n_components=20",
                "--embedder-option", "toy:n_genes=80", "--no-progress")
     assert "kNN F1" in text and "evaluation.json" in text
@@ -121,7 +109,7 @@ def test_evaluate_pca_on_a_real_two_dataset_atlas(shared_raw, tmp_path):
         files.append(path)
     ingest(files, tmp_path / "atlas", progress=False)
     out = tmp_path / "eval"
-    run("evaluate", "--atlas", str(tmp_path / "atlas"), "--embedders", "pca", "--out", str(out),
+    run_cli("evaluate", "--atlas", str(tmp_path / "atlas"), "--embedders", "pca", "--out", str(out),
         "--max-holdouts", "2", "--no-heads", "--no-progress")  # the heads would double the time
     payload = json.loads((out / "evaluation.json").read_text())
     pca = payload["embedders"][0]

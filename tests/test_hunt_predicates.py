@@ -45,6 +45,12 @@ def obs() -> pd.DataFrame:
         ("cell_type == \"Norn cell\" and donor_id == 'd2'", [0, 0, 1, 0, 0]),
         ("~(donor_id == 'd1') & (n_genes > 100)", [0, 0, 1, 1, 0]),
         ("`cell type` == 'a' or cell_type == 'T cell'", [1, 1, 1, 0, 1]),
+        ("cell_type != 'Norn cell'", [0, 1, 0, 0, 1]),  # missing values never match
+        ("donor_id not in ('d2',)", [1, 1, 0, 1, 0]),
+        ("cell_type == 'Norn cell' and donor_id == 'd2'", [0, 0, 1, 0, 0]),
+        ("(cell_type == 'T cell') | (n_genes < 100)", [0, 1, 0, 0, 1]),
+        ("not n_genes >= 900", [0, 0, 1, 0, 1]),
+        ("100 < n_genes <= 1200", [1, 1, 1, 0, 0]),
     ],
 )
 def test_sql_and_legacy_predicates_select_the_same_cells(obs, predicate, expected):
@@ -63,9 +69,15 @@ def test_sql_and_legacy_predicates_select_the_same_cells(obs, predicate, expecte
         ("getenv('HOME') = 'x'", "not allowed"),
         ("__import__('os').system('true')", "not allowed"),
         ("celltype = 'x'", "unknown column 'celltype'"),
+        ("cell_type.str.contains('x')", "not allowed"),
+        ("celltype == 'x'", "unknown column 'celltype'"),
+        ("cell_type = = 'x'", "expected an SQL predicate such as"),
+        ("cell_type", "failed on the cells"),  # a bare text column is no condition
+        ("donor_id in 'd1' and nope == 1", "list of values"),  # neither SQL (no column nope) nor pandas-like
+        ("", "empty"),
     ],
 )
-def test_injection_attempts_are_refused_before_anything_runs(obs, predicate, message):
+def test_injection_attempts_and_wrong_predicates_are_refused(obs, predicate, message):
     with pytest.raises(InputError, match=message):
         evaluate_predicate(obs, predicate)
 

@@ -1,4 +1,5 @@
-"""Hunt building blocks on arrays: predicates, metrics, calibration, logistic fit, kernels, enrichment, DE tests."""
+"""Hunt building blocks on arrays: metrics, calibration, logistic fit, kernels, enrichment, DE tests (predicates:
+test_hunt_predicates.py)."""
 
 from __future__ import annotations
 
@@ -20,59 +21,6 @@ from scatlas.query.hunt.enrichment import bh_qvalues, enrichment, enrichment_tab
 from scatlas.query.hunt.kernels import BlockScorer, ThreadTuner
 from scatlas.query.hunt.logistic import cross_validate, fit_logistic, stratified_folds
 from scatlas.query.hunt.metrics import average_precision, choose_threshold, roc_auc
-from scatlas.query.hunt.predicate import evaluate_predicate
-
-# -- predicate ----------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def obs() -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "cell_type": pd.Categorical(["Norn cell", "T cell", "Norn cell", None, "B cell"]),
-            "donor_id": ["d1", "d1", "d2", "d3", "d2"],
-            "n_genes": [900, 1200, 300, 2000, 50],
-            "cell type": ["a", "b", "a", "b", "a"],
-        },
-        index=[f"c{i}" for i in range(5)],
-    )
-
-
-@pytest.mark.parametrize(
-    ("predicate", "expected"),
-    [
-        ("cell_type == 'Norn cell'", [1, 0, 1, 0, 0]),
-        ("cell_type != 'Norn cell'", [0, 1, 0, 0, 1]),  # missing values never match
-        ("donor_id in ['d2', 'd3']", [0, 0, 1, 1, 1]),
-        ("donor_id not in ('d2',)", [1, 1, 0, 1, 0]),
-        ("cell_type == 'Norn cell' and donor_id == 'd2'", [0, 0, 1, 0, 0]),
-        ("(cell_type == 'T cell') | (n_genes < 100)", [0, 1, 0, 0, 1]),
-        ("not n_genes >= 900", [0, 0, 1, 0, 1]),
-        ("~(donor_id == 'd1') & (n_genes > 100)", [0, 0, 1, 1, 0]),
-        ("100 < n_genes <= 1200", [1, 1, 1, 0, 0]),
-        ("`cell type` == 'a' or cell_type == 'T cell'", [1, 1, 1, 0, 1]),
-    ],
-)
-def test_predicate_matches(obs, predicate, expected):
-    np.testing.assert_array_equal(evaluate_predicate(obs, predicate), np.array(expected, dtype=bool))
-
-
-@pytest.mark.parametrize(
-    ("predicate", "message"),
-    [
-        ("__import__('os').system('true')", "not allowed"),
-        ("cell_type.str.contains('x')", "not allowed"),
-        ("celltype == 'x'", "unknown column 'celltype'"),
-        ("cell_type = = 'x'", "expected an SQL predicate such as"),
-        ("cell_type", "failed on the cells"),  # a bare text column is no condition
-        ("donor_id in 'd1' and nope == 1", "list of values"),  # neither SQL (no column nope) nor pandas-like
-        ("", "empty"),
-    ],
-)
-def test_predicate_refuses_unsafe_or_wrong_input(obs, predicate, message):
-    with pytest.raises(InputError, match=message):
-        evaluate_predicate(obs, predicate)
-
 
 # -- metrics, threshold, calibration ---------------------------------------------------------------------------
 

@@ -12,30 +12,13 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from scatlas.atlas import ingest
 from scatlas.atlas.errors import InputError
-from scatlas.atlas.synthetic import RareType, SyntheticAtlasConfig, write_h5ad_datasets
 from scatlas.cli import cli
-from scatlas.index import AtlasIndex, build_index
+from scatlas.index import AtlasIndex
 from scatlas.query.search import CENTROID, SearchHits, search_cells
+from tests.conftest import PLANTED
 
-PLANTED = "norn cell"
 ATLAS_COLUMNS = {"cell_type", "dataset_id", "donor_id", "tissue"}
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Datasets 0 and 1 form the atlas, dataset 2 is the query; each holds 6% norn cells."""
-    root = tmp_path_factory.mktemp("search")
-    cfg = SyntheticAtlasConfig(
-        n_cells=2400, n_genes=300, n_datasets=3, n_donors=2, seed=5, non_primary_fraction=0.0,
-        rare_types=(RareType(PLANTED, 0.06, datasets=(0, 1, 2)),),
-    )
-    paths = write_h5ad_datasets(cfg, root / "h5ad")
-    ingest(paths[:2], root / "atlas", progress=False)
-    build_index(root / "atlas", root / "index", embedder_options={"n_hvg": 250, "n_components": 20},
-                progress=False)
-    return {"root": root, "index": root / "index", "query": paths[2]}
 
 
 def run(*args: str, ok: bool = True) -> str:
@@ -48,13 +31,13 @@ def run(*args: str, ok: bool = True) -> str:
     return result.output
 
 
-def test_cells_mode_with_cells_where(world: dict[str, Path], tmp_path: Path) -> None:
+def test_cells_mode_with_cells_where(planted_world: dict[str, Path], tmp_path: Path) -> None:
     """The planted cells' neighbours: one row per (cell, rank) with the atlas metadata; the enrichment puts the
     planted label first; the report, the enrichment table and the map are written beside the hits."""
-    before = world["query"].read_bytes()
-    out = run(str(world["query"]), "--index", str(world["index"]), "--out", str(tmp_path / "hits.parquet"),
-              "--k", "15", "--cells-where", f"cell_type = '{PLANTED}'")
-    obs = anndata.read_h5ad(world["query"], backed="r").obs
+    before = planted_world["query"].read_bytes()
+    out = run(str(planted_world["query"]), "--index", str(planted_world["index"]),
+              "--out", str(tmp_path / "hits.parquet"), "--k", "15", "--cells-where", f"cell_type = '{PLANTED}'")
+    obs = anndata.read_h5ad(planted_world["query"], backed="r").obs
     n_planted = int((obs["cell_type"] == PLANTED).sum())
     hits = pd.read_parquet(tmp_path / "hits.parquet")
     assert len(hits) == 15 * n_planted and n_planted > 20
@@ -72,12 +55,12 @@ def test_cells_mode_with_cells_where(world: dict[str, Path], tmp_path: Path) -> 
     assert report["enriched"]["cell_type"][0]["group"] == PLANTED
     assert (tmp_path / "hits.umap.png").read_bytes().startswith(b"\x89PNG")
     assert f"{n_planted} cells used" in out and f"enriched cell_type: {PLANTED}" in out
-    assert world["query"].read_bytes() == before  # the query is never modified
+    assert planted_world["query"].read_bytes() == before  # the query is never modified
 
 
-def test_centroid_mode_csv(world: dict[str, Path], tmp_path: Path) -> None:
-    run(str(world["query"]), "--index", str(world["index"]), "--out", str(tmp_path / "c.csv"), "--mode", "centroid",
-        "--k", "25", "--cells-where", f"cell_type = '{PLANTED}'")
+def test_centroid_mode_csv(planted_world: dict[str, Path], tmp_path: Path) -> None:
+    run(str(planted_world["query"]), "--index", str(planted_world["index"]), "--out", str(tmp_path / "c.csv"),
+        "--mode", "centroid", "--k", "25", "--cells-where", f"cell_type = '{PLANTED}'")
     hits = pd.read_csv(tmp_path / "c.csv")
     assert len(hits) == 25 and (hits["query_cell"] == CENTROID).all() and list(hits["rank"]) == list(range(25))
     assert set(hits.columns) >= ATLAS_COLUMNS and (hits["cell_type"] == PLANTED).all()
@@ -87,15 +70,15 @@ def test_centroid_mode_csv(world: dict[str, Path], tmp_path: Path) -> None:
     assert report["map"]["available"] and len(report["map"]["centroid_xy"]) == 2
 
 
-def test_where_restricts_the_atlas(world: dict[str, Path], tmp_path: Path) -> None:
+def test_where_restricts_the_atlas(planted_world: dict[str, Path], tmp_path: Path) -> None:
     """Hits come only from the cells matching --where, and the enrichment compares with those cells."""
-    res = search_cells(world["query"], world["index"], k=10, progress=False)
+    res = search_cells(planted_world["query"], planted_world["index"], k=10, progress=False)
     assert isinstance(res, SearchHits)
     hits, _enrichment, report = res  # a plain three-field NamedTuple
     datasets = sorted(hits["dataset_id"].astype(str).unique())
     assert len(datasets) == 2 and report["hits"]["atlas_cells_searched"] == report["index"]["n_cells"]
     keep = datasets[0]
-    run(str(world["query"]), "--index", str(world["index"]), "--out", str(tmp_path / "w.parquet"),
+    run(str(planted_world["query"]), "--index", str(planted_world["index"]), "--out", str(tmp_path / "w.parquet"),
         "--where", f"dataset_id = '{keep}'", "--k", "10")
     hits = pd.read_parquet(tmp_path / "w.parquet")
     assert set(hits["dataset_id"].astype(str)) == {keep}
@@ -114,10 +97,10 @@ def test_where_restricts_the_atlas(world: dict[str, Path], tmp_path: Path) -> No
         ("--where", "cell_type = 'no such type'", "no"),
     ],
 )
-def test_bad_predicates_are_errors(world: dict[str, Path], tmp_path: Path, option: str, predicate: str,
+def test_bad_predicates_are_errors(planted_world: dict[str, Path], tmp_path: Path, option: str, predicate: str,
                                    message: str) -> None:
-    out = run(str(world["query"]), "--index", str(world["index"]), "--out", str(tmp_path / "h.parquet"), option,
-              predicate, ok=False)
+    out = run(str(planted_world["query"]), "--index", str(planted_world["index"]), "--out", str(tmp_path / "h.parquet"),
+              option, predicate, ok=False)
     assert message in out
     assert not list(tmp_path.iterdir())  # nothing written
 
@@ -132,34 +115,37 @@ def test_bad_predicates_are_errors(world: dict[str, Path], tmp_path: Path, optio
         "cell_type = 'x'); COPY (SELECT 1) TO '/tmp/pwned.csv'; SELECT (1",
     ],
 )
-def test_file_reads_through_predicates_are_refused(world: dict[str, Path], tmp_path: Path, option: str,
+def test_file_reads_through_predicates_are_refused(planted_world: dict[str, Path], tmp_path: Path, option: str,
                                                    predicate: str) -> None:
-    out = run(str(world["query"]), "--index", str(world["index"]), "--out", str(tmp_path / "h.parquet"), option,
-              predicate, ok=False)
+    out = run(str(planted_world["query"]), "--index", str(planted_world["index"]), "--out", str(tmp_path / "h.parquet"),
+              option, predicate, ok=False)
     assert "root:" not in out and not list(tmp_path.iterdir())
 
 
-def test_outputs_are_checked_before_any_work(world: dict[str, Path], tmp_path: Path) -> None:
-    base = (str(world["query"]), "--index", str(world["index"]))
+def test_outputs_are_checked_before_any_work(planted_world: dict[str, Path], tmp_path: Path) -> None:
+    base = (str(planted_world["query"]), "--index", str(planted_world["index"]))
     assert "parquet or .csv" in run(*base, "--out", str(tmp_path / "hits.txt"), ok=False)
-    assert "inside" in run(*base, "--out", str(world["index"] / "hits.parquet"), ok=False)
+    assert "inside" in run(*base, "--out", str(planted_world["index"] / "hits.parquet"), ok=False)
     raw = tmp_path / "keep.csv"
-    raw.write_bytes(world["query"].read_bytes()[:100])  # an .h5ad under a .csv name is not replaced
+    raw.write_bytes(planted_world["query"].read_bytes()[:100])  # an .h5ad under a .csv name is not replaced
     assert "not a CSV file" in run(*base, "--out", str(raw), ok=False)
     with pytest.raises(InputError, match="mode must be"):
-        search_cells(world["query"], world["index"], mode="nearest", progress=False)  # type: ignore[arg-type]
+        search_cells(planted_world["query"], planted_world["index"], mode="nearest",  # type: ignore[arg-type]
+                     progress=False)
     with pytest.raises(InputError, match="k must be"):
-        search_cells(world["query"], world["index"], k=0, progress=False)
+        search_cells(planted_world["query"], planted_world["index"], k=0, progress=False)
 
 
-def test_hits_placed_on_the_map(world: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    res = search_cells(world["query"], world["index"], k=5, cells_where=f"cell_type = '{PLANTED}'", progress=False)
+def test_hits_placed_on_the_map(planted_world: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    res = search_cells(planted_world["query"], planted_world["index"], k=5, cells_where=f"cell_type = '{PLANTED}'",
+                       progress=False)
     placed = res.report["map"]
     assert placed["available"] and placed["query_cells_placed"] == res.report["query"]["cells_used"]
     xy, hits_xy = np.asarray(placed["query_xy"]), np.asarray(placed["hits_xy"])
     assert xy.shape == (placed["query_cells_placed"], 2) and hits_xy.shape == (res.report["hits"]["atlas_cells"], 2)
     assert np.isfinite(xy).all() and np.isfinite(hits_xy).all()
-    with AtlasIndex.open(world["index"]) as idx:  # the planted query cells land among the atlas' planted cells
+    # the planted query cells land among the atlas' planted cells
+    with AtlasIndex.open(planted_world["index"]) as idx:
         refmap = idx.reference_map()
         assert refmap is not None
         planted = (idx.cells(refmap.ids, ["cell_type"])["cell_type"] == PLANTED).to_numpy()
@@ -168,5 +154,5 @@ def test_hits_placed_on_the_map(world: dict[str, Path], monkeypatch: pytest.Monk
     to_others = np.linalg.norm(refmap.coords[~planted] - centre, axis=1)
     assert np.median(to_planted) < np.quantile(to_others, 0.05)
     monkeypatch.setattr("scatlas.query.search.MAP_POINTS", 10)  # large queries: a sample of cells and hits is placed
-    placed = search_cells(world["query"], world["index"], k=5, progress=False).report["map"]
+    placed = search_cells(planted_world["query"], planted_world["index"], k=5, progress=False).report["map"]
     assert len(placed["query_xy"]) == len(placed["query_rows"]) == 10 and len(placed["hits_xy"]) == 10

@@ -24,35 +24,12 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from scatlas.atlas import ingest
-from scatlas.atlas.synthetic import RareType, SyntheticAtlasConfig, write_h5ad_datasets
 from scatlas.cli import cli
 from scatlas.index import build_index
+from tests.conftest import PLANTED
 
 TOKEN = "test-token-7Qm2v9XkLp3sWz8R"
-PLANTED = "norn cell"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-_WORLDS: dict[str, dict[str, Path]] = {}
-
-
-def build_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A 1,300-cell atlas (two synthetic datasets, a planted rare type) with label heads and a reference map, and
-    the third dataset as the query; built once per test session (the browser test uses it too)."""
-    if "world" in _WORLDS:
-        return _WORLDS["world"]
-    root = tmp_path_factory.mktemp("server_world")
-    cfg = SyntheticAtlasConfig(
-        n_cells=2400, n_genes=300, n_datasets=3, n_donors=2, seed=5, non_primary_fraction=0.0,
-        rare_types=(RareType(PLANTED, 0.06, datasets=(0, 1, 2)),),
-    )
-    paths = write_h5ad_datasets(cfg, root / "h5ad")
-    ingest(paths[:2], root / "atlas", progress=False)
-    build_index(root / "atlas", root / "index", embedder_options={"n_hvg": 250, "n_components": 20},
-                progress=False)
-    small = anndata.read_h5ad(paths[2])[:40].copy()
-    small.write_h5ad(root / "small.h5ad")
-    _WORLDS["world"] = {"root": root, "index": root / "index", "query": paths[2], "small": root / "small.h5ad"}
-    return _WORLDS["world"]
 
 
 def free_port() -> int:
@@ -82,8 +59,12 @@ def running(app: Any) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_world(tmp_path_factory)
+def world(planted_world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The planted world of conftest.py (its index has label heads and a reference map) and ``small``: the first 40
+    cells of its query."""
+    small = tmp_path_factory.mktemp("server_small") / "small.h5ad"
+    anndata.read_h5ad(planted_world["query"])[:40].copy().write_h5ad(small)
+    return {**planted_world, "small": small}
 
 
 @pytest.fixture(scope="module")

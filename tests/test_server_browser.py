@@ -20,7 +20,7 @@ import httpx
 import pandas as pd
 import pytest
 
-from tests.test_server import TOKEN, build_world, free_port
+from tests.test_server import TOKEN, free_port
 
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
 DRIVER = ("chromedriver",)
@@ -46,9 +46,10 @@ def browser_paths() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, browser_paths: tuple[str, str]) -> Iterator[dict[str, Any]]:
-    """`scatlas serve` as a subprocess on a free port of 127.0.0.1."""
-    world = build_world(tmp_path_factory)
+def served(planted_world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory,
+           browser_paths: tuple[str, str]) -> Iterator[dict[str, Any]]:
+    """`scatlas serve` as a subprocess on a free port of 127.0.0.1, serving the planted world (conftest.py)."""
+    world = planted_world
     port = free_port()
     log = tmp_path_factory.mktemp("serve_log") / "serve.log"
     env = {**os.environ, "SCATLAS_TOKEN": TOKEN}

@@ -12,6 +12,7 @@ import zipfile
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -25,6 +26,16 @@ EMBEDDER_FILE = "embedder.json"
 NPZ_LOAD_ERRORS = (KeyError, OSError, ValueError, TypeError, IndexError, EOFError, zipfile.BadZipFile, zlib.error)
 """What reading a damaged ``.npz`` artefact raises (a bad zip, a bad CRC, a truncated member, a bad array header,
 a missing or malformed array); loaders turn these into :class:`~atlas.errors.StoreError`."""
+
+
+@dataclass(frozen=True)
+class CellReads:
+    """What an embedder reads of each cell: ``x`` (whether the expression matrix X), ``obsm`` (keys of stored
+    per-cell matrices) and ``obs`` (cell metadata columns, given to it in :attr:`CellChunk.obs`)."""
+
+    x: bool
+    obsm: tuple[str, ...] = ()
+    obs: tuple[str, ...] = ()
 
 
 class Embedder(ABC):
@@ -55,6 +66,21 @@ class Embedder(ABC):
     def obsm_key(self) -> str | None:
         """The obsm key this embedder reads (``needs == "obsm"``)."""
         return None
+
+    @property
+    def obs_columns(self) -> tuple[str, ...]:
+        """Cell metadata (obs) columns this embedder reads besides expression or vectors (e.g. scVI's batch
+        column); readers put them in :attr:`CellChunk.obs`. None by default."""
+        return ()
+
+    def reads(self, cells: Literal["atlas", "query"]) -> CellReads:
+        """What this embedder reads of ``cells``: ``"atlas"`` (the store's cells at build, ``build --update`` and
+        label-head training) or ``"query"`` (annotate, search, a hunt's labelled cells). By default the same for
+        both, from :attr:`needs`, :attr:`obsm_key` and :attr:`obs_columns`. An embedder that indexes vectors the
+        atlas already holds but embeds queries from their expression (scVI with ``atlas_obsm``) overrides it."""
+        key = self.obsm_key
+        return CellReads(x=self.needs == "X", obsm=(key,) if self.needs == "obsm" and key else (),
+                         obs=tuple(self.obs_columns))
 
     def fit(self, sample: Iterable[CellChunk]) -> None:  # noqa: B027 - a no-op default is intended
         """Fit on a sample of atlas chunks (stratified by dataset). Embedders that need no fit ignore it."""

@@ -7,11 +7,14 @@ embedding, trained on the atlas sample or loaded from a pretrained scvi-tools mo
   missing); then an SCVI model with one batch per dataset (``batch_key="dataset_id"``; ``"none"``: one batch)
   trained for ``max_epochs`` on every sampled cell, set up as scvi-tools advises for a reference that queries are
   mapped onto later (``encode_covariates=True``, layer norm, no batch norm). Seeded; the global random states are
-  restored afterwards.
+  restored afterwards. ``batch_key=COLUMN``: the batch is that obs column (:mod:`atlas.embed.scvi_batches`).
 * ``model_dir=PATH``: a model saved by scvi-tools (``model.save``; e.g. a CELLxGENE Census scVI model): its var
-  names (Ensembl ids or symbols) are the genes; no fit.
-* ``transform``: the chunk's counts on the model's genes (genes it lacks are zero) and its batch: its dataset id
-  when the model knows it. A batch the model has not seen (a query, or a dataset that ``build --update`` added)
+  names (Ensembl ids or symbols) are the genes; no fit. With ``atlas_obsm=KEY`` the atlas cells' vectors are read
+  from the store's ``obsm[KEY]`` (that model's embedding, e.g. the Census'; no X read, the dimension checked by
+  ``fit``) while queries are embedded by the model (:meth:`SCVIEmbedder.reads`).
+* ``transform``: the chunk's counts on the model's genes (genes it lacks are zero) and each cell's batch (its
+  dataset id, or its value of the ``batch_key`` column; a cell without one: its source's name) when the model
+  knows it. A batch the model has not seen (a query, or a dataset that ``build --update`` added)
   is embedded with the encoder alone as the reference batch ``unseen_batch`` (default: the largest batch of the
   fit sample), unless :meth:`SCVIEmbedder.prepare_query` trained a query update for it. ``transform`` never
   trains: every atlas cell embeds the same way at build, update, heads training and search.
@@ -24,8 +27,8 @@ embedding, trained on the atlas sample or loaded from a pretrained scvi-tools mo
 Training and embedding run on ``device`` (auto: CUDA when torch sees a GPU; cuda without one is an error) with
 ``threads`` torch CPU threads (1 by default). Progress is logged (about ten lines per training), never printed.
 
-The batch is read from ``CellChunk.dataset_id``: chunks carry no other cell metadata, so ``batch_key`` is
-``dataset_id`` or ``none``. ``gene_features`` is None: label heads use the embedding only.
+The batch column is read from ``CellChunk.obs`` (the embedder asks for it: :attr:`SCVIEmbedder.obs_columns`).
+``gene_features`` is None: label heads use the embedding only.
 """
 
 from __future__ import annotations
@@ -37,103 +40,32 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
 
 from scatlas.atlas.chunks import CellChunk
 from scatlas.atlas.embed import scvi_backend as backend
-from scatlas.atlas.embed.base import NPZ_LOAD_ERRORS, Embedder
+from scatlas.atlas.embed import scvi_batches as batching
+from scatlas.atlas.embed.base import NPZ_LOAD_ERRORS, CellReads, Embedder
 from scatlas.atlas.embed.pca import SampleSource, sample_pass
+from scatlas.atlas.embed.scvi_params import (
+    AUTO,
+    FIT_STEPS,
+    GENES_FILE,
+    MODEL_DIR,
+    QUERY_EPOCHS,
+    QUERY_STEPS,
+    SCVIParams,
+    auto_epochs,
+)
 from scatlas.atlas.errors import InputError, StoreError
 from scatlas.atlas.genes import GeneMatch, GeneVocabulary, match_genes
 
 logger = logging.getLogger(__name__)
 
-MODEL_DIR = "scvi_model"
-GENES_FILE = "scvi_genes.npz"
-BATCH_KEYS = ("dataset_id", "none")
-AUTO = "auto"
-FIT_STEPS = 8000
-"""``max_epochs="auto"``: scvi-tools' heuristic (400 epochs up to 20,000 cells, fewer above), capped at about this
-many training steps (minibatches), so that a 50,000-cell sample trains in minutes on two CPU cores."""
-QUERY_STEPS = 1500
-QUERY_EPOCHS = 200
-"""``query_epochs="auto"``: the same heuristic for the query update with at most 200 epochs (as scvi-tools'
-scArches tutorial trains a query), capped at about ``QUERY_STEPS`` steps."""
-_NOT_IDENTITY = {"device", "threads", "model_dir"}  # how it runs, where the weights came from (in the digest)
 _MAX_MATCH_CACHE = 64
-
-
-def auto_epochs(n_cells: int, batch_size: int, max_steps: int, cap: int = 400) -> int:
-    """scvi-tools' ``get_max_epochs_heuristic`` (``cap`` epochs up to 20,000 cells, fewer above) capped at
-    ``max_steps`` minibatches (at least 1 epoch)."""
-    heuristic = max(1, min(round(20_000 / max(n_cells, 1) * cap), cap))
-    steps_per_epoch = max(1, -(-n_cells // batch_size))
-    return int(max(1, min(heuristic, max_steps // steps_per_epoch)))
-
-
-@dataclass(frozen=True)
-class SCVIParams:
-    """The parameters of an scVI embedder (all but ``device``, ``threads`` and ``model_dir`` are part of its
-    fingerprint).
-
-    Model: ``n_latent`` (the output dimension), ``n_layers``, ``n_hidden``, ``dropout_rate``, ``gene_likelihood``
-    (zinb, nb, poisson), ``encode_covariates`` (the encoder reads the batch: needed for a query update to move the
-    embedding). Fit: ``n_hvg`` genes, ``max_epochs`` (an int or ``auto``), ``batch_size``, ``seed``, ``batch_key``.
-    Unseen batches: ``query_update``, ``query_epochs``, ``query_max_cells``, ``unseen_batch``. ``model_dir``: a
-    pretrained model instead of a fit. ``device``: auto, cpu, cuda, cuda:N. ``threads``: torch's CPU threads
-    while training and embedding (0: torch's own setting; 1, the default, is fastest for scVI's small
-    minibatches on a few shared cores: 20 epochs of 1,310 cells took 7-10 s with 1 thread, 50-116 s with 2 on
-    a busy 2-core machine).
-    """
-
-    n_hvg: int = 2000
-    n_latent: int = 30
-    n_layers: int = 1
-    n_hidden: int = 128
-    dropout_rate: float = 0.1
-    gene_likelihood: str = "zinb"
-    encode_covariates: bool = True
-    max_epochs: int | str = AUTO
-    batch_size: int = 128
-    seed: int = 0
-    batch_key: str = "dataset_id"
-    query_update: bool = True
-    query_epochs: int | str = AUTO
-    query_max_cells: int = 20_000
-    unseen_batch: str | None = None
-    model_dir: str | None = None
-    device: str = "auto"
-    threads: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("n_hvg", "n_latent", "n_layers", "n_hidden", "batch_size", "query_max_cells"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"scvi option {name} must be a positive integer (got {getattr(self, name)!r})")
-        for name in ("max_epochs", "query_epochs"):
-            value = getattr(self, name)
-            if value != AUTO and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise InputError(f"scvi option {name} must be a positive integer or 'auto' (got {value!r})")
-        if int(self.threads) < 0:
-            raise InputError(f"scvi option threads must be >= 0 (got {self.threads}; 0: torch's own setting)")
-        if not 0.0 <= float(self.dropout_rate) < 1.0:
-            raise InputError(f"scvi option dropout_rate must be in [0, 1) (got {self.dropout_rate})")
-        if self.gene_likelihood not in ("zinb", "nb", "poisson"):
-            raise InputError(f"scvi option gene_likelihood must be zinb, nb or poisson (got {self.gene_likelihood!r})")
-        if self.batch_key not in BATCH_KEYS:
-            raise InputError(
-                f"scvi option batch_key must be 'dataset_id' or 'none' (got {self.batch_key!r}): embedders see each "
-                "chunk's dataset id but no other cell metadata, so a per-cell column such as donor_id cannot be the "
-                "batch yet"
-            )
-        for name in ("encode_covariates", "query_update"):
-            if not isinstance(getattr(self, name), bool):
-                raise InputError(f"scvi option {name} must be true or false (got {getattr(self, name)!r})")
-
-    def identity(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in _NOT_IDENTITY}
 
 
 @dataclass
@@ -172,6 +104,7 @@ class SCVIEmbedder(Embedder):
         query_max_cells: int = 20_000,
         unseen_batch: str | None = None,
         model_dir: str | Path | None = None,
+        atlas_obsm: str | None = None,
         device: str = "auto",
         threads: int = 1,
     ) -> None:
@@ -181,8 +114,8 @@ class SCVIEmbedder(Embedder):
             encode_covariates=encode_covariates, max_epochs=max_epochs, batch_size=int(batch_size), seed=int(seed),
             batch_key=str(batch_key), query_update=query_update, query_epochs=query_epochs,
             query_max_cells=int(query_max_cells), unseen_batch=None if unseen_batch is None else str(unseen_batch),
-            model_dir=None if model_dir is None else str(Path(model_dir).expanduser().resolve()), device=str(device),
-            threads=int(threads),
+            model_dir=None if model_dir is None else str(Path(model_dir).expanduser().resolve()),
+            atlas_obsm=None if atlas_obsm is None else str(atlas_obsm), device=str(device), threads=int(threads),
         )
         backend.import_scvi()  # fail early when scvi-tools is missing
         self._device = backend.resolve_device(self.config.device)
@@ -200,6 +133,7 @@ class SCVIEmbedder(Embedder):
         self._matches: dict[str, GeneMatch] = {}
         self._digest: str | None = None
         self._warned: set[str] = set()
+        self._atlas_checked = False  # atlas_obsm: the dimension of the atlas vectors was checked (fit)
 
     def _set_model(self, model: Any, where: str, vocab: GeneVocabulary | None = None) -> None:
         info = backend.ModelInfo.of(model, where)
@@ -232,7 +166,21 @@ class SCVIEmbedder(Embedder):
 
     @property
     def requires_fit(self) -> bool:
-        return self.config.model_dir is None
+        """Trained on the atlas (no ``model_dir``), or, with ``atlas_obsm``, the atlas vectors' dimension not yet
+        checked against the model (a fit that reads one chunk)."""
+        return self.config.model_dir is None or (self.config.atlas_obsm is not None and not self._atlas_checked)
+
+    @property
+    def obs_columns(self) -> tuple[str, ...]:
+        """The ``batch_key`` column, when the batch is an obs column."""
+        column = batching.batch_column(self.config.batch_key)
+        return () if column is None else (column,)
+
+    def reads(self, cells: Literal["atlas", "query"]) -> CellReads:
+        """Counts and the batch column of every cell, except atlas cells with ``atlas_obsm``: their vectors only."""
+        if cells == "atlas" and self.config.atlas_obsm is not None:
+            return CellReads(x=False, obsm=(self.config.atlas_obsm,))
+        return CellReads(x=True, obs=self.obs_columns)
 
     @property
     def genes(self) -> GeneVocabulary:
@@ -304,39 +252,74 @@ class SCVIEmbedder(Embedder):
     # -- transform ------------------------------------------------------------------------------------------------
 
     def transform(self, chunk: CellChunk) -> np.ndarray:
+        """Latent means of the chunk's counts, each cell with its batch (see the module docstring); a chunk
+        carrying ``obsm[atlas_obsm]`` (atlas cells, read so by :meth:`reads`): those vectors, checked."""
         self._fitted()
         n = len(chunk)
         if n == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        key = self.config.atlas_obsm
+        if key is not None and key in chunk.obsm:
+            return batching.atlas_vectors(chunk, key, self.dim)
         X = self._model_counts(chunk, "embed")
-        model, info, batches = self._route(chunk)
-        return backend.latent_mean(model, X, batches, info, self.config.batch_size, self.config.threads)
+        routes = self._routes(chunk)
+        if len(routes) == 1 and len(routes[0][2]) == n:  # one model for the whole chunk: no copy of X
+            model, info, _rows, batches = routes[0]
+            return backend.latent_mean(model, X, batches, info, self.config.batch_size, self.config.threads)
+        out = np.empty((n, self.dim), dtype=np.float32)
+        for model, info, rows, batches in routes:
+            out[rows] = backend.latent_mean(model, X[rows], batches, info, self.config.batch_size, self.config.threads)
+        return out
 
-    def _route(self, chunk: CellChunk) -> tuple[Any, backend.ModelInfo, list[str] | None]:
-        """The model and the batch a chunk is embedded with (see the module docstring)."""
+    def _routes(self, chunk: CellChunk) -> list[tuple[Any, backend.ModelInfo, np.ndarray, list[str] | None]]:
+        """``(model, its setup, rows, their batches)`` for the chunk's cells, one entry per model: cells of a
+        batch the model knows with that batch; of a batch a query update was prepared for, with the updated
+        model; others as :attr:`reference_batch` (see the module docstring)."""
         info = self._fitted_info()
         n = len(chunk)
         if info.batch_col is None:
-            return self.model, info, None
-        name = None if self.config.batch_key == "none" or chunk.dataset_id is None else str(chunk.dataset_id)
+            return [(self.model, info, np.arange(n), None)]
+        names = batching.cell_batches(chunk, self.config.batch_key)
+        if names is None:  # batch_key=none with a model that has batches (a pretrained one)
+            return [(self.model, info, np.arange(n), [self.reference_batch] * n)]
+        import pandas as pd
+
+        codes, uniques = pd.factorize(names, use_na_sentinel=True)
+        batch = np.empty(n, dtype=object)  # each cell's batch and model (by position in `models`), in row order
+        which = np.zeros(n, dtype=np.int64)
+        models: dict[int, tuple[int, Any, backend.ModelInfo]] = {}
+        for code in range(-1, len(uniques)):
+            rows = codes == code
+            if not rows.any():
+                continue
+            model, minfo, batch[rows] = self._route(None if code < 0 else str(uniques[code]), chunk)
+            which[rows] = models.setdefault(id(model), (len(models), model, minfo))[0]
+        return [(model, minfo, rows, list(batch[rows]))
+                for no, model, minfo in models.values() if len(rows := np.flatnonzero(which == no))]
+
+    def _route(self, name: str | None, chunk: CellChunk) -> tuple[Any, backend.ModelInfo, str]:
+        """The model, its setup and the batch cells of batch ``name`` (None: no name) are embedded with."""
+        info = self._fitted_info()
         if name is not None and name in info.batches:
-            return self.model, info, [name] * n
+            return self.model, info, name
         query = self._queries.get(name) if name is not None else None
         if query is not None and chunk.genes.fingerprint() in query.genes:
-            return query.model, query.info, [str(name)] * n
+            return query.model, query.info, str(name)
         ref = self.reference_batch
-        if name is not None and name not in self._warned:
-            self._warned.add(name)
+        column = batching.batch_column(self.config.batch_key)
+        said = f"a value of obs column {column!r}" if column is not None and name != chunk.dataset_id else repr(name)
+        if said not in self._warned:
+            self._warned.add(said)
             why = (
                 "no query update was prepared for it" if self.config.query_update and info.encode_covariates
                 else "query_update=false" if not self.config.query_update
                 else "the model's encoder does not read the batch"
             )
             logger.info(
-                "scvi: batch %r is not one the model was trained on: embedded with the encoder as batch %r (%s)",
-                name, ref, why,
+                "scvi: batch %s is not one the model was trained on: embedded with the encoder as its reference "
+                "batch (%s)", said, why,
             )
-        return self.model, info, [ref] * n
+        return self.model, info, ref
 
     @property
     def reference_batch(self) -> str:
@@ -358,28 +341,34 @@ class SCVIEmbedder(Embedder):
 
     def prepare_query(self, cells: SampleSource, *, what: str = "query") -> dict[str, Any]:
         """Train the scArches query update for the cells of ``cells`` (a :data:`~atlas.embed.pca.SampleSource`
-        of CellChunk: the whole query, read once) whose batch (dataset id) the model has not seen; later
-        :meth:`transform` calls embed those batches with it. Replaces any earlier update of the same batch.
-        Returns a record of what was done and what it cost (``{"query_update": False, "reason": ...}`` when
-        there is nothing to do)."""
+        of CellChunk: the whole query, read once) whose batch (dataset id, or value of the batch column) the
+        model has not seen; later :meth:`transform` calls embed those batches with it. Replaces any earlier
+        update of the same batch. Returns a record of what was done and what it cost (``{"query_update": False,
+        "reason": ...}`` when there is nothing to do)."""
         info = self._fitted_info()
         if not self.config.query_update:
             return {"query_update": False, "reason": "query_update=false"}
-        if info.batch_col is None or self.config.batch_key == "none":
+        if info.batch_col is None or self.config.batch_key == batching.NO_BATCH:
             return {"query_update": False, "reason": "the model has no batch covariate"}
         if not info.encode_covariates:
             return {"query_update": False, "reason": "the model's encoder does not read the batch"}
         t0 = time.perf_counter()
+        known = set(info.batches)
         parts: list[sp.csr_matrix] = []
         names: list[str] = []
         genes: dict[str, set[str]] = {}
         for chunk in sample_pass(cells):
-            name = None if chunk.dataset_id is None else str(chunk.dataset_id)
-            if len(chunk) == 0 or name is None or name in info.batches:
+            cell_names = batching.cell_batches(chunk, self.config.batch_key) if len(chunk) else None
+            if cell_names is None:
                 continue
-            parts.append(self._model_counts(chunk, what))
-            names += [name] * len(chunk)
-            genes.setdefault(name, set()).add(chunk.genes.fingerprint())
+            rows = np.flatnonzero([b is not None and b not in known for b in cell_names])
+            if not len(rows):
+                continue
+            X = self._model_counts(chunk, what)
+            parts.append(X if len(rows) == len(chunk) else X[rows])
+            names += [str(b) for b in cell_names[rows]]
+            for name in set(names[-len(rows):]):
+                genes.setdefault(name, set()).add(chunk.genes.fingerprint())
         if not parts:
             return {"query_update": False, "reason": "every cell is of a batch the model knows"}
         X = sp.vstack(parts, format="csr")
@@ -400,7 +389,7 @@ class SCVIEmbedder(Embedder):
         qinfo = backend.ModelInfo.of(query_model, what)
         for name, fps in genes.items():
             self._queries[name] = _Query(query_model, qinfo, fps)
-            self._warned.discard(name)
+            self._warned.discard(repr(name))
         seconds = time.perf_counter() - t0
         record = {
             "query_update": True, "batches": sorted(genes), "cells": int(n), "epochs": int(epochs),
@@ -419,17 +408,21 @@ class SCVIEmbedder(Embedder):
     # -- fit ------------------------------------------------------------------------------------------------------
 
     def fit(self, sample: SampleSource) -> None:
-        """Train on a sample of atlas chunks (read once, held in memory as counts); see the module docstring."""
+        """Train on a sample of atlas chunks (read once, held in memory as counts); see the module docstring. With
+        ``model_dir`` and ``atlas_obsm``: check the atlas vectors of the sample's first chunk against the model."""
         cfg = self.config
+        if cfg.model_dir is not None and cfg.atlas_obsm is not None:
+            batching.check_atlas_sample(sample, cfg.atlas_obsm, self.dim)
+            self._atlas_checked = True
+            return
         if cfg.model_dir is not None:
             raise InputError("the scvi embedder was given a pretrained model (model_dir=): it is not fitted")
         t0 = time.perf_counter()
-        X, vocab, batches = backend.gather_sample(sample)
+        X, vocab, batches = backend.gather_sample(sample, lambda chunk: batching.fit_batches(chunk, cfg.batch_key))
         n = X.shape[0]
         if n < 2:
             raise InputError(f"cannot fit the scvi embedder on {n} cell(s): ingest more cells")
-        if cfg.batch_key == "none":
-            batches = np.array(["all"] * n, dtype=object)
+        batching.check_fit_batches(batches, cfg.batch_key)
         names, counts = np.unique(batches.astype(str), return_counts=True)
         cols, flavor = backend.select_hvg(X, batches if len(names) > 1 else None, cfg.n_hvg)
         hvg = GeneVocabulary(keys=vocab.keys[cols], feature_id=vocab.feature_id[cols],
@@ -441,7 +434,7 @@ class SCVIEmbedder(Embedder):
             "scvi fit: %d cells of %d batch(es), %d genes (%s), %d epochs on %s", n, len(names), len(cols), flavor,
             int(epochs), self._device,
         )
-        batch_col = None if cfg.batch_key == "none" else "batch"
+        batch_col = None if cfg.batch_key == batching.NO_BATCH else "batch"
         info = backend.ModelInfo([str(k) for k in hvg.keys], batch_col, [], None, None, cfg.n_latent, True)
         adata = backend.counts_anndata(Xh, list(batches) if batch_col else None, info, info.var_names)
         model = backend.train_reference(
@@ -513,4 +506,5 @@ class SCVIEmbedder(Embedder):
         emb._set_model(backend.load_model(directory / MODEL_DIR, emb._device), str(directory), vocab=vocab)
         emb.batch_counts = {str(k): int(v) for k, v in counts.items()}
         emb.fit_record = record
+        emb._atlas_checked = True  # an index's embedder: its atlas vectors were checked when it was built
         return emb

@@ -14,7 +14,7 @@ import tarfile
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -359,15 +359,18 @@ def counts_of(chunk: CellChunk, what: str) -> sp.csr_matrix:
     return X
 
 
-def gather_sample(sample: SampleSource) -> tuple[sp.csr_matrix, GeneVocabulary, np.ndarray]:
-    """The sample in memory: counts (cells x the union of the chunks' genes), the union, each cell's dataset."""
+def gather_sample(
+    sample: SampleSource, batch_of: Callable[[CellChunk], np.ndarray] | None = None
+) -> tuple[sp.csr_matrix, GeneVocabulary, np.ndarray]:
+    """The sample in memory: counts (cells x the union of the chunks' genes), the union, and each cell's batch
+    (``batch_of(chunk)``: one value per cell; default: the chunk's dataset id)."""
     blocks: list[tuple[sp.csr_matrix, GeneVocabulary]] = []
-    batches: list[str] = []
+    batches: list[object] = []
     for chunk in sample_pass(sample):
         if len(chunk) == 0:
             continue
         blocks.append((counts_of(chunk, "atlas"), chunk.genes))
-        batches += [str(chunk.dataset_id)] * len(chunk)
+        batches += list(batch_of(chunk)) if batch_of is not None else [str(chunk.dataset_id)] * len(chunk)
     if not blocks:
         raise InputError("cannot fit the scvi embedder on an empty sample: the atlas (or the sample) has no cells")
     vocabs = {g.fingerprint(): g for _, g in blocks}

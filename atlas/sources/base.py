@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scatlas.atlas.chunks import CellChunk
+from scatlas.atlas.chunks import CellChunk, obs_values
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.genes import GeneVocabulary, is_ensembl
 from scatlas.atlas.normalize import TARGET_SUM
@@ -176,10 +176,19 @@ def checked_block(block: sp.csr_matrix, rows: np.ndarray, what: str, choice: Exp
 
 def iter_cell_chunks(
     source: DatasetSource, chunk_size: int = 10_000, rows: Sequence[int] | np.ndarray | None = None,
-    obsm_keys: Sequence[str] = (),
+    obsm_keys: Sequence[str] = (), obs_columns: Sequence[str] = (),
 ) -> Iterator[CellChunk]:
-    """Stream a source as CellChunks whose ids are row positions in the source."""
+    """Stream a source as CellChunks whose ids are row positions in the source and whose dataset id is the
+    source's name. ``obsm_keys``: the stored embeddings to read; ``obs_columns``: the obs columns to read into
+    :attr:`CellChunk.obs` (:func:`atlas.chunks.obs_values`); InputError for a column the source lacks (callers
+    leave out the ones a query may lack)."""
     positions = np.arange(source.n_obs, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    columns = list(dict.fromkeys(str(c) for c in obs_columns))
+    missing = [c for c in columns if c not in source.obs.columns]
+    if missing:
+        raise InputError(f"{source.name}: no obs column {missing[0]!r}")
     for pos, X in source.iter_rows(positions, chunk_size):
         obsm = {k: source.read_obsm(k, pos) for k in obsm_keys}
-        yield CellChunk(ids=pos, X=X, x_kind=source.expression.x_kind, genes=source.genes, obsm=obsm, dataset_id=source.name)
+        obs = {c: obs_values(source.obs[c].iloc[pos]) for c in columns}
+        yield CellChunk(ids=pos, X=X, x_kind=source.expression.x_kind, genes=source.genes, obsm=obsm,
+                        dataset_id=source.name, obs=obs)
