@@ -35,7 +35,8 @@ from scatlas.atlas.sources.base import DatasetSource
 from scatlas.atlas.sources.h5ad import open_h5ad
 from scatlas.atlas.sources.soma import is_soma_experiment, open_soma_experiment
 from scatlas.atlas.sql import quote_ident, transaction
-from scatlas.atlas.store import CELLS_DB, MEASUREMENT, X_LAYER, AtlasStore, DatasetRecord, StoreWriter
+from scatlas.atlas.store import CELLS_DB, MEASUREMENT, X_LAYER, AtlasStore, DatasetRecord
+from scatlas.atlas.store_writer import StoreWriter
 from scatlas.atlas.validate import check_embedding, check_name, escaped
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The life cycle of an atlas store after ingest: list its datasets, remove some, relabel one's cell metadata.
 
-Every write takes the store lock (:meth:`atlas.store.StoreWriter.open`, which also deletes DuckDB rows of
+Every write takes the store lock (:meth:`atlas.store_writer.StoreWriter.open`, which also deletes DuckDB rows of
 datasets that ``store.json`` does not hold) and writes ``store.json``, the commit point, before the DuckDB tables:
 
 * :func:`remove_datasets` commits ``store.json`` without the datasets, then deletes their ``cells`` and
@@ -34,7 +34,8 @@ from scatlas.atlas.errors import InputError, StoreError
 from scatlas.atlas.ontology_map import OntologyFill, read_ontology_map, term_column
 from scatlas.atlas.schema import STANDARD_OBS_COLUMNS
 from scatlas.atlas.sql import quote_ident, transaction
-from scatlas.atlas.store import CELLS_DB, STATE_FILE, AtlasStore, DatasetRecord, StoreWriter
+from scatlas.atlas.store import CELLS_DB, STATE_FILE, AtlasStore, DatasetRecord
+from scatlas.atlas.store_writer import StoreWriter
 from scatlas.atlas.validate import escaped
 
 logger = logging.getLogger(__name__)

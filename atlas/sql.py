@@ -24,7 +24,7 @@ def transaction(con: duckdb.DuckDBPyConnection, *, commit: bool = True) -> Itera
     """A DuckDB transaction on ``con`` around the ``with`` block: begun on entry, committed when the block ends
     normally, rolled back when it raises (a failed rollback is ignored; the block's exception goes on).
 
-    ``commit=False``: the block commits itself (e.g. :meth:`atlas.store.StoreWriter.commit`, which commits at its
+    ``commit=False``: the block commits itself (e.g. :meth:`atlas.store_writer.StoreWriter.commit`, which commits at its
     own commit point); the transaction is then only rolled back on error.
     """
     con.execute("BEGIN TRANSACTION")

@@ -180,7 +180,7 @@ def test_a_column_of_another_type_is_widened_not_coerced(tmp_path, h5ad_factory)
 def test_a_failure_before_store_json_leaves_the_old_state_visible_and_recovers(base_atlas, h5ad_factory, monkeypatch):
     """Killed between the DuckDB commit and store.json: readers see the old datasets, the next ingest clears the
     staged rows and goes on."""
-    import scatlas.atlas.store as store_mod
+    import scatlas.atlas.store_writer as store_mod
 
     real = store_mod.write_json_atomic
 

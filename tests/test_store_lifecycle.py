@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from scatlas.atlas import AtlasStore, ingest, list_datasets, relabel_dataset, remove_datasets
 from scatlas.atlas.errors import InputError
-from scatlas.atlas.store import StoreWriter
+from scatlas.atlas.store_writer import StoreWriter
 from scatlas.atlas.verify import verify_store
 from scatlas.cli import cli
 
