@@ -12,7 +12,7 @@ from scatlas.index.align import Alignment, apply_shift, estimate_shift
 from scatlas.index.atlas_index import AtlasIndex, SearchResult
 from scatlas.index.build import BuildConfig, build_from_source
 from scatlas.index.device import resolve_device, torch_gpu_count
-from scatlas.index.embedding import check_obsm
+from scatlas.index.embedding import cell_reads, check_obsm
 from scatlas.index.executor import Executor, LocalExecutor, RayExecutor, Task, TaskContext, make_executor
 from scatlas.index.heads_training import train_label_heads
 from scatlas.index.info import index_info
@@ -90,6 +90,7 @@ __all__ = [
     "as_stored",
     "build_from_source",
     "build_index",
+    "cell_reads",
     "check_obsm",
     "ensure_reference_map",
     "fit_reference_map",

@@ -72,12 +72,12 @@ from scatlas.index import (
     Progress,
     ShardSpec,
     build_from_source,
+    cell_reads,
     l2_normalize,
     progress_bar,
     sample_sorted,
     train_label_heads,
 )
-from scatlas.index.embedding import cell_reads
 
 logger = logging.getLogger(__name__)
 

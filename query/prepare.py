@@ -17,8 +17,7 @@ from scatlas.atlas.genes import GeneMatch, check_overlap
 from scatlas.atlas.sources import open_h5ad
 from scatlas.atlas.sources.base import iter_cell_chunks
 from scatlas.atlas.species import SpeciesGuess, guess_species_of_genes
-from scatlas.index import AtlasIndex, Progress, check_obsm, progress_bar
-from scatlas.index.embedding import cell_reads
+from scatlas.index import AtlasIndex, Progress, cell_reads, check_obsm, progress_bar
 
 logger = logging.getLogger(__name__)
 
