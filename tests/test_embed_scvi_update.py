@@ -61,3 +61,27 @@ def test_update_embeds_an_added_dataset_with_the_saved_model(tmp_path: Path):
         np.testing.assert_allclose(idx.vectors(d2), expected, atol=2e-3)  # stored as float16
         hits = idx.search(idx.vectors(d2[:30]), k=1)
         assert (hits.ids[:, 0] == d2[:30]).mean() > 0.9
+
+
+def test_hunt_on_an_scvi_index(tmp_path: Path):
+    """hunt train (labelled cells embedded by the saved model, with the query update of their batch) and hunt sweep
+    run on an scVI index through the CLI, and the sweep finds the trained type among the atlas' cells."""
+    for i, name in enumerate(["d1", "d2", "labelled"]):
+        make_adata(250, 100, seed=i + 1, prefix=f"{name}_").write_h5ad(tmp_path / f"{name}.h5ad")
+    atlas, index = tmp_path / "atlas", tmp_path / "index"
+    run("ingest", str(tmp_path / "d1.h5ad"), str(tmp_path / "d2.h5ad"), "--atlas", str(atlas), "--no-progress")
+    opts = [x for k, v in TINY.items() for x in ("--embedder-option", f"{k}={v}")]
+    run("build", "--atlas", str(atlas), "--index", str(index), "--embedder", "scvi", *opts, "--no-progress")
+    out = run("hunt", "train", "--index", str(index), "--cells", str(tmp_path / "labelled.h5ad"),
+              "--positive", "cell_type = 'B cell'", "--out", str(tmp_path / "clf"), "--background", "200",
+              "--no-progress")
+    assert "positives" in out
+    run("hunt", "sweep", "--index", str(index), "--classifier", str(tmp_path / "clf"), "--out",
+        str(tmp_path / "sweep"), "--no-progress")
+    import pandas as pd
+
+    hits = pd.read_parquet(next((tmp_path / "sweep").glob("hits*.parquet")))
+    assert len(hits) > 0
+    with AtlasIndex.open(index) as idx:
+        types = idx.cells(hits["soma_joinid"].to_numpy(), columns=["cell_type"])["cell_type"]
+    assert (types == "B cell").mean() > 0.8  # three planted types: the hits are the trained one
