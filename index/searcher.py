@@ -1,15 +1,16 @@
 """Searching a set of shards that share one trained index, merging top-k across shards, exact re-ranking.
 
 For IVF indexes the coarse quantizer and pre-transforms are applied once per query batch (they are shared by all
-shards), then each shard is scanned with ``search_preassigned``; approximate candidates are merged across shards
-(scores are comparable because every shard is a clone of the same trained index), and the best ``rerank`` of them
-are re-scored exactly from the stored float16 vectors. Flat shards are searched directly and merged exactly.
+shards), then the inverted lists of every shard are scanned in one ``search_preassigned`` pass (every shard is a
+clone of the same trained index, so its lists line up: :mod:`index.ivf_scan`), and the best ``rerank``
+approximate candidates are re-scored exactly from the stored float16 vectors (:mod:`index.rerank`). Flat shards
+are searched directly and merged exactly (a FAISS ``ResultHeap``).
 """
-
 from __future__ import annotations
 
 import logging
 import mmap
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,13 @@ import numpy as np
 from scatlas.atlas.errors import IndexFormatError
 from scatlas.index._faiss import faiss_module
 from scatlas.index.factory import apply_chain, gpu_replicas, is_exact, ivf_of, to_gpu
+from scatlas.index.ivf_scan import StackedScan
 from scatlas.index.manifest import SHARD_IDS_FILE, SHARD_INDEX_FILE, SHARD_VECTORS_FILE, ShardRecord
+from scatlas.index.rerank import ScratchPool
+from scatlas.index.rerank import rerank as rerank_candidates
 from scatlas.index.shard import verify_shard
+from scatlas.index.slices import Slicer
+from scatlas.index.stages import StageTimer, stage
 from scatlas.index.vectors import float16_to_float32
 
 logger = logging.getLogger(__name__)
@@ -30,6 +36,14 @@ QUERY_BATCH = 4096
 RERANK_BYTES = 8 << 20
 """Bound on the float16 candidate vectors gathered per block of queries during re-ranking, small enough to stay in
 the L3 cache between the gather and the scan (see docs/benchmarks.md#index-re-ranking)."""
+MAPPED_BYTES_MAX = 1 << 30
+"""Bound on the pages of the stored vectors that re-ranking leaves mapped into this process (counted in its RSS,
+though they are the page cache's, shared and clean): past it they are released (:meth:`ShardSearcher.release_pages`).
+Below it nothing is released, so repeated searches do not fault the same pages in again: releasing after every
+block of candidates, as before, made the gather 2.5x slower at 200k x 1280 (see docs/benchmarks.md#index-re-ranking)."""
+FAULT_AROUND_BYTES = 64 << 10
+"""What one gathered row may map at most: the kernel maps the cached pages around a faulting one (fault-around,
+16 pages by default)."""
 EXACT_BLOCK = 65_536
 """Rows of stored vectors per block in exact (brute-force) search."""
 
@@ -90,6 +104,12 @@ class ShardSearcher:
         self.gpus = int(gpus)
         self.verify_on_read = bool(verify_on_read)
         self._coarse: Any = self._ivf.quantizer if self._ivf is not None else None
+        self._scratches = ScratchPool()
+        self._lock = threading.Lock()
+        self._mapped_estimate = 0
+        self._stack: StackedScan | None = None
+        self._slicer = Slicer()
+        self._loaded = self._vectors_loaded = False
         if self.gpus and self._ivf is not None:
             # the coarse quantizer, shared by every shard, replicated on every GPU (IndexReplicas splits queries)
             self._coarse = gpu_replicas(faiss_module().downcast_index(self._ivf.quantizer), self.gpus)
@@ -195,14 +215,25 @@ class ShardSearcher:
         rerank: int = 0,
         selector: Any = None,
         batch_size: int = QUERY_BATCH,
+        timer: StageTimer | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids (n, k) int64 -1 padded, scores (n, k) float32 -inf padded)`` for normalised queries ``q``."""
+        """``(ids (n, k) int64 -1 padded, scores (n, k) float32 -inf padded)`` for normalised queries ``q``.
+
+        IVF shards are scanned together, in one FAISS pass over all their inverted lists (:mod:`index.ivf_scan`);
+        flat shards one by one, their top-k merged. With several FAISS threads, a batch is split into slices that
+        threads search start to end, one FAISS thread each (:mod:`index.slices`; not on GPUs). ``timer``: adds the
+        time of each stage (coarse assignment, FAISS scan, shard merge, gather, re-rank scan, id mapping) to it
+        (profiling: ``bench_index.py profile``).
+        """
         n = len(q)
         ids = np.full((n, k), -1, dtype=np.int64)
         scores = np.full((n, k), -np.inf, dtype=np.float32)
-        for a in range(0, n, batch_size):
-            b = min(a + batch_size, n)
-            ids[a:b], scores[a:b] = self._search_batch(q[a:b], k, nprobe, rerank, selector)
+
+        def fill(a: int, b: int) -> None:
+            ids[a:b], scores[a:b] = self._search_batch(q[a:b], k, nprobe, rerank, selector, timer)
+
+        self._load_all(vectors=bool(rerank) and not self.exact)  # before threads use them
+        self._slicer.run(n, batch_size, fill, parallel=not self.gpus)
         return ids, scores
 
     def release_pages(self) -> None:
@@ -210,8 +241,8 @@ class ShardSearcher:
 
         Re-ranking gathers candidates at random rows, and the kernel maps the neighbouring cached pages of every
         row it faults in (fault-around), so without this the whole vectors file ends up counted in the process's
-        RSS (see docs/benchmarks.md#index-re-ranking). Called after each re-ranking block, so RSS is bounded by
-        what one block of candidates touches.
+        RSS (see docs/benchmarks.md#index-re-ranking). Called by re-ranking once the pages it may have mapped
+        since the last call reach ``MAPPED_BYTES_MAX`` (:meth:`_note_gathered`).
         """
         if not hasattr(mmap, "MADV_DONTNEED"):
             return
@@ -221,45 +252,56 @@ class ShardSearcher:
                 raw.madvise(mmap.MADV_DONTNEED)
 
     def _search_batch(
-        self, q: np.ndarray, k: int, nprobe: int | None, rerank: int, selector: Any
+        self, q: np.ndarray, k: int, nprobe: int | None, rerank: int, selector: Any, timer: StageTimer | None
     ) -> tuple[np.ndarray, np.ndarray]:
         faiss = faiss_module()
 
         q = np.ascontiguousarray(q, dtype=np.float32)
-        nq = len(q)
-        merge = _Merge(nq, max(k, rerank) if not self.exact else k, single=len(self._shards) == 1)
-        if self.exact or self._ivf is None:
+        kc = max(k, rerank) if not self.exact else k
+        if self.exact or self._ivf is None or not self._shards:
+            merge = _Merge(len(q), kc, single=len(self._shards) == 1)
             params = faiss.SearchParameters(sel=selector) if selector is not None else None
             for shard in self._shards:
-                merge.add(*self._search_index(shard, selector).search(q, merge.k, params=params))
+                with stage(timer, "FAISS scan"):
+                    found = self._search_index(shard, selector).search(q, kc, params=params)
+                with stage(timer, "shard merge"):
+                    merge.add(*found)
+            dist, lab = merge.result()
         else:
-            xt = apply_chain(self.trained, q)
-            probe = max(1, min(int(nprobe or self._ivf.nprobe), self._ivf.nlist))
-            Dq, Iq = self._coarse.search(xt, probe)  # shared by every shard: computed once
-            params = faiss.SearchParametersIVF(nprobe=probe, sel=selector)
-            for shard in self._shards:
-                dist = np.empty((nq, merge.k), dtype=np.float32)
-                lab = np.empty((nq, merge.k), dtype=np.int64)
-                self._index(shard)
-                shard.ivf.search_preassigned_c(
-                    nq,
-                    faiss.swig_ptr(xt),
-                    merge.k,
-                    faiss.swig_ptr(Iq),
-                    faiss.swig_ptr(Dq),
-                    faiss.swig_ptr(dist),
-                    faiss.swig_ptr(lab),
-                    False,
-                    params,
-                )
-                merge.add(dist, lab)
-        dist, lab = merge.result()
+            with stage(timer, "pre-transform + coarse quantizer"):
+                xt = apply_chain(self.trained, q)
+                probe = max(1, min(int(nprobe or self._ivf.nprobe), self._ivf.nlist))
+                Dq, Iq = self._coarse.search(xt, probe)  # shared by every shard: computed once
+            scan = self._stacked()
+            with stage(timer, "FAISS scan"):  # every shard in one scan: nothing to merge
+                dist, lab = scan.search(xt, Iq, Dq, kc, faiss.SearchParametersIVF(nprobe=probe, sel=selector))
         if not self.exact and rerank:
-            return self.rerank(q, lab, k)
+            return self.rerank(q, lab, k, timer=timer)
         out_ids = lab[:, :k].copy()
         out_scores = dist[:, :k].copy()
         out_scores[out_ids < 0] = -np.inf
         return out_ids, out_scores
+
+    def _load_all(self, *, vectors: bool) -> None:
+        """Load every shard's index (and stored vectors) once, under the lock: searches in several threads then
+        only read them (the IVF scan over all shards is made here too)."""
+        with self._lock:
+            if self._loaded and (self._vectors_loaded or not vectors):
+                return
+            for shard in self._shards:
+                self._index(shard)
+                if vectors:
+                    self._data(shard)
+            if self._ivf is not None and not self.exact and self._stack is None and self._shards:
+                self._stack = StackedScan(self.trained, [shard.ivf for shard in self._shards])
+            self._loaded = True
+            self._vectors_loaded = self._vectors_loaded or vectors
+
+    def _stacked(self) -> StackedScan:
+        """The scan over every shard's inverted lists (:mod:`index.ivf_scan`)."""
+        self._load_all(vectors=False)
+        assert self._stack is not None
+        return self._stack
 
     def _gather16(self, ids: np.ndarray, out: np.ndarray) -> None:
         """Stored float16 rows of existing ``ids`` (1-D, any order) into ``out`` (len(ids), d) float16, in order.
@@ -278,9 +320,9 @@ class ShardSearcher:
             shard = self._shards[lo]
             np.take(self._data(shard)[1], self._positions(shard, ids), axis=0, out=out, mode="clip")
             return
-        for s in np.unique(which):
-            rows = np.flatnonzero(which == s)
-            shard = self._shards[int(s)]
+        order = np.argsort(which, kind="stable")  # rows grouped by shard: one pass, however many shards
+        for rows in np.split(order, np.flatnonzero(np.diff(which[order])) + 1):
+            shard = self._shards[int(which[rows[0]])]
             out[rows] = np.take(self._data(shard)[1], self._positions(shard, ids[rows]), axis=0)
 
     def gather(self, ids: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
@@ -306,61 +348,31 @@ class ShardSearcher:
             raise IndexFormatError("an id returned by FAISS is not among the shard's stored ids; rebuild the index")
         return pos
 
-    def rerank(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def rerank(
+        self, q: np.ndarray, cand: np.ndarray, k: int, *, timer: StageTimer | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Exact scores of candidates ``cand`` (n, c; -1 = none) from the stored vectors; the best ``k`` each.
 
         Scores are float32 inner products of the query with the stored float16 vectors (converted exactly to
-        float32 inside the kernel). Queries go in blocks whose candidates fit ``RERANK_BYTES``: each query's
-        candidates are gathered (``np.take`` from the memmaps, in id order) straight into its own inverted list of
-        a scratch FAISS ``IndexIVFScalarQuantizer`` (QT_fp16, no residual), which each query then scans alone
-        (``search_preassigned`` with its own list): FAISS's SIMD float16 kernel and top-k, parallel over queries,
-        with no float32 copy of the candidates in memory.
+        float32 inside FAISS's kernel). Queries go in blocks whose candidates fit ``RERANK_BYTES``; each block's
+        candidates are gathered from the memory maps in one pass and scored by one FAISS call, parallel over
+        queries, with no float32 copy of the candidates and no Python per query (:mod:`index.rerank`).
         """
-        faiss = faiss_module()
-
-        n, c = cand.shape
-        kk = min(k, c)
-        out_ids = np.full((n, k), -1, dtype=np.int64)
-        out_scores = np.full((n, k), -np.inf, dtype=np.float32)
-        if n == 0 or kk == 0:
-            return out_ids, out_scores
-        q = np.ascontiguousarray(q, dtype=np.float32)
-        rows = max(1, min(n, RERANK_BYTES // max(1, c * self.dim * 2)))
-        scratch = faiss.IndexIVFScalarQuantizer(
-            faiss.IndexFlatIP(self.dim), self.dim, rows, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT,
-            False,
+        return rerank_candidates(
+            q, cand, k, gather=self._gather16, pool=self._scratches, block_bytes=RERANK_BYTES,
+            after_block=self._note_gathered, timer=timer,
         )  # fmt: skip
-        scratch.is_trained = True  # float16 coding needs no training; the coarse quantizer is never used
-        invlists = faiss.downcast_InvertedLists(scratch.invlists)
-        code_size = int(scratch.code_size)
-        lists = np.arange(rows, dtype=np.int64)[:, None]
-        zeros = np.zeros((rows, 1), dtype=np.float32)
-        for a in range(0, n, rows):
-            b = min(a + rows, n)
-            cb = np.sort(cand[a:b], axis=1)  # -1 first, then ids in file order
-            counts = (cb >= 0).sum(axis=1)
-            flat = cb[cb >= 0]
-            start = 0
-            for i in range(b - a):
-                m = int(counts[i])
-                invlists.resize(i, m)
-                if m:  # gathered straight into the list's storage
-                    ids_i = flat[start : start + m]
-                    codes = faiss.rev_swig_ptr(invlists.get_codes(i), m * code_size)
-                    self._gather16(ids_i, codes.view(np.float16).reshape(m, self.dim))
-                    faiss.rev_swig_ptr(invlists.get_ids(i), m)[:] = ids_i
-                start += m
-            scratch.ntotal = len(flat)
-            dist = np.empty((b - a, kk), dtype=np.float32)
-            lab = np.empty((b - a, kk), dtype=np.int64)
-            scratch.search_preassigned_c(
-                b - a, faiss.swig_ptr(q[a:b]), kk, faiss.swig_ptr(lists[: b - a]), faiss.swig_ptr(zeros[: b - a]),
-                faiss.swig_ptr(dist), faiss.swig_ptr(lab), False, None,
-            )  # fmt: skip
-            out_ids[a:b, :kk] = lab
-            out_scores[a:b, :kk] = np.where(lab >= 0, dist, -np.inf)
+
+    def _note_gathered(self, rows: int) -> None:
+        """Count ``rows`` gathered rows towards ``MAPPED_BYTES_MAX``; release the pages once it is reached."""
+        total = sum(int(s.vectors.nbytes) for s in self._shards if s.vectors is not None)
+        with self._lock:
+            self._mapped_estimate = min(self._mapped_estimate + rows * FAULT_AROUND_BYTES, total)
+            release = self._mapped_estimate >= MAPPED_BYTES_MAX
+            if release:
+                self._mapped_estimate = 0
+        if release:
             self.release_pages()
-        return out_ids, out_scores
 
     def exact_search(self, q: np.ndarray, k: int, *, subset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Brute force over the stored float16 vectors (all cells, or the sorted ids ``subset``)."""

@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_index.py run --n 1000000 --d 128
     .venv/bin/python scripts/bench_index.py table            # re-render docs/benchmarks.md from stored results
+    .venv/bin/python scripts/bench_index.py profile --n 200000 --d 128 --factory IVF2048,PQ64   # stage by stage
 
 Each method runs in its own (spawned) process so that its peak RSS (VmHWM) is its own. Vectors come from
 atlas.synthetic (clustered mixture, overlapping clusters), are written once to a .npy file and read back in
@@ -263,6 +264,30 @@ def write_docs(runs: list[dict[str, Any]], docs: Path) -> None:
     write_block(docs, START, END, block, heading="Index")
 
 
+def _prepare_data(work: Path, n: int, d: int, clusters: int, queries: int) -> Path:
+    """The data directory of (n, d, clusters): the vectors (generated once) and fresh queries."""
+    from scatlas.atlas.synthetic import SyntheticEmbeddingConfig, sample_queries, write_embedding_npy
+
+    cfg = SyntheticEmbeddingConfig(n=n, d=d, n_clusters=clusters, seed=0, chunk_size=CHUNK)
+    data = work / f"n{n}-d{d}-c{clusters}"
+    data.mkdir(parents=True, exist_ok=True)
+    if not (data / "vectors.npy").exists():
+        t0 = time.perf_counter()
+        write_embedding_npy(cfg, data, overwrite=True)
+        print(f"generated {n} x {d} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    np.save(data / "queries.npy", sample_queries(cfg, queries, seed=1)[0])
+    return data
+
+
+def _argv_without_json() -> list[str]:
+    """This command's arguments without ``--json-out`` (where its JSON went is not part of how to reproduce it)."""
+    argv = sys.argv[2:]
+    if "--json-out" in argv:
+        i = argv.index("--json-out")
+        argv = argv[:i] + argv[i + 2:]
+    return argv
+
+
 # -- CLI ------------------------------------------------------------------------------------------------------------
 @click.group()
 def cli() -> None:
@@ -286,19 +311,11 @@ def cli() -> None:
 def run(n, d, factory, shard_size, queries, clusters, threads, work, methods, ef_construction, json_out, write_doc,
         keep) -> None:
     """Benchmark one (N, d)."""
-    from scatlas.atlas.synthetic import SyntheticEmbeddingConfig, sample_queries, write_embedding_npy
     from scatlas.index.device import resolve_threads
 
     threads = resolve_threads(threads)
     wanted = methods.split(",")
-    cfg = SyntheticEmbeddingConfig(n=n, d=d, n_clusters=clusters, seed=0, chunk_size=CHUNK)
-    data = work / f"n{n}-d{d}-c{clusters}"
-    data.mkdir(parents=True, exist_ok=True)
-    if not (data / "vectors.npy").exists():
-        t0 = time.perf_counter()
-        write_embedding_npy(cfg, data, overwrite=True)
-        print(f"generated {n} x {d} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    np.save(data / "queries.npy", sample_queries(cfg, queries, seed=1)[0])
+    data = _prepare_data(work, n, d, clusters, queries)
     load = os.getloadavg()[0]
     results: list[dict[str, Any]] = []
 
@@ -319,11 +336,7 @@ def run(n, d, factory, shard_size, queries, clusters, threads, work, methods, ef
             note(_in_child(phase_hnsw, str(data), threads, m, ef_construction))
     if ours is not None and not keep:
         shutil.rmtree(ours["index_dir"], ignore_errors=True)
-    argv = sys.argv[2:]
-    if "--json-out" in argv:  # where this run's JSON went is not part of how to reproduce it
-        i = argv.index("--json-out")
-        argv = argv[:i] + argv[i + 2:]
-    cmd = "nice .venv/bin/python scripts/bench_index.py run " + " ".join(argv)
+    cmd = "nice .venv/bin/python scripts/bench_index.py run " + " ".join(_argv_without_json())
     from scatlas.index.verify import verify_on_read_limit
 
     record = {"n": n, "d": d, "factory": factory, "queries": queries, "clusters": clusters, "threads": threads,
@@ -431,32 +444,6 @@ def add_ab(n, d, factory, rounds, threads) -> None:
     }, indent=2))
 
 
-def _rerank_numpy(searcher: Any, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The re-ranking before torch/FAISS kernels (numpy fancy indexing, float16 -> float32 in numpy, einsum in
-    blocks of 64 MiB of float32), kept as the A/B reference."""
-    n, c = cand.shape
-    kk = min(k, c)
-    out_ids = np.full((n, k), -1, dtype=np.int64)
-    out_scores = np.full((n, k), -np.inf, dtype=np.float32)
-    vecs = np.load(searcher._shards[0].directory / "vectors.f16.npy", mmap_mode="r")
-    id_min = searcher._shards[0].record.id_min
-    rows = max(1, (64 << 20) // max(1, c * searcher.dim * 4))
-    for a in range(0, n, rows):
-        b = min(a + rows, n)
-        cb = cand[a:b]
-        invalid = cb < 0
-        v = np.asarray(vecs[np.where(invalid, id_min, cb).ravel() - id_min], dtype=np.float32)
-        sc = np.einsum("rcd,rd->rc", v.reshape(b - a, c, searcher.dim), q[a:b], optimize=False)
-        sc[invalid] = -np.inf
-        part = np.argpartition(-sc, kk - 1, axis=1)[:, :kk]
-        part_sc = np.take_along_axis(sc, part, axis=1)
-        top = np.take_along_axis(part, np.argsort(-part_sc, axis=1, kind="stable"), axis=1)
-        out_ids[a:b, :kk] = np.take_along_axis(cb, top, axis=1)
-        out_scores[a:b, :kk] = np.take_along_axis(sc, top, axis=1)
-    out_ids[~np.isfinite(out_scores)] = -1
-    return out_ids, out_scores
-
-
 @cli.command("rerank-ab")
 @click.option("--index", "index_dir", type=click.Path(path_type=Path, exists=True), required=True,
               help="a built single-shard index (e.g. from `run --keep`)")
@@ -467,30 +454,48 @@ def _rerank_numpy(searcher: Any, q: np.ndarray, cand: np.ndarray, k: int) -> tup
 def rerank_ab(index_dir, queries_file, n_queries, rounds, threads) -> None:
     """Interleaved A/B of exact re-ranking alone: the numpy reference vs ``ShardSearcher.rerank``, on the
     candidates the index's own default search parameters produce, and the whole ``AtlasIndex.search``."""
-    from scatlas.index import AtlasIndex
-    from scatlas.index.vectors import l2_normalize
+    from bench_search_profile import rerank_ab as run_rerank_ab
 
-    idx = AtlasIndex.open(index_dir, threads=threads)
-    s = idx._searcher
-    nprobe, rerank = idx.manifest.search.nprobe, idx.manifest.search.rerank
-    q = l2_normalize(np.load(queries_file)[:n_queries])
-    cand, _ = s.search(q, rerank, nprobe=nprobe, rerank=0)
-    a_ids, a_sc = _rerank_numpy(s, q, cand, K)
-    b_ids, b_sc = s.rerank(q, cand, K)
-    times: dict[str, list[float]] = {"numpy": [], "ours": [], "search": []}
-    for _ in range(rounds):
-        for name, fn in (("numpy", lambda: _rerank_numpy(s, q, cand, K)), ("ours", lambda: s.rerank(q, cand, K)),
-                         ("search", lambda: idx.search(q, k=K))):
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    print(json.dumps({
-        "index": str(index_dir), "n_queries": len(q), "nprobe": nprobe, "rerank": rerank,
-        "same_ids_fraction": float((a_ids == b_ids).mean()), "max_score_diff": float(np.nanmax(np.abs(
-            np.where(np.isfinite(a_sc), a_sc - b_sc, 0)))),
-        **{f"{k}_qps": round(len(q) / min(v), 1) for k, v in times.items()},
-        "times_s": times, "load_at_start": round(os.getloadavg()[0], 2),
-    }, indent=2))
+    print(json.dumps(run_rerank_ab(index_dir, queries_file, n_queries, rounds, threads), indent=2))
+
+
+@cli.command()
+@click.option("--n", "n", type=int, default=200_000, show_default=True, help="atlas cells")
+@click.option("--d", "d", type=int, default=128, show_default=True, help="dimensions")
+@click.option("--factory", default="IVF2048,PQ64", show_default=True)
+@click.option("--shard-size", type=int, default=1_000_000, show_default=True)
+@click.option("--queries", type=int, default=2000, show_default=True)
+@click.option("--clusters", type=int, default=500, show_default=True)
+@click.option("--threads", type=int, default=None, help="default: all cores")
+@click.option("--rounds", type=int, default=5, show_default=True, help="interleaved rounds (medians)")
+@click.option("--reranks", default="", help="also time our search at these re-rank depths (comma-separated)")
+@click.option("--work", type=click.Path(path_type=Path), default=ROOT / "bench_out" / "index", show_default=True)
+@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+@click.option("--docs/--no-docs", "write_doc", default=True, show_default=True)
+def profile(n, d, factory, shard_size, queries, clusters, threads, rounds, reranks, work, json_out, write_doc
+            ) -> None:
+    """Stage-by-stage profile of our search against raw FAISS (see scripts/bench_search_profile.py); the data,
+    our index and the raw index are made once in ``--work`` and reused."""
+    from bench_search_profile import profile as run_profile
+    from bench_search_profile import write_docs as write_profile_docs
+
+    from scatlas.index.device import resolve_threads
+
+    threads = resolve_threads(threads)
+    data = _prepare_data(work, n, d, clusters, queries)
+    truth = data / "truth.npy"
+    if not truth.exists() or np.load(truth, mmap_mode="r").shape[0] != queries:
+        _in_child(phase_exact, str(data), threads)  # writes the ground truth of these queries
+    extra = [int(r) for r in reranks.split(",") if r]
+    record = {"n": n, "d": d, "factory": factory, "shard_size": shard_size, "date": time.strftime("%Y-%m-%d %H:%M"),
+              "machine": f"{os.cpu_count()} CPUs, {platform.machine()}",
+              "command": "nice .venv/bin/python scripts/bench_index.py profile " + " ".join(_argv_without_json()),
+              "profile": run_profile(data, factory, shard_size, threads, rounds, extra)}
+    print(json.dumps(record, indent=2))
+    if json_out:
+        json_out.write_text(json.dumps(record, indent=2))
+    if write_doc:
+        write_profile_docs(record, DOCS)
 
 
 @cli.command()

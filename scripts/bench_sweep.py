@@ -6,11 +6,12 @@ What it measures, in one run, per dimension ``d``:
 1. memory-read bandwidth over an in-RAM float16 array (``--ram-gb``): ``numpy`` sum of a uint64 view (1 thread)
    and ``torch`` sum of the float16 tensor (all torch threads), best of ``--repeats``;
 2. the scoring kernel alone (:class:`query.hunt.kernels.BlockScorer` over the in-RAM array);
-3. :func:`query.hunt.sweep` end to end over index shards written in the index's format
-   (``shards/NNNN/ids.npy`` + ``vectors.f16.npy``, float16 L2-normalised, ``cells.duckdb``) of ``--gb`` of
-   vectors: warm (page cache, repeated in one process, best of ``--repeats``) at 1 and n torch threads and with
-   the default thread tuning, on a freshly opened index object, and cold-ish (the shard files dropped from the
-   page cache with ``posix_fadvise(DONTNEED)`` first);
+3. :func:`query.hunt.sweep` end to end over index shards written in the index's format, by the index's own
+   shard writer (``shards/NNNN/ids.npy`` + ``vectors.f16.npy``, float16 L2-normalised, ``cells.duckdb``) of
+   ``--gb`` of vectors: warm (page cache, repeated in one process, best of ``--repeats``) at 1 and n torch
+   threads and with the default thread tuning, on a freshly opened index object, and cold-ish (the shard files
+   dropped from the page cache with ``posix_fadvise(DONTNEED)`` first); then ``--pairs`` rounds of (reference
+   read, warm sweep, one-shot sweep of a freshly opened index) back to back (:func:`paired`);
 4. the page-cache read bandwidth of the same shard files (numpy sum over the memory maps);
 5. the GPU path, when torch sees CUDA.
 
@@ -19,6 +20,7 @@ It then extrapolates to 36M cells at d=128 and d=1280 and writes JSON (``--json`
 raw JSON is also embedded there as a comment).
 
     nice .venv/bin/python scripts/bench_sweep.py --gb 2 --ram-gb 1 --dims 128 1280
+    nice .venv/bin/python scripts/bench_sweep.py --read-modes     # how a fresh index can read its shards
 """
 
 from __future__ import annotations
@@ -38,23 +40,28 @@ from typing import Any
 import numpy as np
 from docs_block import write_block
 
+from scatlas.index import AtlasIndex
+
 START, END = "<!-- bench_sweep:start -->", "<!-- bench_sweep:end -->"
 ATLAS_CELLS = 36_000_000
 DEFAULT_BLOCK_BYTES = 256 << 20  # as query.hunt.sweep
 HIT_QUANTILE = 0.999
 
 
-class ShardDirIndex:
-    """The part of an AtlasIndex a sweep uses, over shard files written in the index's format. It reads them
-    without the SHA-256 check an ``AtlasIndex`` makes on first read of an index under 2 GiB (index.verify): the
-    figures are the sweep's own read rate, as for an index above that size or with the check set to 0."""
+class ShardDirIndex(AtlasIndex):
+    """The part of an AtlasIndex a sweep uses, over shard files written in the index's format (the sweep takes
+    ``AtlasIndex`` objects only). It reads them without the SHA-256 check an ``AtlasIndex`` makes on first read
+    of an index under 2 GiB (index.verify): the figures are the sweep's own read rate, as for an index above
+    that size or with the check set to 0."""
 
-    def __init__(self, root: Path, dim: int, fingerprint: str = "bench") -> None:
-        self.root = root
-        self.manifest = SimpleNamespace(
-            embedder=SimpleNamespace(fingerprint=fingerprint), dim=dim, atlas_snapshot={},
-            to_json=lambda: json.dumps({"bench": str(root), "dim": dim}),
+    def __init__(self, root: Path, dim: int, fingerprint: str = "bench") -> None:  # no manifest to read
+        self.path = self.root = root
+        self._manifest = SimpleNamespace(
+            embedder=SimpleNamespace(fingerprint=fingerprint), dim=dim, atlas_snapshot={}, n_cells=0,
+            factory="bench", to_json=lambda: json.dumps({"bench": str(root), "dim": dim}),
         )
+        self._build_id = fingerprint
+        self._verify_on_read = False
         self._con: Any = None
         self._maps: list[tuple[np.ndarray, np.ndarray]] | None = None
         self._shards = sorted((root / "shards").iterdir())
@@ -95,21 +102,32 @@ def random_unit_f16(n: int, d: int, seed: int) -> np.ndarray:
 
 
 def write_index(root: Path, n: int, d: int, shard_rows: int, seed: int = 0) -> ShardDirIndex:
-    """Shards of random unit vectors (a 64 MiB random block tiled), ids 0..n-1, and a cells table."""
+    """Shards of random unit vectors (a 64 MiB random block tiled), ids 0..n-1, and a cells table.
+
+    The ids and vectors are written by the index's own shard writer (``index.shard._NpyWriter``: positioned
+    writes of whole chunks), as ``scatlas build`` writes them: how a file entered the page cache decides the size
+    of its cached pages (a file written through a writable memory map was cached in 4 KiB pages here, one written
+    in large chunks in large folios), and that decides how fast a freshly opened index reads it
+    (docs/benchmarks.md#sweep-one-shot)."""
     import duckdb
+
+    from scatlas.index.shard import _NpyWriter
 
     block = random_unit_f16(max(1, (64 << 20) // (2 * d)), d, seed)
     for no, start in enumerate(range(0, n, shard_rows)):
         stop = min(start + shard_rows, n)
         sdir = root / "shards" / f"{no:04d}"
         sdir.mkdir(parents=True)
-        np.save(sdir / "ids.npy", np.arange(start, stop, dtype=np.int64))
-        vec = np.lib.format.open_memmap(sdir / "vectors.f16.npy", mode="w+", dtype=np.float16, shape=(stop - start, d))
-        for a in range(0, stop - start, len(block)):
-            b = min(a + len(block), stop - start)
-            vec[a:b] = block[: b - a]
-        vec.flush()
-        del vec
+        ids = _NpyWriter(sdir / "ids.npy", np.int64, (stop - start,))
+        vec = _NpyWriter(sdir / "vectors.f16.npy", np.float16, (stop - start, d))
+        try:
+            ids.write(0, np.arange(start, stop, dtype=np.int64), fresh=True)
+            for a in range(0, stop - start, len(block)):
+                b = min(a + len(block), stop - start)
+                vec.write(a, block[: b - a])
+        finally:
+            ids.close()
+            vec.close()
     con = duckdb.connect(str(root / "cells.duckdb"))
     con.execute(f"CREATE TABLE cells AS SELECT range AS soma_joinid, 'ds' || (range % 100)::VARCHAR AS dataset_id, "
                 f"'tissue' || (range % 7)::VARCHAR AS tissue FROM range({n})")
@@ -151,13 +169,16 @@ def bandwidth(ram_gb: float, repeats: int) -> dict[str, float]:
 
 def paired(idx: Any, clf: Any, out_dir: Path, maps: list[np.ndarray], threads: int, args: argparse.Namespace
            ) -> dict[str, Any]:
-    """``--pairs`` rounds of (reference read, sweep) back to back, so that both see the same machine state.
+    """``--pairs`` rounds of (reference read, sweep, one-shot sweep) back to back, so that all see the same machine
+    state.
 
     The reference of a round is the best of three reads of memory: torch's sum (with every thread of the run) of a
     1 GB float16 array in RAM and over the very shard files the sweep reads (page cache, memory maps), and numpy's
-    1-thread sum of the RAM array. The sweep runs with its best thread count (``threads``). The fraction of a round = sweep GB/s / that reference; the
-    median and the lowest over rounds are reported (the bandwidth of this VM moves between runs, by up to 1.6x, so
-    a reference measured minutes apart from the sweep can mislead either way).
+    1-thread sum of the RAM array. The sweep runs with its best thread count (``threads``). The one-shot sweep is
+    what one ``scatlas hunt sweep`` command does: a sweep of a freshly opened index (new memory maps, thread count
+    chosen from scratch), each run on a new index object, best of 3 like the other two. The fraction of a round = sweep GB/s / that reference; the median and the
+    lowest over rounds are reported (the bandwidth of this VM moves between runs, by up to 1.6x, so a reference
+    measured minutes apart from the sweep can mislead either way).
     """
     import torch
 
@@ -176,12 +197,20 @@ def paired(idx: Any, clf: Any, out_dir: Path, maps: list[np.ndarray], threads: i
         ref = max(ram_torch, ram_numpy, cache_torch)
         s = max((sweep(idx, clf, out_dir, device="cpu", resume=False, progress=False, threads=threads)
                  for _ in range(3)), key=lambda r: r.gb_per_second)
+        one = max((sweep(ShardDirIndex(idx.root, idx.dim), clf, out_dir, device="cpu", resume=False, progress=False)
+                   for _ in range(3)), key=lambda r: r.gb_per_second)  # each on a new index object
+        torch.set_num_threads(max(args.thread_counts))
         rounds.append({"ram_torch_gbps": ram_torch, "ram_numpy_gbps": ram_numpy, "page_cache_torch_gbps": cache_torch,
-                       "reference_gbps": ref, "sweep_gbps": s.gb_per_second, "fraction": s.gb_per_second / ref})
+                       "reference_gbps": ref, "sweep_gbps": s.gb_per_second, "fraction": s.gb_per_second / ref,
+                       "one_shot_gbps": one.gb_per_second, "one_shot_fraction": one.gb_per_second / ref,
+                       "one_shot_threads": one.threads})
     torch.set_num_threads(max(args.thread_counts))
     fr = np.array([r["fraction"] for r in rounds])
+    fo = np.array([r["one_shot_fraction"] for r in rounds])
     return {"paired_rounds": rounds, "paired_threads": threads, "paired_fraction_median": float(np.median(fr)),
-            "paired_fraction_min": float(fr.min()), "paired_fraction_max": float(fr.max())}
+            "paired_fraction_min": float(fr.min()), "paired_fraction_max": float(fr.max()),
+            "one_shot_fraction_median": float(np.median(fo)), "one_shot_fraction_min": float(fo.min()),
+            "one_shot_fraction_max": float(fo.max())}
 
 
 def drop_cache(paths: list[Path]) -> bool:
@@ -290,6 +319,17 @@ def bench_dim(d: int, args: argparse.Namespace, tmp: Path, bw: dict[str, float])
     return out
 
 
+def _headline(result: dict[str, Any]) -> list[str]:
+    """The one-shot figure (a sweep of a freshly opened index, as one CLI command) against the paired reference."""
+    parts = [
+        f"d={r['d']}: {100 * r['one_shot_fraction_median']:.0f}% of the paired read reference (median of "
+        f"{len(r['paired_rounds'])} rounds, lowest {100 * r['one_shot_fraction_min']:.0f}%; the run's first "
+        f"one-shot sweep read {r['sweep_first_touch_gbps']:.1f} GB/s)"
+        for r in result["dims"] if "one_shot_fraction_median" in r
+    ]
+    return [f"**One-shot sweep (fresh index, as one `scatlas hunt sweep`)**: {'; '.join(parts)}.", ""] if parts else []
+
+
 def markdown(result: dict[str, Any], command: str) -> str:
     bw = result["bandwidth"]
     lines = [
@@ -303,6 +343,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
         "",
         f"    {command}",
         "",
+        *_headline(result),
         f"Memory-read bandwidth ({bw['bytes'] / 1e9:.1f} GB float16 array in RAM, best of {result['repeats']}): "
         f"numpy sum {bw['numpy_sum_gbps']:.1f} GB/s (1 thread), torch sum {bw['torch_sum_gbps']:.1f} GB/s.",
         "",
@@ -345,20 +386,28 @@ def markdown(result: dict[str, Any], command: str) -> str:
     ]
     if all("paired_rounds" in r for r in result["dims"]):
         lines += [
-            "Paired rounds (the target's measure): in each round the reference read and the sweep run back to back; "
-            "reference = the best of torch's sum with every thread over a 1 GB float16 array in RAM and over the "
-            "same shard files in the page cache, and numpy's 1-thread sum (each best of 3); sweep = best of 3 with "
-            "its best thread count (the threads column).",
+            "Paired rounds (the target's measure): in each round the reference read, the sweep and a one-shot "
+            "sweep run back to back; reference = the best of torch's sum with every thread over a 1 GB float16 "
+            "array in RAM and over the same shard files in the page cache, and numpy's 1-thread sum (each best of "
+            "3); sweep = best of 3 with its best thread count (the threads column) on an index object already used; "
+            "one-shot = a sweep of a freshly opened index object with default settings (new memory maps, thread "
+            "count chosen from scratch), which is what one `scatlas hunt sweep` command does: best of 3 such "
+            "sweeps, each on a new index object (the single first one-shot sweep of the run is the \"fresh index "
+            "object\" column above).",
             "",
-            "| d | rounds | threads | reference GB/s (min-max) | sweep GB/s (min-max) | sweep / reference: median "
+            "| d | rounds | threads | reference GB/s (min-max) | one-shot GB/s (min-max) "
+            "| **one-shot / reference: median** | lowest | sweep GB/s (min-max) | sweep / reference: median "
             "| lowest | highest |",
-            "|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in result["dims"]:
             refs = [x["reference_gbps"] for x in r["paired_rounds"]]
             sws = [x["sweep_gbps"] for x in r["paired_rounds"]]
+            one = [x.get("one_shot_gbps", float("nan")) for x in r["paired_rounds"]]
             lines.append(
                 f"| {r['d']} | {len(refs)} | {r['paired_threads']} | {min(refs):.1f}-{max(refs):.1f} "
+                f"| {min(one):.1f}-{max(one):.1f} | **{100 * r.get('one_shot_fraction_median', float('nan')):.0f}%** "
+                f"| {100 * r.get('one_shot_fraction_min', float('nan')):.0f}% "
                 f"| {min(sws):.1f}-{max(sws):.1f} | {100 * r['paired_fraction_median']:.0f}% "
                 f"| {100 * r['paired_fraction_min']:.0f}% | {100 * r['paired_fraction_max']:.0f}% |"
             )
@@ -368,6 +417,28 @@ def markdown(result: dict[str, Any], command: str) -> str:
 
 def write_docs(path: Path, section: str) -> None:
     write_block(path, START, END, f"{START}\n{section}\n{END}")
+
+
+def read_modes(args: argparse.Namespace, command: str) -> int:
+    """``--read-modes``: the read modes of :mod:`sweep_read_modes`, as JSON and a docs block."""
+    import torch
+    from sweep_read_modes import markdown as read_markdown
+    from sweep_read_modes import measure
+
+    before = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    with tempfile.TemporaryDirectory(dir=args.tmp, prefix="bench_sweep_read_") as tmp:
+        results = measure(Path(tmp), args.dims, args.read_gb, args.read_rounds, torch.get_num_threads())
+    after = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    out = args.json.with_name(args.json.stem + "_read_modes.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": before,
+                               "load_after": after, "results": results}, indent=2))
+    table = read_markdown(results, command, (before, after), args.read_rounds)
+    print(table)
+    if args.write_docs:
+        start, end = "<!-- bench_sweep_read:start -->", "<!-- bench_sweep_read:end -->"
+        write_block(args.docs, start, end, f"{start}\n{table}\n{end}", heading="Sweep: one-shot")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -385,13 +456,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=Path("bench_out/bench_sweep.json"))
     parser.add_argument("--docs", type=Path, default=Path("docs/benchmarks.md"))
     parser.add_argument("--no-docs", dest="write_docs", action="store_false")
+    parser.add_argument("--read-modes", action="store_true",
+                        help="instead: how a fresh index can read its shards (scripts/sweep_read_modes.py)")
+    parser.add_argument("--read-gb", type=float, default=1.0, help="GB of shards per dimension and file set")
+    parser.add_argument("--read-rounds", type=int, default=5)
     args = parser.parse_args(argv)
+    command = "nice .venv/bin/python scripts/bench_sweep.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    if args.read_modes:
+        return read_modes(args, command)
 
     import torch
 
     if not args.thread_counts:
         args.thread_counts = sorted({1, torch.get_num_threads()})
-    command = "nice .venv/bin/python scripts/bench_sweep.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",

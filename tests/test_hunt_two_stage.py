@@ -12,21 +12,25 @@ import importlib
 import json
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from scatlas.atlas import ingest
-from scatlas.atlas.errors import InputError
+from scatlas.atlas.errors import InputError, TaskError
 from scatlas.atlas.synthetic import RareType, SyntheticAtlasConfig, write_h5ad_datasets
-from scatlas.index import AtlasIndex, BuildConfig, build_index
+from scatlas.index import AtlasIndex, BuildConfig, LocalExecutor, RayExecutor, build_index
 from scatlas.query.hunt import HuntClassifier, sweep, train
 from scatlas.query.hunt.calibration import Calibration
 from scatlas.query.hunt.classifier import STAGE2_WEIGHTS_FILE
+from scatlas.query.hunt.gene_reads import dataset_gene_stats, iter_gene_features, open_index_store
 from scatlas.query.hunt.stage2 import GeneStage, GeneStats, stage1_candidate_cut, standardize
 
 stage2_sweep = importlib.import_module("scatlas.query.hunt.sweep_stage2")
+stage2_tasks = importlib.import_module("scatlas.query.hunt.stage2_tasks")
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow  # one ~20 s atlas for the module
 
@@ -96,7 +100,7 @@ def test_two_stages_recover_the_population_stage_one_alone_misses(world, tmp_pat
 
 def test_an_interrupted_stage_two_resumes_to_identical_hits(world, tmp_path, monkeypatch):
     want = sweep(world["index"], world["clf"], tmp_path / "whole", progress=False, stage2_chunk_size=97)
-    real, calls = stage2_sweep._score_chunk, []
+    real, calls = stage2_tasks.chunk_scores, []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -104,20 +108,64 @@ def test_an_interrupted_stage_two_resumes_to_identical_hits(world, tmp_path, mon
             raise OSError("simulated crash in stage 2")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(stage2_sweep, "_score_chunk", failing)
-    with pytest.raises(OSError, match="simulated"):
-        sweep(world["index"], world["clf"], tmp_path / "cut", progress=False, stage2_chunk_size=97)
+    monkeypatch.setattr(stage2_tasks, "chunk_scores", failing)
+    with pytest.raises(TaskError, match="stage2-0002 failed: OSError: simulated"):
+        sweep(world["index"], world["clf"], tmp_path / "cut", progress=False, stage2_chunk_size=97,
+              executor=LocalExecutor())
     state = json.loads((tmp_path / "cut" / "sweep.json").read_text())
     assert len(state["stage2"]["chunks"]) == 2 and not state["complete"]
     stats_files = sorted((tmp_path / "cut" / "stage2").glob("stats_*.npz"))
     assert stats_files and len(stats_files) == len(state["stage2"]["stats"])  # the batches' gene statistics
     stats_files[0].write_bytes(b"damaged")  # recomputed (the same sample) when unreadable
-    monkeypatch.setattr(stage2_sweep, "_score_chunk", real)
+    monkeypatch.setattr(stage2_tasks, "chunk_scores", real)
     got = sweep(world["index"], world["clf"], tmp_path / "cut", progress=False, stage2_chunk_size=97)
     assert got.n_stage2_chunks == want.n_stage2_chunks > 3 and got.n_stage2_chunks_resumed == 2
     assert got.n_shards_resumed == got.n_shards  # stage 1 was not redone either
     a, b = pd.read_parquet(want.hits_path), pd.read_parquet(got.hits_path)
     pd.testing.assert_frame_equal(a, b)
+    assert _partials(tmp_path / "whole") == _partials(tmp_path / "cut")
+
+
+def _partials(out) -> dict[str, tuple[list, list, list]]:
+    """The stage-2 partial files of a sweep directory: ids, scores and unit of each (their contents)."""
+    found = {}
+    for path in sorted((out / stage2_sweep.STAGE2_DIR).glob("[0-9]*.npz")):
+        with np.load(path) as z:
+            found[path.name] = (z["ids"].tolist(), z["scores"].tolist(), z["meta"].tolist())
+    return found
+
+
+def _direct_stage2(world, candidates: np.ndarray) -> np.ndarray:
+    """Stage 2's scores of ``candidates`` computed here, without tasks: each dataset's statistics on its seeded
+    sample, then every candidate's features scored with its dataset's."""
+    stage, idx = world["clf"].stage2, world["index"]
+    store, why = open_index_store(idx)
+    assert store is not None, why
+    with store:
+        ids, scores = [], []
+        for got, features, dataset_id in iter_gene_features(store, idx.embedder, candidates, 10_000):
+            stats = dataset_gene_stats(store, idx.embedder, dataset_id, stage.batch_sample, stage2_sweep.STATS_SEED,
+                                       10_000)
+            ids.append(got)
+            scores.append(stage.scores(features, stats))
+    np.testing.assert_array_equal(np.concatenate(ids), candidates)
+    return np.concatenate(scores)
+
+
+def test_stage_two_as_local_tasks_scores_every_candidate_as_read_directly(world, tmp_path):
+    got = sweep(world["index"], world["clf"], tmp_path / "local", progress=False, stage2_chunk_size=150,
+                executor=LocalExecutor())
+    parts = _partials(tmp_path / "local")
+    assert len(parts) == got.n_stage2_chunks > 1 and got.n_stage2_chunks_resumed == 0
+    ids = np.concatenate([np.array(p[0], dtype=np.int64) for p in parts.values()])
+    scores = np.concatenate([np.array(p[1], dtype=np.float32) for p in parts.values()])
+    assert len(ids) == got.n_stage1_passed and np.all(np.diff(ids) > 0)
+    np.testing.assert_array_equal(scores, _direct_stage2(world, ids))
+    hits = pd.read_parquet(got.hits_path)
+    keep = scores >= np.float32(got.cutoff)
+    assert sorted(hits["soma_joinid"]) == ids[keep].tolist()
+    default = sweep(world["index"], world["clf"], tmp_path / "default", progress=False, stage2_chunk_size=150)
+    pd.testing.assert_frame_equal(pd.read_parquet(default.hits_path), hits)
 
 
 def test_an_index_whose_store_is_gone_sweeps_with_stage_one_and_says_so(world, tmp_path):
@@ -196,3 +244,32 @@ def test_a_labelled_batch_the_atlas_lacks_is_standardised_away(tmp_path):
     p1, r1 = _quality(sweep(idx, clf, tmp_path / "one", progress=False, two_stage=False), truth)
     assert p2 >= 0.9 and r2 >= 0.9, (p2, r2)
     assert min(p1, r1) < 0.8, (p1, r1)
+
+
+def test_stage_two_runs_as_ray_tasks_to_the_same_hits(world, tmp_path, monkeypatch):
+    """On a local 1-CPU Ray cluster, stage 2's chunks run as Ray tasks (each worker reopening the store and the
+    index's embedder by path) and give the partial files and hits of the local run."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    want = sweep(world["index"], world["clf"], tmp_path / "local", progress=False, stage2_chunk_size=150)
+    submitted: list[str] = []
+    real_run = RayExecutor.run
+
+    def spy(self, tasks, on_done, progress=None):
+        submitted.extend(t.key for t in tasks)
+        return real_run(self, tasks, on_done, progress)
+
+    monkeypatch.setattr(RayExecutor, "run", spy)
+    if ray.is_initialized():
+        ray.shutdown()
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "SCATLAS_THREADS": "1"}
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env},
+             configure_logging=False)
+    try:
+        got = sweep(world["index"], world["clf"], tmp_path / "ray", progress=False, stage2_chunk_size=150,
+                    executor=RayExecutor())
+    finally:
+        ray.shutdown()
+    assert [k for k in submitted if k.startswith("stage2-")] == [f"stage2-{i:04d}" for i in range(want.n_stage2_chunks)]
+    assert got.n_stage2_chunks == want.n_stage2_chunks > 1 and got.n_hits == want.n_hits
+    assert _partials(tmp_path / "ray") == _partials(tmp_path / "local")
+    pd.testing.assert_frame_equal(pd.read_parquet(got.hits_path), pd.read_parquet(want.hits_path))

@@ -34,6 +34,10 @@ MARGIN_FACTOR = 2.0**-7
 CHECK_ROWS = 2048
 RETUNE_BYTES = 8 << 30
 """The thread count is re-chosen after every 8 GiB of vectors scored."""
+TUNE_BYTES = 32 << 20
+"""While thread counts are being timed, blocks are cut to slices of this size (:meth:`ThreadTuner.rows`): the
+comparison then scores a few slices at the slower count instead of whole blocks, which in a one-shot sweep of a
+few GB cost ~10% of its rate (see docs/benchmarks.md#sweep-one-shot)."""
 
 
 @dataclass
@@ -177,14 +181,18 @@ class ThreadTuner:
     a descheduled sibling at every synchronisation; see docs/benchmarks.md#sweep-threads), while on an idle
     machine they are faster. So one block is scored with each candidate count
     (real work, not extra passes), the fastest count is used, and the comparison is repeated after every
-    ``retune_bytes`` of vectors. Each candidate is timed on ``rounds`` blocks, interleaved.
+    ``retune_bytes`` of vectors. Each candidate is timed on ``rounds`` blocks, interleaved; callers cut blocks to
+    ``tune_bytes`` slices while the tuner is :attr:`tuning` (:meth:`rows`).
     """
 
-    def __init__(self, candidates: list[int], retune_bytes: int = RETUNE_BYTES, rounds: int = 2) -> None:
+    def __init__(
+        self, candidates: list[int], retune_bytes: int = RETUNE_BYTES, rounds: int = 2, tune_bytes: int = TUNE_BYTES
+    ) -> None:
         self.candidates = sorted(set(candidates))
         self.best = self.candidates[-1]
         self.retune_bytes = int(retune_bytes)
         self.rounds = int(rounds)
+        self.tune_bytes = int(tune_bytes)
         self._pending: list[int] = self._schedule()
         self._bytes: dict[int, float] = {}
         self._secs: dict[int, float] = {}
@@ -196,6 +204,18 @@ class ThreadTuner:
     def _schedule(self) -> list[int]:
         """Candidates interleaved ``rounds`` times (1, n, 1, n): a burst of load hits both alike."""
         return self.candidates * self.rounds if len(self.candidates) > 1 else []
+
+    @property
+    def tuning(self) -> bool:
+        """Whether the next blocks are timed (the untimed first block, a comparison under way or due)."""
+        due = len(self.candidates) > 1 and self._since >= self.retune_bytes
+        return self._warm or bool(self._pending) or due
+
+    def rows(self, block_rows: int, row_bytes: int) -> int:
+        """How many rows to score next: ``block_rows``, or a ``tune_bytes`` slice of them while :attr:`tuning`."""
+        if not self.tuning:
+            return block_rows
+        return max(1, min(block_rows, self.tune_bytes // max(1, row_bytes)))
 
     def before_block(self) -> int:
         import torch

@@ -57,6 +57,7 @@ from scatlas.query.hunt.kernels import BlockScorer, ThreadTuner
 from scatlas.query.hunt.partials import read_partial as _read_partial
 from scatlas.query.hunt.partials import write_partial as _write_partial
 from scatlas.query.hunt.stage2 import GeneStage
+from scatlas.query.hunt.stage2_tasks import GeneSource
 from scatlas.query.hunt.sweep_stage2 import DEFAULT_CHUNK as STAGE2_CHUNK
 from scatlas.query.hunt.sweep_stage2 import STAGE2_DIR, Stage2Result, score_candidates
 
@@ -185,8 +186,10 @@ def _score_shard(
     hit_scores: list[np.ndarray] = []
     n_cand = 0
     tuner: ThreadTuner | None = getattr(scorer, "tuner", None)
-    for a in range(0, len(ids), block_size):
-        b = min(a + block_size, len(ids))
+    row_bytes = vecs.shape[1] * 2
+    a = 0
+    while a < len(ids):  # whole blocks, or shorter slices while the tuner times thread counts
+        b = min(a + (tuner.rows(block_size, row_bytes) if tuner is not None else block_size), len(ids))
         threads = tuner.before_block() if tuner is not None else 0
         t0 = time.perf_counter()
         res = scorer.hits(vecs[a:b])
@@ -197,6 +200,7 @@ def _score_shard(
             hit_scores.append(res.scores)
         n_cand += res.n_candidates
         bar.update(b - a)
+        a = b
     if not hit_ids:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32), n_cand
     return np.concatenate(hit_ids).astype(np.int64), np.concatenate(hit_scores).astype(np.float32), n_cand
@@ -357,8 +361,8 @@ def sweep(
     threads: torch CPU threads for the sweep; default: chosen between 1 and torch's current setting by timing
         blocks, re-checked every 8 GiB (see :class:`~query.hunt.kernels.ThreadTuner`). Restored afterwards.
     executor: where the per-shard scoring tasks run (:mod:`index.executor`): default this process (one thread per
-        GPU when sweeping on CUDA); a :class:`~index.executor.RayExecutor` spreads shards over a cluster. The hits
-        are the same either way.
+        GPU when sweeping on CUDA); a :class:`~index.executor.RayExecutor` spreads shards, and stage 2's chunks of
+        candidates, over a cluster. The hits are the same either way.
     two_stage: run stage 2 when the classifier has one (``False``: stage 1 alone, at its own threshold).
     atlas: the atlas store stage 2 reads (default: the one the index was built from).
     stage2_chunk_size: candidates read and scored per stage-2 chunk (bounds memory; one partial file each).
@@ -380,7 +384,7 @@ def sweep(
         if plan.stage2 is None:
             hits = _Hits(cand_ids, cand_scores, clf.probability(cand_scores), len(cand_ids))
         else:
-            hits = _stage2_hits(store, idx, plan, out, state, cand_ids, stage2_chunk_size, progress)
+            hits = _stage2_hits(store, idx, plan, out, state, cand_ids, stage2_chunk_size, progress, executor)
         return _finish(idx, clf, plan, out, state, run, hits, t0)
 
 
@@ -420,13 +424,14 @@ def _stage1_hits(run: _Run) -> tuple[np.ndarray, np.ndarray]:
 
 def _stage2_hits(
     store: Any, idx: AtlasIndex, plan: _Plan, out: Path, state: dict[str, Any], candidates: np.ndarray,
-    chunk_size: int, progress: Progress,
+    chunk_size: int, progress: Progress, executor: Executor | None = None,
 ) -> _Hits:
-    """Stage 2 over stage 1's candidates; the hits are those scoring at least the plan's cut."""
+    """Stage 2 over stage 1's candidates, as tasks on ``executor`` (a Ray executor spreads them over its cluster);
+    the hits are those scoring at least the plan's cut."""
     stage = plan.stage2
     assert stage is not None
-    res = score_candidates(store, idx.embedder, stage, candidates, out, state, out / STATE_FILE,
-                           chunk_size=chunk_size, progress=progress)
+    res = score_candidates(GeneSource.of(store, idx), stage, candidates, out, state, out / STATE_FILE,
+                           chunk_size=chunk_size, progress=progress, executor=executor)
     keep = res.scores >= np.float32(plan.cutoff)
     logger.info("stage 2: kept %d of %d candidates (%d chunks, %d resumed) in %.1fs", int(keep.sum()),
                 len(candidates), res.n_chunks, res.n_resumed, res.seconds)

@@ -1,13 +1,19 @@
 """Stage 2 of a two-stage sweep: score stage 1's candidates on their gene features read from the atlas store.
 
-The candidates (sorted ids) are cut into chunks of ``chunk_size`` ids, read in id order from the store, turned into
-gene features by the index's embedder and scored by the classifier's stage 2. Each chunk's scores (every
-candidate's, hit or not) go to ``OUT/stage2/NNNN.npz`` (atomically) before the sweep state records the chunk, so an
-interrupted stage 2 resumes where it stopped, to the same hits. Memory: one chunk's expression and features.
+The candidates (sorted ids) are cut into chunks of ``chunk_size`` ids; each chunk not done before is one executor
+task (:func:`query.hunt.stage2_tasks.score_chunk`: read in id order from the store, turned into gene features by
+the index's embedder, scored by the classifier's stage 2, its scores, every candidate's, hit or not, written to
+``OUT/stage2/NNNN.npz`` atomically). The driver records each finished chunk in the sweep state, so an interrupted
+stage 2 resumes where it stopped, to the same hits. Locally the chunks run in this process one after the other
+(stage 2 is CPU work: the GPUs a local executor may hold do not help it); on Ray, as Ray tasks over the cluster,
+which must see the atlas store and the index at the same paths. Memory per task: one chunk's expression and
+features.
 
-A stage 2 that standardises genes within batches needs each candidate dataset's gene statistics: computed once per
-dataset with candidates, on :data:`~query.hunt.stage2.BATCH_SAMPLE` of its cells drawn with :data:`STATS_SEED`
-(so a rerun computes the same), and kept in ``OUT/stage2/stats_NNNN.npz`` (recorded in the sweep state).
+A stage 2 that standardises genes within batches needs each candidate dataset's gene statistics: the driver
+computes them before the tasks start, once per dataset holding candidates, on
+:data:`~query.hunt.stage2.BATCH_SAMPLE` of its cells drawn with :data:`STATS_SEED` (so a rerun computes the same),
+keeps them in ``OUT/stage2/stats_NNNN.npz`` (recorded in the sweep state) and gives each task those of the datasets
+its chunk spans.
 """
 
 from __future__ import annotations
@@ -24,16 +30,18 @@ import numpy as np
 from scatlas.atlas.atomic import write_json_atomic
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.outputs import writing
-from scatlas.index import Progress, progress_bar
-from scatlas.query.hunt.gene_reads import dataset_gene_stats, iter_gene_features
-from scatlas.query.hunt.partials import meta_of, read_partial, write_partial
+from scatlas.index import Executor, LocalExecutor, Progress, Task, progress_bar
+from scatlas.query.hunt import stage2_tasks
+from scatlas.query.hunt.gene_reads import dataset_gene_stats
+from scatlas.query.hunt.partials import meta_of, read_partial
 from scatlas.query.hunt.stage2 import GeneStage, GeneStats
+from scatlas.query.hunt.stage2_tasks import ChunkScore, GeneSource
 
 logger = logging.getLogger(__name__)
 
 STAGE2_DIR = "stage2"
 DEFAULT_CHUNK = 5_000
-"""Candidates read and scored per stage-2 chunk (one partial file each)."""
+"""Candidates read and scored per stage-2 chunk (one task and one partial file each)."""
 STATS_SEED = 0
 """Seed of the cells sampled from a dataset for its gene statistics."""
 
@@ -50,13 +58,20 @@ class Stage2Result:
 
 
 def score_candidates(
-    store: Any, embedder: Any, stage: GeneStage, candidates: np.ndarray, out: Path, state: dict[str, Any],
+    source: GeneSource, stage: GeneStage, candidates: np.ndarray, out: Path, state: dict[str, Any],
     state_path: Path, *, chunk_size: int = DEFAULT_CHUNK, progress: Progress = False,
+    executor: Executor | None = None,
 ) -> Stage2Result:
-    """Stage-2 scores of ``candidates`` (sorted, unique atlas ids), chunk by chunk, resuming the chunks that
-    ``state["stage2"]`` records with an intact partial file."""
+    """Stage-2 scores of ``candidates`` (sorted, unique atlas ids), one task per chunk of ``chunk_size`` ids,
+    resuming the chunks that ``state["stage2"]`` records with an intact partial file.
+
+    ``source``: the atlas store and the index's embedder (:class:`~query.hunt.stage2_tasks.GeneSource`, open in
+    this process). ``out`` / ``state`` / ``state_path``: the sweep directory and its state (updated and written as
+    chunks finish). ``executor``: where the chunk tasks run: a Ray executor spreads them over its cluster; None or a
+    local executor runs them in this process, one after the other."""
     if chunk_size <= 0:
         raise InputError(f"the stage 2 chunk size must be positive (got {chunk_size})")
+    store, embedder = source.open()
     names = embedder.gene_feature_names
     if list(names or []) != stage.gene_names:
         raise InputError("the index's embedder does not compute the genes stage 2 was trained on; retrain the "
@@ -64,35 +79,55 @@ def score_candidates(
     t0 = time.perf_counter()
     (out / STAGE2_DIR).mkdir(exist_ok=True)
     done: dict[str, Any] = state.setdefault("stage2", {}).setdefault("chunks", {})
-    ids_parts: list[np.ndarray] = []
-    score_parts: list[np.ndarray] = []
-    n_resumed = 0
     stats = _BatchStats(store, embedder, stage, out, state, state_path, chunk_size)
+    stats.compute(candidate_datasets(store, candidates))
+    results: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    tasks: list[Task] = []
     starts = range(0, len(candidates), chunk_size)
-    with progress_bar(progress, total=len(candidates), desc="stage 2", unit="cell") as bar:
-        for no, a in enumerate(starts):
-            ids = candidates[a : a + chunk_size]
-            name, meta = f"{no:04d}", meta_of(ids)
-            path = out / STAGE2_DIR / f"{name}.npz"
-            got = read_partial(path, meta) if done.get(name) == meta else None
-            if got is None:
-                got = (ids, _score_chunk(store, embedder, stage, ids, chunk_size, stats))
-                write_partial(path, got[0], got[1], meta)
-                done[name] = meta
-                write_json_atomic(state_path, state)
-            else:
-                n_resumed += 1
-            ids_parts.append(got[0])
-            score_parts.append(got[1])
-            bar.update(len(ids))
-    all_ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, dtype=np.int64)
-    scores = np.concatenate(score_parts) if score_parts else np.zeros(0, dtype=np.float32)
+    for no, a in enumerate(starts):
+        ids = candidates[a : a + chunk_size]
+        name, meta = f"{no:04d}", meta_of(ids)
+        path = out / STAGE2_DIR / f"{name}.npz"
+        got = read_partial(path, meta) if done.get(name) == meta else None
+        if got is not None:
+            results[name] = got
+            continue
+        chunk_stats = stats.of(candidate_datasets(store, ids)) if stage.batch_standardized else None
+        tasks.append(Task(f"stage2-{name}", stage2_tasks.score_chunk,
+                          (source, stage, ids, chunk_size, chunk_stats, path, meta), cells=len(ids)))
+    n_resumed = len(results)
+    if n_resumed:
+        logger.info("stage 2: resuming, %d of %d chunks already done", n_resumed, len(starts))
+
+    def on_done(task: Task, res: ChunkScore) -> None:
+        done[res.name] = res.meta
+        write_json_atomic(state_path, state)
+        results[res.name] = (res.ids, res.scores)
+
+    run_on = executor if executor is not None and executor.name != "local" else LocalExecutor(["cpu"])
+    with progress_bar(progress, total=len(candidates), initial=len(candidates) - sum(t.cells for t in tasks),
+                      desc="stage 2", unit="cell") as bar:
+        run_on.run(tasks, on_done, progress=bar.update)
+    ordered = [results[f"{no:04d}"] for no in range(len(starts))]
+    all_ids = np.concatenate([r[0] for r in ordered]) if ordered else np.zeros(0, dtype=np.int64)
+    scores = np.concatenate([r[1] for r in ordered]) if ordered else np.zeros(0, dtype=np.float32)
     return Stage2Result(all_ids, scores, len(starts), n_resumed, time.perf_counter() - t0)
 
 
+def candidate_datasets(store: Any, ids: np.ndarray) -> list[str]:
+    """The ids of the atlas datasets of ``store`` holding any of ``ids`` (sorted atlas ids), in id order."""
+    found = []
+    for rec in store.cell_ranges_records():
+        lo, hi = np.searchsorted(ids, [rec.start, rec.start + rec.n_cells])
+        if hi > lo:
+            found.append(str(rec.dataset_id))
+    return found
+
+
 class _BatchStats:
-    """The gene statistics of the candidates' datasets (None for a stage 2 without batches): from this run's
-    memory, else the sweep directory's file, else computed and written there (then recorded in the state)."""
+    """The gene statistics of the candidates' datasets (for a stage 2 that standardises within batches): from
+    this run's memory, else the sweep directory's file, else computed on the driver's store and written there
+    (then recorded in the state)."""
 
     def __init__(self, store: Any, embedder: Any, stage: GeneStage, out: Path, state: dict[str, Any],
                  state_path: Path, chunk_size: int) -> None:
@@ -100,9 +135,17 @@ class _BatchStats:
         self.out, self.state, self.state_path = out, state, state_path
         self.known: dict[str, GeneStats] = {}
 
-    def __call__(self, dataset_id: str) -> GeneStats | None:
-        if not self.stage.batch_standardized:
-            return None
+    def compute(self, datasets: list[str]) -> None:
+        """Have the statistics of ``datasets`` ready (nothing for a stage 2 without batches)."""
+        if self.stage.batch_standardized:
+            for dataset_id in datasets:
+                self(dataset_id)
+
+    def of(self, datasets: list[str]) -> dict[str, GeneStats]:
+        """The statistics of ``datasets``, by dataset id."""
+        return {d: self(d) for d in datasets}
+
+    def __call__(self, dataset_id: str) -> GeneStats:
         if dataset_id in self.known:
             return self.known[dataset_id]
         files: dict[str, str] = self.state["stage2"].setdefault("stats", {})
@@ -140,16 +183,3 @@ def _read_stats(path: Path, n_genes: int) -> GeneStats | None:
         return None
     ok = mean.shape == sd.shape == (n_genes,) and np.isfinite(mean).all() and np.isfinite(sd).all()
     return GeneStats(mean, sd, n) if ok else None
-
-
-def _score_chunk(store: Any, embedder: Any, stage: GeneStage, ids: np.ndarray, chunk_size: int,
-                 stats: Any = None) -> np.ndarray:
-    """Stage-2 scores of one chunk of candidate ids (sorted), in that order; ``stats(dataset_id)`` gives a
-    dataset's gene statistics (None: stage 2 reads the features as they are)."""
-    scores = np.full(len(ids), np.nan, dtype=np.float32)
-    for got, features, dataset_id in iter_gene_features(store, embedder, ids, chunk_size):
-        scores[np.searchsorted(ids, got)] = stage.scores(features, stats(dataset_id) if stats is not None else None)
-    if np.isnan(scores).any():
-        raise InputError(f"{int(np.isnan(scores).sum())} candidate cells were not read from the atlas store; the "
-                         "store changed after the index was built: rebuild the index from this store")
-    return scores
