@@ -308,11 +308,16 @@ class AtlasStore:
                 for a in range(a0, b0, chunk_size):
                     b = min(a + chunk_size, b0)
                     ids = np.arange(a, b, dtype=np.int64)
-                    X = self._read_x(slice(a, b - 1), ids) if with_X else None
-                    obsm = {k: self._read_obsm(k, ids) for k in obsm_keys}
-                    obs = read_obs(ids) if read_obs is not None else {}
-                    yield CellChunk(ids=ids, X=X, x_kind=rec.x_kind, genes=genes, obsm=obsm,  # type: ignore[arg-type]
-                                    dataset_id=rec.dataset_id, obs=obs)
+                    yield self._chunk(rec, ids, slice(a, b - 1), genes, with_X, obsm_keys, read_obs)
+
+    def _chunk(self, rec: DatasetRecord, ids: np.ndarray, coords: slice | np.ndarray, genes: GeneVocabulary,
+               with_x: bool, obsm_keys: Sequence[str], read_obs: Any) -> CellChunk:
+        """The chunk of cells ``ids`` of dataset ``rec`` (X read at ``coords``, when ``with_x``)."""
+        X = self._read_x(coords, ids) if with_x else None
+        obsm = {k: self._read_obsm(k, ids) for k in obsm_keys}
+        obs = read_obs(ids) if read_obs is not None else {}
+        return CellChunk(ids=ids, X=X, x_kind=rec.x_kind, genes=genes, obsm=obsm,  # type: ignore[arg-type]
+                         dataset_id=rec.dataset_id, obs=obs)
 
     def read_cells(
         self,
@@ -340,11 +345,7 @@ class AtlasStore:
             for rec, lo, hi in spans:
                 for a in range(lo, hi, chunk_size):
                     sel = ids[a : min(a + chunk_size, hi)]
-                    X = self._read_x(sel, sel) if with_X else None
-                    obsm = {k: self._read_obsm(k, sel) for k in obsm_keys}
-                    obs = read_obs(sel) if read_obs is not None else {}
-                    yield CellChunk(ids=sel, X=X, x_kind=rec.x_kind, genes=genes, obsm=obsm,  # type: ignore[arg-type]
-                                    dataset_id=rec.dataset_id, obs=obs)
+                    yield self._chunk(rec, sel, sel, genes, with_X, obsm_keys, read_obs)
         if covered != len(ids):
             raise InputError(f"{len(ids) - covered} requested cell ids are not in the atlas store")
 

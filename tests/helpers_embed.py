@@ -105,3 +105,19 @@ def knn_transfer_accuracy(ref: np.ndarray, ref_labels: np.ndarray, query: np.nda
     votes = np.zeros((len(query), len(classes)))
     np.add.at(votes, (np.repeat(np.arange(len(query)), k), codes[nn].ravel()), 1)
     return float((classes[votes.argmax(axis=1)] == query_labels).mean())
+
+
+def tiny_scvi_model(adata, path, *, n_latent: int = 6, epochs: int = 2):
+    """A tiny scVI model of ``adata``'s counts (its first and second half as batches ``b1``/``b2``, which ``adata.obs``
+    gains as ``batch``), trained for ``epochs`` on the CPU and saved with ``model.save`` into ``path``; returned."""
+    import scvi
+
+    from scatlas.atlas.embed.scvi_backend import quiet
+
+    adata.obs["batch"] = np.where(np.arange(adata.n_obs) < adata.n_obs // 2, "b1", "b2")
+    scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
+    model = scvi.model.SCVI(adata, n_latent=n_latent, n_hidden=32, encode_covariates=True)
+    with quiet():
+        model.train(max_epochs=epochs, accelerator="cpu", enable_progress_bar=False)
+    model.save(str(path))
+    return model

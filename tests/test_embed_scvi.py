@@ -15,12 +15,12 @@ pytest.importorskip("scvi", reason="scvi-tools is not installed (pip install 'sc
 
 from scatlas.atlas.chunks import CellChunk  # noqa: E402
 from scatlas.atlas.embed import load_embedder, make_embedder  # noqa: E402
-from scatlas.atlas.embed.scvi_backend import quiet  # noqa: E402
 from scatlas.atlas.errors import InputError  # noqa: E402
 from scatlas.atlas.genes import GeneVocabulary  # noqa: E402
 from scatlas.atlas.store import AtlasStore  # noqa: E402
 from scatlas.index import AtlasIndex, l2_normalize  # noqa: E402
 from tests.conftest import make_adata, run_cli  # noqa: E402
+from tests.helpers_embed import tiny_scvi_model  # noqa: E402
 
 TINY = {"max_epochs": 3, "n_hvg": 60, "n_latent": 8, "n_hidden": 32, "query_epochs": 2}
 
@@ -117,15 +117,8 @@ def test_query_update_moves_only_the_unseen_batch(built):
 
 
 def test_pretrained_model_dir_round_trip(tmp_path):
-    import scvi
-
     adata = make_adata(200, 80, seed=5)
-    adata.obs["batch"] = np.where(np.arange(200) < 100, "b1", "b2")
-    scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
-    model = scvi.model.SCVI(adata, n_latent=6, n_hidden=32, encode_covariates=True)
-    with quiet():
-        model.train(max_epochs=2, accelerator="cpu", enable_progress_bar=False)
-    model.save(str(tmp_path / "pretrained"))
+    model = tiny_scvi_model(adata, tmp_path / "pretrained")
     expected = model.get_latent_representation(adata)
 
     emb = make_embedder("scvi", model_dir=str(tmp_path / "pretrained"))

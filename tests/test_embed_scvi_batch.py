@@ -16,7 +16,6 @@ pytest.importorskip("scvi", reason="scvi-tools is not installed (pip install 'sc
 from scatlas.atlas.chunks import CellChunk, obs_values  # noqa: E402
 from scatlas.atlas.embed import load_embedder, make_embedder  # noqa: E402
 from scatlas.atlas.embed.base import CellReads  # noqa: E402
-from scatlas.atlas.embed.scvi_backend import quiet  # noqa: E402
 from scatlas.atlas.errors import InputError  # noqa: E402
 from scatlas.atlas.genes import GeneVocabulary  # noqa: E402
 from scatlas.atlas.store import AtlasStore  # noqa: E402
@@ -24,6 +23,7 @@ from scatlas.cli import cli  # noqa: E402
 from scatlas.index import AtlasIndex, l2_normalize  # noqa: E402
 from scatlas.index.embedding import obs_columns  # noqa: E402
 from tests.conftest import make_adata  # noqa: E402
+from tests.helpers_embed import tiny_scvi_model  # noqa: E402
 
 TINY = {"max_epochs": 3, "n_hvg": 60, "n_latent": 8, "n_hidden": 32, "query_epochs": 2}
 TINY_OPTS = [x for k, v in TINY.items() for x in ("--embedder-option", f"{k}={v}")]
@@ -170,16 +170,9 @@ def test_batch_column_refusals_at_build(donor_atlas, tmp_path):
 @pytest.fixture(scope="module")
 def census(tmp_path_factory) -> Path:
     """A pretrained scVI model (saved with model.save) and an atlas whose obsm holds its latent means."""
-    import scvi
-
     root = tmp_path_factory.mktemp("scvi_census")
     ref = make_adata(300, 100, seed=5)
-    ref.obs["batch"] = np.where(np.arange(300) < 150, "b1", "b2")
-    scvi.model.SCVI.setup_anndata(ref, batch_key="batch")
-    model = scvi.model.SCVI(ref, n_latent=6, n_hidden=32, encode_covariates=True)
-    with quiet():
-        model.train(max_epochs=5, accelerator="cpu", enable_progress_bar=False)
-    model.save(str(root / "model"))
+    model = tiny_scvi_model(ref, root / "model", epochs=5)
     atlas = make_adata(300, 100, seed=5)
     atlas.obs["batch"] = ref.obs["batch"].to_numpy()
     atlas.obsm["X_scvi"] = model.get_latent_representation(atlas).astype(np.float32)
