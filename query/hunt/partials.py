@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -16,19 +17,25 @@ def meta_of(ids: np.ndarray) -> dict[str, int]:
     return {"n": len(ids), "id_min": int(ids[0]) if len(ids) else -1, "id_max": int(ids[-1]) if len(ids) else -1}
 
 
-def write_partial(path: Path, ids: np.ndarray, scores: np.ndarray, meta: dict[str, int]) -> None:
-    """Write ``ids``/``scores`` and the unit's ``meta`` to ``path`` (temporary file, fsync, rename)."""
+def write_npz_atomic(path: Path, **arrays: Any) -> None:
+    """Write ``arrays`` as an ``.npz`` at ``path`` (temporary file, fsync, rename): readers see the old file or the
+    whole new one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with writing(path), open(tmp, "wb") as fh:
-            np.savez(fh, ids=ids.astype(np.int64), scores=scores.astype(np.float32),
-                     meta=np.array([meta["n"], meta["id_min"], meta["id_max"]], dtype=np.int64))
+            np.savez(fh, **arrays)
             fh.flush()
             os.fsync(fh.fileno())
         with writing(path):
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_partial(path: Path, ids: np.ndarray, scores: np.ndarray, meta: dict[str, int]) -> None:
+    """Write ``ids``/``scores`` and the unit's ``meta`` to ``path`` atomically (:func:`write_npz_atomic`)."""
+    write_npz_atomic(path, ids=ids.astype(np.int64), scores=scores.astype(np.float32),
+                     meta=np.array([meta["n"], meta["id_min"], meta["id_max"]], dtype=np.int64))
 
 
 def read_partial(path: Path, expect: dict[str, int]) -> tuple[np.ndarray, np.ndarray] | None:

@@ -19,7 +19,6 @@ its chunk spans.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +28,10 @@ import numpy as np
 
 from scatlas.atlas.atomic import write_json_atomic
 from scatlas.atlas.errors import InputError
-from scatlas.atlas.outputs import writing
 from scatlas.index import Executor, LocalExecutor, Progress, Task, progress_bar
 from scatlas.query.hunt import stage2_tasks
 from scatlas.query.hunt.gene_reads import dataset_gene_stats
-from scatlas.query.hunt.partials import meta_of, read_partial
+from scatlas.query.hunt.partials import meta_of, read_partial, write_npz_atomic
 from scatlas.query.hunt.stage2 import GeneStage, GeneStats
 from scatlas.query.hunt.stage2_tasks import ChunkScore, GeneSource
 
@@ -163,16 +161,7 @@ class _BatchStats:
 
 
 def _write_stats(path: Path, stats: GeneStats) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with writing(path), open(tmp, "wb") as fh:
-            np.savez(fh, mean=stats.mean, sd=stats.sd, n=np.array([stats.n], dtype=np.int64))
-            fh.flush()
-            os.fsync(fh.fileno())
-        with writing(path):
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_npz_atomic(path, mean=stats.mean, sd=stats.sd, n=np.array([stats.n], dtype=np.int64))
 
 
 def _read_stats(path: Path, n_genes: int) -> GeneStats | None:
