@@ -222,3 +222,28 @@ def test_census_index_of_precomputed_vectors_with_the_model_for_queries(census, 
                 "--embedder-option", f"model_dir={root / 'model'}", "--embedder-option", "atlas_obsm=X_other",
                 "--no-map", "--no-progress")
     assert "obsm['X_other'] has 5 dimensions but the scVI model's latent space has 6" in out
+
+
+def test_batch_column_on_real_data(shared_raw, tmp_path):
+    """kang2018 as one atlas dataset with its `sample` column (CTRL/STIM) as scVI's batch: the model is fitted on
+    both batches, and a query holding only STIM cells, with that column, is embedded as the batch the model knows
+    (no query update: every cell is of a known batch)."""
+    import anndata
+
+    adata = anndata.read_h5ad(shared_raw / "kang2018_ifnb_ctrl_stim_2800.h5ad")
+    adata.obs["sample"] = adata.obs["sample"].astype(str)
+    adata.write_h5ad(tmp_path / "kang.h5ad")
+    stim = adata[adata.obs["sample"] == "STIM"][:300].copy()
+    stim.write_h5ad(tmp_path / "stim.h5ad")
+    run("ingest", str(tmp_path / "kang.h5ad"), "--atlas", str(tmp_path / "atlas"), "--no-progress")
+    opts = ["--embedder-option", "batch_key=sample", "--embedder-option", "max_epochs=2",
+            "--embedder-option", "n_hvg=300", "--embedder-option", "n_latent=8"]
+    run("build", "--atlas", str(tmp_path / "atlas"), "--index", str(tmp_path / "index"), "--embedder", "scvi",
+        *opts, "--no-map", "--no-progress")
+    with AtlasIndex.open(tmp_path / "index") as idx:
+        assert sorted(idx.embedder.batch_counts) == ["CTRL", "STIM"]  # type: ignore[attr-defined]
+    out = run("annotate", str(tmp_path / "stim.h5ad"), "--index", str(tmp_path / "index"), "--out",
+              str(tmp_path / "q.h5ad"), "--no-progress")
+    report = json.loads((tmp_path / "q.report.json").read_text())
+    assert report["query_update"] == {"query_update": False, "reason": "every cell is of a batch the model knows"}
+    assert "query update: none (every cell is of a batch the model knows)" in out
