@@ -34,7 +34,7 @@ from scatlas.index.mapping import (
     read_mapping_calibration,
 )
 from scatlas.index.metadata import failure_reason
-from scatlas.index.predicate import Predicate, validate_predicate
+from scatlas.index.predicate import Predicate, predicate_text, validate_predicate
 from scatlas.index.progress import Progress, progress_bar
 from scatlas.index.refmap import ensure_reference_map, fit_reference_map
 from scatlas.index.refmap_model import ReferenceMap
@@ -108,5 +108,6 @@ __all__ = [
     "torch_gpu_count",
     "train_label_heads",
     "validate_predicate",
+    "predicate_text",
     "verify_index", "UpdateReport", "update_index",
 ]

@@ -144,6 +144,20 @@ def allowed_help() -> str:
     )
 
 
+def predicate_text(predicate: str | None, *, what: str = "where filter", example: str = EXAMPLE) -> str:
+    """``predicate`` stripped; InputError (naming it ``what``, suggesting ``example``) when it is empty or longer
+    than :data:`MAX_LENGTH`."""
+    text = (predicate or "").strip()
+    if not text:
+        raise InputError(f"the {what} is empty; pass an SQL predicate such as \"{example}\"")
+    if len(text) > MAX_LENGTH:
+        raise InputError(
+            f"the {what} is {len(text):,} characters long; at most {MAX_LENGTH:,} are accepted: "
+            "shorten it (e.g. IN (...) instead of many ORs)"
+        )
+    return text
+
+
 def validate_predicate(predicate: str, columns: Mapping[str, str], *, what: str = "where filter") -> Predicate:
     """Check a user SQL predicate over the cells table and return it with the statement to run.
 
@@ -151,14 +165,7 @@ def validate_predicate(predicate: str, columns: Mapping[str, str], *, what: str 
     the predicate. InputError when it is empty, too long or too deeply nested, not valid SQL, or uses anything
     but the columns, literals, operators and functions listed in the module docstring.
     """
-    text = (predicate or "").strip()
-    if not text:
-        raise InputError(f"the {what} is empty; pass an SQL predicate such as \"{EXAMPLE}\"")
-    if len(text) > MAX_LENGTH:
-        raise InputError(
-            f"the {what} is {len(text):,} characters long; at most {MAX_LENGTH:,} are accepted: "
-            "shorten it (e.g. IN (...) instead of many ORs)"
-        )
+    text = predicate_text(predicate, what=what)
     sql = select_sql(text)
     tree = _parse(sql, text, what)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 
@@ -540,6 +540,10 @@ def _echo_evaluation(key: str, ev: dict[str, Any]) -> None:
               f"called unknown: {_fmt(ev.get('with_abstention', {}).get('abstention_rate_absent'))}")
 
 
+HUNT_STAGES: dict[str, bool | Literal["auto"]] = {"1": False, "2": True, "auto": "auto"}
+"""``hunt train --stages`` values -> ``query.hunt.train(two_stage=...)``."""
+
+
 @cli.group(cls=ScatlasGroup)
 def hunt() -> None:
     """Rare-cell hunt: train a classifier on a few known cells, sweep every atlas cell, report the hits."""
@@ -557,19 +561,23 @@ def hunt() -> None:
               help="Atlas cells sampled as extra negatives.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--two-stage", is_flag=True,
-              help="Also train a gene-level stage 2 that re-scores stage 1's candidates from the atlas store "
-                   "(experimental: genes standardised per batch; on the real bench cases it beats stage 1 on 2 of 4 "
-                   "and loses on 2; docs/benchmarks.md).")
+@click.option("--stages", type=click.Choice(list(HUNT_STAGES)), default=None,
+              help="1: the embedding classifier alone; 2: also a gene-level stage 2 that re-scores stage 1's "
+                   "candidates from the atlas store (genes standardised per batch); auto: train stage 2 and keep it "
+                   "when its cross-validated F1 beats stage 1 alone's.  [default: auto]")
+@click.option("--two-stage", is_flag=True, help="The same as --stages 2.")
 @progress_option
 def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, positive_sql: str | None, out_dir: Path,
-               background: int, device: str, seed: int, two_stage: bool, progress: bool) -> None:
-    """Train a class-balanced logistic classifier on known rare cells (on the embedding; with --two-stage also a
-    gene-level stage 2); cross-validated metrics, calibrated scores."""
+               background: int, device: str, seed: int, stages: str | None, two_stage: bool, progress: bool) -> None:
+    """Train a class-balanced logistic classifier on known rare cells (on the embedding, and a gene-level stage 2
+    where it helps: --stages); cross-validated metrics, calibrated scores."""
     from scatlas.query.hunt import train
 
+    if two_stage and stages not in (None, "2"):
+        raise click.UsageError(f"--two-stage means --stages 2, but --stages {stages} was given; give one of them")
+    chosen = "2" if two_stage else (stages or "auto")
     clf = train(index_dir, cells_file, positive=positive, positive_sql=positive_sql, background=background,
-                device=device, seed=seed, out=out_dir, progress=progress, two_stage=two_stage)
+                device=device, seed=seed, out=out_dir, progress=progress, two_stage=HUNT_STAGES[chosen])
     m = clf.metrics
     _echo(f"classifier {out_dir}: {clf.counts.get('n_positive')} positives, {clf.counts.get('n_negative')} negatives "
           f"({clf.counts})")

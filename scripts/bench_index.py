@@ -469,11 +469,13 @@ def rerank_ab(index_dir, queries_file, n_queries, rounds, threads) -> None:
 @click.option("--threads", type=int, default=None, help="default: all cores")
 @click.option("--rounds", type=int, default=5, show_default=True, help="interleaved rounds (medians)")
 @click.option("--reranks", default="", help="also time our search at these re-rank depths (comma-separated)")
+@click.option("--points", default="", help="also time our search at these NPROBE:RERANK pairs (comma-separated), "
+              "to compare with raw + RFlat at equal recall")
 @click.option("--work", type=click.Path(path_type=Path), default=ROOT / "bench_out" / "index", show_default=True)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
 @click.option("--docs/--no-docs", "write_doc", default=True, show_default=True)
-def profile(n, d, factory, shard_size, queries, clusters, threads, rounds, reranks, work, json_out, write_doc
-            ) -> None:
+def profile(n, d, factory, shard_size, queries, clusters, threads, rounds, reranks, points, work, json_out,
+            write_doc) -> None:
     """Stage-by-stage profile of our search against raw FAISS (see scripts/bench_search_profile.py); the data,
     our index and the raw index are made once in ``--work`` and reused."""
     from bench_search_profile import profile as run_profile
@@ -487,10 +489,14 @@ def profile(n, d, factory, shard_size, queries, clusters, threads, rounds, reran
     if not truth.exists() or np.load(truth, mmap_mode="r").shape[0] != queries:
         _in_child(phase_exact, str(data), threads)  # writes the ground truth of these queries
     extra = [int(r) for r in reranks.split(",") if r]
+    try:
+        pairs = [(int(a), int(b)) for a, b in (p.split(":") for p in points.split(",") if p)]
+    except ValueError as exc:
+        raise click.BadParameter("expected NPROBE:RERANK pairs, e.g. 20:60,24:60", param_hint="--points") from exc
     record = {"n": n, "d": d, "factory": factory, "shard_size": shard_size, "date": time.strftime("%Y-%m-%d %H:%M"),
               "machine": f"{os.cpu_count()} CPUs, {platform.machine()}",
               "command": "nice .venv/bin/python scripts/bench_index.py profile " + " ".join(_argv_without_json()),
-              "profile": run_profile(data, factory, shard_size, threads, rounds, extra)}
+              "profile": run_profile(data, factory, shard_size, threads, rounds, extra, pairs)}
     print(json.dumps(record, indent=2))
     if json_out:
         json_out.write_text(json.dumps(record, indent=2))

@@ -17,16 +17,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from click.testing import CliRunner
 
 from scatlas.atlas import ingest
 from scatlas.atlas.errors import InputError, TaskError
 from scatlas.atlas.synthetic import RareType, SyntheticAtlasConfig, write_h5ad_datasets
+from scatlas.cli import cli
 from scatlas.index import AtlasIndex, BuildConfig, LocalExecutor, RayExecutor, build_index
 from scatlas.query.hunt import HuntClassifier, sweep, train
 from scatlas.query.hunt.calibration import Calibration
 from scatlas.query.hunt.classifier import STAGE2_WEIGHTS_FILE
 from scatlas.query.hunt.gene_reads import dataset_gene_stats, iter_gene_features, open_index_store
-from scatlas.query.hunt.stage2 import GeneStage, GeneStats, stage1_candidate_cut, standardize
+from scatlas.query.hunt.stage2 import (
+    GeneStage,
+    GeneStats,
+    prefer_two_stages,
+    stage1_candidate_cut,
+    standardize,
+)
+from tests.conftest import run_cli
 
 stage2_sweep = importlib.import_module("scatlas.query.hunt.sweep_stage2")
 stage2_tasks = importlib.import_module("scatlas.query.hunt.stage2_tasks")
@@ -50,7 +59,7 @@ def world(tmp_path_factory):
                 two_stage=True)
     truth = set(idx.connect().cursor().execute(f"SELECT soma_joinid FROM cells WHERE cell_type = '{RARE}'").df()
                 ["soma_joinid"].tolist())
-    return {"root": root, "index": idx, "clf": clf, "truth": truth}
+    return {"root": root, "index": idx, "clf": clf, "truth": truth, "cells": files[0]}
 
 
 def _build(root, files):
@@ -67,6 +76,53 @@ def _quality(summary, truth: set[int]) -> tuple[float, float]:
     got = set(pd.read_parquet(summary.hits_path)["soma_joinid"].tolist())
     tp = len(got & truth)
     return tp / max(len(got), 1), tp / len(truth)
+
+
+def test_auto_keeps_stage_two_where_cross_validation_says_it_helps(world, tmp_path):
+    """``two_stage="auto"`` trains stage 2 and keeps it here, where the embedding blurs the population; the choice and
+    the figures behind it are recorded, and the sweep is the two-stage one."""
+    clf = train(world["index"], world["cells"], positive=f"cell_type = '{RARE}'",
+                background=3000, progress=False, two_stage="auto")
+    assert clf.stage2 is not None and "stage2_skipped" not in clf.params
+    m2 = clf.stage2.metrics
+    assert m2["two_stage"]["f1"] > m2["stage1_alone"]["f1"]
+    assert clf.params["two_stage"] == "auto" and " > stage 1 alone's " in clf.params["stage_choice"]
+    assert clf.stage2.fingerprint() == world["clf"].stage2.fingerprint()  # the stage 2 that two_stage=True trains
+
+
+def test_auto_drops_stage_two_when_stage_one_alone_is_as_good(world, monkeypatch):
+    """When cross-validation favours stage 1 alone, "auto" returns a one-stage classifier and says why."""
+    monkeypatch.setattr(importlib.import_module("scatlas.query.hunt.train"), "prefer_two_stages", lambda m: (False, "stage 1 alone is as good (test)"))
+    clf = train(world["index"], world["cells"], positive=f"cell_type = '{RARE}'",
+                background=3000, progress=False, two_stage="auto")
+    assert clf.stage2 is None
+    assert clf.params["stage2_skipped"] == "two_stage='auto' chose stage 1 alone: stage 1 alone is as good (test)"
+
+
+def test_prefer_two_stages_needs_a_strictly_better_f1():
+    def m(two, one):
+        return {"two_stage": {"f1": two}, "stage1_alone": {"f1": one}}
+
+    assert prefer_two_stages(m(0.9, 0.8))[0]
+    assert not prefer_two_stages(m(0.8, 0.8))[0]  # a tie keeps stage 1, which reads no expression
+    assert not prefer_two_stages(m(0.7, 0.8))[0]
+    assert "0.700 <= stage 1 alone's 0.800" in prefer_two_stages(m(0.7, 0.8))[1]
+    with pytest.raises(InputError, match="two_stage must be True, False or 'auto'"):
+        train("unused", None, positive_sql="x", two_stage="yes")  # type: ignore[arg-type]
+
+
+def test_cli_stages_option(world, tmp_path):
+    """``hunt train --stages`` (default auto) and the older ``--two-stage``, through the CLI."""
+    args = ["hunt", "train", "--index", str(world["root"] / "index"), "--cells",
+            str(world["cells"]), "--positive", f"cell_type = '{RARE}'", "--background",
+            "3000", "--no-progress"]
+    out = run_cli(*args, "--out", str(tmp_path / "auto"))
+    assert "two stages, cross-validated" in out
+    assert HuntClassifier.load(tmp_path / "auto").params["two_stage"] == "auto"
+    out = run_cli(*args, "--out", str(tmp_path / "one"), "--stages", "1")
+    assert "no stage 2: not requested" in out and HuntClassifier.load(tmp_path / "one").stage2 is None
+    res = CliRunner().invoke(cli, ["-q", *args, "--out", str(tmp_path / "bad"), "--stages", "1", "--two-stage"])
+    assert res.exit_code != 0 and "--two-stage means --stages 2" in res.output
 
 
 def test_two_stages_recover_the_population_stage_one_alone_misses(world, tmp_path):

@@ -14,7 +14,7 @@ The pandas-like form is parsed with :mod:`ast` and evaluated by walking the tree
 * ``and`` / ``or`` / ``not`` and their pandas spellings ``&`` / ``|`` / ``~``; parentheses.
 
 Nothing else (calls, attributes, subscripts, arithmetic) is evaluated, so a predicate cannot run code.
-Missing values never match a comparison (``!=`` included). A predicate is at most :data:`MAX_LENGTH` characters
+Missing values never match a comparison (``!=`` included). A predicate is at most ``index.predicate.MAX_LENGTH`` characters
 and :data:`MAX_DEPTH` levels of nesting deep; longer or deeper ones are refused with an InputError.
 """
 
@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from scatlas.atlas.errors import InputError
+from scatlas.index import predicate_text
 from scatlas.query.hunt.sql_predicate import EXAMPLE, PredicateFailed, evaluate_sql_predicate
 
 logger = logging.getLogger(__name__)
@@ -39,8 +40,6 @@ _BACKTICK = re.compile(r"`([^`]*)`")
 _PANDAS_MARKS = re.compile(r"==|\[|`|&|~|(?<!\|)\|(?!\|)|\b(?:True|False|None)\b")
 _SQL_STRING = re.compile(r"'(?:[^']|'')*'")
 
-MAX_LENGTH = 10_000
-"""Longest predicate accepted, in characters."""
 MAX_DEPTH = 100
 """Deepest nesting of the predicate's syntax tree accepted (``not not ... x``, nested parentheses)."""
 
@@ -189,15 +188,7 @@ def _looks_pandas(text: str) -> bool:
 
 
 def _checked_text(predicate: str) -> str:
-    text = (predicate or "").strip()
-    if not text:
-        raise InputError(f"the positive predicate is empty; pass an SQL predicate such as \"{EXAMPLE}\"")
-    if len(text) > MAX_LENGTH:
-        raise InputError(
-            f"the positive predicate is {len(text):,} characters long; at most {MAX_LENGTH:,} are accepted: shorten "
-            "it (e.g. \"col IN ('a', 'b')\" instead of many ORs)"
-        )
-    return text
+    return predicate_text(predicate, what="positive predicate", example=EXAMPLE)
 
 
 def evaluate_pandas_predicate(frame: pd.DataFrame, predicate: str) -> np.ndarray:

@@ -152,6 +152,16 @@ def stage1_candidate_cut(stage1_oof: np.ndarray, recalled: np.ndarray, recall: f
     return float(np.nextafter(np.float32(s[drop]), np.float32(-np.inf)))  # float32 scores at the cut pass
 
 
+def prefer_two_stages(metrics: dict[str, Any]) -> tuple[bool, str]:
+    """Whether a trained stage 2 should decide the hits (``two_stage="auto"``), and why: its two stages'
+    cross-validated F1 must beat stage 1 alone's on the same training rows and folds (``metrics``: a
+    :class:`GeneStage`'s). A tie keeps stage 1 alone, which reads no expression."""
+    two, one = metrics["two_stage"]["f1"], metrics["stage1_alone"]["f1"]
+    verdict = two > one
+    return verdict, (f"cross-validated F1 of two stages {two:.3f} {'>' if verdict else '<='} stage 1 alone's {one:.3f} "
+                     "on the same labelled cells")
+
+
 def _rates(y: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
     tp = int((predicted & y).sum())
     fp = int((predicted & ~y).sum())
@@ -202,6 +212,7 @@ def fit_gene_stage(
     both = passed1 & (cv.oof_scores >= choice.threshold)
     final = fit_logistic(G, y, cv.l2, device=device, standardize=std)
     two = _rates(y, both)
+    one = _rates(y, np.asarray(stage1_oof) >= stage1_threshold)
     metrics = {
         "cv_folds": n_folds,
         "l2": cv.l2,
@@ -220,6 +231,8 @@ def fit_gene_stage(
             "expected_hits_per_million": 1e6 * (two["false_positive_rate"] * (1 - excluded_fraction)
                                                 + excluded_fraction * two["recall"]),
         },
+        # stage 1 alone at its own threshold, on these rows and folds: what "auto" weighs two stages against
+        "stage1_alone": one,
         "n_genes": G.shape[1],
         "final_fit_iterations": final.n_iter,
     }

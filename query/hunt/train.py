@@ -41,7 +41,14 @@ from scatlas.query.hunt.gene_reads import dataset_gene_stats, open_index_store, 
 from scatlas.query.hunt.logistic import DEFAULT_L2_GRID, CVResult, cross_validate, fit_logistic
 from scatlas.query.hunt.metrics import ThresholdChoice, average_precision, choose_threshold, roc_auc
 from scatlas.query.hunt.predicate import evaluate_predicate
-from scatlas.query.hunt.stage2 import BATCH_SAMPLE, GeneStage, GeneStats, fit_gene_stage, standardize
+from scatlas.query.hunt.stage2 import (
+    BATCH_SAMPLE,
+    GeneStage,
+    GeneStats,
+    fit_gene_stage,
+    prefer_two_stages,
+    standardize,
+)
 from scatlas.query.hunt.sweep_stage2 import STATS_SEED
 from scatlas.query.prepare import open_query
 
@@ -200,7 +207,7 @@ def train(
     chunk_size: int = 5_000,
     progress: Progress = True,
     align: Literal["none", "mnn"] = "mnn",
-    two_stage: bool = False,
+    two_stage: bool | Literal["auto"] = "auto",
 ) -> HuntClassifier:
     """Train a hunt classifier; save it to ``out`` when given.
 
@@ -232,14 +239,17 @@ def train(
     two_stage: also train stage 2 (:mod:`query.hunt.stage2`): a classifier on the embedder's gene features
         standardised within each batch, trained on the labelled cells (the atlas rows join only with atlas positives
         or without labelled negatives), with stage 1's folds; stage 1's candidate cut is then chosen for recall.
-        Off by default: on the real bench cases it gains on two of four and loses on two (docs/benchmarks.md).
-        Done when the embedder has gene features, the labelled cells measure its genes and the atlas store is
+        ``"auto"``: train it, and keep it only when its two stages' cross-validated F1 beats stage 1 alone's on
+        the same labelled cells (:func:`~query.hunt.stage2.prefer_two_stages`; ``params["stage_choice"]`` says
+        which won). Trained when the embedder has gene features, the labelled cells measure its genes and the atlas store is
         reachable (else ``params["stage2_skipped"]`` says why and the classifier is one-stage). Its features are
         held densely: the training rows x the embedder's genes, float64.
 
     Raises InputError when no positive or no negative cell is found, or fewer than 3 positives.
     """
     t0 = time.perf_counter()
+    if two_stage not in (True, False, "auto"):
+        raise InputError(f"two_stage must be True, False or 'auto' (got {two_stage!r})")
     inputs = input_paths(index, cells)
     if out is not None:  # refuse a bad output before the work, not after it
         check_output_dir(out, CLASSIFIER, inputs=inputs, replace=True)
@@ -256,6 +266,7 @@ def train(
         raise InputError(f"background and cell_negatives must be >= 0 and max_positives >= {MIN_POSITIVES}")
     torch_device = resolve_device(device, backend="torch")
     gene_names, skipped = _stage2_genes(idx) if two_stage else (None, "not requested (two_stage=False)")
+    stage_choice = None
     ts = _TrainingSet(idx.dim)
     if cells is not None:
         ts.add_cells(idx, cells, positive, max_positives, cell_negatives, min_gene_overlap, chunk_size, seed,
@@ -271,6 +282,11 @@ def train(
         stage2, skipped = _train_stage2(idx, ts, fit, gene_names, choice.threshold, l2=l2, seed=seed, device=torch_device,
                                         calibration=calibration, target_precision=target_precision,
                                         chunk_size=chunk_size)
+    if stage2 is not None and two_stage == "auto":
+        keep, stage_choice = prefer_two_stages(stage2.metrics)
+        logger.info("two_stage='auto': %s; %s", stage_choice, "two stages" if keep else "stage 1 alone")
+        if not keep:
+            stage2, skipped = None, f"two_stage='auto' chose stage 1 alone: {stage_choice}"
     if skipped:
         logger.info("stage 2 not trained: %s; the classifier is one-stage", skipped)
     clf = HuntClassifier(
@@ -298,6 +314,7 @@ def train(
             "device": torch_device,
             "cells": ts.report,
             "two_stage": two_stage,
+            **({"stage_choice": stage_choice} if stage_choice else {}),
             **({"stage2_skipped": skipped} if skipped else {}),
         },
         versions=_versions(),
