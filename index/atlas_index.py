@@ -213,12 +213,18 @@ class AtlasIndex:
         return self._manifest.dim
 
     @property
+    def has_embedder(self) -> bool:
+        """Whether the index holds the embedder that made its vectors (False: built from precomputed vectors)."""
+        return (self.path / EMBEDDER_DIR / "embedder.json").is_file()
+
+    @property
     def embedder(self) -> Embedder:
-        """The index's own embedder (loaded on first use; its fingerprint must match the manifest)."""
+        """The index's own embedder (loaded on first use; its fingerprint must match the manifest). InputError for
+        an index built from precomputed vectors (:attr:`has_embedder` is False)."""
         if self._embedder is None:
             info = self._manifest.embedder
             edir = self.path / EMBEDDER_DIR
-            if not (edir / "embedder.json").is_file():
+            if not self.has_embedder:
                 raise InputError(
                     f"the index at {self.path} was built from precomputed vectors without an embedder "
                     f"({info.name!r}); embed queries yourself and pass vectors to search()"

@@ -100,6 +100,8 @@ def _map_cells(idx: AtlasIndex) -> int | None:
 def _embedder_genes(idx: AtlasIndex) -> int | None:
     """How many genes the embedder reads: fixed when the index was built (updates keep it), and what a query's gene
     overlap is measured against. None for embedders that read no genes (precomputed vectors)."""
+    if not idx.has_embedder:
+        return None
     try:
         genes = getattr(idx.embedder, "genes", None)
     except IndexFormatError:

@@ -110,6 +110,20 @@ class FailingSource(ArrayVectorSource):
             yield item
 
 
+def test_info_of_an_index_built_from_precomputed_vectors(tmp_path):
+    """An index without an embedder (built from vectors) is described, through the CLI too; its embedder reads no
+    genes."""
+    from tests.conftest import run_cli
+
+    build_from_source(array_source(1500, 16), tmp_path / "idx", config(shard_size=1000))
+    with AtlasIndex.open(tmp_path / "idx") as idx:
+        assert not idx.has_embedder
+        with pytest.raises(InputError, match="precomputed vectors without an embedder"):
+            idx.embedder  # noqa: B018
+    info = json.loads(run_cli("info", str(tmp_path / "idx"), "--json"))
+    assert info["cells"] == 1500 and info["embedder_genes"] is None
+
+
 def test_interrupted_build_resumes_to_identical_files(tmp_path):
     src = array_source(8000, 32, seed=2)
     cfg = config(factory=IVF, shard_size=2000, chunk_size=500, nprobe=8, rerank=100)
