@@ -145,7 +145,7 @@ def run_demo(
     def do_hunt() -> str:
         from scatlas.query.hunt import report, sweep, train
 
-        clf = train(out / "index", query_file, positive=f"cell_type == '{RARE_TYPE}'", background=5000,
+        clf = train(out / "index", query_file, positive=f"cell_type = '{RARE_TYPE}'", background=5000,
                     out=out / "hunt" / "classifier", progress=progress)
         summary = sweep(out / "index", clf, out / "hunt" / "sweep", progress=progress)
         rep = report(summary.hits_path, out / "index", out / "hunt" / "report", by=("dataset_id", "tissue", "disease"))
