@@ -11,11 +11,26 @@ from typing import Any
 from scatlas.atlas.errors import IndexFormatError
 
 
+def default_file_mode() -> int:
+    """The mode a plainly created file gets under the process' umask (0o644 under the usual 0o022).
+
+    Temporary files (``tempfile.mkstemp``) are created 0o600; an output renamed into place from one is given this
+    mode first, so that what a command writes is as readable as any file it would create directly."""
+    try:  # Linux: read it without setting it (os.umask sets it, racing threads that create files meanwhile)
+        with open("/proc/self/status", encoding="ascii") as fh:
+            mask = next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_json_atomic(path: Path, payload: Any) -> Path:
     """Write JSON to a temporary file in the same directory, fsync it, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "w") as fh:
             fh.write(json.dumps(payload, indent=2, sort_keys=True, default=str))
             fh.flush()

@@ -22,7 +22,7 @@ import pandas as pd
 
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.ontology import CellOntology, cell_ontology
-from scatlas.atlas.validate import MAX_NAME_LENGTH, escaped
+from scatlas.atlas.validate import MAX_NAME_LENGTH
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,9 @@ def _parse(text: str, name: str, onto: CellOntology) -> dict[str, str]:
         header = next(reader, None)
         cols = tuple(c.strip().lower() for c in header or ())
         if cols != MAP_COLUMNS:
-            shown = ", ".join(escaped(c, 30) for c in (header or [])[:5]) or "nothing"
-            raise InputError(f"{what}: row 1 must be the header {','.join(MAP_COLUMNS)} (found {shown})")
+            found = f"{len(header)} field(s) of other names" if header else "nothing"
+            raise InputError(f"{what}: row 1 must be the header {','.join(MAP_COLUMNS)} (found {found}); is it the "
+                             "label -> Cell Ontology term table (docs/examples/kang2018_cell_types.csv shows one)?")
         for row in reader:
             n = reader.line_num
             if not any(cell.strip() for cell in row):
@@ -88,14 +89,14 @@ def _parse(text: str, name: str, onto: CellOntology) -> dict[str, str]:
                                  "labels that hold commas")
             label, term = row[0].strip(), row[1].strip()
             if not label or len(label) > MAX_NAME_LENGTH or not label.isprintable():
-                raise InputError(f"{what}: row {n}: the label {escaped(label, 40)} is empty, longer than "
-                                 f"{MAX_NAME_LENGTH} characters or holds control characters")
+                raise InputError(f"{what}: row {n}: the label is empty, longer than {MAX_NAME_LENGTH} characters or "
+                                 "holds control characters")
             usable, note = onto.resolve_term(term, f"{what}: row {n}: the term id")
             if note:
                 logger.warning("%s: row %d: %s", what, n, note)
             if out.get(label, usable) != usable:
-                raise InputError(f"{what}: row {n}: the label {escaped(label, 60)} is given two terms "
-                                 f"({out[label]} and {usable}); keep one")
+                raise InputError(f"{what}: row {n}: its label was given another term in an earlier row "
+                                 f"({out[label]}, here {usable}); keep one")
             out[label] = usable
     except csv.Error as exc:
         raise InputError(f"{what}: not valid CSV near row {reader.line_num} ({exc.__class__.__name__}); "

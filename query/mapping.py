@@ -7,6 +7,10 @@ held-out atlas cells) falls under the atlas' low tail. A query that needs a larg
 cells in that tail, than any atlas dataset (with the margins of :func:`index.mapping.derive_thresholds`) maps
 poorly: then each cell that does not map well on its own is out of the atlas. A query that maps well loses only its
 cells below anything atlas datasets show.
+
+Both query-level numbers are properties of a dataset, not of a cell: a query of fewer than :data:`MIN_QUERY_CELLS`
+cells gets no query-level verdict (``too_few_cells``, no score); its cells are judged on their own, as those of a
+query that maps well are (out of the atlas only below anything atlas datasets show).
 """
 
 from __future__ import annotations
@@ -18,16 +22,31 @@ import numpy as np
 
 from scatlas.index import MappingCalibration
 
-Verdict = Literal["maps_well", "maps_poorly", "uncalibrated"]
+Verdict = Literal["maps_well", "maps_poorly", "too_few_cells", "uncalibrated"]
+
+MIN_QUERY_CELLS = 50
+"""Fewer query cells than this get no query-level verdict (``too_few_cells``). Both of its numbers are rates over
+a dataset. The low-tail share: an atlas-like query has ~5% of its cells in the tail (``low_score``) and maps poorly
+over ``max_low_fraction`` (at least 10%); under 10 cells one tail cell is already over 10%, and the binomial chance
+that an atlas-like query of n cells exceeds 10% by chance is 9% at n=10, 6% at 30 and under 4% from 50 on (a share's
+standard error there, 3 points, is below the 5-point margin of the rule). The shift: the mean offset over MNN pairs
+(:func:`index.estimate_shift`, ``MNN_K`` = 20 neighbours a side) measures the dataset's offset only when many cells
+pair; with fewer query cells than ``MNN_K`` every atlas neighbour of a query cell pairs with it, and the "shift" just
+moves those few cells onto their own neighbours (1.15 for one PBMC cell, over any atlas dataset's; 0.47-0.80 for
+single cells of tests/test_mapping_small_queries.py's synthetic query against 0.17-0.21 from 50 of its cells on), noise
+that falls only as one over the square root of the cells paired. Queries of the tests and benchmarks hold hundreds to thousands
+of cells."""
 
 
 @dataclass(frozen=True)
 class MappingVerdict:
     """The verdict on a query (see :func:`assess_mapping`).
 
-    ``verdict``: ``"maps_well"``, ``"maps_poorly"`` or ``"uncalibrated"`` (the index has no mapping calibration);
-    ``score``: share of the query's cells that map as atlas datasets' cells do (score at least the calibration's
-    ``low_score``), None when uncalibrated; ``evidence``: the numbers behind it; ``thresholds``: the cuts used.
+    ``verdict``: ``"maps_well"``, ``"maps_poorly"``, ``"too_few_cells"`` (the query has fewer than
+    :data:`MIN_QUERY_CELLS` cells: no query-level verdict) or ``"uncalibrated"`` (the index has no mapping
+    calibration); ``score``: share of the query's cells that map as atlas datasets' cells do (score at least the
+    calibration's ``low_score``), None when uncalibrated or too few cells; ``evidence``: the numbers behind it;
+    ``thresholds``: the cuts used; ``note``: why there is no verdict, when there is none.
     """
 
     verdict: Verdict
@@ -35,11 +54,13 @@ class MappingVerdict:
     evidence: dict[str, Any] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)
     reasons: tuple[str, ...] = ()
+    note: str = ""
 
     def out_of_atlas(self, cell_scores: np.ndarray) -> np.ndarray:
         """Bool mask of cells out of the atlas: when the query maps poorly, every cell scoring under
-        ``individual_score``; when it maps well, only those under ``extreme_score`` (below what any atlas dataset
-        shows); none when uncalibrated. NaN scores count as out (when calibrated)."""
+        ``individual_score``; when it maps well or has too few cells for a verdict, only those under
+        ``extreme_score`` (below what any atlas dataset shows); none when uncalibrated. NaN scores count as out
+        (when calibrated)."""
         s = np.asarray(cell_scores, dtype=np.float64)
         if self.verdict == "uncalibrated":
             return np.zeros(s.shape, dtype=bool)
@@ -49,13 +70,19 @@ class MappingVerdict:
 
     def to_report(self) -> dict[str, Any]:
         """The verdict as a JSON-ready dict for the annotation report."""
-        return {
+        report: dict[str, Any] = {
             "verdict": self.verdict,
             "score": None if self.score is None else round(self.score, 4),
             "reasons": list(self.reasons),
             "evidence": self.evidence,
             "thresholds": self.thresholds,
         }
+        if self.verdict == "too_few_cells":
+            report["n_cells"] = self.evidence.get("n_cells")
+            report["min_cells"] = self.evidence.get("min_cells", MIN_QUERY_CELLS)
+        if self.note:
+            report["note"] = self.note
+        return report
 
 
 def assess_mapping(
@@ -64,7 +91,8 @@ def assess_mapping(
     """The verdict on a query from its cells' scores (:meth:`MappingCalibration.cell_scores`) and the norm of its
     MNN shift (None: not aligned). It maps poorly when the share of cells scoring under ``low_score`` exceeds
     ``max_low_fraction``, or, where the calibration held out atlas datasets, the shift exceeds
-    ``max_shift_norm``."""
+    ``max_shift_norm``. Under :data:`MIN_QUERY_CELLS` cells it says ``too_few_cells``, with no score (the numbers
+    stay in the evidence)."""
     if calibration is None:
         return MappingVerdict("uncalibrated", None, {"note": "the index has no mapping calibration (mapping.json)"})
     t = dict(calibration.thresholds)
@@ -75,6 +103,7 @@ def assess_mapping(
     atlas_low = [g.below[key].get("0.05", 0.0) for g in groups]  # share under the pooled 5% quantile
     evidence: dict[str, Any] = {
         "n_cells": int(len(s)),
+        "min_cells": MIN_QUERY_CELLS,
         "shift_norm": None if shift_norm is None else round(float(shift_norm), 4),
         "atlas_shift_norm_range": [min(g.shift_norm for g in groups), max(g.shift_norm for g in groups)],
         "low_fraction": round(low, 4),
@@ -83,6 +112,15 @@ def assess_mapping(
         "grouping": calibration.grouping,
         "n_groups": len(groups),
     }
+    if len(s) < MIN_QUERY_CELLS:
+        note = (
+            f"the query has {len(s)} cell{'' if len(s) == 1 else 's'}, under the {MIN_QUERY_CELLS} the query-level "
+            "mapping check needs (its shift and low-tail share are dataset rates, noise for a handful of cells): "
+            "no verdict and no score; each cell is out of the atlas only when its own mapping score is below "
+            f"anything atlas datasets show (under {t['extreme_score']})"
+        )
+        evidence["shift_rule"] = evidence["low_fraction_rule"] = f"off (under {MIN_QUERY_CELLS} cells)"
+        return MappingVerdict("too_few_cells", None, evidence, t, (), note)
     reasons = []
     # Shifts between donors of one dataset, or random folds, say nothing of those between labs and conditions:
     # the shift rule needs atlas datasets held out.

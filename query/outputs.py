@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from scatlas.atlas.atomic import write_json_atomic
+from scatlas.atlas.atomic import default_file_mode, write_json_atomic
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.outputs import (
     H5AD_MARK,
@@ -57,6 +57,8 @@ def atomic_path(
     try:
         try:
             yield tmp
+            if tmp.exists():
+                tmp.chmod(default_file_mode())
             os.replace(tmp, target)
         except OutputError:
             raise

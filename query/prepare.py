@@ -116,8 +116,8 @@ def species_check(genes: Any, embedder: Any, *, what: str = "query", allow_misma
         logger.warning("%s; going on as asked (allow_species_mismatch): labels may be meaningless", text)
         return out
     raise SpeciesMismatchError(
-        f"{text}: annotate against an index built from {mine.species} cells, or build one with a cross-species "
-        "embedder; pass --allow-species-mismatch to go on anyway"
+        f"{text}: use an index built from {mine.species} cells, or build one with a cross-species embedder; pass "
+        "--allow-species-mismatch (allow_species_mismatch=True in Python) to go on anyway"
     )
 
 

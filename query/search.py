@@ -266,6 +266,8 @@ def search_cells(
     mode: Mode = "cells",
     where: str | None = None,
     cells_where: str | None = None,
+    min_gene_overlap: float = MIN_GENE_OVERLAP,
+    allow_species_mismatch: bool = False,
     progress: Progress = True,
 ) -> SearchHits:
     """The atlas cells most similar to the cells of ``query``.
@@ -277,6 +279,8 @@ def search_cells(
     mode: ``"cells"`` or ``"centroid"`` (see the module's docstring).
     where: an SQL predicate over the atlas cells table restricting the cells searched (``"tissue = 'lung'"``).
     cells_where: an SQL predicate over the query's obs choosing the query cells used (``"cell_type = 'B cell'"``).
+    min_gene_overlap: refuse a query with a smaller fraction of the embedder's genes (GeneOverlapError).
+    allow_species_mismatch: go on (with a warning) when the query's genes look like another species.
     progress: a progress bar (:data:`index.progress.Progress`).
 
     Returns :class:`SearchHits`. InputError for an invalid argument, a predicate that is not allowed or matches no
@@ -289,8 +293,8 @@ def search_cells(
     cells: QueryCells | None = None
     try:
         n_searched = len(idx.filter_ids(where)) if where is not None else idx.n_cells  # checks `where` first
-        cells = open_query(query, idx)
-        cells.check(MIN_GENE_OVERLAP)
+        cells = open_query(query, idx, allow_species_mismatch=allow_species_mismatch)
+        cells.check(min_gene_overlap)
         rows = select_cells(cells, cells_where)
         refmap = idx.reference_map()
         run = _Run(idx, mode, int(k), where, refmap, cells.n_cells, _sampled(rows, MAP_POINTS))

@@ -28,8 +28,10 @@ from scatlas.cli_common import (
     _split_pair,
     atlas_option,
     executor_options,
+    ignore_sigint_safely,
     index_option,
     progress_option,
+    query_gene_options,
 )
 
 
@@ -450,6 +452,9 @@ def annotate(query_file: Path, index_dir: Path, out_h5ad: Path, label_keys: tupl
     from scatlas.query import annotate as run_annotate
     from scatlas.query.outputs import remove_stale
 
+    if out_h5ad.suffix.lower() != ".h5ad":
+        raise click.BadParameter("the annotated query is written as AnnData: give a path ending in .h5ad",
+                                 param_hint="--out")
     stem = out_h5ad.with_suffix("")
     neighbors_path = neighbors_path or stem.with_name(stem.name + ".neighbors.parquet")
     report_path = report_path or stem.with_name(stem.name + ".report.json")
@@ -511,6 +516,10 @@ def _echo_annotation(report: dict[str, Any]) -> None:
     elif mapping.get("verdict") == "maps_well":
         _echo(f"mapping: the query maps onto the atlas (score {mapping.get('score')})"
               + (f"; note: {mapping['caveat']}" if mapping.get("caveat") else ""))
+    elif mapping.get("verdict") == "too_few_cells":
+        _echo(f"mapping: no query-level verdict: the query has {mapping.get('n_cells')} cell(s), under the "
+              f"{mapping.get('min_cells')} the check needs; each cell is judged on its own "
+              f"({mapping.get('cells_out_of_atlas', 0):,} out_of_atlas)")
     for key, lab in report.get("labels", {}).items():
         counts = lab.get("counts", {})
         top = ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])[:8])
@@ -566,9 +575,11 @@ def hunt() -> None:
                    "candidates from the atlas store (genes standardised per batch); auto: train stage 2 and keep it "
                    "when its cross-validated F1 beats stage 1 alone's.  [default: auto]")
 @click.option("--two-stage", is_flag=True, help="The same as --stages 2.")
+@query_gene_options
 @progress_option
 def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, positive_sql: str | None, out_dir: Path,
-               background: int, device: str, seed: int, stages: str | None, two_stage: bool, progress: bool) -> None:
+               background: int, device: str, seed: int, stages: str | None, two_stage: bool, min_gene_overlap: float,
+               allow_species_mismatch: bool, progress: bool) -> None:
     """Train a class-balanced logistic classifier on known rare cells (on the embedding, and a gene-level stage 2
     where it helps: --stages); cross-validated metrics, calibrated scores."""
     from scatlas.query.hunt import train
@@ -577,7 +588,8 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
         raise click.UsageError(f"--two-stage means --stages 2, but --stages {stages} was given; give one of them")
     chosen = "2" if two_stage else (stages or "auto")
     clf = train(index_dir, cells_file, positive=positive, positive_sql=positive_sql, background=background,
-                device=device, seed=seed, out=out_dir, progress=progress, two_stage=HUNT_STAGES[chosen])
+                device=device, seed=seed, out=out_dir, progress=progress, two_stage=HUNT_STAGES[chosen],
+                min_gene_overlap=min_gene_overlap, allow_species_mismatch=allow_species_mismatch)
     m = clf.metrics
     _echo(f"classifier {out_dir}: {clf.counts.get('n_positive')} positives, {clf.counts.get('n_negative')} negatives "
           f"({clf.counts})")
@@ -604,7 +616,7 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Sweep directory; hits go to OUT/hits.parquet. Rerun to resume.")
 @click.option("--min-score", type=float, default=None, help="Raw score cut-off (default: the classifier's threshold).")
-@click.option("--min-probability", type=click.FloatRange(0, 1), default=None, help="Cut-off on the calibrated probability instead.")
+@click.option("--min-probability", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, help="Cut-off on the calibrated probability instead.")
 @click.option("--restart", is_flag=True, help="Discard a previous sweep in OUT instead of resuming it.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: tuned by timing).")
@@ -695,6 +707,7 @@ def demo(out_dir: Path, cells: int, seed: int, progress: bool) -> None:
 
 
 def main() -> None:
+    ignore_sigint_safely()
     cli(prog_name="scatlas")
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from scatlas.atlas.errors import ScatlasError
+from scatlas.atlas.genes import MIN_GENE_OVERLAP
 from scatlas.atlas.outputs import (
     check_output_file,
     os_error_message,
@@ -43,6 +44,12 @@ class ScatlasGroup(click.Group):
         except KeyboardInterrupt:
             _echo("Interrupted; rerun the same command to resume.", err=True)
             ctx.exit(130)
+        except BrokenPipeError:
+            # the reader of our output went away (``scatlas info INDEX | head -1``): stop quietly, as a command
+            # killed by SIGPIPE would, with stdout pointed at /dev/null so that the final flush cannot fail again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            ctx.exit(141)
         except OSError as exc:
             raise click.ClickException(os_error_message(exc)) from exc
         except UnicodeError as exc:
@@ -119,6 +126,33 @@ def index_option(f: Callable[..., Any]) -> Callable[..., Any]:
         "--index", "index_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
         help="Index directory written by `scatlas build`.",
     )(f)
+
+
+def ignore_sigint_safely() -> None:
+    """Where this process was started with SIGINT ignored (a command sent to the background by a script), ignore it
+    with a Python handler that does nothing instead of ``SIG_IGN``.
+
+    TileDB installs a SIGINT handler of its own on its first read and passes the signal on to the handler it
+    replaced; passed on to ``SIG_IGN`` that crashes the process (a segmentation fault, exit status 139, on
+    ``kill -INT``). A handler that does nothing keeps the parent's intent and is safe to pass on to."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _ignore_signal)
+
+
+def _ignore_signal(signum: int, frame: Any) -> None:
+    """A SIGINT the process was started to ignore: nothing to do."""
+
+
+def query_gene_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--min-gene-overlap`` and ``--allow-species-mismatch``: how far a query's genes may differ from the
+    embedder's (commands that embed cells of a file with the index's embedder)."""
+    f = click.option("--allow-species-mismatch", is_flag=True,
+                     help="Go on with cells whose genes look like another species than the index's (refused "
+                          "otherwise).")(f)
+    return click.option("--min-gene-overlap", type=click.FloatRange(0, 1), default=MIN_GENE_OVERLAP, show_default=True,
+                        help="Refuse cells carrying less than this fraction of the embedder's genes.")(f)
 
 
 def progress_option(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -154,3 +154,19 @@ def test_cli_defaults_are_the_librarys(command):
             f"{fn.__name__}() to {lib.default!r}"  # type: ignore[attr-defined]
         )
     assert compared
+
+
+def test_cli_refuses_an_annotate_output_that_is_not_h5ad_and_a_probability_cut_of_0_or_1(tmp_path):
+    from click.testing import CliRunner
+
+    from scatlas.cli import cli
+
+    q = tmp_path / "q.h5ad"
+    q.write_bytes(b"")
+    (tmp_path / "idx").mkdir()
+    res = CliRunner().invoke(cli, ["annotate", str(q), "--index", str(tmp_path / "idx"), "--out", str(tmp_path / "a.csv")])
+    assert res.exit_code == 2 and "ending in .h5ad" in res.output and not (tmp_path / "a.csv").exists()
+    for cut in ("0", "1"):
+        res = CliRunner().invoke(cli, ["hunt", "sweep", "--index", str(tmp_path / "idx"), "--classifier",
+                                       str(tmp_path / "c"), "--out", str(tmp_path / "s"), "--min-probability", cut])
+        assert res.exit_code == 2 and "--min-probability" in res.output

@@ -106,3 +106,21 @@ def test_the_predicate_table_keeps_row_order_and_leaves_out_a_clashing_id_column
     assert list(table.columns) == ["soma_joinid", "Cell_Type"]
     assert table["soma_joinid"].tolist() == [0, 1]
     np.testing.assert_array_equal(evaluate_predicate(frame, "cell_type = 'b'"), [False, True])
+
+
+def test_evaluate_classes_leaves_cells_without_a_value_out_of_both_classes():
+    """SQL's NULL: a cell whose label is missing is neither a positive nor a negative."""
+    import numpy as np
+    import pandas as pd
+
+    from scatlas.query.hunt.predicate import evaluate_classes
+
+    obs = pd.DataFrame({"cell_type": pd.Categorical(["pDC", None, "B", "pDC", None]), "n": [1, 2, 3, 4, 5]})
+    pos, neg = evaluate_classes(obs, "cell_type = 'pDC'")
+    np.testing.assert_array_equal(pos, [True, False, False, True, False])
+    np.testing.assert_array_equal(neg, [False, False, True, False, False])
+    pos, neg = evaluate_classes(obs, "cell_type = 'pDC' OR n > 4")  # true OR NULL is true
+    np.testing.assert_array_equal(pos, [True, False, False, True, True])
+    np.testing.assert_array_equal(neg, [False, False, True, False, False])
+    pos, neg = evaluate_classes(obs, "cell_type in ['pDC']")  # the older pandas-like form: no NULL
+    np.testing.assert_array_equal(neg, ~pos)

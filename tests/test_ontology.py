@@ -125,8 +125,8 @@ def test_read_ontology_map(tmp_path: Path) -> None:
         ("label,ontology_term_id\nB cells,CL:0000236\nT,CL:12\n", "row 3: the term id 'CL:12' is not a Cell Ontology"),
         ("label,ontology_term_id\nB cells,CL:9999999\n", "row 2: the term id CL:9999999 is not a term"),
         ("label,ontology_term_id\nB,CL:0000236,x\n", "row 2 has 3 fields"),
-        ("label,ontology_term_id\n,CL:0000236\n", "row 2: the label '' is empty"),
-        ("label,ontology_term_id\nB,CL:0000236\nB,CL:0000084\n", "row 3: the label 'B' is given two terms"),
+        ("label,ontology_term_id\n,CL:0000236\n", "row 2: the label is empty"),
+        ("label,ontology_term_id\nB,CL:0000236\nB,CL:0000084\n", "row 3: its label was given another term"),
         ("label,ontology_term_id\n", "no label rows"),
         (b"label,ontology_term_id\nB \xff,CL:0000236\n", "not UTF-8"),
         ("label,ontology_term_id\n" + "x" * 5000 + ",CL:0000236\n", "row 2: the label"),
@@ -136,6 +136,12 @@ def test_malformed_ontology_map_is_refused_naming_the_row(tmp_path: Path, text: 
     with pytest.raises(InputError, match=message) as err:
         read_ontology_map(_csv(tmp_path, text))
     assert len(str(err.value)) < 400
+
+
+def test_a_file_that_is_not_an_ontology_map_is_not_echoed(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="row 1 must be the header") as err:
+        read_ontology_map(_csv(tmp_path, "root:x:0:0:root:/root:/bin/bash\nSECRET-CONTENT,x\n"))
+    assert "root" not in str(err.value).replace(str(tmp_path), "") and "SECRET" not in str(err.value)
 
 
 def test_oversized_ontology_map_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

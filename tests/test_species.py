@@ -136,3 +136,29 @@ def test_real_files_and_a_mouse_query_against_a_human_pbmc_index(shared_raw: Pat
     build_index(tmp_path / "atlas", tmp_path / "index", label_keys=(), progress=False)
     with AtlasIndex.open(tmp_path / "index") as idx, pytest.raises(SpeciesMismatchError, match="look mouse"):
         open_query(shared_raw / "mouse_cortex_interneurons_2studies_metaneighbor.h5ad", idx)
+
+
+@pytest.mark.parametrize("command", ["search", "hunt"])
+def test_search_and_hunt_train_refuse_the_mismatch_and_take_the_override(
+    human_index: dict[str, Any], tmp_path: Path, command: str
+) -> None:
+    """The refusal names an option the command has (``--allow-species-mismatch``), and that option works."""
+    from click.testing import CliRunner
+
+    from scatlas.cli import cli
+
+    path = _mouse_query(human_index["root"])
+    index = str(human_index["index"])
+    if command == "search":
+        args = ["search", str(path), "--index", index, "--no-progress"]
+        outs = [["--out", str(tmp_path / "refused.parquet")], ["--out", str(tmp_path / "hits.parquet")]]
+    else:
+        args = ["hunt", "train", "--index", index, "--cells", str(path), "--positive", "cell_type = 'B cell'",
+                "--stages", "1", "--background", "100", "--no-progress"]
+        outs = [["--out", str(tmp_path / "refused.clf")], ["--out", str(tmp_path / "clf")]]
+    refused = CliRunner().invoke(cli, [*args, *outs[0]])
+    assert refused.exit_code == 1 and "Error: species mismatch" in refused.output, refused.output
+    assert "--allow-species-mismatch" in refused.output and "annotate" not in refused.output
+    allowed = CliRunner().invoke(cli, [*args, *outs[1], "--allow-species-mismatch"])
+    assert "species mismatch" not in allowed.output or allowed.exit_code == 0, allowed.output
+    assert allowed.exit_code == 0, allowed.output

@@ -181,6 +181,26 @@ def evaluate_predicate(frame: pd.DataFrame, predicate: str) -> np.ndarray:
         return mask
 
 
+def evaluate_classes(frame: pd.DataFrame, predicate: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(positive, negative)`` boolean masks of the rows of ``frame``: where ``predicate`` is true, and where it is
+    false. A row where it is neither (SQL's NULL: a missing value in a column it compares) is in neither mask, so
+    that an unlabelled cell is never taken for a negative. With the older pandas-like form, which has no NULL,
+    every row that does not match is a negative (a warning says so when the predicate's columns miss values)."""
+    positive = evaluate_predicate(frame, predicate)
+    text = _checked_text(predicate)
+    try:
+        negative = evaluate_sql_predicate(frame, f"NOT ({text})")
+    except PredicateFailed:
+        raise
+    except InputError:  # not SQL: the older pandas-like form
+        negative = ~positive
+        named = [c for c in frame.columns if str(c) in text]
+        if named and bool(frame[named].isna().any(axis=1).to_numpy()[negative].any()):
+            logger.warning("cells with a missing value in the predicate's columns are taken as negatives, as the "
+                           "older pandas-like form has no NULL; write the predicate in SQL to leave them out")
+    return positive, negative & ~positive
+
+
 def _looks_pandas(text: str) -> bool:
     """``text`` uses a spelling of the pandas-like form (``==``, lists, backticks, ``& | ~``,
     ``True``/``False``/``None``) outside single-quoted strings."""

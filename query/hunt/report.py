@@ -2,7 +2,11 @@
 
 By default hits are broken down by the atlas label (``cell_type``), ``donor_id`` and ``dataset_id``, those of them
 the cells table has; a column that is missing (NULL) in every cell is left out, and the report says so.
-Writes into ``out_dir`` (each file via a temporary name and rename):
+The report is written into a temporary directory beside ``out_dir`` and moved into place only when complete, so a
+failed run leaves ``out_dir`` as it was (absent, or the earlier complete report). Arguments (``by``, ``de_group``,
+``de_reference``) are checked against the cells table before anything is written. Hits that are not cells of the
+index (from a sweep made before the atlas or index changed) are left out of the whole report, with a warning. The
+report holds:
 
 * ``enrichment.csv``: per grouping column and group: cells, hits, hit fraction, fold over the atlas-wide hit
   rate, Fisher exact p and Benjamini-Hochberg q (see :mod:`query.hunt.enrichment`);
@@ -15,11 +19,15 @@ Writes into ``out_dir`` (each file via a temporary name and rename):
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import html
 import logging
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,18 +36,37 @@ import numpy as np
 import pandas as pd
 
 from scatlas.atlas.errors import InputError, ScatlasError
-from scatlas.atlas.outputs import REPORT, check_output_dir, claim_output_dir, os_error_message, show, writing
+from scatlas.atlas.outputs import (
+    MARKER_FILE,
+    REPORT,
+    check_output_dir,
+    claim_output_dir,
+    os_error_message,
+    show,
+    writing,
+)
+from scatlas.atlas.sql import quote_ident
 from scatlas.index import AtlasIndex, Progress
 from scatlas.query.hunt.access import IndexLike, input_paths, open_index
 from scatlas.query.hunt.de import MIN_CELLS_PER_SIDE as MIN_SIDE
 from scatlas.query.hunt.de import DEMethod, differential_expression, group_comparisons, matched_background
-from scatlas.query.hunt.enrichment import DEFAULT_BY, Alternative, all_missing, default_by, enrichment
+from scatlas.query.hunt.enrichment import (
+    DEFAULT_BY,
+    MISSING,
+    Alternative,
+    all_missing,
+    default_by,
+    enrichment,
+)
 from scatlas.query.hunt.sweep import HITS_FILE
 
 logger = logging.getLogger(__name__)
 
 TOP_GROUPS = 15
 TOP_GENES = 15
+REPORT_FILES = ("enrichment.csv", "enrichment.png", "scores.png", "de.csv", "report.md", "report.html")
+"""Every file a report may hold: those an earlier report left that this run does not write are removed."""
+RESWEEP = "re-run `scatlas hunt sweep` on the current index for up-to-date hits"
 
 
 @dataclass
@@ -61,6 +88,8 @@ class ReportResult:
     """Breakdown columns left out -> why (missing in every cell; a default column the cells table lacks)."""
     de_matching: str | None = None
     """What the non-hits of the DE were matched on (a sentence), for hits vs matched non-hits."""
+    n_dropped: int = 0
+    """Hits left out of the whole report because they are not cells of the index (a sweep older than the index)."""
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -73,7 +102,15 @@ class ReportResult:
             "de_skipped": self.de_skipped,
             "de_matching": self.de_matching,
             "files": self.files,
+            "n_dropped": self.n_dropped,
         }
+
+    def dropped_sentence(self) -> str:
+        """Which hits were left out of the report and why ("" when none)."""
+        if not self.n_dropped:
+            return ""
+        return (f"{self.n_dropped:,} hits are left out of this report: they are not cells of the index (the hits come "
+                f"from a sweep made before the atlas or index changed); {RESWEEP}.")
 
     def left_out_sentence(self) -> str:
         """Which breakdown columns were left out and why ("" when none)."""
@@ -219,6 +256,8 @@ def _intro(res: ReportResult, hits_source: str) -> list[str]:
              "Broken down by: " + (", ".join(res.by) if res.by else "nothing") + "."]
     if res.left_out:
         lines.append(res.left_out_sentence())
+    if res.n_dropped:
+        lines.append(res.dropped_sentence())
     return lines
 
 
@@ -314,6 +353,12 @@ def report(
 ) -> ReportResult:
     """Enrichment of ``hits`` per group, a bar chart, and DE of the hits; written to ``out_dir``.
 
+    The arguments are checked against the cells table first (an unknown ``by`` or ``de_group`` column, a
+    ``de_reference`` that is no level among the hits: :class:`InputError`, nothing written). The report is written
+    into a temporary directory beside ``out_dir`` and moved into place when complete: a failed run leaves
+    ``out_dir`` as it was. Hits that are not cells of the index are left out of the whole report with a warning
+    (``ReportResult.n_dropped``); when none of them is, :class:`InputError` says to re-run the sweep.
+
     Parameters
     ----------
     hits: ``hits.parquet`` of a sweep, its output directory, or a DataFrame with a ``soma_joinid`` column.
@@ -334,28 +379,61 @@ def report(
     t0 = time.perf_counter()
     if max_cells < MIN_SIDE:
         raise InputError(f"max_cells must be at least {MIN_SIDE}")
-    check_output_dir(out_dir, REPORT, inputs=input_paths(index, atlas, hits))
+    if de_reference is not None and de_group is None:
+        raise InputError("de_reference (--de-reference) needs de_group (--de): give the column whose levels to "
+                         "compare with --de, or leave --de-reference out")
+    inputs = input_paths(index, atlas, hits)
+    out = check_output_dir(out_dir, REPORT, inputs=inputs)
     idx = open_index(index)
     frame = _read_hits(hits)
     hits_source = show(hits) if not isinstance(hits, pd.DataFrame) else "a DataFrame"
-    out = claim_output_dir(out_dir, REPORT)
 
     with idx.cursor() as con:
-        columns, left_out = _breakdown(con, by)
-        return _report(idx, con, frame, hits_source, out, columns, left_out, de_group, de_reference, atlas, de,
-                       de_method, max_cells, alternative, seed, t0, progress)
+        names = [r[0] for r in con.execute("DESCRIBE cells").fetchall()]
+        columns, left_out = _breakdown(con, names, by)
+        _check_de_group(names, de_group)
+        hit_ids, n_dropped = _known_hits(con, frame)
+        if n_dropped:
+            frame = frame[frame["soma_joinid"].isin(hit_ids)]
+        if de and len(hit_ids) >= MIN_SIDE:  # DE runs: its reference must be a level among the hits
+            _check_de_reference(con, hit_ids, de_group, de_reference)
+        with _staged(out) as stage:
+            result = _report(idx, con, frame, hit_ids, hits_source, stage, out, columns, left_out, de_group,
+                             de_reference, atlas, de, de_method, max_cells, alternative, seed, progress)
+            result.n_dropped = n_dropped
+            _write_summaries(result, columns, hits_source, stage, out)
+    result.seconds = time.perf_counter() - t0
+    logger.info(
+        "hunt report: %d hits of %d cells (%.4g%%), %d enrichment rows, DE %s; written to %s in %.1fs",
+        result.n_hits, result.n_cells, 100 * result.hit_rate, len(result.enrichment),
+        "skipped" if result.de is None else f"{len(result.de)} rows", out, result.seconds,
+    )
+    return result
 
 
-def _breakdown(con: Any, by: Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
-    """The columns to break hits down by, and those left out -> why (unknown given columns raise later)."""
-    names = [r[0] for r in con.execute("DESCRIBE cells").fetchall()]
+def _listing(values: Sequence[Any], limit: int = 20) -> str:
+    """``values`` for a message: comma-separated, at most ``limit`` of them, then how many more."""
+    shown = ", ".join(str(v) for v in values[:limit])
+    return shown + (f", ... ({len(values) - limit} more)" if len(values) > limit else "")
+
+
+def _breakdown(con: Any, names: Sequence[str], by: Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
+    """The columns to break hits down by, and those left out -> why; InputError for a given column the cells table
+    (whose columns are ``names``) lacks."""
     left_out: dict[str, str] = {}
     if by is None:
         columns = default_by(names)
         left_out.update({c: "not a column of the cells table" for c in DEFAULT_BY if c not in names})
     else:
         columns = list(dict.fromkeys(by))
-    for column in all_missing(con, [c for c in columns if c in names]):
+        unknown = [c for c in columns if c not in names]
+        if unknown:
+            what = "is not a column" if len(unknown) == 1 else "are not columns"
+            raise InputError(
+                f"by (--by): {', '.join(repr(c) for c in unknown)} {what} of the cells table; give columns of it "
+                f"(comma-separated with --by): {_listing(names)}"
+            )
+    for column in all_missing(con, columns):
         left_out[column] = "missing in every cell"
     kept = [c for c in columns if c not in left_out]
     if left_out:
@@ -363,11 +441,183 @@ def _breakdown(con: Any, by: Sequence[str] | None) -> tuple[list[str], dict[str,
     return kept, left_out
 
 
+def _known_hits(con: Any, frame: pd.DataFrame) -> tuple[np.ndarray, int]:
+    """The distinct hit ids that are cells of the index (sorted), and how many distinct hit ids are not.
+
+    Hits that are not cells of the index come from a sweep made before the atlas or index changed: they are left
+    out of the whole report (enrichment, scores, DE) with a warning; InputError when none of the hits is left.
+    """
+    import pyarrow as pa
+
+    try:
+        ids = np.unique(frame["soma_joinid"].to_numpy(dtype=np.int64))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"the hits' soma_joinid column does not hold cell ids (integers): {exc}") from None
+    if not len(ids):
+        return ids, 0
+    con.register("_hunt_report_hits", pa.table({"soma_joinid": ids}))
+    try:
+        known = con.execute(
+            "SELECT h.soma_joinid FROM _hunt_report_hits h JOIN cells c ON h.soma_joinid = c.soma_joinid "
+            "ORDER BY 1"
+        ).fetchnumpy()["soma_joinid"]
+    finally:
+        con.unregister("_hunt_report_hits")
+    known = np.asarray(known, dtype=np.int64)
+    dropped = len(ids) - len(known)
+    if dropped and not len(known):
+        raise InputError(
+            f"none of the {len(ids):,} hits is a cell of this index: the hits come from a sweep made before the "
+            f"atlas or index changed (or of another index); {RESWEEP}"
+        )
+    if dropped:
+        logger.warning(
+            "%d of the %d hits %s not cells of the index (the hits come from a sweep made before the atlas or "
+            "index changed): they are left out of the whole report (enrichment, scores, DE); %s",
+            dropped, len(ids), "is" if dropped == 1 else "are", RESWEEP,
+        )
+    return known, dropped
+
+
+def _hit_levels(con: Any, hit_ids: np.ndarray, column: str) -> list[str]:
+    """The levels of ``column`` among the hits, as :func:`~query.hunt.de.group_comparisons` names them."""
+    import pyarrow as pa
+
+    con.register("_hunt_report_levels", pa.table({"soma_joinid": hit_ids}))
+    try:
+        rows = con.execute(
+            f"""SELECT DISTINCT COALESCE(CAST(c.{quote_ident(column)} AS VARCHAR), '{MISSING}') AS level
+                FROM _hunt_report_levels h JOIN cells c ON h.soma_joinid = c.soma_joinid"""
+        ).fetchall()
+    finally:
+        con.unregister("_hunt_report_levels")
+    return sorted(str(r[0]) for r in rows)
+
+
+def _check_de_group(names: Sequence[str], de_group: str | None) -> None:
+    """InputError, before anything is written, for a ``de_group`` that is not a column of the cells table (whose
+    columns are ``names``)."""
+    if de_group is not None and de_group not in names:
+        raise InputError(
+            f"de_group (--de) {de_group!r} is not a column of the cells table; give one of its columns: "
+            f"{_listing(names)}"
+        )
+
+
+def _check_de_reference(con: Any, hit_ids: np.ndarray, de_group: str | None, de_reference: str | None) -> None:
+    """InputError, before anything is written, for a ``de_reference`` that is no level of ``de_group`` among the
+    hits."""
+    if de_group is None or de_reference is None:
+        return
+    levels = _hit_levels(con, hit_ids, de_group)
+    if de_reference not in levels:
+        raise InputError(
+            f"de_reference (--de-reference) {de_reference!r} is not a {de_group} value among the hits; give one of "
+            f"{_listing(levels)}, or leave it out (then each level is compared against 'normal' when present, "
+            "else against the other hits)"
+        )
+
+
+@contextlib.contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A new temporary directory beside ``out`` to write the report into; moved into place when the block ends
+    without an error, removed (with any parent directory created for it) when it raises, so that ``out`` stays as
+    it was: absent, empty, or the earlier complete report."""
+    existed = out.is_dir()
+    absolute = Path(os.path.abspath(out))
+    created = [p for p in absolute.parents if not p.exists()]  # deepest first
+    real = Path(os.path.realpath(out))
+    with writing(real.parent):
+        real.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            stage = Path(tempfile.mkdtemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent))
+        except OSError:
+            if not existed:
+                raise
+            # out exists in a directory we cannot write to: stage inside out (a hidden entry, removed at the end)
+            stage = Path(tempfile.mkdtemp(prefix=".report.", suffix=".tmp", dir=real))
+    published = False
+    try:
+        claim_output_dir(stage, REPORT)  # its marker
+        yield stage
+        with writing(out):
+            _publish(stage, out)
+        published = True
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if not published:
+            for parent in created:
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Move the complete report in ``stage`` to ``out``: a rename when ``out`` is absent; else each file replaces
+    its namesake in ``out``, and report files of an earlier run that this run did not write are removed."""
+    if not out.exists() and not out.is_symlink():
+        os.rename(stage, out)
+        return
+    written = {p.name for p in stage.iterdir()}
+    if (out / MARKER_FILE).exists():
+        written.discard(MARKER_FILE)
+    for name in [n for n in REPORT_FILES if n in written] + sorted(written - set(REPORT_FILES)):
+        _move(stage / name, out / name)
+    for name in REPORT_FILES:
+        stale = out / name
+        if name not in written and stale.is_file() and not stale.is_symlink():
+            stale.unlink()
+            logger.info("removed %s: a file of an earlier report that this run does not write", stale)
+
+
+def _move(src: Path, dst: Path) -> None:
+    """``src`` onto ``dst``, atomically (a copy to a temporary name beside ``dst`` when they are on different
+    file systems)."""
+    try:
+        os.replace(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+        try:
+            shutil.copy2(src, tmp)
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _not_in_store(store: Any, ids: np.ndarray) -> np.ndarray:
+    """Those of ``ids`` no dataset of the atlas store holds."""
+    inside = np.zeros(len(ids), dtype=bool)
+    for rec in store.cell_ranges_records():
+        inside |= (ids >= rec.start) & (ids < rec.stop)
+    return ids[~inside]
+
+
+def _check_in_store(store: Any, comps: Sequence[Any], hit_ids: np.ndarray) -> None:
+    """InputError, before any expression is read, when cells to compare are cells of the index but not of the
+    atlas store (the store changed after the index was built)."""
+    parts = [np.asarray(c.ids_a, dtype=np.int64) for c in comps] + [np.asarray(c.ids_b, dtype=np.int64) for c in comps]
+    if not parts:
+        return
+    missing = _not_in_store(store, np.unique(np.concatenate(parts)))
+    if not len(missing):
+        return
+    n_hits = int(np.isin(missing, hit_ids).sum())
+    raise InputError(
+        f"{len(missing):,} cells to compare ({n_hits:,} hits, {len(missing) - n_hits:,} non-hits) are cells of the "
+        f"index but not of the atlas store {show(store.path)}: the store changed after the index was built; bring the index up "
+        "to date with the store (`scatlas build`) and re-run `scatlas hunt sweep`, or leave differential expression "
+        "out (--no-de; de=False)"
+    )
+
+
 def _report(
     idx: AtlasIndex,
     con: Any,
     frame: pd.DataFrame,
+    hit_ids: np.ndarray,
     hits_source: str,
+    stage: Path,
     out: Path,
     by: list[str],
     left_out: dict[str, str],
@@ -379,23 +629,20 @@ def _report(
     max_cells: int,
     alternative: Alternative,
     seed: int,
-    t0: float,
     progress: Progress,
 ) -> ReportResult:
-    hit_ids = np.unique(frame["soma_joinid"].to_numpy(dtype=np.int64))
-    enr, n_cells, n_hits = enrichment(con, hit_ids, by, alternative)
+    """Compute the report and write its tables and plots into ``stage`` (the files named as in ``out``)."""
+    enr, n_cells, _ = enrichment(con, hit_ids, by, alternative)
+    n_hits = len(hit_ids)  # every one a cell of the index (see _known_hits)
     rate = n_hits / n_cells if n_cells else 0.0
     files: dict[str, str] = {}
-    enr_path = out / "enrichment.csv"
-    _atomic(enr_path, lambda tmp: enr.to_csv(tmp, index=False))
-    files["enrichment"] = str(enr_path)
-    png = out / "enrichment.png"
-    _plot(enr, by, rate, png)
-    files["png"] = str(png)
+    _atomic(stage / "enrichment.csv", lambda tmp: enr.to_csv(tmp, index=False))
+    files["enrichment"] = str(out / "enrichment.csv")
+    _plot(enr, by, rate, stage / "enrichment.png")
+    files["png"] = str(out / "enrichment.png")
     if "score" in frame.columns:
-        scores_png = out / "scores.png"
-        _plot_scores(frame["score"].to_numpy(dtype=np.float64), scores_png)
-        files["scores_png"] = str(scores_png)
+        _plot_scores(frame["score"].to_numpy(dtype=np.float64), stage / "scores.png")
+        files["scores_png"] = str(out / "scores.png")
 
     de_frame: pd.DataFrame | None = None
     matching: str | None = None
@@ -413,31 +660,27 @@ def _report(
                 else:
                     comps = [matched_background(con, hit_ids, max_cells, seed)]
                     matching = comps[0].matching()
+                _check_in_store(store, comps, hit_ids)
                 de_frame = differential_expression(store, comps, de_method, progress)
             finally:
                 store.close()
     if skipped is not None and de:  # skipped on request: nothing to warn about
         logger.warning("differential expression skipped: %s", skipped)
     if de_frame is not None:
-        de_path = out / "de.csv"
-        _atomic(de_path, lambda tmp: de_frame.to_csv(tmp, index=False))
-        files["de"] = str(de_path)
+        table = de_frame
+        _atomic(stage / "de.csv", lambda tmp: table.to_csv(tmp, index=False))
+        files["de"] = str(out / "de.csv")
 
-    result = ReportResult(
+    return ReportResult(
         out_dir=str(out), n_hits=n_hits, n_cells=n_cells, hit_rate=rate, enrichment=enr, de=de_frame,
         de_skipped=skipped, files=files, by=by, left_out=left_out, de_matching=matching,
     )
-    md_path, html_path = out / "report.md", out / "report.html"
-    files["markdown"], files["html"] = str(md_path), str(html_path)
+
+
+def _write_summaries(result: ReportResult, by: list[str], hits_source: str, stage: Path, out: Path) -> None:
+    """``report.md`` and ``report.html`` of ``result`` into ``stage`` (named as in ``out``)."""
+    result.files["markdown"], result.files["html"] = str(out / "report.md"), str(out / "report.html")
     md = _markdown(result, by, hits_source)
     page = _html(result, by, hits_source)
-    _atomic(md_path, lambda tmp: Path(tmp).write_text(md))
-    _atomic(html_path, lambda tmp: Path(tmp).write_text(page))
-    result.seconds = time.perf_counter() - t0
-    logger.info(
-        "hunt report: %d hits of %d cells (%.4g%%), %d enrichment rows, DE %s; written to %s in %.1fs",
-        n_hits, n_cells, 100 * rate, len(enr), "skipped" if de_frame is None else f"{len(de_frame)} rows", out,
-        result.seconds,
-    )
-    return result
-
+    _atomic(stage / "report.md", lambda tmp: Path(tmp).write_text(md))
+    _atomic(stage / "report.html", lambda tmp: Path(tmp).write_text(page))

@@ -40,7 +40,7 @@ from scatlas.query.hunt.classifier import HuntClassifier
 from scatlas.query.hunt.gene_reads import dataset_gene_stats, open_index_store, read_gene_features
 from scatlas.query.hunt.logistic import DEFAULT_L2_GRID, CVResult, cross_validate, fit_logistic
 from scatlas.query.hunt.metrics import ThresholdChoice, average_precision, choose_threshold, roc_auc
-from scatlas.query.hunt.predicate import evaluate_predicate
+from scatlas.query.hunt.predicate import evaluate_classes
 from scatlas.query.hunt.stage2 import (
     BATCH_SAMPLE,
     GeneStage,
@@ -108,17 +108,20 @@ def _cells_part(
     seed: int,
     progress: Progress,
     want_genes: bool = False,
+    allow_species_mismatch: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], tuple[np.ndarray, np.ndarray] | None]:
     """Embedded positives and sampled negatives of the labelled cells (rounded as stored), a report, and with
     ``want_genes`` their gene features (positives, negatives; None when the cells lack too many of the genes)."""
     if positive is None:
-        raise InputError("labelled cells were given without a positive predicate; pass positive=\"cell_type == 'X'\"")
-    labelled = open_query(cells, index, what="labelled cells ({name})", allow_empty=True)
+        raise InputError("labelled cells were given without a positive predicate; pass one (--positive "
+                         "\"cell_type = 'X'\", positive= in Python)")
+    labelled = open_query(cells, index, what="labelled cells ({name})", allow_empty=True,
+                          allow_species_mismatch=allow_species_mismatch)
     source = labelled.source
     try:
-        mask = evaluate_predicate(source.obs, positive)
+        mask, negative = evaluate_classes(source.obs, positive)
         pos_rows = np.flatnonzero(mask).astype(np.int64)
-        neg_all = np.flatnonzero(~mask).astype(np.int64)
+        neg_all = np.flatnonzero(negative).astype(np.int64)
         rng = np.random.default_rng(seed)
         if len(pos_rows) > max_positives:
             logger.info("using %d of the %d matching labelled cells (max_positives)", max_positives, len(pos_rows))
@@ -128,6 +131,8 @@ def _cells_part(
             "source": getattr(source, "name", "cells"),
             "n_cells": int(source.n_obs),
             "n_matching": len(pos_rows),
+            # neither positive nor negative: a missing value where the predicate compares (SQL NULL)
+            "n_undetermined": int(source.n_obs - mask.sum() - negative.sum()),
             "expression": source.expression.describe(),
         }
         if len(pos_rows) == 0:
@@ -208,6 +213,7 @@ def train(
     progress: Progress = True,
     align: Literal["none", "mnn"] = "mnn",
     two_stage: bool | Literal["auto"] = "auto",
+    allow_species_mismatch: bool = False,
 ) -> HuntClassifier:
     """Train a hunt classifier; save it to ``out`` when given.
 
@@ -245,6 +251,9 @@ def train(
         reachable (else ``params["stage2_skipped"]`` says why and the classifier is one-stage). Its features are
         held densely: the training rows x the embedder's genes, float64.
 
+    allow_species_mismatch: go on (with a warning) when the labelled cells' genes look like another species than
+        the index's (SpeciesMismatchError otherwise).
+
     Raises InputError when no positive or no negative cell is found, or fewer than 3 positives.
     """
     t0 = time.perf_counter()
@@ -255,9 +264,11 @@ def train(
         check_output_dir(out, CLASSIFIER, inputs=inputs, replace=True)
     idx = open_index(index)
     if cells is None and positive_sql is None:
-        raise InputError("no positives: give labelled cells with positive=..., or positive_sql=... over the atlas")
+        raise InputError("no positives: give labelled cells (--cells FILE --positive PREDICATE; cells=, positive= "
+                         "in Python) or atlas cells (--positive-sql PREDICATE; positive_sql=)")
     if cells is None and positive is not None:
-        raise InputError("positive=... selects among labelled cells, but no cells were given; use positive_sql for atlas cells")
+        raise InputError("--positive (positive=) selects among labelled cells, but no --cells file (cells=) was given; "
+                         "give one, or use --positive-sql (positive_sql=) for atlas cells")
     if n_folds < 2:
         raise InputError(f"n_folds must be at least 2 (got {n_folds})")
     if align not in ("none", "mnn"):
@@ -270,7 +281,7 @@ def train(
     ts = _TrainingSet(idx.dim)
     if cells is not None:
         ts.add_cells(idx, cells, positive, max_positives, cell_negatives, min_gene_overlap, chunk_size, seed,
-                     progress, align, want_genes=gene_names is not None)
+                     progress, align, want_genes=gene_names is not None, allow_species_mismatch=allow_species_mismatch)
     if positive_sql is not None:
         ts.add_atlas_positives(idx, positive_sql, max_positives, seed)
     ts.check_positives(cells is not None, positive, positive_sql)
@@ -436,10 +447,11 @@ class _TrainingSet:
     def add_cells(
         self, idx: AtlasIndex, cells: Any, positive: str | None, max_positives: int, cell_negatives: int,
         min_gene_overlap: float, chunk_size: int, seed: int, progress: Progress, align: str, want_genes: bool = False,
+        allow_species_mismatch: bool = False,
     ) -> None:
         cpos, cneg, self.report, self.cell_genes = _cells_part(
             idx, cells, positive, max_positives, cell_negatives, min_gene_overlap, chunk_size, seed, progress,
-            want_genes,
+            want_genes, allow_species_mismatch,
         )
         self.labelled_positives = cpos
         if align == "mnn" and len(cpos) + len(cneg):

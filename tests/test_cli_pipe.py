@@ -1,0 +1,51 @@
+"""A reader that stops early (``scatlas info INDEX | head -1``) ends the command quietly, as SIGPIPE would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from scatlas.index import build_from_source
+from tests.test_index_helpers import array_source, config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_closed_stdout_ends_the_command_quietly(tmp_path):
+    build_from_source(array_source(1200, 8), tmp_path / "idx", config(shard_size=1000))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "scatlas", "info", str(tmp_path / "idx")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the command writes anything: its first write fails with EPIPE
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141, err
+    assert "Error" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_a_command_started_with_sigint_ignored_survives_a_sigint_after_a_tiledb_read(tmp_path, h5ad_factory):
+    """A script's background job starts with SIGINT ignored. TileDB's own SIGINT handler (installed on its first
+    read) passes the signal on to the handler it replaced, and passed on to SIG_IGN it crashed the process (exit
+    139); the CLI replaces SIG_IGN with a handler that does nothing (``cli_common.ignore_sigint_safely``)."""
+    import signal
+
+    from scatlas.atlas import ingest
+
+    ingest([h5ad_factory("a", n_cells=60)], tmp_path / "atlas", progress=False)
+    script = (
+        "import os, signal, sys, time\n"
+        "from scatlas.cli_common import ignore_sigint_safely\n"
+        "ignore_sigint_safely()\n"
+        "from scatlas.atlas.store import AtlasStore\n"
+        "store = AtlasStore.open(sys.argv[1])\n"
+        "n = sum(len(c.ids) for c in store.iter_chunks(start=0, stop=60, chunk_size=30, with_X=True))\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(0.3)\n"
+        "print('read', n, 'and survived')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "atlas")], capture_output=True, text=True,
+                          env=env, timeout=300, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert done.returncode == 0 and "read 60 and survived" in done.stdout, (done.returncode, done.stderr[-2000:])

@@ -1,0 +1,137 @@
+"""The query-level mapping check needs a dataset's worth of cells: a query of one to a few cells gets no verdict
+(``too_few_cells``, no score) and none of its cells is out of the atlas by the query-level rule, while queries of
+hundreds of cells are judged as before (in-distribution maps well, another tissue maps poorly)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anndata
+import numpy as np
+import pytest
+
+from scatlas.atlas import ingest
+from scatlas.atlas.synthetic import SyntheticAtlasConfig, write_h5ad_datasets
+from scatlas.index import build_index, read_mapping_calibration
+from scatlas.query import annotate
+from scatlas.query.mapping import MIN_QUERY_CELLS, assess_mapping
+
+KEY = "cell_type"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Datasets 0-2 form the atlas (calibrated by holding each out); dataset 3 is a new dataset of the same cells."""
+    root = tmp_path_factory.mktemp("small_queries")
+    cfg = SyntheticAtlasConfig(n_cells=1600, n_genes=300, n_datasets=4, n_donors=2, seed=5, rare_types=(),
+                               non_primary_fraction=0.0)
+    paths = write_h5ad_datasets(cfg, root / "h5ad")
+    ingest(paths[:3], root / "atlas", progress=False)
+    build_index(root / "atlas", root / "index", embedder_options={"n_hvg": 200, "n_components": 16},
+                progress=False)
+    assert read_mapping_calibration(root / "index") is not None
+    return {"root": root, "index": root / "index", "query": anndata.read_h5ad(paths[3])}
+
+
+def _tiny(query: anndata.AnnData, n: int, seed: int) -> anndata.AnnData:
+    rows = np.sort(np.random.default_rng(seed).choice(query.n_obs, n, replace=False))
+    return query[rows].copy()
+
+
+def test_the_minimum_is_below_every_query_of_the_tests_and_benchmarks(world: dict[str, Any]) -> None:
+    # the benchmarks' smallest query holds 128 cells (docs/benchmarks.md), the synthetic ones hundreds
+    assert 10 <= MIN_QUERY_CELLS <= 100
+    assert world["query"].n_obs >= 2 * MIN_QUERY_CELLS
+
+
+@pytest.mark.parametrize(("n", "seed"), [(1, 0), (1, 2), (1, 3), (2, 3), (3, 4)])
+def test_a_query_of_a_few_in_distribution_cells_has_too_few_cells_for_a_verdict(
+    world: dict[str, Any], n: int, seed: int
+) -> None:
+    res = annotate(_tiny(world["query"], n, seed), world["index"], progress=False, keep_neighbors=False)
+    mapping = res.report["mapping"]
+    assert mapping["verdict"] == "too_few_cells", mapping
+    assert mapping["score"] is None  # not a misleading 1.0 from a share of 0/1
+    assert mapping["n_cells"] == n and mapping["min_cells"] == MIN_QUERY_CELLS
+    assert f"{n} cell" in mapping["note"] and str(MIN_QUERY_CELLS) in mapping["note"]
+    assert mapping["reasons"] == [] and mapping["cells_out_of_atlas"] == 0 and mapping["applied"]
+    assert not (res.predictions[f"{KEY}_unknown_reason"] == "out_of_atlas").any()
+    # each cell still carries its own mapping score
+    assert res.predictions[f"{KEY}_mapping_score"].notna().all()
+    json.dumps(mapping)
+
+
+def test_a_single_cell_shift_is_noise_over_the_atlas_cut(world: dict[str, Any]) -> None:
+    """The bug as the user met it: one in-distribution cell "needs" a shift over what any atlas dataset needs (the
+    MNN shift of one cell moves it onto its own neighbours), which the old rule read as mapping poorly; a query of
+    the minimum size from the same dataset does not."""
+    shifts = []
+    for seed in (2, 3):
+        mapping = annotate(_tiny(world["query"], 1, seed), world["index"], progress=False,
+                           keep_neighbors=False).report["mapping"]
+        shifts.append(mapping["evidence"]["shift_norm"])
+        cut = mapping["thresholds"]["max_shift_norm"]
+        assert mapping["verdict"] == "too_few_cells"
+    assert max(shifts) > cut, (shifts, cut)
+    mapping = annotate(_tiny(world["query"], MIN_QUERY_CELLS, 0), world["index"], progress=False,
+                       keep_neighbors=False).report["mapping"]
+    assert mapping["verdict"] == "maps_well" and mapping["evidence"]["shift_norm"] < cut, mapping
+
+
+def test_the_query_level_rule_is_off_below_the_minimum_and_on_at_it(world: dict[str, Any]) -> None:
+    """Cells deep in the low tail (not below anything atlas datasets show) and a shift over the cut: a query of
+    fewer than MIN_QUERY_CELLS such cells has no verdict and keeps them; one of MIN_QUERY_CELLS maps poorly."""
+    cal = read_mapping_calibration(world["index"])
+    assert cal is not None
+    t = cal.thresholds
+    score = (t["extreme_score"] + t["low_score"]) / 2
+    assert t["extreme_score"] < score < t["low_score"]
+    shift = 2 * t["max_shift_norm"]
+    for n in (1, 2, 3, MIN_QUERY_CELLS - 1):
+        scores = np.full(n, score)
+        v = assess_mapping(scores, shift, cal)
+        assert v.verdict == "too_few_cells" and v.score is None and not v.reasons
+        assert not v.out_of_atlas(scores).any()
+        # the per-cell rule still holds: a cell below anything atlas datasets show is out of the atlas
+        with_extreme = np.append(scores[:-1], -1.0) if n > 1 else np.array([-1.0])
+        assert v.out_of_atlas(with_extreme)[-1]
+    v = assess_mapping(np.full(MIN_QUERY_CELLS, score), shift, cal)
+    assert v.verdict == "maps_poorly" and v.score == 0.0 and v.out_of_atlas(np.full(MIN_QUERY_CELLS, score)).all()
+    assert assess_mapping(np.array([0.1]), 0.3, None).verdict == "uncalibrated"
+
+
+def test_one_cell_through_the_cli_prints_no_warning(world: dict[str, Any]) -> None:
+    from click.testing import CliRunner
+
+    from scatlas.cli import cli
+
+    q = world["root"] / "q1.h5ad"
+    _tiny(world["query"], 1, 7).write_h5ad(q)
+    out = world["root"] / "o" / "a.h5ad"
+    res = CliRunner().invoke(cli, ["annotate", str(q), "--index", str(world["index"]), "--out", str(out),
+                                   "--no-progress"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "maps poorly" not in res.output and "WARNING" not in res.output
+    report = json.loads(out.with_name(out.stem + ".report.json").read_text())
+    assert report["mapping"]["verdict"] == "too_few_cells" and report["mapping"]["score"] is None
+    assert (anndata.read_h5ad(out).obs[f"{KEY}_unknown_reason"] != "out_of_atlas").all()
+
+
+def test_a_normal_size_in_distribution_query_still_maps_well(world: dict[str, Any]) -> None:
+    res = annotate(world["query"], world["index"], progress=False, keep_neighbors=False)
+    mapping = res.report["mapping"]
+    assert mapping["verdict"] == "maps_well", mapping
+    assert mapping["score"] is not None and mapping["score"] > 0.8 and "note" not in mapping
+    assert (res.predictions[f"{KEY}_unknown_reason"] == "out_of_atlas").mean() <= 0.02
+
+
+def test_a_normal_size_foreign_query_still_maps_poorly(world: dict[str, Any]) -> None:
+    """The same dataset with its genes shuffled (as tests/test_mapping.py does): another tissue's programs."""
+    q = world["query"]
+    perm = np.random.default_rng(0).permutation(q.n_vars)
+    foreign = anndata.AnnData(q.X[:, perm], obs=q.obs, var=q.var)
+    res = annotate(foreign, world["index"], progress=False, keep_neighbors=False)
+    mapping = res.report["mapping"]
+    assert mapping["verdict"] == "maps_poorly" and mapping["reasons"], mapping
+    assert (res.predictions[f"{KEY}_unknown_reason"] == "out_of_atlas").mean() >= 0.9
