@@ -393,6 +393,9 @@ def _open_sources(
     paths: Sequence[str | Path], dataset_id: str | None, obs_map: Mapping[str, str], keep_non_primary: bool,
     x_layer: str | None = None, obs_set: Mapping[str, str] | None = None,
 ) -> list[DatasetPlan]:
+    if dataset_id is not None and not dataset_id.strip():
+        raise InputError("--dataset-id is empty: give a name for the dataset, or leave the option out to use the "
+                         "file's stem")
     plans: list[DatasetPlan] = []
     try:
         _open_each(plans, paths, dataset_id, obs_map, keep_non_primary, x_layer, obs_set)

@@ -596,9 +596,17 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
     _echo(f"stage 1 (embedding), cross-validated: precision {m['precision']:.3f}, recall {m['recall']:.3f}, AUPRC "
           f"{m['auprc']:.3f} at threshold {clf.threshold:.4f}; expected false hits per million atlas cells "
           f"{m['expected_false_hits_per_million']:.1f}")
+    choice = clf.params.get("stage_choice")
     if clf.stage2 is None:
-        _echo(f"no stage 2: {clf.params.get('stage2_skipped', 'not trained')}")
+        if choice:
+            _echo(f"stages: stage 1 alone, chosen by --stages auto ({choice})")
+        elif chosen == "1":
+            _echo("stages: stage 1 alone (--stages 1)")
+        else:
+            _echo(f"stages: stage 1 alone; no stage 2: {clf.params.get('stage2_skipped', 'not trained')}")
     else:
+        if choice:
+            _echo(f"stages: two, chosen by --stages auto ({choice})")
         m2 = clf.stage2.metrics
         c1, two = m2["stage1_candidates"], m2["two_stage"]
         _echo(f"stage 1 candidate cut {clf.stage2.stage1_cut:.4f}: recall {c1['recall']:.3f}, passes "

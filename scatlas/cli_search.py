@@ -66,7 +66,10 @@ def _echo_search(report: dict[str, Any]) -> None:
              if overlap else ""))
     mode = report["params"]["mode"]
     what = "the centroid's" if mode == "centroid" else f"{q['cells_used']:,} cells x"
-    _echo(f"hits: {hits['rows']:,} ({what} k={report['params']['k']}), {hits['atlas_cells']:,} distinct atlas cells "
+    k = report["params"]["k"]
+    if hits["atlas_cells_searched"] < k:  # a cell cannot have more neighbours than there are cells to search
+        k = f"{hits['atlas_cells_searched']:,} (--k {k:,}, but only {hits['atlas_cells_searched']:,} atlas cells searched)"
+    _echo(f"hits: {hits['rows']:,} ({what} k={k}), {hits['atlas_cells']:,} distinct atlas cells "
           f"of {hits['atlas_cells_searched']:,} searched; median similarity {hits['median_similarity']}"
           + (f" (nearest {hits['median_nearest_similarity']})" if mode == "cells" else ""))
     for column, groups in report.get("enriched", {}).items():

@@ -3,6 +3,7 @@ genes up and down against matched non-hits and what they were matched on."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -33,16 +34,22 @@ def _cells(ids: np.ndarray) -> pa.Table:
     })
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("hunt_report")
+def report_world(root: Path) -> dict[str, Any]:
+    """An index of :data:`N` cells (cell table :func:`_cells`) in ``root/idx`` and 60 of its Norn cells as sweep
+    hits in ``root/hits.parquet``."""
     src = array_source(N, 8, seed=2)
     build_from_source(src, root / "idx", config(shard_size=400), cells=_cells(src._ids))
     ids = np.asarray(src._ids, dtype=np.int64)
     hit_ids = ids[np.arange(N) % 4 == 2][:60]  # Norn cells
     hits = pd.DataFrame({"soma_joinid": hit_ids, "score": np.linspace(1.0, 4.0, len(hit_ids))})
     hits.to_parquet(root / "hits.parquet")
-    return {"root": root, "index": root / "idx", "hits": root / "hits.parquet", "n_hits": len(hit_ids)}
+    return {"root": root, "index": root / "idx", "hits": root / "hits.parquet", "n_hits": len(hit_ids),
+            "hit_ids": hit_ids, "ids": ids}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return report_world(tmp_path_factory.mktemp("hunt_report"))
 
 
 def test_default_breakdown_is_label_donor_dataset_and_all_missing_columns_are_left_out(world, tmp_path):

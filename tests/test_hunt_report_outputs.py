@@ -16,10 +16,8 @@ from click.testing import CliRunner
 
 from scatlas.atlas.errors import InputError
 from scatlas.cli import cli
-from scatlas.index import build_from_source
 from scatlas.query.hunt import report
-from tests.test_hunt_report import N, _cells
-from tests.test_index_helpers import array_source, config
+from tests.test_hunt_report import report_world
 
 report_module = importlib.import_module("scatlas.query.hunt.report")  # `scatlas.query.hunt.report` is the function
 FILES = ("enrichment.csv", "enrichment.png", "scores.png", "report.md", "report.html")
@@ -27,14 +25,7 @@ FILES = ("enrichment.csv", "enrichment.png", "scores.png", "report.md", "report.
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("hunt_report_outputs")
-    src = array_source(N, 8, seed=2)
-    build_from_source(src, root / "idx", config(shard_size=400), cells=_cells(src._ids))
-    ids = np.asarray(src._ids, dtype=np.int64)
-    hit_ids = ids[np.arange(N) % 4 == 2][:60]  # Norn cells
-    hits = pd.DataFrame({"soma_joinid": hit_ids, "score": np.linspace(1.0, 4.0, len(hit_ids))})
-    hits.to_parquet(root / "hits.parquet")
-    return {"index": root / "idx", "hits": root / "hits.parquet", "hit_ids": hit_ids, "ids": ids}
+    return report_world(tmp_path_factory.mktemp("hunt_report_outputs"))
 
 
 def _snapshot(directory: Path) -> dict[str, bytes]:

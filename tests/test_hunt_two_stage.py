@@ -117,10 +117,10 @@ def test_cli_stages_option(world, tmp_path):
             str(world["cells"]), "--positive", f"cell_type = '{RARE}'", "--background",
             "3000", "--no-progress"]
     out = run_cli(*args, "--out", str(tmp_path / "auto"))
-    assert "two stages, cross-validated" in out
+    assert "two stages, cross-validated" in out and "stages: two, chosen by --stages auto (" in out
     assert HuntClassifier.load(tmp_path / "auto").params["two_stage"] == "auto"
     out = run_cli(*args, "--out", str(tmp_path / "one"), "--stages", "1")
-    assert "no stage 2: not requested" in out and HuntClassifier.load(tmp_path / "one").stage2 is None
+    assert "stages: stage 1 alone (--stages 1)" in out and HuntClassifier.load(tmp_path / "one").stage2 is None
     res = CliRunner().invoke(cli, ["-q", *args, "--out", str(tmp_path / "bad"), "--stages", "1", "--two-stage"])
     assert res.exit_code != 0 and "--two-stage means --stages 2" in res.output
 

@@ -27,16 +27,23 @@ from scatlas.query.prepare import open_query
 from scatlas.query.vote import mean_top_similarity
 
 
-@pytest.fixture(scope="module")
-def atlas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Datasets 0-2 form the atlas (three groups to hold out); dataset 3 is a new dataset of the same cells."""
-    root = tmp_path_factory.mktemp("mapping")
+def four_dataset_atlas(root: Path, **build_kw: Any) -> list[Path]:
+    """Datasets 0-2 of a synthetic atlas ingested and indexed in ``root/atlas`` and ``root/index`` (``build_kw`` go
+    to ``build_index``); returns the four datasets' files (dataset 3: a new dataset of the same cells)."""
     cfg = SyntheticAtlasConfig(n_cells=1600, n_genes=300, n_datasets=4, n_donors=2, seed=5, rare_types=(),
                                non_primary_fraction=0.0)
     paths = write_h5ad_datasets(cfg, root / "h5ad")
     ingest(paths[:3], root / "atlas", progress=False)
     build_index(root / "atlas", root / "index", embedder_options={"n_hvg": 200, "n_components": 16},
-                label_keys=(), progress=False)
+                progress=False, **build_kw)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def atlas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Datasets 0-2 form the atlas (three groups to hold out); dataset 3 is a new dataset of the same cells."""
+    root = tmp_path_factory.mktemp("mapping")
+    paths = four_dataset_atlas(root, label_keys=())
     cal = calibrate_mapping(root / "index", cells_per_group=300)
     return {"index": root / "index", "query": paths[3], "root": root, "cal": cal}
 

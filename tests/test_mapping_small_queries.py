@@ -11,11 +11,10 @@ import anndata
 import numpy as np
 import pytest
 
-from scatlas.atlas import ingest
-from scatlas.atlas.synthetic import SyntheticAtlasConfig, write_h5ad_datasets
-from scatlas.index import build_index, read_mapping_calibration
+from scatlas.index import read_mapping_calibration
 from scatlas.query import annotate
 from scatlas.query.mapping import MIN_QUERY_CELLS, assess_mapping
+from tests.test_mapping import four_dataset_atlas
 
 KEY = "cell_type"
 
@@ -24,12 +23,7 @@ KEY = "cell_type"
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Datasets 0-2 form the atlas (calibrated by holding each out); dataset 3 is a new dataset of the same cells."""
     root = tmp_path_factory.mktemp("small_queries")
-    cfg = SyntheticAtlasConfig(n_cells=1600, n_genes=300, n_datasets=4, n_donors=2, seed=5, rare_types=(),
-                               non_primary_fraction=0.0)
-    paths = write_h5ad_datasets(cfg, root / "h5ad")
-    ingest(paths[:3], root / "atlas", progress=False)
-    build_index(root / "atlas", root / "index", embedder_options={"n_hvg": 200, "n_components": 16},
-                progress=False)
+    paths = four_dataset_atlas(root)
     assert read_mapping_calibration(root / "index") is not None
     return {"root": root, "index": root / "index", "query": anndata.read_h5ad(paths[3])}
 

@@ -350,3 +350,10 @@ def test_columns_named_like_reserved_ones_are_kept_renamed(base_atlas, h5ad_fact
     store = AtlasStore.open(base_atlas)
     df = store.obs([store.dataset("reserved").start])
     assert df["obs_id_orig"].iloc[0] == "theirs" and df["soma_joinid_orig"].iloc[0] == 7
+
+
+def test_an_empty_dataset_id_is_refused(h5ad_factory, tmp_path):
+    src = h5ad_factory("a", n_cells=20)
+    res = CliRunner().invoke(cli, ["ingest", str(src), "--atlas", str(tmp_path / "atlas"), "--dataset-id", " "])
+    assert res.exit_code == 1 and "Error: --dataset-id is empty" in res.output
+    assert not (tmp_path / "atlas").exists()

@@ -156,3 +156,15 @@ def test_hits_placed_on_the_map(planted_world: dict[str, Path], monkeypatch: pyt
     monkeypatch.setattr("scatlas.query.search.MAP_POINTS", 10)  # large queries: a sample of cells and hits is placed
     placed = search_cells(planted_world["query"], planted_world["index"], k=5, progress=False).report["map"]
     assert len(placed["query_xy"]) == len(placed["query_rows"]) == 10 and len(placed["hits_xy"]) == 10
+
+
+def test_a_k_above_the_cells_searched_is_said(planted_world: dict[str, Path], tmp_path: Path) -> None:
+    """--where leaves fewer atlas cells than --k: every query cell gets them all, and the summary says k was cut."""
+    with AtlasIndex.open(planted_world["index"]) as idx:
+        n = len(idx.filter_ids(f"cell_type = '{PLANTED}'"))
+    out = run(str(planted_world["query"]), "--index", str(planted_world["index"]), "--out",
+              str(tmp_path / "hits.parquet"), "--k", str(n + 50), "--where", f"cell_type = '{PLANTED}'",
+              "--cells-where", f"cell_type = '{PLANTED}'")
+    assert f"k={n:,} (--k {n + 50:,}, but only {n:,} atlas cells searched)" in out
+    hits = pd.read_parquet(tmp_path / "hits.parquet")
+    assert hits.groupby("query_cell").size().max() == n

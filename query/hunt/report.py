@@ -648,7 +648,7 @@ def _report(
     matching: str | None = None
     skipped: str | None = None
     if not de:
-        skipped = "not requested (de=False)"
+        skipped = "not requested (--no-de, de=False)"
     elif len(hit_ids) < MIN_SIDE:
         skipped = f"only {len(hit_ids)} hits (need at least {MIN_SIDE})"
     else:

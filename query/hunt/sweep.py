@@ -162,7 +162,7 @@ def _prepare_out(out: Path, key: dict[str, Any], resume: bool, lock: contextlib.
             old = (state or {}).get("key", {})
             diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k)) if state else ["unreadable state"]
             raise InputError(
-                f"{out} holds a different sweep (differs in: {', '.join(diff)}); pass resume=False (--restart) to "
+                f"{out} holds a different sweep (differs in: {', '.join(diff)}); pass --restart (resume=False in Python) to "
                 "discard it and start over, or choose another output directory"
             )
         logger.info("restarting the sweep in %s: discarding its previous state and results", out)

@@ -276,7 +276,7 @@ def train(
     if background < 0 or cell_negatives < 0 or max_positives < MIN_POSITIVES:
         raise InputError(f"background and cell_negatives must be >= 0 and max_positives >= {MIN_POSITIVES}")
     torch_device = resolve_device(device, backend="torch")
-    gene_names, skipped = _stage2_genes(idx) if two_stage else (None, "not requested (two_stage=False)")
+    gene_names, skipped = _stage2_genes(idx) if two_stage else (None, "not requested (--stages 1, two_stage=False)")
     stage_choice = None
     ts = _TrainingSet(idx.dim)
     if cells is not None:
