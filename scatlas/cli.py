@@ -471,6 +471,9 @@ def annotate(query_file: Path, index_dir: Path, out_h5ad: Path, label_keys: tupl
                           predictor=predictor, missing_genes=missing_genes,  # type: ignore[arg-type]
                           **{key: v for key, v in optional.items() if v is not None})
     drawn = map_png if result.placement is not None else None
+    evaluated = (result.report.get("evaluation") or {}).values()
+    if confusion is not None and all(e.get("n_unlabelled") == e.get("n_cells") for e in evaluated):
+        confusion = None  # no cell has a truth label: no matrix to draw (the evaluation says so)
     result.write(out_h5ad, neighbors_parquet=neighbors_path, report_json=report_path, confusion_png=confusion,
                  map_png=drawn)
     if confusion is None and default_confusion not in (out_h5ad, neighbors_path, report_path):
@@ -538,8 +541,14 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
 
 def _echo_evaluation(key: str, ev: dict[str, Any]) -> None:
     onto = ev.get("ontology") or {}
+    if ev.get("n_cells") and ev.get("n_unlabelled") == ev.get("n_cells"):
+        _echo(f"{key} vs truth: no query cell has a truth label in the --truth-key column: nothing to score")
+        return
+    scored = onto.get("n_cells_with_truth_term")
     _echo(f"{key} vs truth: accuracy {_fmt(ev.get('accuracy'))}, macro-F1 {_fmt(ev.get('macro_f1'))} (best class); "
-          f"ontology-aware accuracy {_fmt(onto.get('ontology_accuracy'))} of the answered, "
+          f"ontology-aware accuracy {_fmt(onto.get('ontology_accuracy'))} of the answered"
+          + (f" (on the {scored:,} cells whose truth has a Cell Ontology term)" if isinstance(scored, int) else "")
+          + ", "
           f"{_fmt(100 * onto['fine_rate'] if isinstance(onto.get('fine_rate'), float) else None, '.1f')}% fine, "
           f"ECE {_fmt(onto.get('ece'))}")
     absent = ev.get("truth_labels_absent_from_atlas") or {}

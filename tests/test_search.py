@@ -168,3 +168,16 @@ def test_a_k_above_the_cells_searched_is_said(planted_world: dict[str, Path], tm
     assert f"k={n:,} (--k {n + 50:,}, but only {n:,} atlas cells searched)" in out
     hits = pd.read_parquet(tmp_path / "hits.parquet")
     assert hits.groupby("query_cell").size().max() == n
+
+
+def test_annotate_with_a_truth_column_holding_no_label_says_so(planted_world: dict[str, Path], tmp_path: Path) -> None:
+    """(Here for the shared planted atlas.) A --truth-key column that is missing in every cell: nothing is scored,
+    and the CLI says so instead of printing n/a figures."""
+    adata = anndata.read_h5ad(planted_world["query"])[:80].copy()
+    adata.obs["truth"] = pd.Categorical([None] * adata.n_obs, categories=["B cell"])
+    adata.write_h5ad(tmp_path / "q.h5ad")
+    result = CliRunner().invoke(cli, ["-q", "annotate", str(tmp_path / "q.h5ad"), "--index", str(planted_world["index"]),
+                                      "--out", str(tmp_path / "a.h5ad"), "--truth-key", "truth", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "no query cell has a truth label in the --truth-key column" in result.output and "n/a" not in result.output
+    assert not (tmp_path / "a.confusion.png").exists() and (tmp_path / "a.h5ad").is_file()
