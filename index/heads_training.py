@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -22,6 +20,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from scatlas.atlas.atomic import replaced_dir
 from scatlas.atlas.errors import IndexFormatError, InputError
 from scatlas.atlas.sql import quote_ident
 from scatlas.index.atlas_index import AtlasIndex
@@ -252,10 +251,7 @@ def train_label_heads(
     finally:
         if own_store:
             store.close()
-    tmp = index_dir / f".{HEADS_DIR}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with replaced_dir(index_dir / HEADS_DIR) as tmp:
         payload = _fit_and_write(tmp, keys, samples, all_ids, vecs, genes, config, device)
         if genes is not None:
             payload["training_sample"] = _write_training_sample(tmp / SAMPLE_FILE, genes)
@@ -269,15 +265,6 @@ def train_label_heads(
             }
         )
         (tmp / HEADS_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    final = index_dir / HEADS_DIR
-    old_dir = index_dir / f".{HEADS_DIR}.{os.getpid()}.old.tmp"
-    if final.exists():
-        os.replace(final, old_dir)
-    os.replace(tmp, final)
-    shutil.rmtree(old_dir, ignore_errors=True)
     _record_heads(index_dir)
     return payload
 

@@ -11,8 +11,6 @@ checked before every load. Fitting is :mod:`index.refmap`; this module does not 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from scatlas.atlas.atomic import read_json_object, write_json_atomic
+from scatlas.atlas.atomic import read_json_object, replaced_dir, write_json_atomic
 from scatlas.atlas.errors import IndexFormatError
 from scatlas.index._faiss import faiss_module
 from scatlas.index.manifest import REFMAP_DIR, REFMAP_FILE, FileRecord, record_refmap_files
@@ -151,21 +149,11 @@ def write_reference_map(index_dir: str | Path, refmap: ReferenceMap) -> dict[str
     files in the manifest. Returns the records."""
     index_dir = Path(index_dir)
     final = index_dir / REFMAP_DIR
-    tmp = index_dir / f".{REFMAP_DIR}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with replaced_dir(final) as tmp:
         np.save(tmp / IDS_FILE, np.asarray(refmap.ids, dtype=np.int64), allow_pickle=False)
         np.save(tmp / COORDS_FILE, np.asarray(refmap.coords, dtype=np.float32), allow_pickle=False)
         np.save(tmp / VECTORS_FILE, np.asarray(refmap.vectors, dtype=np.float16), allow_pickle=False)
         write_json_atomic(tmp / REFMAP_FILE, {"format": REFMAP_FORMAT, **refmap.params})
-        old = index_dir / f".{REFMAP_DIR}.old.{os.getpid()}.tmp"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     records = {
         f"{REFMAP_DIR}/{name}": file_record(final / name) for name in (*ARRAY_FILES, REFMAP_FILE)
     }

@@ -25,17 +25,14 @@ from scatlas.index import MappingCalibration
 Verdict = Literal["maps_well", "maps_poorly", "too_few_cells", "uncalibrated"]
 
 MIN_QUERY_CELLS = 50
-"""Fewer query cells than this get no query-level verdict (``too_few_cells``). Both of its numbers are rates over
-a dataset. The low-tail share: an atlas-like query has ~5% of its cells in the tail (``low_score``) and maps poorly
-over ``max_low_fraction`` (at least 10%); under 10 cells one tail cell is already over 10%, and the binomial chance
-that an atlas-like query of n cells exceeds 10% by chance is 9% at n=10, 6% at 30 and under 4% from 50 on (a share's
-standard error there, 3 points, is below the 5-point margin of the rule). The shift: the mean offset over MNN pairs
-(:func:`index.estimate_shift`, ``MNN_K`` = 20 neighbours a side) measures the dataset's offset only when many cells
-pair; with fewer query cells than ``MNN_K`` every atlas neighbour of a query cell pairs with it, and the "shift" just
-moves those few cells onto their own neighbours (1.15 for one PBMC cell, over any atlas dataset's; 0.47-0.80 for
-single cells of tests/test_mapping_small_queries.py's synthetic query against 0.17-0.21 from 50 of its cells on), noise
-that falls only as one over the square root of the cells paired. Queries of the tests and benchmarks hold hundreds to thousands
-of cells."""
+"""Fewer query cells than this get no query-level verdict (``too_few_cells``): both of its numbers are rates over a
+dataset. The low-tail share: an atlas-like query has ~5% of its cells in the tail (``low_score``) and maps poorly
+over ``max_low_fraction`` (at least 10%); with under 10 cells one tail cell is already over 10%, and the binomial
+chance that an atlas-like query exceeds 10% by chance falls under 4% only from about 50 cells on. The shift: the mean
+offset over MNN pairs (:func:`index.estimate_shift`, ``MNN_K`` = 20 neighbours a side) measures a dataset's offset
+only when many cells pair; with fewer query cells than ``MNN_K``, every atlas neighbour of a query cell pairs with
+it and the "shift" just moves those few cells onto their own neighbours (tests/test_mapping_small_queries.py shows
+single cells' shifts over the atlas' cut)."""
 
 
 @dataclass(frozen=True)

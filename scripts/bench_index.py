@@ -21,6 +21,7 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -294,14 +295,28 @@ def cli() -> None:
     """Index benchmarks."""
 
 
+def data_options(factory: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The options of ``run`` and ``profile`` that say what is measured: the data (N, d, clusters, queries), the
+    factory (default ``factory``), shard size and threads."""
+
+    def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed((
+            click.option("--n", "n", type=int, default=200_000, show_default=True, help="atlas cells"),
+            click.option("--d", "d", type=int, default=128, show_default=True, help="dimensions"),
+            click.option("--factory", default=factory, show_default=True),
+            click.option("--shard-size", type=int, default=1_000_000, show_default=True),
+            click.option("--queries", type=int, default=2000, show_default=True),
+            click.option("--clusters", type=int, default=500, show_default=True),
+            click.option("--threads", type=int, default=None, help="default: all cores"),
+        )):
+            f = option(f)
+        return f
+
+    return wrap
+
+
 @cli.command()
-@click.option("--n", "n", type=int, default=200_000, show_default=True, help="atlas cells")
-@click.option("--d", "d", type=int, default=128, show_default=True, help="dimensions")
-@click.option("--factory", default="auto", show_default=True)
-@click.option("--shard-size", type=int, default=1_000_000, show_default=True)
-@click.option("--queries", type=int, default=2000, show_default=True)
-@click.option("--clusters", type=int, default=500, show_default=True)
-@click.option("--threads", type=int, default=None, help="default: all cores")
+@data_options(factory="auto")
 @click.option("--work", type=click.Path(path_type=Path), default=ROOT / "bench_out" / "index", show_default=True)
 @click.option("--methods", default="exact,ours,raw,hnsw16,hnsw32", show_default=True)
 @click.option("--ef-construction", type=int, default=100, show_default=True)
@@ -460,13 +475,7 @@ def rerank_ab(index_dir, queries_file, n_queries, rounds, threads) -> None:
 
 
 @cli.command()
-@click.option("--n", "n", type=int, default=200_000, show_default=True, help="atlas cells")
-@click.option("--d", "d", type=int, default=128, show_default=True, help="dimensions")
-@click.option("--factory", default="IVF2048,PQ64", show_default=True)
-@click.option("--shard-size", type=int, default=1_000_000, show_default=True)
-@click.option("--queries", type=int, default=2000, show_default=True)
-@click.option("--clusters", type=int, default=500, show_default=True)
-@click.option("--threads", type=int, default=None, help="default: all cores")
+@data_options(factory="IVF2048,PQ64")
 @click.option("--rounds", type=int, default=5, show_default=True, help="interleaved rounds (medians)")
 @click.option("--reranks", default="", help="also time our search at these re-rank depths (comma-separated)")
 @click.option("--points", default="", help="also time our search at these NPROBE:RERANK pairs (comma-separated), "

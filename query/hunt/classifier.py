@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from scatlas.atlas.atomic import replaced_dir
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.outputs import CLASSIFIER, check_output_dir, os_error_message, show, writing
 from scatlas.query.hunt.calibration import Calibration
@@ -151,12 +151,7 @@ class HuntClassifier:
         return path
 
     def _write_dir(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        try:
+        with replaced_dir(path) as tmp:
             np.save(tmp / WEIGHTS_FILE, self.weights)
             if self.stage2 is not None:
                 np.save(tmp / STAGE2_WEIGHTS_FILE, self.stage2.weights)
@@ -164,15 +159,6 @@ class HuntClassifier:
                 json.dump(self.to_json(), fh, indent=2, sort_keys=True, default=_json_default)
                 fh.flush()
                 os.fsync(fh.fileno())
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            if path.exists():
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old.exists():
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
     def load(cls, path: str | Path) -> HuntClassifier:

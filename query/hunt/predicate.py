@@ -198,7 +198,7 @@ def evaluate_classes(frame: pd.DataFrame, predicate: str) -> tuple[np.ndarray, n
         if named and bool(frame[named].isna().any(axis=1).to_numpy()[negative].any()):
             logger.warning("cells with a missing value in the predicate's columns are taken as negatives, as the "
                            "older pandas-like form has no NULL; write the predicate in SQL to leave them out")
-    return positive, negative & ~positive
+    return positive, negative
 
 
 def _looks_pandas(text: str) -> bool:
