@@ -115,6 +115,12 @@ class Predicate:
     text: str
     sql: str
 
+    @property
+    def negated_sql(self) -> str:
+        """The statement selecting the cells where the predicate is false (not where it is NULL): ``NOT`` around
+        the checked predicate, which stays one expression."""
+        return select_sql(f"NOT ({self.text})")
+
 
 class _Refused(Exception):
     """A construct the predicate may not use (``what``), turned into an :class:`InputError` by the caller."""

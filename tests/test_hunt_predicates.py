@@ -124,3 +124,21 @@ def test_evaluate_classes_leaves_cells_without_a_value_out_of_both_classes():
     np.testing.assert_array_equal(neg, [False, False, True, False, False])
     pos, neg = evaluate_classes(obs, "cell_type in ['pDC']")  # the older pandas-like form: no NULL
     np.testing.assert_array_equal(neg, ~pos)
+
+
+def test_evaluate_classes_takes_a_predicate_of_the_longest_length_accepted():
+    """The negation is built after the check: a predicate at the length limit is not refused (and so not read in
+    the pandas-like form) for the few characters NOT (...) adds."""
+    import numpy as np
+    import pandas as pd
+
+    from scatlas.index.predicate import MAX_LENGTH
+    from scatlas.query.hunt.predicate import evaluate_classes
+
+    obs = pd.DataFrame({"cell_type": pd.Categorical(["pDC", None, "B"])})
+    clause = "cell_type = 'pDC'"
+    text = clause + " " * (MAX_LENGTH - 2 * len(clause) - 4) + " OR " + clause
+    assert len(text) == MAX_LENGTH
+    pos, neg = evaluate_classes(obs, text)
+    np.testing.assert_array_equal(pos, [True, False, False])
+    np.testing.assert_array_equal(neg, [False, False, True])

@@ -189,7 +189,7 @@ def evaluate_classes(frame: pd.DataFrame, predicate: str) -> tuple[np.ndarray, n
     positive = evaluate_predicate(frame, predicate)
     text = _checked_text(predicate)
     try:
-        negative = evaluate_sql_predicate(frame, f"NOT ({text})")
+        negative = evaluate_sql_predicate(frame, text, negate=True)
     except PredicateFailed:
         raise
     except InputError:  # not SQL: the older pandas-like form

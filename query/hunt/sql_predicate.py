@@ -66,8 +66,10 @@ def _plain(series: pd.Series) -> pd.Series:
     return series.astype("string")
 
 
-def evaluate_sql_predicate(frame: pd.DataFrame, predicate: str, *, what: str = "positive predicate") -> np.ndarray:
-    """Boolean mask (numpy, one per row of ``frame``) of the rows where the SQL ``predicate`` is true.
+def evaluate_sql_predicate(frame: pd.DataFrame, predicate: str, *, what: str = "positive predicate",
+                           negate: bool = False) -> np.ndarray:
+    """Boolean mask (numpy, one per row of ``frame``) of the rows where the SQL ``predicate`` is true (``negate``:
+    false; a row where it is NULL is in neither).
 
     InputError when the predicate is not allowed (see :func:`scatlas.index.validate_predicate`);
     :class:`PredicateFailed` when it fails on the data (naming the error class, never the data). NULL never matches, as in SQL.
@@ -82,7 +84,7 @@ def evaluate_sql_predicate(frame: pd.DataFrame, predicate: str, *, what: str = "
         types = {str(r[0]): str(r[1]) for r in con.execute("DESCRIBE cells").fetchall() if r[0] != ROW_COLUMN}
         checked = validate_predicate(predicate, types, what=what)
         try:
-            rows = con.execute(checked.sql).fetchnumpy()[ROW_COLUMN]
+            rows = con.execute(checked.negated_sql if negate else checked.sql).fetchnumpy()[ROW_COLUMN]
         except duckdb.Error as exc:
             raise PredicateFailed(
                 f"the {what} {_shown(checked.text)} failed on the cells ({type(exc).__name__}: {failure_reason(exc)}); "
