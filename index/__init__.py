@@ -8,6 +8,7 @@ never from the modules inside.
 """
 
 from scatlas.index.align import DEFAULT_SAMPLE as ALIGN_SAMPLE
+from scatlas.index.align import MIN_SAMPLE as ALIGN_MIN_SAMPLE
 from scatlas.index.align import Alignment, apply_shift, estimate_shift
 from scatlas.index.atlas_index import AtlasIndex, SearchResult
 from scatlas.index.build import BuildConfig, build_from_source
@@ -54,6 +55,7 @@ from scatlas.index.vectors import as_stored, l2_normalize
 from scatlas.index.verify import verify_index
 
 __all__ = [
+    "ALIGN_MIN_SAMPLE",
     "ALIGN_SAMPLE",
     "DEFAULT_K",
     "Alignment",

@@ -34,6 +34,14 @@ MNN_K = 20
 MAX_ITERATIONS = 4
 TOLERANCE = 0.01  # stop when an update moves the query by less than this (Euclidean norm, unit vectors)
 MIN_PAIRS = 20
+MIN_SAMPLE = 50
+"""A sample of fewer query cells is not aligned. With :data:`MNN_K` neighbours a side, nearly every cell of so small
+a query is among an atlas cell's nearest query cells, so "mutual" filters nothing and the "offset" is just the way
+from the query's cells to their nearest atlas cells, whatever those are: applied, it would make cells of a type the
+atlas lacks look as if they mapped onto it. The query-level mapping check, which catches a shift larger than atlas
+datasets show among themselves, needs as many cells (``query.mapping.MIN_QUERY_CELLS``)."""
+MIN_PAIRED_CELLS = 20
+"""An iteration whose MNN pairs hold fewer distinct query cells than this stops the estimate."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,12 @@ class Alignment:
     n_pairs: int  # MNN pairs of the last iteration
     n_query_paired: int  # sampled query cells in at least one pair (last iteration)
     iterations: int
+    skipped: str | None = None  # why no shift was estimated (the shift is then zero)
+
+    @property
+    def applied(self) -> bool:
+        """Whether a shift was estimated (else the query is searched as embedded)."""
+        return self.skipped is None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -54,6 +68,7 @@ class Alignment:
             "n_pairs": self.n_pairs,
             "fraction_sample_paired": round(self.n_query_paired / self.n_sample, 4) if self.n_sample else 0.0,
             "iterations": self.iterations,
+            **({"skipped": self.skipped} if self.skipped is not None else {}),
         }
 
 
@@ -100,14 +115,24 @@ def estimate_shift(
     """Iterated MNN estimate of the global offset from the query ``sample`` (L2-normalised) to the atlas."""
     sample = np.asarray(sample, dtype=np.float32)
     shift = np.zeros(sample.shape[1], dtype=np.float32)
+    if len(sample) < MIN_SAMPLE:
+        why = f"{len(sample)} cells, under the {MIN_SAMPLE} a shift is estimated from"
+        logger.info("query alignment skipped: %s", why)
+        return Alignment(shift=shift, n_sample=len(sample), n_pairs=0, n_query_paired=0, iterations=0, skipped=why)
     n_pairs = n_paired = 0
     it = 0
+    skipped = None
     for it in range(1, max_iterations + 1):  # noqa: B007 - the count is reported
         q = apply_shift(sample, shift)
         rows, partners = _mnn_pairs(index, q, k, where)
         n_pairs, n_paired = len(rows), len(np.unique(rows))
-        if n_pairs < MIN_PAIRS:
-            logger.warning("only %d mutual nearest-neighbour pairs: query alignment stops here", n_pairs)
+        if n_pairs < MIN_PAIRS or n_paired < MIN_PAIRED_CELLS:
+            logger.warning(
+                "only %d mutual nearest-neighbour pairs from %d query cells: query alignment stops here",
+                n_pairs, n_paired,
+            )
+            if it == 1:
+                skipped = f"{n_pairs} mutual nearest-neighbour pairs from {n_paired} query cells"
             break
         update = (partners - q[rows]).mean(axis=0).astype(np.float32)
         shift = shift + update
@@ -125,5 +150,5 @@ def estimate_shift(
         it,
     )
     return Alignment(
-        shift=shift, n_sample=len(sample), n_pairs=n_pairs, n_query_paired=n_paired, iterations=it
+        shift=shift, n_sample=len(sample), n_pairs=n_pairs, n_query_paired=n_paired, iterations=it, skipped=skipped
     )

@@ -25,6 +25,7 @@ from scatlas.atlas.genes import MIN_GENE_OVERLAP
 from scatlas.atlas.ontology_map import read_ontology_map, term_column
 from scatlas.atlas.outputs import check_distinct
 from scatlas.index import (
+    ALIGN_MIN_SAMPLE,
     ALIGN_SAMPLE,
     DEFAULT_K,
     Alignment,
@@ -240,8 +241,9 @@ def _validate(
         raise InputError(f"predictor must be one of {', '.join(PREDICTORS)} (got {predictor!r})")
     if missing_genes not in MISSING_GENES:
         raise InputError(f"missing_genes must be one of {', '.join(MISSING_GENES)} (got {missing_genes!r})")
-    if int(align_sample) < 1:
-        raise InputError(f"align_sample must be at least 1 (got {align_sample})")
+    if int(align_sample) < ALIGN_MIN_SAMPLE:
+        raise InputError(f"align_sample must be at least {ALIGN_MIN_SAMPLE}, the fewest cells a shift is estimated "
+                         f"from (got {align_sample})")
 
 
 # -- the function --------------------------------------------------------------------------------------------
@@ -295,7 +297,8 @@ def annotate(
     weighting: vote weights from similarities (:mod:`query.vote`). class_balance: each vote is divided by its
         label's atlas cell count to this power (0: plain votes, 1: fully balanced).
     align: ``"mnn"`` shifts the query onto the atlas first (:func:`index.estimate_shift`, estimated on
-        ``align_sample`` cells); ``"none"`` searches with the vectors as embedded.
+        ``align_sample`` cells, at least :data:`index.ALIGN_MIN_SAMPLE`; a query of fewer cells is searched as
+        embedded and the report's ``alignment.skipped`` says why); ``"none"`` searches with the vectors as embedded.
     far_quantile: a cell whose mean top-k and nearest similarities are both below this quantile of the atlas'
         own is unknown (``far_from_atlas``); None: off.
     check_mapping: judge how the query maps onto the atlas (:mod:`query.mapping`) and call the cells of a query
@@ -332,7 +335,7 @@ def annotate(
         placing = _PlacingIndex(idx, idx.reference_map(), cells.n_cells)
         run = Transfer(cast(AtlasIndex, placing), atlas, k=int(k), weighting=weighting,
                        max_votes_per_dataset=max_votes_per_dataset, where=where, keep_neighbors=keep_neighbors,
-                       n=cells.n_cells, shift=alignment.shift if alignment is not None else None)
+                       n=cells.n_cells, shift=alignment.shift if alignment is not None and alignment.applied else None)
         with progress_bar(progress, total=cells.n_cells, desc="annotate", unit="cell") as bar:
             for chunk in cells.chunks(batch_size):
                 placing.rows = np.asarray(chunk.ids, dtype=np.int64)
@@ -434,9 +437,9 @@ class _Mapping:
 def _mapping(idx: AtlasIndex, run: Transfer, alignment: Alignment | None, apply: bool) -> _Mapping:
     """Judge how the query maps onto the atlas (:func:`query.mapping.assess_mapping`); warn when poorly."""
     calibration = read_mapping_calibration(idx.path)
-    aligned = alignment is not None
+    aligned = alignment is not None and alignment.applied
     scores = calibration.cell_scores(run.similarity, aligned=aligned) if calibration is not None else None
-    shift = float(np.linalg.norm(alignment.shift)) if alignment is not None else None
+    shift = float(np.linalg.norm(alignment.shift)) if alignment is not None and aligned else None
     verdict = assess_mapping(scores if scores is not None else np.zeros(0), shift, calibration)
     out = verdict.out_of_atlas(scores) if scores is not None and apply else np.zeros(len(run.similarity), bool)
     if verdict.verdict == "maps_poorly":

@@ -169,6 +169,11 @@ def atlas_labels(
             logger.warning(
                 "no atlas cell has a %r label%s: every cell will be unknown", key, f" under where={where!r}" if where else "",
             )
+        elif len(cats) == 1 and where is not None:
+            logger.warning(
+                "the atlas cells under where= hold one %r label: every answer is that label (or unknown), with "
+                "confidence 1 by construction; widen the filter to let the confidence tell classes apart", key,
+            )
     heads = deciding_heads(idx, keys, predictor, max_votes_per_dataset)
     head_columns = {key: codes(h.classes, categories[key]) for key, h in heads.items()}
     for key, cols in head_columns.items():

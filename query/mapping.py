@@ -20,19 +20,19 @@ from typing import Any, Literal
 
 import numpy as np
 
-from scatlas.index import MappingCalibration
+from scatlas.index import ALIGN_MIN_SAMPLE, MappingCalibration
 
 Verdict = Literal["maps_well", "maps_poorly", "too_few_cells", "uncalibrated"]
 
-MIN_QUERY_CELLS = 50
+MIN_QUERY_CELLS = ALIGN_MIN_SAMPLE
 """Fewer query cells than this get no query-level verdict (``too_few_cells``): both of its numbers are rates over a
 dataset. The low-tail share: an atlas-like query has ~5% of its cells in the tail (``low_score``) and maps poorly
 over ``max_low_fraction`` (at least 10%); with under 10 cells one tail cell is already over 10%, and the binomial
 chance that an atlas-like query exceeds 10% by chance falls under 4% only from about 50 cells on. The shift: the mean
 offset over MNN pairs (:func:`index.estimate_shift`, ``MNN_K`` = 20 neighbours a side) measures a dataset's offset
-only when many cells pair; with fewer query cells than ``MNN_K``, every atlas neighbour of a query cell pairs with
-it and the "shift" just moves those few cells onto their own neighbours (tests/test_mapping_small_queries.py shows
-single cells' shifts over the atlas' cut)."""
+only when many cells pair; with few query cells, every atlas neighbour of a query cell pairs with it and the
+"shift" just moves those cells onto their own neighbours, so such queries are not aligned at all
+(:data:`index.ALIGN_MIN_SAMPLE`, the same number)."""
 
 
 @dataclass(frozen=True)

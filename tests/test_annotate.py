@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +236,20 @@ def test_where_matching_no_atlas_cell_is_the_index_error(tiny: dict[str, Any]) -
         annotate(q, tiny["index"], where="tissue = 'nowhere'", progress=False)
     res = annotate(q, tiny["index"], where="tissue = 'blood'", progress=False)
     assert res.report["params"]["atlas_cells_matching_where"] == 400
+
+
+def test_where_leaving_one_label_warns_that_confidence_says_nothing(
+    tiny: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    q = make_adata(20, 60, seed=2)
+    with caplog.at_level(logging.WARNING, logger="scatlas"):
+        res = annotate(q, tiny["index"], where="cell_type = 'B cell'", progress=False)
+    assert "hold one 'cell_type' label" in caplog.text and "confidence 1 by construction" in caplog.text
+    assert set(res.predictions["cell_type_pred"]) <= {"B cell", UNKNOWN}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="scatlas"):
+        annotate(q, tiny["index"], where="cell_type <> 'B cell'", progress=False)
+    assert "hold one" not in caplog.text
 
 
 def test_bad_parameters(tiny: dict[str, Any]) -> None:

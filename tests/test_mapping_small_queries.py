@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from scatlas.index import read_mapping_calibration
+from scatlas.index.align import MIN_SAMPLE
 from scatlas.query import annotate
 from scatlas.query.mapping import MIN_QUERY_CELLS, assess_mapping
 from tests.test_mapping import four_dataset_atlas
@@ -56,21 +57,43 @@ def test_a_query_of_a_few_in_distribution_cells_has_too_few_cells_for_a_verdict(
     json.dumps(mapping)
 
 
-def test_a_single_cell_shift_is_noise_over_the_atlas_cut(world: dict[str, Any]) -> None:
-    """The bug as the user met it: one in-distribution cell "needs" a shift over what any atlas dataset needs (the
-    MNN shift of one cell moves it onto its own neighbours), which the old rule read as mapping poorly; a query of
-    the minimum size from the same dataset does not."""
-    shifts = []
-    for seed in (2, 3):
-        mapping = annotate(_tiny(world["query"], 1, seed), world["index"], progress=False,
-                           keep_neighbors=False).report["mapping"]
-        shifts.append(mapping["evidence"]["shift_norm"])
-        cut = mapping["thresholds"]["max_shift_norm"]
-        assert mapping["verdict"] == "too_few_cells"
-    assert max(shifts) > cut, (shifts, cut)
-    mapping = annotate(_tiny(world["query"], MIN_QUERY_CELLS, 0), world["index"], progress=False,
-                       keep_neighbors=False).report["mapping"]
-    assert mapping["verdict"] == "maps_well" and mapping["evidence"]["shift_norm"] < cut, mapping
+def test_a_few_cells_are_not_aligned_and_a_dataset_of_them_is(world: dict[str, Any]) -> None:
+    """From one to a few cells the MNN "offset" is just the way to their own nearest atlas cells (the old rule read a
+    single in-distribution cell's shift as over what any atlas dataset needs): no shift is estimated, and the report
+    says so; a query of the minimum size from the same dataset is aligned and maps well."""
+    assert MIN_SAMPLE == MIN_QUERY_CELLS  # no verdict, no alignment: a shift is checked against the atlas' cut
+    for n, seed in ((1, 2), (3, 3), (MIN_SAMPLE - 1, 0)):
+        rep = annotate(_tiny(world["query"], n, seed), world["index"], progress=False, keep_neighbors=False).report
+        assert rep["alignment"]["skipped"] and str(MIN_SAMPLE) in rep["alignment"]["skipped"], rep["alignment"]
+        assert rep["alignment"]["shift_norm"] == 0.0 and rep["mapping"]["evidence"]["shift_norm"] is None
+    rep = annotate(_tiny(world["query"], MIN_QUERY_CELLS, 0), world["index"], progress=False,
+                   keep_neighbors=False).report
+    mapping = rep["mapping"]
+    assert "skipped" not in rep["alignment"] and rep["alignment"]["shift_norm"] > 0
+    assert mapping["verdict"] == "maps_well"
+    assert mapping["evidence"]["shift_norm"] < mapping["thresholds"]["max_shift_norm"], mapping
+
+
+def test_an_alignment_sample_under_the_minimum_is_refused(world: dict[str, Any]) -> None:
+    from scatlas.atlas.errors import InputError
+
+    with pytest.raises(InputError, match=f"at least {MIN_SAMPLE}"):
+        annotate(_tiny(world["query"], 5, 0), world["index"], progress=False, align_sample=MIN_SAMPLE - 1)
+
+
+@pytest.mark.parametrize("n", [3, 30])
+def test_a_few_foreign_cells_are_not_shifted_onto_the_atlas(world: dict[str, Any], n: int) -> None:
+    """A few cells of another tissue (genes shuffled): shifted by their own "offset" they would land on their nearest
+    atlas cells and score as if they mapped; unaligned, they keep the scores they have as embedded."""
+    q = _tiny(world["query"], n, 5)
+    perm = np.random.default_rng(0).permutation(q.n_vars)
+    foreign = anndata.AnnData(q.X[:, perm], obs=q.obs, var=q.var)
+    got = annotate(foreign, world["index"], progress=False, keep_neighbors=False)
+    plain = annotate(foreign, world["index"], progress=False, keep_neighbors=False, align="none")
+    assert got.report["alignment"]["skipped"]
+    col = f"{KEY}_mapping_score"
+    np.testing.assert_allclose(got.predictions[col].to_numpy(), plain.predictions[col].to_numpy())
+    assert (got.predictions[col] < 0.05).all(), got.predictions[col]
 
 
 def test_the_query_level_rule_is_off_below_the_minimum_and_on_at_it(world: dict[str, Any]) -> None:

@@ -90,6 +90,8 @@ def _align_to_atlas(
         return pos, neg, {"skipped": "the labelled cells are in the atlas", "in_atlas_fraction": in_atlas}
     rows = sample_sorted(len(both), ALIGN_SAMPLE, rng)
     alignment = estimate_shift(idx, both[rows])
+    if not alignment.applied:
+        return pos, neg, {"skipped": alignment.skipped, "in_atlas_fraction": in_atlas}
     info = {"shift_norm": float(np.linalg.norm(alignment.shift)), "mnn_pairs": alignment.n_pairs,
             "sample": alignment.n_sample, "in_atlas_fraction": in_atlas}
     logger.info("aligned the labelled cells onto the atlas: shift %.3f from %d MNN pairs", info["shift_norm"],
