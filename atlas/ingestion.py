@@ -34,7 +34,7 @@ from scatlas.atlas.schema import STANDARD_OBS_COLUMNS
 from scatlas.atlas.sources.base import DatasetSource
 from scatlas.atlas.sources.h5ad import open_h5ad
 from scatlas.atlas.sources.soma import is_soma_experiment, open_soma_experiment
-from scatlas.atlas.sql import quote_ident, transaction
+from scatlas.atlas.sql import duckdb_interrupts, quote_ident, transaction
 from scatlas.atlas.store import CELLS_DB, MEASUREMENT, X_LAYER, AtlasStore, DatasetRecord
 from scatlas.atlas.store_writer import StoreWriter
 from scatlas.atlas.validate import check_embedding, check_name, escaped
@@ -93,11 +93,29 @@ class DatasetPlan:
     def attach_ontology_fill(self, fill: OntologyFill) -> None:
         """Fill ``fill``'s term column while writing; a term column the dataset lacks (for a label key other than
         ``cell_type``, whose term column is in the schema) is added as an extra column."""
+        if fill.label_key not in self.obs_sample.columns:
+            raise InputError(
+                f"{self.source_label} (dataset {self.dataset_id!r}): --ontology-label-key {escaped(fill.label_key, 60)}: "
+                f"no such obs column; its label columns: {_label_columns(self.obs_sample)}. Give one of them (the "
+                "column whose values are the map's labels), or rename the column with --obs-map"
+            )
         self.ontology_fill = fill
         col = fill.term_key
-        if fill.label_key in self.obs_sample.columns and col not in self.obs_sample.columns:
+        if col not in self.obs_sample.columns:
             self.obs_sample = self.obs_sample.assign(**{col: np.array([None], dtype=object)})
             self.extra_columns = [*self.extra_columns, col]
+
+
+def _label_columns(sample: pd.DataFrame, limit: int = 20) -> str:
+    """The text columns of a standardised obs that could hold labels, named (escaped) for a message: not the cell
+    and dataset ids, not term columns; never their values."""
+    skip = {"obs_id", "dataset_id"}
+    names = [str(c) for c in sample.columns
+             if c not in skip and not str(c).endswith(term_column("")) and sample[c].dtype == object]
+    if not names:
+        return "none"
+    shown = ", ".join(escaped(c, 40) for c in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 @dataclass
@@ -167,6 +185,13 @@ OBS_SET_RESERVED = {
     "soma_joinid": "it is the cell id",
 }
 """Columns --obs-set may not set, and why."""
+
+OBS_MAP_RESERVED = {
+    "obs_id": "it is each cell's name, taken from the obs index",
+    "dataset_id": "it is set by the ingest; name the dataset with --dataset-id",
+    "soma_joinid": "it is the cell id the store assigns",
+}
+"""--obs-map targets refused: the ingest sets these columns itself, so values mapped onto them would be lost."""
 
 NOT_KEPT_TARGETS = ("dataset_id", "is_primary_data")
 """--obs-map targets whose source column is not kept as an extra: the dataset id is set by the ingest, and
@@ -724,6 +749,7 @@ def _write_all(writer: StoreWriter, plans: Sequence[DatasetPlan], chunk_size: in
     return reports
 
 
+@duckdb_interrupts()  # a Ctrl-C that DuckDB reported as its own error is a KeyboardInterrupt again
 def ingest(
     sources: Sequence[str | Path],
     atlas: str | Path,
@@ -778,6 +804,7 @@ def ingest(
     if x_layer is not None:
         check_name(x_layer, "--x-layer")
     constants = _check_obs_set(obs_set)
+    renames = _check_obs_map(obs_map)
     table = _ontology_table(ontology_map, ontology_label_key)
     atlas = check_output_dir(atlas, ATLAS_STORE, inputs=sources)
     exists = AtlasStore.exists(atlas)
@@ -785,7 +812,7 @@ def ingest(
         raise StoreError(f"{atlas}: an atlas store already exists; use --mode append to add datasets, or a new directory")
     if atlas.exists() and not atlas.is_dir():
         raise InputError(f"{atlas}: exists and is not a directory")
-    plans = _open_sources(sources, dataset_id, dict(obs_map or {}), keep_non_primary, x_layer, constants)
+    plans = _open_sources(sources, dataset_id, renames, keep_non_primary, x_layer, constants)
     try:
         if table is not None:
             for plan in plans:
@@ -804,7 +831,7 @@ def ingest(
             with StoreWriter.open(atlas, create=True) as writer:
                 report.datasets.extend(_write_all(writer, plans, chunk_size, progress, read_ahead))
         except BaseException:
-            if created_here and AtlasStore.exists(atlas) and not AtlasStore.open(atlas).datasets:
+            if created_here and _nothing_committed(atlas):
                 shutil.rmtree(atlas, ignore_errors=True)  # nothing committed: leave no half-made store behind
             raise
         report.n_cells_in_store = AtlasStore.open(atlas).n_cells
@@ -812,6 +839,31 @@ def ingest(
     finally:
         for plan in plans:
             plan.source.close()
+
+
+def _nothing_committed(atlas: Path) -> bool:
+    """Whether the store this command created holds no committed dataset, after its own ingest failed (its journal
+    is still there: no warning about an interrupted ingest; an unreadable state: False, the store is kept)."""
+    try:
+        return AtlasStore.exists(atlas) and not AtlasStore.open(atlas, warn_unfinished=False).datasets
+    except StoreError:
+        return False
+
+
+def _check_obs_map(obs_map: Mapping[str, str] | None) -> dict[str, str]:
+    """The ``--obs-map`` renames, with every target the ingest sets itself (:data:`OBS_MAP_RESERVED`, in any
+    case) refused: the mapped values would be thrown away."""
+    out = dict(obs_map or {})
+    reserved = {c.casefold(): c for c in OBS_MAP_RESERVED}
+    for source, target in out.items():
+        hit = reserved.get(str(target).strip().casefold())
+        if hit is not None:
+            raise InputError(
+                f"--obs-map {escaped(source, 40)}={escaped(target, 40)}: the column {hit} cannot be a target "
+                f"({OBS_MAP_RESERVED[hit]}); map {escaped(source, 40)} onto another name (e.g. "
+                f"--obs-map {escaped(source, 40)}=batch), or drop this --obs-map"
+            )
+    return out
 
 
 def _check_obs_set(obs_set: Mapping[str, str] | None) -> dict[str, str]:

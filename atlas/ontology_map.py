@@ -71,15 +71,17 @@ def _parse(text: str, name: str, onto: CellOntology) -> dict[str, str]:
     what = f"--ontology-map {name}"
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     out: dict[str, str] = {}
+    done = 0  # the last line of the last row read whole: a row that fails to parse starts on the next one
     try:
         header = next(reader, None)
+        done = reader.line_num
         cols = tuple(c.strip().lower() for c in header or ())
         if cols != MAP_COLUMNS:
             found = f"{len(header)} field(s) of other names" if header else "nothing"
             raise InputError(f"{what}: row 1 must be the header {','.join(MAP_COLUMNS)} (found {found}); is it the "
                              "label -> Cell Ontology term table (docs/examples/kang2018_cell_types.csv shows one)?")
         for row in reader:
-            n = reader.line_num
+            n = done = reader.line_num
             if not any(cell.strip() for cell in row):
                 continue
             if len(out) >= MAX_MAP_ROWS:
@@ -99,11 +101,30 @@ def _parse(text: str, name: str, onto: CellOntology) -> dict[str, str]:
                                  f"({out[label]}, here {usable}); keep one")
             out[label] = usable
     except csv.Error as exc:
-        raise InputError(f"{what}: not valid CSV near row {reader.line_num} ({exc.__class__.__name__}); "
-                         "check quoting") from None
+        raise InputError(f"{what}: row {done + 1}: {_csv_problem(exc, text, done)}") from None
     if not out:
         raise InputError(f"{what}: no label rows after the header")
     return out
+
+
+def _csv_problem(exc: csv.Error, text: str, line: int) -> str:
+    """What a CSV parse error of the row starting after line ``line`` of ``text`` means and how to mend it
+    (Python's csv messages never hold the file's text, but are terse)."""
+    problem = str(exc)
+    if "field larger than field limit" in problem:
+        lines = text.splitlines()
+        first = lines[line].split(",", 1)[0] if line < len(lines) else ""
+        if len(first) > MAX_NAME_LENGTH:  # the first field, the label (unquoted, or quoted without commas)
+            return f"the label is longer than {MAX_NAME_LENGTH} characters; shorten it"
+        return (f"a field is longer than {csv.field_size_limit()} characters; a label is at most {MAX_NAME_LENGTH} "
+                "characters and a term id is a CL id (e.g. CL:0000236): shorten it")
+    if "unexpected end of data" in problem:
+        return ('a quoted field is never closed (a " without its closing "); close the quote, or write a " inside '
+                'a quoted field as ""')
+    if "expected after" in problem:
+        return ('a quoted field has more text after its closing "; quote the whole field, and write a " inside it '
+                'as ""')
+    return "not valid CSV; check its quoting (a field holding commas or quotes goes in \"...\", a \" inside as \"\")"
 
 
 @dataclass

@@ -51,9 +51,10 @@ class OutputKind:
 
 
 ATLAS_STORE = OutputKind("atlas-store", "an atlas store", (("store.json",),), marker=False)
-INDEX = OutputKind("index", "a scatlas index", (("manifest.json",), ("build.json",)), marker=False, entries=frozenset({
+INDEX = OutputKind("index", "a scatlas index", (("manifest.json",), ("build.json",), ("building.json",)), marker=False,
+                   entries=frozenset({
     "manifest.json", "build.json", "progress.json", "trained.faiss", "cells.duckdb", "embedder", "shards", "heads",
-    "labels", "mapping.json", "refmap", "versions", "current.json", ".update.lock"}))
+    "labels", "mapping.json", "refmap", "versions", "current.json", ".update.lock", "building.json"}))
 CLASSIFIER = OutputKind("hunt-classifier", "a hunt classifier", (("classifier.json",),), marker=False,
                         entries=frozenset({"classifier.json", "weights.npy", "stage2_weights.npy"}))
 SWEEP = OutputKind("hunt-sweep", "a hunt sweep directory", (("sweep.json",), ("hits.parquet", "summary.json")))
@@ -331,11 +332,17 @@ def check_output_file(
         raise OutputError(f"{show(out)} lies inside {protected.what}; refusing to write there: give a path outside it")
     if file_kind is not None and out.is_file():
         with _reading(out):
-            ok = looks_like(out, file_kind) and (file_kind != "h5ad" or _scatlas_h5ad(out))
-        if not ok:
+            same_kind = looks_like(out, file_kind)
+            ours = not same_kind or file_kind != "h5ad" or _scatlas_h5ad(out)
+        if not same_kind:
             raise OutputError(
                 f"{show(out)} exists and is not a {file_kind} file; refusing to replace it: give another path "
                 "(or delete that file first)"
+            )
+        if not ours:  # a valid .h5ad, but not one of ours: likely the user's data
+            raise OutputError(
+                f"{show(out)} exists and was not written by scatlas; refusing to replace it: give another path "
+                "(or move that file away first, if it is yours to replace)"
             )
     return out
 

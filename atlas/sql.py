@@ -36,3 +36,42 @@ def transaction(con: duckdb.DuckDBPyConnection, *, commit: bool = True) -> Itera
         with suppress(duckdb.Error):
             con.execute("ROLLBACK")
         raise
+
+
+_INTERRUPT_TEXTS = ("Query interrupted", "INTERRUPT Error")
+"""How DuckDB words the exception it raises for a query it stopped (a Ctrl-C arrived while it ran)."""
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was raised while handling (``__cause__`` / ``__context__``), an interrupt: a
+    KeyboardInterrupt, or DuckDB's stand-in for one (``duckdb.InterruptException``, or the RuntimeError ``Query
+    interrupted`` of ``register``), which DuckDB raises when a SIGINT arrives during one of its calls."""
+    todo: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, KeyboardInterrupt | duckdb.InterruptException):
+            return True
+        if isinstance(e, RuntimeError | duckdb.Error) and any(t in str(e) for t in _INTERRUPT_TEXTS):
+            return True
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+    return False
+
+
+@contextmanager
+def duckdb_interrupts() -> Iterator[None]:
+    """Around code that calls DuckDB: an exception caused by a Ctrl-C (:func:`is_interrupt`; DuckDB turns a
+    pending KeyboardInterrupt into an exception of its own, or a later call fails on the transaction it aborted) is
+    raised as the KeyboardInterrupt it stands for, so that callers treat it as one (the CLI: ``Interrupted``, exit
+    130). Other exceptions go on unchanged. Usable as a decorator."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        if is_interrupt(exc):
+            raise KeyboardInterrupt from exc
+        raise

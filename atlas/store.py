@@ -48,6 +48,30 @@ MEASUREMENT = "RNA"
 X_LAYER = "raw"
 
 
+def _not_a_store(path: Path) -> StoreError:
+    """Why ``path`` (no ``store.json``) cannot be opened as a store: another kind of scatlas output (an index: never
+    to be deleted), the leftovers of a failed first ingest, or other files."""
+    from scatlas.atlas.outputs import ATLAS_STORE, describe_dir, kind_of
+
+    create = f"create one with `scatlas ingest FILES --atlas {path}`"
+    if not path.exists():
+        return StoreError(f"{path}: not an atlas store (no such directory); {create}")
+    if not path.is_dir():
+        return StoreError(f"{path}: a file, not an atlas store; give the directory of an atlas store")
+    kind = kind_of(path)
+    if kind is not None and kind is not ATLAS_STORE:
+        return StoreError(f"{path}: holds {kind.what}, not an atlas store; give the directory of an atlas store "
+                          "(the --atlas of `scatlas ingest`)")
+    if any((path / name).exists() for name in (EXPERIMENT_DIR, CELLS_DB, JOURNAL_FILE)):
+        return StoreError(f"{path}: not an atlas store (it holds a store's files but no store.json: a first ingest "
+                          f"failed); rerun that ingest, or delete the directory and ingest again")
+    held = describe_dir(path)
+    if held == "nothing":
+        return StoreError(f"{path}: not an atlas store (an empty directory); {create}")
+    return StoreError(f"{path}: not an atlas store: it holds {held} but no store.json; give the directory of an "
+                      f"atlas store, or {create} in a new directory")
+
+
 def now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
@@ -131,18 +155,19 @@ class AtlasStore:
         return (Path(path) / STATE_FILE).is_file()
 
     @classmethod
-    def open(cls, path: str | Path) -> AtlasStore:
-        """Open the store at ``path`` for reading; StoreError when it is not one or its state is unreadable."""
+    def open(cls, path: str | Path, *, warn_unfinished: bool = True) -> AtlasStore:
+        """Open the store at ``path`` for reading; StoreError when it is not one or its state is unreadable.
+        ``warn_unfinished``: log a warning when an ingest's journal is there (one was interrupted or is running);
+        off for a writer that looks at the store it is writing itself."""
         path = Path(path)
         state_path = path / STATE_FILE
         if not state_path.is_file():
-            hint = " (it holds files but no store.json: a first ingest failed; delete it or rerun the ingest)" if path.is_dir() and any(path.iterdir()) else ""
-            raise StoreError(f"{path}: not an atlas store{hint}; create one with `scatlas ingest FILES --atlas {path}`")
+            raise _not_a_store(path)
         try:
             state = StoreState.from_json(json.loads(state_path.read_text()), state_path)
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise StoreError(f"{state_path}: unreadable store state ({exc}); the store is corrupt") from exc
-        if (path / JOURNAL_FILE).is_file():
+        if warn_unfinished and (path / JOURNAL_FILE).is_file():
             logger.warning("%s: an ingest was interrupted or is running; only committed datasets are visible", path)
         return cls(path, state)
 

@@ -20,6 +20,9 @@ MAX_VALUE = 1e9
 INTEGER_TOLERANCE = 1e-6
 """How far from an integer a stored count may be (float32 counts are exact integers)."""
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+"""The largest value the store's float32 matrices hold (about 3.4e38)."""
+
 MAX_NAME_LENGTH = 256
 """Longest name (obs column, dataset id) taken from data."""
 
@@ -90,6 +93,33 @@ def check_values(block: sp.csr_matrix, rows: np.ndarray, kind: XKind, what: str)
         _refuse(block, huge, rows, what, f"values above {ceiling:g} in a matrix read as {kind}",
                 "they are not expression values; fix or drop those cells")
     return block
+
+
+def to_float32(values: object, what: str) -> np.ndarray:
+    """``values`` (an array of any number type) as float32, how every matrix is read and stored; InputError when a
+    finite value lies beyond float32's range (cast, it would turn infinite, and be reported as such)."""
+    array = np.asarray(values)
+    if array.dtype == np.float32:
+        return array
+    if np.issubdtype(array.dtype, np.floating) and array.dtype.itemsize > 4 and array.size:
+        with np.errstate(invalid="ignore"):
+            too_large = np.isfinite(array) & (np.abs(array) > FLOAT32_MAX)
+        if too_large.any():
+            raise InputError(
+                f"{what}: {int(too_large.sum())} value(s) too large for float32 storage (above {FLOAT32_MAX:.1e}); "
+                "they are not expression values: check that the matrix holds counts or normalised values (choose "
+                "another with --x-layer), or fix or drop those cells"
+            )
+    with np.errstate(over="ignore"):
+        return array.astype(np.float32)
+
+
+def float32_csr(matrix: object, what: str) -> sp.csr_matrix:
+    """``matrix`` (dense or sparse) as a float32 CSR matrix, values checked by :func:`to_float32`."""
+    block = sp.csr_matrix(matrix)
+    if block.dtype == np.float32:
+        return block
+    return sp.csr_matrix((to_float32(block.data, what), block.indices, block.indptr), shape=block.shape)
 
 
 def check_csr(indptr: np.ndarray, indices: np.ndarray, n_data: int, n_cols: int, what: str) -> None:

@@ -31,6 +31,7 @@ from scatlas.index.manifest import (
 from scatlas.index.mapping import (
     MappingCalibration,
     calibrate_mapping,
+    mapping_calibration,
     mean_top_similarity,
     read_mapping_calibration,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "calibrate_mapping",
     "estimate_shift",
     "failure_reason",
+    "mapping_calibration",
     "read_mapping_calibration",
     "ArrayVectorSource",
     "AtlasIndex",

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from scatlas.atlas.atomic import read_json_object
 from scatlas.atlas.errors import EmbedderMismatchError, IndexFormatError, InputError, StoreError
 from scatlas.index._faiss import faiss_module
 from scatlas.index.device import faiss_gpu_count, resolve_device, set_faiss_threads
@@ -20,6 +21,7 @@ from scatlas.index.manifest import (
     CELLS_DB_FILE,
     DEFAULT_K,
     EMBEDDER_DIR,
+    MAPPING_FILE,
     SHARDS_DIR,
     TRAINED_FILE,
     IndexManifest,
@@ -31,6 +33,7 @@ from scatlas.index.refmap_model import ReferenceMap, load_reference_map
 from scatlas.index.sampling import sample_sorted
 from scatlas.index.searcher import QUERY_BATCH, ShardSearcher
 from scatlas.index.shard import check_shard_ids, damaged_hint, verify_shard
+from scatlas.index.unfinished import check_finished
 from scatlas.index.vectors import check_queries, l2_normalize
 from scatlas.index.verify import (
     check_big_file,
@@ -135,6 +138,30 @@ class AtlasIndex:
         self._classes: dict[str, LabelClasses] | None = None
         self._identity: dict[str, LabelClasses] = {}
         self._refmap: list[ReferenceMap | None] = []
+        self._mapping: tuple[dict[str, Any] | None, IndexFormatError | None] = self._read_mapping()
+
+    def _read_mapping(self) -> tuple[dict[str, Any] | None, IndexFormatError | None]:
+        """The mapping calibration file of the version opened, read now (a later ``build --update`` moves the files
+        of a superseded version away): its JSON object (None: no file), or the error reading it."""
+        path = self.path / MAPPING_FILE
+        if not path.is_file():
+            return None, None
+        fix = (f"recompute it with calibrate_mapping({str(self.path)!r}) or delete it to annotate without the "
+               "mapping check")
+        try:
+            return read_json_object(path, fix), None
+        except IndexFormatError as exc:
+            return None, exc
+
+    @property
+    def mapping_data(self) -> dict[str, Any] | None:
+        """The index's mapping calibration file (``mapping.json``) as read when the index was opened: a JSON object
+        to parse with :func:`index.mapping.mapping_calibration` (untrusted), None when it has none. IndexFormatError
+        when it was unreadable."""
+        data, error = self._mapping
+        if error is not None:
+            raise error
+        return data
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled (e.g. into a Ray task) as "open the index at this path": handles and mappings do not travel."""
@@ -143,7 +170,7 @@ class AtlasIndex:
     @classmethod
     def open(
         cls, path: str | Path, *, verify: bool = False, threads: int | None = None, mmap: bool = False,
-        device: str = "cpu",
+        device: str = "cpu", unfinished_ok: bool = False,
     ) -> AtlasIndex:
         """Open and validate an index directory.
 
@@ -155,10 +182,14 @@ class AtlasIndex:
         ``threads``: FAISS threads (default ``$SCATLAS_THREADS`` or all cores). ``mmap``: memory-map shard indexes
         instead of loading them. ``device``: ``cpu`` (default), ``cuda`` (every GPU FAISS sees: the coarse
         quantizer replicated on each, flat shards spread across them; DependencyError without one) or ``auto``.
+        An index whose build has not finished is refused (:mod:`index.unfinished`) unless ``unfinished_ok`` (the
+        build's own steps after the shards).
         """
         faiss = faiss_module()
 
         path = resolve_index_dir(Path(path))  # the current version (index.versions)
+        if not unfinished_ok:
+            check_finished(path)
         manifest = read_manifest(path)
         build_id = manifest_digest(path)
         on_read = verify or _checksum_on_read(path, manifest)

@@ -54,6 +54,7 @@ from scatlas.index.progress import progress_bar
 from scatlas.index.searcher import ShardSearcher
 from scatlas.index.shard import clean_tmp, file_record, read_done, verify_shard, write_shard
 from scatlas.index.source import ShardSpec, VectorSource
+from scatlas.index.unfinished import BUILDING_FILE
 from scatlas.index.vectors import as_stored
 from scatlas.index.verify import small_file_records
 
@@ -136,7 +137,7 @@ def _check_build_record(out: Path, record: dict[str, Any]) -> bool:
     """Compare with an existing build.json; return True when resuming. Raises on mismatch."""
     path = out / BUILD_FILE
     if not path.exists():
-        if any(p.name != SHARDS_DIR for p in out.iterdir()):
+        if any(p.name not in (SHARDS_DIR, BUILDING_FILE) for p in out.iterdir()):
             raise InputError(
                 f"{out} is not empty and holds no scatlas build; choose an empty or new directory "
                 "(or pass overwrite=True / --overwrite to replace an index there)"

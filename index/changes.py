@@ -92,6 +92,16 @@ def store_changes(old: dict[str, Any], new: dict[str, Any]) -> StoreChanges:
     )
 
 
+def another_store(old: dict[str, Any], new: dict[str, Any], changes: StoreChanges) -> bool:
+    """Whether snapshot ``new`` is of another store than ``old`` (an index's): at another path, and none of the
+    index's datasets is there unchanged. A store moved or copied elsewhere keeps its datasets; one at the same path
+    whose every dataset was removed and replaced is still the index's store, updated."""
+    if not _datasets(old) or str(old.get("path", "")) == str(new.get("path", "")):
+        return False
+    kept = set(_datasets(old)) - {d.dataset_id for d in changes.removed}
+    return not kept
+
+
 _NAMES = {
     "factory": "the FAISS index factory",
     "shard_size": "the shard size",

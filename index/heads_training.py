@@ -189,7 +189,7 @@ def _read_training_data(
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray, str]:
     """(vectors, gene features or None, per-key (ids, class labels) samples, all sampled ids, embedder
     fingerprint)."""
-    with AtlasIndex.open(index_dir) as index:
+    with AtlasIndex.open(index_dir, unfinished_ok=True) as index:
         built_from = index.manifest.atlas_snapshot.get("n_cells")
         if built_from not in (None, store.n_cells):
             raise InputError(

@@ -252,8 +252,9 @@ def _read(index_dir: Path, recorded: Mapping[str, FileRecord] | None) -> dict[st
     return read_json_object(path, hint)
 
 
-def _usable(payload: dict[str, Any] | None, digest: str, index_dir: Path) -> dict[str, Any]:
-    """The stored entries when they belong to this build in a known format, else ``{}`` (logged)."""
+def _usable(payload: dict[str, Any] | None, digest: str, index_dir: Path, *, recomputing: bool = False) -> dict[str, Any]:
+    """The stored entries when they belong to this build in a known format, else ``{}`` (logged: a warning for a
+    reader, a note when the caller is ``recomputing`` them, e.g. a resumed build or update)."""
     if payload is None:
         return {}
     if payload.get("format") != LABELS_FORMAT:
@@ -261,8 +262,12 @@ def _usable(payload: dict[str, Any] | None, digest: str, index_dir: Path) -> dic
                        payload.get("format"), LABELS_FORMAT, REBUILD_HINT.format(index=index_dir))
         return {}
     if payload.get("manifest_sha256") != digest:
-        logger.warning("the label classes in %s belong to another build of the index: ignored (each value is its "
-                       "own class); %s", _path(index_dir), REBUILD_HINT.format(index=index_dir))
+        if recomputing:
+            logger.info("the label classes in %s were stored for an earlier state of this build: recomputing them",
+                        _path(index_dir))
+        else:
+            logger.warning("the label classes in %s belong to another build of the index: ignored (each value is its "
+                           "own class); %s", _path(index_dir), REBUILD_HINT.format(index=index_dir))
         return {}
     keys = payload.get("keys")
     return dict(keys) if isinstance(keys, dict) else {}
@@ -299,7 +304,7 @@ def ensure_label_classes(index_dir: str | Path, keys: Iterable[str], *, con: Any
     manifest = read_manifest(index_dir)
     digest = manifest_digest(index_dir)
     try:
-        stored = _usable(_read(index_dir, manifest.labels_files), digest, index_dir)
+        stored = _usable(_read(index_dir, manifest.labels_files), digest, index_dir, recomputing=True)
     except IndexFormatError as exc:
         logger.warning("%s; recomputing them", exc)
         stored = {}

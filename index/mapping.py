@@ -25,6 +25,7 @@ from scatlas.atlas.errors import IndexFormatError, InputError, TooFewCellsError
 from scatlas.atlas.sql import quote_ident, quote_literal
 from scatlas.index.align import Alignment, apply_shift, estimate_shift
 from scatlas.index.atlas_index import AtlasIndex
+from scatlas.index.manifest import MAPPING_FILE
 from scatlas.index.predicate import ID_COLUMN
 from scatlas.index.progress import Progress, progress_bar
 from scatlas.index.sampling import sample_sorted
@@ -32,7 +33,6 @@ from scatlas.index.vectors import l2_normalize
 
 logger = logging.getLogger(__name__)
 
-MAPPING_FILE = "mapping.json"
 FORMAT_VERSION = 1
 DATASET_COLUMN = "dataset_id"
 DONOR_COLUMNS = ("donor_id", "donor", "sample", "sample_id", "batch")
@@ -297,7 +297,7 @@ def calibrate_mapping(
         raise InputError(f"cells_per_group must be at least 10 (got {cells_per_group})")
     path = Path(index_dir)
     rng = np.random.default_rng(seed)
-    with AtlasIndex.open(path) as idx:
+    with AtlasIndex.open(path, unfinished_ok=True) as idx:
         k = int(idx.manifest.calibration.k or idx.manifest.search.k)
         grouping, column, values = _groups_of(idx)
         n_total = len(values)
@@ -384,7 +384,23 @@ def read_mapping_calibration(index_dir: str | Path) -> MappingCalibration | None
         return None
     fix = (f"recompute it with calibrate_mapping({str(path.parent)!r}) or delete it to annotate without the "
            "mapping check")
-    data = read_json_object(path, fix)
+    return _parsed(read_json_object(path, fix), path, fix)
+
+
+def mapping_calibration(idx: AtlasIndex) -> MappingCalibration | None:
+    """The mapping calibration of an opened index, from its file as read when the index was opened (the version
+    opened, whatever updates did since: :attr:`AtlasIndex.mapping_data`); None when it has none. IndexFormatError
+    when the file was unreadable or is malformed."""
+    data = idx.mapping_data
+    if data is None:
+        return None
+    path = idx.path / MAPPING_FILE
+    fix = (f"recompute it with calibrate_mapping({str(idx.path)!r}) or delete it to annotate without the "
+           "mapping check")
+    return _parsed(data, path, fix)
+
+
+def _parsed(data: dict[str, Any], path: Path, fix: str) -> MappingCalibration:
     try:
         return MappingCalibration.from_dict(data)
     except (ValueError, RecursionError) as exc:

@@ -60,7 +60,7 @@ def fit_reference_map(
     if int(n_cells) < MIN_CELLS:
         raise TooFewCellsError(f"a reference map needs at least {MIN_CELLS} cells (n_cells={n_cells})")
     t0 = time.perf_counter()
-    with AtlasIndex.open(index_dir) as idx:
+    with AtlasIndex.open(index_dir, unfinished_ok=True) as idx:
         if idx.n_cells < MIN_CELLS:
             raise TooFewCellsError(f"the index holds {idx.n_cells} cells, under the {MIN_CELLS} a reference map needs")
         ids = idx.sample_ids(int(n_cells), seed=int(seed))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from scatlas.atlas.atomic import read_json_object
-from scatlas.atlas.errors import InputError, TooFewCellsError
+from scatlas.atlas.errors import InputError, ScatlasError, TooFewCellsError
 from scatlas.atlas.sql import quote_ident
 from scatlas.index.build import (
     DEFAULT_CHUNK_SIZE,
@@ -32,6 +33,7 @@ from scatlas.index.metadata import CellsFile, columns_of, connect
 from scatlas.index.progress import Progress
 from scatlas.index.refmap import ensure_reference_map
 from scatlas.index.source import ShardSpec, plan_over_ranges
+from scatlas.index.unfinished import mark_finished, mark_unfinished
 from scatlas.index.versions import current_version
 
 if TYPE_CHECKING:
@@ -261,11 +263,20 @@ def build_index(
     )
     options = dict(embedder_options or {})
     identity = {"embedder": embedder, "fit_sample": fit_sample, "embedder_options": options}
+    created = not out.exists()
     _prepare_dir(out, overwrite, inputs=(atlas,))
     version, current = current_version(out)
     if version > 1:  # updated since it was built: the build's arguments and the store must match the current version
         return _updated_manifest(out, current, store, identity)
-    emb = _resumable_embedder(out, identity) or _fit_embedder(store, embedder, fit_sample, config.seed, options)
+    emb = _resumable_embedder(out, identity)
+    if emb is None:
+        try:
+            emb = _fit_embedder(store, embedder, fit_sample, config.seed, options)
+        except ScatlasError:
+            if created:  # nothing of this build to resume: leave no empty index directory behind
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+    mark_unfinished(out, "embedding the cells into shards")
     manifest = build_from_source(
         StoreVectorSource(store, emb),
         out,
@@ -278,16 +289,21 @@ def build_index(
         executor=executor,
     )
     keys = _resolve_label_keys(store, label_keys)
+    mark_unfinished(out, "storing label classes")
     ensure_label_classes(out, _class_keys(out, keys))
     if keys:
+        mark_unfinished(out, "training label heads")
         train_label_heads(
             store, out, keys, seed=config.seed, progress=progress, **dict(heads_options or {})
         )
     if not (out / MAPPING_FILE).exists():  # how atlas data maps when held out: judges queries (query.mapping)
+        mark_unfinished(out, "calibrating the mapping check")
         try:
             calibrate_mapping(out, seed=config.seed, progress=progress)
         except TooFewCellsError as exc:  # a tiny atlas is still an index; annotate reports "uncalibrated"
             logger.warning("%s: annotate will not judge how queries map onto it", exc)
     if reference_map:  # the atlas in 2-D (index.refmap), on which annotate and search place queries
+        mark_unfinished(out, "fitting the reference map")
         ensure_reference_map(out, seed=config.seed)
+    mark_finished(out)
     return manifest

@@ -29,7 +29,7 @@ import numpy as np
 from scatlas.atlas.atomic import read_json_object, write_json_atomic
 from scatlas.atlas.errors import IndexFormatError, InputError, TooFewCellsError
 from scatlas.index.build import BuildConfig, _build_shards, _load_trained, _now, _versions
-from scatlas.index.changes import StoreChanges, store_changes
+from scatlas.index.changes import StoreChanges, another_store, store_changes
 from scatlas.index.device import resolve_device
 from scatlas.index.drift import (
     DEFAULT_MAX_FAR_FRACTION,
@@ -66,6 +66,7 @@ from scatlas.index.shard import file_record
 from scatlas.index.shard_edit import carried_shard, link_shard, overlaps, strip_shard
 from scatlas.index.source import ShardSpec, plan_over_ranges
 from scatlas.index.store_source import StoreVectorSource, _class_keys, committed_cells
+from scatlas.index.unfinished import check_finished
 from scatlas.index.verify import small_file_records
 from scatlas.index.versions import (
     commit_version,
@@ -238,6 +239,7 @@ def update_index(
     _check_index(root)
     with _update_lock(root):
         version, cur = current_version(root)
+        check_finished(cur)  # an update starts from a finished build
         old = read_manifest(cur)
         build = read_json_object(cur / BUILD_FILE, "rebuild the index with --overwrite")
         if (build.get("identity", {}).get("source") or {}).get("kind") != "atlas":
@@ -245,6 +247,12 @@ def update_index(
         store = AtlasStore.open(atlas)
         snapshot = store.snapshot()
         changes = store_changes(old.atlas_snapshot, snapshot)
+        if another_store(old.atlas_snapshot, snapshot, changes):
+            raise InputError(
+                f"the atlas store {atlas} is not the one the index at {root} was built from "
+                f"({old.atlas_snapshot.get('path')}): none of the index's datasets is in it. Pass the store the index "
+                "was built from, or build a new index from this store (`scatlas build --atlas ATLAS --index NEW_DIR`)"
+            )
         report = UpdateReport(str(root), version, changes, n_cells=old.n_cells)
         if changes.empty:
             logger.info("index %s is up to date with %s (version %d)", root, atlas, version)

@@ -43,6 +43,7 @@ from scatlas.index.manifest import (
 )
 from scatlas.index.progress import Progress, progress_bar
 from scatlas.index.shard import checksum_matches, damaged_hint, file_record, sha256_file, shard_ids_problem
+from scatlas.index.unfinished import BUILDING_FILE, unfinished_message, unfinished_step
 from scatlas.index.versions import resolve_index_dir
 
 logger = logging.getLogger(__name__)
@@ -260,6 +261,9 @@ def verify_index(path: str | Path, *, progress: Progress = True) -> VerifyReport
     """
     t0 = time.perf_counter()
     index_dir = resolve_index_dir(Path(path))
+    step = unfinished_step(index_dir)
+    if step is not None:  # its manifest may be complete: the steps after the shards are not
+        return VerifyReport(str(index_dir), False, 0, 0, [Problem(BUILDING_FILE, unfinished_message(index_dir, step))])
     manifest = _read_manifest_or_report(index_dir)
     if isinstance(manifest, VerifyReport):
         return manifest

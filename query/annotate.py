@@ -35,8 +35,8 @@ from scatlas.index import (
     ReferenceMap,
     estimate_shift,
     l2_normalize,
+    mapping_calibration,
     progress_bar,
-    read_mapping_calibration,
     refit_for_genes,
     sample_sorted,
 )
@@ -55,11 +55,13 @@ from scatlas.query.outputs import (
     MapPlacement,
     plot_annotation_map,
     plot_confusion,
+    published_together,
     write_annotated_h5ad,
     write_json,
     write_parquet,
 )
 from scatlas.query.prepare import QueryCells, open_query
+from scatlas.query.search import no_expression_error, searchable_k
 from scatlas.query.transfer import REASON_OUT_OF_ATLAS, Transfer
 from scatlas.query.vote import REASON_NO_EXPRESSION, Weighting
 
@@ -147,7 +149,9 @@ class AnnotationResult:
         confusion_png: str | Path | None = None,
         map_png: str | Path | None = None,
     ) -> dict[str, Path]:
-        """Write the outputs that are given a path; each atomically (temporary file, then rename).
+        """Write the outputs that are given a path, each to a temporary file, all renamed into place once every one
+        is written (:func:`~query.outputs.published_together`): an interrupted or failed write leaves the paths as
+        they were.
 
         ``out_h5ad``: a new ``.h5ad`` = the query with the prediction columns added to obs, each key's class
         probabilities in ``obsm["K_proba"]`` and their class names in ``uns["K_proba_classes"]``, and the cells'
@@ -161,6 +165,13 @@ class AnnotationResult:
             raise InputError("the index has no reference map (built with --no-map, or before maps existed): "
                              "rebuild it (`scatlas build --overwrite ...`) to draw the query on the atlas")
         check_distinct([out_h5ad, neighbors_parquet, report_json, confusion_png, map_png])
+        with published_together():
+            return self._write(out_h5ad, neighbors_parquet, report_json, confusion_png, map_png)
+
+    def _write(
+        self, out_h5ad: str | Path | None, neighbors_parquet: str | Path | None, report_json: str | Path | None,
+        confusion_png: str | Path | None, map_png: str | Path | None,
+    ) -> dict[str, Path]:
         inputs = () if isinstance(self._query, anndata.AnnData) else (Path(self._query),)
         written: dict[str, Path] = {}
         if out_h5ad is not None:
@@ -232,7 +243,8 @@ def _validate(
     if int(batch_size) < 1:
         raise InputError(f"batch_size must be at least 1 (got {batch_size})")
     if far_quantile is not None and not 0.0 < float(far_quantile) < 1.0:
-        raise InputError(f"far_quantile must be in (0, 1) or None (got {far_quantile})")
+        raise InputError(f"the far-from-atlas quantile must be above 0 and below 1 (got {far_quantile}); leave it "
+                         "unset to turn the far-from-atlas rule off")
     if align not in ("none", "mnn"):
         raise InputError(f"align must be 'none' or 'mnn' (got {align!r})")
     if not float(class_balance) >= 0:
@@ -333,7 +345,8 @@ def annotate(
         heads_refit = _refit_heads(cells, atlas, missing_genes)
         alignment, t_align = _align(cells, align, align_sample, batch_size, where)
         placing = _PlacingIndex(idx, idx.reference_map(), cells.n_cells)
-        run = Transfer(cast(AtlasIndex, placing), atlas, k=int(k), weighting=weighting,
+        k_used = searchable_k(k, atlas.n_where if atlas.n_where is not None else idx.n_cells)
+        run = Transfer(cast(AtlasIndex, placing), atlas, k=k_used, weighting=weighting,
                        max_votes_per_dataset=max_votes_per_dataset, where=where, keep_neighbors=keep_neighbors,
                        n=cells.n_cells, shift=alignment.shift if alignment is not None and alignment.applied else None)
         with progress_bar(progress, total=cells.n_cells, desc="annotate", unit="cell") as bar:
@@ -341,6 +354,10 @@ def annotate(
                 placing.rows = np.asarray(chunk.ids, dtype=np.int64)
                 run.add(chunk)
                 bar.update(len(chunk.ids))
+        if run.n_silent == cells.n_cells:
+            raise no_expression_error(cells.n_cells)
+        run.similarity[run.silent] = np.nan  # a cell without expression has no place relative to the atlas
+        run.nearest[run.silent] = np.nan
         if run.n_silent:
             logger.warning(
                 "%d of %d query cells have no expression on the index embedder's genes: they are 'unknown' "
@@ -348,7 +365,7 @@ def annotate(
             )
         mapping = _mapping(idx, run, alignment, check_mapping)
         params = {
-            "label_keys": keys, "k": int(k), "where": where, "atlas_cells_matching_where": atlas.n_where,
+            "label_keys": keys, "k": int(k), "k_used": k_used, "where": where, "atlas_cells_matching_where": atlas.n_where,
             "min_confidence": _cuts(atlas, min_confidence), "max_votes_per_dataset": max_votes_per_dataset,
             "weighting": weighting, "class_balance": float(class_balance), "align": align,
             "far_quantile": far_quantile, "check_mapping": bool(check_mapping), "predictor": predictor,
@@ -358,6 +375,9 @@ def annotate(
         }
         timings = {"open_index_s": round(t_open, 3), "align_s": round(t_align, 3), "map_s": round(placing.seconds, 3)}
         result = _result(query, cells, atlas, run, alignment, mapping, truth_map, user_map, params, timings, t_start)
+        for key in keys:
+            result.report["labels"][key]["predicted_by_reason"] = _vote_reason(key, atlas, predictor,
+                                                                               max_votes_per_dataset)
         result.placement = placing.placement(run.silent, keys[0])
         result.report["map"] = result.placement.summary() if result.placement is not None else {"available": False}
         return result
@@ -366,6 +386,26 @@ def annotate(
             cells.close()
         if own_index:
             idx.close()
+
+
+VOTE_REASONS = {
+    "knn_asked": "predictor 'knn' asked for",
+    "max_votes_per_dataset": "max_votes_per_dataset caps the neighbours' vote, which label heads do not use",
+    "no_label_head": "the index has no label head for it",
+}
+"""Why a label key is decided by the neighbours' vote, not a label head (``report["labels"][key]
+["predicted_by_reason"]``)."""
+
+
+def _vote_reason(key: str, atlas: AtlasLabels, predictor: str, max_votes_per_dataset: int | None) -> str | None:
+    """The key of :data:`VOTE_REASONS` saying why ``key`` is decided by the vote; None when a head decides it."""
+    if key in atlas.heads:
+        return None
+    if predictor == "knn":
+        return "knn_asked"
+    if max_votes_per_dataset is not None:
+        return "max_votes_per_dataset"
+    return "no_label_head"
 
 
 class _PlacingIndex:
@@ -436,12 +476,18 @@ class _Mapping:
 
 def _mapping(idx: AtlasIndex, run: Transfer, alignment: Alignment | None, apply: bool) -> _Mapping:
     """Judge how the query maps onto the atlas (:func:`query.mapping.assess_mapping`); warn when poorly."""
-    calibration = read_mapping_calibration(idx.path)
+    calibration = mapping_calibration(idx)  # as read when the index was opened, from the version opened
     aligned = alignment is not None and alignment.applied
-    scores = calibration.cell_scores(run.similarity, aligned=aligned) if calibration is not None else None
+    used = ~run.silent  # cells without expression on the embedder's genes have no say in the verdict
+    scores = None
+    if calibration is not None:
+        scores = np.full(len(run.similarity), np.nan)
+        scores[used] = calibration.cell_scores(run.similarity[used], aligned=aligned)
     shift = float(np.linalg.norm(alignment.shift)) if alignment is not None and aligned else None
-    verdict = assess_mapping(scores if scores is not None else np.zeros(0), shift, calibration)
-    out = verdict.out_of_atlas(scores) if scores is not None and apply else np.zeros(len(run.similarity), bool)
+    verdict = assess_mapping(scores[used] if scores is not None else np.zeros(0), shift, calibration)
+    out = np.zeros(len(run.similarity), bool)
+    if scores is not None and apply:
+        out[used] = verdict.out_of_atlas(scores[used])
     if verdict.verdict == "maps_poorly":
         logger.warning(
             "the query maps poorly onto the atlas (another tissue or a cell type the atlas lacks?): %s; %s",
@@ -499,7 +545,7 @@ def _result(
         "alignment": alignment.summary() if alignment is not None else None,
         "mapping": {**mapping.verdict.to_report(), "applied": mapping.applied, **_mapping_caveat(cells),
                     "cells_out_of_atlas": int(mapping.out_of_atlas.sum())},
-        "far_from_atlas": far_summary(atlas, run, params["k"], predictions),
+        "far_from_atlas": far_summary(atlas, run, params["k_used"], predictions),
         "labels": {key: label_summary(predictions, key, atlas) for key in keys},
         "evaluation": evaluation,
         "timings": {

@@ -117,8 +117,8 @@ def far_threshold(
         return float(cal.threshold("mean_topk", far_quantile)), nearest, int(cal.k), float(far_quantile)
     except KeyError as exc:
         raise InputError(
-            f"far_quantile={far_quantile} is not among the index's calibrated quantiles {cal.quantiles}; "
-            "choose one of them or None"
+            f"the far-from-atlas quantile {far_quantile} is not among the index's calibrated quantiles "
+            f"{cal.quantiles}: choose one of them, or leave it unset to turn the far-from-atlas rule off"
         ) from exc
 
 

@@ -7,6 +7,8 @@ never modified.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import json
 import logging
 import os
 import shutil
@@ -21,7 +23,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from scatlas.atlas.atomic import default_file_mode, write_json_atomic
+from scatlas.atlas.atomic import default_file_mode
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.outputs import (
     H5AD_MARK,
@@ -37,11 +39,37 @@ from scatlas.atlas.outputs import (
 logger = logging.getLogger(__name__)
 
 
+_PENDING: contextvars.ContextVar[list[tuple[Path, Path]] | None] = contextvars.ContextVar("_PENDING", default=None)
+
+
+@contextlib.contextmanager
+def published_together() -> Iterator[None]:
+    """Files written through :func:`atomic_path` within the block are renamed into place only when the block ends
+    without an error, one after the other in the order written; on an error or an interrupt none is, and their
+    temporary files are removed. One run's outputs (an annotated ``.h5ad`` and its neighbours, report and figures)
+    thus replace an earlier run's together or not at all, instead of leaving a mixed or partial set that looks
+    complete."""
+    pending: list[tuple[Path, Path]] = []
+    token = _PENDING.set(pending)
+    try:
+        yield
+        while pending:
+            tmp, target = pending[0]
+            with writing(target):
+                os.replace(tmp, target)
+            pending.pop(0)
+    finally:
+        _PENDING.reset(token)
+        for tmp, _ in pending:
+            tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(
     target: str | Path, *, inputs: Iterable[str | Path | None] = (), file_kind: str | None = None
 ) -> Iterator[Path]:
-    """Yield a temporary path next to ``target``: renamed onto ``target`` on success, removed on error.
+    """Yield a temporary path next to ``target``: renamed onto ``target`` on success (at the end of an enclosing
+    :func:`published_together` block, if any), removed on error.
 
     ``target`` is refused (:class:`~atlas.outputs.OutputError`) when it is a directory, one of ``inputs``, or an
     existing file of another kind than ``file_kind``; an OSError while writing (disk full, read-only) becomes an
@@ -54,19 +82,26 @@ def atomic_path(
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         os.close(fd)
     tmp = Path(name)
+    pending = _PENDING.get()
+    handed_over = False
     try:
         try:
             yield tmp
             if tmp.exists():
                 tmp.chmod(default_file_mode())
-            os.replace(tmp, target)
+            if pending is not None:
+                pending.append((tmp, target))
+                handed_over = True
+            else:
+                os.replace(tmp, target)
         except OutputError:
             raise
         except OSError as exc:
             action = "writing" if exc.filename in (None, str(tmp), str(target), tmp, target) else "accessing"
             raise OutputWriteError(os_error_message(exc, action, target)) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        if not handed_over:
+            tmp.unlink(missing_ok=True)
 
 
 def remove_stale(path: str | Path, file_kind: str) -> bool:
@@ -182,10 +217,10 @@ def write_parquet(frame: pd.DataFrame, out: str | Path, *, inputs: Iterable[str 
 def write_json(payload: dict[str, Any], out: str | Path, *, inputs: Iterable[str | Path | None] = ()) -> Path:
     """``payload`` as JSON, atomically; an existing file at ``out`` that is not JSON is refused."""
     out = Path(out)
-    check_output_file(out, inputs=inputs, file_kind="json")
-    with writing(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out, payload)
+    with atomic_path(out, inputs=inputs, file_kind="json") as tmp, open(tmp, "w") as fh:
+        fh.write(json.dumps(payload, indent=2, sort_keys=True, default=str))
+        fh.flush()
+        os.fsync(fh.fileno())
     logger.info("wrote %s", out)
     return out
 

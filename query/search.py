@@ -36,7 +36,14 @@ from scatlas.index import DEFAULT_K, AtlasIndex, Progress, ReferenceMap, l2_norm
 from scatlas.query.annotate_report import index_summary, query_summary
 from scatlas.query.hunt.enrichment import MISSING, all_missing, enrichment_table
 from scatlas.query.hunt.sql_predicate import evaluate_sql_predicate
-from scatlas.query.outputs import check_table_output, plot_search_map, table_format, write_json, write_table
+from scatlas.query.outputs import (
+    check_table_output,
+    plot_search_map,
+    published_together,
+    table_format,
+    write_json,
+    write_table,
+)
 from scatlas.query.prepare import QueryCells, open_query
 
 logger = logging.getLogger(__name__)
@@ -82,6 +89,21 @@ def _validate(k: int, mode: str) -> None:
         raise InputError(f"k must be at least 1 (got {k})")
     if mode not in MODES:
         raise InputError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
+
+
+def searchable_k(k: int, n_searchable: int) -> int:
+    """``k`` capped at the ``n_searchable`` atlas cells a search can return (a cell cannot have more neighbours
+    than there are cells to search; a huge ``k`` would otherwise allocate ``n x k`` arrays for nothing)."""
+    k_used = max(1, min(int(k), int(n_searchable)))
+    if k_used < int(k):
+        logger.info("k=%d is more than the %d atlas cells searched: using k=%d", int(k), int(n_searchable), k_used)
+    return k_used
+
+
+def no_expression_error(n_cells: int) -> InputError:
+    """The error for a query none of whose ``n_cells`` cells used expresses any of the embedder's genes."""
+    return InputError(f"none of the {n_cells} query cells used expresses any of the embedder's genes: "
+                      "nothing to search with (are the counts all zero, or the genes named differently?)")
 
 
 def select_cells(cells: QueryCells, cells_where: str | None) -> np.ndarray:
@@ -297,14 +319,13 @@ def search_cells(
         cells.check(min_gene_overlap)
         rows = select_cells(cells, cells_where)
         refmap = idx.reference_map()
-        run = _Run(idx, mode, int(k), where, refmap, cells.n_cells, _sampled(rows, MAP_POINTS))
+        run = _Run(idx, mode, searchable_k(k, n_searched), where, refmap, cells.n_cells, _sampled(rows, MAP_POINTS))
         with progress_bar(progress, total=len(rows), desc="search", unit="cell") as bar:
             for chunk in _chunks(cells, rows):
                 run.add(chunk)
                 bar.update(len(chunk.ids))
         if run.n_used == 0:
-            raise InputError(f"none of the {len(rows)} query cells used expresses any of the embedder's genes: "
-                             "nothing to search with")
+            raise no_expression_error(len(rows))
         if run.n_silent:
             logger.warning("%d of %d query cells have no expression on the embedder's genes: left out",
                            run.n_silent, len(rows))
@@ -319,7 +340,7 @@ def search_cells(
             "query": {**query_summary(cells.source, query, cells.n_cells), "cells_where": cells_where,
                       "cells_selected": len(rows), "cells_used": run.n_used, "cells_no_expression": run.n_silent},
             "index": index_summary(idx),
-            "params": {"k": int(k), "mode": mode, "where": where, "cells_where": cells_where},
+            "params": {"k": int(k), "k_used": run.k, "mode": mode, "where": where, "cells_where": cells_where},
             "species": cells.species,
             "gene_overlap": cells.match.summary() if cells.match is not None else None,
             "hits": {
@@ -386,10 +407,19 @@ def write_search(
     report_out: str | Path | None = None, map_png: str | Path | None = None,
     inputs: Sequence[str | Path | None] = (),
 ) -> dict[str, Path]:
-    """Write a search's outputs that are given a path, each atomically: the hits and the enrichment (Parquet or CSV
-    by suffix), the report (JSON) and, when the index has a reference map, the query and its hits on it (PNG)."""
+    """Write a search's outputs that are given a path: the hits and the enrichment (Parquet or CSV by suffix), the
+    report (JSON) and, when the index has a reference map, the query and its hits on it (PNG); each to a temporary
+    file, all renamed into place once every one is written (:func:`~query.outputs.published_together`)."""
     check_search_outputs({"hits": Path(hits_out), "enrichment": _path(enrichment_out), "report": _path(report_out),
                           "map": _path(map_png)}, inputs)
+    with published_together():
+        return _write_search(result, index, hits_out, enrichment_out, report_out, map_png, inputs)
+
+
+def _write_search(
+    result: SearchHits, index: AtlasIndex, hits_out: str | Path, enrichment_out: str | Path | None,
+    report_out: str | Path | None, map_png: str | Path | None, inputs: Sequence[str | Path | None],
+) -> dict[str, Path]:
     written = {"hits": write_table(result.hits, hits_out, inputs=inputs)}
     if enrichment_out is not None:
         written["enrichment"] = write_table(result.enrichment, enrichment_out, inputs=inputs)
@@ -413,5 +443,5 @@ def _path(value: str | Path | None) -> Path | None:
     return None if value is None else Path(value)
 
 
-__all__ = ["CENTROID", "ENRICH_BY", "MODES", "SearchHits", "check_search_outputs", "enrichment_of_hits", "output_paths",
-           "search_cells", "select_cells", "write_search"]
+__all__ = ["CENTROID", "ENRICH_BY", "MODES", "SearchHits", "check_search_outputs", "enrichment_of_hits",
+           "no_expression_error", "output_paths", "search_cells", "searchable_k", "select_cells", "write_search"]

@@ -90,6 +90,10 @@ def ingest(sources: tuple[str, ...], atlas_dir: Path, dataset_id: str | None, ob
     """
     from scatlas.atlas.ingestion import ingest as run_ingest
 
+    if ontology_map is None and click.get_current_context().get_parameter_source(
+            "ontology_label_key") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--ontology-label-key only says which column --ontology-map's labels are values of; "
+                               "give --ontology-map FILE.csv too, or leave it out")
     constants: dict[str, str] = {}
     for item in obs_set:
         column, value = _split_pair(item, "--obs-set", "COLUMN=VALUE")
@@ -413,11 +417,13 @@ def verify(index_dir: Path | None, atlas_dir: Path | None, as_json: bool, progre
               help="The confidence (head probability or weighted vote share) an answer needs, a class or a Cell "
                    "Ontology ancestor; below it the cell is 'unknown' (default: 0.5 where at least half of the "
                    "label's classes have CL terms, else 0.3; both measured).")
-@click.option("--far-quantile", type=click.FloatRange(0, 1, min_open=True), default=None,
+@click.option("--far-quantile", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Call a cell 'unknown' when its neighbours are less similar than this quantile of the atlas' own "
                    "neighbour similarities (0.001 to turn it on; default: off, the measured default).")
 @click.option("--max-votes-per-dataset", type=click.IntRange(min=1), default=None,
-              help="Cap on the votes one atlas dataset may cast for a query cell.")
+              help="Cap on the votes one atlas dataset may cast for a query cell. The cap applies to the "
+                   "neighbours' vote: with --predictor auto the labels then come from the vote, not the label "
+                   "heads (refused with --predictor heads).")
 @click.option("--truth-key", default=None, help="Query obs column with known labels: adds accuracy, macro-F1, "
               "ontology-aware accuracy, calibration error and a confusion matrix.")
 @click.option("--ontology-map", "ontology_map", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -494,6 +500,12 @@ def _check_annotate_outputs(inputs: tuple[Path, ...], h5ad: Path, neighbors: Pat
             check_output_file(path, inputs=inputs, file_kind=kind)
 
 
+VOTE_WHY = {"knn_asked": "--predictor knn",
+            "max_votes_per_dataset": "--max-votes-per-dataset caps the vote, so label heads are not used",
+            "no_label_head": "the index has no label head for it"}
+"""The annotate report's ``predicted_by_reason`` as the command line says it."""
+
+
 def _echo_annotation(report: dict[str, Any]) -> None:
     overlap = report.get("gene_overlap") or {}
     if overlap:
@@ -510,12 +522,15 @@ def _echo_annotation(report: dict[str, Any]) -> None:
     if refit and refit.get("keys"):
         _echo(f"label heads for {', '.join(refit['keys'])} refitted for the query's {refit['genes_present']} of "
               f"{refit['genes']} genes ({refit['seconds']} s)")
+    params = report.get("params") or {}
+    if isinstance(params.get("k_used"), int) and params["k_used"] < params.get("k", 0):
+        _echo(f"k: {params['k_used']:,} neighbours per cell (--k {params['k']:,}, but only {params['k_used']:,} "
+              "atlas cells searched)")
     mapping = report.get("mapping") or {}
-    if mapping.get("verdict") == "maps_poorly":
-        _echo("WARNING: the query maps poorly onto the atlas (another tissue, species or technology?): "
-              + "; ".join(mapping.get("reasons", [])) + ". "
-              + (f"{mapping.get('cells_out_of_atlas', 0):,} cells are 'unknown' (out_of_atlas)." if mapping.get("applied")
-                 else "Cells were labelled anyway (--no-mapping-check)."), err=True)
+    if mapping.get("verdict") == "maps_poorly":  # the warning, with its reasons, is logged once by annotate()
+        _echo(f"mapping: the query maps poorly onto the atlas (score {mapping.get('score')}): "
+              + (f"{mapping.get('cells_out_of_atlas', 0):,} cells are 'unknown' (out_of_atlas)" if mapping.get("applied")
+                 else "cells labelled anyway (--no-mapping-check)"))
     elif mapping.get("verdict") == "maps_well":
         _echo(f"mapping: the query maps onto the atlas (score {mapping.get('score')})"
               + (f"; note: {mapping['caveat']}" if mapping.get("caveat") else ""))
@@ -526,7 +541,8 @@ def _echo_annotation(report: dict[str, Any]) -> None:
     for key, lab in report.get("labels", {}).items():
         counts = lab.get("counts", {})
         top = ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])[:8])
-        by = "label head" if lab.get("predicted_by") == "heads" else "neighbour vote (the index has no label head for it)"
+        by = "label head" if lab.get("predicted_by") == "heads" else \
+            f"neighbour vote ({VOTE_WHY.get(lab.get('predicted_by_reason') or '', 'the index has no label head for it')})"
         levels = ", ".join(f"{lv} {n}" for lv, n in lab.get("levels", {}).items())
         _echo(f"{key} (by {by}): unknown rate {100 * lab.get('unknown_rate', 0):.1f}%; levels: {levels}; {top}")
         ev = report.get("evaluation", {}).get(key)

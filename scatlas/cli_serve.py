@@ -5,11 +5,14 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from pathlib import Path
 
 import click
 
+from scatlas.atlas.errors import InputError
 from scatlas.cli_common import _echo, index_option
 
 
@@ -42,6 +45,7 @@ def serve(index_dir: Path, host: str, port: int, token: str | None, max_upload_m
 
     token = token or None
     check_bind(host, token)
+    check_port(host, port)
     app = create_app(index_dir, token=token, work_dir=work_dir, max_upload_mb=max_upload_mb, workers=workers,
                      retention_s=retention_hours * 3600)
     shown = f"[{host}]" if ":" in host else host
@@ -51,3 +55,30 @@ def serve(index_dir: Path, host: str, port: int, token: str | None, max_upload_m
         _echo("no token set: listening on 127.0.0.1 only (set --token or SCATLAS_TOKEN to serve other machines)")
     quiet = logging.getLogger().getEffectiveLevel() > logging.INFO
     uvicorn.run(app, host=host, port=port, log_level="warning" if quiet else "info", server_header=False)
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse, before the index is loaded, a ``host``/``port`` the server could not listen on (a port in use, an
+    address not of this machine, a port reserved for the administrator): InputError saying what to change. The
+    socket is bound as uvicorn binds it (``SO_REUSEADDR``) and closed again."""
+    shown = f"[{host}]" if ":" in host else host
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise InputError(f"the host {host!r} cannot be resolved ({exc}); give an address of this machine with "
+                         "--host") from None
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise InputError(f"port {port} on {shown} is in use; choose another with --port") from None
+        if exc.errno == errno.EACCES:
+            raise InputError(f"port {port} on {shown} needs administrator rights; choose one above 1023 with --port"
+                             ) from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise InputError(f"{shown} is not an address of this machine; give one of its addresses with --host"
+                             ) from None
+        raise InputError(f"cannot listen on port {port} on {shown} ({exc.strerror}); choose another --host or "
+                         "--port") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import anndata
@@ -261,6 +262,28 @@ def test_bad_input_leaves_store_unchanged(tmp_path, h5ad_factory, case):
     assert sorted(p.name for p in atlas.iterdir()) == files_before
 
 
+def test_an_hdf5_file_that_is_not_anndata_gets_one_message_everywhere(tmp_path):
+    import h5py
+    from click.testing import CliRunner
+
+    from scatlas.atlas.sources import open_h5ad
+    from scatlas.cli import cli
+    from scatlas.server.uploads import check_h5ad
+
+    path = tmp_path / "other.h5ad"
+    with h5py.File(path, "w") as f:
+        f["foo"] = np.arange(3)
+    message = "is an HDF5 file but not an AnnData .h5ad (no obs, var, X)"
+    res = CliRunner().invoke(cli, ["ingest", str(path), "--atlas", str(tmp_path / "atlas"), "--no-progress"])
+    assert res.exit_code == 1 and message in res.output and "keyword argument" not in res.output, res.output
+    assert not (tmp_path / "atlas").exists()
+    for x_layer in (None, "raw"):  # annotate reads queries through open_h5ad too
+        with pytest.raises(InputError, match=re.escape(message)):
+            open_h5ad(path, x_layer=x_layer)
+    with pytest.raises(InputError, match=re.escape(message)):
+        check_h5ad(path, path.stat().st_size, name="other.h5ad")
+
+
 def test_nan_values_refuse_the_whole_command_and_leave_the_store_as_it_was(tmp_path, h5ad_factory):
     """Non-finite values are found while a dataset streams in (checking first would read every file twice); the
     command publishes all its datasets or none: the good file before the bad one is not added either, and both
@@ -332,6 +355,19 @@ def test_first_failed_ingest_leaves_no_store(tmp_path, h5ad_factory, monkeypatch
     with pytest.raises(RuntimeError):
         ingest([h5ad_factory("x")], tmp_path / "fresh", progress=False)
     assert not AtlasStore.exists(tmp_path / "fresh")
+
+
+def test_first_ingest_failing_on_bad_values_warns_of_no_interrupted_ingest(tmp_path, h5ad_factory, caplog):
+    def nan(ad):
+        X = ad.X.toarray()
+        X[0, 0] = np.nan
+        ad.X = sp.csr_matrix(X)
+        return ad
+
+    with caplog.at_level("WARNING"), pytest.raises(InputError, match="NaN or infinite"):
+        ingest([h5ad_factory("bad", transform=nan)], tmp_path / "fresh", progress=False)
+    assert not (tmp_path / "fresh").exists()
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
 
 
 def test_store_reads_stream_in_bounded_chunks(tmp_path, h5ad_factory):

@@ -17,6 +17,7 @@ from scatlas.atlas import ingest
 from scatlas.atlas.errors import IndexFormatError
 from scatlas.cli import cli
 from scatlas.index import AtlasIndex, LabelClasses, build_index, verify_index
+from scatlas.index.label_classes import ensure_label_classes
 from scatlas.index.label_heads import HEADS_DIR, HEADS_FILE
 from scatlas.index.manifest import LABELS_DIR, LABELS_FILE, MANIFEST_FILE, manifest_digest
 from tests.conftest import make_adata
@@ -151,3 +152,25 @@ def test_build_cli_label_keys(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "give it alone" in res.output
     res = runner.invoke(cli, [*common, "--label-key", "nope"])
     assert res.exit_code == 1 and "not a column" in res.output
+
+
+def test_classes_of_an_earlier_state_are_recomputed_without_a_warning(
+    mixed: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A resumed build or update finds label classes stored before its manifest changed: it recomputes them, and
+    the warning meant for readers (with its advice to rebuild) is not shown."""
+    copy = tmp_path / "index"
+    shutil.copytree(mixed["index"], copy)
+    path = copy / LABELS_DIR / LABELS_FILE
+    payload = json.loads(path.read_text())
+    payload["manifest_sha256"] = "0" * 16
+    path.write_text(json.dumps(payload))
+    raw = json.loads((copy / MANIFEST_FILE).read_text())
+    del raw["labels_files"]  # recorded by the earlier state's manifest, not this one's
+    (copy / MANIFEST_FILE).write_text(json.dumps(raw))
+    with caplog.at_level(logging.INFO):
+        classes = ensure_label_classes(copy, ["cell_type"])
+    assert "recomputing" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert "B cells" not in classes["cell_type"].classes  # merged by CL term again
+    assert json.loads(path.read_text())["manifest_sha256"] != "0" * 16

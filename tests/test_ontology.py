@@ -130,12 +130,16 @@ def test_read_ontology_map(tmp_path: Path) -> None:
         ("label,ontology_term_id\n", "no label rows"),
         (b"label,ontology_term_id\nB \xff,CL:0000236\n", "not UTF-8"),
         ("label,ontology_term_id\n" + "x" * 5000 + ",CL:0000236\n", "row 2: the label"),
+        ("label,ontology_term_id\n" + "x" * 200_000 + ",CL:0000236\n", "row 2: the label is longer than 256"),
+        ("label,ontology_term_id\nB,CL:" + "9" * 200_000 + "\n", "row 2: a field is longer than"),
+        ('label,ontology_term_id\nB,CL:0000236\n"T cell,CL:0000084\n', "row 3: a quoted field is never closed"),
+        ('label,ontology_term_id\n"T" cell,CL:0000084\n', "row 2: a quoted field has more text after"),
     ],
 )
 def test_malformed_ontology_map_is_refused_naming_the_row(tmp_path: Path, text: str | bytes, message: str) -> None:
     with pytest.raises(InputError, match=message) as err:
         read_ontology_map(_csv(tmp_path, text))
-    assert len(str(err.value)) < 400
+    assert len(str(err.value)) < 400 and "(Error)" not in str(err.value)
 
 
 def test_a_file_that_is_not_an_ontology_map_is_not_echoed(tmp_path: Path) -> None:
@@ -209,6 +213,23 @@ def test_ingest_ontology_map_of_another_label_column(tmp_path: Path) -> None:
                     ontology_map={"B": B_CELL}, ontology_label_key="author_label")
     assert report.datasets[0].ontology["from_map"] == 1 and report.datasets[0].ontology["unmapped"] == 1
     assert _terms(tmp_path / "atlas", "author_label")["a"] == {("B", B_CELL), ("T", None)}
+
+
+def test_ingest_ontology_label_key_of_no_column_is_refused_naming_the_columns(tmp_path: Path) -> None:
+    a = make_adata(60, 40, cell_types=("b", "t"))
+    a.obs["author_label"] = a.obs["cell_type"].astype(str).str.upper()
+    a.write_h5ad(tmp_path / "a.h5ad")
+    table = _csv(tmp_path, f"label,ontology_term_id\nB,{B_CELL}\n")
+    common = ["ingest", str(tmp_path / "a.h5ad"), "--atlas", str(tmp_path / "atlas"), "--no-progress"]
+    res = CliRunner().invoke(cli, [*common, "--ontology-map", str(table), "--ontology-label-key", "nope"])
+    assert res.exit_code == 1 and "Error: " in res.output, res.output
+    assert "--ontology-label-key 'nope': no such obs column" in res.output
+    assert "'author_label'" in res.output and "'cell_type'" in res.output
+    assert "'B'" not in res.output and "Traceback" not in res.output  # columns named, values never
+    assert not (tmp_path / "atlas").exists()
+    res = CliRunner().invoke(cli, [*common, "--ontology-label-key", "author_label"])
+    assert res.exit_code == 2 and "--ontology-label-key" in res.output and "--ontology-map" in res.output
+    assert not (tmp_path / "atlas").exists()
 
 
 def test_ingest_with_a_malformed_ontology_map_fails_cleanly_before_any_work(tmp_path: Path) -> None:

@@ -122,6 +122,28 @@ def test_a_bad_value_after_the_sample_names_its_row(base_atlas, h5ad_factory, va
     assert [d.dataset_id for d in AtlasStore.open(base_atlas).datasets] == ["base"]
 
 
+@pytest.mark.parametrize("layout", ["csr", "dense"])
+@pytest.mark.parametrize("where", ["sampled", "late"])
+def test_values_beyond_float32_are_refused_as_too_large_not_as_infinite(tmp_path, h5ad_factory, layout, where):
+    import warnings
+
+    row = 5 if where == "sampled" else 3000
+
+    def huge(ad):
+        X = ad.X.toarray().astype(np.float64)
+        X[row, :3] = 1e300
+        ad.X = sp.csr_matrix(X) if layout == "csr" else X
+        return ad
+
+    bad = h5ad_factory("huge", seed=4, n_cells=3100, transform=huge)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no raw "overflow encountered in cast"
+        with pytest.raises(InputError, match="too large for float32 storage") as err:
+            ingest([bad], tmp_path / "atlas", progress=False)
+    assert "NaN or infinite" not in str(err.value) and "counts" in str(err.value)
+    assert not (tmp_path / "atlas").exists()
+
+
 def _damage_csr(what: str):
     def damage(path: Path) -> None:
         with h5py.File(path, "r+") as f:
@@ -357,3 +379,51 @@ def test_an_empty_dataset_id_is_refused(h5ad_factory, tmp_path):
     res = CliRunner().invoke(cli, ["ingest", str(src), "--atlas", str(tmp_path / "atlas"), "--dataset-id", " "])
     assert res.exit_code == 1 and "Error: --dataset-id is empty" in res.output
     assert not (tmp_path / "atlas").exists()
+
+
+@pytest.mark.parametrize("target", ["dataset_id", "soma_joinid", "obs_id", "Dataset_ID"])
+def test_obs_map_onto_a_column_ingest_sets_is_refused(h5ad_factory, tmp_path, target):
+    src = h5ad_factory("a", n_cells=20)
+    res = CliRunner().invoke(cli, ["ingest", str(src), "--atlas", str(tmp_path / "atlas"),
+                                   "--obs-map", f"cell_type={target}", "--no-progress"])
+    assert res.exit_code == 1 and "Error: --obs-map 'cell_type'=" in res.output, res.output
+    assert "cannot be a target" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "atlas").exists()
+
+
+def _duckdb_interrupt(kind: str):
+    """What DuckDB raises when a Ctrl-C arrives during one of its calls in the write of a chunk."""
+    if kind == "register":
+        raise RuntimeError("Query interrupted")
+    if kind == "interrupt_exception":
+        raise duckdb.InterruptException("INTERRUPT Error: Interrupted!")
+    try:  # the query stopped; the cleanup's next call fails on the aborted transaction
+        raise RuntimeError("Query interrupted")
+    except RuntimeError:
+        raise duckdb.TransactionException(
+            "TransactionContext Error: Current transaction is aborted (please ROLLBACK)") from None
+
+
+@pytest.mark.parametrize("kind", ["register", "interrupt_exception", "aborted_transaction"])
+def test_a_ctrl_c_duckdb_reports_as_its_own_error_is_an_interrupt(base_atlas, h5ad_factory, monkeypatch, kind):
+    import scatlas.atlas.ingestion as ingestion
+
+    real = ingestion._write_chunk
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            _duckdb_interrupt(kind)
+        return real(*args, **kwargs)
+
+    before = fingerprint(base_atlas)
+    monkeypatch.setattr(ingestion, "_write_chunk", interrupted)
+    args = ["ingest", str(h5ad_factory("big", seed=7, n_cells=300)), "--atlas", str(base_atlas), "--no-progress",
+            "--chunk-size", "100"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 130 and "Interrupted;" in result.output, result.output
+    assert "Error:" not in result.output and "Traceback" not in result.output
+    monkeypatch.setattr(ingestion, "_write_chunk", real)
+    assert fingerprint(base_atlas) == before
+    assert CliRunner().invoke(cli, args).exit_code == 0  # the rerun recovers the store and goes on

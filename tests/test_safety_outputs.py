@@ -335,7 +335,7 @@ def test_annotate_never_writes_into_a_store_or_a_sweep_nor_over_a_foreign_h5ad(w
     raw = tmp_path / "raw.h5ad"
     shutil.copyfile(world["query"], raw)
     kept = raw.read_bytes()
-    refused(*base, "--out", str(raw), match="not a h5ad file")
+    refused(*base, "--out", str(raw), match="exists and was not written by scatlas")
     assert raw.read_bytes() == kept
     assert {k: snapshot(world[k]) for k in ("atlas", "sweep")} == before
     ok(*base, "--out", str(tmp_path / "c.h5ad"))

@@ -256,7 +256,29 @@ def test_a_job_that_fails_says_what_the_cli_says(server: dict[str, Any], world: 
     assert state["error"] == cli_error.replace(str(path), "nogenes.h5ad"), (state["error"], cli_error)
     assert "Traceback" not in state["error"] and str(server["work"]) not in state["error"]
     r = c.get(f"/api/jobs/{state['job']}/predictions.csv", headers=AUTH)
-    assert r.status_code == 409 and "failed" in r.json()["error"]
+    assert r.status_code == 409 and r.json()["error"] == f"the job failed, so it has no files: {state['error']}"
+
+
+def test_job_messages_and_reports_speak_of_the_upload_and_the_api(server: dict[str, Any], world: dict[str, Path],
+                                                                 tmp_path: Path) -> None:
+    from scatlas.server.jobs import Job, JobManager
+
+    c = server["client"]
+    state = submit(c, "/api/annotate", world["small"])
+    report = c.get(f"/api/jobs/{state['job']}/report.json", headers=AUTH).json()
+    assert report["query"]["source"] == "small.h5ad"
+    state = submit(c, "/api/search", world["small"], {"k": "5"})
+    report = c.get(f"/api/jobs/{state['job']}/report.json", headers=AUTH).json()
+    assert report["query"]["source"] == "small.h5ad"
+    empty = tmp_path / "nocells.h5ad"
+    anndata.read_h5ad(world["small"])[:0].copy().write_h5ad(empty)
+    state = submit(c, "/api/annotate", empty)
+    assert state["status"] == "failed" and "the query 'nocells.h5ad' has no cells" in state["error"], state
+    job = Job("x" * 24, "annotate", tmp_path / "job", upload_name="q.h5ad")
+    for hint in ("pass --allow-species-mismatch (allow_species_mismatch=True in Python) to go on anyway",
+                 "or lower the threshold with --min-gene-overlap."):
+        text = JobManager.public_text(job, f"the query is wrong: {hint}")
+        assert hint not in text and "this server" in text and "scatlas command" in text, text
 
 
 def test_jobs_run_at_once_on_the_shared_index(server: dict[str, Any], world: dict[str, Path]) -> None:
@@ -293,7 +315,7 @@ def test_bad_uploads_are_refused_before_a_job(server: dict[str, Any], world: dic
     cases = [
         ("/api/annotate", dict(content=b"cell,gene\n1,2\n", name="q.csv"), "not an .h5ad"),
         ("/api/annotate", dict(content=_hdf5_not_anndata(tmp_path / "x.h5"), name="x.h5ad"), "not an AnnData"),
-        ("/api/annotate", dict(content=b"", name="empty.h5ad"), "no file"),
+        ("/api/annotate", dict(content=b"", name="empty.h5ad"), "'empty.h5ad' is empty"),
         ("/api/annotate", dict(data={"label_key": "favourite_colour"}), "unknown label key"),
         ("/api/annotate", dict(data={"label_key": ["cell_type", "no_such"]}), "unknown label key"),
         ("/api/annotate", dict(data={"min_confidence": "2"}), "min_confidence"),
@@ -426,6 +448,14 @@ def test_work_dir_and_bind_rules(world: dict[str, Path], tmp_path: Path) -> None
     r = CliRunner().invoke(cli, ["serve", "--index", str(tmp_path / "nothing"), "--port", str(free_port())],
                            env={"SCATLAS_TOKEN": ""})
     assert r.exit_code == 1 and r.output.startswith("Error: ") and "Traceback" not in r.output
+    with socket.socket() as busy:  # a port in use: said before the banner, before the index is loaded
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = CliRunner().invoke(cli, ["serve", "--index", str(world["index"]), "--port", str(port)],
+                               env={"SCATLAS_TOKEN": ""})
+    assert r.exit_code == 1, r.output
+    assert r.output == f"Error: port {port} on 127.0.0.1 is in use; choose another with --port\n"
 
 
 def test_an_index_without_map_or_heads(world: dict[str, Path], tmp_path: Path) -> None:

@@ -258,3 +258,20 @@ def test_datasets_lists_text_and_json(forgot: Path, tmp_path: Path) -> None:
     assert by_id["ok"]["source_format"] == "h5ad" and by_id["ok"]["obs_revision"] == 0
     listing = list_datasets(forgot)
     assert [d.dataset_id for d in listing.datasets] == ["fx", "ok"] and listing.n_genes == 30
+
+
+@pytest.mark.parametrize("command", [
+    ["datasets"], ["remove", "--dataset", "a"], ["relabel", "--dataset", "a", "--obs-map", "x=cell_type"],
+    ["verify"], ["build", "--index", "NEW"],
+])
+def test_an_index_given_as_the_store_is_named_and_never_to_be_deleted(tmp_path: Path, command: list[str]) -> None:
+    index = tmp_path / "index"
+    index.mkdir()
+    (index / "manifest.json").write_text("{}")
+    (index / "build.json").write_text("{}")
+    args = [str(tmp_path / "new_index") if a == "NEW" else a for a in command]
+    res = CliRunner().invoke(cli, [*args, "--atlas", str(index)])
+    assert res.exit_code == 1 and res.output.startswith("Error: "), res.output
+    assert "holds a scatlas index, not an atlas store" in res.output
+    assert "delete" not in res.output and "Traceback" not in res.output
+    assert sorted(p.name for p in index.iterdir()) == ["build.json", "manifest.json"]

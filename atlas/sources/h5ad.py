@@ -23,12 +23,26 @@ from scatlas.atlas.sources.base import (
     expression_from_samples,
     genes_from_var,
 )
-from scatlas.atlas.validate import check_csr, check_name, escaped
+from scatlas.atlas.validate import check_csr, check_name, escaped, float32_csr, to_float32
 
 logger = logging.getLogger(__name__)
 
 _READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError)
 """What h5py, numpy and scipy raise on damaged bytes or structure of a file."""
+
+ANNDATA_MEMBERS = ("obs", "var", "X")
+"""What every AnnData .h5ad holds at its top level."""
+
+
+def check_anndata_hdf5(f: h5py.File, what: str, members: tuple[str, ...] = ANNDATA_MEMBERS) -> None:
+    """InputError unless the open HDF5 file ``f`` (``what``, for the message) holds the top-level ``members`` of an
+    AnnData .h5ad: the one check every reader of .h5ad files makes (ingest, annotate, the server's uploads), so
+    that an HDF5 file of another kind gets one clear message everywhere."""
+    missing = [m for m in members if m not in f]
+    if missing:
+        raise InputError(f"{what} is an HDF5 file but not an AnnData .h5ad (no {', '.join(missing)}); give a file "
+                         "written by AnnData (adata.write_h5ad)")
+
 
 SAMPLE_WINDOWS = 4
 SAMPLE_ROWS_PER_WINDOW = 500
@@ -95,15 +109,16 @@ class _MatrixReader:
                              "damaged; rewrite or re-download it") from exc
 
     def _rows(self, a: int, b: int) -> sp.csr_matrix:
+        what = f"{self.what}: rows {a}-{b - 1}"
         if self.kind == "dense":
-            return sp.csr_matrix(np.asarray(self.element[a:b], dtype=np.float32))
+            return float32_csr(self.element[a:b], what)
         if self.kind == "csc":
-            return sp.csr_matrix(self._backed[a:b], dtype=np.float32)
+            return float32_csr(self._backed[a:b], what)
         indptr = self.element["indptr"][a : b + 1].astype(np.int64)
         n_data = int(self.element["data"].shape[0])
         check_csr(indptr, np.zeros(0, dtype=np.int64), n_data, self.shape[1], self.what)
         lo, hi = int(indptr[0]), int(indptr[-1])
-        data = self.element["data"][lo:hi].astype(np.float32, copy=False)
+        data = to_float32(self.element["data"][lo:hi], what)
         indices = self.element["indices"][lo:hi]
         check_csr(indptr, indices, n_data, self.shape[1], self.what)
         return sp.csr_matrix((data, indices, indptr - lo), shape=(b - a, self.shape[1]))
@@ -162,9 +177,7 @@ class H5adSource:
     def _setup(self) -> None:
         f = self._file
         what = str(self.path)
-        for key in ("X", "obs", "var") if self.x_layer is None else ("obs", "var"):
-            if key not in f:
-                raise InputError(f"{what}: missing '{key}'; is this an AnnData .h5ad file?")
+        check_anndata_hdf5(f, what, ANNDATA_MEMBERS if self.x_layer is None else ("obs", "var"))
         self.obs: pd.DataFrame = _dataframe(f["obs"], f"{what}: obs")
         self._var_main: pd.DataFrame = _dataframe(f["var"], f"{what}: var")
         layers = f["layers"] if "layers" in f and isinstance(f["layers"], h5py.Group) else None
@@ -230,7 +243,7 @@ class H5adSource:
         if len(rows) == 0:
             return np.zeros((0, ds.shape[1]), dtype=np.float32)
         block = ds[int(rows[0]) : int(rows[-1]) + 1]
-        return np.asarray(block[rows - rows[0]], dtype=np.float32)
+        return to_float32(block[rows - rows[0]], f"{self.path}: obsm[{escaped(key)}]")
 
     def iter_rows(self, rows: np.ndarray, chunk_size: int) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
         for a, b, pos in _windows(np.asarray(rows, dtype=np.int64), chunk_size):
@@ -292,7 +305,7 @@ class AnnDataSource:
         for loc, m in self._mats.items():
             _check_in_memory(m, f"{name}: {loc}")
         samples = {
-            loc: sp.csr_matrix(m[: SAMPLE_WINDOWS * SAMPLE_ROWS_PER_WINDOW], dtype=np.float32)
+            loc: float32_csr(m[: SAMPLE_WINDOWS * SAMPLE_ROWS_PER_WINDOW], f"{name}: {loc}")
             for loc, m in self._mats.items()
         }
         self.expression = expression_from_samples(samples, name)
@@ -309,12 +322,12 @@ class AnnDataSource:
     def read_obsm(self, key: str, rows: np.ndarray) -> np.ndarray:
         if key not in self.obsm_keys():
             raise InputError(f"{self.name}: no obsm[{key!r}]; available: {self.obsm_keys() or 'none'}")
-        return np.asarray(self._adata.obsm[key][np.asarray(rows)], dtype=np.float32)
+        return to_float32(self._adata.obsm[key][np.asarray(rows)], f"{self.name}: obsm[{escaped(key)}]")
 
     def iter_rows(self, rows: np.ndarray, chunk_size: int) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
         m = self._mats[self.expression.location]
         for _a, _b, pos in _windows(np.asarray(rows, dtype=np.int64), chunk_size):
-            block = sp.csr_matrix(m[pos], dtype=np.float32)
+            block = float32_csr(m[pos], f"{self.name}: {self.expression.location}")
             yield pos, checked_block(block, pos, f"{self.name}: {self.expression.location}", self.expression)
 
     def close(self) -> None:
@@ -322,8 +335,12 @@ class AnnDataSource:
 
 
 def _is_legacy(path: Path) -> bool:
+    """Whether ``path`` is an AnnData file of the pre-0.7 layout; InputError for an HDF5 file that is no AnnData
+    at all (:func:`check_anndata_hdf5`)."""
     try:
         with h5py.File(path, "r") as f:
+            if "obs" not in f or "var" not in f:  # no AnnData (X alone may be missing: --x-layer, H5adSource)
+                check_anndata_hdf5(f, str(path))
             return "raw.X" in f or "encoding-type" not in f.attrs
     except _READ_ERRORS:
         return False  # H5adSource reports the unreadable file

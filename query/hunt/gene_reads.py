@@ -17,7 +17,9 @@ logger = logging.getLogger(__name__)
 
 
 def open_index_store(index: AtlasIndex, atlas: str | Path | None = None) -> tuple[Any, str | None]:
-    """The atlas store the index was built from (or ``atlas``), or ``(None, reason)`` when it cannot be used."""
+    """The atlas store the index was built from (or ``atlas``), or ``(None, reason)`` when it cannot be used: not
+    reachable, another number of cells than the index was built from, or datasets that differ from those the index
+    was built from (:func:`store_differences`)."""
     from scatlas.atlas.store import AtlasStore
 
     path = Path(atlas) if atlas is not None else index.atlas_path
@@ -33,7 +35,47 @@ def open_index_store(index: AtlasIndex, atlas: str | Path | None = None) -> tupl
     if built_from not in (None, store.n_cells):
         store.close()
         return None, f"the atlas store {path} has {store.n_cells} cells, the index was built from {built_from}"
+    differences = store_differences(index, store)
+    if differences:
+        store.close()
+        return None, f"the atlas store {path} does not hold the cells the index was built from: {'; '.join(differences)}"
     return store, None
+
+
+def store_differences(index: AtlasIndex, store: Any) -> list[str]:
+    """How the atlas store ``store`` differs, in the datasets the index was built from, from the store the index
+    was built from (its manifest's atlas snapshot), in words; empty when it holds those datasets as they were.
+
+    Each dataset of the snapshot must be in the store under its id, with the same cell id range and the same
+    content: the same X digest (``x_sha256``) where both record one, else (a store written before X digests) the
+    same ingest (``ingested_at``). A dataset of the snapshot that the store lacks counts only when other datasets
+    of the store hold its cell ids; datasets the store gained after the build do not count (their cells are no
+    cells of the index). Dataset ids are escaped (they come from data); no cell value is read."""
+    from scatlas.atlas.validate import escaped
+
+    recorded = [d for d in index.manifest.atlas_snapshot.get("datasets") or []
+                if isinstance(d, dict) and "dataset_id" in d and "start" in d and "stop" in d]
+    records = list(store.cell_ranges_records())
+    by_id = {str(r.dataset_id): r for r in records}
+    out: list[str] = []
+    for d in recorded:
+        name, start, stop = escaped(str(d["dataset_id"]), 60), int(d["start"]), int(d["stop"])
+        rec = by_id.get(str(d["dataset_id"]))
+        if rec is None:
+            if any(r.start < stop and start < r.stop for r in records):
+                out.append(f"dataset {name} is not in the store, and other datasets hold its cell ids "
+                           f"{start}..{stop - 1}")
+        elif (int(rec.start), int(rec.stop)) != (start, stop):
+            out.append(f"dataset {name} holds cell ids {rec.start}..{rec.stop - 1} in the store, {start}..{stop - 1} "
+                       "in the index")
+        elif d.get("x_sha256") and getattr(rec, "x_sha256", ""):
+            if d["x_sha256"] != rec.x_sha256:
+                out.append(f"dataset {name} holds other expression values (its content fingerprint, x_sha256, "
+                           "differs)")
+        elif d.get("ingested_at") and getattr(rec, "ingested_at", "") and d["ingested_at"] != rec.ingested_at:
+            out.append(f"dataset {name} was ingested at another time and has no content fingerprint (x_sha256) to "
+                       "compare")
+    return out
 
 
 def iter_gene_features(

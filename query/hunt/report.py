@@ -4,9 +4,11 @@ By default hits are broken down by the atlas label (``cell_type``), ``donor_id``
 the cells table has; a column that is missing (NULL) in every cell is left out, and the report says so.
 The report is written into a temporary directory beside ``out_dir`` and moved into place only when complete, so a
 failed run leaves ``out_dir`` as it was (absent, or the earlier complete report). Arguments (``by``, ``de_group``,
-``de_reference``) are checked against the cells table before anything is written. Hits that are not cells of the
-index (from a sweep made before the atlas or index changed) are left out of the whole report, with a warning. The
-report holds:
+``de_reference``) are checked against the cells table before anything is written. Hits of a sweep (its
+``summary.json`` beside them) of another index, or of another version of it, are refused: the sweep must have read
+the build the report opens. Hits that are not cells of the index (from a sweep made before the atlas or index
+changed) are left out of the whole report, with a warning. An atlas store for DE that does not hold the datasets
+the index was built from as they were (id ranges, content fingerprints) is refused. The report holds:
 
 * ``enrichment.csv``: per grouping column and group: cells, hits, hit fraction, fold over the atlas-wide hit
   rate, Fisher exact p and Benjamini-Hochberg q (see :mod:`query.hunt.enrichment`);
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import html
+import json
 import logging
 import os
 import shutil
@@ -58,7 +61,8 @@ from scatlas.query.hunt.enrichment import (
     default_by,
     enrichment,
 )
-from scatlas.query.hunt.sweep import HITS_FILE
+from scatlas.query.hunt.gene_reads import store_differences
+from scatlas.query.hunt.sweep import HITS_FILE, SUMMARY_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +161,41 @@ def _read_hits_file(path: Path) -> pd.DataFrame:
         raise InputError(os_error_message(exc, "reading", path)) from exc
     except (pa.ArrowException, ValueError) as exc:
         raise InputError(not_hits) from exc
+
+
+def _check_swept_index(hits: str | Path | pd.DataFrame, idx: AtlasIndex) -> None:
+    """InputError when ``hits`` come from a sweep (its ``summary.json`` beside the hits file) of another index than
+    ``idx``, or of another version of it: the build the sweep read (its ``index_manifest_id``, the index's
+    :attr:`~index.AtlasIndex.build_id`) must be the one ``idx`` opened. Hits without a sweep summary (a
+    DataFrame, a file elsewhere) are not checked."""
+    if isinstance(hits, pd.DataFrame):
+        return
+    path = _hits_file(hits).parent / SUMMARY_FILE
+    if not path.is_file():
+        logger.info("no sweep summary (%s) beside the hits: which index they come from is not checked", path)
+        return
+    try:
+        summary = json.loads(path.read_text())
+        swept = summary["index_manifest_id"]
+    except (OSError, ValueError, TypeError, KeyError):
+        logger.warning("the sweep summary %s is unreadable: which index the hits come from is not checked", path)
+        return
+    if swept == idx.build_id:
+        return
+    embedder, own = summary.get("embedder_fingerprint"), idx.manifest.embedder.fingerprint
+    if embedder and own and embedder != own:
+        which = (f"another index (the sweep read vectors of embedder {embedder}; {show(idx.path)} was built with "
+                 f"embedder {own})")
+    else:
+        version = summary.get("index_version")
+        read = f"build {swept}" + (f", version {version}" if isinstance(version, int) else "")
+        which = (f"another index or another version of this one (the sweep read index {read}; {show(idx.path)} is "
+                 f"build {idx.build_id}, version {idx.manifest.version})")
+    raise InputError(
+        f"the hits in {show(path.parent)} come from a sweep of {which}: the breakdown would count cells the sweep "
+        "never scored as non-hits. Pass the index the sweep read (--index), or re-run `scatlas hunt sweep` on this "
+        "index and report its hits"
+    )
 
 
 def _atomic(path: Path, write: Any) -> None:
@@ -321,7 +360,8 @@ def _html(res: ReportResult, by: Sequence[str], hits_source: str) -> str:
 
 
 def _open_store(index: AtlasIndex, atlas: str | Path | None) -> tuple[Any, str | None]:
-    """The atlas store for DE, or ``(None, reason)`` when it cannot be reached."""
+    """The atlas store for DE, or ``(None, reason)`` when it cannot be reached; InputError when it does not hold
+    the datasets the index was built from as they were (:func:`~query.hunt.gene_reads.store_differences`)."""
     from scatlas.atlas.store import AtlasStore
 
     path = Path(atlas) if atlas is not None else index.atlas_path
@@ -330,9 +370,20 @@ def _open_store(index: AtlasIndex, atlas: str | Path | None) -> tuple[Any, str |
     if not AtlasStore.exists(path):
         return None, f"the atlas store {path} is not reachable (no store.json there); pass atlas= to point at it"
     try:
-        return AtlasStore.open(path), None
+        store = AtlasStore.open(path)
     except ScatlasError as exc:
         return None, f"the atlas store {path} could not be opened: {exc}"
+    differences = store_differences(index, store)
+    if differences:
+        store.close()
+        raise InputError(
+            f"the atlas store {show(path)} does not hold the cells the index was built from: "
+            f"{'; '.join(differences)}; differential expression there would compare other cells. Pass the atlas "
+            "store the index was built from (--atlas; atlas=), bring the index up to date with this store "
+            "(`scatlas build --update`) and re-run `scatlas hunt sweep`, or leave differential expression out "
+            "(--no-de; de=False)"
+        )
+    return store, None
 
 
 def report(
@@ -354,7 +405,8 @@ def report(
     """Enrichment of ``hits`` per group, a bar chart, and DE of the hits; written to ``out_dir``.
 
     The arguments are checked against the cells table first (an unknown ``by`` or ``de_group`` column, a
-    ``de_reference`` that is no level among the hits: :class:`InputError`, nothing written). The report is written
+    ``de_reference`` that is no level among the hits, a ``by`` naming no column, hits of a sweep of another index
+    or another version of it: :class:`InputError`, nothing written). The report is written
     into a temporary directory beside ``out_dir`` and moved into place when complete: a failed run leaves
     ``out_dir`` as it was. Hits that are not cells of the index are left out of the whole report with a warning
     (``ReportResult.n_dropped``); when none of them is, :class:`InputError` says to re-run the sweep.
@@ -370,7 +422,8 @@ def report(
         non-hits; ``de_reference`` is the level to compare against (default ``normal`` when present, else
         each level against the other hits).
     atlas: the atlas store for DE (default: the store recorded in the index manifest). When it is not reachable,
-        DE is skipped with a logged message and ``de_skipped`` says why. ``de=False`` skips DE on purpose.
+        DE is skipped with a logged message and ``de_skipped`` says why; when it holds other cells than the index
+        was built from, :class:`InputError`. ``de=False`` skips DE on purpose.
     de_method: ``wilcoxon`` (rank-sum) or ``t-test`` (Welch), on log1p(CP10k) values.
     max_cells: at most this many cells per side of a DE comparison (sampled with ``seed``).
     alternative: of the Fisher tests: ``two-sided`` (default), ``greater`` (enrichment only) or ``less``.
@@ -386,6 +439,7 @@ def report(
     out = check_output_dir(out_dir, REPORT, inputs=inputs)
     idx = open_index(index)
     frame = _read_hits(hits)
+    _check_swept_index(hits, idx)
     hits_source = show(hits) if not isinstance(hits, pd.DataFrame) else "a DataFrame"
 
     with idx.cursor() as con:
@@ -425,7 +479,16 @@ def _breakdown(con: Any, names: Sequence[str], by: Sequence[str] | None) -> tupl
         columns = default_by(names)
         left_out.update({c: "not a column of the cells table" for c in DEFAULT_BY if c not in names})
     else:
+        if isinstance(by, str):
+            raise InputError(f"by (--by) must be a list of column names, not a string; give e.g. by=[{by!r}]")
         columns = list(dict.fromkeys(by))
+        blank = [c for c in columns if not isinstance(c, str) or not c.strip()]
+        if blank or not columns:
+            what = "names no column" if not columns else "holds a blank column name"
+            raise InputError(
+                f"by (--by) {what}; give columns of the cells table to break the hits down by (comma-separated with --by), or leave "
+                f"it out for the default ({', '.join(DEFAULT_BY)}, those the table has): {_listing(names)}"
+            )
         unknown = [c for c in columns if c not in names]
         if unknown:
             what = "is not a column" if len(unknown) == 1 else "are not columns"

@@ -114,6 +114,8 @@ class SweepSummary:
     stage2_seconds: float = 0.0
     n_stage2_chunks: int = 0
     n_stage2_chunks_resumed: int = 0
+    index_version: int | None = None
+    """The version of the index the sweep read (``build --update`` makes the next); None in older summaries."""
 
     def to_json(self) -> dict[str, Any]:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
@@ -654,6 +656,7 @@ def _finish(
         stage2_seconds=s2.seconds if s2 is not None else 0.0,
         n_stage2_chunks=s2.n_chunks if s2 is not None else 0,
         n_stage2_chunks_resumed=s2.n_resumed if s2 is not None else 0,
+        index_version=idx.manifest.version,
     )
     state["complete"] = True
     state["n_hits"] = len(hit_ids)

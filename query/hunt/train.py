@@ -250,7 +250,8 @@ def train(
         ``"auto"``: train it, and keep it only when its two stages' cross-validated F1 beats stage 1 alone's on
         the same labelled cells (:func:`~query.hunt.stage2.prefer_two_stages`; ``params["stage_choice"]`` says
         which won). Trained when the embedder has gene features, the labelled cells measure its genes and the atlas store is
-        reachable (else ``params["stage2_skipped"]`` says why and the classifier is one-stage). Its features are
+        reachable (else ``params["stage2_skipped"]`` says why and the classifier is one-stage; with
+        ``two_stage=True``, InputError says why). Its features are
         held densely: the training rows x the embedder's genes, float64.
 
     allow_species_mismatch: go on (with a warning) when the labelled cells' genes look like another species than
@@ -279,6 +280,8 @@ def train(
         raise InputError(f"background and cell_negatives must be >= 0 and max_positives >= {MIN_POSITIVES}")
     torch_device = resolve_device(device, backend="torch")
     gene_names, skipped = _stage2_genes(idx) if two_stage else (None, "not requested (--stages 1, two_stage=False)")
+    if two_stage is True:  # asked for: refuse now what would leave it untrained, before the work
+        _require_stage2(skipped if gene_names is None else _store_unusable(idx))
     stage_choice = None
     ts = _TrainingSet(idx.dim)
     if cells is not None:
@@ -295,6 +298,8 @@ def train(
         stage2, skipped = _train_stage2(idx, ts, fit, gene_names, choice.threshold, l2=l2, seed=seed, device=torch_device,
                                         calibration=calibration, target_precision=target_precision,
                                         chunk_size=chunk_size)
+    if stage2 is None and two_stage is True:
+        _require_stage2(skipped or "it could not be trained")
     if stage2 is not None and two_stage == "auto":
         keep, stage_choice = prefer_two_stages(stage2.metrics)
         logger.info("two_stage='auto': %s; %s", stage_choice, "two stages" if keep else "stage 1 alone")
@@ -343,6 +348,26 @@ def train(
     if out is not None:
         clf.save(out, inputs=inputs)
     return clf
+
+
+def _store_unusable(idx: AtlasIndex) -> str | None:
+    """Why stage 2 cannot read the index's atlas store (:func:`~query.hunt.gene_reads.open_index_store`), or None."""
+    store, why = open_index_store(idx)
+    if store is not None:
+        store.close()
+    return why
+
+
+def _require_stage2(why: str | None) -> None:
+    """InputError when stage 2, asked for (``two_stage=True``, ``--stages 2``), cannot be trained (``why``)."""
+    if why is None:
+        return
+    raise InputError(
+        f"stage 2 was asked for (--stages 2; two_stage=True) but cannot be trained: {why}. Fix that (for the atlas "
+        "store: restore the store the index was built from, or bring the index up to date with it with `scatlas "
+        "build --update`), or train with --stages auto (two_stage='auto': stage 1 alone, said, when stage 2 cannot "
+        "be trained) or --stages 1"
+    )
 
 
 def _stage2_genes(idx: AtlasIndex) -> tuple[list[str] | None, str | None]:

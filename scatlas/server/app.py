@@ -353,9 +353,10 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         job = _job(state, job_id)
         if name not in FILES[job.kind]:
             raise ApiError(404, f"a {job.kind} job has no file {name[:80]!r}; its files: {', '.join(FILES[job.kind])}")
+        if job.status == "failed":
+            raise ApiError(409, f"the job failed, so it has no files: {job.error or 'no reason recorded'}")
         if job.status != "done":
-            raise ApiError(409, f"the job is {job.status}" + (f": {job.error}" if job.error else "")
-                           + "; its files are there once it is done")
+            raise ApiError(409, f"the job is {job.status}; its files are there once it is done")
         path = state.jobs.file(job, name)
         if path is None:
             raise ApiError(404, f"this job wrote no {name}" + (" (the index has no reference map)"
@@ -385,7 +386,7 @@ async def _submit(state: ServerState, request: Request, kind: str, parse: Callab
         job.upload_name = display_name(filename)
 
         def check() -> tuple[int, Any]:
-            cells = check_h5ad(dest, size)
+            cells = check_h5ad(dest, size, name=job.upload_name if filename else None)
             return cells, parse(fields, state.shared.view(), dest)
 
         cells, params = await run_in_threadpool(check)

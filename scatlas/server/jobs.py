@@ -42,6 +42,15 @@ JOB_MARKER = ".scatlas-job"
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{20,64}$")
 """What a job id looks like (:func:`secrets.token_urlsafe` of 18 bytes gives 24 characters)."""
 STATES = ("queued", "running", "done", "failed")
+API_HINTS = (
+    ("pass --allow-species-mismatch (allow_species_mismatch=True in Python) to go on anyway",
+     "this server does not go on with a species mismatch (the scatlas command does, with "
+     "--allow-species-mismatch)"),
+    ("or lower the threshold with --min-gene-overlap.",
+     "or run the scatlas command with a lower --min-gene-overlap (this server keeps the default threshold)."),
+)
+"""Hints of library messages that name command-line options, and what they say in the server's answers (its forms
+have no such fields)."""
 INTERNAL_ERROR = "internal error while running the job (the server's log has the details)"
 
 DEFAULT_SECONDS_PER_CELL = {"annotate": 0.004, "search": 0.002, "hunt": 0.004}
@@ -212,8 +221,12 @@ class JobManager:
 
     @staticmethod
     def public_text(job: Job, text: str) -> str:
-        """A message for the client: the job directory's paths replaced by the names the client knows."""
+        """A message for the client: the job directory's paths replaced by the names the client knows, the query's
+        stored name by the upload's, and the command line's hints by what they mean for the API."""
         text = safe_text(text).replace(str(job.directory / "query.h5ad"), job.upload_name)
+        text = text.replace("the query 'query'", f"the query {job.upload_name!r}")
+        for cli_hint, api_hint in API_HINTS:
+            text = text.replace(cli_hint, api_hint)
         return text.replace(str(job.directory) + "/", "").replace(str(job.directory), "the job directory")
 
     def expected_seconds(self, kind: str, cells: int) -> float:

@@ -179,6 +179,7 @@ def run_annotate(job: Job, view: AtlasIndex, p: AnnotateParams, expected_s: floa
                       **optional)
     job.stage("writing", 0.9, 0.99, 1.0 + expected_s / 10)
     d = job.directory
+    result.report["query"]["source"] = job.upload_name  # not the server's path
     result.write(d / "annotated.h5ad", report_json=d / "report.json",
                  map_png=d / "umap.png" if result.placement is not None else None)
     predictions = result.predictions.copy()
@@ -219,6 +220,7 @@ def run_search(job: Job, view: AtlasIndex, p: SearchParams, expected_s: float) -
                           where=p.where, cells_where=p.cells_where, progress=False)
     job.stage("writing", 0.9, 0.99, 1.0 + expected_s / 10)
     d = job.directory
+    result.report["query"]["source"] = job.upload_name  # not the server's path
     has_map = bool(result.report.get("map", {}).get("available"))
     write_search(result, view, d / "hits.csv", enrichment_out=d / "enrichment.csv", report_out=d / "report.json",
                  map_png=d / "umap.png" if has_map else None, inputs=(d / QUERY_FILE,))

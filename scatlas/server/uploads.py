@@ -143,12 +143,15 @@ async def receive_upload(
     return parts.fields, parts.filename, parts.file_bytes
 
 
-def check_h5ad(path: Path, size: int) -> int:
-    """Refuse an upload that is not an HDF5 file holding an AnnData (``obs``, ``var`` and ``X``); its cell count."""
+def check_h5ad(path: Path, size: int, *, name: str | None = None) -> int:
+    """Refuse an upload that is not an HDF5 file holding an AnnData (``obs``, ``var`` and ``X``); its cell count.
+    ``name``: the upload's file name as shown (:func:`display_name`); None when the form named no file."""
     import h5py
 
-    if size == 0:
+    if size == 0 and name is None:
         raise InputError("no file was uploaded: send the .h5ad as the form part 'file'")
+    if size == 0:
+        raise InputError(f"the uploaded file {name!r} is empty (0 bytes): send the .h5ad with its contents")
     with open(path, "rb") as fh:
         head = fh.read(8)
         offset = 512
@@ -158,15 +161,15 @@ def check_h5ad(path: Path, size: int) -> int:
             offset *= 2
     if head != HDF5_SIGNATURE:
         raise InputError("the uploaded file is not an .h5ad: it does not start like an HDF5 file")
+    from scatlas.atlas.sources.h5ad import check_anndata_hdf5
+
     try:
         with h5py.File(path, "r") as f:
-            missing = [name for name in ("obs", "var", "X") if name not in f]
+            check_anndata_hdf5(f, "the uploaded file")  # the check (and message) of every .h5ad reader
             x = f.get("X")
             shape = x.attrs.get("shape") if isinstance(x, h5py.Group) else getattr(x, "shape", None)
     except (OSError, ValueError) as exc:
         raise InputError(f"the uploaded file is not a readable HDF5 file ({type(exc).__name__})") from None
-    if missing:
-        raise InputError(f"the uploaded file is an HDF5 file but not an AnnData .h5ad (no {', '.join(missing)})")
     try:
         return int(shape[0]) if shape is not None and len(shape) == 2 else 0
     except (TypeError, ValueError):

@@ -1,0 +1,93 @@
+"""A build that stops after its shards leaves an index that says it is unfinished (not one that opens without its
+heads or mapping check); a build that fails before any work leaves no directory; an update refuses another store."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from scatlas.atlas import ingest
+from scatlas.atlas.errors import IndexFormatError, InputError
+from scatlas.cli import cli
+from scatlas.index import AtlasIndex, build_index, store_source, update_index, verify_index
+from scatlas.index.unfinished import BUILDING_FILE
+from tests.conftest import make_adata
+
+BUILD = dict(embedder="pca", shard_size=150, factory="auto", fit_sample=400, seed=0,
+             embedder_options={"n_components": 10, "n_hvg": 50}, progress=False)
+
+
+def _store(tmp: Path, name: str, seed: int) -> Path:
+    path = tmp / f"{name}.h5ad"
+    make_adata(n_cells=300, n_genes=80, seed=seed, prefix=f"{name}_").write_h5ad(path)
+    ingest([path], tmp / f"atlas_{name}", progress=False)
+    return tmp / f"atlas_{name}"
+
+
+@pytest.mark.parametrize("step", ["train_label_heads", "calibrate_mapping"])
+def test_a_build_stopped_after_its_shards_is_unfinished_until_rerun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    atlas, index = _store(tmp_path, "A", 1), tmp_path / "index"
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(store_source, step, stop)
+        with pytest.raises(KeyboardInterrupt):
+            build_index(atlas, index, **BUILD)
+    assert (index / "manifest.json").is_file() and (index / BUILDING_FILE).is_file()
+    with pytest.raises(IndexFormatError, match="did not finish .*rerun the same `scatlas build`"):
+        AtlasIndex.open(index)
+    report = verify_index(index, progress=False)
+    assert not report.ok and report.problems[0].file == BUILDING_FILE
+    for args in (["info", str(index)], ["verify", "--index", str(index)]):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code != 0 and "did not finish" in res.output and "Traceback" not in res.output, res.output
+    q = tmp_path / "q.h5ad"
+    make_adata(n_cells=60, n_genes=80, seed=3, prefix="A_").write_h5ad(q)
+    res = CliRunner().invoke(cli, ["annotate", str(q), "--index", str(index), "--out", str(tmp_path / "o.h5ad")])
+    assert res.exit_code != 0 and "did not finish" in res.output, res.output
+
+    with pytest.raises(IndexFormatError, match="did not finish"):
+        update_index(atlas, index, progress=False)
+    build_index(atlas, index, **BUILD)  # the rerun finishes it
+    assert not (index / BUILDING_FILE).exists()
+    with AtlasIndex.open(index) as idx:
+        assert idx.label_heads(), "the heads were trained by the rerun"
+    assert (index / "mapping.json").is_file() and verify_index(index, progress=False).ok
+
+
+def test_a_build_failing_before_any_work_leaves_no_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    atlas = _store(tmp_path, "A", 1)
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise InputError("only 0 genes vary")
+
+    monkeypatch.setattr(store_source, "_fit_embedder", fail)
+    with pytest.raises(InputError):
+        build_index(atlas, tmp_path / "new_index", **BUILD)
+    assert not (tmp_path / "new_index").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()  # a directory the user made stays, empty as it was
+    with pytest.raises(InputError):
+        build_index(atlas, mine, **BUILD)
+    assert mine.is_dir()
+
+
+def test_update_refuses_another_store_and_accepts_a_moved_one(tmp_path: Path) -> None:
+    a, b = _store(tmp_path, "A", 1), _store(tmp_path, "B", 2)
+    index = tmp_path / "index"
+    build_index(a, index, **BUILD, reference_map=False)
+    with pytest.raises(InputError, match="not the one the index .* was built from"):
+        update_index(b, index, progress=False)
+    res = CliRunner().invoke(cli, ["build", "--update", "--atlas", str(b), "--index", str(index)])
+    assert res.exit_code != 0 and "not the one the index" in res.output, res.output
+    moved = tmp_path / "moved"
+    shutil.copytree(a, moved)  # the same store elsewhere: its datasets are the index's
+    report = update_index(moved, index, progress=False)
+    assert report.changes.empty
