@@ -33,7 +33,7 @@ from scatlas.atlas.atomic import write_json_atomic
 from scatlas.atlas.errors import InputError, StoreError
 from scatlas.atlas.ontology_map import OntologyFill, read_ontology_map, term_column
 from scatlas.atlas.schema import STANDARD_OBS_COLUMNS
-from scatlas.atlas.sql import quote_ident, transaction
+from scatlas.atlas.sql import duckdb_interrupts, quote_ident, transaction
 from scatlas.atlas.store import CELLS_DB, STATE_FILE, AtlasStore, DatasetRecord
 from scatlas.atlas.store_writer import StoreWriter
 from scatlas.atlas.validate import escaped
@@ -102,6 +102,7 @@ class RemoveReport:
         return asdict(self)
 
 
+@duckdb_interrupts()  # a Ctrl-C that DuckDB reported as its own error is a KeyboardInterrupt again
 def remove_datasets(atlas: str | Path, dataset_ids: Iterable[str]) -> RemoveReport:
     """Remove datasets from the atlas store at ``atlas``: ``store.json`` is committed without them first, then
     their ``cells`` and ``datasets`` rows are deleted in one DuckDB transaction (an interruption between the two
@@ -296,6 +297,7 @@ def _terms_report(con: duckdb.DuckDBPyConnection, dataset_id: str, col: Relabell
     return fill.report()
 
 
+@duckdb_interrupts()
 def relabel_dataset(
     atlas: str | Path,
     dataset_id: str,

@@ -655,7 +655,8 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: tuned by timing).")
 @click.option("--stage1-only", is_flag=True, help="Skip a two-stage classifier's stage 2 (hits: stage 1's).")
 @click.option("--atlas", "atlas_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Atlas store stage 2 reads (default: the one the index was built from).")
+              help="Atlas store stage 2 reads (default: the one the index was built from); one given that cannot "
+                   "serve (unreachable, other cells) is an error.")
 @executor_options
 @progress_option
 def hunt_sweep(index_dir: Path, classifier_dir: Path, out_dir: Path, min_score: float | None, min_probability: float | None,

@@ -137,12 +137,16 @@ def test_report_refuses_the_index_own_store_once_it_holds_other_cells(world, tmp
 
 
 def test_stage_two_needs_the_store_the_index_was_built_from(world, tmp_path):
-    """A sweep leaves stage 2 out (said) on a store of other cells, given or found; ``train(two_stage=True)`` and
+    """A sweep refuses a store of other cells given on purpose and leaves stage 2 out (said) on one it finds;
+    ``train(two_stage=True)`` and
     ``hunt train --stages 2`` refuse without a usable store, where ``auto`` trains stage 1 alone and says why."""
     idx = world["index"]
     clf = train(idx, positive_sql=POSITIVE, background=300, n_folds=3, progress=False, two_stage=True)
     assert clf.stage2 is not None
-    s = sweep(idx, clf, tmp_path / "other", atlas=world["other"], progress=False)
+    with pytest.raises(InputError, match=r"stage 2 cannot read the atlas store given .*x_sha256.*--stage1-only"):
+        sweep(idx, clf, tmp_path / "other", atlas=world["other"], progress=False)  # named on purpose: refused
+    with _store_replaced(world, world["other"]):  # the store the index records: stage 1 alone, said
+        s = sweep(idx, clf, tmp_path / "found", progress=False)
     assert s.stages.startswith("stage 1 only: the atlas store ") and "x_sha256" in s.stages
     assert s.n_stage2_kept is None
     s = sweep(idx, clf, tmp_path / "copy", atlas=world["copy"], progress=False)

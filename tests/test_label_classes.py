@@ -116,8 +116,9 @@ def test_old_index_without_classes_gets_identity_classes(mixed: dict[str, Any], 
     assert verify_index(copy, progress=False).ok
 
 
-def test_classes_of_another_build_are_ignored(mixed: dict[str, Any], tmp_path: Path,
-                                              caplog: pytest.LogCaptureFixture) -> None:
+def _classes_of_another_build(mixed: dict[str, Any], tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the index whose stored label classes name another build and are not recorded in its manifest (as
+    if written by hand, or by an earlier state of a resumed build): (index, classes file)."""
     copy = tmp_path / "index"
     shutil.copytree(mixed["index"], copy)
     path = copy / LABELS_DIR / LABELS_FILE
@@ -125,8 +126,14 @@ def test_classes_of_another_build_are_ignored(mixed: dict[str, Any], tmp_path: P
     payload["manifest_sha256"] = "0" * 16
     path.write_text(json.dumps(payload))
     raw = json.loads((copy / MANIFEST_FILE).read_text())
-    del raw["labels_files"]  # as if written by hand: not recorded
+    del raw["labels_files"]
     (copy / MANIFEST_FILE).write_text(json.dumps(raw))
+    return copy, path
+
+
+def test_classes_of_another_build_are_ignored(mixed: dict[str, Any], tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    copy, _ = _classes_of_another_build(mixed, tmp_path)
     with caplog.at_level(logging.WARNING), AtlasIndex.open(copy) as idx:
         assert "B cells" in idx.label_classes("cell_type").classes
     assert "another build" in caplog.text
@@ -159,15 +166,7 @@ def test_classes_of_an_earlier_state_are_recomputed_without_a_warning(
 ) -> None:
     """A resumed build or update finds label classes stored before its manifest changed: it recomputes them, and
     the warning meant for readers (with its advice to rebuild) is not shown."""
-    copy = tmp_path / "index"
-    shutil.copytree(mixed["index"], copy)
-    path = copy / LABELS_DIR / LABELS_FILE
-    payload = json.loads(path.read_text())
-    payload["manifest_sha256"] = "0" * 16
-    path.write_text(json.dumps(payload))
-    raw = json.loads((copy / MANIFEST_FILE).read_text())
-    del raw["labels_files"]  # recorded by the earlier state's manifest, not this one's
-    (copy / MANIFEST_FILE).write_text(json.dumps(raw))
+    copy, path = _classes_of_another_build(mixed, tmp_path)
     with caplog.at_level(logging.INFO):
         classes = ensure_label_classes(copy, ["cell_type"])
     assert "recomputing" in caplog.text

@@ -427,3 +427,20 @@ def test_a_ctrl_c_duckdb_reports_as_its_own_error_is_an_interrupt(base_atlas, h5
     monkeypatch.setattr(ingestion, "_write_chunk", real)
     assert fingerprint(base_atlas) == before
     assert CliRunner().invoke(cli, args).exit_code == 0  # the rerun recovers the store and goes on
+
+
+def test_a_ctrl_c_duckdb_reports_during_a_remove_is_an_interrupt(base_atlas, monkeypatch):
+    from scatlas.atlas.store_writer import StoreWriter
+
+    def interrupted(self, *args, **kwargs):
+        _duckdb_interrupt("interrupt_exception")
+
+    real = StoreWriter.delete_uncommitted_rows
+    monkeypatch.setattr(StoreWriter, "delete_uncommitted_rows", interrupted)
+    args = ["remove", "--atlas", str(base_atlas), "--dataset", "base"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 130 and "Interrupted;" in result.output, result.output
+    assert "Error:" not in result.output and "Traceback" not in result.output
+    monkeypatch.setattr(StoreWriter, "delete_uncommitted_rows", real)
+    result = CliRunner().invoke(cli, args)  # the rerun finishes the removal
+    assert result.exit_code == 0, result.output

@@ -366,7 +366,8 @@ def sweep(
         GPU when sweeping on CUDA); a :class:`~index.executor.RayExecutor` spreads shards, and stage 2's chunks of
         candidates, over a cluster. The hits are the same either way.
     two_stage: run stage 2 when the classifier has one (``False``: stage 1 alone, at its own threshold).
-    atlas: the atlas store stage 2 reads (default: the one the index was built from).
+    atlas: the atlas store stage 2 reads (default: the one the index was built from; stage 1 alone, said, when
+        that one cannot serve). A store given here that cannot serve (not reachable, other cells) is an InputError.
     stage2_chunk_size: candidates read and scored per stage-2 chunk (bounds memory; one partial file each).
     """
     check_output_dir(out, SWEEP, inputs=input_paths(index, classifier))
@@ -399,6 +400,12 @@ def _stage2_store(
     if not two_stage:
         return None, "stage 1 only: two_stage=False"
     store, why = open_index_store(idx, atlas)
+    if store is None and atlas is not None:  # named on purpose: a store that cannot serve is a mistake to say
+        raise InputError(
+            f"stage 2 cannot read the atlas store given (atlas=, --atlas): {why}. Give the store the index was built "
+            "from, leave the option out to use the one the index records, or sweep stage 1 alone (--stage1-only; "
+            "two_stage=False)"
+        )
     if store is None:
         logger.warning("stage 2 cannot run (%s): stage 1's hits at its own threshold are the answer", why)
         return None, f"stage 1 only: {why}"
