@@ -18,7 +18,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -256,6 +257,24 @@ def check_output_dir(
         f"{show(out)}{hint} is not empty and holds {held}, not {kind.what}; refusing to write {kind.what} there: "
         "give a new or empty directory"
     )
+
+
+def missing_dirs(path: PathLike) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first: what writing there will create."""
+    absolute = Path(os.path.abspath(path))
+    return [p for p in (absolute, *absolute.parents) if not p.exists()]
+
+
+def remove_created(path: PathLike, created: Sequence[Path]) -> None:
+    """Remove the directory ``path`` and its parents, those of ``created`` (:func:`missing_dirs`, taken before a
+    command created them), after the command failed with nothing in them worth keeping; a ``path`` that existed
+    before is left alone."""
+    if not created or created[0] != Path(os.path.abspath(path)):
+        return
+    shutil.rmtree(created[0], ignore_errors=True)
+    for parent in created[1:]:
+        with contextlib.suppress(OSError):
+            parent.rmdir()  # only while empty
 
 
 def claim_output_dir(

@@ -240,6 +240,7 @@ class AtlasStore:
         """What an index records about the store it was built from."""
         return {
             "path": str(self.path.resolve()),
+            "created_at": self.state.created_at,  # with the path, what tells this store from another one (a copy keeps it)
             "format_version": self.state.format_version,
             "n_cells": self.n_cells,
             "n_genes": int(sum(1 for k in self.genes.keys if k)),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from scatlas.atlas.atomic import read_json_object
-from scatlas.atlas.errors import InputError, ScatlasError, TooFewCellsError
+from scatlas.atlas.errors import InputError, TooFewCellsError
+from scatlas.atlas.outputs import missing_dirs, remove_created
 from scatlas.atlas.sql import quote_ident
 from scatlas.index.build import (
     DEFAULT_CHUNK_SIZE,
@@ -49,6 +49,11 @@ LABEL_KEYS_DEFAULT = "default"
 """``label_keys`` value (or entry of a sequence): :data:`DEFAULT_LABEL_KEY` when it looks like a label column."""
 LABEL_KEYS_ALL = ("all", "auto")
 """``label_keys`` values: every column that looks like a label (``auto``: the former name of ``all``)."""
+
+
+SNAPSHOT_NOT_IDENTITY = ("path", "created_at")
+"""What of a store's snapshot is not part of a build's identity: the store may move (its path), and indexes built
+before snapshots recorded ``created_at`` must still resume."""
 
 
 class StoreVectorSource:
@@ -108,7 +113,7 @@ class StoreVectorSource:
         return (_reopen_store_source, (str(self.store.path), self.embedder))
 
     def describe(self) -> dict[str, Any]:
-        snap = {k: v for k, v in self.store.snapshot().items() if k != "path"}  # the store may move
+        snap = {k: v for k, v in self.store.snapshot().items() if k not in SNAPSHOT_NOT_IDENTITY}
         return {"kind": "atlas", "n_cells": self.n_cells, "dim": self.dim, "snapshot": snap}
 
 
@@ -263,19 +268,16 @@ def build_index(
     )
     options = dict(embedder_options or {})
     identity = {"embedder": embedder, "fit_sample": fit_sample, "embedder_options": options}
-    created = not out.exists()
+    created = missing_dirs(out)
     _prepare_dir(out, overwrite, inputs=(atlas,))
     version, current = current_version(out)
     if version > 1:  # updated since it was built: the build's arguments and the store must match the current version
         return _updated_manifest(out, current, store, identity)
-    emb = _resumable_embedder(out, identity)
-    if emb is None:
-        try:
-            emb = _fit_embedder(store, embedder, fit_sample, config.seed, options)
-        except ScatlasError:
-            if created:  # nothing of this build to resume: leave no empty index directory behind
-                shutil.rmtree(out, ignore_errors=True)
-            raise
+    try:
+        emb = _resumable_embedder(out, identity) or _fit_embedder(store, embedder, fit_sample, config.seed, options)
+    except BaseException:  # failed or interrupted before any work a rerun could resume from
+        remove_created(out, created)
+        raise
     mark_unfinished(out, "embedding the cells into shards")
     manifest = build_from_source(
         StoreVectorSource(store, emb),

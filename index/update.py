@@ -250,8 +250,9 @@ def update_index(
         if another_store(old.atlas_snapshot, snapshot, changes):
             raise InputError(
                 f"the atlas store {atlas} is not the one the index at {root} was built from "
-                f"({old.atlas_snapshot.get('path')}): none of the index's datasets is in it. Pass the store the index "
-                "was built from, or build a new index from this store (`scatlas build --atlas ATLAS --index NEW_DIR`)"
+                f"({old.atlas_snapshot.get('path')}): it was created separately (a moved or copied store is "
+                "accepted). Pass the store the index was built from, or build a new index from this store (`scatlas "
+                "build --atlas ATLAS --index NEW_DIR`)"
             )
         report = UpdateReport(str(root), version, changes, n_cells=old.n_cells)
         if changes.empty:

@@ -345,7 +345,8 @@ def annotate(
         heads_refit = _refit_heads(cells, atlas, missing_genes)
         alignment, t_align = _align(cells, align, align_sample, batch_size, where)
         placing = _PlacingIndex(idx, idx.reference_map(), cells.n_cells)
-        k_used = searchable_k(k, atlas.n_where if atlas.n_where is not None else idx.n_cells)
+        k_used = searchable_k(k, atlas.n_where if atlas.n_where is not None else idx.n_cells,
+                              cells.n_cells if keep_neighbors else None)
         run = Transfer(cast(AtlasIndex, placing), atlas, k=k_used, weighting=weighting,
                        max_votes_per_dataset=max_votes_per_dataset, where=where, keep_neighbors=keep_neighbors,
                        n=cells.n_cells, shift=alignment.shift if alignment is not None and alignment.applied else None)

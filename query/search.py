@@ -91,12 +91,25 @@ def _validate(k: int, mode: str) -> None:
         raise InputError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
 
 
-def searchable_k(k: int, n_searchable: int) -> int:
+MAX_RESULT_ROWS = 100_000_000
+"""Most neighbour rows (query cells x k) a search or an annotation that keeps its neighbours holds and writes (a
+few GB): beyond it the results would not fit in memory on a workstation."""
+
+
+def searchable_k(k: int, n_searchable: int, n_queries: int | None = None) -> int:
     """``k`` capped at the ``n_searchable`` atlas cells a search can return (a cell cannot have more neighbours
-    than there are cells to search; a huge ``k`` would otherwise allocate ``n x k`` arrays for nothing)."""
+    than there are cells to search; a huge ``k`` would otherwise allocate ``n x k`` arrays for nothing).
+    ``n_queries``: the query cells whose ``k`` neighbours are all kept; InputError when they would make more than
+    :data:`MAX_RESULT_ROWS` rows."""
     k_used = max(1, min(int(k), int(n_searchable)))
     if k_used < int(k):
         logger.info("k=%d is more than the %d atlas cells searched: using k=%d", int(k), int(n_searchable), k_used)
+    if n_queries is not None and int(n_queries) * k_used > MAX_RESULT_ROWS:
+        raise InputError(
+            f"{int(n_queries):,} query cells x k={k_used:,} make {int(n_queries) * k_used:,} neighbour rows, over the "
+            f"{MAX_RESULT_ROWS:,} kept in memory and written; lower --k, or split the query (or select cells with "
+            "--cells-where)"
+        )
     return k_used
 
 
@@ -319,7 +332,8 @@ def search_cells(
         cells.check(min_gene_overlap)
         rows = select_cells(cells, cells_where)
         refmap = idx.reference_map()
-        run = _Run(idx, mode, searchable_k(k, n_searched), where, refmap, cells.n_cells, _sampled(rows, MAP_POINTS))
+        kept = len(rows) if mode == "cells" else 1
+        run = _Run(idx, mode, searchable_k(k, n_searched, kept), where, refmap, cells.n_cells, _sampled(rows, MAP_POINTS))
         with progress_bar(progress, total=len(rows), desc="search", unit="cell") as bar:
             for chunk in _chunks(cells, rows):
                 run.add(chunk)

@@ -1,3 +1,5 @@
-from scatlas.cli import main
+"""``python -m scatlas``: the ``scatlas`` command."""
+
+from scatlas.entry import main
 
 main()

@@ -374,6 +374,7 @@ def info(index_path: Path | None, index_dir: Path | None, as_json: bool) -> None
 def verify(index_dir: Path | None, atlas_dir: Path | None, as_json: bool, progress: bool) -> None:
     """Read an index and/or an atlas store back whole and check every checksum; exit 1 when anything is wrong."""
     from scatlas.atlas.verify import verify_store
+    from scatlas.index.unfinished import BUILDING_FILE
     from scatlas.index.verify import verify_index
 
     if index_dir is None and atlas_dir is None:
@@ -395,6 +396,9 @@ def verify(index_dir: Path | None, atlas_dir: Path | None, as_json: bool, progre
             for line in result["problems"] + [f"note: {n}" for n in result["notes"]]:
                 _echo(f"  {line}")
     broken = [what for what, result in found.items() if not result["ok"]]
+    if broken == ["index"] and found["index"]["problems"] and all(
+            p.startswith(BUILDING_FILE) for p in found["index"]["problems"]):
+        raise ScatlasError("the index's build has not finished (above): rerun the same `scatlas build` to finish it")
     if broken:
         raise ScatlasError(
             f"the {' and the '.join(broken)} failed verification (problems listed above): rebuild the index with "
@@ -655,8 +659,8 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: tuned by timing).")
 @click.option("--stage1-only", is_flag=True, help="Skip a two-stage classifier's stage 2 (hits: stage 1's).")
 @click.option("--atlas", "atlas_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Atlas store stage 2 reads (default: the one the index was built from); one given that cannot "
-                   "serve (unreachable, other cells) is an error.")
+              help="Atlas store a two-stage classifier's stage 2 reads (default: the one the index was built from); "
+                   "one given that cannot serve (unreachable, other cells) is an error.")
 @executor_options
 @progress_option
 def hunt_sweep(index_dir: Path, classifier_dir: Path, out_dir: Path, min_score: float | None, min_probability: float | None,

@@ -131,3 +131,17 @@ def test_far_quantile_range_agrees_with_the_library(small: dict[str, Path], tmp_
     assert out.exit_code == 2 and "--far-quantile" in out.output and "far_quantile" not in out.output
     with pytest.raises(InputError, match="far-from-atlas quantile must be above 0 and below 1"):
         annotate(small["small"], small["index"], far_quantile=1.0, progress=False)
+
+
+def test_neighbour_rows_beyond_the_limit_are_refused(small: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A k the atlas can serve but whose neighbour rows (query cells x k) would not fit in memory is refused before
+    the search; without kept neighbours (annotate's keep_neighbors=False) it is not."""
+    import scatlas.query.search as search_module
+
+    monkeypatch.setattr(search_module, "MAX_RESULT_ROWS", 100)
+    with pytest.raises(InputError, match="neighbour rows, over the 100 kept"):
+        search_cells(small["small"], small["index"], k=30, progress=False)
+    with pytest.raises(InputError, match="lower --k"):
+        annotate(small["small"], small["index"], k=30, progress=False)
+    annotate(small["small"], small["index"], k=30, progress=False, keep_neighbors=False)
+    search_cells(small["small"], small["index"], k=30, mode="centroid", progress=False)  # one row set

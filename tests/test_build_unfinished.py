@@ -48,6 +48,7 @@ def test_a_build_stopped_after_its_shards_is_unfinished_until_rerun(
     for args in (["info", str(index)], ["verify", "--index", str(index)]):
         res = CliRunner().invoke(cli, args)
         assert res.exit_code != 0 and "did not finish" in res.output and "Traceback" not in res.output, res.output
+        assert "--overwrite`, or re-ingest" not in res.output  # the fix is to rerun the build, not to rebuild
     q = tmp_path / "q.h5ad"
     make_adata(n_cells=60, n_genes=80, seed=3, prefix="A_").write_h5ad(q)
     res = CliRunner().invoke(cli, ["annotate", str(q), "--index", str(index), "--out", str(tmp_path / "o.h5ad")])
@@ -72,11 +73,22 @@ def test_a_build_failing_before_any_work_leaves_no_directory(tmp_path: Path, mon
     with pytest.raises(InputError):
         build_index(atlas, tmp_path / "new_index", **BUILD)
     assert not (tmp_path / "new_index").exists()
+    with pytest.raises(InputError):
+        build_index(atlas, tmp_path / "sub" / "deeper" / "idx", **BUILD)
+    assert not (tmp_path / "sub").exists(), "the parents it created go too"
     mine = tmp_path / "mine"
     mine.mkdir()  # a directory the user made stays, empty as it was
     with pytest.raises(InputError):
         build_index(atlas, mine, **BUILD)
     assert mine.is_dir()
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_source, "_fit_embedder", stop)  # a Ctrl-C while the embedder is fitted
+    with pytest.raises(KeyboardInterrupt):
+        build_index(atlas, tmp_path / "stopped", **BUILD)
+    assert not (tmp_path / "stopped").exists()
 
 
 def test_update_refuses_another_store_and_accepts_a_moved_one(tmp_path: Path) -> None:
@@ -91,3 +103,7 @@ def test_update_refuses_another_store_and_accepts_a_moved_one(tmp_path: Path) ->
     shutil.copytree(a, moved)  # the same store elsewhere: its datasets are the index's
     report = update_index(moved, index, progress=False)
     assert report.changes.empty
+    twin = tmp_path / "twin"  # the same file ingested into a new store: the same dataset, another store
+    ingest([tmp_path / "A.h5ad"], twin, progress=False)
+    with pytest.raises(InputError, match="not the one the index .* was built from"):
+        update_index(twin, index, progress=False)

@@ -170,3 +170,17 @@ def test_cli_refuses_an_annotate_output_that_is_not_h5ad_and_a_probability_cut_o
         res = CliRunner().invoke(cli, ["hunt", "sweep", "--index", str(tmp_path / "idx"), "--classifier",
                                        str(tmp_path / "c"), "--out", str(tmp_path / "s"), "--min-probability", cut])
         assert res.exit_code == 2 and "--min-probability" in res.output
+
+
+def test_a_ctrl_c_while_the_command_starts_is_an_interrupt(monkeypatch, capsys):
+    """A Ctrl-C while the command's modules load ends with exit status 130 and a line, not an import traceback."""
+    from scatlas import entry
+
+    class Loading:
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "scatlas.cli", Loading())
+    with pytest.raises(SystemExit) as exc:
+        entry.main()
+    assert exc.value.code == 130 and "Interrupted" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -170,3 +171,10 @@ def test_stage_two_needs_the_store_the_index_was_built_from(world, tmp_path):
         res = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "auto")])
     assert res.exit_code == 0, res.output
     assert "stages: stage 1 alone; no stage 2: the atlas store " in res.output and "not reachable" in res.output
+
+
+def test_a_store_given_to_a_stage_one_sweep_is_said_to_be_unread(world, tmp_path, caplog):
+    clf = train(world["index"], positive_sql=POSITIVE, background=300, n_folds=3, progress=False, two_stage=False)
+    with caplog.at_level(logging.WARNING):
+        s = sweep(world["index"], clf, tmp_path / "one", atlas=tmp_path / "nowhere", progress=False)
+    assert s.stages.startswith("stage 1 only") and "is not read" in caplog.text and "has none" in caplog.text

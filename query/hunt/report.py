@@ -658,7 +658,7 @@ def _not_in_store(store: Any, ids: np.ndarray) -> np.ndarray:
 
 def _check_in_store(store: Any, comps: Sequence[Any], hit_ids: np.ndarray) -> None:
     """InputError, before any expression is read, when cells to compare are cells of the index but not of the
-    atlas store (the store changed after the index was built)."""
+    atlas store (another store, or the index's store lost datasets after the index was built)."""
     parts = [np.asarray(c.ids_a, dtype=np.int64) for c in comps] + [np.asarray(c.ids_b, dtype=np.int64) for c in comps]
     if not parts:
         return
@@ -668,9 +668,10 @@ def _check_in_store(store: Any, comps: Sequence[Any], hit_ids: np.ndarray) -> No
     n_hits = int(np.isin(missing, hit_ids).sum())
     raise InputError(
         f"{len(missing):,} cells to compare ({n_hits:,} hits, {len(missing) - n_hits:,} non-hits) are cells of the "
-        f"index but not of the atlas store {show(store.path)}: the store changed after the index was built; bring the index up "
-        "to date with the store (`scatlas build`) and re-run `scatlas hunt sweep`, or leave differential expression "
-        "out (--no-de; de=False)"
+        f"index but not of the atlas store {show(store.path)}: it is not the store the index was built from, or that "
+        "store lost datasets since. Pass the store the index was built from (--atlas; atlas=); if this is it, bring "
+        "the index up to date with it (`scatlas build --update`) and re-run `scatlas hunt sweep`; or leave "
+        "differential expression out (--no-de; de=False)"
     )
 
 

@@ -395,6 +395,9 @@ def _stage2_store(
     idx: AtlasIndex, clf: HuntClassifier, two_stage: bool, atlas: str | Path | None
 ) -> tuple[Any, str]:
     """The atlas store stage 2 reads (None when stage 2 does not run) and the sweep's ``stages`` note."""
+    if atlas is not None and (clf.stage2 is None or not two_stage):
+        logger.warning("the atlas store given (atlas=, --atlas) is not read: only stage 2 reads it, and %s",
+                       "the classifier has none" if clf.stage2 is None else "it is off (two_stage=False)")
     if clf.stage2 is None:
         return None, "stage 1 only: the classifier has no stage 2"
     if not two_stage:
