@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -110,6 +111,9 @@ class StoreState:
 
     format_version: int = STORE_FORMAT_VERSION
     created_at: str = field(default_factory=now)
+    store_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    """Made when the store is created; a copy keeps it, a store ingested separately has its own ("" in stores
+    written before ids existed)."""
     obs_high_water: int = 0
     var_high_water: int = 0
     obsm_dims: dict[str, int] = field(default_factory=dict)
@@ -132,6 +136,7 @@ class StoreState:
         return cls(
             format_version=version,
             created_at=payload.get("created_at", ""),
+            store_id=str(payload.get("store_id", "")),
             obs_high_water=int(payload["obs_high_water"]),
             var_high_water=int(payload["var_high_water"]),
             obsm_dims={k: int(v) for k, v in payload.get("obsm_dims", {}).items()},
@@ -240,7 +245,7 @@ class AtlasStore:
         """What an index records about the store it was built from."""
         return {
             "path": str(self.path.resolve()),
-            "created_at": self.state.created_at,  # with the path, what tells this store from another one (a copy keeps it)
+            "store_id": self.state.store_id,  # what tells this store from another one (a copy keeps it)
             "format_version": self.state.format_version,
             "n_cells": self.n_cells,
             "n_genes": int(sum(1 for k in self.genes.keys if k)),

@@ -93,12 +93,12 @@ def store_changes(old: dict[str, Any], new: dict[str, Any]) -> StoreChanges:
 
 
 def another_store(old: dict[str, Any], new: dict[str, Any], changes: StoreChanges) -> bool:
-    """Whether snapshot ``new`` is of another store than ``old`` (an index's): another creation time (a store moved
-    or copied elsewhere keeps its ``created_at``; one ingested separately, even from the same files, has its own),
-    or, for snapshots that do not record it, another path with none of the index's datasets there unchanged. A
-    store at the same path whose every dataset was removed and replaced is still the index's store, updated."""
-    if old.get("created_at") and new.get("created_at"):
-        return bool(old["created_at"] != new["created_at"])
+    """Whether snapshot ``new`` is of another store than ``old`` (an index's): another ``store_id`` (a store moved or
+    copied elsewhere keeps its id; one ingested separately, even from the same files, has its own), or, for
+    snapshots that do not record one, another path with none of the index's datasets there unchanged. A store at
+    the same path whose every dataset was removed and replaced is still the index's store, updated."""
+    if old.get("store_id") and new.get("store_id"):
+        return bool(old["store_id"] != new["store_id"])
     if not _datasets(old) or str(old.get("path", "")) == str(new.get("path", "")):
         return False
     kept = set(_datasets(old)) - {d.dataset_id for d in changes.removed}

@@ -27,13 +27,20 @@ from scatlas.index.changes import store_changes
 from scatlas.index.embedding import obs_columns, obsm_keys, reads_x
 from scatlas.index.heads_training import label_column_classes, label_columns, train_label_heads
 from scatlas.index.label_classes import ensure_label_classes
-from scatlas.index.manifest import BUILD_FILE, CELLS_DB_FILE, EMBEDDER_DIR, IndexManifest, read_manifest
+from scatlas.index.manifest import (
+    BUILD_FILE,
+    CELLS_DB_FILE,
+    EMBEDDER_DIR,
+    MANIFEST_FILE,
+    IndexManifest,
+    read_manifest,
+)
 from scatlas.index.mapping import MAPPING_FILE, calibrate_mapping
 from scatlas.index.metadata import CellsFile, columns_of, connect
 from scatlas.index.progress import Progress
 from scatlas.index.refmap import ensure_reference_map
 from scatlas.index.source import ShardSpec, plan_over_ranges
-from scatlas.index.unfinished import mark_finished, mark_unfinished
+from scatlas.index.unfinished import mark_finished, mark_unfinished, unfinished_step
 from scatlas.index.versions import current_version
 
 if TYPE_CHECKING:
@@ -51,9 +58,9 @@ LABEL_KEYS_ALL = ("all", "auto")
 """``label_keys`` values: every column that looks like a label (``auto``: the former name of ``all``)."""
 
 
-SNAPSHOT_NOT_IDENTITY = ("path", "created_at")
+SNAPSHOT_NOT_IDENTITY = ("path", "store_id")
 """What of a store's snapshot is not part of a build's identity: the store may move (its path), and indexes built
-before snapshots recorded ``created_at`` must still resume."""
+before snapshots recorded ``store_id`` must still resume."""
 
 
 class StoreVectorSource:
@@ -278,7 +285,15 @@ def build_index(
     except BaseException:  # failed or interrupted before any work a rerun could resume from
         remove_created(out, created)
         raise
-    mark_unfinished(out, "embedding the cells into shards")
+    # A finished index that is built again (resumed, or given new label keys) is not marked: a refused rerun must not
+    # leave it unfinished, and each of its later steps replaces its files atomically.
+    finished_before = (out / MANIFEST_FILE).is_file() and unfinished_step(out) is None
+
+    def step(what: str) -> None:
+        if not finished_before:
+            mark_unfinished(out, what)
+
+    step("embedding the cells into shards")
     manifest = build_from_source(
         StoreVectorSource(store, emb),
         out,
@@ -291,21 +306,21 @@ def build_index(
         executor=executor,
     )
     keys = _resolve_label_keys(store, label_keys)
-    mark_unfinished(out, "storing label classes")
+    step("storing label classes")
     ensure_label_classes(out, _class_keys(out, keys))
     if keys:
-        mark_unfinished(out, "training label heads")
+        step("training label heads")
         train_label_heads(
             store, out, keys, seed=config.seed, progress=progress, **dict(heads_options or {})
         )
     if not (out / MAPPING_FILE).exists():  # how atlas data maps when held out: judges queries (query.mapping)
-        mark_unfinished(out, "calibrating the mapping check")
+        step("calibrating the mapping check")
         try:
             calibrate_mapping(out, seed=config.seed, progress=progress)
         except TooFewCellsError as exc:  # a tiny atlas is still an index; annotate reports "uncalibrated"
             logger.warning("%s: annotate will not judge how queries map onto it", exc)
     if reference_map:  # the atlas in 2-D (index.refmap), on which annotate and search place queries
-        mark_unfinished(out, "fitting the reference map")
+        step("fitting the reference map")
         ensure_reference_map(out, seed=config.seed)
     mark_finished(out)
     return manifest

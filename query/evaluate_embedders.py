@@ -215,7 +215,7 @@ class RestSource:
         return (_reopen_rest_source, (str(self.store.path), self.embedder, self.ids))
 
     def describe(self) -> dict[str, Any]:
-        snap = {k: v for k, v in self.store.snapshot().items() if k not in ("path", "created_at")}
+        snap = {k: v for k, v in self.store.snapshot().items() if k not in ("path", "store_id")}
         digest = int(np.bitwise_xor.reduce(self.ids * 2654435761 % (2**31))) if len(self.ids) else 0
         return {"kind": "atlas-part", "n_cells": self.n_cells, "dim": self.dim, "ids": digest, "snapshot": snap}
 

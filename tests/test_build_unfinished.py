@@ -107,3 +107,14 @@ def test_update_refuses_another_store_and_accepts_a_moved_one(tmp_path: Path) ->
     ingest([tmp_path / "A.h5ad"], twin, progress=False)
     with pytest.raises(InputError, match="not the one the index .* was built from"):
         update_index(twin, index, progress=False)
+
+
+def test_a_refused_rerun_leaves_a_finished_index_finished(tmp_path: Path) -> None:
+    atlas, index = _store(tmp_path, "A", 1), tmp_path / "index"
+    build_index(atlas, index, **BUILD, reference_map=False)
+    other = {**BUILD, "embedder_options": {"n_components": 8, "n_hvg": 50}}
+    with pytest.raises(InputError, match="built with other arguments"):
+        build_index(atlas, index, **other, reference_map=False)
+    assert not (index / BUILDING_FILE).exists()
+    with AtlasIndex.open(index) as idx:
+        assert idx.n_cells == 300

@@ -45,7 +45,7 @@ def open_index_store(index: AtlasIndex, atlas: str | Path | None = None) -> tupl
 def store_differences(index: AtlasIndex, store: Any) -> list[str]:
     """How the atlas store ``store`` differs, in the datasets the index was built from, from the store the index
     was built from (its manifest's atlas snapshot), in words; empty when it holds those datasets as they were.
-    A store created separately (another ``created_at``, where the snapshot records one) is another store outright.
+    A store created separately (another ``store_id``, where the snapshot records one) is another store outright.
 
     Each dataset of the snapshot must be in the store under its id, with the same cell id range and the same
     content: the same X digest (``x_sha256``) where both record one, else (a store written before X digests) the
@@ -55,14 +55,15 @@ def store_differences(index: AtlasIndex, store: Any) -> list[str]:
     from scatlas.atlas.validate import escaped
 
     snapshot = index.manifest.atlas_snapshot
-    created, own = snapshot.get("created_at"), getattr(getattr(store, "state", None), "created_at", None)
-    if created and own and created != own:  # a copy keeps it; a store ingested separately has its own
-        return [f"it is another store than the one the index was built from (created {own}, that one {created})"]
+    recorded_id, own = snapshot.get("store_id"), getattr(getattr(store, "state", None), "store_id", None)
+    out: list[str] = []
+    if recorded_id and own and recorded_id != own:  # a copy keeps its id; a store ingested separately has its own
+        out.append("it is another store than the one the index was built from (another store id: a store created "
+                   "separately, not a copy)")
     recorded = [d for d in snapshot.get("datasets") or []
                 if isinstance(d, dict) and "dataset_id" in d and "start" in d and "stop" in d]
     records = list(store.cell_ranges_records())
     by_id = {str(r.dataset_id): r for r in records}
-    out: list[str] = []
     for d in recorded:
         name, start, stop = escaped(str(d["dataset_id"]), 60), int(d["start"]), int(d["stop"])
         rec = by_id.get(str(d["dataset_id"]))
