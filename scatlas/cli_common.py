@@ -42,8 +42,8 @@ class ScatlasGroup(click.Group):
         except ScatlasError as exc:
             raise click.ClickException(safe_text(str(exc))) from exc
         except KeyboardInterrupt:
-            _echo("Interrupted; rerun the same command (builds, ingests and sweeps resume where they stopped; other "
-                  "commands start over).", err=True)
+            _echo("Interrupted; rerun the same command (builds, updates, sweeps and evaluations resume where they "
+                  "stopped; other commands start over).", err=True)
             ctx.exit(130)
         except BrokenPipeError:
             # the reader of our output went away (``scatlas info INDEX | head -1``): stop quietly, as a command
