@@ -140,7 +140,7 @@ def test_cells_of_the_index_missing_from_the_store_fail_before_de_reads_anything
     monkeypatch.setattr(report_module, "_open_store", lambda idx, atlas: (store, None))
     monkeypatch.setattr(report_module, "differential_expression", pytest.fail)
     with pytest.raises(InputError, match=r"cells of the index but not of the atlas store fake-atlas.*"
-                                         r"`scatlas build`.*`scatlas hunt sweep`.*--no-de"):
+                                         r"`scatlas build --update`.*`scatlas hunt sweep`.*--no-de"):
         report(world["hits"], world["index"], tmp_path / "rep", progress=False)
     assert store.closed and not (tmp_path / "rep").exists()
     _no_leftovers(tmp_path)
