@@ -49,6 +49,11 @@ def replaced_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def json_text(payload: Any) -> str:
+    """``payload`` as the JSON text of our records and reports (indented, keys sorted, other types as ``str``)."""
+    return json.dumps(payload, indent=2, sort_keys=True, default=str)
+
+
 def write_json_atomic(path: Path, payload: Any) -> Path:
     """Write JSON to a temporary file in the same directory, fsync it, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +61,7 @@ def write_json_atomic(path: Path, payload: Any) -> Path:
     try:
         os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(payload, indent=2, sort_keys=True, default=str))
+            fh.write(json_text(payload))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -26,6 +26,7 @@ from scatlas.index.manifest import (
     TRAINED_FILE,
     IndexManifest,
     manifest_digest,
+    mapping_fix,
     read_manifest,
 )
 from scatlas.index.metadata import cells_frame, columns_of, connect, value_counts, where_ids
@@ -146,10 +147,8 @@ class AtlasIndex:
         path = self.path / MAPPING_FILE
         if not path.is_file():
             return None, None
-        fix = (f"recompute it with calibrate_mapping({str(self.path)!r}) or delete it to annotate without the "
-               "mapping check")
         try:
-            return read_json_object(path, fix), None
+            return read_json_object(path, mapping_fix(self.path)), None
         except IndexFormatError as exc:
             return None, exc
 

@@ -53,6 +53,12 @@ REFMAP_DIR = "refmap"
 REFMAP_FILE = "refmap.json"
 MAPPING_FILE = "mapping.json"
 """The mapping calibration (:mod:`index.mapping`), read when the index is opened."""
+
+
+def mapping_fix(index_dir: Path) -> str:
+    """What to do about an unusable mapping calibration of the index (version directory) at ``index_dir``."""
+    return (f"recompute it with calibrate_mapping({str(index_dir)!r}) or delete it to annotate without the mapping "
+            "check")
 """The reference map: a 2-D UMAP of a sample of atlas cells, and what places new cells on it (:mod:`index.refmap`)."""
 FILES_KEY = "files"
 HEADS_FILES_KEY = "heads_files"

@@ -25,7 +25,7 @@ from scatlas.atlas.errors import IndexFormatError, InputError, TooFewCellsError
 from scatlas.atlas.sql import quote_ident, quote_literal
 from scatlas.index.align import Alignment, apply_shift, estimate_shift
 from scatlas.index.atlas_index import AtlasIndex
-from scatlas.index.manifest import MAPPING_FILE
+from scatlas.index.manifest import MAPPING_FILE, mapping_fix
 from scatlas.index.predicate import ID_COLUMN
 from scatlas.index.progress import Progress, progress_bar
 from scatlas.index.sampling import sample_sorted
@@ -382,8 +382,7 @@ def read_mapping_calibration(index_dir: str | Path) -> MappingCalibration | None
     path = Path(index_dir) / MAPPING_FILE
     if not path.is_file():
         return None
-    fix = (f"recompute it with calibrate_mapping({str(path.parent)!r}) or delete it to annotate without the "
-           "mapping check")
+    fix = mapping_fix(path.parent)
     return _parsed(read_json_object(path, fix), path, fix)
 
 
@@ -394,10 +393,7 @@ def mapping_calibration(idx: AtlasIndex) -> MappingCalibration | None:
     data = idx.mapping_data
     if data is None:
         return None
-    path = idx.path / MAPPING_FILE
-    fix = (f"recompute it with calibrate_mapping({str(idx.path)!r}) or delete it to annotate without the "
-           "mapping check")
-    return _parsed(data, path, fix)
+    return _parsed(data, idx.path / MAPPING_FILE, mapping_fix(idx.path))
 
 
 def _parsed(data: dict[str, Any], path: Path, fix: str) -> MappingCalibration:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import json
 import logging
 import os
 import shutil
@@ -23,7 +22,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from scatlas.atlas.atomic import default_file_mode
+from scatlas.atlas.atomic import default_file_mode, json_text
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.outputs import (
     H5AD_MARK,
@@ -218,7 +217,7 @@ def write_json(payload: dict[str, Any], out: str | Path, *, inputs: Iterable[str
     """``payload`` as JSON, atomically; an existing file at ``out`` that is not JSON is refused."""
     out = Path(out)
     with atomic_path(out, inputs=inputs, file_kind="json") as tmp, open(tmp, "w") as fh:
-        fh.write(json.dumps(payload, indent=2, sort_keys=True, default=str))
+        fh.write(json_text(payload))
         fh.flush()
         os.fsync(fh.fileno())
     logger.info("wrote %s", out)

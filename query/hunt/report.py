@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import html
-import json
 import logging
 import os
 import shutil
@@ -38,12 +37,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from scatlas.atlas.atomic import read_json_object
 from scatlas.atlas.errors import InputError, ScatlasError
 from scatlas.atlas.outputs import (
     MARKER_FILE,
     REPORT,
     check_output_dir,
     claim_output_dir,
+    missing_dirs,
     os_error_message,
     show,
     writing,
@@ -175,9 +176,9 @@ def _check_swept_index(hits: str | Path | pd.DataFrame, idx: AtlasIndex) -> None
         logger.info("no sweep summary (%s) beside the hits: which index they come from is not checked", path)
         return
     try:
-        summary = json.loads(path.read_text())
+        summary = read_json_object(path, "sweep again")
         swept = summary["index_manifest_id"]
-    except (OSError, ValueError, TypeError, KeyError):
+    except (ScatlasError, KeyError):
         logger.warning("the sweep summary %s is unreadable: which index the hits come from is not checked", path)
         return
     if swept == idx.build_id:
@@ -587,8 +588,7 @@ def _staged(out: Path) -> Iterator[Path]:
     without an error, removed (with any parent directory created for it) when it raises, so that ``out`` stays as
     it was: absent, empty, or the earlier complete report."""
     existed = out.is_dir()
-    absolute = Path(os.path.abspath(out))
-    created = [p for p in absolute.parents if not p.exists()]  # deepest first
+    created = missing_dirs(Path(os.path.abspath(out)).parent)  # deepest first
     real = Path(os.path.realpath(out))
     with writing(real.parent):
         real.parent.mkdir(parents=True, exist_ok=True)
