@@ -182,5 +182,13 @@ def test_a_pancreas_query_maps_poorly_onto_a_pbmc_atlas_and_a_pbmc_one_does_not(
     if verdict == "maps_poorly":
         assert mapping["reasons"] and unknown >= 0.9
         assert (res.predictions["cell_type_unknown_reason"] == "out_of_atlas").mean() >= 0.9
+        # a handful of those cells alone are not shifted onto the atlas (no MNN "offset" from so few cells): they
+        # keep the mapping scores they have as embedded
+        few = anndata.read_h5ad(SHARED_RAW / query)[:5].copy()
+        got = annotate(few, tmp_path / "index", progress=False, keep_neighbors=False)
+        plain = annotate(few, tmp_path / "index", progress=False, keep_neighbors=False, align="none")
+        assert got.report["alignment"]["skipped"] and got.report["mapping"]["verdict"] == "too_few_cells"
+        np.testing.assert_allclose(got.predictions["cell_type_mapping_score"].to_numpy(),
+                                   plain.predictions["cell_type_mapping_score"].to_numpy())
     else:
         assert unknown <= 0.03
