@@ -12,6 +12,7 @@ from scatlas.index.align import MIN_SAMPLE as ALIGN_MIN_SAMPLE
 from scatlas.index.align import Alignment, apply_shift, estimate_shift
 from scatlas.index.atlas_index import AtlasIndex, SearchResult
 from scatlas.index.build import BuildConfig, build_from_source
+from scatlas.index.changes import other_store_id
 from scatlas.index.device import resolve_device, torch_gpu_count
 from scatlas.index.embedding import cell_reads, check_obsm
 from scatlas.index.executor import Executor, LocalExecutor, RayExecutor, Task, TaskContext, make_executor
@@ -66,6 +67,7 @@ __all__ = [
     "estimate_shift",
     "failure_reason",
     "mapping_calibration",
+    "other_store_id",
     "read_mapping_calibration",
     "ArrayVectorSource",
     "AtlasIndex",

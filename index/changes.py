@@ -92,13 +92,20 @@ def store_changes(old: dict[str, Any], new: dict[str, Any]) -> StoreChanges:
     )
 
 
+def other_store_id(recorded: object, own: object) -> bool:
+    """Whether two store ids name other stores: both recorded and different (a store moved or copied elsewhere
+    keeps its id; one ingested separately, even from the same files, has its own; stores written before ids carry
+    none, and then this says nothing)."""
+    return bool(recorded) and bool(own) and recorded != own
+
+
 def another_store(old: dict[str, Any], new: dict[str, Any], changes: StoreChanges) -> bool:
     """Whether snapshot ``new`` is of another store than ``old`` (an index's): another ``store_id`` (a store moved or
     copied elsewhere keeps its id; one ingested separately, even from the same files, has its own), or, for
     snapshots that do not record one, another path with none of the index's datasets there unchanged. A store at
     the same path whose every dataset was removed and replaced is still the index's store, updated."""
     if old.get("store_id") and new.get("store_id"):
-        return bool(old["store_id"] != new["store_id"])
+        return other_store_id(old["store_id"], new["store_id"])
     if not _datasets(old) or str(old.get("path", "")) == str(new.get("path", "")):
         return False
     kept = set(_datasets(old)) - {d.dataset_id for d in changes.removed}

@@ -5,41 +5,62 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from scatlas.atlas.errors import ScatlasError
-from scatlas.index import AtlasIndex
+from scatlas.index import AtlasIndex, other_store_id
 from scatlas.query.hunt.stage2 import GeneStats
 
 logger = logging.getLogger(__name__)
 
 
-def open_index_store(index: AtlasIndex, atlas: str | Path | None = None) -> tuple[Any, str | None]:
-    """The atlas store the index was built from (or ``atlas``), or ``(None, reason)`` when it cannot be used: not
-    reachable, another number of cells than the index was built from, or datasets that differ from those the index
-    was built from (:func:`store_differences`)."""
+class StoreAccess(NamedTuple):
+    """The atlas store an index's cells are read from (open; the caller closes it), or why there is none:
+    ``reason`` says why in words, ``differences`` lists how a store that was reached holds other cells than the
+    index was built from (:func:`store_differences`; empty when it was not reached)."""
+
+    store: Any | None
+    reason: str | None
+    differences: tuple[str, ...] = ()
+
+
+def reach_index_store(index: AtlasIndex, atlas: str | Path | None = None, *, same_cells: bool = False) -> StoreAccess:
+    """The atlas store the index was built from (or ``atlas``), opened, when it can be reached and holds the
+    datasets the index was built from as they were (:func:`store_differences`). ``same_cells``: also refuse a store
+    with another number of cells than the index was built from."""
     from scatlas.atlas.store import AtlasStore
 
     path = Path(atlas) if atlas is not None else index.atlas_path
     if path is None:
-        return None, "the index manifest names no atlas store"
+        return StoreAccess(None, "the index manifest names no atlas store")
     if not AtlasStore.exists(path):
-        return None, f"the atlas store {path} is not reachable (no store.json there)"
+        return StoreAccess(None, f"the atlas store {path} is not reachable (no store.json there)")
     try:
         store = AtlasStore.open(path)
     except ScatlasError as exc:
-        return None, f"the atlas store {path} could not be opened: {exc}"
+        return StoreAccess(None, f"the atlas store {path} could not be opened: {exc}")
     built_from = index.manifest.atlas_snapshot.get("n_cells")
-    if built_from not in (None, store.n_cells):
+    if same_cells and built_from not in (None, store.n_cells):
         store.close()
-        return None, f"the atlas store {path} has {store.n_cells} cells, the index was built from {built_from}"
+        return StoreAccess(None, f"the atlas store {path} has {store.n_cells} cells, the index was built from {built_from}")
     differences = store_differences(index, store)
     if differences:
         store.close()
-        return None, f"the atlas store {path} does not hold the cells the index was built from: {'; '.join(differences)}"
-    return store, None
+        return StoreAccess(
+            None, f"the atlas store {path} does not hold the cells the index was built from: {'; '.join(differences)}",
+            tuple(differences),
+        )
+    return StoreAccess(store, None)
+
+
+def open_index_store(index: AtlasIndex, atlas: str | Path | None = None) -> tuple[Any, str | None]:
+    """Stage 2's store: the atlas store the index was built from (or ``atlas``), or ``(None, reason)`` when it
+    cannot be used: not reachable, another number of cells than the index was built from, or datasets that differ
+    from those the index was built from (:func:`store_differences`)."""
+    access = reach_index_store(index, atlas, same_cells=True)
+    return access.store, access.reason
 
 
 def store_differences(index: AtlasIndex, store: Any) -> list[str]:
@@ -55,9 +76,9 @@ def store_differences(index: AtlasIndex, store: Any) -> list[str]:
     from scatlas.atlas.validate import escaped
 
     snapshot = index.manifest.atlas_snapshot
-    recorded_id, own = snapshot.get("store_id"), getattr(getattr(store, "state", None), "store_id", None)
+    own = getattr(getattr(store, "state", None), "store_id", None)
     out: list[str] = []
-    if recorded_id and own and recorded_id != own:  # a copy keeps its id; a store ingested separately has its own
+    if other_store_id(snapshot.get("store_id"), own):
         out.append("it is another store than the one the index was built from (another store id: a store created "
                    "separately, not a copy)")
     recorded = [d for d in snapshot.get("datasets") or []

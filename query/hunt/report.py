@@ -62,7 +62,7 @@ from scatlas.query.hunt.enrichment import (
     default_by,
     enrichment,
 )
-from scatlas.query.hunt.gene_reads import store_differences
+from scatlas.query.hunt.gene_reads import reach_index_store
 from scatlas.query.hunt.sweep import HITS_FILE, SUMMARY_FILE
 
 logger = logging.getLogger(__name__)
@@ -363,28 +363,19 @@ def _html(res: ReportResult, by: Sequence[str], hits_source: str) -> str:
 def _open_store(index: AtlasIndex, atlas: str | Path | None) -> tuple[Any, str | None]:
     """The atlas store for DE, or ``(None, reason)`` when it cannot be reached; InputError when it does not hold
     the datasets the index was built from as they were (:func:`~query.hunt.gene_reads.store_differences`)."""
-    from scatlas.atlas.store import AtlasStore
-
-    path = Path(atlas) if atlas is not None else index.atlas_path
-    if path is None:
-        return None, "the index manifest names no atlas store and no atlas= path was given"
-    if not AtlasStore.exists(path):
-        return None, f"the atlas store {path} is not reachable (no store.json there); pass atlas= to point at it"
-    try:
-        store = AtlasStore.open(path)
-    except ScatlasError as exc:
-        return None, f"the atlas store {path} could not be opened: {exc}"
-    differences = store_differences(index, store)
-    if differences:
-        store.close()
+    access = reach_index_store(index, atlas)
+    if access.differences:
+        path = Path(atlas) if atlas is not None else index.atlas_path
         raise InputError(
-            f"the atlas store {show(path)} does not hold the cells the index was built from: "
-            f"{'; '.join(differences)}; differential expression there would compare other cells. Pass the atlas "
+            f"the atlas store {show(path or '')} does not hold the cells the index was built from: "
+            f"{'; '.join(access.differences)}; differential expression there would compare other cells. Pass the atlas "
             "store the index was built from (--atlas; atlas=), bring the index up to date with this store "
             "(`scatlas build --update`) and re-run `scatlas hunt sweep`, or leave differential expression out "
             "(--no-de; de=False)"
         )
-    return store, None
+    if access.store is None:
+        return None, f"{access.reason}; pass atlas= (--atlas) to point at the store"
+    return access.store, None
 
 
 def report(
