@@ -25,7 +25,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from scatlas.atlas.digest import XDigest, canonical
-from scatlas.atlas.errors import DatasetExistsError, InputError, StoreError
+from scatlas.atlas.errors import DatasetExistsError, InputError, SpeciesMismatchError, StoreError
 from scatlas.atlas.genes import GeneVocabulary, strip_version
 from scatlas.atlas.ingest_pipeline import GLOBAL_ORDER_WRITE, GlobalOrder, read_ahead
 from scatlas.atlas.ontology_map import OntologyFill, read_ontology_map, term_column
@@ -34,6 +34,7 @@ from scatlas.atlas.schema import STANDARD_OBS_COLUMNS
 from scatlas.atlas.sources.base import DatasetSource
 from scatlas.atlas.sources.h5ad import open_h5ad
 from scatlas.atlas.sources.soma import is_soma_experiment, open_soma_experiment
+from scatlas.atlas.species import first_mismatch, guess_species_of_genes
 from scatlas.atlas.sql import duckdb_interrupts, quote_ident, transaction
 from scatlas.atlas.store import CELLS_DB, MEASUREMENT, X_LAYER, AtlasStore, DatasetRecord
 from scatlas.atlas.store_writer import StoreWriter
@@ -765,6 +766,7 @@ def ingest(
     x_layer: str | None = None,
     obs_set: Mapping[str, str] | None = None,
     read_ahead: int = DEFAULT_READ_AHEAD,
+    allow_species_mismatch: bool = False,
 ) -> IngestReport:
     """Ingest ``.h5ad`` files and/or Census-layout SOMA experiments into the atlas store at ``atlas``.
 
@@ -792,6 +794,9 @@ def ingest(
         is refused (rename it with ``obs_map``); ``obs_id``, ``dataset_id``, ``is_primary_data`` cannot be set.
     read_ahead: chunks read, checked and converted in a thread ahead of the writes (memory: about this many chunks
         more); 0 reads and writes in turn in one thread. The store content is the same either way.
+    allow_species_mismatch: ingest datasets whose genes look like another species than the store's or each
+        other's (:mod:`atlas.species`); refused by default (SpeciesMismatchError): genes are matched by name,
+        case-insensitively, so mouse ``Cd3e`` would be stored as human ``CD3E``.
     """
     if mode not in ("write", "append"):
         raise InputError(f"mode must be 'write' or 'append', got {mode!r}")
@@ -825,6 +830,7 @@ def ingest(
                     f"dataset(s) {clash} already in {atlas}; datasets are never duplicated: use --dataset-id to "
                     "give a new id, or ingest into another store"
                 )
+        _check_species(plans, AtlasStore.open(atlas).genes if exists else None, allow_species_mismatch)
         created_here = not atlas.exists()
         report = IngestReport(atlas=str(atlas))
         try:
@@ -839,6 +845,27 @@ def ingest(
     finally:
         for plan in plans:
             plan.source.close()
+
+
+def _check_species(plans: Sequence[DatasetPlan], store_genes: GeneVocabulary | None, allow: bool) -> None:
+    """Refuse inputs whose genes look like another species than the store's or each other's (SpeciesMismatchError;
+    a warning when ``allow``)."""
+    named = [("the atlas store", guess_species_of_genes(store_genes))] if store_genes is not None and len(store_genes) else []
+    named += [(f"dataset {escaped(p.dataset_id, 60)}", guess_species_of_genes(p.source.genes)) for p in plans]
+    pair = first_mismatch(named)
+    if pair is None:
+        return
+    (name_a, a), (name_b, b) = pair
+    text = (f"species mismatch: the genes of {name_a} look {a.species} ({a.basis}), those of {name_b} "
+            f"{b.species} ({b.basis})")
+    if allow:
+        logger.warning("%s; ingesting anyway as asked (allow_species_mismatch): genes are matched by name", text)
+        return
+    raise SpeciesMismatchError(
+        f"{text}: an atlas store holds one species (genes are matched by name across datasets, so mouse Cd3e would "
+        "be stored as human CD3E); ingest it into a store of its own, or pass --allow-species-mismatch "
+        "(allow_species_mismatch=True in Python) to mix them anyway"
+    )
 
 
 def _nothing_committed(atlas: Path) -> bool:

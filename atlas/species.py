@@ -4,14 +4,16 @@ Gene matching is case-insensitive (:mod:`atlas.genes`), so a mouse query (``Cd3e
 (``CD3E``) almost entirely and is embedded as if it were human; this guess lets callers refuse such a pair first.
 Ensembl ids name the species (``ENSG`` human, ``ENSMUSG`` mouse, ...). Symbols only tell a convention apart: human
 symbols are upper case (``CD3E``), mouse and rat ones title case (``Cd3e``, called ``"mouse"``: the basis says
-"mouse or rat"), zebrafish ones lower case (``cd3e``).
+"mouse or rat"), zebrafish ones lower case (``cd3e``). Mouse symbols upper-cased (some pipelines do so to match
+human genes) still name genes that only mouse has: RIKEN clones (``1110017D15RIK``) and predicted genes
+(``GM12345``); enough of them in an upper-case list make it mouse, not human.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +21,10 @@ MIN_INFORMATIVE = 50
 """Fewest identifiers that say something about the species (Ensembl ids, or symbols with a clear casing)."""
 MIN_MAJORITY = 0.8
 """Share of the informative identifiers that must agree for a guess."""
+MIN_MOUSE_ONLY = 5
+"""Fewest mouse-only symbols (RIKEN clones, ``Gm`` genes; any casing) that make an upper-case list mouse: human
+gene lists hold none (checked on every human file of the shared data), a mouse list of 2,000-3,000 genes a few
+dozen."""
 
 ENSEMBL_PREFIXES: dict[str, str] = {
     "ENSG": "human",
@@ -52,6 +58,7 @@ _SYMBOL_WORDS = {"upper": "upper-case symbols (as human)", "title": "title-case 
 _ENSEMBL_RE = re.compile(r"^(ENS[A-Z]*G)\d{6,}(\.\d+)?$")
 _ORF_RE = re.compile(r"^C\d+orf\d+")  # human open reading frames (C1orf159): lower case inside, still human
 _MOUSE_RE = re.compile(r"^(\d+[A-Z]\d+Rik|Gm\d+|mt-[A-Z][a-z0-9]*)$")  # 1110017D15Rik, Gm12345, mt-Co1
+_MOUSE_ONLY_RE = re.compile(r"^(\d+[A-Z]\d+RIK|GM\d{3,})$", re.IGNORECASE)  # no human gene is named so
 
 
 @dataclass(frozen=True)
@@ -124,7 +131,7 @@ def guess_species(
     agree."""
     ens: Counter[str] = Counter()
     casing: Counter[str] = Counter()
-    n_total = 0
+    n_total = mouse_only = 0
     for raw in identifiers:
         if raw is None:
             continue
@@ -139,6 +146,7 @@ def guess_species(
         kind = symbol_casing(value)
         if kind is not None:
             casing[kind] += 1
+        mouse_only += bool(_MOUSE_ONLY_RE.match(value))
     if sum(ens.values()) >= min_informative:
         by_species: Counter[str] = Counter()
         for prefix, count in ens.items():
@@ -153,6 +161,11 @@ def guess_species(
     top, share, why = _decide(casing, n_total, "gene symbols", min_informative, min_majority)
     if top is None:
         return SpeciesGuess(None, (), why, "symbols" if casing else None, dict(casing), n_total)
+    if top == "upper" and mouse_only >= MIN_MOUSE_ONLY:
+        basis = (f"{share} of {sum(casing.values()):,} cased gene symbols are upper case, but {mouse_only:,} of them "
+                 "name mouse-only genes (RIKEN clones like 1110017D15RIK, predicted genes like GM12345): mouse "
+                 "symbols upper-cased")
+        return SpeciesGuess("mouse", ("mouse",), basis, "symbols", {**casing, "mouse_only": mouse_only}, n_total)
     candidates = SYMBOL_SPECIES[top]
     basis = f"{share} of {sum(casing.values()):,} cased gene symbols are {_SYMBOL_WORDS[top]}"
     return SpeciesGuess(candidates[0], candidates, basis, "symbols", dict(casing), n_total)
@@ -162,3 +175,13 @@ def guess_species_of_genes(genes: Any) -> SpeciesGuess:
     """:func:`guess_species` of a :class:`~atlas.genes.GeneVocabulary` (its Ensembl ids and its symbols)."""
     values = [*genes.feature_id, *genes.feature_name]
     return guess_species(v for v in values if v)
+
+
+def first_mismatch(named: Sequence[tuple[str, SpeciesGuess]]) -> tuple[tuple[str, SpeciesGuess], tuple[str, SpeciesGuess]] | None:
+    """The first two of the named guesses that no one species is consistent with (:meth:`SpeciesGuess.compatible`),
+    or None when all can be one species."""
+    for i, (name_a, a) in enumerate(named):
+        for name_b, b in named[i + 1 :]:
+            if not a.compatible(b):
+                return (name_a, a), (name_b, b)
+    return None

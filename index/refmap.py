@@ -11,9 +11,13 @@ without umap-learn. ``AtlasIndex.reference_map()`` loads the map; ``ReferenceMap
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +52,37 @@ def _umap() -> Any:
     return umap
 
 
+@contextlib.contextmanager
+def interrupts_kept() -> Iterator[None]:
+    """Raise KeyboardInterrupt at the end of the block when Ctrl-C came during it, even where code inside swallowed
+    it: numba's compiled callbacks (UMAP's layout) report an exception raised in them as "Exception ignored" and go
+    on, so a Ctrl-C there would otherwise let the build finish as if nothing had happened. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seen: list[int] = []
+    before = signal.getsignal(signal.SIGINT)
+
+    if before is signal.SIG_IGN:  # Ctrl-C is ignored here: nothing to keep
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        if callable(before):
+            before(signum, frame)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+    if seen:
+        raise KeyboardInterrupt
+
+
 def fit_reference_map(
     index_dir: str | Path, n_cells: int = DEFAULT_MAP_CELLS, seed: int = 0, *, n_neighbors: int = N_NEIGHBORS,
     min_dist: float = MIN_DIST,
@@ -72,7 +107,7 @@ def fit_reference_map(
     t1 = time.perf_counter()
     model = umap.UMAP(n_components=2, n_neighbors=k, min_dist=float(min_dist), metric="cosine", n_epochs=N_EPOCHS,
                       random_state=int(seed), n_jobs=1, precomputed_knn=(*_knn(vectors, k), None))
-    with warnings.catch_warnings():
+    with interrupts_kept(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # umap-learn's notes on seeds, threads and spectral initialisation
         coords = np.asarray(model.fit_transform(vectors), dtype=np.float32)
     fit_s = time.perf_counter() - t1

@@ -79,11 +79,14 @@ def cli(verbose: int, quiet: bool) -> None:
               metavar="CHUNKS",
               help="Chunks read and converted in a thread ahead of the writes (memory: about this many chunks "
                    "more); 0 reads and writes in turn. The stored data are the same.")
+@click.option("--allow-species-mismatch", is_flag=True,
+              help="Ingest datasets whose genes look like another species than the store's or each other's "
+                   "(refused by default: genes are matched by name, so mouse Cd3e would be stored as human CD3E).")
 @progress_option
 def ingest(sources: tuple[str, ...], atlas_dir: Path, dataset_id: str | None, obs_map: tuple[str, ...], mode: str,
            keep_non_primary: bool, chunk_size: int, report_path: Path | None, ontology_map: Path | None,
            ontology_label_key: str, x_layer: str | None, obs_set: tuple[str, ...], read_ahead: int,
-           progress: bool) -> None:
+           allow_species_mismatch: bool, progress: bool) -> None:
     """Add .h5ad files or Census-layout TileDB-SOMA experiments (SOURCES) to an atlas store.
 
     The source column of each --obs-map rename is kept too, under its own name (unless it is a schema column).
@@ -105,7 +108,7 @@ def ingest(sources: tuple[str, ...], atlas_dir: Path, dataset_id: str | None, ob
     report = run_ingest(list(sources), atlas_dir, dataset_id=dataset_id, obs_map=_parse_obs_map(obs_map), mode=mode,  # type: ignore[arg-type]
                         keep_non_primary=keep_non_primary, chunk_size=chunk_size, progress=progress,
                         ontology_map=ontology_map, ontology_label_key=ontology_label_key, x_layer=x_layer,
-                        obs_set=constants, read_ahead=read_ahead)
+                        obs_set=constants, read_ahead=read_ahead, allow_species_mismatch=allow_species_mismatch)
     for d in report.datasets:
         g = d.genes
         _echo(

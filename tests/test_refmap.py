@@ -217,3 +217,33 @@ def test_update_fits_the_new_versions_map(world: dict[str, Any], tmp_path: Path)
         refmap = idx.reference_map()
         assert refmap is not None and len(refmap) == 500 and refmap.params["manifest_sha256"] == idx.build_id
     assert verify_index(tmp_path / "index", progress=False).ok
+
+
+def test_ctrl_c_swallowed_inside_umap_still_stops_the_fit(world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """numba's compiled callbacks print "Exception ignored" for a KeyboardInterrupt raised in them and go on; a
+    Ctrl-C during UMAP's layout must still stop the fit (KeyboardInterrupt after it returns) and write no map."""
+    import os
+    import signal
+
+    import umap
+
+    from scatlas.index.refmap import fit_reference_map
+
+    def swallowing_fit(self: Any, x: np.ndarray, *args: Any, **kwargs: Any) -> np.ndarray:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the signal is handled between bytecodes
+                pass
+        except KeyboardInterrupt:
+            pass  # what the numba callback does with it
+        return np.zeros((len(x), 2), dtype=np.float32)
+
+    before = read_manifest(world["index"]).refmap_files
+    coords = (world["index"] / REFMAP_DIR / COORDS_FILE).read_bytes()
+    monkeypatch.setattr(umap.UMAP, "fit_transform", swallowing_fit)
+    with pytest.raises(KeyboardInterrupt):
+        fit_reference_map(world["index"], n_cells=200)
+    assert read_manifest(world["index"]).refmap_files == before
+    assert (world["index"] / REFMAP_DIR / COORDS_FILE).read_bytes() == coords
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler put back

@@ -10,7 +10,7 @@ import pytest
 
 from scatlas.atlas import ingest
 from scatlas.atlas.errors import InputError, SpeciesMismatchError
-from scatlas.atlas.species import guess_species, symbol_casing
+from scatlas.atlas.species import MIN_MOUSE_ONLY, guess_species, symbol_casing
 from scatlas.index import AtlasIndex, build_index
 from scatlas.query.prepare import open_query
 from tests.conftest import make_adata
@@ -41,6 +41,18 @@ def test_guess_species(ids: list[str], species: str, candidates: tuple[str, ...]
     g = guess_species(ids)
     assert g.species == species and g.candidates == candidates
     assert basis in g.basis
+
+
+def test_upper_cased_mouse_symbols_are_mouse() -> None:
+    """Mouse symbols upper-cased (CD3E, 1110017D15RIK, GM12345) are told apart from human ones by the genes only
+    mouse has; a human list with fewer such names than MIN_MOUSE_ONLY stays human."""
+    upper_mouse = [s.upper() for s in MOUSE]
+    g = guess_species(upper_mouse)
+    assert g.species == "mouse" and g.candidates == ("mouse",)
+    assert "mouse symbols upper-cased" in g.basis and g.counts["mouse_only"] == 20
+    assert not g.compatible(guess_species(HUMAN))
+    assert guess_species(HUMAN + ["1110017D15RIK", "GM12345", "GM2A", "GRIK4"]).species == "human"
+    assert guess_species(HUMAN + [f"GM{1000 + i}" for i in range(MIN_MOUSE_ONLY)]).species == "mouse"
 
 
 def test_undecided_on_too_few_or_mixed_genes() -> None:
@@ -136,6 +148,12 @@ def test_real_files_and_a_mouse_query_against_a_human_pbmc_index(shared_raw: Pat
     build_index(tmp_path / "atlas", tmp_path / "index", label_keys=(), progress=False)
     with AtlasIndex.open(tmp_path / "index") as idx, pytest.raises(SpeciesMismatchError, match="look mouse"):
         open_query(shared_raw / "mouse_cortex_interneurons_2studies_metaneighbor.h5ad", idx)
+    # the same mouse cells with their symbols upper-cased, as some pipelines write them to match human genes
+    upper = anndata.read_h5ad(shared_raw / "mouse_cortex_interneurons_2studies_metaneighbor.h5ad")
+    upper.var_names = [str(v).upper() for v in upper.var_names]
+    upper.var_names_make_unique()
+    with AtlasIndex.open(tmp_path / "index") as idx, pytest.raises(SpeciesMismatchError, match="upper-cased"):
+        open_query(upper, idx)
 
 
 @pytest.mark.parametrize("command", ["search", "hunt"])
@@ -162,3 +180,49 @@ def test_search_and_hunt_train_refuse_the_mismatch_and_take_the_override(
     allowed = CliRunner().invoke(cli, [*args, *outs[1], "--allow-species-mismatch"])
     assert "species mismatch" not in allowed.output or allowed.exit_code == 0, allowed.output
     assert allowed.exit_code == 0, allowed.output
+
+
+def _mouse_file(root: Path, name: str, n_genes: int = 80) -> Path:
+    """A dataset whose genes are mouse Ensembl ids (ENSMUSG) with title-case symbols."""
+    adata = make_adata(60, n_genes, seed=4, prefix=name)
+    adata.var_names = [f"ENSMUSG{2000000 + i:011d}" for i in range(n_genes)]
+    adata.var["feature_id"] = list(adata.var_names)
+    adata.var["feature_name"] = [f"Gene{i}" for i in range(n_genes)]
+    path = root / f"{name}.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+def test_ingest_refuses_another_species_than_the_store_and_takes_the_override(tmp_path: Path) -> None:
+    """A mouse dataset into a human store, and a human and a mouse file in one ingest, are refused through the CLI
+    (``Error:`` naming both species); nothing is written; --allow-species-mismatch ingests with a warning."""
+    from click.testing import CliRunner
+
+    from scatlas.atlas.store import AtlasStore
+    from scatlas.cli import cli
+
+    make_adata(60, 80, seed=1, prefix="h").write_h5ad(tmp_path / "human.h5ad")
+    mouse = _mouse_file(tmp_path, "mouse")
+    store = tmp_path / "atlas"
+    ingest([tmp_path / "human.h5ad"], store, progress=False)
+    res = CliRunner().invoke(cli, ["ingest", str(mouse), "--atlas", str(store), "--no-progress"])
+    error = next(line for line in res.output.splitlines() if line.startswith("Error:"))
+    assert res.exit_code != 0 and error.startswith("Error: species mismatch: the genes of the atlas store look human")
+    assert "those of dataset 'mouse' mouse (100% of 80 Ensembl ids are ENSMUSG)" in error
+    assert "--allow-species-mismatch" in error and "Traceback" not in res.output
+    assert [d.dataset_id for d in AtlasStore.open(store).datasets] == ["human"]
+    both = CliRunner().invoke(cli, ["ingest", str(tmp_path / "human.h5ad"), str(mouse), "--atlas",
+                                    str(tmp_path / "fresh"), "--no-progress"])
+    assert both.exit_code != 0 and "species mismatch" in both.output and not (tmp_path / "fresh").exists()
+    ok = CliRunner().invoke(cli, ["ingest", str(mouse), "--atlas", str(store), "--no-progress",
+                                  "--allow-species-mismatch"])
+    assert ok.exit_code == 0, ok.output
+    assert [d.dataset_id for d in AtlasStore.open(store).datasets] == ["human", "mouse"]
+
+
+def test_ingest_of_one_species_is_not_checked_against_itself(tmp_path: Path) -> None:
+    """Two mouse files into a new store, then a third into it: one species, no objection."""
+    a, b, c = (_mouse_file(tmp_path, n) for n in ("m1", "m2", "m3"))
+    ingest([a, b], tmp_path / "atlas", progress=False)
+    report = ingest([c], tmp_path / "atlas", progress=False)
+    assert report.n_cells_in_store == 180
