@@ -551,7 +551,8 @@ def _echo_annotation(report: dict[str, Any]) -> None:
         by = "label head" if lab.get("predicted_by") == "heads" else \
             f"neighbour vote ({VOTE_WHY.get(lab.get('predicted_by_reason') or '', 'the index has no label head for it')})"
         levels = ", ".join(f"{lv} {n}" for lv, n in lab.get("levels", {}).items())
-        _echo(f"{key} (by {by}): unknown rate {100 * lab.get('unknown_rate', 0):.1f}%; levels: {levels}; {top}")
+        _echo(f"{key} (by {by}): unknown rate {100 * lab.get('unknown_rate', 0):.1f}%; levels: {levels}; "
+              f"answers: {top or 'none'}")
         ev = report.get("evaluation", {}).get(key)
         if ev:
             _echo_evaluation(key, ev)
