@@ -106,6 +106,13 @@ def _resolve(path: PathLike) -> Path:
     return Path(os.path.abspath(os.path.realpath(os.fspath(path))))
 
 
+def _plain(path: PathLike) -> Path:
+    """``path`` itself, or, when it holds ``..``, the path it names (resolved): ``x/../y`` is ``y``, and writing
+    there must not create ``x`` on the way."""
+    out = Path(path)
+    return _resolve(out) if ".." in out.parts else out
+
+
 def marker_kind(path: Path) -> str | None:
     """The kind named by the marker file of directory ``path``, or None (absent or unreadable)."""
     try:
@@ -223,9 +230,10 @@ def check_output_dir(
     """Refuse ``path`` as an output directory of ``kind`` unless it is new, empty, or already holds ``kind``.
 
     ``replace``: the caller deletes or renames the directory as a whole, so the current directory (or one holding
-    it) is refused too. Nothing is created; returns ``Path(path)``. Raises :class:`OutputError`.
+    it) is refused too. Nothing is created; returns ``Path(path)`` (resolved when it holds ``..``). Raises
+    :class:`OutputError`.
     """
-    out = Path(path)
+    out = _plain(path)
     _check_inputs(out, inputs, directory=True)
     resolved = _resolve(out)
     if resolved == _resolve(os.sep):
@@ -341,8 +349,9 @@ def check_output_file(
 ) -> Path:
     """Refuse ``path`` as an output file when it is a directory, an input, inside an input directory or inside an
     atlas store, index, classifier or sweep directory, or an existing file of another kind than ``file_kind`` (a
-    key of :data:`MAGIC`; an existing ``.h5ad`` must be one scatlas wrote). Nothing is written."""
-    out = Path(path)
+    key of :data:`MAGIC`; an existing ``.h5ad`` must be one scatlas wrote). Nothing is written; returns
+    ``Path(path)`` (resolved when it holds ``..``)."""
+    out = _plain(path)
     if out.is_dir():
         raise OutputError(f"{show(out)} is a directory; give a file path")
     _check_inputs(out, inputs, directory=False)

@@ -16,6 +16,7 @@ from scatlas.atlas.outputs import (
     check_output_file,
 )
 from scatlas.cli_common import (
+    PathArg,
     ScatlasGroup,
     _echo,
     _echo_json,
@@ -59,8 +60,8 @@ def cli(verbose: int, quiet: bool) -> None:
               help="write: create a new store (refuse an existing one); append: add datasets (create if absent).")
 @click.option("--keep-non-primary", is_flag=True, help="Keep cells with is_primary_data == False (Census duplicates).")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=10_000, show_default=True, help="Cells per write chunk.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the ingest report as JSON.")
-@click.option("--ontology-map", "ontology_map", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--report", "report_path", type=PathArg(dir_okay=False, path_type=Path), help="Write the ingest report as JSON.")
+@click.option("--ontology-map", "ontology_map", type=PathArg(dir_okay=False, path_type=Path), default=None,
               metavar="FILE.csv",
               help="CSV with the columns label,ontology_term_id (Cell Ontology ids): fills the term column of cells "
                    "whose label is listed and whose term is empty; terms the data has are never overwritten.")
@@ -131,7 +132,7 @@ def _rare_type(cls: Any, name: str, spec: str) -> Any:
 
 
 @cli.command()
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), help="Write .h5ad files (or .npy for --embeddings) here.")
+@click.option("--out", "out_dir", type=PathArg(file_okay=False, path_type=Path), help="Write .h5ad files (or .npy for --embeddings) here.")
 @atlas_option(required=False)
 @click.option("--cells", type=click.IntRange(min=1), default=10_000, show_default=True, help="Total cells (or vectors).")
 @click.option("--genes", type=click.IntRange(min=50), default=2000, show_default=True, help="Genes per cell.")
@@ -350,8 +351,8 @@ def _print_info(info: dict[str, Any]) -> None:
 
 @cli.command()
 @click.argument("index_path", required=False, metavar="[INDEX_DIR]",
-                type=click.Path(file_okay=False, path_type=Path))
-@click.option("--index", "index_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                type=PathArg(file_okay=False, path_type=Path))
+@click.option("--index", "index_dir", type=PathArg(file_okay=False, path_type=Path), default=None,
               help="Index directory written by `scatlas build` (as in build and annotate; or give it as INDEX_DIR).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def info(index_path: Path | None, index_dir: Path | None, as_json: bool) -> None:
@@ -369,7 +370,7 @@ def info(index_path: Path | None, index_dir: Path | None, as_json: bool) -> None
 
 
 @cli.command()
-@click.option("--index", "index_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--index", "index_dir", type=PathArg(file_okay=False, path_type=Path), default=None,
               help="Index directory to check: every file against the manifest's checksums, shard ids against its ranges.")
 @atlas_option(required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print what was checked and found as JSON.")
@@ -410,9 +411,9 @@ def verify(index_dir: Path | None, atlas_dir: Path | None, as_json: bool, progre
 
 
 @cli.command()
-@click.argument("query_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("query_file", type=PathArg(dir_okay=False, path_type=Path))
 @index_option
-@click.option("--out", "out_h5ad", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.option("--out", "out_h5ad", type=PathArg(dir_okay=False, path_type=Path), required=True,
               help="New .h5ad: the query with <key>_pred, _level, _confidence, _unknown_reason, ... in obs, "
                    "the class probabilities in obsm['<key>_proba'] and, when the index has a reference map, the "
                    "cells' place on it in obsm['X_atlas_umap'] (drawn in OUT's stem + .umap.png).")
@@ -433,7 +434,7 @@ def verify(index_dir: Path | None, atlas_dir: Path | None, as_json: bool, progre
                    "heads (refused with --predictor heads).")
 @click.option("--truth-key", default=None, help="Query obs column with known labels: adds accuracy, macro-F1, "
               "ontology-aware accuracy, calibration error and a confusion matrix.")
-@click.option("--ontology-map", "ontology_map", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--ontology-map", "ontology_map", type=PathArg(dir_okay=False, path_type=Path), default=None,
               help="CSV (label,ontology_term_id) giving the --truth-key labels' Cell Ontology terms where neither the "
                    "query nor the atlas does.")
 @click.option("--mapping-check/--no-mapping-check", default=True, show_default=True,
@@ -441,9 +442,9 @@ def verify(index_dir: Path | None, atlas_dir: Path | None, as_json: bool, progre
                    "(out_of_atlas) unless they map well on their own; off: only report the verdict.")
 @click.option("--allow-species-mismatch", is_flag=True,
               help="Annotate a query whose genes look like another species than the index's (refused otherwise).")
-@click.option("--neighbors", "neighbors_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--neighbors", "neighbors_path", type=PathArg(dir_okay=False, path_type=Path), default=None,
               help="Neighbours table (Parquet). Default: next to --out.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--report", "report_path", type=PathArg(dir_okay=False, path_type=Path), default=None,
               help="JSON report. Default: next to --out.")
 @click.option("--min-gene-overlap", type=click.FloatRange(0, 1), default=None,
               help="Refuse queries carrying less than this fraction of the embedder's genes (default: 0.15 when "
@@ -593,12 +594,12 @@ def hunt() -> None:
 
 @hunt.command("train")
 @index_option
-@click.option("--cells", "cells_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--cells", "cells_file", type=PathArg(dir_okay=False, path_type=Path), default=None,
               help=".h5ad with the known cells (positives) and other cells (negatives).")
 @click.option("--positive", default=None, help="SQL predicate over the --cells obs, e.g. \"cell_type = 'Norn'\" "
               "(as --positive-sql; the older \"cell_type == 'Norn'\" form also works).")
 @click.option("--positive-sql", default=None, help="SQL predicate over the atlas cells, for types the atlas already labels.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Classifier directory.")
+@click.option("--out", "out_dir", type=PathArg(file_okay=False, path_type=Path), required=True, help="Classifier directory.")
 @click.option("--background", type=click.IntRange(min=0), default=20_000, show_default=True,
               help="Atlas cells sampled as extra negatives.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -653,8 +654,8 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
 
 @hunt.command("sweep")
 @index_option
-@click.option("--classifier", "classifier_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.option("--classifier", "classifier_dir", type=PathArg(file_okay=False, path_type=Path), required=True)
+@click.option("--out", "out_dir", type=PathArg(file_okay=False, path_type=Path), required=True,
               help="Sweep directory; hits go to OUT/hits.parquet. Rerun to resume.")
 @click.option("--min-score", type=float, default=None, help="Raw score cut-off (default: the classifier's threshold).")
 @click.option("--min-probability", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, help="Cut-off on the calibrated probability instead.")
@@ -662,7 +663,7 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: tuned by timing).")
 @click.option("--stage1-only", is_flag=True, help="Skip a two-stage classifier's stage 2 (hits: stage 1's).")
-@click.option("--atlas", "atlas_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--atlas", "atlas_dir", type=PathArg(file_okay=False, path_type=Path), default=None,
               help="Atlas store a two-stage classifier's stage 2 reads (default: the one the index was built from); "
                    "one given that cannot serve (unreachable, other cells) is an error.")
 @executor_options
@@ -688,16 +689,16 @@ def hunt_sweep(index_dir: Path, classifier_dir: Path, out_dir: Path, min_score: 
 
 
 @hunt.command("report")
-@click.argument("hits", type=click.Path(path_type=Path))
+@click.argument("hits", type=PathArg(path_type=Path))
 @index_option
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Report directory.")
+@click.option("--out", "out_dir", type=PathArg(file_okay=False, path_type=Path), required=True, help="Report directory.")
 @click.option("--by", default=None, help="Comma-separated cell columns to break the hits down by (enrichment) "
               "[default: cell_type (the atlas label), donor_id, dataset_id: those the cells table has]. Columns "
               "missing in every cell are left out.")
 @click.option("--de", "de_group", default=None, help="Compare hits between the levels of this column instead of "
               "against matched non-hits (e.g. disease).")
 @click.option("--de-reference", default=None, help="With --de: the level the others are compared against (e.g. normal).")
-@click.option("--atlas", "atlas_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--atlas", "atlas_dir", type=PathArg(file_okay=False, path_type=Path), default=None,
               help="Atlas store for differential expression (default: the one the index was built from).")
 @click.option("--no-de", is_flag=True, help="Skip differential expression.")
 @click.option("--de-method", type=click.Choice(["wilcoxon", "t-test"]), default="wilcoxon", show_default=True,
@@ -734,7 +735,7 @@ def hunt_report(hits: Path, index_dir: Path, out_dir: Path, by: str | None, de_g
 
 
 @cli.command()
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo_out"), show_default=True,
+@click.option("--out", "out_dir", type=PathArg(file_okay=False, path_type=Path), default=Path("demo_out"), show_default=True,
               help="Working directory: created, or emptied when it holds an earlier demo (anything else is refused).")
 @click.option("--cells", type=click.IntRange(min=2000), default=12_000, show_default=True, help="Synthetic cells in all.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")

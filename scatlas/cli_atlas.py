@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from scatlas.atlas.validate import escaped
-from scatlas.cli_common import _echo, _echo_json, _echo_ontology_fill, _split_pair, atlas_option
+from scatlas.cli_common import PathArg, _echo, _echo_json, _echo_ontology_fill, _split_pair, atlas_option
 
 
 def _values(top: list[tuple[str | None, int]]) -> str:
@@ -26,7 +26,7 @@ def _obs_pairs(values: tuple[str, ...]) -> list[tuple[str, str]]:
 
 @click.command()
 @atlas_option()
-@click.option("--json-out", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--json-out", "json_out", type=PathArg(dir_okay=False, path_type=Path), default=None,
               metavar="FILE", help="Also write the listing as JSON.")
 def datasets(atlas_dir: Path, json_out: Path | None) -> None:
     """List the datasets of an atlas store: cells, ids, genes, X, source, revision, labels.
@@ -79,7 +79,7 @@ def remove(atlas_dir: Path, dataset_ids: tuple[str, ...]) -> None:
 @click.option("--obs-map", "obs_map", multiple=True, required=True, metavar="SOURCE=TARGET",
               help="Copy the dataset's obs column SOURCE onto the column TARGET, e.g. celltype=cell_type "
                    "(repeatable; the pairs apply at once).")
-@click.option("--ontology-map", "ontology_map", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--ontology-map", "ontology_map", type=PathArg(dir_okay=False, path_type=Path), default=None,
               metavar="FILE.csv",
               help="CSV with the columns label,ontology_term_id: refill TARGET_ontology_term_id from it. Without "
                    "it, those terms are cleared for the dataset (they described the old labels).")

@@ -27,6 +27,18 @@ from scatlas.atlas.outputs import (
 logger = logging.getLogger("scatlas")
 
 
+class PathArg(click.Path):
+    """``click.Path`` whose value, when it holds ``..``, is the path it names (resolved): ``--out x/../y`` writes
+    ``y`` and does not create ``x`` on the way."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        out = super().convert(value, param, ctx)
+        if isinstance(out, (str, Path)) and ".." in Path(out).parts:
+            resolved = os.path.realpath(out)
+            return Path(resolved) if isinstance(out, Path) else resolved
+        return out
+
+
 class ScatlasGroup(click.Group):
     """Turns every ScatlasError into ``Error: ...`` on stderr and exit status 1, without a traceback.
 
@@ -117,14 +129,14 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 def atlas_option(required: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return click.option(
-        "--atlas", "atlas_dir", type=click.Path(file_okay=False, path_type=Path), required=required,
+        "--atlas", "atlas_dir", type=PathArg(file_okay=False, path_type=Path), required=required,
         help="Atlas store directory (TileDB-SOMA experiment + DuckDB cell table).",
     )
 
 
 def index_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
-        "--index", "index_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+        "--index", "index_dir", type=PathArg(file_okay=False, path_type=Path), required=True,
         help="Index directory written by `scatlas build`.",
     )(f)
 

@@ -16,6 +16,7 @@ import click
 from scatlas.atlas.errors import ScatlasError
 from scatlas.atlas.validate import escaped
 from scatlas.cli_common import (
+    PathArg,
     _echo,
     _make_executor,
     _option_value,
@@ -93,7 +94,7 @@ def _embedder_options(values: tuple[str, ...], specs: list[str]) -> dict[str, di
               help="The column whose groups are held out in turn (dataset_id, donor_id, ...).")
 @click.option("--embedders", "embedder_list", required=True, metavar="NAME[,NAME...]",
               help="Embedders to compare, comma-separated (`scatlas embedders` lists them), e.g. pca,scvi.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.option("--out", "out_dir", type=PathArg(file_okay=False, path_type=Path), required=True,
               help="Output directory: evaluation.json, evaluation.html, evaluation.png.")
 @click.option("--max-holdouts", type=click.IntRange(min=1), default=3, show_default=True,
               help="Groups held out (each costs one index build per embedder): the largest ones with enough "

@@ -10,13 +10,13 @@ from typing import Any
 
 import click
 
-from scatlas.cli_common import _echo, index_option, progress_option, query_gene_options
+from scatlas.cli_common import PathArg, _echo, index_option, progress_option, query_gene_options
 
 
 @click.command()
-@click.argument("query_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("query_file", type=PathArg(dir_okay=False, path_type=Path))
 @index_option
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.option("--out", "out_path", type=PathArg(dir_okay=False, path_type=Path), required=True,
               metavar="FILE.parquet|FILE.csv",
               help="Hits table: one row per (query cell, atlas neighbour) with the atlas cell's metadata. Beside it: "
                    "FILE.enrichment.parquet|.csv (the hits by dataset, tissue, disease and cell type against the "

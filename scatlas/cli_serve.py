@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from scatlas.atlas.errors import InputError
-from scatlas.cli_common import _echo, index_option
+from scatlas.cli_common import PathArg, _echo, index_option
 
 
 @click.command()
@@ -30,7 +30,7 @@ from scatlas.cli_common import _echo, index_option
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="Jobs (annotate, search, hunt) run at once, as threads sharing the one loaded index; more wait "
                    "in a queue (at most 32 queued or running).")
-@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--work-dir", type=PathArg(file_okay=False, path_type=Path), default=None,
               help="Where jobs keep their uploads and results (a new or empty directory, or one a server used "
                    "before). Default: a temporary directory, removed at shutdown.")
 @click.option("--retention-hours", type=click.FloatRange(min=0), default=24, show_default=True,

@@ -360,3 +360,14 @@ def test_replacing_a_directory_that_holds_other_files_is_refused(world, tmp_path
     (mine / "notes.txt").write_text("keep")
     refused("demo", "--out", str(mine), "--cells", "2000", "--no-progress", match="also holds")
     assert (mine / "notes.txt").read_text() == "keep" and (mine / "atlas" / "thesis.tex").read_text() == "years"
+
+
+def test_paths_through_a_missing_directory_create_no_stray_directory(world, tmp_path):
+    """``x/../y`` names ``y``: writing there (a store, a sweep, an annotated file) must not create ``x``."""
+    ok("ingest", str(world["query"]), "--atlas", str(tmp_path / "x" / ".." / "store"), "--no-progress")
+    ok("hunt", "sweep", "--index", str(world["index"]), "--classifier", str(world["clf"]),
+       "--out", str(tmp_path / "y" / ".." / "sweep"), "--no-progress")
+    ok("annotate", str(world["query"]), "--index", str(world["index"]), "--label-key", "cell_type",
+       "--out", str(tmp_path / "z" / ".." / "q.h5ad"), "--no-progress")
+    made = {p.name for p in tmp_path.iterdir()}
+    assert not made & {"x", "y", "z"} and {"store", "sweep", "q.h5ad", "q.report.json"} <= made, made
