@@ -29,6 +29,7 @@ from scatlas.cli_common import (
     _split_pair,
     atlas_option,
     executor_options,
+    ignore_late_sigint,
     ignore_sigint_safely,
     index_option,
     progress_option,
@@ -751,7 +752,10 @@ def demo(out_dir: Path, cells: int, seed: int, progress: bool) -> None:
 
 def main() -> None:
     ignore_sigint_safely()
-    cli(prog_name="scatlas")
+    try:
+        cli(prog_name="scatlas")
+    finally:
+        ignore_late_sigint()  # the command is done: a Ctrl-C now must not turn its exit status into 130
 
 
 from scatlas.cli_atlas import datasets, relabel, remove  # noqa: E402  (commands of their own modules)

@@ -154,6 +154,16 @@ def ignore_sigint_safely() -> None:
         signal.signal(signal.SIGINT, _ignore_signal)
 
 
+def ignore_late_sigint() -> None:
+    """Ignore SIGINT from here on (with the no-op handler, as :func:`ignore_sigint_safely`): called once the command
+    has finished, so that a Ctrl-C while the interpreter shuts down cannot change its exit status. Main thread only."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _ignore_signal)
+
+
 def _ignore_signal(signum: int, frame: Any) -> None:
     """A SIGINT the process was started to ignore: nothing to do."""
 

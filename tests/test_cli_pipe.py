@@ -49,3 +49,23 @@ def test_a_command_started_with_sigint_ignored_survives_a_sigint_after_a_tiledb_
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "atlas")], capture_output=True, text=True,
                           env=env, timeout=300, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert done.returncode == 0 and "read 60 and survived" in done.stdout, (done.returncode, done.stderr[-2000:])
+
+
+def test_a_ctrl_c_after_the_command_finished_keeps_its_exit_status():
+    """A Ctrl-C that lands once the command is done (while Python shuts down) must not turn a success into exit
+    status 130: ``cli.main`` ignores SIGINT after the command returns."""
+    script = (
+        "import os, signal, sys, time\n"
+        "from scatlas.cli import main\n"
+        "sys.argv = ['scatlas', '--help']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(0.3)\n"
+        "sys.exit(code)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "Usage:" in done.stdout, (done.returncode, done.stderr[-2000:])
