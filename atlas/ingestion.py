@@ -25,16 +25,22 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from scatlas.atlas.digest import XDigest, canonical
-from scatlas.atlas.errors import DatasetExistsError, InputError, SpeciesMismatchError, StoreError
+from scatlas.atlas.errors import DatasetExistsError, InputError, StoreError
 from scatlas.atlas.genes import GeneVocabulary, strip_version
+from scatlas.atlas.ingest_args import (
+    check_obs_map,
+    check_obs_set,
+    check_species,
+    checked_ontology_map,
+    normalised,
+)
 from scatlas.atlas.ingest_pipeline import GLOBAL_ORDER_WRITE, GlobalOrder, read_ahead
-from scatlas.atlas.ontology_map import OntologyFill, read_ontology_map, term_column
+from scatlas.atlas.ontology_map import OntologyFill, term_column
 from scatlas.atlas.outputs import ATLAS_STORE, check_output_dir
 from scatlas.atlas.schema import STANDARD_OBS_COLUMNS
 from scatlas.atlas.sources.base import DatasetSource
 from scatlas.atlas.sources.h5ad import open_h5ad
 from scatlas.atlas.sources.soma import is_soma_experiment, open_soma_experiment
-from scatlas.atlas.species import first_mismatch, guess_species_of_genes
 from scatlas.atlas.sql import duckdb_interrupts, quote_ident, transaction
 from scatlas.atlas.store import CELLS_DB, MEASUREMENT, X_LAYER, AtlasStore, DatasetRecord
 from scatlas.atlas.store_writer import StoreWriter
@@ -179,21 +185,6 @@ def _to_bool(values: pd.Series, what: str) -> np.ndarray:
     return lowered.map(mapping).to_numpy(dtype=bool)
 
 
-OBS_SET_RESERVED = {
-    "obs_id": "it is each cell's name",
-    "dataset_id": "it is set by the ingest; use --dataset-id",
-    "is_primary_data": "it decides which cells are stored; use --keep-non-primary or --obs-map",
-    "soma_joinid": "it is the cell id",
-}
-"""Columns --obs-set may not set, and why."""
-
-OBS_MAP_RESERVED = {
-    "obs_id": "it is each cell's name, taken from the obs index",
-    "dataset_id": "it is set by the ingest; name the dataset with --dataset-id",
-    "soma_joinid": "it is the cell id the store assigns",
-}
-"""--obs-map targets refused: the ingest sets these columns itself, so values mapped onto them would be lost."""
-
 NOT_KEPT_TARGETS = ("dataset_id", "is_primary_data")
 """--obs-map targets whose source column is not kept as an extra: the dataset id is set by the ingest, and
 is_primary_data decided which cells were stored (re-mapping it later cannot bring skipped cells back)."""
@@ -250,7 +241,7 @@ def _standardise_obs(
             out[col] = _as_str_column(frame[col]).to_numpy()
         else:
             out[col] = None
-    taken = {_normalised(c) for c in out.columns} | {"soma_joinid"}
+    taken = {normalised(c) for c in out.columns} | {"soma_joinid"}
     extras: list[str] = []
     renamed: dict[str, str] = {}
     # obs_id is the cell name: a column of that name is kept (as obs_id_orig)
@@ -258,11 +249,11 @@ def _standardise_obs(
     candidates += [(src, obs[src]) for src in kept]
     for col, values in candidates:
         name = check_name(col, f"{what}: obs column")
-        while _normalised(name) in taken:
+        while normalised(name) in taken:
             name = f"{name}_orig"
         if name != str(col):
             renamed[str(col)] = name
-        taken.add(_normalised(name))
+        taken.add(normalised(name))
         if isinstance(values.dtype, pd.CategoricalDtype) or values.dtype == object:
             out[name] = _as_str_column(values).to_numpy()
         elif pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values):
@@ -271,9 +262,9 @@ def _standardise_obs(
             out[name] = _as_str_column(values).to_numpy()
         extras.append(name)
     if obs_set:
-        in_data = {_normalised(str(c)): str(c) for c in [*frame.columns, *kept, *extras]}
+        in_data = {normalised(str(c)): str(c) for c in [*frame.columns, *kept, *extras]}
         for col, value in obs_set.items():
-            clash = in_data.get(_normalised(col))
+            clash = in_data.get(normalised(col))
             if clash is not None:
                 raise InputError(
                     f"{what}: --obs-set {escaped(col)}: the data has a column {escaped(clash)} already; rename it "
@@ -286,11 +277,6 @@ def _standardise_obs(
                 out[col] = np.full(len(out), value, dtype=object)
                 extras.append(col)
     return out, extras, renamed
-
-
-def _normalised(name: str) -> str:
-    """How DuckDB (case-insensitive) and people (blanks) tell column names apart."""
-    return name.strip().casefold()
 
 
 def _plan_dataset(
@@ -808,9 +794,9 @@ def ingest(
         raise InputError(f"read-ahead must be 0 or more chunks, got {read_ahead}")
     if x_layer is not None:
         check_name(x_layer, "--x-layer")
-    constants = _check_obs_set(obs_set)
-    renames = _check_obs_map(obs_map)
-    table = _ontology_table(ontology_map, ontology_label_key)
+    constants = check_obs_set(obs_set)
+    renames = check_obs_map(obs_map)
+    table = checked_ontology_map(ontology_map, ontology_label_key)
     atlas = check_output_dir(atlas, ATLAS_STORE, inputs=sources)
     exists = AtlasStore.exists(atlas)
     if mode == "write" and exists:
@@ -830,7 +816,7 @@ def ingest(
                     f"dataset(s) {clash} already in {atlas}; datasets are never duplicated: use --dataset-id to "
                     "give a new id, or ingest into another store"
                 )
-        _check_species(plans, AtlasStore.open(atlas).genes if exists else None, allow_species_mismatch)
+        check_species(plans, AtlasStore.open(atlas).genes if exists else None, allow_species_mismatch)
         created_here = not atlas.exists()
         report = IngestReport(atlas=str(atlas))
         try:
@@ -847,27 +833,6 @@ def ingest(
             plan.source.close()
 
 
-def _check_species(plans: Sequence[DatasetPlan], store_genes: GeneVocabulary | None, allow: bool) -> None:
-    """Refuse inputs whose genes look like another species than the store's or each other's (SpeciesMismatchError;
-    a warning when ``allow``)."""
-    named = [("the atlas store", guess_species_of_genes(store_genes))] if store_genes is not None and len(store_genes) else []
-    named += [(f"dataset {escaped(p.dataset_id, 60)}", guess_species_of_genes(p.source.genes)) for p in plans]
-    pair = first_mismatch(named)
-    if pair is None:
-        return
-    (name_a, a), (name_b, b) = pair
-    text = (f"species mismatch: the genes of {name_a} look {a.species} ({a.basis}), those of {name_b} "
-            f"{b.species} ({b.basis})")
-    if allow:
-        logger.warning("%s; ingesting anyway as asked (allow_species_mismatch): genes are matched by name", text)
-        return
-    raise SpeciesMismatchError(
-        f"{text}: an atlas store holds one species (genes are matched by name across datasets, so mouse Cd3e would "
-        "be stored as human CD3E); ingest it into a store of its own, or pass --allow-species-mismatch "
-        "(allow_species_mismatch=True in Python) to mix them anyway"
-    )
-
-
 def _nothing_committed(atlas: Path) -> bool:
     """Whether the store this command created holds no committed dataset, after its own ingest failed (its journal
     is still there: no warning about an interrupted ingest; an unreadable state: False, the store is kept)."""
@@ -875,58 +840,3 @@ def _nothing_committed(atlas: Path) -> bool:
         return AtlasStore.exists(atlas) and not AtlasStore.open(atlas, warn_unfinished=False).datasets
     except StoreError:
         return False
-
-
-def _check_obs_map(obs_map: Mapping[str, str] | None) -> dict[str, str]:
-    """The ``--obs-map`` renames, with every target the ingest sets itself (:data:`OBS_MAP_RESERVED`, in any
-    case) refused: the mapped values would be thrown away."""
-    out = dict(obs_map or {})
-    reserved = {c.casefold(): c for c in OBS_MAP_RESERVED}
-    for source, target in out.items():
-        hit = reserved.get(str(target).strip().casefold())
-        if hit is not None:
-            raise InputError(
-                f"--obs-map {escaped(source, 40)}={escaped(target, 40)}: the column {hit} cannot be a target "
-                f"({OBS_MAP_RESERVED[hit]}); map {escaped(source, 40)} onto another name (e.g. "
-                f"--obs-map {escaped(source, 40)}=batch), or drop this --obs-map"
-            )
-    return out
-
-
-def _check_obs_set(obs_set: Mapping[str, str] | None) -> dict[str, str]:
-    """The checked ``--obs-set`` columns: names usable as columns (check_name), not reserved, not a schema column
-    in another case, not twice; values strings."""
-    out: dict[str, str] = {}
-    seen: dict[str, str] = {}
-    standard = {_normalised(c): c for c in STANDARD_OBS_COLUMNS}
-    for col, value in (obs_set or {}).items():
-        name = check_name(col, "--obs-set column")
-        if name in OBS_SET_RESERVED:
-            raise InputError(f"--obs-set {escaped(name)}: this column cannot be set ({OBS_SET_RESERVED[name]})")
-        if _normalised(name) in standard and name != standard[_normalised(name)]:
-            raise InputError(f"--obs-set {escaped(name)}: the schema column is {standard[_normalised(name)]!r}; "
-                             "use that name")
-        if _normalised(name) in seen:
-            raise InputError(f"--obs-set names the column {escaped(name)} twice (as {escaped(seen[_normalised(name)])})")
-        if not isinstance(value, str):
-            raise InputError(f"--obs-set {escaped(name)}: the value must be a string, got {type(value).__name__}")
-        seen[_normalised(name)] = name
-        out[name] = value
-    return out
-
-
-def _ontology_table(ontology_map: str | Path | Mapping[str, str] | None, label_key: str) -> dict[str, str] | None:
-    """The checked ``{label: CL term}`` of ``--ontology-map`` (read before anything else is opened), or None."""
-    if ontology_map is None:
-        return None
-    check_name(label_key, "--ontology-label-key")
-    check_name(term_column(label_key), "--ontology-label-key's term column")
-    if isinstance(ontology_map, Mapping):
-        from scatlas.atlas.ontology import cell_ontology
-
-        onto = cell_ontology()
-        table = {}
-        for label, term in ontology_map.items():
-            table[str(label)] = onto.resolve_term(str(term), f"ontology map: the term id of {escaped(label, 60)}")[0]
-        return table
-    return read_ontology_map(ontology_map)

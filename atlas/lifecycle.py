@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from scatlas.atlas.atomic import write_json_atomic
 from scatlas.atlas.errors import InputError, StoreError
-from scatlas.atlas.ontology_map import OntologyFill, read_ontology_map, term_column
+from scatlas.atlas.ontology_map import OntologyFill, ontology_table, term_column
 from scatlas.atlas.schema import STANDARD_OBS_COLUMNS
 from scatlas.atlas.sql import duckdb_interrupts, quote_ident, transaction
 from scatlas.atlas.store import CELLS_DB, STATE_FILE, AtlasStore, DatasetRecord
@@ -178,17 +178,6 @@ class RelabelReport:
         return asdict(self)
 
 
-def _ontology_table(ontology_map: str | Path | Mapping[str, str]) -> dict[str, str]:
-    """The checked ``{label: CL term}`` of a map file (:func:`atlas.ontology_map.read_ontology_map`) or mapping."""
-    if not isinstance(ontology_map, Mapping):
-        return read_ontology_map(ontology_map)
-    from scatlas.atlas.ontology import cell_ontology
-
-    onto = cell_ontology()
-    return {str(label): onto.resolve_term(str(term), f"ontology map: the term id of {escaped(label, 60)}")[0]
-            for label, term in ontology_map.items()}
-
-
 def _stored_source(name: str, record: DatasetRecord, table: Mapping[str, str]) -> str:
     """The cells-table column holding obs column ``name`` of the dataset (its stored name when ingest renamed it);
     InputError when the dataset has no such column."""
@@ -322,7 +311,7 @@ def relabel_dataset(
     pairs = list(obs_map.items()) if isinstance(obs_map, Mapping) else [(str(s), str(t)) for s, t in obs_map]
     if not pairs:
         raise InputError("give at least one --obs-map SOURCE=TARGET")
-    terms = None if ontology_map is None else _ontology_table(ontology_map)
+    terms = None if ontology_map is None else ontology_table(ontology_map)
     path = _open_store(atlas)
     with StoreWriter.open(path, create=False) as writer:
         record = next((d for d in writer.state.datasets if d.dataset_id == dataset_id), None)

@@ -22,7 +22,7 @@ import pandas as pd
 
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.ontology import CellOntology, cell_ontology
-from scatlas.atlas.validate import MAX_NAME_LENGTH
+from scatlas.atlas.validate import MAX_NAME_LENGTH, escaped
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,16 @@ def read_ontology_map(path: str | Path, ontology: CellOntology | None = None) ->
     if "\x00" in text:
         raise InputError(f"--ontology-map {path}: holds NUL bytes; it is not a CSV text file")
     return _parse(text, str(path), onto)
+
+
+def ontology_table(ontology_map: str | Path | Mapping[str, str]) -> dict[str, str]:
+    """The checked ``{label: CL term}`` of an ontology map: a ``label,ontology_term_id`` CSV file
+    (:func:`read_ontology_map`) or a mapping, each term resolved (:meth:`CellOntology.resolve_term`)."""
+    if not isinstance(ontology_map, Mapping):
+        return read_ontology_map(ontology_map)
+    onto = cell_ontology()
+    return {str(label): onto.resolve_term(str(term), f"ontology map: the term id of {escaped(label, 60)}")[0]
+            for label, term in ontology_map.items()}
 
 
 def _parse(text: str, name: str, onto: CellOntology) -> dict[str, str]:
