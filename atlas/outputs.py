@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -283,6 +284,19 @@ def remove_created(path: PathLike, created: Sequence[Path]) -> None:
     for parent in created[1:]:
         with contextlib.suppress(OSError):
             parent.rmdir()  # only while empty
+
+
+def new_stage_dir(parent: PathLike, prefix: str, suffix: str = ".tmp") -> Path:
+    """A new, uniquely named directory in ``parent`` to stage an output in, made as any directory the command makes
+    (mode 0777 less the umask: readable by the lab once published, unlike ``tempfile.mkdtemp``'s 0700)."""
+    for _ in range(100):
+        path = Path(parent) / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(errno.EEXIST, "no free name for a staging directory", os.fspath(parent))
 
 
 def claim_output_dir(

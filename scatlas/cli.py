@@ -560,6 +560,14 @@ def _echo_annotation(report: dict[str, Any]) -> None:
             _echo_evaluation(key, ev)
 
 
+def _percent(fraction: float) -> str:
+    """A share as a percentage with two significant digits, without exponents (100%, 3.4%, 0.25%)."""
+    pct = 100 * float(fraction)
+    if pct >= 10:
+        return f"{pct:.0f}%"
+    return f"{pct:.2g}%" if pct >= 0.01 or pct == 0 else "<0.01%"
+
+
 def _fmt(value: Any, spec: str = ".3f") -> str:
     """A metric for the terminal: formatted, or 'n/a' when it could not be computed."""
     return format(value, spec) if isinstance(value, (int, float)) else "n/a"
@@ -719,7 +727,7 @@ def hunt_report(hits: Path, index_dir: Path, out_dir: Path, by: str | None, de_g
     enr = r.enrichment
     for column in r.by:
         top = enr[enr["column"] == column].sort_values("n_hits", ascending=False, kind="stable").head(5)
-        _echo(f"{column}: " + ", ".join(f"{str(g)[:40]} {n:,} ({100 * f:.2g}%)" for g, n, f in
+        _echo(f"{column}: " + ", ".join(f"{str(g)[:40]} {n:,} ({_percent(f)})" for g, n, f in
                                        zip(top["group"], top["n_hits"], top["fraction"], strict=True)))
     if r.de_skipped:
         _echo(f"differential expression skipped: {r.de_skipped}")

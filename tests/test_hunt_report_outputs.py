@@ -5,6 +5,7 @@ the whole report."""
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -83,6 +84,9 @@ def test_a_valid_run_writes_the_report_in_place_and_a_rerun_replaces_it(world, t
     assert (out / ".scatlas-output.json").is_file()
     assert all(Path(p).parent == out for p in res.files.values())
     assert "left out of this report" not in (out / "report.md").read_text()
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask  # as any directory a command makes, not mkdtemp's 0700
     _no_leftovers(out.parent)
     # a rerun over it replaces it: the scores plot of the earlier hits goes, as this run's hits have no score
     frame = pd.read_parquet(world["hits"]).drop(columns="score")

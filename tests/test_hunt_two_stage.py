@@ -107,6 +107,9 @@ def test_prefer_two_stages_needs_a_strictly_better_f1():
     assert not prefer_two_stages(m(0.8, 0.8))[0]  # a tie keeps stage 1, which reads no expression
     assert not prefer_two_stages(m(0.7, 0.8))[0]
     assert "0.700 <= stage 1 alone's 0.800" in prefer_two_stages(m(0.7, 0.8))[1]
+    # the rows it compares on are named: the labelled cells stage 2 trains on, not stage 1's with the background
+    why = prefer_two_stages({**m(0.7, 0.8), "rows": {"positives": 13, "negatives": 1477}})[1]
+    assert "on 13 positives and 1477 negatives of the labelled cells" in why and "atlas background" in why
     with pytest.raises(InputError, match="two_stage must be True, False or 'auto'"):
         train("unused", None, positive_sql="x", two_stage="yes")  # type: ignore[arg-type]
 

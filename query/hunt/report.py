@@ -27,7 +27,6 @@ import html
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from scatlas.atlas.outputs import (
     check_output_dir,
     claim_output_dir,
     missing_dirs,
+    new_stage_dir,
     os_error_message,
     show,
     writing,
@@ -584,12 +584,12 @@ def _staged(out: Path) -> Iterator[Path]:
     with writing(real.parent):
         real.parent.mkdir(parents=True, exist_ok=True)
         try:
-            stage = Path(tempfile.mkdtemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent))
+            stage = new_stage_dir(real.parent, f".{real.name}.")
         except OSError:
             if not existed:
                 raise
             # out exists in a directory we cannot write to: stage inside out (a hidden entry, removed at the end)
-            stage = Path(tempfile.mkdtemp(prefix=".report.", suffix=".tmp", dir=real))
+            stage = new_stage_dir(real, ".report.")
     published = False
     try:
         claim_output_dir(stage, REPORT)  # its marker

@@ -158,8 +158,12 @@ def prefer_two_stages(metrics: dict[str, Any]) -> tuple[bool, str]:
     :class:`GeneStage`'s). A tie keeps stage 1 alone, which reads no expression."""
     two, one = metrics["two_stage"]["f1"], metrics["stage1_alone"]["f1"]
     verdict = two > one
+    rows = metrics.get("rows") or {}
+    cells = (f"{rows['positives']} positives and {rows['negatives']} negatives of the labelled cells" if rows
+             else "the same labelled cells")
     return verdict, (f"cross-validated F1 of two stages {two:.3f} {'>' if verdict else '<='} stage 1 alone's {one:.3f} "
-                     "on the same labelled cells")
+                     f"on {cells}, those stage 2 trains on; stage 1's own figures also count the atlas background "
+                     "as negatives")
 
 
 def _rates(y: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
@@ -233,6 +237,7 @@ def fit_gene_stage(
         },
         # stage 1 alone at its own threshold, on these rows and folds: what "auto" weighs two stages against
         "stage1_alone": one,
+        "rows": {"positives": int(y.sum()), "negatives": int((~y).sum())},
         "n_genes": G.shape[1],
         "final_fit_iterations": final.n_iter,
     }
