@@ -112,7 +112,8 @@ class AnnotationResult:
     Cell Ontology name at the ``ancestor`` level, or ``"unknown"``), ``K_pred_ontology_term_id`` (``CL:...``, ""
     when the answer has no term), ``K_pred_fine`` (the best class before any fallback or abstention),
     ``K_confidence`` (the answer's probability), ``K_level`` (``fine``, ``ancestor`` or ``unknown``),
-    ``K_unknown_reason`` (``""``, ``low_confidence``, ``far_from_atlas``, ``out_of_atlas`` or ``no_expression``),
+    ``K_unknown_reason`` (``""``, ``low_confidence``, ``far_from_atlas``, ``out_of_atlas``, ``no_expression`` or
+    ``no_labelled_neighbours``),
     ``K_runner_up`` and ``K_runner_up_proba``, ``K_mapping_score`` (when the index has a mapping calibration: the
     percentile of the cell's similarity to the atlas among atlas cells held out as new data); plus
     ``atlas_similarity`` (mean similarity of the cell's calibration-k nearest atlas cells) and

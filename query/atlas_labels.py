@@ -70,6 +70,11 @@ class AtlasLabels:
         return codes(self.classes[key].class_of(as_str_values(values)), self.categories[key])
 
 
+SPARSE_LABELS = 0.5
+"""Under this share of the searched atlas cells holding a label, annotating it by the neighbour vote warns: many
+query cells will have no labelled neighbour."""
+
+
 def _class_counts(idx: AtlasIndex, key: str, classes: LabelClasses, ids: np.ndarray | None) -> pd.Series:
     """Cells per class of ``key`` (sorted by name), among the cells ``ids`` (None: all cells).
 
@@ -175,6 +180,15 @@ def atlas_labels(
                 "confidence 1 by construction; widen the filter to let the confidence tell classes apart", key,
             )
     heads = deciding_heads(idx, keys, predictor, max_votes_per_dataset)
+    searched = idx.n_cells if selected_ids is None else len(selected_ids)
+    for key in keys:
+        labelled = int(counts[key].sum())
+        if key not in heads and len(categories[key]) and labelled < SPARSE_LABELS * searched:
+            logger.warning(
+                "only %.0f%% of the atlas cells searched have a %r label: cells whose nearest atlas cells have none "
+                "are unknown (no_labelled_neighbours); search the labelled cells only with --where \"%s IS NOT NULL\"",
+                100 * labelled / max(searched, 1), key, key,
+            )
     head_columns = {key: codes(h.classes, categories[key]) for key, h in heads.items()}
     for key, cols in head_columns.items():
         if not (cols >= 0).any():

@@ -16,6 +16,7 @@ from scatlas.query.vote import (
     REASON_FAR,
     REASON_LOW_CONFIDENCE,
     REASON_NO_EXPRESSION,
+    REASON_NO_LABEL,
     REASON_NONE,
     UNKNOWN,
     Weighting,
@@ -27,7 +28,7 @@ from scatlas.query.vote import (
 )
 
 REASON_OUT_OF_ATLAS = "out_of_atlas"
-REASONS = (REASON_NONE, REASON_LOW_CONFIDENCE, REASON_FAR, REASON_OUT_OF_ATLAS, REASON_NO_EXPRESSION)
+REASONS = (REASON_NONE, REASON_LOW_CONFIDENCE, REASON_FAR, REASON_OUT_OF_ATLAS, REASON_NO_EXPRESSION, REASON_NO_LABEL)
 SIMILARITY_COLUMN = "atlas_similarity"
 NEAREST_COLUMN = "atlas_nearest_similarity"
 
@@ -163,7 +164,9 @@ class Transfer:
         a = answer(self.proba[key], onto, min_confidence, self.preferred[key])
         level = a.level.copy()
         reason = np.where(level == 2, REASONS.index(REASON_LOW_CONFIDENCE), 0)
-        for mask, name in ((far, REASON_FAR), (out_of_atlas, REASON_OUT_OF_ATLAS), (self.silent, REASON_NO_EXPRESSION)):
+        unlabelled = ~self.silent & (self.proba[key].sum(axis=1) <= 0)  # no neighbour (or head class) had the label
+        for mask, name in ((unlabelled, REASON_NO_LABEL), (far, REASON_FAR), (out_of_atlas, REASON_OUT_OF_ATLAS),
+                           (self.silent, REASON_NO_EXPRESSION)):
             reason = np.where(mask, REASONS.index(name), reason)
             level = np.where(mask, 2, level).astype(np.int8)
         names = [*classes, *(n for n in onto.names if n not in classes)]

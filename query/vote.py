@@ -39,6 +39,8 @@ UNKNOWN = "unknown"
 REASON_LOW_CONFIDENCE = "low_confidence"
 REASON_FAR = "far_from_atlas"
 REASON_NO_EXPRESSION = "no_expression"
+REASON_NO_LABEL = "no_labelled_neighbours"
+"""The vote's reason when none of a cell's neighbours has the label (an atlas where only some datasets hold it)."""
 REASON_NONE = ""
 
 _TIE_RTOL = 1e-6

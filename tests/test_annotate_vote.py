@@ -128,3 +128,39 @@ def test_far_from_atlas_needs_both_statistics_when_given_two_thresholds() -> Non
     assert far_from_atlas(mean_sim, 0.5, nearest, 0.5).tolist() == [True, False, False, True]
     with pytest.raises(InputError):
         far_from_atlas(mean_sim, 0.5, None, 0.5)
+
+
+def test_a_label_only_some_datasets_hold_gives_its_own_reason_and_a_warning(tmp_path, caplog):
+    """Annotating by the vote a column that only one atlas dataset has: query cells whose neighbours all lack it are
+    ``unknown`` with reason ``no_labelled_neighbours`` (not ``low_confidence``), and annotate warns with the
+    ``--where`` that searches the labelled cells only; with that filter they get a label."""
+    import logging
+
+    from scatlas.atlas import ingest
+    from scatlas.index import build_index
+    from scatlas.query import annotate
+    from tests.conftest import make_adata
+
+    a = make_adata(300, 60, seed=1, prefix="a", cell_types=("T cell", "B cell", "monocyte"))
+    a.obs["subtype"] = np.where(a.obs["cell_type"] == "T cell", "naive T", "other")
+    b = make_adata(900, 60, seed=2, prefix="b", cell_types=("T cell", "B cell", "monocyte", "NK cell"))  # NK: b only
+    a.write_h5ad(tmp_path / "a.h5ad")
+    b.write_h5ad(tmp_path / "b.h5ad")
+    ingest([tmp_path / "a.h5ad", tmp_path / "b.h5ad"], tmp_path / "atlas", progress=False)
+    build_index(tmp_path / "atlas", tmp_path / "index", embedder_options={"n_hvg": 50, "n_components": 8},
+                label_keys=(), progress=False)
+    query = make_adata(200, 60, seed=3, prefix="q", cell_types=("T cell", "B cell", "monocyte", "NK cell"))
+    with caplog.at_level(logging.WARNING):
+        res = annotate(query, tmp_path / "index", label_keys=["subtype"], progress=False, keep_neighbors=False)
+    assert any("have a 'subtype' label" in r.getMessage() and 'subtype IS NOT NULL' in r.getMessage()
+               for r in caplog.records)
+    p = res.predictions
+    none = p["subtype_unknown_reason"] == "no_labelled_neighbours"
+    nk = (query.obs["cell_type"] == "NK cell").to_numpy()
+    assert none.sum() >= 10 and none[nk].sum() >= 0.8 * none.sum()  # the cells of the type only b holds
+    assert (p.loc[none, "subtype_confidence"] == 0).all()
+    assert (p.loc[none, "subtype_pred"] == "unknown").all()
+    assert not ((p["subtype_unknown_reason"] == "low_confidence") & (p["subtype_confidence"] == 0)).any()
+    only = annotate(query, tmp_path / "index", label_keys=["subtype"], where="subtype IS NOT NULL", progress=False,
+                    keep_neighbors=False).predictions
+    assert (only["subtype_unknown_reason"] != "no_labelled_neighbours").all()
