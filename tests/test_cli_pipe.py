@@ -56,6 +56,7 @@ def test_a_ctrl_c_after_the_command_finished_keeps_its_exit_status():
     status 130: ``cli.main`` ignores SIGINT after the command returns."""
     script = (
         "import os, signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # as in a terminal, even from a background run
         "from scatlas.cli import main\n"
         "sys.argv = ['scatlas', '--help']\n"
         "try:\n"

@@ -242,8 +242,13 @@ def test_ctrl_c_swallowed_inside_umap_still_stops_the_fit(world: dict[str, Any],
     before = read_manifest(world["index"]).refmap_files
     coords = (world["index"] / REFMAP_DIR / COORDS_FILE).read_bytes()
     monkeypatch.setattr(umap.UMAP, "fit_transform", swallowing_fit)
-    with pytest.raises(KeyboardInterrupt):
-        fit_reference_map(world["index"], n_cells=200)
+    # Python's own Ctrl-C handler, as in a terminal (a test run started in the background ignores SIGINT)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit_reference_map(world["index"], n_cells=200)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler put back
+    finally:
+        signal.signal(signal.SIGINT, outer)
     assert read_manifest(world["index"]).refmap_files == before
     assert (world["index"] / REFMAP_DIR / COORDS_FILE).read_bytes() == coords
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler put back
