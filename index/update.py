@@ -43,7 +43,7 @@ from scatlas.index.embedding import obs_columns, obsm_keys, reads_x
 from scatlas.index.evaluate import calibrate, sample_cells, tune_and_measure
 from scatlas.index.executor import Executor
 from scatlas.index.heads_training import train_label_heads
-from scatlas.index.label_classes import ensure_label_classes
+from scatlas.index.label_classes import LabelClasses, ensure_label_classes, load_label_classes
 from scatlas.index.manifest import (
     BUILD_FILE,
     CELLS_DB_FILE,
@@ -320,7 +320,7 @@ def update_index(
             files=small_file_records(target), heads_files=None, labels_files=None, refmap_files=None,
         )
         manifest.write(target)
-        _refresh_after_build(cur, target, store, config.seed, progress)
+        report.warnings += _refresh_after_build(cur, target, store, config.seed, progress)
         commit_version(root, new_version)
         remove_superseded(root, new_version)
     report.version, report.n_cells, report.recall = new_version, manifest.n_cells, recall.recall
@@ -345,12 +345,16 @@ def _fit_warnings(root: Path, changes: StoreChanges) -> list[str]:
     return [text]
 
 
-def _refresh_after_build(cur: Path, target: Path, store: Any, seed: int, progress: Progress) -> None:
+def _refresh_after_build(cur: Path, target: Path, store: Any, seed: int, progress: Progress) -> list[str]:
     """Label classes, label heads (with the settings of the previous version's) and the mapping calibration of the
-    new version, for each the previous version had."""
+    new version, for each the previous version had; the warnings (classes renamed)."""
     config = _heads_config(cur)
     keys = list(config.get("label_keys", [])) if config else []
-    ensure_label_classes(target, _class_keys(target, keys))
+    try:
+        before = load_label_classes(cur)
+    except IndexFormatError:
+        before = {}
+    warnings = _renamed_classes(before, ensure_label_classes(target, _class_keys(target, keys)))
     if config and keys:
         options = {k: config[k] for k in ("max_cells_per_label", "max_cells", "c_genes", "c_embedding") if k in config}
         train_label_heads(store, target, keys, seed=int(config.get("seed", seed)), progress=progress, **options)
@@ -361,6 +365,26 @@ def _refresh_after_build(cur: Path, target: Path, store: Any, seed: int, progres
             logger.warning("%s: annotate will not judge how queries map onto it", exc)
     if read_manifest(cur).refmap_files:  # the previous version had a reference map: fit the new one like it
         ensure_reference_map(target, seed=seed, like=cur)
+    return warnings
+
+
+def _renamed_classes(before: dict[str, LabelClasses], after: dict[str, LabelClasses]) -> list[str]:
+    """Warnings naming the classes whose name changed between versions (a class merging several values takes the
+    name of its most frequent one, so added cells can rename it): per key, old -> new for the values of both."""
+    from scatlas.atlas.validate import escaped
+
+    out = []
+    for key in sorted(set(before) & set(after)):
+        old, new = before[key].value_class, after[key].value_class
+        pairs = sorted({(old[v], new[v]) for v in set(old) & set(new) if old[v] != new[v]})
+        if pairs:
+            shown = ", ".join(f"{escaped(a, 40)} -> {escaped(b, 40)}" for a, b in pairs[:10])
+            more = f" and {len(pairs) - 10} more" if len(pairs) > 10 else ""
+            out.append(f"label classes of {escaped(key, 40)} renamed by this update (a class merging several values "
+                       f"is named by its most frequent value): {shown}{more}; annotations now use the new names")
+    for text in out:
+        logger.warning("%s", text)
+    return out
 
 
 __all__ = ["UpdateReport", "update_index"]

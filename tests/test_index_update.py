@@ -330,3 +330,25 @@ def test_killed_update_process_resumes(store_ab, target, at):
     assert "version 2" in out
     with AtlasIndex.open(index, verify=True) as idx:
         assert idx.manifest.version == 2 and idx.n_cells == 550 and sorted(idx.label_heads()) == ["cell_type"]
+
+
+def test_update_warns_when_added_cells_rename_a_class(tmp_path, caplog):
+    """"B cell" (dataset A) and "B cells" (dataset B) are one class (one CL term), named by its most frequent value:
+    adding B's many B cells renames the class, and the update says so (report warnings and the log)."""
+    import logging
+
+    a = _write(tmp_path, "A", 1, n=200, cell_types=("B cell", "T cell", "monocyte"))
+    b = _write(tmp_path, "B", 2, n=600, cell_types=("B cells", "T cell", "monocyte"))
+    ingest([a], tmp_path / "atlas", progress=False)
+    build_index(tmp_path / "atlas", tmp_path / "index", label_keys=(), **BUILD)
+    with AtlasIndex.open(tmp_path / "index") as idx:
+        assert "B cell" in idx.label_classes("cell_type").classes
+    ingest([b], tmp_path / "atlas", progress=False)
+    with caplog.at_level(logging.WARNING):
+        report = update_index(tmp_path / "atlas", tmp_path / "index", progress=False)
+    renamed = [w for w in report.warnings if "renamed by this update" in w]
+    assert len(renamed) == 1 and "'B cell' -> 'B cells'" in renamed[0], report.warnings
+    assert "T cell" not in renamed[0]  # unchanged classes are not listed
+    assert any("renamed by this update" in r.getMessage() for r in caplog.records)
+    with AtlasIndex.open(tmp_path / "index") as idx:
+        assert "B cells" in idx.label_classes("cell_type").classes
