@@ -71,6 +71,7 @@ __all__ = [
     "DEFAULT_ALIGN", "DEFAULT_ALIGN_SAMPLE", "DEFAULT_BATCH_SIZE", "DEFAULT_CLASS_BALANCE", "DEFAULT_FAR_QUANTILE",
     "DEFAULT_K", "DEFAULT_MIN_CONFIDENCE", "DEFAULT_MISSING_GENES", "DEFAULT_PREDICTOR", "DEFAULT_WEIGHTING",
     "FAR_QUANTILE_WHEN_ON", "MAP_OBSM", "MIN_CONFIDENCE_FLAT", "MIN_CONFIDENCE_ONTOLOGY", "MIN_GENE_OVERLAP_REFIT",
+    "REFIT_BELOW",
     "AnnotationResult", "annotate",
 ]
 
@@ -80,6 +81,11 @@ PREDICTORS: tuple[str, ...] = ("auto", "heads", "knn")
 MissingGenes = Literal["refit", "impute"]
 MISSING_GENES: tuple[str, ...] = ("refit", "impute")
 DEFAULT_MISSING_GENES: MissingGenes = "refit"
+
+REFIT_BELOW = 0.98
+"""``missing_genes="refit"`` refits the label heads only when the query has under this share of the embedder's
+genes; above it, the few missing genes read as their atlas means (``"impute"``): refitting a nearly complete gene set
+gained nothing on the bench pairs and cost seconds to a minute (docs/benchmarks.md#annotate-defaults)."""
 
 MIN_GENE_OVERLAP_REFIT = 0.15
 """Default gene-overlap floor when label heads refitted for the query's genes decide every label (see
@@ -318,8 +324,9 @@ def annotate(
         that maps poorly ``unknown`` (``out_of_atlas``) unless they map well on their own; False: report only.
     keep_neighbors: keep the neighbours table (``n_cells x k`` rows).
     predictor: ``"heads"`` (the index's label heads), ``"knn"`` (the vote) or ``"auto"`` (heads where they exist).
-    missing_genes: for a query lacking some of the embedder's genes, ``"refit"`` the heads on the genes it has, or
-        ``"impute"`` (each missing gene reads as its atlas mean).
+    missing_genes: for a query lacking some of the embedder's genes, ``"refit"`` the heads on the genes it has (when
+        it has under :data:`REFIT_BELOW` of them; above, as ``"impute"``), or ``"impute"`` (each missing gene reads
+        as its atlas mean).
     progress: a progress bar (:data:`index.progress.Progress`).
 
     How the defaults were chosen: docs/benchmarks.md#annotate-defaults. Raises InputError (empty query, unknown
@@ -588,7 +595,7 @@ def _refit_heads(cells: QueryCells, atlas: AtlasLabels, missing_genes: str) -> d
     if cells.match is None or embedder.gene_feature_names is None:
         return None
     present = cells.match.target_present()  # which of the embedder's gene features the query has
-    if missing_genes != "refit" or not atlas.heads or present.all():
+    if missing_genes != "refit" or not atlas.heads or present.mean() >= REFIT_BELOW:
         return None
     t0 = time.perf_counter()
     atlas.heads = refit_for_genes(

@@ -455,7 +455,8 @@ def verify(index_dir: Path | None, atlas_dir: Path | None, as_json: bool, progre
               help="What decides the label: the index's label heads, the neighbours' vote, or heads where trained.")
 @click.option("--missing-genes", type=click.Choice(["refit", "impute"]), default="refit", show_default=True,
               help="When the query lacks some of the embedder's genes: refit the label heads on their training "
-                   "sample without them, or use the heads as trained (missing genes read as their atlas mean).")
+                   "sample without them (when over 2% are missing; fewer read as with impute), or use the heads as "
+                   "trained (missing genes read as their atlas mean).")
 @progress_option
 def annotate(query_file: Path, index_dir: Path, out_h5ad: Path, label_keys: tuple[str, ...], k: int, where: str | None,
              min_confidence: float | None, far_quantile: float | None, max_votes_per_dataset: int | None,
