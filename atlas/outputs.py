@@ -23,6 +23,7 @@ import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from scatlas.atlas.errors import OutputError, OutputWriteError
 
@@ -344,13 +345,14 @@ def _inside_protected(out: Path) -> OutputKind | None:
     return None
 
 
-def _scatlas_h5ad(path: Path) -> bool:
-    """Whether the ``.h5ad`` at ``path`` was written by scatlas (carries :data:`H5AD_MARK`)."""
+def _scatlas_h5ad(path: Path, mark: str | None = None) -> bool:
+    """Whether the ``.h5ad`` at ``path`` was written by scatlas (carries :data:`H5AD_MARK`; with the value ``mark``,
+    the command that wrote it, when given)."""
     import h5py
 
     try:
         with h5py.File(path, "r") as f:
-            return H5AD_MARK in f.attrs
+            return H5AD_MARK in f.attrs and (mark is None or str(f.attrs[H5AD_MARK]) == mark)
     except (OSError, RuntimeError, ValueError):
         return False
 
@@ -360,11 +362,16 @@ def check_output_file(
     *,
     inputs: Iterable[PathLike | None] = (),
     file_kind: str | None = None,
+    csv_header: Sequence[str] = (),
+    mark: str | None = None,
 ) -> Path:
     """Refuse ``path`` as an output file when it is a directory, an input, inside an input directory or inside an
-    atlas store, index, classifier or sweep directory, or an existing file of another kind than ``file_kind`` (a
-    key of :data:`MAGIC`; an existing ``.h5ad`` must be one scatlas wrote). Nothing is written; returns
-    ``Path(path)`` (resolved when it holds ``..``)."""
+    atlas store, index, classifier or sweep directory, or an existing file scatlas did not write (one of another
+    kind than ``file_kind``, a key of :data:`MAGIC` or ``"csv"``, or of that kind without scatlas' mark:
+    :func:`written_by_scatlas`; ``csv_header``: the first columns of the CSV to be written; ``mark``: the ``.h5ad``
+    mark's value, the command whose output alone may be replaced). A file inside an output
+    directory marked as scatlas' own (a report, an evaluation) is its own. Nothing is written; returns ``Path(path)``
+    (resolved when it holds ``..``)."""
     out = _plain(path)
     if out.is_dir():
         raise OutputError(f"{show(out)} is a directory; give a file path")
@@ -374,19 +381,73 @@ def check_output_file(
         raise OutputError(f"{show(out)} lies inside {protected.what}; refusing to write there: give a path outside it")
     if file_kind is not None and out.is_file():
         with _reading(out):
-            same_kind = looks_like(out, file_kind)
-            ours = not same_kind or file_kind != "h5ad" or _scatlas_h5ad(out)
+            same_kind = file_kind == "csv" or looks_like(out, file_kind)
+            ours = same_kind and (marker_kind(out.parent) in OWN_FILES_KINDS or written_by_scatlas(out, file_kind, csv_header, mark))
         if not same_kind:
             raise OutputError(
                 f"{show(out)} exists and is not a {file_kind} file; refusing to replace it: give another path "
                 "(or delete that file first)"
             )
-        if not ours:  # a valid .h5ad, but not one of ours: likely the user's data
+        if not ours:  # a file of that kind, but not one of ours: likely the user's
             raise OutputError(
                 f"{show(out)} exists and was not written by scatlas; refusing to replace it: give another path "
                 "(or move that file away first, if it is yours to replace)"
             )
     return out
+
+
+OWN_FILES_KINDS = frozenset({"hunt-report", "embedder-evaluation"})
+"""Output directories (by their marker) whose files one command writes as a set: a file there is that command's."""
+
+OUTPUT_MARK = H5AD_MARK
+"""How scatlas marks the files it writes, so that only those are ever replaced: a root attribute of an ``.h5ad``, a
+key of a Parquet file's schema metadata, a top-level key of a JSON object, the ``Software`` text of a PNG (its value
+there: :data:`PNG_SOFTWARE`). A CSV has nowhere to carry it: its header is compared with the one to be written."""
+PNG_SOFTWARE = "scatlas"
+
+
+def marked(payload: dict[str, Any], what: str) -> dict[str, Any]:
+    """``payload`` with scatlas' mark as a top-level key (``what``: the kind of output, e.g. "report")."""
+    return {OUTPUT_MARK: what, **{k: v for k, v in payload.items() if k != OUTPUT_MARK}}
+
+
+def written_by_scatlas(path: PathLike, file_kind: str, csv_header: Sequence[str] = (), mark: str | None = None
+                       ) -> bool:
+    """Whether the existing file at ``path`` carries scatlas' mark for ``file_kind`` (:data:`OUTPUT_MARK`); an empty
+    file holds nothing to lose and counts as one; a CSV counts when its header begins with ``csv_header`` (never
+    when that is empty)."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        return True
+    if file_kind == "h5ad":
+        return _scatlas_h5ad(path, mark)
+    if file_kind == "json":
+        from scatlas.atlas.atomic import read_json_object
+        from scatlas.atlas.errors import ScatlasError
+
+        try:
+            return OUTPUT_MARK in read_json_object(path, "")
+        except ScatlasError:
+            return False
+    if file_kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            metadata = pq.read_schema(path).metadata or {}
+        except (OSError, ValueError):
+            return False
+        return OUTPUT_MARK.encode() in metadata
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    if file_kind == "png":
+        return b"tEXtSoftware\x00" + PNG_SOFTWARE.encode() in head
+    if file_kind == "csv" and csv_header:
+        import csv
+
+        first = head.split(b"\n", 1)[0].decode("utf-8", "replace").rstrip("\r")
+        row = next(csv.reader([first]), [])
+        return row[: len(csv_header)] == list(csv_header)
+    return False
 
 
 def check_distinct(paths: Iterable[PathLike | None]) -> None:

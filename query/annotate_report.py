@@ -24,7 +24,8 @@ def truth_terms(
 ) -> tuple[np.ndarray, dict[str, str]]:
     """Each truth label's CL term ("" when none) and how each distinct label got it.
 
-    In order: the user's table (``user_map``), the query's own term column (its most frequent term per label),
+    In order: the user's table (``user_map``), the query's own term column (its most frequent CL term per label;
+    other values, like CELLxGENE's placeholder ``unknown``, are none),
     the atlas class the label names (its term), then CL names and synonyms (exact, then normalised).
     """
     labels = as_str_values(values)
@@ -32,8 +33,10 @@ def truth_terms(
     found: dict[str, tuple[str, str]] = {}
     own: dict[str, str] = {}
     if term_column is not None:
-        pairs = Counter(
-            (lbl, t) for lbl, t in zip(labels, as_str_values(term_column), strict=True) if lbl is not None and t
+        onto = cell_ontology()
+        pairs = Counter(  # a placeholder ("unknown", CELLxGENE's) or any other non-CL value is no term
+            (lbl, t) for lbl, t in zip(labels, as_str_values(term_column), strict=True)
+            if lbl is not None and t and onto.is_term(t)
         )
         for (lbl, t), _ in sorted(pairs.items(), key=lambda kv: -kv[1]):
             own.setdefault(lbl, t)

@@ -26,16 +26,23 @@ from scatlas.atlas.atomic import default_file_mode, json_text
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.outputs import (
     H5AD_MARK,
+    OUTPUT_MARK,
+    PNG_SOFTWARE,
     OutputError,
     OutputWriteError,
     check_output_file,
     looks_like,
+    marked,
     os_error_message,
     show,
     writing,
+    written_by_scatlas,
 )
 
 logger = logging.getLogger(__name__)
+
+ANNOTATED_MARK = "annotate"
+"""The value of :data:`~atlas.outputs.H5AD_MARK` in an annotated ``.h5ad``: annotate replaces only such files."""
 
 
 _PENDING: contextvars.ContextVar[list[tuple[Path, Path]] | None] = contextvars.ContextVar("_PENDING", default=None)
@@ -65,17 +72,18 @@ def published_together() -> Iterator[None]:
 
 @contextlib.contextmanager
 def atomic_path(
-    target: str | Path, *, inputs: Iterable[str | Path | None] = (), file_kind: str | None = None
+    target: str | Path, *, inputs: Iterable[str | Path | None] = (), file_kind: str | None = None,
+    csv_header: Sequence[str] = (), mark: str | None = None,
 ) -> Iterator[Path]:
     """Yield a temporary path next to ``target``: renamed onto ``target`` on success (at the end of an enclosing
     :func:`published_together` block, if any), removed on error.
 
     ``target`` is refused (:class:`~atlas.outputs.OutputError`) when it is a directory, one of ``inputs``, or an
-    existing file of another kind than ``file_kind``; an OSError while writing (disk full, read-only) becomes an
+    existing file scatlas did not write (:func:`~atlas.outputs.check_output_file`); an OSError while writing (disk full, read-only) becomes an
     OutputError that says what to do.
     """
     target = Path(target)
-    check_output_file(target, inputs=inputs, file_kind=file_kind)
+    check_output_file(target, inputs=inputs, file_kind=file_kind, csv_header=csv_header, mark=mark)
     with writing(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -109,7 +117,7 @@ def remove_stale(path: str | Path, file_kind: str) -> bool:
     if not path.is_file() or path.is_symlink():
         return False
     with writing(path):
-        if not looks_like(path, file_kind) or path.stat().st_size == 0:
+        if not looks_like(path, file_kind) or path.stat().st_size == 0 or not written_by_scatlas(path, file_kind):
             return False
         path.unlink()
     logger.info("removed %s: an output of an earlier run that this run does not write", path)
@@ -182,7 +190,7 @@ def write_annotated_h5ad(
     inputs = () if isinstance(query, anndata.AnnData) else (Path(query),)
     if inputs and out.exists() and inputs[0].exists() and os.path.samefile(inputs[0], out):
         raise OutputError(f"{show(out)} is the query file itself; write the annotated copy to another path")
-    with atomic_path(out, inputs=inputs, file_kind="h5ad") as tmp:
+    with atomic_path(out, inputs=inputs, file_kind="h5ad", mark=ANNOTATED_MARK) as tmp:
         if isinstance(query, anndata.AnnData):
             query.write_h5ad(tmp, convert_strings_to_categoricals=False)
             _patch(tmp, columns, obsm, uns)
@@ -196,7 +204,7 @@ def write_annotated_h5ad(
             adata.uns.update(uns)
             adata.write_h5ad(tmp)
         with h5py.File(tmp, "r+") as f:
-            f.attrs[H5AD_MARK] = "annotate"  # a later run may replace this file, and no other
+            f.attrs[H5AD_MARK] = ANNOTATED_MARK  # a later run may replace this file, and no other
     logger.info("wrote %s (%d obs columns added)", out, columns.shape[1])
     return out
 
@@ -208,16 +216,19 @@ def write_parquet(frame: pd.DataFrame, out: str | Path, *, inputs: Iterable[str 
 
     out = Path(out)
     with atomic_path(out, inputs=inputs, file_kind="parquet") as tmp, open(tmp, "wb") as fh:
-        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), fh, compression="zstd")
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), OUTPUT_MARK.encode(): b"table"})
+        pq.write_table(table, fh, compression="zstd")
     logger.info("wrote %s (%d rows)", out, len(frame))
     return out
 
 
 def write_json(payload: dict[str, Any], out: str | Path, *, inputs: Iterable[str | Path | None] = ()) -> Path:
-    """``payload`` as JSON, atomically; an existing file at ``out`` that is not JSON is refused."""
+    """``payload`` as JSON (scatlas' mark first: :func:`atlas.outputs.marked`), atomically; an existing file at
+    ``out`` that scatlas did not write is refused."""
     out = Path(out)
     with atomic_path(out, inputs=inputs, file_kind="json") as tmp, open(tmp, "w") as fh:
-        fh.write(json_text(payload))
+        fh.write(json_text(marked(payload, "report")))
         fh.flush()
         os.fsync(fh.fileno())
     logger.info("wrote %s", out)
@@ -275,27 +286,30 @@ def table_format(path: str | Path) -> str:
     return suffix[1:]
 
 
-def check_table_output(out: str | Path, *, inputs: Iterable[str | Path | None] = ()) -> Path:
+def check_table_output(out: str | Path, *, inputs: Iterable[str | Path | None] = (), header: Sequence[str] = ()
+                       ) -> Path:
     """Refuse ``out`` as a Parquet/CSV output before any work: an input, inside a store or index, a directory, another
-    suffix, or an existing file of another kind (a CSV path holding a binary file: an ``.h5ad``, Parquet, PNG)."""
+    suffix, or an existing file scatlas did not write (for a CSV: one whose header does not begin with ``header``,
+    the first columns of the table to be written, or a binary file: an ``.h5ad``, Parquet, PNG)."""
     out = Path(out)
     kind = table_format(out)
-    check_output_file(out, inputs=inputs, file_kind="parquet" if kind == "parquet" else None)
     if kind == "csv" and out.is_file():
         with writing(out), open(out, "rb") as fh:
             head = fh.read(512)
         if b"\x00" in head or any(head.startswith(m) for m in (b"PAR1", b"\x89HDF", b"\x89PNG")):
             raise OutputError(f"{show(out)} exists and is not a CSV file; refusing to replace it: give another path "
                               "(or delete that file first)")
+    check_output_file(out, inputs=inputs, file_kind=kind, csv_header=header)
     return out
 
 
 def write_table(frame: pd.DataFrame, out: str | Path, *, inputs: Iterable[str | Path | None] = ()) -> Path:
     """``frame`` as Parquet or CSV (by ``out``'s suffix), atomically; see :func:`check_table_output`."""
-    out = check_table_output(out, inputs=inputs)
+    header = tuple(str(c) for c in frame.columns[:2])
+    out = check_table_output(out, inputs=inputs, header=header)
     if table_format(out) == "parquet":
         return write_parquet(frame, out, inputs=inputs)
-    with atomic_path(out, inputs=inputs) as tmp:
+    with atomic_path(out, inputs=inputs, file_kind="csv", csv_header=header) as tmp:
         frame.to_csv(tmp, index=False)
     logger.info("wrote %s (%d rows)", out, len(frame))
     return out
@@ -350,7 +364,7 @@ def _save_png(fig: Any, out: str | Path, inputs: Iterable[str | Path | None]) ->
     """Write ``fig`` to ``out`` as a 120-dpi PNG, atomically (``inputs``: files it must not replace); returns it."""
     out = Path(out)
     with atomic_path(out, inputs=inputs, file_kind="png") as tmp, open(tmp, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=120)
+        fig.savefig(fh, format="png", dpi=120, metadata={"Software": PNG_SOFTWARE})
     logger.info("wrote %s", out)
     return out
 

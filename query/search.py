@@ -58,6 +58,8 @@ DEFAULT_BATCH_SIZE = 10_000
 MAP_POINTS = 3_000
 """At most this many query cells and hit atlas cells are placed on the reference map in the report (a sample)."""
 HIT_COLUMNS = ["query_cell", "rank", "soma_joinid", "similarity"]
+HITS_FIRST = ("query_cell", "rank")
+"""The first columns of the hits table (what an earlier hits CSV of scatlas begins with)."""
 SEARCH_ENRICHMENT_COLUMNS = [
     "column", "group", "n_hits", "n_cells", "share_hits", "share_atlas", "fold", "fraction", "odds_ratio", "pvalue",
     "qvalue",
@@ -411,7 +413,8 @@ def check_search_outputs(paths: dict[str, Path | None], inputs: Sequence[str | P
         if path is None:
             continue
         if name in ("hits", "enrichment"):
-            check_table_output(path, inputs=inputs)
+            check_table_output(path, inputs=inputs, header=HITS_FIRST if name == "hits" else
+                               tuple(SEARCH_ENRICHMENT_COLUMNS[:2]))
         else:
             check_output_file(path, inputs=inputs, file_kind="json" if name == "report" else "png")
 

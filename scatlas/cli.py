@@ -27,6 +27,7 @@ from scatlas.cli_common import (
     _parse_pairs,
     _setup_logging,
     _split_pair,
+    _value,
     atlas_option,
     executor_options,
     ignore_late_sigint,
@@ -339,7 +340,8 @@ def _print_info(info: dict[str, Any]) -> None:
         how = ", ".join(f"{n} by {h}" for h, n in c.get("by_how", {}).items() if n and h != "unmapped")
         _echo(f"classes      {key}: {c['values']} values -> {c['classes']} classes, {c['classes_with_term']} with a Cell "
               f"Ontology term ({how or 'none mapped'})"
-              + (f"; no term: {', '.join(c['unmapped'])}" + (" ..." if c["n_unmapped"] > len(c["unmapped"]) else "")
+              + (f"; no term: {', '.join(map(_value, c['unmapped']))}"
+                 + (" ..." if c["n_unmapped"] > len(c["unmapped"]) else "")
                  + " (give them terms with `scatlas ingest --ontology-map`)" if c.get("n_unmapped") else ""))
     heads = info.get("label_heads") or {}
     if info.get("label_heads_error"):
@@ -507,7 +509,7 @@ def _check_annotate_outputs(inputs: tuple[Path, ...], h5ad: Path, neighbors: Pat
     check_distinct([h5ad, neighbors, report, confusion, map_png])
     for path, kind in ((h5ad, "h5ad"), (neighbors, "parquet"), (report, "json"), (confusion, "png"), (map_png, "png")):
         if path is not None:
-            check_output_file(path, inputs=inputs, file_kind=kind)
+            check_output_file(path, inputs=inputs, file_kind=kind, mark="annotate" if kind == "h5ad" else None)
 
 
 VOTE_WHY = {"knn_asked": "--predictor knn",
@@ -550,7 +552,7 @@ def _echo_annotation(report: dict[str, Any]) -> None:
               f"({mapping.get('cells_out_of_atlas', 0):,} out_of_atlas)")
     for key, lab in report.get("labels", {}).items():
         counts = lab.get("counts", {})
-        top = ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])[:8])
+        top = ", ".join(f"{_value(name)} {n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])[:8])
         by = "label head" if lab.get("predicted_by") == "heads" else \
             f"neighbour vote ({VOTE_WHY.get(lab.get('predicted_by_reason') or '', 'the index has no label head for it')})"
         levels = ", ".join(f"{lv} {n}" for lv, n in lab.get("levels", {}).items())
@@ -580,15 +582,17 @@ def _echo_evaluation(key: str, ev: dict[str, Any]) -> None:
         _echo(f"{key} vs truth: no query cell has a truth label in the --truth-key column: nothing to score")
         return
     scored = onto.get("n_cells_with_truth_term")
-    _echo(f"{key} vs truth: accuracy {_fmt(ev.get('accuracy'))}, macro-F1 {_fmt(ev.get('macro_f1'))} (best class); "
-          f"ontology-aware accuracy {_fmt(onto.get('ontology_accuracy'))} of the answered"
-          + (f" (on the {scored:,} cells whose truth has a Cell Ontology term)" if isinstance(scored, int) else "")
-          + ", "
-          f"{_fmt(100 * onto['fine_rate'] if isinstance(onto.get('fine_rate'), float) else None, '.1f')}% fine, "
-          f"ECE {_fmt(onto.get('ece'))}")
+    flat = f"{key} vs truth: accuracy {_fmt(ev.get('accuracy'))}, macro-F1 {_fmt(ev.get('macro_f1'))} (best class); "
+    if not scored or not isinstance(onto.get("fine_rate"), float):
+        _echo(flat + "no truth label has a Cell Ontology term, so no ontology-aware score (give the query's labels "
+                     "terms with --ontology-map)")
+    else:
+        _echo(flat + f"ontology-aware accuracy {_fmt(onto.get('ontology_accuracy'))} of the answered (on the "
+                     f"{scored:,} cells whose truth has a Cell Ontology term), {100 * onto['fine_rate']:.1f}% fine, "
+                     f"ECE {_fmt(onto.get('ece'))}")
     absent = ev.get("truth_labels_absent_from_atlas") or {}
     if absent:
-        names = ", ".join(list(absent)[:6]) + (", ..." if len(absent) > 6 else "")
+        names = ", ".join(map(_value, list(absent)[:6])) + (", ..." if len(absent) > 6 else "")
         _echo(f"{key}: {sum(absent.values()):,} cells have truth labels the atlas does not have ({names}); "
               f"called unknown: {_fmt(ev.get('with_abstention', {}).get('abstention_rate_absent'))}")
 
@@ -728,7 +732,7 @@ def hunt_report(hits: Path, index_dir: Path, out_dir: Path, by: str | None, de_g
     enr = r.enrichment
     for column in r.by:
         top = enr[enr["column"] == column].sort_values("n_hits", ascending=False, kind="stable").head(5)
-        _echo(f"{column}: " + ", ".join(f"{str(g)[:40]} {n:,} ({_percent(f)})" for g, n, f in
+        _echo(f"{column}: " + ", ".join(f"{_value(g)} {n:,} ({_percent(f)})" for g, n, f in
                                        zip(top["group"], top["n_hits"], top["fraction"], strict=True)))
     if r.de_skipped:
         _echo(f"differential expression skipped: {r.de_skipped}")

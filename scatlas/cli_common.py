@@ -18,11 +18,13 @@ from scatlas.atlas.errors import ScatlasError
 from scatlas.atlas.genes import MIN_GENE_OVERLAP
 from scatlas.atlas.outputs import (
     check_output_file,
+    marked,
     os_error_message,
     safe_text,
     show,
     writing,
 )
+from scatlas.atlas.validate import escaped
 
 logger = logging.getLogger("scatlas")
 
@@ -221,6 +223,14 @@ def _parse_obs_map(values: tuple[str, ...]) -> dict[str, str]:
     return dict(_split_pair(item, "--obs-map", "SOURCE=TARGET") for item in values)
 
 
+def _value(value: Any, limit: int = 40) -> str:
+    """A value from the data (a label, a group) as printed in a summary line: as it is when short and printable,
+    else quoted with its control characters escaped and cut at ``limit`` (a newline in a label must not forge an
+    output line, nor a 100,000-character label flood the terminal)."""
+    text = "(missing)" if value is None else str(value)
+    return text if len(text) <= limit and text.isprintable() else escaped(text, limit)
+
+
 def _echo_json(payload: Any, path: Path | None) -> None:
     """Write ``payload`` as JSON to ``path`` (atomically), when given."""
     if path is None:
@@ -229,7 +239,7 @@ def _echo_json(payload: Any, path: Path | None) -> None:
 
     check_output_file(path, file_kind="json")
     with writing(path):
-        write_json_atomic(path, payload)
+        write_json_atomic(path, marked(payload, "report") if isinstance(payload, dict) else payload)
 
 
 def _echo_ontology_fill(dataset_id: str, rep: dict[str, Any]) -> None:

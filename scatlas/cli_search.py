@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from scatlas.cli_common import PathArg, _echo, index_option, progress_option, query_gene_options
+from scatlas.cli_common import PathArg, _echo, _value, index_option, progress_option, query_gene_options
 
 
 @click.command()
@@ -73,6 +73,6 @@ def _echo_search(report: dict[str, Any]) -> None:
           f"of {hits['atlas_cells_searched']:,} searched; median similarity {hits['median_similarity']}"
           + (f" (nearest {hits['median_nearest_similarity']})" if mode == "cells" else ""))
     for column, groups in report.get("enriched", {}).items():
-        top = ", ".join(f"{g['group'][:40]} ({g['n_hits']:,} hits, {g['fold']:.3g}x, q {g['qvalue']:.2g})"
+        top = ", ".join(f"{_value(g['group'])} ({g['n_hits']:,} hits, {g['fold']:.3g}x, q {g['qvalue']:.2g})"
                         for g in groups)
         _echo(f"enriched {column}: {top or 'none (q <= 0.05)'}")

@@ -136,3 +136,16 @@ def test_a_fine_class_coarser_than_the_truth_is_right() -> None:
     assert m["ontology_accuracy"] == 1.0
     wrong = ontology_metrics([CD4], ["fine"], [naive_cd4], np.array([0.9]), lambda t: frozenset(ANCESTORS.get(t, ())))
     assert wrong["ontology_accuracy"] == 0.0  # finer than the truth is not implied by it
+
+
+def test_a_placeholder_in_the_querys_term_column_is_no_term():
+    """CELLxGENE writes ``unknown`` where a cell has no CL term: the truth's term then comes from the other sources
+    (here the CL name), never the placeholder, which no answer could match."""
+    from scatlas.index.label_classes import identity_classes
+    from scatlas.query.annotate_report import truth_terms
+
+    labels = np.array(["B cell", "B cell", "T cell"], dtype=object)
+    classes = identity_classes("cell_type", ["B cell", "T cell"])
+    terms, how = truth_terms(labels, classes, term_column=np.array(["unknown", "unknown", "CL:0000084"], dtype=object))
+    assert list(terms) == ["CL:0000236", "CL:0000236", "CL:0000084"]
+    assert how["B cell"] != "query" and how["T cell"] == "query"

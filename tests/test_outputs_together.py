@@ -17,21 +17,25 @@ from scatlas.query.outputs import atomic_path, published_together, write_json
 from tests.conftest import make_adata
 
 
+def _run(path: Path) -> Any:
+    return json.loads(path.read_text())["run"]
+
+
 def test_files_appear_together_or_not_at_all(tmp_path: Path) -> None:
     a, b = tmp_path / "a.json", tmp_path / "sub" / "b.json"
     write_json({"run": 1}, a)
     with pytest.raises(KeyboardInterrupt), published_together():
         write_json({"run": 2}, a)
-        assert json.loads(a.read_text()) == {"run": 1}  # not yet in place
+        assert _run(a) == 1  # not yet in place
         with atomic_path(b, file_kind="json") as tmp:
             tmp.write_text("{}")
         raise KeyboardInterrupt
-    assert json.loads(a.read_text()) == {"run": 1} and not b.exists()
+    assert _run(a) == 1 and not b.exists()
     assert not [p for p in tmp_path.rglob("*.tmp")], "temporary files are removed"
     with published_together():
         write_json({"run": 3}, a)
         write_json({"run": 3}, b)
-    assert json.loads(a.read_text()) == json.loads(b.read_text()) == {"run": 3}
+    assert _run(a) == _run(b) == 3
 
 
 @pytest.fixture(scope="module")

@@ -371,3 +371,45 @@ def test_paths_through_a_missing_directory_create_no_stray_directory(world, tmp_
        "--out", str(tmp_path / "z" / ".." / "q.h5ad"), "--no-progress")
     made = {p.name for p in tmp_path.iterdir()}
     assert not made & {"x", "y", "z"} and {"store", "sweep", "q.h5ad", "q.report.json"} <= made, made
+
+
+def test_a_users_own_csv_parquet_json_or_png_is_never_replaced(world, tmp_path):
+    """Only files scatlas wrote (its mark: Parquet metadata, the first JSON key, the PNG's Software text; a CSV by its
+    header) are replaced; a user's file of the same kind at an output path, named or a side file, is refused."""
+    query = str(world["query"])
+    user_csv = tmp_path / "user.csv"
+    user_csv.write_text("precious,data\n1,2\n")
+    refused("search", query, "--index", str(world["index"]), "--out", str(user_csv), "--no-progress",
+            match="was not written by scatlas")
+    assert user_csv.read_text() == "precious,data\n1,2\n"
+    # the side files of a search (hits.report.json, hits.enrichment.csv) and of an annotation (q.neighbors.parquet)
+    (tmp_path / "hits.report.json").write_text('{"mine": 1}')
+    refused("search", query, "--index", str(world["index"]), "--out", str(tmp_path / "hits.csv"), "--no-progress",
+            match="hits.report.json exists and was not written by scatlas")
+    assert (tmp_path / "hits.report.json").read_text() == '{"mine": 1}'
+    pd.DataFrame({"my": [1]}).to_parquet(tmp_path / "q.neighbors.parquet")
+    before = (tmp_path / "q.neighbors.parquet").read_bytes()
+    refused("annotate", query, "--index", str(world["index"]), "--label-key", "cell_type", "--out",
+            str(tmp_path / "q.h5ad"), "--no-progress", match="q.neighbors.parquet exists and was not written")
+    assert (tmp_path / "q.neighbors.parquet").read_bytes() == before and not (tmp_path / "q.h5ad").exists()
+    (tmp_path / "r.json").write_text('{"mine": 1}')
+    refused("datasets", "--atlas", str(world["atlas"]), "--json-out", str(tmp_path / "r.json"),
+            match="was not written by scatlas")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    Figure().savefig(tmp_path / "p.umap.png")  # a user's figure (its Software text is matplotlib's)
+    refused("annotate", query, "--index", str(world["index"]), "--label-key", "cell_type", "--out",
+            str(tmp_path / "p.h5ad"), "--no-progress", match="p.umap.png exists and was not written")
+    # scatlas' own outputs are replaced by a rerun, as before
+    (tmp_path / "hits.report.json").unlink()
+    for _ in range(2):
+        ok("search", query, "--index", str(world["index"]), "--out", str(tmp_path / "hits.csv"), "--no-progress")
+    for _ in range(2):
+        ok("annotate", query, "--index", str(world["index"]), "--label-key", "cell_type", "--out",
+           str(tmp_path / "mine.h5ad"), "--no-progress")
+    assert json.loads((tmp_path / "mine.report.json").read_text()).get("scatlas_output") == "report"
+    ok("datasets", "--atlas", str(world["atlas"]), "--json-out", str(tmp_path / "d.json"))
+    ok("datasets", "--atlas", str(world["atlas"]), "--json-out", str(tmp_path / "d.json"))

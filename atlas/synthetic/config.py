@@ -82,7 +82,8 @@ class SyntheticAtlasConfig:
     Model (natural-log scale of expected counts): ``batch_sigma`` per dataset and gene, ``donor_sigma`` per
     donor and gene, ``disease_effect``, ``median_umis`` / ``depth_sigma`` / ``library_sigma`` for library
     sizes, NB ``dispersion``, marker programs of ``n_markers`` / ``n_lineage_markers`` / ``n_rare_markers``
-    genes raised by ``marker_lfc`` (low, high). Output: ``gene_ids`` style, default h5ad ``layout``,
+    genes raised by ``marker_lfc`` (low, high); with few genes, counts left at their defaults shrink to what fits
+    (at most :func:`max_markers` per program, e.g. 17 with 50 genes). Output: ``gene_ids`` style, default h5ad ``layout``,
     ``dataset_prefix`` of the dataset ids; ``chunk_size`` cells per chunk (does not change the cells).
     """
 
@@ -133,11 +134,40 @@ class SyntheticAtlasConfig:
                 object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         absent = {str(k): tuple(int(i) for i in v) for k, v in dict(self.absent_types).items()}
         object.__setattr__(self, "absent_types", absent)
+        _fit_default_markers(self)
         _validate_atlas_config(self)
 
     def to_json(self) -> str:
         """The config as sorted JSON (recorded in every written .h5ad)."""
         return json.dumps(dataclasses.asdict(self), sort_keys=True, default=list)
+
+
+MARKER_FIELDS = ("n_markers", "n_lineage_markers", "n_rare_markers")
+
+
+def max_markers(n_genes: int) -> int:
+    """The most marker genes one program may have with ``n_genes`` genes: half the marker pool."""
+    return int(n_genes * MARKER_POOL_QUANTILE) // 2
+
+
+def min_genes(n_markers: int) -> int:
+    """The fewest genes with which a program of ``n_markers`` marker genes fits (:func:`max_markers`)."""
+    n = max(1, int(np.ceil(2 * n_markers / MARKER_POOL_QUANTILE)) - 2)
+    while max_markers(n) < n_markers:
+        n += 1
+    return n
+
+
+def _fit_default_markers(c: SyntheticAtlasConfig) -> None:
+    """With few genes, shrink the marker counts left at their defaults to what fits (:func:`max_markers`), so that
+    every allowed ``n_genes`` works; a count other than its default is kept (and refused when it does not fit)."""
+    if not isinstance(c.n_genes, (int, np.integer)) or c.n_genes < 50:
+        return  # left to the validation's message
+    cap = max_markers(int(c.n_genes))
+    for name in MARKER_FIELDS:
+        default = getattr(SyntheticAtlasConfig, name)  # the field's default (a class attribute)
+        if getattr(c, name) == default and default > cap:
+            object.__setattr__(c, name, max(1, cap))
 
 
 def _fail(message: str) -> NoReturn:
@@ -171,7 +201,7 @@ def _validate_sizes(c: SyntheticAtlasConfig) -> None:
     _check(
         n_markers <= pool // 2,
         f"{n_markers} markers per program is too many for n_genes={c.n_genes}: "
-        f"use at most {pool // 2} markers, or more genes",
+        f"use at most {pool // 2} markers, or at least {min_genes(n_markers)} genes",
     )
 
 

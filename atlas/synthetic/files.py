@@ -1,14 +1,44 @@
-"""Writing any synthetic config to files in its format."""
+"""Writing any synthetic config to files in its format, only where synth may write.
+
+``synthesize`` writes into a new or empty directory, or one holding earlier synth output (its marker file says so,
+or it holds only ``.h5ad`` files synth wrote); never into or under an atlas store, index, classifier, sweep, report
+or demo directory, and never over a file synth did not write.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
-from scatlas.atlas.errors import InputError
+from scatlas.atlas.errors import InputError, OutputError
+from scatlas.atlas.outputs import (
+    H5AD_MARK,
+    MARKER_FILE,
+    PROTECTED_KINDS,
+    REPORT,
+    OutputKind,
+    check_output_dir,
+    kind_of,
+    marker_kind,
+    show,
+    writing,
+)
 from scatlas.atlas.synthetic.config import SyntheticAtlasConfig
 from scatlas.atlas.synthetic.embeddings import SyntheticEmbeddingConfig, write_embedding_npy
-from scatlas.atlas.synthetic.h5ad import write_h5ad_datasets
+from scatlas.atlas.synthetic.h5ad import SYNTH_MARK, write_h5ad_datasets
+from scatlas.atlas.synthetic.plan import plan_atlas
+
+SYNTH = OutputKind("synth", "synthetic data files")
+"""A directory ``synthesize`` created or found empty: its marker file names this kind."""
+
+_NO_PARENT = (*PROTECTED_KINDS, REPORT)
+"""Kinds of directory that synth output may not lie anywhere inside (a report only when its marker says so: a
+folder that merely holds a ``report.md`` is not one)."""
+
+_NPY_MAGIC = b"\x93NUMPY"
+_USE = "give a new or empty directory (or one holding only earlier `scatlas synth` output)"
 
 
 def synthesize(
@@ -18,15 +48,126 @@ def synthesize(
     fmt: str = "h5ad",
     overwrite: bool = False,
 ) -> list[Path]:
-    """Write a synthetic atlas (``fmt="h5ad"``: one file per dataset) or embedding set (``fmt="npy"``)."""
+    """Write a synthetic atlas (``fmt="h5ad"``: one file per dataset) or embedding set (``fmt="npy"``).
+
+    ``out_dir`` must be new, empty, or hold earlier synth output, and lie outside every atlas store, index,
+    classifier, sweep and report; ``overwrite`` replaces only files synth wrote. Raises :class:`OutputError`
+    (nothing written) otherwise.
+    """
     if isinstance(config, SyntheticAtlasConfig):
         if fmt != "h5ad":
             raise InputError(f"fmt={fmt!r}: a counts-level atlas is written as 'h5ad'")
-        return write_h5ad_datasets(config, out_dir, overwrite=overwrite)
+        names = [f"{ds.dataset_id}.h5ad" for ds in plan_atlas(config).datasets]
+        out = claim_synth_dir(out_dir, names, overwrite=overwrite)
+        return write_h5ad_datasets(config, out, overwrite=overwrite)
     if isinstance(config, SyntheticEmbeddingConfig):
         if fmt != "npy":
             raise InputError(f"fmt={fmt!r}: embedding-level data is written as 'npy' (ids, vectors, labels)")
-        return write_embedding_npy(config, out_dir, overwrite=overwrite)
+        out = claim_synth_dir(out_dir, ["ids.npy", "vectors.npy", "labels.npy"], overwrite=overwrite)
+        return write_embedding_npy(config, out, overwrite=overwrite)
     raise InputError(
         f"config must be a SyntheticAtlasConfig or SyntheticEmbeddingConfig, not {type(config).__name__}"
     )
+
+
+def claim_synth_dir(out_dir: str | os.PathLike[str], names: Sequence[str], *, overwrite: bool = False) -> Path:
+    """Check that synth may write ``names`` into ``out_dir``, then create it (with its marker); returns its path.
+
+    Refused (:class:`OutputError`, nothing created): a directory that is any scatlas output of another kind, or
+    lies inside an atlas store, index, classifier, sweep or report; a non-empty directory holding anything but
+    earlier synth output; and, with ``overwrite``, an existing file of ``names`` that synth did not write.
+    Without ``overwrite`` an existing file of ``names`` is refused (:class:`InputError`).
+    """
+    out = Path(out_dir)
+    _check_not_protected(out)
+    marked = _check_synth_dir(out)
+    existing = [n for n in names if (out / n).exists() or (out / n).is_symlink()]
+    if existing and not overwrite:
+        raise InputError(
+            f"{len(existing)} output file(s) already exist in {show(out)} (e.g. {show(existing[0])}); "
+            "choose another directory or pass overwrite=True (--overwrite)"
+        )
+    for name in existing:
+        _check_replaceable(out / name, marked)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        if marker_kind(out) is None:  # new, empty, or holding only our own .h5ad files
+            (out / MARKER_FILE).write_text(json.dumps({"kind": SYNTH.name}) + "\n", encoding="utf-8")
+    return out
+
+
+def _check_not_protected(out: Path) -> None:
+    """Refuse ``out`` when it is a scatlas output directory of another kind, or lies inside a protected one."""
+    resolved = Path(os.path.realpath(os.path.abspath(out)))
+    own = kind_of(resolved)
+    if own is not None:
+        raise OutputError(
+            f"{show(out)} is {own.what}; refusing to write synthetic data files into it: {_USE} outside it"
+        )
+    for parent in resolved.parents:
+        kind = kind_of(parent)
+        if kind == REPORT and marker_kind(parent) != REPORT.name:
+            continue
+        if kind is not None and kind in _NO_PARENT:
+            raise OutputError(
+                f"{show(out)} lies inside {kind.what} ({show(parent)}); refusing to write synthetic data files "
+                f"there: {_USE} outside it"
+            )
+
+
+def _check_synth_dir(out: Path) -> bool:
+    """Refuse an existing ``out`` that is not a directory, or that holds anything but earlier synth output;
+    returns whether its marker file says synth made it."""
+    try:
+        check_output_dir(out, SYNTH)
+    except OutputError:
+        if not (out.is_dir() and _only_synth_h5ad(out)):
+            raise
+    return marker_kind(out) == SYNTH.name if out.is_dir() else False
+
+
+def _only_synth_h5ad(out: Path) -> bool:
+    """Whether directory ``out`` (with no marker of ours) holds nothing but ``.h5ad`` files synth wrote (and
+    hidden temporary files of an interrupted run)."""
+    if marker_kind(out) is not None:
+        return False
+    with writing(out, "reading"):
+        entries = [p for p in out.iterdir() if p.name != MARKER_FILE]
+        return bool(entries) and all(
+            (p.name.startswith(".") and p.name.endswith(".partial")) or _synth_h5ad(p) for p in entries
+        )
+
+
+def _synth_h5ad(path: Path) -> bool:
+    """Whether ``path`` is a regular ``.h5ad`` file that synth wrote (root attribute ``H5AD_MARK == "synth"``)."""
+    if path.suffix != ".h5ad" or path.is_symlink() or not path.is_file():
+        return False
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            mark = f.attrs.get(H5AD_MARK)
+    except (OSError, RuntimeError, ValueError):
+        return False
+    if isinstance(mark, bytes):
+        mark = mark.decode("utf-8", "replace")
+    return bool(mark == SYNTH_MARK)
+
+
+def _check_replaceable(path: Path, marked: bool) -> None:
+    """Refuse to replace ``path`` unless synth wrote it: a marked ``.h5ad``, or a ``.npy`` file in a directory
+    synth made (its marker)."""
+    if path.suffix == ".h5ad":
+        ours = _synth_h5ad(path)
+    else:
+        ours = marked and not path.is_symlink() and path.is_file() and _starts_with(path, _NPY_MAGIC)
+    if not ours:
+        raise OutputError(
+            f"{show(path)} exists and was not written by `scatlas synth`; refusing to replace it: give another "
+            "output directory (or move that file away first, if it is yours to replace)"
+        )
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with writing(path, "reading"), open(path, "rb") as fh:
+        return fh.read(len(magic)) == magic

@@ -19,6 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scatlas.atlas.errors import InputError
+from scatlas.atlas.outputs import H5AD_MARK
 from scatlas.atlas.synthetic._common import prepare_out
 from scatlas.atlas.synthetic.cells import empty_cells, iter_cells, make_obs
 from scatlas.atlas.synthetic.config import H5adLayout, SyntheticAtlasConfig
@@ -31,6 +32,9 @@ except ImportError:  # anndata < 0.11
     from anndata.experimental import write_elem  # type: ignore[no-redef]
 
 logger = logging.getLogger(__name__)
+
+SYNTH_MARK = "synth"
+"""The value of the :data:`~scatlas.atlas.outputs.H5AD_MARK` root attribute of every ``.h5ad`` written here."""
 
 
 class _CsrAppender:
@@ -105,6 +109,7 @@ def _write_dataset_h5ad(
     with h5py.File(path, "w") as f:
         f.attrs["encoding-type"] = "anndata"
         f.attrs["encoding-version"] = "0.1.0"
+        f.attrs[H5AD_MARK] = SYNTH_MARK  # scatlas wrote it: a later synth (or another command) may replace it
         obs = _ObsAppender(f, "obs", template, ds.n_cells)
         write_elem(f, "var", plan.var)
         for key in ("obsm", "obsp", "varm", "varp", "layers"):
