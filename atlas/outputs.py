@@ -411,6 +411,30 @@ def marked(payload: dict[str, Any], what: str) -> dict[str, Any]:
     return {OUTPUT_MARK: what, **{k: v for k, v in payload.items() if k != OUTPUT_MARK}}
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(frame: Any) -> Any:
+    """A copy of DataFrame ``frame`` whose text cells cannot run as spreadsheet formulas: a value from the data that
+    begins with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return (``=HYPERLINK(...)`` as a cell name or label)
+    gets a leading ``'``, as OWASP advises for CSV files opened in a spreadsheet. Numbers are left as they are."""
+    import pandas as pd
+
+    out = frame.copy()
+    for column in out.columns:
+        values = out[column]
+        if not (pd.api.types.is_object_dtype(values) or isinstance(values.dtype, pd.CategoricalDtype)
+                or pd.api.types.is_string_dtype(values)):
+            continue
+        text = values.astype(object)
+        risky = text.map(lambda v: isinstance(v, str) and v.startswith(_FORMULA_START))
+        if risky.any():
+            out[column] = text.where(~risky, "'" + text.astype(str))
+    if any(isinstance(c, str) and c.startswith(_FORMULA_START) for c in out.columns):
+        out.columns = ["'" + c if isinstance(c, str) and c.startswith(_FORMULA_START) else c for c in out.columns]
+    return out
+
+
 def written_by_scatlas(path: PathLike, file_kind: str, csv_header: Sequence[str] = (), mark: str | None = None
                        ) -> bool:
     """Whether the existing file at ``path`` carries scatlas' mark for ``file_kind`` (:data:`OUTPUT_MARK`); an empty

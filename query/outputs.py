@@ -31,6 +31,7 @@ from scatlas.atlas.outputs import (
     OutputError,
     OutputWriteError,
     check_output_file,
+    csv_safe,
     looks_like,
     marked,
     os_error_message,
@@ -310,7 +311,7 @@ def write_table(frame: pd.DataFrame, out: str | Path, *, inputs: Iterable[str | 
     if table_format(out) == "parquet":
         return write_parquet(frame, out, inputs=inputs)
     with atomic_path(out, inputs=inputs, file_kind="csv", csv_header=header) as tmp:
-        frame.to_csv(tmp, index=False)
+        csv_safe(frame).to_csv(tmp, index=False)
     logger.info("wrote %s (%d rows)", out, len(frame))
     return out
 

@@ -72,3 +72,19 @@ def test_an_annotation_interrupted_while_writing_leaves_the_earlier_outputs(
     again.write(**paths)
     assert json.loads(paths["report_json"].read_text())["params"]["k"] == 5
     assert anndata.read_h5ad(paths["out_h5ad"]).n_obs == world["query"].n_obs
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised(tmp_path: Path) -> None:
+    """Labels and cell names come from data: in a CSV, text beginning with = + - @ (a formula in a spreadsheet) gets a
+    leading ' (numbers stay numbers); Parquet keeps every value as it is."""
+    import pandas as pd
+
+    from scatlas.query.outputs import write_table
+
+    frame = pd.DataFrame({"query_cell": ["=HYPERLINK(\"http://x\")", "cell1", "@SUM(1)"], "rank": [-1, 0, 1],
+                          "label": pd.Categorical(["+A", "B", "-C"])})
+    back = pd.read_csv(write_table(frame, tmp_path / "t.csv"), keep_default_na=False)
+    assert back["query_cell"].tolist() == ["'=HYPERLINK(\"http://x\")", "cell1", "'@SUM(1)"]
+    assert back["label"].tolist() == ["'+A", "B", "'-C"] and back["rank"].tolist() == [-1, 0, 1]
+    kept = pd.read_parquet(write_table(frame, tmp_path / "t.parquet"))
+    assert kept["query_cell"].tolist() == frame["query_cell"].tolist()

@@ -43,6 +43,7 @@ from scatlas.atlas.outputs import (
     REPORT,
     check_output_dir,
     claim_output_dir,
+    csv_safe,
     missing_dirs,
     new_stage_dir,
     os_error_message,
@@ -691,7 +692,7 @@ def _report(
     n_hits = len(hit_ids)  # every one a cell of the index (see _known_hits)
     rate = n_hits / n_cells if n_cells else 0.0
     files: dict[str, str] = {}
-    _atomic(stage / "enrichment.csv", lambda tmp: enr.to_csv(tmp, index=False))
+    _atomic(stage / "enrichment.csv", lambda tmp: csv_safe(enr).to_csv(tmp, index=False))
     files["enrichment"] = str(out / "enrichment.csv")
     _plot(enr, by, rate, stage / "enrichment.png")
     files["png"] = str(out / "enrichment.png")
@@ -723,7 +724,7 @@ def _report(
         logger.warning("differential expression skipped: %s", skipped)
     if de_frame is not None:
         table = de_frame
-        _atomic(stage / "de.csv", lambda tmp: table.to_csv(tmp, index=False))
+        _atomic(stage / "de.csv", lambda tmp: csv_safe(table).to_csv(tmp, index=False))
         files["de"] = str(out / "de.csv")
 
     return ReportResult(

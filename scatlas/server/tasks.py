@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from scatlas.atlas.errors import InputError
+from scatlas.atlas.outputs import csv_safe
 from scatlas.index import AtlasIndex
 from scatlas.server.jobs import Job
 from scatlas.server.uploads import read_obs
@@ -153,7 +154,7 @@ def parse_hunt(fields: dict[str, list[str]], view: AtlasIndex, query: Path) -> H
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    frame.to_csv(tmp, index=False)
+    csv_safe(frame).to_csv(tmp, index=False)
     os.replace(tmp, path)
 
 
