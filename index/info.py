@@ -33,7 +33,9 @@ def index_info(path: str | Path) -> dict[str, Any]:
 
     Besides the manifest's figures (cells, shards, dim, embedder, factory, measured recall, build time): size on
     disk and bytes per cell; ``heads_seconds`` (training the label heads, None without heads) and
-    ``total_seconds`` (index build + heads); ``datasets`` (``[{"dataset_id", "cells"}]``, from the cells table);
+    ``total_seconds`` (index build + heads; after an update the heads are the update's, trained anew);
+    ``updated`` and ``update_seconds`` (the last ``build --update``: when it finished, how long it took; None before
+    any); ``datasets`` (``[{"dataset_id", "cells"}]``, from the cells table);
     ``version`` (1, one more per ``build --update``) and ``updates`` (how many); ``embedder_genes`` (the genes the
     embedder reads, fixed by the build: queries' gene overlap is measured against them); ``reference_map_cells``
     (atlas cells on the 2-D reference map, None without one);
@@ -78,6 +80,8 @@ def index_info(path: str | Path) -> dict[str, Any]:
         "total_seconds": round(float(build_seconds or 0) + float(heads_seconds or 0), 2)
         if build_seconds is not None else None,
         "built": m.build.get("finished"),
+        "updated": m.updates[-1].get("finished") if m.updates else None,
+        "update_seconds": m.updates[-1].get("seconds") if m.updates else None,
         "device": m.build.get("device"),
         "datasets": datasets,
         "label_columns": labels,

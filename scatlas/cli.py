@@ -327,8 +327,13 @@ def _print_info(info: dict[str, Any]) -> None:
                                                     if recall is not None else "not measured"))
     _echo(f"size on disk {size / 2**20:,.1f} MiB ({info['bytes_per_cell']:,.0f} bytes per cell)")
     heads_s = info.get("heads_seconds")
-    _echo(f"built        {info.get('built')} in {info.get('total_seconds', info.get('build_seconds'))} s on "
-          f"{info.get('device')}" + (f" (index {info.get('build_seconds')} s, label heads {heads_s} s)" if heads_s else ""))
+    if info.get("updated"):  # the heads were trained anew by the last update: their time is the update's
+        _echo(f"built        {info.get('built')} in {info.get('build_seconds')} s on {info.get('device')}")
+        _echo(f"updated      {info.get('updates')} time(s), last {info.get('updated')} in {info.get('update_seconds')} s"
+              + (f" (label heads {heads_s} s)" if heads_s else ""))
+    else:
+        _echo(f"built        {info.get('built')} in {info.get('total_seconds', info.get('build_seconds'))} s on "
+              f"{info.get('device')}" + (f" (index {info.get('build_seconds')} s, label heads {heads_s} s)" if heads_s else ""))
     datasets = info.get("datasets") or []
     if datasets:
         _echo("datasets     " + ", ".join(f"{d['dataset_id']} ({d['cells']:,})" for d in datasets[:10])
