@@ -150,12 +150,17 @@ def has_reference_map(index_dir: str | Path) -> bool:
 
 
 def ensure_reference_map(
-    index_dir: str | Path, n_cells: int = DEFAULT_MAP_CELLS, seed: int = 0, *, like: str | Path | None = None
+    index_dir: str | Path, n_cells: int = DEFAULT_MAP_CELLS, seed: int = 0, *, like: str | Path | None = None,
+    same_cells: bool = False,
 ) -> bool:
     """The reference map for ``build``: fitted unless one was fitted for this build already (a resumed build);
     skipped, logged, for an atlas under :data:`MIN_CELLS` cells or without umap-learn. ``like``: another version
-    of the index whose map's sample size and seed to reuse (``build --update``). Returns whether a map is there."""
+    of the index whose map's sample size and seed to reuse (``build --update``); ``same_cells``: that version holds
+    the very cells and vectors of this one (an update that only relabelled), so its map is carried over as it is,
+    not fitted again. Returns whether a map is there."""
     if has_reference_map(index_dir):
+        return True
+    if like is not None and same_cells and _carry_map(Path(like), Path(index_dir)):
         return True
     if like is not None:
         old = read_refmap_params(like) or {}
@@ -169,6 +174,20 @@ def ensure_reference_map(
     except DependencyError as exc:
         logger.warning("no reference map: %s", exc)
         return False
+    return True
+
+
+def _carry_map(old_dir: Path, index_dir: Path) -> bool:
+    """Copy the map of ``old_dir`` (another version of the index, with the same cells and vectors) into
+    ``index_dir``, recorded for its build; False when the old version has no usable map."""
+    with AtlasIndex.open(old_dir) as old:
+        refmap = old.reference_map()
+    if refmap is None:
+        return False
+    params = {**refmap.params, "manifest_sha256": manifest_digest(index_dir), "carried_from": str(old_dir.name)}
+    write_reference_map(index_dir, ReferenceMap(ids=refmap.ids, coords=refmap.coords, vectors=refmap.vectors,
+                                                params=params))
+    logger.info("reference map carried over from %s: the cells and their vectors are unchanged", old_dir.name)
     return True
 
 

@@ -320,7 +320,8 @@ def update_index(
             files=small_file_records(target), heads_files=None, labels_files=None, refmap_files=None,
         )
         manifest.write(target)
-        report.warnings += _refresh_after_build(cur, target, store, config.seed, progress)
+        same_cells = not changes.added and not changes.removed  # relabelled only: the same cells and vectors
+        report.warnings += _refresh_after_build(cur, target, store, config.seed, progress, same_cells)
         commit_version(root, new_version)
         remove_superseded(root, new_version)
     report.version, report.n_cells, report.recall = new_version, manifest.n_cells, recall.recall
@@ -345,7 +346,8 @@ def _fit_warnings(root: Path, changes: StoreChanges) -> list[str]:
     return [text]
 
 
-def _refresh_after_build(cur: Path, target: Path, store: Any, seed: int, progress: Progress) -> list[str]:
+def _refresh_after_build(cur: Path, target: Path, store: Any, seed: int, progress: Progress, same_cells: bool = False
+                         ) -> list[str]:
     """Label classes, label heads (with the settings of the previous version's) and the mapping calibration of the
     new version, for each the previous version had; the warnings (classes renamed)."""
     config = _heads_config(cur)
@@ -364,7 +366,7 @@ def _refresh_after_build(cur: Path, target: Path, store: Any, seed: int, progres
         except TooFewCellsError as exc:
             logger.warning("%s: annotate will not judge how queries map onto it", exc)
     if read_manifest(cur).refmap_files:  # the previous version had a reference map: fit the new one like it
-        ensure_reference_map(target, seed=seed, like=cur)
+        ensure_reference_map(target, seed=seed, like=cur, same_cells=same_cells)
     return warnings
 
 

@@ -14,7 +14,7 @@ from scatlas.atlas.embed import load_embedder
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.store import AtlasStore
 from scatlas.cli import cli
-from scatlas.index import AtlasIndex, BuildConfig, build_from_source, build_index, update_index
+from scatlas.index import AtlasIndex, BuildConfig, build_from_source, build_index, update_index, verify_index
 from scatlas.index.changes import identity_changes, store_changes
 from scatlas.index.store_source import StoreVectorSource, committed_cells
 from scatlas.index.versions import CURRENT_FILE, current_version
@@ -285,6 +285,7 @@ def test_relabel_then_update_refreshes_labels_and_annotate_finds_them(tmp_path):
     build_index(tmp_path / "atlas", tmp_path / "index", **BUILD)
     with AtlasIndex.open(tmp_path / "index") as idx:
         heads_before = idx.label_heads()["cell_type"].record.get("n_train")
+        map_before = idx.reference_map()
     run("relabel", "--atlas", str(tmp_path / "atlas"), "--dataset", "M", "--obs-map", "celltype=cell_type")
     out = run("build", "--update", "--atlas", str(tmp_path / "atlas"), "--index", str(tmp_path / "index"),
               "--no-progress")
@@ -294,6 +295,10 @@ def test_relabel_then_update_refreshes_labels_and_annotate_finds_them(tmp_path):
                            ).fetchone()[0] == 300
         assert idx.manifest.updates[-1]["cells_embedded"] == 0  # nothing re-embedded
         assert idx.label_heads()["cell_type"].record.get("n_train") > heads_before  # heads see M's labels now
+        refmap = idx.reference_map()  # the same cells and vectors: the map is carried over, not fitted again
+        assert refmap is not None and "carried_from" in refmap.params and np.array_equal(refmap.ids, map_before.ids)
+        assert np.array_equal(refmap.coords, map_before.coords)
+    assert verify_index(tmp_path / "index", progress=False).ok
     query = no_labels(make_adata(n_cells=60, n_genes=80, seed=9, prefix="Q_"))
     truth = query.obs["celltype"].to_numpy()
     res = annotate(query, tmp_path / "index", progress=False)
