@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from scatlas.atlas.atomic import write_json_atomic
@@ -90,11 +90,21 @@ class FileRecord:
         return cls(bytes=int(d["bytes"]), sha256=str(d["sha256"]))
 
 
+def _inside(name: Any) -> str:
+    """A recorded file name, which must name a file inside the index: relative, without ``..`` (ValueError, which
+    read_manifest reports as a malformed manifest, otherwise: a manifest must not point a reader elsewhere)."""
+    text = str(name)
+    parts = PurePosixPath(text.replace("\\", "/")).parts
+    if not text or text.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+        raise ValueError("a recorded file lies outside the index")
+    return text
+
+
 def _file_records(d: Any) -> dict[str, FileRecord] | None:
     """``{relative path: FileRecord}`` from its JSON form; None when absent."""
     if d is None:
         return None
-    return {str(name): FileRecord.from_dict(rec) for name, rec in dict(d).items()}
+    return {_inside(name): FileRecord.from_dict(rec) for name, rec in dict(d).items()}
 
 
 @dataclass(frozen=True)
@@ -113,7 +123,7 @@ class ShardRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ShardRecord:
-        files = {name: FileRecord.from_dict(rec) for name, rec in d["files"].items()}
+        files = {_inside(name): FileRecord.from_dict(rec) for name, rec in d["files"].items()}
         return cls(no=int(d["no"]), n=int(d["n"]), id_min=int(d["id_min"]), id_max=int(d["id_max"]), files=files)
 
 

@@ -70,3 +70,24 @@ def test_a_ctrl_c_after_the_command_finished_keeps_its_exit_status():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and "Usage:" in done.stdout, (done.returncode, done.stderr[-2000:])
+
+
+def test_a_manifest_naming_files_outside_the_index_is_refused(tmp_path):
+    """A manifest is data too: a recorded file ``../victim.txt`` (or an absolute path) would have verify read, and
+    report on, a file outside the index; such a manifest is malformed."""
+    import json
+
+    from click.testing import CliRunner
+
+    from scatlas.cli import cli
+
+    build_from_source(array_source(1200, 8), tmp_path / "idx", config(shard_size=1000))
+    (tmp_path / "victim.txt").write_text("secret")
+    path = tmp_path / "idx" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for name in ("../victim.txt", str(tmp_path / "victim.txt")):
+        bad = {**manifest, "files": {**(manifest.get("files") or {}), name: {"bytes": 6, "sha256": "0" * 64}}}
+        path.write_text(json.dumps(bad))
+        res = CliRunner().invoke(cli, ["verify", "--index", str(tmp_path / "idx")])
+        assert res.exit_code != 0 and "outside the index" in res.output and "Traceback" not in res.output, res.output
+        assert "secret" not in res.output
