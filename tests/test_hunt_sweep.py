@@ -96,6 +96,9 @@ def test_classifier_round_trips_and_is_refused_for_another_embedder(atlas, clf, 
         sweep(other, path, tmp_path / "refused", progress=False)
     assert not (tmp_path / "refused").exists()
     meta = json.loads((path / "classifier.json").read_text())
+    (path / "classifier.json").write_text(json.dumps({**meta, "dim": meta["dim"] + 1}))
+    with pytest.raises(InputError, match="another dimension than its weights"):
+        HuntClassifier.load(path)
     meta["threshold"] = meta["threshold"] - 1.0
     (path / "classifier.json").write_text(json.dumps(meta))
     with pytest.raises(InputError, match="modified"):

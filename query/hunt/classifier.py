@@ -177,6 +177,8 @@ class HuntClassifier:
             "weights_sha256"
         ):
             raise InputError(_damaged(path, f"{WEIGHTS_FILE} does not match its recorded checksum"))
+        if meta.get("dim") not in (None, int(weights.shape[0])):
+            raise InputError(_damaged(path, f"{META_FILE} records another dimension than its weights have"))
         stage2 = _read_stage2(path, meta)
         try:
             clf = cls._from_meta(meta, weights)
