@@ -42,6 +42,8 @@ FUNCTIONS: frozenset[str] = frozenset(
     {
         # operators DuckDB spells as functions: LIKE, NOT LIKE, ILIKE, NOT ILIKE, GLOB, SIMILAR TO, arithmetic, ||
         "~~", "!~~", "~~*", "!~~*", "~~~", "regexp_full_match", "+", "-", "*", "/", "//", "%", "||",
+        # ... and LIKE / ILIKE with an ESCAPE character
+        "like_escape", "not_like_escape", "ilike_escape", "not_ilike_escape",
         # text
         "lower", "upper", "lcase", "ucase", "trim", "ltrim", "rtrim", "length", "strlen", "starts_with",
         "ends_with", "prefix", "suffix", "contains", "regexp_matches", "substring", "substr", "strpos", "instr",

@@ -195,6 +195,8 @@ def test_legit_predicates_select_the_right_cells(vec_index: dict[str, Any]) -> N
         "Cell_Type = 'A cell' AND n_genes::DOUBLE / 2 >= 1000": (f.cell_type == "A cell") & (f.n_genes / 2 >= 1000),
         "cell_type NOT IN ('A cell') AND coalesce(tissue, 'none') = 'none'": (f.cell_type != "A cell") & f.tissue.isna(),
         "cell_type = 'a;b'": np.zeros(len(f), dtype=bool),
+        "cell_type LIKE 'B!_%' ESCAPE '!' OR cell_type ILIKE 'a%cell' ESCAPE '#'": f.cell_type == "A cell",
+        "cell_type NOT LIKE '%B%' ESCAPE '!'": ~f.cell_type.str.contains("B"),
     }
     with AtlasIndex.open(vec_index["path"]) as idx:
         for predicate, mask in cases.items():
