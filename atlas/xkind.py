@@ -24,18 +24,28 @@ X_KINDS: tuple[str, ...] = get_args(XKind)
 LOG_SCALE_MAX = 30.0
 
 
+STRAY_SHARE = 0.001
+"""A kind of value held by fewer than this share of a sample's non-zero values does not decide the matrix' kind: one
+negative or fractional value in a matrix of counts is a bad value (refused at ingest, naming its row:
+:func:`atlas.validate.check_values`), not a sign that the whole matrix is scaled or normalised."""
+
+
 def detect_x_kind(values: np.ndarray | sp.spmatrix | sp.sparray) -> XKind:
-    """Classify a (sample of a) matrix. Pass a few thousand rows; all stored values are inspected."""
+    """Classify a (sample of a) matrix. Pass a few thousand rows; all stored values are inspected, and a kind of
+    value held by under :data:`STRAY_SHARE` of them is left out (a stray value, not the matrix' kind)."""
     data = values.data if sp.issparse(values) else np.asarray(values).ravel()
     data = np.asarray(data, dtype=np.float64)
-    data = data[np.isfinite(data)]
+    data = data[np.isfinite(data) & (data != 0)]
     if data.size == 0:
         return "counts"
-    if data.min() < 0:
+    negative = data < 0
+    if negative.mean() >= STRAY_SHARE:
         return "scaled"
-    if np.all(np.abs(data - np.round(data)) < 1e-6):
+    data = data[~negative]
+    fractional = np.abs(data - np.round(data)) >= 1e-6
+    if fractional.mean() < STRAY_SHARE:
         return "counts"
-    if data.max() <= LOG_SCALE_MAX:
+    if np.quantile(data[fractional], 1 - STRAY_SHARE) <= LOG_SCALE_MAX:
         return "lognorm"
     return "normalized"
 

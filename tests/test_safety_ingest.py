@@ -444,3 +444,20 @@ def test_a_ctrl_c_duckdb_reports_during_a_remove_is_an_interrupt(base_atlas, mon
     monkeypatch.setattr(StoreWriter, "delete_uncommitted_rows", real)
     result = CliRunner().invoke(cli, args)  # the rerun finishes the removal
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(("value", "row", "problem"), [(0.5, 0, "non-integer values in a matrix of counts"),
+                                                       (-1.0, 299, "negative values in a matrix read as counts")])
+def test_one_stray_value_is_a_bad_row_not_the_matrix_kind(h5ad_factory, tmp_path, value, row, problem):
+    """One fractional or negative value in a matrix of counts does not make it "normalized" or "scaled": the matrix
+    is read as counts and the bad value refused, naming its row (the first or the last)."""
+    def stray(adata):
+        X = (adata.X.toarray() if sp.issparse(adata.X) else np.array(adata.X)).astype(np.float32)
+        X[row, 3] = value
+        adata.X = sp.csr_matrix(X)
+        return adata
+
+    path = h5ad_factory("stray", transform=stray, n_cells=300, n_genes=60)
+    res = CliRunner().invoke(cli, ["ingest", str(path), "--atlas", str(tmp_path / "atlas"), "--no-progress"])
+    assert res.exit_code == 1 and problem in res.output and f"first at row {row}" in res.output, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "atlas").exists()
