@@ -427,6 +427,8 @@ def _label_columns(con: duckdb.DuckDBPyConnection, record: DatasetRecord, candid
 def list_datasets(atlas: str | Path) -> StoreListing:
     """What the atlas store at ``atlas`` holds, dataset by dataset (read-only; no lock taken)."""
     store = AtlasStore.open(atlas)
+    with store:
+        store.check_arrays()  # the recorded ids against the arrays' shape (damage found here, not shown as cells)
     state = store.state
     listing = StoreListing(atlas=str(store.path), n_cells=store.n_cells,
                            n_genes=int(sum(1 for k in store.genes.keys if k)), obs_high_water=state.obs_high_water,

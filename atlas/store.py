@@ -36,6 +36,7 @@ from scatlas.atlas.genes import GeneVocabulary
 from scatlas.atlas.sources.soma import STREAM_CONTEXT_CONFIG, arrow_to_csr
 from scatlas.atlas.sql import quote_ident
 from scatlas.atlas.store_obs import obs_reader
+from scatlas.atlas.validate import escaped
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,100 @@ def _not_a_store(path: Path) -> StoreError:
 def now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
+
+REQUIRED_ARRAYS = ("obs", f"ms/{MEASUREMENT}", f"ms/{MEASUREMENT}/var", f"ms/{MEASUREMENT}/X/{X_LAYER}")
+"""The parts of the experiment every store has (paths under ``experiment/``), checked on open."""
+_DUCKDB_HEADER_BYTES = 3 * 4096
+"""A DuckDB file starts with its main header (``DUCK`` at byte 8) and two database headers, 4 KiB each."""
+_DUCKDB_NOT_DAMAGE = ("Could not set lock", "Conflicting lock", "different configuration", "Permission denied",
+                      "No space left on device", "Read-only file system", "Disk quota exceeded")
+"""How DuckDB words a database file held by another process, or an operating-system error: not damage (these
+DuckDB errors go on; the CLI says what to do about each)."""
+
+
+class DamagedStoreError(StoreError):
+    """A store whose files do not match what its ``store.json`` records (``what``: which part, and how)."""
+
+    def __init__(self, path: str | Path, what: str) -> None:
+        super().__init__(
+            f"the atlas store {path} is damaged ({what}): run `scatlas verify --atlas {path}` to list what is wrong; "
+            "restore the store from a copy, or re-ingest its datasets into a new store"
+        )
+        self.what = what
+
+
+def damaged_store(path: str | Path, what: str) -> DamagedStoreError:
+    """The error of a store whose files do not match what ``store.json`` says (``what``: which part, how)."""
+    return DamagedStoreError(path, what)
+
+
+def _duckdb_file_problem(db: Path) -> str | None:
+    """What is wrong with the DuckDB file ``db`` that its first 12 KiB show (missing, empty, not a DuckDB file,
+    shorter than DuckDB's three header blocks), else None. Damage further in is found when DuckDB opens or reads
+    the file (:meth:`AtlasStore.connect`)."""
+    if not db.is_file():
+        return f"its cell table {db.name} is missing"
+    try:
+        size = db.stat().st_size
+        with open(db, "rb") as fh:
+            head = fh.read(_DUCKDB_HEADER_BYTES)
+    except OSError:  # permissions, I/O: not damage; DuckDB reports it when the file is opened
+        return None
+    if size == 0:
+        return f"its cell table {db.name} is empty"
+    if len(head) < 12 or head[8:12] != b"DUCK":
+        return f"its cell table {db.name} is not a DuckDB database"
+    if len(head) < _DUCKDB_HEADER_BYTES:
+        return f"its cell table {db.name} is cut short ({size} bytes)"
+    return None
+
+
+def _range_problems(state: StoreState) -> list[str]:
+    """What is wrong with the id ranges ``store.json`` records: each dataset's ``[start, stop)`` must be integers
+    with ``0 <= start <= stop <= obs_high_water``, ranges must not overlap, dataset ids must be unique."""
+    problems: list[str] = []
+    high = state.obs_high_water
+    if high < 0 or state.var_high_water < 0:
+        problems.append(f"store.json records negative id high-water marks ({high}, {state.var_high_water})")
+    ids = [d.dataset_id for d in state.datasets]
+    twice = sorted({str(i) for i in ids if ids.count(i) > 1})
+    if twice:
+        problems.append(f"store.json lists the datasets {', '.join(escaped(i) for i in twice[:5])} more than once")
+    ranged: list[DatasetRecord] = []
+    for d in state.datasets:
+        name = escaped(d.dataset_id)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (d.start, d.stop)):
+            problems.append(f"store.json records dataset {name} with cell ids that are not integers")
+        elif not 0 <= d.start <= d.stop <= high:
+            problems.append(f"store.json records dataset {name} at cell ids {d.start} to {d.stop}, outside the store's "
+                            f"ids 0 to {high}")
+        else:
+            ranged.append(d)
+    ranged.sort(key=lambda d: (d.start, d.stop))
+    for a, b in zip(ranged, ranged[1:], strict=False):
+        if b.start < a.stop:
+            problems.append(f"store.json records overlapping cell ids for datasets {escaped(a.dataset_id)} "
+                            f"({a.start} to {a.stop}) and {escaped(b.dataset_id)} ({b.start} to {b.stop})")
+    return problems
+
+
+def store_problems(path: str | Path, state: StoreState) -> list[str]:
+    """What a cheap look at the store at ``path`` finds wrong (empty: nothing): the id ranges of ``state`` (its
+    ``store.json``), the DuckDB file's presence, signature and size, and the experiment's required arrays being
+    there. No data is read (:func:`atlas.verify.verify_store` reads it all)."""
+    path = Path(path)
+    problems = _range_problems(state)
+    db_problem = _duckdb_file_problem(path / CELLS_DB)
+    if db_problem:
+        problems.append(db_problem)
+    exp = path / EXPERIMENT_DIR
+    if not exp.is_dir():
+        problems.append(f"its expression arrays ({EXPERIMENT_DIR}/) are missing")
+    else:
+        missing = [part for part in REQUIRED_ARRAYS if not (exp / part).is_dir()]
+        if missing:
+            problems.append(f"its experiment lacks {', '.join(f'{EXPERIMENT_DIR}/{m}' for m in missing)}")
+    return problems
 
 
 
@@ -160,18 +255,27 @@ class AtlasStore:
         return (Path(path) / STATE_FILE).is_file()
 
     @classmethod
-    def open(cls, path: str | Path, *, warn_unfinished: bool = True) -> AtlasStore:
-        """Open the store at ``path`` for reading; StoreError when it is not one or its state is unreadable.
-        ``warn_unfinished``: log a warning when an ingest's journal is there (one was interrupted or is running);
-        off for a writer that looks at the store it is writing itself."""
+    def open(cls, path: str | Path, *, warn_unfinished: bool = True, check: bool = True) -> AtlasStore:
+        """Open the store at ``path`` for reading; StoreError when it is not one, its state is unreadable, or (with
+        ``check``) a cheap look finds it damaged (:func:`store_problems`: recorded id ranges that are negative,
+        overlapping or beyond the ids handed out, a missing or cut-short ``cells.duckdb``, missing arrays; no data
+        is read). ``warn_unfinished``: log a warning when an ingest's journal is there (one was interrupted or is
+        running); off for a writer that looks at the store it is writing itself. ``check=False`` is for
+        :func:`atlas.verify.verify_store`, which reports the problems instead."""
         path = Path(path)
         state_path = path / STATE_FILE
         if not state_path.is_file():
             raise _not_a_store(path)
         try:
             state = StoreState.from_json(json.loads(state_path.read_text()), state_path)
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise StoreError(f"{state_path}: unreadable store state ({exc}); the store is corrupt") from exc
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as exc:
+            why = f"no {escaped(exc.args[0])}" if isinstance(exc, KeyError) and exc.args else type(exc).__name__
+            raise StoreError(f"{state_path}: unreadable store state ({why}); the store is corrupt: "
+                             f"restore it from a copy, or re-ingest its datasets into a new store") from exc
+        if check:
+            problems = store_problems(path, state)
+            if problems:
+                raise damaged_store(path, "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else ""))
         if warn_unfinished and (path / JOURNAL_FILE).is_file():
             logger.warning("%s: an ingest was interrupted or is running; only committed datasets are visible", path)
         return cls(path, state)
@@ -221,8 +325,18 @@ class AtlasStore:
         return sorted(((d.dataset_id, d.start, d.stop) for d in self.state.datasets), key=lambda r: r[1])
 
     def connect(self) -> duckdb.DuckDBPyConnection:
-        """A read-only DuckDB connection to the cell metadata (tables ``cells``, ``genes``, ``datasets``)."""
-        return duckdb.connect(str(self.cells_db_path), read_only=True)
+        """A read-only DuckDB connection to the cell metadata (tables ``cells``, ``genes``, ``datasets``);
+        StoreError (damaged) when the file cannot be opened as a database, other than for being in use by another
+        process (that DuckDB error goes on: the CLI says to wait)."""
+        try:
+            return duckdb.connect(str(self.cells_db_path), read_only=True)
+        except duckdb.Error as exc:
+            if any(marker in str(exc) for marker in _DUCKDB_NOT_DAMAGE) or not isinstance(
+                    exc, duckdb.IOException | duckdb.SerializationException | duckdb.InternalException):
+                raise
+            problem = _duckdb_file_problem(self.cells_db_path)
+            raise damaged_store(self.path, problem or f"its cell table {CELLS_DB} cannot be opened "
+                                f"({type(exc).__name__})") from exc
 
     @property
     def genes(self) -> GeneVocabulary:
@@ -233,9 +347,16 @@ class AtlasStore:
             fid, fname = keys.copy(), keys.copy()
             if n:  # genes outlive the dataset that added them (removed datasets): the vocabulary never shrinks
                 with self.connect() as con:
-                    rows = con.execute(
-                        "SELECT var_joinid, gene_key, feature_id, feature_name FROM genes WHERE var_joinid < ?", [n]
-                    ).fetchall()
+                    try:
+                        rows = con.execute(
+                            "SELECT var_joinid, gene_key, feature_id, feature_name FROM genes WHERE var_joinid < ?",
+                            [n],
+                        ).fetchall()
+                    except (duckdb.IOException, duckdb.CatalogException) as exc:
+                        if any(marker in str(exc) for marker in _DUCKDB_NOT_DAMAGE):
+                            raise
+                        raise damaged_store(self.path, f"its cell table {CELLS_DB} cannot be read "
+                                            f"({type(exc).__name__})") from exc
                 for j, key, f_id, f_name in rows:
                     keys[j], fid[j], fname[j] = key, f_id or "", f_name or ""
             self._genes = GeneVocabulary(keys=keys, feature_id=fid, feature_name=fname)
@@ -263,12 +384,33 @@ class AtlasStore:
 
     # -- reading cells ----------------------------------------------------------------------------------------
     def _experiment(self) -> Any:
+        """The SOMA experiment, opened on first use; StoreError (damaged) when it cannot be opened or its X array
+        is smaller than the cell and gene ids ``store.json`` records (its shape, no data read)."""
         if self._exp is None:
             import tiledbsoma
 
             ctx = tiledbsoma.SOMATileDBContext(tiledb_config=STREAM_CONTEXT_CONFIG)
-            self._exp = tiledbsoma.Experiment.open(self.experiment_uri, context=ctx)
+            try:
+                exp = tiledbsoma.Experiment.open(self.experiment_uri, context=ctx)
+            except tiledbsoma.SOMAError as exc:
+                raise damaged_store(self.path, f"its expression arrays cannot be opened ({type(exc).__name__})") from exc
+            try:
+                n_obs, n_var = (int(n) for n in exp.ms[MEASUREMENT].X[X_LAYER].shape)
+            except (tiledbsoma.SOMAError, KeyError, ValueError, TypeError) as exc:
+                exp.close()
+                raise damaged_store(self.path, f"its expression matrix cannot be opened ({type(exc).__name__})") from exc
+            stop = max((d.stop for d in self.state.datasets), default=0)
+            if stop > n_obs or self.state.var_high_water > max(n_var, 1):
+                exp.close()
+                raise damaged_store(self.path, f"its expression matrix holds {n_obs} cells x {n_var} genes, fewer "
+                                    f"than the {stop} cells x {self.state.var_high_water} genes store.json records")
+            self._exp = exp
         return self._exp
+
+    def check_arrays(self) -> None:
+        """Open the expression arrays (as the first read does): StoreError (damaged) when they cannot be opened
+        or are smaller than the ids ``store.json`` records. Reads the arrays' shape, no data."""
+        self._experiment()
 
     def _x(self) -> Any:
         return self._experiment().ms[MEASUREMENT].X[X_LAYER]

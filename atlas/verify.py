@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from scatlas.atlas.digest import XDigest, canonical
 from scatlas.atlas.errors import ScatlasError
-from scatlas.atlas.store import JOURNAL_FILE, AtlasStore
+from scatlas.atlas.store import JOURNAL_FILE, AtlasStore, DamagedStoreError, store_problems
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +35,19 @@ class StoreVerifyReport:
 
 def verify_store(path: str | Path, *, progress: bool = True) -> StoreVerifyReport:
     """Check every committed dataset of the store at ``path``: its rows in the cell and dataset tables, and the
-    checksum of its expression values (recomputed by reading them all). Problems are reported, not raised;
-    StoreError only when ``path`` is not a readable store."""
-    store = AtlasStore.open(path)
-    report = StoreVerifyReport(path=str(path), n_datasets=len(store.datasets), n_cells=store.n_cells)
+    checksum of its expression values (recomputed by reading them all), after the cheap checks of opening a store
+    (:func:`atlas.store.store_problems`; when these find damage, nothing more is read). Problems are reported, not
+    raised; StoreError only when ``path`` is not a store or its ``store.json`` is unreadable."""
+    store = AtlasStore.open(path, check=False)  # what opening checks is reported below, not raised
+    report = StoreVerifyReport(path=str(path), n_datasets=len(store.datasets))
     if (Path(path) / JOURNAL_FILE).is_file():
         report.notes.append("an ingest was interrupted (or is running): its staged rows are invisible and are "
                             "cleared by the next ingest")
+    damage = store_problems(path, store.state)
+    if damage:  # reading on would fail, or count cells of ranges that do not exist
+        report.problems.extend(f"{problem}; re-ingest into a new store" for problem in damage)
+        return report
+    report.n_cells = store.n_cells
     try:
         _check_tables(store, report)
         bar = tqdm(total=store.n_cells, desc="verify store", unit="cell", disable=not progress, leave=False)
@@ -60,6 +66,8 @@ def verify_store(path: str | Path, *, progress: bool = True) -> StoreVerifyRepor
                     "mismatch); re-ingest it into a new store"
                 )
         bar.close()
+    except DamagedStoreError as exc:  # found on the way (a part that cannot be opened): a problem, not an error
+        report.problems.append(f"{exc.what}; re-ingest into a new store")
     except ScatlasError:
         raise
     except Exception as exc:  # a damaged TileDB array or DuckDB file: say which part could not be read
