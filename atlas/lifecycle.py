@@ -36,7 +36,7 @@ from scatlas.atlas.schema import STANDARD_OBS_COLUMNS
 from scatlas.atlas.sql import duckdb_interrupts, quote_ident, transaction
 from scatlas.atlas.store import CELLS_DB, STATE_FILE, AtlasStore, DatasetRecord
 from scatlas.atlas.store_writer import StoreWriter
-from scatlas.atlas.validate import escaped
+from scatlas.atlas.validate import check_name, escaped
 
 logger = logging.getLogger(__name__)
 
@@ -286,6 +286,47 @@ def _terms_report(con: duckdb.DuckDBPyConnection, dataset_id: str, col: Relabell
     return fill.report()
 
 
+def _fill_terms(path: Path, dataset_id: str, key: str, terms: Mapping[str, str]) -> RelabelReport:
+    """:func:`relabel_dataset` with only an ontology map: fill ``key``'s empty terms of the dataset from ``terms``."""
+    check_name(key, "--ontology-label-key")
+    with StoreWriter.open(path, create=False) as writer:
+        record = next((d for d in writer.state.datasets if d.dataset_id == dataset_id), None)
+        if record is None:
+            raise _unknown_dataset(path, dataset_id)
+        con = duckdb.connect(str(path / CELLS_DB))
+        try:
+            table = {str(n).casefold(): str(n) for (n,) in con.execute("SELECT column_name FROM (DESCRIBE cells)"
+                                                                          ).fetchall()}
+            label, term = table.get(key.casefold()), table.get(term_column(key).casefold())
+            if label is None or term is None:
+                raise InputError(f"--ontology-map: the store has no {escaped(key)} column with a term column "
+                                 f"({escaped(term_column(key))}) to fill; name the label column with "
+                                 "--ontology-label-key")
+            col = RelabelledColumn(source=label, stored_source=label, target=label, term_column=term, terms="filled")
+            record.obs_revision += 1
+            write_json_atomic(path / STATE_FILE, writer.state.to_json())  # the commit point of the new revision
+            with transaction(con):
+                con.register("relabel_terms", pa.table({"label": pa.array(list(terms), pa.string()),
+                                                        "term": pa.array(list(terms.values()), pa.string())}))
+                con.execute(
+                    f"UPDATE cells SET {quote_ident(term)} = m.term FROM relabel_terms AS m WHERE cells.dataset_id = ? "
+                    f"AND CAST(cells.{quote_ident(label)} AS VARCHAR) = m.label "
+                    f"AND coalesce(CAST(cells.{quote_ident(term)} AS VARCHAR), '') = ''", [dataset_id])
+            col.ontology = _terms_report(con, dataset_id, col, terms)
+            col.values = _value_counts(con, label, "dataset_id = ?", [dataset_id], TOP_TARGET_VALUES)
+        except duckdb.Error as exc:
+            raise StoreError(
+                f"{path}: the terms could not be stored ({type(exc).__name__}); the labels are unchanged. Check the "
+                "disk and that no other process has the store's cells.duckdb open, then rerun"
+            ) from exc
+        finally:
+            con.close()
+    logger.info("relabel %s: %s terms filled from the ontology map (obs revision %d)", dataset_id, key,
+                record.obs_revision)
+    return RelabelReport(atlas=str(path), dataset_id=dataset_id, n_cells=record.n_cells,
+                         obs_revision=record.obs_revision, columns=[col])
+
+
 @duckdb_interrupts()
 def relabel_dataset(
     atlas: str | Path,
@@ -293,8 +334,12 @@ def relabel_dataset(
     obs_map: Mapping[str, str] | Sequence[tuple[str, str]],
     *,
     ontology_map: str | Path | Mapping[str, str] | None = None,
+    ontology_label_key: str = "cell_type",
 ) -> RelabelReport:
-    """Re-apply an obs mapping to the stored metadata of dataset ``dataset_id`` of the store at ``atlas``.
+    """Re-apply an obs mapping to the stored metadata of dataset ``dataset_id`` of the store at ``atlas``; or, with
+    no ``obs_map`` but an ``ontology_map``, give the dataset's ``ontology_label_key`` values their Cell Ontology
+    terms (its term column is filled where it is empty, as ingest's ``ontology_map`` does; terms the data has are
+    kept).
 
     ``obs_map``: ``SOURCE -> TARGET`` pairs; each copies column SOURCE of the dataset's cells (a column the store
     keeps for it; an obs column ingest stored under another name is found by its original name too) onto column
@@ -309,10 +354,14 @@ def relabel_dataset(
     new revision: rerun the relabel.
     """
     pairs = list(obs_map.items()) if isinstance(obs_map, Mapping) else [(str(s), str(t)) for s, t in obs_map]
-    if not pairs:
-        raise InputError("give at least one --obs-map SOURCE=TARGET")
+    if not pairs and ontology_map is None:
+        raise InputError("give at least one --obs-map SOURCE=TARGET, or --ontology-map FILE.csv to give the "
+                         "dataset's labels Cell Ontology terms")
     terms = None if ontology_map is None else ontology_table(ontology_map)
     path = _open_store(atlas)
+    if not pairs:
+        assert terms is not None
+        return _fill_terms(path, dataset_id, ontology_label_key, terms)
     with StoreWriter.open(path, create=False) as writer:
         record = next((d for d in writer.state.datasets if d.dataset_id == dataset_id), None)
         if record is None:

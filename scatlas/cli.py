@@ -347,7 +347,8 @@ def _print_info(info: dict[str, Any]) -> None:
               f"Ontology term ({how or 'none mapped'})"
               + (f"; no term: {', '.join(map(_value, c['unmapped']))}"
                  + (" ..." if c["n_unmapped"] > len(c["unmapped"]) else "")
-                 + " (give them terms with `scatlas ingest --ontology-map`)" if c.get("n_unmapped") else ""))
+                 + " (give them terms with `scatlas relabel --atlas ATLAS --dataset ID --ontology-map FILE.csv`, "
+                 "then `scatlas build --update`)" if c.get("n_unmapped") else ""))
     heads = info.get("label_heads") or {}
     if info.get("label_heads_error"):
         _echo(f"label heads  unusable: {info['label_heads_error']}")

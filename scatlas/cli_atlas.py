@@ -76,28 +76,36 @@ def remove(atlas_dir: Path, dataset_ids: tuple[str, ...]) -> None:
 @click.command()
 @atlas_option()
 @click.option("--dataset", "dataset_id", required=True, metavar="ID", help="The dataset to relabel.")
-@click.option("--obs-map", "obs_map", multiple=True, required=True, metavar="SOURCE=TARGET",
+@click.option("--obs-map", "obs_map", multiple=True, metavar="SOURCE=TARGET",
               help="Copy the dataset's obs column SOURCE onto the column TARGET, e.g. celltype=cell_type "
                    "(repeatable; the pairs apply at once).")
 @click.option("--ontology-map", "ontology_map", type=PathArg(dir_okay=False, path_type=Path), default=None,
               metavar="FILE.csv",
-              help="CSV with the columns label,ontology_term_id: refill TARGET_ontology_term_id from it. Without "
-                   "it, those terms are cleared for the dataset (they described the old labels).")
-def relabel(atlas_dir: Path, dataset_id: str, obs_map: tuple[str, ...], ontology_map: Path | None) -> None:
-    """Re-apply an obs mapping to the stored metadata of one dataset.
+              help="CSV with the columns label,ontology_term_id: refill TARGET_ontology_term_id from it (without "
+                   "it, those terms are cleared for the dataset: they described the old labels). Given alone, "
+                   "without --obs-map: fill the empty terms of the dataset's labels (--ontology-label-key).")
+@click.option("--ontology-label-key", default="cell_type", show_default=True, metavar="COLUMN",
+              help="With --ontology-map alone: the label column whose values the map's labels are.")
+def relabel(atlas_dir: Path, dataset_id: str, obs_map: tuple[str, ...], ontology_map: Path | None,
+            ontology_label_key: str) -> None:
+    """Re-apply an obs mapping to the stored metadata of one dataset, or give its labels Cell Ontology terms.
 
     Mends a forgotten `ingest --obs-map` without re-ingesting: each SOURCE=TARGET copies a column the store kept
     (an obs column under its original name) onto a column of the store (not soma_joinid, dataset_id, obs_id or
-    is_primary_data). The dataset's obs revision is bumped, so an index built before sees the change
-    (`scatlas build --update` gives it the new labels).
+    is_primary_data). With --ontology-map alone it mends a forgotten `ingest --ontology-map`. The dataset's obs
+    revision is bumped, so an index built before sees the change (`scatlas build --update` gives it the new
+    labels).
     """
     from scatlas.atlas.lifecycle import relabel_dataset
 
-    report = relabel_dataset(atlas_dir, dataset_id, _obs_pairs(obs_map), ontology_map=ontology_map)
+    report = relabel_dataset(atlas_dir, dataset_id, _obs_pairs(obs_map), ontology_map=ontology_map,
+                             ontology_label_key=ontology_label_key)
     _echo(f"{report.dataset_id}: {report.n_cells:,} cells, obs revision {report.obs_revision}")
     for col in report.columns:
         more = f" (of {col.n_values:,})" if col.n_values > len(col.values) else ""
-        _echo(f"  {col.source} -> {col.target}: {col.n_changed:,} cells changed; values{more}: {_values(col.values)}")
+        if col.terms != "filled":
+            _echo(f"  {col.source} -> {col.target}: {col.n_changed:,} cells changed; values{more}: "
+                  f"{_values(col.values)}")
         if col.terms == "cleared":
             _echo(f"  {col.term_column}: cleared for this dataset (the terms described the old labels; give "
                   "--ontology-map to refill them)")

@@ -275,3 +275,24 @@ def test_an_index_given_as_the_store_is_named_and_never_to_be_deleted(tmp_path: 
     assert "holds a scatlas index, not an atlas store" in res.output
     assert "delete" not in res.output and "Traceback" not in res.output
     assert sorted(p.name for p in index.iterdir()) == ["build.json", "manifest.json"]
+
+
+def test_relabel_with_an_ontology_map_alone_fills_the_labels_terms(tmp_path: Path,
+                                                                   h5ad_factory: Callable[..., Path]) -> None:
+    """A dataset ingested without --ontology-map gets its labels' terms afterwards (a forgotten map), only where the
+    term is empty; the obs revision is bumped so an index sees the change; nothing else changes."""
+    atlas = tmp_path / "atlas"
+    path = h5ad_factory("plain", seed=3, n_cells=50, n_genes=30, prefix="p", cell_types=("B lymph", "T lymph"))
+    ingest([path], atlas, progress=False)
+    table = tmp_path / "terms.csv"
+    table.write_text(f"label,ontology_term_id\nB lymph,{B_CELL}\n")
+    before = _rows(atlas, "SELECT soma_joinid, cell_type FROM cells ORDER BY 1")
+    res = _run("relabel", "--atlas", str(atlas), "--dataset", "plain", "--ontology-map", str(table))
+    assert res.exit_code == 0, res.output
+    assert "obs revision 1" in res.output and "mapped by the map" in res.output
+    got = dict(_rows(atlas, "SELECT cell_type, any_value(coalesce(cell_type_ontology_term_id, '')) FROM cells "
+                            "GROUP BY cell_type"))
+    assert got == {"B lymph": B_CELL, "T lymph": ""}
+    assert _rows(atlas, "SELECT soma_joinid, cell_type FROM cells ORDER BY 1") == before
+    refused = _run("relabel", "--atlas", str(atlas), "--dataset", "plain")
+    assert refused.exit_code != 0 and "--ontology-map FILE.csv to give" in refused.output
