@@ -45,6 +45,8 @@ class Drift:
     max_far_fraction: float
     gene_ratio: float | None = None
     min_gene_ratio: float = DEFAULT_MIN_GENE_RATIO
+    gene_ratio_dataset: str | None = None
+    """The added dataset whose ratio ``gene_ratio`` is (the lowest of the added datasets'); None: one dataset."""
 
     @property
     def too_far(self) -> bool:
@@ -55,8 +57,9 @@ class Drift:
         """The measure in words."""
         q = "" if self.quantization_ratio is None else f"; distance to the coarse centroids {self.quantization_ratio:.2f}x the atlas cells'"
         if self.gene_ratio is not None:
-            q += (f"; {self.gene_ratio:.0%} as many of the embedder's genes detected as in the atlas cells (limit "
-                  f"{self.min_gene_ratio:.0%})")
+            which = "" if self.gene_ratio_dataset is None else f" in dataset {self.gene_ratio_dataset!r}"
+            q += (f"; {self.gene_ratio:.0%} as many of the embedder's genes detected{which} as in the atlas cells "
+                  f"(limit {self.min_gene_ratio:.0%})")
         return (
             f"{self.far_fraction:.1%} of {self.n_sampled} sampled added cells are far from the indexed cells (nearest "
             f"similarity below the build's 1% quantile {self.far_threshold:.3f}; limit {self.max_far_fraction:.0%}); "
@@ -84,17 +87,24 @@ def _centroid_distance(index: Any, x: np.ndarray) -> np.ndarray | None:
 def measure_drift(
     searcher: Any, manifest: Any, added: np.ndarray, atlas_sample: np.ndarray, *,
     max_far_fraction: float = DEFAULT_MAX_FAR_FRACTION, gene_ratio: float | None = None,
-    min_gene_ratio: float = DEFAULT_MIN_GENE_RATIO,
+    min_gene_ratio: float = DEFAULT_MIN_GENE_RATIO, gene_ratio_dataset: str | None = None,
 ) -> Drift:
     """The drift of ``added`` (vectors of sampled added cells) against the index before the update: its
     :class:`~index.searcher.ShardSearcher` and :class:`~index.manifest.IndexManifest` (calibration, search
     defaults); ``atlas_sample``: stored vectors of sampled indexed cells, for the quantization ratio;
-    ``gene_ratio``: :func:`detected_genes` of the added cells over that of indexed cells (None: not measured)."""
+    ``gene_ratio``: :func:`detected_genes` of the added cells over that of indexed cells (None: not measured), of
+    the added dataset ``gene_ratio_dataset``. The cells an update removes still count as neighbours: the embedder
+    and quantizer were fitted on them, and a dataset removed and ingested again is no drift."""
     cal = manifest.calibration
     threshold = float(cal.threshold("first_neighbor", FAR_QUANTILE))
     atlas_median = float(cal.threshold("first_neighbor", 0.5))
+
+    def drift(n: int, far: float, median: float, quantization: float | None) -> Drift:
+        return Drift(n, far, threshold, median, atlas_median, quantization, max_far_fraction, gene_ratio,
+                     min_gene_ratio, gene_ratio_dataset)
+
     if len(added) == 0:
-        return Drift(0, 0.0, threshold, float("nan"), atlas_median, None, max_far_fraction, gene_ratio, min_gene_ratio)
+        return drift(0, 0.0, float("nan"), None)
     q = l2_normalize(np.asarray(added, dtype=np.float32))
     _, scores = searcher.search(q, 1, nprobe=manifest.search.nprobe, rerank=manifest.search.rerank)
     nearest = scores[:, 0].astype(np.float64)
@@ -102,12 +112,7 @@ def measure_drift(
     new_d, old_d = _centroid_distance(searcher.trained, q), _centroid_distance(searcher.trained, atlas_sample)
     if new_d is not None and old_d is not None and len(old_d) and float(np.median(old_d)) > 0:
         ratio = float(np.median(new_d) / np.median(old_d))
-    return Drift(
-        n_sampled=len(q), far_fraction=float(np.mean(nearest < threshold)), far_threshold=threshold,
-        median_similarity=float(np.median(nearest)), atlas_median_similarity=atlas_median,
-        quantization_ratio=ratio, max_far_fraction=max_far_fraction, gene_ratio=gene_ratio,
-        min_gene_ratio=min_gene_ratio,
-    )
+    return drift(len(q), float(np.mean(nearest < threshold)), float(np.median(nearest)), ratio)
 
 
 def detected_genes(X: Any, match: Any) -> np.ndarray:

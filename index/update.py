@@ -175,17 +175,26 @@ def _drift_sample(source: StoreVectorSource, ids: np.ndarray) -> tuple[np.ndarra
 def _measure(source: StoreVectorSource, old: IndexManifest, searcher: ShardSearcher, changes: StoreChanges,
              seed: int, max_far_fraction: float, min_gene_ratio: float) -> Drift:
     """The drift of the added cells against the index before the update (:mod:`index.drift`)."""
-    added = _sample_ids([(d.start, d.stop) for d in changes.added], DRIFT_SAMPLE, seed)
     added_ids = {d.dataset_id for d in changes.added}
     kept = [(s, e) for ds, s, e in source.store.cell_ranges() if ds not in added_ids]
-    vecs, det_new = _drift_sample(source, added)
-    _, det_old = _drift_sample(source, _sample_ids(kept, len(added), seed + 1))
-    ratio = None
-    if det_new is not None and det_old is not None and det_old.any():
-        ratio = float(det_new.mean() / det_old.mean())
+    per = max(DRIFT_SAMPLE // max(len(changes.added), 1), 1)
+    samples = [(d.dataset_id, _drift_sample(source, _sample_ids([(d.start, d.stop)], per, seed + i)))
+               for i, d in enumerate(changes.added)]
+    vecs = np.concatenate([v for _, (v, _) in samples]) if samples else np.zeros((0, source.dim), np.float32)
+    indexed: dict[int, np.ndarray | None] = {}  # genes detected by as many sampled indexed cells (more cells, more)
+    ratios = []
+    for name, (v, det) in samples:  # per added dataset: the lowest ratio decides, and is named
+        if det is None:
+            continue
+        if len(v) not in indexed:
+            indexed[len(v)] = _drift_sample(source, _sample_ids(kept, len(v), seed + 1001))[1]
+        base = indexed[len(v)]
+        if base is not None and base.any():
+            ratios.append((float(det.mean() / base.mean()), name))
+    ratio, worst = min(ratios) if ratios else (None, None)
     atlas = sample_cells(searcher, DRIFT_SAMPLE, seed + 2)[1]
     return measure_drift(searcher, old, vecs, atlas, max_far_fraction=max_far_fraction, gene_ratio=ratio,
-                         min_gene_ratio=min_gene_ratio)
+                         min_gene_ratio=min_gene_ratio, gene_ratio_dataset=worst if len(samples) > 1 else None)
 
 
 def _carry_shards(cur: Path, target: Path, old: IndexManifest, removed: list[tuple[int, int]]) -> list[ShardRecord]:

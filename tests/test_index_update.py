@@ -137,6 +137,22 @@ def test_update_refuses_data_lacking_the_embedders_genes(tmp_path):
     assert "version 2" in out and "drift" in out
 
 
+def test_update_names_the_added_dataset_lacking_genes(tmp_path):
+    """The gene ratio is per added dataset: one on other genes beside one like the atlas is not averaged away, and
+    is named. A dataset removed and ingested again is no drift (the embedder was fitted on it)."""
+    a, like, far = _write(tmp_path, "A", 1), _write(tmp_path, "L", 2, n=300), _write(tmp_path, "F", 5, gene_offset=200)
+    ingest([a, like], tmp_path / "atlas", progress=False)
+    build_index(tmp_path / "atlas", tmp_path / "index", **BUILD)
+    run("remove", "--atlas", str(tmp_path / "atlas"), "--dataset", "L")
+    ingest([like], tmp_path / "atlas", dataset_id="L2", progress=False)
+    report = update_index(tmp_path / "atlas", tmp_path / "index", progress=False)
+    assert report.drift is not None and not report.drift.too_far
+    ingest([_write(tmp_path, "L3", 2, n=300), far], tmp_path / "atlas", progress=False)
+    out = run("build", "--update", "--atlas", str(tmp_path / "atlas"), "--index", str(tmp_path / "index"),
+              "--no-progress", ok=False)
+    assert "in dataset 'F'" in out and "0% as many of the embedder's genes" in out
+
+
 def test_update_drift_on_real_data(shared_raw, tmp_path):
     """Kang's stimulated PBMCs join an index of its control PBMCs; pancreas islets are refused."""
     import anndata
