@@ -419,12 +419,14 @@ def _open_sources(
         for plan in plans:
             plan.source.close()
         raise InputError(f"--dataset-id names one dataset, but the inputs hold {len(plans)}; ingest them one at a time")
-    ids = [p.dataset_id for p in plans]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
+    keys = [normalised(p.dataset_id) for p in plans]
+    dup = sorted({p.dataset_id for p, k in zip(plans, keys, strict=True) if keys.count(k) > 1})
     if dup:
         for plan in plans:
             plan.source.close()
-        raise InputError(f"dataset ids {dup} occur more than once among the inputs; rename the files or use --dataset-id")
+        raise InputError(f"dataset ids {[escaped(d, 60) for d in dup]} occur more than once among the inputs (ids "
+                         "differing only in case or surrounding blanks are one id); rename the files or use "
+                         "--dataset-id")
     return plans
 
 
@@ -809,12 +811,13 @@ def ingest(
             for plan in plans:
                 plan.attach_ontology_fill(OntologyFill(table, ontology_label_key))
         if exists:
-            present = {d.dataset_id for d in AtlasStore.open(atlas).datasets}
-            clash = [p.dataset_id for p in plans if p.dataset_id in present]
+            present = {normalised(d.dataset_id) for d in AtlasStore.open(atlas).datasets}
+            clash = [escaped(p.dataset_id, 60) for p in plans if normalised(p.dataset_id) in present]
             if clash:
                 raise DatasetExistsError(
-                    f"dataset(s) {clash} already in {atlas}; datasets are never duplicated: use --dataset-id to "
-                    "give a new id, or ingest into another store"
+                    f"dataset(s) {clash} already in {atlas} (ids differing only in case or surrounding blanks are "
+                    "one id); datasets are never duplicated: use --dataset-id to give a new id, or ingest into "
+                    "another store"
                 )
         check_species(plans, AtlasStore.open(atlas).genes if exists else None, allow_species_mismatch)
         created_here = not atlas.exists()

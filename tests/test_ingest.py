@@ -79,6 +79,11 @@ def test_append_never_renumbers_and_refuses_duplicates(tmp_path, h5ad_factory):
     assert store.dataset("two").start == 120
     with pytest.raises(DatasetExistsError):
         ingest([h5ad_factory("one", seed=3)], atlas, progress=False)
+    for twin in ("ONE", "one "):  # one id in other case or with a blank: the same dataset to the cell table
+        with pytest.raises(DatasetExistsError, match="differing only in case"):
+            ingest([h5ad_factory("x", seed=3)], atlas, dataset_id=twin, progress=False)
+    with pytest.raises(InputError, match="occur more than once"):
+        ingest([h5ad_factory("pair", seed=4), h5ad_factory("PAIR", seed=5)], atlas, progress=False)
     with pytest.raises(StoreError, match="already exists"):
         ingest([h5ad_factory("three", seed=3)], atlas, mode="write", progress=False)
     ingest([h5ad_factory("one", seed=3)], atlas, dataset_id="one_again", progress=False)
