@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -364,8 +365,12 @@ def open_h5ad(
     if path.is_file() and _is_legacy(path):
         logger.warning("%s: legacy (pre-0.7) AnnData layout: loading it whole instead of in chunks", path)
         try:
-            adata = anndata.read_h5ad(path)
+            with warnings.catch_warnings():  # anndata's notes on converting the old layout: said once above
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", UserWarning)
+                adata = anndata.read_h5ad(path)
         except Exception as exc:
-            raise InputError(f"{path}: could not read legacy .h5ad: {exc}") from exc
+            raise InputError(f"{path}: could not read legacy .h5ad ({type(exc).__name__}); write it again with a "
+                             "current anndata (anndata.read_h5ad(path).write_h5ad(new_path))") from exc
         return AnnDataSource(adata, name or path.stem, x_layer)
     return H5adSource(path, name, x_layer)
