@@ -56,9 +56,7 @@ class ScatlasGroup(click.Group):
         except ScatlasError as exc:
             raise click.ClickException(safe_text(str(exc))) from exc
         except KeyboardInterrupt:
-            _echo("Interrupted; rerun the same command (builds, updates, sweeps and evaluations resume where they "
-                  "stopped; other commands start over).", err=True)
-            ctx.exit(130)
+            _interrupted(ctx)
         except BrokenPipeError:
             # the reader of our output went away (``scatlas info INDEX | head -1``): stop quietly, as a command
             # killed by SIGPIPE would, with stdout pointed at /dev/null so that the final flush cannot fail again
@@ -75,10 +73,24 @@ class ScatlasGroup(click.Group):
                 "(or link it) to a UTF-8 name and rerun"
             ) from exc
         except Exception as exc:
+            if _tiledb_cancelled(exc):  # TileDB's own SIGINT handler cancelled a query: an interrupt all the same
+                _interrupted(ctx)
             message = _duckdb_message(exc) or _os_phrase_message(exc)
             if message is None:
                 raise
             raise click.ClickException(message) from exc
+
+
+def _interrupted(ctx: click.Context) -> None:
+    _echo("Interrupted; rerun the same command (builds, updates, sweeps and evaluations resume where they "
+          "stopped; other commands start over).", err=True)
+    ctx.exit(130)
+
+
+def _tiledb_cancelled(exc: BaseException) -> bool:
+    """Whether ``exc`` is TileDB's report of a query it cancelled on a SIGINT (it installs a SIGINT handler of its
+    own, which cancels running queries even where the process ignores SIGINT)."""
+    return type(exc).__name__ in ("SOMAError", "TileDBError") and "cancelled" in str(exc).lower()
 
 
 _LOCKED = ("Could not set lock", "Conflicting lock", "different configuration")

@@ -91,3 +91,23 @@ def test_a_manifest_naming_files_outside_the_index_is_refused(tmp_path):
         res = CliRunner().invoke(cli, ["verify", "--index", str(tmp_path / "idx")])
         assert res.exit_code != 0 and "outside the index" in res.output and "Traceback" not in res.output, res.output
         assert "secret" not in res.output
+
+
+def test_a_query_tiledb_cancelled_on_a_sigint_is_an_interrupt(tmp_path, monkeypatch):
+    """TileDB cancels its running queries on a SIGINT with a handler of its own, even where the process ignores
+    SIGINT; the error it then raises is reported as the interrupt it is (exit 130), not a traceback."""
+    import importlib
+
+    from click.testing import CliRunner
+
+    from scatlas.cli import cli
+
+    class SOMAError(Exception):
+        pass
+
+    def cancelled(*args, **kwargs):
+        raise SOMAError("[TileDB::Query] Error: Query cancelled")
+
+    monkeypatch.setattr(importlib.import_module("scatlas.atlas.lifecycle"), "list_datasets", cancelled)
+    res = CliRunner().invoke(cli, ["datasets", "--atlas", str(tmp_path)])
+    assert res.exit_code == 130 and "Interrupted" in res.output and "Traceback" not in res.output, res.output
