@@ -173,3 +173,14 @@ def test_hits_none_of_which_is_a_cell_of_the_index_fail_up_front(world, tmp_path
     with pytest.raises(InputError, match=r"none of the 5 hits is a cell of this index.*re-run `scatlas hunt sweep`"):
         report(frame, world["index"], tmp_path / "rep", progress=False)
     assert not (tmp_path / "rep").exists()
+
+
+def test_hits_without_usable_scores_are_reported_without_a_scores_plot(world, tmp_path, caplog):
+    import logging
+
+    frame = pd.read_parquet(world["hits"]).assign(score=float("nan"))
+    with caplog.at_level(logging.WARNING):
+        res = report(frame, world["index"], tmp_path / "rep", de=False, progress=False)
+    assert "scores_png" not in res.files and not (tmp_path / "rep" / "scores.png").exists()
+    assert any("scores are all missing" in r.getMessage() for r in caplog.records)
+    assert res.n_hits == len(world["hit_ids"])

@@ -696,9 +696,15 @@ def _report(
     files["enrichment"] = str(out / "enrichment.csv")
     _plot(enr, by, rate, stage / "enrichment.png")
     files["png"] = str(out / "enrichment.png")
+    if n_hits == 0:
+        logger.warning("the hits table holds no hit: the report breaks down nothing (did the sweep find any?)")
     if "score" in frame.columns:
-        _plot_scores(frame["score"].to_numpy(dtype=np.float64), stage / "scores.png")
-        files["scores_png"] = str(out / "scores.png")
+        scores = pd.to_numeric(frame["score"], errors="coerce").to_numpy(dtype=np.float64)
+        if len(scores) and not np.isfinite(scores).any():
+            logger.warning("the hits' scores are all missing or not numbers: no scores plot")
+        else:
+            _plot_scores(scores, stage / "scores.png")
+            files["scores_png"] = str(out / "scores.png")
 
     de_frame: pd.DataFrame | None = None
     matching: str | None = None
