@@ -21,7 +21,8 @@ error messages show names escaped (:func:`atlas.validate.escaped`) and never dat
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -286,14 +287,25 @@ def _terms_report(con: duckdb.DuckDBPyConnection, dataset_id: str, col: Relabell
     return fill.report()
 
 
-def _fill_terms(path: Path, dataset_id: str, key: str, terms: Mapping[str, str]) -> RelabelReport:
-    """:func:`relabel_dataset` with only an ontology map: fill ``key``'s empty terms of the dataset from ``terms``."""
-    check_name(key, "--ontology-label-key")
+@contextmanager
+def _editing(path: Path, dataset_id: str) -> Iterator[tuple[StoreWriter, DatasetRecord, duckdb.DuckDBPyConnection]]:
+    """The store's writer (locked), the record of dataset ``dataset_id`` (InputError when the store has none) and a
+    connection to its cell table, closed when the block ends."""
     with StoreWriter.open(path, create=False) as writer:
         record = next((d for d in writer.state.datasets if d.dataset_id == dataset_id), None)
         if record is None:
             raise _unknown_dataset(path, dataset_id)
         con = duckdb.connect(str(path / CELLS_DB))
+        try:
+            yield writer, record, con
+        finally:
+            con.close()
+
+
+def _fill_terms(path: Path, dataset_id: str, key: str, terms: Mapping[str, str]) -> RelabelReport:
+    """:func:`relabel_dataset` with only an ontology map: fill ``key``'s empty terms of the dataset from ``terms``."""
+    check_name(key, "--ontology-label-key")
+    with _editing(path, dataset_id) as (writer, record, con):
         try:
             table = {str(n).casefold(): str(n) for (n,) in con.execute("SELECT column_name FROM (DESCRIBE cells)"
                                                                           ).fetchall()}
@@ -319,8 +331,6 @@ def _fill_terms(path: Path, dataset_id: str, key: str, terms: Mapping[str, str])
                 f"{path}: the terms could not be stored ({type(exc).__name__}); the labels are unchanged. Check the "
                 "disk and that no other process has the store's cells.duckdb open, then rerun"
             ) from exc
-        finally:
-            con.close()
     logger.info("relabel %s: %s terms filled from the ontology map (obs revision %d)", dataset_id, key,
                 record.obs_revision)
     return RelabelReport(atlas=str(path), dataset_id=dataset_id, n_cells=record.n_cells,
@@ -362,11 +372,7 @@ def relabel_dataset(
     if not pairs:
         assert terms is not None
         return _fill_terms(path, dataset_id, ontology_label_key, terms)
-    with StoreWriter.open(path, create=False) as writer:
-        record = next((d for d in writer.state.datasets if d.dataset_id == dataset_id), None)
-        if record is None:
-            raise _unknown_dataset(path, dataset_id)
-        con = duckdb.connect(str(path / CELLS_DB))
+    with _editing(path, dataset_id) as (writer, record, con):
         try:
             columns, types = _plan_relabel(con, record, pairs)
             if terms is not None and not any(c.term_column for c in columns):
@@ -395,8 +401,6 @@ def relabel_dataset(
                 f"{path}: the cell metadata could not be relabelled ({type(exc).__name__}); the labels are unchanged. "
                 "Check the disk and that no other process has the store's cells.duckdb open, then rerun"
             ) from exc
-        finally:
-            con.close()
     logger.info("%s: relabelled dataset %s (obs revision %d)", path, escaped(dataset_id), report.obs_revision)
     return report
 
