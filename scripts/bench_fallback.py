@@ -90,7 +90,7 @@ def render(rows: dict[str, dict[float, dict]], cuts: list[float], chosen: float 
         cells = [f"{v['ontology_accuracy']:.3f} / {v['fine']:.3f} / {v['ancestor']:.3f} / {v['unknown']:.3f}"
                  for v in (r[c] for c in cuts)]
         lines.append(f"| {name} | {first['verdict']} | {first['macro_f1']:.3f} | {first['fine_errors']:.3f} | "
-                     f"{first['ceiling']:.3f} | " + " | ".join(cells) + " |")
+                     f"{first['ceiling']:.4f} | " + " | ".join(cells) + " |")
     lines.append("")
     short = [n for n, r in rows.items() if r[cuts[0]]["ceiling"] < 0.97]
     lines.append(f"Pairs whose ceiling is under 0.97 (no confidence rule meets the targets from their best classes): "
