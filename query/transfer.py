@@ -182,7 +182,8 @@ class Transfer:
         term_id = np.where(level == 1, terms[np.where(a.term >= 0, a.term, -1)], term_id)
         fine_names = [*classes, *([UNKNOWN] if UNKNOWN not in classes else [])]
         fine_code = np.where(a.fine >= 0, a.fine, fine_names.index(UNKNOWN))
-        runner = np.asarray([*classes, ""], dtype=object)[np.where(a.runner_up >= 0, a.runner_up, -1)]
+        runner_names = [*classes, *([""] if "" not in classes else [])]
+        runner_code = np.where(a.runner_up >= 0, a.runner_up, runner_names.index(""))
         return {
             f"{key}_pred": pd.Categorical.from_codes(pred, categories=names),
             f"{key}_pred_ontology_term_id": term_id.astype(str),
@@ -190,7 +191,7 @@ class Transfer:
             f"{key}_confidence": a.confidence,
             f"{key}_level": pd.Categorical.from_codes(level.astype(np.int64), categories=list(LEVELS)),
             f"{key}_unknown_reason": pd.Categorical.from_codes(reason.astype(np.int64), categories=list(REASONS)),
-            f"{key}_runner_up": runner.astype(str),
+            f"{key}_runner_up": pd.Categorical.from_codes(runner_code.astype(np.int64), categories=runner_names),
             f"{key}_runner_up_proba": a.runner_up_proba,
         }
 
