@@ -120,7 +120,11 @@ def test_no_map_then_resume_fits_it(world: dict[str, Any], tmp_path: Path) -> No
     assert res.placement is None and res.report["map"] == {"available": False}
     with pytest.raises(InputError, match="no reference map"):
         res.write(tmp_path / "x.h5ad", map_png=tmp_path / "x.png")
-    (tmp_path / "old.umap.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # an earlier run's map
+    from matplotlib.figure import Figure
+
+    from scatlas.atlas.outputs import PNG_SOFTWARE
+
+    Figure().savefig(tmp_path / "old.umap.png", metadata={"Software": PNG_SOFTWARE})  # an earlier run's map (marked)
     result = CliRunner().invoke(cli, ["-q", "annotate", str(world["query"]), "--index", str(index),
                                       "--out", str(tmp_path / "old.h5ad"), "--no-progress"])
     assert result.exit_code == 0, result.output
