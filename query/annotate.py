@@ -373,6 +373,7 @@ def annotate(
                 "(reason %r)", run.n_silent, cells.n_cells, REASON_NO_EXPRESSION,
             )
         mapping = _mapping(idx, run, alignment, check_mapping)
+        _warn_blind_mapping(cells, mapping.verdict)
         params = {
             "label_keys": keys, "k": int(k), "k_used": k_used, "where": where, "atlas_cells_matching_where": atlas.n_where,
             "min_confidence": _cuts(atlas, min_confidence), "max_votes_per_dataset": max_votes_per_dataset,
@@ -512,6 +513,18 @@ def _mapping(idx: AtlasIndex, run: Transfer, alignment: Alignment | None, apply:
 MAPPING_MIN_OVERLAP = 0.5
 """Below this share of the embedder's genes the mapping check is weak: the missing genes read as the atlas mean pull
 every query cell towards the atlas (docs/benchmarks.md#query-mapping-check)."""
+
+
+def _warn_blind_mapping(cells: QueryCells, verdict: MappingVerdict) -> None:
+    """Warn when a query that shares fewer genes than annotate asks for by default (the floor was lowered) is
+    judged to map well: with so few genes the check cannot tell another tissue (docs/benchmarks.md#query-mapping-check)."""
+    overlap = cells.match.fraction_of_target if cells.match is not None else 1.0
+    if verdict.verdict == "maps_well" and overlap < MIN_GENE_OVERLAP_REFIT:
+        logger.warning(
+            "the query has %.0f%% of the embedder's genes, under the %.0f%% annotate asks for by default: its "
+            "'maps well' means little (a query of another tissue looks the same with so few genes); check the "
+            "answers against known markers before trusting them", 100 * overlap, 100 * MIN_GENE_OVERLAP_REFIT,
+        )
 
 
 def _mapping_caveat(cells: QueryCells) -> dict[str, str]:

@@ -145,3 +145,24 @@ def test_neighbour_rows_beyond_the_limit_are_refused(small: dict[str, Path], mon
         annotate(small["small"], small["index"], k=30, progress=False)
     annotate(small["small"], small["index"], k=30, progress=False, keep_neighbors=False)
     search_cells(small["small"], small["index"], k=30, mode="centroid", progress=False)  # one row set
+
+
+def test_a_forced_low_overlap_query_that_maps_well_is_warned(caplog: pytest.LogCaptureFixture) -> None:
+    """Under the default gene-overlap floor (lowered by the user) the mapping check is blind: 'maps well' is said
+    with a warning; above it, or when the query maps poorly, nothing more is said."""
+    import importlib
+    import logging
+    from types import SimpleNamespace
+
+    from scatlas.query.mapping import MappingVerdict
+
+    module = importlib.import_module("scatlas.query.annotate")
+    cells = lambda overlap: SimpleNamespace(match=SimpleNamespace(fraction_of_target=overlap))  # noqa: E731
+    with caplog.at_level(logging.WARNING):
+        module._warn_blind_mapping(cells(0.09), MappingVerdict("maps_well", 0.9))
+        assert any("9% of the embedder's genes" in r.getMessage() and "means little" in r.getMessage()
+                   for r in caplog.records)
+        caplog.clear()
+        module._warn_blind_mapping(cells(0.2), MappingVerdict("maps_well", 0.9))
+        module._warn_blind_mapping(cells(0.09), MappingVerdict("maps_poorly", 0.5))
+        assert not caplog.records
