@@ -343,18 +343,31 @@ def _point_size(n: int) -> float:
     return float(np.clip(4000.0 / max(n, 1), 0.3, 12.0))
 
 
+LABEL_GAP = np.array([0.12, 0.035])
+"""Atlas labels closer than this share of the map's width and height to one already written are left out (the
+text of two would overlap)."""
+
+
 def _atlas_layer(ax: Any, atlas_xy: np.ndarray, labels: np.ndarray | None) -> None:
     """The atlas sample in light grey, with its most common labels written at their medians."""
+    from matplotlib import patheffects
+
     ax.scatter(atlas_xy[:, 0], atlas_xy[:, 1], s=_point_size(len(atlas_xy)), c=ATLAS_GREY, linewidths=0,
                rasterized=True, zorder=1)
     if labels is not None and len(labels) == len(atlas_xy):
         values = pd.Series(labels).astype(object).where(pd.notna(labels), None)
         counts = values.value_counts()
+        span = np.ptp(atlas_xy, axis=0) if len(atlas_xy) else np.ones(2)
+        placed: list[np.ndarray] = []  # most common labels first; one that would sit on another is left out
         for label in counts.index[:20]:
             if counts[label] < max(5, 0.01 * len(values)):
                 continue
-            x, y = np.median(atlas_xy[(values == label).to_numpy()], axis=0)
-            ax.text(x, y, str(label)[:30], fontsize=6, color="#707070", ha="center", va="center", zorder=4)
+            at = np.median(atlas_xy[(values == label).to_numpy()], axis=0)
+            if any(np.all(np.abs(at - p) < LABEL_GAP * np.maximum(span, 1e-9)) for p in placed):
+                continue
+            placed.append(at)
+            ax.text(at[0], at[1], str(label)[:30], fontsize=6, color="#404040", ha="center", va="center", zorder=6,
+                    path_effects=[patheffects.withStroke(linewidth=2, foreground="white")])  # readable over points
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_xlabel("atlas UMAP 1", fontsize=7)
