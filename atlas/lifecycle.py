@@ -310,14 +310,18 @@ def _fill_terms(path: Path, dataset_id: str, key: str, terms: Mapping[str, str])
             table = {str(n).casefold(): str(n) for (n,) in con.execute("SELECT column_name FROM (DESCRIBE cells)"
                                                                           ).fetchall()}
             label, term = table.get(key.casefold()), table.get(term_column(key).casefold())
-            if label is None or term is None:
-                raise InputError(f"--ontology-map: the store has no {escaped(key)} column with a term column "
-                                 f"({escaped(term_column(key))}) to fill; name the label column with "
-                                 "--ontology-label-key")
+            if label is None:
+                raise InputError(f"--ontology-map: the store's cell table has no column {escaped(key)}; name the "
+                                 "label column whose values the map's labels are with --ontology-label-key")
+            term = term or check_name(term_column(label), "--ontology-label-key's term column")
             col = RelabelledColumn(source=label, stored_source=label, target=label, term_column=term, terms="filled")
             record.obs_revision += 1
+            if term not in STANDARD_OBS_COLUMNS and term not in record.obs_columns:
+                record.obs_columns.append(term)
             write_json_atomic(path / STATE_FILE, writer.state.to_json())  # the commit point of the new revision
             with transaction(con):
+                if term.casefold() not in table:  # a label column without terms yet: its term column, as ingest adds
+                    con.execute(f"ALTER TABLE cells ADD COLUMN {quote_ident(term)} VARCHAR")
                 con.register("relabel_terms", pa.table({"label": pa.array(list(terms), pa.string()),
                                                         "term": pa.array(list(terms.values()), pa.string())}))
                 con.execute(

@@ -283,10 +283,13 @@ def update_index(
             report.drift = drift
             logger.info("drift of the added cells: %s", drift.sentence())
             if drift.too_far:
+                far = drift.far_fraction > drift.max_far_fraction
+                what = ("the added data is too far from what the index's embedder and quantizer were fitted on" if far
+                        else "the added data lacks most of the genes the index's embedder reads (a gene panel, "
+                             "highly variable genes only, or symbols the atlas cannot match)")
                 raise InputError(
-                    f"the added data is too far from what the index's embedder and quantizer were fitted on: "
-                    f"{drift.sentence()}. Rebuild the index (`scatlas build --overwrite ...`) to fit them anew, or "
-                    "relax --max-far-fraction / --min-gene-ratio if these cells belong in this index as it is"
+                    f"{what}: {drift.sentence()}. Rebuild the index (`scatlas build --overwrite ...`) to fit them "
+                    "anew, or relax --max-far-fraction / --min-gene-ratio if these cells belong in this index as it is"
                 )
         new_version = version + 1
         record = {"base_version": version, "base_build_id": manifest_digest(cur),

@@ -491,3 +491,28 @@ def test_internal_errors_answer_500_without_a_traceback(server: dict[str, Any], 
     monkeypatch.setattr(app_module, "run_annotate", crash)  # a job that fails by a bug, not by its input
     state_ = submit(c, "/api/annotate", world["small"])
     assert state_["status"] == "failed" and "internal error" in state_["error"] and "secret" not in state_["error"]
+
+
+def test_the_job_modules_are_loaded_before_any_job_runs(world: dict[str, Path], tmp_path: Path) -> None:
+    """An annotate and a hunt submitted together right after start imported the same packages from two threads and
+    both failed (a half-initialised module); the app now loads them when it is made: in a fresh process, all are
+    loaded once create_app returns."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    script = (
+        "import sys\n"
+        "from scatlas.server.app import JOB_MODULES, create_app\n"
+        "before = [m for m in JOB_MODULES if m in sys.modules]\n"
+        "app = create_app(sys.argv[1], work_dir=sys.argv[2])\n"
+        "after = [m for m in JOB_MODULES if m not in sys.modules]\n"
+        "app.state.scatlas.close()\n"
+        "print('before', before, 'missing after', after)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script, str(world["index"]), str(tmp_path / "work")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "missing after []" in done.stdout, done.stdout

@@ -282,7 +282,11 @@ def test_relabel_with_an_ontology_map_alone_fills_the_labels_terms(tmp_path: Pat
     """A dataset ingested without --ontology-map gets its labels' terms afterwards (a forgotten map), only where the
     term is empty; the obs revision is bumped so an index sees the change; nothing else changes."""
     atlas = tmp_path / "atlas"
-    path = h5ad_factory("plain", seed=3, n_cells=50, n_genes=30, prefix="p", cell_types=("B lymph", "T lymph"))
+    def broad(adata: anndata.AnnData) -> anndata.AnnData:
+        adata.obs["broad"] = adata.obs["cell_type"].astype(str)
+        return adata
+
+    path = h5ad_factory("plain", broad, seed=3, n_cells=50, n_genes=30, prefix="p", cell_types=("B lymph", "T lymph"))
     ingest([path], atlas, progress=False)
     table = tmp_path / "terms.csv"
     table.write_text(f"label,ontology_term_id\nB lymph,{B_CELL}\n")
@@ -296,3 +300,13 @@ def test_relabel_with_an_ontology_map_alone_fills_the_labels_terms(tmp_path: Pat
     assert _rows(atlas, "SELECT soma_joinid, cell_type FROM cells ORDER BY 1") == before
     refused = _run("relabel", "--atlas", str(atlas), "--dataset", "plain")
     assert refused.exit_code != 0 and "--ontology-map FILE.csv to give" in refused.output
+    # another label column, which has no term column yet: it is made and filled, as ingest would
+    res = _run("relabel", "--atlas", str(atlas), "--dataset", "plain", "--ontology-map", str(table),
+               "--ontology-label-key", "broad")
+    assert res.exit_code == 0, res.output
+    got = dict(_rows(atlas, "SELECT broad, any_value(coalesce(broad_ontology_term_id, '')) FROM cells GROUP BY broad"))
+    assert got == {"B lymph": B_CELL, "T lymph": ""}
+    missing = _run("relabel", "--atlas", str(atlas), "--dataset", "plain", "--ontology-map", str(table),
+                   "--ontology-label-key", "nope")
+    assert missing.exit_code != 0 and "has no column 'nope'" in missing.output
+    assert verify_store(atlas, progress=False).ok

@@ -137,6 +137,20 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": safe_text(message)}, status_code=status, headers=headers)
 
 
+JOB_MODULES = ("scatlas.query", "scatlas.query.search", "scatlas.query.hunt", "scatlas.query.hunt.train",
+               "scatlas.query.hunt.sweep", "scatlas.query.hunt.report", "scatlas.query.hunt.predicate",
+               "scatlas.query.hunt.sql_predicate")
+"""The modules the jobs import, loaded when the app is made: two jobs' threads importing the same package at once
+(an annotate and a hunt right after start) could each see it half initialised (ImportError, KeyError)."""
+
+
+def _load_job_modules() -> None:
+    import importlib
+
+    for name in JOB_MODULES:
+        importlib.import_module(name)
+
+
 def create_app(
     index_dir: str | Path,
     *,
@@ -162,6 +176,7 @@ def create_app(
         raise InputError("workers and max_pending must be >= 1, max_upload_mb > 0 and retention_s >= 0")
     if token is not None and not token:
         token = None
+    _load_job_modules()
     shared = SharedIndex(index_dir)
     own = work_dir is None
     try:
