@@ -165,7 +165,7 @@ def test_update_drift_on_real_data(shared_raw, tmp_path):
     ingest([tmp_path / "kang_CTRL.h5ad"], tmp_path / "atlas", progress=False)
     build_index(tmp_path / "atlas", tmp_path / "index", progress=False)
     ingest([shared_raw / "pancreas_3studies_beta_ductal_cepo.h5ad"], tmp_path / "atlas", progress=False)
-    with pytest.raises(InputError, match="too far"):
+    with pytest.raises(InputError, match="lacks most of the genes|too far"):  # pancreas: 8% of the genes
         update_index(tmp_path / "atlas", tmp_path / "index", progress=False)
     from scatlas.atlas.lifecycle import remove_datasets
 
