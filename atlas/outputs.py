@@ -345,16 +345,19 @@ def _inside_protected(out: Path) -> OutputKind | None:
     return None
 
 
-def _scatlas_h5ad(path: Path, mark: str | None = None) -> bool:
+def scatlas_h5ad(path: Path, mark: str | None = None) -> bool:
     """Whether the ``.h5ad`` at ``path`` was written by scatlas (carries :data:`H5AD_MARK`; with the value ``mark``,
     the command that wrote it, when given)."""
     import h5py
 
     try:
         with h5py.File(path, "r") as f:
-            return H5AD_MARK in f.attrs and (mark is None or str(f.attrs[H5AD_MARK]) == mark)
+            value = f.attrs.get(H5AD_MARK)
     except (OSError, RuntimeError, ValueError):
         return False
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return value is not None and (mark is None or str(value) == mark)
 
 
 def check_output_file(
@@ -444,7 +447,7 @@ def written_by_scatlas(path: PathLike, file_kind: str, csv_header: Sequence[str]
     if path.stat().st_size == 0:
         return True
     if file_kind == "h5ad":
-        return _scatlas_h5ad(path, mark)
+        return scatlas_h5ad(path, mark)
     if file_kind == "json":
         from scatlas.atlas.atomic import read_json_object
         from scatlas.atlas.errors import ScatlasError

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from scatlas.atlas.errors import InputError, OutputError
 from scatlas.atlas.outputs import (
-    H5AD_MARK,
     MARKER_FILE,
     PROTECTED_KINDS,
     REPORT,
@@ -22,6 +21,7 @@ from scatlas.atlas.outputs import (
     check_output_dir,
     kind_of,
     marker_kind,
+    scatlas_h5ad,
     show,
     writing,
 )
@@ -142,16 +142,7 @@ def _synth_h5ad(path: Path) -> bool:
     """Whether ``path`` is a regular ``.h5ad`` file that synth wrote (root attribute ``H5AD_MARK == "synth"``)."""
     if path.suffix != ".h5ad" or path.is_symlink() or not path.is_file():
         return False
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            mark = f.attrs.get(H5AD_MARK)
-    except (OSError, RuntimeError, ValueError):
-        return False
-    if isinstance(mark, bytes):
-        mark = mark.decode("utf-8", "replace")
-    return bool(mark == SYNTH_MARK)
+    return scatlas_h5ad(path, SYNTH_MARK)
 
 
 def _check_replaceable(path: Path, marked: bool) -> None:
