@@ -810,16 +810,21 @@ def ingest(
         if table is not None:
             for plan in plans:
                 plan.attach_ontology_fill(OntologyFill(table, ontology_label_key))
-        if exists:
-            present = {normalised(d.dataset_id) for d in AtlasStore.open(atlas).datasets}
-            clash = [escaped(p.dataset_id, 60) for p in plans if normalised(p.dataset_id) in present]
-            if clash:
-                raise DatasetExistsError(
-                    f"dataset(s) {clash} already in {atlas} (ids differing only in case or surrounding blanks are "
-                    "one id); datasets are never duplicated: use --dataset-id to give a new id, or ingest into "
-                    "another store"
-                )
-        check_species(plans, AtlasStore.open(atlas).genes if exists else None, allow_species_mismatch)
+        current = AtlasStore.open(atlas) if exists else None
+        try:
+            if current is not None:
+                present = {normalised(d.dataset_id) for d in current.datasets}
+                clash = [escaped(p.dataset_id, 60) for p in plans if normalised(p.dataset_id) in present]
+                if clash:
+                    raise DatasetExistsError(
+                        f"dataset(s) {clash} already in {atlas} (ids differing only in case or surrounding blanks are "
+                        "one id); datasets are never duplicated: use --dataset-id to give a new id, or ingest into "
+                        "another store"
+                    )
+            check_species(plans, current.genes if current is not None else None, allow_species_mismatch)
+        finally:
+            if current is not None:
+                current.close()
         created_here = not atlas.exists()
         report = IngestReport(atlas=str(atlas))
         try:
