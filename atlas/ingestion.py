@@ -817,8 +817,8 @@ def ingest(
                 clash = [escaped(p.dataset_id, 60) for p in plans if normalised(p.dataset_id) in present]
                 if clash:
                     raise DatasetExistsError(
-                        f"dataset(s) {clash} already in {atlas} (ids differing only in case or surrounding blanks are "
-                        "one id); datasets are never duplicated: use --dataset-id to give a new id, or ingest into "
+                        f"dataset(s) {', '.join(clash)} already in {atlas} (ids differing only in case or surrounding "
+                        "blanks are one id); datasets are never duplicated: use --dataset-id to give a new id, or ingest into "
                         "another store"
                     )
             check_species(plans, current.genes if current is not None else None, allow_species_mismatch)

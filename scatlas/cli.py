@@ -197,7 +197,7 @@ def synth(out_dir: Path | None, atlas_dir: Path | None, cells: int, genes: int, 
         return
     assert out_dir is not None
     paths = synthesize(cfg, out_dir, overwrite=overwrite)
-    _echo(f"wrote {len(paths)} synthetic datasets ({cells} cells x {genes} genes) to {out_dir}")
+    _echo(f"wrote {len(paths)} synthetic dataset{'s' if len(paths) != 1 else ''} ({cells} cells x {genes} genes) to {out_dir}")
     for p in paths:
         _echo(f"  {p}")
 

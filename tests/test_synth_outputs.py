@@ -216,3 +216,27 @@ def test_synth_works_with_the_fewest_genes_the_cli_allows(tmp_path):
 def test_too_many_explicit_markers_name_the_fewest_genes():
     with pytest.raises(InputError, match="at least 72 genes"):
         SyntheticAtlasConfig(n_genes=50, n_rare_markers=25)
+
+
+def test_synth_overwrite_with_fewer_datasets_removes_its_own_extra_files_only(tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["synth", "--out", str(out), "--cells", "300", "--genes", "300",
+                                      "--datasets", "3", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    mine = out / "synth-009.h5ad"
+    make_adata(n_cells=10, n_genes=20, seed=0).write_h5ad(mine)  # a user's file under synth's naming
+    result = synth(out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("*.h5ad")) == ["synth-000.h5ad", "synth-009.h5ad"]
+    assert anndata.read_h5ad(mine).n_obs == 10
+
+
+def test_synth_into_a_store_that_holds_synthetic_datasets_is_refused_before_writing(tmp_path):
+    args = ["synth", "--atlas", str(tmp_path / "atlas"), "--cells", "120", "--genes", "300", "--datasets", "1",
+            "--no-progress"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(cli, args)
+    refused(result, "already holds synthetic dataset(s) synth-000")
+    assert "--dataset-id to give" not in result.output
+    assert snapshot(tmp_path) == before

@@ -8,6 +8,7 @@ or demo directory, and never over a file synth did not write.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,8 @@ from scatlas.atlas.synthetic.config import SyntheticAtlasConfig
 from scatlas.atlas.synthetic.embeddings import SyntheticEmbeddingConfig, write_embedding_npy
 from scatlas.atlas.synthetic.h5ad import SYNTH_MARK, write_h5ad_datasets
 from scatlas.atlas.synthetic.plan import plan_atlas
+
+logger = logging.getLogger(__name__)
 
 SYNTH = OutputKind("synth", "synthetic data files")
 """A directory ``synthesize`` created or found empty: its marker file names this kind."""
@@ -59,7 +62,10 @@ def synthesize(
             raise InputError(f"fmt={fmt!r}: a counts-level atlas is written as 'h5ad'")
         names = [f"{ds.dataset_id}.h5ad" for ds in plan_atlas(config).datasets]
         out = claim_synth_dir(out_dir, names, overwrite=overwrite)
-        return write_h5ad_datasets(config, out, overwrite=overwrite)
+        written = write_h5ad_datasets(config, out, overwrite=overwrite)
+        if overwrite:
+            _remove_stale_h5ad(out, names)
+        return written
     if isinstance(config, SyntheticEmbeddingConfig):
         if fmt != "npy":
             raise InputError(f"fmt={fmt!r}: embedding-level data is written as 'npy' (ids, vectors, labels)")
@@ -94,6 +100,22 @@ def claim_synth_dir(out_dir: str | os.PathLike[str], names: Sequence[str], *, ov
         if marker_kind(out) is None:  # new, empty, or holding only our own .h5ad files
             (out / MARKER_FILE).write_text(json.dumps({"kind": SYNTH.name}) + "\n", encoding="utf-8")
     return out
+
+
+def _remove_stale_h5ad(out: Path, names: Sequence[str]) -> None:
+    """Remove the ``.h5ad`` files an earlier synth run wrote into ``out`` that this run did not (an earlier run with
+    more datasets): ``ingest out/*.h5ad`` would take them for part of this atlas. Files synth did not write stay."""
+    keep = set(names)
+    with writing(out, "reading"):
+        stale = sorted(p for p in out.iterdir() if p.name not in keep and _synth_h5ad(p))
+    for path in stale:
+        with writing(path, "removing"):
+            path.unlink()
+    if stale:
+        logger.warning(
+            "removed %d synthetic dataset file(s) of an earlier run from %s (e.g. %s): this run wrote %d",
+            len(stale), show(out), show(stale[0].name), len(keep),
+        )
 
 
 def _check_not_protected(out: Path) -> None:

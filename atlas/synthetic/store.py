@@ -6,9 +6,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from scatlas.atlas.errors import DatasetExistsError
+from scatlas.atlas.ingest_args import normalised
 from scatlas.atlas.ingestion import IngestMode, IngestReport, ingest
+from scatlas.atlas.store import AtlasStore
 from scatlas.atlas.synthetic.config import SyntheticAtlasConfig
 from scatlas.atlas.synthetic.h5ad import write_h5ad_datasets
+from scatlas.atlas.synthetic.plan import plan_atlas
 
 
 def ingest_synthetic(
@@ -20,6 +24,7 @@ def ingest_synthetic(
     ``progress``: show ingest's progress bars.
     """
     atlas = Path(atlas)
+    _check_new_ids(config, atlas)
     parent = atlas.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     total = IngestReport(atlas=str(atlas))
@@ -33,3 +38,23 @@ def ingest_synthetic(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return total
+
+
+def _check_new_ids(config: SyntheticAtlasConfig, atlas: Path) -> None:
+    """Refuse, before writing anything, a store that already holds a dataset of the ids synth would give
+    (``synth-000``, ...): every synthetic atlas names its datasets alike."""
+    if not AtlasStore.exists(atlas):
+        return
+    planned = [ds.dataset_id for ds in plan_atlas(config).datasets]
+    store = AtlasStore.open(atlas)
+    try:
+        present = {normalised(d.dataset_id) for d in store.datasets}
+    finally:
+        store.close()
+    clash = [name for name in planned if normalised(name) in present]
+    if clash:
+        raise DatasetExistsError(
+            f"{atlas} already holds synthetic dataset(s) {', '.join(clash)}: every `scatlas synth` run names its "
+            "datasets synth-000, synth-001, ...; give a new store with --atlas, or write files with --out DIR and "
+            "ingest them with `scatlas ingest --dataset-id` one at a time"
+        )
