@@ -19,7 +19,12 @@ from scatlas.index.executor import Executor, LocalExecutor, RayExecutor, Task, T
 from scatlas.index.heads_training import train_label_heads
 from scatlas.index.info import index_info
 from scatlas.index.label_classes import LabelClasses
-from scatlas.index.label_heads import LabelHead, refit_for_genes
+from scatlas.index.label_heads import (
+    LabelHead,
+    load_training_sample,
+    load_training_sample_ids,
+    refit_for_genes,
+)
 from scatlas.index.manifest import (
     DEFAULT_K,
     EmbedderInfo,
@@ -57,6 +62,8 @@ from scatlas.index.vectors import as_stored, l2_normalize
 from scatlas.index.verify import verify_index
 
 __all__ = [
+    "load_training_sample",
+    "load_training_sample_ids",
     "ALIGN_MIN_SAMPLE",
     "ALIGN_SAMPLE",
     "DEFAULT_K",

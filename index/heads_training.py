@@ -254,7 +254,7 @@ def train_label_heads(
     with replaced_dir(index_dir / HEADS_DIR) as tmp:
         payload = _fit_and_write(tmp, keys, samples, all_ids, vecs, genes, config, device)
         if genes is not None:
-            payload["training_sample"] = _write_training_sample(tmp / SAMPLE_FILE, genes)
+            payload["training_sample"] = _write_training_sample(tmp / SAMPLE_FILE, genes, all_ids)
         payload.update(
             {
                 "manifest_sha256": digest,
@@ -360,9 +360,10 @@ def _fit_and_write(
     }
 
 
-def _write_training_sample(path: Path, genes: np.ndarray) -> dict[str, Any]:
+def _write_training_sample(path: Path, genes: np.ndarray, ids: np.ndarray) -> dict[str, Any]:
     """Store the sample's gene features as CSR (float16 values: log1p(CP10k) <= ~12 keeps 3 significant digits;
-    uint16 gene indices where they fit) and return heads.json's record of it."""
+    uint16 gene indices where they fit) with the cells' ids (``soma_joinid``, one per row: the datasets they come
+    from, for annotate's expression match) and return heads.json's record of it."""
     X = sp.csr_matrix(genes)
     idx_dtype = np.uint16 if X.shape[1] <= np.iinfo(np.uint16).max + 1 else np.int32
     with open(path, "wb") as fh:
@@ -372,6 +373,7 @@ def _write_training_sample(path: Path, genes: np.ndarray) -> dict[str, Any]:
             indices=X.indices.astype(idx_dtype),
             indptr=X.indptr.astype(np.int64),
             shape=np.asarray(X.shape, dtype=np.int64),
+            ids=np.asarray(ids, dtype=np.int64),
         )
     return {"file": SAMPLE_FILE, "cells": int(X.shape[0]), "genes": int(X.shape[1]), "nnz": int(X.nnz),
             "bytes": path.stat().st_size}

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_C_EMBEDDING", "DEFAULT_C_GENES", "HEADS_DIR", "HEADS_FILE", "HEADS_FORMAT", "SAMPLE_FILE", "LabelHead",
-    "load_label_heads", "load_training_sample", "read_heads_record", "refit_for_genes",
+    "load_label_heads", "load_training_sample", "load_training_sample_ids", "read_heads_record", "refit_for_genes",
 ]
 
 HEADS_FORMAT = 1
@@ -89,6 +89,22 @@ class LabelHead:
                 raise InputError(f"the {self.key!r} label head needs the embedder's gene features")
             parts.append(self.models["genes"].predict_proba(gene_features))
         return np.mean(parts, axis=0).astype(np.float32)
+
+
+def load_training_sample_ids(directory: str | Path) -> np.ndarray | None:
+    """The atlas ids (``soma_joinid``) of the heads' training sample rows, or None when the sample has none (kept
+    before its ids were) or there is no sample."""
+    path = Path(directory) / SAMPLE_FILE
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return np.asarray(z["ids"], dtype=np.int64) if "ids" in z.files else None
+    except NPZ_ERRORS as exc:
+        raise IndexFormatError(
+            f"the label heads' training sample {path} is unreadable ({exc}); "
+            + RETRAIN_HINT.format(index=path.parent.parent)
+        ) from exc
 
 
 def load_training_sample(directory: str | Path) -> sp.csr_matrix | None:

@@ -50,7 +50,9 @@ from scatlas.query.annotate_report import (
 )
 from scatlas.query.atlas_labels import FAR_QUANTILE_WHEN_ON, AtlasLabels, atlas_labels
 from scatlas.query.evaluate import confusion_table
-from scatlas.query.mapping import MappingVerdict, assess_mapping
+from scatlas.query.expression_match import ExpressionMatch, expression_match
+from scatlas.query.expression_match import off as expression_off
+from scatlas.query.mapping import MappingVerdict, assess_mapping, with_expression
 from scatlas.query.outputs import (
     MapPlacement,
     plot_annotation_map,
@@ -123,7 +125,8 @@ class AnnotationResult:
     ``K_runner_up`` and ``K_runner_up_proba``, ``K_mapping_score`` (when the index has a mapping calibration: the
     percentile of the cell's similarity to the atlas among atlas cells held out as new data); plus
     ``atlas_similarity`` (mean similarity of the cell's calibration-k nearest atlas cells) and
-    ``atlas_nearest_similarity``. ``probabilities``: per key, (class names, ``(n_cells, n_classes)`` float32).
+    ``atlas_nearest_similarity``, and ``atlas_expression_match`` where the expression match ran
+    (:mod:`query.expression_match`). ``probabilities``: per key, (class names, ``(n_cells, n_classes)`` float32).
     ``neighbors``: one row per (query cell, neighbour) kept (``query_row``, ``query_cell``, ``atlas_cell_id`` =
     soma_joinid, ``rank`` from 0, ``similarity``, ``dataset_id``). ``report``: JSON-serialisable summary (species,
     gene overlap, mapping verdict, label counts and levels, index identity, timings, and ``evaluation`` when a
@@ -358,6 +361,9 @@ def annotate(
         run = Transfer(cast(AtlasIndex, placing), atlas, k=k_used, weighting=weighting,
                        max_votes_per_dataset=max_votes_per_dataset, where=where, keep_neighbors=keep_neighbors,
                        n=cells.n_cells, shift=alignment.shift if alignment is not None and alignment.applied else None)
+        expression = _expression_check(idx, atlas, cells, check_mapping)
+        if isinstance(expression, ExpressionMatch):
+            run.expression = expression
         with progress_bar(progress, total=cells.n_cells, desc="annotate", unit="cell") as bar:
             for chunk in cells.chunks(batch_size):
                 placing.rows = np.asarray(chunk.ids, dtype=np.int64)
@@ -372,7 +378,7 @@ def annotate(
                 "%d of %d query cells have no expression on the index embedder's genes: they are 'unknown' "
                 "(reason %r)", run.n_silent, cells.n_cells, REASON_NO_EXPRESSION,
             )
-        mapping = _mapping(idx, run, alignment, check_mapping)
+        mapping = _mapping(idx, run, alignment, check_mapping, expression)
         _warn_blind_mapping(cells, mapping.verdict)
         params = {
             "label_keys": keys, "k": int(k), "k_used": k_used, "where": where, "atlas_cells_matching_where": atlas.n_where,
@@ -484,8 +490,27 @@ class _Mapping:
     applied: bool
 
 
-def _mapping(idx: AtlasIndex, run: Transfer, alignment: Alignment | None, apply: bool) -> _Mapping:
-    """Judge how the query maps onto the atlas (:func:`query.mapping.assess_mapping`); warn when poorly."""
+def _expression_check(
+    idx: AtlasIndex, atlas: AtlasLabels, cells: QueryCells, apply: bool
+) -> ExpressionMatch | dict[str, Any]:
+    """The per-cell expression match (:mod:`query.expression_match`) for this query, or the record of why it is off."""
+    if not apply:
+        return expression_off("the mapping check is off (--no-mapping-check)")
+    present = cells.match.target_present() if cells.match is not None else None
+    if cells.embedder.gene_feature_names is None:
+        present = None
+    check = expression_match(idx, atlas.heads, present)
+    if isinstance(check, ExpressionMatch):
+        logger.info("expression match: cut %.3f from %d held-out datasets", check.cut, check.record["n_groups"])
+    else:
+        logger.info("expression match off: %s", check["reason"])
+    return check
+
+
+def _mapping(idx: AtlasIndex, run: Transfer, alignment: Alignment | None, apply: bool,
+             expression: ExpressionMatch | dict[str, Any]) -> _Mapping:
+    """Judge how the query maps onto the atlas (:func:`query.mapping.assess_mapping`, with the cells whose
+    expression matches no atlas cell type, :mod:`query.expression_match`); warn when poorly."""
     calibration = mapping_calibration(idx)  # as read when the index was opened, from the version opened
     aligned = alignment is not None and alignment.applied
     used = ~run.silent  # cells without expression on the embedder's genes have no say in the verdict
@@ -495,9 +520,17 @@ def _mapping(idx: AtlasIndex, run: Transfer, alignment: Alignment | None, apply:
         scores[used] = calibration.cell_scores(run.similarity[used], aligned=aligned)
     shift = float(np.linalg.norm(alignment.shift)) if alignment is not None and aligned else None
     verdict = assess_mapping(scores[used] if scores is not None else np.zeros(0), shift, calibration)
+    unlike = np.zeros(len(run.similarity), bool)
+    if isinstance(expression, ExpressionMatch):
+        unlike = used & (run.expression_match < expression.cut)
+        verdict = with_expression(verdict, unlike[used], expression.record)
+    else:
+        verdict = with_expression(verdict, None, expression)
     out = np.zeros(len(run.similarity), bool)
     if scores is not None and apply:
         out[used] = verdict.out_of_atlas(scores[used])
+    if apply:
+        out |= unlike
     if verdict.verdict == "maps_poorly":
         logger.warning(
             "the query maps poorly onto the atlas (another tissue or a cell type the atlas lacks?): %s; %s",

@@ -15,7 +15,7 @@ query that maps well are (out of the atlas only below anything atlas datasets sh
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -52,16 +52,21 @@ class MappingVerdict:
     thresholds: dict[str, float] = field(default_factory=dict)
     reasons: tuple[str, ...] = ()
     note: str = ""
+    expression: dict[str, Any] = field(default_factory=dict)
+    by_expression: bool = False  # maps poorly only by the expression match: that picks the cells out one by one
 
     def out_of_atlas(self, cell_scores: np.ndarray) -> np.ndarray:
         """Bool mask of cells out of the atlas: when the query maps poorly, every cell scoring under
         ``individual_score``; when it maps well or has too few cells for a verdict, only those under
         ``extreme_score`` (below what any atlas dataset shows); none when uncalibrated. NaN scores count as out
-        (when calibrated)."""
+        (when calibrated). A query that maps poorly only by the expression match (``by_expression``) is judged as
+        one that maps well here: its cells whose expression matches no atlas type are out by that check, and the
+        others are like atlas cells (a mixed sample)."""
         s = np.asarray(cell_scores, dtype=np.float64)
         if self.verdict == "uncalibrated":
             return np.zeros(s.shape, dtype=bool)
-        cut = self.thresholds["individual_score" if self.verdict == "maps_poorly" else "extreme_score"]
+        poorly = self.verdict == "maps_poorly" and not self.by_expression
+        cut = self.thresholds["individual_score" if poorly else "extreme_score"]
         out: np.ndarray = ~(s >= cut)
         return out
 
@@ -79,6 +84,10 @@ class MappingVerdict:
             report["min_cells"] = self.evidence.get("min_cells", MIN_QUERY_CELLS)
         if self.note:
             report["note"] = self.note
+        if self.expression:
+            report["expression"] = self.expression
+        if self.by_expression:
+            report["cells_judged_by"] = "expression match (the cells' similarity alone maps well)"
         return report
 
 
@@ -135,6 +144,28 @@ def assess_mapping(
         )
     verdict: Verdict = "maps_poorly" if reasons else "maps_well"
     return MappingVerdict(verdict, 1.0 - low, evidence, t, tuple(reasons))
+
+
+def with_expression(
+    verdict: MappingVerdict, unlike: np.ndarray | None, record: dict[str, Any]
+) -> MappingVerdict:
+    """``verdict`` with the expression match's record (:mod:`query.expression_match`) and, when it ran, the share of
+    cells (``unlike``: bool over the cells judged) whose expression matches no atlas cell type: a query that maps
+    well by similarity but holds more such cells than ``max_low_fraction`` maps poorly (another tissue that the
+    embedding places among atlas cells)."""
+    if unlike is None:
+        return replace(verdict, expression=dict(record))
+    share = float(np.mean(unlike)) if len(unlike) else 0.0
+    expression = {**record, "cells_below": int(np.sum(unlike)), "fraction_below": round(share, 4)}
+    limit = verdict.thresholds.get("max_low_fraction")
+    if verdict.verdict != "maps_well" or limit is None or share <= limit:
+        return replace(verdict, expression=expression)
+    reason = (
+        f"{100 * share:.0f}% of its cells' expression matches no atlas cell type as well as held-out atlas "
+        f"datasets' cells do (over {100 * limit:.0f}%)"
+    )
+    return replace(verdict, verdict="maps_poorly", reasons=(*verdict.reasons, reason), expression=expression,
+                   by_expression=True)
 
 
 def out_of_atlas(verdict: MappingVerdict, cell_scores: np.ndarray) -> np.ndarray:

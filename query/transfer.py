@@ -11,6 +11,7 @@ import pandas as pd
 
 from scatlas.index import AtlasIndex, apply_shift, l2_normalize
 from scatlas.query.atlas_labels import DATASET_COLUMN, AtlasLabels, codes
+from scatlas.query.expression_match import ExpressionMatch
 from scatlas.query.fallback import LEVELS, answer
 from scatlas.query.vote import (
     REASON_FAR,
@@ -31,6 +32,7 @@ REASON_OUT_OF_ATLAS = "out_of_atlas"
 REASONS = (REASON_NONE, REASON_LOW_CONFIDENCE, REASON_FAR, REASON_OUT_OF_ATLAS, REASON_NO_EXPRESSION, REASON_NO_LABEL)
 SIMILARITY_COLUMN = "atlas_similarity"
 NEAREST_COLUMN = "atlas_nearest_similarity"
+EXPRESSION_COLUMN = "atlas_expression_match"
 
 
 def head_probabilities(proba: np.ndarray, columns: np.ndarray, n_labels: int) -> np.ndarray:
@@ -62,6 +64,8 @@ class Transfer:
         self.silent = np.zeros(n, dtype=bool)
         self.similarity = np.full(n, np.nan, dtype=np.float32)
         self.nearest = np.full(n, np.nan, dtype=np.float32)
+        self.expression: ExpressionMatch | None = None  # set before add() to score each cell's expression match
+        self.expression_match = np.full(n, np.nan, dtype=np.float32)
         self.neighbors: list[tuple[np.ndarray, ...]] = []
         self.lookup = list(dict.fromkeys([*atlas.keys, *([DATASET_COLUMN] if atlas.has_datasets else [])]))
         self.t_embed = self.t_search = self.t_vote = 0.0
@@ -82,6 +86,10 @@ class Transfer:
             vectors, gene_features = self.idx.embed(chunk), None
         vectors = apply_shift(vectors, self.shift)
         self.silent[rows] = ~embedder.expressed(chunk)
+        if self.expression is not None:
+            features = gene_features if gene_features is not None else embedder.gene_features(chunk)
+            if features is not None:
+                self.expression_match[rows] = self.expression.scores(features)
         t1 = time.perf_counter()
         result = self.idx.search(vectors, self.k_search, self.where)
         t2 = time.perf_counter()
@@ -154,6 +162,8 @@ class Transfer:
                 predictions[f"{key}_mapping_score"] = mapping_score.astype(np.float32)
         predictions[SIMILARITY_COLUMN] = self.similarity
         predictions[NEAREST_COLUMN] = self.nearest
+        if self.expression is not None:
+            predictions[EXPRESSION_COLUMN] = self.expression_match
         return predictions
 
     def _answer_columns(

@@ -43,6 +43,10 @@ QUERIES = [  # (name, file, expected: well | poorly | refused (species) | genes 
     ("mouse_cortex", "mouse_cortex_interneurons_2studies_metaneighbor.h5ad", "refused"),
     ("mesc", "mesc_2batches_scmerge.h5ad", "refused"),
 ]
+MIXES = [  # (name, file of another tissue, PBMC file, PBMC cells drawn): one sample holding both, on their shared genes
+    ("pancreas+pbmc150", "pancreas_3studies_beta_ductal_cepo.h5ad", "zheng2017_pbmc_donorA_unlabeled_mudan.h5ad", 150),
+    ("pancreas+pbmc1500", "pancreas_3studies_beta_ductal_cepo.h5ad", "zheng2017_pbmc_donorA_unlabeled_mudan.h5ad", 1500),
+]
 
 
 def _prepare(spec: str, raw: Path, work: Path, genes: set[str] | None) -> Path:
@@ -82,9 +86,26 @@ def build(raw: Path, work: Path, atlas: list[str], genes: set[str] | None = None
     return work / "index", info
 
 
+def _mix(raw: Path, work: Path, name: str, other: str, pbmc: str, n: int) -> Path:
+    """One query file: every cell of ``other`` and ``n`` random cells of ``pbmc`` (seed 0) on the genes both have;
+    ``obs["part"]`` says which is which."""
+    import numpy as np
+
+    a, b = anndata.read_h5ad(raw / other), anndata.read_h5ad(raw / pbmc)
+    genes = a.var_names.intersection(b.var_names)
+    b = b[np.random.default_rng(0).choice(b.n_obs, n, replace=False)]
+    mixed = anndata.concat([a[:, genes].copy(), b[:, genes].copy()], label="part", keys=["other", "pbmc"],
+                           index_unique="-")
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / f"{name}.h5ad"
+    mixed.write_h5ad(out)
+    return out
+
+
 def run_query(index_dir: Path, path: Path) -> dict:
     """Annotate ``path`` against the index with the defaults: the outcome (refused for species or genes, or the
-    mapping verdict) and the share of cells called unknown, out_of_atlas in particular."""
+    mapping verdict) and the share of cells called unknown, out_of_atlas in particular (per ``obs["part"]`` when
+    the file has one)."""
     from scatlas.atlas.errors import GeneOverlapError, SpeciesMismatchError
     from scatlas.query import annotate
 
@@ -106,7 +127,18 @@ def run_query(index_dir: Path, path: Path) -> dict:
         "unknown": round(float((p["cell_type_pred"] == "unknown").mean()), 4),
         "out_of_atlas": round(float((p["cell_type_unknown_reason"] == "out_of_atlas").mean()), 4),
         "evidence": mapping["evidence"],
+        "expression": mapping.get("expression"),
+        **_parts(path, p),
     }
+
+
+def _parts(path: Path, p) -> dict:
+    obs = anndata.read_h5ad(path, backed="r").obs
+    if "part" not in obs.columns:
+        return {}
+    part = obs["part"].astype(str).to_numpy()
+    unknown = (p["cell_type_pred"] == "unknown").to_numpy()
+    return {f"unknown_{name}": round(float(unknown[part == name].mean()), 4) for name in ("other", "pbmc")}
 
 
 def _log_calibration(name: str, info: dict) -> None:
@@ -141,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
                 index_dir, indexes[name] = build(args.raw, work / name, args.atlas, genes)
                 _log_calibration(name, indexes[name])
             rows[name] = {"expected": expected, **run_query(index_dir, args.raw / file)}
+        for name, other, pbmc, n in MIXES:
+            if not ((args.raw / other).is_file() and (args.raw / pbmc).is_file()):
+                continue
+            path = _mix(args.raw, work / "mixes", name, other, pbmc, n)
+            genes = set(map(str, anndata.read_h5ad(path, backed="r").var_names))
+            index_dir, indexes[name] = build(args.raw, work / name, args.atlas, genes)
+            rows[name] = {"expected": "mixed", **run_query(index_dir, path)}
     table = render(rows)
     sys.stdout.write(table + "\n")
     if args.json_out:
@@ -160,21 +199,29 @@ DOC_TEXT = (
     "its own index of the same atlas cells on the genes it has (gene overlap ~1: what is measured is the biology, "
     "not missing genes). *verdict*: the query-level mapping check (or `refused`: species mismatch; `genes`: too few "
     "shared genes); *shift*: the norm of the query's MNN shift; *score*: share of its cells that map as the atlas' "
-    "own held-out datasets do; *unknown*, *out_of_atlas*: shares of its cells."
+    "own held-out datasets do; *expression below*: share of its cells whose expression matches no atlas cell type "
+    "as well as held-out atlas datasets' cells do (`query.expression_match`); *unknown*, *out_of_atlas*: shares of "
+    "its cells. The mixed queries hold every pancreas cell and 150 or 1,500 of zheng's donor A PBMCs in one file "
+    "(on the genes both have); *unknown (pancreas / PBMC part)* is the share of each part called `unknown`."
 )
 
 
 def render(rows: dict) -> str:
     """The results as a Markdown table."""
-    lines = ["| query | expected | verdict | gene overlap | shift | score | unknown | out_of_atlas |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| query | expected | verdict | gene overlap | shift | score | expression below | unknown | out_of_atlas "
+             "| unknown (pancreas / PBMC part) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     def f(r: dict, key: str, spec: str = ".3f") -> str:
         v = r.get(key)
         return format(v, spec) if isinstance(v, (int, float)) else "-"
 
     for name, r in rows.items():
+        expr = r.get("expression") or {}
+        below = format(expr["fraction_below"], ".3f") if "fraction_below" in expr else "-"
+        parts = f"{f(r, 'unknown_other')} / {f(r, 'unknown_pbmc')}" if "unknown_other" in r else "-"
         lines.append(f"| {name} | {r['expected']} | {r['outcome']} | {f(r, 'gene_overlap', '.2f')} "
-                     f"| {f(r, 'shift_norm')} | {f(r, 'score')} | {f(r, 'unknown')} | {f(r, 'out_of_atlas')} |")
+                     f"| {f(r, 'shift_norm')} | {f(r, 'score')} | {below} | {f(r, 'unknown')} | {f(r, 'out_of_atlas')} "
+                     f"| {parts} |")
     return "\n".join(lines)
 
 

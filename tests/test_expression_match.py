@@ -1,0 +1,126 @@
+"""The per-cell expression match (query.expression_match): atlas cell types' profiles per dataset, the cut from
+held-out datasets, cells of other programs out of the atlas, and the verdict it can turn; through the CLI too."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from scatlas.atlas import ingest
+from scatlas.atlas.synthetic import SyntheticAtlasConfig, write_h5ad_datasets
+from scatlas.cli import cli
+from scatlas.index import AtlasIndex, build_index
+from scatlas.index.label_heads import SAMPLE_FILE, load_label_heads
+from scatlas.query.expression_match import ExpressionMatch, expression_match
+from scatlas.query.mapping import MappingVerdict, with_expression
+
+KEY = "cell_type"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Datasets 0-2 of a synthetic atlas indexed (cell_type heads on gene features); dataset 3 is a new dataset of
+    the same cell types; the same cells with their genes shuffled stand for another tissue."""
+    root = tmp_path_factory.mktemp("expression_match")
+    cfg = SyntheticAtlasConfig(n_cells=2400, n_genes=300, n_datasets=4, n_donors=2, seed=5, rare_types=(),
+                               non_primary_fraction=0.0)
+    paths = write_h5ad_datasets(cfg, root / "h5ad")
+    ingest(paths[:3], root / "atlas", progress=False)
+    build_index(root / "atlas", root / "index", embedder_options={"n_hvg": 250, "n_components": 16},
+                label_keys=(KEY,), progress=False)
+    new = anndata.read_h5ad(paths[3])
+    perm = np.random.default_rng(0).permutation(new.n_vars)
+    foreign = anndata.AnnData(new.X[:, perm], obs=new.obs.copy(), var=new.var.copy())
+    foreign.obs_names = [f"foreign-{i}" for i in range(foreign.n_obs)]
+    foreign.write_h5ad(root / "foreign.h5ad")
+    mixed = anndata.concat([new, foreign], label="part", keys=["same", "foreign"])
+    mixed.write_h5ad(root / "mixed.h5ad")
+    return {"root": root, "index": root / "index", "same": paths[3], "foreign": root / "foreign.h5ad",
+            "mixed": root / "mixed.h5ad", "one_dataset": paths[0]}
+
+
+def _check(index: Path) -> ExpressionMatch | dict[str, Any]:
+    with AtlasIndex.open(index) as idx:
+        heads = load_label_heads(index, embedder_fingerprint=idx.embedder.fingerprint())
+        return expression_match(idx, heads, np.ones(len(idx.embedder.gene_feature_names or []), bool))
+
+
+def _annotate(world: dict[str, Any], query: Path, out: str, *extra: str) -> tuple[Any, pd.DataFrame, dict[str, Any]]:
+    path = world["root"] / out
+    res = CliRunner().invoke(cli, ["annotate", str(query), "--index", str(world["index"]), "--out", str(path),
+                                   "--no-progress", *extra])
+    assert res.exit_code == 0, res.output
+    report = json.loads(path.with_name(path.stem + ".report.json").read_text())
+    return res, anndata.read_h5ad(path).obs, report
+
+
+def test_the_cut_comes_from_each_held_out_dataset(world: dict[str, Any]) -> None:
+    check = _check(world["index"])
+    assert isinstance(check, ExpressionMatch), check
+    rec = check.record
+    assert rec["status"] == "on" and rec["grouping"] == "dataset" and rec["n_groups"] == 3
+    assert rec["label_key"] == KEY and rec["n_profiles"] >= 3 * 2
+    assert check.cut == pytest.approx(min(rec["held_out_quantiles"].values()), abs=1e-4)
+    assert -1 < check.cut < 1
+
+
+def test_cells_of_the_atlas_types_match_and_other_programs_do_not(world: dict[str, Any]) -> None:
+    _, same, report = _annotate(world, world["same"], "same.annotated.h5ad")
+    expr = report["mapping"]["expression"]
+    assert expr["status"] == "on" and expr["fraction_below"] <= 0.02
+    assert report["mapping"]["verdict"] == "maps_well"
+    assert "atlas_expression_match" in same.columns
+    assert (same[f"{KEY}_pred"] == "unknown").mean() <= 0.05
+
+    res, foreign, report = _annotate(world, world["foreign"], "foreign.annotated.h5ad")
+    assert report["mapping"]["expression"]["fraction_below"] >= 0.9
+    assert report["mapping"]["verdict"] == "maps_poorly" and "WARNING" in res.output
+    below = foreign["atlas_expression_match"] < report["mapping"]["expression"]["cut"]
+    assert (foreign.loc[below, f"{KEY}_unknown_reason"] == "out_of_atlas").all()
+
+
+def test_in_a_mixed_sample_the_foreign_cells_are_unknown_and_the_others_answered(world: dict[str, Any]) -> None:
+    _, obs, report = _annotate(world, world["mixed"], "mixed.annotated.h5ad")
+    part = anndata.read_h5ad(world["mixed"]).obs["part"].astype(str).to_numpy()
+    unknown = (obs[f"{KEY}_pred"] == "unknown").to_numpy()
+    assert unknown[part == "foreign"].mean() >= 0.9
+    assert report["mapping"]["expression"]["cells_below"] >= 0.9 * (part == "foreign").sum()
+
+
+def test_a_verdict_turned_by_expression_judges_cells_by_it() -> None:
+    thresholds = {"max_low_fraction": 0.2, "individual_score": 0.5, "extreme_score": 0.001, "low_score": 0.05,
+                  "max_shift_norm": 1.0}
+    well = MappingVerdict("maps_well", 0.99, {}, thresholds)
+    unlike = np.array([True] * 3 + [False] * 7)
+    turned = with_expression(well, unlike, {"status": "on", "cut": 0.4})
+    assert turned.verdict == "maps_poorly" and turned.by_expression and "matches no atlas cell type" in turned.reasons[0]
+    assert turned.to_report()["expression"]["fraction_below"] == 0.3
+    scores = np.full(10, 0.3)  # under the individual score, over the extreme one
+    assert not turned.out_of_atlas(scores).any()  # the similarity alone maps well: only the expression decides
+    few = with_expression(well, unlike[3:], {"status": "on", "cut": 0.4})
+    assert few.verdict == "maps_well" and few.to_report()["expression"]["cells_below"] == 0
+    poorly = MappingVerdict("maps_poorly", 0.5, {}, thresholds, ("low tail",))
+    assert with_expression(poorly, unlike, {}).out_of_atlas(scores).all()  # similarity's own rule stands
+
+
+def test_off_with_one_dataset_and_for_a_sample_without_ids(world: dict[str, Any], tmp_path: Path) -> None:
+    ingest([world["one_dataset"]], tmp_path / "atlas", progress=False)
+    build_index(tmp_path / "atlas", tmp_path / "index", embedder_options={"n_hvg": 250, "n_components": 16},
+                label_keys=(KEY,), reference_map=False, progress=False)
+    check = _check(tmp_path / "index")
+    assert isinstance(check, dict) and check["status"] == "off" and "fewer than two datasets" in check["reason"]
+
+    sample = tmp_path / "index" / "heads" / SAMPLE_FILE
+    with np.load(sample) as z:
+        kept = {k: z[k] for k in z.files if k != "ids"}
+    with open(sample, "wb") as fh:
+        np.savez(fh, **kept)
+    check = _check(tmp_path / "index")
+    assert isinstance(check, dict) and "predates this check" in check["reason"]
