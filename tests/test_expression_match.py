@@ -98,14 +98,16 @@ def test_a_verdict_turned_by_expression_judges_cells_by_it() -> None:
     thresholds = {"max_low_fraction": 0.2, "individual_score": 0.5, "extreme_score": 0.001, "low_score": 0.05,
                   "max_shift_norm": 1.0}
     well = MappingVerdict("maps_well", 0.99, {}, thresholds)
-    unlike = np.array([True] * 3 + [False] * 7)
+    unlike = np.array([True] * 40 + [False] * 60)
     turned = with_expression(well, unlike, {"status": "on", "cut": 0.4})
     assert turned.verdict == "maps_poorly" and turned.by_expression and "matches no atlas cell type" in turned.reasons[0]
-    assert turned.to_report()["expression"]["fraction_below"] == 0.3
-    scores = np.full(10, 0.3)  # under the individual score, over the extreme one
+    assert turned.to_report()["expression"]["fraction_below"] == 0.4
+    scores = np.full(100, 0.3)  # under the individual score, over the extreme one
     assert not turned.out_of_atlas(scores).any()  # the similarity alone maps well: only the expression decides
-    few = with_expression(well, unlike[3:], {"status": "on", "cut": 0.4})
+    few = with_expression(well, unlike[40:], {"status": "on", "cut": 0.4})
     assert few.verdict == "maps_well" and few.to_report()["expression"]["cells_below"] == 0
+    # a share over the limit by less than chance, for the query's size, does not turn the verdict
+    assert with_expression(well, unlike[15:], {"status": "on"}).verdict == "maps_well"  # 25 of 85
     poorly = MappingVerdict("maps_poorly", 0.5, {}, thresholds, ("low tail",))
     assert with_expression(poorly, unlike, {}).out_of_atlas(scores).all()  # similarity's own rule stands
 

@@ -142,3 +142,20 @@ def test_an_atlas_too_small_to_calibrate_still_builds_and_annotates(tmp_path: Pa
     assert res.report["mapping"]["verdict"] == "uncalibrated"
     with pytest.raises(TooFewCellsError, match="too small to calibrate mapping"):
         calibrate_mapping(tmp_path / "index")
+
+
+def test_the_low_tail_limit_allows_for_chance_in_small_queries(atlas: dict[str, Any]) -> None:
+    from scatlas.query.mapping import low_fraction_limit
+
+    cal: MappingCalibration = atlas["cal"]
+    most = cal.thresholds["max_low_fraction"]
+    limits = [low_fraction_limit(most, n) for n in (50, 290, 2000, 10**6)]
+    assert all(a > b for a, b in zip(limits, limits[1:], strict=False)) and limits[-1] - most < 0.002
+    # a query just over the atlas' own worst share, by less than chance for its size, maps well
+    n = 290
+    low = int(np.floor((most + 0.5 * (limits[1] - most)) * n))
+    scores = np.r_[np.zeros(low), np.ones(n - low)]
+    verdict = assess_mapping(scores, None, cal)
+    assert low / n > most and verdict.verdict == "maps_well", verdict.to_report()
+    assert verdict.evidence["low_fraction_limit"] == round(limits[1], 4)
+    assert assess_mapping(np.r_[np.zeros(n // 2), np.ones(n - n // 2)], None, cal).verdict == "maps_poorly"
