@@ -196,6 +196,23 @@ def match_genes(source: GeneVocabulary, target: GeneVocabulary) -> GeneMatch:
     return GeneMatch(source_cols=src[keep], target_cols=tgt[keep], n_source=len(source), n_target=len(target))
 
 
+def identifier_hint(source: GeneVocabulary, target_keys: Sequence[object] | None, what: str = "query") -> str:
+    """A sentence for a refusal when ``source`` names its genes one way (Ensembl ids) and the target (``target_keys``:
+    the embedder's gene keys, Ensembl ids where the atlas had them, else symbols) the other; "" otherwise."""
+    if target_keys is None or len(source) == 0 or len(target_keys) == 0:
+        return ""
+    source_ensembl = float(np.mean(source.feature_id != ""))
+    source_symbols = float(np.mean(source.feature_name != ""))
+    target_ensembl = float(np.mean([is_ensembl(k) for k in target_keys]))
+    if source_ensembl > 0.5 and source_symbols < 0.5 and target_ensembl < 0.5:
+        return (f" The {what} names its genes by Ensembl id only, the index by symbol: add the symbols as a "
+                "var['feature_name'] column (from the data's gene annotation) and annotate again.")
+    if source_ensembl < 0.5 and target_ensembl > 0.5 and source_symbols > 0.5:
+        return (f" The {what} names its genes by symbol only and the index by Ensembl id, with no symbol matching: "
+                "add the Ensembl ids as a var['feature_id'] column.")
+    return ""
+
+
 def check_overlap(
     match: GeneMatch,
     *,
@@ -203,8 +220,10 @@ def check_overlap(
     against: str = "embedder",
     min_fraction: float = MIN_GENE_OVERLAP,
     warn_fraction: float = WARN_GENE_OVERLAP,
+    hint: str = "",
 ) -> None:
-    """Log the overlap always; refuse below ``min_fraction``; warn below ``warn_fraction``."""
+    """Log the overlap always; refuse below ``min_fraction`` (``hint``, e.g. :func:`identifier_hint`, ends the
+    message); warn below ``warn_fraction``."""
     frac = match.fraction_of_target
     logger.info(
         "gene overlap: %d of the %s's %d genes found in the %s (%.1f%%)",
@@ -218,13 +237,13 @@ def check_overlap(
         raise GeneOverlapError(
             f"none of the {against}'s {match.n_target} genes were found in the {what}'s {match.n_source} genes. "
             "Check that the gene identifiers are Ensembl ids or symbols of the same species (var_names, "
-            "var['feature_id'] or var['feature_name'])."
+            "var['feature_id'] or var['feature_name'])." + hint
         )
     if frac < min_fraction:
         raise GeneOverlapError(
             f"only {match.n_matched} of the {against}'s {match.n_target} genes ({100 * frac:.1f}%) are in the "
             f"{what}; at least {100 * min_fraction:.0f}% are required. Provide the full gene set (not only highly "
-            "variable genes), use Ensembl ids or symbols, or lower the threshold with --min-gene-overlap."
+            "variable genes), use Ensembl ids or symbols, or lower the threshold with --min-gene-overlap." + hint
         )
     if frac < warn_fraction:
         logger.warning(

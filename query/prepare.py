@@ -13,7 +13,7 @@ import numpy as np
 
 from scatlas.atlas.chunks import CellChunk
 from scatlas.atlas.errors import InputError, SpeciesMismatchError
-from scatlas.atlas.genes import GeneMatch, check_overlap
+from scatlas.atlas.genes import GeneMatch, check_overlap, identifier_hint
 from scatlas.atlas.sources import open_h5ad
 from scatlas.atlas.sources.base import iter_cell_chunks
 from scatlas.atlas.species import SpeciesGuess, guess_species_of_genes
@@ -61,7 +61,9 @@ class QueryCells:
         the ``obsm`` embedding it reads (InputError); then let an embedder that adapts to queries prepare for these
         cells (``prepare_query``: scVI's scArches update of batches it has not seen; undone by :meth:`close`)."""
         if self.match is not None:
-            check_overlap(self.match, what=self.what, against="index's embedder", min_fraction=min_gene_overlap)
+            hint = identifier_hint(self.source.genes, self.embedder.gene_feature_names, self.what)
+            check_overlap(self.match, what=self.what, against="index's embedder", min_fraction=min_gene_overlap,
+                          hint=hint)
         self.obsm_keys = check_obsm(self.embedder, self.source.obsm_keys(), f"the {self.what}")
         prepare = getattr(self.embedder, "prepare_query", None)  # e.g. scVI's scArches update of unseen batches
         if prepare is not None:

@@ -11,7 +11,7 @@ from scatlas.atlas.embed.base import EMBEDDER_FILE
 from scatlas.atlas.embed.pca import PCAEmbedder
 from scatlas.atlas.embed.registry import load_embedder, make_embedder
 from scatlas.atlas.errors import GeneOverlapError, InputError, StoreError
-from scatlas.atlas.genes import GeneVocabulary, check_overlap
+from scatlas.atlas.genes import GeneVocabulary, check_overlap, identifier_hint
 from scatlas.atlas.normalize import to_lognorm
 from tests.helpers_embed import (
     chunk_of,
@@ -349,3 +349,17 @@ def test_kang_ctrl_to_stim_label_transfer():
     acc = knn_transfer_accuracy(ref, labels[ctrl], query, labels[stim], k=15)
     print(f"kang2018 CTRL -> STIM kNN(k=15) label transfer accuracy: {acc:.3f}")
     assert acc > 0.7
+
+
+def test_a_refusal_says_when_query_and_index_name_genes_differently():
+    ensembl = GeneVocabulary.from_identifiers([f"ENSMUSG{i:011d}" for i in range(50)])
+    symbols = [f"Gene{i}" for i in range(40)]
+    hint = identifier_hint(ensembl, symbols)
+    assert "Ensembl id only" in hint and "feature_name" in hint
+    back = identifier_hint(GeneVocabulary.from_identifiers(symbols), [f"ENSG{i:011d}" for i in range(50)])
+    assert "by symbol only" in back and "feature_id" in back
+    assert identifier_hint(GeneVocabulary.from_identifiers(symbols), symbols) == ""
+    from scatlas.atlas.genes import match_genes
+
+    with pytest.raises(GeneOverlapError, match="Ensembl id only"):
+        check_overlap(match_genes(ensembl, GeneVocabulary.from_identifiers(symbols)), hint=hint)
