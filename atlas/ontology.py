@@ -88,6 +88,12 @@ def _ontology_data(schema_version: str | None) -> tuple[Any, str, str, dict[str,
     return parser, str(parser.cxg_schema.version), version, terms
 
 
+_TAXON = re.compile(r"\([^()]*\)\s*$")
+"""A CL name ending in a taxon, e.g. "striatal SST-CHODL GABAergic interneuron (Primate)": such a term is matched by
+its exact name only, never through a synonym or a normalised name ("Sst_Chodl" of a mouse atlas is not the primate
+type). In the CL release shipped every such parenthesis names a taxon (Mmus, Primate, Homo sapiens, sensu ...)."""
+
+
 class CellOntology:
     """The Cell Ontology of one CELLxGENE schema version (``schema_version``; None: the newest the package
     ships). Lookups are cached; use :func:`cell_ontology` for the shared instance."""
@@ -103,6 +109,8 @@ class CellOntology:
                 continue
             name = str(meta.get("label", ""))
             by_name[name] = term
+            if _TAXON.search(name):  # "... (Primate)", "(Mmus)", "(sensu Vertebrata)": by its exact name only
+                continue
             by_normalised.setdefault(normalise_label(name), set()).add(term)
             for syn in meta.get("synonyms") or ():
                 by_synonym.setdefault(str(syn), set()).add(term)

@@ -46,6 +46,10 @@ def test_terms_names_and_ancestors(onto: CellOntology) -> None:
         ("CD14 + monocyte", CD14_MONO, "normalised"),
         ("  Fibroblasts ", "CL:0000057", "normalised"),
         ("norn cell", None, "unmapped"),
+        # a taxon's own term (the primate SST-CHODL interneuron; its synonym "Sst Chodl") only by its exact name
+        ("Sst_Chodl", None, "unmapped"),
+        ("Sst Chodl", None, "unmapped"),
+        ("striatal SST-CHODL GABAergic interneuron (Primate)", "CL:4310123", "name"),
         ("", None, "unmapped"),
         ("x" * 1000, None, "unmapped"),
     ],
