@@ -203,7 +203,7 @@ def identifier_hint(source: GeneVocabulary, target_keys: Sequence[object] | None
         return ""
     source_ensembl = float(np.mean(source.feature_id != ""))
     source_symbols = float(np.mean(source.feature_name != ""))
-    target_ensembl = float(np.mean([is_ensembl(k) for k in target_keys]))
+    target_ensembl = float(np.mean([is_ensembl(str(k)) for k in target_keys]))
     if source_ensembl > 0.5 and source_symbols < 0.5 and target_ensembl < 0.5:
         return (f" The {what} names its genes by Ensembl id only, the index by symbol: add the symbols as a "
                 "var['feature_name'] column (from the data's gene annotation) and annotate again.")

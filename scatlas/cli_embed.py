@@ -153,4 +153,26 @@ def evaluate(atlas_dir: Path, label_key: str, holdout_key: str, embedder_list: s
     for r in payload["embedders"]:
         _echo(f"{r['embedder']:<{width}}" + "".join(
             f"  {'n/a' if r.get(key) is None else format(r[key], '.3f'):>11}" for key, _ in columns))
+    for note in _evaluation_notes(payload):
+        _echo(f"note: {note}")
     _echo(f"wrote {out_dir / 'evaluation.json'}, {out_dir / 'evaluation.html'}, {out_dir / 'evaluation.png'}")
+
+
+def _evaluation_notes(payload: dict[str, Any]) -> list[str]:
+    """Why a figure of the table is n/a, from the held-out groups' records (one line per cause)."""
+    key = payload["settings"].get("label_key", "cell_type")
+    notes: list[str] = []
+    for r in payload["embedders"]:
+        holdouts = r.get("holdouts") or []
+        if r.get("knn_macro_f1") is None and holdouts:
+            absent = [h for h in holdouts if h.get("labels_absent_from_atlas")]
+            if absent and len(absent) == len(holdouts):
+                notes.append(
+                    f"{r['embedder']}: no label F1: no held-out group's {key} labels occur in the rest of the atlas "
+                    "(the groups name their types differently?); map them to Cell Ontology terms "
+                    "(`ingest --ontology-map`, `relabel --ontology-map`) so that the same types are one class"
+                )
+        hunt = {h.get("hunt_note") for h in holdouts if h.get("hunt_note")}
+        if r.get("hunt_recall") is None and hunt:
+            notes.append(f"{r['embedder']}: no hunt recall: {'; '.join(sorted(hunt))}")
+    return list(dict.fromkeys(notes))

@@ -119,3 +119,19 @@ def test_evaluate_pca_on_a_real_two_dataset_atlas(shared_raw, tmp_path):
     assert pca["heads_macro_f1"] is None and pca["label_conservation"] > 0.5
     assert 0.0 <= pca["batch_mixing"] <= 1.0
     print(json.dumps({k: v for k, v in pca.items() if k != "holdouts"}, indent=1))
+
+
+def test_the_cli_says_why_a_figure_is_missing() -> None:
+    from scatlas.cli_embed import _evaluation_notes
+
+    holdout = {"labels_absent_from_atlas": {"Int1": 12}, "hunt_note": "no cell_type label under 2% of the atlas"}
+    payload = {"settings": {"label_key": "cell_type"},
+               "embedders": [{"embedder": "pca", "knn_macro_f1": None, "hunt_recall": None,
+                              "holdouts": [holdout, dict(holdout)]},
+                             {"embedder": "toy", "knn_macro_f1": 0.9, "hunt_recall": 0.8, "holdouts": [{}]}]}
+    notes = _evaluation_notes(payload)
+    assert len(notes) == 2 and all(n.startswith("pca: ") for n in notes)
+    assert "Cell Ontology" in notes[0] and "under 2%" in notes[1]
+    # one held-out group with shared labels: the F1 is missing for another reason, not named as this one
+    payload["embedders"][0]["holdouts"][1] = {}
+    assert not any("label F1" in n for n in _evaluation_notes(payload))
