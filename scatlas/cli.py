@@ -550,8 +550,16 @@ def _echo_annotation(report: dict[str, Any]) -> None:
               + (f"{mapping.get('cells_out_of_atlas', 0):,} cells are 'unknown' (out_of_atlas)" if mapping.get("applied")
                  else "cells labelled anyway (--no-mapping-check)"))
     elif mapping.get("verdict") == "maps_well":
+        evidence = mapping.get("evidence") or {}
+        weaker = str(evidence.get("shift_rule", "on")).startswith("off")
         _echo(f"mapping: the query maps onto the atlas (score {mapping.get('score')})"
-              + (f"; note: {mapping['caveat']}" if mapping.get("caveat") else ""))
+              + (f"; note: {mapping['caveat']}" if mapping.get("caveat") else "")
+              + ("; the atlas has one dataset, so how far another lab's data must shift is not judged (only how "
+                 "its cells' similarities fall)" if weaker else ""))
+    expression = mapping.get("expression") or {}
+    if expression.get("status") == "on" and expression.get("cells_below"):
+        _echo(f"expression: {expression['cells_below']:,} cells match no atlas cell type in gene space "
+              f"(correlation under {expression.get('cut')}): 'unknown' (out_of_atlas)")
     elif mapping.get("verdict") == "too_few_cells":
         _echo(f"mapping: no query-level verdict: the query has {mapping.get('n_cells')} cell(s), under the "
               f"{mapping.get('min_cells')} the check needs; each cell is judged on its own "
