@@ -757,7 +757,16 @@ def hunt_report(hits: Path, index_dir: Path, out_dir: Path, by: str | None, de_g
             sig = sub[sub["qvalue"] < 0.05]
             up = sig[sig["log2fc"] > 0].sort_values("log2fc", ascending=False).head(8)["gene_symbol"]
             down = sig[sig["log2fc"] < 0].sort_values("log2fc").head(8)["gene_symbol"]
-            _echo(f"{name}: up {', '.join(map(str, up)) or '-'}; down {', '.join(map(str, down)) or '-'}")
+            line = f"{name}: up {', '.join(map(str, up)) or '-'}; down {', '.join(map(str, down)) or '-'}"
+            if up.empty and down.empty and len(sub):
+                from scatlas.query.hunt.report import strongest_changes
+
+                top = strongest_changes(sub, 5)
+                line += (f" (none at q < 0.05 with {int(sub['n_a'].iloc[0])} vs {int(sub['n_b'].iloc[0])} cells; "
+                         "strongest, not significant: " + ", ".join(
+                             f"{_value(g)} {'+' if fc > 0 else '-'}" for g, fc in
+                             zip(top["gene_symbol"], top["log2fc"], strict=True)) + ")")
+            _echo(line)
     for name, path in r.files.items():
         _echo(f"{name}: {path}")
 

@@ -17,7 +17,7 @@ from scatlas.cli import cli
 from scatlas.index import build_from_source
 from scatlas.query.hunt import report
 from scatlas.query.hunt.de import MATCHED, matched_background
-from scatlas.query.hunt.report import ReportResult, _markdown
+from scatlas.query.hunt.report import ReportResult, _markdown, strongest_changes
 from tests.test_index_helpers import array_source, config
 
 N = 400
@@ -122,3 +122,16 @@ def test_matched_non_hits_say_they_are_matched_on_dataset_or_on_nothing():
     comp = matched_background(con2, ids[:6], 100, seed=0)
     assert comp.matched_on == () and "not matched on anything" in comp.matching() and len(comp.ids_b) == 6
 
+
+
+def test_with_no_significant_gene_the_strongest_changes_are_shown_as_such():
+    de = _de_frame()
+    de["qvalue"] = de["pvalue"] = 0.2 + np.arange(len(de)) / 100  # nothing at q < 0.05
+    res = ReportResult(out_dir="x", n_hits=10, n_cells=100, hit_rate=0.1, enrichment=pd.DataFrame(
+        columns=["column", "group", "n_cells", "n_hits", "fraction", "fold", "qvalue"]), de=de,
+        de_skipped=None, by=[], de_matching=None)
+    md = _markdown(res, [], "hits.parquet")
+    assert "0 genes at q < 0.05" in md and "little power" in md and "not significant" in md
+    assert "Top up-regulated" not in md and md.index(str(de["gene_symbol"].iloc[0])) > md.index("little power")
+    top = strongest_changes(de, 2)
+    assert list(top["gene_symbol"]) == list(de["gene_symbol"].iloc[:2])

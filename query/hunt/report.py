@@ -285,6 +285,18 @@ def _de_tables(sub: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return up[cols], down[cols]
 
 
+def strongest_changes(sub: pd.DataFrame, n: int = TOP_GENES) -> pd.DataFrame:
+    """The ``n`` genes of one comparison with the lowest q (then the largest change), whether or not significant:
+    what to show when no gene reaches q < 0.05 (few cells a side give the test little power)."""
+    order = sub.assign(_abs=sub["log2fc"].abs()).sort_values(["qvalue", "_abs"], ascending=[True, False], kind="stable")
+    return order.head(n)[["gene_symbol", "log2fc", "pct_a", "pct_b", "qvalue"]]
+
+
+def _no_significant(sub: pd.DataFrame) -> str:
+    return (f"No gene reaches q < 0.05 ({int(sub['n_a'].iloc[0])} vs {int(sub['n_b'].iloc[0])} cells give the test "
+            "little power); the strongest changes, not significant:")
+
+
 def _de_counts(sub: pd.DataFrame) -> str:
     sig = sub["qvalue"] < 0.05
     n_up, n_down = int((sig & (sub["log2fc"] > 0)).sum()), int((sig & (sub["log2fc"] < 0)).sum())
@@ -324,8 +336,11 @@ def _markdown(res: ReportResult, by: Sequence[str], hits_source: str) -> str:
         for name, sub in res.de.groupby("comparison", sort=False):
             up, down = _de_tables(sub)
             parts.append(f"\n### {name} ({int(sub['n_a'].iloc[0])} vs {int(sub['n_b'].iloc[0])} cells)\n\n")
-            parts.append(f"{_de_counts(sub)}.\n\nTop up-regulated:\n\n")
-            parts.append(_md_table(up))
+            parts.append(f"{_de_counts(sub)}.\n\n")
+            if up.empty and down.empty:
+                parts.append(f"{_no_significant(sub)}\n\n" + _md_table(strongest_changes(sub)))
+                continue
+            parts.append("Top up-regulated:\n\n" + _md_table(up))
             parts.append("\nTop down-regulated:\n\n")
             parts.append(_md_table(down))
     parts.append("\nFiles: " + ", ".join(f"`{Path(p).name}`" for p in res.files.values()) + "\n")
@@ -354,6 +369,9 @@ def _html(res: ReportResult, by: Sequence[str], hits_source: str) -> str:
         for name, sub in res.de.groupby("comparison", sort=False):
             up, down = _de_tables(sub)
             body.append(f"<h3>{esc(str(name))}</h3><p>{esc(_de_counts(sub))}.</p>")
+            if up.empty and down.empty:
+                body.append(f"<p>{esc(_no_significant(sub))}</p>" + strongest_changes(sub).to_html(index=False))
+                continue
             body.append("<h4>Top up-regulated</h4>" + up.to_html(index=False))
             body.append("<h4>Top down-regulated</h4>" + down.to_html(index=False))
     return "<!doctype html><html><head><meta charset='utf-8'><title>hunt report</title></head><body>" + "".join(
