@@ -176,8 +176,12 @@ def describe_dir(path: PathLike) -> str:
     return f"{len(names)} other entr{'y' if len(names) == 1 else 'ies'} (e.g. {show(names[0])!r})"
 
 
+INDEX_LOCK_FILE = ".update.lock"
+"""The lock file a build or update of an index holds (:mod:`index.locking`); alone, it makes no directory non-empty."""
+
+
 def _entries(path: Path) -> list[str]:
-    return [p.name for p in path.iterdir() if p.name != MARKER_FILE]
+    return [p.name for p in path.iterdir() if p.name not in (MARKER_FILE, INDEX_LOCK_FILE)]
 
 
 # -- relations with inputs ---------------------------------------------------------------------------------------

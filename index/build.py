@@ -29,6 +29,7 @@ from scatlas.index.device import Device, faiss_gpu_count, resolve_device, set_fa
 from scatlas.index.evaluate import TARGET_RECALL, calibrate, tune_and_measure
 from scatlas.index.executor import Executor, LocalExecutor, Task, TaskContext, local_devices
 from scatlas.index.factory import Assigner, default_train_sample, is_exact, resolve_factory, train_index
+from scatlas.index.locking import LOCK_FILE
 from scatlas.index.manifest import (
     BUILD_FILE,
     CELLS_DB_FILE,
@@ -114,13 +115,19 @@ def _now() -> str:
 
 
 def _prepare_dir(out: Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> None:
-    """Create ``out``, or accept it empty or holding an index (removed first with ``overwrite``); refuse anything
-    else, and an ``out`` that is, holds or lies inside one of ``inputs`` (:class:`~atlas.outputs.OutputError`)."""
+    """Create ``out``, or accept it empty or holding an index (its entries removed first with ``overwrite``, all but
+    the lock file a build holds: :mod:`index.locking`); refuse anything else, and an ``out`` that is, holds or lies
+    inside one of ``inputs`` (:class:`~atlas.outputs.OutputError`)."""
     check_output_dir(out, INDEX, inputs=inputs, replace=overwrite)
     with writing(out):
-        if overwrite and out.exists() and any(out.iterdir()):
+        old = [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
+        if overwrite and old:
             logger.info("overwrite: removing the existing index at %s", out)
-            shutil.rmtree(out)
+            for path in old:  # the lock file stays: the build holding it keeps out every other writer
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
     claim_output_dir(out, INDEX)
 
 
@@ -137,7 +144,7 @@ def _check_build_record(out: Path, record: dict[str, Any]) -> bool:
     """Compare with an existing build.json; return True when resuming. Raises on mismatch."""
     path = out / BUILD_FILE
     if not path.exists():
-        if any(p.name not in (SHARDS_DIR, BUILDING_FILE) for p in out.iterdir()):
+        if any(p.name not in (SHARDS_DIR, BUILDING_FILE, LOCK_FILE) for p in out.iterdir()):
             raise InputError(
                 f"{out} is not empty and holds no scatlas build; choose an empty or new directory "
                 "(or pass overwrite=True / --overwrite to replace an index there)"

@@ -13,7 +13,7 @@ import numpy as np
 
 from scatlas.atlas.atomic import read_json_object
 from scatlas.atlas.errors import InputError, TooFewCellsError
-from scatlas.atlas.outputs import missing_dirs, remove_created
+from scatlas.atlas.outputs import INDEX, check_output_dir, missing_dirs, remove_created
 from scatlas.atlas.sql import quote_ident
 from scatlas.index.build import (
     DEFAULT_CHUNK_SIZE,
@@ -27,6 +27,7 @@ from scatlas.index.changes import store_changes
 from scatlas.index.embedding import obs_columns, obsm_keys, reads_x
 from scatlas.index.heads_training import label_column_classes, label_columns, train_label_heads
 from scatlas.index.label_classes import ensure_label_classes
+from scatlas.index.locking import index_lock
 from scatlas.index.manifest import (
     BUILD_FILE,
     CELLS_DB_FILE,
@@ -275,13 +276,24 @@ def build_index(
     )
     options = dict(embedder_options or {})
     identity = {"embedder": embedder, "fit_sample": fit_sample, "embedder_options": options}
+    check_output_dir(out, INDEX, inputs=(atlas,), replace=overwrite)  # before anything is created
     created = missing_dirs(out)
-    _prepare_dir(out, overwrite, inputs=(atlas,))
+    with index_lock(out):  # one writer at a time: an --overwrite must not delete an index being built or updated
+        _prepare_dir(out, overwrite, inputs=(atlas,))
+        return _build_locked(store, out, embedder, config, options, identity, created, executor, label_keys,
+                             heads_options, progress, reference_map)
+
+
+def _build_locked(store: Any, out: Path, embedder: str, config: BuildConfig, options: dict[str, Any],
+                  identity: dict[str, Any], created: list[Path], executor: Executor | None,
+                  label_keys: Sequence[str] | str, heads_options: dict[str, Any] | None, progress: Progress,
+                  reference_map: bool) -> IndexManifest:
+    """:func:`build_index` once it holds the index's lock."""
     version, current = current_version(out)
     if version > 1:  # updated since it was built: the build's arguments and the store must match the current version
         return _updated_manifest(out, current, store, identity)
     try:
-        emb = _resumable_embedder(out, identity) or _fit_embedder(store, embedder, fit_sample, config.seed, options)
+        emb = _resumable_embedder(out, identity) or _fit_embedder(store, embedder, identity["fit_sample"], config.seed, options)
     except BaseException:  # failed or interrupted before any work a rerun could resume from
         remove_created(out, created)
         raise

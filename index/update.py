@@ -13,13 +13,10 @@ Before any shard is written the added cells are checked for drift (:mod:`index.d
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +41,7 @@ from scatlas.index.evaluate import calibrate, sample_cells, tune_and_measure
 from scatlas.index.executor import Executor
 from scatlas.index.heads_training import train_label_heads
 from scatlas.index.label_classes import LabelClasses, ensure_label_classes, load_label_classes
+from scatlas.index.locking import index_lock
 from scatlas.index.manifest import (
     BUILD_FILE,
     CELLS_DB_FILE,
@@ -80,7 +78,6 @@ from scatlas.index.versions import (
 logger = logging.getLogger(__name__)
 
 UPDATE_FILE = "update.json"
-LOCK_FILE = ".update.lock"
 
 
 @dataclass
@@ -112,19 +109,6 @@ def _check_index(root: Path) -> None:
     """Raise :class:`IndexFormatError` unless ``root`` is a directory (an index to update)."""
     if not root.is_dir():
         raise IndexFormatError(f"no index at {root}: build one with `scatlas build --atlas ATLAS --index DIR` first")
-
-
-@contextmanager
-def _update_lock(root: Path) -> Iterator[None]:
-    with open(root / LOCK_FILE, "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(f"another update of {root} is running; wait for it to finish") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _snapshot_digest(snapshot: dict[str, Any]) -> str:
@@ -246,7 +230,7 @@ def update_index(
         raise InputError(f"max_far_fraction must be in (0, 1] and min_gene_ratio in [0, 1] (got {max_far_fraction}, "
                          f"{min_gene_ratio})")
     _check_index(root)
-    with _update_lock(root):
+    with index_lock(root):
         version, cur = current_version(root)
         check_finished(cur)  # an update starts from a finished build
         old = read_manifest(cur)

@@ -1,0 +1,51 @@
+"""One writer at a time per index: a build (``--overwrite`` included) or an update while another holds the index's
+lock is refused with a clear error and leaves the index as it was."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from scatlas.atlas import ingest
+from scatlas.atlas.outputs import INDEX, check_output_dir
+from scatlas.cli import cli
+from scatlas.index import build_index
+from scatlas.index.locking import LOCK_FILE, index_lock
+from tests.conftest import make_adata
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
+
+
+def test_overwrite_and_update_wait_for_the_writer_holding_the_lock(tmp_path: Path) -> None:
+    files = []
+    for i in range(2):
+        path = tmp_path / f"d{i}.h5ad"
+        make_adata(n_cells=150, n_genes=60, seed=i, prefix=f"d{i}_").write_h5ad(path)
+        files.append(path)
+    ingest(files, tmp_path / "atlas", progress=False)
+    index = tmp_path / "index"
+    build_index(tmp_path / "atlas", index, embedder_options={"n_components": 8}, label_keys=(), reference_map=False,
+                progress=False)
+    before = _snapshot(index)
+    base = ["--atlas", str(tmp_path / "atlas"), "--index", str(index), "--no-progress"]
+    with index_lock(index):  # another build or update at work
+        for extra in (["--overwrite", "--no-map"], ["--update"], ["--no-map"]):
+            res = CliRunner().invoke(cli, ["build", *base, *extra])
+            assert res.exit_code == 1 and "another build or update" in res.output, (extra, res.output)
+            assert "Traceback" not in res.output
+    assert _snapshot(index) == before
+    # once free, --overwrite rebuilds (the lock file is no entry of its own)
+    res = CliRunner().invoke(cli, ["build", *base, "--overwrite", "--no-map", "--embedder-option", "n_components=8"])
+    assert res.exit_code == 0, res.output
+    assert (index / "manifest.json").is_file()
+
+
+def test_a_directory_holding_only_the_lock_file_is_empty(tmp_path: Path) -> None:
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / LOCK_FILE).touch()
+    assert check_output_dir(tmp_path / "idx", INDEX) == tmp_path / "idx"
