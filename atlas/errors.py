@@ -58,3 +58,7 @@ class DependencyError(ScatlasError):
 
 class TaskError(ScatlasError):
     """A unit of offline work (a shard of a build or a sweep) failed, after any retries the executor allows."""
+
+
+DUCKDB_LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "different configuration")
+"""What DuckDB's error says when another process holds the database file (it allows one writer, or many readers)."""

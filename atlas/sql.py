@@ -12,6 +12,8 @@ from typing import Any
 
 import duckdb
 
+from scatlas.atlas.errors import DUCKDB_LOCK_MARKERS
+
 
 def quote_ident(name: str) -> str:
     """``name`` as a double-quoted SQL identifier (embedded quotes doubled)."""
@@ -46,6 +48,11 @@ _INTERRUPT_TEXTS = ("Query interrupted", "INTERRUPT Error")
 """How DuckDB words the exception it raises for a query it stopped (a Ctrl-C arrived while it ran). A
 KeyboardInterrupt raised inside one of its calls back into Python becomes other errors (``reading the schema of the
 object registered as ... failed``): :class:`SigintWatch` tells those."""
+
+
+def is_locked(exc: BaseException) -> bool:
+    """Whether ``exc`` is DuckDB refusing a database file another process has open: a busy store, not a damaged one."""
+    return isinstance(exc, duckdb.Error) and any(marker in str(exc) for marker in DUCKDB_LOCK_MARKERS)
 
 
 def is_interrupt(exc: BaseException) -> bool:

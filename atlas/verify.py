@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from scatlas.atlas.digest import XDigest, canonical
 from scatlas.atlas.errors import ScatlasError
+from scatlas.atlas.sql import is_locked
 from scatlas.atlas.store import JOURNAL_FILE, AtlasStore, DamagedStoreError, store_problems
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ def verify_store(path: str | Path, *, progress: bool = True) -> StoreVerifyRepor
     except ScatlasError:
         raise
     except Exception as exc:  # a damaged TileDB array or DuckDB file: say which part could not be read
+        if is_locked(exc):  # another process (an ingest) has the store open: busy, not damaged
+            raise
         report.problems.append(f"the store could not be read back ({type(exc).__name__}); it is damaged: re-ingest")
         logger.debug("verify_store read failure", exc_info=True)
     return report

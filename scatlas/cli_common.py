@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from scatlas.atlas.errors import ScatlasError
+from scatlas.atlas.errors import DUCKDB_LOCK_MARKERS, ScatlasError
 from scatlas.atlas.genes import MIN_GENE_OVERLAP
 from scatlas.atlas.outputs import (
     check_output_file,
@@ -93,7 +93,7 @@ def _tiledb_cancelled(exc: BaseException) -> bool:
     return type(exc).__name__ in ("SOMAError", "TileDBError") and "cancelled" in str(exc).lower()
 
 
-_LOCKED = ("Could not set lock", "Conflicting lock", "different configuration")
+_LOCKED = DUCKDB_LOCK_MARKERS
 _DUCKDB_OS = {"No space left on device": "free space on that file system, or write somewhere else",
               "Read-only file system": "that file system is read-only: write somewhere else",
               "Permission denied": "check the permissions of that path",

@@ -307,3 +307,22 @@ def test_ingest_interrupted_inside_duckdb_exits_130(copy: Path, tmp_path: Path, 
     assert "Interrupted" in result.output and "Error:" not in result.output
     assert [d.dataset_id for d in AtlasStore.open(copy).datasets] == datasets
     assert verify_store(copy, progress=False).ok
+
+
+def test_verify_of_a_store_another_process_holds_says_busy_not_damaged(intact: Path) -> None:
+    """An ingest holds cells.duckdb for writing; verify must not call the store damaged (and advise re-ingesting)."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('ready', flush=True); "
+         "time.sleep(60)", str(intact / "cells.duckdb")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        res = CliRunner().invoke(cli, ["verify", "--atlas", str(intact)])
+        assert res.exit_code == 1 and "in use by another process" in res.output, res.output
+        assert "it is damaged" not in res.output and "re-ingest" not in res.output and "Traceback" not in res.output
+    finally:
+        holder.kill()
+        holder.wait()
+    assert CliRunner().invoke(cli, ["verify", "--atlas", str(intact)]).exit_code == 0
