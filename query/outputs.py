@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import logging
 import os
 import shutil
@@ -196,7 +197,7 @@ def write_annotated_h5ad(
             query.write_h5ad(tmp, convert_strings_to_categoricals=False)
             _patch(tmp, columns, obsm, uns)
         elif _is_modern_h5ad(Path(query)):
-            shutil.copyfile(query, tmp)
+            _copy_query(Path(query), tmp, out)
             _patch(tmp, columns, obsm, uns)
         else:  # pre-0.7 layout: such files are small, load it whole
             adata = anndata.read_h5ad(query)
@@ -208,6 +209,17 @@ def write_annotated_h5ad(
             f.attrs[H5AD_MARK] = ANNOTATED_MARK  # a later run may replace this file, and no other
     logger.info("wrote %s (%d obs columns added)", out, columns.shape[1])
     return out
+
+
+def _copy_query(query: Path, tmp: Path, out: Path) -> None:
+    """Copy the query file to ``tmp`` (beside ``out``); a write that fails for lack of room names ``out``, not the
+    query (``shutil.copyfile``'s error carries the source's name)."""
+    try:
+        shutil.copyfile(query, tmp)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise OutputWriteError(os_error_message(OSError(exc.errno, exc.strerror), "writing", out)) from exc
+        raise
 
 
 def write_parquet(frame: pd.DataFrame, out: str | Path, *, inputs: Iterable[str | Path | None] = ()) -> Path:

@@ -101,11 +101,17 @@ _DUCKDB_OS = {"No space left on device": "free space on that file system, or wri
 
 
 def _os_phrase_message(exc: Exception) -> str | None:
-    """``Error:`` text for a library's own exception that reports a full or read-only disk (TileDB, FAISS, ...)."""
+    """``Error:`` text for a library's own exception that reports a full or read-only disk, or a permission it was
+    denied (TileDB, FAISS, ...)."""
     text = str(exc)
     for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
         if os.strerror(code) in text:
             return os_error_message(OSError(code, os.strerror(code)), "writing") + f" ({type(exc).__name__})"
+    if os.strerror(errno.EACCES) in text:  # e.g. TileDB: "Cannot open file '/store/experiment/...'; Permission denied"
+        found = re.search(r"'(/[^']{1,4096})'", text)
+        path = found.group(1) if found else None
+        return os_error_message(OSError(errno.EACCES, os.strerror(errno.EACCES)), "accessing", path) + \
+            f" ({type(exc).__name__})"
     return None
 
 

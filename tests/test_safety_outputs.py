@@ -188,13 +188,13 @@ def test_ingest_refuses_a_directory_that_is_not_a_store(world, tmp_path):
 
 
 def test_disk_full_while_annotating_is_an_error_not_a_traceback(world, tmp_path, monkeypatch):
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    def full(source, *args, **kwargs):  # as shutil.copyfile fails: the error carries the source's name
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(source))
 
     monkeypatch.setattr("scatlas.query.outputs.shutil.copyfile", full)
     text = refused("annotate", str(world["query"]), "--index", str(world["index"]), "--out", str(tmp_path / "a.h5ad"),
                    "--no-progress", match="No space left on device")
-    assert "free space" in text
+    assert "free space" in text and str(tmp_path / "a.h5ad") in text and str(world["query"]) not in text
     assert not list(tmp_path.iterdir())
 
 
@@ -231,6 +231,17 @@ def test_os_errors_from_any_command_are_mapped_by_the_cli(world, tmp_path, monke
 
     monkeypatch.setattr("scatlas.atlas.ingestion.ingest", tiledb_full)
     refused("ingest", str(world["query"]), "--atlas", str(tmp_path / "store"), match="No space left on device")
+
+    class SOMAError(Exception):  # tiledbsoma's own, for a store directory another user owns
+        pass
+
+    def tiledb_denied(*args, **kwargs):
+        raise SOMAError(f"[TileDB::VFS] Error: Cannot open file '{tmp_path}/store/experiment/obs/__schema/x'; "
+                        "Permission denied")
+
+    monkeypatch.setattr("scatlas.atlas.ingestion.ingest", tiledb_denied)
+    text = refused("ingest", str(world["query"]), "--atlas", str(tmp_path / "store"), match="Permission denied")
+    assert "while accessing" in text and "obs/__schema" in text and "permissions" in text
 
 
 def test_a_locked_cells_table_is_reported_as_in_use(world, tmp_path):
