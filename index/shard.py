@@ -231,6 +231,8 @@ def read_done(shard_dir: Path) -> ShardRecord:
     path = shard_dir / DONE_FILE
     try:
         return ShardRecord.from_dict(json.loads(path.read_text()))
+    except PermissionError:  # not damage: the CLI says "Permission denied while accessing ..."
+        raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise IndexFormatError(f"shard {shard_dir} has no readable {DONE_FILE} ({exc}); rebuild the index") from exc
 
@@ -256,6 +258,8 @@ def shard_ids_problem(shard_dir: Path, expected: ShardRecord) -> str | None:
     path = shard_dir / SHARD_IDS_FILE
     try:
         ids = np.load(path, mmap_mode="r", allow_pickle=False)
+    except PermissionError:  # not damage: rebuilding would not help (the CLI names the path and the permission)
+        raise
     except (OSError, ValueError, EOFError) as exc:
         return f"cannot read {path} ({exc})"
     try:

@@ -49,3 +49,34 @@ def test_a_directory_holding_only_the_lock_file_is_empty(tmp_path: Path) -> None
     (tmp_path / "idx").mkdir()
     (tmp_path / "idx" / LOCK_FILE).touch()
     assert check_output_dir(tmp_path / "idx", INDEX) == tmp_path / "idx"
+
+
+def test_an_unreadable_shard_file_is_a_permission_error_not_damage(tmp_path: Path, monkeypatch) -> None:
+    """A shard file the user may not read (a colleague's index): the CLI names the permission, and does not call the
+    index damaged or advise rebuilding it with --overwrite. (Simulated: the tests may run as root.)"""
+    import errno
+    import os
+
+    import numpy as np
+
+    files = []
+    for i in range(2):
+        path = tmp_path / f"d{i}.h5ad"
+        make_adata(n_cells=120, n_genes=40, seed=i, prefix=f"d{i}_").write_h5ad(path)
+        files.append(path)
+    ingest(files, tmp_path / "atlas", progress=False)
+    index = tmp_path / "index"
+    build_index(tmp_path / "atlas", index, embedder_options={"n_components": 8}, label_keys=(), reference_map=False,
+                progress=False)
+    real_load = np.load
+
+    def load(path, *args, **kwargs):
+        if str(path).endswith("ids.npy"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr("scatlas.index.shard.np.load", load)
+    res = CliRunner().invoke(cli, ["search", str(files[0]), "--index", str(index), "--out",
+                                   str(tmp_path / "hits.parquet"), "--no-progress"])
+    assert res.exit_code == 1 and "Permission denied" in res.output and "ids.npy" in res.output, res.output
+    assert "damaged" not in res.output and "--overwrite" not in res.output
