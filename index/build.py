@@ -165,6 +165,11 @@ def different_build_error(out: Path, old: dict[str, Any], new: dict[str, Any]) -
     ``old`` and ``new``): what changed, in words, and what to do."""
     changes = identity_changes(old, new)
     only_data = set(k for k in set(old) | set(new) if old.get(k) != new.get(k)) == {"source"}
+    if only_data and not (out / MANIFEST_FILE).is_file():  # an unfinished build: there is no index to update yet
+        return InputError(
+            f"{out} holds an unfinished build of the atlas as it was before it changed ({'; '.join(changes)}): it "
+            "cannot be resumed or updated. Pass --overwrite to build it from scratch."
+        )
     todo = (
         "Run `scatlas build --update --atlas ATLAS --index DIR` to bring the index up to date without re-embedding "
         "it, or pass --overwrite to rebuild it from scratch."

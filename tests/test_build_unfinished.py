@@ -118,3 +118,14 @@ def test_a_refused_rerun_leaves_a_finished_index_finished(tmp_path: Path) -> Non
     assert not (index / BUILDING_FILE).exists()
     with AtlasIndex.open(index) as idx:
         assert idx.n_cells == 300
+
+
+def test_an_unfinished_build_of_a_changed_atlas_is_sent_to_overwrite_not_update(tmp_path: Path) -> None:
+    from scatlas.index.build import different_build_error
+
+    old, new = {"source": {"cells": 10}, "k": 1}, {"source": {"cells": 12}, "k": 1}
+    unfinished = str(different_build_error(tmp_path, old, new))
+    assert "--overwrite" in unfinished and "--update" not in unfinished and "cannot be resumed" in unfinished
+    (tmp_path / "manifest.json").write_text("{}")
+    finished = str(different_build_error(tmp_path, old, new))
+    assert "--update" in finished
