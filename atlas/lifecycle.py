@@ -20,7 +20,9 @@ error messages show names escaped (:func:`atlas.validate.escaped`) and never dat
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -130,7 +132,15 @@ def remove_datasets(atlas: str | Path, dataset_ids: Iterable[str]) -> RemoveRepo
             drop = set(wanted)
             writer.state.datasets = [d for d in writer.state.datasets if d.dataset_id not in drop]
             write_json_atomic(path / STATE_FILE, writer.state.to_json())  # the commit point
-            writer.delete_uncommitted_rows()
+            try:
+                writer.delete_uncommitted_rows()
+            except (OSError, duckdb.Error, StoreError) as exc:
+                names = ", ".join(escaped(d.dataset_id, 60) for d in gone)
+                raise StoreError(
+                    f"{names}: removed from {path} (no command sees their cells any more), but deleting their rows "
+                    f"failed ({_first_words(exc)}); free space or fix the cause, then rerun "
+                    "the same remove to finish"
+                ) from exc
         report.removed = [(d.dataset_id, d.n_cells, d.start, d.stop) for d in gone]
         state = writer.state
         report.n_datasets = len(state.datasets)
@@ -140,6 +150,16 @@ def remove_datasets(atlas: str | Path, dataset_ids: Iterable[str]) -> RemoveRepo
     logger.info("%s: removed %d dataset(s), %d cells; %d datasets left", path, len(gone),
                 sum(d.n_cells for d in gone), report.n_datasets)
     return report
+
+
+def _first_words(exc: BaseException) -> str:
+    """The OS reason inside an error (disk full, read-only, permission), else its type: never the error's own text,
+    which a database error may fill with values."""
+    text = str(exc)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        if os.strerror(code) in text:
+            return os.strerror(code)
+    return type(exc).__name__
 
 
 # -- relabel ----------------------------------------------------------------------------------------------------------

@@ -141,6 +141,31 @@ def test_a_remove_killed_after_its_commit_point_is_finished_later(
     assert verify_store(three, progress=False).ok
 
 
+def test_a_remove_whose_row_delete_fails_on_a_full_disk_says_it_is_removed_and_how_to_finish(
+    three: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    real = StoreWriter.delete_uncommitted_rows
+    calls: list[int] = []
+
+    def full(self: StoreWriter) -> list[str]:
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self)
+
+    monkeypatch.setattr(StoreWriter, "delete_uncommitted_rows", full)
+    res = _run("remove", "--atlas", str(three), "--dataset", "b")
+    monkeypatch.undo()
+    assert res.exit_code == 1 and "Traceback" not in res.output  # type: ignore[attr-defined]
+    text = res.output  # type: ignore[attr-defined]
+    assert "removed from" in text and "No space left on device" in text and "rerun the same remove" in text
+    res = _run("remove", "--atlas", str(three), "--dataset", "b")
+    assert res.exit_code == 0 and verify_store(three, progress=False).ok  # type: ignore[attr-defined]
+
+
 # -- relabel --------------------------------------------------------------------------------------------------------
 
 
