@@ -179,3 +179,25 @@ def test_a_store_given_to_a_stage_one_sweep_is_said_to_be_unread(world, tmp_path
     with caplog.at_level(logging.WARNING):
         s = sweep(world["index"], clf, tmp_path / "one", atlas=tmp_path / "nowhere", progress=False)
     assert s.stages.startswith("stage 1 only") and "is not read" in caplog.text and "has none" in caplog.text
+
+
+def test_stage_two_reads_a_store_that_gained_datasets_and_names_update_when_one_was_removed(world, tmp_path):
+    """Cells ingested after the build are no cells of the index: stage 2 still reads the store. A dataset of the
+    index removed from the store is: stage 2 cannot read those cells, and the reason names `build --update`."""
+    from scatlas.atlas import remove_datasets
+
+    idx = world["index"]
+    grown, shrunk = tmp_path / "grown", tmp_path / "shrunk"
+    shutil.copytree(world["atlas"], grown)
+    shutil.copytree(world["atlas"], shrunk)
+    extra = write_h5ad_datasets(replace(CONFIG, seed=CONFIG.seed + 1), tmp_path / "extra", datasets=[0])[0]
+    ingest([extra], grown, dataset_id="added-later", progress=False)
+    store, why = open_index_store(idx, grown)
+    assert store is not None and why is None
+    store.close()
+    first = str(AtlasStore.open(shrunk).datasets[0].dataset_id)
+    remove_datasets(shrunk, [first])
+    store, why = open_index_store(idx, shrunk)
+    assert store is None and why is not None
+    assert "is not in the store" in why and "build --update" in why
+    assert store_differences(idx, AtlasStore.open(shrunk)) == []  # the report's rule: a removed dataset alone is fine

@@ -26,10 +26,14 @@ class StoreAccess(NamedTuple):
     differences: tuple[str, ...] = ()
 
 
-def reach_index_store(index: AtlasIndex, atlas: str | Path | None = None, *, same_cells: bool = False) -> StoreAccess:
+UPDATE_HINT = "`scatlas build --update --atlas ATLAS --index INDEX` brings the index up to date with the store"
+
+
+def reach_index_store(index: AtlasIndex, atlas: str | Path | None = None, *, every_dataset: bool = False) -> StoreAccess:
     """The atlas store the index was built from (or ``atlas``), opened, when it can be reached and holds the
-    datasets the index was built from as they were (:func:`store_differences`). ``same_cells``: also refuse a store
-    with another number of cells than the index was built from."""
+    datasets the index was built from as they were (:func:`store_differences`). ``every_dataset``: a dataset of
+    the index the store no longer holds counts too (stage 2 must read every indexed cell it may be given; datasets
+    the store gained since do not matter)."""
     from scatlas.atlas.store import AtlasStore
 
     path = Path(atlas) if atlas is not None else index.atlas_path
@@ -41,15 +45,12 @@ def reach_index_store(index: AtlasIndex, atlas: str | Path | None = None, *, sam
         store = AtlasStore.open(path)
     except ScatlasError as exc:
         return StoreAccess(None, f"the atlas store {path} could not be opened: {exc}")
-    built_from = index.manifest.atlas_snapshot.get("n_cells")
-    if same_cells and built_from not in (None, store.n_cells):
-        store.close()
-        return StoreAccess(None, f"the atlas store {path} has {store.n_cells} cells, the index was built from {built_from}")
-    differences = store_differences(index, store)
+    differences = store_differences(index, store, every_dataset=every_dataset)
     if differences:
         store.close()
         return StoreAccess(
-            None, f"the atlas store {path} does not hold the cells the index was built from: {'; '.join(differences)}",
+            None, f"the atlas store {path} does not hold the cells the index was built from: {'; '.join(differences)}"
+                  f" ({UPDATE_HINT})",
             tuple(differences),
         )
     return StoreAccess(store, None)
@@ -57,13 +58,14 @@ def reach_index_store(index: AtlasIndex, atlas: str | Path | None = None, *, sam
 
 def open_index_store(index: AtlasIndex, atlas: str | Path | None = None) -> tuple[Any, str | None]:
     """Stage 2's store: the atlas store the index was built from (or ``atlas``), or ``(None, reason)`` when it
-    cannot be used: not reachable, another number of cells than the index was built from, or datasets that differ
-    from those the index was built from (:func:`store_differences`)."""
-    access = reach_index_store(index, atlas, same_cells=True)
+    cannot be used: not reachable, or datasets the index was built from that the store no longer holds or holds
+    otherwise (:func:`store_differences`). Datasets ingested after the build do not matter: stage 2 reads cells of
+    the index only."""
+    access = reach_index_store(index, atlas, every_dataset=True)
     return access.store, access.reason
 
 
-def store_differences(index: AtlasIndex, store: Any) -> list[str]:
+def store_differences(index: AtlasIndex, store: Any, *, every_dataset: bool = False) -> list[str]:
     """How the atlas store ``store`` differs, in the datasets the index was built from, from the store the index
     was built from (its manifest's atlas snapshot), in words; empty when it holds those datasets as they were.
     A store created separately (another ``store_id``, where the snapshot records one) is another store outright.
@@ -71,8 +73,8 @@ def store_differences(index: AtlasIndex, store: Any) -> list[str]:
     Each dataset of the snapshot must be in the store under its id, with the same cell id range and the same
     content: the same X digest (``x_sha256``) where both record one, else (a store written before X digests) the
     same ingest (``ingested_at``). A dataset of the snapshot that the store lacks counts only when other datasets
-    of the store hold its cell ids; datasets the store gained after the build do not count (their cells are no
-    cells of the index). Dataset ids are escaped (they come from data); no cell value is read."""
+    of the store hold its cell ids (any lacking dataset with ``every_dataset``); datasets the store gained after the
+    build do not count (their cells are no cells of the index). Dataset ids are escaped (they come from data); no cell value is read."""
     from scatlas.atlas.validate import escaped
 
     snapshot = index.manifest.atlas_snapshot
@@ -89,7 +91,9 @@ def store_differences(index: AtlasIndex, store: Any) -> list[str]:
         name, start, stop = escaped(str(d["dataset_id"]), 60), int(d["start"]), int(d["stop"])
         rec = by_id.get(str(d["dataset_id"]))
         if rec is None:
-            if any(r.start < stop and start < r.stop for r in records):
+            if every_dataset:
+                out.append(f"dataset {name} of the index is not in the store (removed after the build?)")
+            elif any(r.start < stop and start < r.stop for r in records):
                 out.append(f"dataset {name} is not in the store, and other datasets hold its cell ids "
                            f"{start}..{stop - 1}")
         elif (int(rec.start), int(rec.stop)) != (start, stop):
