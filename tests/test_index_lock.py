@@ -1,5 +1,6 @@
 """One writer at a time per index: a build (``--overwrite`` included) or an update while another holds the index's
-lock is refused with a clear error and leaves the index as it was."""
+lock is refused with a clear error and leaves the index as it was. And a file of the index the user may not read is
+a permission error, not damage."""
 
 from __future__ import annotations
 
@@ -16,21 +17,26 @@ from scatlas.index.locking import LOCK_FILE, index_lock
 from tests.conftest import make_adata
 
 
+def _small_index(root: Path, n_cells: int = 150, n_genes: int = 60) -> tuple[list[Path], Path]:
+    """Two small datasets ingested into ``root/atlas`` and indexed into ``root/index``: (their files, the index)."""
+    files = []
+    for i in range(2):
+        path = root / f"d{i}.h5ad"
+        make_adata(n_cells=n_cells, n_genes=n_genes, seed=i, prefix=f"d{i}_").write_h5ad(path)
+        files.append(path)
+    ingest(files, root / "atlas", progress=False)
+    build_index(root / "atlas", root / "index", embedder_options={"n_components": 8}, label_keys=(),
+                reference_map=False, progress=False)
+    return files, root / "index"
+
+
 def _snapshot(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
 
 
 def test_overwrite_and_update_wait_for_the_writer_holding_the_lock(tmp_path: Path) -> None:
-    files = []
-    for i in range(2):
-        path = tmp_path / f"d{i}.h5ad"
-        make_adata(n_cells=150, n_genes=60, seed=i, prefix=f"d{i}_").write_h5ad(path)
-        files.append(path)
-    ingest(files, tmp_path / "atlas", progress=False)
-    index = tmp_path / "index"
-    build_index(tmp_path / "atlas", index, embedder_options={"n_components": 8}, label_keys=(), reference_map=False,
-                progress=False)
+    _, index = _small_index(tmp_path)
     before = _snapshot(index)
     base = ["--atlas", str(tmp_path / "atlas"), "--index", str(index), "--no-progress"]
     with index_lock(index):  # another build or update at work
@@ -59,15 +65,7 @@ def test_an_unreadable_shard_file_is_a_permission_error_not_damage(tmp_path: Pat
 
     import numpy as np
 
-    files = []
-    for i in range(2):
-        path = tmp_path / f"d{i}.h5ad"
-        make_adata(n_cells=120, n_genes=40, seed=i, prefix=f"d{i}_").write_h5ad(path)
-        files.append(path)
-    ingest(files, tmp_path / "atlas", progress=False)
-    index = tmp_path / "index"
-    build_index(tmp_path / "atlas", index, embedder_options={"n_components": 8}, label_keys=(), reference_map=False,
-                progress=False)
+    files, index = _small_index(tmp_path, n_cells=120, n_genes=40)
     real_load = np.load
 
     def load(path, *args, **kwargs):
