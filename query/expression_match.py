@@ -4,12 +4,13 @@ holding out atlas datasets.
 The similarity-based mapping score (:mod:`query.mapping`) works in the embedding, where a cell of a tissue the atlas
 lacks can land among atlas cells: an embedder fitted on blood genes places a pancreatic cell by the few blood genes
 it expresses. Gene space keeps what the embedding drops. As scmap-cluster does, each query cell is compared with the
-mean expression profile (log1p CP10k of the embedder's genes) of each atlas cell type in each atlas dataset, from
-the label heads' training sample; its *expression match* is its best Pearson correlation with any of them.
+mean expression profile (log1p CP10k of the embedder's genes) of each atlas cell type (the label head's classes),
+from the label heads' training sample; its *expression match* is its best Pearson correlation with any of them.
+One profile per type, not per type and dataset, keeps the cost at cells x genes x types for any number of datasets.
 
-Calibration (at annotate time, on the genes the query has): each atlas dataset of the sample is held out in turn and
-its cells matched against the other datasets' profiles, which shows how well cells of a new lab or condition match
-when they are of types the atlas holds. The cut is the lowest of the held-out datasets' :data:`QUANTILE`
+Calibration (at annotate time, on the genes the query has): each atlas dataset of the sample (the
+:data:`MAX_GROUPS` largest) is held out in turn and its cells matched against the profiles of the other datasets'
+cells, which shows how well cells of a new lab or condition match when they are of types the atlas holds. The cut is the lowest of the held-out datasets' :data:`QUANTILE`
 quantiles; a query cell under it matches no atlas cell type as well as almost every held-out atlas cell does, and is
 out of the atlas. It needs at least two datasets in the sample (each with :data:`MIN_GROUP_CELLS` cells) and a
 head that reads gene features; otherwise the check is off and the report says why.
@@ -36,7 +37,12 @@ the atlas' own types lost 2.1% of its cells, at 0.001 0.6% (real queries: docs/b
 MIN_GROUP_CELLS = 50
 """A dataset needs this many cells in the training sample to be held out (its quantile is noise otherwise)."""
 MIN_PROFILE_CELLS = 10
-"""A cell type of a dataset needs this many sample cells to give a profile."""
+"""A cell type needs this many sample cells (outside the held-out dataset, when calibrating) to give a profile."""
+MAX_GROUPS = 50
+"""At most this many datasets (the largest in the sample) are held out to calibrate: enough to see the spread
+between labs, bounded for an atlas of hundreds of datasets."""
+CALIBRATION_CELLS = 2_000
+"""At most this many sample cells of a held-out dataset are matched (sampled with a fixed seed)."""
 BLOCK_ROWS = 10_000
 
 
@@ -44,7 +50,7 @@ BLOCK_ROWS = 10_000
 class ExpressionMatch:
     """Profiles of the atlas' cell types per dataset, and the cut calibrated on held-out datasets.
 
-    ``profiles``: ``(n_profiles, n_present)`` the mean log1p CP10k of each profile on the present genes,
+    ``profiles``: ``(n_types, n_present)`` the mean log1p CP10k of each type on the present genes,
     centred and scaled (:func:`_standardise`); ``present``: the embedder's genes the query has (bool; the only ones
     compared); ``cut``: cells matching below it are out of the atlas; ``record``: what the report says of it.
     """
@@ -69,10 +75,12 @@ def _standardise(X: np.ndarray) -> np.ndarray:
     return out
 
 
-def _best_match(X: np.ndarray, centred_profiles: np.ndarray) -> np.ndarray:
-    out = np.full(len(X), np.nan, dtype=np.float32)
-    for a in range(0, len(X), BLOCK_ROWS):
-        Z = _standardise(np.asarray(X[a : a + BLOCK_ROWS], dtype=np.float32))
+def _best_match(X: np.ndarray | sp.csr_matrix, centred_profiles: np.ndarray) -> np.ndarray:
+    """Each row's best Pearson correlation with the profiles (rows densified a block at a time)."""
+    out = np.full(X.shape[0], np.nan, dtype=np.float32)
+    for a in range(0, X.shape[0], BLOCK_ROWS):
+        block: Any = X[a : a + BLOCK_ROWS]
+        Z = _standardise(np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float32))
         r = Z @ centred_profiles.T
         with warnings.catch_warnings():  # a row of NaN (a cell without expression) stays NaN
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -105,25 +113,34 @@ def expression_match(
     with np.load(head.directory / head.record["file"], allow_pickle=False) as z:
         rows, y = np.asarray(z["train_rows"]), np.asarray(z["train_y"])
     datasets = _datasets(idx, ids[rows])
-    groups = [d for d in np.unique(datasets[datasets != ""]) if (datasets == d).sum() >= MIN_GROUP_CELLS]
+    sizes = {d: int((datasets == d).sum()) for d in np.unique(datasets[datasets != ""])}
+    groups = sorted((d for d, n in sizes.items() if n >= MIN_GROUP_CELLS), key=lambda d: -sizes[d])[:MAX_GROUPS]
     if len(groups) < 2:
         return off("the atlas' training sample has fewer than two datasets to hold out")
-    Gp = sp.csr_matrix(G[rows][:, np.flatnonzero(present)])
-    profiles, owners = _profiles(Gp, y, datasets)
-    centred = _standardise(profiles)
+    Gp = sp.csr_matrix(G[rows][:, np.flatnonzero(present)], dtype=np.float64)
+    onehot = sp.csr_matrix((np.ones(len(y)), (np.arange(len(y)), y)), shape=(len(y), int(y.max()) + 1))
+    sums, counts = np.asarray((onehot.T @ Gp).todense()), np.asarray(onehot.sum(axis=0)).ravel()
+    rng = np.random.default_rng(0)
     quantiles = {}
     for d in groups:
-        others = owners != d
-        if not others.any():
+        mine = np.flatnonzero(datasets == d)
+        own = onehot[mine]
+        rest = counts - np.asarray(own.sum(axis=0)).ravel()
+        keep = rest >= MIN_PROFILE_CELLS  # the types the other datasets hold
+        if not keep.any():
             continue
-        match = _best_match(Gp[np.flatnonzero(datasets == d)].toarray(), centred[others])
+        profiles = (sums[keep] - np.asarray((own.T @ Gp[mine]).todense())[keep]) / rest[keep, None]
+        cells = mine if len(mine) <= CALIBRATION_CELLS else np.sort(rng.choice(mine, CALIBRATION_CELLS, replace=False))
+        match = _best_match(Gp[cells], _standardise(profiles))
         quantiles[str(d)] = float(np.nanquantile(match, QUANTILE))
     if not quantiles:
         return off("no atlas dataset shares cell types with another")
+    keep = counts >= MIN_PROFILE_CELLS
+    centred = _standardise(sums[keep] / counts[keep, None])
     cut = min(quantiles.values())
     record = {
         "status": "on", "cut": round(cut, 4), "quantile": QUANTILE, "grouping": "dataset",
-        "n_groups": len(quantiles), "n_profiles": int(len(profiles)), "label_key": head.key,
+        "n_groups": len(quantiles), "n_profiles": int(keep.sum()), "label_key": head.key,
         "held_out_quantiles": {k: round(v, 4) for k, v in quantiles.items()},
     }
     return ExpressionMatch(centred, present, cut, record)
@@ -138,15 +155,3 @@ def _datasets(idx: AtlasIndex, ids: np.ndarray) -> np.ndarray:
     values = table["dataset_id"].astype(object).where(table["dataset_id"].notna(), "").to_numpy()
     found = dict(zip(uniq.tolist(), values.tolist(), strict=False)) if len(values) == len(uniq) else {}
     return np.array([str(found.get(int(i), "")) for i in ids], dtype=object)
-
-
-def _profiles(G: sp.csr_matrix, y: np.ndarray, datasets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean expression of each (dataset, class) with at least :data:`MIN_PROFILE_CELLS` cells, and its dataset."""
-    profiles, owners = [], []
-    for d in np.unique(datasets):
-        for c in np.unique(y[datasets == d]):
-            members = np.flatnonzero((datasets == d) & (y == c))
-            if len(members) >= MIN_PROFILE_CELLS:
-                profiles.append(np.asarray(G[members].mean(axis=0)).ravel())
-                owners.append(d)
-    return np.asarray(profiles, dtype=np.float32).reshape(len(profiles), G.shape[1]), np.asarray(owners, dtype=object)
