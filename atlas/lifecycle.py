@@ -255,6 +255,17 @@ def _plan_relabel(con: duckdb.DuckDBPyConnection, record: DatasetRecord,
     return out, types
 
 
+def _relabel_changes_nothing(con: duckdb.DuckDBPyConnection, dataset_id: str, columns: list[RelabelledColumn]) -> bool:
+    """Whether every pair would write the values its target already holds (compared as text) and no term column
+    holds a term to clear: then the relabel leaves the store alone (a new obs revision would make every index of
+    it retrain its label heads on its next update for nothing)."""
+    checks = [f"count(*) FILTER (WHERE CAST({quote_ident(c.target)} AS VARCHAR) IS DISTINCT FROM "
+              f"CAST({quote_ident(c.stored_source)} AS VARCHAR))" for c in columns]
+    checks += [f"count({quote_ident(c.term_column)})" for c in columns if c.term_column]
+    row = con.execute(f"SELECT {', '.join(checks)} FROM cells WHERE dataset_id = ?", [dataset_id]).fetchone()
+    return row is not None and not any(row)
+
+
 def _apply_relabel(con: duckdb.DuckDBPyConnection, dataset_id: str, columns: list[RelabelledColumn],
                    types: dict[str, str], terms: Mapping[str, str] | None) -> None:
     """The relabel's DuckDB transaction: widen target types where needed, count the changed cells, copy every
@@ -385,7 +396,8 @@ def relabel_dataset(
 
     ``store.json`` is written first with the dataset's ``obs_revision`` bumped (an index built before sees the
     change), then the cell table in one transaction; interrupted between the two, the old labels stay under the
-    new revision: rerun the relabel.
+    new revision: rerun the relabel. A relabel that would change no cell (every target already holds its source's
+    values, no term to clear) writes nothing and keeps the revision.
     """
     pairs = list(obs_map.items()) if isinstance(obs_map, Mapping) else [(str(s), str(t)) for s, t in obs_map]
     if not pairs and ontology_map is None:
@@ -402,12 +414,17 @@ def relabel_dataset(
             if terms is not None and not any(c.term_column for c in columns):
                 raise InputError("--ontology-map: no target has a Cell Ontology term column (TARGET_ontology_term_id) "
                                  "to fill; leave the map out")
-            record.obs_revision += 1
-            record.obs_columns += [c.target for c in columns
-                                   if c.target not in STANDARD_OBS_COLUMNS and c.target not in record.obs_columns]
-            write_json_atomic(path / STATE_FILE, writer.state.to_json())  # the commit point of the new revision
-            with transaction(con):
-                _apply_relabel(con, dataset_id, columns, types, terms)
+            unchanged = terms is None and _relabel_changes_nothing(con, dataset_id, columns)
+            if unchanged:  # no new revision: an index of the store has nothing to update
+                logger.info("%s: relabelling dataset %s changes no cell: the store is left as it is", path,
+                            escaped(dataset_id))
+            else:
+                record.obs_revision += 1
+                record.obs_columns += [c.target for c in columns
+                                       if c.target not in STANDARD_OBS_COLUMNS and c.target not in record.obs_columns]
+                write_json_atomic(path / STATE_FILE, writer.state.to_json())  # the commit point of the new revision
+                with transaction(con):
+                    _apply_relabel(con, dataset_id, columns, types, terms)
             report = RelabelReport(atlas=str(path), dataset_id=dataset_id, n_cells=record.n_cells,
                                    obs_revision=record.obs_revision, columns=columns)
             for col in columns:
@@ -416,7 +433,7 @@ def relabel_dataset(
                 row = con.execute(f"SELECT count(DISTINCT {quote_ident(col.target)}) FROM cells WHERE {where}",
                                   params).fetchone()
                 col.n_values = int(row[0]) if row else 0
-                if col.term_column:
+                if col.term_column and not unchanged:
                     col.terms = "cleared" if terms is None else "refilled"
                     if terms is not None:
                         col.ontology = _terms_report(con, dataset_id, col, terms)

@@ -210,6 +210,17 @@ def test_relabel_mends_a_forgotten_obs_map_and_clears_the_stale_terms(forgot: Pa
     assert _rows(forgot, "SELECT * FROM cells WHERE dataset_id = 'ok' ORDER BY soma_joinid") == ok_before
 
 
+def test_a_relabel_that_changes_nothing_leaves_the_store_and_its_revision_alone(forgot: Path) -> None:
+    res = _run("relabel", "--atlas", str(forgot), "--dataset", "fx", "--obs-map", "celltype=cell_type")
+    assert res.exit_code == 0 and "obs revision 1" in res.output  # type: ignore[attr-defined]
+    state = (forgot / "store.json").read_bytes()
+    again = _run("relabel", "--atlas", str(forgot), "--dataset", "fx", "--obs-map", "celltype=cell_type")
+    assert again.exit_code == 0, again.output  # type: ignore[attr-defined]
+    out = again.output  # type: ignore[attr-defined]
+    assert "obs revision 1" in out and "0 cells changed" in out and "cleared" not in out
+    assert (forgot / "store.json").read_bytes() == state
+
+
 def test_relabel_library_reports_and_finds_a_renamed_obs_column(tmp_path: Path,
                                                                  h5ad_factory: Callable[..., Path]) -> None:
     def clash(a: anndata.AnnData) -> anndata.AnnData:  # `Tissue` clashes with the schema's `tissue`: stored renamed
