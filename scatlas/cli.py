@@ -378,6 +378,25 @@ def info(index_path: Path | None, index_dir: Path | None, as_json: bool) -> None
         _print_info(figures)
 
 
+def _pair_notes(index_dir: Path, atlas_dir: Path) -> list[str]:
+    """Notes when an intact index and an intact store checked together are not index and store of one atlas."""
+    from scatlas.atlas.store import AtlasStore
+    from scatlas.index import AtlasIndex
+    from scatlas.query.hunt.gene_reads import store_differences
+
+    with AtlasIndex.open(index_dir) as idx:
+        store = AtlasStore.open(atlas_dir)
+        try:
+            differences = store_differences(idx, store, every_dataset=True)
+        finally:
+            store.close()
+    if not differences:
+        return []
+    return [f"the index was not built from this store as it is now: {'; '.join(differences)} (each is intact on its "
+            "own: pair the index with the store it was built from, or bring it up to date with `scatlas build "
+            "--update`)"]
+
+
 @cli.command()
 @click.option("--index", "index_dir", type=PathArg(file_okay=False, path_type=Path), default=None,
               help="Index directory to check: every file against the manifest's checksums, shard ids against its ranges.")
@@ -400,6 +419,8 @@ def verify(index_dir: Path | None, atlas_dir: Path | None, as_json: bool, progre
         store = verify_store(atlas_dir, progress=progress)
         found["atlas"] = {"path": store.path, "ok": store.ok, "datasets": store.n_datasets, "cells": store.n_cells,
                           "values": store.n_values, "problems": store.problems, "notes": store.notes}
+    if index_dir is not None and atlas_dir is not None and found["index"]["ok"] and found["atlas"]["ok"]:
+        found["atlas"]["notes"] = [*found["atlas"]["notes"], *_pair_notes(index_dir, atlas_dir)]
     if as_json:
         _echo(json.dumps(found, indent=2, default=str))
     for what, result in found.items():

@@ -201,3 +201,12 @@ def test_stage_two_reads_a_store_that_gained_datasets_and_names_update_when_one_
     assert store is None and why is not None
     assert "is not in the store" in why and "build --update" in why
     assert store_differences(idx, AtlasStore.open(shrunk)) == []  # the report's rule: a removed dataset alone is fine
+
+
+def test_verify_notes_an_index_and_a_store_that_are_not_one_atlas(world):
+    args = ["verify", "--index", str(world["index"].path), "--no-progress"]
+    res = CliRunner().invoke(cli, [*args, "--atlas", str(world["other"])])
+    assert res.exit_code == 0, res.output  # both intact on their own
+    assert "note: the index was not built from this store" in res.output and "x_sha256" in res.output
+    res = CliRunner().invoke(cli, [*args, "--atlas", str(world["atlas"])])
+    assert res.exit_code == 0 and "not built from this store" not in res.output, res.output
