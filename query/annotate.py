@@ -522,7 +522,7 @@ def _mapping(idx: AtlasIndex, run: Transfer, alignment: Alignment | None, apply:
     verdict = assess_mapping(scores[used] if scores is not None else np.zeros(0), shift, calibration)
     unlike = np.zeros(len(run.similarity), bool)
     if isinstance(expression, ExpressionMatch):
-        unlike = used & (run.expression_match < expression.cut)
+        unlike = used & expression.below(run.expression_match, run.expression_depth)
         verdict = with_expression(verdict, unlike[used], expression.record)
     else:
         verdict = with_expression(verdict, None, expression)

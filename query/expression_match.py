@@ -43,6 +43,12 @@ MAX_GROUPS = 50
 between labs, bounded for an atlas of hundreds of datasets."""
 CALIBRATION_CELLS = 2_000
 """At most this many sample cells of a held-out dataset are matched (sampled with a fixed seed)."""
+DEPTH_BINS = 5
+"""Held-out cells are split into this many bins by their detected genes (quantiles): a cell of few detected genes
+matches every profile worse, so each bin has its own cut (a new dataset's share of shallow cells differs from the
+atlas')."""
+MIN_BIN_CELLS = 20
+"""A held-out dataset's bin needs this many cells for its median there to count."""
 BLOCK_ROWS = 10_000
 
 
@@ -52,18 +58,29 @@ class ExpressionMatch:
 
     ``profiles``: ``(n_types, n_present)`` the mean log1p CP10k of each type on the present genes,
     centred and scaled (:func:`_standardise`); ``present``: the embedder's genes the query has (bool; the only ones
-    compared); ``cut``: cells matching below it are out of the atlas; ``record``: what the report says of it.
+    compared); ``edges``: the detected-gene counts that split cells into :data:`DEPTH_BINS` bins; ``cuts``: each
+    bin's cut (cells matching below their bin's cut are out of the atlas); ``cut``: the lowest of them;
+    ``record``: what the report says of it.
     """
 
     profiles: np.ndarray
     present: np.ndarray
+    edges: np.ndarray
+    cuts: np.ndarray
     cut: float
     record: dict[str, Any]
 
-    def scores(self, gene_features: np.ndarray) -> np.ndarray:
-        """Each cell's best Pearson correlation with any profile, on the present genes (NaN for a cell whose
-        present genes are all equal, e.g. no expression)."""
-        return _best_match(np.asarray(gene_features, dtype=np.float32)[:, self.present], self.profiles)
+    def scores(self, gene_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each cell's best Pearson correlation with any profile on the present genes (NaN for a cell whose present
+        genes are all equal, e.g. no expression), and its detected genes among them."""
+        X = np.asarray(gene_features, dtype=np.float32)[:, self.present]
+        return _best_match(X, self.profiles), (X > 0).sum(axis=1)
+
+    def below(self, match: np.ndarray, depth: np.ndarray) -> np.ndarray:
+        """Bool: the cells whose match is under the cut of their depth's bin (NaN: not below)."""
+        cut = self.cuts[np.searchsorted(self.edges, np.asarray(depth), side="right")]
+        out: np.ndarray = np.asarray(match) < cut
+        return out
 
 
 def _standardise(X: np.ndarray) -> np.ndarray:
@@ -121,7 +138,8 @@ def expression_match(
     onehot = sp.csr_matrix((np.ones(len(y)), (np.arange(len(y)), y)), shape=(len(y), int(y.max()) + 1))
     sums, counts = np.asarray((onehot.T @ Gp).todense()), np.asarray(onehot.sum(axis=0)).ravel()
     rng = np.random.default_rng(0)
-    quantiles = {}
+    quantiles: dict[str, float] = {}
+    held: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for d in groups:
         mine = np.flatnonzero(datasets == d)
         own = onehot[mine]
@@ -133,17 +151,39 @@ def expression_match(
         cells = mine if len(mine) <= CALIBRATION_CELLS else np.sort(rng.choice(mine, CALIBRATION_CELLS, replace=False))
         match = _best_match(Gp[cells], _standardise(profiles))
         quantiles[str(d)] = float(np.nanquantile(match, QUANTILE))
+        held[str(d)] = (match, np.asarray((Gp[cells] > 0).sum(axis=1)).ravel())
     if not quantiles:
         return off("no atlas dataset shares cell types with another")
     keep = counts >= MIN_PROFILE_CELLS
     centred = _standardise(sums[keep] / counts[keep, None])
-    cut = min(quantiles.values())
+    edges, cuts = _depth_cuts(held, min(quantiles.values()))
     record = {
-        "status": "on", "cut": round(cut, 4), "quantile": QUANTILE, "grouping": "dataset",
+        "status": "on", "cut": round(float(cuts.min()), 4), "quantile": QUANTILE, "grouping": "dataset",
         "n_groups": len(quantiles), "n_profiles": int(keep.sum()), "label_key": head.key,
         "held_out_quantiles": {k: round(v, 4) for k, v in quantiles.items()},
+        "depth_bins": {"detected_genes_from": [0, *map(int, edges)], "cuts": [round(float(c), 4) for c in cuts]},
     }
-    return ExpressionMatch(centred, present, cut, record)
+    return ExpressionMatch(centred, present, edges, cuts, float(cuts.min()), record)
+
+
+def _depth_cuts(held: dict[str, tuple[np.ndarray, np.ndarray]], overall: float) -> tuple[np.ndarray, np.ndarray]:
+    """Bin edges (detected genes) and each bin's cut. A held-out dataset's tail (its :data:`QUANTILE` quantile, over
+    all its cells: a few bins' worth of cells would put it too high) is moved by how far its median in the bin lies
+    from its median overall (medians are steady on few cells); a bin's cut is the lowest over the datasets with
+    :data:`MIN_BIN_CELLS` cells in it (``overall``, the cut over whole datasets, where none has)."""
+    depth = np.concatenate([d for _, d in held.values()])
+    edges = np.unique(np.quantile(depth, np.linspace(0, 1, DEPTH_BINS + 1)[1:-1]))
+    cuts = np.full(len(edges) + 1, overall)
+    for b in range(len(edges) + 1):
+        found = []
+        for match, d in held.values():
+            in_bin = (np.searchsorted(edges, d, side="right") == b) & np.isfinite(match)
+            if in_bin.sum() >= MIN_BIN_CELLS:
+                tail = float(np.nanquantile(match, QUANTILE))
+                found.append(tail + float(np.median(match[in_bin])) - float(np.nanmedian(match)))
+        if found:
+            cuts[b] = min(found)
+    return edges, cuts
 
 
 def _datasets(idx: AtlasIndex, ids: np.ndarray) -> np.ndarray:

@@ -66,6 +66,7 @@ class Transfer:
         self.nearest = np.full(n, np.nan, dtype=np.float32)
         self.expression: ExpressionMatch | None = None  # set before add() to score each cell's expression match
         self.expression_match = np.full(n, np.nan, dtype=np.float32)
+        self.expression_depth = np.zeros(n, dtype=np.int64)  # detected genes among those the match compares
         self.neighbors: list[tuple[np.ndarray, ...]] = []
         self.lookup = list(dict.fromkeys([*atlas.keys, *([DATASET_COLUMN] if atlas.has_datasets else [])]))
         self.t_embed = self.t_search = self.t_vote = 0.0
@@ -89,7 +90,7 @@ class Transfer:
         if self.expression is not None:
             features = gene_features if gene_features is not None else embedder.gene_features(chunk)
             if features is not None:
-                self.expression_match[rows] = self.expression.scores(features)
+                self.expression_match[rows], self.expression_depth[rows] = self.expression.scores(features)
         t1 = time.perf_counter()
         result = self.idx.search(vectors, self.k_search, self.where)
         t2 = time.perf_counter()

@@ -579,8 +579,10 @@ def _echo_annotation(report: dict[str, Any]) -> None:
                  "its cells' similarities fall)" if weaker else ""))
     expression = mapping.get("expression") or {}
     if expression.get("status") == "on" and expression.get("cells_below"):
+        cuts = (expression.get("depth_bins") or {}).get("cuts") or [expression.get("cut")]
+        span = f"{min(cuts)}-{max(cuts)}" if len(set(cuts)) > 1 else f"{cuts[0]}"
         _echo(f"expression: {expression['cells_below']:,} cells match no atlas cell type in gene space "
-              f"(correlation under {expression.get('cut')}): 'unknown' (out_of_atlas)")
+              f"(correlation under {span}, by detected genes): 'unknown' (out_of_atlas)")
     elif mapping.get("verdict") == "too_few_cells":
         _echo(f"mapping: no query-level verdict: the query has {mapping.get('n_cells')} cell(s), under the "
               f"{mapping.get('min_cells')} the check needs; each cell is judged on its own "

@@ -67,8 +67,13 @@ def test_the_cut_comes_from_each_held_out_dataset(world: dict[str, Any]) -> None
     rec = check.record
     assert rec["status"] == "on" and rec["grouping"] == "dataset" and rec["n_groups"] == 3
     assert rec["label_key"] == KEY and rec["n_profiles"] >= 3 * 2
-    assert check.cut == pytest.approx(min(rec["held_out_quantiles"].values()), abs=1e-4)
-    assert -1 < check.cut < 1
+    assert check.cut == pytest.approx(min(rec["depth_bins"]["cuts"]), abs=1e-4) and -1 < check.cut < 1
+    # each depth bin's cut is one held-out dataset's quantile in it, or the whole datasets' lowest where none has
+    # enough cells there: never above the highest whole-dataset quantile by much, never NaN
+    assert len(check.cuts) == len(check.edges) + 1 and np.isfinite(check.cuts).all()
+    deep, shallow = np.array([check.edges[-1] + 1]), np.array([0])
+    assert check.below(np.array([check.cuts[-1] - 0.01]), deep)[0] and not check.below(np.array([np.nan]), deep)[0]
+    assert check.below(np.array([check.cuts[0] - 0.01]), shallow)[0]
 
 
 def test_cells_of_the_atlas_types_match_and_other_programs_do_not(world: dict[str, Any]) -> None:
