@@ -333,6 +333,16 @@ def _editing(path: Path, dataset_id: str) -> Iterator[tuple[StoreWriter, Dataset
             con.close()
 
 
+def _terms_to_fill(con: duckdb.DuckDBPyConnection, dataset_id: str, label: str, term: str) -> int:
+    """How many of the dataset's cells an ontology fill would give a term (their label is in the registered
+    ``relabel_terms`` and their term is empty)."""
+    row = con.execute(
+        f"SELECT count(*) FROM cells JOIN relabel_terms AS m ON CAST(cells.{quote_ident(label)} AS VARCHAR) = m.label "
+        f"WHERE cells.dataset_id = ? AND coalesce(CAST(cells.{quote_ident(term)} AS VARCHAR), '') = ''", [dataset_id]
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def _fill_terms(path: Path, dataset_id: str, key: str, terms: Mapping[str, str]) -> RelabelReport:
     """:func:`relabel_dataset` with only an ontology map: fill ``key``'s empty terms of the dataset from ``terms``."""
     check_name(key, "--ontology-label-key")
@@ -344,8 +354,17 @@ def _fill_terms(path: Path, dataset_id: str, key: str, terms: Mapping[str, str])
             if label is None:
                 raise InputError(f"--ontology-map: the store's cell table has no column {escaped(key)}; name the "
                                  "label column whose values the map's labels are with --ontology-label-key")
+            term_exists = term is not None
             term = term or check_name(term_column(label), "--ontology-label-key's term column")
             col = RelabelledColumn(source=label, stored_source=label, target=label, term_column=term, terms="filled")
+            con.register("relabel_terms", pa.table({"label": pa.array(list(terms), pa.string()),
+                                                    "term": pa.array(list(terms.values()), pa.string())}))
+            if term_exists and not _terms_to_fill(con, dataset_id, label, term):
+                # every label the map names already has its term: no new revision (an update would redo nothing)
+                col.ontology = _terms_report(con, dataset_id, col, terms)
+                col.values = _value_counts(con, label, "dataset_id = ?", [dataset_id], TOP_TARGET_VALUES)
+                return RelabelReport(atlas=str(path), dataset_id=dataset_id, n_cells=record.n_cells,
+                                     obs_revision=record.obs_revision, columns=[col])
             record.obs_revision += 1
             if term not in STANDARD_OBS_COLUMNS and term not in record.obs_columns:
                 record.obs_columns.append(term)
@@ -353,8 +372,6 @@ def _fill_terms(path: Path, dataset_id: str, key: str, terms: Mapping[str, str])
             with transaction(con):
                 if term.casefold() not in table:  # a label column without terms yet: its term column, as ingest adds
                     con.execute(f"ALTER TABLE cells ADD COLUMN {quote_ident(term)} VARCHAR")
-                con.register("relabel_terms", pa.table({"label": pa.array(list(terms), pa.string()),
-                                                        "term": pa.array(list(terms.values()), pa.string())}))
                 con.execute(
                     f"UPDATE cells SET {quote_ident(term)} = m.term FROM relabel_terms AS m WHERE cells.dataset_id = ? "
                     f"AND CAST(cells.{quote_ident(label)} AS VARCHAR) = m.label "

@@ -51,7 +51,6 @@ from scatlas.query.annotate_report import (
 from scatlas.query.atlas_labels import FAR_QUANTILE_WHEN_ON, AtlasLabels, atlas_labels
 from scatlas.query.evaluate import confusion_table
 from scatlas.query.expression_match import ExpressionMatch, expression_match
-from scatlas.query.expression_match import off as expression_off
 from scatlas.query.mapping import MappingVerdict, assess_mapping, with_expression
 from scatlas.query.outputs import (
     MapPlacement,
@@ -361,7 +360,7 @@ def annotate(
         run = Transfer(cast(AtlasIndex, placing), atlas, k=k_used, weighting=weighting,
                        max_votes_per_dataset=max_votes_per_dataset, where=where, keep_neighbors=keep_neighbors,
                        n=cells.n_cells, shift=alignment.shift if alignment is not None and alignment.applied else None)
-        expression = _expression_check(idx, atlas, cells, check_mapping)
+        expression = _expression_check(idx, atlas, cells)
         if isinstance(expression, ExpressionMatch):
             run.expression = expression
         with progress_bar(progress, total=cells.n_cells, desc="annotate", unit="cell") as bar:
@@ -490,12 +489,9 @@ class _Mapping:
     applied: bool
 
 
-def _expression_check(
-    idx: AtlasIndex, atlas: AtlasLabels, cells: QueryCells, apply: bool
-) -> ExpressionMatch | dict[str, Any]:
-    """The per-cell expression match (:mod:`query.expression_match`) for this query, or the record of why it is off."""
-    if not apply:
-        return expression_off("the mapping check is off (--no-mapping-check)")
+def _expression_check(idx: AtlasIndex, atlas: AtlasLabels, cells: QueryCells) -> ExpressionMatch | dict[str, Any]:
+    """The per-cell expression match (:mod:`query.expression_match`) for this query, or the record of why it is off
+    (with the mapping check off it is measured and reported, not applied)."""
     present = cells.match.target_present() if cells.match is not None else None
     if cells.embedder.gene_feature_names is None:
         present = None
@@ -534,7 +530,7 @@ def _mapping(idx: AtlasIndex, run: Transfer, alignment: Alignment | None, apply:
     if verdict.verdict == "maps_poorly":
         logger.warning(
             "the query maps poorly onto the atlas (another tissue or a cell type the atlas lacks?): %s; %s",
-            "; ".join(verdict.reasons),
+            "; ".join(verdict.reasons) + (f" ({verdict.note})" if verdict.by_expression and verdict.note else ""),
             f"{int(out.sum())} of {len(out)} cells are 'unknown' ({REASON_OUT_OF_ATLAS})" if apply
             else "cells are labelled anyway (mapping check off)",
         )

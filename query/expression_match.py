@@ -38,6 +38,9 @@ MIN_GROUP_CELLS = 50
 """A dataset needs this many cells in the training sample to be held out (its quantile is noise otherwise)."""
 MIN_PROFILE_CELLS = 10
 """A cell type needs this many sample cells (outside the held-out dataset, when calibrating) to give a profile."""
+MIN_GENES = 200
+"""Below this many of the embedder's genes in the query, the check is off: a profile over a few dozen genes, of which
+a cell detects a handful, correlates with anything or nothing (a cell-line file sharing 94 genes got a negative cut)."""
 MAX_GROUPS = 50
 """At most this many datasets (the largest in the sample) are held out to calibrate: enough to see the spread
 between labs, bounded for an atlas of hundreds of datasets."""
@@ -125,8 +128,9 @@ def expression_match(
         return off("the label heads' training sample predates this check: retrain the heads "
                    "(`scatlas build ... --label-key KEY`) to turn it on")
     present = np.asarray(present, dtype=bool)
-    if G.shape[1] != len(present) or present.sum() < 2:
-        return off("the query shares too few of the embedder's genes")
+    if G.shape[1] != len(present) or present.sum() < MIN_GENES:
+        return off(f"the query shares {int(present.sum())} of the embedder's genes, under the {MIN_GENES} a cell's "
+                   "expression profile needs to be compared")
     with np.load(head.directory / head.record["file"], allow_pickle=False) as z:
         rows, y = np.asarray(z["train_rows"]), np.asarray(z["train_y"])
     datasets = _datasets(idx, ids[rows])

@@ -66,7 +66,7 @@ class MappingVerdict:
     reasons: tuple[str, ...] = ()
     note: str = ""
     expression: dict[str, Any] = field(default_factory=dict)
-    by_expression: bool = False  # maps poorly only by the expression match: that picks the cells out one by one
+    by_expression: bool = False  # the expression match picks the cells out one by one (see with_expression)
 
     def out_of_atlas(self, cell_scores: np.ndarray) -> np.ndarray:
         """Bool mask of cells out of the atlas: when the query maps poorly, every cell scoring under
@@ -153,6 +153,7 @@ def assess_mapping(
         )
     limit = low_fraction_limit(t["max_low_fraction"], len(s))
     evidence["low_fraction_limit"] = round(limit, 4)
+    evidence["low_fraction_over"] = bool(low > limit)
     if low > limit:
         reasons.append(
             f"{100 * low:.0f}% of its cells map below the atlas' {100 * t['low_score']:.0f}% tail, over "
@@ -169,13 +170,23 @@ def with_expression(
     """``verdict`` with the expression match's record (:mod:`query.expression_match`) and, when it ran, the share of
     cells (``unlike``: bool over the cells judged) whose expression matches no atlas cell type: a query that maps
     well by similarity but holds more such cells than ``max_low_fraction`` (with the chance margin of
-    :func:`low_fraction_limit`) maps poorly (another tissue that the embedding places among atlas cells)."""
+    :func:`low_fraction_limit`) maps poorly (another tissue that the embedding places among atlas cells). A query
+    that maps poorly by its shift alone (not by the low tail) while few of its cells fall under the expression cut
+    is judged cell by cell (``by_expression``): another lab of the atlas' tissue, where the atlas' datasets come
+    from one lab and show small shifts among themselves."""
     if unlike is None:
         return replace(verdict, expression=dict(record))
     share = float(np.mean(unlike)) if len(unlike) else 0.0
     expression = {**record, "cells_below": int(np.sum(unlike)), "fraction_below": round(share, 4)}
     most = verdict.thresholds.get("max_low_fraction")
     limit = None if most is None else low_fraction_limit(most, len(unlike))
+    if verdict.verdict == "maps_poorly" and limit is not None and share <= limit and \
+            verdict.evidence.get("low_fraction_over") is False:
+        # poorly by its shift alone (another lab, where the atlas' datasets come from one), while its cells' expression
+        # matches atlas types: each cell is judged on its own, as in a query that maps well
+        note = ("the query needed a larger shift than the atlas' datasets show among themselves, but its cells map "
+                "as atlas cells do and their expression matches atlas cell types: each cell is judged on its own")
+        return replace(verdict, expression=expression, by_expression=True, note=note)
     if verdict.verdict != "maps_well" or limit is None or share <= limit:
         return replace(verdict, expression=expression)
     reason = (

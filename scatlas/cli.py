@@ -381,6 +381,7 @@ def info(index_path: Path | None, index_dir: Path | None, as_json: bool) -> None
 def _pair_notes(index_dir: Path, atlas_dir: Path) -> list[str]:
     """Notes when an intact index and an intact store checked together are not index and store of one atlas."""
     from scatlas.atlas.store import AtlasStore
+    from scatlas.atlas.validate import escaped
     from scatlas.index import AtlasIndex
     from scatlas.query.hunt.gene_reads import store_differences
 
@@ -388,10 +389,23 @@ def _pair_notes(index_dir: Path, atlas_dir: Path) -> list[str]:
         store = AtlasStore.open(atlas_dir)
         try:
             differences = store_differences(idx, store, every_dataset=True)
+            snapshot = {str(d.get("dataset_id")): d for d in idx.manifest.atlas_snapshot.get("datasets") or []
+                        if isinstance(d, dict)}
+            records = list(store.cell_ranges_records())
         finally:
             store.close()
     if not differences:
-        return []
+        added = [r for r in records if str(r.dataset_id) not in snapshot]
+        relabelled = [r for r in records if str(r.dataset_id) in snapshot
+                      and snapshot[str(r.dataset_id)].get("obs_revision") not in (None, getattr(r, "obs_revision", None))]
+        notes = []
+        if added:
+            notes.append(f"the store holds {len(added)} dataset(s) ingested after the index was built (e.g. "
+                         f"{escaped(added[0].dataset_id, 60)}): `scatlas build --update` adds them")
+        if relabelled:
+            notes.append(f"{len(relabelled)} dataset(s) of the index were relabelled in the store since (e.g. "
+                         f"{escaped(relabelled[0].dataset_id, 60)}): `scatlas build --update` takes the new labels")
+        return notes
     return [f"the index was not built from this store as it is now: {'; '.join(differences)} (each is intact on its "
             "own: pair the index with the store it was built from, or bring it up to date with `scatlas build "
             "--update`)"]
@@ -569,7 +583,8 @@ def _echo_annotation(report: dict[str, Any]) -> None:
     if mapping.get("verdict") == "maps_poorly":  # the warning, with its reasons, is logged once by annotate()
         _echo(f"mapping: the query maps poorly onto the atlas (score {mapping.get('score')}): "
               + (f"{mapping.get('cells_out_of_atlas', 0):,} cells are 'unknown' (out_of_atlas)" if mapping.get("applied")
-                 else "cells labelled anyway (--no-mapping-check)"))
+                 else "cells labelled anyway (--no-mapping-check)")
+              + ("; each cell is judged on its own (by its expression)" if mapping.get("cells_judged_by") else ""))
     elif mapping.get("verdict") == "maps_well":
         evidence = mapping.get("evidence") or {}
         weaker = str(evidence.get("shift_rule", "on")).startswith("off")

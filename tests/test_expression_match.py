@@ -131,3 +131,38 @@ def test_off_with_one_dataset_and_for_a_sample_without_ids(world: dict[str, Any]
         np.savez(fh, **kept)
     check = _check(tmp_path / "index")
     assert isinstance(check, dict) and "predates this check" in check["reason"]
+
+
+def test_a_query_poorly_mapped_by_its_shift_alone_is_judged_cell_by_cell() -> None:
+    """Another lab of the atlas' tissue, where the atlas' datasets come from one lab: its shift is over the atlas'
+    own, its cells are not in the low tail and match atlas types: each cell keeps its own judgement."""
+    thresholds = {"max_low_fraction": 0.2, "individual_score": 0.5, "extreme_score": 0.001, "low_score": 0.05,
+                  "max_shift_norm": 0.4}
+    shifted = MappingVerdict("maps_poorly", 0.97, {"low_fraction_over": False}, thresholds, ("a shift of 0.42",))
+    few = np.zeros(200, bool)
+    judged = with_expression(shifted, few, {"status": "on"})
+    assert judged.verdict == "maps_poorly" and judged.by_expression and "judged on its own" in judged.note
+    scores = np.full(200, 0.3)
+    assert not judged.out_of_atlas(scores).any()
+    assert judged.to_report()["cells_judged_by"].startswith("expression")
+    # poorly by the low tail too, or with many cells unlike the atlas: the similarity rule stands
+    tail = MappingVerdict("maps_poorly", 0.7, {"low_fraction_over": True}, thresholds, ("tail", "shift"))
+    assert with_expression(tail, few, {"status": "on"}).out_of_atlas(scores).all()
+    many = np.r_[np.ones(100, bool), np.zeros(100, bool)]
+    assert not with_expression(shifted, many, {"status": "on"}).by_expression
+
+
+def test_off_when_the_query_shares_few_genes_and_reported_with_the_check_off(world: dict[str, Any]) -> None:
+    from scatlas.query.expression_match import MIN_GENES
+
+    with AtlasIndex.open(world["index"]) as idx:
+        heads = load_label_heads(world["index"], embedder_fingerprint=idx.embedder.fingerprint())
+        present = np.zeros(len(idx.embedder.gene_feature_names or []), bool)
+        present[: MIN_GENES - 1] = True
+        check = expression_match(idx, heads, present)
+    assert isinstance(check, dict) and f"under the {MIN_GENES}" in check["reason"]
+    _, obs, report = _annotate(world, world["foreign"], "foreign.nocheck.h5ad", "--no-mapping-check")
+    expr = report["mapping"]["expression"]
+    assert expr["status"] == "on" and expr["fraction_below"] >= 0.9  # measured and reported
+    assert "atlas_expression_match" in obs.columns
+    assert not (obs[f"{KEY}_unknown_reason"] == "out_of_atlas").any()  # not applied

@@ -209,4 +209,21 @@ def test_verify_notes_an_index_and_a_store_that_are_not_one_atlas(world):
     assert res.exit_code == 0, res.output  # both intact on their own
     assert "note: the index was not built from this store" in res.output and "x_sha256" in res.output
     res = CliRunner().invoke(cli, [*args, "--atlas", str(world["atlas"])])
-    assert res.exit_code == 0 and "not built from this store" not in res.output, res.output
+    assert res.exit_code == 0 and "not built from this store" not in res.output and "note:" not in res.output, \
+        res.output
+
+
+def test_verify_notes_datasets_added_or_relabelled_since_the_build(world, tmp_path):
+    from scatlas.atlas import relabel_dataset
+
+    grown = tmp_path / "grown"
+    shutil.copytree(world["atlas"], grown)
+    extra = write_h5ad_datasets(replace(CONFIG, seed=CONFIG.seed + 2), tmp_path / "extra", datasets=[0])[0]
+    ingest([extra], grown, dataset_id="added-later", progress=False)
+    first = str(AtlasStore.open(grown).datasets[0].dataset_id)
+    relabel_dataset(grown, first, {"donor_id": "cell_type"})
+    res = CliRunner().invoke(cli, ["verify", "--index", str(world["index"].path), "--atlas", str(grown),
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "1 dataset(s) ingested after the index was built" in res.output and "'added-later'" in res.output
+    assert "1 dataset(s) of the index were relabelled" in res.output

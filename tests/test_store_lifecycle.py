@@ -334,6 +334,10 @@ def test_relabel_with_an_ontology_map_alone_fills_the_labels_terms(tmp_path: Pat
                             "GROUP BY cell_type"))
     assert got == {"B lymph": B_CELL, "T lymph": ""}
     assert _rows(atlas, "SELECT soma_joinid, cell_type FROM cells ORDER BY 1") == before
+    state = (atlas / "store.json").read_bytes()
+    again = _run("relabel", "--atlas", str(atlas), "--dataset", "plain", "--ontology-map", str(table))
+    assert again.exit_code == 0 and "obs revision 1" in again.output, again.output  # nothing left to fill
+    assert (atlas / "store.json").read_bytes() == state
     refused = _run("relabel", "--atlas", str(atlas), "--dataset", "plain")
     assert refused.exit_code != 0 and "--ontology-map FILE.csv to give" in refused.output
     # another label column, which has no term column yet: it is made and filled, as ingest would
