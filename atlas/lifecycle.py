@@ -138,7 +138,7 @@ def remove_datasets(atlas: str | Path, dataset_ids: Iterable[str]) -> RemoveRepo
                 names = ", ".join(escaped(d.dataset_id, 60) for d in gone)
                 raise StoreError(
                     f"{names}: removed from {path} (no command sees their cells any more), but deleting their rows "
-                    f"failed ({_first_words(exc)}); free space or fix the cause, then rerun "
+                    f"failed ({_os_reason(exc)}); free space or fix the cause, then rerun "
                     "the same remove to finish"
                 ) from exc
         report.removed = [(d.dataset_id, d.n_cells, d.start, d.stop) for d in gone]
@@ -152,7 +152,7 @@ def remove_datasets(atlas: str | Path, dataset_ids: Iterable[str]) -> RemoveRepo
     return report
 
 
-def _first_words(exc: BaseException) -> str:
+def _os_reason(exc: BaseException) -> str:
     """The OS reason inside an error (disk full, read-only, permission), else its type: never the error's own text,
     which a database error may fill with values."""
     text = str(exc)

@@ -10,8 +10,9 @@ One profile per type, not per type and dataset, keeps the cost at cells x genes 
 
 Calibration (at annotate time, on the genes the query has): each atlas dataset of the sample (the
 :data:`MAX_GROUPS` largest) is held out in turn and its cells matched against the profiles of the other datasets'
-cells, which shows how well cells of a new lab or condition match when they are of types the atlas holds. The cut is the lowest of the held-out datasets' :data:`QUANTILE`
-quantiles; a query cell under it matches no atlas cell type as well as almost every held-out atlas cell does, and is
+cells, which shows how well cells of a new lab or condition match when they are of types the atlas holds. The cut is
+the lowest of the held-out datasets' :data:`QUANTILE` quantiles, moved per bin of detected genes (:func:`_depth_cuts`);
+a query cell under its bin's cut matches no atlas cell type as well as almost every held-out atlas cell does, and is
 out of the atlas. It needs at least two datasets in the sample (each with :data:`MIN_GROUP_CELLS` cells) and a
 head that reads gene features; otherwise the check is off and the report says why.
 """
@@ -57,7 +58,7 @@ BLOCK_ROWS = 10_000
 
 @dataclass(frozen=True)
 class ExpressionMatch:
-    """Profiles of the atlas' cell types per dataset, and the cut calibrated on held-out datasets.
+    """Profiles of the atlas' cell types, and the cuts calibrated on held-out datasets.
 
     ``profiles``: ``(n_types, n_present)`` the mean log1p CP10k of each type on the present genes,
     centred and scaled (:func:`_standardise`); ``present``: the embedder's genes the query has (bool; the only ones
@@ -142,7 +143,6 @@ def expression_match(
     onehot = sp.csr_matrix((np.ones(len(y)), (np.arange(len(y)), y)), shape=(len(y), int(y.max()) + 1))
     sums, counts = np.asarray((onehot.T @ Gp).todense()), np.asarray(onehot.sum(axis=0)).ravel()
     rng = np.random.default_rng(0)
-    quantiles: dict[str, float] = {}
     held: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for d in groups:
         mine = np.flatnonzero(datasets == d)
@@ -153,14 +153,14 @@ def expression_match(
             continue
         profiles = (sums[keep] - np.asarray((own.T @ Gp[mine]).todense())[keep]) / rest[keep, None]
         cells = mine if len(mine) <= CALIBRATION_CELLS else np.sort(rng.choice(mine, CALIBRATION_CELLS, replace=False))
-        match = _best_match(Gp[cells], _standardise(profiles))
-        quantiles[str(d)] = float(np.nanquantile(match, QUANTILE))
-        held[str(d)] = (match, np.asarray((Gp[cells] > 0).sum(axis=1)).ravel())
-    if not quantiles:
+        X = Gp[cells]
+        held[str(d)] = (_best_match(X, _standardise(profiles)), np.asarray((X > 0).sum(axis=1)).ravel())
+    if not held:
         return off("no atlas dataset shares cell types with another")
     keep = counts >= MIN_PROFILE_CELLS
     centred = _standardise(sums[keep] / counts[keep, None])
-    edges, cuts = _depth_cuts(held, min(quantiles.values()))
+    quantiles = {d: float(np.nanquantile(match, QUANTILE)) for d, (match, _) in held.items()}
+    edges, cuts = _depth_cuts(held, quantiles)
     record = {
         "status": "on", "cut": round(float(cuts.min()), 4), "quantile": QUANTILE, "grouping": "dataset",
         "n_groups": len(quantiles), "n_profiles": int(keep.sum()), "label_key": head.key,
@@ -170,21 +170,24 @@ def expression_match(
     return ExpressionMatch(centred, present, edges, cuts, float(cuts.min()), record)
 
 
-def _depth_cuts(held: dict[str, tuple[np.ndarray, np.ndarray]], overall: float) -> tuple[np.ndarray, np.ndarray]:
-    """Bin edges (detected genes) and each bin's cut. A held-out dataset's tail (its :data:`QUANTILE` quantile, over
-    all its cells: a few bins' worth of cells would put it too high) is moved by how far its median in the bin lies
-    from its median overall (medians are steady on few cells); a bin's cut is the lowest over the datasets with
-    :data:`MIN_BIN_CELLS` cells in it (``overall``, the cut over whole datasets, where none has)."""
+def _depth_cuts(
+    held: dict[str, tuple[np.ndarray, np.ndarray]], tails: dict[str, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bin edges (detected genes) and each bin's cut. A held-out dataset's tail (``tails``: its :data:`QUANTILE`
+    quantile over all its cells; a bin's few cells would put it too high) is moved by how far its median in the bin
+    lies from its median overall (medians are steady on few cells); a bin's cut is the lowest over the datasets with
+    :data:`MIN_BIN_CELLS` cells in it (the lowest tail, where none has)."""
     depth = np.concatenate([d for _, d in held.values()])
     edges = np.unique(np.quantile(depth, np.linspace(0, 1, DEPTH_BINS + 1)[1:-1]))
-    cuts = np.full(len(edges) + 1, overall)
+    cuts = np.full(len(edges) + 1, min(tails.values()))
+    bins = {name: np.searchsorted(edges, d, side="right") for name, (_, d) in held.items()}
+    medians = {name: float(np.nanmedian(match)) for name, (match, _) in held.items()}
     for b in range(len(edges) + 1):
         found = []
-        for match, d in held.values():
-            in_bin = (np.searchsorted(edges, d, side="right") == b) & np.isfinite(match)
+        for name, (match, _) in held.items():
+            in_bin = (bins[name] == b) & np.isfinite(match)
             if in_bin.sum() >= MIN_BIN_CELLS:
-                tail = float(np.nanquantile(match, QUANTILE))
-                found.append(tail + float(np.median(match[in_bin])) - float(np.nanmedian(match)))
+                found.append(tails[name] + float(np.median(match[in_bin])) - medians[name])
         if found:
             cuts[b] = min(found)
     return edges, cuts
@@ -195,7 +198,8 @@ def _datasets(idx: AtlasIndex, ids: np.ndarray) -> np.ndarray:
     uniq = np.unique(ids)
     if "dataset_id" not in idx.columns():
         return np.full(len(ids), "", dtype=object)
-    table = idx.cells(uniq, columns=["dataset_id"])
-    values = table["dataset_id"].astype(object).where(table["dataset_id"].notna(), "").to_numpy()
-    found = dict(zip(uniq.tolist(), values.tolist(), strict=False)) if len(values) == len(uniq) else {}
-    return np.array([str(found.get(int(i), "")) for i in ids], dtype=object)
+    table = idx.cells(uniq, columns=["dataset_id"])  # one row per id, in the order of uniq
+    if len(table) != len(uniq):
+        return np.full(len(ids), "", dtype=object)
+    values = table["dataset_id"].astype(object).where(table["dataset_id"].notna(), "").astype(str).to_numpy(object)
+    return values[np.searchsorted(uniq, ids)]

@@ -72,9 +72,9 @@ class MappingVerdict:
         """Bool mask of cells out of the atlas: when the query maps poorly, every cell scoring under
         ``individual_score``; when it maps well or has too few cells for a verdict, only those under
         ``extreme_score`` (below what any atlas dataset shows); none when uncalibrated. NaN scores count as out
-        (when calibrated). A query that maps poorly only by the expression match (``by_expression``) is judged as
-        one that maps well here: its cells whose expression matches no atlas type are out by that check, and the
-        others are like atlas cells (a mixed sample)."""
+        (when calibrated). A query whose cells the expression match judges one by one (``by_expression``: it maps
+        poorly by that match alone, or by its shift alone; see :func:`with_expression`) is judged as one that maps
+        well here: its cells whose expression matches no atlas type are out by that check."""
         s = np.asarray(cell_scores, dtype=np.float64)
         if self.verdict == "uncalibrated":
             return np.zeros(s.shape, dtype=bool)
@@ -100,7 +100,7 @@ class MappingVerdict:
         if self.expression:
             report["expression"] = self.expression
         if self.by_expression:
-            report["cells_judged_by"] = "expression match (the cells' similarity alone maps well)"
+            report["cells_judged_by"] = "expression match (each cell on its own)"
         return report
 
 

@@ -155,7 +155,8 @@ def test_two_vocabularies_one_class_per_term(tmp_path: Path, cl_tables: object) 
 
 @pytest.mark.parametrize(
     ("query", "verdict"),
-    [("pancreas_3studies_beta_ductal_cepo.h5ad", "maps_poorly"), ("pbmc3k_seurat_labels_clustifyr.h5ad", "maps_well")],
+    [("pancreas_3studies_beta_ductal_cepo.h5ad", "maps_poorly"), ("pbmc3k_seurat_labels_clustifyr.h5ad", "maps_well"),
+     ("pancreas+pbmc", "maps_poorly")],
 )
 def test_a_pancreas_query_maps_poorly_onto_a_pbmc_atlas_and_a_pbmc_one_does_not(
     tmp_path: Path, query: str, verdict: str
@@ -163,7 +164,20 @@ def test_a_pancreas_query_maps_poorly_onto_a_pbmc_atlas_and_a_pbmc_one_does_not(
     """A PBMC atlas (kang2018 CTRL and STIM as two datasets, zheng2017's sorted PBMCs) on the query's genes, so that
     what is judged is the biology, not missing genes (as scripts/bench_mapping.py does): pancreas islet cells map
     poorly and at least 90% of them are unknown (out_of_atlas); another lab's PBMCs map well, at most 3% unknown."""
-    genes = set(map(str, anndata.read_h5ad(SHARED_RAW / query, backed="r").var_names))
+    part_of = None
+    if query == "pancreas+pbmc":  # one sample of both tissues: each cell judged by its expression (expression match)
+        panc = anndata.read_h5ad(SHARED_RAW / "pancreas_3studies_beta_ductal_cepo.h5ad")
+        pbmc = anndata.read_h5ad(SHARED_RAW / "zheng2017_pbmc_donorA_unlabeled_mudan.h5ad")
+        both = panc.var_names.intersection(pbmc.var_names)
+        pbmc = pbmc[np.random.default_rng(0).choice(pbmc.n_obs, 500, replace=False)]
+        mixed = anndata.concat([panc[:, both].copy(), pbmc[:, both].copy()], label="part", keys=["panc", "pbmc"],
+                               index_unique="-")
+        part_of = mixed.obs["part"].astype(str).to_numpy()
+        mixed.write_h5ad(tmp_path / "mixed.h5ad")
+        query_path = tmp_path / "mixed.h5ad"
+    else:
+        query_path = SHARED_RAW / query
+    genes = set(map(str, anndata.read_h5ad(query_path, backed="r").var_names))
     kang = anndata.read_h5ad(SHARED_RAW / "kang2018_ifnb_ctrl_stim_2800.h5ad")
     files = []
     for sample in ("CTRL", "STIM"):
@@ -175,11 +189,18 @@ def test_a_pancreas_query_maps_poorly_onto_a_pbmc_atlas_and_a_pbmc_one_does_not(
     files.append(tmp_path / "zheng_sorted.h5ad")
     ingest(files, tmp_path / "atlas", progress=False)
     build_index(tmp_path / "atlas", tmp_path / "index", progress=False)
-    res = annotate(SHARED_RAW / query, tmp_path / "index", progress=False, keep_neighbors=False)
+    res = annotate(query_path, tmp_path / "index", progress=False, keep_neighbors=False)
     mapping = res.report["mapping"]
     assert mapping["verdict"] == verdict, mapping
+    expression = mapping["expression"]
+    assert expression["status"] == "on", expression
     unknown = (res.predictions["cell_type_pred"] == "unknown").mean()
-    if verdict == "maps_poorly":
+    if part_of is not None:  # the pancreas cells out, the PBMCs labelled
+        called = (res.predictions["cell_type_pred"] == "unknown").to_numpy()
+        assert mapping["cells_judged_by"] and called[part_of == "panc"].mean() >= 0.85
+        assert called[part_of == "pbmc"].mean() <= 0.1
+    elif verdict == "maps_poorly":
+        assert expression["fraction_below"] >= 0.8
         assert mapping["reasons"] and unknown >= 0.9
         assert (res.predictions["cell_type_unknown_reason"] == "out_of_atlas").mean() >= 0.9
         # a handful of those cells alone are not shifted onto the atlas (no MNN "offset" from so few cells): they
@@ -191,4 +212,4 @@ def test_a_pancreas_query_maps_poorly_onto_a_pbmc_atlas_and_a_pbmc_one_does_not(
         np.testing.assert_allclose(got.predictions["cell_type_mapping_score"].to_numpy(),
                                    plain.predictions["cell_type_mapping_score"].to_numpy())
     else:
-        assert unknown <= 0.03
+        assert unknown <= 0.03 and expression["fraction_below"] <= 0.01
