@@ -21,6 +21,7 @@ from scatlas.index.info import index_info
 from scatlas.index.label_classes import LabelClasses
 from scatlas.index.label_heads import (
     LabelHead,
+    heads_files_identity,
     load_training_sample,
     load_training_sample_ids,
     refit_for_genes,
@@ -120,6 +121,7 @@ __all__ = [
     "synthetic_source",
     "torch_gpu_count",
     "train_label_heads",
+    "heads_files_identity",
     "validate_predicate",
     "predicate_text",
     "verify_index", "UpdateReport", "update_index",

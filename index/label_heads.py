@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_C_EMBEDDING", "DEFAULT_C_GENES", "HEADS_DIR", "HEADS_FILE", "HEADS_FORMAT", "SAMPLE_FILE", "LabelHead",
-    "load_label_heads", "load_training_sample", "load_training_sample_ids", "read_heads_record", "refit_for_genes",
+    "heads_files_identity", "load_label_heads", "load_training_sample", "load_training_sample_ids", "read_heads_record",
+    "refit_for_genes",
 ]
 
 HEADS_FORMAT = 1
@@ -89,6 +90,22 @@ class LabelHead:
                 raise InputError(f"the {self.key!r} label head needs the embedder's gene features")
             parts.append(self.models["genes"].predict_proba(gene_features))
         return np.mean(parts, axis=0).astype(np.float32)
+
+
+def heads_files_identity(directory: str | Path) -> tuple[Any, ...]:
+    """What identifies the heads stored in ``directory`` on disk: device, inode, modification time and size of
+    ``heads.json`` and of the training sample (None for a missing one). Training writes new files and renames
+    them into place, so a retrained head never has the identity of the one it replaced (a key for caches of what
+    is derived from them)."""
+    out: list[Any] = []
+    for name in (HEADS_FILE, SAMPLE_FILE):
+        try:
+            st = (Path(directory) / name).stat()
+        except OSError:
+            out.append(None)
+            continue
+        out.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(out)
 
 
 def load_training_sample_ids(directory: str | Path) -> np.ndarray | None:

@@ -51,6 +51,7 @@ from scatlas.query.annotate_report import (
 from scatlas.query.atlas_labels import FAR_QUANTILE_WHEN_ON, AtlasLabels, atlas_labels
 from scatlas.query.evaluate import confusion_table
 from scatlas.query.expression_match import ExpressionMatch, expression_match
+from scatlas.query.gene_set_cache import cached, key_of
 from scatlas.query.mapping import MappingVerdict, assess_mapping, with_expression
 from scatlas.query.outputs import (
     MapPlacement,
@@ -352,7 +353,7 @@ def annotate(
         if min_gene_overlap is None:
             min_gene_overlap = _default_min_overlap(cells, keys, atlas.heads, missing_genes)
         cells.check(min_gene_overlap)
-        heads_refit = _refit_heads(cells, atlas, missing_genes)
+        heads_refit = _refit_heads(idx, cells, atlas, missing_genes)
         alignment, t_align = _align(cells, align, align_sample, batch_size, where)
         placing = _PlacingIndex(idx, idx.reference_map(), cells.n_cells)
         k_used = searchable_k(k, atlas.n_where if atlas.n_where is not None else idx.n_cells,
@@ -495,9 +496,11 @@ def _expression_check(idx: AtlasIndex, atlas: AtlasLabels, cells: QueryCells) ->
     present = cells.match.target_present() if cells.match is not None else None
     if cells.embedder.gene_feature_names is None:
         present = None
-    check = expression_match(idx, atlas.heads, present)
+    check, reused = cached(key_of("expression", idx, atlas.heads, present),
+                           lambda: expression_match(idx, atlas.heads, present))
     if isinstance(check, ExpressionMatch):
-        logger.info("expression match: cut %.3f from %d held-out datasets", check.cut, check.record["n_groups"])
+        logger.info("expression match: cut %.3f from %d held-out datasets%s", check.cut, check.record["n_groups"],
+                    " (reused from an earlier query with the same genes)" if reused else "")
     else:
         logger.info("expression match off: %s", check["reason"])
     return check
@@ -630,7 +633,7 @@ def _default_min_overlap(
     return MIN_GENE_OVERLAP_REFIT if refittable else MIN_GENE_OVERLAP
 
 
-def _refit_heads(cells: QueryCells, atlas: AtlasLabels, missing_genes: str) -> dict[str, Any] | None:
+def _refit_heads(idx: AtlasIndex, cells: QueryCells, atlas: AtlasLabels, missing_genes: str) -> dict[str, Any] | None:
     """Refit ``atlas.heads`` in place for the embedder's genes the query has (``missing_genes="refit"``, some
     missing); the report's record of it, or None."""
     embedder = cells.embedder
@@ -640,18 +643,21 @@ def _refit_heads(cells: QueryCells, atlas: AtlasLabels, missing_genes: str) -> d
     if missing_genes != "refit" or not atlas.heads or present.mean() >= REFIT_BELOW:
         return None
     t0 = time.perf_counter()
-    atlas.heads = refit_for_genes(
-        atlas.heads, present, lambda g: l2_normalize(embedder.transform_gene_features(g, present))
+    heads = atlas.heads
+    atlas.heads, reused = cached(
+        key_of("refit", idx, heads, present),
+        lambda: refit_for_genes(heads, present, lambda g: l2_normalize(embedder.transform_gene_features(g, present))),
     )
     refit = sorted(k for k, h in atlas.heads.items() if "refit_for_genes" in h.record)
     record = {
         "genes_present": int(present.sum()), "genes": int(len(present)), "keys": refit,
-        "seconds": round(time.perf_counter() - t0, 2),
+        "seconds": round(time.perf_counter() - t0, 2), "reused": reused,
     }
     if refit:
         logger.info(
             "the query has %d of the embedder's %d genes: label heads for %s refitted on the atlas training sample "
-            "as the query sees it (%.1f s)", int(present.sum()), len(present), ", ".join(refit), record["seconds"],
+            "as the query sees it (%s)", int(present.sum()), len(present), ", ".join(refit),
+            "reused from an earlier query with the same genes" if reused else f"{record['seconds']:.1f} s",
         )
     return record
 

@@ -166,3 +166,39 @@ def test_off_when_the_query_shares_few_genes_and_reported_with_the_check_off(wor
     assert expr["status"] == "on" and expr["fraction_below"] >= 0.9  # measured and reported
     assert "atlas_expression_match" in obs.columns
     assert not (obs[f"{KEY}_unknown_reason"] == "out_of_atlas").any()  # not applied
+
+
+def test_a_second_query_with_the_same_genes_reuses_the_refit_and_the_calibration(
+    world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What annotate prepares for a query's gene set (heads refitted for it, the expression match's calibration) is
+    kept for the next query with the same genes on the same heads, and recomputed once the heads' files change."""
+    import os
+
+    import scatlas.query.expression_match as em
+    from scatlas.index.label_heads import HEADS_FILE
+    from scatlas.query import annotate, gene_set_cache
+
+    new = anndata.read_h5ad(world["same"])
+    partial = new[:, np.random.default_rng(1).permutation(new.n_vars)[: int(0.9 * new.n_vars)]].copy()
+    path = world["root"] / "partial.h5ad"
+    partial.write_h5ad(path)
+    reads: list[int] = []
+    real = em.load_training_sample
+    monkeypatch.setattr(em, "load_training_sample", lambda d: reads.append(1) or real(d))
+    gene_set_cache.clear()
+    with AtlasIndex.open(world["index"]) as idx:
+        first = annotate(path, idx, label_keys=[KEY], progress=False)
+        second = annotate(path, idx, label_keys=[KEY], progress=False)
+        assert len(reads) == 1  # the calibration ran once
+        assert first.report["params"]["heads_refit_for_query_genes"]["reused"] is False
+        assert second.report["params"]["heads_refit_for_query_genes"]["reused"] is True
+        assert second.report["mapping"]["expression"] == first.report["mapping"]["expression"]
+        pd.testing.assert_frame_equal(first.predictions, second.predictions)
+        second.report["mapping"]["expression"]["cut"] = 99.0  # a caller editing its report changes no cache entry
+        heads_json = world["index"] / "heads" / HEADS_FILE
+        st = heads_json.stat()
+        os.utime(heads_json, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # as if retrained
+        third = annotate(path, idx, label_keys=[KEY], progress=False)
+    assert len(reads) == 2 and third.report["params"]["heads_refit_for_query_genes"]["reused"] is False
+    assert third.report["mapping"]["expression"] == first.report["mapping"]["expression"]
