@@ -751,6 +751,9 @@ def hunt_sweep(index_dir: Path, classifier_dir: Path, out_dir: Path, min_score: 
           f"{s.n_hits:,} hits (cut-off {s.cutoff:.4f}, {s.cutoff_source}); {rate}")
     kept = f", stage 2 kept {s.n_stage2_kept:,}" if s.n_stage2_kept is not None else ""
     _echo(f"{s.stages}: stage 1 passed {s.n_stage1_passed:,} cells{kept}")
+    if s.n_training_hits:
+        _echo(f"{s.n_training_hits:,} of the hits are cells the classifier was trained on (column training_positive); "
+              f"{s.n_hits - s.n_training_hits:,} are new")
     _echo(f"hits: {s.hits_path}")
 
 
@@ -779,6 +782,8 @@ def hunt_report(hits: Path, index_dir: Path, out_dir: Path, by: str | None, de_g
     r = report(hits, index_dir, out_dir, by=columns, de_group=de_group, de_reference=de_reference, atlas=atlas_dir,
                de=not no_de, de_method="t-test" if de_method == "t-test" else "wilcoxon", progress=progress)
     _echo(f"{r.n_hits:,} hits of {r.n_cells:,} cells ({100 * r.hit_rate:.3f}%); by {', '.join(r.by) or 'nothing'}")
+    if r.n_training_hits:
+        _echo(r.training_sentence())
     if r.left_out:
         _echo(r.left_out_sentence())
     enr = r.enrichment

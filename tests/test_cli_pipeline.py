@@ -70,8 +70,21 @@ def test_hunt_cli(pipeline):
     assert "hits" in out and "GB/s" in out
     hits = pd.read_parquet(pipeline / "sweep" / "hits.parquet")
     assert len(hits) > 0 and "dataset_id" in hits.columns
+    assert not hits["training_positive"].any() and "trained on" not in out  # the labelled file is not in the atlas
     out = run_cli("hunt", "report", str(pipeline / "sweep" / "hits.parquet"), "--index", idx, "--out", str(pipeline / "rep"))
     assert (pipeline / "rep" / "enrichment.csv").is_file()
+    # atlas cells as positives: every one is a training cell, and the sweep and report say how many hits are new
+    run_cli("hunt", "train", "--index", idx, "--positive-sql", "cell_type = 'norn cell'", "--out",
+            str(pipeline / "clf_sql"), "--background", "1000", "--stages", "1", "--no-progress")
+    out = run_cli("hunt", "sweep", "--index", idx, "--classifier", str(pipeline / "clf_sql"), "--out",
+                  str(pipeline / "sweep_sql"), "--no-progress")
+    hits = pd.read_parquet(pipeline / "sweep_sql" / "hits.parquet")
+    trained = hits["training_positive"]
+    assert trained.any() and (hits.loc[trained, "cell_type"] == "norn cell").all()
+    assert f"{int(trained.sum()):,} of the hits are cells the classifier was trained on" in out
+    out = run_cli("hunt", "report", str(pipeline / "sweep_sql"), "--index", idx, "--out", str(pipeline / "rep_sql"),
+                  "--no-de")
+    assert f"{len(hits) - int(trained.sum()):,} are new" in out
 
 
 def test_cli_errors_for_bad_index_and_query(pipeline, tmp_path):

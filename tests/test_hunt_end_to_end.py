@@ -113,3 +113,44 @@ def test_training_leaves_the_callers_anndata_alone_and_refuses_poor_gene_overlap
         train(world["index"], adata, positive="cell_type == 'Norn'", progress=False)
     with pytest.raises(InputError, match="unknown column"):
         train(world["index"], adata, positive="celltype == 'Norn cell'", progress=False)
+
+
+def test_the_labelled_cells_found_in_the_atlas_are_marked_among_the_hits(world, tmp_path):
+    """The labelled file is an atlas dataset: its positives are atlas cells, which the classifier records and the
+    sweep marks (``training_positive``), so the report can say how many hits are new."""
+    idx, clf, summary = world["index"], world["clf"], world["summary"]
+    labelled = idx.connect().cursor().execute(
+        f"SELECT soma_joinid FROM cells WHERE cell_type = '{RARE}' AND dataset_id = 'synth-000'").df()
+    assert len(labelled) == clf.counts["positives_from_cells"]
+    assert clf.training_ids is not None and set(clf.training_ids) == set(labelled["soma_joinid"])
+    assert clf.counts["labelled_positives_in_atlas"] == len(labelled)
+    hits = pd.read_parquet(summary.hits_path)
+    marked = hits["training_positive"]
+    assert marked.dtype == bool and set(hits.loc[marked, "soma_joinid"]) == set(hits["soma_joinid"]) & set(
+        labelled["soma_joinid"])
+    assert summary.n_training_hits == int(marked.sum()) > 0 and (~marked).sum() > 0  # new finds too
+    res = report(summary.hits_path, idx, tmp_path / "rep", de=False)
+    assert res.n_training_hits == summary.n_training_hits
+    assert f"{res.n_training_hits:,} of the hits are cells the classifier was trained on" in (
+        tmp_path / "rep" / "report.md").read_text()
+
+
+def test_a_classifier_without_recorded_training_cells_loads_and_sweeps_without_the_column(world, tmp_path):
+    import dataclasses
+
+    from scatlas.query.hunt.classifier import TRAINING_IDS_FILE, HuntClassifier
+
+    old = dataclasses.replace(world["clf"], training_ids=None)
+    old.save(tmp_path / "old")
+    assert not (tmp_path / "old" / TRAINING_IDS_FILE).exists()
+    assert HuntClassifier.load(tmp_path / "old").training_ids is None
+    s = sweep(world["index"], tmp_path / "old", tmp_path / "sweep", progress=False, two_stage=False)
+    assert s.n_training_hits is None and "training_positive" not in pd.read_parquet(s.hits_path).columns
+    assert report(s.hits_path, world["index"], tmp_path / "rep", de=False).n_training_hits is None
+    (world["root"] / "clf" / TRAINING_IDS_FILE).read_bytes()  # the trained one has the file
+    import shutil
+
+    shutil.copytree(world["root"] / "clf", tmp_path / "damaged")
+    (tmp_path / "damaged" / TRAINING_IDS_FILE).unlink()
+    with pytest.raises(InputError, match="training_ids.npy is missing.*retrain"):
+        HuntClassifier.load(tmp_path / "damaged")

@@ -8,6 +8,8 @@ Saved as a directory (written to a temporary sibling and renamed into place)::
       weights.npy       (d,) float32
       stage2_weights.npy  optional: (n_genes,) float32 weights of stage 2 (:mod:`query.hunt.stage2`), whose record
                         is classifier.json's ``stage2`` (absent: a one-stage classifier, as before)
+      training_ids.npy  optional: (n,) int64 sorted atlas ids of the cells it learnt as positives (atlas cells
+                        matching ``--positive-sql``, labelled cells found in the atlas); absent in older classifiers
 
 A classifier is tied to the embedder that made its training vectors (``embedder_fingerprint``): a sweep refuses
 an index whose embedder differs. ``index_manifest_id`` records which index build it was trained against.
@@ -39,6 +41,7 @@ FORMAT_VERSION = 1
 META_FILE = "classifier.json"
 WEIGHTS_FILE = "weights.npy"
 STAGE2_WEIGHTS_FILE = "stage2_weights.npy"
+TRAINING_IDS_FILE = "training_ids.npy"
 
 
 @dataclass
@@ -49,7 +52,8 @@ class HuntClassifier:
     rate at the threshold, per-fold AUPRC, the chosen L2 penalty, expected false hits per million atlas cells).
     ``counts`` holds the training-set sizes by origin. ``calibration`` maps scores to probabilities (training mix).
     ``stage2``: the gene-level second stage of a two-stage classifier (:class:`~query.hunt.stage2.GeneStage`, with
-    stage 1's candidate cut), or None.
+    stage 1's candidate cut), or None. ``training_ids``: the sorted atlas ids of the cells it learnt as positives
+    (a sweep marks them among its hits), or None where not recorded (classifiers trained before it was).
     """
 
     weights: np.ndarray
@@ -65,8 +69,11 @@ class HuntClassifier:
     created_at: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     stage2: GeneStage | None = None
+    training_ids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        if self.training_ids is not None:
+            self.training_ids = np.unique(np.asarray(self.training_ids, dtype=np.int64))
         self.weights = np.ascontiguousarray(np.asarray(self.weights, dtype=np.float32).ravel())
         self.bias = float(self.bias)
         self.threshold = float(self.threshold)
@@ -132,6 +139,8 @@ class HuntClassifier:
             "versions": self.versions,
             "weights_sha256": hashlib.sha256(self.weights.tobytes()).hexdigest(),
             **({"stage2": self.stage2.to_json()} if self.stage2 is not None else {}),
+            **({"training_ids_sha256": _sha256(self.training_ids), "n_training_ids": len(self.training_ids)}
+               if self.training_ids is not None else {}),
         }
 
     def save(self, path: str | Path, *, overwrite: bool = True, inputs: Iterable[str | Path | None] = ()) -> Path:
@@ -155,6 +164,8 @@ class HuntClassifier:
             np.save(tmp / WEIGHTS_FILE, self.weights)
             if self.stage2 is not None:
                 np.save(tmp / STAGE2_WEIGHTS_FILE, self.stage2.weights)
+            if self.training_ids is not None:
+                np.save(tmp / TRAINING_IDS_FILE, self.training_ids)
             with open(tmp / META_FILE, "w") as fh:
                 json.dump(self.to_json(), fh, indent=2, sort_keys=True, default=_json_default)
                 fh.flush()
@@ -180,9 +191,11 @@ class HuntClassifier:
         if meta.get("dim") not in (None, int(weights.shape[0])):
             raise InputError(_damaged(path, f"{META_FILE} records another dimension than its weights have"))
         stage2 = _read_stage2(path, meta)
+        training_ids = _read_training_ids(path, meta)
         try:
             clf = cls._from_meta(meta, weights)
             clf.stage2 = stage2
+            clf.training_ids = training_ids
         except KeyError as exc:
             raise InputError(_damaged(path, f"{META_FILE} lacks the field {exc.args[0]!r}")) from exc
         except (TypeError, ValueError, AttributeError, InputError) as exc:  # e.g. an unknown calibration
@@ -246,6 +259,31 @@ def _read_stage2(path: Path, meta: dict[str, Any]) -> GeneStage | None:
         return GeneStage.from_json(record, weights)
     except (KeyError, TypeError, ValueError, AttributeError, InputError) as exc:
         raise InputError(_damaged(path, f"{META_FILE} holds an invalid stage 2 record")) from exc
+
+
+def _read_training_ids(path: Path, meta: dict[str, Any]) -> np.ndarray | None:
+    """The atlas ids of the training positives (None when ``classifier.json`` records none), checksum checked."""
+    digest = meta.get("training_ids_sha256")
+    if digest is None:
+        return None
+    ids_path = path / TRAINING_IDS_FILE
+    try:
+        ids = np.load(ids_path, allow_pickle=False)
+    except FileNotFoundError as exc:
+        raise InputError(_damaged(path, f"{TRAINING_IDS_FILE} is missing")) from exc
+    except OSError as exc:
+        if exc.errno is not None:
+            raise InputError(os_error_message(exc, "reading", ids_path)) from exc
+        raise InputError(_damaged(path, f"{TRAINING_IDS_FILE} is not a NumPy array file")) from exc
+    except (ValueError, EOFError) as exc:
+        raise InputError(_damaged(path, f"{TRAINING_IDS_FILE} is not a readable NumPy array")) from exc
+    if not isinstance(ids, np.ndarray) or ids.dtype != np.int64 or ids.ndim != 1 or _sha256(ids) != digest:
+        raise InputError(_damaged(path, f"{TRAINING_IDS_FILE} does not match its recorded checksum"))
+    return ids
+
+
+def _sha256(values: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
 
 
 def _read_weights(path: Path, w_path: Path) -> np.ndarray:

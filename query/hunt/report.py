@@ -64,7 +64,7 @@ from scatlas.query.hunt.enrichment import (
     enrichment,
 )
 from scatlas.query.hunt.gene_reads import reach_index_store
-from scatlas.query.hunt.sweep import HITS_FILE, SUMMARY_FILE
+from scatlas.query.hunt.sweep import HITS_FILE, SUMMARY_FILE, TRAINING_COLUMN
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,9 @@ class ReportResult:
     """What the non-hits of the DE were matched on (a sentence), for hits vs matched non-hits."""
     n_dropped: int = 0
     """Hits left out of the whole report because they are not cells of the index (a sweep older than the index)."""
+    n_training_hits: int | None = None
+    """Hits that are cells the classifier learnt as positives (the hits' ``training_positive`` column); None when
+    the hits do not say (a classifier that does not record them, or hits from elsewhere)."""
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -109,6 +112,7 @@ class ReportResult:
             "de_matching": self.de_matching,
             "files": self.files,
             "n_dropped": self.n_dropped,
+            "n_training_hits": self.n_training_hits,
         }
 
     def dropped_sentence(self) -> str:
@@ -117,6 +121,13 @@ class ReportResult:
             return ""
         return (f"{self.n_dropped:,} hits are left out of this report: they are not cells of the index (the hits come "
                 f"from a sweep made before the atlas or index changed); {RESWEEP}.")
+
+    def training_sentence(self) -> str:
+        """How many hits the classifier was trained on ("" when the hits do not say or none was)."""
+        if not self.n_training_hits:
+            return ""
+        return (f"{self.n_training_hits:,} of the hits are cells the classifier was trained on (column "
+                f"{TRAINING_COLUMN}); {self.n_hits - self.n_training_hits:,} are new.")
 
     def left_out_sentence(self) -> str:
         """Which breakdown columns were left out and why ("" when none)."""
@@ -307,6 +318,8 @@ def _intro(res: ReportResult, hits_source: str) -> list[str]:
     """The opening lines (plain text): hits, breakdown columns, what was left out."""
     lines = [f"Hits: {res.n_hits:,} of {res.n_cells:,} atlas cells ({100 * res.hit_rate:.4g}%), from {hits_source}.",
              "Broken down by: " + (", ".join(res.by) if res.by else "nothing") + "."]
+    if res.n_training_hits:
+        lines.insert(1, res.training_sentence())
     if res.left_out:
         lines.append(res.left_out_sentence())
     if res.n_dropped:
@@ -466,6 +479,7 @@ def report(
             result = _report(idx, con, frame, hit_ids, hits_source, stage, out, columns, left_out, de_group,
                              de_reference, atlas, de, de_method, max_cells, alternative, seed, progress)
             result.n_dropped = n_dropped
+            result.n_training_hits = _training_hits(frame)
             _write_summaries(result, columns, hits_source, stage, out)
     result.seconds = time.perf_counter() - t0
     logger.info(
@@ -474,6 +488,17 @@ def report(
         "skipped" if result.de is None else f"{len(result.de)} rows", out, result.seconds,
     )
     return result
+
+
+def _training_hits(frame: pd.DataFrame) -> int | None:
+    """How many hits are marked as training positives (None when the hits have no such column)."""
+    if TRAINING_COLUMN not in frame.columns:
+        return None
+    marked = frame[TRAINING_COLUMN]
+    if marked.dtype != bool:
+        logger.warning("the hits' %s column is not boolean: ignored", TRAINING_COLUMN)
+        return None
+    return int(marked.sum())
 
 
 def _listing(values: Sequence[Any], limit: int = 20) -> str:

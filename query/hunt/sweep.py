@@ -7,7 +7,8 @@ Output directory::
       partials/NNNN.npz     per shard: ids and exact scores of its hits (written atomically)
       stage2/NNNN.npz       two-stage sweeps: per chunk of stage 1's candidates, their stage-2 scores
       hits.parquet          the hits joined with the cell metadata (dataset_id, tissue, disease, cell_type, ...),
-                            best first: soma_joinid, score, probability, <cells table columns>
+                            best first: soma_joinid, score, probability, training_positive (the cell is one
+                            the classifier learnt as a positive; where it records them), <cells table columns>
       summary.json          the :class:`SweepSummary`
 
 Cells are read from the index's stored float16 vectors (``iter_shards``) in blocks of ``block_size`` rows, so
@@ -67,6 +68,8 @@ STATE_FILE = "sweep.json"
 LOCK_FILE = ".sweep.lock"
 SUMMARY_FILE = "summary.json"
 HITS_FILE = "hits.parquet"
+TRAINING_COLUMN = "training_positive"
+"""Hits column: the cell is one the classifier learnt as a positive (not a new find)."""
 PARTIALS_DIR = "partials"
 STATE_VERSION = 1
 DEFAULT_BLOCK_BYTES = 256 << 20
@@ -116,6 +119,9 @@ class SweepSummary:
     n_stage2_chunks_resumed: int = 0
     index_version: int | None = None
     """The version of the index the sweep read (``build --update`` makes the next); None in older summaries."""
+    n_training_hits: int | None = None
+    """Hits that are cells the classifier learnt as positives (column :data:`TRAINING_COLUMN` of the hits); None
+    when the classifier does not record them."""
 
     def to_json(self) -> dict[str, Any]:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
@@ -273,8 +279,12 @@ def score_shard(
     return ShardScore(partial.stem, meta, h_ids, h_scores, n_cand, seconds, scorer.kernel, scorer.max_error)
 
 
-def _write_hits(index: AtlasIndex, out: Path, ids: np.ndarray, scores: np.ndarray, probs: np.ndarray) -> Path:
+def _write_hits(
+    index: AtlasIndex, out: Path, ids: np.ndarray, scores: np.ndarray, probs: np.ndarray, trained: np.ndarray | None
+) -> Path:
     """Join the hits with the index's cells table and write ``hits.parquet`` (temporary file + rename).
+    ``trained``: whether each hit is one of the classifier's training positives (column
+    :data:`TRAINING_COLUMN`; left out when the classifier does not record them).
 
     The rows are streamed from DuckDB into a file this process opened (any file name works, and the row count of
     the file renamed into place is checked against this run's hits).
@@ -283,14 +293,18 @@ def _write_hits(index: AtlasIndex, out: Path, ids: np.ndarray, scores: np.ndarra
 
     target = out / HITS_FILE
     tmp = out / f".{HITS_FILE}.tmp-{os.getpid()}"
-    hits = pa.table({"soma_joinid": ids.astype(np.int64), "score": scores.astype(np.float32),
-                     "probability": probs.astype(np.float32)})
+    columns = {"soma_joinid": ids.astype(np.int64), "score": scores.astype(np.float32),
+               "probability": probs.astype(np.float32)}
+    if trained is not None:
+        columns[TRAINING_COLUMN] = np.asarray(trained, dtype=bool)
+    hits = pa.table(columns)
     try:
         with index.cursor() as con:
             con.register("_hunt_hits", hits)
             cols = [r[0] for r in con.execute("DESCRIBE cells").fetchall()]
-            extra = ", ".join(f"c.{quote_ident(c)}" for c in cols if c not in ("soma_joinid", "score", "probability"))
-            select = "h.soma_joinid, h.score, h.probability" + (f", {extra}" if extra else "")
+            own = list(columns)
+            extra = ", ".join(f"c.{quote_ident(c)}" for c in cols if c not in own)
+            select = ", ".join(f"h.{quote_ident(c)}" for c in own) + (f", {extra}" if extra else "")
             rel = con.sql(f"SELECT {select} FROM _hunt_hits h LEFT JOIN cells c ON h.soma_joinid = c.soma_joinid "
                           "ORDER BY h.score DESC, h.soma_joinid")
             with writing(target):
@@ -629,7 +643,8 @@ def _finish(
 ) -> SweepSummary:
     """Write the hits, the summary and the completed state; log and return the summary."""
     hit_ids = hits.ids
-    hits_path = _write_hits(idx, out, hit_ids, hits.scores, hits.probabilities)
+    trained = None if clf.training_ids is None else np.isin(hit_ids, clf.training_ids)
+    hits_path = _write_hits(idx, out, hit_ids, hits.scores, hits.probabilities, trained)
     s2 = hits.stage2
     bytes_scored = run.cells_scored * idx.dim * 2
     scoring = run.scoring_seconds
@@ -667,6 +682,7 @@ def _finish(
         n_stage2_chunks=s2.n_chunks if s2 is not None else 0,
         n_stage2_chunks_resumed=s2.n_resumed if s2 is not None else 0,
         index_version=idx.manifest.version,
+        n_training_hits=None if trained is None else int(trained.sum()),
     )
     state["complete"] = True
     state["n_hits"] = len(hit_ids)

@@ -337,6 +337,7 @@ def train(
         },
         versions=_versions(),
         stage2=stage2,
+        training_ids=ts.training_ids(idx),
     )
     logger.info(
         "trained hunt classifier %s on %d positive / %d negative cells in %.1fs: CV AUPRC %.3f (baseline %.3f), "
@@ -511,6 +512,20 @@ class _TrainingSet:
             raise InputError(f"empty positive set: {' and '.join(where)}; check the column values (e.g. spelling, case)")
         if n_pos < MIN_POSITIVES:
             raise InputError(f"only {n_pos} positive cell(s); at least {MIN_POSITIVES} are needed to cross-validate")
+
+    def training_ids(self, idx: AtlasIndex) -> np.ndarray:
+        """Sorted atlas ids of the cells learnt as positives: the atlas positives, and the labelled positives that
+        are atlas cells (the labelled file was ingested: its cell's nearest atlas vector is the same one)."""
+        found = np.zeros(0, dtype=np.int64)
+        labelled = self.labelled_positives
+        if labelled is not None and len(labelled):
+            res = idx.search(labelled, k=1)
+            found = res.ids[:, 0][(res.ids[:, 0] >= 0) & (res.scores[:, 0] >= DUPLICATE_COSINE)]
+            self.counts["labelled_positives_in_atlas"] = len(np.unique(found))
+            if len(found):
+                logger.info("%d of the %d labelled positives are atlas cells (the labelled dataset is in the atlas): "
+                            "a sweep marks them among its hits", len(np.unique(found)), len(labelled))
+        return np.unique(np.concatenate([self.atlas_positive_ids, found]).astype(np.int64))
 
     def add_background(self, idx: AtlasIndex, n: int, seed: int, *, drop_duplicates: bool) -> None:
         """``n`` atlas cells sampled as negatives (positives excluded; with ``drop_duplicates``, those identical to a
