@@ -2,7 +2,8 @@
 
 On the data of ``bench_index.py run`` (same synthetic vectors, queries and ground truth), it opens our index (built
 once into the work directory and reused) and a raw FAISS index of the same factory (trained and added once, cached
-as ``raw-<factory>.faiss``), then measures, in interleaved rounds (every variant once per round; medians):
+as ``raw-<factory>.faiss``), then measures, in interleaved rounds (every variant once per round, each round starting at the next
+variant; medians):
 
 * the stages of ``AtlasIndex.search`` (``ShardSearcher.search`` with a :class:`index.stages.StageTimer`): query
   checks, pre-transform + coarse quantizer, FAISS scan (``search_preassigned``), shard merge, candidate gather,
@@ -273,11 +274,16 @@ def profile(data: Path, factory: str, shard_size: int, threads: int, rounds: int
     modes = {"1 thread": 1, f"{threads} threads": threads}
     e2e: dict[str, dict[str, list[float]]] = {mode: {name: [] for name in variants} for mode in modes}
     stage_runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
-    for _ in range(rounds):
+    names = list(variants)
+    for r in range(rounds):
         for mode, nt in modes.items():
             faiss.omp_set_num_threads(nt)
             clock = time.thread_time if nt == 1 else time.perf_counter
-            for name, (_, fn) in variants.items():
+            # each round starts at another variant: in a fixed order the variant timed first after switching threads
+            # (ours at the build's parameters) ran up to 20% slower than the same search timed later in the round
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                fn = variants[name][1]
                 t0 = clock()
                 fn(q_raw)
                 e2e[mode][name].append(clock() - t0)
