@@ -59,7 +59,7 @@ INDEX = OutputKind("index", "a scatlas index", (("manifest.json",), ("build.json
     "manifest.json", "build.json", "progress.json", "trained.faiss", "cells.duckdb", "embedder", "shards", "heads",
     "labels", "mapping.json", "refmap", "versions", "current.json", ".update.lock", "building.json"}))
 CLASSIFIER = OutputKind("hunt-classifier", "a hunt classifier", (("classifier.json",),), marker=False,
-                        entries=frozenset({"classifier.json", "weights.npy", "stage2_weights.npy"}))
+                        entries=frozenset({"classifier.json", "weights.npy", "stage2_weights.npy", "training_ids.npy"}))
 SWEEP = OutputKind("hunt-sweep", "a hunt sweep directory", (("sweep.json",), ("hits.parquet", "summary.json")))
 REPORT = OutputKind("hunt-report", "a hunt report", (("enrichment.csv",), ("report.md",)))
 DEMO = OutputKind("demo", "a scatlas demo directory", (("h5ad", "atlas", "index"),), entries=frozenset({

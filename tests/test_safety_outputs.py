@@ -114,8 +114,8 @@ def test_a_classifier_directory_is_replaced_by_a_new_classifier(world, tmp_path)
     second = json.loads((out / "classifier.json").read_text())
     assert second["seed"] == 3 and first["seed"] == 0
     # a one-stage classifier replaces a two-stage one whole: no stale stage-2 file is left
-    assert sorted(p.name for p in out.iterdir()) == ["classifier.json", "weights.npy"]
-    assert set(two) <= {"classifier.json", "stage2_weights.npy", "weights.npy"}
+    assert sorted(p.name for p in out.iterdir()) == ["classifier.json", "training_ids.npy", "weights.npy"]
+    assert set(two) <= {"classifier.json", "stage2_weights.npy", "training_ids.npy", "weights.npy"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left behind
 
 

@@ -267,17 +267,10 @@ def _read_training_ids(path: Path, meta: dict[str, Any]) -> np.ndarray | None:
     if digest is None:
         return None
     ids_path = path / TRAINING_IDS_FILE
-    try:
-        ids = np.load(ids_path, allow_pickle=False)
-    except FileNotFoundError as exc:
-        raise InputError(_damaged(path, f"{TRAINING_IDS_FILE} is missing")) from exc
-    except OSError as exc:
-        if exc.errno is not None:
-            raise InputError(os_error_message(exc, "reading", ids_path)) from exc
-        raise InputError(_damaged(path, f"{TRAINING_IDS_FILE} is not a NumPy array file")) from exc
-    except (ValueError, EOFError) as exc:
-        raise InputError(_damaged(path, f"{TRAINING_IDS_FILE} is not a readable NumPy array")) from exc
-    if not isinstance(ids, np.ndarray) or ids.dtype != np.int64 or ids.ndim != 1 or _sha256(ids) != digest:
+    if not ids_path.is_file():
+        raise InputError(_damaged(path, f"{TRAINING_IDS_FILE} is missing"))
+    ids = _load_array(path, ids_path)
+    if ids.dtype != np.int64 or ids.ndim != 1 or _sha256(ids) != digest:
         raise InputError(_damaged(path, f"{TRAINING_IDS_FILE} does not match its recorded checksum"))
     return ids
 
@@ -287,17 +280,25 @@ def _sha256(values: np.ndarray) -> str:
 
 
 def _read_weights(path: Path, w_path: Path) -> np.ndarray:
+    weights = _load_array(path, w_path)
+    if weights.dtype.kind not in "fiu":
+        raise InputError(_damaged(path, f"{w_path.name} does not hold numeric weights"))
+    return weights
+
+
+def _load_array(path: Path, file: Path) -> np.ndarray:
+    """The array in ``file`` of the classifier directory ``path``; InputError when it cannot be read."""
     try:
-        weights = np.load(w_path, allow_pickle=False)
+        array = np.load(file, allow_pickle=False)
     except OSError as exc:
         if exc.errno is not None:
-            raise InputError(os_error_message(exc, "reading", w_path)) from exc
-        raise InputError(_damaged(path, f"{WEIGHTS_FILE} is not a NumPy array file")) from exc
+            raise InputError(os_error_message(exc, "reading", file)) from exc
+        raise InputError(_damaged(path, f"{file.name} is not a NumPy array file")) from exc
     except (ValueError, EOFError) as exc:
-        raise InputError(_damaged(path, f"{WEIGHTS_FILE} is not a readable NumPy array")) from exc
-    if not isinstance(weights, np.ndarray) or weights.dtype.kind not in "fiu":
-        raise InputError(_damaged(path, f"{WEIGHTS_FILE} does not hold numeric weights"))
-    return weights
+        raise InputError(_damaged(path, f"{file.name} is not a readable NumPy array")) from exc
+    if not isinstance(array, np.ndarray):
+        raise InputError(_damaged(path, f"{file.name} does not hold one array"))
+    return array
 
 
 def exact_scores(x: np.ndarray, weights: np.ndarray, bias: float) -> np.ndarray:
