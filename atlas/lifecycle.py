@@ -301,21 +301,31 @@ def _apply_relabel(con: duckdb.DuckDBPyConnection, dataset_id: str, columns: lis
 
 
 def _terms_report(con: duckdb.DuckDBPyConnection, dataset_id: str, col: RelabelledColumn,
-                  table: Mapping[str, str]) -> dict[str, Any]:
-    """How the ontology map refilled ``col``'s term column, per label (as :class:`OntologyFill` reports it)."""
+                  table: Mapping[str, str], had: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """How the ontology map filled ``col``'s term column, per label (as :class:`OntologyFill` reports it).
+    ``had``: per label, the cells that had a term before the fill (:func:`_term_counts` then); None: none had."""
     assert col.term_column is not None
     fill = OntologyFill(table, label_key=col.target)
+    for label, (n_with, n_missing) in _term_counts(con, dataset_id, col).items():
+        n_had = min(int(had.get(label, 0)), n_with) if had is not None else 0
+        if n_had:
+            fill.had[label] += n_had
+        if n_with > n_had:
+            fill.filled[label] += n_with - n_had
+        if n_missing:
+            fill.missing[label] += n_missing
+    return fill.report()
+
+
+def _term_counts(con: duckdb.DuckDBPyConnection, dataset_id: str, col: RelabelledColumn) -> dict[str, tuple[int, int]]:
+    """Per label value of the dataset: (cells with a term, cells without one) in ``col``'s term column."""
+    assert col.term_column is not None
+    term = f"NULLIF(trim(CAST({quote_ident(col.term_column)} AS VARCHAR)), '')"
     rows = con.execute(
-        f"SELECT CAST({quote_ident(col.target)} AS VARCHAR) AS v, count({quote_ident(col.term_column)}), "
-        f"count(*) - count({quote_ident(col.term_column)}) FROM cells "
+        f"SELECT CAST({quote_ident(col.target)} AS VARCHAR) AS v, count({term}), count(*) - count({term}) FROM cells "
         f"WHERE dataset_id = ? AND {quote_ident(col.target)} IS NOT NULL GROUP BY v", [dataset_id]
     ).fetchall()
-    for label, n_filled, n_missing in rows:
-        if n_filled:
-            fill.filled[label] += int(n_filled)
-        if n_missing:
-            fill.missing[label] += int(n_missing)
-    return fill.report()
+    return {str(label): (int(n_with), int(n_missing)) for label, n_with, n_missing in rows}
 
 
 @contextmanager
@@ -359,9 +369,10 @@ def _fill_terms(path: Path, dataset_id: str, key: str, terms: Mapping[str, str])
             col = RelabelledColumn(source=label, stored_source=label, target=label, term_column=term, terms="filled")
             con.register("relabel_terms", pa.table({"label": pa.array(list(terms), pa.string()),
                                                     "term": pa.array(list(terms.values()), pa.string())}))
+            had = {v: n for v, (n, _) in _term_counts(con, dataset_id, col).items()} if term_exists else None
             if term_exists and not _terms_to_fill(con, dataset_id, label, term):
                 # every label the map names already has its term: no new revision (an update would redo nothing)
-                col.ontology = _terms_report(con, dataset_id, col, terms)
+                col.ontology = _terms_report(con, dataset_id, col, terms, had)
                 col.values = _value_counts(con, label, "dataset_id = ?", [dataset_id], TOP_TARGET_VALUES)
                 return RelabelReport(atlas=str(path), dataset_id=dataset_id, n_cells=record.n_cells,
                                      obs_revision=record.obs_revision, columns=[col])
@@ -376,7 +387,7 @@ def _fill_terms(path: Path, dataset_id: str, key: str, terms: Mapping[str, str])
                     f"UPDATE cells SET {quote_ident(term)} = m.term FROM relabel_terms AS m WHERE cells.dataset_id = ? "
                     f"AND CAST(cells.{quote_ident(label)} AS VARCHAR) = m.label "
                     f"AND coalesce(CAST(cells.{quote_ident(term)} AS VARCHAR), '') = ''", [dataset_id])
-            col.ontology = _terms_report(con, dataset_id, col, terms)
+            col.ontology = _terms_report(con, dataset_id, col, terms, had)
             col.values = _value_counts(con, label, "dataset_id = ?", [dataset_id], TOP_TARGET_VALUES)
         except duckdb.Error as exc:
             raise StoreError(

@@ -337,7 +337,16 @@ def test_relabel_with_an_ontology_map_alone_fills_the_labels_terms(tmp_path: Pat
     state = (atlas / "store.json").read_bytes()
     again = _run("relabel", "--atlas", str(atlas), "--dataset", "plain", "--ontology-map", str(table))
     assert again.exit_code == 0 and "obs revision 1" in again.output, again.output  # nothing left to fill
+    assert "2 labels: 1 had terms in the data, 0 mapped by the map, 0 partly, 1 not mapped; 0 cells filled" in (
+        again.output)
     assert (atlas / "store.json").read_bytes() == state
+    more = tmp_path / "more.csv"
+    more.write_text(f"label,ontology_term_id\nB lymph,{B_CELL}\nT lymph,{T_CELL}\n")
+    n_t = _rows(atlas, "SELECT count(*) FROM cells WHERE cell_type = 'T lymph'")[0][0]
+    filled = _run("relabel", "--atlas", str(atlas), "--dataset", "plain", "--ontology-map", str(more))
+    assert filled.exit_code == 0, filled.output  # the counts say what this run filled, not every term there is
+    assert f"2 labels: 1 had terms in the data, 1 mapped by the map, 0 partly, 0 not mapped; {n_t} cells filled" in (
+        filled.output)
     refused = _run("relabel", "--atlas", str(atlas), "--dataset", "plain")
     assert refused.exit_code != 0 and "--ontology-map FILE.csv to give" in refused.output
     # another label column, which has no term column yet: it is made and filled, as ingest would
