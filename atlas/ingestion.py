@@ -214,8 +214,9 @@ def _standardise_obs(
     missing = [s for s in obs_map if s not in obs.columns]
     if missing:
         raise InputError(
-            f"{what}: --obs-map names column(s) {[escaped(m) for m in missing]} that are not in obs; obs has: "
-            f"{[escaped(c) for c in obs.columns]}"
+            f"{what}: --obs-map names column(s) {', '.join(escaped(m) for m in missing[:10])} that are not in obs; "
+            f"obs has: {', '.join(escaped(c) for c in list(obs.columns)[:30])}"
+            + (f" and {len(obs.columns) - 30} more" if len(obs.columns) > 30 else "")
         )
     frame = obs.copy()
     kept = kept_originals(list(obs.columns), obs_map)

@@ -351,12 +351,16 @@ class AtlasIndex:
         del _bitmap  # the selector points into it: keep it alive until the search is done
         return SearchResult(ids, scores)
 
-    def filter_ids(self, where: str, *, allow_empty: bool = False, what: str = "where filter") -> np.ndarray:
+    def filter_ids(
+        self, where: str, *, allow_empty: bool = False, what: str = "where filter", negate: bool = False,
+        among: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Sorted ids of the cells matching an SQL predicate over the cells table, checked by
         :func:`index.predicate.validate_predicate` before it runs (InputError naming ``what`` when it is invalid,
-        or, unless ``allow_empty``, when it matches no cell)."""
+        or, unless ``allow_empty``, when it matches no cell). ``negate``: the cells where it is false (not NULL);
+        ``among``: only these ids are looked at."""
         with self.cursor() as con:
-            return where_ids(con, where, allow_empty=allow_empty, what=what)
+            return where_ids(con, where, allow_empty=allow_empty, what=what, negate=negate, among=among)
 
     def exact_search(self, vectors: np.ndarray, k: int = DEFAULT_K) -> SearchResult:
         """Brute force over the stored vectors (for evaluation; slow on large atlases)."""

@@ -188,20 +188,34 @@ def column_types(con: Any) -> dict[str, str]:
     return {r[0]: str(r[1]) for r in con.execute(f"DESCRIBE {CELLS_TABLE}").fetchall()}
 
 
-def where_ids(con: Any, predicate: str, *, allow_empty: bool = False, what: str = "where filter") -> np.ndarray:
+def where_ids(
+    con: Any, predicate: str, *, allow_empty: bool = False, what: str = "where filter", negate: bool = False,
+    among: np.ndarray | None = None,
+) -> np.ndarray:
     """Sorted unique ids of the cells matching a user SQL predicate.
 
     The predicate is checked by :func:`index.predicate.validate_predicate` and the statement checked is what
     runs. InputError when it is empty, invalid or not allowed (naming the columns of the cells table), when it
     fails on the data (naming the error class, never the data), and, unless ``allow_empty``, when it matches no
-    cell. ``what`` names the predicate in messages.
+    cell. ``what`` names the predicate in messages. ``negate``: the cells where it is false instead (not where it
+    is NULL: a cell without the value is neither); ``among``: only these ids are looked at.
     """
     import duckdb
+    import pyarrow as pa
 
     columns = column_types(con)
     checked = validate_predicate(predicate, columns, what=what)
+    sql = checked.negated_sql if negate else checked.sql
     try:
-        ids = con.execute(checked.sql).fetchnumpy()[ID_COLUMN]
+        if among is not None:
+            con.register("_among_ids", pa.table({ID_COLUMN: np.asarray(among, dtype=np.int64)}))
+            try:
+                sql = f"SELECT {ID_COLUMN} FROM ({sql}) AS m WHERE {ID_COLUMN} IN (SELECT {ID_COLUMN} FROM _among_ids)"
+                ids = con.execute(sql).fetchnumpy()[ID_COLUMN]
+            finally:
+                con.unregister("_among_ids")
+        else:
+            ids = con.execute(sql).fetchnumpy()[ID_COLUMN]
     except duckdb.Error as exc:
         raise InputError(
             f"the {what} {shown(checked.text)} failed on the cells table ({type(exc).__name__}: "

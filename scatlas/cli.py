@@ -46,8 +46,9 @@ def cli(verbose: int, quiet: bool) -> None:
     """scatlas: a vector-search reference atlas for single-cell RNA-seq.
 
     \b
-    Offline:  scatlas ingest -> scatlas build
-    Query:    scatlas annotate, scatlas hunt train/sweep/report
+    Offline:  scatlas ingest -> scatlas build (then datasets, relabel, remove, build --update, verify, evaluate)
+    Query:    scatlas annotate, scatlas search, scatlas hunt train/sweep/report
+    Lab:      scatlas serve
     Try it:   scatlas demo
     """
     _setup_logging(verbose, quiet)
@@ -695,7 +696,7 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
           f"({clf.counts})")
     _echo(f"stage 1 (embedding), cross-validated: precision {m['precision']:.3f}, recall {m['recall']:.3f}, AUPRC "
           f"{m['auprc']:.3f} at threshold {clf.threshold:.4f}; expected false hits per million atlas cells "
-          f"{m['expected_false_hits_per_million']:.1f}")
+          f"{m['expected_false_hits_per_million']:.1f}" + _upper_note(clf))
     choice = clf.params.get("stage_choice")
     if clf.stage2 is None:
         if choice:
@@ -718,9 +719,21 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
     _echo(f"embedder fingerprint {clf.embedder_fingerprint}")
 
 
+def _upper_note(clf: Any) -> str:
+    """How far the false-hit estimate could go if the background cells set aside as likely unlabelled positives
+    are negatives after all ("" when none was set aside or none would be a hit)."""
+    m, n = clf.metrics, clf.counts.get("background_excluded_as_likely_positive", 0)
+    upper = m.get("expected_false_hits_per_million_upper")
+    if not n or upper is None or upper <= m["expected_false_hits_per_million"]:
+        return ""
+    return (f" (up to {upper:.1f} if the {n} atlas background cells set aside as likely unlabelled positives are "
+            "not)")
+
+
 @hunt.command("sweep")
 @index_option
-@click.option("--classifier", "classifier_dir", type=PathArg(file_okay=False, path_type=Path), required=True)
+@click.option("--classifier", "classifier_dir", type=PathArg(file_okay=False, path_type=Path), required=True,
+              help="Classifier directory written by `scatlas hunt train`.")
 @click.option("--out", "out_dir", type=PathArg(file_okay=False, path_type=Path), required=True,
               help="Sweep directory; hits go to OUT/hits.parquet. Rerun to resume.")
 @click.option("--min-score", type=float, default=None, help="Raw score cut-off (default: the classifier's threshold).")

@@ -159,8 +159,12 @@ def prefer_two_stages(metrics: dict[str, Any]) -> tuple[bool, str]:
     two, one = metrics["two_stage"]["f1"], metrics["stage1_alone"]["f1"]
     verdict = two > one
     rows = metrics.get("rows") or {}
-    cells = (f"{rows['positives']} positives and {rows['negatives']} negatives of the labelled cells" if rows
-             else "the same labelled cells")
+    origin = metrics.get("training_rows") or {}
+    labelled = origin.get("labelled_positives", 1) + origin.get("labelled_negatives", 0) > 0
+    atlas = origin.get("atlas_positives", 0) + origin.get("atlas_background", 0) > 0
+    whose = {(True, False): "the labelled cells", (False, True): "the atlas cells",
+             (True, True): "the labelled and atlas cells"}.get((labelled, atlas), "the labelled cells")
+    cells = f"{rows['positives']} positives and {rows['negatives']} negatives of {whose}" if rows else f"the same {whose[4:]}"
     return verdict, (f"cross-validated F1 of two stages {two:.3f} {'>' if verdict else '<='} stage 1 alone's {one:.3f} "
                      f"on {cells}, those stage 2 trains on; stage 1's own figures also count the atlas background "
                      "as negatives")

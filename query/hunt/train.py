@@ -36,7 +36,7 @@ from scatlas.index import (
 )
 from scatlas.query.hunt.access import IndexLike, input_paths, open_index
 from scatlas.query.hunt.calibration import CalibrationMethod, fit_calibration
-from scatlas.query.hunt.classifier import HuntClassifier
+from scatlas.query.hunt.classifier import HuntClassifier, exact_scores
 from scatlas.query.hunt.gene_reads import dataset_gene_stats, open_index_store, read_gene_features
 from scatlas.query.hunt.logistic import DEFAULT_L2_GRID, CVResult, cross_validate, fit_logistic
 from scatlas.query.hunt.metrics import ThresholdChoice, average_precision, choose_threshold, roc_auc
@@ -62,6 +62,14 @@ DUPLICATE_COSINE = 0.9995
 """Background cells this similar to a labelled positive are the same cell (the labelled dataset is in the atlas)."""
 SPY_QUANTILE = 0.1
 MAX_EXCLUDED = 0.01
+MIN_KNOWN_NEGATIVES = 200
+"""With ``positive_sql``, the background is drawn from the atlas cells labelled otherwise (the predicate is false
+for them) when at least this many are found among the sampled cells; else from all atlas cells."""
+KNOWN_OVERSAMPLE = 4
+"""Atlas cells sampled per background cell wanted, to find the cells labelled otherwise among them."""
+MAX_FALSE_POSITIVE_RATE = 0.5
+"""A classifier calling more than this share of the negatives hits (cross-validated, at its cut) hunts nothing
+rare: training refuses it."""
 
 
 STAGE2_MIN_GENES = 0.9
@@ -142,13 +150,49 @@ def _cells_part(
         labelled.check(min_gene_overlap)
         if labelled.match is not None:
             report["gene_overlap"] = labelled.match.summary()
-        rows = np.union1d(pos_rows, neg_rows)
+        rows = _expressed_rows(labelled, np.union1d(pos_rows, neg_rows), pos_rows, chunk_size, report)
         vec = as_stored(labelled.embed(rows, chunk_size, progress))[1]
         is_pos = np.isin(rows, pos_rows)
+        keep = _first_copies(vec, is_pos, report)
+        rows, vec, is_pos = rows[keep], vec[keep], is_pos[keep]
         genes = _labelled_gene_features(labelled, rows, chunk_size, report) if want_genes else None
         return vec[is_pos], vec[~is_pos], report, (genes[is_pos], genes[~is_pos]) if genes is not None else None
     finally:
         labelled.close()
+
+
+def _expressed_rows(
+    labelled: Any, rows: np.ndarray, pos_rows: np.ndarray, chunk_size: int, report: dict[str, Any]
+) -> np.ndarray:
+    """``rows`` without the cells that express none of the embedder's genes (their vector is that of an empty
+    profile, the same for all: a classifier would learn it as the positives' signature); counted in ``report``."""
+    expressed = np.concatenate([np.asarray(labelled.embedder.expressed(chunk), dtype=bool)
+                                for chunk in labelled.chunks(chunk_size, rows)]) if len(rows) else np.ones(0, bool)
+    silent = rows[~expressed]
+    if len(silent):
+        n_pos = int(np.isin(silent, pos_rows).sum())
+        report["n_without_expression"] = {"positives": n_pos, "negatives": len(silent) - n_pos}
+        logger.warning("%d labelled positives and %d negatives express none of the embedder's genes: left out",
+                       n_pos, len(silent) - n_pos)
+    return rows[expressed]
+
+
+def _first_copies(vec: np.ndarray, is_pos: np.ndarray, report: dict[str, Any]) -> np.ndarray:
+    """Bool over the rows: all but the repeats of a positive whose stored vector is exactly another positive's
+    (a copied cell: its copies would sit in different folds and make the cross-validated figures perfect)."""
+    keep = np.ones(len(vec), dtype=bool)
+    pos = np.flatnonzero(is_pos)
+    if len(pos) < 2:
+        return keep
+    _, first = np.unique(np.ascontiguousarray(vec[pos]).view(np.dtype((np.void, vec.dtype.itemsize * vec.shape[1]))),
+                         return_index=True)
+    repeats = np.setdiff1d(pos, pos[first])
+    if len(repeats):
+        keep[repeats] = False
+        report["n_repeated_positives"] = len(repeats)
+        logger.warning("%d labelled positives repeat another positive's expression exactly (copies of one cell?): "
+                       "left out, so that cross-validation does not score a cell against its own copy", len(repeats))
+    return keep
 
 
 def _labelled_gene_features(labelled: Any, rows: np.ndarray, chunk_size: int, report: dict[str, Any]) -> np.ndarray | None:
@@ -172,22 +216,24 @@ def _duplicates(bg: np.ndarray, pos: np.ndarray, block: int = 4096) -> np.ndarra
     return out
 
 
-def _likely_positives(pos_oof: np.ndarray, bg_oof: np.ndarray) -> np.ndarray:
+def _likely_positives(pos_oof: np.ndarray, bg_oof: np.ndarray, known: np.ndarray) -> np.ndarray:
     """Background cells scoring like held-out positives: out-of-fold score >= the SPY_QUANTILE of the positives'.
 
     The held-out positives act as "spies" (PU learning): a background cell above most of them is more likely an
     unlabelled member of the rare population than a negative. At most MAX_EXCLUDED of the background is excluded
-    (the best-scoring ones): a rare population cannot be more than that.
+    (the best-scoring ones): a rare population cannot be more than that. Cells ``known`` to be negatives (labelled
+    otherwise) are never excluded.
     """
     cut = float(np.quantile(pos_oof, SPY_QUANTILE))
-    suspect = bg_oof >= cut
+    suspect = (bg_oof >= cut) & ~known
     cap = max(1, int(MAX_EXCLUDED * len(bg_oof)))
     if suspect.sum() > cap:
         logger.warning(
-            "%d background cells (%.1f%%) score like the positives; excluding only the best %d: the classifier "
-            "separates the positives poorly", int(suspect.sum()), 100 * suspect.mean(), cap,
+            "%d background cells (%.1f%%) score at least as high as the weakest tenth of the labelled positives "
+            "(held out); only the best %d are set aside as likely unlabelled positives: some labelled positives "
+            "look like many atlas cells", int(suspect.sum()), 100 * suspect.mean(), cap,
         )
-        keep = np.argsort(-bg_oof, kind="stable")[:cap]
+        keep = np.argsort(-np.where(known, -np.inf, bg_oof), kind="stable")[:cap]
         suspect = np.zeros(len(bg_oof), dtype=bool)
         suspect[keep] = True
     return suspect
@@ -290,9 +336,10 @@ def train(
     if positive_sql is not None:
         ts.add_atlas_positives(idx, positive_sql, max_positives, seed)
     ts.check_positives(cells is not None, positive, positive_sql)
-    ts.add_background(idx, background, seed, drop_duplicates=cells is not None)
+    ts.add_background(idx, background, seed, drop_duplicates=cells is not None, positive_sql=positive_sql)
     fit = _fit(ts, l2=l2, n_folds=n_folds, seed=seed, device=torch_device, clean_background=clean_background)
     choice = choose_threshold(fit.y, fit.cv.oof_scores, target_precision=target_precision)
+    _check_separates(fit, choice, ts)
     stage2 = None
     if gene_names is not None:
         stage2, skipped = _train_stage2(idx, ts, fit, gene_names, choice.threshold, l2=l2, seed=seed, device=torch_device,
@@ -460,6 +507,7 @@ class _TrainingSet:
     atlas_positive_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     background: np.ndarray | None = None
     background_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    background_known: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # labelled negatives
     cell_genes: tuple[np.ndarray, np.ndarray] | None = None  # gene features of the labelled positives, negatives
     counts: dict[str, int] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
@@ -527,10 +575,17 @@ class _TrainingSet:
                             "a sweep marks them among its hits", len(np.unique(found)), len(labelled))
         return np.unique(np.concatenate([self.atlas_positive_ids, found]).astype(np.int64))
 
-    def add_background(self, idx: AtlasIndex, n: int, seed: int, *, drop_duplicates: bool) -> None:
+    def add_background(
+        self, idx: AtlasIndex, n: int, seed: int, *, drop_duplicates: bool, positive_sql: str | None = None
+    ) -> None:
         """``n`` atlas cells sampled as negatives (positives excluded; with ``drop_duplicates``, those identical to a
-        labelled positive too)."""
+        labelled positive too). With ``positive_sql``, drawn from the cells it is false for (their label is known and
+        is not the positives'; a cell without the label is neither, and may be an unlabelled positive) when enough
+        are found (:data:`MIN_KNOWN_NEGATIVES`); those are never set aside as likely positives."""
         ids = idx.sample_ids(n, exclude=self.atlas_positive_ids, seed=seed)
+        known = np.zeros(len(ids), dtype=bool)
+        if positive_sql is not None and len(ids):
+            ids, known = self._labelled_otherwise(idx, positive_sql, n, ids, seed)
         bg = idx.vectors(ids) if len(ids) else np.zeros((0, self.dim), np.float32)
         labelled = self.labelled_positives
         if drop_duplicates and labelled is not None and len(labelled) and len(bg):
@@ -538,14 +593,35 @@ class _TrainingSet:
             if dup.any():
                 logger.info("dropped %d background cells identical to labelled positives (the labelled dataset is "
                             "in the atlas)", int(dup.sum()))
-                bg, ids = bg[~dup], ids[~dup]
+                bg, ids, known = bg[~dup], ids[~dup], known[~dup]
             self.counts["background_duplicates_dropped"] = int(dup.sum())
         self.background, self.background_ids = bg, np.asarray(ids, dtype=np.int64)
+        self.background_known = known
         if not any(len(p) for p in self.negatives) and len(bg) == 0:
             raise InputError("no negative cells: the atlas background is empty (background=0 or every atlas cell is "
                              "positive) and the labelled cells have no non-matching cells; raise background")
         if self.n_positive < FEW_POSITIVES:
             logger.warning("only %d positive cells: cross-validated metrics are very uncertain", self.n_positive)
+
+    def _labelled_otherwise(
+        self, idx: AtlasIndex, positive_sql: str, n: int, sample: np.ndarray, seed: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(background ids, bool: labelled otherwise): up to ``n`` atlas cells the predicate is false for, found
+        among a wider uniform sample; ``sample`` and no known negative when fewer than :data:`MIN_KNOWN_NEGATIVES`
+        are found (the atlas holds few labels of that column)."""
+        wide = idx.sample_ids(KNOWN_OVERSAMPLE * n, exclude=self.atlas_positive_ids, seed=seed)
+        found = idx.filter_ids(positive_sql, allow_empty=True, what="SQL predicate", negate=True, among=wide)
+        self.counts["background_labelled_otherwise_found"] = len(found)
+        if len(found) < min(MIN_KNOWN_NEGATIVES, n):
+            logger.info("%d of %d sampled atlas cells are labelled otherwise (the predicate is false for them): the "
+                        "background is drawn from all atlas cells", len(found), len(wide))
+            self.counts["background_from_labelled_otherwise"] = 0
+            return sample, np.zeros(len(sample), dtype=bool)
+        ids = sample_sorted(found, n, seed) if len(found) > n else found
+        logger.info("background: %d atlas cells labelled otherwise (the predicate is false for them; cells it is NULL "
+                    "for, unlabelled, are left out: they may be positives)", len(ids))
+        self.counts["background_from_labelled_otherwise"] = 1
+        return np.asarray(ids, dtype=np.int64), np.ones(len(ids), dtype=bool)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(positives, the labelled cells' negatives, background), float32."""
@@ -566,6 +642,7 @@ class _Fit:
     weights: np.ndarray
     bias: float
     n_iter: int
+    excluded: np.ndarray  # background vectors set aside as likely unlabelled positives (not trained on)
 
 
 def _stack(P: np.ndarray, N: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -584,22 +661,25 @@ def _fit(
     X, y = _stack(P, N, bg)
     cv = cross_validate(X, y, l2_grid=grid, n_folds=k, seed=seed, device=device)
     ts.counts["background_excluded_as_likely_positive"] = 0
+    excluded = np.zeros((0, X.shape[1]), dtype=X.dtype)
     if clean_background and len(bg):
-        suspect = _likely_positives(cv.oof_scores[: len(P)], cv.oof_scores[len(P) + len(N) :])
+        suspect = _likely_positives(cv.oof_scores[: len(P)], cv.oof_scores[len(P) + len(N) :], ts.background_known)
         if suspect.any():
             logger.info(
                 "excluding %d of %d background cells that score like the labelled positives (likely unlabelled "
                 "positives); refitting", int(suspect.sum()), len(bg),
             )
+            excluded = bg[suspect]
             bg = ts.background = bg[~suspect]
             ts.background_ids = ts.background_ids[~suspect]
+            ts.background_known = ts.background_known[~suspect]
             ts.counts["background_excluded_as_likely_positive"] = int(suspect.sum())
             X, y = _stack(P, N, bg)
             cv = cross_validate(X, y, l2_grid=grid, n_folds=k, seed=seed, device=device)
     ts.counts["negatives_from_atlas"] = len(bg)
     ts.counts["n_positive"], ts.counts["n_negative"] = ts.n_positive, ts.n_negative
     final = fit_logistic(X, y, cv.l2, device=device)
-    return _Fit(X, y, cv, k, final.weights, final.bias, final.n_iter)
+    return _Fit(X, y, cv, k, final.weights, final.bias, final.n_iter, excluded)
 
 
 def _metrics(fit: _Fit, choice: ThresholdChoice, ts: _TrainingSet, n_index: int, *, given_l2: bool) -> dict[str, Any]:
@@ -620,6 +700,7 @@ def _metrics(fit: _Fit, choice: ThresholdChoice, ts: _TrainingSet, n_index: int,
         "f1": choice.f1,
         "false_positive_rate": choice.false_positive_rate,
         "expected_false_hits_per_million": choice.false_positive_rate * 1e6,
+        "expected_false_hits_per_million_upper": _upper_false_positive_rate(fit, choice, n_neg) * 1e6,
         "expected_false_hits_in_index": choice.false_positive_rate * n_index,
         "n_index_cells": n_index,
         "l2_selection": "given" if given_l2 else "cross-validated AUPRC on the same folds (slightly optimistic)",
@@ -627,6 +708,30 @@ def _metrics(fit: _Fit, choice: ThresholdChoice, ts: _TrainingSet, n_index: int,
         "note": "precision/recall/AUPRC are cross-validated on the training mix (labelled positives vs the "
         "background sample); atlas-wide precision depends on the prevalence: use expected_false_hits_in_index",
     }
+
+
+def _check_separates(fit: _Fit, choice: ThresholdChoice, ts: _TrainingSet) -> None:
+    """InputError when the classifier at its cut calls most negatives hits: nothing rare is being told apart (e.g.
+    a positive predicate matching every labelled cell, or positives like the whole atlas)."""
+    if choice.false_positive_rate <= MAX_FALSE_POSITIVE_RATE:
+        return
+    auprc = average_precision(fit.y, fit.cv.oof_scores)
+    raise InputError(
+        f"the classifier cannot tell the {ts.n_positive} positives from the {ts.n_negative} negatives: at its best cut "
+        f"it calls {100 * choice.false_positive_rate:.0f}% of the negatives hits (cross-validated AUPRC {auprc:.3f}, "
+        f"{ts.n_positive / (ts.n_positive + ts.n_negative):.3f} by chance). Check the positive predicate: it should "
+        "select a rare type, not most of the cells"
+    )
+
+
+def _upper_false_positive_rate(fit: _Fit, choice: ThresholdChoice, n_neg: int) -> float:
+    """The false-positive rate at the threshold if the background cells set aside as likely unlabelled positives
+    were negatives after all: those the final fit scores at or above the threshold (it never saw them, so its
+    scores are held-out) counted as false hits."""
+    if not len(fit.excluded):
+        return choice.false_positive_rate
+    above = int((exact_scores(fit.excluded, fit.weights, fit.bias) >= choice.threshold).sum())
+    return (choice.false_positive_rate * n_neg + above) / (n_neg + len(fit.excluded))
 
 
 def _versions() -> dict[str, str]:
