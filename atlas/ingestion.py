@@ -44,7 +44,7 @@ from scatlas.atlas.sources.soma import is_soma_experiment, open_soma_experiment
 from scatlas.atlas.sql import duckdb_interrupts, quote_ident, transaction
 from scatlas.atlas.store import CELLS_DB, MEASUREMENT, X_LAYER, AtlasStore, DatasetRecord
 from scatlas.atlas.store_writer import StoreWriter
-from scatlas.atlas.validate import check_embedding, check_name, escaped
+from scatlas.atlas.validate import check_embedding, check_name, escaped, escaped_list
 
 logger = logging.getLogger(__name__)
 
@@ -214,9 +214,8 @@ def _standardise_obs(
     missing = [s for s in obs_map if s not in obs.columns]
     if missing:
         raise InputError(
-            f"{what}: --obs-map names column(s) {', '.join(escaped(m) for m in missing[:10])} that are not in obs; "
-            f"obs has: {', '.join(escaped(c) for c in list(obs.columns)[:30])}"
-            + (f" and {len(obs.columns) - 30} more" if len(obs.columns) > 30 else "")
+            f"{what}: --obs-map names column(s) {escaped_list(missing, 10)} that are not in obs; obs has: "
+            f"{escaped_list(obs.columns)}"
         )
     frame = obs.copy()
     kept = kept_originals(list(obs.columns), obs_map)

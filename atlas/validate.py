@@ -8,6 +8,8 @@ them escaped with :func:`escaped`, never raw.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -32,6 +34,14 @@ def escaped(name: object, limit: int = 80) -> str:
     text = str(name)
     short = text if len(text) <= limit else text[:limit] + "..."
     return ascii(short) if not short.isprintable() else repr(short)
+
+
+def escaped_list(names: Iterable[object], limit: int = 30) -> str:
+    """``names`` for a message: each :func:`escaped`, comma-separated, at most ``limit`` of them, then how many
+    more."""
+    items = list(names)
+    text = ", ".join(escaped(n, 60) for n in items[:limit])
+    return text + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def check_name(name: object, what: str) -> str:
@@ -116,6 +126,8 @@ def to_float32(values: object, what: str) -> np.ndarray:
 
 def float32_csr(matrix: object, what: str) -> sp.csr_matrix:
     """``matrix`` (dense or sparse) as a float32 CSR matrix, values checked by :func:`to_float32`."""
+    if not sp.issparse(matrix) and np.asarray(matrix).dtype == np.float16:  # scipy.sparse has no float16
+        matrix = np.asarray(matrix, dtype=np.float32)
     block = sp.csr_matrix(matrix)
     if block.dtype == np.float32:
         return block

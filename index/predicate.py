@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scatlas.atlas.errors import InputError
+from scatlas.atlas.validate import escaped
 
 logger = logging.getLogger(__name__)
 
@@ -190,9 +191,17 @@ def validate_predicate(predicate: str, columns: Mapping[str, str], *, what: str 
     return Predicate(text=text, sql=_rendered(tree, text, what))
 
 
+MAX_LISTED_COLUMNS = 40
+"""Columns named in a message at most (then how many more)."""
+
+
 def describe_columns(columns: Mapping[str, str]) -> str:
-    """``name (TYPE), ...`` of the cells table, for messages."""
-    return ", ".join(f"{name} ({kind})" for name, kind in columns.items())
+    """``name (TYPE), ...`` of the cells table, for messages: names quoted and escaped (a name may hold a newline),
+    at most :data:`MAX_LISTED_COLUMNS` of them."""
+    items = list(columns.items())
+    text = ", ".join(f"{name if name.isprintable() and len(name) <= 60 else escaped(name, 60)} ({kind})"
+                     for name, kind in items[:MAX_LISTED_COLUMNS])
+    return text + (f" and {len(items) - MAX_LISTED_COLUMNS} more" if len(items) > MAX_LISTED_COLUMNS else "")
 
 
 # -- parsing ----------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from scatlas.atlas.errors import InputError
 from scatlas.atlas.genes import MIN_GENE_OVERLAP
 from scatlas.atlas.ontology_map import read_ontology_map, term_column
 from scatlas.atlas.outputs import check_distinct
+from scatlas.atlas.validate import escaped_list
 from scatlas.index import (
     ALIGN_MIN_SAMPLE,
     ALIGN_SAMPLE,
@@ -196,9 +197,10 @@ class AnnotationResult:
             written["report"] = write_json(self.report, report_json, inputs=inputs)
         if confusion_png is not None:
             key = next(iter(self._truth))
-            written["confusion"] = plot_confusion(
-                self.confusion(key), confusion_png, title=f"{key}: truth vs predicted", inputs=inputs
-            )
+            plotted = plot_confusion(self.confusion(key), confusion_png, title=f"{key}: truth vs predicted",
+                                     inputs=inputs)
+            if plotted is not None:
+                written["confusion"] = plotted
         if map_png is not None and self.placement is not None:
             key = self.report["params"]["label_keys"][0]
             written["map"] = plot_annotation_map(
@@ -295,13 +297,15 @@ def annotate(
     predictor: Predictor = DEFAULT_PREDICTOR,
     missing_genes: MissingGenes = DEFAULT_MISSING_GENES,
     progress: Progress = True,
+    x_layer: str | None = None,
 ) -> AnnotationResult:
     """Transfer atlas labels to the cells of ``query``: each label from the index's label heads or a vote of the
     cell's nearest atlas cells; a Cell Ontology ancestor where the fine call is unsure but a coarser one is not;
     ``"unknown"`` where neither is confident or the cell does not map onto the atlas.
 
     query: an ``.h5ad`` path (read in chunks) or an AnnData; never modified. Its genes must look like the index's
-        species (SpeciesMismatchError otherwise, unless ``allow_species_mismatch``).
+        species (SpeciesMismatchError otherwise, unless ``allow_species_mismatch``). ``x_layer``: its matrix to
+        read (``X``, ``raw`` or a layer's name; default: raw counts wherever they are, else log-normalised values).
     index: an index directory or an opened :class:`~index.AtlasIndex`.
     label_keys: columns of the index's cell table to transfer, each on its own.
     k: neighbours that vote per cell. where: an SQL predicate restricting the atlas cells searched.
@@ -348,7 +352,7 @@ def annotate(
     try:
         atlas = atlas_labels(idx, keys, where, far_quantile, class_balance, predictor, max_votes_per_dataset)
         t_open = time.perf_counter() - t_start
-        cells = open_query(query, idx, allow_species_mismatch=allow_species_mismatch)
+        cells = open_query(query, idx, allow_species_mismatch=allow_species_mismatch, x_layer=x_layer)
         _check_truth_columns(cells, truth_map)
         if min_gene_overlap is None:
             min_gene_overlap = _default_min_overlap(cells, keys, atlas.heads, missing_genes)
@@ -475,8 +479,8 @@ def _check_truth_columns(cells: QueryCells, truth_map: dict[str, str]) -> None:
     missing = [c for c in truth_map.values() if c not in cells.source.obs.columns]
     if missing:
         raise InputError(
-            f"truth column(s) {missing} are not in the query's obs; "
-            f"obs has: {', '.join(map(str, cells.source.obs.columns))}"
+            f"truth column(s) {escaped_list(missing, 10)} are not in the query's obs; "
+            f"obs has: {escaped_list(cells.source.obs.columns)}"
         )
 
 

@@ -248,16 +248,26 @@ def write_json(payload: dict[str, Any], out: str | Path, *, inputs: Iterable[str
     return out
 
 
+MAX_CONFUSION_LABELS = 100
+"""A confusion plot of more truth or predicted labels is not drawn (its size grows with them: a numeric column given
+as the truth drew a 17,000 x 15,000-pixel image in 11 GB)."""
+
+
 def plot_confusion(
     table: pd.DataFrame, out: str | Path, *, title: str = "", inputs: Iterable[str | Path | None] = ()
-) -> Path:
-    """A row-normalised confusion matrix (truth rows, predicted columns) with counts, as PNG (Agg canvas)."""
+) -> Path | None:
+    """A row-normalised confusion matrix (truth rows, predicted columns) with counts, as PNG (Agg canvas); None
+    (nothing written, a warning logged) over :data:`MAX_CONFUSION_LABELS` labels."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     counts = table.to_numpy(dtype=np.float64)
     frac = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     nr, nc = counts.shape
+    if max(nr, nc) > MAX_CONFUSION_LABELS:
+        logger.warning("no confusion plot: %d truth and %d predicted labels, over the %d a plot can show (is the "
+                       "truth column a label?); the report has the metrics", nr, nc, MAX_CONFUSION_LABELS)
+        return None
     fig = Figure(figsize=(max(4.0, 0.45 * nc + 2.5), max(3.0, 0.4 * nr + 2.0)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)

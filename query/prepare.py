@@ -10,6 +10,7 @@ from typing import Any
 
 import anndata
 import numpy as np
+import pandas as pd
 
 from scatlas.atlas.chunks import CellChunk
 from scatlas.atlas.errors import InputError, SpeciesMismatchError
@@ -134,13 +135,16 @@ def open_query(
     what: str = "query",
     allow_empty: bool = False,
     allow_species_mismatch: bool = False,
+    x_layer: str | None = None,
 ) -> QueryCells:
     """Open ``query`` (an ``.h5ad`` path, read in chunks, or an AnnData, never modified) for ``index``'s embedder;
     InputError when it has no cells (unless ``allow_empty``). ``what`` names the cells in messages, ``{name}``
     standing for the source's name. Its genes must look like the same species as the embedder's
     (:func:`species_check`: SpeciesMismatchError, unless ``allow_species_mismatch``, then a warning); this runs
-    before any gene-overlap check. Call :meth:`QueryCells.check` before embedding, and ``close()`` after."""
-    source = open_h5ad(query)
+    before any gene-overlap check. ``x_layer``: the matrix to read (``X``, ``raw`` or a layer's name; default:
+    raw counts wherever they are, else log-normalised values). Call :meth:`QueryCells.check` before embedding, and
+    ``close()`` after."""
+    source = open_h5ad(query, x_layer=x_layer)
     what = what.format(name=getattr(source, "name", ""))
     try:
         if source.n_obs == 0 and not allow_empty:
@@ -151,10 +155,21 @@ def open_query(
             source.genes, embedder, what=what, allow_mismatch=allow_species_mismatch
         )
         columns = _obs_columns(source, embedder, what)
+        _warn_repeated_genes(source.genes, what)
     except BaseException:
         source.close()
         raise
     return QueryCells(source, index, match, what, species=species, obs_columns=columns)
+
+
+def _warn_repeated_genes(genes: Any, what: str) -> None:
+    """Warn when gene names repeat in the query: the first column of each name is the one read."""
+    keys = pd.Index(np.asarray(genes.keys, dtype=object))
+    repeated = keys[keys.duplicated() & (keys != "")]
+    if len(repeated):
+        logger.warning("the %s names %d genes more than once (%d extra columns): the first column of each is read, "
+                       "the others ignored; make the names unique (e.g. adata.var_names_make_unique(), or sum the "
+                       "copies) if another column holds the values", what, repeated.nunique(), len(repeated))
 
 
 def _obs_columns(source: Any, embedder: Any, what: str) -> tuple[str, ...]:

@@ -57,7 +57,7 @@ CENTROID = "centroid"
 DEFAULT_BATCH_SIZE = 10_000
 MAP_POINTS = 3_000
 """At most this many query cells and hit atlas cells are placed on the reference map in the report (a sample)."""
-HIT_COLUMNS = ["query_cell", "rank", "soma_joinid", "similarity"]
+HIT_COLUMNS = ["query_cell", "rank", "soma_joinid", "similarity", "query_row"]
 HITS_FIRST = ("query_cell", "rank")
 """The first columns of the hits table (what an earlier hits CSV of scatlas begins with)."""
 SEARCH_ENRICHMENT_COLUMNS = [
@@ -70,7 +70,8 @@ class SearchHits(NamedTuple):
     """What :func:`search_cells` found.
 
     ``hits``: one row per (query cell, neighbour), best first per cell: ``query_cell`` (the query's obs name, or
-    ``"centroid"``), ``rank`` (from 0), ``soma_joinid`` (the atlas cell), ``similarity`` (cosine), then the atlas
+    ``"centroid"``), ``rank`` (from 0), ``soma_joinid`` (the atlas cell), ``similarity`` (cosine), ``query_row`` (the
+    query cell's row in the query, from 0; -1 for the centroid: obs names need not be unique), then the atlas
     cell's metadata (every column of the index's cells table: cell_type, dataset_id, donor_id, tissue, disease, ...).
     ``enrichment``: per column of :data:`ENRICH_BY` the atlas has and group: ``n_hits`` (distinct atlas cells hit),
     ``n_cells`` (atlas cells searched), ``share_hits``, ``share_atlas``, ``fold`` (their ratio), ``fraction`` (hits
@@ -209,7 +210,7 @@ def _hits_frame(idx: AtlasIndex, obs_names: pd.Index, rows: np.ndarray, ids: np.
         query_cell = np.asarray(obs_names)[query_rows]
     head = pd.DataFrame({
         "query_cell": query_cell, "rank": rank.astype(np.int16), "soma_joinid": hit_ids.astype(np.int64),
-        "similarity": scores[valid].astype(np.float32),
+        "similarity": scores[valid].astype(np.float32), "query_row": query_rows.astype(np.int64),
     })
     return pd.concat([head, taken[[c for c in taken.columns if c not in head.columns]]], axis=1)
 
@@ -306,6 +307,7 @@ def search_cells(
     min_gene_overlap: float = MIN_GENE_OVERLAP,
     allow_species_mismatch: bool = False,
     progress: Progress = True,
+    x_layer: str | None = None,
 ) -> SearchHits:
     """The atlas cells most similar to the cells of ``query``.
 
@@ -319,6 +321,8 @@ def search_cells(
     min_gene_overlap: refuse a query with a smaller fraction of the embedder's genes (GeneOverlapError).
     allow_species_mismatch: go on (with a warning) when the query's genes look like another species.
     progress: a progress bar (:data:`index.progress.Progress`).
+    x_layer: the query's matrix to read (``X``, ``raw`` or a layer's name; default: raw counts wherever they are,
+        else log-normalised values).
 
     Returns :class:`SearchHits`. InputError for an invalid argument, a predicate that is not allowed or matches no
     cell (atlas or query), and a query with no cell expressing the embedder's genes.
@@ -330,7 +334,7 @@ def search_cells(
     cells: QueryCells | None = None
     try:
         n_searched = len(idx.filter_ids(where)) if where is not None else idx.n_cells  # checks `where` first
-        cells = open_query(query, idx, allow_species_mismatch=allow_species_mismatch)
+        cells = open_query(query, idx, allow_species_mismatch=allow_species_mismatch, x_layer=x_layer)
         cells.check(min_gene_overlap)
         rows = select_cells(cells, cells_where)
         refmap = idx.reference_map()

@@ -35,6 +35,7 @@ from scatlas.cli_common import (
     index_option,
     progress_option,
     query_gene_options,
+    query_matrix_option,
 )
 
 
@@ -119,7 +120,9 @@ def ingest(sources: tuple[str, ...], atlas_dir: Path, dataset_id: str | None, ob
             f"{d.dataset_id}: {d.n_cells} cells (ids from {d.first_cell_id}), {d.n_skipped_non_primary} non-primary skipped, "
             f"X from {d.x_source} ({d.x_kind}); genes {g['n_genes']}: {g['n_existing']} known, {g['n_new']} new, "
             f"{g['n_with_ensembl']} with Ensembl id, {g['n_symbol_only']} symbol only "
-            f"({g['n_symbol_mapped_to_ensembl']} mapped to Ensembl), {g['n_duplicates_dropped']} duplicates dropped; "
+            f"({g['n_symbol_mapped_to_ensembl']} mapped to Ensembl), {g['n_duplicates_dropped']} duplicates dropped"
+            + (f", {g['n_unnamed_dropped']} without an Ensembl id or symbol dropped (e.g. spike-ins under a var "
+               "index of Ensembl ids)" if g.get("n_unnamed_dropped") else "") + "; "
             f"{d.cells_per_second:.0f} cells/s"
         )
         if d.ontology is not None:
@@ -501,12 +504,13 @@ def verify(index_dir: Path | None, atlas_dir: Path | None, as_json: bool, progre
               help="When the query lacks some of the embedder's genes: refit the label heads on their training "
                    "sample without them (when over 2% are missing; fewer read as with impute), or use the heads as "
                    "trained (missing genes read as their atlas mean).")
+@query_matrix_option
 @progress_option
 def annotate(query_file: Path, index_dir: Path, out_h5ad: Path, label_keys: tuple[str, ...], k: int, where: str | None,
              min_confidence: float | None, far_quantile: float | None, max_votes_per_dataset: int | None,
              truth_key: str | None, ontology_map: Path | None, mapping_check: bool, allow_species_mismatch: bool,
              neighbors_path: Path | None, report_path: Path | None, min_gene_overlap: float | None,
-             batch_size: int | None, predictor: str, missing_genes: str, progress: bool) -> None:
+             batch_size: int | None, predictor: str, missing_genes: str, x_layer: str | None, progress: bool) -> None:
     """Annotate QUERY_FILE (.h5ad): embed with the index's embedder, find k nearest atlas cells, answer each label
     (a class, a Cell Ontology ancestor when unsure of the class, or 'unknown')."""
     from scatlas.query import annotate as run_annotate
@@ -529,13 +533,15 @@ def annotate(query_file: Path, index_dir: Path, out_h5ad: Path, label_keys: tupl
                           ontology_map=ontology_map, check_mapping=mapping_check,
                           allow_species_mismatch=allow_species_mismatch,
                           predictor=predictor, missing_genes=missing_genes,  # type: ignore[arg-type]
-                          **{key: v for key, v in optional.items() if v is not None})
+                          x_layer=x_layer, **{key: v for key, v in optional.items() if v is not None})
     drawn = map_png if result.placement is not None else None
     evaluated = (result.report.get("evaluation") or {}).values()
     if confusion is not None and all(e.get("n_unlabelled") == e.get("n_cells") for e in evaluated):
         confusion = None  # no cell has a truth label: no matrix to draw (the evaluation says so)
-    result.write(out_h5ad, neighbors_parquet=neighbors_path, report_json=report_path, confusion_png=confusion,
-                 map_png=drawn)
+    written = result.write(out_h5ad, neighbors_parquet=neighbors_path, report_json=report_path,
+                           confusion_png=confusion, map_png=drawn)
+    if confusion is not None and "confusion" not in written:
+        confusion = None  # too many labels to draw (logged)
     if confusion is None and default_confusion not in (out_h5ad, neighbors_path, report_path):
         remove_stale(default_confusion, "png")  # an earlier run's matrix would not match these predictions
     if drawn is None:
@@ -677,10 +683,11 @@ def hunt() -> None:
                    "when its cross-validated F1 beats stage 1 alone's.  [default: auto]")
 @click.option("--two-stage", is_flag=True, help="The same as --stages 2.")
 @query_gene_options
+@query_matrix_option
 @progress_option
 def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, positive_sql: str | None, out_dir: Path,
                background: int, device: str, seed: int, stages: str | None, two_stage: bool, min_gene_overlap: float,
-               allow_species_mismatch: bool, progress: bool) -> None:
+               allow_species_mismatch: bool, x_layer: str | None, progress: bool) -> None:
     """Train a class-balanced logistic classifier on known rare cells (on the embedding, and a gene-level stage 2
     where it helps: --stages); cross-validated metrics, calibrated scores."""
     from scatlas.query.hunt import train
@@ -690,7 +697,7 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
     chosen = "2" if two_stage else (stages or "auto")
     clf = train(index_dir, cells_file, positive=positive, positive_sql=positive_sql, background=background,
                 device=device, seed=seed, out=out_dir, progress=progress, two_stage=HUNT_STAGES[chosen],
-                min_gene_overlap=min_gene_overlap, allow_species_mismatch=allow_species_mismatch)
+                min_gene_overlap=min_gene_overlap, allow_species_mismatch=allow_species_mismatch, x_layer=x_layer)
     m = clf.metrics
     _echo(f"classifier {out_dir}: {clf.counts.get('n_positive')} positives, {clf.counts.get('n_negative')} negatives "
           f"({clf.counts})")

@@ -198,6 +198,14 @@ def query_gene_options(f: Callable[..., Any]) -> Callable[..., Any]:
                         help="Refuse cells carrying less than this fraction of the embedder's genes.")(f)
 
 
+def query_matrix_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--x-layer``: which matrix of the query's .h5ad to read (commands that embed cells of a file)."""
+    return click.option("--x-layer", default=None, metavar="NAME",
+                        help="The query's matrix to read: X, raw (adata.raw.X) or a layer name (layers/NAME also "
+                             "works); default: raw counts wherever they are (X, layers['counts'], .raw), else "
+                             "log-normalised values.")(f)
+
+
 def progress_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")(f)
 

@@ -10,7 +10,15 @@ from typing import Any
 
 import click
 
-from scatlas.cli_common import PathArg, _echo, _value, index_option, progress_option, query_gene_options
+from scatlas.cli_common import (
+    PathArg,
+    _echo,
+    _value,
+    index_option,
+    progress_option,
+    query_gene_options,
+    query_matrix_option,
+)
 
 
 @click.command()
@@ -31,9 +39,11 @@ from scatlas.cli_common import PathArg, _echo, _value, index_option, progress_op
               help="SQL predicate over the query's obs choosing the query cells to search with, e.g. "
                    "\"cell_type = 'B cell' AND donor_id = 'd1'\" (default: every cell).")
 @query_gene_options
+@query_matrix_option
 @progress_option
 def search(query_file: Path, index_dir: Path, out_path: Path, k: int, mode: str, where: str | None,
-           cells_where: str | None, min_gene_overlap: float, allow_species_mismatch: bool, progress: bool) -> None:
+           cells_where: str | None, min_gene_overlap: float, allow_species_mismatch: bool, x_layer: str | None,
+           progress: bool) -> None:
     """Find the atlas cells most similar to the cells of QUERY_FILE (.h5ad), embedded with the index's embedder,
     and where the hits come from (dataset, tissue, disease, cell type; Fisher test, BH q)."""
     from scatlas.index import AtlasIndex
@@ -46,7 +56,7 @@ def search(query_file: Path, index_dir: Path, out_path: Path, k: int, mode: str,
     with AtlasIndex.open(index_dir) as idx:
         result = search_cells(query_file, idx, k=k, mode=mode, where=where, cells_where=cells_where,  # type: ignore[arg-type]
                               min_gene_overlap=min_gene_overlap, allow_species_mismatch=allow_species_mismatch,
-                              progress=progress)
+                              progress=progress, x_layer=x_layer)
         has_map = bool(result.report["map"].get("available"))
         written = write_search(result, idx, paths["hits"], enrichment_out=paths["enrichment"],
                                report_out=paths["report"], map_png=paths["map"] if has_map else None, inputs=inputs)

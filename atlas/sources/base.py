@@ -83,7 +83,9 @@ def rescale_lognorm(block: sp.csr_matrix, choice: ExpressionChoice) -> sp.csr_ma
 def expression_from_samples(samples: dict[str, sp.csr_matrix], what: str) -> ExpressionChoice:
     """The matrix a source reads, from a sample of rows of each candidate: its kind (:func:`choose_expression`)
     and, for log-normalised values, the per-cell total they were normalised to (:func:`with_lognorm_total`)."""
-    chosen = choose_expression({loc: detect_x_kind(m) for loc, m in samples.items()}, what)
+    # a matrix whose sample holds no value at all (an empty X beside counts in a layer) comes last
+    ordered = sorted(samples, key=lambda loc: sp.csr_matrix(samples[loc]).nnz == 0)
+    chosen = choose_expression({loc: detect_x_kind(samples[loc]) for loc in ordered}, what)
     return with_lognorm_total(chosen, samples[chosen.location])
 
 

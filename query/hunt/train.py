@@ -119,6 +119,7 @@ def _cells_part(
     progress: Progress,
     want_genes: bool = False,
     allow_species_mismatch: bool = False,
+    x_layer: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], tuple[np.ndarray, np.ndarray] | None]:
     """Embedded positives and sampled negatives of the labelled cells (rounded as stored), a report, and with
     ``want_genes`` their gene features (positives, negatives; None when the cells lack too many of the genes)."""
@@ -126,7 +127,7 @@ def _cells_part(
         raise InputError("labelled cells were given without a positive predicate; pass one (--positive "
                          "\"cell_type = 'X'\", positive= in Python)")
     labelled = open_query(cells, index, what="labelled cells ({name})", allow_empty=True,
-                          allow_species_mismatch=allow_species_mismatch)
+                          allow_species_mismatch=allow_species_mismatch, x_layer=x_layer)
     source = labelled.source
     try:
         mask, negative = evaluate_classes(source.obs, positive)
@@ -262,6 +263,7 @@ def train(
     align: Literal["none", "mnn"] = "mnn",
     two_stage: bool | Literal["auto"] = "auto",
     allow_species_mismatch: bool = False,
+    x_layer: str | None = None,
 ) -> HuntClassifier:
     """Train a hunt classifier; save it to ``out`` when given.
 
@@ -302,6 +304,8 @@ def train(
 
     allow_species_mismatch: go on (with a warning) when the labelled cells' genes look like another species than
         the index's (SpeciesMismatchError otherwise).
+    x_layer: the labelled cells' matrix to read (``X``, ``raw`` or a layer's name; default: raw counts wherever they
+        are, else log-normalised values).
 
     Raises InputError when no positive or no negative cell is found, or fewer than 3 positives.
     """
@@ -332,7 +336,8 @@ def train(
     ts = _TrainingSet(idx.dim)
     if cells is not None:
         ts.add_cells(idx, cells, positive, max_positives, cell_negatives, min_gene_overlap, chunk_size, seed,
-                     progress, align, want_genes=gene_names is not None, allow_species_mismatch=allow_species_mismatch)
+                     progress, align, want_genes=gene_names is not None, allow_species_mismatch=allow_species_mismatch,
+                     x_layer=x_layer)
     if positive_sql is not None:
         ts.add_atlas_positives(idx, positive_sql, max_positives, seed)
     ts.check_positives(cells is not None, positive, positive_sql)
@@ -523,11 +528,11 @@ class _TrainingSet:
     def add_cells(
         self, idx: AtlasIndex, cells: Any, positive: str | None, max_positives: int, cell_negatives: int,
         min_gene_overlap: float, chunk_size: int, seed: int, progress: Progress, align: str, want_genes: bool = False,
-        allow_species_mismatch: bool = False,
+        allow_species_mismatch: bool = False, x_layer: str | None = None,
     ) -> None:
         cpos, cneg, self.report, self.cell_genes = _cells_part(
             idx, cells, positive, max_positives, cell_negatives, min_gene_overlap, chunk_size, seed, progress,
-            want_genes, allow_species_mismatch,
+            want_genes, allow_species_mismatch, x_layer,
         )
         self.labelled_positives = cpos
         if align == "mnn" and len(cpos) + len(cneg):
