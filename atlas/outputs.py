@@ -382,6 +382,9 @@ def check_output_file(
     out = _plain(path)
     if out.is_dir():
         raise OutputError(f"{show(out)} is a directory; give a file path")
+    blocking = next((p for p in out.parents if p.exists() or p.is_symlink()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise OutputError(f"{show(blocking)} is a file, so {show(out)} cannot be written under it; give another path")
     _check_inputs(out, inputs, directory=False)
     protected = _inside_protected(out)
     if protected is not None:

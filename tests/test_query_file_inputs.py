@@ -98,3 +98,10 @@ def test_column_names_in_messages_are_escaped_and_bounded(planted_world, query, 
                str(tmp_path / "hits.parquet"), "--cells-where", "nosuch = 1", "--no-progress")
     assert res.exit_code != 0
     assert res.output.count("Error:") == 1 and "more" in res.output and "\nError: forged" not in res.output
+
+
+def test_an_output_under_a_file_is_refused_before_the_work(planted_world, tmp_path):
+    (tmp_path / "precious.txt").write_text("keep")
+    res = _annotate(planted_world, planted_world["query"], tmp_path / "precious.txt" / "a.h5ad")
+    assert res.exit_code != 0 and "precious.txt is a file" in res.output and "annotated" not in res.output
+    assert (tmp_path / "precious.txt").read_text() == "keep"
