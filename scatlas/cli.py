@@ -332,7 +332,8 @@ def _print_info(info: dict[str, Any]) -> None:
     _echo(f"size on disk {size / 2**20:,.1f} MiB ({info['bytes_per_cell']:,.0f} bytes per cell)")
     heads_s = info.get("heads_seconds")
     if info.get("updated"):  # the heads were trained anew by the last update: their time is the update's
-        _echo(f"built        {info.get('built')} in {info.get('build_seconds')} s on {info.get('device')}")
+        _echo(f"built        {info.get('built')} in {info.get('build_seconds')} s on {info.get('device')} (the index; "
+              "its label heads are the last update's)")
         _echo(f"updated      {info.get('updates')} time(s), last {info.get('updated')} in {info.get('update_seconds')} s"
               + (f" (label heads {heads_s} s)" if heads_s else ""))
     else:

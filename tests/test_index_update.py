@@ -192,6 +192,7 @@ def test_update_cli_and_fixed_arguments(store_ab):
     assert info["updated"] >= info["built"] and info["update_seconds"] > 0  # timestamps: to the second
     text = run("info", str(index))
     assert "updated      1 time(s), last " in text  # the update's time apart from the first build's
+    assert "(the index; its label heads are the last update's)" in text
 
 
 def test_interrupted_update_resumes(store_ab, monkeypatch):
