@@ -316,12 +316,12 @@ def train(
     if out is not None:  # refuse a bad output before the work, not after it
         check_output_dir(out, CLASSIFIER, inputs=inputs, replace=True)
     idx = open_index(index)
-    if cells is None and positive_sql is None:
-        raise InputError("no positives: give labelled cells (--cells FILE --positive PREDICATE; cells=, positive= "
-                         "in Python) or atlas cells (--positive-sql PREDICATE; positive_sql=)")
     if cells is None and positive is not None:
         raise InputError("--positive (positive=) selects among labelled cells, but no --cells file (cells=) was given; "
                          "give one, or use --positive-sql (positive_sql=) for atlas cells")
+    if cells is None and positive_sql is None:
+        raise InputError("no positives: give labelled cells (--cells FILE --positive PREDICATE; cells=, positive= "
+                         "in Python) or atlas cells (--positive-sql PREDICATE; positive_sql=)")
     if n_folds < 2:
         raise InputError(f"n_folds must be at least 2 (got {n_folds})")
     if align not in ("none", "mnn"):
