@@ -106,7 +106,22 @@ def evaluate(key: str, truth: Truth, predictions: pd.DataFrame, atlas: AtlasLabe
         "with_abstention": {name: value for name, value in strict.items() if name != "per_class"},
         "ontology": {**ontology, "truth_terms_by": dict(Counter(truth.how.values()))},
         "truth_labels_absent_from_atlas": dict(absent.most_common()),
+        "absent_answered_with_a_broader_type": _absent_contained(truth, predictions[f"{key}_pred_ontology_term_id"],
+                                                                 categories),
     }
+
+
+def _absent_contained(truth: Truth, answer_terms: pd.Series, categories: set[str]) -> float | None:
+    """Of the cells whose truth label the atlas lacks and has a CL term, the share answered with that term or one
+    of its ancestors (a monocyte class for "FCGR3A+ Mono": right, if coarser); None when there are none."""
+    ancestors = cell_ontology().ancestors
+    a = answer_terms.to_numpy()
+    rows = [i for i, (v, term) in enumerate(zip(truth.classes, truth.terms, strict=True))
+            if v is not None and v not in categories and term]
+    if not rows:
+        return None
+    right = sum(bool(a[i]) and (a[i] == truth.terms[i] or a[i] in ancestors(truth.terms[i])) for i in rows)
+    return round(right / len(rows), 4)
 
 
 def label_summary(predictions: pd.DataFrame, key: str, atlas: AtlasLabels) -> dict[str, Any]:

@@ -653,8 +653,11 @@ def _echo_evaluation(key: str, ev: dict[str, Any]) -> None:
     absent = ev.get("truth_labels_absent_from_atlas") or {}
     if absent:
         names = ", ".join(map(_value, list(absent)[:6])) + (", ..." if len(absent) > 6 else "")
+        contained = ev.get("absent_answered_with_a_broader_type")
         _echo(f"{key}: {sum(absent.values()):,} cells have truth labels the atlas does not have ({names}); "
-              f"called unknown: {_fmt(ev.get('with_abstention', {}).get('abstention_rate_absent'))}")
+              f"called unknown: {_fmt(ev.get('with_abstention', {}).get('abstention_rate_absent'))}"
+              + (f"; answered with a type whose Cell Ontology term contains theirs: {_fmt(contained)}"
+                 if contained is not None else ""))
 
 
 HUNT_STAGES: dict[str, bool | Literal["auto"]] = {"1": False, "2": True, "auto": "auto"}

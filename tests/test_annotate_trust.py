@@ -163,3 +163,18 @@ def test_an_unsure_class_falls_back_to_a_cell_ontology_ancestor(built: dict[str,
         assert row[f"{KEY}_confidence"] >= 0.9 > row[f"{KEY}_runner_up_proba"]
     assert report["labels"][KEY]["levels"]["ancestor"] == len(anc)
     assert report["params"]["min_confidence"] == {KEY: 0.9}
+
+
+def test_truth_types_the_atlas_lacks_answered_with_a_type_containing_theirs(built: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    """A finer truth label than the atlas has ("naive B cell" where the atlas has "B cell"): not in the atlas, yet an
+    answer "B cell" contains it; the report and the CLI say how often absent types got such an answer."""
+    q = anndata.read_h5ad(built["query"])
+    q.obs["finer"] = q.obs[KEY].astype(str).replace({"B cell": "naive B cell"})
+    q.write_h5ad(tmp_path / "q.h5ad")
+    res, _, report = _annotate(built, tmp_path / "q.h5ad", "finer.h5ad", "--truth-key", "finer")
+    assert res.exit_code == 0, res.output
+    ev = report["evaluation"][KEY]
+    assert set(ev["truth_labels_absent_from_atlas"]) == {"naive B cell"}
+    assert ev["absent_answered_with_a_broader_type"] >= 0.9
+    assert "answered with a type whose Cell Ontology term contains theirs" in res.output
