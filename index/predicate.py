@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scatlas.atlas.errors import InputError
+from scatlas.atlas.sql import quote_ident
 from scatlas.atlas.validate import escaped
 
 logger = logging.getLogger(__name__)
@@ -117,12 +118,16 @@ class Predicate:
 
     text: str
     sql: str
+    columns: tuple[str, ...] = ()
+    """The columns it reads (as the table names them)."""
 
     @property
     def negated_sql(self) -> str:
-        """The statement selecting the cells where the predicate is false (not where it is NULL): ``NOT`` around
-        the checked predicate, which stays one expression."""
-        return select_sql(f"NOT ({self.text})")
+        """The statement selecting the cells where the predicate is false and every column it reads has a value:
+        ``NOT`` around the checked predicate, which stays one expression. A cell missing a value the predicate reads
+        is in neither set, even where SQL calls the predicate false (``NULL AND false``): its label is unknown."""
+        known = "".join(f" AND {quote_ident(c)} IS NOT NULL" for c in self.columns)
+        return select_sql(f"NOT ({self.text}){known}")
 
 
 class _Refused(Exception):
@@ -188,7 +193,24 @@ def validate_predicate(predicate: str, columns: Mapping[str, str], *, what: str 
             f"invalid {what} {shown(text)}: unknown column {exc.name!r}. Columns of the cells table: "
             f"{describe_columns(columns)}"
         ) from None
-    return Predicate(text=text, sql=_rendered(tree, text, what))
+    actual = {c.lower(): c for c in columns}
+    read = tuple(sorted({actual[c] for c in _referenced(where) if c in actual}))
+    return Predicate(text=text, sql=_rendered(tree, text, what), columns=read)
+
+
+def _referenced(root: Any) -> set[str]:
+    """The (lower-cased) names of the columns a checked WHERE clause reads."""
+    found: set[str] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("class") == "COLUMN_REF":
+                found.update(str(n).lower() for n in node.get("column_names") or [])
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
 
 
 MAX_LISTED_COLUMNS = 40

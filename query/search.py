@@ -119,7 +119,8 @@ def searchable_k(k: int, n_searchable: int, n_queries: int | None = None) -> int
 def no_expression_error(n_cells: int) -> InputError:
     """The error for a query none of whose ``n_cells`` cells used expresses any of the embedder's genes."""
     return InputError(f"none of the {n_cells} query cells used expresses any of the embedder's genes: "
-                      "nothing to search with (are the counts all zero, or the genes named differently?)")
+                      "nothing to search with (are the counts all zero, the wrong matrix read (choose one with "
+                      "--x-layer: X, raw or a layer's name), or the genes named differently?)")
 
 
 def select_cells(cells: QueryCells, cells_where: str | None) -> np.ndarray:

@@ -708,6 +708,12 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
     _echo(f"stage 1 (embedding), cross-validated: precision {m['precision']:.3f}, recall {m['recall']:.3f}, AUPRC "
           f"{m['auprc']:.3f} at threshold {clf.threshold:.4f}; expected false hits per million atlas cells "
           f"{m['expected_false_hits_per_million']:.1f}" + _upper_note(clf))
+    counts = clf.counts
+    if counts.get("background_from_labelled_otherwise") and counts.get("background_datasets", 0) < counts.get(
+            "atlas_datasets", 0):
+        _echo(f"note: the negatives come from {counts['background_datasets']} of the atlas' {counts['atlas_datasets']} "
+              "datasets (those with cells labelled otherwise); the estimates hold for them, and cells of the others "
+              "were never seen as negatives")
     choice = clf.params.get("stage_choice")
     if clf.stage2 is None:
         if choice:
@@ -726,7 +732,8 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
         _echo(f"stage 2 ({m2['n_genes']} genes), cross-validated: precision {m2['precision']:.3f}, recall "
               f"{m2['recall']:.3f}, AUPRC {m2['auprc']:.3f} at threshold {clf.stage2.threshold:.4f}")
         _echo(f"two stages, cross-validated: precision {two['precision']:.3f}, recall {two['recall']:.3f}; expected "
-              f"hits per million atlas cells {two['expected_hits_per_million']:.1f}")
+              f"false hits per million atlas cells {two['expected_false_hits_per_million']:.1f} (all hits "
+              f"{two['expected_hits_per_million']:.1f}, counting cells set aside as likely positives as hits)")
     _echo(f"embedder fingerprint {clf.embedder_fingerprint}")
 
 
@@ -776,8 +783,8 @@ def hunt_sweep(index_dir: Path, classifier_dir: Path, out_dir: Path, min_score: 
     kept = f", stage 2 kept {s.n_stage2_kept:,}" if s.n_stage2_kept is not None else ""
     _echo(f"{s.stages}: stage 1 passed {s.n_stage1_passed:,} cells{kept}")
     if s.n_training_hits:
-        _echo(f"{s.n_training_hits:,} of the hits are cells the classifier was trained on (column training_positive); "
-              f"{s.n_hits - s.n_training_hits:,} are new")
+        _echo(f"{s.n_training_hits:,} of the hits are cells the classifier was trained on as positives (column "
+              f"training_positive); {s.n_hits - s.n_training_hits:,} are not")
     _echo(f"hits: {s.hits_path}")
 
 

@@ -84,7 +84,7 @@ def test_hunt_cli(pipeline):
     assert f"{int(trained.sum()):,} of the hits are cells the classifier was trained on" in out
     out = run_cli("hunt", "report", str(pipeline / "sweep_sql"), "--index", idx, "--out", str(pipeline / "rep_sql"),
                   "--no-de")
-    assert f"{len(hits) - int(trained.sum()):,} are new" in out
+    assert f"{len(hits) - int(trained.sum()):,} are not" in out
 
 
 def test_cli_errors_for_bad_index_and_query(pipeline, tmp_path):

@@ -58,6 +58,28 @@ def test_atlas_positives_are_told_from_the_cells_labelled_otherwise_and_found_wh
     assert recall >= 0.8 and precision >= 0.8, (recall, precision)
 
 
+def test_a_cell_missing_a_value_the_predicate_reads_is_no_negative(world, tmp_path):
+    """``cell_type = 'X' AND dataset_id <> 'none'`` is false, not NULL, for an unlabelled cell (NULL AND false);
+    its label is still unknown, so it is no negative; the record says which datasets the negatives come from."""
+    idx = world["index"]
+    clf = train(idx, positive_sql=f"cell_type = '{RARE}' AND dataset_id <> 'none'", progress=False, two_stage=False)
+    labelled_others = idx.connect().cursor().execute(
+        f"SELECT count(*) FROM cells WHERE cell_type IS NOT NULL AND cell_type <> '{RARE}'").fetchone()[0]
+    assert clf.counts["background_from_labelled_otherwise"] == 1
+    assert clf.counts["negatives_from_atlas"] <= labelled_others
+    assert clf.counts["background_datasets"] == 2 and clf.counts["atlas_datasets"] == 3
+
+
+def test_positives_that_all_lack_expression_are_named_as_such(world, tmp_path):
+    adata = anndata.read_h5ad(world["files"][3])
+    rare = (adata.obs["cell_type"] == RARE).to_numpy()
+    X = sp.csr_matrix(adata.X, dtype=np.float32).tolil()
+    X[np.flatnonzero(rare)] = 0
+    adata.X = X.tocsr()
+    with pytest.raises(InputError, match=r"matches \d+ labelled cells, but none of them expresses"):
+        train(world["index"], adata, positive=f"cell_type == '{RARE}'", background=300, progress=False)
+
+
 def test_a_predicate_matching_every_labelled_cell_is_refused(world):
     with pytest.raises(InputError, match="cannot tell the .* positives from the .* negatives.*rare type"):
         train(world["index"], world["files"][3], positive="1 = 1", background=500, progress=False)

@@ -126,8 +126,8 @@ class ReportResult:
         """How many hits the classifier was trained on ("" when the hits do not say or none was)."""
         if not self.n_training_hits:
             return ""
-        return (f"{self.n_training_hits:,} of the hits are cells the classifier was trained on (column "
-                f"{TRAINING_COLUMN}); {self.n_hits - self.n_training_hits:,} are new.")
+        return (f"{self.n_training_hits:,} of the hits are cells the classifier was trained on as positives (column "
+                f"{TRAINING_COLUMN}); {self.n_hits - self.n_training_hits:,} are not.")
 
     def left_out_sentence(self) -> str:
         """Which breakdown columns were left out and why ("" when none)."""

@@ -166,8 +166,8 @@ def prefer_two_stages(metrics: dict[str, Any]) -> tuple[bool, str]:
              (True, True): "the labelled and atlas cells"}.get((labelled, atlas), "the labelled cells")
     cells = f"{rows['positives']} positives and {rows['negatives']} negatives of {whose}" if rows else f"the same {whose[4:]}"
     return verdict, (f"cross-validated F1 of two stages {two:.3f} {'>' if verdict else '<='} stage 1 alone's {one:.3f} "
-                     f"on {cells}, those stage 2 trains on; stage 1's own figures also count the atlas background "
-                     "as negatives")
+                     f"on {cells}, those stage 2 trains on" + ("; stage 1's own figures also count the atlas background "
+                                                              "as negatives" if labelled else ""))
 
 
 def _rates(y: np.ndarray, predicted: np.ndarray) -> dict[str, float]:

@@ -67,6 +67,8 @@ MIN_KNOWN_NEGATIVES = 200
 for them) when at least this many are found among the sampled cells; else from all atlas cells."""
 KNOWN_OVERSAMPLE = 4
 """Atlas cells sampled per background cell wanted, to find the cells labelled otherwise among them."""
+POOR_PRECISION = 0.5
+"""Under this cross-validated precision at its cut, training warns that most hits will be false."""
 MAX_FALSE_POSITIVE_RATE = 0.5
 """A classifier calling more than this share of the negatives hits (cross-validated, at its cut) hunts nothing
 rare: training refuses it."""
@@ -345,6 +347,10 @@ def train(
     fit = _fit(ts, l2=l2, n_folds=n_folds, seed=seed, device=torch_device, clean_background=clean_background)
     choice = choose_threshold(fit.y, fit.cv.oof_scores, target_precision=target_precision)
     _check_separates(fit, choice, ts)
+    if choice.precision < POOR_PRECISION:
+        logger.warning("the classifier separates the positives poorly: cross-validated precision %.3f at its cut "
+                       "(AUPRC %.3f, %.3f by chance); most hits will be false", choice.precision,
+                       average_precision(fit.y, fit.cv.oof_scores), ts.n_positive / (ts.n_positive + ts.n_negative))
     stage2 = None
     if gene_names is not None:
         stage2, skipped = _train_stage2(idx, ts, fit, gene_names, choice.threshold, l2=l2, seed=seed, device=torch_device,
@@ -509,6 +515,7 @@ class _TrainingSet:
     positives: list[np.ndarray] = field(default_factory=list)
     negatives: list[np.ndarray] = field(default_factory=list)
     labelled_positives: np.ndarray | None = None  # as embedded: to find the labelled cells in the atlas
+    labelled_negatives: np.ndarray | None = None  # as embedded: their atlas copies are no extra negatives
     atlas_positive_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     background: np.ndarray | None = None
     background_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
@@ -534,7 +541,7 @@ class _TrainingSet:
             idx, cells, positive, max_positives, cell_negatives, min_gene_overlap, chunk_size, seed, progress,
             want_genes, allow_species_mismatch, x_layer,
         )
-        self.labelled_positives = cpos
+        self.labelled_positives, self.labelled_negatives = cpos, cneg
         if align == "mnn" and len(cpos) + len(cneg):
             cpos, cneg, self.report["alignment"] = _align_to_atlas(idx, cpos, cneg, seed)
         self.positives.append(cpos)
@@ -557,12 +564,18 @@ class _TrainingSet:
         n_pos = self.n_positive
         if n_pos == 0:
             where = []
-            if with_cells:
+            silent = (self.report.get("n_without_expression") or {}).get("positives", 0)
+            if with_cells and silent:
+                where.append(f"the predicate {positive!r} matches {silent} labelled cells, but none of them expresses "
+                             "any of the embedder's genes (are their counts all zero, or the wrong matrix read? see "
+                             "--x-layer)")
+            elif with_cells:
                 where.append(f"the predicate {positive!r} matches none of the {self.report.get('n_cells', '?')} "
                              "labelled cells")
             if positive_sql is not None:
                 where.append(f"the SQL predicate {positive_sql!r} matches no atlas cell")
-            raise InputError(f"empty positive set: {' and '.join(where)}; check the column values (e.g. spelling, case)")
+            hint = "" if "expresses" in " ".join(where) else "; check the column values (e.g. spelling, case)"
+            raise InputError(f"empty positive set: {' and '.join(where)}{hint}")
         if n_pos < MIN_POSITIVES:
             raise InputError(f"only {n_pos} positive cell(s); at least {MIN_POSITIVES} are needed to cross-validate")
 
@@ -592,19 +605,21 @@ class _TrainingSet:
         if positive_sql is not None and len(ids):
             ids, known = self._labelled_otherwise(idx, positive_sql, n, ids, seed)
         bg = idx.vectors(ids) if len(ids) else np.zeros((0, self.dim), np.float32)
-        labelled = self.labelled_positives
-        if drop_duplicates and labelled is not None and len(labelled) and len(bg):
+        labelled = np.concatenate([v for v in (self.labelled_positives, self.labelled_negatives) if v is not None]
+                                  or [np.zeros((0, self.dim), np.float32)])
+        if drop_duplicates and len(labelled) and len(bg):
             dup = _duplicates(bg, labelled)
             if dup.any():
-                logger.info("dropped %d background cells identical to labelled positives (the labelled dataset is "
-                            "in the atlas)", int(dup.sum()))
+                logger.info("dropped %d background cells identical to labelled cells (the labelled dataset is in the "
+                            "atlas: each cell counts once)", int(dup.sum()))
                 bg, ids, known = bg[~dup], ids[~dup], known[~dup]
             self.counts["background_duplicates_dropped"] = int(dup.sum())
         self.background, self.background_ids = bg, np.asarray(ids, dtype=np.int64)
         self.background_known = known
         if not any(len(p) for p in self.negatives) and len(bg) == 0:
             raise InputError("no negative cells: the atlas background is empty (background=0 or every atlas cell is "
-                             "positive) and the labelled cells have no non-matching cells; raise background")
+                             "positive)" + (" and the labelled cells have no non-matching cells"
+                                            if self.labelled_positives is not None else "") + "; raise --background")
         if self.n_positive < FEW_POSITIVES:
             logger.warning("only %d positive cells: cross-validated metrics are very uncertain", self.n_positive)
 
@@ -623,9 +638,14 @@ class _TrainingSet:
             self.counts["background_from_labelled_otherwise"] = 0
             return sample, np.zeros(len(sample), dtype=bool)
         ids = sample_sorted(found, n, seed) if len(found) > n else found
-        logger.info("background: %d atlas cells labelled otherwise (the predicate is false for them; cells it is NULL "
-                    "for, unlabelled, are left out: they may be positives)", len(ids))
+        logger.info("background: %d atlas cells labelled otherwise (the predicate is false for them; cells missing a "
+                    "value it reads, unlabelled, are left out: they may be positives)", len(ids))
         self.counts["background_from_labelled_otherwise"] = 1
+        if "dataset_id" in idx.columns():
+            with idx.cursor() as con:
+                row = con.execute("SELECT count(DISTINCT dataset_id) FROM cells").fetchone()
+            self.counts["atlas_datasets"] = int(row[0]) if row else 0
+            self.counts["background_datasets"] = int(idx.cells(ids, columns=["dataset_id"])["dataset_id"].nunique())
         return np.asarray(ids, dtype=np.int64), np.ones(len(ids), dtype=bool)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -725,7 +745,7 @@ def _check_separates(fit: _Fit, choice: ThresholdChoice, ts: _TrainingSet) -> No
         f"the classifier cannot tell the {ts.n_positive} positives from the {ts.n_negative} negatives: at its best cut "
         f"it calls {100 * choice.false_positive_rate:.0f}% of the negatives hits (cross-validated AUPRC {auprc:.3f}, "
         f"{ts.n_positive / (ts.n_positive + ts.n_negative):.3f} by chance). Check the positive predicate: it should "
-        "select a rare type, not most of the cells"
+        "select a rare type that differs from the other cells"
     )
 
 
