@@ -516,3 +516,23 @@ def test_the_job_modules_are_loaded_before_any_job_runs(world: dict[str, Path], 
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "missing after []" in done.stdout, done.stdout
+
+
+def test_an_update_on_disk_after_the_start_is_said(world: dict[str, Path], tmp_path: Path) -> None:
+    """The server keeps serving the version it opened; once `build --update` commits a newer one, the index summary
+    and the page's warnings say so and that a restart serves it."""
+    import json
+    import shutil
+
+    from scatlas.server import create_app
+
+    index = tmp_path / "index"
+    shutil.copytree(world["index"], index)
+    app = create_app(index, token=TOKEN, work_dir=tmp_path / "work", workers=1)
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        assert "newer_on_disk" not in c.get("/api/index", headers=AUTH).json()
+        (index / "versions" / "0002").mkdir(parents=True)  # as an update commits version 2
+        (index / "current.json").write_text(json.dumps({"version": 2, "dir": "versions/0002"}))
+        note = c.get("/api/index", headers=AUTH).json()["newer_on_disk"]
+        assert "version 2" in note and "serves version 1" in note and "restart" in note
+        assert note in c.get("/api/overview", headers=AUTH).json()["warnings"]

@@ -330,7 +330,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/api/index", dependencies=[auth])
     def index_summary() -> dict[str, Any]:
-        return state.info
+        newer = state.shared.newer_on_disk()
+        return {**state.info, **({"newer_on_disk": newer} if newer else {})}
 
     @app.get("/api/overview", dependencies=[auth])
     def overview() -> dict[str, Any]:
@@ -338,7 +339,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
                 "label_heads": sorted(state.info.get("label_heads") or {}),
                 "label_columns": list(state.info.get("label_columns") or {}),
                 "max_upload_mb": state.max_bytes / 2**20, "workers": state.workers,
-                "retention_s": state.retention_s, "jobs": state.jobs.counts(), "warnings": state.shared.warnings}
+                "retention_s": state.retention_s, "jobs": state.jobs.counts(),
+                "warnings": state.shared.warnings + [n for n in [state.shared.newer_on_disk()] if n]}
 
     @app.get("/api/map.png", dependencies=[auth])
     def atlas_map() -> Response:

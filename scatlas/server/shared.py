@@ -57,6 +57,21 @@ class SharedIndex:
             self.index.close()
             raise
 
+    def newer_on_disk(self) -> str | None:
+        """A note when ``build --update`` committed a newer version of the index than the one served (this process
+        keeps serving the version it opened, whole), or None."""
+        from scatlas.index.versions import current_version
+
+        try:
+            on_disk = current_version(self.path)[0]
+        except ScatlasError:
+            return None
+        served = self.info.get("version") or 1
+        if on_disk <= served:
+            return None
+        return (f"the index on disk is at version {on_disk}, this server serves version {served} (it was updated "
+                "after the server started): restart the server to serve the update")
+
     def warm(self) -> list[str]:
         """Load everything the jobs read (embedder, label heads and classes, reference map, every shard, the cells
         table's connection) now, in this one thread, so that no view loads it again. Returns what could not be
