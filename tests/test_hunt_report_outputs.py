@@ -46,7 +46,8 @@ def _cli(world: dict[str, Any], out: Path, *extra: str) -> Any:
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"de_group": "nosuch"}, r"de_group \(--de\) 'nosuch' is not a column of the cells table.*dataset_id"),
     ({"de_group": "dataset_id", "de_reference": "nosuch"},
-     r"de_reference \(--de-reference\) 'nosuch' is not a dataset_id value among the hits; give one of ds0,"),
+     r"de_reference \(--de-reference\) 'nosuch' is not a 'dataset_id' value among the hits \(they hold \d+: the "
+     r"hits table's column lists them\)"),
     ({"de_reference": "normal"}, r"de_reference \(--de-reference\) needs de_group \(--de\)"),
     ({"by": ("tissue", "nosuch")}, r"by \(--by\): 'nosuch' is not a column of the cells table"),
 ])

@@ -51,6 +51,7 @@ from scatlas.atlas.outputs import (
     writing,
 )
 from scatlas.atlas.sql import quote_ident
+from scatlas.atlas.validate import escaped
 from scatlas.index import AtlasIndex, Progress
 from scatlas.query.hunt.access import IndexLike, input_paths, open_index
 from scatlas.query.hunt.de import MIN_CELLS_PER_SIDE as MIN_SIDE
@@ -611,9 +612,9 @@ def _check_de_reference(con: Any, hit_ids: np.ndarray, de_group: str | None, de_
     levels = _hit_levels(con, hit_ids, de_group)
     if de_reference not in levels:
         raise InputError(
-            f"de_reference (--de-reference) {de_reference!r} is not a {de_group} value among the hits; give one of "
-            f"{_listing(levels)}, or leave it out (then each level is compared against 'normal' when present, "
-            "else against the other hits)"
+            f"de_reference (--de-reference) {escaped(de_reference, 60)} is not a {escaped(de_group, 60)} value among "
+            f"the hits (they hold {len(levels)}: the hits table's column lists them); give one of them, or leave it "
+            "out (then each level is compared against 'normal' when present, else against the other hits)"
         )
 
 
