@@ -34,7 +34,7 @@ import pyarrow as pa
 
 from scatlas.atlas.atomic import write_json_atomic
 from scatlas.atlas.errors import InputError, StoreError
-from scatlas.atlas.ontology_map import OntologyFill, ontology_table, term_column
+from scatlas.atlas.ontology_map import MAX_REPORTED, OntologyFill, ontology_table, term_column
 from scatlas.atlas.schema import STANDARD_OBS_COLUMNS
 from scatlas.atlas.sql import duckdb_interrupts, quote_ident, transaction
 from scatlas.atlas.store import CELLS_DB, STATE_FILE, AtlasStore, DatasetRecord
@@ -314,7 +314,18 @@ def _terms_report(con: duckdb.DuckDBPyConnection, dataset_id: str, col: Relabell
             fill.filled[label] += n_with - n_had
         if n_missing:
             fill.missing[label] += n_missing
-    return fill.report()
+    report = fill.report()
+    if had is not None:  # a fill over terms the data may already have: say what the map could not change
+        term = f"NULLIF(trim(CAST({quote_ident(col.term_column)} AS VARCHAR)), '')"
+        rows = con.execute(
+            f"SELECT CAST(cells.{quote_ident(col.target)} AS VARCHAR) AS v, count(*) FROM cells JOIN relabel_terms AS m "
+            f"ON CAST(cells.{quote_ident(col.target)} AS VARCHAR) = m.label WHERE cells.dataset_id = ? AND {term} "
+            f"IS NOT NULL AND {term} <> m.term GROUP BY v ORDER BY 2 DESC, 1", [dataset_id]).fetchall()
+        report["conflicts"] = {str(v): int(n) for v, n in rows[:MAX_REPORTED]}
+        report["n_conflicting_labels"] = len(rows)
+        present = set(_term_counts(con, dataset_id, col))
+        report["map_labels_unused"] = sum(1 for label in table if label not in present)
+    return report
 
 
 def _term_counts(con: duckdb.DuckDBPyConnection, dataset_id: str, col: RelabelledColumn) -> dict[str, tuple[int, int]]:

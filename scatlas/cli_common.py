@@ -287,6 +287,8 @@ def _echo_ontology_fill(dataset_id: str, rep: dict[str, Any]) -> None:
     if rep["n_conflicting_labels"]:
         names = ", ".join(f"{v!r:.60} ({n} cells)" for v, n in list(rep["conflicts"].items())[:10])
         _echo(f"  conflicts (the data's own term kept): {names}")
+    if rep.get("map_labels_unused"):
+        _echo(f"  {rep['map_labels_unused']} label(s) of the map name no {key} value of {dataset_id}: unused")
 
 
 def _parse_pairs(values: tuple[str, ...], option: str) -> list[tuple[str, str]]:

@@ -347,6 +347,12 @@ def test_relabel_with_an_ontology_map_alone_fills_the_labels_terms(tmp_path: Pat
     assert filled.exit_code == 0, filled.output  # the counts say what this run filled, not every term there is
     assert f"2 labels: 1 had terms in the data, 1 mapped by the map, 0 partly, 0 not mapped; {n_t} cells filled" in (
         filled.output)
+    odd = tmp_path / "odd.csv"  # another term for B lymph (kept: the data's own), and a label the dataset lacks
+    odd.write_text(f"label,ontology_term_id\nB lymph,{MONOCYTE}\nZ lymph,{T_CELL}\n")
+    res = _run("relabel", "--atlas", str(atlas), "--dataset", "plain", "--ontology-map", str(odd))
+    assert res.exit_code == 0, res.output
+    assert "conflicts (the data's own term kept): 'B lymph'" in res.output
+    assert "1 label(s) of the map name no cell_type value of plain: unused" in res.output
     refused = _run("relabel", "--atlas", str(atlas), "--dataset", "plain")
     assert refused.exit_code != 0 and "--ontology-map FILE.csv to give" in refused.output
     # another label column, which has no term column yet: it is made and filled, as ingest would
