@@ -707,7 +707,7 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
           f"({clf.counts})")
     _echo(f"stage 1 (embedding), cross-validated: precision {m['precision']:.3f}, recall {m['recall']:.3f}, AUPRC "
           f"{m['auprc']:.3f} at threshold {clf.threshold:.4f}; expected false hits per million atlas cells "
-          f"{m['expected_false_hits_per_million']:.1f}" + _upper_note(clf))
+          f"{m['expected_false_hits_per_million']:.1f}" + _estimate_notes(clf))
     counts = clf.counts
     if counts.get("background_from_labelled_otherwise") and counts.get("background_datasets", 0) < counts.get(
             "atlas_datasets", 0):
@@ -737,15 +737,20 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
     _echo(f"embedder fingerprint {clf.embedder_fingerprint}")
 
 
-def _upper_note(clf: Any) -> str:
-    """How far the false-hit estimate could go if the background cells set aside as likely unlabelled positives
-    are negatives after all ("" when none was set aside or none would be a hit)."""
+def _estimate_notes(clf: Any) -> str:
+    """What qualifies the false-hit estimate: its 95% upper bound (from how many negatives it was measured on), and
+    how far it could go if the background cells set aside as likely unlabelled positives are negatives after all;
+    "" when neither applies."""
     m, n = clf.metrics, clf.counts.get("background_excluded_as_likely_positive", 0)
+    notes = []
+    bound = m.get("false_hits_per_million_95")
+    if bound is not None:
+        notes.append(f"at most {bound:.1f} at 95% confidence")
     upper = m.get("expected_false_hits_per_million_upper")
-    if not n or upper is None or upper <= m["expected_false_hits_per_million"]:
-        return ""
-    return (f" (up to {upper:.1f} if the {n} atlas background cells set aside as likely unlabelled positives are "
-            "not)")
+    if n and upper is not None and upper > m["expected_false_hits_per_million"]:
+        notes.append(f"up to {upper:.1f} if the {n} atlas background cells set aside as likely unlabelled positives "
+                     "are not")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 @hunt.command("sweep")

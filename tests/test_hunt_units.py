@@ -238,3 +238,15 @@ def test_thread_tuner_picks_the_faster_thread_count_and_rechecks_it():
         assert (a, b, tuner.before_block()) == (1, 2, 1) and tuner.history == [2, 1]
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_false_positive_bound_is_clopper_pearson_one_sided():
+    from statsmodels.stats.proportion import proportion_confint
+
+    from scatlas.query.hunt.train import _false_positive_bound
+
+    assert _false_positive_bound(0.0, 5641) == pytest.approx(1 - 0.05 ** (1 / 5641), rel=1e-9)  # no false hit seen
+    for fp, n in [(3, 1000), (40, 4155), (1, 13)]:
+        upper = proportion_confint(fp, n, alpha=0.10, method="beta")[1]  # two-sided 90% = one-sided 95%
+        assert _false_positive_bound(fp / n, n) == pytest.approx(upper, rel=1e-9)
+    assert _false_positive_bound(1.0, 10) == 1.0 and _false_positive_bound(0.0, 0) == 1.0
