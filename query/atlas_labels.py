@@ -87,12 +87,15 @@ def _class_counts(idx: AtlasIndex, key: str, classes: LabelClasses, ids: np.ndar
     return series[series.index.notna()].groupby(level=0).sum().sort_index()
 
 
-def _ontology(classes: LabelClasses, categories: pd.Index) -> Ontology:
-    """The fallback terms among the allowed classes (flat when no class has a term)."""
+def _ontology(classes: LabelClasses, counts: pd.Series) -> Ontology:
+    """The fallback terms among the allowed classes (``counts``: atlas cells per class; flat when no class has a
+    term)."""
+    categories = list(counts.index)
     if not any(c in classes.class_term for c in categories):
-        return Ontology.flat(list(categories))
+        return Ontology.flat(categories)
     return Ontology.from_terms(
-        list(categories), classes.class_term, classes.term_ancestors, classes.term_names, curated_subclasses()
+        categories, classes.class_term, classes.term_ancestors, classes.term_names, curated_subclasses(),
+        class_cells=counts.to_numpy(dtype=np.float64),
     )
 
 
@@ -201,7 +204,7 @@ def atlas_labels(
         raise InputError(f"max_votes_per_dataset needs a {DATASET_COLUMN!r} column in the index's cell table")
     return AtlasLabels(
         keys=keys, selected_ids=selected_ids, classes=classes, categories=categories, class_weights=class_weights,
-        ontology={key: _ontology(classes[key], categories[key]) for key in keys}, heads=heads,
+        ontology={key: _ontology(classes[key], counts[key]) for key in keys}, heads=heads,
         head_columns=head_columns, has_datasets=has_datasets, datasets=datasets, far_threshold=far[0],
         far_nearest=far[1], far_k=far[2], far_used=far[3],
     )

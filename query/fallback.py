@@ -5,8 +5,9 @@ probabilities are summed up the Cell Ontology: a term's probability is the sum o
 is that term or one of its descendants. The most specific term holding at least ``min_confidence`` is the answer
 (level ``ancestor``: "T cell" when CD4 vs CD8 is a coin toss). Ancestors are answers only among the terms given
 as allowed (CELLxGENE's curated cell subclasses, :mod:`atlas.ontology_levels`) and the classes' own terms; a term
-that covers every class with a term tells nothing the atlas does not (every PBMC is a "leukocyte"), so it is never
-an answer. With no such term, or for
+that covers every class with a term, or all but :data:`MIN_LEFT_OUT` of their atlas cells, tells nothing the atlas
+does not (every PBMC is a "leukocyte", and a few megakaryocytes and stem cells, which are not, do not make it
+informative), so it is never an answer. With no such term, or for
 labels without ontology terms, the cell is ``unknown`` (``low_confidence``).
 """
 
@@ -18,6 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 LEVEL_FINE, LEVEL_ANCESTOR, LEVEL_UNKNOWN = "fine", "ancestor", "unknown"
+MIN_LEFT_OUT = 0.05
+"""An ancestor term must leave out at least this share of the atlas cells whose class has a term (when the cells
+per class are known) to be an answer."""
 LEVELS = (LEVEL_FINE, LEVEL_ANCESTOR, LEVEL_UNKNOWN)
 
 
@@ -50,10 +54,12 @@ class Ontology:
         term_ancestors: Mapping[str, Sequence[str]],
         term_names: Mapping[str, str],
         allowed: Collection[str] | None = None,
+        class_cells: Sequence[float] | None = None,
     ) -> Ontology:
         """Build from each class' term (``class_term``, classes without one are absent), each class term's
         ancestors (``term_ancestors``) and the CL names (``term_names``). ``allowed``: the ancestor terms that may
-        be answers besides the classes' own terms (None: every ancestor)."""
+        be answers besides the classes' own terms (None: every ancestor). ``class_cells``: the atlas cells of each
+        class (in the order of ``classes``), to leave out terms covering all but :data:`MIN_LEFT_OUT` of them."""
         classes = tuple(classes)
         own = tuple(str(class_term.get(c, "") or "") for c in classes)
         with_term = [j for j, t in enumerate(own) if t]
@@ -66,9 +72,16 @@ class Ontology:
         # A term is an answer only if it groups classes (one class' mass is already its fine probability) and
         # leaves out some class with a term (else it says nothing the atlas does not).
         own_terms = {own[j] for j in with_term}
+        left_out = np.ones(len(candidates))
+        if class_cells is not None and with_term:
+            cells = np.asarray(class_cells, dtype=np.float64)[with_term]
+            total = cells.sum()
+            if total > 0:
+                left_out = 1.0 - (cells[:, None] * members[with_term]).sum(axis=0) / total
         useful = [
             i for i, t in enumerate(candidates)
-            if 2 <= covered[i] < len(with_term) and (allowed is None or t in allowed or t in own_terms)
+            if 2 <= covered[i] < len(with_term) and left_out[i] >= MIN_LEFT_OUT
+            and (allowed is None or t in allowed or t in own_terms)
         ]
         # Most specific first: fewer classes below it, then deeper in the ontology (a descendant covers a subset).
         order = sorted(useful, key=lambda i: (covered[i], -depth[candidates[i]], candidates[i]))

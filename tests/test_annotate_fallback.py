@@ -33,6 +33,15 @@ def test_terms_most_specific_first_and_never_one_covering_every_class(onto: Onto
     assert onto.members[:, 0].tolist() == [True, True, False, False, False]
 
 
+def test_a_term_covering_all_but_a_few_cells_is_no_answer() -> None:
+    """Lymphocytes, when the atlas' only other class (monocytes) holds 3% of its cells: as uninformative as a term
+    covering every class; with 30% monocytes it is an answer again."""
+    few = Ontology.from_terms(CLASSES, CLASS_TERM, ANCESTORS, NAMES, class_cells=[400, 300, 150, 120, 30])
+    assert few.terms == (T_CELL,)
+    many = Ontology.from_terms(CLASSES, CLASS_TERM, ANCESTORS, NAMES, class_cells=[300, 200, 100, 100, 300])
+    assert many.terms == (T_CELL, LYMPHOCYTE)
+
+
 def test_sure_class_is_fine_coin_toss_goes_to_the_ancestor(onto: Ontology) -> None:
     p = np.array([
         [0.9, 0.05, 0.05, 0, 0],  # sure: fine
