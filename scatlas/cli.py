@@ -589,10 +589,16 @@ def _echo_annotation(report: dict[str, Any]) -> None:
               "atlas cells searched)")
     mapping = report.get("mapping") or {}
     if mapping.get("verdict") == "maps_poorly":  # the warning, with its reasons, is logged once by annotate()
-        _echo(f"mapping: the query maps poorly onto the atlas (score {mapping.get('score')}): "
+        reasons = "; ".join(str(r) for r in mapping.get("reasons") or [])
+        _echo(f"mapping: the query maps poorly onto the atlas ({reasons or 'score ' + str(mapping.get('score'))}): "
               + (f"{mapping.get('cells_out_of_atlas', 0):,} cells are 'unknown' (out_of_atlas)" if mapping.get("applied")
                  else "cells labelled anyway (--no-mapping-check)")
               + ("; each cell is judged on its own (by its expression)" if mapping.get("cells_judged_by") else ""))
+        expression_off = (mapping.get("expression") or {}).get("status") == "off"
+        if expression_off and mapping.get("applied") and mapping.get("cells_out_of_atlas", 0) < (mapping.get(
+                "n_cells") or report.get("query", {}).get("n_cells") or 0):
+            _echo(f"note: cells that map well on their own keep their labels; the gene-space check that could tell "
+                  f"them apart is off: {mapping['expression'].get('reason')}")
     elif mapping.get("verdict") == "maps_well":
         evidence = mapping.get("evidence") or {}
         weaker = str(evidence.get("shift_rule", "on")).startswith("off")
@@ -642,7 +648,10 @@ def _echo_evaluation(key: str, ev: dict[str, Any]) -> None:
         _echo(f"{key} vs truth: no query cell has a truth label in the --truth-key column: nothing to score")
         return
     scored = onto.get("n_cells_with_truth_term")
-    flat = f"{key} vs truth: accuracy {_fmt(ev.get('accuracy'))}, macro-F1 {_fmt(ev.get('macro_f1'))} (best class); "
+    labelled = (ev.get("n_cells") or 0) - (ev.get("n_unlabelled") or 0)
+    scored_on = (f"best class, on the {ev.get('n_known', 0):,} of {labelled:,} labelled cells whose truth is an atlas "
+                 "class" if ev.get("n_known", 0) < labelled else "best class")
+    flat = f"{key} vs truth: accuracy {_fmt(ev.get('accuracy'))}, macro-F1 {_fmt(ev.get('macro_f1'))} ({scored_on}); "
     if not scored or not isinstance(onto.get("fine_rate"), float):
         _echo(flat + "no truth label has a Cell Ontology term, so no ontology-aware score (give the query's labels "
                      "terms with --ontology-map)")
@@ -712,8 +721,9 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
     if counts.get("background_from_labelled_otherwise") and counts.get("background_datasets", 0) < counts.get(
             "atlas_datasets", 0):
         _echo(f"note: the negatives come from {counts['background_datasets']} of the atlas' {counts['atlas_datasets']} "
-              "datasets (those with cells labelled otherwise); the estimates hold for them, and cells of the others "
-              "were never seen as negatives")
+              "datasets (those with cells labelled otherwise): the cross-validated figures hold for them; in the "
+              "others, never seen in training, the cut may not carry over (another lab's cells can score lower or "
+              "higher): judge their hits by the report's genes, or lower the cut with `hunt sweep --min-probability`")
     choice = clf.params.get("stage_choice")
     if clf.stage2 is None:
         if choice:

@@ -178,3 +178,6 @@ def test_truth_types_the_atlas_lacks_answered_with_a_type_containing_theirs(buil
     assert set(ev["truth_labels_absent_from_atlas"]) == {"naive B cell"}
     assert ev["absent_answered_with_a_broader_type"] >= 0.9
     assert "answered with a type whose Cell Ontology term contains theirs" in res.output
+    labelled = ev["n_cells"] - ev["n_unlabelled"]
+    assert f"(best class, on the {ev['n_known']:,} of {labelled:,} labelled cells whose truth is an atlas class)" in (
+        res.output)  # the headline accuracy says what it was computed on
