@@ -306,7 +306,8 @@ def _terms_report(con: duckdb.DuckDBPyConnection, dataset_id: str, col: Relabell
     ``had``: per label, the cells that had a term before the fill (:func:`_term_counts` then); None: none had."""
     assert col.term_column is not None
     fill = OntologyFill(table, label_key=col.target)
-    for label, (n_with, n_missing) in _term_counts(con, dataset_id, col).items():
+    counts = _term_counts(con, dataset_id, col)
+    for label, (n_with, n_missing) in counts.items():
         n_had = min(int(had.get(label, 0)), n_with) if had is not None else 0
         if n_had:
             fill.had[label] += n_had
@@ -316,27 +317,31 @@ def _terms_report(con: duckdb.DuckDBPyConnection, dataset_id: str, col: Relabell
             fill.missing[label] += n_missing
     report = fill.report()
     if had is not None:  # a fill over terms the data may already have: say what the map could not change
-        term = f"NULLIF(trim(CAST({quote_ident(col.term_column)} AS VARCHAR)), '')"
+        term = _term_value(col.term_column)
         rows = con.execute(
             f"SELECT CAST(cells.{quote_ident(col.target)} AS VARCHAR) AS v, count(*) FROM cells JOIN relabel_terms AS m "
             f"ON CAST(cells.{quote_ident(col.target)} AS VARCHAR) = m.label WHERE cells.dataset_id = ? AND {term} "
             f"IS NOT NULL AND {term} <> m.term GROUP BY v ORDER BY 2 DESC, 1", [dataset_id]).fetchall()
         report["conflicts"] = {str(v): int(n) for v, n in rows[:MAX_REPORTED]}
         report["n_conflicting_labels"] = len(rows)
-        present = set(_term_counts(con, dataset_id, col))
-        report["map_labels_unused"] = sum(1 for label in table if label not in present)
+        report["map_labels_unused"] = sum(1 for label in table if label not in counts)
     return report
 
 
 def _term_counts(con: duckdb.DuckDBPyConnection, dataset_id: str, col: RelabelledColumn) -> dict[str, tuple[int, int]]:
     """Per label value of the dataset: (cells with a term, cells without one) in ``col``'s term column."""
     assert col.term_column is not None
-    term = f"NULLIF(trim(CAST({quote_ident(col.term_column)} AS VARCHAR)), '')"
+    term = _term_value(col.term_column)
     rows = con.execute(
         f"SELECT CAST({quote_ident(col.target)} AS VARCHAR) AS v, count({term}), count(*) - count({term}) FROM cells "
         f"WHERE dataset_id = ? AND {quote_ident(col.target)} IS NOT NULL GROUP BY v", [dataset_id]
     ).fetchall()
     return {str(label): (int(n_with), int(n_missing)) for label, n_with, n_missing in rows}
+
+
+def _term_value(column: str) -> str:
+    """SQL for a term column's value, NULL when empty or blank."""
+    return f"NULLIF(trim(CAST({quote_ident(column)} AS VARCHAR)), '')"
 
 
 @contextmanager

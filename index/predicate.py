@@ -185,7 +185,7 @@ def validate_predicate(predicate: str, columns: Mapping[str, str], *, what: str 
     try:
         _check_statements(tree)
         where = tree["statements"][0]["node"]["where_clause"]
-        _check_where(where, {c.lower() for c in columns})
+        referenced = _check_where(where, {c.lower() for c in columns})
     except _Refused as exc:
         raise InputError(f"invalid {what} {shown(text)}: {exc.what} is not allowed. {allowed_help()}") from None
     except _UnknownColumn as exc:
@@ -194,23 +194,8 @@ def validate_predicate(predicate: str, columns: Mapping[str, str], *, what: str 
             f"{describe_columns(columns)}"
         ) from None
     actual = {c.lower(): c for c in columns}
-    read = tuple(sorted({actual[c] for c in _referenced(where) if c in actual}))
+    read = tuple(sorted({actual[c] for c in referenced if c in actual}))
     return Predicate(text=text, sql=_rendered(tree, text, what), columns=read)
-
-
-def _referenced(root: Any) -> set[str]:
-    """The (lower-cased) names of the columns a checked WHERE clause reads."""
-    found: set[str] = set()
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            if node.get("class") == "COLUMN_REF":
-                found.update(str(n).lower() for n in node.get("column_names") or [])
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return found
 
 
 MAX_LISTED_COLUMNS = 40
@@ -218,8 +203,9 @@ MAX_LISTED_COLUMNS = 40
 
 
 def describe_columns(columns: Mapping[str, str]) -> str:
-    """``name (TYPE), ...`` of the cells table, for messages: names quoted and escaped (a name may hold a newline),
-    at most :data:`MAX_LISTED_COLUMNS` of them."""
+    """``name (TYPE), ...`` of the cells table, for messages: a name that is not printable or over 60 characters
+    quoted and escaped (:func:`atlas.validate.escaped`; a name may hold a newline), at most
+    :data:`MAX_LISTED_COLUMNS` of them."""
     items = list(columns.items())
     text = ", ".join(f"{name if name.isprintable() and len(name) <= 60 else escaped(name, 60)} ({kind})"
                      for name, kind in items[:MAX_LISTED_COLUMNS])
@@ -378,8 +364,10 @@ class _UnknownColumn(Exception):
         self.name = name
 
 
-def _check_where(root: Any, columns: set[str]) -> None:
-    """Walk the WHERE clause (iteratively, at most :data:`MAX_DEPTH` deep); raise on anything not allowed."""
+def _check_where(root: Any, columns: set[str]) -> set[str]:
+    """Walk the WHERE clause (iteratively, at most :data:`MAX_DEPTH` deep); raise on anything not allowed. Returns
+    the (lower-cased) names of the columns it reads."""
+    referenced: set[str] = set()
     stack: list[tuple[Any, int]] = [(root, 1)]
     while stack:
         node, depth = stack.pop()
@@ -387,6 +375,9 @@ def _check_where(root: Any, columns: set[str]) -> None:
             raise _Refused(f"nesting deeper than {MAX_DEPTH} levels")
         for child in _check_node(node, columns):
             stack.append((child, depth + 1))
+        if node.get("class") == "COLUMN_REF":  # checked by _check_node: one bare, known name
+            referenced.add(str(node["column_names"][0]).lower())
+    return referenced
 
 
 def _check_node(node: Any, columns: set[str]) -> list[Any]:

@@ -13,7 +13,7 @@ import pandas as pd
 from scatlas.atlas.ontology import cell_ontology
 from scatlas.index import AtlasIndex, LabelClasses
 from scatlas.query.atlas_labels import AtlasLabels, as_str_values
-from scatlas.query.evaluate import evaluate_labels, ontology_metrics
+from scatlas.query.evaluate import evaluate_labels, ontology_metrics, term_contains
 from scatlas.query.transfer import REASON_NONE, SIMILARITY_COLUMN, Transfer
 from scatlas.query.vote import UNKNOWN
 
@@ -120,7 +120,7 @@ def _absent_contained(truth: Truth, answer_terms: pd.Series, categories: set[str
             if v is not None and v not in categories and term]
     if not rows:
         return None
-    right = sum(bool(a[i]) and (a[i] == truth.terms[i] or a[i] in ancestors(truth.terms[i])) for i in rows)
+    right = sum(term_contains(a[i], truth.terms[i], ancestors) for i in rows)
     return round(right / len(rows), 4)
 
 

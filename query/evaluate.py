@@ -140,6 +140,12 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bi
     return round(float(gap.sum() / conf.size), 4) if count.sum() else None
 
 
+def term_contains(answer: str, truth: str, ancestors_of: Any) -> bool:
+    """Whether an answer's CL term is the truth's term or one of its ancestors (``ancestors_of``: a callable giving
+    a CL id's ancestors); an answer without a term ("") contains nothing."""
+    return bool(answer) and (answer == truth or answer in ancestors_of(truth))
+
+
 def ontology_metrics(
     truth_terms: Sequence[str | None] | np.ndarray,
     level: Sequence[str] | np.ndarray,
@@ -163,7 +169,7 @@ def ontology_metrics(
     answered = scored & (lv != "unknown")
     correct = np.zeros(len(t), dtype=bool)
     for i in np.flatnonzero(answered):
-        correct[i] = bool(a[i]) and (a[i] == t[i] or a[i] in ancestors_of(t[i]))
+        correct[i] = term_contains(a[i], t[i], ancestors_of)
     n_scored, n_answered = int(scored.sum()), int(answered.sum())
     return {
         "n_cells_with_truth_term": n_scored,

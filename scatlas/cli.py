@@ -786,6 +786,7 @@ def hunt_sweep(index_dir: Path, classifier_dir: Path, out_dir: Path, min_score: 
     """Score every cell of every shard from the stored vectors (stage 1); with a two-stage classifier, score the
     candidates' gene features from the atlas store (stage 2); write hits joined with cell metadata."""
     from scatlas.query.hunt import sweep
+    from scatlas.query.hunt.sweep import training_sentence
 
     s = sweep(index_dir, classifier_dir, out_dir, min_score=min_score, min_probability=min_probability, resume=not restart,
               device=device, threads=threads, progress=progress,
@@ -798,8 +799,7 @@ def hunt_sweep(index_dir: Path, classifier_dir: Path, out_dir: Path, min_score: 
     kept = f", stage 2 kept {s.n_stage2_kept:,}" if s.n_stage2_kept is not None else ""
     _echo(f"{s.stages}: stage 1 passed {s.n_stage1_passed:,} cells{kept}")
     if s.n_training_hits:
-        _echo(f"{s.n_training_hits:,} of the hits are cells the classifier was trained on as positives (column "
-              f"training_positive); {s.n_hits - s.n_training_hits:,} are not")
+        _echo(training_sentence(s.n_training_hits, s.n_hits))
     _echo(f"hits: {s.hits_path}")
 
 

@@ -137,7 +137,7 @@ class HuntClassifier:
             "params": self.params,
             "created_at": self.created_at,
             "versions": self.versions,
-            "weights_sha256": hashlib.sha256(self.weights.tobytes()).hexdigest(),
+            "weights_sha256": _sha256(self.weights),
             **({"stage2": self.stage2.to_json()} if self.stage2 is not None else {}),
             **({"training_ids_sha256": _sha256(self.training_ids), "n_training_ids": len(self.training_ids)}
                if self.training_ids is not None else {}),
@@ -184,9 +184,7 @@ class HuntClassifier:
         if meta.get("format_version") != FORMAT_VERSION:
             raise InputError(f"{show(path)}: classifier format {meta.get('format_version')!r}, this scatlas reads "
                              f"{FORMAT_VERSION}; retrain it")
-        if hashlib.sha256(np.ascontiguousarray(weights, dtype=np.float32).tobytes()).hexdigest() != meta.get(
-            "weights_sha256"
-        ):
+        if _sha256(np.asarray(weights, dtype=np.float32)) != meta.get("weights_sha256"):
             raise InputError(_damaged(path, f"{WEIGHTS_FILE} does not match its recorded checksum"))
         if meta.get("dim") not in (None, int(weights.shape[0])):
             raise InputError(_damaged(path, f"{META_FILE} records another dimension than its weights have"))
@@ -252,8 +250,7 @@ def _read_stage2(path: Path, meta: dict[str, Any]) -> GeneStage | None:
     if not isinstance(record, dict) or not w_path.is_file():
         raise InputError(_damaged(path, f"its stage 2 record or {STAGE2_WEIGHTS_FILE} is missing"))
     weights = _read_weights(path, w_path)
-    digest = hashlib.sha256(np.ascontiguousarray(weights, dtype=np.float32).tobytes()).hexdigest()
-    if digest != record.get("weights_sha256"):
+    if _sha256(np.asarray(weights, dtype=np.float32)) != record.get("weights_sha256"):
         raise InputError(_damaged(path, f"{STAGE2_WEIGHTS_FILE} does not match its recorded checksum"))
     try:
         return GeneStage.from_json(record, weights)

@@ -51,7 +51,7 @@ from scatlas.atlas.outputs import (
     writing,
 )
 from scatlas.atlas.sql import quote_ident
-from scatlas.atlas.validate import escaped
+from scatlas.atlas.validate import escaped, escaped_list
 from scatlas.index import AtlasIndex, Progress
 from scatlas.query.hunt.access import IndexLike, input_paths, open_index
 from scatlas.query.hunt.de import MIN_CELLS_PER_SIDE as MIN_SIDE
@@ -65,7 +65,7 @@ from scatlas.query.hunt.enrichment import (
     enrichment,
 )
 from scatlas.query.hunt.gene_reads import reach_index_store
-from scatlas.query.hunt.sweep import HITS_FILE, SUMMARY_FILE, TRAINING_COLUMN
+from scatlas.query.hunt.sweep import HITS_FILE, SUMMARY_FILE, TRAINING_COLUMN, training_sentence
 
 logger = logging.getLogger(__name__)
 
@@ -125,10 +125,7 @@ class ReportResult:
 
     def training_sentence(self) -> str:
         """How many hits the classifier was trained on ("" when the hits do not say or none was)."""
-        if not self.n_training_hits:
-            return ""
-        return (f"{self.n_training_hits:,} of the hits are cells the classifier was trained on as positives (column "
-                f"{TRAINING_COLUMN}); {self.n_hits - self.n_training_hits:,} are not.")
+        return training_sentence(self.n_training_hits, self.n_hits)
 
     def left_out_sentence(self) -> str:
         """Which breakdown columns were left out and why ("" when none)."""
@@ -502,12 +499,6 @@ def _training_hits(frame: pd.DataFrame) -> int | None:
     return int(marked.sum())
 
 
-def _listing(values: Sequence[Any], limit: int = 20) -> str:
-    """``values`` for a message: comma-separated, at most ``limit`` of them, then how many more."""
-    shown = ", ".join(str(v) for v in values[:limit])
-    return shown + (f", ... ({len(values) - limit} more)" if len(values) > limit else "")
-
-
 def _breakdown(con: Any, names: Sequence[str], by: Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
     """The columns to break hits down by, and those left out -> why; InputError for a given column the cells table
     (whose columns are ``names``) lacks."""
@@ -524,14 +515,14 @@ def _breakdown(con: Any, names: Sequence[str], by: Sequence[str] | None) -> tupl
             what = "names no column" if not columns else "holds a blank column name"
             raise InputError(
                 f"by (--by) {what}; give columns of the cells table to break the hits down by (comma-separated with --by), or leave "
-                f"it out for the default ({', '.join(DEFAULT_BY)}, those the table has): {_listing(names)}"
+                f"it out for the default ({', '.join(DEFAULT_BY)}, those the table has): {escaped_list(names, 20)}"
             )
         unknown = [c for c in columns if c not in names]
         if unknown:
             what = "is not a column" if len(unknown) == 1 else "are not columns"
             raise InputError(
                 f"by (--by): {', '.join(repr(c) for c in unknown)} {what} of the cells table; give columns of it "
-                f"(comma-separated with --by): {_listing(names)}"
+                f"(comma-separated with --by): {escaped_list(names, 20)}"
             )
     for column in all_missing(con, columns):
         left_out[column] = "missing in every cell"
@@ -600,7 +591,7 @@ def _check_de_group(names: Sequence[str], de_group: str | None) -> None:
     if de_group is not None and de_group not in names:
         raise InputError(
             f"de_group (--de) {de_group!r} is not a column of the cells table; give one of its columns: "
-            f"{_listing(names)}"
+            f"{escaped_list(names, 20)}"
         )
 
 

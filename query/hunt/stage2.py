@@ -162,9 +162,10 @@ def prefer_two_stages(metrics: dict[str, Any]) -> tuple[bool, str]:
     origin = metrics.get("training_rows") or {}
     labelled = origin.get("labelled_positives", 1) + origin.get("labelled_negatives", 0) > 0
     atlas = origin.get("atlas_positives", 0) + origin.get("atlas_background", 0) > 0
-    whose = {(True, False): "the labelled cells", (False, True): "the atlas cells",
-             (True, True): "the labelled and atlas cells"}.get((labelled, atlas), "the labelled cells")
-    cells = f"{rows['positives']} positives and {rows['negatives']} negatives of {whose}" if rows else f"the same {whose[4:]}"
+    whose = {(False, True): "atlas cells", (True, True): "labelled and atlas cells"}.get((labelled, atlas),
+                                                                                        "labelled cells")
+    cells = f"{rows['positives']} positives and {rows['negatives']} negatives of the {whose}" if rows else \
+        f"the same {whose}"
     return verdict, (f"cross-validated F1 of two stages {two:.3f} {'>' if verdict else '<='} stage 1 alone's {one:.3f} "
                      f"on {cells}, those stage 2 trains on" + ("; stage 1's own figures also count the atlas background "
                                                               "as negatives" if labelled else ""))

@@ -71,6 +71,15 @@ HITS_FILE = "hits.parquet"
 TRAINING_COLUMN = "training_positive"
 """Hits column: the cell is one the classifier learnt as a positive (not a new find)."""
 PARTIALS_DIR = "partials"
+
+
+def training_sentence(n_training_hits: int | None, n_hits: int) -> str:
+    """How many of ``n_hits`` hits the classifier was trained on as positives, in words ("" when unknown or none)."""
+    if not n_training_hits:
+        return ""
+    return (f"{n_training_hits:,} of the hits are cells the classifier was trained on as positives (column "
+            f"{TRAINING_COLUMN}); {n_hits - n_training_hits:,} are not.")
+
 STATE_VERSION = 1
 DEFAULT_BLOCK_BYTES = 256 << 20
 """Default block: 256 MiB of float16 vectors, scored in place from the shard's memory map (so a large block costs

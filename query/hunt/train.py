@@ -347,10 +347,6 @@ def train(
     fit = _fit(ts, l2=l2, n_folds=n_folds, seed=seed, device=torch_device, clean_background=clean_background)
     choice = choose_threshold(fit.y, fit.cv.oof_scores, target_precision=target_precision)
     _check_separates(fit, choice, ts)
-    if choice.precision < POOR_PRECISION:
-        logger.warning("the classifier separates the positives poorly: cross-validated precision %.3f at its cut "
-                       "(AUPRC %.3f, %.3f by chance); most hits will be false", choice.precision,
-                       average_precision(fit.y, fit.cv.oof_scores), ts.n_positive / (ts.n_positive + ts.n_negative))
     stage2 = None
     if gene_names is not None:
         stage2, skipped = _train_stage2(idx, ts, fit, gene_names, choice.threshold, l2=l2, seed=seed, device=torch_device,
@@ -738,10 +734,16 @@ def _metrics(fit: _Fit, choice: ThresholdChoice, ts: _TrainingSet, n_index: int,
 
 def _check_separates(fit: _Fit, choice: ThresholdChoice, ts: _TrainingSet) -> None:
     """InputError when the classifier at its cut calls most negatives hits: nothing rare is being told apart (e.g.
-    a positive predicate matching every labelled cell, or positives like the whole atlas)."""
-    if choice.false_positive_rate <= MAX_FALSE_POSITIVE_RATE:
+    a positive predicate matching every labelled cell, or positives like the whole atlas); a warning when its
+    cross-validated precision there is under :data:`POOR_PRECISION`."""
+    if choice.false_positive_rate <= MAX_FALSE_POSITIVE_RATE and choice.precision >= POOR_PRECISION:
         return
     auprc = average_precision(fit.y, fit.cv.oof_scores)
+    if choice.false_positive_rate <= MAX_FALSE_POSITIVE_RATE:
+        logger.warning("the classifier separates the positives poorly: cross-validated precision %.3f at its cut "
+                       "(AUPRC %.3f, %.3f by chance); most hits will be false", choice.precision, auprc,
+                       ts.n_positive / (ts.n_positive + ts.n_negative))
+        return
     raise InputError(
         f"the classifier cannot tell the {ts.n_positive} positives from the {ts.n_negative} negatives: at its best cut "
         f"it calls {100 * choice.false_positive_rate:.0f}% of the negatives hits (cross-validated AUPRC {auprc:.3f}, "
