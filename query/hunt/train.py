@@ -596,10 +596,11 @@ class _TrainingSet:
         labelled positive too). With ``positive_sql``, drawn from the cells it is false for (their label is known and
         is not the positives'; a cell without the label is neither, and may be an unlabelled positive) when enough
         are found (:data:`MIN_KNOWN_NEGATIVES`); those are never set aside as likely positives."""
-        ids = idx.sample_ids(n, exclude=self.atlas_positive_ids, seed=seed)
-        known = np.zeros(len(ids), dtype=bool)
-        if positive_sql is not None and len(ids):
-            ids, known = self._labelled_otherwise(idx, positive_sql, n, ids, seed)
+        if positive_sql is not None and n > 0:
+            ids, known = self._labelled_otherwise(idx, positive_sql, n, seed)
+        else:
+            ids = idx.sample_ids(n, exclude=self.atlas_positive_ids, seed=seed)
+            known = np.zeros(len(ids), dtype=bool)
         bg = idx.vectors(ids) if len(ids) else np.zeros((0, self.dim), np.float32)
         labelled = np.concatenate([v for v in (self.labelled_positives, self.labelled_negatives) if v is not None]
                                   or [np.zeros((0, self.dim), np.float32)])
@@ -620,11 +621,11 @@ class _TrainingSet:
             logger.warning("only %d positive cells: cross-validated metrics are very uncertain", self.n_positive)
 
     def _labelled_otherwise(
-        self, idx: AtlasIndex, positive_sql: str, n: int, sample: np.ndarray, seed: int
+        self, idx: AtlasIndex, positive_sql: str, n: int, seed: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """(background ids, bool: labelled otherwise): up to ``n`` atlas cells the predicate is false for, found
-        among a wider uniform sample; ``sample`` and no known negative when fewer than :data:`MIN_KNOWN_NEGATIVES`
-        are found (the atlas holds few labels of that column)."""
+        among a wider uniform sample; a uniform sample of ``n`` and no known negative when fewer than
+        :data:`MIN_KNOWN_NEGATIVES` are found (the atlas holds few labels of that column)."""
         wide = idx.sample_ids(KNOWN_OVERSAMPLE * n, exclude=self.atlas_positive_ids, seed=seed)
         found = idx.filter_ids(positive_sql, allow_empty=True, what="SQL predicate", negate=True, among=wide)
         self.counts["background_labelled_otherwise_found"] = len(found)
@@ -632,6 +633,7 @@ class _TrainingSet:
             logger.info("%d of %d sampled atlas cells are labelled otherwise (the predicate is false for them): the "
                         "background is drawn from all atlas cells", len(found), len(wide))
             self.counts["background_from_labelled_otherwise"] = 0
+            sample = idx.sample_ids(n, exclude=self.atlas_positive_ids, seed=seed)
             return sample, np.zeros(len(sample), dtype=bool)
         ids = sample_sorted(found, n, seed) if len(found) > n else found
         logger.info("background: %d atlas cells labelled otherwise (the predicate is false for them; cells missing a "
