@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from scatlas.atlas.errors import InputError
-from scatlas.atlas.sql import quote_ident
 from scatlas.atlas.validate import escaped
 
 logger = logging.getLogger(__name__)
@@ -120,14 +119,12 @@ class Predicate:
     sql: str
     columns: tuple[str, ...] = ()
     """The columns it reads (as the table names them)."""
-
-    @property
-    def negated_sql(self) -> str:
-        """The statement selecting the cells where the predicate is false and every column it reads has a value:
-        ``NOT`` around the checked predicate, which stays one expression. A cell missing a value the predicate reads
-        is in neither set, even where SQL calls the predicate false (``NULL AND false``): its label is unknown."""
-        known = "".join(f" AND {quote_ident(c)} IS NOT NULL" for c in self.columns)
-        return select_sql(f"NOT ({self.text}){known}")
+    negated_sql: str = ""
+    """The statement selecting the cells the predicate is false for: ``NOT`` around the checked WHERE clause, written
+    back from the checked tree like ``sql``. SQL's three-valued logic decides: a cell for which the predicate is
+    NULL (``cell_type = 'DC'`` where cell_type is missing: its label is unknown) is in neither set, while one for
+    which it is false whatever the missing values hold (``cell_type = 'DC' AND tissue = 'lung'`` for a T cell of
+    unknown tissue) is a negative; ``coalesce`` / ``IS NULL`` in the predicate say otherwise where wanted."""
 
 
 class _Refused(Exception):
@@ -195,7 +192,8 @@ def validate_predicate(predicate: str, columns: Mapping[str, str], *, what: str 
         ) from None
     actual = {c.lower(): c for c in columns}
     read = tuple(sorted({actual[c] for c in referenced if c in actual}))
-    return Predicate(text=text, sql=_rendered(tree, text, what), columns=read)
+    return Predicate(text=text, sql=_rendered(tree, text, what), columns=read,
+                     negated_sql=_rendered(_negated(tree, text, what), text, what))
 
 
 MAX_LISTED_COLUMNS = 40
@@ -240,6 +238,18 @@ def _rendered(tree: dict[str, Any], text: str, what: str) -> str:
     except duckdb.Error:
         raise InputError(f"invalid {what} {shown(text)}: DuckDB could not write it back as SQL; simplify it") from None
     return str(row[0][0])
+
+
+def _negated(tree: dict[str, Any], text: str, what: str) -> dict[str, Any]:
+    """The checked statement's tree with ``NOT (...)`` around its WHERE clause: built on the tree, so that the
+    negation covers exactly the expression that was checked (text such as ``a) OR (b`` is one expression only once
+    parsed)."""
+    negated = _parse(select_sql("NOT (TRUE)"), text, what)
+    where = negated["statements"][0]["node"]["where_clause"]
+    if where.get("type") != "OPERATOR_NOT" or len(where.get("children") or []) != 1:
+        raise InputError(f"invalid {what} {shown(text)}: DuckDB gave an unexpected syntax tree for its negation")
+    where["children"][0] = tree["statements"][0]["node"]["where_clause"]
+    return negated
 
 
 def _parse(sql: str, text: str, what: str) -> dict[str, Any]:

@@ -142,3 +142,29 @@ def test_evaluate_classes_takes_a_predicate_of_the_longest_length_accepted():
     pos, neg = evaluate_classes(obs, text)
     np.testing.assert_array_equal(pos, [True, False, False])
     np.testing.assert_array_equal(neg, [False, False, True])
+
+
+@pytest.mark.parametrize(
+    ("predicate", "positives", "negatives"),
+    [
+        # one expression once parsed, though its text closes and reopens parentheses: negated as a whole
+        # (a T cell of unknown tissue may be from the lung: neither)
+        ("cell_type = 'DC') OR (tissue = 'lung'", [0, 2, 5], [4]),
+        # false whatever the missing value holds (a T cell of unknown tissue, a blood cell of unknown type): a
+        # negative; a lung cell of unknown type: neither
+        ("cell_type = 'DC' AND tissue = 'lung'", [0], [1, 2, 3, 4]),
+        ("cell_type = 'DC'", [0, 2], [1, 4]),
+        # explicit NULL handling is the predicate's own: an unlabelled cell's coalesced value decides
+        ("coalesce(author_type, cell_type) IN ('DC', 'pDC')", [0, 2, 4], [1, 3, 5]),
+    ],
+)
+def test_negated_predicates_select_the_cells_it_is_false_for(predicate, positives, negatives):
+    from scatlas.query.hunt.sql_predicate import evaluate_sql_predicate
+
+    frame = pd.DataFrame({
+        "cell_type": ["DC", "T cell", "DC", None, "B cell", None],
+        "tissue": ["lung", None, "blood", "blood", "blood", "lung"],
+        "author_type": [None, None, None, "Mono", "pDC", "T cell"],
+    })
+    assert np.flatnonzero(evaluate_sql_predicate(frame, predicate)).tolist() == positives
+    assert np.flatnonzero(evaluate_sql_predicate(frame, predicate, negate=True)).tolist() == negatives

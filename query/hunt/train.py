@@ -636,8 +636,8 @@ class _TrainingSet:
             sample = idx.sample_ids(n, exclude=self.atlas_positive_ids, seed=seed)
             return sample, np.zeros(len(sample), dtype=bool)
         ids = sample_sorted(found, n, seed) if len(found) > n else found
-        logger.info("background: %d atlas cells labelled otherwise (the predicate is false for them; cells missing a "
-                    "value it reads, unlabelled, are left out: they may be positives)", len(ids))
+        logger.info("background: %d atlas cells labelled otherwise (the predicate is false for them; cells it is NULL "
+                    "for, missing a value it needs, are left out: they may be positives)", len(ids))
         self.counts["background_from_labelled_otherwise"] = 1
         if "dataset_id" in idx.columns():
             with idx.cursor() as con:
