@@ -235,6 +235,12 @@ class AtlasIndex:
         return Path(path) if path else None
 
     @property
+    def atlas_store_id(self) -> str:
+        """The id of the atlas store the index was built from ("" for an index built from vectors alone): its cells'
+        ids (soma_joinid) are that store's."""
+        return str(self._manifest.atlas_snapshot.get("store_id") or "")
+
+    @property
     def n_cells(self) -> int:
         return self._manifest.n_cells
 

@@ -51,6 +51,9 @@ def test_atlas_positives_are_told_from_the_cells_labelled_otherwise_and_found_wh
         f"SELECT count(*) FROM cells WHERE cell_type IS NOT NULL AND cell_type <> '{RARE}'").fetchone()[0]
     assert clf.counts["negatives_from_atlas"] <= labelled_others  # no unlabelled cell among the negatives
     assert clf.counts["background_excluded_as_likely_positive"] == 0  # labelled otherwise: never set aside
+    assert clf.atlas_store_id and clf.atlas_store_id == idx.atlas_store_id  # its training ids are this store's
+    assert clf.same_atlas_ids("another build", idx.atlas_store_id)
+    assert not clf.same_atlas_ids("another build", "another store") and not clf.same_atlas_ids("another build", "")
     hits = pd.read_parquet(sweep(idx, tmp_path / "clf", tmp_path / "sweep", progress=False).hits_path)
     found = set(hits["soma_joinid"][hits["dataset_id"] == "bare"])
     recall = len(found & world["bare_rare"]) / len(world["bare_rare"])
@@ -58,9 +61,9 @@ def test_atlas_positives_are_told_from_the_cells_labelled_otherwise_and_found_wh
     assert recall >= 0.8 and precision >= 0.8, (recall, precision)
 
 
-def test_a_cell_missing_a_value_the_predicate_reads_is_no_negative(world, tmp_path):
-    """``cell_type = 'X' AND dataset_id <> 'none'`` is false, not NULL, for an unlabelled cell (NULL AND false);
-    its label is still unknown, so it is no negative; the record says which datasets the negatives come from."""
+def test_a_cell_the_predicate_is_null_for_is_no_negative(world, tmp_path):
+    """``cell_type = 'X' AND dataset_id <> 'none'`` is NULL for an unlabelled cell (NULL AND true): its label is
+    unknown, so it is no negative; the record says which datasets the negatives come from."""
     idx = world["index"]
     clf = train(idx, positive_sql=f"cell_type = '{RARE}' AND dataset_id <> 'none'", progress=False, two_stage=False)
     labelled_others = idx.connect().cursor().execute(

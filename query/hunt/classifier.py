@@ -54,6 +54,8 @@ class HuntClassifier:
     ``stage2``: the gene-level second stage of a two-stage classifier (:class:`~query.hunt.stage2.GeneStage`, with
     stage 1's candidate cut), or None. ``training_ids``: the sorted atlas ids of the cells it learnt as positives
     (a sweep marks them among its hits), or None where not recorded (classifiers trained before it was).
+    ``atlas_store_id``: the atlas store the index was built from ("" where unknown): atlas ids mean the same cells
+    in every build of an index of that store, and nothing in another's.
     """
 
     weights: np.ndarray
@@ -70,6 +72,12 @@ class HuntClassifier:
     versions: dict[str, str] = field(default_factory=dict)
     stage2: GeneStage | None = None
     training_ids: np.ndarray | None = None
+    atlas_store_id: str = ""
+
+    def same_atlas_ids(self, build_id: str, store_id: str) -> bool:
+        """Whether an index (its ``build_id`` and atlas ``store_id``) numbers its cells as the one this classifier
+        was trained against: the same build, or builds of the same atlas store."""
+        return build_id == self.index_manifest_id or bool(store_id and store_id == self.atlas_store_id)
 
     def __post_init__(self) -> None:
         if self.training_ids is not None:
@@ -131,6 +139,7 @@ class HuntClassifier:
             "calibration": self.calibration.to_dict(),
             "embedder_fingerprint": self.embedder_fingerprint,
             "index_manifest_id": self.index_manifest_id,
+            **({"atlas_store_id": self.atlas_store_id} if self.atlas_store_id else {}),
             "metrics": self.metrics,
             "counts": self.counts,
             "seed": self.seed,
@@ -211,6 +220,7 @@ class HuntClassifier:
             calibration=Calibration.from_dict(meta["calibration"]),
             embedder_fingerprint=str(meta["embedder_fingerprint"]),
             index_manifest_id=str(meta["index_manifest_id"]),
+            atlas_store_id=str(meta.get("atlas_store_id") or ""),
             metrics=dict(meta.get("metrics", {})),
             counts=dict(meta.get("counts", {})),
             seed=int(meta.get("seed", 0)),

@@ -652,7 +652,12 @@ def _finish(
 ) -> SweepSummary:
     """Write the hits, the summary and the completed state; log and return the summary."""
     hit_ids = hits.ids
-    trained = None if clf.training_ids is None else np.isin(hit_ids, clf.training_ids)
+    trained = None
+    if clf.training_ids is not None and clf.same_atlas_ids(idx.build_id, idx.atlas_store_id):
+        trained = np.isin(hit_ids, clf.training_ids)
+    elif clf.training_ids is not None:
+        logger.info("the classifier was trained against an index of another atlas store: its training cells are not "
+                    "marked among the hits (atlas ids differ between stores)")
     hits_path = _write_hits(idx, out, hit_ids, hits.scores, hits.probabilities, trained)
     s2 = hits.stage2
     bytes_scored = run.cells_scored * idx.dim * 2

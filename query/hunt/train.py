@@ -368,6 +368,7 @@ def train(
         calibration=fit_calibration(fit.cv.oof_scores, fit.y, calibration),
         embedder_fingerprint=idx.embedder_fingerprint,
         index_manifest_id=idx.build_id,
+        atlas_store_id=idx.atlas_store_id,
         metrics=_metrics(fit, choice, ts, idx.n_cells, given_l2=l2 is not None),
         counts=ts.counts,
         seed=seed,
