@@ -24,6 +24,7 @@ from scatlas.atlas.sources.base import (
     expression_from_samples,
     genes_from_var,
 )
+from scatlas.atlas.sources.hdf5_checks import check_self_contained
 from scatlas.atlas.validate import check_csr, check_name, escaped, float32_csr, to_float32
 
 logger = logging.getLogger(__name__)
@@ -37,12 +38,14 @@ ANNDATA_MEMBERS = ("obs", "var", "X")
 
 def check_anndata_hdf5(f: h5py.File, what: str, members: tuple[str, ...] = ANNDATA_MEMBERS) -> None:
     """InputError unless the open HDF5 file ``f`` (``what``, for the message) holds the top-level ``members`` of an
-    AnnData .h5ad: the one check every reader of .h5ad files makes (ingest, annotate, the server's uploads), so
-    that an HDF5 file of another kind gets one clear message everywhere."""
+    AnnData .h5ad, and holds its own data (:func:`~atlas.sources.hdf5_checks.check_self_contained`): the one check
+    every reader of .h5ad files makes (ingest, annotate, the server's uploads), before it reads anything, so that an
+    HDF5 file of another kind gets one clear message everywhere and none reads other files through links."""
     missing = [m for m in members if m not in f]
     if missing:
         raise InputError(f"{what} is an HDF5 file but not an AnnData .h5ad (no {', '.join(missing)}); give a file "
                          "written by AnnData (adata.write_h5ad)")
+    check_self_contained(f, what)
 
 
 SAMPLE_WINDOWS = 4
@@ -119,6 +122,9 @@ class _MatrixReader:
         n_data = int(self.element["data"].shape[0])
         check_csr(indptr, np.zeros(0, dtype=np.int64), n_data, self.shape[1], self.what)
         lo, hi = int(indptr[0]), int(indptr[-1])
+        if hi - lo > (b - a) * self.shape[1]:  # more entries than the rows can hold: do not allocate them
+            raise InputError(f"{what}: the sparse matrix is damaged: {hi - lo:,} stored values for {b - a} rows of "
+                             f"{self.shape[1]} columns; rewrite the file")
         data = to_float32(self.element["data"][lo:hi], what)
         indices = self.element["indices"][lo:hi]
         check_csr(indptr, indices, n_data, self.shape[1], self.what)
@@ -342,7 +348,10 @@ def _is_legacy(path: Path) -> bool:
         with h5py.File(path, "r") as f:
             if "obs" not in f or "var" not in f:  # no AnnData (X alone may be missing: --x-layer, H5adSource)
                 check_anndata_hdf5(f, str(path))
-            return "raw.X" in f or "encoding-type" not in f.attrs
+            legacy = "raw.X" in f or "encoding-type" not in f.attrs
+            if legacy:  # read whole by anndata below, not by H5adSource (which checks): check here
+                check_self_contained(f, str(path))
+            return legacy
     except _READ_ERRORS:
         return False  # H5adSource reports the unreadable file
 

@@ -1,0 +1,107 @@
+"""Untrusted .h5ad files that name other files as the source of their contents (external links, external raw
+storage, virtual datasets) or declare data they do not store: refused before anything is read, by ingest, annotate
+and the server's upload check alike, with a message that names no other file's contents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import pytest
+from click.testing import CliRunner
+
+from scatlas.atlas.errors import InputError
+from scatlas.atlas.sources.h5ad import open_h5ad
+from scatlas.cli import cli
+from scatlas.server.uploads import check_h5ad, read_obs
+from tests.conftest import make_adata
+
+SECRET = b"root:x:0:0:TOP-SECRET-LINE\n" * 20
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    """A plain .h5ad and crafted variants of it; ``secret`` is a file none may read."""
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(SECRET)
+    other = tmp_path / "other.h5ad"
+    make_adata(50, 40, seed=2).write_h5ad(other)
+    plain = tmp_path / "plain.h5ad"
+    make_adata(50, 40, seed=1).write_h5ad(plain)
+    out = {"plain": plain, "secret": secret}
+
+    def variant(name: str, edit) -> None:
+        path = tmp_path / f"{name}.h5ad"
+        path.write_bytes(plain.read_bytes())
+        with h5py.File(path, "r+") as f:
+            edit(f)
+        out[name] = path
+
+    def external_storage(f: h5py.File) -> None:
+        attrs = dict(f["obs/donor_id"].attrs)
+        del f["obs/donor_id"]
+        d = f["obs"].create_dataset("leak", shape=(50,), dtype="u1", external=[(str(secret), 0, 50)])
+        for k, v in attrs.items():
+            d.attrs[k] = v
+
+    def external_link(f: h5py.File) -> None:
+        del f["obs"]
+        f["obs"] = h5py.ExternalLink(str(other), "/obs")
+
+    def virtual(f: h5py.File) -> None:
+        layout = h5py.VirtualLayout(shape=(50,), dtype="u1")
+        with h5py.File(other, "r") as o:
+            source = o["obs/cell_type/codes"]
+            layout[:] = h5py.VirtualSource(str(other), source.name, shape=source.shape, dtype=source.dtype)
+        f["uns"].create_virtual_dataset("mirror", layout)
+
+    def unwritten(f: h5py.File) -> None:  # 2e9 declared values, none stored
+        f["uns"].create_dataset("big", shape=(2_000_000_000,), dtype="u1", chunks=(1 << 20,), fillvalue=7)
+
+    def soft_link(f: h5py.File) -> None:  # inside the file: harmless, accepted
+        f["uns"]["alias"] = h5py.SoftLink("/obs")
+
+    for name, edit in [("external_storage", external_storage), ("external_link", external_link),
+                       ("virtual", virtual), ("unwritten", unwritten), ("soft_link", soft_link)]:
+        variant(name, edit)
+    return out
+
+
+CRAFTED = {
+    "external_storage": "a dataset stored in an external file",
+    "external_link": "an external link to another file",
+    "virtual": "a virtual dataset",
+    "unwritten": "declares 2,000,000,000 bytes but the file stores",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CRAFTED))
+def test_crafted_files_are_refused_by_every_reader(files, kind):
+    with pytest.raises(InputError, match=CRAFTED[kind]):
+        open_h5ad(files[kind])
+    with pytest.raises(InputError, match=CRAFTED[kind]):
+        check_h5ad(files[kind], files[kind].stat().st_size, name=f"{kind}.h5ad")
+
+
+def test_plain_files_and_links_inside_the_file_are_read(files):
+    for name in ("plain", "soft_link"):
+        source = open_h5ad(files[name])
+        assert source.n_obs == 50
+        source.close()
+        assert check_h5ad(files[name], files[name].stat().st_size, name="x.h5ad") == 50
+        assert len(read_obs(files[name])) == 50
+
+
+@pytest.mark.parametrize("command", ["ingest", "annotate"])
+def test_the_cli_refuses_a_file_reading_another_before_writing(files, tmp_path, command, planted_world):
+    """``ingest`` stored /etc/passwd's bytes in cells.duckdb through external storage; now: a clean Error."""
+    out = tmp_path / "out"
+    args = (["ingest", str(files["external_storage"]), "--atlas", str(out)] if command == "ingest" else
+            ["annotate", str(files["external_storage"]), "--index", str(planted_world["index"]), "--out",
+             str(out / "a.h5ad")])
+    result = CliRunner().invoke(cli, ["-q", *args, "--no-progress"])
+    assert result.exit_code != 0
+    assert result.output.startswith("Error: ") and "a dataset stored in an external file" in result.output
+    assert "TOP-SECRET" not in result.output and "Traceback" not in result.output
+    assert not any(p.is_file() and b"TOP-SECRET" in p.read_bytes() for p in tmp_path.rglob("*") if p.name !=
+                   "secret.txt" and p.is_file())
