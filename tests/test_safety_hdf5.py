@@ -105,3 +105,12 @@ def test_the_cli_refuses_a_file_reading_another_before_writing(files, tmp_path, 
     assert "TOP-SECRET" not in result.output and "Traceback" not in result.output
     assert not any(p.is_file() and b"TOP-SECRET" in p.read_bytes() for p in tmp_path.rglob("*") if p.name !=
                    "secret.txt" and p.is_file())
+
+
+def test_the_server_refuses_tables_over_its_budget(files, monkeypatch):
+    """A compressed file can declare a thousand times its size in obs columns, which are read whole."""
+    import scatlas.server.uploads as uploads
+
+    monkeypatch.setattr(uploads, "MAX_TABLE_BYTES", 1000)
+    with pytest.raises(InputError, match="obs and var tables hold .* GiB once read"):
+        check_h5ad(files["plain"], files["plain"].stat().st_size, name="plain.h5ad")

@@ -59,6 +59,23 @@ def check_self_contained(f: h5py.File, what: str) -> None:
                 _check_dataset(obj, what)
 
 
+def declared_bytes(group: h5py.Group) -> int:
+    """The bytes the datasets under ``group`` declare (what reading them whole allocates), links not followed."""
+    total = 0
+    stack = [group]
+    while stack:
+        g = stack.pop()
+        for name in g:
+            if not isinstance(g.get(name, getlink=True), h5py.HardLink):
+                continue
+            obj = g[name]
+            if isinstance(obj, h5py.Group):
+                stack.append(obj)
+            elif isinstance(obj, h5py.Dataset) and obj.shape is not None:
+                total += int(obj.size) * int(obj.dtype.itemsize)
+    return total
+
+
 def _check_dataset(ds: h5py.Dataset, what: str) -> None:
     if ds.is_virtual:
         raise _refused(what, f"a virtual dataset, whose data lives in other files (at {escaped(ds.name)})")

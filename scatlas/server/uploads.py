@@ -18,6 +18,9 @@ from scatlas.atlas.errors import InputError
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 """The first 8 bytes of an HDF5 file (at offset 0, or 512, 1024, 2048, ... after a user block)."""
+MAX_TABLE_BYTES = 4 * 2**30
+"""An upload's obs and var tables may declare at most this many bytes: they are read whole (a compressed file can
+declare a thousand times its size)."""
 MAX_FIELDS = 32
 MAX_FIELD_BYTES = 64 * 1024
 DRAIN_BYTES = 64 << 20
@@ -162,10 +165,16 @@ def check_h5ad(path: Path, size: int, *, name: str | None = None) -> int:
     if head != HDF5_SIGNATURE:
         raise InputError("the uploaded file is not an .h5ad: it does not start like an HDF5 file")
     from scatlas.atlas.sources.h5ad import check_anndata_hdf5
+    from scatlas.atlas.sources.hdf5_checks import declared_bytes
 
     try:
         with h5py.File(path, "r") as f:
             check_anndata_hdf5(f, "the uploaded file")  # the check (and message) of every .h5ad reader
+            tables = sum(declared_bytes(f[m]) for m in ("obs", "var") if isinstance(f[m], h5py.Group))
+            if tables > MAX_TABLE_BYTES:
+                raise InputError(f"the uploaded file's obs and var tables hold {tables / 2**30:.1f} GiB once read, "
+                                 f"over the {MAX_TABLE_BYTES / 2**30:.0f} GiB the server reads for one upload: drop "
+                                 "columns the request does not need, or split the cells into several files")
             x = f.get("X")
             shape = x.attrs.get("shape") if isinstance(x, h5py.Group) else getattr(x, "shape", None)
     except (OSError, ValueError) as exc:
