@@ -105,7 +105,8 @@ def test_the_predicate_table_keeps_row_order_and_leaves_out_a_clashing_id_column
     table = sql_table(frame)
     assert list(table.columns) == ["soma_joinid", "Cell_Type"]
     assert table["soma_joinid"].tolist() == [0, 1]
-    np.testing.assert_array_equal(evaluate_predicate(frame, "cell_type = 'b'"), [False, True])
+    with pytest.raises(InputError, match="differing only in case"):  # which of the two? refused, not guessed
+        evaluate_predicate(frame, "cell_type = 'b'")
 
 
 def test_evaluate_classes_leaves_cells_without_a_value_out_of_both_classes():
@@ -168,3 +169,21 @@ def test_negated_predicates_select_the_cells_it_is_false_for(predicate, positive
     })
     assert np.flatnonzero(evaluate_sql_predicate(frame, predicate)).tolist() == positives
     assert np.flatnonzero(evaluate_sql_predicate(frame, predicate, negate=True)).tolist() == negatives
+
+
+def test_a_predicate_on_a_column_with_a_case_twin_is_refused():
+    """SQL names are case-insensitive: ``Cell_Type`` would silently read ``cell_type``."""
+    from scatlas.query.hunt.sql_predicate import evaluate_sql_predicate
+
+    frame = pd.DataFrame({"cell_type": ["a", "b"], "Cell_Type": ["dup", "dup"], "donor": ["d1", "d2"]})
+    with pytest.raises(InputError, match=r"under 2 names differing only in case \('cell_type', 'Cell_Type'\)"):
+        evaluate_sql_predicate(frame, "Cell_Type = 'dup'")
+    assert evaluate_sql_predicate(frame, "donor = 'd1'").tolist() == [True, False]  # other columns: fine
+
+
+def test_unknown_column_messages_escape_the_cells_column_names():
+    frame = pd.DataFrame({"cell_type": ["a"], "FAKE\nError: forged \x1b[31m": ["x"], "Z" * 5000: ["z"]})
+    with pytest.raises(InputError) as info:
+        evaluate_predicate(frame, "nosuch == 'x'")
+    message = str(info.value)
+    assert "\n" not in message and "\x1b" not in message and "Z" * 100 not in message

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from scatlas.atlas.errors import InputError
+from scatlas.atlas.validate import escaped, escaped_list
 from scatlas.index import predicate_text
 from scatlas.query.hunt.sql_predicate import EXAMPLE, PredicateFailed, evaluate_sql_predicate
 
@@ -60,7 +61,7 @@ def _literal(node: ast.AST, text: str) -> Any:
         value = _literal(node.operand, text)
         if isinstance(value, int | float) and not isinstance(value, bool):
             return -value if isinstance(node.op, ast.USub) else value
-    raise InputError(f"predicate {text!r}: only literals (strings, numbers, True/False/None) may appear in lists")
+    raise InputError(f"predicate {_shown(text)}: only literals (strings, numbers, True/False/None) may appear in lists")
 
 
 class _Evaluator:
@@ -71,7 +72,7 @@ class _Evaluator:
 
     def fail(self, what: str) -> InputError:
         return InputError(
-            f"predicate {self.text!r}: {what}. Use column comparisons such as \"cell_type == 'Norn cell'\", "
+            f"predicate {_shown(self.text)}: {what}. Use column comparisons such as \"cell_type == 'Norn cell'\", "
             "\"disease in ['CKD', 'normal']\", combined with and / or / not"
         )
 
@@ -92,7 +93,8 @@ class _Evaluator:
             column = self.names.get(node.id, node.id)
             if column not in self.frame.columns:
                 raise InputError(
-                    f"predicate {self.text!r}: unknown column {column!r}; the cells have: {', '.join(map(str, self.frame.columns))}"
+                    f"predicate {_shown(self.text)}: unknown column {escaped(column)}; the cells have: "
+                    f"{escaped_list(self.frame.columns, 40)}"
                 )
             return self.frame[column]
         if isinstance(node, ast.Constant):

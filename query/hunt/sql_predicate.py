@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from scatlas.atlas.errors import InputError
+from scatlas.atlas.validate import escaped_list
 from scatlas.index import failure_reason, validate_predicate
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,20 @@ def sql_table(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def _refuse_ambiguous(frame: pd.DataFrame, read: tuple[str, ...], what: str) -> None:
+    """InputError when a column the predicate reads has twins in ``frame`` differing only in case: SQL names are
+    case-insensitive, so the predicate cannot say which it means (the table keeps the first, :func:`sql_table`)."""
+    names = [str(c) for c in frame.columns]
+    for column in read:
+        twins = [n for n in names if n.lower() == column.lower()]
+        if len(twins) > 1:
+            raise InputError(
+                f"the {what} reads a column that the cells have under {len(twins)} names differing only in case "
+                f"({escaped_list(twins, 5)}), which SQL does not tell apart: rename one (adata.obs.rename(columns="
+                "...)) and run again"
+            )
+
+
 def _plain(series: pd.Series) -> pd.Series:
     if isinstance(series.dtype, pd.CategoricalDtype):
         series = series.astype(object).where(series.notna(), None)
@@ -83,6 +98,7 @@ def evaluate_sql_predicate(frame: pd.DataFrame, predicate: str, *, what: str = "
         con.register("cells", table)
         types = {str(r[0]): str(r[1]) for r in con.execute("DESCRIBE cells").fetchall() if r[0] != ROW_COLUMN}
         checked = validate_predicate(predicate, types, what=what)
+        _refuse_ambiguous(frame, checked.columns, what)
         try:
             rows = con.execute(checked.negated_sql if negate else checked.sql).fetchnumpy()[ROW_COLUMN]
         except duckdb.Error as exc:
