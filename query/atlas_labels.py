@@ -13,6 +13,7 @@ import pandas as pd
 
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.ontology_levels import curated_subclasses
+from scatlas.atlas.validate import escaped
 from scatlas.index import AtlasIndex, LabelClasses, LabelHead
 from scatlas.query.fallback import Ontology
 from scatlas.query.vote import UNKNOWN, balance_weights
@@ -152,6 +153,11 @@ def deciding_heads(
     return {key: heads[key] for key in keys if key in heads}
 
 
+MAX_LABEL_CLASSES = 5_000
+"""A label key with more distinct values among the atlas cells is refused: every query cell gets a probability per
+class (CELLxGENE's cell types number in the hundreds; an id column, one per cell, would take gigabytes)."""
+
+
 def atlas_labels(
     idx: AtlasIndex, keys: list[str], where: str | None, far_quantile: float | None, class_balance: float,
     predictor: str, max_votes_per_dataset: int | None,
@@ -169,6 +175,13 @@ def atlas_labels(
     classes = {key: idx.label_classes(key) for key in keys}
     counts = {key: _class_counts(idx, key, classes[key], selected_ids) for key in keys}
     categories = {key: pd.Index(c.index, dtype=object) for key, c in counts.items()}
+    for key, cats in categories.items():
+        if len(cats) > MAX_LABEL_CLASSES:
+            raise InputError(
+                f"the atlas cells hold {len(cats):,} distinct {escaped(key)} values, over the {MAX_LABEL_CLASSES:,} a "
+                "label transfer takes: that column names cells or samples, not types (its class probabilities alone "
+                f"would take {4 * len(cats):,} bytes per query cell); transfer a label column such as cell_type"
+            )
     class_weights = {key: balance_weights(c.to_numpy(), float(class_balance)) for key, c in counts.items()}
     for key, cats in categories.items():
         if UNKNOWN in set(cats):

@@ -166,3 +166,15 @@ def test_a_forced_low_overlap_query_that_maps_well_is_warned(caplog: pytest.LogC
         module._warn_blind_mapping(cells(0.2), MappingVerdict("maps_well", 0.9))
         module._warn_blind_mapping(cells(0.09), MappingVerdict("maps_poorly", 0.5))
         assert not caplog.records
+
+
+def test_a_label_key_of_ids_is_refused(small, tmp_path, monkeypatch):
+    """Each query cell gets a probability per class: an id column (one value per atlas cell) would take gigabytes."""
+    import scatlas.query.atlas_labels as atlas_labels
+
+    monkeypatch.setattr(atlas_labels, "MAX_LABEL_CLASSES", 500)
+    result = _cli("annotate", str(small["small"]), "--index", str(small["index"]), "--label-key", "obs_id",
+                  "--out", str(tmp_path / "a.h5ad"))
+    assert result.exit_code != 0 and result.output.startswith("Error: ")
+    assert "distinct 'obs_id' values, over the 500 a label transfer takes" in result.output
+    assert not (tmp_path / "a.h5ad").exists()
