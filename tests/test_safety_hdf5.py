@@ -1,4 +1,4 @@
-"""Untrusted .h5ad files that name other files as the source of their contents (external links, external raw
+"""Untrusted .h5ad files (and SOMA experiments) that name other files as the source of their contents (external links, external raw
 storage, virtual datasets) or declare data they do not store: refused before anything is read, by ingest, annotate
 and the server's upload check alike, with a message that names no other file's contents."""
 
@@ -114,3 +114,28 @@ def test_the_server_refuses_tables_over_its_budget(files, monkeypatch):
     monkeypatch.setattr(uploads, "MAX_TABLE_BYTES", 1000)
     with pytest.raises(InputError, match="obs and var tables hold .* GiB once read"):
         check_h5ad(files["plain"], files["plain"].stat().st_size, name="plain.h5ad")
+
+
+def test_a_soma_experiment_whose_member_lies_elsewhere_is_refused(tmp_path):
+    """The TileDB twin of an external link: an experiment whose obs member names another experiment's obs."""
+    import os
+    import shutil
+
+    import tiledbsoma
+    import tiledbsoma.io
+
+    from scatlas.atlas import ingest
+
+    victim, evil = str(tmp_path / "victim"), str(tmp_path / "evil")
+    ad = make_adata(60, 40, seed=3)
+    tiledbsoma.io.from_anndata(evil, ad, measurement_name="RNA")
+    ad.obs["cell_type"] = ad.obs["cell_type"].astype(str) + " SECRET"
+    tiledbsoma.io.from_anndata(victim, ad, measurement_name="RNA")
+    with tiledbsoma.Experiment.open(evil, "w") as e:
+        del e["obs"]
+    with tiledbsoma.Experiment.open(evil, "w") as e, tiledbsoma.DataFrame.open(os.path.abspath(victim + "/obs")) as o:
+        e.set("obs", o, use_relative_uri=False)
+    shutil.rmtree(evil + "/obs")
+    with pytest.raises(InputError, match="its member 'obs' lies outside the experiment"):
+        ingest([evil], tmp_path / "atlas", progress=False)
+    assert ingest([victim], tmp_path / "atlas2", progress=False).datasets  # a plain experiment is read

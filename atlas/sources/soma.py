@@ -43,6 +43,36 @@ def is_soma_experiment(uri: str) -> bool:
         return False
 
 
+def _inside(root: str, member: str) -> bool:
+    """Whether the member URI ``member`` lies under the experiment URI ``root`` (local paths resolved, symlinks
+    included; other schemes compared as text)."""
+    from pathlib import Path
+    from urllib.parse import unquote, urlparse
+
+    def local(uri: str) -> Path | None:
+        parsed = urlparse(uri)
+        if parsed.scheme in ("", "file"):
+            return Path(unquote(parsed.path) if parsed.scheme else uri).resolve()
+        return None
+
+    r, m = local(root), local(member)
+    if r is not None or m is not None:
+        return r is not None and m is not None and m.is_relative_to(r)
+    return member.startswith(root.rstrip("/") + "/")
+
+
+def check_members_inside(uri: str, members: dict[str, Any]) -> None:
+    """InputError when any of the experiment's ``members`` (name -> object: what a read opens: obs, the measurement,
+    var, X and its layer, obsm arrays) lies outside the experiment at ``uri``: a SOMA group's members are URIs, and
+    one naming another experiment or a remote store would read data the user did not give."""
+    for name, obj in members.items():
+        if not _inside(uri, str(obj.uri)):
+            raise InputError(
+                f"{uri}: its member {escaped(name)} lies outside the experiment (its URI names another location): scatlas reads only experiments that hold their own "
+                "arrays; copy the experiment with its members inside it"
+            )
+
+
 DEFAULT_X_LAYER = "raw"
 """The X layer read when none is named and the experiment has several (the Census layout's raw counts)."""
 
@@ -140,6 +170,7 @@ class SomaExperimentSource:
         if key not in self.obsm_keys():
             raise InputError(f"{self.uri}: no obsm[{key!r}]; available: {self.obsm_keys() or 'none'}")
         arr = self._exp.ms[self.measurement]["obsm"][key]
+        check_members_inside(self.uri, {f"ms/{self.measurement}/obsm/{key}": arr})
         ids = self._joinids[np.asarray(rows, dtype=np.int64)]
         dim = int(arr.shape[1])
         out = np.full((len(ids), dim), np.nan, dtype=np.float32)
@@ -173,6 +204,9 @@ def open_soma_experiment(
         if measurement not in exp.ms:
             raise InputError(f"{uri}: no measurement {measurement!r}; has: {[escaped(m) for m in exp.ms]}")
         chosen = choose_x_layer([str(k) for k in exp.ms[measurement].X], layer, uri)
+        ms = exp.ms[measurement]
+        check_members_inside(uri, {"obs": exp.obs, f"ms/{measurement}": ms, f"ms/{measurement}/var": ms.var,
+                                   f"ms/{measurement}/X": ms.X, f"ms/{measurement}/X/{chosen}": ms.X[chosen]})
         obs = exp.obs.read(value_filter=value_filter).concat().to_pandas()
     if len(obs) == 0:
         raise InputError(f"{uri}: no cells{' match ' + value_filter if value_filter else ''}")
