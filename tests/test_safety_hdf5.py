@@ -1,6 +1,7 @@
-"""Untrusted .h5ad files (and SOMA experiments) that name other files as the source of their contents (external links, external raw
-storage, virtual datasets) or declare data they do not store: refused before anything is read, by ingest, annotate
-and the server's upload check alike, with a message that names no other file's contents."""
+"""Untrusted .h5ad files that name other files as the source of their contents (external links, external raw
+storage, virtual datasets) or declare data they do not store, and SOMA experiments whose members lie elsewhere:
+refused before anything is read, by ingest, annotate and the server's upload check alike, with a message that
+names no other file's contents."""
 
 from __future__ import annotations
 
