@@ -69,6 +69,7 @@ class LabelHead:
     record: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # heads.json's training config (C values, caps)
     directory: Path | None = None  # the heads directory it was loaded from (training sample, per-key rows)
+    files_identity: tuple[Any, ...] | None = None  # heads_files_identity(directory) when it was loaded
 
     @property
     def needs_gene_features(self) -> bool:
@@ -197,7 +198,7 @@ def refit_for_genes(
         out[key] = LabelHead(
             key=key, classes=head.classes, models=models,
             record={**head.record, "refit_for_genes": int(present.sum())}, config=head.config,
-            directory=head.directory,
+            directory=head.directory, files_identity=head.files_identity,
         )
     return out
 
@@ -259,9 +260,10 @@ def load_label_heads(
             f"index uses {embedder_fingerprint}; retrain them"
         )
     heads: dict[str, LabelHead] = {}
+    identity = heads_files_identity(path.parent)
     for key, entry in dict(meta.get("heads") or {}).items():
         try:
-            heads[key] = _load_head(path.parent, key, entry, dict(meta.get("config") or {}))
+            heads[key] = _load_head(path.parent, key, entry, dict(meta.get("config") or {}), identity)
         except (*NPZ_ERRORS, AttributeError) as exc:
             raise IndexFormatError(f"the label head {key!r} in {path.parent} is unreadable ({exc}); {hint}") from exc
     return heads
@@ -280,7 +282,9 @@ def _read_heads_json(path: Path, hint: str) -> dict[str, Any]:
     return read_json_object(path, hint)
 
 
-def _load_head(directory: Path, key: str, entry: dict[str, Any], config: dict[str, Any]) -> LabelHead:
+def _load_head(
+    directory: Path, key: str, entry: dict[str, Any], config: dict[str, Any], identity: tuple[Any, ...]
+) -> LabelHead:
     """One label column's heads from its ``.npz`` (raises what a damaged file or entry raises)."""
     with np.load(directory / entry["file"], allow_pickle=False) as npz:
         models = {
@@ -288,5 +292,6 @@ def _load_head(directory: Path, key: str, entry: dict[str, Any], config: dict[st
             for f in entry["features"]
         }
     return LabelHead(
-        key=key, classes=list(entry["classes"]), models=models, record=entry, config=config, directory=directory
+        key=key, classes=list(entry["classes"]), models=models, record=entry, config=config, directory=directory,
+        files_identity=identity,
     )

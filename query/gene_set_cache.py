@@ -43,10 +43,13 @@ def key_of(kind: str, idx: AtlasIndex, heads: dict[str, LabelHead], present: np.
     cannot be identified (then nothing is cached)."""
     files = []
     for key in heads:  # in order: the expression match reads the first head with gene features
-        directory = heads[key].directory
-        if directory is None:
+        directory, loaded = heads[key].directory, heads[key].files_identity
+        if directory is None or loaded is None:
             return None
-        files.append((key, str(Path(directory).resolve()), heads_files_identity(directory)))
+        if heads_files_identity(directory) != loaded:  # retrained since they were loaded: nothing to key them by
+            logger.warning("the %r label heads were retrained since the index was opened: reopen it to use them", key)
+            return None
+        files.append((key, str(Path(directory).resolve()), loaded))
     genes = None
     if present is not None:
         mask = np.asarray(present, dtype=bool)

@@ -202,3 +202,10 @@ def test_a_second_query_with_the_same_genes_reuses_the_refit_and_the_calibration
         third = annotate(path, idx, label_keys=[KEY], progress=False)
     assert len(reads) == 2 and third.report["params"]["heads_refit_for_query_genes"]["reused"] is False
     assert third.report["mapping"]["expression"] == first.report["mapping"]["expression"]
+    # the index opened before the change holds the old heads: nothing it computes is cached under the new files'
+    # identity; an index opened since caches again
+    with AtlasIndex.open(world["index"]) as idx:
+        fourth = annotate(path, idx, label_keys=[KEY], progress=False)
+        fifth = annotate(path, idx, label_keys=[KEY], progress=False)
+    assert len(reads) == 3 and fourth.report["params"]["heads_refit_for_query_genes"]["reused"] is False
+    assert fifth.report["params"]["heads_refit_for_query_genes"]["reused"] is True
