@@ -104,3 +104,16 @@ def test_positives_without_expression_and_copies_of_one_cell_are_left_out(world,
     assert cells["n_without_expression"] == {"positives": 3, "negatives": 0}
     assert cells["n_repeated_positives"] == 4  # the copies and the original cell's own repeat: one of five kept
     assert clf.counts["positives_from_cells"] == len(rare) - 3 - 0
+
+
+def test_a_labelled_positive_that_is_an_atlas_positive_counts_once(world, tmp_path):
+    """--cells of an ingested dataset with --positive-sql: its positives are atlas positives too; two copies of a
+    cell in two folds would score each other."""
+    adata = anndata.read_h5ad(world["files"][0])
+    n_rare = int((adata.obs["cell_type"] == RARE).sum())
+    clf = train(world["index"], adata, positive=f"cell_type = '{RARE}'", positive_sql=f"cell_type = '{RARE}'",
+                background=300, progress=False, two_stage=False)
+    assert clf.counts["atlas_positive_copies_dropped"] == n_rare
+    assert clf.counts["positives_from_cells"] + clf.counts["positives_from_atlas"] == clf.counts[
+        "atlas_cells_matching_sql"]  # datasets 0 and 1: each rare cell once
+    assert len(clf.training_ids) == clf.counts["atlas_cells_matching_sql"]  # the copies are still training cells

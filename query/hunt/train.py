@@ -552,8 +552,18 @@ class _TrainingSet:
             logger.info("using %d of the %d atlas cells matching the SQL predicate (max_positives)", max_positives,
                         len(ids))
             ids = sample_sorted(ids, max_positives, seed)
-        if len(ids):
-            self.positives.append(idx.vectors(ids))
+        vectors = idx.vectors(ids) if len(ids) else np.zeros((0, self.dim), np.float32)
+        labelled = self.labelled_positives
+        if labelled is not None and len(labelled) and len(ids):
+            # a labelled positive that is an atlas cell matching the predicate would count twice (and sit in two
+            # folds, scoring itself): its atlas copy is left out (it stays a training cell: training_ids finds it)
+            copy = _duplicates(vectors, labelled)
+            if copy.any():
+                logger.info("%d atlas positives are copies of labelled positives: each counts once", int(copy.sum()))
+                vectors, ids = vectors[~copy], ids[~copy]
+            self.counts["atlas_positive_copies_dropped"] = int(copy.sum())
+        if len(vectors):
+            self.positives.append(vectors)
         self.atlas_positive_ids = ids
         self.counts["positives_from_atlas"] = len(ids)
 
