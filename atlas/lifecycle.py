@@ -339,9 +339,9 @@ def _term_counts(con: duckdb.DuckDBPyConnection, dataset_id: str, col: Relabelle
     return {str(label): (int(n_with), int(n_missing)) for label, n_with, n_missing in rows}
 
 
-def _term_value(column: str) -> str:
-    """SQL for a term column's value, NULL when empty or blank."""
-    return f"NULLIF(trim(CAST({quote_ident(column)} AS VARCHAR)), '')"
+def _term_value(column: str, table: str = "") -> str:
+    """SQL for a term column's value, NULL when empty or blank (``table``: a qualifier, e.g. ``cells.``)."""
+    return f"NULLIF(trim(CAST({table}{quote_ident(column)} AS VARCHAR)), '')"
 
 
 @contextmanager
@@ -364,7 +364,7 @@ def _terms_to_fill(con: duckdb.DuckDBPyConnection, dataset_id: str, label: str, 
     ``relabel_terms`` and their term is empty)."""
     row = con.execute(
         f"SELECT count(*) FROM cells JOIN relabel_terms AS m ON CAST(cells.{quote_ident(label)} AS VARCHAR) = m.label "
-        f"WHERE cells.dataset_id = ? AND coalesce(CAST(cells.{quote_ident(term)} AS VARCHAR), '') = ''", [dataset_id]
+        f"WHERE cells.dataset_id = ? AND {_term_value(term, 'cells.')} IS NULL", [dataset_id]
     ).fetchone()
     return int(row[0]) if row else 0
 
@@ -402,7 +402,7 @@ def _fill_terms(path: Path, dataset_id: str, key: str, terms: Mapping[str, str])
                 con.execute(
                     f"UPDATE cells SET {quote_ident(term)} = m.term FROM relabel_terms AS m WHERE cells.dataset_id = ? "
                     f"AND CAST(cells.{quote_ident(label)} AS VARCHAR) = m.label "
-                    f"AND coalesce(CAST(cells.{quote_ident(term)} AS VARCHAR), '') = ''", [dataset_id])
+                    f"AND {_term_value(term, 'cells.')} IS NULL", [dataset_id])
             col.ontology = _terms_report(con, dataset_id, col, terms, had)
             col.values = _value_counts(con, label, "dataset_id = ?", [dataset_id], TOP_TARGET_VALUES)
         except duckdb.Error as exc:

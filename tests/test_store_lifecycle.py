@@ -365,3 +365,22 @@ def test_relabel_with_an_ontology_map_alone_fills_the_labels_terms(tmp_path: Pat
                    "--ontology-label-key", "nope")
     assert missing.exit_code != 0 and "has no column 'nope'" in missing.output
     assert verify_store(atlas, progress=False).ok
+
+
+def test_relabel_fills_blank_terms(tmp_path: Path, h5ad_factory: Callable[..., Path]) -> None:
+    """A term of only spaces is missing (the report counts it so): the fill writes it."""
+    def blank(adata: anndata.AnnData) -> anndata.AnnData:
+        adata.obs["cell_type_ontology_term_id"] = " "
+        return adata
+
+    atlas = tmp_path / "atlas"
+    ingest([h5ad_factory("blank", blank, seed=3, n_cells=40, n_genes=30, cell_types=("B lymph", "T lymph"))], atlas,
+           progress=False)
+    table = tmp_path / "terms.csv"
+    table.write_text(f"label,ontology_term_id\nB lymph,{B_CELL}\n")
+    res = _run("relabel", "--atlas", str(atlas), "--dataset", "blank", "--ontology-map", str(table))
+    assert res.exit_code == 0, res.output
+    n_b = _rows(atlas, "SELECT count(*) FROM cells WHERE cell_type = 'B lymph'")[0][0]
+    assert f"1 mapped by the map, 0 partly, 1 not mapped; {n_b} cells filled" in res.output
+    got = dict(_rows(atlas, "SELECT cell_type, any_value(cell_type_ontology_term_id) FROM cells GROUP BY cell_type"))
+    assert got == {"B lymph": B_CELL, "T lymph": " "}
