@@ -44,6 +44,21 @@ def escaped_list(names: Iterable[object], limit: int = 30) -> str:
     return text + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
+def beside(columns: Iterable[str], taken: Iterable[str], prefix: str = "atlas_") -> dict[str, str]:
+    """Output names for ``columns`` (the atlas cell table's) written beside a command's own ``taken`` columns: each
+    keeps its name unless it equals one of them, or another output name, ignoring case (tables and SQL tell names
+    apart without case), in which case ``prefix`` is put before it until it is free."""
+    used = {str(t).casefold() for t in taken}
+    out: dict[str, str] = {}
+    for column in columns:
+        name = str(column)
+        while name.casefold() in used:
+            name = prefix + name
+        used.add(name.casefold())
+        out[str(column)] = name
+    return out
+
+
 def check_name(name: object, what: str) -> str:
     """``name`` as a string when it is usable as a column or dataset name; InputError otherwise.
 

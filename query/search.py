@@ -32,6 +32,7 @@ from scatlas.atlas.errors import InputError
 from scatlas.atlas.genes import MIN_GENE_OVERLAP
 from scatlas.atlas.outputs import check_distinct, check_output_file
 from scatlas.atlas.sql import quote_ident
+from scatlas.atlas.validate import beside, escaped_list
 from scatlas.index import DEFAULT_K, AtlasIndex, Progress, ReferenceMap, l2_normalize, progress_bar
 from scatlas.query.annotate_report import index_summary, query_summary
 from scatlas.query.hunt.enrichment import MISSING, all_missing, enrichment_table
@@ -213,7 +214,12 @@ def _hits_frame(idx: AtlasIndex, obs_names: pd.Index, rows: np.ndarray, ids: np.
         "query_cell": query_cell, "rank": rank.astype(np.int16), "soma_joinid": hit_ids.astype(np.int64),
         "similarity": scores[valid].astype(np.float32), "query_row": query_rows.astype(np.int64),
     })
-    return pd.concat([head, taken[[c for c in taken.columns if c not in head.columns]]], axis=1)
+    names = beside(taken.columns, head.columns)
+    clashes = sorted(c for c, n in names.items() if n != c)
+    if clashes:
+        logger.warning("atlas column(s) %s are written as %s beside the search's own", escaped_list(clashes),
+                       escaped_list(names[c] for c in clashes))
+    return pd.concat([head, taken.rename(columns=names)], axis=1)
 
 
 def _group_counts(con: Any, column: str, hit_ids: np.ndarray, universe: np.ndarray | None) -> pd.DataFrame:

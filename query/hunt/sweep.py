@@ -40,6 +40,7 @@ from scatlas.atlas.atomic import write_json_atomic
 from scatlas.atlas.errors import EmbedderMismatchError, InputError
 from scatlas.atlas.outputs import SWEEP, OutputError, check_output_dir, claim_output_dir, show, writing
 from scatlas.atlas.sql import quote_ident
+from scatlas.atlas.validate import beside, escaped_list
 from scatlas.index import (
     AtlasIndex,
     Executor,
@@ -312,7 +313,12 @@ def _write_hits(
             con.register("_hunt_hits", hits)
             cols = [r[0] for r in con.execute("DESCRIBE cells").fetchall()]
             own = list(columns)
-            extra = ", ".join(f"c.{quote_ident(c)}" for c in cols if c not in own)
+            names = beside([c for c in cols if c != "soma_joinid"], own)
+            clashes = sorted(c for c, n in names.items() if n != c)
+            if clashes:
+                logger.warning("atlas column(s) %s are written as %s beside the sweep's own", escaped_list(clashes),
+                               escaped_list(names[c] for c in clashes))
+            extra = ", ".join(f"c.{quote_ident(c)} AS {quote_ident(n)}" for c, n in names.items())
             select = ", ".join(f"h.{quote_ident(c)}" for c in own) + (f", {extra}" if extra else "")
             rel = con.sql(f"SELECT {select} FROM _hunt_hits h LEFT JOIN cells c ON h.soma_joinid = c.soma_joinid "
                           "ORDER BY h.score DESC, h.soma_joinid")
