@@ -44,7 +44,7 @@ from scatlas.index.verify import (
     read_bytes_total,
     verify_on_read_limit,
 )
-from scatlas.index.versions import resolve_index_dir
+from scatlas.index.versions import current_version, enclosing_index, resolve_index_dir
 
 if TYPE_CHECKING:
     from scatlas.atlas.chunks import CellChunk
@@ -186,6 +186,11 @@ class AtlasIndex:
         """
         faiss = faiss_module()
 
+        root = enclosing_index(path)
+        if root is not None:
+            logger.warning("%s is version %d of the index at %s, opened as it is: the index's current version is %d "
+                           "(open %s for it)", path, int(Path(path).resolve().name), root, current_version(root)[0],
+                           root)
         path = resolve_index_dir(Path(path))  # the current version (index.versions)
         if not unfinished_ok:
             check_finished(path)

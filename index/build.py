@@ -58,6 +58,7 @@ from scatlas.index.source import ShardSpec, VectorSource
 from scatlas.index.unfinished import BUILDING_FILE
 from scatlas.index.vectors import as_stored
 from scatlas.index.verify import small_file_records
+from scatlas.index.versions import refuse_version_dir
 
 if TYPE_CHECKING:
     from scatlas.atlas.embed.base import Embedder
@@ -118,6 +119,7 @@ def _prepare_dir(out: Path, overwrite: bool, inputs: Iterable[str | Path | None]
     """Create ``out``, or accept it empty or holding an index (its entries removed first with ``overwrite``, all but
     the lock file a build holds: :mod:`index.locking`); refuse anything else, and an ``out`` that is, holds or lies
     inside one of ``inputs`` (:class:`~atlas.outputs.OutputError`)."""
+    refuse_version_dir(out)
     check_output_dir(out, INDEX, inputs=inputs, replace=overwrite)
     with writing(out):
         old = [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []

@@ -42,7 +42,7 @@ from scatlas.index.progress import Progress
 from scatlas.index.refmap import ensure_reference_map
 from scatlas.index.source import ShardSpec, plan_over_ranges
 from scatlas.index.unfinished import mark_finished, mark_unfinished, unfinished_step
-from scatlas.index.versions import current_version
+from scatlas.index.versions import current_version, refuse_version_dir
 
 if TYPE_CHECKING:
     from scatlas.atlas.embed.base import Embedder
@@ -276,6 +276,7 @@ def build_index(
     )
     options = dict(embedder_options or {})
     identity = {"embedder": embedder, "fit_sample": fit_sample, "embedder_options": options}
+    refuse_version_dir(out)
     check_output_dir(out, INDEX, inputs=(atlas,), replace=overwrite)  # before anything is created
     created = missing_dirs(out)
     with index_lock(out):  # one writer at a time: an --overwrite must not delete an index being built or updated

@@ -71,6 +71,7 @@ from scatlas.index.versions import (
     current_version,
     link_file,
     link_tree,
+    refuse_version_dir,
     remove_superseded,
     version_dirname,
 )
@@ -109,6 +110,7 @@ def _check_index(root: Path) -> None:
     """Raise :class:`IndexFormatError` unless ``root`` is a directory (an index to update)."""
     if not root.is_dir():
         raise IndexFormatError(f"no index at {root}: build one with `scatlas build --atlas ATLAS --index DIR` first")
+    refuse_version_dir(root)
 
 
 def _snapshot_digest(snapshot: dict[str, Any]) -> str:

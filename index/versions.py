@@ -57,6 +57,26 @@ def current_version(root: str | Path) -> tuple[int, Path]:
     return version, target
 
 
+def enclosing_index(path: str | Path) -> Path | None:
+    """The root of the index whose version directory ``path`` is (``ROOT/versions/NNNN``), or None."""
+    p = Path(path).resolve()
+    if p.parent.name == VERSIONS_DIR and re.fullmatch(r"\d{4,9}", p.name) and (p.parent.parent / "build.json").is_file():
+        return p.parent.parent
+    return None
+
+
+def refuse_version_dir(path: str | Path) -> None:
+    """IndexFormatError when ``path`` is a version directory of an index: a build or an update there would nest
+    versions inside a version that the index's next update deletes."""
+    root = enclosing_index(path)
+    if root is not None:
+        raise IndexFormatError(
+            f"{path} is version {int(Path(path).resolve().name)} of the index at {root}, kept by it for its readers, "
+            f"not an index of its own: pass --index {root} (its current version is used), or build into a new "
+            "directory"
+        )
+
+
 def resolve_index_dir(root: str | Path) -> Path:
     """The directory holding the current version of the index at ``root`` (``root`` itself before any update)."""
     return current_version(root)[1]

@@ -193,6 +193,13 @@ def test_update_cli_and_fixed_arguments(store_ab):
     text = run("info", str(index))
     assert "updated      1 time(s), last " in text  # the update's time apart from the first build's
     assert "(the index; its label heads are the last update's)" in text
+    # a version directory is the index's, not an index: no build or update into it (the next update deletes it)
+    version_dir = index / "versions" / "0002"
+    for args in (["build", "--update", "--atlas", str(atlas), "--index", str(version_dir)],
+                 ["build", "--atlas", str(atlas), "--index", str(version_dir), "--overwrite"]):
+        out = run(*args, "--no-progress", ok=False)
+        assert f"is version 2 of the index at {index}" in out and f"pass --index {index}" in out, out
+    assert not (version_dir / "versions").exists() and current_version(index)[0] == 2
 
 
 def test_interrupted_update_resumes(store_ab, monkeypatch):
