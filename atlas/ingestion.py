@@ -660,6 +660,44 @@ def _prepared_chunks(plan: DatasetPlan, obs_start: int, keep_cols: np.ndarray, c
         done += len(pos)
 
 
+COPY_SHARE = 0.9
+"""A new dataset whose cell names are at least this share of a stored dataset's own (both ways) is warned about as
+a copy of it."""
+
+
+def _warn_copies(current: AtlasStore, plans: list[DatasetPlan]) -> None:
+    """Warn where a new dataset holds (nearly) the cells of a stored one, by cell name (not AnnData's default names
+    0, 1, ...): the same file ingested again under another id counts every cell twice in searches, votes and
+    calibrations."""
+    import pyarrow as pa
+
+    sizes = {d.dataset_id: d.n_cells for d in current.datasets}
+    if not sizes:
+        return
+    con = current.connect()
+    try:
+        for plan in plans:
+            obs = getattr(plan.source, "obs", None)
+            if obs is None or not len(plan.rows):
+                continue
+            names = np.unique(np.asarray(obs.index[plan.rows]).astype(str))
+            if all(n.isdigit() for n in names[:1000]):  # AnnData's default names (0, 1, ...): no evidence of a copy
+                continue
+            con.register("_new_names", pa.table({"obs_id": pa.array(names, pa.string())}))
+            rows = con.execute("SELECT dataset_id, count(*) FROM cells JOIN _new_names USING (obs_id) "
+                               "GROUP BY dataset_id").fetchall()
+            con.unregister("_new_names")
+            for dataset_id, n in rows:
+                if dataset_id in sizes and n >= COPY_SHARE * max(len(names), sizes[dataset_id]):
+                    logger.warning(
+                        "dataset %s has %d of its %d cell names in common with stored dataset %s (%d cells): the "
+                        "same cells ingested again? Each copy counts in searches, votes and calibrations; remove one "
+                        "with `scatlas remove --atlas ATLAS --dataset ID` if so", escaped(plan.dataset_id, 60), n,
+                        len(names), escaped(dataset_id, 60), sizes[dataset_id])
+    finally:
+        con.close()
+
+
 def _write_dataset(
     writer: StoreWriter, con: duckdb.DuckDBPyConnection, vocab: GeneVocabulary, plan: DatasetPlan, chunk_size: int,
     progress: bool, read_ahead_chunks: int = 0,
@@ -822,6 +860,8 @@ def ingest(
                         "another store"
                     )
             check_species(plans, current.genes if current is not None else None, allow_species_mismatch)
+            if current is not None:
+                _warn_copies(current, plans)
         finally:
             if current is not None:
                 current.close()

@@ -454,3 +454,15 @@ def test_real_datasets_ingest(tmp_path, shared_raw):
     np.testing.assert_array_equal(got, kang.X[:200].toarray())
     state = json.loads((atlas / "store.json").read_text())
     assert len(state["datasets"]) == 5
+
+
+def test_the_same_cells_ingested_again_under_another_id_are_warned_about(tmp_path, h5ad_factory, caplog):
+    """The refusal of a repeated dataset id says to use --dataset-id: with it the same file went in twice, silently."""
+    first = h5ad_factory("kang", seed=1)
+    ingest([first], tmp_path / "atlas", progress=False)
+    with caplog.at_level("WARNING"):
+        ingest([h5ad_factory("other", seed=2, prefix="o")], tmp_path / "atlas", progress=False)
+    assert "cell names in common" not in caplog.text  # another dataset's cells: no warning
+    with caplog.at_level("WARNING"):
+        ingest([first], tmp_path / "atlas", dataset_id="kang_again", progress=False)
+    assert "dataset 'kang_again' has 120 of its 120 cell names in common with stored dataset 'kang'" in caplog.text
