@@ -698,6 +698,28 @@ def _warn_copies(current: AtlasStore, plans: list[DatasetPlan]) -> None:
         con.close()
 
 
+MIN_KNOWN_GENES = 0.5
+"""A new dataset of which fewer of its genes are already in a store that holds genes is warned about."""
+
+
+def _warn_foreign_genes(current: AtlasStore, plans: list[DatasetPlan]) -> None:
+    """Warn where a new dataset shares under :data:`MIN_KNOWN_GENES` of its genes with the store (genes named
+    another way, e.g. Ensembl ids against a store of symbols without them): an index of the store embeds its cells
+    from the few shared genes."""
+    vocab = current.genes
+    if not np.count_nonzero(vocab.keys):
+        return
+    for plan in plans:
+        stats = plan_genes(plan.source.genes, vocab, current.state.var_high_water).report
+        named = stats["n_genes"] - stats["n_unnamed_dropped"]
+        if named and stats["n_existing"] < MIN_KNOWN_GENES * named:
+            logger.warning(
+                "dataset %s shares %d of its %d genes with the store: are they named another way (Ensembl ids against "
+                "symbols, another species' or a reference's own ids)? An index embeds its cells from the shared genes "
+                "only; give the file gene names the store uses (a var column of symbols or Ensembl ids)",
+                escaped(plan.dataset_id, 60), stats["n_existing"], named)
+
+
 def _write_dataset(
     writer: StoreWriter, con: duckdb.DuckDBPyConnection, vocab: GeneVocabulary, plan: DatasetPlan, chunk_size: int,
     progress: bool, read_ahead_chunks: int = 0,
@@ -862,6 +884,7 @@ def ingest(
             check_species(plans, current.genes if current is not None else None, allow_species_mismatch)
             if current is not None:
                 _warn_copies(current, plans)
+                _warn_foreign_genes(current, plans)
         finally:
             if current is not None:
                 current.close()

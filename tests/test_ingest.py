@@ -466,3 +466,15 @@ def test_the_same_cells_ingested_again_under_another_id_are_warned_about(tmp_pat
     with caplog.at_level("WARNING"):
         ingest([first], tmp_path / "atlas", dataset_id="kang_again", progress=False)
     assert "dataset 'kang_again' has 120 of its 120 cell names in common with stored dataset 'kang'" in caplog.text
+
+
+def test_a_dataset_sharing_few_genes_with_the_store_is_warned_about(tmp_path, h5ad_factory, caplog):
+    ingest([h5ad_factory("a", seed=1)], tmp_path / "atlas", progress=False)
+    with caplog.at_level("WARNING"):
+        ingest([h5ad_factory("b", seed=2, prefix="b")], tmp_path / "atlas", progress=False)
+    assert "genes with the store" not in caplog.text
+    foreign = make_adata(80, 60, seed=3, prefix="f", gene_offset=10_000)  # ids and symbols the store lacks
+    foreign.write_h5ad(tmp_path / "foreign.h5ad")
+    with caplog.at_level("WARNING"):
+        ingest([tmp_path / "foreign.h5ad"], tmp_path / "atlas", progress=False)
+    assert "dataset 'foreign' shares 0 of its 60 genes with the store" in caplog.text
