@@ -171,7 +171,9 @@ class RelabelledColumn:
     the name ingest stored it under), how many cells changed value, the most frequent values of ``target``
     afterwards (``(value, cells)``; None for missing), and what happened to its Cell Ontology term column:
     ``terms`` is ``"cleared"``, ``"refilled"`` (from the ontology map; ``ontology`` says how, see
-    :meth:`atlas.ontology_map.OntologyFill.report`) or None (no term column)."""
+    :meth:`atlas.ontology_map.OntologyFill.report`) or None (no term column). ``kept_as`` / ``kept_terms_as``: the
+    columns that keep the values (and terms) ``target`` held before (``TARGET_revN``, N the revision they were
+    written at), None when it held none."""
 
     source: str
     stored_source: str
@@ -182,6 +184,8 @@ class RelabelledColumn:
     term_column: str | None = None
     terms: str | None = None
     ontology: dict[str, Any] | None = None
+    kept_as: str | None = None
+    kept_terms_as: str | None = None
 
 
 @dataclass
@@ -264,6 +268,52 @@ def _relabel_changes_nothing(con: duckdb.DuckDBPyConnection, dataset_id: str, co
     checks += [f"count({quote_ident(c.term_column)})" for c in columns if c.term_column]
     row = con.execute(f"SELECT {', '.join(checks)} FROM cells WHERE dataset_id = ?", [dataset_id]).fetchone()
     return row is not None and not any(row)
+
+
+def _name_kept_columns(con: duckdb.DuckDBPyConnection, dataset_id: str, columns: list[RelabelledColumn],
+                       types: dict[str, str], revision: int) -> None:
+    """Name the columns that will keep what each target (and its term column) holds for the dataset before the
+    relabel replaces it: ``TARGET_revN`` (N: the obs revision those values belong to; a suffix where the name is
+    taken), none where the dataset holds no value there. Nothing a relabel replaces is lost: ``--obs-map
+    TARGET_revN=TARGET`` puts it back."""
+    taken = {n.casefold() for n in types}
+    held = con.execute(
+        "SELECT " + ", ".join(f"count({quote_ident(c)})" for col in columns for c in (col.target, col.term_column)
+                              if c) + " FROM cells WHERE dataset_id = ?", [dataset_id]).fetchone() or ()
+    counts = iter(held)
+    for col in columns:
+        names = []
+        for column in (col.target, col.term_column):
+            if not column:
+                names.append(None)
+                continue
+            if not next(counts):
+                names.append(None)
+                continue
+            base = f"{col.target}_rev{revision}"
+            name = base if column == col.target else term_column(base)
+            k = 2
+            while name.casefold() in taken:
+                name = (f"{base}_{k}" if column == col.target else term_column(f"{base}_{k}"))
+                k += 1
+            taken.add(name.casefold())
+            names.append(check_name(name, "relabel's column of the replaced values"))
+        col.kept_as, col.kept_terms_as = names
+
+
+def _keep_replaced(con: duckdb.DuckDBPyConnection, dataset_id: str, columns: list[RelabelledColumn],
+                   types: dict[str, str]) -> None:
+    """Copy what the targets (and their term columns) hold for the dataset into the columns named by
+    :func:`_name_kept_columns`, created (with the source column's type) where the table lacks them."""
+    for col in columns:
+        for source, kept in ((col.target, col.kept_as), (col.term_column, col.kept_terms_as)):
+            if not source or not kept:
+                continue
+            if kept.casefold() not in {n.casefold() for n in types}:
+                con.execute(f"ALTER TABLE cells ADD COLUMN {quote_ident(kept)} {types[source]}")
+                types[kept] = types[source]
+            con.execute(f"UPDATE cells SET {quote_ident(kept)} = {quote_ident(source)} WHERE dataset_id = ?",
+                        [dataset_id])
 
 
 def _apply_relabel(con: duckdb.DuckDBPyConnection, dataset_id: str, columns: list[RelabelledColumn],
@@ -463,11 +513,15 @@ def relabel_dataset(
                 logger.info("%s: relabelling dataset %s changes no cell: the store is left as it is", path,
                             escaped(dataset_id))
             else:
+                _name_kept_columns(con, dataset_id, columns, types, record.obs_revision)
                 record.obs_revision += 1
                 record.obs_columns += [c.target for c in columns
                                        if c.target not in STANDARD_OBS_COLUMNS and c.target not in record.obs_columns]
+                record.obs_columns += [k for c in columns for k in (c.kept_as, c.kept_terms_as)
+                                       if k is not None and k not in record.obs_columns]
                 write_json_atomic(path / STATE_FILE, writer.state.to_json())  # the commit point of the new revision
                 with transaction(con):
+                    _keep_replaced(con, dataset_id, columns, types)
                     _apply_relabel(con, dataset_id, columns, types, terms)
             report = RelabelReport(atlas=str(path), dataset_id=dataset_id, n_cells=record.n_cells,
                                    obs_revision=record.obs_revision, columns=columns)

@@ -92,9 +92,10 @@ def relabel(atlas_dir: Path, dataset_id: str, obs_map: tuple[str, ...], ontology
 
     Mends a forgotten `ingest --obs-map` without re-ingesting: each SOURCE=TARGET copies a column the store kept
     (an obs column under its original name) onto a column of the store (not soma_joinid, dataset_id, obs_id or
-    is_primary_data). With --ontology-map alone it mends a forgotten `ingest --ontology-map`. The dataset's obs
-    revision is bumped, so an index built before sees the change (`scatlas build --update` gives it the new
-    labels).
+    is_primary_data). The values (and terms) a TARGET held are kept in a column TARGET_revN (N: the revision they
+    belonged to): `--obs-map TARGET_revN=TARGET` puts them back. With --ontology-map alone it mends a forgotten
+    `ingest --ontology-map`. The dataset's obs revision is bumped, so an index built before sees the change
+    (`scatlas build --update` gives it the new labels).
     """
     from scatlas.atlas.lifecycle import relabel_dataset
 
@@ -106,6 +107,12 @@ def relabel(atlas_dir: Path, dataset_id: str, obs_map: tuple[str, ...], ontology
         if col.terms != "filled":
             _echo(f"  {col.source} -> {col.target}: {col.n_changed:,} cells changed; values{more}: "
                   f"{_values(col.values)}")
+        if col.kept_as:
+            kept = f"{col.kept_as}" + (f" (their terms: {col.kept_terms_as})" if col.kept_terms_as else "")
+            _echo(f"  the values {col.target} held are kept in {kept}; to put them back: --obs-map "
+                  f"{col.kept_as}={col.target}")
+        elif col.kept_terms_as:
+            _echo(f"  the terms {col.term_column} held are kept in {col.kept_terms_as}")
         if col.terms == "cleared":
             _echo(f"  {col.term_column}: cleared for this dataset (the terms described the old labels; give "
                   "--ontology-map to refill them)")

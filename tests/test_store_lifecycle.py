@@ -182,16 +182,22 @@ def forgot(tmp_path: Path, h5ad_factory: Callable[..., Path]) -> Path:
 def test_relabel_mends_a_forgotten_obs_map_and_clears_the_stale_terms(forgot: Path, tmp_path: Path) -> None:
     src = anndata.read_h5ad(tmp_path / "fx.h5ad")
     assert _rows(forgot, "SELECT count(cell_type) FROM cells WHERE dataset_id = 'fx'") == [(0,)]
-    ok_before = _rows(forgot, "SELECT * FROM cells WHERE dataset_id = 'ok' ORDER BY soma_joinid")
+    columns = ", ".join(f'"{c}"' for (c,) in _rows(forgot, "SELECT column_name FROM (DESCRIBE cells)"))
+    ok_before = _rows(forgot, f"SELECT {columns} FROM cells WHERE dataset_id = 'ok' ORDER BY soma_joinid")
+    stale = _rows(forgot, "SELECT cell_type_ontology_term_id FROM cells WHERE dataset_id = 'fx' ORDER BY soma_joinid")
     res = _run("relabel", "--atlas", str(forgot), "--dataset", "fx", "--obs-map", "celltype=cell_type")
     assert res.exit_code == 0, res.output
     assert "fx: 60 cells, obs revision 1" in res.output and "celltype -> cell_type: 60 cells changed" in res.output
     assert "cell_type_ontology_term_id: cleared for this dataset" in res.output
+    # nothing is lost: the empty labels need no keeping, the stale terms are kept beside
+    assert "the terms cell_type_ontology_term_id held are kept in cell_type_rev0_ontology_term_id" in res.output
+    assert _rows(forgot, "SELECT cell_type_rev0_ontology_term_id FROM cells WHERE dataset_id = 'fx' "
+                         "ORDER BY soma_joinid") == stale
     labels = _rows(forgot, "SELECT cell_type, cell_type_ontology_term_id FROM cells WHERE dataset_id = 'fx' "
                            "ORDER BY soma_joinid")
     assert [lab for lab, _ in labels] == list(src.obs["celltype"].astype(str))
     assert {term for _, term in labels} == {None}
-    assert _rows(forgot, "SELECT * FROM cells WHERE dataset_id = 'ok' ORDER BY soma_joinid") == ok_before
+    assert _rows(forgot, f"SELECT {columns} FROM cells WHERE dataset_id = 'ok' ORDER BY soma_joinid") == ok_before
     records = {d["dataset_id"]: d for d in _state(forgot)["datasets"]}
     assert (records["fx"]["obs_revision"], records["ok"]["obs_revision"]) == (1, 0)
     snap = {d["dataset_id"]: d for d in AtlasStore.open(forgot).snapshot()["datasets"]}
@@ -207,7 +213,7 @@ def test_relabel_mends_a_forgotten_obs_map_and_clears_the_stale_terms(forgot: Pa
     assert "not mapped: 'MONOCYTE'" in res.output
     pairs = set(_rows(forgot, "SELECT cell_type, cell_type_ontology_term_id FROM cells WHERE dataset_id = 'fx'"))
     assert pairs == {("B CELL", B_CELL), ("T CELL", T_CELL), ("MONOCYTE", None)}
-    assert _rows(forgot, "SELECT * FROM cells WHERE dataset_id = 'ok' ORDER BY soma_joinid") == ok_before
+    assert _rows(forgot, f"SELECT {columns} FROM cells WHERE dataset_id = 'ok' ORDER BY soma_joinid") == ok_before
 
 
 def test_a_relabel_that_changes_nothing_leaves_the_store_and_its_revision_alone(forgot: Path) -> None:
@@ -384,3 +390,24 @@ def test_relabel_fills_blank_terms(tmp_path: Path, h5ad_factory: Callable[..., P
     assert f"1 mapped by the map, 0 partly, 1 not mapped; {n_b} cells filled" in res.output
     got = dict(_rows(atlas, "SELECT cell_type, any_value(cell_type_ontology_term_id) FROM cells GROUP BY cell_type"))
     assert got == {"B lymph": B_CELL, "T lymph": " "}
+
+
+def test_relabel_keeps_the_values_it_replaces_and_puts_them_back(forgot: Path, tmp_path: Path) -> None:
+    """A relabel over labels (or a typo: --obs-map sample=cell_type) lost them; they are kept, and one more relabel
+    puts them back."""
+    before = _rows(forgot, "SELECT cell_type, cell_type_ontology_term_id FROM cells WHERE dataset_id = 'ok' "
+                           "ORDER BY soma_joinid")
+    assert {t for _, t in before} != {None}
+    res = _run("relabel", "--atlas", str(forgot), "--dataset", "ok", "--obs-map", "donor_id=cell_type")
+    assert res.exit_code == 0, res.output
+    assert ("the values cell_type held are kept in cell_type_rev0 (their terms: cell_type_rev0_ontology_term_id); "
+            "to put them back: --obs-map cell_type_rev0=cell_type") in res.output
+    assert _rows(forgot, "SELECT cell_type_rev0, cell_type_rev0_ontology_term_id FROM cells WHERE dataset_id = 'ok' "
+                         "ORDER BY soma_joinid") == before
+    back = _run("relabel", "--atlas", str(forgot), "--dataset", "ok", "--obs-map", "cell_type_rev0=cell_type",
+                "--obs-map", "cell_type_rev0_ontology_term_id=cell_type_ontology_term_id")
+    assert back.exit_code == 0, back.output
+    assert "kept in cell_type_rev1" in back.output  # the donor ids it replaced, kept in turn
+    assert _rows(forgot, "SELECT cell_type, cell_type_ontology_term_id FROM cells WHERE dataset_id = 'ok' "
+                         "ORDER BY soma_joinid") == before
+    assert verify_store(forgot, progress=False).ok
