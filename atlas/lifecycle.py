@@ -282,7 +282,7 @@ def _name_kept_columns(con: duckdb.DuckDBPyConnection, dataset_id: str, columns:
                               if c) + " FROM cells WHERE dataset_id = ?", [dataset_id]).fetchone() or ()
     counts = iter(held)
     for col in columns:
-        names = []
+        names: list[str | None] = []
         for column in (col.target, col.term_column):
             if not column:
                 names.append(None)
