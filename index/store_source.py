@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,7 +15,7 @@ import numpy as np
 
 from scatlas.atlas.atomic import read_json_object
 from scatlas.atlas.errors import InputError, TooFewCellsError
-from scatlas.atlas.outputs import INDEX, check_output_dir, missing_dirs, remove_created
+from scatlas.atlas.outputs import INDEX, check_output_dir, missing_dirs, remove_created, writing
 from scatlas.atlas.sql import quote_ident
 from scatlas.index.build import (
     DEFAULT_CHUNK_SIZE,
@@ -280,9 +282,34 @@ def build_index(
     check_output_dir(out, INDEX, inputs=(atlas,), replace=overwrite)  # before anything is created
     created = missing_dirs(out)
     with index_lock(out):  # one writer at a time: an --overwrite must not delete an index being built or updated
+        if overwrite and (out / MANIFEST_FILE).is_file() and not out.is_symlink():
+            # a usable index is replaced only once its successor is complete: built beside it, then swapped in
+            staging = out.with_name(f".{out.name}.rebuild")
+            check_output_dir(staging, INDEX, inputs=(atlas,), replace=True)  # an interrupted one's: started anew
+            staged = missing_dirs(staging)
+            _prepare_dir(staging, True, inputs=(atlas,))
+            manifest = _build_locked(store, staging, embedder, config, options, identity, staged, executor,
+                                     label_keys, heads_options, progress, reference_map)
+            _swap_in(staging, out)
+            return manifest
         _prepare_dir(out, overwrite, inputs=(atlas,))
         return _build_locked(store, out, embedder, config, options, identity, created, executor, label_keys,
                              heads_options, progress, reference_map)
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Put the complete index built at ``staging`` in the place of the one at ``out`` (two renames: ``out`` is
+    missing for an instant, never half-written), then delete the old one."""
+    old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+    with writing(out):
+        os.rename(out, old)
+        try:
+            os.rename(staging, out)
+        except OSError:
+            os.rename(old, out)  # the old index stays where it was; the new one stays at staging
+            raise
+    logger.info("overwrite: the index at %s was replaced by the one built at %s", out, staging)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _build_locked(store: Any, out: Path, embedder: str, config: BuildConfig, options: dict[str, Any],

@@ -129,3 +129,27 @@ def test_an_unfinished_build_of_a_changed_atlas_is_sent_to_overwrite_not_update(
     (tmp_path / "manifest.json").write_text("{}")
     finished = str(different_build_error(tmp_path, old, new))
     assert "--update" in finished
+
+
+def test_an_interrupted_overwrite_leaves_the_old_index_working(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`build --overwrite` removed the index before building its successor: killed midway, no index was left."""
+    atlas, index = _store(tmp_path, "A", 1), tmp_path / "index"
+    build_index(atlas, index, **BUILD)
+    with AtlasIndex.open(index) as idx:
+        old_id, probe = idx.build_id, idx.vectors(idx.sample_ids(3))
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(store_source, "calibrate_mapping", stop)
+        with pytest.raises(KeyboardInterrupt):
+            build_index(atlas, index, **{**BUILD, "seed": 1}, overwrite=True)
+    with AtlasIndex.open(index) as idx:  # the old index, whole
+        assert idx.build_id == old_id and idx.search(probe, k=3).ids.shape == (3, 3)
+    assert verify_index(index, progress=False).ok
+    build_index(atlas, index, **{**BUILD, "seed": 1}, overwrite=True)  # run again: replaced once complete
+    with AtlasIndex.open(index) as idx:
+        assert idx.build_id != old_id
+    assert verify_index(index, progress=False).ok
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".index")) == []  # nothing left beside
