@@ -136,7 +136,7 @@ def test_health_and_the_token(server: dict[str, Any], world: dict[str, Path]) ->
     info = c.get("/api/index", headers=AUTH)
     assert info.status_code == 200
     cli_info = json.loads(cli_run("info", str(world["index"]), "--json").output)
-    assert info.json() == cli_info  # what `scatlas info --json` says
+    assert info.json() == {**cli_info, "path": world["index"].name}  # `scatlas info --json`, the path's name only
     overview = c.get("/api/overview", headers=AUTH).json()
     assert overview["has_map"] and overview["label_column"] == "cell_type"
     assert set(overview["labels_by_dataset"]) == {d["dataset_id"] for d in cli_info["datasets"]}
@@ -267,9 +267,19 @@ def test_job_messages_and_reports_speak_of_the_upload_and_the_api(server: dict[s
     state = submit(c, "/api/annotate", world["small"])
     report = c.get(f"/api/jobs/{state['job']}/report.json", headers=AUTH).json()
     assert report["query"]["source"] == "small.h5ad"
+    assert report["index"]["path"] == world["index"].name  # the name, not the server's path
     state = submit(c, "/api/search", world["small"], {"k": "5"})
     report = c.get(f"/api/jobs/{state['job']}/report.json", headers=AUTH).json()
     assert report["query"]["source"] == "small.h5ad"
+    assert str(world["index"]) not in json.dumps(report)
+    # what the CLI prints as WARNING lines reaches the client: one label under where= is confident by construction
+    from scatlas.index import AtlasIndex
+
+    with AtlasIndex.open(world["index"]) as idx, idx.cursor() as con:
+        label = con.execute("SELECT cell_type FROM cells WHERE cell_type IS NOT NULL LIMIT 1").fetchone()[0]
+    state = submit(c, "/api/annotate", world["small"], {"where": f"cell_type = '{label}'"})
+    assert state["status"] == "done", state
+    assert any("confidence 1 by construction" in w for w in state["result"]["warnings"]), state["result"]
     empty = tmp_path / "nocells.h5ad"
     anndata.read_h5ad(world["small"])[:0].copy().write_h5ad(empty)
     state = submit(c, "/api/annotate", empty)
@@ -531,8 +541,29 @@ def test_an_update_on_disk_after_the_start_is_said(world: dict[str, Path], tmp_p
     app = create_app(index, token=TOKEN, work_dir=tmp_path / "work", workers=1)
     with running(app) as url, httpx.Client(base_url=url, timeout=60) as c:
         assert "newer_on_disk" not in c.get("/api/index", headers=AUTH).json()
+        manifest = json.loads((index / "manifest.json").read_text())
         (index / "versions" / "0002").mkdir(parents=True)  # as an update commits version 2
+        (index / "versions" / "0002" / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
         (index / "current.json").write_text(json.dumps({"version": 2, "dir": "versions/0002"}))
         note = c.get("/api/index", headers=AUTH).json()["newer_on_disk"]
         assert "version 2" in note and "serves version 1" in note and "restart" in note
         assert note in c.get("/api/overview", headers=AUTH).json()["warnings"]
+        # build --overwrite: version 1 again, another build (the server compared version numbers only)
+        (index / "current.json").unlink()
+        (index / "manifest.json").write_text(json.dumps({**manifest, "created_again": True}))  # another build id
+        note = c.get("/api/index", headers=AUTH).json()["newer_on_disk"]
+        assert "rebuilt after the server started" in note and "restart" in note
+        assert c.get("/api/index", headers=AUTH).json()["path"] == "index"  # the name, not the server's path
+
+
+def test_a_search_of_too_many_hit_rows_is_refused(server: dict[str, Any], world: dict[str, Path],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Uploaded cells x k bounds the hits held in memory and written; the upload cap does not."""
+    import scatlas.server.app as app_module
+
+    monkeypatch.setattr(app_module, "MAX_HIT_ROWS", 100)
+    r = upload(server["client"], "/api/search", world["small"], {"k": "5"})  # 40 cells x 5 = 200 rows
+    assert r.status_code == 400 and "40 cells x k=5 would make 200 hit rows, over the 100" in r.json()["error"]
+    r = upload(server["client"], "/api/search", world["small"], {"k": "2"})
+    assert r.status_code == 202, r.text
+    wait(server["client"], r.json()["job"])

@@ -45,6 +45,7 @@ from scatlas.server.shared import SharedIndex
 from scatlas.server.tasks import (
     FILES,
     QUERY_FILE,
+    SearchParams,
     parse_annotate,
     parse_hunt,
     parse_search,
@@ -60,6 +61,9 @@ DEFAULT_MAX_UPLOAD_MB = 2048.0
 DEFAULT_WORKERS = 2
 DEFAULT_RETENTION_S = 24 * 3600.0
 DEFAULT_MAX_PENDING = 32
+MAX_HIT_ROWS = 2_000_000
+"""A search job may make at most this many hit rows (uploaded cells x k; about 200 MB of CSV): the hits are held in
+memory and written whole, and the upload cap does not bound them."""
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MIN_TOKEN_CHARS = 16
 STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
@@ -195,6 +199,7 @@ def create_app(
         raise
     state = ServerState(shared, jobs, token, int(max_upload_mb * 2**20), wdir, own, workers, retention_s)
     state.info = json.loads(json.dumps(shared.info, default=str))
+    state.info["path"] = Path(state.info.get("path") or index_dir).name  # clients see the name, not the server's path
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -404,7 +409,15 @@ async def _submit(state: ServerState, request: Request, kind: str, parse: Callab
 
         def check() -> tuple[int, Any]:
             cells = check_h5ad(dest, size, name=job.upload_name if filename else None)
-            return cells, parse(fields, state.shared.view(), dest)
+            params = parse(fields, state.shared.view(), dest)
+            searched = params.selected if isinstance(params, SearchParams) and params.selected else cells
+            if isinstance(params, SearchParams) and params.mode == "cells" and searched * params.k > MAX_HIT_ROWS:
+                raise InputError(
+                    f"{searched:,} cells x k={params.k} would make {searched * params.k:,} hit rows, over the "
+                    f"{MAX_HIT_ROWS:,} this server writes for one search: lower k, send fewer cells (or select them "
+                    "with cells_where), or search on the command line (scatlas search)"
+                )
+            return cells, params
 
         cells, params = await run_in_threadpool(check)
     except InputError as exc:

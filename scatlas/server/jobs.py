@@ -142,6 +142,26 @@ def prepare_work_dir(path: Path) -> None:
     write_json_atomic(path / WORK_MARKER, {"kind": "scatlas serve work directory"})
 
 
+MAX_WARNINGS = 20
+"""A job's result lists at most this many warnings."""
+
+
+class _ThreadWarnings(logging.Handler):
+    """The WARNING (and worse) records scatlas logs from the thread that made this handler: a job's own warnings,
+    the lines the CLI prints, none of another job's running beside it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread and len(self.messages) < MAX_WARNINGS:
+            message = record.getMessage()[:1000]
+            if message not in self.messages:
+                self.messages.append(message)
+
+
 class JobManager:
     """Runs jobs on ``workers`` threads; at most ``max_pending`` queued or running at once (:class:`QueueFull`
     beyond); removes a finished job (its directory and its record) ``retention_s`` seconds after it finished."""
@@ -201,6 +221,9 @@ class JobManager:
         t0 = time.perf_counter()
         result: dict[str, Any] | None = None
         error: str | None = None
+        collected = _ThreadWarnings()
+        scatlas_logger = logging.getLogger("scatlas")
+        scatlas_logger.addHandler(collected)
         try:
             result = work(job)
         except ScatlasError as exc:
@@ -209,6 +232,12 @@ class JobManager:
         except Exception:
             logger.exception("job %s (%s) failed with an internal error", job.id, job.kind)
             error = INTERNAL_ERROR
+        finally:
+            scatlas_logger.removeHandler(collected)
+        if result is not None and collected.messages:  # what the CLI prints as WARNING lines, for the client too
+            said = list(result.get("warnings") or [])
+            said += [m for m in (self.public_text(job, m) for m in collected.messages) if m not in said]
+            result["warnings"] = said[:MAX_WARNINGS]
         with contextlib.suppress(OSError):
             (job.directory / "query.h5ad").unlink(missing_ok=True)  # the outputs hold what is needed of it
         if error is None and job.cells:

@@ -58,19 +58,25 @@ class SharedIndex:
             raise
 
     def newer_on_disk(self) -> str | None:
-        """A note when ``build --update`` committed a newer version of the index than the one served (this process
-        keeps serving the version it opened, whole), or None."""
+        """A note when the index on disk is no longer the build this process serves (it keeps serving the one it
+        opened, whole): ``build --update`` committed a newer version, or ``build --overwrite`` replaced it; or
+        None."""
+        from scatlas.index.manifest import manifest_digest
         from scatlas.index.versions import current_version
 
         try:
-            on_disk = current_version(self.path)[0]
-        except ScatlasError:
+            on_disk, directory = current_version(self.path)
+            build_id = manifest_digest(directory)
+        except (ScatlasError, OSError):
             return None
         served = self.info.get("version") or 1
-        if on_disk <= served:
+        if build_id == self.index.build_id:
             return None
-        return (f"the index on disk is at version {on_disk}, this server serves version {served} (it was updated "
-                "after the server started): restart the server to serve the update")
+        if on_disk > served:
+            return (f"the index on disk is at version {on_disk}, this server serves version {served} (it was updated "
+                    "after the server started): restart the server to serve the update")
+        return ("the index on disk was rebuilt after the server started (build --overwrite): this server still serves "
+                "the build it opened; restart it to serve the new one")
 
     def warm(self) -> list[str]:
         """Load everything the jobs read (embedder, label heads and classes, reference map, every shard, the cells

@@ -91,6 +91,7 @@ class SearchParams:
     mode: str
     where: str | None
     cells_where: str | None
+    selected: int | None = None  # the upload's cells cells_where selects (None: all)
 
 
 @dataclass
@@ -124,11 +125,13 @@ def parse_search(fields: dict[str, list[str]], view: AtlasIndex, query: Path) ->
         raise InputError(f"mode must be 'cells' or 'centroid' (got {mode[:40]!r})")
     where, cells_where = _text(fields, "where"), _text(fields, "cells_where")
     _where(view, where)
+    selected = None
     if cells_where is not None:
         mask = evaluate_sql_predicate(read_obs(query), cells_where, what="cells_where predicate")
         if not mask.any():
             raise InputError(f"the cells_where predicate {cells_where[:200]!r} matches none of the uploaded cells")
-    return SearchParams(k, mode, where, cells_where)
+        selected = int(mask.sum())
+    return SearchParams(k, mode, where, cells_where, selected)
 
 
 def parse_hunt(fields: dict[str, list[str]], view: AtlasIndex, query: Path) -> HuntParams:
@@ -181,6 +184,7 @@ def run_annotate(job: Job, view: AtlasIndex, p: AnnotateParams, expected_s: floa
     job.stage("writing", 0.9, 0.99, 1.0 + expected_s / 10)
     d = job.directory
     result.report["query"]["source"] = job.upload_name  # not the server's path
+    _hide_index_path(result.report, view)
     result.write(d / "annotated.h5ad", report_json=d / "report.json",
                  map_png=d / "umap.png" if result.placement is not None else None)
     predictions = result.predictions.copy()
@@ -211,6 +215,12 @@ def run_annotate(job: Job, view: AtlasIndex, p: AnnotateParams, expected_s: floa
     }
 
 
+def _hide_index_path(report: dict[str, Any], view: AtlasIndex) -> None:
+    """The report names the index by its directory's name: clients need not learn the server's paths."""
+    if isinstance(report.get("index"), dict) and "path" in report["index"]:
+        report["index"]["path"] = view.path.name
+
+
 def run_search(job: Job, view: AtlasIndex, p: SearchParams, expected_s: float) -> dict[str, Any]:
     """``scatlas search`` on the upload: hits.csv, enrichment.csv, report.json and, with a map, umap.png."""
     from scatlas.query.search import search_cells, write_search
@@ -222,6 +232,7 @@ def run_search(job: Job, view: AtlasIndex, p: SearchParams, expected_s: float) -
     job.stage("writing", 0.9, 0.99, 1.0 + expected_s / 10)
     d = job.directory
     result.report["query"]["source"] = job.upload_name  # not the server's path
+    _hide_index_path(result.report, view)
     has_map = bool(result.report.get("map", {}).get("available"))
     write_search(result, view, d / "hits.csv", enrichment_out=d / "enrichment.csv", report_out=d / "report.json",
                  map_png=d / "umap.png" if has_map else None, inputs=(d / QUERY_FILE,))
