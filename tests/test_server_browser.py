@@ -6,6 +6,7 @@ kept under pytest's tmp dir and, when SCATLAS_SCREENSHOT_DIR is set, there too."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -49,12 +50,18 @@ def browser_paths() -> tuple[str, str]:
 def served(planted_world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory,
            browser_paths: tuple[str, str]) -> Iterator[dict[str, Any]]:
     """`scatlas serve` as a subprocess on a free port of 127.0.0.1, serving the planted world (conftest.py)."""
-    world = planted_world
+    with serving(planted_world["index"], tmp_path_factory.mktemp("serve_log") / "serve.log") as url:
+        yield {"url": url, "world": planted_world}
+
+
+@contextlib.contextmanager
+def serving(index: Path, log: Path) -> Iterator[str]:
+    """`scatlas serve --index INDEX` as a subprocess on a free port of 127.0.0.1 (its output in ``log``); yields its
+    URL; no traceback may be logged."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve_log") / "serve.log"
     env = {**os.environ, "SCATLAS_TOKEN": TOKEN}
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "scatlas", "serve", "--index", str(world["index"]), "--port",
+        proc = subprocess.Popen([sys.executable, "-m", "scatlas", "serve", "--index", str(index), "--port",
                                  str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -68,7 +75,7 @@ def served(planted_world: dict[str, Path], tmp_path_factory: pytest.TempPathFact
                 pass
             assert time.monotonic() < deadline, f"scatlas serve did not answer: {log.read_text()[-3000:]}"
             time.sleep(0.3)
-        yield {"url": url, "world": world, "log": log}
+        yield url
     finally:
         proc.terminate()
         try:
@@ -174,3 +181,23 @@ def test_annotate_a_query_in_the_page(served: dict[str, Any], driver: Any, tmp_p
     predictions = pd.read_csv(saved)
     assert predictions.columns[0] == "cell" and len(predictions) == n
     assert predictions["cell"].astype(str).tolist() == anndata.read_h5ad(query, backed="r").obs_names.tolist()
+
+
+def test_the_page_says_when_a_newer_build_is_on_disk(planted_world: dict[str, Path], browser_paths: tuple[str, str],
+                                                     driver: Any, tmp_path: Path) -> None:
+    """docs/server.md: until a restart, the page warns that the index on disk is newer than the one served."""
+    import json
+
+    from selenium.webdriver.common.by import By
+
+    index = tmp_path / "index"
+    shutil.copytree(planted_world["index"], index)
+    with serving(index, tmp_path / "serve.log") as url:
+        manifest = json.loads((index / "manifest.json").read_text())
+        (index / "manifest.json").write_text(json.dumps({**manifest, "rebuilt": True}))  # as build --overwrite
+        driver.get(url + "/")
+        _wait(lambda: driver.find_element(By.ID, "token-input").is_displayed(), 30, "the token form")
+        driver.find_element(By.ID, "token-input").send_keys(TOKEN)
+        driver.find_element(By.CSS_SELECTOR, "#token-form button").click()
+        _wait(lambda: "rebuilt after the server started" in driver.find_element(By.ID, "overview-warnings").text,
+              60, "the warning of a newer build on disk")

@@ -128,6 +128,21 @@
       $("#atlas-map").src = await blobUrl("/api/map.png");
       $("#atlas-map-figure").hidden = false;
     }
+    showWarnings(overview.warnings);
+    if (!warningTimer) warningTimer = setInterval(refreshWarnings, 60000);
+  }
+
+  // the server's warnings (an index it could not load in part, a newer build on disk): shown, and checked again
+  let warningTimer = null;
+  function showWarnings(warnings) {
+    $("#overview-warnings").replaceChildren(...(warnings || []).map((w) => el("p", { class: "warning" }, w)));
+  }
+  async function refreshWarnings() {
+    try {
+      showWarnings((await (await api("/api/overview")).json()).warnings);
+    } catch (err) {
+      /* a failed check leaves the last warnings shown; the next one tries again */
+    }
   }
 
   // -- tabs ----------------------------------------------------------------------------------------------------
