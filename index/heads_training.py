@@ -136,7 +136,7 @@ def sample_training_cells(
     try:
         n_labels = con.execute(f"SELECT count(DISTINCT label) FROM ({labelled})").fetchall()[0][0]
         if not n_labels:
-            raise InputError(f"no atlas cell has a {key!r} label: there is nothing to train a label head on")
+            raise NoLabelsError(f"no atlas cell has a {key!r} label: there is nothing to train a label head on")
         per_label = min(int(config.max_cells_per_label), max(1, int(config.max_cells) // int(n_labels)))
         sql = f"""
             WITH ranked AS (
@@ -205,6 +205,10 @@ def _read_training_data(
         logger.info("label heads: reading %d sampled atlas cells for %s", len(all_ids), ", ".join(config.label_keys))
         vecs, genes = _features(store, index, all_ids, want_genes, progress)
         return vecs, genes, samples, all_ids, index.manifest.embedder.fingerprint
+
+
+class NoLabelsError(InputError):
+    """No atlas cell holds a value of a label column heads were asked for."""
 
 
 def train_label_heads(

@@ -39,7 +39,7 @@ from scatlas.index.drift import (
 from scatlas.index.embedding import obs_columns, obsm_keys, reads_x
 from scatlas.index.evaluate import calibrate, sample_cells, tune_and_measure
 from scatlas.index.executor import Executor
-from scatlas.index.heads_training import train_label_heads
+from scatlas.index.heads_training import NoLabelsError, train_label_heads
 from scatlas.index.label_classes import LabelClasses, ensure_label_classes, load_label_classes
 from scatlas.index.locking import index_lock
 from scatlas.index.manifest import (
@@ -357,7 +357,15 @@ def _refresh_after_build(cur: Path, target: Path, store: Any, seed: int, progres
     warnings = _renamed_classes(before, ensure_label_classes(target, _class_keys(target, keys)))
     if config and keys:
         options = {k: config[k] for k in ("max_cells_per_label", "max_cells", "c_genes", "c_embedding") if k in config}
-        train_label_heads(store, target, keys, seed=int(config.get("seed", seed)), progress=progress, **options)
+        try:
+            train_label_heads(store, target, keys, seed=int(config.get("seed", seed)), progress=progress, **options)
+        except NoLabelsError as exc:
+            raise NoLabelsError(
+                f"{exc}. The index has label heads for {', '.join(map(repr, keys))}, which an update retrains, but "
+                "the atlas no longer holds such labels (their datasets were removed?): re-ingest labelled data, or "
+                "rebuild the index without heads (`scatlas build --atlas ATLAS --index INDEX --overwrite "
+                "--no-label-heads`); annotate then votes by neighbours"
+            ) from None
     if (cur / MAPPING_FILE).exists() and not (target / MAPPING_FILE).exists():
         try:
             calibrate_mapping(target, seed=seed, progress=progress)

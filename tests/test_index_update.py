@@ -386,3 +386,21 @@ def test_update_warns_when_added_cells_rename_a_class(tmp_path, caplog):
     assert any("renamed by this update" in r.getMessage() for r in caplog.records)
     with AtlasIndex.open(tmp_path / "index") as idx:
         assert "B cells" in idx.label_classes("cell_type").classes
+
+
+def test_an_update_left_without_labels_says_how_out(tmp_path):
+    """Every labelled dataset removed: the heads cannot be retrained; the message names the ways out."""
+    from scatlas.atlas.lifecycle import remove_datasets
+
+    a = _write(tmp_path, "A", 1)
+    bare = make_adata(n_cells=250, n_genes=80, seed=2, prefix="B_")
+    bare.obs = bare.obs.drop(columns=["cell_type"])
+    bare.write_h5ad(tmp_path / "B.h5ad")
+    ingest([a, tmp_path / "B.h5ad"], tmp_path / "atlas", progress=False)
+    build_index(tmp_path / "atlas", tmp_path / "index", **BUILD)
+    remove_datasets(tmp_path / "atlas", ["A"])
+    out = run("build", "--update", "--atlas", str(tmp_path / "atlas"), "--index", str(tmp_path / "index"),
+              "--no-progress", ok=False)
+    assert "no atlas cell has a 'cell_type' label" in out and "re-ingest labelled data" in out
+    assert "--overwrite --no-label-heads" in out
+    assert current_version(tmp_path / "index")[0] == 1  # nothing committed
