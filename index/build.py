@@ -55,7 +55,7 @@ from scatlas.index.progress import progress_bar
 from scatlas.index.searcher import ShardSearcher
 from scatlas.index.shard import clean_tmp, file_record, read_done, verify_shard, write_shard
 from scatlas.index.source import ShardSpec, VectorSource
-from scatlas.index.unfinished import BUILDING_FILE
+from scatlas.index.unfinished import BUILDING_FILE, unfinished_step
 from scatlas.index.vectors import as_stored
 from scatlas.index.verify import small_file_records
 from scatlas.index.versions import refuse_version_dir
@@ -167,7 +167,8 @@ def different_build_error(out: Path, old: dict[str, Any], new: dict[str, Any]) -
     ``old`` and ``new``): what changed, in words, and what to do."""
     changes = identity_changes(old, new)
     only_data = set(k for k in set(old) | set(new) if old.get(k) != new.get(k)) == {"source"}
-    if only_data and not (out / MANIFEST_FILE).is_file():  # an unfinished build: there is no index to update yet
+    unfinished = not (out / MANIFEST_FILE).is_file() or unfinished_step(out) is not None
+    if only_data and unfinished:  # an unfinished build (shards and all, or not): there is no index to update yet
         return InputError(
             f"{out} holds an unfinished build of the atlas as it was before it changed ({'; '.join(changes)}): it "
             "cannot be resumed or updated. Pass --overwrite to build it from scratch."

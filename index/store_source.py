@@ -333,7 +333,8 @@ def _build_locked(store: Any, out: Path, embedder: str, config: BuildConfig, opt
         if not finished_before:
             mark_unfinished(out, what)
 
-    step("embedding the cells into shards")
+    if unfinished_step(out) is None:  # an unfinished build keeps its record until this one is known to resume it
+        step("embedding the cells into shards")
     manifest = build_from_source(
         StoreVectorSource(store, emb),
         out,

@@ -129,6 +129,28 @@ def test_an_unfinished_build_of_a_changed_atlas_is_sent_to_overwrite_not_update(
     (tmp_path / "manifest.json").write_text("{}")
     finished = str(different_build_error(tmp_path, old, new))
     assert "--update" in finished
+    (tmp_path / BUILDING_FILE).write_text('{"step": "storing label classes"}')  # its shards done, not the rest
+    after_shards = str(different_build_error(tmp_path, old, new))  # verify said rerun, build --update, update rerun
+    assert "--overwrite" in after_shards and "--update" not in after_shards
+
+
+def test_a_refused_rerun_leaves_an_unfinished_build_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    atlas, index = _store(tmp_path, "A", 1), tmp_path / "index"
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(store_source, "train_label_heads", stop)
+        with pytest.raises(KeyboardInterrupt):
+            build_index(atlas, index, **BUILD)
+    record = (index / BUILDING_FILE).read_bytes()
+    path = tmp_path / "more.h5ad"
+    make_adata(n_cells=100, n_genes=80, seed=5, prefix="more_").write_h5ad(path)
+    ingest([path], atlas, progress=False)
+    with pytest.raises(InputError, match="unfinished build .* cannot be resumed or updated. Pass --overwrite"):
+        build_index(atlas, index, **BUILD)
+    assert (index / BUILDING_FILE).read_bytes() == record
 
 
 def test_an_interrupted_overwrite_leaves_the_old_index_working(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
