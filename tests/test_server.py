@@ -567,3 +567,26 @@ def test_a_search_of_too_many_hit_rows_is_refused(server: dict[str, Any], world:
     r = upload(server["client"], "/api/search", world["small"], {"k": "2"})
     assert r.status_code == 202, r.text
     wait(server["client"], r.json()["job"])
+
+
+def test_queued_jobs_dropped_at_shutdown_leave_no_upload(tmp_path: Path) -> None:
+    """docs/server.md: an upload is deleted when its job ends; a job that never ran ends at shutdown."""
+    from scatlas.server.jobs import JobManager
+
+    manager = JobManager(tmp_path / "work", workers=1)
+    (tmp_path / "work" / "jobs").mkdir(parents=True, exist_ok=True)
+    started, release = threading.Event(), threading.Event()
+
+    def blocking(job: Any) -> dict[str, Any]:
+        started.set()
+        release.wait(30)
+        return {}
+
+    running, queued = manager.new_job("annotate"), manager.new_job("annotate")
+    (queued.directory / "query.h5ad").write_bytes(b"upload")
+    manager.submit(running, blocking)
+    manager.submit(queued, lambda job: {})
+    assert started.wait(30)
+    threading.Timer(0.5, release.set).start()
+    manager.shutdown()
+    assert running.status == "done" and not queued.directory.exists()

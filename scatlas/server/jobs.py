@@ -303,7 +303,14 @@ class JobManager:
                 logger.exception("removing expired jobs failed")
 
     def shutdown(self) -> None:
-        """Stop the cleanup, drop queued jobs and wait for the running ones."""
+        """Stop the cleanup, drop queued jobs (their uploads deleted: they will never run) and wait for the running
+        ones."""
         self._stop.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._sweeper.join(timeout=5)
+        with self._lock:
+            never_ran = [job for job in self._jobs.values() if job.status == "queued"]
+        for job in never_ran:
+            shutil.rmtree(job.directory, ignore_errors=True)
+        if never_ran:
+            logger.info("%d queued job(s) dropped at shutdown, their uploads deleted", len(never_ran))

@@ -189,8 +189,23 @@
   }
 
   async function poll(panel, kind, job) {
+    let misses = 0;
     for (;;) {
-      const state = await (await api(`/api/jobs/${encodeURIComponent(job)}`)).json();
+      let state;
+      try {
+        state = await (await api(`/api/jobs/${encodeURIComponent(job)}`)).json();
+        misses = 0;
+      } catch (err) {
+        if (err.status === 404) {
+          showError(panel, "the server no longer has this job (it was restarted, or the job was removed after the " +
+            "retention time): run it again");
+          return;
+        }
+        if (err.status !== undefined || ++misses > 120) throw err;  // an answer that is an error, or 10 minutes
+        $(".job-line", panel).textContent = `${kind} job: no answer from the server, trying again…`;
+        await new Promise((resolve) => setTimeout(resolve, 5000));
+        continue;
+      }
       $("progress", panel).value = state.progress;
       $(".job-line", panel).textContent = `${kind} job ${state.status}` +
         (state.status === "running" ? ` (${state.stage}, about ${Math.round(100 * state.progress)}%)` : "");
