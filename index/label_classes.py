@@ -4,7 +4,8 @@ Atlases mix vocabularies ("B cell" in one dataset, "B cells" in another; "CD14+ 
 classical monocyte). For each label column ``K`` the index keeps one class per CL term: every value that maps to
 the term (:func:`atlas.ontology.map_label_values`: the cells' own ``K_ontology_term_id`` when that column exists,
 else an exact CL name or synonym, else a normalised name) joins it, and the class keeps the atlas's own most
-frequent value as its name. Values without a term stay classes of their own. The label heads are trained on the
+frequent value as its name (an update keeps the name the previous version gave while that value is still in the
+atlas, so that answers do not change names between versions). Values without a term stay classes of their own. The label heads are trained on the
 classes, and annotation can sum class probabilities up the CL DAG from the stored ancestors.
 
 Layout: ``INDEX/labels/label_classes.json`` (format, the build it belongs to, the ontology release, one entry per
@@ -17,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -164,8 +165,10 @@ def _value_counts(con: Any, key: str, by_dataset: bool) -> dict[Any, dict[str, i
     return out
 
 
-def _merge(counts: Mapping[str, int], terms: Mapping[str, str | None]) -> tuple[dict[str, str], dict[str, str]]:
-    """(value -> class, class -> term): values of one term form one class named after its most frequent value."""
+def _merge(counts: Mapping[str, int], terms: Mapping[str, str | None], keep: Collection[str] = ()
+           ) -> tuple[dict[str, str], dict[str, str]]:
+    """(value -> class, class -> term): values of one term form one class named after its most frequent value, or
+    after one of them in ``keep`` (the previous version's class names: answers keep their names across updates)."""
     by_term: dict[str, list[str]] = {}
     for v, t in terms.items():
         if t is not None:
@@ -173,15 +176,16 @@ def _merge(counts: Mapping[str, int], terms: Mapping[str, str | None]) -> tuple[
     value_class = {v: v for v in counts}
     class_term: dict[str, str] = {}
     for term, vals in by_term.items():
-        name = min(vals, key=lambda v: (-counts[v], v))
+        name = min(vals, key=lambda v: (v not in keep, -counts[v], v))
         class_term[name] = term
         for v in vals:
             value_class[v] = name
     return value_class, class_term
 
 
-def compute_label_classes(con: Any, key: str, ontology: Any = None) -> LabelClasses:
-    """The label classes of column ``key`` of the cells table on ``con`` (see the module's description).
+def compute_label_classes(con: Any, key: str, ontology: Any = None, keep: Collection[str] = ()) -> LabelClasses:
+    """The label classes of column ``key`` of the cells table on ``con`` (see the module's description). ``keep``:
+    class names to keep where they are still among a class' values (an update's previous classes).
 
     Data terms come from ``{key}_ontology_term_id`` when the table has it (malformed, unknown or non-CL ids are
     ignored, obsolete ones replaced); values without one are looked up by CL name, synonym and normalised name. A
@@ -203,7 +207,7 @@ def compute_label_classes(con: Any, key: str, ontology: Any = None) -> LabelClas
     cell_types = any(t is not None for t in overall.terms.values())
     if cell_types:  # suggestions only for a column that holds cell types
         overall = map_label_values(list(counts), list(counts.values()), data, ontology=onto)
-    value_class, class_term = _merge(counts, overall.terms)
+    value_class, class_term = _merge(counts, overall.terms, frozenset(keep))
     ancestors = {t: tuple(sorted(onto.ancestors(t))) for t in sorted(set(class_term.values()))}
     names = {t: str(onto.name(t)) for t in sorted(set(ancestors) | {a for anc in ancestors.values() for a in anc})
              if onto.name(t) is not None}
@@ -295,10 +299,12 @@ def load_label_classes(
     return out
 
 
-def ensure_label_classes(index_dir: str | Path, keys: Iterable[str], *, con: Any = None) -> dict[str, LabelClasses]:
+def ensure_label_classes(index_dir: str | Path, keys: Iterable[str], *, con: Any = None,
+                         previous: Mapping[str, LabelClasses] | None = None) -> dict[str, LabelClasses]:
     """Compute and store the label classes of ``keys`` for the built index at ``index_dir`` (those stored for this
     build are kept and not recomputed); returns every stored key's classes. Written atomically, then recorded in
-    the manifest. ``con``: a connection to the index's cells table (default: opened here)."""
+    the manifest. ``con``: a connection to the index's cells table (default: opened here). ``previous``: the
+    classes of the version this one updates, whose names are kept where their values still are."""
     index_dir = Path(index_dir)
     wanted = list(dict.fromkeys(keys))
     manifest = read_manifest(index_dir)
@@ -318,7 +324,8 @@ def ensure_label_classes(index_dir: str | Path, keys: Iterable[str], *, con: Any
     con = connect(index_dir / CELLS_DB_FILE) if own else con
     try:
         for key in missing:
-            stored[key] = compute_label_classes(con, key).to_json()
+            keep = previous[key].classes if previous and key in previous else ()
+            stored[key] = compute_label_classes(con, key, keep=keep).to_json()
     finally:
         if own:
             con.close()

@@ -354,7 +354,7 @@ def _refresh_after_build(cur: Path, target: Path, store: Any, seed: int, progres
         before = load_label_classes(cur)
     except IndexFormatError:
         before = {}
-    warnings = _renamed_classes(before, ensure_label_classes(target, _class_keys(target, keys)))
+    warnings = _renamed_classes(before, ensure_label_classes(target, _class_keys(target, keys), previous=before))
     if config and keys:
         options = {k: config[k] for k in ("max_cells_per_label", "max_cells", "c_genes", "c_embedding") if k in config}
         try:

@@ -366,10 +366,13 @@ def test_killed_update_process_resumes(store_ab, target, at):
         assert idx.manifest.version == 2 and idx.n_cells == 550 and sorted(idx.label_heads()) == ["cell_type"]
 
 
-def test_update_warns_when_added_cells_rename_a_class(tmp_path, caplog):
-    """"B cell" (dataset A) and "B cells" (dataset B) are one class (one CL term), named by its most frequent value:
-    adding B's many B cells renames the class, and the update says so (report warnings and the log)."""
+def test_update_keeps_class_names_and_warns_when_one_must_change(tmp_path, caplog):
+    """"B cell" (dataset A) and "B cells" (dataset B) are one class (one CL term). Adding B's many B cells keeps
+    the class' name (answers kept flipping between versions: B -> bcells -> B); removing A, whose value named it,
+    renames it, and the update says so (report warnings and the log)."""
     import logging
+
+    from scatlas.atlas.lifecycle import remove_datasets
 
     a = _write(tmp_path, "A", 1, n=200, cell_types=("B cell", "T cell", "monocyte"))
     b = _write(tmp_path, "B", 2, n=600, cell_types=("B cells", "T cell", "monocyte"))
@@ -378,6 +381,13 @@ def test_update_warns_when_added_cells_rename_a_class(tmp_path, caplog):
     with AtlasIndex.open(tmp_path / "index") as idx:
         assert "B cell" in idx.label_classes("cell_type").classes
     ingest([b], tmp_path / "atlas", progress=False)
+    report = update_index(tmp_path / "atlas", tmp_path / "index", progress=False)
+    assert not [w for w in report.warnings if "renamed by this update" in w], report.warnings
+    with AtlasIndex.open(tmp_path / "index") as idx:
+        classes = idx.label_classes("cell_type")
+        assert "B cell" in classes.classes and "B cells" not in classes.classes
+        assert classes.class_of(["B cells"]).tolist() == classes.class_of(["B cell"]).tolist()
+    remove_datasets(tmp_path / "atlas", ["A"])
     with caplog.at_level(logging.WARNING):
         report = update_index(tmp_path / "atlas", tmp_path / "index", progress=False)
     renamed = [w for w in report.warnings if "renamed by this update" in w]
