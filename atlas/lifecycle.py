@@ -59,8 +59,12 @@ TOP_TARGET_VALUES = 20
 _TERM_SUFFIX = term_column("")
 
 
-def _unknown_dataset(path: Path, dataset_id: str) -> InputError:
-    return InputError(f"{path}: no dataset {escaped(dataset_id)} in this atlas store; list its datasets with "
+def _unknown_dataset(path: Path, dataset_id: str, known: Iterable[str] = ()) -> InputError:
+    """The refusal of an id the store does not hold; naming the one it does hold when they differ in case or
+    surrounding blanks only (ingest treats those as one id)."""
+    near = [k for k in known if k.strip().casefold() == dataset_id.strip().casefold()]
+    hint = f" (ids are exact here: did you mean {escaped(near[0])}?)" if near else ""
+    return InputError(f"{path}: no dataset {escaped(dataset_id)} in this atlas store{hint}; list its datasets with "
                       f"`scatlas datasets --atlas {path}`")
 
 
@@ -125,7 +129,7 @@ def remove_datasets(atlas: str | Path, dataset_ids: Iterable[str]) -> RemoveRepo
         known = {d.dataset_id: d for d in writer.state.datasets}
         for dataset_id in wanted:
             if dataset_id not in known and dataset_id not in writer.cleaned_datasets:
-                raise _unknown_dataset(path, dataset_id)
+                raise _unknown_dataset(path, dataset_id, known)
         report.finished_earlier = [d for d in wanted if d not in known]
         gone = [known[d] for d in wanted if d in known]
         if gone:
@@ -401,7 +405,7 @@ def _editing(path: Path, dataset_id: str) -> Iterator[tuple[StoreWriter, Dataset
     with StoreWriter.open(path, create=False) as writer:
         record = next((d for d in writer.state.datasets if d.dataset_id == dataset_id), None)
         if record is None:
-            raise _unknown_dataset(path, dataset_id)
+            raise _unknown_dataset(path, dataset_id, [d.dataset_id for d in writer.state.datasets])
         con = duckdb.connect(str(path / CELLS_DB))
         try:
             yield writer, record, con

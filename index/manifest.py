@@ -333,6 +333,9 @@ def read_manifest(directory: str | Path) -> IndexManifest:
         hint = (
             "the build was interrupted before it finished; rerun the build with the same arguments to resume it"
             if (directory / BUILD_FILE).is_file()
+            else "it is an atlas store, not an index: give it as --atlas, and an index built from it as --index "
+            "(`scatlas build --atlas ATLAS --index DIR` makes one)"
+            if (directory / "store.json").is_file()
             else "this is not a scatlas index directory (or its build never started); build one with `scatlas build --atlas ATLAS --index DIR`"
         )
         raise IndexFormatError(f"{directory} has no {MANIFEST_FILE}: {hint}")

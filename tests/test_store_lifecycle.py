@@ -107,6 +107,8 @@ def test_removing_an_unknown_dataset_fails_cleanly(three: Path) -> None:
     assert (three / "store.json").read_bytes() == before
     res = _run("remove", "--atlas", str(three.parent / "missing"), "--dataset", "a")
     assert res.exit_code == 1 and "not an atlas store" in res.output and not (three.parent / "missing").exists()
+    res = _run("remove", "--atlas", str(three), "--dataset", "A")  # ingest takes ids case-insensitively
+    assert res.exit_code == 1 and "did you mean 'a'?" in res.output and (three / "store.json").read_bytes() == before
 
 
 @pytest.mark.parametrize("recovery", ["rerun", "writer"])
@@ -411,3 +413,10 @@ def test_relabel_keeps_the_values_it_replaces_and_puts_them_back(forgot: Path, t
     assert _rows(forgot, "SELECT cell_type, cell_type_ontology_term_id FROM cells WHERE dataset_id = 'ok' "
                          "ORDER BY soma_joinid") == before
     assert verify_store(forgot, progress=False).ok
+
+
+def test_a_store_given_as_the_index_is_named(three: Path) -> None:
+    res = _run("info", str(three))
+    assert res.exit_code == 1 and "it is an atlas store, not an index: give it as --atlas" in res.output, res.output
+    res = _run("datasets", "--atlas", str(three))
+    assert res.exit_code == 0 and "cell ids below" in res.output

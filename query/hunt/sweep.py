@@ -425,7 +425,7 @@ def _stage2_store(
 ) -> tuple[Any, str]:
     """The atlas store stage 2 reads (None when stage 2 does not run) and the sweep's ``stages`` note."""
     if atlas is not None and (clf.stage2 is None or not two_stage):
-        logger.warning("the atlas store given (atlas=, --atlas) is not read: only stage 2 reads it, and %s",
+        logger.warning("the atlas store given (--atlas) is not read: only stage 2 reads it, and %s",
                        "the classifier has none" if clf.stage2 is None else "it is off (two_stage=False)")
     if clf.stage2 is None:
         return None, "stage 1 only: the classifier has no stage 2"
@@ -434,7 +434,7 @@ def _stage2_store(
     store, why = open_index_store(idx, atlas)
     if store is None and atlas is not None:  # named on purpose: a store that cannot serve is a mistake to say
         raise InputError(
-            f"stage 2 cannot read the atlas store given (atlas=, --atlas): {why}. Give the store the index was built "
+            f"stage 2 cannot read the atlas store given (--atlas): {why}. Give the store the index was built "
             "from, leave the option out to use the one the index records, or sweep stage 1 alone (--stage1-only; "
             "two_stage=False)"
         )
