@@ -22,9 +22,12 @@ MIN_INFORMATIVE = 50
 MIN_MAJORITY = 0.8
 """Share of the informative identifiers that must agree for a guess."""
 MIN_MOUSE_ONLY = 5
-"""Fewest mouse-only symbols (RIKEN clones, ``Gm`` genes; any casing) that make an upper-case list mouse: human
-gene lists hold none (checked on every human file of the shared data), a mouse list of 2,000-3,000 genes a few
-dozen."""
+"""Fewest mouse-only symbols (RIKEN clones, ``Gm`` genes, the ``H2-`` MHC genes; any casing) that make an
+upper-case list mouse: human gene lists hold none (checked on every human file of the shared data), a mouse list
+of 2,000-3,000 genes a few dozen."""
+MIN_HUMAN_ONLY = 5
+"""Fewest human-only symbols (the ``HLA-`` MHC genes; any casing) that make a title-case list human (human symbols
+title-cased, as some pipelines do to match mouse genes)."""
 
 ENSEMBL_PREFIXES: dict[str, str] = {
     "ENSG": "human",
@@ -58,7 +61,8 @@ _SYMBOL_WORDS = {"upper": "upper-case symbols (as human)", "title": "title-case 
 _ENSEMBL_RE = re.compile(r"^(ENS[A-Z]*G)\d{6,}(\.\d+)?$")
 _ORF_RE = re.compile(r"^C\d+orf\d+")  # human open reading frames (C1orf159): lower case inside, still human
 _MOUSE_RE = re.compile(r"^(\d+[A-Z]\d+Rik|Gm\d+|mt-[A-Z][a-z0-9]*)$")  # 1110017D15Rik, Gm12345, mt-Co1
-_MOUSE_ONLY_RE = re.compile(r"^(\d+[A-Z]\d+RIK|GM\d{3,})$", re.IGNORECASE)  # no human gene is named so
+_MOUSE_ONLY_RE = re.compile(r"^(\d+[A-Z]\d+RIK|GM\d{3,}|H2-[A-Z][A-Z0-9]*)$", re.IGNORECASE)  # no human gene is named so
+_HUMAN_ONLY_RE = re.compile(r"^HLA-[A-Z][A-Z0-9]*$", re.IGNORECASE)  # the human MHC; mouse names it H2-
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,7 @@ def guess_species(
     agree."""
     ens: Counter[str] = Counter()
     casing: Counter[str] = Counter()
-    n_total = mouse_only = 0
+    n_total = mouse_only = human_only = 0
     for raw in identifiers:
         if raw is None:
             continue
@@ -147,6 +151,7 @@ def guess_species(
         if kind is not None:
             casing[kind] += 1
         mouse_only += bool(_MOUSE_ONLY_RE.match(value))
+        human_only += bool(_HUMAN_ONLY_RE.match(value))
     if sum(ens.values()) >= min_informative:
         by_species: Counter[str] = Counter()
         for prefix, count in ens.items():
@@ -163,9 +168,13 @@ def guess_species(
         return SpeciesGuess(None, (), why, "symbols" if casing else None, dict(casing), n_total)
     if top == "upper" and mouse_only >= MIN_MOUSE_ONLY:
         basis = (f"{share} of {sum(casing.values()):,} cased gene symbols are upper case, but {mouse_only:,} of them "
-                 "name mouse-only genes (RIKEN clones like 1110017D15RIK, predicted genes like GM12345): mouse "
+                 "name mouse-only genes (RIKEN clones like 1110017D15RIK, predicted genes like GM12345, H2- MHC genes): mouse "
                  "symbols upper-cased")
         return SpeciesGuess("mouse", ("mouse",), basis, "symbols", {**casing, "mouse_only": mouse_only}, n_total)
+    if top == "title" and human_only >= MIN_HUMAN_ONLY and human_only > mouse_only:
+        basis = (f"{share} of {sum(casing.values()):,} cased gene symbols are title case, but {human_only:,} of them "
+                 "name human-only genes (the HLA- MHC genes; mouse names them H2-): human symbols title-cased")
+        return SpeciesGuess("human", ("human",), basis, "symbols", {**casing, "human_only": human_only}, n_total)
     candidates = SYMBOL_SPECIES[top]
     basis = f"{share} of {sum(casing.values()):,} cased gene symbols are {_SYMBOL_WORDS[top]}"
     return SpeciesGuess(candidates[0], candidates, basis, "symbols", dict(casing), n_total)

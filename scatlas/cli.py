@@ -609,9 +609,9 @@ def _echo_annotation(report: dict[str, Any]) -> None:
     expression = mapping.get("expression") or {}
     if expression.get("status") == "on" and expression.get("cells_below"):
         cuts = (expression.get("depth_bins") or {}).get("cuts") or [expression.get("cut")]
-        span = f"{min(cuts)}-{max(cuts)}" if len(set(cuts)) > 1 else f"{cuts[0]}"
+        span = f"from {min(cuts)} to {max(cuts)}" if len(set(cuts)) > 1 else f"{cuts[0]}"
         _echo(f"expression: {expression['cells_below']:,} cells match no atlas cell type in gene space "
-              f"(correlation under {span}, by detected genes): 'unknown' (out_of_atlas)")
+              f"(a correlation under the cut of their number of detected genes, {span}): 'unknown' (out_of_atlas)")
     elif mapping.get("verdict") == "too_few_cells":
         _echo(f"mapping: no query-level verdict: the query has {mapping.get('n_cells')} cell(s), under the "
               f"{mapping.get('min_cells')} the check needs; each cell is judged on its own "

@@ -55,6 +55,20 @@ def test_upper_cased_mouse_symbols_are_mouse() -> None:
     assert guess_species(HUMAN + [f"GM{1000 + i}" for i in range(MIN_MOUSE_ONLY)]).species == "mouse"
 
 
+def test_mhc_genes_tell_recased_lists_apart() -> None:
+    """Mouse names its MHC genes H2-, human HLA-: an upper-cased mouse list without RIKEN or Gm genes is still mouse,
+    a title-cased human list is human (it looked like mouse)."""
+    plain = [g for g in HUMAN if not g.startswith("HLA-")]
+    h2 = ["H2-AA", "H2-AB1", "H2-EB1", "H2-D1", "H2-K1"]
+    assert guess_species(plain + h2).species == "mouse"
+    assert guess_species(plain + h2[:4]).species == "human"
+    hla = ["HLA-A", "HLA-B", "HLA-C", "HLA-DRA", "HLA-DRB1"]
+    title = guess_species([s.capitalize() for s in plain + hla])
+    assert title.species == "human" and "human symbols title-cased" in title.basis
+    assert guess_species([s.capitalize() for s in plain + hla[:4]]).species == "mouse"
+    assert guess_species(plain + hla).species == "human" and guess_species(MOUSE).species == "mouse"
+
+
 def test_undecided_on_too_few_or_mixed_genes() -> None:
     few = guess_species(["CD3E", "CD19", "Cd4"])
     assert few.species is None and "at least 50" in few.basis
