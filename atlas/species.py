@@ -5,8 +5,9 @@ Gene matching is case-insensitive (:mod:`atlas.genes`), so a mouse query (``Cd3e
 Ensembl ids name the species (``ENSG`` human, ``ENSMUSG`` mouse, ...). Symbols only tell a convention apart: human
 symbols are upper case (``CD3E``), mouse and rat ones title case (``Cd3e``, called ``"mouse"``: the basis says
 "mouse or rat"), zebrafish ones lower case (``cd3e``). Mouse symbols upper-cased (some pipelines do so to match
-human genes) still name genes that only mouse has: RIKEN clones (``1110017D15RIK``) and predicted genes
-(``GM12345``); enough of them in an upper-case list make it mouse, not human.
+human genes) still name genes that only mouse has: RIKEN clones (``1110017D15RIK``), predicted genes
+(``GM12345``) and the ``H2-`` MHC genes; enough of them in an upper-case list make it mouse, not human. Human symbols
+title-cased still name the ``HLA-`` MHC genes; enough of them make a title-case list human.
 """
 
 from __future__ import annotations
