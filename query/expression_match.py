@@ -10,7 +10,9 @@ One profile per type, not per type and dataset, keeps the cost at cells x genes 
 
 Calibration (at annotate time, on the genes the query has): each atlas dataset of the sample (the
 :data:`MAX_GROUPS` largest) is held out in turn and its cells matched against the profiles of the other datasets'
-cells, which shows how well cells of a new lab or condition match when they are of types the atlas holds. The cut is
+cells, which shows how well cells of a new lab or condition match when they are of types the atlas holds (each
+dataset on the genes it measured, the profiles from the datasets that measured each gene: an atlas mixing gene
+panels reads a file's missing genes as zeros, which are no measurement). The cut is
 the lowest of the held-out datasets' :data:`QUANTILE` quantiles, moved per bin of detected genes (:func:`_depth_cuts`);
 a query cell under its bin's cut matches no atlas cell type as well as almost every held-out atlas cell does, and is
 out of the atlas. It needs at least two datasets in the sample (each with :data:`MIN_GROUP_CELLS` cells) and a
@@ -141,24 +143,27 @@ def expression_match(
         return off("the atlas' training sample has fewer than two datasets to hold out")
     Gp = sp.csr_matrix(G[rows][:, np.flatnonzero(present)], dtype=np.float64)
     onehot = sp.csr_matrix((np.ones(len(y)), (np.arange(len(y)), y)), shape=(len(y), int(y.max()) + 1))
-    sums, counts = np.asarray((onehot.T @ Gp).todense()), np.asarray(onehot.sum(axis=0)).ravel()
+    counts = np.asarray(onehot.sum(axis=0)).ravel()
+    sums, n_cells, per = _measured_sums(Gp, onehot, datasets)
     rng = np.random.default_rng(0)
     held: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for d in groups:
         mine = np.flatnonzero(datasets == d)
-        own = onehot[mine]
-        rest = counts - np.asarray(own.sum(axis=0)).ravel()
-        keep = rest >= MIN_PROFILE_CELLS  # the types the other datasets hold
+        own_sums, own_counts, measured = per[d]
+        keep = counts - own_counts >= MIN_PROFILE_CELLS  # the types the other datasets hold
         if not keep.any():
             continue
-        profiles = (sums[keep] - np.asarray((own.T @ Gp[mine]).todense())[keep]) / rest[keep, None]
+        n_rest = (n_cells - own_counts[:, None] * measured[None, :])[keep]
+        profiles = _profiles((sums - own_sums)[keep], n_rest)
+        # compared on the genes this dataset and the others measured, not on zeros for genes either lacks
+        cols = np.flatnonzero(measured & (n_rest > 0).any(axis=0))
         cells = mine if len(mine) <= CALIBRATION_CELLS else np.sort(rng.choice(mine, CALIBRATION_CELLS, replace=False))
-        X = Gp[cells]
-        held[str(d)] = (_best_match(X, _standardise(profiles)), np.asarray((X > 0).sum(axis=1)).ravel())
+        X = Gp[cells][:, cols]
+        held[str(d)] = (_best_match(X, _standardise(profiles[:, cols])), np.asarray((X > 0).sum(axis=1)).ravel())
     if not held:
         return off("no atlas dataset shares cell types with another")
     keep = counts >= MIN_PROFILE_CELLS
-    centred = _standardise(sums[keep] / counts[keep, None])
+    centred = _standardise(_profiles(sums[keep], n_cells[keep]))
     quantiles = {d: float(np.nanquantile(match, QUANTILE)) for d, (match, _) in held.items()}
     edges, cuts = _depth_cuts(held, quantiles)
     record = {
@@ -168,6 +173,38 @@ def expression_match(
         "depth_bins": {"detected_genes_from": [0, *map(int, edges)], "cuts": [round(float(c), 4) for c in cuts]},
     }
     return ExpressionMatch(centred, present, edges, cuts, float(cuts.min()), record)
+
+
+def _measured_sums(
+    Gp: sp.csr_matrix, onehot: sp.csr_matrix, datasets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """Per cell type and gene, ``(types, genes)``: the sum of the sample cells' values and the number of cells, both
+    over the datasets that measured the gene (any value among their sample cells; a gene a dataset's file lacks
+    reads as zeros in the store, which are no measurement); and per dataset its own ``(sums, cells per type,
+    measured genes)``. An atlas mixing gene panels (a 2,000-gene file beside whole transcriptomes) otherwise gets
+    profiles diluted by those zeros, and held-out cells compared on genes they never had."""
+    k = onehot.shape[1]
+    sums, n_cells = np.zeros((k, Gp.shape[1])), np.zeros((k, Gp.shape[1]))
+    per: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for d in np.unique(datasets):
+        rows = np.flatnonzero(datasets == d)
+        measured = np.asarray(Gp[rows].getnnz(axis=0) > 0)
+        own = onehot[rows]
+        own_sums, own_counts = np.asarray((own.T @ Gp[rows]).todense()), np.asarray(own.sum(axis=0)).ravel()
+        per[str(d)] = (own_sums, own_counts, measured)
+        sums += own_sums
+        n_cells += own_counts[:, None] * measured[None, :]
+    return sums, n_cells, per
+
+
+def _profiles(sums: np.ndarray, n_cells: np.ndarray) -> np.ndarray:
+    """Mean profiles from :func:`_measured_sums`; where no dataset holding a type measured a gene, the gene's mean
+    over the other types (neutral for a correlation)."""
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a gene no type has: all NaN, filled with 0
+        out = np.where(n_cells > 0, sums / np.maximum(n_cells, 1), np.nan)
+        fill = np.nan_to_num(np.nanmean(out, axis=0))
+    return np.where(np.isnan(out), fill[None, :], out)
 
 
 def _depth_cuts(
