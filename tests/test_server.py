@@ -237,6 +237,7 @@ def test_hunt_job(server: dict[str, Any], world: dict[str, Path]) -> None:
     assert "<h1>Rare-cell hunt report</h1>" in page.text and 'src="data:image/png;base64,' in page.text
     assert "http" not in page.text.split("<body>", 1)[1].replace("http-equiv", "")
     assert c.get(f"/api/jobs/{state['job']}/enrichment.png", headers=AUTH).content.startswith(b"\x89PNG")
+    assert c.get(f"/api/jobs/{state['job']}/scores.png", headers=AUTH).content.startswith(b"\x89PNG")
 
 
 def test_a_job_that_fails_says_what_the_cli_says(server: dict[str, Any], world: dict[str, Path],

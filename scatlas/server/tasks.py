@@ -33,7 +33,7 @@ MAX_K = 1000
 FILES = {
     "annotate": ("predictions.csv", "annotated.h5ad", "report.json", "umap.png"),
     "search": ("hits.csv", "enrichment.csv", "report.json", "umap.png"),
-    "hunt": ("hits.csv", "report.html", "enrichment.csv", "enrichment.png", "report.json"),
+    "hunt": ("hits.csv", "report.html", "enrichment.csv", "enrichment.png", "scores.png", "de.csv", "report.json"),
 }
 """The files a job of each kind may offer (``umap.png`` only when the index has a reference map)."""
 
@@ -288,7 +288,7 @@ def run_hunt(job: Job, view: AtlasIndex, p: HuntParams, expected_s: float) -> di
     rdir = Path(rep.out_dir)
     page = _inline_images((rdir / "report.html").read_text(encoding="utf-8"), rdir)
     (d / "report.html").write_text(page, encoding="utf-8")
-    for name in ("enrichment.csv", "enrichment.png"):
+    for name in ("enrichment.csv", "enrichment.png", "scores.png", "de.csv"):  # what the report page names
         if (rdir / name).is_file():
             os.replace(rdir / name, d / name)
     m = clf.metrics
