@@ -374,7 +374,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     def job_file(job_id: str, name: str) -> Response:
         job = _job(state, job_id)
         if name not in FILES[job.kind]:
-            raise ApiError(404, f"a {job.kind} job has no file {name[:80]!r}; its files: {', '.join(FILES[job.kind])}")
+            raise ApiError(404, f"{'an' if job.kind[0] in 'aeiou' else 'a'} {job.kind} job has no file {name[:80]!r}; "
+                           f"its files: {', '.join(FILES[job.kind])}")
         if job.status == "failed":
             raise ApiError(409, f"the job failed, so it has no files: {job.error or 'no reason recorded'}")
         if job.status != "done":

@@ -142,8 +142,10 @@ class SharedIndex:
         for dataset, label, n in rows:
             by.setdefault(str(dataset), []).append(["(no label)" if label is None else str(label), int(n)])
         for dataset, labels in by.items():
-            top, rest = labels[:LABEL_TOP], labels[LABEL_TOP:]
-            if rest:
+            top, rest = labels[:LABEL_TOP + 1], labels[LABEL_TOP + 1:]
+            if rest:  # one more label would be no shorter than "other (1 label)": shown by name then
+                top = top[:LABEL_TOP]
+                rest = labels[LABEL_TOP:]
                 top.append([f"other ({len(rest)} labels)", sum(n for _, n in rest)])
             out["labels_by_dataset"][dataset] = top
         return out

@@ -166,6 +166,8 @@
     const box = $(".error", panel);
     box.textContent = message;
     box.hidden = false;
+    const line = $(".job-line", panel);
+    if (line.textContent === "Uploading…") line.textContent = "Refused:";
     $("button[type=submit]", panel).disabled = false;
   }
 
