@@ -527,6 +527,8 @@ def _mapping(idx: AtlasIndex, run: Transfer, alignment: Alignment | None, apply:
     if isinstance(expression, ExpressionMatch):
         unlike = used & expression.below(run.expression_match, run.expression_depth)
         verdict = with_expression(verdict, unlike[used], expression.record)
+        if verdict.strict_expression:  # another tissue: a cell keeps its label only if it matches well on its own
+            unlike = used & expression.below(run.expression_match, run.expression_depth, strict=True)
     else:
         verdict = with_expression(verdict, None, expression)
     out = np.zeros(len(run.similarity), bool)

@@ -37,6 +37,11 @@ QUANTILE = 0.001
 """The held-out datasets' quantile of expression match whose lowest value is the cut. Cells of few counts match
 every profile worse, and a new dataset's share of them differs from the atlas': at 0.005 a new synthetic dataset of
 the atlas' own types lost 2.1% of its cells, at 0.001 0.6% (real queries: docs/benchmarks.md#query-mapping-check)."""
+QUANTILE_POORLY = 0.01
+"""In a query that maps poorly by this check (another tissue), a cell keeps its label only when its match reaches
+this quantile of the held-out datasets' (moved per depth bin like :data:`QUANTILE`): it maps well on its own, not
+merely outside the atlas' extreme tail. 0.05 also took the labels of most blood cells of another lab mixed into
+such a file (docs/benchmarks.md#query-mapping-check)."""
 MIN_GROUP_CELLS = 50
 """A dataset needs this many cells in the training sample to be held out (its quantile is noise otherwise)."""
 MIN_PROFILE_CELLS = 10
@@ -75,6 +80,9 @@ class ExpressionMatch:
     cuts: np.ndarray
     cut: float
     record: dict[str, Any]
+    strict_cuts: np.ndarray | None = None
+    """Each bin's cut at :data:`QUANTILE_POORLY`: what a cell of a query that maps poorly by this check must reach
+    to keep its label (it must map well on its own, not merely escape the atlas' extreme tail)."""
 
     def scores(self, gene_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each cell's best Pearson correlation with any profile on the present genes (NaN for a cell whose present
@@ -82,9 +90,11 @@ class ExpressionMatch:
         X = np.asarray(gene_features, dtype=np.float32)[:, self.present]
         return _best_match(X, self.profiles), (X > 0).sum(axis=1)
 
-    def below(self, match: np.ndarray, depth: np.ndarray) -> np.ndarray:
-        """Bool: the cells whose match is under the cut of their depth's bin (NaN: not below)."""
-        cut = self.cuts[np.searchsorted(self.edges, np.asarray(depth), side="right")]
+    def below(self, match: np.ndarray, depth: np.ndarray, strict: bool = False) -> np.ndarray:
+        """Bool: the cells whose match is under the cut of their depth's bin (NaN: not below); ``strict``: under
+        the :attr:`strict_cuts`."""
+        cuts = self.strict_cuts if strict and self.strict_cuts is not None else self.cuts
+        cut = cuts[np.searchsorted(self.edges, np.asarray(depth), side="right")]
         out: np.ndarray = np.asarray(match) < cut
         return out
 
@@ -166,13 +176,15 @@ def expression_match(
     centred = _standardise(_profiles(sums[keep], n_cells[keep]))
     quantiles = {d: float(np.nanquantile(match, QUANTILE)) for d, (match, _) in held.items()}
     edges, cuts = _depth_cuts(held, quantiles)
+    _, strict = _depth_cuts(held, {d: float(np.nanquantile(match, QUANTILE_POORLY)) for d, (match, _) in held.items()})
     record = {
         "status": "on", "cut": round(float(cuts.min()), 4), "quantile": QUANTILE, "grouping": "dataset",
         "n_groups": len(quantiles), "n_profiles": int(keep.sum()), "label_key": head.key,
         "held_out_quantiles": {k: round(v, 4) for k, v in quantiles.items()},
         "depth_bins": {"detected_genes_from": [0, *map(int, edges)], "cuts": [round(float(c), 4) for c in cuts]},
     }
-    return ExpressionMatch(centred, present, edges, cuts, float(cuts.min()), record)
+    record["strict_cuts"] = [round(float(c), 4) for c in strict]
+    return ExpressionMatch(centred, present, edges, cuts, float(cuts.min()), record, strict)
 
 
 def _measured_sums(

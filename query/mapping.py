@@ -67,6 +67,7 @@ class MappingVerdict:
     note: str = ""
     expression: dict[str, Any] = field(default_factory=dict)
     by_expression: bool = False  # the expression match picks the cells out one by one (see with_expression)
+    strict_expression: bool = False  # maps poorly by the expression match: its cells must match well on their own
 
     def out_of_atlas(self, cell_scores: np.ndarray) -> np.ndarray:
         """Bool mask of cells out of the atlas: when the query maps poorly, every cell scoring under
@@ -194,7 +195,7 @@ def with_expression(
         f"datasets' cells do (over {100 * limit:.0f}%)"
     )
     return replace(verdict, verdict="maps_poorly", reasons=(*verdict.reasons, reason), expression=expression,
-                   by_expression=True)
+                   by_expression=True, strict_expression=True)
 
 
 def out_of_atlas(verdict: MappingVerdict, cell_scores: np.ndarray) -> np.ndarray:

@@ -89,6 +89,10 @@ def test_cells_of_the_atlas_types_match_and_other_programs_do_not(world: dict[st
     assert report["mapping"]["verdict"] == "maps_poorly" and "WARNING" in res.output
     below = foreign["atlas_expression_match"] < report["mapping"]["expression"]["cut"]
     assert (foreign.loc[below, f"{KEY}_unknown_reason"] == "out_of_atlas").all()
+    strict = report["mapping"]["expression"]["strict_cuts"]  # a poorly mapped query's cells must reach these
+    assert all(s >= c for s, c in zip(strict, report["mapping"]["expression"]["depth_bins"]["cuts"], strict=True))
+    assert (foreign.loc[foreign["atlas_expression_match"] < min(strict), f"{KEY}_unknown_reason"]
+            == "out_of_atlas").all()
 
 
 def test_in_a_mixed_sample_the_foreign_cells_are_unknown_and_the_others_answered(world: dict[str, Any]) -> None:
@@ -106,6 +110,7 @@ def test_a_verdict_turned_by_expression_judges_cells_by_it() -> None:
     unlike = np.array([True] * 40 + [False] * 60)
     turned = with_expression(well, unlike, {"status": "on", "cut": 0.4})
     assert turned.verdict == "maps_poorly" and turned.by_expression and "matches no atlas cell type" in turned.reasons[0]
+    assert turned.strict_expression  # another tissue: its cells must match well on their own to keep labels
     assert turned.to_report()["expression"]["fraction_below"] == 0.4
     scores = np.full(100, 0.3)  # under the individual score, over the extreme one
     assert not turned.out_of_atlas(scores).any()  # the similarity alone maps well: only the expression decides
@@ -142,6 +147,7 @@ def test_a_query_poorly_mapped_by_its_shift_alone_is_judged_cell_by_cell() -> No
     few = np.zeros(200, bool)
     judged = with_expression(shifted, few, {"status": "on"})
     assert judged.verdict == "maps_poorly" and judged.by_expression and "judged on its own" in judged.note
+    assert not judged.strict_expression  # another lab of the tissue: only the atlas' extreme tail is out
     scores = np.full(200, 0.3)
     assert not judged.out_of_atlas(scores).any()
     assert judged.to_report()["cells_judged_by"].startswith("expression")
