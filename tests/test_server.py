@@ -235,6 +235,7 @@ def test_hunt_job(server: dict[str, Any], world: dict[str, Path]) -> None:
     page = c.get(f"/api/jobs/{state['job']}/report.html", headers=AUTH)
     assert page.headers["content-type"].startswith("text/html") and "sandbox" in page.headers["content-security-policy"]
     assert "<h1>Rare-cell hunt report</h1>" in page.text and 'src="data:image/png;base64,' in page.text
+    assert "from the sweep of this job (the hits among atlas cells where dataset_id = " in page.text
     assert "http" not in page.text.split("<body>", 1)[1].replace("http-equiv", "")
     assert c.get(f"/api/jobs/{state['job']}/enrichment.png", headers=AUTH).content.startswith(b"\x89PNG")
     assert c.get(f"/api/jobs/{state['job']}/scores.png", headers=AUTH).content.startswith(b"\x89PNG")
@@ -286,8 +287,11 @@ def test_job_messages_and_reports_speak_of_the_upload_and_the_api(server: dict[s
     state = submit(c, "/api/annotate", empty)
     assert state["status"] == "failed" and "the query 'nocells.h5ad' has no cells" in state["error"], state
     job = Job("x" * 24, "annotate", tmp_path / "job", upload_name="q.h5ad")
+    from scatlas.query.search import no_expression_error
+
     for hint in ("pass --allow-species-mismatch (allow_species_mismatch=True in Python) to go on anyway",
-                 "or lower the threshold with --min-gene-overlap."):
+                 "or lower the threshold with --min-gene-overlap.", "(choose another with --x-layer)",
+                 str(no_expression_error(3)).split("wrong matrix read ", 1)[1].split(", or the genes")[0]):
         text = JobManager.public_text(job, f"the query is wrong: {hint}")
         assert hint not in text and "this server" in text and "scatlas command" in text, text
 

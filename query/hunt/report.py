@@ -435,7 +435,8 @@ def report(
 
     Parameters
     ----------
-    hits: ``hits.parquet`` of a sweep, its output directory, or a DataFrame with a ``soma_joinid`` column.
+    hits: ``hits.parquet`` of a sweep, its output directory, or a DataFrame with a ``soma_joinid`` column (the
+        report names it by ``hits.attrs["source"]`` when set).
     index: the index that was swept (its ``cells`` table gives the atlas-wide group sizes).
     by: columns of the cells table to break the hits down by (enrichment), each on its own; default: those of
         :data:`DEFAULT_BY` (``cell_type``, the atlas label; ``donor_id``; ``dataset_id``) the table has. A column
@@ -462,7 +463,7 @@ def report(
     idx = open_index(index)
     frame = _read_hits(hits)
     _check_swept_index(hits, idx)
-    hits_source = show(hits) if not isinstance(hits, pd.DataFrame) else "a DataFrame"
+    hits_source = show(hits) if not isinstance(hits, pd.DataFrame) else str(hits.attrs.get("source") or "a DataFrame")
 
     with idx.cursor() as con:
         names = [r[0] for r in con.execute("DESCRIBE cells").fetchall()]

@@ -48,6 +48,12 @@ API_HINTS = (
      "--allow-species-mismatch)"),
     ("or lower the threshold with --min-gene-overlap.",
      "or run the scatlas command with a lower --min-gene-overlap (this server keeps the default threshold)."),
+    ("(choose one with --x-layer: X, raw or a layer's name)",
+     "(this server reads counts wherever the file has them, else X: upload a file whose X holds the matrix, or run "
+     "the scatlas command with --x-layer)"),
+    ("(choose another with --x-layer)",
+     "(this server reads counts wherever the file has them, else X: upload a file whose X holds the matrix, or run "
+     "the scatlas command with --x-layer)"),
 )
 """Hints of library messages that name command-line options, and what they say in the server's answers (its forms
 have no such fields)."""
