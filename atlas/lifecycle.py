@@ -285,24 +285,23 @@ def _name_kept_columns(con: duckdb.DuckDBPyConnection, dataset_id: str, columns:
         "SELECT " + ", ".join(f"count({quote_ident(c)})" for col in columns for c in (col.target, col.term_column)
                               if c) + " FROM cells WHERE dataset_id = ?", [dataset_id]).fetchone() or ()
     counts = iter(held)
+
+    def kept(column: str | None, base: str, terms: bool) -> str | None:
+        """The free name keeping ``column``'s values: ``base`` (``base_2``, ... where taken), or for a term column
+        that name's term column; None when the dataset holds no value there."""
+        if not column or not next(counts):
+            return None
+        k, label = 1, base
+        while (name := term_column(label) if terms else label).casefold() in taken:
+            k += 1
+            label = f"{base}_{k}"
+        taken.add(name.casefold())
+        return check_name(name, "relabel's column of the replaced values")
+
     for col in columns:
-        names: list[str | None] = []
-        for column in (col.target, col.term_column):
-            if not column:
-                names.append(None)
-                continue
-            if not next(counts):
-                names.append(None)
-                continue
-            base = f"{col.target}_rev{revision}"
-            name = base if column == col.target else term_column(base)
-            k = 2
-            while name.casefold() in taken:
-                name = (f"{base}_{k}" if column == col.target else term_column(f"{base}_{k}"))
-                k += 1
-            taken.add(name.casefold())
-            names.append(check_name(name, "relabel's column of the replaced values"))
-        col.kept_as, col.kept_terms_as = names
+        base = f"{col.target}_rev{revision}"
+        col.kept_as = kept(col.target, base, terms=False)
+        col.kept_terms_as = kept(col.term_column, base, terms=True)
 
 
 def _keep_replaced(con: duckdb.DuckDBPyConnection, dataset_id: str, columns: list[RelabelledColumn],

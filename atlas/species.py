@@ -62,7 +62,8 @@ _SYMBOL_WORDS = {"upper": "upper-case symbols (as human)", "title": "title-case 
 _ENSEMBL_RE = re.compile(r"^(ENS[A-Z]*G)\d{6,}(\.\d+)?$")
 _ORF_RE = re.compile(r"^C\d+orf\d+")  # human open reading frames (C1orf159): lower case inside, still human
 _MOUSE_RE = re.compile(r"^(\d+[A-Z]\d+Rik|Gm\d+|mt-[A-Z][a-z0-9]*)$")  # 1110017D15Rik, Gm12345, mt-Co1
-_MOUSE_ONLY_RE = re.compile(r"^(\d+[A-Z]\d+RIK|GM\d{3,}|H2-[A-Z][A-Z0-9]*)$", re.IGNORECASE)  # no human gene is named so
+# no human gene is named so
+_MOUSE_ONLY_RE = re.compile(r"^(\d+[A-Z]\d+RIK|GM\d{3,}|H2-[A-Z][A-Z0-9]*)$", re.IGNORECASE)
 _HUMAN_ONLY_RE = re.compile(r"^HLA-[A-Z][A-Z0-9]*$", re.IGNORECASE)  # the human MHC; mouse names it H2-
 
 
@@ -169,8 +170,8 @@ def guess_species(
         return SpeciesGuess(None, (), why, "symbols" if casing else None, dict(casing), n_total)
     if top == "upper" and mouse_only >= MIN_MOUSE_ONLY:
         basis = (f"{share} of {sum(casing.values()):,} cased gene symbols are upper case, but {mouse_only:,} of them "
-                 "name mouse-only genes (RIKEN clones like 1110017D15RIK, predicted genes like GM12345, H2- MHC genes): mouse "
-                 "symbols upper-cased")
+                 "name mouse-only genes (RIKEN clones like 1110017D15RIK, predicted genes like GM12345, H2- MHC "
+                 "genes): mouse symbols upper-cased")
         return SpeciesGuess("mouse", ("mouse",), basis, "symbols", {**casing, "mouse_only": mouse_only}, n_total)
     if top == "title" and human_only >= MIN_HUMAN_ONLY and human_only > mouse_only:
         basis = (f"{share} of {sum(casing.values()):,} cased gene symbols are title case, but {human_only:,} of them "

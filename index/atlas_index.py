@@ -186,11 +186,11 @@ class AtlasIndex:
         """
         faiss = faiss_module()
 
-        root = enclosing_index(path)
-        if root is not None:
+        enclosing = enclosing_index(path)
+        if enclosing is not None:
+            root, version = enclosing
             logger.warning("%s is version %d of the index at %s, opened as it is: the index's current version is %d "
-                           "(open %s for it)", path, int(Path(path).resolve().name), root, current_version(root)[0],
-                           root)
+                           "(open %s for it)", path, version, root, current_version(root)[0], root)
         path = resolve_index_dir(Path(path))  # the current version (index.versions)
         if not unfinished_ok:
             check_finished(path)

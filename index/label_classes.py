@@ -5,8 +5,8 @@ classical monocyte). For each label column ``K`` the index keeps one class per C
 the term (:func:`atlas.ontology.map_label_values`: the cells' own ``K_ontology_term_id`` when that column exists,
 else an exact CL name or synonym, else a normalised name) joins it, and the class keeps the atlas's own most
 frequent value as its name (an update keeps the name the previous version gave while that value is still in the
-atlas, so that answers do not change names between versions). Values without a term stay classes of their own. The label heads are trained on the
-classes, and annotation can sum class probabilities up the CL DAG from the stored ancestors.
+atlas, so that answers do not change names between versions). Values without a term stay classes of their own.
+The label heads are trained on the classes, and annotation can sum class probabilities up the CL DAG from the stored ancestors.
 
 Layout: ``INDEX/labels/label_classes.json`` (format, the build it belongs to, the ontology release, one entry per
 label column), written atomically and recorded in the manifest (``labels_files``), checked before it is read.

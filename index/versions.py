@@ -57,23 +57,24 @@ def current_version(root: str | Path) -> tuple[int, Path]:
     return version, target
 
 
-def enclosing_index(path: str | Path) -> Path | None:
-    """The root of the index whose version directory ``path`` is (``ROOT/versions/NNNN``), or None."""
+def enclosing_index(path: str | Path) -> tuple[Path, int] | None:
+    """``(root, version)`` of the index whose version directory ``path`` is (``ROOT/versions/NNNN``), or None."""
     p = Path(path).resolve()
-    if p.parent.name == VERSIONS_DIR and re.fullmatch(r"\d{4,9}", p.name) and (p.parent.parent / "build.json").is_file():
-        return p.parent.parent
+    root = p.parent.parent
+    if p.parent.name == VERSIONS_DIR and re.fullmatch(r"\d{4,9}", p.name) and (root / "build.json").is_file():
+        return root, int(p.name)
     return None
 
 
 def refuse_version_dir(path: str | Path) -> None:
     """IndexFormatError when ``path`` is a version directory of an index: a build or an update there would nest
     versions inside a version that the index's next update deletes."""
-    root = enclosing_index(path)
-    if root is not None:
+    enclosing = enclosing_index(path)
+    if enclosing is not None:
+        root, version = enclosing
         raise IndexFormatError(
-            f"{path} is version {int(Path(path).resolve().name)} of the index at {root}, kept by it for its readers, "
-            f"not an index of its own: pass --index {root} (its current version is used), or build into a new "
-            "directory"
+            f"{path} is version {version} of the index at {root}, kept by it for its readers, not an index of its "
+            f"own: pass --index {root} (its current version is used), or build into a new directory"
         )
 
 

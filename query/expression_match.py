@@ -176,7 +176,7 @@ def expression_match(
     centred = _standardise(_profiles(sums[keep], n_cells[keep]))
     quantiles = {d: float(np.nanquantile(match, QUANTILE)) for d, (match, _) in held.items()}
     edges, cuts = _depth_cuts(held, quantiles)
-    _, strict = _depth_cuts(held, {d: float(np.nanquantile(match, QUANTILE_POORLY)) for d, (match, _) in held.items()})
+    _, strict = _depth_cuts(held, {d: float(np.nanquantile(m, QUANTILE_POORLY)) for d, (m, _) in held.items()})
     record = {
         "status": "on", "cut": round(float(cuts.min()), 4), "quantile": QUANTILE, "grouping": "dataset",
         "n_groups": len(quantiles), "n_profiles": int(keep.sum()), "label_key": head.key,

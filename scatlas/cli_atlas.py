@@ -39,7 +39,8 @@ def datasets(atlas_dir: Path, json_out: Path | None) -> None:
     listing = list_datasets(atlas_dir)
     unused = f" ({listing.n_unused_ids:,} ids unused: removed datasets or failed ingests)" if listing.n_unused_ids else ""
     _echo(f"{atlas_dir}: {len(listing.datasets)} dataset(s), {listing.n_cells:,} cells, {listing.n_genes:,} genes; "
-          + (f"cell ids below {listing.obs_high_water:,} taken{unused}" if listing.obs_high_water else "no cell id taken"))
+          + (f"cell ids below {listing.obs_high_water:,} taken{unused}" if listing.obs_high_water
+             else "no cell id taken"))
     for d in listing.datasets:
         genes = "genes unknown" if d.n_genes is None else f"{d.n_genes:,} genes ({d.n_genes_added:,} added to the atlas)"
         _echo(f"{d.dataset_id}: {d.n_cells:,} cells (ids {d.start}-{d.stop - 1}), {genes}, X {d.x_kind} from "

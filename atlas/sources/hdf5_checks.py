@@ -11,6 +11,7 @@ never written read back as the fill value): a 2 MB file declaring 2e9 values mak
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import h5py
@@ -31,22 +32,34 @@ def check_self_contained(f: h5py.File, what: str) -> None:
     """InputError when the open file ``f`` (``what``, for messages) names another file as the source of any of its
     contents (external links, external raw storage, virtual datasets) or declares far more data than it stores.
     Soft links are not followed (their targets are in this file and are walked where they are)."""
+    for ds in _datasets(f, what):
+        _check_dataset(ds, what)
+
+
+def declared_bytes(group: h5py.Group, what: str) -> int:
+    """The bytes the datasets under ``group`` declare (what reading them whole allocates), links not followed."""
+    return sum(int(ds.size) * int(ds.dtype.itemsize) for ds in _datasets(group, what) if ds.shape is not None)
+
+
+def _datasets(group: h5py.Group, what: str) -> Iterator[h5py.Dataset]:
+    """Every dataset under ``group``, each once (hard links to one object, cycles), soft links not followed;
+    InputError at an external link or past :data:`MAX_OBJECTS` objects."""
     seen: set[Any] = set()
-    stack: list[h5py.Group] = [f]
+    stack: list[h5py.Group] = [group]
     walked = 0
     while stack:
-        group = stack.pop()
-        for name in group:
+        g = stack.pop()
+        for name in g:
             walked += 1
             if walked > MAX_OBJECTS:
                 raise InputError(f"{what} holds over {MAX_OBJECTS:,} HDF5 objects; an AnnData file holds far fewer: "
                                  "write it again with anndata (adata.write_h5ad)")
-            link = group.get(name, getlink=True)
+            link = g.get(name, getlink=True)
             if isinstance(link, h5py.ExternalLink):
-                raise _refused(what, f"an external link to another file (at {escaped(group.name + '/' + name)})")
+                raise _refused(what, f"an external link to another file (at {escaped(g.name + '/' + name)})")
             if isinstance(link, h5py.SoftLink):
                 continue
-            obj = group.get(name)
+            obj = g.get(name)
             if obj is None:  # a dangling hard link cannot exist; be safe anyway
                 continue
             key = obj.id.fileno, h5py.h5o.get_info(obj.id).addr
@@ -56,24 +69,7 @@ def check_self_contained(f: h5py.File, what: str) -> None:
             if isinstance(obj, h5py.Group):
                 stack.append(obj)
             elif isinstance(obj, h5py.Dataset):
-                _check_dataset(obj, what)
-
-
-def declared_bytes(group: h5py.Group) -> int:
-    """The bytes the datasets under ``group`` declare (what reading them whole allocates), links not followed."""
-    total = 0
-    stack = [group]
-    while stack:
-        g = stack.pop()
-        for name in g:
-            if not isinstance(g.get(name, getlink=True), h5py.HardLink):
-                continue
-            obj = g[name]
-            if isinstance(obj, h5py.Group):
-                stack.append(obj)
-            elif isinstance(obj, h5py.Dataset) and obj.shape is not None:
-                total += int(obj.size) * int(obj.dtype.itemsize)
-    return total
+                yield obj
 
 
 def _check_dataset(ds: h5py.Dataset, what: str) -> None:

@@ -68,8 +68,9 @@ def check_members_inside(uri: str, members: dict[str, Any]) -> None:
     for name, obj in members.items():
         if not _inside(uri, str(obj.uri)):
             raise InputError(
-                f"{uri}: its member {escaped(name)} lies outside the experiment (its URI names another location): scatlas reads only experiments that hold their own "
-                "arrays; copy the experiment with its members inside it"
+                f"{uri}: its member {escaped(name)} lies outside the experiment (its URI names another location): "
+                "scatlas reads only experiments that hold their own arrays; copy the experiment with its members "
+                "inside it"
             )
 
 

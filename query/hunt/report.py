@@ -463,7 +463,8 @@ def report(
     idx = open_index(index)
     frame = _read_hits(hits)
     _check_swept_index(hits, idx)
-    hits_source = show(hits) if not isinstance(hits, pd.DataFrame) else str(hits.attrs.get("source") or "a DataFrame")
+    hits_source = (show(hits) if not isinstance(hits, pd.DataFrame)
+                   else str(hits.attrs.get("source") or "a DataFrame"))
 
     with idx.cursor() as con:
         names = [r[0] for r in con.execute("DESCRIBE cells").fetchall()]

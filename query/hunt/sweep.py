@@ -72,15 +72,6 @@ HITS_FILE = "hits.parquet"
 TRAINING_COLUMN = "training_positive"
 """Hits column: the cell is one the classifier learnt as a positive (not a new find)."""
 PARTIALS_DIR = "partials"
-
-
-def training_sentence(n_training_hits: int | None, n_hits: int) -> str:
-    """How many of ``n_hits`` hits the classifier was trained on as positives, in words ("" when unknown or none)."""
-    if not n_training_hits:
-        return ""
-    return (f"{n_training_hits:,} of the hits are cells the classifier was trained on as positives (column "
-            f"{TRAINING_COLUMN}); {n_hits - n_training_hits:,} are not.")
-
 STATE_VERSION = 1
 DEFAULT_BLOCK_BYTES = 256 << 20
 """Default block: 256 MiB of float16 vectors, scored in place from the shard's memory map (so a large block costs
@@ -287,6 +278,14 @@ def score_shard(
     logger.debug("shard %04d: %d hits, %.2f s scoring, %.2f s in all (%s)", shard_no, len(h_ids), seconds,
                  time.perf_counter() - t0, ctx.worker)
     return ShardScore(partial.stem, meta, h_ids, h_scores, n_cand, seconds, scorer.kernel, scorer.max_error)
+
+
+def training_sentence(n_training_hits: int | None, n_hits: int) -> str:
+    """How many of ``n_hits`` hits the classifier was trained on as positives, in words ("" when unknown or none)."""
+    if not n_training_hits:
+        return ""
+    return (f"{n_training_hits:,} of the hits are cells the classifier was trained on as positives (column "
+            f"{TRAINING_COLUMN}); {n_hits - n_training_hits:,} are not.")
 
 
 def _write_hits(

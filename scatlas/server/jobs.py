@@ -42,18 +42,16 @@ JOB_MARKER = ".scatlas-job"
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{20,64}$")
 """What a job id looks like (:func:`secrets.token_urlsafe` of 18 bytes gives 24 characters)."""
 STATES = ("queued", "running", "done", "failed")
+_SERVER_MATRIX = ("(this server reads counts wherever the file has them, else X: upload a file whose X holds the "
+                  "matrix, or run the scatlas command with --x-layer)")
 API_HINTS = (
     ("pass --allow-species-mismatch (allow_species_mismatch=True in Python) to go on anyway",
      "this server does not go on with a species mismatch (the scatlas command does, with "
      "--allow-species-mismatch)"),
     ("or lower the threshold with --min-gene-overlap.",
      "or run the scatlas command with a lower --min-gene-overlap (this server keeps the default threshold)."),
-    ("(choose one with --x-layer: X, raw or a layer's name)",
-     "(this server reads counts wherever the file has them, else X: upload a file whose X holds the matrix, or run "
-     "the scatlas command with --x-layer)"),
-    ("(choose another with --x-layer)",
-     "(this server reads counts wherever the file has them, else X: upload a file whose X holds the matrix, or run "
-     "the scatlas command with --x-layer)"),
+    *((hint, _SERVER_MATRIX) for hint in ("(choose one with --x-layer: X, raw or a layer's name)",
+                                          "(choose another with --x-layer)")),
 )
 """Hints of library messages that name command-line options, and what they say in the server's answers (its forms
 have no such fields)."""

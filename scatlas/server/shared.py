@@ -142,11 +142,10 @@ class SharedIndex:
         for dataset, label, n in rows:
             by.setdefault(str(dataset), []).append(["(no label)" if label is None else str(label), int(n)])
         for dataset, labels in by.items():
-            top, rest = labels[:LABEL_TOP + 1], labels[LABEL_TOP + 1:]
-            if rest:  # one more label would be no shorter than "other (1 label)": shown by name then
-                top = top[:LABEL_TOP]
+            top = labels
+            if len(labels) > LABEL_TOP + 1:  # one label past the top is shown by name, not as "other (1 labels)"
                 rest = labels[LABEL_TOP:]
-                top.append([f"other ({len(rest)} labels)", sum(n for _, n in rest)])
+                top = [*labels[:LABEL_TOP], [f"other ({len(rest)} labels)", sum(n for _, n in rest)]]
             out["labels_by_dataset"][dataset] = top
         return out
 

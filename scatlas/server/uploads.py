@@ -170,7 +170,8 @@ def check_h5ad(path: Path, size: int, *, name: str | None = None) -> int:
     try:
         with h5py.File(path, "r") as f:
             check_anndata_hdf5(f, "the uploaded file")  # the check (and message) of every .h5ad reader
-            tables = sum(declared_bytes(f[m]) for m in ("obs", "var") if isinstance(f[m], h5py.Group))
+            tables = sum(declared_bytes(f[m], "the uploaded file") for m in ("obs", "var")
+                         if isinstance(f[m], h5py.Group))
             if tables > MAX_TABLE_BYTES:
                 raise InputError(f"the uploaded file's obs and var tables hold {tables / 2**30:.1f} GiB once read, "
                                  f"over the {MAX_TABLE_BYTES / 2**30:.0f} GiB the server reads for one upload: drop "
