@@ -681,7 +681,7 @@ def _warn_copies(current: AtlasStore, plans: list[DatasetPlan]) -> None:
             if obs is None or not len(plan.rows):
                 continue
             names = np.unique(np.asarray(obs.index[plan.rows]).astype(str))
-            if all(n.isdigit() for n in names[:1000]):  # AnnData's default names (0, 1, ...): no evidence of a copy
+            if np.char.isdigit(names).all():  # AnnData's default names (0, 1, ...): no evidence of a copy
                 continue
             con.register("_new_names", pa.table({"obs_id": pa.array(names, pa.string())}))
             rows = con.execute("SELECT dataset_id, count(*) FROM cells JOIN _new_names USING (obs_id) "

@@ -478,3 +478,24 @@ def test_a_dataset_sharing_few_genes_with_the_store_is_warned_about(tmp_path, h5
     with caplog.at_level("WARNING"):
         ingest([tmp_path / "foreign.h5ad"], tmp_path / "atlas", progress=False)
     assert "dataset 'foreign' shares 0 of its 60 genes with the store" in caplog.text
+
+
+def test_default_cell_names_are_no_evidence_of_a_copy_but_mixed_ones_are(tmp_path, h5ad_factory, caplog):
+    """AnnData's default names (0, 1, ...) repeat across unrelated files; names of which only some are digits are
+    judged like any others (the check looked at the first 1,000 sorted names, where digits come first)."""
+    def numbered(adata):
+        adata.obs_names = [str(i) for i in range(adata.n_obs)]
+        return adata
+
+    def mixed(adata):  # over 1,000 digit names, which sort first
+        adata.obs_names = [str(i) if i < 1050 else f"cell{i}" for i in range(adata.n_obs)]
+        return adata
+
+    ingest([h5ad_factory("a", numbered, seed=1)], tmp_path / "atlas", progress=False)
+    with caplog.at_level("WARNING"):
+        ingest([h5ad_factory("b", numbered, seed=2)], tmp_path / "atlas", progress=False)
+    assert "cell names in common" not in caplog.text
+    ingest([h5ad_factory("c", mixed, seed=3, n_cells=1100)], tmp_path / "atlas2", progress=False)
+    with caplog.at_level("WARNING"):
+        ingest([h5ad_factory("d", mixed, seed=4, n_cells=1100)], tmp_path / "atlas2", progress=False)
+    assert "dataset 'd' has 1100 of its 1100 cell names in common with stored dataset 'c'" in caplog.text
