@@ -56,6 +56,11 @@ class DependencyError(ScatlasError):
     """An optional dependency or device (faiss-gpu, CUDA, uce-model, ray) was asked for but is not available."""
 
 
+class Interrupted(ScatlasError):
+    """Work stopped on request before it finished (a lab server's job cancelled): nothing it was writing is
+    complete."""
+
+
 class TaskError(ScatlasError):
     """A unit of offline work (a shard of a build or a sweep) failed, after any retries the executor allows."""
 

@@ -595,3 +595,65 @@ def test_queued_jobs_dropped_at_shutdown_leave_no_upload(tmp_path: Path) -> None
     threading.Timer(0.5, release.set).start()
     manager.shutdown()
     assert running.status == "done" and not queued.directory.exists()
+
+
+def test_cancel_drops_a_queued_job_stops_a_running_one_and_deletes_a_finished_one(tmp_path: Path) -> None:
+    """docs/server.md, "Jobs": DELETE /api/jobs/ID; a running job stops at its next progress step."""
+    from scatlas.index.progress import progress_bar
+    from scatlas.server.jobs import JobManager
+
+    manager = JobManager(tmp_path / "work", workers=1)
+    (tmp_path / "work" / "jobs").mkdir(parents=True, exist_ok=True)
+    started, steps = threading.Event(), []
+
+    def stepping(job: Any) -> dict[str, Any]:  # the library's loops: a progress bar step per chunk
+        job.stage("annotate", 0.02, 0.9, 10.0)
+        with progress_bar(False, total=10_000) as bar:
+            for _ in range(10_000):
+                started.set()
+                steps.append(1)
+                time.sleep(0.01)
+                bar.update(1)
+        return {"finished": True}
+
+    running, queued = manager.new_job("annotate"), manager.new_job("annotate")
+    (running.directory / "out.csv").write_text("partial")
+    manager.submit(running, stepping)
+    manager.submit(queued, lambda job: {"ran": True})
+    assert started.wait(30)
+    assert manager.cancel(queued) == "cancelled"
+    assert queued.status == "cancelled" and not queued.directory.exists() and queued.to_json()["files"] == []
+    assert manager.cancel(running) == "cancelling"
+    state = running.to_json()  # the job may have reached its next step already
+    assert state["stage"] == "cancelling" or state["status"] == "cancelled"
+    deadline = time.monotonic() + 30
+    while running.status == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running.status == "cancelled" and running.result is None and running.error is None
+    assert not running.directory.exists() and len(steps) < 10_000
+    assert queued.result is None  # the dropped job never ran
+    assert manager.counts()["cancelled"] == 2
+
+    finished = manager.new_job("search")
+    manager.submit(finished, lambda job: {})
+    deadline = time.monotonic() + 30
+    while finished.status != "done" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert manager.cancel(finished) == "deleted"
+    assert manager.get(finished.id) is None and not finished.directory.exists()
+    manager.shutdown()
+
+
+def test_delete_over_http(server: dict[str, Any], world: dict[str, Path]) -> None:
+    client = server["client"]
+    state = submit(client, "/api/search", world["small"], {"k": "3"})
+    assert state["status"] == "done"
+    assert client.delete(f"/api/jobs/{state['job']}").status_code == 401  # the token is needed
+    r = client.delete(f"/api/jobs/{state['job']}", headers=AUTH)
+    assert r.status_code == 200 and r.json() == {"job": state["job"], "status": "deleted"}
+    assert client.get(f"/api/jobs/{state['job']}", headers=AUTH).status_code == 404
+    assert client.get(f"/api/jobs/{state['job']}/hits.csv", headers=AUTH).status_code == 404
+    assert not any(p.name == state["job"] for p in job_dirs(server["work"]))
+    assert client.delete(f"/api/jobs/{state['job']}", headers=AUTH).status_code == 404
+    r = client.delete(f"/api/jobs/{state['job']}", headers={**AUTH, "Origin": "http://evil.example"})
+    assert r.status_code == 403

@@ -201,3 +201,41 @@ def test_the_page_says_when_a_newer_build_is_on_disk(planted_world: dict[str, Pa
         driver.find_element(By.CSS_SELECTOR, "#token-form button").click()
         _wait(lambda: "rebuilt after the server started" in driver.find_element(By.ID, "overview-warnings").text,
               60, "the warning of a newer build on disk")
+
+
+def test_a_queued_job_is_cancelled_from_the_page(planted_world: dict[str, Path], browser_paths: tuple[str, str],
+                                                 driver: Any, tmp_path: Path) -> None:
+    """docs/server.md: the page's Cancel button drops a job (here a queued one: the only worker is held by a job
+    that waits for the test, so nothing depends on timing)."""
+    import threading
+
+    from selenium.webdriver.common.by import By
+
+    from scatlas.server import create_app
+    from tests.test_server import running
+
+    app = create_app(planted_world["index"], token=TOKEN, work_dir=tmp_path / "work", workers=1)
+    with running(app) as url:
+        jobs = app.state.scatlas.jobs
+        release = threading.Event()
+        holder = jobs.new_job("annotate")
+        jobs.submit(holder, lambda job: (release.wait(120), {})[1])
+        try:
+            driver.get(url + "/")
+            _wait(lambda: driver.find_element(By.ID, "token-input").is_displayed(), 30, "the token form")
+            driver.find_element(By.ID, "token-input").send_keys(TOKEN)
+            driver.find_element(By.CSS_SELECTOR, "#token-form button").click()
+            panel = driver.find_element(By.ID, "annotate")
+            panel.find_element(By.NAME, "file").send_keys(str(planted_world["query"]))
+            panel.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+            line = panel.find_element(By.CSS_SELECTOR, ".job-line")
+            _wait(lambda: "annotate job queued" in line.text, 60, "the queued job")
+            cancel = panel.find_element(By.CSS_SELECTOR, "button.cancel")
+            assert cancel.is_displayed()
+            cancel.click()
+            _wait(lambda: "annotate job cancelled" in line.text, 60, "the cancelled job")
+            assert not cancel.is_displayed()
+            assert panel.find_element(By.CSS_SELECTOR, "button[type=submit]").is_enabled()
+            assert jobs.counts()["cancelled"] == 1 and len(list((tmp_path / "work" / "jobs").iterdir())) == 1
+        finally:
+            release.set()

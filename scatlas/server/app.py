@@ -3,7 +3,8 @@
 Routes (docs/server.md has the details): ``GET /api/health`` (open); with a token set, every other ``/api`` route
 needs ``Authorization: Bearer <token>``. ``GET /api/index`` (``scatlas info --json``), ``GET /api/overview``
 (labels by dataset, for the page), ``GET /api/map.png``; ``POST /api/annotate``, ``/api/search``, ``/api/hunt``
-(multipart, ``file`` = .h5ad) -> 202 ``{"job": ID}``; ``GET /api/jobs/{ID}`` and ``GET /api/jobs/{ID}/{file}``.
+(multipart, ``file`` = .h5ad) -> 202 ``{"job": ID}``; ``GET /api/jobs/{ID}`` and ``GET /api/jobs/{ID}/{file}``;
+``DELETE /api/jobs/{ID}`` cancels a queued or running job, or deletes a finished one with its files.
 ``GET /`` is the page, ``GET /static/...`` its script and style sheet (no data; open).
 
 Every error is JSON ``{"error": "..."}``: 400 for bad input (checked before a job is queued), 401 without the
@@ -369,6 +370,11 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/api/jobs/{job_id}", dependencies=[auth])
     def job_status(job_id: str) -> dict[str, Any]:
         return _job(state, job_id).to_json()
+
+    @app.delete("/api/jobs/{job_id}", dependencies=[auth])
+    def job_cancel(job_id: str) -> dict[str, Any]:
+        job = _job(state, job_id)
+        return {"job": job.id, "status": state.jobs.cancel(job)}
 
     @app.get("/api/jobs/{job_id}/{name}", dependencies=[auth])
     def job_file(job_id: str, name: str) -> Response:

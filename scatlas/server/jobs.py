@@ -4,8 +4,10 @@ removal after a retention time.
 Why threads (not processes): the index is loaded once and shared read-only (:mod:`scatlas.server.shared`, each
 thread with its own DuckDB cursor); the work of a job is NumPy, FAISS, PyTorch and HDF5 calls that release the GIL,
 so jobs overlap on the cores; and a process pool would hold one copy of the index per worker. What a thread cannot
-have: a job cannot be killed while it runs (a running job finishes or fails; shutting the server down waits for the
-running jobs and drops the queued ones).
+have: a job cannot be killed while it runs. Cancelling one (:meth:`JobManager.cancel`) drops it when queued; a
+running one stops at its next step (a stage, or a step of the library's progress bars, every chunk of cells:
+:func:`scatlas.index.progress.set_interrupt_check`), and its directory is removed. Shutting the server down waits for
+the running jobs and drops the queued ones.
 
 A job's progress is an estimate: each job moves through stages (e.g. annotate 0.02-0.9, writing 0.9-0.99), and
 inside a stage it follows ``1 - exp(-t / expected)``, where ``expected`` is the stage's duration predicted from the
@@ -24,14 +26,15 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from scatlas.atlas.atomic import write_json_atomic
-from scatlas.atlas.errors import OutputError, ScatlasError
+from scatlas.atlas.errors import Interrupted, OutputError, ScatlasError
 from scatlas.atlas.outputs import safe_text
+from scatlas.index.progress import set_interrupt_check
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ WORK_MARKER = ".scatlas-serve.json"
 JOB_MARKER = ".scatlas-job"
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{20,64}$")
 """What a job id looks like (:func:`secrets.token_urlsafe` of 18 bytes gives 24 characters)."""
-STATES = ("queued", "running", "done", "failed")
+STATES = ("queued", "running", "done", "failed", "cancelled")
 _SERVER_MATRIX = ("(this server reads counts wherever the file has them, else X: upload a file whose X holds the "
                   "matrix, or run the scatlas command with --x-layer)")
 API_HINTS = (
@@ -85,10 +88,23 @@ class Job:
     upload_name: str = "the uploaded file"
     _stage: tuple[str, float, float, float, float] = ("queued", 0.0, 0.0, 0.0, 1.0)
     _final: float | None = None
+    _cancel: threading.Event = field(default_factory=threading.Event)
+    _future: Future[None] | None = None
 
     def stage(self, name: str, start: float, end: float, expected_s: float) -> None:
-        """Enter stage ``name``, which runs the progress from ``start`` to ``end`` in about ``expected_s`` seconds."""
+        """Enter stage ``name``, which runs the progress from ``start`` to ``end`` in about ``expected_s`` seconds
+        (raises :class:`Interrupted` instead once the job is cancelled)."""
+        self.check_cancelled()
         self._stage = (name, float(start), float(end), time.monotonic(), max(float(expected_s), 0.1))
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`Interrupted` when the job has been cancelled (its work stops at the next step)."""
+        if self._cancel.is_set():
+            raise Interrupted("the job was cancelled")
+
+    @property
+    def cancelling(self) -> bool:
+        return self._cancel.is_set() and self.status == "running"
 
     @property
     def progress(self) -> float:
@@ -105,7 +121,7 @@ class Job:
     def to_json(self) -> dict[str, Any]:
         return {
             "job": self.id, "kind": self.kind, "status": self.status, "progress": self.progress,
-            "stage": self._stage[0], "error": self.error, "result": self.result,
+            "stage": "cancelling" if self.cancelling else self._stage[0], "error": self.error, "result": self.result,
             "files": sorted(self.files) if self.status == "done" else [],
             "created": self.created, "started": self.started, "finished": self.finished,
         }
@@ -215,21 +231,26 @@ class JobManager:
         """Queue ``work(job) -> result summary``; its ScatlasError fails the job with the error's message."""
         job.status = "queued"
         job.stage("queued", 0.0, 0.0, 1.0)
-        self._pool.submit(self._run, job, work)
+        job._future = self._pool.submit(self._run, job, work)
 
     def _run(self, job: Job, work: Callable[[Job], dict[str, Any]]) -> None:
-        if self._stop.is_set():
-            return
-        job.stage("starting", 0.01, 0.02, 1.0)
-        job.status, job.started = "running", time.time()
+        with self._lock:  # a cancel between the queue and here has dropped the job already
+            if self._stop.is_set() or job.status != "queued":
+                return
+            job.status, job.started = "running", time.time()
         t0 = time.perf_counter()
         result: dict[str, Any] | None = None
         error: str | None = None
         collected = _ThreadWarnings()
         scatlas_logger = logging.getLogger("scatlas")
         scatlas_logger.addHandler(collected)
+        set_interrupt_check(job.check_cancelled)
         try:
+            job.stage("starting", 0.01, 0.02, 1.0)
             result = work(job)
+        except Interrupted:
+            self._cancelled(job)
+            return
         except ScatlasError as exc:
             error = self.public_text(job, str(exc))
             logger.info("job %s (%s) failed: %s", job.id, job.kind, error)
@@ -237,6 +258,7 @@ class JobManager:
             logger.exception("job %s (%s) failed with an internal error", job.id, job.kind)
             error = INTERNAL_ERROR
         finally:
+            set_interrupt_check(None)
             scatlas_logger.removeHandler(collected)
         if result is not None and collected.messages:  # what the CLI prints as WARNING lines, for the client too
             said = list(result.get("warnings") or [])
@@ -261,6 +283,39 @@ class JobManager:
         for cli_hint, api_hint in API_HINTS:
             text = text.replace(cli_hint, api_hint)
         return text.replace(str(job.directory) + "/", "").replace(str(job.directory), "the job directory")
+
+    def cancel(self, job: Job) -> str:
+        """Cancel or delete a job: a queued job is dropped, a running one stops at its next step (``"cancelling"``
+        until it has), a finished one is removed with its files (``"deleted"``). The job's new state."""
+        with self._lock:
+            if job.status == "queued":
+                if job._future is not None:
+                    job._future.cancel()  # or _run finds the job cancelled and returns
+                job._cancel.set()
+                self._mark_cancelled(job)
+            elif job.status == "running":
+                job._cancel.set()
+                return "cancelling"
+            else:
+                self._jobs.pop(job.id, None)
+        shutil.rmtree(job.directory, ignore_errors=True)
+        logger.info("job %s %s on request", job.id, "cancelled" if job.status == "cancelled" else "deleted")
+        return job.status if job.status == "cancelled" else "deleted"
+
+    @staticmethod
+    def _mark_cancelled(job: Job) -> None:
+        job.finished = time.time()
+        job._final = job.progress
+        job.result, job.error, job.files = None, None, {}
+        job.status = "cancelled"
+
+    def _cancelled(self, job: Job) -> None:
+        """A running job stopped by :meth:`cancel`: its outputs removed, its record kept as cancelled until the
+        retention time."""
+        shutil.rmtree(job.directory, ignore_errors=True)
+        with self._lock:
+            self._mark_cancelled(job)
+        logger.info("job %s (%s) cancelled while running", job.id, job.kind)
 
     def expected_seconds(self, kind: str, cells: int) -> float:
         return DEFAULT_BASE_SECONDS.get(kind, 2.0) + self._rates.get(kind, 0.003) * max(cells, 1)

@@ -160,12 +160,23 @@
       event.preventDefault();
       runJob(panel, form).catch((err) => showError(panel, err.message));
     });
+    const cancel = $("button.cancel", panel);
+    cancel.addEventListener("click", async () => {
+      cancel.disabled = true;
+      try {
+        await api(`/api/jobs/${encodeURIComponent(panel.dataset.job)}`, { method: "DELETE" });
+      } catch (err) {
+        cancel.disabled = false;
+        showError(panel, err.message);
+      }
+    });
   }
 
   function showError(panel, message) {
     const box = $(".error", panel);
     box.textContent = message;
     box.hidden = false;
+    $("button.cancel", panel).hidden = true;
     const line = $(".job-line", panel);
     if (line.textContent === "Uploading…") line.textContent = "Refused:";
     $("button[type=submit]", panel).disabled = false;
@@ -187,6 +198,9 @@
     const response = await api(`/api/${kind}`, { method: "POST", body: data });
     const { job } = await response.json();
     panel.dataset.job = job;
+    const cancel = $("button.cancel", panel);
+    cancel.disabled = false;
+    cancel.hidden = false;
     await poll(panel, kind, job);
   }
 
@@ -211,6 +225,11 @@
       $("progress", panel).value = state.progress;
       $(".job-line", panel).textContent = `${kind} job ${state.status}` +
         (state.status === "running" ? ` (${state.stage}, about ${Math.round(100 * state.progress)}%)` : "");
+      if (state.status !== "queued" && state.status !== "running") $("button.cancel", panel).hidden = true;
+      if (state.status === "cancelled") {
+        $("button[type=submit]", panel).disabled = false;
+        return;
+      }
       if (state.status === "failed") {
         showError(panel, state.error || "the job failed");
         return;
