@@ -414,3 +414,21 @@ def test_an_update_left_without_labels_says_how_out(tmp_path):
     assert "no atlas cell has a 'cell_type' label" in out and "re-ingest labelled data" in out
     assert "--overwrite --no-label-heads" in out
     assert current_version(tmp_path / "index")[0] == 1  # nothing committed
+
+
+def test_an_update_and_a_pickled_index_open_their_versions_without_a_warning(store_ab, caplog):
+    """An update's own steps open the version it writes, and a pickled index reopens its current version's
+    directory: neither is a user opening an old version (the warning is for that)."""
+    import logging
+    import pickle
+
+    atlas, b, tmp = store_ab
+    index = tmp / "index"
+    build_index(atlas, index, **BUILD)
+    ingest([b], atlas, progress=False)
+    with caplog.at_level(logging.WARNING, logger="scatlas"):
+        update_index(atlas, index, progress=False)
+        with AtlasIndex.open(index) as idx:
+            assert idx.path.name == "0002"
+            pickle.loads(pickle.dumps(idx)).close()
+    assert not [r for r in caplog.records if "opened as it is" in r.getMessage()], caplog.text

@@ -140,3 +140,34 @@ def test_a_soma_experiment_whose_member_lies_elsewhere_is_refused(tmp_path):
     with pytest.raises(InputError, match="its member 'obs' lies outside the experiment"):
         ingest([evil], tmp_path / "atlas", progress=False)
     assert ingest([victim], tmp_path / "atlas2", progress=False).datasets  # a plain experiment is read
+
+
+def test_a_soma_member_escaping_through_encoded_slashes_is_refused(tmp_path):
+    """A member URI read one way by the check and another by TileDB (``%2F`` decoded or not, then ``..``) is
+    refused; an experiment under a directory whose name holds ``%`` is still read."""
+    import shutil
+
+    import tiledbsoma
+    import tiledbsoma.io
+
+    from scatlas.atlas import ingest
+
+    evil, victim = tmp_path / "up" / "exp", tmp_path / "victim" / "exp"
+    ad = make_adata(60, 40, seed=3)
+    tiledbsoma.io.from_anndata(str(evil), ad, measurement_name="RNA")
+    ad.obs["cell_type"] = ad.obs["cell_type"].astype(str) + " SECRET"
+    tiledbsoma.io.from_anndata(str(victim), ad, measurement_name="RNA")
+    (evil / "a%2Fb%2Fc").mkdir()
+    crafted = f"file://{evil}/a%2Fb%2Fc/../../../victim/exp/obs"
+    with tiledbsoma.Experiment.open(str(evil), "w") as e:
+        del e["obs"]
+    with tiledbsoma.Experiment.open(str(evil), "w") as e, tiledbsoma.DataFrame.open(str(victim / "obs")) as o:
+        e._set_element("obs", uri=crafted, relative=False, soma_object=o)
+    shutil.rmtree(evil / "obs", ignore_errors=True)
+    with pytest.raises(InputError, match="its member 'obs' lies outside the experiment"):
+        ingest([str(evil)], tmp_path / "atlas", progress=False)
+
+    odd = tmp_path / "pct%41" / "exp"
+    odd.parent.mkdir()
+    tiledbsoma.io.from_anndata(str(odd), make_adata(60, 40, seed=4), measurement_name="RNA")
+    assert ingest([str(odd)], tmp_path / "atlas2", progress=False).datasets
