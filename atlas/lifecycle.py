@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -57,6 +58,9 @@ TOP_LABEL_VALUES = 10
 TOP_TARGET_VALUES = 20
 """Values listed per relabelled column by :func:`relabel_dataset`."""
 _TERM_SUFFIX = term_column("")
+KEPT_COLUMN = re.compile(r"_rev\d+(_\d+)?$")
+"""What a relabel names the columns keeping the values it replaced (``TARGET_revN``, ``TARGET_revN_2``...): an
+archive, not an annotation of its own (left out of the label columns a build picks by itself)."""
 
 
 def _unknown_dataset(path: Path, dataset_id: str, known: Iterable[str] = ()) -> InputError:
@@ -280,23 +284,38 @@ def _name_kept_columns(con: duckdb.DuckDBPyConnection, dataset_id: str, columns:
     relabel replaces it: ``TARGET_revN`` (N: the obs revision those values belong to; a suffix where the name is
     taken), none where the dataset holds no value there. Nothing a relabel replaces is lost: ``--obs-map
     TARGET_revN=TARGET`` puts it back."""
-    taken = {n.casefold() for n in types}
+    existing = {n.casefold(): n for n in types}
+    taken: set[str] = set()
     held = con.execute(
         "SELECT " + ", ".join(f"count({quote_ident(c)})" for col in columns for c in (col.target, col.term_column)
                               if c) + " FROM cells WHERE dataset_id = ?", [dataset_id]).fetchone() or ()
     counts = iter(held)
 
+    def free(name: str, source: str) -> bool:
+        """Whether ``name`` can keep ``source``'s values: not yet chosen, and new, or a column of the same type in
+        which this dataset holds nothing (another dataset's kept values of the same revision: one column for all)."""
+        if name.casefold() in taken:
+            return False
+        column = existing.get(name.casefold())
+        if column is None:
+            return True
+        if types[column] != types[source] or column in {n for c in columns for n in (c.target, c.stored_source)}:
+            return False
+        row = con.execute(f"SELECT count({quote_ident(column)}) FROM cells WHERE dataset_id = ?",
+                          [dataset_id]).fetchone()
+        return row is not None and row[0] == 0
+
     def kept(column: str | None, base: str, terms: bool) -> str | None:
-        """The free name keeping ``column``'s values: ``base`` (``base_2``, ... where taken), or for a term column
-        that name's term column; None when the dataset holds no value there."""
+        """The name keeping ``column``'s values: ``base`` (``base_2``, ... where taken), or for a term column that
+        name's term column; None when the dataset holds no value there."""
         if not column or not next(counts):
             return None
         k, label = 1, base
-        while (name := term_column(label) if terms else label).casefold() in taken:
+        while not free(name := term_column(label) if terms else label, column):
             k += 1
             label = f"{base}_{k}"
         taken.add(name.casefold())
-        return check_name(name, "relabel's column of the replaced values")
+        return check_name(existing.get(name.casefold(), name), "relabel's column of the replaced values")
 
     for col in columns:
         base = f"{col.target}_rev{revision}"

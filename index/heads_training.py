@@ -22,6 +22,7 @@ import scipy.sparse as sp
 
 from scatlas.atlas.atomic import replaced_dir
 from scatlas.atlas.errors import IndexFormatError, InputError
+from scatlas.atlas.lifecycle import KEPT_COLUMN
 from scatlas.atlas.sql import quote_ident
 from scatlas.index.atlas_index import AtlasIndex
 from scatlas.index.embedding import obs_columns, obsm_keys, reads_x
@@ -86,11 +87,13 @@ def label_columns(con: Any, max_labels: int = AUTO_MAX_LABELS) -> list[str]:
 def label_column_classes(con: Any, max_labels: int = AUTO_MAX_LABELS) -> dict[str, int]:
     """``{column: distinct values}`` of the cells table's columns that look like annotations: text (VARCHAR or
     ENUM) columns with 2 to ``max_labels`` distinct values and at most one distinct value per two labelled cells
-    (not names or ids), other than the cell id, ``dataset_id`` and ontology term columns; ``cell_type`` first when
+    (not names or ids), other than the cell id, ``dataset_id``, ontology term columns and the values a relabel
+    replaced (``TARGET_revN``, :data:`atlas.lifecycle.KEPT_COLUMN`); ``cell_type`` first when
     present, then in table order."""
     candidates = [
         str(row[0]) for row in con.execute("DESCRIBE cells").fetchall()
         if str(row[0]) not in NOT_LABELS and not str(row[0]).endswith(TERM_SUFFIX)
+        and not KEPT_COLUMN.search(str(row[0]))
         and (str(row[1]) == "VARCHAR" or str(row[1]).startswith("ENUM"))
     ]
     if not candidates:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -529,6 +529,9 @@ def _mapping(idx: AtlasIndex, run: Transfer, alignment: Alignment | None, apply:
         verdict = with_expression(verdict, unlike[used], expression.record)
         if verdict.strict_expression:  # another tissue: a cell keeps its label only if it matches well on its own
             unlike = used & expression.below(run.expression_match, run.expression_depth, strict=True)
+        verdict = replace(verdict, expression={  # the cut that decided the cells, and how many it made unknown
+            **verdict.expression, "cuts_applied": "strict" if verdict.strict_expression else "usual",
+            "cells_out": int(unlike.sum())})
     else:
         verdict = with_expression(verdict, None, expression)
     out = np.zeros(len(run.similarity), bool)

@@ -607,11 +607,16 @@ def _echo_annotation(report: dict[str, Any]) -> None:
               + ("; the atlas has one dataset, so how far another lab's data must shift is not judged (only how "
                  "its cells' similarities fall)" if weaker else ""))
     expression = mapping.get("expression") or {}
-    if expression.get("status") == "on" and expression.get("cells_below"):
-        cuts = (expression.get("depth_bins") or {}).get("cuts") or [expression.get("cut")]
+    if expression.get("status") == "on" and expression.get("cells_out", expression.get("cells_below")):
+        strict = expression.get("cuts_applied") == "strict"
+        cuts = (expression.get("strict_cuts") if strict else None) or \
+            (expression.get("depth_bins") or {}).get("cuts") or [expression.get("cut")]
         span = f"from {min(cuts)} to {max(cuts)}" if len(set(cuts)) > 1 else f"{cuts[0]}"
-        _echo(f"expression: {expression['cells_below']:,} cells match no atlas cell type in gene space "
-              f"(a correlation under the cut of their number of detected genes, {span}): 'unknown' (out_of_atlas)")
+        _echo(f"expression: {expression.get('cells_out', expression.get('cells_below')):,} cells match no atlas cell "
+              f"type in gene space (a correlation under the {'strict ' if strict else ''}cut of their number of "
+              f"detected genes, {span}"
+              + ("; strict: the query as a whole maps poorly, so a cell keeps its label only where it matches well"
+                 if strict else "") + "): 'unknown' (out_of_atlas)")
     elif mapping.get("verdict") == "too_few_cells":
         _echo(f"mapping: no query-level verdict: the query has {mapping.get('n_cells')} cell(s), under the "
               f"{mapping.get('min_cells')} the check needs; each cell is judged on its own "

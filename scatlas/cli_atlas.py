@@ -94,7 +94,8 @@ def relabel(atlas_dir: Path, dataset_id: str, obs_map: tuple[str, ...], ontology
     Mends a forgotten `ingest --obs-map` without re-ingesting: each SOURCE=TARGET copies a column the store kept
     (an obs column under its original name) onto a column of the store (not soma_joinid, dataset_id, obs_id or
     is_primary_data). The values (and terms) a TARGET held are kept in a column TARGET_revN (N: the revision they
-    belonged to): `--obs-map TARGET_revN=TARGET` puts them back. With --ontology-map alone it mends a forgotten
+    belonged to; their terms in TARGET_revN_ontology_term_id): the command prints the --obs-map pairs that put
+    them back. With --ontology-map alone it mends a forgotten
     `ingest --ontology-map`. The dataset's obs revision is bumped, so an index built before sees the change
     (`scatlas build --update` gives it the new labels).
     """
@@ -110,8 +111,9 @@ def relabel(atlas_dir: Path, dataset_id: str, obs_map: tuple[str, ...], ontology
                   f"{_values(col.values)}")
         if col.kept_as:
             kept = f"{col.kept_as}" + (f" (their terms: {col.kept_terms_as})" if col.kept_terms_as else "")
-            _echo(f"  the values {col.target} held are kept in {kept}; to put them back: --obs-map "
-                  f"{col.kept_as}={col.target}")
+            back = f"--obs-map {col.kept_as}={col.target}" + (
+                f" --obs-map {col.kept_terms_as}={col.term_column}" if col.kept_terms_as else "")
+            _echo(f"  the values {col.target} held are kept in {kept}; to put them back: {back}")
         elif col.kept_terms_as:
             _echo(f"  the terms {col.term_column} held are kept in {col.kept_terms_as}")
         if col.terms == "cleared":

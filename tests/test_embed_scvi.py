@@ -13,11 +13,14 @@ import scipy.sparse as sp
 
 pytest.importorskip("scvi", reason="scvi-tools is not installed (pip install 'scatlas[scvi]'; the test extra has it)")
 
+from click.testing import CliRunner  # noqa: E402
+
 from scatlas.atlas.chunks import CellChunk  # noqa: E402
 from scatlas.atlas.embed import load_embedder, make_embedder  # noqa: E402
-from scatlas.atlas.errors import InputError  # noqa: E402
+from scatlas.atlas.errors import InputError, StoreError  # noqa: E402
 from scatlas.atlas.genes import GeneVocabulary  # noqa: E402
 from scatlas.atlas.store import AtlasStore  # noqa: E402
+from scatlas.cli import cli  # noqa: E402
 from scatlas.index import AtlasIndex, l2_normalize  # noqa: E402
 from tests.conftest import make_adata, run_cli  # noqa: E402
 from tests.helpers_embed import tiny_scvi_model  # noqa: E402
@@ -160,3 +163,49 @@ def test_refuses_lognorm_query(built):
     emb = load_embedder(built / "index" / "embedder")
     with pytest.raises(InputError, match="raw counts"):
         emb.transform(chunks(make_adata(20, 100), "query", kind="lognorm")[0])
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # what a crafted model.pt carries: a call to run on loading
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_an_index_whose_model_file_carries_code_is_refused_unrun(built, tmp_path):
+    """scvi-tools loads model.pt with torch.load(weights_only=False): a crafted index ran code on `scatlas info`.
+    The file's pickle is checked first; only weights and settings pass."""
+    import hashlib
+    import shutil
+
+    import torch
+
+    from scatlas.atlas.embed.safe_load import check_pickled_names
+
+    index = tmp_path / "index"
+    shutil.copytree(built / "index", index)
+    model = index / "embedder" / "scvi_model" / "model.pt"
+    check_pickled_names(model, "the model")  # scvi-tools' own file passes
+    marker = tmp_path / "PWNED"
+    torch.save({"attr_dict": _RunsCode(marker), "model_state_dict": {}}, model)
+    manifest = json.loads((index / "manifest.json").read_text())
+
+    def mend(node):  # the attacker rewrites the manifest's size and checksum too
+        for key, value in node.items():
+            if key.endswith("scvi_model/model.pt") and isinstance(value, dict):
+                value.update(bytes=model.stat().st_size, sha256=hashlib.sha256(model.read_bytes()).hexdigest())
+            elif isinstance(value, dict):
+                mend(value)
+
+    mend(manifest)
+    (index / "manifest.json").write_text(json.dumps(manifest))
+    res = CliRunner().invoke(cli, ["-q", "search", str(built / "query.h5ad"), "--index", str(index), "--out",
+                                   str(tmp_path / "hits.csv")])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "names 'posix.system'" in res.output and "could run code" in res.output, res.output
+    with pytest.raises(StoreError, match="could run code"):
+        load_embedder(index / "embedder")
+    assert not marker.exists()

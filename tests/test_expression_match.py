@@ -93,6 +93,11 @@ def test_cells_of_the_atlas_types_match_and_other_programs_do_not(world: dict[st
     assert all(s >= c for s, c in zip(strict, report["mapping"]["expression"]["depth_bins"]["cuts"], strict=True))
     assert (foreign.loc[foreign["atlas_expression_match"] < min(strict), f"{KEY}_unknown_reason"]
             == "out_of_atlas").all()
+    expr = report["mapping"]["expression"]  # the report and the CLI give the cut applied and what it made unknown
+    assert expr["cells_out"] >= expr["cells_below"] if expr["cuts_applied"] == "strict" else \
+        expr["cells_out"] == expr["cells_below"]
+    assert expr["cells_out"] <= (foreign[f"{KEY}_unknown_reason"] == "out_of_atlas").sum()
+    assert f"expression: {expr['cells_out']:,} cells match no atlas cell type" in res.output
 
 
 def test_in_a_mixed_sample_the_foreign_cells_are_unknown_and_the_others_answered(world: dict[str, Any]) -> None:

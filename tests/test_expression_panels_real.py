@@ -55,6 +55,8 @@ def test_an_atlas_of_two_gene_panels_tells_cell_lines_from_blood(tmp_path):
     # before each dataset was compared on the genes it measured: cut 0.32, 3.2% unknown, "maps well"
     assert lines.report["mapping"]["verdict"] == "maps_poorly"
     assert (lines.predictions["cell_type_pred"] == "unknown").mean() >= 0.9, expression
+    # turned by expression (it maps as atlas cells do by similarity): a cell keeps a label only if it matches well
+    assert expression["cuts_applied"] == "strict" and expression["cells_out"] >= expression["cells_below"]
 
     kang = anndata.read_h5ad(RAW / "kang2018_ifnb_ctrl_stim_2800.h5ad")
     kang = kang[kang.obs["sample"].astype(str) == "CTRL"].copy()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 import socket
 import threading
 import time
@@ -263,7 +264,7 @@ def test_a_job_that_fails_says_what_the_cli_says(server: dict[str, Any], world: 
 
 def test_job_messages_and_reports_speak_of_the_upload_and_the_api(server: dict[str, Any], world: dict[str, Path],
                                                                  tmp_path: Path) -> None:
-    from scatlas.server.jobs import Job, JobManager
+    from scatlas.server.jobs import Job, JobManager, server_paths
 
     c = server["client"]
     state = submit(c, "/api/annotate", world["small"])
@@ -292,8 +293,14 @@ def test_job_messages_and_reports_speak_of_the_upload_and_the_api(server: dict[s
     for hint in ("pass --allow-species-mismatch (allow_species_mismatch=True in Python) to go on anyway",
                  "or lower the threshold with --min-gene-overlap.", "(choose another with --x-layer)",
                  str(no_expression_error(3)).split("wrong matrix read ", 1)[1].split(", or the genes")[0]):
-        text = JobManager.public_text(job, f"the query is wrong: {hint}")
+        text = JobManager(tmp_path / "jm").public_text(job, f"the query is wrong: {hint}")
         assert hint not in text and "this server" in text and "scatlas command" in text, text
+    manager = JobManager(tmp_path / "jm2", hidden_paths=server_paths(tmp_path / "idx" / "versions" / "0002",
+                                                                     tmp_path / "store"))
+    text = manager.public_text(job, f"the atlas store {tmp_path / 'store'} is not reachable from "
+                                    f"{tmp_path / 'idx' / 'versions' / '0002'} ({tmp_path / 'idx'})")
+    assert str(tmp_path) not in text and text == "the atlas store store is not reachable from 0002 (idx)", text
+    manager.shutdown()
 
 
 def test_jobs_run_at_once_on_the_shared_index(server: dict[str, Any], world: dict[str, Path]) -> None:
@@ -489,6 +496,25 @@ def test_an_index_without_map_or_heads(world: dict[str, Path], tmp_path: Path) -
         assert "umap.png" not in state["files"] and state["result"]["labels"]["cell_type"]["predicted_by"] == "knn"
         r = c.get(f"/api/jobs/{state['job']}/umap.png", headers=AUTH)
         assert r.status_code == 404 and "no reference map" in r.json()["error"]
+
+
+def test_a_hunt_without_the_atlas_store_names_no_server_path(world: dict[str, Path], tmp_path: Path) -> None:
+    """docs/server.md: clients are not told the server's paths, the atlas store's included (a server given an index
+    whose store is not reachable: the hunt's gene comparison is skipped, saying why, without the path)."""
+    from scatlas.server import create_app
+
+    atlas = tmp_path / "private" / "atlas"
+    shutil.copytree(world["root"] / "atlas", atlas)
+    build_index(atlas, tmp_path / "index", embedder_options={"n_hvg": 250, "n_components": 20}, label_keys=(),
+                reference_map=False, progress=False)
+    shutil.rmtree(atlas)
+    app = create_app(tmp_path / "index", token=TOKEN, work_dir=tmp_path / "work", workers=1)
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        state = submit(c, "/api/hunt", world["query"], {"positive": f"cell_type = '{PLANTED}'", "background": "1000"})
+        assert state["status"] == "done" and state["result"]["de_skipped"], state
+        texts = [json.dumps(state), c.get(f"/api/jobs/{state['job']}/report.html", headers=AUTH).text,
+                 c.get(f"/api/jobs/{state['job']}/report.json", headers=AUTH).text]
+        assert not [t for t in texts if str(tmp_path) in t], [t[:2000] for t in texts if str(tmp_path) in t]
 
 
 def test_internal_errors_answer_500_without_a_traceback(server: dict[str, Any], world: dict[str, Path],

@@ -403,7 +403,8 @@ def test_relabel_keeps_the_values_it_replaces_and_puts_them_back(forgot: Path, t
     res = _run("relabel", "--atlas", str(forgot), "--dataset", "ok", "--obs-map", "donor_id=cell_type")
     assert res.exit_code == 0, res.output
     assert ("the values cell_type held are kept in cell_type_rev0 (their terms: cell_type_rev0_ontology_term_id); "
-            "to put them back: --obs-map cell_type_rev0=cell_type") in res.output
+            "to put them back: --obs-map cell_type_rev0=cell_type --obs-map "
+            "cell_type_rev0_ontology_term_id=cell_type_ontology_term_id") in res.output
     assert _rows(forgot, "SELECT cell_type_rev0, cell_type_rev0_ontology_term_id FROM cells WHERE dataset_id = 'ok' "
                          "ORDER BY soma_joinid") == before
     back = _run("relabel", "--atlas", str(forgot), "--dataset", "ok", "--obs-map", "cell_type_rev0=cell_type",
@@ -413,6 +414,19 @@ def test_relabel_keeps_the_values_it_replaces_and_puts_them_back(forgot: Path, t
     assert _rows(forgot, "SELECT cell_type, cell_type_ontology_term_id FROM cells WHERE dataset_id = 'ok' "
                          "ORDER BY soma_joinid") == before
     assert verify_store(forgot, progress=False).ok
+    # another dataset's relabel at its revision 0 keeps its values in the same column (it holds none of them)
+    fx = _run("relabel", "--atlas", str(forgot), "--dataset", "fx", "--obs-map", "celltype=cell_type")
+    assert fx.exit_code == 0 and "kept in cell_type_rev0_ontology_term_id" in fx.output, fx.output
+    fx = _run("relabel", "--atlas", str(forgot), "--dataset", "fx", "--obs-map", "donor_id=cell_type")
+    assert fx.exit_code == 0 and "kept in cell_type_rev1;" in fx.output, fx.output
+    columns = [c for (c,) in _rows(forgot, "SELECT column_name FROM (DESCRIBE cells)")]
+    assert [c for c in columns if "_rev" in c] == ["cell_type_rev0", "cell_type_rev0_ontology_term_id",
+                                                   "cell_type_rev1"], columns
+    # archives, not annotations: a build's own choice of label columns leaves them out
+    from scatlas.index.heads_training import label_column_classes
+
+    with duckdb.connect(str(forgot / "cells.duckdb"), read_only=True) as con:
+        assert not [c for c in label_column_classes(con) if "_rev" in c]
 
 
 def test_a_store_given_as_the_index_is_named(three: Path) -> None:

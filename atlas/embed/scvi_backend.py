@@ -26,6 +26,7 @@ import scipy.sparse as sp
 
 from scatlas.atlas.chunks import CellChunk
 from scatlas.atlas.embed.pca import SampleSource, sample_pass
+from scatlas.atlas.embed.safe_load import check_pickled_names
 from scatlas.atlas.errors import DependencyError, InputError, StoreError
 from scatlas.atlas.genes import GeneVocabulary, match_genes
 from scatlas.atlas.normalize import to_lognorm
@@ -297,6 +298,7 @@ def load_model(directory: Path, device: str) -> Any:
     accelerator, index = lightning_devices(device)
     if not (Path(directory) / "model.pt").is_file():
         raise InputError(f"{directory} holds no scvi-tools model (model.pt missing)")
+    check_pickled_names(Path(directory) / "model.pt", f"the scVI model file {Path(directory) / 'model.pt'}")
     try:
         with quiet():
             model = scvi.model.SCVI.load(str(directory), adata=False, accelerator=accelerator, device=index)

@@ -40,7 +40,7 @@ from starlette.requests import ClientDisconnect
 from scatlas import __version__
 from scatlas.atlas.errors import InputError, ScatlasError
 from scatlas.atlas.outputs import safe_text
-from scatlas.server.jobs import Job, JobManager, QueueFull, prepare_work_dir
+from scatlas.server.jobs import Job, JobManager, QueueFull, prepare_work_dir, server_paths
 from scatlas.server.maps import atlas_map_png
 from scatlas.server.shared import SharedIndex
 from scatlas.server.tasks import (
@@ -192,7 +192,8 @@ def create_app(
     try:
         prepare_work_dir(wdir)
         jobs = JobManager(wdir, workers=workers, retention_s=retention_s, max_pending=max_pending,
-                          sweep_every_s=cleanup_every_s)
+                          sweep_every_s=cleanup_every_s,
+                          hidden_paths=server_paths(Path(index_dir), shared.index.path, shared.index.atlas_path))
     except BaseException:
         shared.close()
         if own:

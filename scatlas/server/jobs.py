@@ -162,6 +162,35 @@ def prepare_work_dir(path: Path) -> None:
     write_json_atomic(path / WORK_MARKER, {"kind": "scatlas serve work directory"})
 
 
+def hide_paths(value: Any, paths: dict[str, str]) -> Any:
+    """``value`` (text, or JSON-like lists and dicts of it) with every path of ``paths`` replaced by what it maps
+    to (longest paths first, so a path inside another is not half replaced)."""
+    if isinstance(value, str):
+        for path in sorted(paths, key=len, reverse=True):
+            value = value.replace(path, paths[path])
+        return value
+    if isinstance(value, dict):
+        return {k: hide_paths(v, paths) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [hide_paths(v, paths) for v in value]
+    return value
+
+
+def server_paths(*paths: Path | None) -> dict[str, str]:
+    """``paths`` (a served index's directory as given and as opened, its atlas store's) as written and resolved,
+    and the root of an index version directory among them, each mapped to its directory's name: what clients are
+    told instead."""
+    out: dict[str, str] = {}
+    for path in paths:
+        if path is None:
+            continue
+        for p in {Path(path), Path(path).resolve()}:
+            out[str(p)] = p.name
+            if p.parent.name == "versions":  # ROOT/versions/NNNN: the root's path too
+                out[str(p.parent.parent)] = p.parent.parent.name
+    return {k: v for k, v in out.items() if len(k) > 1}  # never "/"
+
+
 MAX_WARNINGS = 20
 """A job's result lists at most this many warnings."""
 
@@ -187,8 +216,10 @@ class JobManager:
     beyond); removes a finished job (its directory and its record) ``retention_s`` seconds after it finished."""
 
     def __init__(self, work_dir: Path, *, workers: int = 2, retention_s: float = 3600.0, max_pending: int = 32,
-                 sweep_every_s: float | None = None) -> None:
+                 sweep_every_s: float | None = None, hidden_paths: dict[str, str] | None = None) -> None:
         self.work_dir = Path(work_dir)
+        self.hidden_paths = dict(hidden_paths or {})
+        """The server's paths clients are not told (the index's, its atlas store's) -> what messages say instead."""
         self.jobs_dir = self.work_dir / JOBS_DIR
         self.retention_s = float(retention_s)
         self.max_pending = int(max_pending)
@@ -274,15 +305,16 @@ class JobManager:
         job.result, job.error = result, error
         job.status = "failed" if error is not None else "done"  # last: a client seeing it sees everything else
 
-    @staticmethod
-    def public_text(job: Job, text: str) -> str:
+    def public_text(self, job: Job, text: str) -> str:
         """A message for the client: the job directory's paths replaced by the names the client knows, the query's
-        stored name by the upload's, and the command line's hints by what they mean for the API."""
+        stored name by the upload's, the server's index and atlas paths by their names (:attr:`hidden_paths`), and
+        the command line's hints by what they mean for the API."""
         text = safe_text(text).replace(str(job.directory / "query.h5ad"), job.upload_name)
         text = text.replace("the query 'query'", f"the query {job.upload_name!r}")
         for cli_hint, api_hint in API_HINTS:
             text = text.replace(cli_hint, api_hint)
-        return text.replace(str(job.directory) + "/", "").replace(str(job.directory), "the job directory")
+        text = text.replace(str(job.directory) + "/", "").replace(str(job.directory), "the job directory")
+        return hide_paths(text, self.hidden_paths)
 
     def cancel(self, job: Job) -> str:
         """Cancel or delete a job: a queued job is dropped, a running one stops at its next step (``"cancelling"``

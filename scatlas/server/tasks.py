@@ -23,7 +23,7 @@ import pandas as pd
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.outputs import csv_safe
 from scatlas.index import AtlasIndex
-from scatlas.server.jobs import Job
+from scatlas.server.jobs import Job, hide_paths, server_paths
 from scatlas.server.uploads import read_obs
 
 QUERY_FILE = "query.h5ad"
@@ -216,9 +216,16 @@ def run_annotate(job: Job, view: AtlasIndex, p: AnnotateParams, expected_s: floa
 
 
 def _hide_index_path(report: dict[str, Any], view: AtlasIndex) -> None:
-    """The report names the index by its directory's name: clients need not learn the server's paths."""
+    """The report names the index, and any path of it or of its atlas store, by its directory's name: clients need
+    not learn the server's paths."""
     if isinstance(report.get("index"), dict) and "path" in report["index"]:
         report["index"]["path"] = view.path.name
+    report.update(_public(report, view))
+
+
+def _public(value: Any, view: AtlasIndex) -> Any:
+    """``value`` (text or JSON-like) with the paths of the index and its atlas store replaced by their names."""
+    return hide_paths(value, server_paths(view.path, view.atlas_path))
 
 
 def run_search(job: Job, view: AtlasIndex, p: SearchParams, expected_s: float) -> dict[str, Any]:
@@ -288,7 +295,7 @@ def run_hunt(job: Job, view: AtlasIndex, p: HuntParams, expected_s: float) -> di
     rep = report(hits, view, d / "report", progress=False)
     _write_csv(hits, d / "hits.csv")
     rdir = Path(rep.out_dir)
-    page = _inline_images((rdir / "report.html").read_text(encoding="utf-8"), rdir)
+    page = _public(_inline_images((rdir / "report.html").read_text(encoding="utf-8"), rdir), view)
     (d / "report.html").write_text(page, encoding="utf-8")
     for name in ("enrichment.csv", "enrichment.png", "scores.png", "de.csv"):  # what the report page names
         if (rdir / name).is_file():
@@ -312,7 +319,7 @@ def run_hunt(job: Job, view: AtlasIndex, p: HuntParams, expected_s: float) -> di
                        "threshold": round(float(clf.threshold), 4), **metrics},
         "sweep": {"cells": swept.n_cells, "hits": n_swept_hits, "cutoff": round(float(swept.cutoff), 4),
                   "stages": swept.stages},
-        "where": p.where, "hits": int(len(hits)), "by": by, "de_skipped": rep.de_skipped, "genes_up": genes_up,
+        "where": p.where, "hits": int(len(hits)), "by": by, "de_skipped": _public(rep.de_skipped, view), "genes_up": genes_up,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     write_json_atomic(d / "report.json", summary)

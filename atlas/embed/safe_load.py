@@ -1,0 +1,112 @@
+"""Loading model files that others may have written without running their code.
+
+A PyTorch checkpoint is a pickle: unpickling it can call any function it names. scvi-tools reads its ``model.pt``
+with ``torch.load(weights_only=False)``, so an index (or a pretrained model directory) from elsewhere could run code
+when opened, and PyTorch's own restricted loader (``weights_only=True``) cannot read scvi-tools' settings (a
+``defaultdict``). :func:`check_pickled_names` reads the file's pickle first with an unpickler that builds nothing:
+every function or class the pickle names must be on :data:`ALLOWED` (tensors and their storages, containers, and
+the NumPy arrays and pandas tables scvi-tools keeps in its settings), and is replaced by an inert placeholder. A file
+that passes names nothing else, so the full load that follows calls only those.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from scatlas.atlas.errors import StoreError
+from scatlas.atlas.validate import escaped
+
+_NUMPY = ("_reconstruct", "scalar", "ndarray", "dtype")
+ALLOWED: frozenset[tuple[str, str]] = frozenset({
+    *((m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in _NUMPY),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    *(("numpy.dtypes", n) for n in ("BoolDType", "Int8DType", "UInt8DType", "Int16DType", "UInt16DType",
+                                     "Int32DType", "UInt32DType", "Int64DType", "UInt64DType", "Float16DType",
+                                     "Float32DType", "Float64DType", "ObjectDType", "StrDType", "BytesDType")),
+    ("pandas.core.frame", "DataFrame"), ("pandas.core.series", "Series"),
+    ("pandas.core.internals.managers", "BlockManager"), ("pandas.core.internals.managers", "SingleBlockManager"),
+    ("pandas._libs.internals", "_unpickle_block"), ("pandas.core.indexes.base", "_new_Index"),
+    ("pandas.core.indexes.base", "Index"), ("pandas.core.indexes.range", "RangeIndex"),
+    ("pandas.core.indexes.category", "CategoricalIndex"), ("pandas.core.arrays.categorical", "Categorical"),
+    ("pandas.core.dtypes.dtypes", "CategoricalDtype"),
+    ("collections", "OrderedDict"), ("collections", "defaultdict"), ("_codecs", "encode"),
+    *((m, n) for m in ("builtins", "__builtin__")
+      for n in ("slice", "dict", "list", "tuple", "set", "frozenset", "bytes", "bytearray", "int", "float", "bool",
+                "complex", "str")),
+    ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"), ("torch.nn.parameter", "Parameter"), ("torch", "Size"),
+    *(("torch", n) for n in ("FloatStorage", "DoubleStorage", "HalfStorage", "BFloat16Storage", "LongStorage",
+                             "IntStorage", "ShortStorage", "CharStorage", "ByteStorage", "BoolStorage",
+                             "UntypedStorage")),
+    *(("torch", n) for n in ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8",
+                             "uint8", "bool")),
+})
+"""``(module, name)`` a model file's pickle may name."""
+
+
+class _Inert:
+    """What every allowed name becomes while checking: accepts any construction, state and items, builds
+    nothing."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Inert:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Inert:
+        return _Inert()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _NamesOnly(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in ALLOWED:
+            raise _Refused(f"{module}.{name}")
+        return _Inert
+
+    def persistent_load(self, pid: Any) -> Any:  # a tensor's storage: not read
+        return _Inert()
+
+
+class _Refused(Exception):
+    pass
+
+
+def check_pickled_names(path: Path, what: str) -> None:
+    """StoreError unless every function and class the PyTorch file ``path`` names is on :data:`ALLOWED`
+    (``what`` names the file in the message). Nothing in the file is run."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
+            if len(pickles) != 1:
+                raise StoreError(f"{what} is not a PyTorch model file (one data.pkl in a zip archive)")
+            data = archive.read(pickles[0])
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise StoreError(f"{what} cannot be read as a PyTorch model file ({type(exc).__name__}; files in "
+                         "PyTorch's format before 1.6 are not read)") from None
+    try:
+        _NamesOnly(io.BytesIO(data)).load()
+    except _Refused as exc:
+        raise StoreError(
+            f"{what} names {escaped(str(exc)[:200])}, which a model's weights and settings never need: scatlas does "
+            "not load it, since loading it could run code it carries. Use a model saved by scatlas or scvi-tools "
+            "from a source you trust, or rebuild the index"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - a malformed pickle, whatever the unpickler says
+        raise StoreError(f"{what} is not a readable PyTorch model file ({type(exc).__name__})") from None
