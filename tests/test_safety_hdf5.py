@@ -8,11 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.sources.h5ad import open_h5ad
+from scatlas.atlas.sources.hdf5_checks import declared_bytes
 from scatlas.cli import cli
 from scatlas.server.uploads import check_h5ad, read_obs
 from tests.conftest import make_adata
@@ -171,3 +173,59 @@ def test_a_soma_member_escaping_through_encoded_slashes_is_refused(tmp_path):
     odd.parent.mkdir()
     tiledbsoma.io.from_anndata(str(odd), make_adata(60, 40, seed=4), measurement_name="RNA")
     assert ingest([str(odd)], tmp_path / "atlas2", progress=False).datasets
+
+
+def _declared_cells(path: Path, n: int) -> None:
+    """A small compressed file declaring ``n`` cells: a one-byte text index and zero indptr (most of it unwritten
+    in a real attack; here written, so that only the counts decide)."""
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        obs = f.create_group("obs")
+        obs.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.2.0", "_index": "_index",
+                          "column-order": np.array([], dtype=h5py.string_dtype())})
+        d = obs.create_dataset("_index", data=np.full(n, b"a", dtype="S1"), compression="gzip")
+        d.attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
+        var = f.create_group("var")
+        var.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.2.0", "_index": "_index",
+                          "column-order": np.array([], dtype=h5py.string_dtype())})
+        g = var.create_dataset("_index", data=np.array([f"G{i}" for i in range(10)], dtype=h5py.string_dtype()))
+        g.attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
+        X = f.create_group("X")
+        X.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": np.array([n, 10])})
+        X.create_dataset("indptr", data=np.zeros(n + 1, dtype="i8"), compression="gzip")
+        X.create_dataset("data", shape=(0,), dtype="f4")
+        X.create_dataset("indices", shape=(0,), dtype="i4")
+
+
+def test_the_server_counts_cells_and_text_before_reading(tmp_path, monkeypatch):
+    """A few megabytes can declare 1e8 cells whose one-byte names become 1e8 Python strings (a 1 MB upload took a
+    server from 0.5 to 1.6 GB, a 4 MB one to 4.6 GB): the cells are capped, and text counts as strings, before any
+    of it is read. Here at a small scale, the caps lowered."""
+    import scatlas.server.uploads as uploads
+
+    path = tmp_path / "many.h5ad"
+    _declared_cells(path, 5000)
+    with h5py.File(path, "r") as f:  # 5,000 one-byte names: 5 kB declared, ~0.3 MB read
+        assert declared_bytes(f["obs"], "x") >= 5000 * 50
+    monkeypatch.setattr(uploads, "MAX_UPLOAD_CELLS", 4999)
+    with pytest.raises(InputError, match="holds 5,000 cells, over the 4,999 this server takes in one upload"):
+        check_h5ad(path, path.stat().st_size, name="many.h5ad")
+    monkeypatch.setattr(uploads, "MAX_UPLOAD_CELLS", 5000)
+    monkeypatch.setattr(uploads, "MAX_TABLE_BYTES", 100_000)
+    with pytest.raises(InputError, match="obs and var tables hold .* GiB once read"):
+        check_h5ad(path, path.stat().st_size, name="many.h5ad")
+    monkeypatch.setattr(uploads, "MAX_TABLE_BYTES", 4 * 2**30)
+    assert check_h5ad(path, path.stat().st_size, name="many.h5ad") == 5000
+
+
+def test_a_reader_failure_does_not_repeat_the_file_s_text(files, tmp_path):
+    """anndata's messages quote attribute values: a 200 kB column name came back as a 200 kB `Error:` line."""
+    path = tmp_path / "longcol.h5ad"
+    path.write_bytes(files["plain"].read_bytes())
+    with h5py.File(path, "r+") as f:
+        f["obs"].attrs["column-order"] = np.array(["Z" * 200_000 + "\nError: injected line"],
+                                                  dtype=h5py.string_dtype())
+    result = CliRunner().invoke(cli, ["-q", "ingest", str(path), "--atlas", str(tmp_path / "atlas")])
+    assert result.exit_code == 1 and result.output.startswith("Error: "), result.output[:500]
+    assert "ZZZZ" not in result.output and "injected" not in result.output and len(result.output) < 2000
+    assert "could not read the AnnData structure (" in result.output

@@ -179,7 +179,9 @@ class H5adSource:
             raise
         except Exception as exc:  # corrupt groups, unexpected encodings
             self.close()
-            raise InputError(f"{self.path}: could not read the AnnData structure: {exc}") from exc
+            # the reader's message can quote the file's contents (attribute values, column names): not repeated
+            raise InputError(f"{self.path}: could not read the AnnData structure ({type(exc).__name__} in its obs, "
+                             "var or matrix encoding): write the file again with anndata (adata.write_h5ad)") from exc
 
     def _setup(self) -> None:
         f = self._file

@@ -36,9 +36,21 @@ def check_self_contained(f: h5py.File, what: str) -> None:
         _check_dataset(ds, what)
 
 
+PY_TEXT_BYTES = 56
+"""What a text value costs once read besides its characters: a Python ``str`` object (49 bytes and up) and the
+pointer to it. A fixed-width ``S1`` column stores one byte a value, but reading it makes a ``str`` of each."""
+
+
 def declared_bytes(group: h5py.Group, what: str) -> int:
-    """The bytes the datasets under ``group`` declare (what reading them whole allocates), links not followed."""
-    return sum(int(ds.size) * int(ds.dtype.itemsize) for ds in _datasets(group, what) if ds.shape is not None)
+    """The bytes reading the datasets under ``group`` whole allocates, links not followed: their declared size, and
+    :data:`PY_TEXT_BYTES` more per text value (text is read into Python strings)."""
+    return sum(int(ds.size) * (int(ds.dtype.itemsize) + (PY_TEXT_BYTES if ds.dtype.kind in "SUO" else 0))
+               for ds in _datasets(group, what) if ds.shape is not None)
+
+
+def max_rows(group: h5py.Group, what: str) -> int:
+    """The longest first dimension of the datasets under ``group`` (an obs table's rows: its cells)."""
+    return max((int(ds.shape[0]) for ds in _datasets(group, what) if ds.shape), default=0)
 
 
 def _datasets(group: h5py.Group, what: str) -> Iterator[h5py.Dataset]:

@@ -21,6 +21,10 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MAX_TABLE_BYTES = 4 * 2**30
 """An upload's obs and var tables may declare at most this many bytes: they are read whole (a compressed file can
 declare a thousand times its size)."""
+MAX_UPLOAD_CELLS = 3_000_000
+"""An upload may hold at most this many cells (rows of X or of obs): checked before anything is read, since a few
+megabytes of compressed file can declare a hundred million cells. An annotate job keeps k neighbours of each cell
+(at most 1e8 rows, so 3.3 million cells at the default k); larger queries run on the command line."""
 MAX_FIELDS = 32
 MAX_FIELD_BYTES = 64 * 1024
 DRAIN_BYTES = 64 << 20
@@ -165,19 +169,28 @@ def check_h5ad(path: Path, size: int, *, name: str | None = None) -> int:
     if head != HDF5_SIGNATURE:
         raise InputError("the uploaded file is not an .h5ad: it does not start like an HDF5 file")
     from scatlas.atlas.sources.h5ad import check_anndata_hdf5
-    from scatlas.atlas.sources.hdf5_checks import declared_bytes
+    from scatlas.atlas.sources.hdf5_checks import declared_bytes, max_rows
 
     try:
         with h5py.File(path, "r") as f:
             check_anndata_hdf5(f, "the uploaded file")  # the check (and message) of every .h5ad reader
+            x = f.get("X")
+            shape = x.attrs.get("shape") if isinstance(x, h5py.Group) else getattr(x, "shape", None)
+            rows = max_rows(f["obs"], "the uploaded file") if isinstance(f["obs"], h5py.Group) else 0
+            try:
+                rows = max(rows, int(shape[0]) if shape is not None and len(shape) == 2 else 0)
+            except (TypeError, ValueError):
+                pass
+            if rows > MAX_UPLOAD_CELLS:
+                raise InputError(f"the uploaded file holds {rows:,} cells, over the {MAX_UPLOAD_CELLS:,} this server "
+                                 "takes in one upload: split the cells into several files, or run the scatlas "
+                                 "command")
             tables = sum(declared_bytes(f[m], "the uploaded file") for m in ("obs", "var")
                          if isinstance(f[m], h5py.Group))
             if tables > MAX_TABLE_BYTES:
                 raise InputError(f"the uploaded file's obs and var tables hold {tables / 2**30:.1f} GiB once read, "
                                  f"over the {MAX_TABLE_BYTES / 2**30:.0f} GiB the server reads for one upload: drop "
                                  "columns the request does not need, or split the cells into several files")
-            x = f.get("X")
-            shape = x.attrs.get("shape") if isinstance(x, h5py.Group) else getattr(x, "shape", None)
     except (OSError, ValueError) as exc:
         raise InputError(f"the uploaded file is not a readable HDF5 file ({type(exc).__name__})") from None
     try:
