@@ -10,6 +10,7 @@ size limit; this parser feeds :mod:`python_multipart` the request body as it arr
 from __future__ import annotations
 
 import codecs
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO, Any
@@ -177,10 +178,8 @@ def check_h5ad(path: Path, size: int, *, name: str | None = None) -> int:
             x = f.get("X")
             shape = x.attrs.get("shape") if isinstance(x, h5py.Group) else getattr(x, "shape", None)
             rows = max_rows(f["obs"], "the uploaded file") if isinstance(f["obs"], h5py.Group) else 0
-            try:
+            with contextlib.suppress(TypeError, ValueError):
                 rows = max(rows, int(shape[0]) if shape is not None and len(shape) == 2 else 0)
-            except (TypeError, ValueError):
-                pass
             if rows > MAX_UPLOAD_CELLS:
                 raise InputError(f"the uploaded file holds {rows:,} cells, over the {MAX_UPLOAD_CELLS:,} this server "
                                  "takes in one upload: split the cells into several files, or run the scatlas "
