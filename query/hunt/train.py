@@ -345,6 +345,7 @@ def train(
     ts.check_positives(cells is not None, positive, positive_sql)
     ts.add_background(idx, background, seed, drop_duplicates=cells is not None, positive_sql=positive_sql)
     fit = _fit(ts, l2=l2, n_folds=n_folds, seed=seed, device=torch_device, clean_background=clean_background)
+    _warn_background_is_the_atlas(ts, idx.n_cells)
     choice = choose_threshold(fit.y, fit.cv.oof_scores, target_precision=target_precision)
     _check_separates(fit, choice, ts)
     stage2 = None
@@ -743,6 +744,27 @@ def _metrics(fit: _Fit, choice: ThresholdChoice, ts: _TrainingSet, n_index: int,
         "note": "precision/recall/AUPRC are cross-validated on the training mix (labelled positives vs the "
         "background sample); atlas-wide precision depends on the prevalence: use expected_false_hits_in_index",
     }
+
+
+BACKGROUND_MOST = 0.5
+"""A background over this share of the atlas' cells is warned about (:func:`_warn_background_is_the_atlas`)."""
+
+
+def _warn_background_is_the_atlas(ts: _TrainingSet, n_atlas: int) -> None:
+    """Warn when the atlas background (negatives) holds most of the atlas: the sweep then scores mostly cells the
+    classifier was trained on as negatives, so the atlas' own cells of the hunted type (under other labels, in
+    other datasets) score low by construction unless set aside as likely positives, and the cross-validated
+    figures cannot show it."""
+    n_bg = ts.counts.get("negatives_from_atlas", 0)
+    if n_atlas and n_bg > BACKGROUND_MOST * n_atlas:
+        logger.warning(
+            "the atlas background holds %d of the atlas' %d cells (%.0f%%): the sweep scores cells the classifier "
+            "learnt as negatives, so atlas cells of the hunted type (e.g. another study's, under its own labels) "
+            "score low unless set aside as likely positives (%d were), and the cross-validated figures cannot show "
+            "it; on an atlas this small, compare with a sweep trained with a smaller --background (or 0: negatives "
+            "from the labelled cells only)", n_bg, n_atlas, 100 * n_bg / n_atlas,
+            ts.counts.get("background_excluded_as_likely_positive", 0),
+        )
 
 
 def _check_separates(fit: _Fit, choice: ThresholdChoice, ts: _TrainingSet) -> None:
