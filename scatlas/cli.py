@@ -41,8 +41,9 @@ from scatlas.cli_common import (
 
 @click.group(cls=ScatlasGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="scatlas")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.option("-v", "--verbose", count=True, help="Log what each step does (INFO; -vv for debug). By default only "
+              "warnings and errors are logged, beside each command's own summary.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors (the default; overrides -v).")
 def cli(verbose: int, quiet: bool) -> None:
     """scatlas: a vector-search reference atlas for single-cell RNA-seq.
 

@@ -138,7 +138,7 @@ def _echo(message: str, **kwargs: Any) -> None:
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    level = logging.WARNING if quiet or not verbose else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
     for noisy in ("numba", "h5py", "matplotlib", "PIL", "fsspec", "faiss", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
