@@ -568,12 +568,29 @@ def _warn_blind_mapping(cells: QueryCells, verdict: MappingVerdict) -> None:
         )
 
 
-def _mapping_caveat(cells: QueryCells) -> dict[str, str]:
+WEAK_EXPRESSION_CUT = 0.3
+"""An expression-match cut under this is a weak check: cells of a tissue the atlas lacks correlate 0.35-0.46 (medians)
+with its types' profiles through the genes every cell expresses (blood cells against a pancreas atlas' profiles,
+pancreatic cells against a blood atlas'; measured ad hoc on the shared files), so under 0.3 most of them pass. An
+atlas whose own datasets match each other's profiles that weakly (e.g. a few types from labs of different
+technologies: the shared pancreas file's atlas has cuts of 0.12-0.13) cannot tell another tissue from another lab."""
+
+
+def _mapping_caveat(cells: QueryCells, expression: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The caveats of a mapping verdict: a query with few of the embedder's genes, an atlas whose expression match
+    is weak (:data:`WEAK_EXPRESSION_CUT`)."""
+    said = []
     overlap = cells.match.fraction_of_target if cells.match is not None else 1.0
-    if overlap >= MAPPING_MIN_OVERLAP:
-        return {}
-    return {"caveat": f"the query has {100 * overlap:.0f}% of the embedder's genes: with so few, a query of another "
-                      "tissue can still look as if it maps well"}
+    if overlap < MAPPING_MIN_OVERLAP:
+        said.append(f"the query has {100 * overlap:.0f}% of the embedder's genes: with so few, a query of another "
+                    "tissue can still look as if it maps well")
+    cut = (expression or {}).get("cut")
+    if (expression or {}).get("status") == "on" and isinstance(cut, float) and cut < WEAK_EXPRESSION_CUT:
+        said.append(f"the atlas' own datasets match each other's cell-type profiles weakly (the expression cut is "
+                    f"{cut:.2f}; cells of another tissue typically correlate 0.35 or more with any profile through "
+                    "the genes all cells express), so a query of a tissue the atlas lacks can pass this check: check "
+                    "the answers against known markers")
+    return {"caveat": "; ".join(said)} if said else {}
 
 
 def _result(
@@ -606,7 +623,8 @@ def _result(
         "gene_overlap": cells.match.summary() if cells.match is not None else None,
         "query_update": cells.query_update or None,
         "alignment": alignment.summary() if alignment is not None else None,
-        "mapping": {**mapping.verdict.to_report(), "applied": mapping.applied, **_mapping_caveat(cells),
+        "mapping": {**mapping.verdict.to_report(), "applied": mapping.applied,
+                    **_mapping_caveat(cells, mapping.verdict.expression),
                     "cells_out_of_atlas": int(mapping.out_of_atlas.sum())},
         "far_from_atlas": far_summary(atlas, run, params["k_used"], predictions),
         "labels": {key: label_summary(predictions, key, atlas) for key in keys},

@@ -63,3 +63,27 @@ def test_an_atlas_of_two_gene_panels_tells_cell_lines_from_blood(tmp_path):
     blood = annotate(kang, tmp_path / "index", progress=False, keep_neighbors=False)
     assert blood.report["mapping"]["verdict"] == "maps_well"
     assert (blood.predictions["cell_type_pred"] == "unknown").mean() <= 0.03
+    assert "weakly" not in blood.report["mapping"].get("caveat", "")  # a blood atlas' check is no weak one
+
+
+def test_an_atlas_whose_datasets_match_weakly_says_its_check_is_weak(tmp_path):
+    """The shared pancreas file: two types (beta, ductal) on 1,403 genes from three labs of different technologies.
+    Its datasets match each other's profiles so weakly that blood cells pass the expression match (a tryout: every
+    PBMC called beta, "maps well"): the verdict carries the caveat, on the CLI too."""
+    from click.testing import CliRunner
+
+    from scatlas.atlas import ingest
+    from scatlas.cli import cli
+    from scatlas.index import build_index
+
+    pancreas = anndata.read_h5ad(RAW / "pancreas_3studies_beta_ductal_cepo.h5ad")
+    files = []
+    for batch in sorted(pancreas.obs["batch"].astype(str).unique()):
+        files.append(tmp_path / f"{batch.replace(' ', '_')}.h5ad")
+        pancreas[pancreas.obs["batch"].astype(str) == batch].copy().write_h5ad(files[-1])
+    ingest(files, tmp_path / "atlas", obs_map={"cellTypes": "cell_type"}, progress=False)
+    build_index(tmp_path / "atlas", tmp_path / "index", progress=False)
+    res = CliRunner().invoke(cli, ["annotate", str(RAW / "zheng2017_pbmc_sorted_reference_mudan.h5ad"), "--index",
+                                   str(tmp_path / "index"), "--out", str(tmp_path / "zheng.h5ad"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "match each other's cell-type profiles weakly" in res.output and "known markers" in res.output

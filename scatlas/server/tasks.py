@@ -207,6 +207,8 @@ def run_annotate(job: Job, view: AtlasIndex, p: AnnotateParams, expected_s: floa
     if mapping.get("verdict") == "maps_poorly":
         warnings.append("the query maps poorly onto the atlas (another tissue, species or technology?): "
                         + "; ".join(mapping.get("reasons", [])))
+    elif mapping.get("caveat"):
+        warnings.append(f"the query maps onto the atlas, but: {mapping['caveat']}")
     return {
         "cells": int(len(predictions)), "label_keys": p.label_keys, "where": p.where,
         "gene_overlap": report.get("gene_overlap"), "mapping": {k: mapping.get(k) for k in ("verdict", "score")},
