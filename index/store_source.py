@@ -279,22 +279,45 @@ def build_index(
     options = dict(embedder_options or {})
     identity = {"embedder": embedder, "fit_sample": fit_sample, "embedder_options": options}
     refuse_version_dir(out)
+    _refuse_half_swapped(out)
     check_output_dir(out, INDEX, inputs=(atlas,), replace=overwrite)  # before anything is created
     created = missing_dirs(out)
     with index_lock(out):  # one writer at a time: an --overwrite must not delete an index being built or updated
         if overwrite and (out / MANIFEST_FILE).is_file() and not out.is_symlink():
             # a usable index is replaced only once its successor is complete: built beside it, then swapped in
+            for old in _replaced(out):  # left by a swap killed before its last step: the index it replaced
+                shutil.rmtree(old, ignore_errors=True)
             staging = out.with_name(f".{out.name}.rebuild")
             check_output_dir(staging, INDEX, inputs=(atlas,), replace=True)  # an interrupted one's: started anew
             staged = missing_dirs(staging)
             _prepare_dir(staging, True, inputs=(atlas,))
-            manifest = _build_locked(store, staging, embedder, config, options, identity, staged, executor,
-                                     label_keys, heads_options, progress, reference_map)
+            try:
+                manifest = _build_locked(store, staging, embedder, config, options, identity, staged, executor,
+                                         label_keys, heads_options, progress, reference_map)
+            except BaseException:  # a rebuild starts anew, so what it left is no use: its space back
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
             _swap_in(staging, out)
             return manifest
         _prepare_dir(out, overwrite, inputs=(atlas,))
         return _build_locked(store, out, embedder, config, options, identity, created, executor, label_keys,
                              heads_options, progress, reference_map)
+
+
+def _replaced(out: Path) -> list[Path]:
+    """The indexes a ``build --overwrite`` of ``out`` replaced and had not yet deleted (``.NAME.replaced-PID``)."""
+    return [p for p in out.parent.glob(f".{out.name}.replaced-*") if (p / MANIFEST_FILE).is_file()]
+
+
+def _refuse_half_swapped(out: Path) -> None:
+    """InputError when ``out`` is missing while the index it held waits beside it: a ``build --overwrite`` was
+    killed between its two renames (an instant), and building anew would leave the old index there unseen."""
+    if not out.exists() and _replaced(out):
+        raise InputError(
+            f"{out} is missing, and the index it held is at {_replaced(out)[0]}: a `build --overwrite` was stopped "
+            f"while swapping the new index in. Rename that directory to {out.name} to keep the old index (then "
+            "rerun the build with --overwrite), or delete it"
+        )
 
 
 def _swap_in(staging: Path, out: Path) -> None:

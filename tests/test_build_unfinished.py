@@ -170,8 +170,28 @@ def test_an_interrupted_overwrite_leaves_the_old_index_working(tmp_path: Path, m
     with AtlasIndex.open(index) as idx:  # the old index, whole
         assert idx.build_id == old_id and idx.search(probe, k=3).ids.shape == (3, 3)
     assert verify_index(index, progress=False).ok
+    assert not (tmp_path / ".index.rebuild").exists()  # a rebuild starts anew: what it left is deleted
     build_index(atlas, index, **{**BUILD, "seed": 1}, overwrite=True)  # run again: replaced once complete
     with AtlasIndex.open(index) as idx:
         assert idx.build_id != old_id
     assert verify_index(index, progress=False).ok
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".index")) == []  # nothing left beside
+
+
+def test_a_swap_killed_between_its_renames_is_named_and_its_leftover_cleared(tmp_path: Path) -> None:
+    """`build --overwrite` swaps with two renames; killed between them, the index's directory is missing and the old
+    index sits beside it under a hidden name: the next build says so instead of building anew past it; killed after
+    them, the old index left beside is deleted by the next --overwrite."""
+    import os
+    import shutil
+
+    atlas, index = _store(tmp_path, "A", 1), tmp_path / "index"
+    build_index(atlas, index, **BUILD)
+    hidden = tmp_path / ".index.replaced-4242"
+    os.rename(index, hidden)
+    with pytest.raises(InputError, match="index is missing, and the index it held is at .*replaced-4242.*Rename"):
+        build_index(atlas, index, **BUILD)
+    assert not index.exists()
+    shutil.copytree(hidden, index)  # as after the second rename
+    build_index(atlas, index, **{**BUILD, "seed": 1}, overwrite=True)
+    assert not hidden.exists() and verify_index(index, progress=False).ok
