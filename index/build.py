@@ -180,7 +180,8 @@ def different_build_error(out: Path, old: dict[str, Any], new: dict[str, Any]) -
         "Use a new index directory, rerun with the original arguments to resume (or to --update it), or pass "
         "--overwrite to rebuild from scratch."
     )
-    return InputError(f"{out} holds an index built with other arguments: {'; '.join(changes)}. {todo}")
+    what = "of the atlas as it was before it changed" if only_data else "with other arguments"
+    return InputError(f"{out} holds an index built {what}: {'; '.join(changes)}. {todo}")
 
 
 def _train(out: Path, source: VectorSource, factory: str, config: BuildConfig, device: Device) -> tuple[Any, float]:

@@ -103,6 +103,7 @@ def test_plain_build_says_the_atlas_gained_a_dataset(store_ab):
     text = str(err.value)
     assert "gained 1 dataset(s) (250 cells): 'B'" in text and "build --update" in text
     assert "{" not in text  # no dict dump
+    assert "built of the atlas as it was before it changed" in text and "other arguments" not in text
 
 
 def test_identity_changes_in_words():

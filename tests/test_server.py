@@ -230,6 +230,7 @@ def test_hunt_job(server: dict[str, Any], world: dict[str, Path]) -> None:
     result = state["result"]
     assert result["classifier"]["positives"] > 20 and 0 < result["hits"] <= result["sweep"]["hits"]
     assert result["sweep"]["stages"].startswith(("stage 1 only", "two stages"))
+    assert result["sweep"]["training_positive_hits"] == 0  # the query is held out of the atlas: none of its cells
     hits = pd.read_csv(io.BytesIO(c.get(f"/api/jobs/{state['job']}/hits.csv", headers=AUTH).content))
     assert len(hits) == result["hits"] and set(hits["dataset_id"]) == {"synth-000"}
     assert (hits["cell_type"] == PLANTED).mean() > 0.8

@@ -398,8 +398,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 def _job(state: ServerState, job_id: str) -> Job:
     job = state.jobs.get(job_id)
     if job is None:
-        raise ApiError(404, "no such job (unknown id, removed after the retention time, or the server was restarted: "
-                       "jobs live as long as the server)")
+        raise ApiError(404, "no such job (unknown id, deleted, removed after the retention time, or the server was "
+                       "restarted: jobs live as long as the server)")
     return job
 
 

@@ -320,7 +320,7 @@ def run_hunt(job: Job, view: AtlasIndex, p: HuntParams, expected_s: float) -> di
         "classifier": {"positives": clf.counts.get("n_positive"), "negatives": clf.counts.get("n_negative"),
                        "threshold": round(float(clf.threshold), 4), **metrics},
         "sweep": {"cells": swept.n_cells, "hits": n_swept_hits, "cutoff": round(float(swept.cutoff), 4),
-                  "stages": swept.stages},
+                  "stages": swept.stages, "training_positive_hits": swept.n_training_hits},
         "where": p.where, "hits": int(len(hits)), "by": by, "de_skipped": _public(rep.de_skipped, view), "genes_up": genes_up,
         "seconds": round(time.perf_counter() - t0, 2),
     }

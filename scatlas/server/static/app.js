@@ -327,8 +327,9 @@
     const parts = [
       el("p", {}, `classifier: ${fmt(c.positives)} positives, ${fmt(c.negatives)} negatives; cross-validated precision ` +
         `${num(c.precision)}, recall ${num(c.recall)}, AUPRC ${num(c.auprc)} at threshold ${num(c.threshold, 4)}`),
-      el("p", {}, `swept ${fmt(s.cells)} atlas cells: ${fmt(s.hits)} hits` + (r.where ? `; ${fmt(r.hits)} of them match ${r.where}` : "") +
-        ` · ${r.seconds} s`),
+      el("p", {}, `swept ${fmt(s.cells)} atlas cells: ${fmt(s.hits)} hits` +
+        (s.training_positive_hits ? ` (${fmt(s.training_positive_hits)} of them the classifier's own training positives)` : "") +
+        (r.where ? `; ${fmt(r.hits)} of them match ${r.where}` : "") + ` · ${r.seconds} s`),
     ];
     for (const [column, groups] of Object.entries(r.by || {})) {
       parts.push(el("h3", {}, `Hits by ${column}`));
