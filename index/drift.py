@@ -53,13 +53,19 @@ class Drift:
         genes_lacking = self.gene_ratio is not None and self.gene_ratio < self.min_gene_ratio
         return self.n_sampled > 0 and (self.far_fraction > self.max_far_fraction or genes_lacking)
 
+    def genes_sentence(self) -> str:
+        """The gene measure in words ("" when not measured)."""
+        if self.gene_ratio is None:
+            return ""
+        which = "" if self.gene_ratio_dataset is None else f" in dataset {self.gene_ratio_dataset!r}"
+        return (f"{self.gene_ratio:.0%} as many of the embedder's genes detected{which} as in the atlas cells "
+                f"(limit {self.min_gene_ratio:.0%})")
+
     def sentence(self) -> str:
         """The measure in words."""
         q = "" if self.quantization_ratio is None else f"; distance to the coarse centroids {self.quantization_ratio:.2f}x the atlas cells'"
         if self.gene_ratio is not None:
-            which = "" if self.gene_ratio_dataset is None else f" in dataset {self.gene_ratio_dataset!r}"
-            q += (f"; {self.gene_ratio:.0%} as many of the embedder's genes detected{which} as in the atlas cells "
-                  f"(limit {self.min_gene_ratio:.0%})")
+            q += "; " + self.genes_sentence()
         return (
             f"{self.far_fraction:.1%} of {self.n_sampled} sampled added cells are far from the indexed cells (nearest "
             f"similarity below the build's 1% quantile {self.far_threshold:.3f}; limit {self.max_far_fraction:.0%}); "

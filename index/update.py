@@ -270,12 +270,19 @@ def update_index(
             logger.info("drift of the added cells: %s", drift.sentence())
             if drift.too_far:
                 far = drift.far_fraction > drift.max_far_fraction
-                what = ("the added data is too far from what the index's embedder and quantizer were fitted on" if far
-                        else "the added data lacks most of the genes the index's embedder reads (a gene panel, "
-                             "highly variable genes only, or symbols the atlas cannot match)")
+                if not far:  # its cells have (almost) none of the genes: where they fall says nothing
+                    raise InputError(
+                        "the added data lacks most of the genes the index's embedder reads (a gene panel, highly "
+                        f"variable genes only, or gene names the store does not match): {drift.genes_sentence()}; "
+                        "where its cells fall says nothing then. If its genes are named another way "
+                        "(Ensembl ids against symbols), remove the dataset (`scatlas remove`) and ingest it again with "
+                        "the names the store uses; to index it as it is, rebuild (`scatlas build --overwrite ...`, "
+                        "fitted on the genes all datasets share) or relax --min-gene-ratio"
+                    )
                 raise InputError(
-                    f"{what}: {drift.sentence()}. Rebuild the index (`scatlas build --overwrite ...`) to fit them "
-                    "anew, or relax --max-far-fraction / --min-gene-ratio if these cells belong in this index as it is"
+                    "the added data is too far from what the index's embedder and quantizer were fitted on: "
+                    f"{drift.sentence()}. Rebuild the index (`scatlas build --overwrite ...`) to fit them anew, or "
+                    "relax --max-far-fraction if these cells belong in this index as it is"
                 )
         new_version = version + 1
         record = {"base_version": version, "base_build_id": manifest_digest(cur),

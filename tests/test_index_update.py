@@ -130,7 +130,7 @@ def test_update_refuses_data_lacking_the_embedders_genes(tmp_path):
     ingest([far], tmp_path / "atlas", progress=False)
     args = ("build", "--update", "--atlas", str(tmp_path / "atlas"), "--index", str(tmp_path / "index"), "--no-progress")
     out = run(*args, ok=False)
-    assert "Error:" in out and ("too far" in out or "lacks most of the genes" in out) and "Rebuild" in out
+    assert "Error:" in out and ("too far" in out or "lacks most of the genes" in out) and "build --overwrite" in out
     assert "0% as many of the embedder's genes" in out
     assert not (tmp_path / "index" / CURRENT_FILE).exists()  # nothing committed
     with AtlasIndex.open(tmp_path / "index") as idx:
@@ -154,6 +154,7 @@ def test_update_names_the_added_dataset_lacking_genes(tmp_path):
               "--no-progress", ok=False)
     assert "in dataset 'F'" in out and "0% as many of the embedder's genes" in out
     assert "lacks most of the genes the index's embedder reads" in out  # the measure that failed heads the message
+    assert "scatlas remove" in out and "median nearest similarity" not in out  # no word of where such cells fall
 
 
 def test_update_drift_on_real_data(shared_raw, tmp_path):
