@@ -88,13 +88,15 @@ def label_column_classes(con: Any, max_labels: int = AUTO_MAX_LABELS) -> dict[st
     """``{column: distinct values}`` of the cells table's columns that look like annotations: text (VARCHAR or
     ENUM) columns with 2 to ``max_labels`` distinct values and at most one distinct value per two labelled cells
     (not names or ids), other than the cell id, ``dataset_id``, ontology term columns and the values a relabel
-    replaced (``TARGET_revN``, :data:`atlas.lifecycle.KEPT_COLUMN`); ``cell_type`` first when
+    replaced (``TARGET_revN`` beside ``TARGET``, :data:`atlas.lifecycle.KEPT_COLUMN`); ``cell_type`` first when
     present, then in table order."""
+    described = [(str(row[0]), str(row[1])) for row in con.execute("DESCRIBE cells").fetchall()]
+    names = {name for name, _ in described}
     candidates = [
-        str(row[0]) for row in con.execute("DESCRIBE cells").fetchall()
-        if str(row[0]) not in NOT_LABELS and not str(row[0]).endswith(TERM_SUFFIX)
-        and not KEPT_COLUMN.search(str(row[0]))
-        and (str(row[1]) == "VARCHAR" or str(row[1]).startswith("ENUM"))
+        name for name, kind in described
+        if name not in NOT_LABELS and not name.endswith(TERM_SUFFIX)
+        and not (KEPT_COLUMN.search(name) and KEPT_COLUMN.sub("", name) in names)  # a relabel's kept values
+        and (kind == "VARCHAR" or kind.startswith("ENUM"))
     ]
     if not candidates:
         return {}

@@ -190,6 +190,12 @@ def test_an_index_whose_model_file_carries_code_is_refused_unrun(built, tmp_path
     model = index / "embedder" / "scvi_model" / "model.pt"
     check_pickled_names(model, "the model")  # scvi-tools' own file passes
     marker = tmp_path / "PWNED"
+    # a pickle before a clean archive: zip readers find the archive, torch.load unpickles the front (found by a
+    # retest of the first version of this check)
+    polyglot = tmp_path / "polyglot.pt"
+    polyglot.write_bytes(pickle.dumps(_RunsCode(marker), protocol=2) + model.read_bytes())
+    with pytest.raises(StoreError, match="not a PyTorch model file in its zip format"):
+        check_pickled_names(polyglot, "the model")
     torch.save({"attr_dict": _RunsCode(marker), "model_state_dict": {}}, model)
     manifest = json.loads((index / "manifest.json").read_text())
 
@@ -209,3 +215,24 @@ def test_an_index_whose_model_file_carries_code_is_refused_unrun(built, tmp_path
     with pytest.raises(StoreError, match="could run code"):
         load_embedder(index / "embedder")
     assert not marker.exists()
+
+
+def test_training_stops_at_the_next_epoch_when_its_thread_is_interrupted():
+    """A lab server's cancel reaches scVI training at its next epoch (it waited for the whole query update)."""
+    from scatlas.atlas.errors import Interrupted
+    from scatlas.atlas.interrupt import set_interrupt_check
+
+    calls = []
+
+    def check() -> None:
+        calls.append(1)
+        raise Interrupted("the job was cancelled")
+
+    emb = make_embedder("scvi", **{**TINY, "max_epochs": 50})
+    set_interrupt_check(check)
+    try:
+        with pytest.raises(Interrupted):
+            emb.fit(chunks(make_adata(200, 100, seed=7), "d1"))
+    finally:
+        set_interrupt_check(None)
+    assert len(calls) == 1  # stopped at the first epoch's end, not after 50

@@ -340,3 +340,31 @@ def test_pickles_without_the_model_and_moves_between_devices(emb, data):
     assert clone._net is None and clone.fingerprint() == emb.fingerprint()
     np.testing.assert_array_equal(clone.transform(chunk_of(data.counts[:20], genes)), want)
     assert emb.on_device("cpu") is emb
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@needs_uce
+def test_a_species_offsets_file_carrying_code_is_refused_unrun(files, data, tmp_path):
+    """species_offsets.pkl was read with pickle.load: a model directory from elsewhere ran its code. It is read as
+    plain data now."""
+    import shutil
+
+    from scatlas.atlas.errors import StoreError
+
+    root = tmp_path / "model"
+    shutil.copytree(files["model_dir"], root)
+    marker = tmp_path / "PWNED"
+    (root / "species_offsets.pkl").write_bytes(pickle.dumps(_RunsCode(marker)))
+    copied = {**files, "model_dir": root}
+    with pytest.raises(StoreError, match="names 'posix.system'.*could run code"):
+        uce(copied, **TINY).transform(chunk_of(data.counts[:5], _symbols(data)))
+    assert not marker.exists()

@@ -229,3 +229,23 @@ def test_a_reader_failure_does_not_repeat_the_file_s_text(files, tmp_path):
     assert result.exit_code == 1 and result.output.startswith("Error: "), result.output[:500]
     assert "ZZZZ" not in result.output and "injected" not in result.output and len(result.output) < 2000
     assert "could not read the AnnData structure (" in result.output
+
+
+def test_a_soma_member_that_cannot_be_opened_is_an_input_error(tmp_path):
+    """A member URI TileDB cannot open (missing, or a form it does not normalise) gave a traceback."""
+    import shutil
+
+    import tiledbsoma
+    import tiledbsoma.io
+
+
+    exp = tmp_path / "exp"
+    tiledbsoma.io.from_anndata(str(exp), make_adata(60, 40, seed=5), measurement_name="RNA")
+    with tiledbsoma.Experiment.open(str(exp), "w") as e:
+        del e["obs"]
+    with tiledbsoma.Experiment.open(str(exp), "w") as e, tiledbsoma.DataFrame.open(str(exp / "obs")) as o:
+        e._set_element("obs", uri=f"file://{exp}/missing_obs", relative=False, soma_object=o)
+    shutil.rmtree(exp / "obs", ignore_errors=True)
+    result = CliRunner().invoke(cli, ["-q", "ingest", str(exp), "--atlas", str(tmp_path / "atlas")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "a member of the experiment (obs, the measurement, var or X) cannot be opened" in result.output

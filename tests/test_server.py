@@ -660,6 +660,7 @@ def test_cancel_drops_a_queued_job_stops_a_running_one_and_deletes_a_finished_on
     assert not running.directory.exists() and len(steps) < 10_000
     assert queued.result is None  # the dropped job never ran
     assert manager.counts()["cancelled"] == 2
+    assert manager.cancel(queued) == "deleted" and manager.get(queued.id) is None  # a cancelled job, deleted
 
     finished = manager.new_job("search")
     manager.submit(finished, lambda job: {})

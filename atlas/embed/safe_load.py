@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -88,18 +87,37 @@ class _Refused(Exception):
     pass
 
 
+ZIP_MAGIC = b"PK\x03\x04"
+"""How a file must start for ``torch.load`` to read it as a zip archive: any other start sends it down PyTorch's
+older format, which unpickles the file's first bytes without restriction."""
+
+
+def _torch_pickle(path: Path, what: str) -> bytes:
+    """The pickle ``torch.load`` would unpickle from ``path``: the zip archive's ``data.pkl`` record, read with
+    PyTorch's own reader (the bytes it reads, not another reader's view of a file made to look different to
+    each); StoreError for any other file."""
+    import torch
+
+    not_model = f"{what} is not a PyTorch model file in its zip format"
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
+                raise StoreError(f"{not_model} (files in PyTorch's format before 1.6 are not read)")
+            fh.seek(0)
+            reader = torch._C.PyTorchFileReader(fh)
+            if "data.pkl" not in reader.get_all_records():
+                raise StoreError(f"{not_model} (no data.pkl record)")
+            return bytes(reader.get_record("data.pkl"))
+    except StoreError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever PyTorch's reader says of a malformed archive
+        raise StoreError(f"{not_model} ({type(exc).__name__})") from None
+
+
 def check_pickled_names(path: Path, what: str) -> None:
     """StoreError unless every function and class the PyTorch file ``path`` names is on :data:`ALLOWED`
     (``what`` names the file in the message). Nothing in the file is run."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
-            if len(pickles) != 1:
-                raise StoreError(f"{what} is not a PyTorch model file (one data.pkl in a zip archive)")
-            data = archive.read(pickles[0])
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise StoreError(f"{what} cannot be read as a PyTorch model file ({type(exc).__name__}; files in "
-                         "PyTorch's format before 1.6 are not read)") from None
+    data = _torch_pickle(path, what)
     try:
         _NamesOnly(io.BytesIO(data)).load()
     except _Refused as exc:
@@ -110,3 +128,22 @@ def check_pickled_names(path: Path, what: str) -> None:
         ) from None
     except Exception as exc:  # noqa: BLE001 - a malformed pickle, whatever the unpickler says
         raise StoreError(f"{what} is not a readable PyTorch model file ({type(exc).__name__})") from None
+
+
+class _NoNames(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        raise _Refused(f"{module}.{name}")
+
+
+def load_plain_pickle(path: Path, what: str) -> Any:
+    """The contents of a pickle of plain data (dicts, lists, strings, numbers: what needs no function or class to
+    rebuild), e.g. UCE's ``species_offsets.pkl``; StoreError for a pickle naming any function or class (it could
+    run code) or one that cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            return _NoNames(fh).load()
+    except _Refused as exc:
+        raise StoreError(f"{what} names {escaped(str(exc)[:200])}: scatlas reads only plain data from it, since "
+                         "loading it could run code it carries") from None
+    except Exception as exc:  # noqa: BLE001 - a malformed pickle, whatever the unpickler says
+        raise StoreError(f"{what} is not a readable pickle of plain data ({type(exc).__name__})") from None

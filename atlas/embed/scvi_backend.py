@@ -29,6 +29,7 @@ from scatlas.atlas.embed.pca import SampleSource, sample_pass
 from scatlas.atlas.embed.safe_load import check_pickled_names
 from scatlas.atlas.errors import DependencyError, InputError, StoreError
 from scatlas.atlas.genes import GeneVocabulary, match_genes
+from scatlas.atlas.interrupt import check_interrupt
 from scatlas.atlas.normalize import to_lognorm
 
 logger = logging.getLogger("scatlas.atlas.embed.scvi")
@@ -148,6 +149,7 @@ def _epoch_logger(what: str, total: int) -> Any:
             self.every = max(1, total // 10)
 
         def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            check_interrupt()  # a cancelled server job stops here, not after the whole training
             epoch = int(trainer.current_epoch) + 1
             if epoch % self.every and epoch != total:
                 return

@@ -44,7 +44,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import pickle
 import sys
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -57,6 +56,7 @@ import scipy.sparse as sp
 
 from scatlas.atlas.chunks import CellChunk
 from scatlas.atlas.embed.base import Embedder
+from scatlas.atlas.embed.safe_load import load_plain_pickle
 from scatlas.atlas.errors import DependencyError, InputError, StoreError
 from scatlas.atlas.genes import GeneMatch, GeneVocabulary, is_ensembl, match_genes
 from scatlas.atlas.normalize import to_lognorm
@@ -321,8 +321,9 @@ class UCEGenes:
                     "the uce embedder needs offset_pkl_path (species_offsets.pkl) or species_offset: "
                     f"{cfg.offset_pkl_path} not found"
                 )
-            with open(cfg.offset_pkl_path, "rb") as fh:
-                offsets = pickle.load(fh)  # noqa: S301 - a local model file, read as the package reads it
+            offsets = load_plain_pickle(Path(cfg.offset_pkl_path), f"the species offsets file {cfg.offset_pkl_path}")
+            if not isinstance(offsets, dict) or not all(isinstance(v, int) for v in offsets.values()):
+                raise InputError(f"{cfg.offset_pkl_path} is not a dict of species -> token offset")
             if cfg.species not in offsets:
                 raise InputError(f"species {cfg.species!r} is not in {cfg.offset_pkl_path} ({sorted(offsets)})")
             offset = int(offsets[cfg.species])

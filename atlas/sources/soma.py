@@ -213,14 +213,21 @@ def open_soma_experiment(
 
     if not is_soma_experiment(uri):
         raise InputError(f"{uri}: not a TileDB-SOMA experiment (or not readable)")
-    with tiledbsoma.Experiment.open(uri, context=_context()) as exp:
-        if measurement not in exp.ms:
-            raise InputError(f"{uri}: no measurement {measurement!r}; has: {[escaped(m) for m in exp.ms]}")
-        chosen = choose_x_layer([str(k) for k in exp.ms[measurement].X], layer, uri)
-        ms = exp.ms[measurement]
-        check_members_inside(uri, {"obs": exp.obs, f"ms/{measurement}": ms, f"ms/{measurement}/var": ms.var,
-                                   f"ms/{measurement}/X": ms.X, f"ms/{measurement}/X/{chosen}": ms.X[chosen]})
-        obs = exp.obs.read(value_filter=value_filter).concat().to_pandas()
+    try:
+        with tiledbsoma.Experiment.open(uri, context=_context()) as exp:
+            if measurement not in exp.ms:
+                raise InputError(f"{uri}: no measurement {measurement!r}; has: {[escaped(m) for m in exp.ms]}")
+            chosen = choose_x_layer([str(k) for k in exp.ms[measurement].X], layer, uri)
+            ms = exp.ms[measurement]
+            check_members_inside(uri, {"obs": exp.obs, f"ms/{measurement}": ms, f"ms/{measurement}/var": ms.var,
+                                       f"ms/{measurement}/X": ms.X, f"ms/{measurement}/X/{chosen}": ms.X[chosen]})
+            obs = exp.obs.read(value_filter=value_filter).concat().to_pandas()
+    except InputError:
+        raise
+    except (tiledbsoma.SOMAError, KeyError, ValueError, OSError) as exc:  # a member that cannot be opened or read
+        raise InputError(f"{uri}: a member of the experiment (obs, the measurement, var or X) cannot be opened or "
+                         f"read ({type(exc).__name__}): is the experiment complete and written by tiledbsoma?"
+                         + (" Or the obs filter is not one TileDB-SOMA reads" if value_filter else "")) from None
     if len(obs) == 0:
         raise InputError(f"{uri}: no cells{' match ' + value_filter if value_filter else ''}")
     obs = obs.sort_values("soma_joinid")

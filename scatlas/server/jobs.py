@@ -6,7 +6,7 @@ thread with its own DuckDB cursor); the work of a job is NumPy, FAISS, PyTorch a
 so jobs overlap on the cores; and a process pool would hold one copy of the index per worker. What a thread cannot
 have: a job cannot be killed while it runs. Cancelling one (:meth:`JobManager.cancel`) drops it when queued; a
 running one stops at its next step (a stage, or a step of the library's progress bars, every chunk of cells:
-:func:`scatlas.index.progress.set_interrupt_check`), and its directory is removed. Shutting the server down waits for
+:mod:`scatlas.atlas.interrupt`), and its directory is removed. Shutting the server down waits for
 the running jobs and drops the queued ones.
 
 A job's progress is an estimate: each job moves through stages (e.g. annotate 0.02-0.9, writing 0.9-0.99), and
@@ -33,8 +33,8 @@ from typing import Any
 
 from scatlas.atlas.atomic import write_json_atomic
 from scatlas.atlas.errors import Interrupted, OutputError, ScatlasError
+from scatlas.atlas.interrupt import set_interrupt_check
 from scatlas.atlas.outputs import safe_text
-from scatlas.index.progress import set_interrupt_check
 
 logger = logging.getLogger(__name__)
 
@@ -325,14 +325,16 @@ class JobManager:
                     job._future.cancel()  # or _run finds the job cancelled and returns
                 job._cancel.set()
                 self._mark_cancelled(job)
+                outcome = "cancelled"
             elif job.status == "running":
                 job._cancel.set()
                 return "cancelling"
-            else:
+            else:  # done, failed or cancelled before: removed with whatever it left
                 self._jobs.pop(job.id, None)
+                outcome = "deleted"
         shutil.rmtree(job.directory, ignore_errors=True)
-        logger.info("job %s %s on request", job.id, "cancelled" if job.status == "cancelled" else "deleted")
-        return job.status if job.status == "cancelled" else "deleted"
+        logger.info("job %s %s on request", job.id, outcome)
+        return outcome
 
     @staticmethod
     def _mark_cancelled(job: Job) -> None:
