@@ -577,6 +577,8 @@ class LabelColumn:
     name: str
     n_values: int
     top: list[tuple[str | None, int]] = field(default_factory=list)
+    n_with_term: int | None = None
+    """Cells with a Cell Ontology term in the column's term column (None: the store has no such column)."""
 
 
 @dataclass
@@ -634,8 +636,18 @@ def _label_columns(con: duckdb.DuckDBPyConnection, record: DatasetRecord, candid
         params,
     ).fetchone()
     distinct = [int(n) for n in (row or [0] * len(candidates))]
-    return [LabelColumn(name=c, n_values=n, top=_value_counts(con, c, where, params, TOP_LABEL_VALUES))
-            for c, n in zip(candidates, distinct, strict=True) if 2 <= n <= MAX_LABEL_VALUES]
+    columns = {str(r[0]) for r in con.execute("SELECT column_name FROM (DESCRIBE cells)").fetchall()}
+    out = []
+    for c, n in zip(candidates, distinct, strict=True):
+        if not 2 <= n <= MAX_LABEL_VALUES:
+            continue
+        col = LabelColumn(name=c, n_values=n, top=_value_counts(con, c, where, params, TOP_LABEL_VALUES))
+        if term_column(c) in columns:
+            got = con.execute(f"SELECT count(*) FILTER (WHERE trim({quote_ident(term_column(c))}) <> '') FROM cells "
+                              f"WHERE {where}", params).fetchone()
+            col.n_with_term = int(got[0]) if got else 0
+        out.append(col)
+    return out
 
 
 def list_datasets(atlas: str | Path) -> StoreListing:

@@ -47,7 +47,8 @@ def datasets(atlas_dir: Path, json_out: Path | None) -> None:
               f"{d.x_source}")
         _echo(f"  source {d.source} ({d.source_format}), ingested {d.ingested_at or '?'}, obs revision {d.obs_revision}")
         for col in d.label_columns:
-            _echo(f"  {col.name} ({col.n_values:,} values): {_values(col.top)}")
+            terms = "" if col.n_with_term is None else f"; {col.n_with_term:,} cells with a Cell Ontology term"
+            _echo(f"  {col.name} ({col.n_values:,} values{terms}): {_values(col.top)}")
     _echo_json(listing.to_json(), json_out)
 
 

@@ -297,6 +297,10 @@ def test_datasets_lists_text_and_json(forgot: Path, tmp_path: Path) -> None:
     fx_labels = {c["name"]: c for c in by_id["fx"]["label_columns"]}
     assert set(fx_labels) == {"donor_id", "celltype"}  # tissue has one value; cell_type none
     assert sum(n for _, n in fx_labels["celltype"]["top"]) == 60 and fx_labels["celltype"]["n_values"] == 3
+    n_ok = by_id["ok"]["n_cells"]  # its labels have terms (the fixture's schema columns): counted in the listing
+    assert {c["name"]: c["n_with_term"] for c in by_id["ok"]["label_columns"]}.get("cell_type") == n_ok
+    ok_cell_type = next(c for c in by_id["ok"]["label_columns"] if c["name"] == "cell_type")
+    assert f"cell_type ({ok_cell_type['n_values']} values; {n_ok} cells with a Cell Ontology term)" in res.output
     ok_labels = {c["name"] for c in by_id["ok"]["label_columns"]}
     assert ok_labels == {"cell_type", "donor_id"}
     assert by_id["ok"]["source_format"] == "h5ad" and by_id["ok"]["obs_revision"] == 0
