@@ -72,6 +72,16 @@ def _unknown_dataset(path: Path, dataset_id: str, known: Iterable[str] = ()) -> 
                       f"`scatlas datasets --atlas {path}`")
 
 
+def check_datasets_exist(atlas: str | Path, dataset_ids: Iterable[str]) -> None:
+    """InputError naming the first of ``dataset_ids`` the store at ``atlas`` does not hold (before a command that
+    works through several changes any)."""
+    store = AtlasStore.open(atlas)
+    known = [d.dataset_id for d in store.datasets]
+    for dataset_id in dataset_ids:
+        if dataset_id not in known:
+            raise _unknown_dataset(store.path, dataset_id, known)
+
+
 def _open_store(atlas: str | Path) -> Path:
     """``atlas`` as a path once it holds a committed store (StoreError otherwise, before any lock file is made)."""
     path = Path(atlas)

@@ -6,11 +6,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from scatlas.atlas.validate import escaped
 from scatlas.cli_common import PathArg, _echo, _echo_json, _echo_ontology_fill, _split_pair, atlas_option
+
+if TYPE_CHECKING:
+    from scatlas.atlas.lifecycle import RelabelReport
 
 
 def _values(top: list[tuple[str | None, int]]) -> str:
@@ -77,7 +81,8 @@ def remove(atlas_dir: Path, dataset_ids: tuple[str, ...]) -> None:
 
 @click.command()
 @atlas_option()
-@click.option("--dataset", "dataset_id", required=True, metavar="ID", help="The dataset to relabel.")
+@click.option("--dataset", "dataset_ids", required=True, multiple=True, metavar="ID",
+              help="The dataset to relabel (repeatable: each in turn, each its own revision).")
 @click.option("--obs-map", "obs_map", multiple=True, metavar="SOURCE=TARGET",
               help="Copy the dataset's obs column SOURCE onto the column TARGET, e.g. celltype=cell_type "
                    "(repeatable; the pairs apply at once).")
@@ -88,9 +93,9 @@ def remove(atlas_dir: Path, dataset_ids: tuple[str, ...]) -> None:
                    "without --obs-map: fill the empty terms of the dataset's labels (--ontology-label-key).")
 @click.option("--ontology-label-key", default="cell_type", show_default=True, metavar="COLUMN",
               help="With --ontology-map alone: the label column whose values the map's labels are.")
-def relabel(atlas_dir: Path, dataset_id: str, obs_map: tuple[str, ...], ontology_map: Path | None,
+def relabel(atlas_dir: Path, dataset_ids: tuple[str, ...], obs_map: tuple[str, ...], ontology_map: Path | None,
             ontology_label_key: str) -> None:
-    """Re-apply an obs mapping to the stored metadata of one dataset, or give its labels Cell Ontology terms.
+    """Re-apply an obs mapping to the stored metadata of a dataset, or give its labels Cell Ontology terms.
 
     Mends a forgotten `ingest --obs-map` without re-ingesting: each SOURCE=TARGET copies a column the store kept
     (an obs column under its original name) onto a column of the store (not soma_joinid, dataset_id, obs_id or
@@ -100,10 +105,26 @@ def relabel(atlas_dir: Path, dataset_id: str, obs_map: tuple[str, ...], ontology
     `ingest --ontology-map`. The dataset's obs revision is bumped, so an index built before sees the change
     (`scatlas build --update` gives it the new labels).
     """
-    from scatlas.atlas.lifecycle import relabel_dataset
+    from scatlas.atlas.errors import ScatlasError
+    from scatlas.atlas.lifecycle import check_datasets_exist, relabel_dataset
+    from scatlas.atlas.validate import escaped_list
 
-    report = relabel_dataset(atlas_dir, dataset_id, _obs_pairs(obs_map), ontology_map=ontology_map,
-                             ontology_label_key=ontology_label_key)
+    check_datasets_exist(atlas_dir, dataset_ids)  # an unknown id is refused before any dataset is changed
+    done: list[str] = []
+    for dataset_id in dict.fromkeys(dataset_ids):
+        try:
+            report = relabel_dataset(atlas_dir, dataset_id, _obs_pairs(obs_map), ontology_map=ontology_map,
+                                     ontology_label_key=ontology_label_key)
+        except ScatlasError as exc:
+            if done:  # the ones before stay relabelled: say which
+                raise type(exc)(f"{exc} (relabelled before it: {escaped_list(done)})") from None
+            raise
+        done.append(report.dataset_id)
+        _echo_relabel(report)
+
+
+def _echo_relabel(report: RelabelReport) -> None:
+    """What a relabel of one dataset did (:class:`atlas.lifecycle.RelabelReport`)."""
     _echo(f"{report.dataset_id}: {report.n_cells:,} cells, obs revision {report.obs_revision}")
     for col in report.columns:
         more = f" (of {col.n_values:,})" if col.n_values > len(col.values) else ""

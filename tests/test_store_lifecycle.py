@@ -438,3 +438,19 @@ def test_a_store_given_as_the_index_is_named(three: Path) -> None:
     assert res.exit_code == 1 and "it is an atlas store, not an index: give it as --atlas" in res.output, res.output
     res = _run("datasets", "--atlas", str(three))
     assert res.exit_code == 0 and "cell ids below" in res.output
+
+
+def test_relabel_takes_several_datasets_and_says_which_went_before_a_failure(forgot: Path) -> None:
+    """A tryout relabelled three datasets with three commands; each in turn now, each its own revision."""
+    res = _run("relabel", "--atlas", str(forgot), "--dataset", "fx", "--dataset", "ok", "--obs-map",
+               "donor_id=tissue")
+    assert res.exit_code == 0, res.output
+    assert "fx: 60 cells, obs revision 1" in res.output and "ok: 40 cells, obs revision 1" in res.output
+    assert _rows(forgot, "SELECT count(*) FROM cells WHERE tissue IS DISTINCT FROM donor_id") == [(0,)]
+    res = _run("relabel", "--atlas", str(forgot), "--dataset", "fx", "--dataset", "nope", "--obs-map",
+               "tissue=cell_type")
+    assert res.exit_code == 1 and res.output.startswith("Error: ") and "no dataset 'nope'" in res.output
+    assert _rows(forgot, "SELECT count(cell_type) FROM cells WHERE dataset_id = 'fx'") == [(0,)]  # nothing changed
+    res = _run("relabel", "--atlas", str(forgot), "--dataset", "fx", "--dataset", "ok", "--obs-map",
+               "celltype=cell_type")  # ok has no celltype column: fx is relabelled, then the refusal says so
+    assert res.exit_code == 1 and "\nError: " in res.output and "relabelled before it: 'fx'" in res.output
