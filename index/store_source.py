@@ -306,7 +306,11 @@ def build_index(
 
 def _replaced(out: Path) -> list[Path]:
     """The indexes a ``build --overwrite`` of ``out`` replaced and had not yet deleted (``.NAME.replaced-PID``)."""
-    return [p for p in out.parent.glob(f".{out.name}.replaced-*") if (p / MANIFEST_FILE).is_file()]
+    prefix = f".{out.name}.replaced-"
+    if not out.parent.is_dir():
+        return []
+    return [p for p in out.parent.iterdir()
+            if p.name.startswith(prefix) and p.name[len(prefix):].isdigit() and (p / MANIFEST_FILE).is_file()]
 
 
 def _refuse_half_swapped(out: Path) -> None:

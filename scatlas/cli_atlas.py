@@ -117,7 +117,7 @@ def relabel(atlas_dir: Path, dataset_ids: tuple[str, ...], obs_map: tuple[str, .
                                      ontology_label_key=ontology_label_key)
         except ScatlasError as exc:
             if done:  # the ones before stay relabelled: say which
-                raise type(exc)(f"{exc} (relabelled before it: {escaped_list(done)})") from None
+                exc.args = (f"{exc} (relabelled before it: {escaped_list(done)})",)
             raise
         done.append(report.dataset_id)
         _echo_relabel(report)

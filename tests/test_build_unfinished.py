@@ -195,3 +195,14 @@ def test_a_swap_killed_between_its_renames_is_named_and_its_leftover_cleared(tmp
     shutil.copytree(hidden, index)  # as after the second rename
     build_index(atlas, index, **{**BUILD, "seed": 1}, overwrite=True)
     assert not hidden.exists() and verify_index(index, progress=False).ok
+
+
+def test_the_leftover_of_another_index_is_not_taken_for_this_one_s(tmp_path: Path) -> None:
+    """Names with glob characters: `idx[1]`'s leftovers are its own, not `idx1`'s."""
+    from scatlas.index.store_source import _replaced
+
+    for name in ("idx1", "idx[1]", "idx*"):
+        (tmp_path / f".{name}.replaced-7").mkdir()
+        (tmp_path / f".{name}.replaced-7" / "manifest.json").write_text("{}")
+    assert [p.name for p in _replaced(tmp_path / "idx[1]")] == [".idx[1].replaced-7"]
+    assert [p.name for p in _replaced(tmp_path / "idx*")] == [".idx*.replaced-7"]

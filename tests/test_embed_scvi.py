@@ -196,6 +196,17 @@ def test_an_index_whose_model_file_carries_code_is_refused_unrun(built, tmp_path
     polyglot.write_bytes(pickle.dumps(_RunsCode(marker), protocol=2) + model.read_bytes())
     with pytest.raises(StoreError, match="not a PyTorch model file in its zip format"):
         check_pickled_names(polyglot, "the model")
+    # an archive with a constants.pkl record: torch.load hands it to TorchScript, which runs the archive's code
+    # while data.pkl looks plain (found by a review of the second version)
+    scripted = tmp_path / "scripted.pt"
+    writer = torch._C.PyTorchFileWriter(str(scripted))
+    for name, payload in (("data.pkl", pickle.dumps({"attr_dict": {}}, protocol=2)),
+                          ("constants.pkl", pickle.dumps((), protocol=2))):
+        writer.write_record(name, payload, len(payload))
+    writer.write_end_of_file()
+    del writer
+    with pytest.raises(StoreError, match="records torch.save does not write, e.g. 'constants.pkl'"):
+        check_pickled_names(scripted, "the model")
     torch.save({"attr_dict": _RunsCode(marker), "model_state_dict": {}}, model)
     manifest = json.loads((index / "manifest.json").read_text())
 

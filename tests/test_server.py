@@ -301,6 +301,12 @@ def test_job_messages_and_reports_speak_of_the_upload_and_the_api(server: dict[s
     text = manager.public_text(job, f"the atlas store {tmp_path / 'store'} is not reachable from "
                                     f"{tmp_path / 'idx' / 'versions' / '0002'} ({tmp_path / 'idx'})")
     assert str(tmp_path) not in text and text == "the atlas store store is not reachable from 0002 (idx)", text
+    # only where a path stands as one: not inside another path or a URL; HTML-escaped forms too
+    from scatlas.server.jobs import hide_paths
+
+    assert hide_paths("see /X/data and https://x.org/data/help", {"/data": "data"}) == \
+        "see /X/data and https://x.org/data/help"
+    assert hide_paths("at /srv/o&#x27;brien/idx.", {"/srv/o'brien/idx": "idx"}) == "at idx."
     manager.shutdown()
 
 
@@ -677,11 +683,12 @@ def test_delete_over_http(server: dict[str, Any], world: dict[str, Path]) -> Non
     state = submit(client, "/api/search", world["small"], {"k": "3"})
     assert state["status"] == "done"
     assert client.delete(f"/api/jobs/{state['job']}").status_code == 401  # the token is needed
+    r = client.delete(f"/api/jobs/{state['job']}", headers={**AUTH, "Origin": "http://evil.example"})
+    assert r.status_code == 403  # another site's page may not delete a lab's job
+    assert client.get(f"/api/jobs/{state['job']}", headers=AUTH).json()["status"] == "done"
     r = client.delete(f"/api/jobs/{state['job']}", headers=AUTH)
     assert r.status_code == 200 and r.json() == {"job": state["job"], "status": "deleted"}
     assert client.get(f"/api/jobs/{state['job']}", headers=AUTH).status_code == 404
     assert client.get(f"/api/jobs/{state['job']}/hits.csv", headers=AUTH).status_code == 404
     assert not any(p.name == state["job"] for p in job_dirs(server["work"]))
     assert client.delete(f"/api/jobs/{state['job']}", headers=AUTH).status_code == 404
-    r = client.delete(f"/api/jobs/{state['job']}", headers={**AUTH, "Origin": "http://evil.example"})
-    assert r.status_code == 403

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,9 @@ class _Refused(Exception):
     pass
 
 
+SAVE_RECORDS = frozenset({"data.pkl", "byteorder", "version", ".format_version", ".storage_alignment",
+                          ".data/version", ".data/serialization_id"})
+"""The records ``torch.save`` writes besides the tensors' ``data/N``: an archive holding any other is not read."""
 ZIP_MAGIC = b"PK\x03\x04"
 """How a file must start for ``torch.load`` to read it as a zip archive: any other start sends it down PyTorch's
 older format, which unpickles the file's first bytes without restriction."""
@@ -105,8 +109,13 @@ def _torch_pickle(path: Path, what: str) -> bytes:
                 raise StoreError(f"{not_model} (files in PyTorch's format before 1.6 are not read)")
             fh.seek(0)
             reader = torch._C.PyTorchFileReader(fh)
-            if "data.pkl" not in reader.get_all_records():
+            records = list(reader.get_all_records())
+            if "data.pkl" not in records:
                 raise StoreError(f"{not_model} (no data.pkl record)")
+            other = [r for r in records if r not in SAVE_RECORDS and not re.fullmatch(r"data/\d+", r)]
+            if other:  # e.g. constants.pkl: torch.load hands such an archive to TorchScript, which runs its code
+                raise StoreError(f"{not_model} (it holds records torch.save does not write, e.g. "
+                                 f"{escaped(other[0][:100])}: a TorchScript archive?)")
             return bytes(reader.get_record("data.pkl"))
     except StoreError:
         raise

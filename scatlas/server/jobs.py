@@ -17,6 +17,7 @@ query's cell count and the seconds per cell that earlier jobs of the same kind t
 from __future__ import annotations
 
 import contextlib
+import html
 import logging
 import math
 import os
@@ -163,11 +164,14 @@ def prepare_work_dir(path: Path) -> None:
 
 
 def hide_paths(value: Any, paths: dict[str, str]) -> Any:
-    """``value`` (text, or JSON-like lists and dicts of it) with every path of ``paths`` replaced by what it maps
-    to (longest paths first, so a path inside another is not half replaced)."""
+    """``value`` (text, or JSON-like lists and dicts of it) with every path of ``paths``, as written or
+    HTML-escaped, replaced by what it maps to where it stands as a path: not preceded by a character of a path or
+    URL, and followed by the end, ``/`` or a character no path name ends with here (``/data`` in ``/X/data`` or in
+    ``https://x.org/data/help`` is left alone); longest paths first."""
     if isinstance(value, str):
-        for path in sorted(paths, key=len, reverse=True):
-            value = value.replace(path, paths[path])
+        forms = {form: name for path, name in paths.items() for form in {path, html.escape(path)}}
+        for path in sorted(forms, key=len, reverse=True):
+            value = re.sub(rf"(?<![\w./:~-]){re.escape(path)}(?=$|[/\s'\"),;:&<]|\.(?:\s|$))", forms[path], value)
         return value
     if isinstance(value, dict):
         return {k: hide_paths(v, paths) for k, v in value.items()}

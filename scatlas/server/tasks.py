@@ -297,7 +297,7 @@ def run_hunt(job: Job, view: AtlasIndex, p: HuntParams, expected_s: float) -> di
     rep = report(hits, view, d / "report", progress=False)
     _write_csv(hits, d / "hits.csv")
     rdir = Path(rep.out_dir)
-    page = _public(_inline_images((rdir / "report.html").read_text(encoding="utf-8"), rdir), view)
+    page = _inline_images(_public((rdir / "report.html").read_text(encoding="utf-8"), view), rdir)  # paths first
     (d / "report.html").write_text(page, encoding="utf-8")
     for name in ("enrichment.csv", "enrichment.png", "scores.png", "de.csv"):  # what the report page names
         if (rdir / name).is_file():
