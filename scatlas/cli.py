@@ -824,15 +824,20 @@ def hunt_sweep(index_dir: Path, classifier_dir: Path, out_dir: Path, min_score: 
 @click.option("--no-de", is_flag=True, help="Skip differential expression.")
 @click.option("--de-method", type=click.Choice(["wilcoxon", "t-test"]), default="wilcoxon", show_default=True,
               help="Test per gene, on log1p(CP10k) values.")
+@click.option("--where", default=None, metavar="SQL",
+              help="Report on the atlas cells matching this predicate only (e.g. \"dataset_id = 'D'\"): hits outside "
+                   "it are left out, and group sizes, the hit rate and the non-hits DE compares with come from "
+                   "those cells.")
 @progress_option
 def hunt_report(hits: Path, index_dir: Path, out_dir: Path, by: str | None, de_group: str | None, de_reference: str | None,
-                atlas_dir: Path | None, no_de: bool, de_method: str, progress: bool) -> None:
+                atlas_dir: Path | None, no_de: bool, de_method: str, where: str | None, progress: bool) -> None:
     """Hits by atlas label, donor and dataset (Fisher test, BH q), score histogram, genes up/down vs matched non-hits."""
     from scatlas.query.hunt import report
 
     columns = None if by is None else tuple(c.strip() for c in by.split(",") if c.strip())
     r = report(hits, index_dir, out_dir, by=columns, de_group=de_group, de_reference=de_reference, atlas=atlas_dir,
-               de=not no_de, de_method="t-test" if de_method == "t-test" else "wilcoxon", progress=progress)
+               de=not no_de, de_method="t-test" if de_method == "t-test" else "wilcoxon", progress=progress,
+               where=where)
     _echo(f"{r.n_hits:,} hits of {r.n_cells:,} cells ({100 * r.hit_rate:.3f}%); by {', '.join(r.by) or 'nothing'}")
     if r.n_training_hits:
         _echo(r.training_sentence())

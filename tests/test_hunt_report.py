@@ -135,3 +135,22 @@ def test_with_no_significant_gene_the_strongest_changes_are_shown_as_such():
     assert "Top up-regulated" not in md and md.index(str(de["gene_symbol"].iloc[0])) > md.index("little power")
     top = strongest_changes(de, 2)
     assert list(top["gene_symbol"]) == list(de["gene_symbol"].iloc[:2])
+
+
+def test_a_report_on_filtered_cells_compares_with_those_cells_only(world, tmp_path):
+    """The server's hunt `where` filtered the hits but compared them with the whole atlas' group sizes (a false
+    enrichment of the groups the filter keeps, and wrong shares); group sizes come from the filtered cells now."""
+    last = int(world["hit_ids"][29])  # the first 30 hits, and every cell up to them
+    n_inside = int((world["ids"] <= last).sum())
+    res = report(world["hits"], world["index"], tmp_path / "rep", de=False, progress=False,
+                 where=f"soma_joinid <= {last}")
+    assert res.n_hits == 30 and res.n_cells == n_inside
+    norn = res.enrichment[(res.enrichment["column"] == "cell_type") & (res.enrichment["group"] == "Norn cell")]
+    assert int(norn["n_cells"].iloc[0]) == 30 and float(norn["fraction"].iloc[0]) == 1.0  # 60% of the atlas' Norns
+    cli_out = CliRunner().invoke(cli, ["-q", "hunt", "report", str(world["hits"]), "--index", str(world["index"]),
+                                       "--out", str(tmp_path / "rep2"), "--no-de", "--no-progress", "--where",
+                                       f"soma_joinid <= {last}"])
+    assert cli_out.exit_code == 0 and f"30 hits of {n_inside:,} cells" in cli_out.output, cli_out.output
+    bad = CliRunner().invoke(cli, ["-q", "hunt", "report", str(world["hits"]), "--index", str(world["index"]),
+                                   "--out", str(tmp_path / "rep3"), "--no-de", "--where", "read_csv('/etc/passwd')"])
+    assert bad.exit_code == 1 and bad.output.startswith("Error: ") and "root:" not in bad.output

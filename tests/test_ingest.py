@@ -424,6 +424,13 @@ def test_census_layout_soma_experiment(tmp_path):
     np.testing.assert_array_equal(
         in_source_gene_order(store, store_X(store, "census_ds1"), ad.var), ad.X.toarray()[keep]
     )
+    with store.connect() as con:  # from_anndata's obs_id is the cells' names, not a clashing column
+        columns = [c for (c,) in con.execute("SELECT column_name FROM (DESCRIBE cells)").fetchall()]
+        assert "obs_id_orig" not in columns
+        assert con.execute("SELECT min(obs_id) FROM cells").fetchone()[0] in set(ad.obs_names)
+    # --dataset-id would merge its two datasets into one: refused
+    with pytest.raises(InputError, match="holds 2 datasets .* --dataset-id would merge them"):
+        ingest([uri], tmp_path / "atlas2", dataset_id="everything", progress=False)
 
 
 @pytest.mark.slow

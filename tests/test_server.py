@@ -237,7 +237,10 @@ def test_hunt_job(server: dict[str, Any], world: dict[str, Path]) -> None:
     page = c.get(f"/api/jobs/{state['job']}/report.html", headers=AUTH)
     assert page.headers["content-type"].startswith("text/html") and "sandbox" in page.headers["content-security-policy"]
     assert "<h1>Rare-cell hunt report</h1>" in page.text and 'src="data:image/png;base64,' in page.text
-    assert "from the sweep of this job (the hits among atlas cells where dataset_id = " in page.text
+    assert "from the sweep of this job, among the atlas cells where dataset_id = " in page.text
+    # the group sizes are those of the filtered atlas: one dataset holds every hit, as many as it has cells of it
+    by_dataset = {g["group"]: g for g in result["by"].get("dataset_id", [])}
+    assert set(by_dataset) == {"synth-000"} and by_dataset["synth-000"]["qvalue"] == 1.0
     assert "http" not in page.text.split("<body>", 1)[1].replace("http-equiv", "")
     assert c.get(f"/api/jobs/{state['job']}/enrichment.png", headers=AUTH).content.startswith(b"\x89PNG")
     assert c.get(f"/api/jobs/{state['job']}/scores.png", headers=AUTH).content.startswith(b"\x89PNG")

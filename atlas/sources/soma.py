@@ -234,12 +234,19 @@ def open_soma_experiment(
     name_col = "obs_id" if "obs_id" in obs.columns else None
     obs.index = (obs[name_col] if name_col else obs["soma_joinid"]).astype(str).to_numpy()
     sources = []
-    if "dataset_id" in obs.columns and dataset_id is None:
+    held = obs["dataset_id"].dropna().astype(str).unique() if "dataset_id" in obs.columns else []
+    if dataset_id is not None and len(held) > 1:
+        raise InputError(
+            f"{uri}: the experiment holds {len(held)} datasets (its obs column dataset_id); --dataset-id would "
+            "merge them into one store dataset and lose which cell came from which. Leave --dataset-id out: each "
+            "becomes a store dataset under its own id"
+        )
+    if len(held) and dataset_id is None:
         groups = obs.groupby("dataset_id", sort=True, observed=True)
     else:
         groups = [(dataset_id or uri.rstrip("/").rsplit("/", 1)[-1], obs)]  # type: ignore[assignment]
     for ds, frame in groups:
-        sub = frame.drop(columns=["soma_joinid"])
+        sub = frame.drop(columns=["soma_joinid", *([name_col] if name_col else [])])  # the names are the index
         sources.append(
             SomaExperimentSource(uri, frame["soma_joinid"].to_numpy(), sub, str(ds), measurement, chosen)
         )

@@ -423,6 +423,7 @@ def report(
     alternative: Alternative = "two-sided",
     seed: int = 0,
     progress: Progress = True,
+    where: str | None = None,
 ) -> ReportResult:
     """Enrichment of ``hits`` per group, a bar chart, and DE of the hits; written to ``out_dir``.
 
@@ -451,6 +452,10 @@ def report(
     max_cells: at most this many cells per side of a DE comparison (sampled with ``seed``).
     alternative: of the Fisher tests: ``two-sided`` (default), ``greater`` (enrichment only) or ``less``.
     progress: a bar over the DE comparisons (:data:`index.progress.Progress`).
+    where: an SQL predicate over the cells table: the report is about the atlas cells matching it (hits outside
+        it left out; group sizes, the hit rate and DE's non-hits from those cells only), e.g. one dataset's. The
+        hits alone filtered would be compared with the whole atlas' group sizes: a false enrichment of the
+        groups the filter keeps.
     """
     t0 = time.perf_counter()
     if max_cells < MIN_SIDE:
@@ -466,7 +471,14 @@ def report(
     hits_source = (show(hits) if not isinstance(hits, pd.DataFrame)
                    else str(hits.attrs.get("source") or "a DataFrame"))
 
-    with idx.cursor() as con:
+    universe = idx.filter_ids(where, what="report filter (--where)") if where is not None else None
+    if universe is not None:
+        outside = int((~frame["soma_joinid"].isin(universe)).sum())
+        frame = frame[frame["soma_joinid"].isin(universe)]
+        hits_source += f", among the atlas cells where {where}"
+        logger.info("hunt report: %d hit(s) outside the filter left out; %d atlas cells match it", outside,
+                    len(universe))
+    with idx.cursor() as con, _restricted(con, universe):
         names = [r[0] for r in con.execute("DESCRIBE cells").fetchall()]
         columns, left_out = _breakdown(con, names, by)
         _check_de_group(names, de_group)
@@ -488,6 +500,26 @@ def report(
         "skipped" if result.de is None else f"{len(result.de)} rows", out, result.seconds,
     )
     return result
+
+
+@contextlib.contextmanager
+def _restricted(con: Any, ids: np.ndarray | None) -> Iterator[None]:
+    """Within the block, ``cells`` on the cursor ``con`` is the cells of ``ids`` only (a temporary view shadowing
+    the table on this cursor alone; None: the whole table)."""
+    import pyarrow as pa
+
+    if ids is None:
+        yield
+        return
+    database = con.execute("SELECT current_database()").fetchall()[0][0]
+    con.register("_hunt_report_universe", pa.table({"soma_joinid": np.asarray(ids, dtype=np.int64)}))
+    con.execute(f"CREATE TEMP VIEW cells AS SELECT * FROM {quote_ident(str(database))}.main.cells "
+                "WHERE soma_joinid IN (SELECT soma_joinid FROM _hunt_report_universe)")
+    try:
+        yield
+    finally:
+        con.execute("DROP VIEW IF EXISTS temp.main.cells")
+        con.unregister("_hunt_report_universe")
 
 
 def _training_hits(frame: pd.DataFrame) -> int | None:

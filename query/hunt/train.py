@@ -345,7 +345,8 @@ def train(
     ts.check_positives(cells is not None, positive, positive_sql)
     ts.add_background(idx, background, seed, drop_duplicates=cells is not None, positive_sql=positive_sql)
     fit = _fit(ts, l2=l2, n_folds=n_folds, seed=seed, device=torch_device, clean_background=clean_background)
-    _warn_background_is_the_atlas(ts, idx.n_cells)
+    if cells is not None and positive_sql is None:  # (with atlas positives the background is their negatives)
+        _warn_background_is_the_atlas(ts, idx.n_cells)
     choice = choose_threshold(fit.y, fit.cv.oof_scores, target_precision=target_precision)
     _check_separates(fit, choice, ts)
     stage2 = None

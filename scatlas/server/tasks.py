@@ -292,9 +292,8 @@ def run_hunt(job: Job, view: AtlasIndex, p: HuntParams, expected_s: float) -> di
         keep = view.filter_ids(p.where, allow_empty=True)
         hits = hits[hits["soma_joinid"].isin(keep)].reset_index(drop=True)
     job.stage("report", 0.7, 0.99, 2.0 + expected_s * 0.3)
-    where = f" (the hits among atlas cells where {p.where})" if p.where else ""
-    hits.attrs["source"] = f"the sweep of this job{where}"
-    rep = report(hits, view, d / "report", progress=False)
+    hits.attrs["source"] = "the sweep of this job"
+    rep = report(hits, view, d / "report", progress=False, where=p.where)  # group sizes within the filter too
     _write_csv(hits, d / "hits.csv")
     rdir = Path(rep.out_dir)
     page = _inline_images(_public((rdir / "report.html").read_text(encoding="utf-8"), view), rdir)  # paths first
