@@ -204,10 +204,7 @@ def run_annotate(job: Job, view: AtlasIndex, p: AnnotateParams, expected_s: floa
         }
     mapping = report.get("mapping") or {}
     warnings = []
-    if mapping.get("verdict") == "maps_poorly":
-        warnings.append("the query maps poorly onto the atlas (another tissue, species or technology?): "
-                        + "; ".join(mapping.get("reasons", [])))
-    elif mapping.get("caveat"):
+    if mapping.get("verdict") != "maps_poorly" and mapping.get("caveat"):  # (maps_poorly: annotate's own warning)
         warnings.append(f"the query maps onto the atlas, but: {mapping['caveat']}")
     return {
         "cells": int(len(predictions)), "label_keys": p.label_keys, "where": p.where,

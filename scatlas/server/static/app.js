@@ -284,9 +284,11 @@
     const parts = [];
     const overlap = r.gene_overlap || {};
     const mapping = r.mapping || {};
+    const verdicts = { maps_well: "maps onto the atlas", maps_poorly: "maps poorly onto the atlas",
+      too_few_cells: "too few cells for a query-level verdict" };
     parts.push(el("p", {}, `${fmt(r.cells)} cells annotated in ${r.seconds} s · gene overlap ${fmt(overlap.n_matched)} of ` +
-      `${fmt(overlap.n_target_genes)} embedder genes · mapping: ${mapping.verdict || "–"}` +
-      (typeof mapping.score === "number" ? ` (score ${num(mapping.score, 3)})` : "")));
+      `${fmt(overlap.n_target_genes)} embedder genes · the query ${verdicts[mapping.verdict] || mapping.verdict || "–"}` +
+      (typeof mapping.score === "number" ? ` (${pct(mapping.score)} of its cells map as the atlas' own datasets' do)` : "")));
     for (const warning of r.warnings || []) parts.push(el("p", { class: "warning" }, warning));
     let first = true;
     for (const [key, lab] of Object.entries(r.labels || {})) {
