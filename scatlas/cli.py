@@ -326,8 +326,9 @@ def _print_info(info: dict[str, Any]) -> None:
         _echo(f"map          a UMAP of {info['reference_map_cells']:,} atlas cells (annotate and search place queries on it)")
     if info.get("version", 1) > 1:
         _echo(f"version      {info['version']} ({info['updates']} update(s) since the build)")
-    _echo(f"factory      {info['factory']} ({'exact' if info.get('exact') else 'approximate'}; "
-               f"nprobe={info.get('nprobe')}, rerank={info.get('rerank')})")
+    _echo(f"factory      {info['factory']} (" + ("exact search" if info.get("exact") else
+                                                f"approximate; nprobe={info.get('nprobe')}, rerank={info.get('rerank')}")
+          + ")")
     _echo(f"recall@{info.get('k', 30)}    " + (f"{recall:.4f} measured on {info.get('recall_queries')} atlas cells"
                                                     if recall is not None else "not measured"))
     _echo(f"size on disk {size / 2**20:,.1f} MiB ({info['bytes_per_cell']:,.0f} bytes per cell)")
@@ -718,8 +719,10 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
                 device=device, seed=seed, out=out_dir, progress=progress, two_stage=HUNT_STAGES[chosen],
                 min_gene_overlap=min_gene_overlap, allow_species_mismatch=allow_species_mismatch, x_layer=x_layer)
     m = clf.metrics
-    _echo(f"classifier {out_dir}: {clf.counts.get('n_positive')} positives, {clf.counts.get('n_negative')} negatives "
-          f"({clf.counts})")
+    parts = ", ".join(f"{n:,} {k.replace('_', ' ')}" for k, n in clf.counts.items()
+                      if k not in ("n_positive", "n_negative") and isinstance(n, int) and n)
+    _echo(f"classifier {out_dir}: {clf.counts.get('n_positive'):,} positives, {clf.counts.get('n_negative'):,} "
+          f"negatives" + (f" ({parts})" if parts else ""))
     _echo(f"stage 1 (embedding), cross-validated: precision {m['precision']:.3f}, recall {m['recall']:.3f}, AUPRC "
           f"{m['auprc']:.3f} at threshold {clf.threshold:.4f}; expected false hits per million atlas cells "
           f"{m['expected_false_hits_per_million']:.1f}" + _estimate_notes(clf))

@@ -134,7 +134,8 @@ def run_demo(
         result.figures["annotate"] = ev
         onto, strict = ev["ontology"], ev["with_abstention"]
         absent = res.report["labels"]["cell_type"]
-        return (f"annotated {ev['n_cells']} held-out cells ({absent['levels']}): best-class accuracy "
+        levels = ", ".join(f"{n} {level}" for level, n in dict(absent["levels"]).items())
+        return (f"annotated {ev['n_cells']} held-out cells ({levels}): best-class accuracy "
                 f"{ev['accuracy']:.3f}, macro-F1 {ev['macro_f1']:.3f}; ontology-aware accuracy of the answers "
                 f"{onto['ontology_accuracy']:.3f}, {onto['fine_rate']:.0%} answered at the fine level; "
                 f"'{HELD_OUT_TYPE}' (absent from the atlas) called unknown in {strict['abstention_rate_absent']:.0%} "
