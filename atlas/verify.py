@@ -49,10 +49,12 @@ def verify_store(path: str | Path, *, progress: bool = True) -> StoreVerifyRepor
         report.problems.extend(f"{problem}; re-ingest into a new store" for problem in damage)
         return report
     report.n_cells = store.n_cells
+    reading = "its cell and gene tables"  # what was being read when a read fails: named in the problem
     try:
         _check_tables(store, report)
         bar = tqdm(total=store.n_cells, desc="verify store", unit="cell", disable=not progress, leave=False)
         for record in store.cell_ranges_records():
+            reading = f"the expression values (X) of dataset {record.dataset_id!r}"
             digest = XDigest()
             for chunk in store.iter_chunks(record.start, record.stop):
                 X = canonical(chunk.X)
@@ -74,7 +76,8 @@ def verify_store(path: str | Path, *, progress: bool = True) -> StoreVerifyRepor
     except Exception as exc:  # a damaged TileDB array or DuckDB file: say which part could not be read
         if is_locked(exc):  # another process (an ingest) has the store open: busy, not damaged
             raise
-        report.problems.append(f"the store could not be read back ({type(exc).__name__}); it is damaged: re-ingest")
+        report.problems.append(f"the store could not be read back: {reading} ({type(exc).__name__}); it is "
+                               "damaged: re-ingest into a new store")
         logger.debug("verify_store read failure", exc_info=True)
     return report
 

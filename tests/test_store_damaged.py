@@ -326,3 +326,17 @@ def test_verify_of_a_store_another_process_holds_says_busy_not_damaged(intact: P
         holder.kill()
         holder.wait()
     assert CliRunner().invoke(cli, ["verify", "--atlas", str(intact)]).exit_code == 0
+
+
+def test_verify_names_the_dataset_whose_values_cannot_be_read(copy: Path) -> None:
+    """A damaged X fragment: verify said "the store could not be read back (SOMAError)" without saying where."""
+    data = sorted(p for p in (copy / "experiment").rglob("a0.tdb") if "/X/" in str(p))  # values, not the schema
+    assert data, "no X data file found"
+    for path in data:  # the values garbled (the arrays still open): reading a dataset back fails
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 2 :] = bytes(len(raw) - len(raw) // 2)
+        path.write_bytes(bytes(raw))
+    report = verify_store(copy, progress=False)
+    assert not report.ok
+    assert any("could not be read back: the expression values (X) of dataset 'a'" in p for p in report.problems), \
+        report.problems
