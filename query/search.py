@@ -33,10 +33,20 @@ from scatlas.atlas.genes import MIN_GENE_OVERLAP
 from scatlas.atlas.outputs import check_distinct, check_output_file
 from scatlas.atlas.sql import quote_ident
 from scatlas.atlas.validate import beside, escaped_list
-from scatlas.index import DEFAULT_K, AtlasIndex, Progress, ReferenceMap, l2_normalize, progress_bar
+from scatlas.index import (
+    DEFAULT_K,
+    AtlasIndex,
+    Progress,
+    ReferenceMap,
+    l2_normalize,
+    mapping_calibration,
+    mean_top_similarity,
+    progress_bar,
+)
 from scatlas.query.annotate_report import index_summary, query_summary
 from scatlas.query.hunt.enrichment import MISSING, all_missing, enrichment_table
 from scatlas.query.hunt.sql_predicate import evaluate_sql_predicate
+from scatlas.query.mapping import assess_mapping
 from scatlas.query.outputs import (
     check_table_output,
     plot_search_map,
@@ -362,6 +372,7 @@ def search_cells(
         hits = _hits_frame(idx, obs_names, q_rows, ids, scores)
         hit_ids = hits["soma_joinid"].to_numpy()
         enrichment = enrichment_of_hits(idx, hit_ids, where=where)
+        mapping = _mapping(idx, mode, where, scores)
         t_enrich = time.perf_counter()
         report: dict[str, Any] = {
             "query": {**query_summary(cells.source, query, cells.n_cells), "cells_where": cells_where,
@@ -376,6 +387,7 @@ def search_cells(
                 "median_nearest_similarity": _median(hits.loc[hits["rank"] == 0, "similarity"]),
             },
             "enriched": top_groups(enrichment),
+            "mapping": mapping,
             "map": _map_report(idx, refmap, run, hit_ids),
         }
         t_total = time.perf_counter() - t_start
@@ -391,6 +403,29 @@ def search_cells(
             cells.close()
         if own:
             idx.close()
+
+
+def _mapping(idx: AtlasIndex, mode: str, where: str | None, scores: np.ndarray) -> dict[str, Any]:
+    """Annotate's query-level mapping check from the hits' similarities (``scores``: query cells x neighbours,
+    best first), in ``cells`` mode over the whole atlas: a query whose cells are less similar to atlas cells than
+    held-out atlas datasets' cells are (another tissue) is warned about, since its hits are then of other types
+    than its own. Unaligned (search does not shift the query), so compared with the held-out datasets unaligned."""
+    if mode != "cells" or where is not None:
+        return {"verdict": "not_judged", "reason": "centroid mode" if mode != "cells" else "the atlas is filtered "
+                "(--where): the calibration is of the whole atlas"}
+    calibration = mapping_calibration(idx)
+    if calibration is None:
+        return {"verdict": "uncalibrated", "reason": "the index has no mapping calibration (mapping.json)"}
+    if scores.shape[1] < calibration.k:
+        return {"verdict": "not_judged", "reason": f"k {scores.shape[1]} is under the calibration's {calibration.k}"}
+    similarity = mean_top_similarity(scores, calibration.k)
+    verdict = assess_mapping(calibration.cell_scores(similarity, aligned=False), None, calibration)
+    if verdict.verdict == "maps_poorly":
+        logger.warning(
+            "the query maps poorly onto the atlas (another tissue, species or technology?): %s; its hits are then "
+            "atlas cells of other types than its own (`scatlas annotate` judges each cell)",
+            "; ".join(verdict.reasons) or f"score {verdict.score}")
+    return {"verdict": verdict.verdict, "score": verdict.score, "reasons": list(verdict.reasons)}
 
 
 def _chunks(cells: QueryCells, rows: np.ndarray) -> Iterator[Any]:

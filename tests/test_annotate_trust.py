@@ -181,3 +181,22 @@ def test_truth_types_the_atlas_lacks_answered_with_a_type_containing_theirs(buil
     labelled = ev["n_cells"] - ev["n_unlabelled"]
     assert f"(best class, on the {ev['n_known']:,} of {labelled:,} labelled cells whose truth is an atlas class)" in (
         res.output)  # the headline accuracy says what it was computed on
+
+
+def test_search_warns_of_a_query_that_maps_poorly(built: dict[str, Path], tmp_path: Path) -> None:
+    """A tryout: `search` of another tissue's cells reported "enriched" atlas types with no word; it runs annotate's
+    query-level check on the hits' similarities (cells mode, whole atlas)."""
+    import json
+
+    q = anndata.read_h5ad(built["query"])
+    order = np.random.default_rng(0).permutation(q.n_vars)
+    anndata.AnnData(X=q.X, obs=q.obs[[KEY]].copy(), var=q.var.iloc[order].copy()).write_h5ad(tmp_path / "f.h5ad")
+    res = _run("search", tmp_path / "f.h5ad", "--index", built["index"], "--out", tmp_path / "f.csv", "--no-progress")
+    assert res.exit_code == 0 and "WARNING" in res.output and "maps poorly onto the atlas" in res.output, res.output
+    assert json.loads((tmp_path / "f.report.json").read_text())["mapping"]["verdict"] == "maps_poorly"
+    res = _run("search", built["query"], "--index", built["index"], "--out", tmp_path / "q.csv", "--no-progress")
+    assert res.exit_code == 0 and "maps poorly" not in res.output, res.output
+    assert json.loads((tmp_path / "q.report.json").read_text())["mapping"]["verdict"] == "maps_well"
+    res = _run("search", built["query"], "--index", built["index"], "--out", tmp_path / "c.csv", "--mode", "centroid",
+               "--no-progress")
+    assert json.loads((tmp_path / "c.report.json").read_text())["mapping"]["verdict"] == "not_judged"
