@@ -24,7 +24,7 @@ import errno
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -300,6 +300,7 @@ def _name_kept_columns(con: duckdb.DuckDBPyConnection, dataset_id: str, columns:
         "SELECT " + ", ".join(f"count({quote_ident(c)})" for col in columns for c in (col.target, col.term_column)
                               if c) + " FROM cells WHERE dataset_id = ?", [dataset_id]).fetchone() or ()
     counts = iter(held)
+    in_use = {n for c in columns for n in (c.target, c.stored_source)}  # this relabel's own columns: never reused
 
     def free(name: str, source: str) -> bool:
         """Whether ``name`` can keep ``source``'s values: not yet chosen, and new, or a column of the same type in
@@ -309,7 +310,7 @@ def _name_kept_columns(con: duckdb.DuckDBPyConnection, dataset_id: str, columns:
         column = existing.get(name.casefold())
         if column is None:
             return True
-        if types[column] != types[source] or column in {n for c in columns for n in (c.target, c.stored_source)}:
+        if types[column] != types[source] or column in in_use:
             return False
         row = con.execute(f"SELECT count({quote_ident(column)}) FROM cells WHERE dataset_id = ?",
                           [dataset_id]).fetchone()
@@ -628,16 +629,21 @@ class StoreListing:
         return asdict(self)
 
 
-def _text_columns(con: duckdb.DuckDBPyConnection) -> list[str]:
-    """Text columns of ``cells`` that may hold labels: not cell or dataset ids, not ontology term columns."""
-    return [
-        str(name) for name, kind in con.execute("SELECT column_name, column_type FROM (DESCRIBE cells)").fetchall()
-        if str(kind) == "VARCHAR" and str(name) not in FIXED_COLUMNS and not str(name).endswith(_TERM_SUFFIX)
-    ]
+def _text_columns(con: duckdb.DuckDBPyConnection) -> tuple[list[str], set[str]]:
+    """Text columns of ``cells`` that may hold labels (not cell or dataset ids, not ontology term columns), and
+    those of them whose term column the table has."""
+    described = [(str(name), str(kind)) for name, kind in
+                 con.execute("SELECT column_name, column_type FROM (DESCRIBE cells)").fetchall()]
+    names = {name for name, _ in described}
+    text = [name for name, kind in described
+            if kind == "VARCHAR" and name not in FIXED_COLUMNS and not name.endswith(_TERM_SUFFIX)]
+    return text, {name for name in text if term_column(name) in names}
 
 
-def _label_columns(con: duckdb.DuckDBPyConnection, record: DatasetRecord, candidates: list[str]) -> list[LabelColumn]:
-    """The dataset's label columns (one scan for the distinct counts, one query per label column)."""
+def _label_columns(con: duckdb.DuckDBPyConnection, record: DatasetRecord, candidates: list[str],
+                   with_terms: Collection[str] = ()) -> list[LabelColumn]:
+    """The dataset's label columns (one scan for the distinct counts, one query per label column); for those of
+    ``with_terms`` (the table has their term column), the cells with a term."""
     if not candidates:
         return []
     where, params = "soma_joinid >= ? AND soma_joinid < ?", [record.start, record.stop]
@@ -646,13 +652,12 @@ def _label_columns(con: duckdb.DuckDBPyConnection, record: DatasetRecord, candid
         params,
     ).fetchone()
     distinct = [int(n) for n in (row or [0] * len(candidates))]
-    columns = {str(r[0]) for r in con.execute("SELECT column_name FROM (DESCRIBE cells)").fetchall()}
     out = []
     for c, n in zip(candidates, distinct, strict=True):
         if not 2 <= n <= MAX_LABEL_VALUES:
             continue
         col = LabelColumn(name=c, n_values=n, top=_value_counts(con, c, where, params, TOP_LABEL_VALUES))
-        if term_column(c) in columns:
+        if c in with_terms:
             got = con.execute(f"SELECT count(*) FILTER (WHERE trim({quote_ident(term_column(c))}) <> '') FROM cells "
                               f"WHERE {where}", params).fetchone()
             col.n_with_term = int(got[0]) if got else 0
@@ -672,7 +677,7 @@ def list_datasets(atlas: str | Path) -> StoreListing:
     if not state.datasets:
         return listing
     with store.connect() as con:
-        candidates = _text_columns(con)
+        candidates, with_terms = _text_columns(con)
         for rec in store.cell_ranges_records():
             g = rec.genes
             listing.datasets.append(DatasetSummary(
@@ -680,6 +685,6 @@ def list_datasets(atlas: str | Path) -> StoreListing:
                 n_genes=int(g["n_existing"]) + int(g["n_new"]) if "n_new" in g else None,
                 n_genes_added=int(g["n_new"]) if "n_new" in g else None, x_kind=rec.x_kind, x_source=rec.x_source,
                 source=rec.source, source_format=rec.source_format, ingested_at=rec.ingested_at,
-                obs_revision=rec.obs_revision, label_columns=_label_columns(con, rec, candidates),
+                obs_revision=rec.obs_revision, label_columns=_label_columns(con, rec, candidates, with_terms),
             ))
     return listing

@@ -187,10 +187,12 @@ class AtlasIndex:
         faiss = faiss_module()
 
         enclosing = enclosing_index(path) if not unfinished_ok else None  # an update's own steps open its version
-        if enclosing is not None and enclosing[1] != current_version(enclosing[0])[0]:
-            root, version = enclosing  # (the current version's directory is what a pickled index reopens)
-            logger.warning("%s is version %d of the index at %s, opened as it is: the index's current version is %d "
-                           "(open %s for it)", path, version, root, current_version(root)[0], root)
+        if enclosing is not None:
+            root, version = enclosing
+            current = current_version(root)[0]
+            if version != current:  # (the current version's directory is what a pickled index reopens)
+                logger.warning("%s is version %d of the index at %s, opened as it is: the index's current version is "
+                               "%d (open %s for it)", path, version, root, current, root)
         path = resolve_index_dir(Path(path))  # the current version (index.versions)
         if not unfinished_ok:
             check_finished(path)

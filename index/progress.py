@@ -9,9 +9,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Literal
 
-from scatlas.atlas.interrupt import check_interrupt, interrupt_check, set_interrupt_check
-
-__all__ = ["Progress", "bar_disabled", "check_interrupt", "progress_bar", "set_interrupt_check"]
+from scatlas.atlas.interrupt import check_interrupt, interrupt_check
 
 Progress = bool | Literal["always"]
 """``True``: a bar when stderr is a terminal (none in a pipe or a log file); ``"always"``: a bar anyway;
@@ -46,6 +44,6 @@ def _bar_class() -> Any:
 
 def progress_bar(progress: Progress = True, **kwargs: Any) -> Any:
     """A ``tqdm.auto`` bar (``kwargs`` as for tqdm), shown as :data:`Progress` says; its steps run the calling
-    thread's interrupt check (:func:`set_interrupt_check`)."""
+    thread's interrupt check (:func:`scatlas.atlas.interrupt.set_interrupt_check`)."""
     check_interrupt()
     return _bar_class()(disable=bar_disabled(progress), **kwargs)

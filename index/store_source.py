@@ -316,9 +316,10 @@ def _replaced(out: Path) -> list[Path]:
 def _refuse_half_swapped(out: Path) -> None:
     """InputError when ``out`` is missing while the index it held waits beside it: a ``build --overwrite`` was
     killed between its two renames (an instant), and building anew would leave the old index there unseen."""
-    if not out.exists() and _replaced(out):
+    left = _replaced(out) if not out.exists() else []
+    if left:
         raise InputError(
-            f"{out} is missing, and the index it held is at {_replaced(out)[0]}: a `build --overwrite` was stopped "
+            f"{out} is missing, and the index it held is at {left[0]}: a `build --overwrite` was stopped "
             f"while swapping the new index in. Rename that directory to {out.name} to keep the old index (then "
             "rerun the build with --overwrite), or delete it"
         )

@@ -609,12 +609,13 @@ def _echo_annotation(report: dict[str, Any]) -> None:
               + ("; the atlas has one dataset, so how far another lab's data must shift is not judged (only how "
                  "its cells' similarities fall)" if weaker else ""))
     expression = mapping.get("expression") or {}
-    if expression.get("status") == "on" and expression.get("cells_out", expression.get("cells_below")):
+    cells_out = expression.get("cells_out", expression.get("cells_below"))
+    if expression.get("status") == "on" and cells_out:
         strict = expression.get("cuts_applied") == "strict"
         cuts = (expression.get("strict_cuts") if strict else None) or \
             (expression.get("depth_bins") or {}).get("cuts") or [expression.get("cut")]
         span = f"from {min(cuts)} to {max(cuts)}" if len(set(cuts)) > 1 else f"{cuts[0]}"
-        _echo(f"expression: {expression.get('cells_out', expression.get('cells_below')):,} cells match no atlas cell "
+        _echo(f"expression: {cells_out:,} cells match no atlas cell "
               f"type in gene space (a correlation under the {'strict ' if strict else ''}cut of their number of "
               f"detected genes, {span}"
               + ("; strict: the query as a whole maps poorly, so a cell keeps its label only where it matches well"

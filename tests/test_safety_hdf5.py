@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.sources.h5ad import open_h5ad
-from scatlas.atlas.sources.hdf5_checks import declared_bytes
+from scatlas.atlas.sources.hdf5_checks import declared_size
 from scatlas.cli import cli
 from scatlas.server.uploads import check_h5ad, read_obs
 from tests.conftest import make_adata
@@ -206,7 +206,8 @@ def test_the_server_counts_cells_and_text_before_reading(tmp_path, monkeypatch):
     path = tmp_path / "many.h5ad"
     _declared_cells(path, 5000)
     with h5py.File(path, "r") as f:  # 5,000 one-byte names: 5 kB declared, ~0.3 MB read
-        assert declared_bytes(f["obs"], "x") >= 5000 * 50
+        size, rows = declared_size(f["obs"], "x")
+        assert size >= 5000 * 50 and rows == 5000
     monkeypatch.setattr(uploads, "MAX_UPLOAD_CELLS", 4999)
     with pytest.raises(InputError, match="holds 5,000 cells, over the 4,999 this server takes in one upload"):
         check_h5ad(path, path.stat().st_size, name="many.h5ad")

@@ -74,13 +74,22 @@ class _Inert:
         pass
 
 
-class _NamesOnly(pickle.Unpickler):
+class _Restricted(pickle.Unpickler):
+    """An unpickler that builds nothing named: every function or class the pickle names must be in ``allowed`` and
+    becomes :class:`_Inert`; tensors' storages are not read. With nothing allowed it rebuilds plain data only."""
+
+    def __init__(self, file: Any, allowed: frozenset[tuple[str, str]]) -> None:
+        super().__init__(file)
+        self.allowed = allowed
+
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in ALLOWED:
+        if (module, name) not in self.allowed:
             raise _Refused(f"{module}.{name}")
         return _Inert
 
-    def persistent_load(self, pid: Any) -> Any:  # a tensor's storage: not read
+    def persistent_load(self, pid: Any) -> Any:  # a tensor's storage: not read (plain data has none)
+        if not self.allowed:
+            raise pickle.UnpicklingError("a persistent id in a pickle of plain data")
         return _Inert()
 
 
@@ -126,33 +135,32 @@ def _torch_pickle(path: Path, what: str) -> bytes:
 def check_pickled_names(path: Path, what: str) -> None:
     """StoreError unless every function and class the PyTorch file ``path`` names is on :data:`ALLOWED`
     (``what`` names the file in the message). Nothing in the file is run."""
-    data = _torch_pickle(path, what)
-    try:
-        _NamesOnly(io.BytesIO(data)).load()
-    except _Refused as exc:
-        raise StoreError(
-            f"{what} names {escaped(str(exc)[:200])}, which a model's weights and settings never need: scatlas does "
-            "not load it, since loading it could run code it carries. Use a model saved by scatlas or scvi-tools "
-            "from a source you trust, or rebuild the index"
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - a malformed pickle, whatever the unpickler says
-        raise StoreError(f"{what} is not a readable PyTorch model file ({type(exc).__name__})") from None
-
-
-class _NoNames(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        raise _Refused(f"{module}.{name}")
+    _unpickle(_torch_pickle(path, what), ALLOWED, what,
+              refused=", which a model's weights and settings never need: scatlas does not load it, since loading it "
+                      "could run code it carries. Use a model saved by scatlas or scvi-tools from a source you "
+                      "trust, or rebuild the index",
+              unreadable="is not a readable PyTorch model file")
 
 
 def load_plain_pickle(path: Path, what: str) -> Any:
     """The contents of a pickle of plain data (dicts, lists, strings, numbers: what needs no function or class to
     rebuild), e.g. UCE's ``species_offsets.pkl``; StoreError for a pickle naming any function or class (it could
     run code) or one that cannot be read."""
+    unreadable = "is not a readable pickle of plain data"
     try:
-        with open(path, "rb") as fh:
-            return _NoNames(fh).load()
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise StoreError(f"{what} {unreadable} ({type(exc).__name__})") from None
+    return _unpickle(data, frozenset(), what, unreadable=unreadable,
+                     refused=": scatlas reads only plain data from it, since loading it could run code it carries")
+
+
+def _unpickle(data: bytes, allowed: frozenset[tuple[str, str]], what: str, *, refused: str, unreadable: str) -> Any:
+    """``data`` unpickled by :class:`_Restricted` allowing ``allowed``; StoreError naming what it refused, then
+    ``refused``, or saying ``unreadable``."""
+    try:
+        return _Restricted(io.BytesIO(data), allowed).load()
     except _Refused as exc:
-        raise StoreError(f"{what} names {escaped(str(exc)[:200])}: scatlas reads only plain data from it, since "
-                         "loading it could run code it carries") from None
+        raise StoreError(f"{what} names {escaped(str(exc)[:200])}{refused}") from None
     except Exception as exc:  # noqa: BLE001 - a malformed pickle, whatever the unpickler says
-        raise StoreError(f"{what} is not a readable pickle of plain data ({type(exc).__name__})") from None
+        raise StoreError(f"{what} {unreadable} ({type(exc).__name__})") from None

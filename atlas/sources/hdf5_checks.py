@@ -41,16 +41,18 @@ PY_TEXT_BYTES = 56
 pointer to it. A fixed-width ``S1`` column stores one byte a value, but reading it makes a ``str`` of each."""
 
 
-def declared_bytes(group: h5py.Group, what: str) -> int:
-    """The bytes reading the datasets under ``group`` whole allocates, links not followed: their declared size, and
-    :data:`PY_TEXT_BYTES` more per text value (text is read into Python strings)."""
-    return sum(int(ds.size) * (int(ds.dtype.itemsize) + (PY_TEXT_BYTES if ds.dtype.kind in "SUO" else 0))
-               for ds in _datasets(group, what) if ds.shape is not None)
-
-
-def max_rows(group: h5py.Group, what: str) -> int:
-    """The longest first dimension of the datasets under ``group`` (an obs table's rows: its cells)."""
-    return max((int(ds.shape[0]) for ds in _datasets(group, what) if ds.shape), default=0)
+def declared_size(group: h5py.Group, what: str) -> tuple[int, int]:
+    """``(bytes, rows)`` of the datasets under ``group``, links not followed, in one walk: the bytes reading them
+    whole allocates (their declared size, and :data:`PY_TEXT_BYTES` more per text value: text is read into Python
+    strings) and their longest first dimension (an obs table's rows: its cells)."""
+    total = rows = 0
+    for ds in _datasets(group, what):
+        if ds.shape is None:
+            continue
+        total += int(ds.size) * (int(ds.dtype.itemsize) + (PY_TEXT_BYTES if ds.dtype.kind in "SUO" else 0))
+        if ds.shape:
+            rows = max(rows, int(ds.shape[0]))
+    return total, rows
 
 
 def _datasets(group: h5py.Group, what: str) -> Iterator[h5py.Dataset]:

@@ -17,6 +17,7 @@ query's cell count and the seconds per cell that earlier jobs of the same kind t
 from __future__ import annotations
 
 import contextlib
+import functools
 import html
 import logging
 import math
@@ -26,10 +27,11 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from scatlas.atlas.atomic import write_json_atomic
@@ -163,7 +165,7 @@ def prepare_work_dir(path: Path) -> None:
     write_json_atomic(path / WORK_MARKER, {"kind": "scatlas serve work directory"})
 
 
-def hide_paths(value: Any, paths: dict[str, str]) -> Any:
+def hide_paths(value: Any, paths: Mapping[str, str]) -> Any:
     """``value`` (text, or JSON-like lists and dicts of it) with every path of ``paths``, as written or
     HTML-escaped, replaced by what it maps to where it stands as a path: not preceded by a character of a path or
     URL, and followed by the end, ``/`` or a character no path name ends with here (``/data`` in ``/X/data`` or in
@@ -180,7 +182,8 @@ def hide_paths(value: Any, paths: dict[str, str]) -> Any:
     return value
 
 
-def server_paths(*paths: Path | None) -> dict[str, str]:
+@functools.lru_cache(maxsize=16)  # it resolves each path: a server asks for the same ones at every report
+def server_paths(*paths: Path | None) -> Mapping[str, str]:
     """``paths`` (a served index's directory as given and as opened, its atlas store's) as written and resolved,
     and the root of an index version directory among them, each mapped to its directory's name: what clients are
     told instead."""
@@ -192,7 +195,7 @@ def server_paths(*paths: Path | None) -> dict[str, str]:
             out[str(p)] = p.name
             if p.parent.name == "versions":  # ROOT/versions/NNNN: the root's path too
                 out[str(p.parent.parent)] = p.parent.parent.name
-    return {k: v for k, v in out.items() if len(k) > 1}  # never "/"
+    return MappingProxyType({k: v for k, v in out.items() if len(k) > 1})  # never "/"; read-only: it is shared
 
 
 MAX_WARNINGS = 20
@@ -220,7 +223,7 @@ class JobManager:
     beyond); removes a finished job (its directory and its record) ``retention_s`` seconds after it finished."""
 
     def __init__(self, work_dir: Path, *, workers: int = 2, retention_s: float = 3600.0, max_pending: int = 32,
-                 sweep_every_s: float | None = None, hidden_paths: dict[str, str] | None = None) -> None:
+                 sweep_every_s: float | None = None, hidden_paths: Mapping[str, str] | None = None) -> None:
         self.work_dir = Path(work_dir)
         self.hidden_paths = dict(hidden_paths or {})
         """The server's paths clients are not told (the index's, its atlas store's) -> what messages say instead."""

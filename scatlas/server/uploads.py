@@ -170,22 +170,23 @@ def check_h5ad(path: Path, size: int, *, name: str | None = None) -> int:
     if head != HDF5_SIGNATURE:
         raise InputError("the uploaded file is not an .h5ad: it does not start like an HDF5 file")
     from scatlas.atlas.sources.h5ad import check_anndata_hdf5
-    from scatlas.atlas.sources.hdf5_checks import declared_bytes, max_rows
+    from scatlas.atlas.sources.hdf5_checks import declared_size
 
     try:
         with h5py.File(path, "r") as f:
             check_anndata_hdf5(f, "the uploaded file")  # the check (and message) of every .h5ad reader
             x = f.get("X")
             shape = x.attrs.get("shape") if isinstance(x, h5py.Group) else getattr(x, "shape", None)
-            rows = max_rows(f["obs"], "the uploaded file") if isinstance(f["obs"], h5py.Group) else 0
+            sizes = {m: declared_size(f[m], "the uploaded file") if isinstance(f[m], h5py.Group) else (0, 0)
+                     for m in ("obs", "var")}
+            rows = sizes["obs"][1]
             with contextlib.suppress(TypeError, ValueError):
                 rows = max(rows, int(shape[0]) if shape is not None and len(shape) == 2 else 0)
             if rows > MAX_UPLOAD_CELLS:
                 raise InputError(f"the uploaded file holds {rows:,} cells, over the {MAX_UPLOAD_CELLS:,} this server "
                                  "takes in one upload: split the cells into several files, or run the scatlas "
                                  "command")
-            tables = sum(declared_bytes(f[m], "the uploaded file") for m in ("obs", "var")
-                         if isinstance(f[m], h5py.Group))
+            tables = sum(size for size, _ in sizes.values())
             if tables > MAX_TABLE_BYTES:
                 raise InputError(f"the uploaded file's obs and var tables hold {tables / 2**30:.1f} GiB once read, "
                                  f"over the {MAX_TABLE_BYTES / 2**30:.0f} GiB the server reads for one upload: drop "
