@@ -24,6 +24,8 @@ class CellChunk:
     ``obs``: the cell metadata columns an embedder asked for (:attr:`Embedder.obs_columns`), each an object array
     of ``len(chunk)`` strings, None where a cell has no value (:func:`obs_values`); a column the cells lack
     altogether (a query without it) is absent.
+    ``measured``: bool per gene of ``genes``, the genes the cells' dataset measured (an atlas store's chunks are in
+    the store's gene space, where the genes a dataset lacks are columns of zeros); None: every gene of ``genes``.
     """
 
     ids: np.ndarray
@@ -33,6 +35,7 @@ class CellChunk:
     obsm: Mapping[str, np.ndarray] = field(default_factory=dict)
     dataset_id: str | None = None
     obs: Mapping[str, np.ndarray] = field(default_factory=dict)
+    measured: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -42,7 +42,7 @@ from scatlas.atlas.sources.base import DatasetSource
 from scatlas.atlas.sources.h5ad import open_h5ad
 from scatlas.atlas.sources.soma import is_soma_experiment, open_soma_experiment
 from scatlas.atlas.sql import duckdb_interrupts, quote_ident, transaction
-from scatlas.atlas.store import CELLS_DB, MEASUREMENT, X_LAYER, AtlasStore, DatasetRecord
+from scatlas.atlas.store import CELLS_DB, MEASURED_TABLE, MEASUREMENT, X_LAYER, AtlasStore, DatasetRecord
 from scatlas.atlas.store_writer import StoreWriter
 from scatlas.atlas.validate import check_embedding, check_name, escaped, escaped_list
 
@@ -288,8 +288,9 @@ def _plan_dataset(
         raise InputError(f"{what}: the dataset has no cells")
     names = pd.Index(source.obs.index.astype(str))
     if names.has_duplicates:
-        dups = names[names.duplicated()].unique()[:5].tolist()
-        raise InputError(f"{what}: duplicate cell names in obs, e.g. {dups}; make them unique (adata.obs_names_make_unique())")
+        repeats = np.flatnonzero(names.duplicated())
+        raise InputError(f"{what}: {len(repeats)} cell names in obs repeat an earlier one (the first at row "
+                         f"{int(repeats[0])}); make them unique (adata.obs_names_make_unique())")
     # Standardise one row to validate the mapping and learn the extra columns; the rest is done chunk by chunk at
     # write time, so categorical obs columns are never expanded to strings for the whole dataset.
     check_name(dataset_id, f"{label}: dataset id")
@@ -524,6 +525,17 @@ def _extended(vocab: GeneVocabulary, genes: GenePlan, n_genes: int) -> GeneVocab
     return GeneVocabulary(keys=keys, feature_id=fid, feature_name=fname)
 
 
+def write_measured_genes(con: duckdb.DuckDBPyConnection, dataset_id: str, var_ids: np.ndarray) -> None:
+    """Record the genes (store var ids) a dataset measured, in table ``dataset_genes`` (made in stores written
+    before it existed): an embedder's fit tells a gene the dataset lacks from one it measured at zero."""
+    con.execute(f"CREATE TABLE IF NOT EXISTS {MEASURED_TABLE} (dataset_id VARCHAR, var_joinid BIGINT)")
+    rows = pa.table({"dataset_id": pa.array([dataset_id] * len(var_ids), pa.string()),
+                     "var_joinid": pa.array(np.asarray(var_ids, dtype=np.int64), pa.int64())})
+    con.register("measured_rows", rows)
+    con.execute(f"INSERT INTO {MEASURED_TABLE} SELECT dataset_id, var_joinid FROM measured_rows")
+    con.unregister("measured_rows")
+
+
 def _write_genes(con: duckdb.DuckDBPyConnection, rna: Any, genes: GenePlan, vocab: GeneVocabulary, dataset_id: str) -> None:
     """New genes and learned Ensembl ids into SOMA ``var`` and the DuckDB ``genes`` table."""
     if not len(genes.new_genes) and not genes.learned_ensembl:
@@ -714,10 +726,11 @@ def _warn_foreign_genes(current: AtlasStore, plans: list[DatasetPlan]) -> None:
         named = stats["n_genes"] - stats["n_unnamed_dropped"]
         if named and stats["n_existing"] < MIN_KNOWN_GENES * named:
             logger.warning(
-                "dataset %s shares %d of its %d genes with the store: are they named another way (Ensembl ids against "
-                "symbols, another species' or a reference's own ids)? An index embeds its cells from the shared genes "
-                "only; give the file gene names the store uses (a var column of symbols or Ensembl ids)",
-                escaped(plan.dataset_id, 60), stats["n_existing"], named)
+                "dataset %s shares %d of its %d genes with the store's %d: another gene panel, or genes named "
+                "another way (Ensembl ids against symbols, another species' or a reference's own ids)? The default "
+                "(pca) embedder of an index embeds every dataset from the genes all of them measure; if the names "
+                "differ, give the file gene names the store uses (a var column of symbols or Ensembl ids)",
+                escaped(plan.dataset_id, 60), stats["n_existing"], named, int(np.count_nonzero(vocab.keys)))
 
 
 def _write_dataset(
@@ -739,6 +752,7 @@ def _write_dataset(
     with writer.experiment("w") as exp:
         rna = exp.ms[MEASUREMENT]
         _write_genes(con, rna, genes, vocab, plan.dataset_id)
+        write_measured_genes(con, plan.dataset_id, col_ids)
         x_order = GlobalOrder.of(rna.X[X_LAYER])
         obsm_orders = {key: GlobalOrder.of(rna["obsm"][key]) for key in plan.obsm_dims}
         chunks = _prepared_chunks(plan, obs_start, keep_cols, col_ids, n_genes, digest, chunk_size, x_order,
@@ -873,14 +887,7 @@ def ingest(
         current = AtlasStore.open(atlas) if exists else None
         try:
             if current is not None:
-                present = {normalised(d.dataset_id) for d in current.datasets}
-                clash = [escaped(p.dataset_id, 60) for p in plans if normalised(p.dataset_id) in present]
-                if clash:
-                    raise DatasetExistsError(
-                        f"dataset(s) {', '.join(clash)} already in {atlas} (ids differing only in case or surrounding "
-                        "blanks are one id); datasets are never duplicated: use --dataset-id to give a new id, or ingest into "
-                        "another store"
-                    )
+                _refuse_present(current.datasets, plans, atlas)
             check_species(plans, current.genes if current is not None else None, allow_species_mismatch)
             if current is not None:
                 _warn_copies(current, plans)
@@ -892,6 +899,7 @@ def ingest(
         report = IngestReport(atlas=str(atlas))
         try:
             with StoreWriter.open(atlas, create=True) as writer:
+                _refuse_present(writer.state.datasets, plans, atlas)  # again, under the lock: an ingest meanwhile
                 report.datasets.extend(_write_all(writer, plans, chunk_size, progress, read_ahead))
         except BaseException:
             if created_here and _nothing_committed(atlas):
@@ -902,6 +910,17 @@ def ingest(
     finally:
         for plan in plans:
             plan.source.close()
+
+
+def _refuse_present(datasets: Sequence[DatasetRecord], plans: Sequence[DatasetPlan], atlas: Path) -> None:
+    """DatasetExistsError when a dataset of ``plans`` is already among ``datasets`` (ids compared normalised)."""
+    present = {normalised(d.dataset_id) for d in datasets}
+    clash = [escaped(p.dataset_id, 60) for p in plans if normalised(p.dataset_id) in present]
+    if clash:
+        raise DatasetExistsError(
+            f"dataset(s) {', '.join(clash)} already in {atlas} (ids differing only in case or surrounding blanks are "
+            "one id); datasets are never duplicated: use --dataset-id to give a new id, or ingest into another store"
+        )
 
 
 def _nothing_committed(atlas: Path) -> bool:

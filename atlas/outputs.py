@@ -43,7 +43,8 @@ class OutputKind:
     ``marker``: write :data:`MARKER_FILE` into a directory claimed new or empty (off for kinds whose own files
     appear at once, or whose directory is replaced as a whole).
     ``entries``: every name such a directory may hold (besides the marker and hidden temporary files): a directory
-    replaced as a whole must hold nothing else, so that a user's own files are never deleted with it.
+    replaced as a whole, or one recognised by its layout alone (no marker), must hold nothing else, so that a user's
+    own files are never deleted or replaced with it.
     """
 
     name: str
@@ -53,15 +54,18 @@ class OutputKind:
     entries: frozenset[str] = frozenset()
 
 
-ATLAS_STORE = OutputKind("atlas-store", "an atlas store", (("store.json",),), marker=False)
+ATLAS_STORE = OutputKind("atlas-store", "an atlas store", (("store.json",), (".creating-store",)), marker=False)
+"""(``.creating-store``: a store whose first ingest was interrupted before ``store.json``, :data:`atlas.store.CREATING_FILE`.)"""
 INDEX = OutputKind("index", "a scatlas index", (("manifest.json",), ("build.json",), ("building.json",)), marker=False,
                    entries=frozenset({
     "manifest.json", "build.json", "progress.json", "trained.faiss", "cells.duckdb", "embedder", "shards", "heads",
     "labels", "mapping.json", "refmap", "versions", "current.json", ".update.lock", "building.json"}))
 CLASSIFIER = OutputKind("hunt-classifier", "a hunt classifier", (("classifier.json",),), marker=False,
                         entries=frozenset({"classifier.json", "weights.npy", "stage2_weights.npy", "training_ids.npy"}))
-SWEEP = OutputKind("hunt-sweep", "a hunt sweep directory", (("sweep.json",), ("hits.parquet", "summary.json")))
-REPORT = OutputKind("hunt-report", "a hunt report", (("enrichment.csv",), ("report.md",)))
+SWEEP = OutputKind("hunt-sweep", "a hunt sweep directory", (("sweep.json",), ("hits.parquet", "summary.json")),
+                   entries=frozenset({"sweep.json", "summary.json", "hits.parquet", "partials", "stage2", ".sweep.lock"}))
+REPORT = OutputKind("hunt-report", "a hunt report", (("enrichment.csv",), ("report.md",)), entries=frozenset({
+    "enrichment.csv", "enrichment.png", "scores.png", "de.csv", "report.md", "report.html"}))
 DEMO = OutputKind("demo", "a scatlas demo directory", (("h5ad", "atlas", "index"),), entries=frozenset({
     "h5ad", "atlas", "index", "hunt", "query.annotated.h5ad", "query.neighbors.parquet", "query.report.json",
     "query.confusion.png"}))
@@ -180,8 +184,13 @@ INDEX_LOCK_FILE = ".update.lock"
 """The lock file a build or update of an index holds (:mod:`index.locking`); alone, it makes no directory non-empty."""
 
 
+STORE_LOCK_FILE = ".lock"
+"""The lock file a writer of an atlas store holds (:mod:`atlas.store_writer`); alone, it makes no directory non-empty
+(a first ingest killed at once leaves only it)."""
+
+
 def _entries(path: Path) -> list[str]:
-    return [p.name for p in path.iterdir() if p.name not in (MARKER_FILE, INDEX_LOCK_FILE)]
+    return [p.name for p in path.iterdir() if p.name not in (MARKER_FILE, INDEX_LOCK_FILE, STORE_LOCK_FILE)]
 
 
 # -- relations with inputs ---------------------------------------------------------------------------------------
@@ -241,6 +250,10 @@ def check_output_dir(
     """
     out = _plain(path)
     _check_inputs(out, inputs, directory=True)
+    protected = _inside_protected(out)
+    if protected is not None:
+        raise OutputError(f"{show(out)} lies inside {protected.what}; refusing to write {kind.what} there: give a path "
+                          "outside it")
     resolved = _resolve(out)
     if resolved == _resolve(os.sep):
         raise OutputError(f"{show(out)} is the root directory; give a new subdirectory for {kind.what}")
@@ -257,7 +270,9 @@ def check_output_dir(
         if not _entries(out):
             return out
         if is_kind(out, kind):
-            foreign = _foreign_entries(out, kind) if replace else []
+            # replaced as a whole, or recognised by its files alone (no marker: perhaps a user's folder that holds a
+            # file of the same name): nothing else may be there
+            foreign = _foreign_entries(out, kind) if replace or (kind.marker and marker_kind(out) is None) else []
             if not foreign:
                 return out
             raise OutputError(

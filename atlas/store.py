@@ -44,8 +44,14 @@ STORE_FORMAT_VERSION = 1
 STATE_FILE = "store.json"
 JOURNAL_FILE = "ingest.journal.json"
 LOCK_FILE = ".lock"
+CREATING_FILE = ".creating-store"
+"""Written by a first ingest before it lays out a new store and removed once ``store.json`` exists: a directory
+holding it (and no ``store.json``) is a store whose creation was interrupted, which a rerun starts anew."""
 EXPERIMENT_DIR = "experiment"
 CELLS_DB = "cells.duckdb"
+MEASURED_TABLE = "dataset_genes"
+"""DuckDB table of the genes each dataset measured (``dataset_id``, ``var_joinid``); absent from stores written
+before it existed, whose datasets then count as measuring every gene."""
 MEASUREMENT = "RNA"
 X_LAYER = "raw"
 
@@ -247,6 +253,7 @@ class AtlasStore:
         self.state = state
         self._exp: Any = None
         self._genes: GeneVocabulary | None = None
+        self._measured: dict[str, np.ndarray | None] = {}
 
     # -- opening -----------------------------------------------------------------------------------------------
     @staticmethod
@@ -361,6 +368,24 @@ class AtlasStore:
                     keys[j], fid[j], fname[j] = key, f_id or "", f_name or ""
             self._genes = GeneVocabulary(keys=keys, feature_id=fid, feature_name=fname)
         return self._genes
+
+    def measured(self, dataset_id: str) -> np.ndarray | None:
+        """Bool per gene of :attr:`genes`: the genes dataset ``dataset_id`` measured (the columns of ``X`` that are
+        its data, not zeros for genes it lacks); None where the store did not record it (ingested before)."""
+        if dataset_id not in self._measured:
+            with self.connect() as con:
+                known = con.execute(
+                    "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [MEASURED_TABLE]
+                ).fetchone()
+                ids = con.execute(f"SELECT var_joinid FROM {MEASURED_TABLE} WHERE dataset_id = ?",
+                                  [dataset_id]).fetchnumpy()["var_joinid"] if known and known[0] else []
+            mask = None
+            if len(ids):
+                mask = np.zeros(len(self.genes), dtype=bool)
+                ids = np.asarray(ids, dtype=np.int64)
+                mask[ids[ids < len(mask)]] = True
+            self._measured[dataset_id] = mask
+        return self._measured[dataset_id]
 
     def snapshot(self) -> dict[str, Any]:
         """What an index records about the store it was built from."""
@@ -490,7 +515,7 @@ class AtlasStore:
         obsm = {k: self._read_obsm(k, ids) for k in obsm_keys}
         obs = read_obs(ids) if read_obs is not None else {}
         return CellChunk(ids=ids, X=X, x_kind=rec.x_kind, genes=genes, obsm=obsm,  # type: ignore[arg-type]
-                         dataset_id=rec.dataset_id, obs=obs)
+                         dataset_id=rec.dataset_id, obs=obs, measured=self.measured(rec.dataset_id))
 
     def read_cells(
         self,

@@ -21,9 +21,11 @@ from scatlas.atlas.schema import STANDARD_OBS_COLUMNS, obs_arrow_schema, var_arr
 from scatlas.atlas.sql import transaction
 from scatlas.atlas.store import (
     CELLS_DB,
+    CREATING_FILE,
     EXPERIMENT_DIR,
     JOURNAL_FILE,
     LOCK_FILE,
+    MEASURED_TABLE,
     MEASUREMENT,
     STATE_FILE,
     X_LAYER,
@@ -80,6 +82,7 @@ def _create_layout(path: Path) -> None:
             "CREATE TABLE datasets (dataset_id VARCHAR PRIMARY KEY, start_id BIGINT, stop_id BIGINT, n_cells BIGINT, "
             "x_kind VARCHAR, x_source VARCHAR, source VARCHAR)"
         )
+        con.execute(f"CREATE TABLE {MEASURED_TABLE} (dataset_id VARCHAR, var_joinid BIGINT)")
 
 
 class StoreWriter:
@@ -102,11 +105,14 @@ class StoreWriter:
             if AtlasStore.exists(path):
                 state = AtlasStore.open(path).state
             elif create:
-                if (path / EXPERIMENT_DIR).exists() and not (path / JOURNAL_FILE).exists():
+                creating = path / CREATING_FILE
+                if (path / EXPERIMENT_DIR).exists() and not (path / JOURNAL_FILE).exists() and not creating.exists():
                     raise StoreError(f"{path}: holds an experiment/ but no store.json; not a scatlas store")
+                creating.touch()  # a rerun of an interrupted creation starts it anew (_create_layout clears it)
                 _create_layout(path)
                 state = StoreState()
                 write_json_atomic(path / STATE_FILE, state.to_json())
+                creating.unlink()
             else:
                 raise StoreError(f"{path}: no atlas store to append to; use --mode write to create one")
             writer = cls(path, state)
@@ -149,9 +155,9 @@ class StoreWriter:
         journal.unlink()
 
     def delete_uncommitted_rows(self) -> list[str]:
-        """Delete, in one DuckDB transaction, the ``cells`` and ``datasets`` rows of datasets not in this writer's
-        state (removed, or staged by an ingest that never committed) and ``genes`` rows at or beyond the gene
-        high-water mark (added by such an ingest). Returns the ids of the datasets whose rows were deleted (the
+        """Delete, in one DuckDB transaction, the ``cells``, ``datasets`` and ``dataset_genes`` rows of datasets not
+        in this writer's state (removed, or staged by an ingest that never committed) and ``genes`` rows at or beyond
+        the gene high-water mark (added by such an ingest). Returns the ids of the datasets whose rows were deleted (the
         counts per table are logged)."""
         db = self.path / CELLS_DB
         if not db.is_file():
@@ -164,7 +170,11 @@ class StoreWriter:
                 gone = [str(r[0]) for r in con.execute(
                     "SELECT DISTINCT dataset_id FROM datasets WHERE dataset_id NOT IN (SELECT dataset_id FROM committed)"
                 ).fetchall()]
-                for table in ("cells", "datasets"):
+                tables = ["cells", "datasets"]
+                if con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
+                               [MEASURED_TABLE]).fetchone()[0]:  # type: ignore[index]
+                    tables.append(MEASURED_TABLE)
+                for table in tables:
                     row = con.execute(
                         f"DELETE FROM {table} WHERE dataset_id NOT IN (SELECT dataset_id FROM committed)"
                     ).fetchone()

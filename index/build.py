@@ -389,7 +389,7 @@ def build_from_source(
         ids = None
         if cells is None:
             ids = np.concatenate([np.load(out / SHARDS_DIR / r.dirname / SHARD_IDS_FILE) for r in shards.records])
-        write_cells_db(cells_path, cells, ids)
+        write_cells_db(cells_path, cells, ids, expect=sum(r.n for r in shards.records))
     searcher = ShardSearcher(trained, [(r, out / SHARDS_DIR / r.dirname) for r in shards.records])
     t_eval = time.perf_counter()
     recall = tune_and_measure(

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from scatlas.atlas.errors import IndexFormatError, InputError
+from scatlas.atlas.errors import IndexFormatError, InputError, StoreError
 from scatlas.atlas.sql import quote_ident
 from scatlas.index.predicate import CELLS_TABLE, ID_COLUMN, describe_columns, shown, validate_predicate
 
@@ -53,13 +53,16 @@ def write_cells_db(
     cells: CellsInput | None,
     ids: np.ndarray | None = None,
     ranges: Sequence[tuple[int, int]] | None = None,
-) -> None:
-    """Write ``target`` (via a temporary file and rename) with a ``cells`` table sorted by ``soma_joinid``.
+    expect: int | None = None,
+) -> int:
+    """Write ``target`` (via a temporary file and rename) with a ``cells`` table sorted by ``soma_joinid``; returns its
+    rows.
 
     ``cells`` is a DuckDB file path with a ``cells`` table (or a :class:`CellsFile`), or a pyarrow Table / pandas
     DataFrame with a ``soma_joinid`` column; ``None`` writes a table of just the indexed ``ids``. ``ranges``:
     ``[start, stop)`` id pairs; only rows inside them are copied (e.g. an atlas store's committed datasets, so rows
-    of an ingest still in progress never reach the index); None copies every row.
+    of an ingest still in progress never reach the index); None copies every row. ``expect``: the rows there must be
+    (the cells indexed): another count (the store changed while it was read) is a StoreError and nothing is written.
     """
     import duckdb
 
@@ -90,12 +93,19 @@ def write_cells_db(
                 f"ON s.{ID_COLUMN} >= r.start AND s.{ID_COLUMN} < r.stop"
             )
         con.execute(f"CREATE TABLE {CELLS_TABLE} AS {select} ORDER BY {ID_COLUMN}")
-        n = con.execute(f"SELECT count(*) FROM {CELLS_TABLE}").fetchall()[0]
+        n = int(con.execute(f"SELECT count(*) FROM {CELLS_TABLE}").fetchall()[0][0])
         con.execute("CHECKPOINT")
     finally:
         con.close()
+    if expect is not None and n != expect:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(
+            f"the atlas' cell table holds {n} of the {expect} cells indexed: the store changed while the index was "
+            "built (a dataset removed or added meanwhile?); rerun the build, which says what changed"
+        )
     os.replace(tmp, target)
-    logger.info("wrote %s: %s cells, %d columns", target, n[0] if n else "?", len(columns))
+    logger.info("wrote %s: %d cells, %d columns", target, n, len(columns))
+    return n
 
 
 def _cells_source(con: Any, cells: CellsInput | None, ids: np.ndarray | None) -> str:

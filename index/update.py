@@ -302,7 +302,7 @@ def update_index(
         if not shards:
             raise InputError("the update would leave the index with no cells; remove the index instead")
         cells_path = target / CELLS_DB_FILE
-        write_cells_db(cells_path, committed_cells(store))
+        write_cells_db(cells_path, committed_cells(store), expect=sum(r.n for r in shards))
         searcher = ShardSearcher(trained, [(r, target / SHARDS_DIR / r.dirname) for r in shards])
         recall = tune_and_measure(searcher, k=old.recall.k, n_queries=config.eval_queries, seed=config.seed + 101,
                                   target=config.target_recall, nprobe=old.search.nprobe, rerank=old.search.rerank)

@@ -224,6 +224,29 @@ def _range_problems(manifest: IndexManifest) -> list[Problem]:
     return out
 
 
+def _cell_table_problems(index_dir: Path, manifest: IndexManifest) -> list[Problem]:
+    """The cell table must hold one row per indexed cell (a store changed while the index was built: a search would
+    return cells without metadata)."""
+    import duckdb
+
+    from scatlas.index.metadata import connect
+
+    path = index_dir / CELLS_DB_FILE
+    if not path.is_file():
+        return []
+    try:
+        with connect(path) as con:  # file access and extensions off: the file is the index's, not trusted
+            row = con.execute("SELECT count(*) FROM cells").fetchone()
+    except (duckdb.Error, IndexFormatError) as exc:
+        return [Problem(CELLS_DB_FILE, f"its cells table cannot be read ({type(exc).__name__})")]
+    n = int(row[0]) if row else 0
+    if n != manifest.n_cells:
+        return [Problem(CELLS_DB_FILE, f"its cells table holds {n} rows for the {manifest.n_cells} indexed cells (the "
+                        "atlas store changed while the index was built?): run `scatlas build --update` to bring the "
+                        "index up to date with the store")]
+    return []
+
+
 def _notes(index_dir: Path, manifest: IndexManifest) -> list[str]:
     notes = []
     if manifest.files is None:
@@ -281,6 +304,8 @@ def verify_index(path: str | Path, *, progress: Progress = True) -> VerifyReport
         if what is not None:
             problems.append(Problem(rel, what))
     problems += _range_problems(manifest)
+    if not any(p.file == CELLS_DB_FILE for p in problems):
+        problems += _cell_table_problems(index_dir, manifest)
     report = VerifyReport(
         str(index_dir), not problems, len(files) + 1, sum(rec.bytes for _, rec in files),
         problems, _notes(index_dir, manifest), round(time.perf_counter() - t0, 3),

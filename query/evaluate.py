@@ -159,7 +159,8 @@ def ontology_metrics(
     ``ancestor`` or ``unknown``. ``answer_terms``: the answer's CL id ("" when it has none). ``ancestors_of``: a
     callable giving a CL id's ancestors. An answer, fine or ancestor, is right when its term is the truth's or one
     of the truth's ancestors (a fine answer coarser than the truth is the atlas' finest class for it: "CD4 T cell"
-    for a naive CD4 T cell when the atlas does not split them). Accuracy and the expected calibration error of
+    for a naive CD4 T cell when the atlas does not split them; ``fine_coarser_rate`` counts them, since an atlas that
+    does split them answered more coarsely than it could). Accuracy and the expected calibration error of
     ``confidence`` are over the answered cells (fine or ancestor).
     """
     t = np.asarray([v or "" for v in truth_terms], dtype=object)
@@ -175,6 +176,8 @@ def ontology_metrics(
         "n_cells_with_truth_term": n_scored,
         "answered_rate": _ratio(n_answered, n_scored),
         "fine_rate": _ratio(np.sum(scored & (lv == "fine")), n_scored),
+        # right, but with a class coarser than the truth ("CD4 T cell" for a naive CD4 T cell): what "fine" overstates
+        "fine_coarser_rate": _ratio(np.sum(correct & (lv == "fine") & (a != t)), n_scored),
         "ancestor_rate": _ratio(np.sum(scored & (lv == "ancestor")), n_scored),
         "unknown_rate": _ratio(np.sum(scored & (lv == "unknown")), n_scored),
         "ontology_accuracy": _ratio(np.sum(correct), n_answered),

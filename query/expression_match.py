@@ -191,8 +191,8 @@ def _measured_sums(
     Gp: sp.csr_matrix, onehot: sp.csr_matrix, datasets: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
     """Per cell type and gene, ``(types, genes)``: the sum of the sample cells' values and the number of cells, both
-    over the datasets that measured the gene (any value among their sample cells; a gene a dataset's file lacks
-    reads as zeros in the store, which are no measurement); and per dataset its own ``(sums, cells per type,
+    over the datasets that measured the gene (its values vary among their sample cells; a gene a dataset's file
+    lacks reads as zeros, or as its atlas mean, which are no measurement); and per dataset its own ``(sums, cells per type,
     measured genes)``. An atlas mixing gene panels (a 2,000-gene file beside whole transcriptomes) otherwise gets
     profiles diluted by those zeros, and held-out cells compared on genes they never had."""
     k = onehot.shape[1]
@@ -200,9 +200,13 @@ def _measured_sums(
     per: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for d in np.unique(datasets):
         rows = np.flatnonzero(datasets == d)
-        measured = np.asarray(Gp[rows].getnnz(axis=0) > 0)
+        block = Gp[rows]
+        # a gene varies among a dataset's cells where it measured it: a gene its file lacks is all zeros (stores
+        # that did not record what each dataset measured) or its atlas mean (:attr:`CellChunk.measured`)
+        measured = np.asarray(block.max(axis=0).todense() != block.min(axis=0).todense()).ravel()
         own = onehot[rows]
-        own_sums, own_counts = np.asarray((own.T @ Gp[rows]).todense()), np.asarray(own.sum(axis=0)).ravel()
+        own_sums = np.asarray((own.T @ block).todense()) * measured[None, :]
+        own_counts = np.asarray(own.sum(axis=0)).ravel()
         per[str(d)] = (own_sums, own_counts, measured)
         sums += own_sums
         n_cells += own_counts[:, None] * measured[None, :]

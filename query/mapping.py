@@ -156,13 +156,23 @@ def assess_mapping(
     evidence["low_fraction_limit"] = round(limit, 4)
     evidence["low_fraction_over"] = bool(low > limit)
     if low > limit:
+        low_pct, limit_pct = percents(low, limit)
         reasons.append(
-            f"{100 * low:.0f}% of its cells map below the atlas' {100 * t['low_score']:.0f}% tail, over "
-            f"{100 * limit:.0f}% (atlas datasets held out: at most {100 * t['max_low_fraction']:.0f}%, plus the "
+            f"{low_pct}% of its cells map below the atlas' {100 * t['low_score']:.0f}% tail, over "
+            f"{limit_pct}% (atlas datasets held out: at most {100 * t['max_low_fraction']:.0f}%, plus the "
             f"chance margin of {len(s)} cells)"
         )
     verdict: Verdict = "maps_poorly" if reasons else "maps_well"
     return MappingVerdict(verdict, 1.0 - low, evidence, t, tuple(reasons))
+
+
+def percents(value: float, limit: float) -> tuple[str, str]:
+    """``value`` and ``limit`` (fractions) as percentages with the fewest decimals (up to 2) that tell them apart."""
+    for digits in (0, 1, 2):
+        a, b = f"{100 * value:.{digits}f}", f"{100 * limit:.{digits}f}"
+        if a != b:
+            break
+    return a, b
 
 
 def with_expression(
@@ -190,9 +200,10 @@ def with_expression(
         return replace(verdict, expression=expression, by_expression=True, note=note)
     if verdict.verdict != "maps_well" or limit is None or share <= limit:
         return replace(verdict, expression=expression)
+    share_pct, limit_pct = percents(share, limit)
     reason = (
-        f"{100 * share:.0f}% of its cells' expression matches no atlas cell type as well as held-out atlas "
-        f"datasets' cells do (over {100 * limit:.0f}%)"
+        f"{share_pct}% of its cells' expression matches no atlas cell type as well as held-out atlas "
+        f"datasets' cells do (over {limit_pct}%)"
     )
     return replace(verdict, verdict="maps_poorly", reasons=(*verdict.reasons, reason), expression=expression,
                    by_expression=True, strict_expression=True)

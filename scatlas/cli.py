@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -110,7 +112,7 @@ def ingest(sources: tuple[str, ...], atlas_dir: Path, dataset_id: str | None, ob
             raise click.BadParameter(f"column {column!r} given twice", param_hint="--obs-set")
         constants[column] = value
     if report_path is not None:
-        check_output_file(report_path, inputs=sources, file_kind="json")
+        check_report_path(report_path, atlas_dir, sources)
     report = run_ingest(list(sources), atlas_dir, dataset_id=dataset_id, obs_map=_parse_obs_map(obs_map), mode=mode,  # type: ignore[arg-type]
                         keep_non_primary=keep_non_primary, chunk_size=chunk_size, progress=progress,
                         ontology_map=ontology_map, ontology_label_key=ontology_label_key, x_layer=x_layer,
@@ -130,6 +132,20 @@ def ingest(sources: tuple[str, ...], atlas_dir: Path, dataset_id: str | None, ob
             _echo_ontology_fill(d.dataset_id, d.ontology)
     _echo(f"{atlas_dir}: {report.n_cells_in_store} cells in {len(report.datasets)} new dataset(s)")
     _echo_json(report.to_json(), report_path)
+
+
+def check_report_path(report_path: Path, atlas_dir: Path, sources: Sequence[str]) -> None:
+    """Refuse ``--report`` before anything is ingested where it could not be written afterwards: inside the store
+    (which may not exist yet), in a directory this process cannot write to, or over a file it must not replace."""
+    check_output_file(report_path, inputs=sources, file_kind="json")
+    report, atlas = Path(os.path.abspath(report_path)), Path(os.path.abspath(atlas_dir))
+    if atlas == report or atlas in report.parents:
+        raise click.BadParameter("the report cannot be written inside the atlas store: give a path outside it",
+                                 param_hint="--report")
+    parent = next((p for p in report.parents if p.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"cannot write in {parent}: give a report path in a directory you can write to",
+                                 param_hint="--report")
 
 
 def _rare_type(cls: Any, name: str, spec: str) -> Any:
@@ -604,7 +620,8 @@ def _echo_annotation(report: dict[str, Any]) -> None:
     elif mapping.get("verdict") == "maps_well":
         evidence = mapping.get("evidence") or {}
         weaker = str(evidence.get("shift_rule", "on")).startswith("off")
-        _echo(f"mapping: the query maps onto the atlas (score {mapping.get('score')})"
+        _echo(f"mapping: the query maps onto the atlas (score {mapping.get('score')}: the share of its cells above "
+              "the low tail of held-out atlas cells)"
               + (f"; note: {mapping['caveat']}" if mapping.get("caveat") else "")
               + ("; the atlas has one dataset, so how far another lab's data must shift is not judged (only how "
                  "its cells' similarities fall)" if weaker else ""))
@@ -619,7 +636,8 @@ def _echo_annotation(report: dict[str, Any]) -> None:
               f"type in gene space (a correlation under the {'strict ' if strict else ''}cut of their number of "
               f"detected genes, {span}"
               + ("; strict: the query as a whole maps poorly, so a cell keeps its label only where it matches well"
-                 if strict else "") + "): 'unknown' (out_of_atlas)")
+                 if strict else "") + ")"
+              + (": 'unknown' (out_of_atlas)" if mapping.get("applied") else ": labelled anyway (mapping check off)"))
     elif mapping.get("verdict") == "too_few_cells":
         _echo(f"mapping: no query-level verdict: the query has {mapping.get('n_cells')} cell(s), under the "
               f"{mapping.get('min_cells')} the check needs; each cell is judged on its own "
@@ -665,8 +683,9 @@ def _echo_evaluation(key: str, ev: dict[str, Any]) -> None:
                      "terms with --ontology-map)")
     else:
         _echo(flat + f"ontology-aware accuracy {_fmt(onto.get('ontology_accuracy'))} of the answered (on the "
-                     f"{scored:,} cells whose truth has a Cell Ontology term), {100 * onto['fine_rate']:.1f}% fine, "
-                     f"ECE {_fmt(onto.get('ece'))}")
+                     f"{scored:,} cells whose truth has a Cell Ontology term), {100 * onto['fine_rate']:.1f}% fine"
+                     + (f" ({100 * onto['fine_coarser_rate']:.1f}% with a class coarser than the truth)"
+                        if onto.get("fine_coarser_rate") else "") + f", ECE {_fmt(onto.get('ece'))}")
     absent = ev.get("truth_labels_absent_from_atlas") or {}
     if absent:
         names = ", ".join(map(_value, list(absent)[:6])) + (", ..." if len(absent) > 6 else "")

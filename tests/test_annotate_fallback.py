@@ -116,7 +116,10 @@ def test_ontology_metrics_count_ancestors_of_the_truth_as_right() -> None:
     assert m["n_cells_with_truth_term"] == 5
     assert m["ontology_accuracy"] == pytest.approx(2 / 4)  # CD4 fine, T cell ancestor of CD4; B not above CD8
     assert m["fine_rate"] == pytest.approx(2 / 5) and m["unknown_rate"] == pytest.approx(1 / 5)
-    assert m["ece"] is not None
+    assert m["ece"] is not None and m["fine_coarser_rate"] == 0
+    # a fine answer with a class coarser than the truth (a T cell class for a CD4 cell) is right, and counted apart
+    m = ontology_metrics([CD4, CD4], ["fine", "fine"], [T_CELL, CD4], np.array([0.9, 0.9]), ancestors_of)
+    assert m["ontology_accuracy"] == 1 and m["fine_coarser_rate"] == pytest.approx(1 / 2)
 
 
 def test_only_allowed_ancestors_or_class_terms_are_answers() -> None:

@@ -92,7 +92,7 @@ def test_auto_keeps_stage_two_where_cross_validation_says_it_helps(world, tmp_pa
 
 def test_auto_drops_stage_two_when_stage_one_alone_is_as_good(world, monkeypatch):
     """When cross-validation favours stage 1 alone, "auto" returns a one-stage classifier and says why."""
-    monkeypatch.setattr(importlib.import_module("scatlas.query.hunt.train"), "prefer_two_stages", lambda m: (False, "stage 1 alone is as good (test)"))
+    monkeypatch.setattr(importlib.import_module("scatlas.query.hunt.train"), "prefer_two_stages", lambda m, **_: (False, "stage 1 alone is as good (test)"))
     clf = train(world["index"], world["cells"], positive=f"cell_type = '{RARE}'",
                 background=3000, progress=False, two_stage="auto")
     assert clf.stage2 is None

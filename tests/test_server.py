@@ -467,6 +467,15 @@ def test_work_dir_and_bind_rules(world: dict[str, Path], tmp_path: Path) -> None
     with pytest.raises(InputError, match="did not write"):
         create_app(world["index"], work_dir=tmp_path / "mine")
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+    # a work directory a running server holds is refused to a second one (which would delete its jobs' files)
+    first = create_app(world["index"], work_dir=tmp_path / "work")
+    (tmp_path / "work" / "jobs" / "j1").mkdir()
+    (tmp_path / "work" / "jobs" / "j1" / ".scatlas-job").write_text("")
+    with pytest.raises(InputError, match="in use by another running server"):
+        create_app(world["index"], work_dir=tmp_path / "work")
+    assert (tmp_path / "work" / "jobs" / "j1").is_dir()
+    first.state.scatlas.close()
+    create_app(world["index"], work_dir=tmp_path / "work").state.scatlas.close()  # free again once it stopped
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
         check_bind(host, None)
     for host in ("0.0.0.0", "192.168.1.5", "::", "example.org"):

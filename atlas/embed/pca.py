@@ -5,8 +5,9 @@
 1. per dataset and gene, sums and sums of squares of the log-normalised values (and of ``expm1`` of them, for the
    dispersion). Each dataset ranks its genes by normalised dispersion (Seurat flavour: ``var/mean`` of the
    normalised values, z-scored within 20 bins of mean expression); genes are chosen by their rank averaged over
-   datasets (each dataset counts once, so one big dataset cannot dominate). Genes with zero variance in the sample
-   are never chosen.
+   datasets (each dataset counts once, so one big dataset cannot dominate; a dataset that does not measure a gene
+   ranks it last). Genes with zero variance in the sample
+   are never chosen, and by default neither are genes that some dataset does not measure (``gene_coverage``).
 2. the covariance (float64, ``n_hvg x n_hvg``) of the selected genes after scaling (centre by the sample mean,
    divide as ``scale`` says, clip to ``[-max_value, max_value]``), then an exact eigendecomposition.
 
@@ -23,6 +24,13 @@
 
 The measurements behind the default are in docs/benchmarks.md ("Figures behind the atlas defaults").
 
+``gene_coverage`` (part of the params): a gene is a candidate only when the datasets that measure it (have it
+among their genes) make up at least this share of the sample's datasets. The default 1.0 keeps the genes every
+dataset measures: a gene a dataset lacks is imputed with the atlas mean for its cells, so principal axes carried by
+such genes cannot place those cells, and a dataset measured on a smaller panel (a file that kept 2,000 variable
+genes, a targeted assay) would embed apart from the others, however alike its cells. Fewer shared genes than
+``n_hvg`` are all used, with a warning; ``0`` takes every gene, as embedders saved before the option did.
+
 ``transform`` matches a chunk's genes to the selected genes (Ensembl id first, then symbol), normalises the chunk
 with :func:`atlas.normalize.to_lognorm` (library size over *all* of the chunk's genes), scales, centres and
 projects. Selected genes a chunk lacks contribute zero (i.e. they are imputed with the atlas mean). Every step is
@@ -34,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,6 +76,16 @@ SCALES: tuple[str, ...] = get_args(Scale)
 DEFAULT_SCALE: Scale = "zscore"
 LEGACY_SCALE: Scale = "zscore"
 """What embedders saved before ``scale`` existed did (their ``embedder.json`` has no ``scale`` key)."""
+DEFAULT_GENE_COVERAGE = 0.0
+LEGACY_GENE_COVERAGE = 0.0
+"""What embedders saved before ``gene_coverage`` existed did (every gene a candidate)."""
+FEW_MEASURED = 0.5
+"""A dataset that measures fewer than this share of the selected genes is warned about at the fit."""
+LOST_GENES_WARN = 0.1
+"""Share of the ``n_hvg`` most variable genes that ``gene_coverage`` leaves out above which the fit warns."""
+LEGACY_PARAMS: dict[str, Any] = {"scale": LEGACY_SCALE, "gene_coverage": LEGACY_GENE_COVERAGE}
+"""Params an older ``embedder.json`` lacks, with the value they had then; left out of the fingerprint at that value,
+so that indexes built before keep their fingerprint."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +94,8 @@ class PCAParams:
 
     ``n_hvg``: highly variable genes selected; ``n_components``: output dimension (at most ``n_hvg``);
     ``max_value``: scaled values are clipped to ``[-max_value, max_value]``; ``seed``: recorded only (the fit
-    draws nothing); ``scale``: how genes are scaled before the PCA (see the module docstring).
+    draws nothing); ``scale``: how genes are scaled before the PCA; ``gene_coverage``: the share of the sample's
+    datasets that must measure a gene for it to be selected (see the module docstring for both).
     """
 
     n_hvg: int = 2000
@@ -83,10 +103,13 @@ class PCAParams:
     max_value: float = 10.0
     seed: int = 0
     scale: Scale = DEFAULT_SCALE
+    gene_coverage: float = DEFAULT_GENE_COVERAGE
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:
             raise InputError(f"scale must be one of {', '.join(SCALES)} (got {self.scale!r})")
+        if not 0.0 <= self.gene_coverage <= 1.0:
+            raise InputError(f"gene_coverage must be between 0 and 1 (got {self.gene_coverage})")
         if int(self.n_hvg) < 1 or int(self.n_components) < 1:
             raise InputError(f"n_hvg and n_components must be positive (got {self.n_hvg}, {self.n_components})")
         if self.n_components > self.n_hvg:
@@ -261,6 +284,29 @@ class _DatasetStats:
         self.sse[tgt] += np.bincount(idx, weights=e * e, minlength=n_cols)[src]
 
 
+def _say_unmeasured(chosen: np.ndarray, stats: list[_DatasetStats]) -> None:
+    """Log how many of the selected genes the datasets lack: a warning when a dataset measures under
+    :data:`FEW_MEASURED` of them (its cells are placed from those it has, the rest imputed with the atlas mean)."""
+    have = np.array([int(st.present[chosen].sum()) for st in stats])
+    if not len(have) or have.min() == len(chosen):
+        return
+    few = int((have < FEW_MEASURED * len(chosen)).sum())
+    (logger.warning if few else logger.info)(
+        "%d of the %d datasets measure fewer than %d%% of the %d selected genes (the fewest: %d): their cells are "
+        "placed from the genes they have, the others taken at the atlas mean; `scatlas datasets` lists each "
+        "dataset's genes, `--embedder-option gene_coverage=1` selects only genes every dataset measures",
+        few, len(have), round(100 * FEW_MEASURED), len(chosen), int(have.min()),
+    )
+
+
+def _fraction(value: Any, name: str) -> float:
+    """``value`` as a float (from a CLI string too); InputError when it is not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number between 0 and 1") from None
+
+
 def _variance(s: np.ndarray, ss: np.ndarray, n: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
     """Mean and unbiased variance from sums; variance that is rounding noise (a constant gene) is set to 0."""
     n_arr = np.asarray(n, dtype=np.float64)
@@ -307,6 +353,7 @@ class PCAEmbedder(Embedder):
         max_value: float = 10.0,
         seed: int = 0,
         scale: Scale = DEFAULT_SCALE,
+        gene_coverage: float = DEFAULT_GENE_COVERAGE,
     ) -> None:
         self.config = PCAParams(
             n_hvg=int(n_hvg),
@@ -314,6 +361,7 @@ class PCAEmbedder(Embedder):
             max_value=float(max_value),
             seed=int(seed),
             scale=scale,
+            gene_coverage=_fraction(gene_coverage, "gene_coverage"),
         )
         self.model: PCAModel | None = None
         self._matches: dict[str, GeneMatch] = {}
@@ -342,11 +390,10 @@ class PCAEmbedder(Embedder):
         return asdict(self.config)
 
     def fingerprint(self) -> str:
-        """As :meth:`Embedder.fingerprint`, except that ``scale="zscore"`` (what every embedder saved before the
-        option existed did) is left out of the hashed params: indexes built before keep their fingerprint."""
-        if self.config.scale != LEGACY_SCALE:
-            return super().fingerprint()
-        params = {k: v for k, v in self.params().items() if k != "scale"}
+        """As :meth:`Embedder.fingerprint`, except that params at their :data:`LEGACY_PARAMS` value (what every
+        embedder saved before the option existed did) are left out of the hashed params: indexes built before keep
+        their fingerprint."""
+        params = {k: v for k, v in self.params().items() if k not in LEGACY_PARAMS or v != LEGACY_PARAMS[k]}
         payload = json.dumps({"name": self.name, "params": params}, sort_keys=True, default=str)
         return hashlib.sha256((payload + self.artefact_digest()).encode()).hexdigest()[:16]
 
@@ -368,12 +415,17 @@ class PCAEmbedder(Embedder):
             self._matches[fp] = match
         return match
 
+    def chunk_match(self, chunk: CellChunk) -> GeneMatch:
+        """How the genes the chunk's dataset measured map onto this embedder's (:meth:`gene_match` of its genes,
+        less those :attr:`CellChunk.measured` marks as not measured)."""
+        return self.gene_match(chunk.genes).only(chunk.measured)
+
     def transform(self, chunk: CellChunk) -> np.ndarray:
         model = self._fitted()
         out = np.empty((len(chunk), self.dim), dtype=np.float32)
         if len(chunk) == 0:
             return out
-        match = self.gene_match(chunk.genes)
+        match = self.chunk_match(chunk)
         missing = ~match.target_present()
         W = model.components.astype(np.float64)
         for start, z in self._standardised_blocks(chunk, match):
@@ -393,7 +445,7 @@ class PCAEmbedder(Embedder):
         model = self._fitted()
         if len(chunk) == 0:
             return np.zeros((0, len(model.means)), dtype=np.float32)
-        match = self.gene_match(chunk.genes)
+        match = self.chunk_match(chunk)
         out = np.asarray(match.project(_lognorm_X(chunk)).toarray(), dtype=np.float32)
         missing = ~match.target_present()
         if missing.any():
@@ -403,7 +455,7 @@ class PCAEmbedder(Embedder):
     def transform_with_features(self, chunk: CellChunk) -> tuple[np.ndarray, np.ndarray]:
         """The chunk's vectors computed from its gene features: one normalisation of the chunk for both."""
         features = self.gene_features(chunk)
-        return self.transform_gene_features(features, self.gene_match(chunk.genes).target_present()), features
+        return self.transform_gene_features(features, self.chunk_match(chunk).target_present()), features
 
     def transform_gene_features(self, features: np.ndarray, present: np.ndarray) -> np.ndarray:
         """:meth:`transform` of cells given by their gene features (log1p CP10k of the embedder's genes), with the
@@ -440,7 +492,7 @@ class PCAEmbedder(Embedder):
             if len(chunk) == 0:
                 continue
             L = _lognorm_X(chunk)
-            match = union.match(chunk.genes)
+            match = union.match(chunk.genes).only(chunk.measured)
             for st in stats.values():
                 st.grow(len(union))
             key = str(chunk.dataset_id)
@@ -485,7 +537,7 @@ class PCAEmbedder(Embedder):
         for chunk in sample_pass(sample, passes=2):
             if len(chunk) == 0:
                 continue
-            match = probe.gene_match(chunk.genes)
+            match = probe.chunk_match(chunk)
             missing = ~match.target_present()
             for _, z in probe._standardised_blocks(chunk, match):
                 z[:, missing] = 0.0
@@ -555,21 +607,55 @@ class PCAEmbedder(Embedder):
             rank_sum[present] += ranks
             rank_n[present] += 1
         mean, var = _variance(s, ss, n_present)
-        eligible = np.flatnonzero((var > 0) & (rank_n > 0))
+        varies = (var > 0) & (rank_n > 0)
+        n_datasets = sum(1 for st in stats.values() if st.n > 0)
+        need = max(1, math.ceil(cfg.gene_coverage * n_datasets - 1e-9))
+        eligible = np.flatnonzero(varies & (rank_n >= need))
+        left_out = int(varies.sum()) - len(eligible)  # varying genes too few datasets measure
         if len(eligible) < cfg.n_components:
+            if left_out:
+                raise InputError(
+                    f"the atlas' {n_datasets} datasets measure only {len(eligible)} varying genes in common (of "
+                    f"{int(varies.sum())}), fewer than the {cfg.n_components} principal components asked for: remove "
+                    "the datasets measured on the fewest genes (`scatlas datasets` lists them), or build with "
+                    "`--embedder-option gene_coverage=0.5` to also select genes half of the datasets measure (the "
+                    "others then embed from fewer genes and may map apart)"
+                )
             raise InputError(
                 f"only {len(eligible)} genes vary in the sample, fewer than the {cfg.n_components} principal "
                 "components asked for: check that the atlas holds expression values, or lower n_components"
             )
         if len(eligible) < cfg.n_hvg:
-            logger.warning(
-                "only %d genes vary in the sample; using all of them instead of %d highly variable genes",
-                len(eligible),
-                cfg.n_hvg,
+            if left_out:
+                logger.warning(
+                    "the atlas' %d datasets measure %d varying genes in common: the embedder uses all of them "
+                    "instead of %d highly variable genes, and leaves out %d genes that not every dataset measures "
+                    "(their cells could not be placed on axes those genes carry); `scatlas datasets` lists each "
+                    "dataset's genes, `--embedder-option gene_coverage=0.5` also selects genes half of them measure",
+                    n_datasets, len(eligible), cfg.n_hvg, left_out,
+                )
+            else:
+                logger.warning(
+                    "only %d genes vary in the sample; using all of them instead of %d highly variable genes",
+                    len(eligible),
+                    cfg.n_hvg,
+                )
+        elif left_out:
+            top = np.flatnonzero(varies)
+            top = top[np.lexsort((top, (rank_sum[top] + n_datasets - rank_n[top]) / n_datasets))[: cfg.n_hvg]]
+            lost = int((rank_n[top] < need).sum())  # of the genes chosen were every gene a candidate
+            log = logger.warning if lost > LOST_GENES_WARN * cfg.n_hvg else logger.info
+            log(
+                "%d of the %d most variable genes are left out because not every dataset measures them (cells of "
+                "the datasets that do lose what those genes tell apart); `scatlas datasets` lists each dataset's "
+                "genes, `--embedder-option gene_coverage=0.5` also selects genes half of them measure",
+                lost, cfg.n_hvg,
             )
-        score = rank_sum[eligible] / rank_n[eligible]
+        # a dataset that does not measure a gene ranks it last (1): a gene few datasets measure is no favourite
+        score = (rank_sum[eligible] + n_datasets - rank_n[eligible]) / n_datasets
         chosen = eligible[np.lexsort((eligible, score))[: cfg.n_hvg]]
         chosen = np.sort(chosen)
+        _say_unmeasured(chosen, [st for st in stats.values() if st.n > 0])
         return chosen, mean[chosen], np.sqrt(var[chosen])
 
     # -- helpers --------------------------------------------------------------------------------------------------
@@ -617,7 +703,8 @@ class PCAEmbedder(Embedder):
         if not path.is_file():
             raise StoreError(f"the PCA embedder at {directory} has no {ARTEFACT_FILE}; rebuild the index")
         params = dict(params)
-        params.setdefault("scale", LEGACY_SCALE)  # saved before the option existed
+        for key, value in LEGACY_PARAMS.items():
+            params.setdefault(key, value)  # saved before the option existed
         emb = cls(**params)
         try:
             with np.load(path, allow_pickle=False) as npz:

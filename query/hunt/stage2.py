@@ -152,10 +152,11 @@ def stage1_candidate_cut(stage1_oof: np.ndarray, recalled: np.ndarray, recall: f
     return float(np.nextafter(np.float32(s[drop]), np.float32(-np.inf)))  # float32 scores at the cut pass
 
 
-def prefer_two_stages(metrics: dict[str, Any]) -> tuple[bool, str]:
+def prefer_two_stages(metrics: dict[str, Any], *, atlas_background: bool = True) -> tuple[bool, str]:
     """Whether a trained stage 2 should decide the hits (``two_stage="auto"``), and why: its two stages'
     cross-validated F1 must beat stage 1 alone's on the same training rows and folds (``metrics``: a
-    :class:`GeneStage`'s). A tie keeps stage 1 alone, which reads no expression."""
+    :class:`GeneStage`'s). A tie keeps stage 1 alone, which reads no expression. ``atlas_background``: whether stage 1
+    was trained with atlas background cells as negatives (said in the reason)."""
     two, one = metrics["two_stage"]["f1"], metrics["stage1_alone"]["f1"]
     verdict = two > one
     rows = metrics.get("rows") or {}
@@ -168,7 +169,7 @@ def prefer_two_stages(metrics: dict[str, Any]) -> tuple[bool, str]:
         f"the same {whose}"
     return verdict, (f"cross-validated F1 of two stages {two:.3f} {'>' if verdict else '<='} stage 1 alone's {one:.3f} "
                      f"on {cells}, those stage 2 trains on" + ("; stage 1's own figures also count the atlas background "
-                                                              "as negatives" if labelled else ""))
+                                                              "as negatives" if labelled and atlas_background else ""))
 
 
 def _rates(y: np.ndarray, predicted: np.ndarray) -> dict[str, float]:

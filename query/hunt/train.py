@@ -357,7 +357,7 @@ def train(
     if stage2 is None and two_stage is True:
         _require_stage2(skipped or "it could not be trained")
     if stage2 is not None and two_stage == "auto":
-        keep, stage_choice = prefer_two_stages(stage2.metrics)
+        keep, stage_choice = prefer_two_stages(stage2.metrics, atlas_background=len(ts.background_ids) > 0)
         logger.info("two_stage='auto': %s; %s", stage_choice, "two stages" if keep else "stage 1 alone")
         if not keep:
             stage2, skipped = None, f"two_stage='auto' chose stage 1 alone: {stage_choice}"

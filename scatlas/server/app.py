@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Request
@@ -121,6 +121,7 @@ class ServerState:
     workers: int
     retention_s: float
     info: dict[str, Any] = field(default_factory=dict)
+    work_lock: IO[str] | None = None  # the flock on the work directory (jobs.prepare_work_dir)
     _map: list[bytes | None] = field(default_factory=list)
     _map_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -134,6 +135,8 @@ class ServerState:
     def close(self) -> None:
         self.jobs.shutdown()
         self.shared.close()
+        if self.work_lock is not None:
+            self.work_lock.close()  # another server may use the work directory now
         if self.own_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
@@ -189,17 +192,21 @@ def create_app(
     except BaseException:
         shared.close()
         raise
+    lock = None
     try:
-        prepare_work_dir(wdir)
+        lock = prepare_work_dir(wdir)
         jobs = JobManager(wdir, workers=workers, retention_s=retention_s, max_pending=max_pending,
                           sweep_every_s=cleanup_every_s,
                           hidden_paths=server_paths(Path(index_dir), shared.index.path, shared.index.atlas_path))
     except BaseException:
         shared.close()
+        if lock is not None:
+            lock.close()
         if own:
             shutil.rmtree(wdir, ignore_errors=True)
         raise
     state = ServerState(shared, jobs, token, int(max_upload_mb * 2**20), wdir, own, workers, retention_s)
+    state.work_lock = lock
     state.info = json.loads(json.dumps(shared.info, default=str))
     state.info["path"] = Path(state.info.get("path") or index_dir).name  # clients see the name, not the server's path
 

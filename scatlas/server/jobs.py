@@ -17,6 +17,7 @@ query's cell count and the seconds per cell that earlier jobs of the same kind t
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import html
 import logging
@@ -32,7 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import IO, Any
 
 from scatlas.atlas.atomic import write_json_atomic
 from scatlas.atlas.errors import Interrupted, OutputError, ScatlasError
@@ -43,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 JOBS_DIR = "jobs"
 WORK_MARKER = ".scatlas-serve.json"
+WORK_LOCK = ".scatlas-serve.lock"
+"""Locked (``flock``) by the server that uses a work directory, for as long as it runs."""
 """Marks a server work directory (its content is the server's to remove)."""
 JOB_MARKER = ".scatlas-job"
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{20,64}$")
@@ -144,9 +147,10 @@ def share_cores(workers: int) -> None:
     faiss.omp_set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
 
 
-def prepare_work_dir(path: Path) -> None:
+def prepare_work_dir(path: Path) -> IO[str]:
     """Create the work directory, or take over one a server used before (its job directories are removed: their
-    jobs are gone with that server); refuse a directory that holds anything else."""
+    jobs are gone with that server); refuse a directory that holds anything else, or one a running server holds.
+    Returns the open lock file that holds it (:data:`WORK_LOCK`): close it when the server stops."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"the work directory {path} is a file; give a directory")
@@ -156,13 +160,25 @@ def prepare_work_dir(path: Path) -> None:
             "server removes what it writes there)"
         )
     path.mkdir(parents=True, exist_ok=True)
-    jobs = path / JOBS_DIR
-    if jobs.is_dir():
-        for child in jobs.iterdir():
-            if child.is_dir() and (child / JOB_MARKER).is_file():
-                shutil.rmtree(child, ignore_errors=True)
-    jobs.mkdir(exist_ok=True, mode=0o700)
-    write_json_atomic(path / WORK_MARKER, {"kind": "scatlas serve work directory"})
+    lock = open(path / WORK_LOCK, "a")  # noqa: SIM115 - held open for the server's life
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise OutputError(f"the work directory {path} is in use by another running server; give another "
+                          "--work-dir (or stop that server)") from None
+    try:
+        jobs = path / JOBS_DIR
+        if jobs.is_dir():
+            for child in jobs.iterdir():
+                if child.is_dir() and (child / JOB_MARKER).is_file():
+                    shutil.rmtree(child, ignore_errors=True)
+        jobs.mkdir(exist_ok=True, mode=0o700)
+        write_json_atomic(path / WORK_MARKER, {"kind": "scatlas serve work directory"})
+    except BaseException:
+        lock.close()
+        raise
+    return lock
 
 
 def hide_paths(value: Any, paths: Mapping[str, str]) -> Any:

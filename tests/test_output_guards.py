@@ -1,0 +1,125 @@
+"""Output guards found by an adversarial pass: a user's folder that merely holds a file named like a report's, outputs
+inside a store or index, a first ingest killed before its store existed, `ingest --report` where it cannot be
+written, and messages that must not echo cell names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from scatlas.atlas import ingest
+from scatlas.atlas.errors import InputError, OutputError
+from scatlas.atlas.outputs import ATLAS_STORE, REPORT, SWEEP, check_output_dir
+from scatlas.atlas.store import CREATING_FILE, EXPERIMENT_DIR, LOCK_FILE, AtlasStore
+from scatlas.cli import cli
+from scatlas.query.hunt.report import REPORT_FILES
+from tests.conftest import make_adata
+
+
+def _folder(path: Path, **files: str) -> Path:
+    path.mkdir()
+    for name, text in files.items():
+        (path / name.replace("_", ".")).write_text(text)
+    return path
+
+
+def test_a_folder_with_a_report_named_file_and_other_files_is_not_a_report(tmp_path: Path) -> None:
+    mine = _folder(tmp_path / "myproj", report_md="# thesis notes", thesis_tex="precious")
+    with pytest.raises(OutputError, match="also holds 1 other entry"):
+        check_output_dir(mine, REPORT)
+    (mine / "thesis.tex").unlink()
+    assert check_output_dir(mine, REPORT) == mine  # only a report's own files: an earlier report, replaced
+    assert set(REPORT_FILES) == REPORT.entries
+    with pytest.raises(OutputError, match="other entr"):
+        check_output_dir(_folder(tmp_path / "sweep", sweep_json="{}", data_csv="x"), SWEEP)
+
+
+def test_no_output_directory_inside_a_store(tmp_path: Path) -> None:
+    path = tmp_path / "d.h5ad"
+    make_adata(60, 40).write_h5ad(path)
+    ingest([path], tmp_path / "atlas", progress=False)
+    for kind in (REPORT, SWEEP):
+        with pytest.raises(OutputError, match="lies inside an atlas store"):
+            check_output_dir(tmp_path / "atlas" / "out", kind)
+
+
+def test_a_first_ingest_killed_before_its_store_existed_is_rerun(tmp_path: Path) -> None:
+    path = tmp_path / "d.h5ad"
+    make_adata(60, 40).write_h5ad(path)
+    only_lock = tmp_path / "a1"
+    only_lock.mkdir()
+    (only_lock / LOCK_FILE).write_text("")  # killed at once: only the lock file
+    ingest([path], only_lock, progress=False)
+    assert AtlasStore.open(only_lock).n_cells == 60
+    half = tmp_path / "a2"  # killed while laying the store out: its marker, part of the experiment
+    (half / EXPERIMENT_DIR).mkdir(parents=True)
+    (half / LOCK_FILE).write_text("")
+    (half / CREATING_FILE).write_text("")
+    check_output_dir(half, ATLAS_STORE)
+    ingest([path], half, progress=False)
+    assert AtlasStore.open(half).n_cells == 60 and not (half / CREATING_FILE).exists()
+    foreign = tmp_path / "a3"  # an experiment/ that no scatlas ingest started is still refused
+    (foreign / EXPERIMENT_DIR).mkdir(parents=True)
+    with pytest.raises(OutputError):
+        ingest([path], foreign, progress=False)
+
+
+def test_ingest_report_is_checked_before_anything_is_ingested(tmp_path: Path) -> None:
+    path = tmp_path / "d.h5ad"
+    make_adata(60, 40).write_h5ad(path)
+    atlas = tmp_path / "atlas"
+    r = CliRunner().invoke(cli, ["ingest", str(path), "--atlas", str(atlas), "--report", str(atlas / "r.json")])
+    assert r.exit_code != 0 and "inside the atlas store" in r.output and not atlas.exists()
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        r = CliRunner().invoke(cli, ["ingest", str(path), "--atlas", str(atlas), "--report", str(locked / "r.json")])
+        import os
+
+        if os.geteuid() != 0:  # root writes anywhere
+            assert r.exit_code != 0 and "cannot write in" in r.output and not atlas.exists()
+    finally:
+        locked.chmod(0o700)
+
+
+def test_duplicate_cell_names_are_not_echoed(tmp_path: Path) -> None:
+    adata = make_adata(30, 40)
+    adata.obs_names = ["secret-name"] * 30
+    path = tmp_path / "dup.h5ad"
+    adata.write_h5ad(path)
+    with pytest.raises(InputError) as err:
+        ingest([path], tmp_path / "atlas", progress=False)
+    assert "29 cell names" in str(err.value) and "secret-name" not in str(err.value)
+
+
+def test_the_same_dataset_ingested_meanwhile_is_refused_under_the_lock(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ingests of one dataset id: the second one's check before the store lock passes, the first commits
+    meanwhile; the second is refused as `already in` under the lock, not by a constraint error."""
+    from scatlas.atlas import ingestion
+    from scatlas.atlas.errors import DatasetExistsError
+
+    path = tmp_path / "d.h5ad"
+    make_adata(60, 40).write_h5ad(path)
+    ingest([make_path(tmp_path)], tmp_path / "atlas", progress=False)  # the store exists
+    real = ingestion.check_species
+
+    def meanwhile(*args, **kwargs):
+        monkeypatch.setattr(ingestion, "check_species", real)
+        ingest([path], tmp_path / "atlas", progress=False)  # the other command, between check and lock
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ingestion, "check_species", meanwhile)
+    with pytest.raises(DatasetExistsError, match="already in"):
+        ingest([path], tmp_path / "atlas", progress=False)
+    store = AtlasStore.open(tmp_path / "atlas", warn_unfinished=False)
+    assert [d.dataset_id for d in store.datasets] == ["other", "d"]
+
+
+def make_path(tmp_path: Path) -> Path:
+    other = tmp_path / "other.h5ad"
+    make_adata(50, 40, seed=3, prefix="o").write_h5ad(other)
+    return other
