@@ -728,8 +728,8 @@ def _warn_foreign_genes(current: AtlasStore, plans: list[DatasetPlan]) -> None:
             logger.warning(
                 "dataset %s shares %d of its %d genes with the store's %d: another gene panel, or genes named "
                 "another way (Ensembl ids against symbols, another species' or a reference's own ids)? The default "
-                "(pca) embedder of an index embeds every dataset from the genes all of them measure; if the names "
-                "differ, give the file gene names the store uses (a var column of symbols or Ensembl ids)",
+                "(pca) embedder of an index takes the genes a dataset lacks at the atlas mean for its cells; if the "
+                "names differ, give the file gene names the store uses (a var column of symbols or Ensembl ids)",
                 escaped(plan.dataset_id, 60), stats["n_existing"], named, int(np.count_nonzero(vocab.keys)))
 
 
@@ -875,7 +875,7 @@ def ingest(
     table = checked_ontology_map(ontology_map, ontology_label_key)
     atlas = check_output_dir(atlas, ATLAS_STORE, inputs=sources)
     exists = AtlasStore.exists(atlas)
-    if mode == "write" and exists:
+    if mode == "write" and exists and AtlasStore.open(atlas, warn_unfinished=False).datasets:  # none: a first ingest
         raise StoreError(f"{atlas}: an atlas store already exists; use --mode append to add datasets, or a new directory")
     if atlas.exists() and not atlas.is_dir():
         raise InputError(f"{atlas}: exists and is not a directory")

@@ -250,10 +250,7 @@ def check_output_dir(
     """
     out = _plain(path)
     _check_inputs(out, inputs, directory=True)
-    protected = _inside_protected(out)
-    if protected is not None:
-        raise OutputError(f"{show(out)} lies inside {protected.what}; refusing to write {kind.what} there: give a path "
-                          "outside it")
+    refuse_inside_protected(out, kind.what)
     resolved = _resolve(out)
     if resolved == _resolve(os.sep):
         raise OutputError(f"{show(out)} is the root directory; give a new subdirectory for {kind.what}")
@@ -270,16 +267,22 @@ def check_output_dir(
         if not _entries(out):
             return out
         if is_kind(out, kind):
-            # replaced as a whole, or recognised by its files alone (no marker: perhaps a user's folder that holds a
-            # file of the same name): nothing else may be there
-            foreign = _foreign_entries(out, kind) if replace or (kind.marker and marker_kind(out) is None) else []
-            if not foreign:
-                return out
-            raise OutputError(
-                f"{show(out)} looks like {kind.what} but also holds {len(foreign)} other entr"
-                f"{'y' if len(foreign) == 1 else 'ies'} (e.g. {show(foreign[0])}); refusing to replace it: move "
-                "them out or give a new directory"
-            )
+            # unmarked, it is recognised by its files alone: a user's folder holding files of those names, or an
+            # output written before the marks existed (move it away once)
+            unmarked = kind.marker and marker_kind(out) is None
+            foreign = _foreign_entries(out, kind) if replace or unmarked else []
+            if foreign:
+                raise OutputError(
+                    f"{show(out)} looks like {kind.what} but also holds {len(foreign)} other entr"
+                    f"{'y' if len(foreign) == 1 else 'ies'} (e.g. {show(foreign[0])}); refusing to replace it: move "
+                    "them out or give a new directory"
+                )
+            if unmarked:
+                raise OutputError(
+                    f"{show(out)} holds files named like {kind.what}'s but not scatlas' mark of one; refusing to "
+                    "write there: give a new or empty directory"
+                )
+            return out
         held = describe_dir(out)
     hint = " (the current directory)" if resolved == _resolve(os.getcwd()) else ""
     raise OutputError(
@@ -353,6 +356,15 @@ H5AD_MARK = "scatlas_output"
 
 PROTECTED_KINDS = (ATLAS_STORE, INDEX, CLASSIFIER, SWEEP)
 """Directories whose files other commands rely on: no output file of another command is written inside them."""
+
+
+def refuse_inside_protected(out: PathLike, what: str) -> None:
+    """OutputError when ``out`` lies inside an atlas store, index, classifier or sweep directory (``what``: what would
+    be written there, for the message)."""
+    protected = _inside_protected(Path(out))
+    if protected is not None:
+        raise OutputError(f"{show(out)} lies inside {protected.what}; refusing to write {what} there: give a path "
+                          "outside it")
 
 
 def _inside_protected(out: Path) -> OutputKind | None:

@@ -225,25 +225,38 @@ def _range_problems(manifest: IndexManifest) -> list[Problem]:
 
 
 def _cell_table_problems(index_dir: Path, manifest: IndexManifest) -> list[Problem]:
-    """The cell table must hold one row per indexed cell (a store changed while the index was built: a search would
-    return cells without metadata)."""
+    """The cell table must hold one row for each indexed cell and nothing else (a store changed while the index was
+    built: a search would return cells without metadata). The shards' ids are compared with the table's, one shard at a
+    time."""
     import duckdb
+    import pyarrow as pa
 
     from scatlas.index.metadata import connect
 
     path = index_dir / CELLS_DB_FILE
     if not path.is_file():
         return []
+    missing = 0
     try:
         with connect(path) as con:  # file access and extensions off: the file is the index's, not trusted
-            row = con.execute("SELECT count(*) FROM cells").fetchone()
-    except (duckdb.Error, IndexFormatError) as exc:
+            row = con.execute("SELECT count(*), count(DISTINCT soma_joinid) FROM cells").fetchall()[0]
+            for shard in manifest.shards:
+                ids_path = index_dir / SHARDS_DIR / shard.dirname / SHARD_IDS_FILE
+                if not ids_path.is_file():
+                    continue  # reported with the shard's files
+                ids = np.load(ids_path, mmap_mode="r", allow_pickle=False)
+                con.register("_shard_ids", pa.table({"soma_joinid": pa.array(np.asarray(ids, dtype=np.int64))}))
+                found = con.execute("SELECT count(*) FROM _shard_ids s ANTI JOIN cells c USING (soma_joinid)").fetchall()
+                con.unregister("_shard_ids")
+                missing += int(found[0][0])
+    except (duckdb.Error, IndexFormatError, OSError, ValueError) as exc:
         return [Problem(CELLS_DB_FILE, f"its cells table cannot be read ({type(exc).__name__})")]
-    n = int(row[0]) if row else 0
-    if n != manifest.n_cells:
-        return [Problem(CELLS_DB_FILE, f"its cells table holds {n} rows for the {manifest.n_cells} indexed cells (the "
-                        "atlas store changed while the index was built?): run `scatlas build --update` to bring the "
-                        "index up to date with the store")]
+    n, distinct = int(row[0]), int(row[1])
+    if n != manifest.n_cells or distinct != n or missing:
+        return [Problem(CELLS_DB_FILE, f"its cells table holds {n} rows ({distinct} distinct ids) for the "
+                        f"{manifest.n_cells} indexed cells, {missing} of which it lacks (the atlas store changed while "
+                        "the index was built?): run `scatlas build --update` to bring the index up to date with the "
+                        "store")]
     return []
 
 

@@ -56,11 +56,11 @@ def test_write_cells_db_checks_the_count(tmp_path: Path) -> None:
 
 
 def test_verify_finds_a_cell_table_short_of_the_indexed_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An index written before the build checked the count (or by another tool): the cell table misses cells."""
+    """An index written before the build checked the count (or by another tool): the cell table misses a cell."""
     atlas = _atlas(tmp_path)
     real = build_module.write_cells_db
 
-    def short(path, cells, ids=None, ranges=None, expect=None):  # the old copy: no count check, one cell lost
+    def short(path, cells, ids=None, ranges=None, expect=None):  # the copy without the check, one cell lost
         n = real(path, cells, ids, ranges)
         with duckdb.connect(str(path)) as con:
             con.execute("DELETE FROM cells WHERE soma_joinid = 0")
@@ -70,6 +70,20 @@ def test_verify_finds_a_cell_table_short_of_the_indexed_cells(tmp_path: Path, mo
     build_index(atlas, tmp_path / "index", label_keys=[], reference_map=False, progress=False)
     report = verify_index(tmp_path / "index", progress=False)
     assert not report.ok
-    assert any(p.file == CELLS_DB_FILE and "299 rows for the 300 indexed cells" in p.what for p in report.problems)
+    expect = "299 rows (299 distinct ids) for the 300 indexed cells, 1 of which it lacks"
+    assert any(p.file == CELLS_DB_FILE and expect in p.what for p in report.problems), report.problems
     result = CliRunner().invoke(cli, ["verify", "--index", str(tmp_path / "index")])
     assert result.exit_code != 0 and "build --update" in result.output
+
+
+def test_the_cell_table_must_hold_the_indexed_ids_not_just_as_many(tmp_path: Path) -> None:
+    from scatlas.index.manifest import read_manifest
+    from scatlas.index.verify import _cell_table_problems
+
+    build_index(_atlas(tmp_path), tmp_path / "index", label_keys=[], reference_map=False, progress=False)
+    manifest = read_manifest(tmp_path / "index")
+    assert _cell_table_problems(tmp_path / "index", manifest) == []
+    with duckdb.connect(str(tmp_path / "index" / CELLS_DB_FILE)) as con:  # another cell in one's place
+        con.execute("UPDATE cells SET soma_joinid = 100000 WHERE soma_joinid = 0")
+    (problem,) = _cell_table_problems(tmp_path / "index", manifest)
+    assert "300 rows (300 distinct ids) for the 300 indexed cells, 1 of which it lacks" in problem.what

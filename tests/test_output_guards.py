@@ -30,7 +30,8 @@ def test_a_folder_with_a_report_named_file_and_other_files_is_not_a_report(tmp_p
     with pytest.raises(OutputError, match="also holds 1 other entry"):
         check_output_dir(mine, REPORT)
     (mine / "thesis.tex").unlink()
-    assert check_output_dir(mine, REPORT) == mine  # only a report's own files: an earlier report, replaced
+    with pytest.raises(OutputError, match="mark"):  # a report.md alone may be the user's too
+        check_output_dir(mine, REPORT)
     assert set(REPORT_FILES) == REPORT.entries
     with pytest.raises(OutputError, match="other entr"):
         check_output_dir(_folder(tmp_path / "sweep", sweep_json="{}", data_csv="x"), SWEEP)
@@ -123,3 +124,28 @@ def make_path(tmp_path: Path) -> Path:
     other = tmp_path / "other.h5ad"
     make_adata(50, 40, seed=3, prefix="o").write_h5ad(other)
     return other
+
+
+def test_write_mode_starts_anew_a_store_whose_first_ingest_left_no_dataset(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first `ingest --mode write` killed after store.json existed (no clean-up ran): the store holds no dataset,
+    and the same command starts it anew; a store with datasets is still refused."""
+    from scatlas.atlas import ingestion
+
+    path = tmp_path / "d.h5ad"
+    make_adata(60, 40).write_h5ad(path)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(ingestion, "_write_all", killed)
+        m.setattr(ingestion, "_nothing_committed", lambda atlas: False)  # kill -9: nothing cleans up
+        with pytest.raises(KeyboardInterrupt):
+            ingest([path], tmp_path / "atlas", mode="write", progress=False)
+    assert AtlasStore.exists(tmp_path / "atlas")
+    assert not AtlasStore.open(tmp_path / "atlas", warn_unfinished=False).datasets
+    ingest([path], tmp_path / "atlas", mode="write", progress=False)
+    assert AtlasStore.open(tmp_path / "atlas").n_cells == 60
+    with pytest.raises(Exception, match="already exists"):
+        ingest([path], tmp_path / "atlas", mode="write", progress=False)

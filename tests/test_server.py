@@ -476,6 +476,9 @@ def test_work_dir_and_bind_rules(world: dict[str, Path], tmp_path: Path) -> None
     assert (tmp_path / "work" / "jobs" / "j1").is_dir()
     first.state.scatlas.close()
     create_app(world["index"], work_dir=tmp_path / "work").state.scatlas.close()  # free again once it stopped
+    with pytest.raises(InputError, match="lies inside a scatlas index"):  # its jobs would sit in the index
+        create_app(world["index"], work_dir=world["index"] / "jobs")
+    assert not (world["index"] / "jobs").exists()
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
         check_bind(host, None)
     for host in ("0.0.0.0", "192.168.1.5", "::", "example.org"):

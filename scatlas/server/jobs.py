@@ -38,7 +38,7 @@ from typing import IO, Any
 from scatlas.atlas.atomic import write_json_atomic
 from scatlas.atlas.errors import Interrupted, OutputError, ScatlasError
 from scatlas.atlas.interrupt import set_interrupt_check
-from scatlas.atlas.outputs import safe_text
+from scatlas.atlas.outputs import refuse_inside_protected, safe_text
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,7 @@ def prepare_work_dir(path: Path) -> IO[str]:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"the work directory {path} is a file; give a directory")
+    refuse_inside_protected(path, "a server's work directory")
     if path.is_dir() and any(path.iterdir()) and not (path / WORK_MARKER).is_file():
         raise OutputError(
             f"the work directory {path} holds files the server did not write; give a new or empty directory (the "
