@@ -196,9 +196,12 @@ class GeneMatch:
         return sp.csr_matrix(X @ P, dtype=np.float32)
 
 
-def match_genes(source: GeneVocabulary, target: GeneVocabulary) -> GeneMatch:
-    """Map each source gene onto the target vocabulary; a target gene is filled by the first source gene matching it."""
+def match_genes(source: GeneVocabulary, target: GeneVocabulary, allowed: np.ndarray | None = None) -> GeneMatch:
+    """Map each source gene onto the target vocabulary; a target gene is filled by the first source gene matching it.
+    ``allowed``: bool per source gene, the ones that may fill a target gene (a dataset's measured genes); None: all."""
     pos = target.locate_vocabulary(source)
+    if allowed is not None:
+        pos = np.where(np.asarray(allowed, dtype=bool), pos, -1)
     src = np.flatnonzero(pos >= 0)
     tgt = pos[src]
     _, first = np.unique(tgt, return_index=True)

@@ -42,7 +42,15 @@ from scatlas.atlas.sources.base import DatasetSource
 from scatlas.atlas.sources.h5ad import open_h5ad
 from scatlas.atlas.sources.soma import is_soma_experiment, open_soma_experiment
 from scatlas.atlas.sql import duckdb_interrupts, quote_ident, transaction
-from scatlas.atlas.store import CELLS_DB, MEASURED_TABLE, MEASUREMENT, X_LAYER, AtlasStore, DatasetRecord
+from scatlas.atlas.store import (
+    CELLS_DB,
+    JOURNAL_FILE,
+    MEASURED_TABLE,
+    MEASUREMENT,
+    X_LAYER,
+    AtlasStore,
+    DatasetRecord,
+)
 from scatlas.atlas.store_writer import StoreWriter
 from scatlas.atlas.validate import check_embedding, check_name, escaped, escaped_list
 
@@ -525,15 +533,14 @@ def _extended(vocab: GeneVocabulary, genes: GenePlan, n_genes: int) -> GeneVocab
     return GeneVocabulary(keys=keys, feature_id=fid, feature_name=fname)
 
 
-def write_measured_genes(con: duckdb.DuckDBPyConnection, dataset_id: str, var_ids: np.ndarray) -> None:
-    """Record the genes (store var ids) a dataset measured, in table ``dataset_genes`` (made in stores written
-    before it existed): an embedder's fit tells a gene the dataset lacks from one it measured at zero."""
-    con.execute(f"CREATE TABLE IF NOT EXISTS {MEASURED_TABLE} (dataset_id VARCHAR, var_joinid BIGINT)")
-    rows = pa.table({"dataset_id": pa.array([dataset_id] * len(var_ids), pa.string()),
-                     "var_joinid": pa.array(np.asarray(var_ids, dtype=np.int64), pa.int64())})
-    con.register("measured_rows", rows)
-    con.execute(f"INSERT INTO {MEASURED_TABLE} SELECT dataset_id, var_joinid FROM measured_rows")
-    con.unregister("measured_rows")
+def write_measured_genes(con: duckdb.DuckDBPyConnection, dataset_id: str, var_ids: np.ndarray, n_genes: int) -> None:
+    """Record the genes (store var ids below ``n_genes``, the store's gene count with this dataset's) a dataset
+    measured, as a bitmap in table ``measured_genes`` (made in stores written before it existed): an embedder's fit
+    tells a gene the dataset lacks from one it measured at zero."""
+    con.execute(f"CREATE TABLE IF NOT EXISTS {MEASURED_TABLE} (dataset_id VARCHAR, n_genes BIGINT, measured BLOB)")
+    bits = np.zeros(n_genes, dtype=bool)
+    bits[np.asarray(var_ids, dtype=np.int64)] = True
+    con.execute(f"INSERT INTO {MEASURED_TABLE} VALUES (?, ?, ?)", [dataset_id, n_genes, np.packbits(bits).tobytes()])
 
 
 def _write_genes(con: duckdb.DuckDBPyConnection, rna: Any, genes: GenePlan, vocab: GeneVocabulary, dataset_id: str) -> None:
@@ -752,7 +759,7 @@ def _write_dataset(
     with writer.experiment("w") as exp:
         rna = exp.ms[MEASUREMENT]
         _write_genes(con, rna, genes, vocab, plan.dataset_id)
-        write_measured_genes(con, plan.dataset_id, col_ids)
+        write_measured_genes(con, plan.dataset_id, col_ids, n_genes)
         x_order = GlobalOrder.of(rna.X[X_LAYER])
         obsm_orders = {key: GlobalOrder.of(rna["obsm"][key]) for key in plan.obsm_dims}
         chunks = _prepared_chunks(plan, obs_start, keep_cols, col_ids, n_genes, digest, chunk_size, x_order,
@@ -875,8 +882,8 @@ def ingest(
     table = checked_ontology_map(ontology_map, ontology_label_key)
     atlas = check_output_dir(atlas, ATLAS_STORE, inputs=sources)
     exists = AtlasStore.exists(atlas)
-    if mode == "write" and exists and AtlasStore.open(atlas, warn_unfinished=False).datasets:  # none: a first ingest
-        raise StoreError(f"{atlas}: an atlas store already exists; use --mode append to add datasets, or a new directory")
+    if mode == "write" and exists and not _first_ingest_interrupted(atlas):
+        raise StoreError(_EXISTS.format(atlas=atlas))
     if atlas.exists() and not atlas.is_dir():
         raise InputError(f"{atlas}: exists and is not a directory")
     plans = _open_sources(sources, dataset_id, renames, keep_non_primary, x_layer, constants)
@@ -900,6 +907,8 @@ def ingest(
         try:
             with StoreWriter.open(atlas, create=True) as writer:
                 _refuse_present(writer.state.datasets, plans, atlas)  # again, under the lock: an ingest meanwhile
+                if mode == "write" and writer.state.datasets:
+                    raise StoreError(_EXISTS.format(atlas=atlas))
                 report.datasets.extend(_write_all(writer, plans, chunk_size, progress, read_ahead))
         except BaseException:
             if created_here and _nothing_committed(atlas):
@@ -910,6 +919,15 @@ def ingest(
     finally:
         for plan in plans:
             plan.source.close()
+
+
+_EXISTS = "{atlas}: an atlas store already exists; use --mode append to add datasets, or a new directory"
+
+
+def _first_ingest_interrupted(atlas: Path) -> bool:
+    """Whether the store at ``atlas`` is what a first ingest killed after ``store.json`` leaves: no dataset, and the
+    interrupted ingest's journal (``--mode write`` then writes it anew)."""
+    return (atlas / JOURNAL_FILE).is_file() and not AtlasStore.open(atlas, warn_unfinished=False).datasets
 
 
 def _refuse_present(datasets: Sequence[DatasetRecord], plans: Sequence[DatasetPlan], atlas: Path) -> None:

@@ -358,20 +358,32 @@ PROTECTED_KINDS = (ATLAS_STORE, INDEX, CLASSIFIER, SWEEP)
 """Directories whose files other commands rely on: no output file of another command is written inside them."""
 
 
+STRICT_LAYOUTS: dict[str, tuple[str, ...]] = {
+    ATLAS_STORE.name: ("store.json", "experiment", "cells.duckdb"),
+    INDEX.name: ("manifest.json", "shards", "cells.duckdb"),
+    CLASSIFIER.name: ("classifier.json", "weights.npy"),
+    SWEEP.name: ("sweep.json", "partials"),
+}
+"""What a directory of each protected kind holds beyond its one identifying file: an ancestor of a new output
+directory is taken for one only with its marker or all of these (a web app's ``manifest.json`` is no index)."""
+
+
 def refuse_inside_protected(out: PathLike, what: str) -> None:
     """OutputError when ``out`` lies inside an atlas store, index, classifier or sweep directory (``what``: what would
-    be written there, for the message)."""
-    protected = _inside_protected(Path(out))
+    be written there, for the message), recognised by its marker or :data:`STRICT_LAYOUTS`."""
+    protected = _inside_protected(Path(out), strict=True)
     if protected is not None:
         raise OutputError(f"{show(out)} lies inside {protected.what}; refusing to write {what} there: give a path "
                           "outside it")
 
 
-def _inside_protected(out: Path) -> OutputKind | None:
-    """The kind of the scatlas store, index, classifier or sweep directory that ``out`` would be written into."""
+def _inside_protected(out: Path, *, strict: bool = False) -> OutputKind | None:
+    """The kind of the scatlas store, index, classifier or sweep directory that ``out`` would be written into
+    (``strict``: only a directory with its marker or all of its kind's :data:`STRICT_LAYOUTS`)."""
     for parent in _resolve(out).parents:
         kind = kind_of(parent)
-        if kind in PROTECTED_KINDS:
+        if kind in PROTECTED_KINDS and (not strict or marker_kind(parent) == kind.name
+                                        or all((parent / name).exists() for name in STRICT_LAYOUTS[kind.name])):
             return kind
     return None
 

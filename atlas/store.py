@@ -49,9 +49,10 @@ CREATING_FILE = ".creating-store"
 holding it (and no ``store.json``) is a store whose creation was interrupted, which a rerun starts anew."""
 EXPERIMENT_DIR = "experiment"
 CELLS_DB = "cells.duckdb"
-MEASURED_TABLE = "dataset_genes"
-"""DuckDB table of the genes each dataset measured (``dataset_id``, ``var_joinid``); absent from stores written
-before it existed, whose datasets then count as measuring every gene."""
+MEASURED_TABLE = "measured_genes"
+"""DuckDB table of the genes each dataset measured: one row per dataset (``dataset_id``, ``n_genes``: the store's gene
+count when it was ingested, ``measured``: a bitmap over gene ids ``0..n_genes-1``, ``numpy.packbits`` order); absent
+from stores written before it existed, whose datasets then count as measuring every gene."""
 MEASUREMENT = "RNA"
 X_LAYER = "raw"
 
@@ -253,7 +254,7 @@ class AtlasStore:
         self.state = state
         self._exp: Any = None
         self._genes: GeneVocabulary | None = None
-        self._measured: dict[str, np.ndarray | None] = {}
+        self._measured: dict[str, tuple[int, bytes]] | None = None
 
     # -- opening -----------------------------------------------------------------------------------------------
     @staticmethod
@@ -371,21 +372,25 @@ class AtlasStore:
 
     def measured(self, dataset_id: str) -> np.ndarray | None:
         """Bool per gene of :attr:`genes`: the genes dataset ``dataset_id`` measured (the columns of ``X`` that are
-        its data, not zeros for genes it lacks); None where the store did not record it (ingested before)."""
-        if dataset_id not in self._measured:
+        its data, not zeros for genes it lacks); None where the store did not record it (ingested before). Every
+        dataset's record is read at the first call (one query; a bitmap of a few kB per dataset)."""
+        if self._measured is None:
+            self._measured = {}
             with self.connect() as con:
                 known = con.execute(
                     "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [MEASURED_TABLE]
-                ).fetchone()
-                ids = con.execute(f"SELECT var_joinid FROM {MEASURED_TABLE} WHERE dataset_id = ?",
-                                  [dataset_id]).fetchnumpy()["var_joinid"] if known and known[0] else []
-            mask = None
-            if len(ids):
-                mask = np.zeros(len(self.genes), dtype=bool)
-                ids = np.asarray(ids, dtype=np.int64)
-                mask[ids[ids < len(mask)]] = True
-            self._measured[dataset_id] = mask
-        return self._measured[dataset_id]
+                ).fetchall()[0][0]
+                if known:
+                    for d, n, bits in con.execute(f"SELECT dataset_id, n_genes, measured FROM {MEASURED_TABLE}").fetchall():
+                        self._measured[str(d)] = (int(n), bytes(bits))
+        record = self._measured.get(dataset_id)
+        if record is None:
+            return None
+        n, bits = record
+        mask = np.zeros(len(self.genes), dtype=bool)
+        got = np.unpackbits(np.frombuffer(bits, dtype=np.uint8), count=n).astype(bool)
+        mask[: min(n, len(mask))] = got[: len(mask)]
+        return mask
 
     def snapshot(self) -> dict[str, Any]:
         """What an index records about the store it was built from."""

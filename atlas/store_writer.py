@@ -82,7 +82,7 @@ def _create_layout(path: Path) -> None:
             "CREATE TABLE datasets (dataset_id VARCHAR PRIMARY KEY, start_id BIGINT, stop_id BIGINT, n_cells BIGINT, "
             "x_kind VARCHAR, x_source VARCHAR, source VARCHAR)"
         )
-        con.execute(f"CREATE TABLE {MEASURED_TABLE} (dataset_id VARCHAR, var_joinid BIGINT)")
+        con.execute(f"CREATE TABLE {MEASURED_TABLE} (dataset_id VARCHAR, n_genes BIGINT, measured BLOB)")
 
 
 class StoreWriter:
@@ -172,7 +172,7 @@ class StoreWriter:
                 ).fetchall()]
                 tables = ["cells", "datasets"]
                 if con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
-                               [MEASURED_TABLE]).fetchone()[0]:  # type: ignore[index]
+                               [MEASURED_TABLE]).fetchall()[0][0]:
                     tables.append(MEASURED_TABLE)
                 for table in tables:
                     row = con.execute(

@@ -204,6 +204,8 @@ def _measured_sums(
         # a gene varies among a dataset's cells where it measured it: a gene its file lacks is all zeros (stores
         # that did not record what each dataset measured) or its atlas mean (:attr:`CellChunk.measured`)
         measured = np.asarray(block.max(axis=0).todense() != block.min(axis=0).todense()).ravel()
+        if len(rows) < 2:  # one cell varies nowhere: its detected genes, as before imputation existed
+            measured = np.asarray(block.getnnz(axis=0) > 0).ravel()
         own = onehot[rows]
         own_sums = np.asarray((own.T @ block).todense()) * measured[None, :]
         own_counts = np.asarray(own.sum(axis=0)).ravel()

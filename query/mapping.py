@@ -198,13 +198,15 @@ def with_expression(
         note = ("the query needed a larger shift than the atlas' datasets show among themselves, but its cells map "
                 "as atlas cells do and their expression matches atlas cell types: each cell is judged on its own")
         return replace(verdict, expression=expression, by_expression=True, note=note)
-    if verdict.verdict != "maps_well" or limit is None or share <= limit:
+    if verdict.verdict not in ("maps_well", "maps_poorly") or limit is None or share <= limit:
         return replace(verdict, expression=expression)
     share_pct, limit_pct = percents(share, limit)
     reason = (
         f"{share_pct}% of its cells' expression matches no atlas cell type as well as held-out atlas "
         f"datasets' cells do (over {limit_pct}%)"
     )
+    if verdict.verdict == "maps_poorly":  # poorly by its shift or similarities, and its expression agrees: strict
+        return replace(verdict, reasons=(*verdict.reasons, reason), expression=expression, strict_expression=True)
     return replace(verdict, verdict="maps_poorly", reasons=(*verdict.reasons, reason), expression=expression,
                    by_expression=True, strict_expression=True)
 

@@ -11,7 +11,7 @@ from scatlas.atlas.embed.base import EMBEDDER_FILE
 from scatlas.atlas.embed.pca import PCAEmbedder
 from scatlas.atlas.embed.registry import load_embedder, make_embedder
 from scatlas.atlas.errors import GeneOverlapError, InputError, StoreError
-from scatlas.atlas.genes import GeneVocabulary, check_overlap
+from scatlas.atlas.genes import GeneVocabulary, check_overlap, identifier_hint
 from scatlas.atlas.normalize import to_lognorm
 from tests.helpers_embed import (
     chunk_of,
@@ -336,7 +336,7 @@ def test_several_datasets_and_gene_spaces(caplog):
         shared.fit(chunks)
     assert set(shared.genes.feature_name) <= {f"GENE{i + 1}" for i in range(50, 300)}
     assert nearest_centroid_accuracy(shared.transform(chunk_of(b_counts, b_genes)), b.labels) > 0.95
-    assert any("not every dataset measures" in r.getMessage() for r in caplog.records)
+    assert any("too few datasets measure" in r.getMessage() for r in caplog.records)
 
 
 def _panel_and_full_datasets(store_space: bool = False):
@@ -407,7 +407,7 @@ def test_fewer_shared_genes_than_asked_are_all_used_and_said(caplog):
     assert set(emb.genes.keys) <= set(b_genes.keys) and len(emb.genes.keys) > 140
     text = " ".join(r.getMessage() for r in caplog.records)
     assert "measure" in text and "gene_coverage" in text and "GENE" not in text  # no gene names echoed
-    with pytest.raises(InputError, match="in common.*gene_coverage"):
+    with pytest.raises(InputError, match="that enough of them share.*gene_coverage"):
         PCAEmbedder(n_hvg=250, n_components=200, gene_coverage=1.0).fit(chunks)
     PCAEmbedder(n_hvg=250, n_components=200, gene_coverage=0.5).fit(chunks)  # half of two datasets: every gene
     for bad in (-0.1, 1.5, "x", float("nan")):
@@ -430,3 +430,38 @@ def test_embedder_saved_before_the_gene_coverage_option_keeps_its_fingerprint(da
     strict = PCAEmbedder(n_hvg=N_HVG, n_components=N_PC, gene_coverage=1.0)
     strict.fit(chunks_of(data, size=100))  # one dataset: the same genes, another fingerprint
     assert list(strict.genes.keys) == list(emb.genes.keys) and strict.fingerprint() != emb.fingerprint()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not KANG.is_file(), reason=f"{KANG} absent")
+def test_kang_ctrl_to_stim_label_transfer():
+    import anndata as ad
+
+    adata = ad.read_h5ad(KANG)
+    X = sp.csr_matrix(adata.X, dtype=np.float32)
+    genes = GeneVocabulary.from_identifiers(list(adata.var_names))
+    ctrl = np.flatnonzero((adata.obs["sample"] == "CTRL").to_numpy())
+    stim = np.flatnonzero((adata.obs["sample"] == "STIM").to_numpy())
+    labels = adata.obs["cell_type"].astype(str).to_numpy()
+    sample = [chunk_of(X[ctrl[s : s + 500]], genes, dataset_id="ctrl") for s in range(0, len(ctrl), 500)]
+    emb = PCAEmbedder()
+    emb.fit(sample)
+    ref = np.vstack([emb.transform(c) for c in sample])
+    query = emb.transform(chunk_of(X[stim], genes, dataset_id="stim"))
+    acc = knn_transfer_accuracy(ref, labels[ctrl], query, labels[stim], k=15)
+    print(f"kang2018 CTRL -> STIM kNN(k=15) label transfer accuracy: {acc:.3f}")
+    assert acc > 0.7
+
+
+def test_a_refusal_says_when_query_and_index_name_genes_differently():
+    ensembl = GeneVocabulary.from_identifiers([f"ENSMUSG{i:011d}" for i in range(50)])
+    symbols = [f"Gene{i}" for i in range(40)]
+    hint = identifier_hint(ensembl, symbols)
+    assert "Ensembl id only" in hint and "feature_name" in hint
+    back = identifier_hint(GeneVocabulary.from_identifiers(symbols), [f"ENSG{i:011d}" for i in range(50)])
+    assert "by symbol only" in back and "feature_id" in back
+    assert identifier_hint(GeneVocabulary.from_identifiers(symbols), symbols) == ""
+    from scatlas.atlas.genes import match_genes
+
+    with pytest.raises(GeneOverlapError, match="Ensembl id only"):
+        check_overlap(match_genes(ensembl, GeneVocabulary.from_identifiers(symbols)), hint=hint)

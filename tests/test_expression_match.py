@@ -124,7 +124,12 @@ def test_a_verdict_turned_by_expression_judges_cells_by_it() -> None:
     # a share over the limit by less than chance, for the query's size, does not turn the verdict
     assert with_expression(well, unlike[15:], {"status": "on"}).verdict == "maps_well"  # 25 of 85
     poorly = MappingVerdict("maps_poorly", 0.5, {}, thresholds, ("low tail",))
-    assert with_expression(poorly, unlike, {}).out_of_atlas(scores).all()  # similarity's own rule stands
+    both = with_expression(poorly, unlike, {})
+    assert both.out_of_atlas(scores).all()  # similarity's own rule stands
+    # poorly by similarity (or shift) and by expression: the expression's strict cut applies too, as when it turned
+    # the verdict (a pancreas query that only just needed too large a shift kept 15% of its cells' labels without)
+    assert both.strict_expression and not both.by_expression and both.reasons[1].startswith("40% of its cells")
+    assert not with_expression(poorly, unlike[40:], {"status": "on"}).strict_expression
 
 
 def test_off_with_one_dataset_and_for_a_sample_without_ids(world: dict[str, Any], tmp_path: Path) -> None:

@@ -44,6 +44,10 @@ def test_no_output_directory_inside_a_store(tmp_path: Path) -> None:
     for kind in (REPORT, SWEEP):
         with pytest.raises(OutputError, match="lies inside an atlas store"):
             check_output_dir(tmp_path / "atlas" / "out", kind)
+    # a folder that merely holds a file named like an index's (a web app's manifest.json) is no index
+    _folder(tmp_path / "webapp", manifest_json='{"name": "app"}')
+    for kind in (ATLAS_STORE, REPORT, SWEEP):
+        check_output_dir(tmp_path / "webapp" / "out", kind)
 
 
 def test_a_first_ingest_killed_before_its_store_existed_is_rerun(tmp_path: Path) -> None:
@@ -67,7 +71,9 @@ def test_a_first_ingest_killed_before_its_store_existed_is_rerun(tmp_path: Path)
         ingest([path], foreign, progress=False)
 
 
-def test_ingest_report_is_checked_before_anything_is_ingested(tmp_path: Path) -> None:
+def test_ingest_report_is_checked_before_anything_is_ingested(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import scatlas.cli as cli_module
+
     path = tmp_path / "d.h5ad"
     make_adata(60, 40).write_h5ad(path)
     atlas = tmp_path / "atlas"
@@ -75,15 +81,11 @@ def test_ingest_report_is_checked_before_anything_is_ingested(tmp_path: Path) ->
     assert r.exit_code != 0 and "inside the atlas store" in r.output and not atlas.exists()
     locked = tmp_path / "ro"
     locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        r = CliRunner().invoke(cli, ["ingest", str(path), "--atlas", str(atlas), "--report", str(locked / "r.json")])
-        import os
-
-        if os.geteuid() != 0:  # root writes anywhere
-            assert r.exit_code != 0 and "cannot write in" in r.output and not atlas.exists()
-    finally:
-        locked.chmod(0o700)
+    real = cli_module.os.access
+    # a directory this process may not write to (as root every chmod is writable: ask access() what it says)
+    monkeypatch.setattr(cli_module.os, "access", lambda p, mode: False if Path(p) == locked else real(p, mode))
+    r = CliRunner().invoke(cli, ["ingest", str(path), "--atlas", str(atlas), "--report", str(locked / "r.json")])
+    assert r.exit_code != 0 and "cannot write in" in r.output and not atlas.exists()
 
 
 def test_duplicate_cell_names_are_not_echoed(tmp_path: Path) -> None:
@@ -135,7 +137,8 @@ def test_write_mode_starts_anew_a_store_whose_first_ingest_left_no_dataset(tmp_p
     path = tmp_path / "d.h5ad"
     make_adata(60, 40).write_h5ad(path)
 
-    def killed(*args, **kwargs):
+    def killed(writer, plans, *args, **kwargs):  # killed while writing: its id range reserved (journalled)
+        writer.reserve(plans[0].dataset_id, 60, 40, {})
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
@@ -149,3 +152,10 @@ def test_write_mode_starts_anew_a_store_whose_first_ingest_left_no_dataset(tmp_p
     assert AtlasStore.open(tmp_path / "atlas").n_cells == 60
     with pytest.raises(Exception, match="already exists"):
         ingest([path], tmp_path / "atlas", mode="write", progress=False)
+    (tmp_path / "emptied").mkdir()  # a store whose datasets were all removed is no interrupted first ingest
+    ingest([path], tmp_path / "emptied", progress=False)
+    from scatlas.atlas.lifecycle import remove_datasets
+
+    remove_datasets(tmp_path / "emptied", ["d"])
+    with pytest.raises(Exception, match="already exists"):
+        ingest([path], tmp_path / "emptied", mode="write", progress=False)

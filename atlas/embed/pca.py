@@ -7,7 +7,7 @@
    normalised values, z-scored within 20 bins of mean expression); genes are chosen by their rank averaged over
    datasets (each dataset counts once, so one big dataset cannot dominate; a dataset that does not measure a gene
    ranks it last). Genes with zero variance in the sample
-   are never chosen, and by default neither are genes that some dataset does not measure (``gene_coverage``).
+   are never chosen, nor genes measured by fewer datasets than ``gene_coverage`` asks.
 2. the covariance (float64, ``n_hvg x n_hvg``) of the selected genes after scaling (centre by the sample mean,
    divide as ``scale`` says, clip to ``[-max_value, max_value]``), then an exact eigendecomposition.
 
@@ -25,11 +25,12 @@
 The measurements behind the default are in docs/benchmarks.md ("Figures behind the atlas defaults").
 
 ``gene_coverage`` (part of the params): a gene is a candidate only when the datasets that measure it (have it
-among their genes) make up at least this share of the sample's datasets. The default 1.0 keeps the genes every
-dataset measures: a gene a dataset lacks is imputed with the atlas mean for its cells, so principal axes carried by
-such genes cannot place those cells, and a dataset measured on a smaller panel (a file that kept 2,000 variable
-genes, a targeted assay) would embed apart from the others, however alike its cells. Fewer shared genes than
-``n_hvg`` are all used, with a warning; ``0`` takes every gene, as embedders saved before the option did.
+among their genes; an atlas store records them at ingest, :attr:`CellChunk.measured`) make up at least this share of
+the sample's datasets. A gene a dataset lacks is imputed with the atlas mean for its cells (never read as zero
+expression), and that dataset ranks it last. The default 0 takes every gene; 1 keeps the genes every dataset
+measures, so that every dataset's cells are placed on the same genes (fewer than ``n_hvg`` when they share fewer,
+with a warning). Embedders saved before the option keep their fingerprints (their fit ranked every gene of a chunk's
+gene space, measured or not).
 
 ``transform`` matches a chunk's genes to the selected genes (Ensembl id first, then symbol), normalises the chunk
 with :func:`atlas.normalize.to_lognorm` (library size over *all* of the chunk's genes), scales, centres and
@@ -416,9 +417,20 @@ class PCAEmbedder(Embedder):
         return match
 
     def chunk_match(self, chunk: CellChunk) -> GeneMatch:
-        """How the genes the chunk's dataset measured map onto this embedder's (:meth:`gene_match` of its genes,
-        less those :attr:`CellChunk.measured` marks as not measured)."""
-        return self.gene_match(chunk.genes).only(chunk.measured)
+        """How the genes the chunk's dataset measured map onto this embedder's (:meth:`gene_match` of its genes, with
+        only those :attr:`CellChunk.measured` marks filling a gene: where two store genes match one of the embedder's,
+        the one the dataset measured)."""
+        if chunk.measured is None:
+            return self.gene_match(chunk.genes)
+        measured = np.asarray(chunk.measured, dtype=bool)
+        key = chunk.genes.fingerprint() + hashlib.sha1(np.packbits(measured).tobytes()).hexdigest()
+        match = self._matches.get(key)
+        if match is None:
+            match = match_genes(chunk.genes, self._fitted().genes, allowed=measured)
+            if len(self._matches) >= _MAX_MATCH_CACHE:
+                self._matches.clear()
+            self._matches[key] = match
+        return match
 
     def transform(self, chunk: CellChunk) -> np.ndarray:
         model = self._fitted()
@@ -615,11 +627,12 @@ class PCAEmbedder(Embedder):
         if len(eligible) < cfg.n_components:
             if left_out:
                 raise InputError(
-                    f"the atlas' {n_datasets} datasets measure only {len(eligible)} varying genes in common (of "
+                    f"the atlas' {n_datasets} datasets measure only {len(eligible)} varying genes that enough of them "
+                    f"share (gene_coverage {cfg.gene_coverage:g}; of "
                     f"{int(varies.sum())}), fewer than the {cfg.n_components} principal components asked for: remove "
                     "the datasets measured on the fewest genes (`scatlas datasets` lists them), or build with "
-                    "`--embedder-option gene_coverage=0.5` to also select genes half of the datasets measure (the "
-                    "others then embed from fewer genes and may map apart)"
+                    "a lower `--embedder-option gene_coverage` to also select genes fewer datasets measure (their cells "
+                    "are placed from the genes they have)"
                 )
             raise InputError(
                 f"only {len(eligible)} genes vary in the sample, fewer than the {cfg.n_components} principal "
@@ -628,10 +641,10 @@ class PCAEmbedder(Embedder):
         if len(eligible) < cfg.n_hvg:
             if left_out:
                 logger.warning(
-                    "the atlas' %d datasets measure %d varying genes in common: the embedder uses all of them "
-                    "instead of %d highly variable genes, and leaves out %d genes that not every dataset measures "
-                    "(their cells could not be placed on axes those genes carry); `scatlas datasets` lists each "
-                    "dataset's genes, `--embedder-option gene_coverage=0.5` also selects genes half of them measure",
+                    "the atlas' %d datasets measure %d varying genes that enough of them share: the embedder uses "
+                    "all of them instead of %d highly variable genes, and leaves out %d genes too few datasets "
+                    "measure (gene_coverage); `scatlas datasets` lists each dataset's genes, a lower "
+                    "`--embedder-option gene_coverage` also selects genes fewer of them measure",
                     n_datasets, len(eligible), cfg.n_hvg, left_out,
                 )
             else:
@@ -646,9 +659,9 @@ class PCAEmbedder(Embedder):
             lost = int((rank_n[top] < need).sum())  # of the genes chosen were every gene a candidate
             log = logger.warning if lost > LOST_GENES_WARN * cfg.n_hvg else logger.info
             log(
-                "%d of the %d most variable genes are left out because not every dataset measures them (cells of "
+                "%d of the %d most variable genes are left out because too few datasets measure them (cells of "
                 "the datasets that do lose what those genes tell apart); `scatlas datasets` lists each dataset's "
-                "genes, `--embedder-option gene_coverage=0.5` also selects genes half of them measure",
+                "genes, a lower `--embedder-option gene_coverage` also selects genes fewer of them measure",
                 lost, cfg.n_hvg,
             )
         # a dataset that does not measure a gene ranks it last (1): a gene few datasets measure is no favourite

@@ -44,9 +44,9 @@ logger = logging.getLogger(__name__)
 
 JOBS_DIR = "jobs"
 WORK_MARKER = ".scatlas-serve.json"
+"""Marks a server work directory (its content is the server's to remove)."""
 WORK_LOCK = ".scatlas-serve.lock"
 """Locked (``flock``) by the server that uses a work directory, for as long as it runs."""
-"""Marks a server work directory (its content is the server's to remove)."""
 JOB_MARKER = ".scatlas-job"
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{20,64}$")
 """What a job id looks like (:func:`secrets.token_urlsafe` of 18 bytes gives 24 characters)."""
@@ -155,7 +155,7 @@ def prepare_work_dir(path: Path) -> IO[str]:
     if path.exists() and not path.is_dir():
         raise OutputError(f"the work directory {path} is a file; give a directory")
     refuse_inside_protected(path, "a server's work directory")
-    if path.is_dir() and any(path.iterdir()) and not (path / WORK_MARKER).is_file():
+    if path.is_dir() and any(p.name != WORK_LOCK for p in path.iterdir()) and not (path / WORK_MARKER).is_file():
         raise OutputError(
             f"the work directory {path} holds files the server did not write; give a new or empty directory (the "
             "server removes what it writes there)"
