@@ -167,16 +167,6 @@ class GeneMatch:
         present[self.target_cols] = True
         return present
 
-    def only(self, measured: np.ndarray | None) -> GeneMatch:
-        """This match restricted to the source genes marked in ``measured`` (bool per source gene; None: all):
-        a target gene whose source gene was not measured counts as absent."""
-        if measured is None:
-            return self
-        keep = np.asarray(measured, dtype=bool)[self.source_cols]
-        if keep.all():
-            return self
-        return GeneMatch(self.source_cols[keep], self.target_cols[keep], self.n_source, self.n_target)
-
     def summary(self) -> dict[str, float | int]:
         """Gene counts and the overlap, for reports."""
         return {

@@ -34,7 +34,7 @@ from scatlas.atlas.chunks import CellChunk
 from scatlas.atlas.errors import InputError, StoreError
 from scatlas.atlas.genes import GeneVocabulary
 from scatlas.atlas.sources.soma import STREAM_CONTEXT_CONFIG, arrow_to_csr
-from scatlas.atlas.sql import quote_ident
+from scatlas.atlas.sql import quote_ident, table_exists
 from scatlas.atlas.store_obs import obs_reader
 from scatlas.atlas.validate import escaped
 
@@ -377,10 +377,7 @@ class AtlasStore:
         if self._measured is None:
             self._measured = {}
             with self.connect() as con:
-                known = con.execute(
-                    "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [MEASURED_TABLE]
-                ).fetchall()[0][0]
-                if known:
+                if table_exists(con, MEASURED_TABLE):
                     for d, n, bits in con.execute(f"SELECT dataset_id, n_genes, measured FROM {MEASURED_TABLE}").fetchall():
                         self._measured[str(d)] = (int(n), bytes(bits))
         record = self._measured.get(dataset_id)

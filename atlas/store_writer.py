@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import shutil
@@ -17,8 +16,9 @@ import pyarrow as pa
 
 from scatlas.atlas.atomic import write_json_atomic
 from scatlas.atlas.errors import StoreError
+from scatlas.atlas.locks import holding
 from scatlas.atlas.schema import STANDARD_OBS_COLUMNS, obs_arrow_schema, var_arrow_schema
-from scatlas.atlas.sql import transaction
+from scatlas.atlas.sql import table_exists, transaction
 from scatlas.atlas.store import (
     CELLS_DB,
     CREATING_FILE,
@@ -41,15 +41,9 @@ logger = logging.getLogger(__name__)
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     path.mkdir(parents=True, exist_ok=True)
-    with open(path / LOCK_FILE, "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise StoreError(f"{path}: another process is writing to this atlas store; wait for it to finish") from exc
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with holding(open(path / LOCK_FILE, "w"),
+                 StoreError(f"{path}: another process is writing to this atlas store; wait for it to finish")):
+        yield
 
 
 def _create_layout(path: Path) -> None:
@@ -82,7 +76,6 @@ def _create_layout(path: Path) -> None:
             "CREATE TABLE datasets (dataset_id VARCHAR PRIMARY KEY, start_id BIGINT, stop_id BIGINT, n_cells BIGINT, "
             "x_kind VARCHAR, x_source VARCHAR, source VARCHAR)"
         )
-        con.execute(f"CREATE TABLE {MEASURED_TABLE} (dataset_id VARCHAR, n_genes BIGINT, measured BLOB)")
 
 
 class StoreWriter:
@@ -170,11 +163,7 @@ class StoreWriter:
                 gone = [str(r[0]) for r in con.execute(
                     "SELECT DISTINCT dataset_id FROM datasets WHERE dataset_id NOT IN (SELECT dataset_id FROM committed)"
                 ).fetchall()]
-                tables = ["cells", "datasets"]
-                if con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
-                               [MEASURED_TABLE]).fetchall()[0][0]:
-                    tables.append(MEASURED_TABLE)
-                for table in tables:
+                for table in ("cells", "datasets", *([MEASURED_TABLE] if table_exists(con, MEASURED_TABLE) else [])):
                     row = con.execute(
                         f"DELETE FROM {table} WHERE dataset_id NOT IN (SELECT dataset_id FROM committed)"
                     ).fetchone()

@@ -4,12 +4,12 @@ writing. Readers take no lock (they read a committed version)."""
 
 from __future__ import annotations
 
-import fcntl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from scatlas.atlas.errors import InputError
+from scatlas.atlas.locks import holding
 from scatlas.atlas.outputs import INDEX_LOCK_FILE, writing
 
 LOCK_FILE = INDEX_LOCK_FILE
@@ -22,14 +22,6 @@ def index_lock(root: Path) -> Iterator[None]:
     with writing(root):
         root.mkdir(parents=True, exist_ok=True)
         fh = open(root / LOCK_FILE, "a")  # noqa: SIM115 - held open for the block
-    with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(
-                f"another build or update of {root} is running; wait for it to finish (one writer at a time)"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with holding(fh, InputError(f"another build or update of {root} is running; wait for it to finish (one writer "
+                                "at a time)")):
+        yield

@@ -210,6 +210,13 @@ def _lognorm_X(chunk: CellChunk) -> sp.csr_matrix:
     return to_lognorm(X, chunk.x_kind)
 
 
+def match_key(genes: GeneVocabulary, measured: np.ndarray | None) -> str:
+    """A cache key for matching ``genes`` of which only ``measured`` (bool per gene; None: all) fill a gene."""
+    if measured is None:
+        return genes.fingerprint()
+    return genes.fingerprint() + hashlib.sha1(np.packbits(np.asarray(measured, dtype=bool)).tobytes()).hexdigest()
+
+
 class _GeneUnion:
     """The union of the gene spaces seen during the fit (chunks may come from differently-keyed datasets)."""
 
@@ -232,9 +239,10 @@ class _GeneUnion:
             )
         return self._vocab
 
-    def match(self, genes: GeneVocabulary) -> GeneMatch:
-        """Map ``genes`` into the union, first adding the genes the union does not know yet."""
-        fp = genes.fingerprint()
+    def match(self, genes: GeneVocabulary, measured: np.ndarray | None = None) -> GeneMatch:
+        """Map ``genes`` (of which ``measured`` fill union genes: :func:`match_key`) into the union, first adding the
+        genes the union does not know yet."""
+        fp = match_key(genes, measured)
         if fp in self._maps:
             return self._maps[fp]
         pos = self.vocabulary().locate_vocabulary(genes) if self.keys else np.full(len(genes), -1)
@@ -246,7 +254,7 @@ class _GeneUnion:
             self.feature_id.extend(str(k) for k in genes.feature_id[new])
             self.feature_name.extend(str(k) for k in genes.feature_name[new])
             self._vocab = None
-        match = match_genes(genes, self.vocabulary())
+        match = match_genes(genes, self.vocabulary(), allowed=measured)
         # positions stay valid when the union grows later (genes are only appended); n_target is not used
         self._maps[fp] = match
         return match
@@ -422,11 +430,10 @@ class PCAEmbedder(Embedder):
         the one the dataset measured)."""
         if chunk.measured is None:
             return self.gene_match(chunk.genes)
-        measured = np.asarray(chunk.measured, dtype=bool)
-        key = chunk.genes.fingerprint() + hashlib.sha1(np.packbits(measured).tobytes()).hexdigest()
+        key = match_key(chunk.genes, chunk.measured)
         match = self._matches.get(key)
         if match is None:
-            match = match_genes(chunk.genes, self._fitted().genes, allowed=measured)
+            match = match_genes(chunk.genes, self._fitted().genes, allowed=chunk.measured)
             if len(self._matches) >= _MAX_MATCH_CACHE:
                 self._matches.clear()
             self._matches[key] = match
@@ -504,7 +511,7 @@ class PCAEmbedder(Embedder):
             if len(chunk) == 0:
                 continue
             L = _lognorm_X(chunk)
-            match = union.match(chunk.genes).only(chunk.measured)
+            match = union.match(chunk.genes, chunk.measured)
             for st in stats.values():
                 st.grow(len(union))
             key = str(chunk.dataset_id)
@@ -621,6 +628,8 @@ class PCAEmbedder(Embedder):
         mean, var = _variance(s, ss, n_present)
         varies = (var > 0) & (rank_n > 0)
         n_datasets = sum(1 for st in stats.values() if st.n > 0)
+        # a dataset that does not measure a gene ranks it last (1): a gene few datasets measure is no favourite
+        score = (rank_sum + n_datasets - rank_n) / max(n_datasets, 1)
         need = max(1, math.ceil(cfg.gene_coverage * n_datasets - 1e-9))
         eligible = np.flatnonzero(varies & (rank_n >= need))
         left_out = int(varies.sum()) - len(eligible)  # varying genes too few datasets measure
@@ -655,7 +664,7 @@ class PCAEmbedder(Embedder):
                 )
         elif left_out:
             top = np.flatnonzero(varies)
-            top = top[np.lexsort((top, (rank_sum[top] + n_datasets - rank_n[top]) / n_datasets))[: cfg.n_hvg]]
+            top = top[np.lexsort((top, score[top]))[: cfg.n_hvg]]
             lost = int((rank_n[top] < need).sum())  # of the genes chosen were every gene a candidate
             log = logger.warning if lost > LOST_GENES_WARN * cfg.n_hvg else logger.info
             log(
@@ -664,9 +673,7 @@ class PCAEmbedder(Embedder):
                 "genes, a lower `--embedder-option gene_coverage` also selects genes fewer of them measure",
                 lost, cfg.n_hvg,
             )
-        # a dataset that does not measure a gene ranks it last (1): a gene few datasets measure is no favourite
-        score = (rank_sum[eligible] + n_datasets - rank_n[eligible]) / n_datasets
-        chosen = eligible[np.lexsort((eligible, score))[: cfg.n_hvg]]
+        chosen = eligible[np.lexsort((eligible, score[eligible]))[: cfg.n_hvg]]
         chosen = np.sort(chosen)
         _say_unmeasured(chosen, [st for st in stats.values() if st.n > 0])
         return chosen, mean[chosen], np.sqrt(var[chosen])

@@ -22,7 +22,6 @@ restarts. The hits are exactly those with ``float32(w . x + b) >= cut`` on the s
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import math
@@ -38,6 +37,7 @@ import numpy as np
 
 from scatlas.atlas.atomic import write_json_atomic
 from scatlas.atlas.errors import EmbedderMismatchError, InputError
+from scatlas.atlas.locks import holding
 from scatlas.atlas.outputs import SWEEP, OutputError, check_output_dir, claim_output_dir, show, writing
 from scatlas.atlas.sql import quote_ident
 from scatlas.atlas.validate import beside, escaped_list
@@ -482,17 +482,10 @@ def _stage2_hits(
 def _sweep_lock(out: Path) -> Iterator[None]:
     """Hold ``OUT/.sweep.lock`` (flock, non-blocking): one sweep at a time writes into ``out``."""
     with writing(out / LOCK_FILE):
-        fh = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the whole sweep, closed below
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise OutputError(
-                f"another sweep is writing to {show(out)}; wait for it to finish, or give another output directory"
-            ) from exc
+        fh = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the whole sweep, closed by holding()
+    with holding(fh, OutputError(f"another sweep is writing to {show(out)}; wait for it to finish, or give another "
+                                 "output directory")):
         yield
-    finally:
-        fh.close()  # releases the lock
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Request
@@ -121,7 +121,7 @@ class ServerState:
     workers: int
     retention_s: float
     info: dict[str, Any] = field(default_factory=dict)
-    work_lock: IO[str] | None = None  # the flock on the work directory (jobs.prepare_work_dir)
+    work_lock: contextlib.ExitStack | None = None  # holds the work directory's lock (jobs.prepare_work_dir)
     _map: list[bytes | None] = field(default_factory=list)
     _map_lock: threading.Lock = field(default_factory=threading.Lock)
 

@@ -17,7 +17,6 @@ query's cell count and the seconds per cell that earlier jobs of the same kind t
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import html
 import logging
@@ -33,11 +32,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import IO, Any
+from typing import Any
 
 from scatlas.atlas.atomic import write_json_atomic
 from scatlas.atlas.errors import Interrupted, OutputError, ScatlasError
 from scatlas.atlas.interrupt import set_interrupt_check
+from scatlas.atlas.locks import holding
 from scatlas.atlas.outputs import refuse_inside_protected, safe_text
 
 logger = logging.getLogger(__name__)
@@ -147,10 +147,10 @@ def share_cores(workers: int) -> None:
     faiss.omp_set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
 
 
-def prepare_work_dir(path: Path) -> IO[str]:
+def prepare_work_dir(path: Path) -> contextlib.ExitStack:
     """Create the work directory, or take over one a server used before (its job directories are removed: their
     jobs are gone with that server); refuse a directory that holds anything else, or one a running server holds.
-    Returns the open lock file that holds it (:data:`WORK_LOCK`): close it when the server stops."""
+    Returns what holds its lock (:data:`WORK_LOCK`): close it when the server stops."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"the work directory {path} is a file; give a directory")
@@ -161,13 +161,10 @@ def prepare_work_dir(path: Path) -> IO[str]:
             "server removes what it writes there)"
         )
     path.mkdir(parents=True, exist_ok=True)
-    lock = open(path / WORK_LOCK, "a")  # noqa: SIM115 - held open for the server's life
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise OutputError(f"the work directory {path} is in use by another running server; give another "
-                          "--work-dir (or stop that server)") from None
+    lock = contextlib.ExitStack()  # held for the server's life
+    lock.enter_context(holding(open(path / WORK_LOCK, "a"), OutputError(  # noqa: SIM115 - closed by holding()
+        f"the work directory {path} is in use by another running server; give another --work-dir (or stop that "
+        "server)")))
     try:
         jobs = path / JOBS_DIR
         if jobs.is_dir():
