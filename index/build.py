@@ -40,6 +40,7 @@ from scatlas.index.manifest import (
     METRIC,
     PROGRESS_FILE,
     SHARD_IDS_FILE,
+    SHARD_RESIDUALS_FILE,
     SHARDS_DIR,
     TRAINED_FILE,
     EmbedderInfo,
@@ -86,6 +87,7 @@ class BuildConfig:
     target_recall: float = TARGET_RECALL
     nprobe: int | None = None  # fixed default nprobe instead of tuning it
     rerank: int | None = None  # fixed default re-rank candidates instead of tuning it
+    exact_rerank: bool = True  # store the vectors' float16 rounding errors: re-ranking picks the exact top k
 
     def __post_init__(self) -> None:
         for name in ("shard_size", "chunk_size", "k", "eval_queries", "calibration_cells"):
@@ -94,8 +96,11 @@ class BuildConfig:
 
     def identity(self) -> dict[str, Any]:
         """What determines the files: a rerun with other values here cannot resume."""
-        return {"factory": self.factory, "shard_size": self.shard_size, "train_sample": self.train_sample,
-                "seed": self.seed}
+        identity = {"factory": self.factory, "shard_size": self.shard_size, "train_sample": self.train_sample,
+                    "seed": self.seed}
+        if not self.exact_rerank:  # only then: builds before the residuals existed resume as builds with them
+            identity["exact_rerank"] = False
+        return identity
 
 
 def _versions() -> dict[str, str]:
@@ -200,7 +205,7 @@ def _train(out: Path, source: VectorSource, factory: str, config: BuildConfig, d
     sample = np.zeros((0, source.dim), dtype=np.float32)
     if n_train:
         _, raw = source.sample(n_train, config.seed)
-        sample = as_stored(raw)[1]
+        sample = as_stored(raw, rounded=False)[1]  # the normalised vectors FAISS encodes, not their float16
     trained = train_index(factory, source.dim, sample, seed=config.seed, device=device)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     faiss.write_index(trained, str(tmp))
@@ -249,7 +254,7 @@ def _load_trained(path: Path) -> Any:
 
 def build_shard(
     source: VectorSource, spec: ShardSpec, shards_dir: Path, trained_path: Path, chunk_size: int, faiss_device: Device,
-    *, ctx: TaskContext,
+    residuals: bool = True, *, ctx: TaskContext,
 ) -> ShardRecord:
     """The build's unit of work: embed shard ``spec`` of ``source`` and write ``shards_dir/NNNN`` (atomically).
 
@@ -266,7 +271,7 @@ def build_shard(
     if faiss_device == "cuda" and ctx.device != "cuda":
         raise TaskError(f"shard {spec.shard_no}: FAISS should run on a GPU but the task was given none")
     assigner = Assigner(trained, faiss_device, ctx.gpu or 0)
-    rec = write_shard(source, spec, shards_dir, trained, assigner, chunk_size, on_chunk=ctx.progress)
+    rec = write_shard(source, spec, shards_dir, trained, assigner, chunk_size, on_chunk=ctx.progress, residuals=residuals)
     logger.debug("shard %s: %d cells in %.1f s on %s (%s)", rec.dirname, rec.n, time.perf_counter() - t0,
                  ctx.torch_device, ctx.worker)
     return rec
@@ -384,6 +389,7 @@ def build_from_source(
     if embedder is not None:
         _save_embedder(out, embedder)
     shards = _build_shards(source, out, trained, config, device, executor)
+    _warn_mixed_residuals(shards.records, trained)
     cells_path = out / CELLS_DB_FILE
     if not cells_path.exists():
         ids = None
@@ -476,6 +482,18 @@ class _Shards:
         }
 
 
+def _warn_mixed_residuals(records: list[ShardRecord], trained: Any) -> None:
+    """Warn when some shards store rounding residuals and others not (a build resumed from one written before they
+    existed): re-ranking then settles float16 ties exactly only among the shards that have them."""
+    have = sum(SHARD_RESIDUALS_FILE in r.files for r in records)
+    if not is_exact(trained) and 0 < have < len(records):
+        logger.warning(
+            "%d of %d shards store no rounding residuals (written before they existed): re-ranking settles float16 "
+            "ties exactly only among the other shards; rebuild with --overwrite to have them in every shard",
+            len(records) - have, len(records),
+        )
+
+
 def _build_shards(
     source: VectorSource, out: Path, trained: Any, config: BuildConfig, device: Device, executor: Executor | None,
     plan: list[ShardSpec] | None = None,
@@ -507,7 +525,8 @@ def _build_shards(
     progress = _Progress(out, executor.describe())
     tasks = [
         Task(f"shard-{shard_dirname(spec.shard_no)}", build_shard,
-             (source, spec, shards_dir, out / TRAINED_FILE, config.chunk_size, task_device), gpus=task_gpus,
+             (source, spec, shards_dir, out / TRAINED_FILE, config.chunk_size, task_device, config.exact_rerank),
+             gpus=task_gpus,
              cells=spec.n)
         for spec in todo
     ]

@@ -12,7 +12,7 @@ from scatlas.index.atlas_index import AtlasIndex
 from scatlas.index.heads_training import DATASET_COLUMN, label_column_classes
 from scatlas.index.label_classes import load_label_classes
 from scatlas.index.label_heads import read_heads_record
-from scatlas.index.manifest import IndexManifest
+from scatlas.index.manifest import SHARD_RESIDUALS_FILE, IndexManifest
 from scatlas.index.metadata import columns_of
 from scatlas.index.verify import read_bytes_total, verify_on_read_limit
 
@@ -70,6 +70,7 @@ def index_info(path: str | Path) -> dict[str, Any]:
         "exact": m.exact,
         "nprobe": m.search.nprobe,
         "rerank": m.search.rerank,
+        "exact_rerank": _exact_rerank(m),
         "k": m.recall.k,
         "recall": m.recall.recall,
         "recall_queries": m.recall.n_queries,
@@ -173,3 +174,12 @@ def integrity(m: IndexManifest) -> dict[str, Any]:
         "checksum_on_read": bool(limit) and read_bytes_total(m) <= limit,
         "checksum_on_read_max_bytes": limit,
     }
+
+
+def _exact_rerank(m: IndexManifest) -> str | None:
+    """Whether re-ranking picks the float32 top k: ``"all"`` shards store their rounding residuals, ``"some"``,
+    ``"none"``; None for exact indexes (which re-rank nothing)."""
+    if m.exact or not m.shards:
+        return None
+    have = sum(SHARD_RESIDUALS_FILE in shard.files for shard in m.shards)
+    return "all" if have == len(m.shards) else "some" if have else "none"

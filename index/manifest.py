@@ -41,6 +41,10 @@ SHARD_INDEX_FILE = "index.faiss"
 SHARD_IDS_FILE = "ids.npy"
 SHARD_VECTORS_FILE = "vectors.f16.npy"
 SHARD_FILES = (SHARD_INDEX_FILE, SHARD_IDS_FILE, SHARD_VECTORS_FILE)
+SHARD_RESIDUALS_FILE = "residuals.f16.npy"
+"""Optional: float16 of each stored vector's rounding error (the normalised float32 vector minus its float16), read
+by re-ranking alone to make its choice of the top k exact (:mod:`index.rerank`); absent in shards of exact indexes,
+of builds with ``exact_rerank=False`` and of indexes written before it."""
 HEADS_DIR = "heads"
 HEADS_FILE = "heads.json"
 HEADS_SAMPLE_FILE = "training_sample.npz"

@@ -3,7 +3,8 @@
 For IVF indexes the coarse quantizer and pre-transforms are applied once per query batch (they are shared by all
 shards), then the inverted lists of every shard are scanned in one ``search_preassigned`` pass (every shard is a
 clone of the same trained index, so its lists line up: :mod:`index.ivf_scan`), and the best ``rerank``
-approximate candidates are re-scored exactly from the stored float16 vectors (:mod:`index.rerank`). Flat shards
+approximate candidates are re-scored from the stored float16 vectors, their choice of the top k made exact by the
+stored rounding residuals where the shards have them (:mod:`index.rerank`). Flat shards
 are searched directly and merged exactly (a FAISS ``ResultHeap``).
 """
 from __future__ import annotations
@@ -21,8 +22,14 @@ from scatlas.atlas.errors import IndexFormatError
 from scatlas.index._faiss import faiss_module
 from scatlas.index.factory import apply_chain, gpu_replicas, is_exact, ivf_of, to_gpu
 from scatlas.index.ivf_scan import StackedScan
-from scatlas.index.manifest import SHARD_IDS_FILE, SHARD_INDEX_FILE, SHARD_VECTORS_FILE, ShardRecord
-from scatlas.index.rerank import ScratchPool
+from scatlas.index.manifest import (
+    SHARD_IDS_FILE,
+    SHARD_INDEX_FILE,
+    SHARD_RESIDUALS_FILE,
+    SHARD_VECTORS_FILE,
+    ShardRecord,
+)
+from scatlas.index.rerank import EXACT_MARGIN, ScratchPool, exact_top
 from scatlas.index.rerank import rerank as rerank_candidates
 from scatlas.index.shard import verify_shard
 from scatlas.index.slices import Slicer
@@ -46,6 +53,8 @@ FAULT_AROUND_BYTES = 64 << 10
 16 pages by default)."""
 EXACT_BLOCK = 65_536
 """Rows of stored vectors per block in exact (brute-force) search."""
+EXACT_TIES_MAX = 4096
+"""Candidates past the k-th that exact search settles with the residuals at most, per query."""
 
 
 @dataclass
@@ -56,6 +65,7 @@ class _Shard:
     ivf: Any = None
     ids: np.ndarray | None = None
     vectors: np.ndarray | None = None
+    residuals: np.ndarray | None = None
     gpu_index: Any = None
     verified: bool = False
 
@@ -109,6 +119,7 @@ class ShardSearcher:
         self._mapped_estimate = 0
         self._stack: StackedScan | None = None
         self._slicer = Slicer()
+        self._any_residuals = any(SHARD_RESIDUALS_FILE in s.record.files for s in self._shards)
         self._loaded = self._vectors_loaded = False
         if self.gpus and self._ivf is not None:
             # the coarse quantizer, shared by every shard, replicated on every GPU (IndexReplicas splits queries)
@@ -146,8 +157,29 @@ class ShardSearcher:
                     f"shard {shard.directory}: {len(ids)} ids with vectors of shape {vectors.shape}, expected "
                     f"({len(ids)}, {self.dim}); the index is damaged: rebuild it"
                 )
+            shard.residuals = self._residuals_of(shard, len(ids))
             shard.ids, shard.vectors = ids, vectors
         return shard.ids, shard.vectors
+
+    def _residuals_of(self, shard: _Shard, n: int) -> np.ndarray | None:
+        """The shard's stored rounding residuals (float16 memmap), or None when it has none."""
+        if SHARD_RESIDUALS_FILE not in shard.record.files:
+            return None
+        try:
+            res = np.load(shard.directory / SHARD_RESIDUALS_FILE, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise IndexFormatError(f"cannot read the residuals of shard {shard.directory} ({exc}); rebuild") from exc
+        if res.shape != (n, self.dim) or res.dtype != np.float16:
+            raise IndexFormatError(
+                f"shard {shard.directory}: residuals of shape {res.shape} ({res.dtype}), expected float16 "
+                f"({n}, {self.dim}); the index is damaged: rebuild it"
+            )
+        return res
+
+    @property
+    def exact_rerank(self) -> bool:
+        """Whether every shard stores its rounding residuals (re-ranking then picks the exact top k)."""
+        return bool(self._shards) and all(SHARD_RESIDUALS_FILE in s.record.files for s in self._shards)
 
     def _index(self, shard: _Shard) -> Any:
         faiss = faiss_module()
@@ -247,9 +279,10 @@ class ShardSearcher:
         if not hasattr(mmap, "MADV_DONTNEED"):
             return
         for shard in self._shards:
-            raw = getattr(shard.vectors, "_mmap", None)
-            if raw is not None:
-                raw.madvise(mmap.MADV_DONTNEED)
+            for mapped in (shard.vectors, shard.residuals):
+                raw = getattr(mapped, "_mmap", None)
+                if raw is not None:
+                    raw.madvise(mmap.MADV_DONTNEED)
 
     def _search_batch(
         self, q: np.ndarray, k: int, nprobe: int | None, rerank: int, selector: Any, timer: StageTimer | None
@@ -303,8 +336,9 @@ class ShardSearcher:
         assert self._stack is not None
         return self._stack
 
-    def _gather16(self, ids: np.ndarray, out: np.ndarray) -> None:
-        """Stored float16 rows of existing ``ids`` (1-D, any order) into ``out`` (len(ids), d) float16, in order.
+    def _gather16(self, ids: np.ndarray, out: np.ndarray, *, residuals: bool = False) -> None:
+        """Stored float16 rows of existing ``ids`` (1-D, any order) into ``out`` (len(ids), d) float16, in order;
+        ``residuals``: their rounding residuals instead (zeros for shards that have none).
 
         ``np.take`` from the shards' memmaps (one memcpy per row; ``mode="clip"`` writes straight into ``out``, the
         positions being checked already). Single-threaded on purpose: a parallel gather's threads contend with
@@ -317,13 +351,26 @@ class ShardSearcher:
         if lo < 0:
             raise IndexFormatError(f"id {int(ids[which < 0][0])} is below every shard's id range; rebuild the index")
         if lo == hi:
-            shard = self._shards[lo]
-            np.take(self._data(shard)[1], self._positions(shard, ids), axis=0, out=out, mode="clip")
+            rows = self._stored(self._shards[lo], residuals)
+            if rows is None:
+                out[:] = 0
+            else:
+                np.take(rows, self._positions(self._shards[lo], ids), axis=0, out=out, mode="clip")
             return
         order = np.argsort(which, kind="stable")  # rows grouped by shard: one pass, however many shards
-        for rows in np.split(order, np.flatnonzero(np.diff(which[order])) + 1):
-            shard = self._shards[int(which[rows[0]])]
-            out[rows] = np.take(self._data(shard)[1], self._positions(shard, ids[rows]), axis=0)
+        for group in np.split(order, np.flatnonzero(np.diff(which[order])) + 1):
+            shard = self._shards[int(which[group[0]])]
+            rows = self._stored(shard, residuals)
+            out[group] = 0 if rows is None else np.take(rows, self._positions(shard, ids[group]), axis=0)
+
+    def _gather_residuals(self, ids: np.ndarray, out: np.ndarray) -> None:
+        self._gather16(ids, out, residuals=True)
+        self._note_gathered(len(ids))
+
+    def _stored(self, shard: _Shard, residuals: bool) -> np.ndarray | None:
+        """The shard's stored vectors, or its residuals (None when it has none)."""
+        vectors = self._data(shard)[1]
+        return shard.residuals if residuals else vectors
 
     def gather(self, ids: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
         """Stored vectors of existing ids (1-D), in the given order."""
@@ -356,16 +403,19 @@ class ShardSearcher:
         Scores are float32 inner products of the query with the stored float16 vectors (converted exactly to
         float32 inside FAISS's kernel). Queries go in blocks whose candidates fit ``RERANK_BYTES``; each block's
         candidates are gathered from the memory maps in one pass and scored by one FAISS call, parallel over
-        queries, with no float32 copy of the candidates and no Python per query (:mod:`index.rerank`).
+        queries, with no float32 copy of the candidates and no Python per query (:mod:`index.rerank`). Where every
+        shard stores its rounding residuals, the candidates whose float16 scores leave it open whether they belong
+        to the top ``k`` are re-scored with them, so the top ``k`` is that of the float32 vectors.
         """
         return rerank_candidates(
             q, cand, k, gather=self._gather16, pool=self._scratches, block_bytes=RERANK_BYTES,
             after_block=self._note_gathered, timer=timer,
+            residuals=self._gather_residuals if self._any_residuals else None,
         )  # fmt: skip
 
     def _note_gathered(self, rows: int) -> None:
         """Count ``rows`` gathered rows towards ``MAPPED_BYTES_MAX``; release the pages once it is reached."""
-        total = sum(int(s.vectors.nbytes) for s in self._shards if s.vectors is not None)
+        total = sum(int(a.nbytes) for s in self._shards for a in (s.vectors, s.residuals) if a is not None)
         with self._lock:
             self._mapped_estimate = min(self._mapped_estimate + rows * FAULT_AROUND_BYTES, total)
             release = self._mapped_estimate >= MAPPED_BYTES_MAX
@@ -375,10 +425,29 @@ class ShardSearcher:
             self.release_pages()
 
     def exact_search(self, q: np.ndarray, k: int, *, subset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Brute force over the stored float16 vectors (all cells, or the sorted ids ``subset``)."""
+        """Brute force over the stored float16 vectors (all cells, or the sorted ids ``subset``); where the shards
+        store rounding residuals, the top ``k`` is that of the float32 vectors, as re-ranking's (:mod:`index.rerank`):
+        the best ``k + EXACT_MARGIN`` by float16 score are settled with the residuals, and the few queries whose
+        float16 ties reach past them are searched again with 4 times more, up to ``EXACT_TIES_MAX`` (past it, as many
+        cells tie in float16 as make no float32 order worth the memory: their float16 order stands)."""
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if self.exact or not self._any_residuals or k < 1:
+            return self._brute_force(q, k, subset)
+        ids = np.empty((len(q), k), dtype=np.int64)
+        scores = np.empty((len(q), k), dtype=np.float32)
+        cells = self.n_cells if subset is None else len(subset)
+        todo, width = np.arange(len(q)), k + EXACT_MARGIN
+        while len(todo):
+            found, found_scores = self._brute_force(q[todo], width, subset)
+            ids[todo], scores[todo], still_open = exact_top(q[todo], found, found_scores, k, self._gather_residuals)
+            if width >= min(cells, k + EXACT_TIES_MAX):
+                break
+            todo, width = todo[still_open], min(width * 4, cells, k + EXACT_TIES_MAX)
+        return ids, scores
+
+    def _brute_force(self, q: np.ndarray, k: int, subset: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         faiss = faiss_module()
 
-        q = np.ascontiguousarray(q, dtype=np.float32)
         heap = faiss.ResultHeap(len(q), k, keep_max=True)
         if subset is not None:
             for a in range(0, len(subset), EXACT_BLOCK):

@@ -1,4 +1,5 @@
-"""Writing and checking one shard: ``shards/NNNN/{index.faiss, ids.npy, vectors.f16.npy, done.json}``.
+"""Writing and checking one shard: ``shards/NNNN/{index.faiss, ids.npy, vectors.f16.npy, done.json}`` (and
+``residuals.f16.npy`` for exact re-ranking).
 
 A shard is written into a temporary directory and renamed into place when complete, so a shard directory exists
 only when its files are whole; ``done.json`` records the count, id range and SHA-256 of every file.
@@ -27,6 +28,7 @@ from scatlas.index.manifest import (
     SHARD_FILES,
     SHARD_IDS_FILE,
     SHARD_INDEX_FILE,
+    SHARD_RESIDUALS_FILE,
     SHARD_VECTORS_FILE,
     FileRecord,
     ShardRecord,
@@ -34,7 +36,7 @@ from scatlas.index.manifest import (
     write_json_atomic,
 )
 from scatlas.index.source import ShardSpec, VectorSource
-from scatlas.index.vectors import as_stored
+from scatlas.index.vectors import as_stored, rounding_residuals
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +107,13 @@ def write_shard(
     assigner: Assigner,
     chunk_size: int,
     on_chunk: Callable[[int], None] | None = None,
+    *,
+    residuals: bool = True,
 ) -> ShardRecord:
-    """Stream the shard's vectors, store them (float16, normalised) and add them to a clone of ``trained``."""
+    """Stream the shard's vectors, store them (float16, normalised) and add them to a clone of ``trained``.
+
+    ``residuals``: also store each vector's float16 rounding error (``residuals.f16.npy``) for exact re-ranking;
+    never for exact indexes, which re-rank nothing."""
     faiss = faiss_module()
 
     final = shards_dir / shard_dirname(spec.shard_no)
@@ -119,6 +126,11 @@ def write_shard(
     exact = is_exact(trained)
     ids_out = _NpyWriter(tmp / SHARD_IDS_FILE, np.int64, (spec.n,))
     vec_out = _NpyWriter(tmp / SHARD_VECTORS_FILE, np.float16, (spec.n, dim))
+    writers = [ids_out, vec_out]
+    res_out = None
+    if residuals and not exact:
+        res_out = _NpyWriter(tmp / SHARD_RESIDUALS_FILE, np.float16, (spec.n, dim))
+        writers.append(res_out)
     pos, last_id, id_min = 0, spec.start - 1, None
     try:
         for ids, x in source.iter_vectors(spec, chunk_size):
@@ -136,6 +148,8 @@ def write_shard(
             x16, x32 = as_stored(x, rounded=exact)
             ids_out.write(pos, ids)
             vec_out.write(pos, x16, fresh=True)
+            if res_out is not None:
+                res_out.write(pos, rounding_residuals(x32, x16), fresh=True)
             add_vectors(index, x32, ids, assigner)
             id_min = int(ids[0]) if id_min is None else id_min
             pos += b
@@ -143,13 +157,14 @@ def write_shard(
             if on_chunk is not None:
                 on_chunk(b)
     finally:
-        ids_out.close()
-        vec_out.close()
+        for writer in writers:
+            writer.close()
     if pos != spec.n or id_min is None:
         raise InputError(f"shard {spec.shard_no}: the source yielded {pos} cells where its plan said {spec.n}")
     faiss.write_index(index, str(tmp / SHARD_INDEX_FILE))
-    streamed = {SHARD_IDS_FILE: ids_out.record(), SHARD_VECTORS_FILE: vec_out.record()}
-    files = {name: streamed.get(name) or file_record(tmp / name) for name in SHARD_FILES}
+    streamed = {writer.path.name: writer.record() for writer in writers}
+    names = (*SHARD_FILES, SHARD_RESIDUALS_FILE) if res_out is not None else SHARD_FILES
+    files = {name: streamed.get(name) or file_record(tmp / name) for name in names}
     record = ShardRecord(no=spec.shard_no, n=spec.n, id_min=id_min, id_max=last_id, files=files)
     write_json_atomic(tmp / DONE_FILE, _done_payload(record))
     _fsync_dir(tmp)

@@ -20,6 +20,7 @@ from scatlas.index.manifest import (
     DONE_FILE,
     SHARD_IDS_FILE,
     SHARD_INDEX_FILE,
+    SHARD_RESIDUALS_FILE,
     SHARD_VECTORS_FILE,
     ShardRecord,
 )
@@ -80,17 +81,19 @@ def strip_shard(src: Path, dst: Path, rec: ShardRecord, removed: Sequence[tuple[
         ) from exc
     if int(n_removed) != int(drop.sum()):
         raise IndexFormatError(f"shard {src.name}: removed {n_removed} vectors where {int(drop.sum())} were asked")
-    vectors = np.load(src / SHARD_VECTORS_FILE, mmap_mode="r", allow_pickle=False)
     tmp = dst.with_name(f"{TMP_PREFIX}{dst.name}-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     kept_ids = ids[keep]
     np.save(tmp / SHARD_IDS_FILE, kept_ids)
-    np.save(tmp / SHARD_VECTORS_FILE, np.ascontiguousarray(vectors[keep]))
-    del vectors
+    rows = [name for name in (SHARD_VECTORS_FILE, SHARD_RESIDUALS_FILE) if name in rec.files]
+    for name in rows:  # the stored vectors and, where the shard has them, their rounding residuals
+        stored = np.load(src / name, mmap_mode="r", allow_pickle=False)
+        np.save(tmp / name, np.ascontiguousarray(stored[keep]))
+        del stored
     faiss.write_index(index, str(tmp / SHARD_INDEX_FILE))
-    files = {name: file_record(tmp / name) for name in (SHARD_INDEX_FILE, SHARD_IDS_FILE, SHARD_VECTORS_FILE)}
+    files = {name: file_record(tmp / name) for name in (SHARD_INDEX_FILE, SHARD_IDS_FILE, *rows)}
     out = ShardRecord(no=rec.no, n=len(kept_ids), id_min=int(kept_ids[0]), id_max=int(kept_ids[-1]), files=files)
     write_json_atomic(tmp / DONE_FILE, _done_payload(out))
     if dst.exists():

@@ -250,6 +250,7 @@ def build_index(
     heads_options: dict[str, Any] | None = None,
     progress: Progress = True,
     reference_map: bool = True,
+    exact_rerank: bool = True,
 ) -> IndexManifest:
     """Build (or resume) the index of an atlas store at ``out`` and return its manifest.
 
@@ -265,7 +266,9 @@ def build_index(
     ``"default"`` does); ``()``: none. Label classes (:mod:`index.label_classes`: values merged by Cell Ontology
     term; the heads are trained on them) are stored for every column with heads and for ``cell_type``.
     ``reference_map``: fit the 2-D reference map (:mod:`index.refmap`: a UMAP of 20,000 sampled cells; skipped for
-    an atlas under 50 cells), unless one was fitted for this build already.
+    an atlas under 50 cells), unless one was fitted for this build already. ``exact_rerank``: store each vector's
+    float16 rounding error next to it (2 bytes a dimension a cell, read by re-ranking alone) so that re-ranking
+    picks the top k of the float32 vectors (:mod:`index.rerank`).
     """
     from scatlas.atlas.store import AtlasStore
 
@@ -274,7 +277,8 @@ def build_index(
     out = Path(out)
     store = AtlasStore.open(atlas)
     config = config or BuildConfig(
-        factory=factory, shard_size=shard_size, chunk_size=chunk_size, device=device, threads=threads, seed=seed
+        factory=factory, shard_size=shard_size, chunk_size=chunk_size, device=device, threads=threads, seed=seed,
+        exact_rerank=exact_rerank,
     )
     options = dict(embedder_options or {})
     identity = {"embedder": embedder, "fit_sample": fit_sample, "embedder_options": options}

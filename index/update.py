@@ -48,6 +48,7 @@ from scatlas.index.manifest import (
     EMBEDDER_DIR,
     HEADS_DIR,
     HEADS_FILE,
+    SHARD_RESIDUALS_FILE,
     SHARDS_DIR,
     TRAINED_FILE,
     IndexManifest,
@@ -258,6 +259,7 @@ def update_index(
             BuildConfig(**settings), device=device or settings.get("device", "auto"),
             threads=threads if threads is not None else settings.get("threads"),
             chunk_size=chunk_size or settings.get("chunk_size", BuildConfig.chunk_size),
+            exact_rerank=_stores_residuals(old, settings),
         )
         report.warnings += _fit_warnings(root, changes)
         embedder = load_embedder(cur / EMBEDDER_DIR)
@@ -403,3 +405,11 @@ def _renamed_classes(before: dict[str, LabelClasses], after: dict[str, LabelClas
 
 
 __all__ = ["UpdateReport", "update_index"]
+
+
+def _stores_residuals(old: IndexManifest, settings: dict[str, Any]) -> bool:
+    """Whether the update's new shards store rounding residuals: as the index's shards do (an index built before
+    residuals existed has none, whatever today's default), else as its build settings say."""
+    if old.shards:
+        return any(SHARD_RESIDUALS_FILE in shard.files for shard in old.shards)
+    return bool(settings.get("exact_rerank", True))

@@ -121,7 +121,8 @@ def phase_ours(work: str, threads: int, factory: str, shard_size: int) -> dict[s
     idx = AtlasIndex.open(out, threads=threads)
     res, qps = _timed_search(lambda qq: idx.search(qq, k=K), q)
     size = _dir_bytes(out)
-    vec_bytes = sum(s.files["vectors.f16.npy"].bytes for s in m.shards)
+    stored = ("vectors.f16.npy", "residuals.f16.npy")  # the stored vectors and their rounding residuals
+    vec_bytes = sum(s.files[name].bytes for s in m.shards for name in stored if name in s.files)
     return {
         "method": "scatlas index", "factory": m.factory,
         "params": f"nprobe={m.search.nprobe}, rerank={m.search.rerank}" if not m.exact else "exact",
@@ -137,11 +138,14 @@ def phase_ours(work: str, threads: int, factory: str, shard_size: int) -> dict[s
 
 
 def phase_raw(work: str, threads: int, factory: str, nprobe: int | None, rerank: int) -> dict[str, Any]:
-    """The same factory in plain FAISS: same training sample size and seeds, add from the same file."""
+    """The same factory in plain FAISS: same training sample and seeds, add from the same file. Its vectors are
+    L2-normalised first, as our index normalises every vector it is given (the file's are unit vectors already,
+    to about one float32 ulp: a k-means run on the bits as they are drifts to other centroids and codes)."""
     import faiss
 
     from scatlas.index.factory import default_train_sample, is_exact, ivf_of, make_index
     from scatlas.index.source import NpyVectorSource
+    from scatlas.index.vectors import l2_normalize
 
     faiss.omp_set_num_threads(threads)
     work_p = Path(work)
@@ -152,11 +156,11 @@ def phase_raw(work: str, threads: int, factory: str, nprobe: int | None, rerank:
     t0 = time.perf_counter()
     n_train = default_train_sample(factory, src.n_cells)
     if not index.is_trained:
-        index.train(src.sample(n_train, 0)[1])
+        index.train(l2_normalize(src.sample(n_train, 0)[1]))
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for ids, x in _chunks(work_p / "vectors.npy"):
-        index.add_with_ids(x, ids)
+        index.add_with_ids(l2_normalize(x), ids)
     add_s = time.perf_counter() - t0
     rss_index = _status("VmRSS")
     rows = []
@@ -168,7 +172,7 @@ def phase_raw(work: str, threads: int, factory: str, nprobe: int | None, rerank:
     rows.append({"method": "raw FAISS", **base, "params": f"nprobe={nprobe}" if nprobe else "exact",
                  "qps": qps, "recall": _recall(labels, truth)})
     if rerank and not is_exact(index):
-        xb = np.ascontiguousarray(np.load(work_p / "vectors.npy"), dtype=np.float32)
+        xb = l2_normalize(np.load(work_p / "vectors.npy"))
         refine = faiss.IndexRefineFlat(index, faiss.swig_ptr(xb))  # float32 copies in RAM: FAISS's exact re-rank
         del xb
         refine.k_factor = rerank / K

@@ -36,7 +36,7 @@ K = 30
 SINGLE_QUERIES = 200
 """Queries searched one per call for the latency figures."""
 STAGES = ["query checks", "pre-transform + coarse quantizer", "FAISS scan", "shard merge", "candidate gather",
-          "re-rank scan", "id mapping"]
+          "re-rank scan", "exact ties", "id mapping"]
 
 
 def search_before(searcher: Any, q: np.ndarray, k: int, nprobe: int, rerank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -167,22 +167,24 @@ def rerank_ab(index_dir: Path, queries_file: Path, n_queries: int, rounds: int, 
 
 
 def _raw_index(data: Path, factory: str) -> Any:
-    """Raw FAISS with our factory, training sample size and seed, every vector added with its row as id (cached)."""
+    """Raw FAISS with our factory, training sample and seed, every vector added with its row as id (cached); the
+    vectors L2-normalised first, as our index normalises what it is given (``bench_index.py``'s ``phase_raw``)."""
     import faiss
 
     from scatlas.index.factory import default_train_sample, make_index
     from scatlas.index.source import NpyVectorSource
+    from scatlas.index.vectors import l2_normalize
 
-    path = data / f"raw-{factory.replace(',', '_')}.faiss"
+    path = data / f"raw-normalised-{factory.replace(',', '_')}.faiss"
     if path.exists():
         return faiss.read_index(str(path))
     src = NpyVectorSource(data / "vectors.npy")
     index = make_index(factory, src.dim, seed=0)
     if not index.is_trained:
-        index.train(src.sample(default_train_sample(factory, src.n_cells), 0)[1])
+        index.train(l2_normalize(src.sample(default_train_sample(factory, src.n_cells), 0)[1]))
     for a in range(0, src.n_cells, 50_000):
         b = min(a + 50_000, src.n_cells)
-        index.add_with_ids(src._read(a, b), np.arange(a, b, dtype=np.int64))
+        index.add_with_ids(l2_normalize(src._read(a, b)), np.arange(a, b, dtype=np.int64))
     faiss.write_index(index, str(path))
     return index
 
@@ -228,7 +230,7 @@ def profile(data: Path, factory: str, shard_size: int, threads: int, rounds: int
     from scatlas.index import AtlasIndex
     from scatlas.index.device import set_faiss_threads
     from scatlas.index.stages import StageTimer
-    from scatlas.index.vectors import check_queries
+    from scatlas.index.vectors import check_queries, l2_normalize
 
     set_faiss_threads(threads)
     idx = AtlasIndex.open(_our_index(data, factory, shard_size, threads), threads=threads)
@@ -242,7 +244,7 @@ def profile(data: Path, factory: str, shard_size: int, threads: int, rounds: int
     from scatlas.index.factory import ivf_of
 
     ivf_of(raw).nprobe = nprobe
-    xb = np.ascontiguousarray(np.load(data / "vectors.npy"), dtype=np.float32)
+    xb = l2_normalize(np.load(data / "vectors.npy"))
     rflat = faiss.IndexRefineFlat(raw, faiss.swig_ptr(xb))
     rflat.k_factor = rerank / K
     rsq = faiss.IndexRefine(raw, _sq_refine(data))

@@ -15,21 +15,24 @@ from tests.test_index_helpers import clustered, config
 IVF = "IVF16,PQ4"
 
 
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
-    """Three IVF shards over ids with holes (not starting at 0) and one shard of contiguous ids."""
+@pytest.fixture(scope="module", params=[False, True], ids=["float16", "exact"])
+def sharded(request, tmp_path_factory):
+    """Three IVF shards over ids with holes (not starting at 0) and one shard of contiguous ids; without and with
+    the rounding residuals (``exact_rerank``). ``stored``: what re-ranking's choice of the top k is exact for."""
     tmp = tmp_path_factory.mktemp("rerank")
     n, d = 3000, 32
     ids = np.concatenate([7 + np.arange(2000) * 3, 10_000 + np.arange(1000)]).astype(np.int64)
     x = clustered(n, d, seed=3)
-    build_from_source(ArrayVectorSource(x, ids), tmp / "idx", config(factory=IVF, shard_size=800, nprobe=4, rerank=50))
+    build_from_source(ArrayVectorSource(x, ids), tmp / "idx", config(factory=IVF, shard_size=800, nprobe=4, rerank=50,
+                                                                     exact_rerank=request.param))
     idx = AtlasIndex.open(tmp / "idx")
-    stored = l2_normalize(x).astype(np.float16)
+    assert idx._searcher.exact_rerank is request.param
+    stored = l2_normalize(x) if request.param else l2_normalize(x).astype(np.float16)
     return idx._searcher, ids, stored
 
 
 def _reference(q: np.ndarray, cand: np.ndarray, k: int, ids: np.ndarray, stored: np.ndarray):
-    """float64 dot products of the stored float16 vectors; best k per row, -1/-inf padded."""
+    """float64 dot products with ``stored``; best k per row, -1/-inf padded."""
     row = {int(i): r for r, i in enumerate(ids)}
     out_ids = np.full((len(q), k), -1, dtype=np.int64)
     out_sc = np.full((len(q), k), -np.inf)
@@ -58,10 +61,25 @@ def test_rerank_equals_float64_reference(sharded, monkeypatch, k):
         monkeypatch.setattr("scatlas.index.searcher.RERANK_BYTES", budget)
         got_ids, got_sc = searcher.rerank(q, cand, k)
         assert got_ids.shape == (n, k) and got_ids.dtype == np.int64 and got_sc.dtype == np.float32
-        np.testing.assert_array_equal(got_ids, ref_ids)
-        np.testing.assert_allclose(got_sc, ref_sc, rtol=0, atol=2e-6)
+        _check_against_reference(got_ids, got_sc, ref_ids, ref_sc, exact=searcher.exact_rerank)
         assert np.isneginf(got_sc[got_ids < 0]).all() and np.isfinite(got_sc[got_ids >= 0]).all()
     assert (got_ids[3] == -1).all() and (got_ids[5, 2:] == -1).all()
+
+
+def _check_against_reference(got_ids, got_sc, ref_ids, ref_sc, *, exact: bool) -> None:
+    """float16 re-ranking: the reference's ids and scores. Exact re-ranking: the reference's set of ids in each row,
+    scores best first within float16's error of the float32 ones (those above the tie window keep their float16
+    scores)."""
+    if not exact:
+        np.testing.assert_array_equal(got_ids, ref_ids)
+        np.testing.assert_allclose(got_sc, ref_sc, rtol=0, atol=2e-6)
+        return
+    for row_ids, row_sc, want_ids, want_sc in zip(got_ids, got_sc, ref_ids, ref_sc, strict=True):
+        assert sorted(row_ids.tolist()) == sorted(want_ids.tolist())
+        want = dict(zip(want_ids.tolist(), want_sc.tolist(), strict=True))
+        found = row_ids >= 0
+        np.testing.assert_allclose(row_sc[found], [want[i] for i in row_ids[found]], rtol=0, atol=2**-11 * 1.01)
+        assert (np.diff(row_sc[found]) <= 0).all()
 
 
 def test_rerank_of_search_candidates_matches_reference(sharded):
@@ -70,12 +88,12 @@ def test_rerank_of_search_candidates_matches_reference(sharded):
     cand, _ = searcher.search(q, 120, nprobe=4, rerank=0)  # approximate candidates, -1 padded where too few
     ref_ids, ref_sc = _reference(q, cand, 30, ids, stored)
     got_ids, got_sc = searcher.search(q, 30, nprobe=4, rerank=120)
-    np.testing.assert_array_equal(got_ids, ref_ids)
-    np.testing.assert_allclose(got_sc, ref_sc, rtol=0, atol=2e-6)
+    _check_against_reference(got_ids, got_sc, ref_ids, ref_sc, exact=searcher.exact_rerank)
 
 
 def test_gather_returns_stored_rows_in_the_given_order(sharded):
     searcher, ids, stored = sharded
+    stored = stored.astype(np.float16)  # what the shards store, residuals or not
     rng = np.random.default_rng(0)
     pick = rng.choice(ids, size=500)  # unsorted, with repeats, over every shard
     row = np.searchsorted(ids, pick)

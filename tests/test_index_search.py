@@ -69,7 +69,7 @@ def test_where_filter_on_ivf_runs_inside_faiss(ivf, monkeypatch):
     monkeypatch.setattr(atlas_index_module, "EXACT_FILTER_MAX", 20_000)
     res = idx.search(q, k=30, where="tissue = 'liver' AND n_genes < 1000")
     small = ((table.tissue == "liver") & (table.n_genes < 1000)).to_numpy()
-    assert_exact(res.ids, res.scores, src._x[small], src._ids[small], q)
+    assert_exact(res.ids, res.scores, src._x[small], src._ids[small], q, rounded=False)  # the residuals settle ties
 
 
 def test_bad_or_empty_filters_are_input_errors(flat):
