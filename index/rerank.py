@@ -44,7 +44,7 @@ POOL_MAX = 8
 NAN16 = np.float16(np.nan)
 EXACT_MARGIN = 8
 """Candidates past the k-th whose float16 scores are kept for the exact choice of the top k; queries whose float16
-ties reach past them (rare) are scanned again in full."""
+ties reach past them are scanned again keeping 4 times more (docs/benchmarks.md#index-re-ranking)."""
 F16_UNIT_ROUNDOFF = 2.0**-11
 F16_SUBNORMAL_ERROR = 2.0**-25
 """The largest rounding error of a float16 value below 2**-14 (subnormal): absolute, not relative."""
@@ -161,8 +161,9 @@ def rerank(
     timer: StageTimer | None = None,
     residuals: Callable[[np.ndarray, np.ndarray], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner products of queries ``q`` (n, d) float32 with their candidates ``cand`` (n, c; ``-1`` = none);
-    the best ``k`` of each: ``(ids (n, k) int64 -1 padded, scores (n, k) float32 -inf padded)``, best first.
+    """Inner products of queries ``q`` (n, d) float32 with the stored vectors of their candidates ``cand`` (n, c;
+    ``-1`` = none); the best ``k`` of each: ``(ids (n, k) int64 -1 padded, scores (n, k) float32 -inf padded)``, best
+    first.
 
     ``gather(ids, out)`` writes the stored float16 rows of existing ``ids`` into ``out`` (len(ids), d), in order.
     Queries go in blocks whose candidates take at most ``block_bytes`` of float16 (at least one query);
