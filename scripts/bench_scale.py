@@ -351,7 +351,9 @@ def projection(r: dict[str, Any]) -> list[str]:
         f"| add to IVF-PQ (CPU FAISS on the task's node) | about {hours(add_rate_128 * 128 / d)} at this machine's "
         f"d=128 rate scaled by d (2 cores) | the same per node, overlapped with embedding | {add_rate_128:,.0f} "
         "cells/s measured here at d=128 |",
-        f"| float16 vectors on disk | {vec_gb:,.0f} GB | {vec_gb:,.0f} GB (shared storage) | N x d x 2 bytes |",
+        f"| float16 vectors on disk | {vec_gb:,.0f} GB, and as much again for their rounding residuals (exact top k; "
+        f"`build --no-exact-rerank` leaves them out) | {vec_gb:,.0f} GB + {vec_gb:,.0f} GB (shared storage) | N x d x 2 "
+        "bytes each |",
         f"| sweep | {vec_gb / sweep_gbs / 60:,.1f} min at this run's {sweep_gbs} GB/s if the vectors were in RAM; "
         f"disk-bound otherwise (92 GB does not fit this machine's page cache) | each GPU reads 1/8 | measured "
         "sweep rate here; a GPU's HBM is not the limit, the read from storage is |",
