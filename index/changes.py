@@ -122,6 +122,10 @@ _NAMES = {
     "embedder_options": "the embedder options",
     "embedder_fingerprint": "the embedder (its fingerprint)",
 }
+_FLAGS = {
+    "exact_rerank": ("--no-exact-rerank", False),
+}
+"""Identity entries recorded only when a flag is given: (the flag, the value it records)."""
 
 
 def identity_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -134,6 +138,10 @@ def identity_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             continue
         if key == "source" and isinstance(a, dict) and isinstance(b, dict):
             out += _source_changes(a, b)
+        elif key in _FLAGS:
+            flag, value = _FLAGS[key]
+            before, now = ("with" if a == value else "without"), ("with" if b == value else "without")
+            out.append(f"the earlier build ran {before} {flag} and this one {now} it")
         elif key not in new:
             out.append(f"{_NAMES.get(key, key)} was set for the earlier build and is not now")
         else:

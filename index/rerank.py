@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from scatlas.atlas.errors import DependencyError
+from scatlas.atlas.errors import DependencyError, IndexFormatError
 from scatlas.index._faiss import faiss_module
 from scatlas.index.stages import StageTimer, stage
 from scatlas.index.vectors import RESIDUAL_SCALE, float16_to_float32_small
@@ -266,7 +266,13 @@ def _exact_top(
     key = scores[:, :width].copy()
     got = np.empty((len(rows), dim), dtype=np.float16)
     residuals(flat[pos[rows, cols]], got)
-    key[rows, cols] += np.einsum("ij,ij->i", q[rows], float16_to_float32_small(got)) * np.float32(1 / RESIDUAL_SCALE)
+    fix = np.einsum("ij,ij->i", q[rows], float16_to_float32_small(got)) * np.float32(1 / RESIDUAL_SCALE)
+    if not (np.abs(fix) <= window[rows, 0]).all():  # |q . r| <= delta: more (or NaN) is a damaged residuals file
+        raise IndexFormatError(
+            "the stored rounding residuals of a shard are damaged (a correction exceeds float16's rounding error); "
+            "run `scatlas verify --index INDEX` and rebuild the index with --overwrite"
+        )
+    key[rows, cols] += fix
     order = np.argsort(-key, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(key, order, axis=1), np.take_along_axis(pos[:, :width], order, axis=1), still_open
 

@@ -16,7 +16,8 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     if not np.isfinite(sq).all():  # NaN or inf anywhere in a row makes its squared norm non-finite
         bad = int((~np.isfinite(sq)).sum())
         raise InputError(
-            f"{bad} vectors contain NaN, infinite or overflowing (> 1e19) values; fix the embedding before indexing"
+            f"{bad} vectors contain NaN, infinite or overflowing (> 1e19) values; fix the embedding before indexing or "
+            "searching with them"
         )
     norms = np.sqrt(sq)
     norms[norms == 0] = 1.0  # zero rows stay zero (a masked divide gives the same values, slower)

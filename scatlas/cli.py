@@ -306,7 +306,7 @@ def build(ctx: click.Context, atlas_dir: Path, index_dir: Path, embedder: str, e
 
 
 _FIXED_BY_BUILD = ("embedder", "embedder_option", "shard_size", "factory", "fit_sample", "seed", "overwrite",
-                   "label_keys", "no_label_heads", "head_cells_per_label", "no_map")
+                   "label_keys", "no_label_heads", "head_cells_per_label", "no_map", "no_exact_rerank")
 
 
 def _build_update(ctx: click.Context, atlas_dir: Path, index_dir: Path, device: str, threads: int | None,

@@ -7,9 +7,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from scatlas.atlas.errors import IndexFormatError
-from scatlas.index import ArrayVectorSource, AtlasIndex, build_from_source
+from scatlas.cli import cli
+from scatlas.index import ArrayVectorSource, AtlasIndex, BuildConfig, build_from_source
+from scatlas.index.changes import identity_changes
 from scatlas.index.manifest import SHARD_RESIDUALS_FILE, SHARD_VECTORS_FILE
 from scatlas.index.rerank import RerankScratch
 from scatlas.index.shard import read_done, verify_shard
@@ -136,6 +139,25 @@ def test_shards_store_residuals_only_where_they_help(tmp_path, twins):
     assert all(SHARD_RESIDUALS_FILE not in s.files for s in flat.shards)  # exact search re-ranks nothing
 
 
+def test_damaged_residuals_read_unchecked_stop_the_search(tmp_path, monkeypatch):
+    x, q = _near_twins(20, seed=2)
+    m = build_from_source(ArrayVectorSource(x), tmp_path / "idx", config(factory="IVF8,Flat", nprobe=8, rerank=40))
+    monkeypatch.setenv("SCATLAS_VERIFY_ON_READ_MAX_BYTES", "0")  # as for an index too large to hash on every open
+    for bad in (np.nan, 100.0):
+        res = np.load(tmp_path / "idx" / "shards" / m.shards[0].dirname / SHARD_RESIDUALS_FILE, mmap_mode="r+")
+        res[:] = bad
+        res.flush()
+        del res
+        with AtlasIndex.open(tmp_path / "idx") as idx, pytest.raises(IndexFormatError, match="residuals .* damaged"):
+            idx.search(q, k=5)
+
+
+def test_a_resume_with_the_other_flag_says_so_in_words():
+    with_flag, without = BuildConfig(exact_rerank=False).identity(), BuildConfig().identity()
+    assert identity_changes(without, with_flag) == ["the earlier build ran without --no-exact-rerank and this one with it"]
+    assert identity_changes(with_flag, without) == ["the earlier build ran with --no-exact-rerank and this one without it"]
+
+
 def test_a_damaged_residuals_file_fails_verification(tmp_path):
     x, _ = _near_twins(20, seed=1)
     m = build_from_source(ArrayVectorSource(x), tmp_path / "idx", config(factory="IVF8,Flat", nprobe=8, rerank=40))
@@ -172,6 +194,9 @@ def test_cli_build_without_residuals(tmp_path):
     assert ", exact top k)" in out
     out = run_cli("build", *common, "--index", str(tmp_path / "rounded"), "--no-exact-rerank")
     assert ", top k by the float16 vectors)" in out
+    refused = CliRunner().invoke(cli, ["-q", "build", "--update", "--atlas", str(tmp_path / "atlas"), "--index",
+                                       str(tmp_path / "exact"), "--no-exact-rerank"])
+    assert refused.exit_code != 0 and "drop --no-exact-rerank" in refused.output  # fixed by the index's build
     sizes = {}
     for name, want in (("exact", "all"), ("rounded", "none")):
         info = json.loads(run_cli("info", str(tmp_path / name), "--json"))
