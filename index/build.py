@@ -40,7 +40,6 @@ from scatlas.index.manifest import (
     METRIC,
     PROGRESS_FILE,
     SHARD_IDS_FILE,
-    SHARD_RESIDUALS_FILE,
     SHARDS_DIR,
     TRAINED_FILE,
     EmbedderInfo,
@@ -485,7 +484,7 @@ class _Shards:
 def _warn_mixed_residuals(records: list[ShardRecord], trained: Any) -> None:
     """Warn when some shards store rounding residuals and others not (a build resumed from one written before they
     existed): re-ranking then settles float16 ties exactly only among the shards that have them."""
-    have = sum(SHARD_RESIDUALS_FILE in r.files for r in records)
+    have = sum(r.has_residuals for r in records)
     if not is_exact(trained) and 0 < have < len(records):
         logger.warning(
             "%d of %d shards store no rounding residuals (written before they existed): re-ranking settles float16 "

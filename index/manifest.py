@@ -125,6 +125,11 @@ class ShardRecord:
     def dirname(self) -> str:
         return shard_dirname(self.no)
 
+    @property
+    def has_residuals(self) -> bool:
+        """Whether the shard stores its vectors' float16 rounding residuals (:data:`SHARD_RESIDUALS_FILE`)."""
+        return SHARD_RESIDUALS_FILE in self.files
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ShardRecord:
         files = {_inside(name): FileRecord.from_dict(rec) for name, rec in d["files"].items()}

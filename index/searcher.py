@@ -119,7 +119,7 @@ class ShardSearcher:
         self._mapped_estimate = 0
         self._stack: StackedScan | None = None
         self._slicer = Slicer()
-        self._any_residuals = any(SHARD_RESIDUALS_FILE in s.record.files for s in self._shards)
+        self._any_residuals = any(s.record.has_residuals for s in self._shards)
         self._loaded = self._vectors_loaded = False
         if self.gpus and self._ivf is not None:
             # the coarse quantizer, shared by every shard, replicated on every GPU (IndexReplicas splits queries)
@@ -163,7 +163,7 @@ class ShardSearcher:
 
     def _residuals_of(self, shard: _Shard, n: int) -> np.ndarray | None:
         """The shard's stored rounding residuals (float16 memmap), or None when it has none."""
-        if SHARD_RESIDUALS_FILE not in shard.record.files:
+        if not shard.record.has_residuals:
             return None
         try:
             res = np.load(shard.directory / SHARD_RESIDUALS_FILE, mmap_mode="r")
@@ -179,7 +179,7 @@ class ShardSearcher:
     @property
     def exact_rerank(self) -> bool:
         """Whether every shard stores its rounding residuals (re-ranking then picks the exact top k)."""
-        return bool(self._shards) and all(SHARD_RESIDUALS_FILE in s.record.files for s in self._shards)
+        return bool(self._shards) and all(s.record.has_residuals for s in self._shards)
 
     def _index(self, shard: _Shard) -> Any:
         faiss = faiss_module()

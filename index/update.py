@@ -48,7 +48,6 @@ from scatlas.index.manifest import (
     EMBEDDER_DIR,
     HEADS_DIR,
     HEADS_FILE,
-    SHARD_RESIDUALS_FILE,
     SHARDS_DIR,
     TRAINED_FILE,
     IndexManifest,
@@ -411,5 +410,5 @@ def _stores_residuals(old: IndexManifest, settings: dict[str, Any]) -> bool:
     """Whether the update's new shards store rounding residuals: as the index's shards do (an index built before
     residuals existed has none, whatever today's default), else as its build settings say."""
     if old.shards:
-        return any(SHARD_RESIDUALS_FILE in shard.files for shard in old.shards)
+        return any(shard.has_residuals for shard in old.shards)
     return bool(settings.get("exact_rerank", True))

@@ -13,7 +13,7 @@ from scatlas.atlas.errors import IndexFormatError
 from scatlas.cli import cli
 from scatlas.index import ArrayVectorSource, AtlasIndex, BuildConfig, build_from_source
 from scatlas.index.changes import identity_changes
-from scatlas.index.manifest import SHARD_RESIDUALS_FILE, SHARD_VECTORS_FILE
+from scatlas.index.manifest import SHARD_RESIDUALS_FILE, SHARD_VECTORS_FILE, ShardRecord
 from scatlas.index.rerank import RerankScratch
 from scatlas.index.shard import read_done, verify_shard
 from scatlas.index.shard_edit import strip_shard
@@ -227,6 +227,6 @@ def test_an_update_adds_shards_like_the_index_has(tmp_path):
             assert len(idx.manifest.shards) == 4
             assert all((SHARD_RESIDUALS_FILE in s.files) is want for s in idx.manifest.shards)
     # an index written before residuals existed records no such setting and has none: its new shards neither
-    old = SimpleNamespace(shards=[SimpleNamespace(files={"index.faiss": None})])
+    old = SimpleNamespace(shards=[ShardRecord(no=0, n=1, id_min=0, id_max=0, files={"index.faiss": None})])
     assert _stores_residuals(old, {}) is False  # type: ignore[arg-type]
     assert _stores_residuals(SimpleNamespace(shards=[]), {}) is True  # type: ignore[arg-type]
