@@ -11,7 +11,6 @@ did not map; suggestions are reported, never applied.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import logging
 import re
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scatlas.atlas.errors import DependencyError, InputError
+from scatlas.atlas.ontology_suggest import TermSuggester
 from scatlas.atlas.validate import escaped
 
 logger = logging.getLogger(__name__)
@@ -38,8 +38,8 @@ MAX_LABEL_LENGTH = 256
 MAX_NOTES = 50
 """Notes (replaced or ignored term ids) kept in a mapping's JSON form; ``n_notes`` counts them all."""
 MAX_SUGGESTED = 200
-"""Unmapped values given suggestions per mapping (the most frequent first): difflib over every CL name and
-synonym costs tens of milliseconds a label."""
+"""Unmapped values given suggestions per mapping (the most frequent first): a label's suggestions cost up to tens of
+milliseconds (:mod:`atlas.ontology_suggest`)."""
 
 _POSITIVE = re.compile(r"(?<=\w)\s*\+(?=\s|$|[,;/)])")
 _NEGATIVE = re.compile(r"(?<=\w)\s*-(?=\s|$|[,;/)])")
@@ -52,6 +52,16 @@ ABBREVIATIONS = {
     "eryth": "erythrocyte", "treg": "regulatory t cell", "mac": "macrophage", "neu": "neutrophil",
 }
 """Short forms common in cell-type labels, expanded when suggesting terms (suggestions only: never applied)."""
+
+
+def _expand(words: list[str]) -> str:
+    """Normalised words with :data:`ABBREVIATIONS` expanded, a doubled ``cell`` once ("t cells" -> "t cell")."""
+    out: list[str] = []
+    for word in words:
+        for part in ABBREVIATIONS.get(word, word).split():
+            if not (part == "cell" and out and out[-1] == "cell"):
+                out.append(part)
+    return " ".join(out)
 
 
 def normalise_label(label: str) -> str:
@@ -118,7 +128,7 @@ class CellOntology:
         self._by_name = by_name
         self._by_synonym = {s: next(iter(t)) for s, t in by_synonym.items() if len(t) == 1}  # ambiguous: left out
         self._by_normalised = {s: next(iter(t)) for s, t in by_normalised.items() if len(t) == 1}
-        self._choices: list[str] | None = None
+        self._choices: TermSuggester | None = None
 
     @property
     def description(self) -> dict[str, str]:
@@ -155,8 +165,7 @@ class CellOntology:
         without a CL replacement (``what`` names it in the message)."""
         text = str(term_id).strip()
         if CL_ID.fullmatch(text) is None:
-            raise InputError(f"{what} {escaped(text, 40)} is not a Cell Ontology id (CL: and seven digits, e.g. "
-                             "CL:0000236)")
+            raise InputError(f"{what} is not a Cell Ontology id (CL: and seven digits, e.g. CL:0000236)")
         if text not in self._terms:
             raise InputError(f"{what} {text} is not a term of the Cell Ontology {self.version}")
         meta = self._terms[text]
@@ -186,23 +195,22 @@ class CellOntology:
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019
     def suggest(self, label: str, n: int = 3) -> tuple[tuple[str, str], ...]:
-        """Up to ``n`` ``(term id, CL name)`` close to ``label`` (difflib over normalised names and synonyms),
-        best first. For reports only: a suggestion is never applied."""
+        """Up to ``n`` ``(term id, CL name)`` close to ``label`` (its words, abbreviations expanded, against the
+        normalised CL names and synonyms: :mod:`atlas.ontology_suggest`), best first. For reports only: a suggestion
+        is never applied."""
         text = str(label).strip()
         if not text or len(text) > MAX_LABEL_LENGTH or n < 1:
             return ()
         if self._choices is None:
-            self._choices = sorted(self._by_normalised)
+            self._choices = TermSuggester(self._by_normalised)
         out: list[tuple[str, str]] = []
-        words = normalise_label(text).split()
-        expanded = " ".join(ABBREVIATIONS.get(w, w) for w in words)
+        expanded = _expand(normalise_label(text).split())
         if expanded in self._by_normalised:  # "CD14 Mono" -> "cd14 monocyte"
             term = self._by_normalised[expanded]
             out.append((term, str(self.name(term))))
         if len(expanded) < 4:  # too short for a fuzzy match to mean anything
             return tuple(out)
-        for match in difflib.get_close_matches(expanded, self._choices, n=4 * n, cutoff=0.6):
-            term = self._by_normalised[match]
+        for term in self._choices.suggest(expanded, n + 1):
             if all(term != t for t, _ in out):
                 out.append((term, str(self.name(term))))
             if len(out) == n:
@@ -305,8 +313,8 @@ def map_label_values(
     n_cells = {v: int(c) for v, c in zip(vals, counts if counts is not None else [1] * len(vals), strict=True)}
     notes: list[str] = []
     user: dict[str, str] = {}
-    for label, user_term in dict(user_map or {}).items():
-        usable, note = onto.resolve_term(str(user_term), f"the term id of label {escaped(label, 60)}")
+    for n, (label, user_term) in enumerate(dict(user_map or {}).items(), 1):
+        usable, note = onto.resolve_term(str(user_term), f"the term id of the ontology map's entry {n}")
         user[str(label)] = usable
         if note:
             notes.append(f"label {escaped(label, 60)}: {note}")

@@ -22,7 +22,7 @@ import pandas as pd
 
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.ontology import CellOntology, cell_ontology
-from scatlas.atlas.validate import MAX_NAME_LENGTH, escaped
+from scatlas.atlas.validate import MAX_NAME_LENGTH
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +73,8 @@ def ontology_table(ontology_map: str | Path | Mapping[str, str]) -> dict[str, st
     if not isinstance(ontology_map, Mapping):
         return read_ontology_map(ontology_map)
     onto = cell_ontology()
-    return {str(label): onto.resolve_term(str(term), f"ontology map: the term id of {escaped(label, 60)}")[0]
-            for label, term in ontology_map.items()}
+    return {str(label): onto.resolve_term(str(term), f"ontology map: the term id of entry {n}")[0]
+            for n, (label, term) in enumerate(ontology_map.items(), 1)}
 
 
 def _parse(text: str, name: str, onto: CellOntology) -> dict[str, str]:

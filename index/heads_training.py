@@ -24,6 +24,7 @@ from scatlas.atlas.atomic import replaced_dir
 from scatlas.atlas.errors import IndexFormatError, InputError
 from scatlas.atlas.lifecycle import KEPT_COLUMN
 from scatlas.atlas.sql import quote_ident
+from scatlas.atlas.validate import escaped, escaped_list
 from scatlas.index.atlas_index import AtlasIndex
 from scatlas.index.embedding import obs_columns, obsm_keys, reads_x
 from scatlas.index.label_classes import ensure_label_classes
@@ -126,7 +127,8 @@ def sample_training_cells(
 
     available = columns_of(con)
     if key not in available:
-        raise InputError(f"label key {key!r} is not a column of the index's cell table; available: {available}")
+        raise InputError(f"label key {escaped(key)} is not a column of the index's cell table; available: "
+                         f"{escaped_list(available)}")
     col = f"c.{quote_ident(key)}"
     ds = f"c.{quote_ident(DATASET_COLUMN)}" if DATASET_COLUMN in available else "NULL"
     seed = int(config.seed)

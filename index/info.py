@@ -136,6 +136,10 @@ def _classes(idx: AtlasIndex, heads_error: str | None) -> dict[str, Any]:
             "unmapped": sorted(unmapped)[:MAX_LISTED] if isinstance(unmapped, dict) else [],
             "n_unmapped": len(unmapped) if isinstance(unmapped, dict) else 0,
         }
+        # the closest CL term of each listed value (a suggestion, never applied): [term id, CL name]
+        out[key]["suggestions"] = {v: list(unmapped[v][0]) for v in out[key]["unmapped"]
+                                   if isinstance(unmapped.get(v), list) and unmapped[v]
+                                   and len(unmapped[v][0]) == 2}
     return out
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from scatlas.atlas.atomic import read_json_object, write_json_atomic
 from scatlas.atlas.errors import IndexFormatError, InputError
 from scatlas.atlas.sql import quote_ident
+from scatlas.atlas.validate import escaped, escaped_list
 from scatlas.index.manifest import (
     CELLS_DB_FILE,
     LABELS_DIR,
@@ -196,7 +197,8 @@ def compute_label_classes(con: Any, key: str, ontology: Any = None, keep: Collec
 
     columns = columns_of(con)
     if key not in columns:
-        raise InputError(f"label key {key!r} is not a column of the index's cell table; available: {columns}")
+        raise InputError(f"label key {escaped(key)} is not a column of the index's cell table; available: "
+                         f"{escaped_list(columns)}")
     onto = ontology or cell_ontology()
     term_col = f"{key}_ontology_term_id"
     has_terms = term_col in columns and term_col != key

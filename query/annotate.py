@@ -22,7 +22,7 @@ import pandas as pd
 
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.genes import MIN_GENE_OVERLAP
-from scatlas.atlas.ontology_map import read_ontology_map, term_column
+from scatlas.atlas.ontology_map import ontology_table, term_column
 from scatlas.atlas.outputs import check_distinct
 from scatlas.atlas.validate import escaped_list
 from scatlas.index import (
@@ -345,7 +345,7 @@ def annotate(
               batch_size=batch_size, far_quantile=far_quantile, align=align, class_balance=class_balance,
               predictor=predictor, missing_genes=missing_genes, align_sample=align_sample)
     truth_map = _normalise_truth(truth_key, keys)
-    user_map = read_ontology_map(ontology_map) if isinstance(ontology_map, (str, Path)) else ontology_map
+    user_map = None if ontology_map is None else ontology_table(ontology_map)
     own_index = not isinstance(index, AtlasIndex)
     idx = AtlasIndex.open(index) if not isinstance(index, AtlasIndex) else index
     cells: QueryCells | None = None

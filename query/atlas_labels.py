@@ -13,7 +13,7 @@ import pandas as pd
 
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.ontology_levels import curated_subclasses
-from scatlas.atlas.validate import escaped
+from scatlas.atlas.validate import escaped, escaped_list
 from scatlas.index import AtlasIndex, LabelClasses, LabelHead
 from scatlas.query.fallback import Ontology
 from scatlas.query.vote import UNKNOWN, balance_weights
@@ -168,7 +168,8 @@ def atlas_labels(
     missing = [c for c in keys if c not in available]
     if missing:
         raise InputError(
-            f"label key(s) {missing} are not columns of the index's cell table; available: {', '.join(available)}"
+            f"label key(s) {escaped_list(missing)} are not columns of the index's cell table; available: "
+            f"{escaped_list(available)}"
         )
     selected_ids = None if where is None else idx.filter_ids(where)  # the index's error for a bad or empty filter
     far = far_threshold(idx, far_quantile)

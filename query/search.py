@@ -145,7 +145,7 @@ def select_cells(cells: QueryCells, cells_where: str | None) -> np.ndarray:
     if not len(rows):
         raise InputError(
             f"the --cells-where predicate {cells_where[:200]!r} matches none of the query's {cells.n_cells} cells; "
-            f"its obs columns are: {', '.join(map(str, obs.columns))}"
+            f"its obs columns are: {escaped_list(obs.columns)}"
         )
     return rows
 

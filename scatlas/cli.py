@@ -29,6 +29,7 @@ from scatlas.cli_common import (
     _parse_pairs,
     _setup_logging,
     _split_pair,
+    _unmapped,
     _value,
     atlas_option,
     executor_options,
@@ -377,7 +378,7 @@ def _print_info(info: dict[str, Any]) -> None:
         how = ", ".join(f"{n} by {h}" for h, n in c.get("by_how", {}).items() if n and h != "unmapped")
         _echo(f"classes      {key}: {c['values']} values -> {c['classes']} classes, {c['classes_with_term']} with a Cell "
               f"Ontology term ({how or 'none mapped'})"
-              + (f"; no term: {', '.join(map(_value, c['unmapped']))}"
+              + (f"; no term: {', '.join(_unmapped(v, c.get('suggestions') or {}) for v in c['unmapped'])}"
                  + (" ..." if c["n_unmapped"] > len(c["unmapped"]) else "")
                  + " (give them terms with `scatlas relabel --atlas ATLAS --dataset ID --ontology-map FILE.csv`, "
                  "then `scatlas build --update`)" if c.get("n_unmapped") else ""))
@@ -753,8 +754,9 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
     _echo(f"classifier {out_dir}: {clf.counts.get('n_positive'):,} positives, {clf.counts.get('n_negative'):,} "
           f"negatives" + (f" ({parts})" if parts else ""))
     _echo(f"stage 1 (embedding), cross-validated: precision {m['precision']:.3f}, recall {m['recall']:.3f}, AUPRC "
-          f"{m['auprc']:.3f} at threshold {clf.threshold:.4f}; expected false hits per million atlas cells "
-          f"{m['expected_false_hits_per_million']:.1f}" + _estimate_notes(clf))
+          f"{m['auprc']:.3f} at threshold {clf.threshold:.4f}; expected per million atlas cells: false hits "
+          f"{m['expected_false_hits_per_million']:.1f}" + _estimate_notes(clf)
+          + (f"; all hits {m['expected_hits_per_million']:.1f}" if "expected_hits_per_million" in m else ""))
     counts = clf.counts
     if counts.get("background_from_labelled_otherwise") and counts.get("background_datasets", 0) < counts.get(
             "atlas_datasets", 0):
@@ -766,6 +768,11 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
     if clf.stage2 is None:
         if choice:
             _echo(f"stages: stage 1 alone, chosen by --stages auto ({choice})")
+            if (dropped := clf.params.get("stage2_not_kept")) is not None:
+                two = dropped["two_stage"]
+                _echo(f"stage 2 not kept ({dropped['n_genes']} genes), cross-validated: precision "
+                      f"{dropped['precision']:.3f}, recall {dropped['recall']:.3f}, AUPRC {dropped['auprc']:.3f}; "
+                      f"two stages: precision {two['precision']:.3f}, recall {two['recall']:.3f}")
         elif chosen == "1":
             _echo("stages: stage 1 alone (--stages 1)")
         else:

@@ -90,13 +90,24 @@ def test_auto_keeps_stage_two_where_cross_validation_says_it_helps(world, tmp_pa
     assert clf.stage2.fingerprint() == world["clf"].stage2.fingerprint()  # the stage 2 that two_stage=True trains
 
 
-def test_auto_drops_stage_two_when_stage_one_alone_is_as_good(world, monkeypatch):
-    """When cross-validation favours stage 1 alone, "auto" returns a one-stage classifier and says why."""
+def test_auto_drops_stage_two_when_stage_one_alone_is_as_good(world, monkeypatch, tmp_path):
+    """When cross-validation favours stage 1 alone, "auto" returns a one-stage classifier and says why; the stage 2
+    it did not keep is still reported (its cross-validated figures), and stage 1's expected hits per million."""
     monkeypatch.setattr(importlib.import_module("scatlas.query.hunt.train"), "prefer_two_stages", lambda m, **_: (False, "stage 1 alone is as good (test)"))
-    clf = train(world["index"], world["cells"], positive=f"cell_type = '{RARE}'",
-                background=3000, progress=False, two_stage="auto")
+    out = run_cli("hunt", "train", "--index", str(world["root"] / "index"), "--cells", str(world["cells"]),
+                  "--positive", f"cell_type = '{RARE}'", "--background", "3000", "--no-progress",
+                  "--out", str(tmp_path / "clf"))
+    clf = HuntClassifier.load(tmp_path / "clf")
     assert clf.stage2 is None
     assert clf.params["stage2_skipped"] == "two_stage='auto' chose stage 1 alone: stage 1 alone is as good (test)"
+    dropped = clf.params["stage2_not_kept"]
+    assert dropped["recall"] > 0.9 and 0 < dropped["two_stage"]["precision"] <= 1 and dropped["n_genes"] > 0
+    assert "stages: stage 1 alone, chosen by --stages auto (stage 1 alone is as good (test))" in out
+    assert f"stage 2 not kept ({dropped['n_genes']} genes), cross-validated: precision {dropped['precision']:.3f}" in out
+    m = clf.metrics
+    assert m["expected_hits_per_million"] >= m["expected_false_hits_per_million"]
+    assert f"false hits {m['expected_false_hits_per_million']:.1f}" in out
+    assert f"all hits {m['expected_hits_per_million']:.1f}" in out
 
 
 def test_prefer_two_stages_needs_a_strictly_better_f1():

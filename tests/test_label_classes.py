@@ -173,3 +173,21 @@ def test_classes_of_an_earlier_state_are_recomputed_without_a_warning(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     assert "B cells" not in classes["cell_type"].classes  # merged by CL term again
     assert json.loads(path.read_text())["manifest_sha256"] != "0" * 16
+
+
+def test_build_lists_labels_without_a_term_with_the_closest_term(tmp_path: Path) -> None:
+    """A label no CL name, synonym or normalised name matches ("CD4 T cells") stays a class of its own; build says
+    so with the closest CL term as a suggestion, which is never applied."""
+    a = make_adata(300, 60, seed=3, prefix="a", cell_types=("B cell", "CD4 T cells", "T cell"))
+    a.write_h5ad(tmp_path / "a.h5ad")
+    ingest([tmp_path / "a.h5ad"], tmp_path / "atlas", progress=False)
+    res = CliRunner().invoke(cli, ["build", "--atlas", str(tmp_path / "atlas"), "--index", str(tmp_path / "index"),
+                                   "--embedder-option", "n_hvg=40", "--embedder-option", "n_components=8",
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    line = next(row for row in res.output.splitlines() if row.startswith("classes      cell_type:"))
+    assert "3 values -> 3 classes, 2 with a Cell Ontology term" in line
+    assert "no term: CD4 T cells (closest CL term: CL:" in line
+    with AtlasIndex.open(tmp_path / "index") as idx:
+        lc = idx.label_classes("cell_type")
+    assert "CD4 T cells" in lc.classes and "CD4 T cells" not in lc.class_term  # the suggestion was not applied

@@ -64,6 +64,22 @@ def test_normalise_label() -> None:
     assert normalise_label("CD4-positive, alpha-beta T cell") == "cd4 positive alpha beta t cell"
 
 
+@pytest.mark.parametrize(
+    ("label", "term"),
+    [
+        ("CD4 T cells", "CL:0000624"),  # CD4-positive, alpha-beta T cell (letter by letter: "endothelial cell")
+        ("CD8 T", "CL:0000625"),
+        ("Memory CD4 T", "CL:0000897"),  # CD4-positive, alpha-beta memory T cell
+        ("B Activated", "CL:0000236"),  # B cell (letter by letter: "mature astrocyte", a synonym "activated astrocyte")
+        ("CD14+ Mono", "CL:0001054"),
+        ("B cells naive", "CL:0000788"),
+        ("Erythrocte", "CL:0000232"),  # a misspelling: the letter fallback
+    ],
+)
+def test_first_suggestion_shares_the_labels_words(onto: CellOntology, label: str, term: str) -> None:
+    assert onto.suggest(label)[0][0] == term
+
+
 def test_suggestions_are_reported_never_applied(onto: CellOntology) -> None:
     sugg = onto.suggest("Tregulatory cels")
     assert sugg and all(onto.is_term(t) for t, _ in sugg) and len(sugg) <= 3
@@ -126,7 +142,7 @@ def test_read_ontology_map(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("name,term\nB,CL:0000236\n", "row 1 must be the header"),
-        ("label,ontology_term_id\nB cells,CL:0000236\nT,CL:12\n", "row 3: the term id 'CL:12' is not a Cell Ontology"),
+        ("label,ontology_term_id\nB cells,CL:0000236\nT,CL:12\n", "row 3: the term id is not a Cell Ontology"),
         ("label,ontology_term_id\nB cells,CL:9999999\n", "row 2: the term id CL:9999999 is not a term"),
         ("label,ontology_term_id\nB,CL:0000236,x\n", "row 2 has 3 fields"),
         ("label,ontology_term_id\n,CL:0000236\n", "row 2: the label is empty"),

@@ -30,6 +30,7 @@ from scipy.stats import t as t_dist
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.normalize import to_lognorm
 from scatlas.atlas.sql import quote_ident
+from scatlas.atlas.validate import escaped, escaped_list
 from scatlas.index import Progress, progress_bar, sample_sorted
 from scatlas.query.hunt.enrichment import MISSING, bh_qvalues
 
@@ -118,7 +119,7 @@ def group_comparisons(
 
     columns = [r[0] for r in con.execute("DESCRIBE cells").fetchall()]
     if column not in columns:
-        raise InputError(f"de_group {column!r} is not a column of the cells table ({', '.join(columns)})")
+        raise InputError(f"de_group {escaped(column)} is not a column of the cells table ({escaped_list(columns)})")
     con.register("_hunt_hit_ids", pa.table({"soma_joinid": np.unique(np.asarray(hit_ids, dtype=np.int64))}))
     try:
         df = con.execute(
@@ -131,7 +132,8 @@ def group_comparisons(
     if reference is None and "normal" in levels:
         reference = "normal"
     if reference is not None and reference not in levels:
-        raise InputError(f"de_reference {reference!r} is not a {column} value among the hits ({levels})")
+        raise InputError(f"de_reference {escaped(reference)} is not a {escaped(column)} value among the hits "
+                         f"({len(levels)} values there; list them with `scatlas hunt report --by {escaped(column)}`)")
     rng = np.random.default_rng(seed)
     out = []
     for level in levels:

@@ -18,6 +18,7 @@ from scipy.stats import fisher_exact
 
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.sql import quote_ident
+from scatlas.atlas.validate import escaped_list
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,8 @@ def enrichment(
     columns = [r[0] for r in con.execute("DESCRIBE cells").fetchall()]
     unknown = [c for c in by if c not in columns]
     if unknown:
-        raise InputError(f"cannot group hits by {unknown}: not columns of the cells table ({', '.join(columns)})")
+        raise InputError(f"cannot group hits by {escaped_list(unknown)}: not columns of the cells table "
+                         f"({escaped_list(columns)})")
     total = con.execute("SELECT count(*) FROM cells").fetchall()[0]
     total_cells = int(total[0]) if total else 0
     tables = []

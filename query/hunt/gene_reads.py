@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from scatlas.atlas.errors import ScatlasError
+from scatlas.atlas.validate import escaped
 from scatlas.index import AtlasIndex, other_store_id
 from scatlas.query.hunt.stage2 import GeneStats
 
@@ -123,7 +124,7 @@ def dataset_sample(store: Any, dataset_id: str, n: int, seed: int) -> np.ndarray
     """Up to ``n`` cell ids of the atlas dataset ``dataset_id``, drawn uniformly with ``seed`` (sorted)."""
     rec = next((r for r in store.cell_ranges_records() if r.dataset_id == dataset_id), None)
     if rec is None:
-        raise ScatlasError(f"the atlas store has no dataset {dataset_id!r}; rebuild the index from this store")
+        raise ScatlasError(f"the atlas store has no dataset {escaped(dataset_id, 60)}; rebuild the index from this store")
     rng = np.random.default_rng([int(seed), rec.start])
     take = min(int(n), rec.n_cells)
     return np.sort(rec.start + rng.choice(rec.n_cells, size=take, replace=False)).astype(np.int64)

@@ -146,7 +146,7 @@ class _Evaluator:
         try:
             result = fn(left, right)
         except TypeError as exc:
-            raise self.fail(f"cannot compare these values ({exc})") from exc
+            raise self.fail("cannot compare these values (a text column with a number, or the reverse?)") from exc
         series = left if isinstance(left, pd.Series) else right
         valid = series.notna()
         if isinstance(left, pd.Series) and isinstance(right, pd.Series):

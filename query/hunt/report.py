@@ -140,7 +140,7 @@ def _read_hits(hits: str | Path | pd.DataFrame) -> pd.DataFrame:
     else:
         frame = _read_hits_file(_hits_file(hits))
     if "soma_joinid" not in frame.columns:
-        raise InputError(f"the hits have no soma_joinid column (columns: {list(frame.columns)})")
+        raise InputError(f"the hits have no soma_joinid column (columns: {escaped_list(frame.columns)})")
     return frame
 
 
@@ -577,7 +577,8 @@ def _known_hits(con: Any, frame: pd.DataFrame) -> tuple[np.ndarray, int]:
     try:
         ids = np.unique(frame["soma_joinid"].to_numpy(dtype=np.int64))
     except (TypeError, ValueError) as exc:
-        raise InputError(f"the hits' soma_joinid column does not hold cell ids (integers): {exc}") from None
+        raise InputError(f"the hits' soma_joinid column does not hold cell ids (integers; {type(exc).__name__}): "
+                         "is the file a table `scatlas hunt sweep` wrote?") from None
     if not len(ids):
         return ids, 0
     con.register("_hunt_report_hits", pa.table({"soma_joinid": ids}))

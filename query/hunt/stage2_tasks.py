@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from scatlas.atlas.errors import EmbedderMismatchError, InputError, StoreError
+from scatlas.atlas.validate import escaped
 from scatlas.index import TaskContext
 from scatlas.query.hunt.access import open_index
 from scatlas.query.hunt.gene_reads import iter_gene_features
@@ -136,7 +137,7 @@ def chunk_scores(
         if stats is not None:
             batch = stats.get(dataset_id)
             if batch is None:
-                raise InputError(f"stage 2 was given no gene statistics for dataset {dataset_id!r}; rerun the sweep")
+                raise InputError(f"stage 2 was given no gene statistics for dataset {escaped(dataset_id, 60)}; rerun the sweep")
         scores[np.searchsorted(ids, got)] = stage.scores(features, batch)
         if progress is not None:
             progress(len(got))

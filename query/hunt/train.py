@@ -274,8 +274,9 @@ def train(
     index: an opened :class:`index.AtlasIndex` or the path of an index directory.
     cells: labelled cells: an ``.h5ad`` path or an AnnData (never modified); embedded with the index's embedder
         (gene overlap reported, refused below ``min_gene_overlap``).
-    positive: which of ``cells`` are positives: a predicate over their obs such as ``"cell_type == 'Norn cell'"``
-        (``==``, ``!=``, ``<``..., ``in [...]``, ``and`` / ``or`` / ``not``; see :mod:`query.hunt.predicate`).
+    positive: which of ``cells`` are positives: an SQL predicate over their obs such as ``"cell_type = 'Norn
+        cell'"``, the language of ``positive_sql`` and ``--where`` (the older pandas-like form, ``==`` and
+        ``in [...]``, is still read: :mod:`query.hunt.predicate`).
     positive_sql: atlas cells that are positives: an SQL predicate over the index's ``cells`` table, e.g.
         ``"cell_type = 'Norn cell' AND dataset_id = 'kidney_1'"``; their stored vectors are used.
     background: number of atlas cells sampled uniformly (seeded) as negatives, positives excluded.
@@ -334,7 +335,7 @@ def train(
     gene_names, skipped = _stage2_genes(idx) if two_stage else (None, "not requested (--stages 1, two_stage=False)")
     if two_stage is True:  # asked for: refuse now what would leave it untrained, before the work
         _require_stage2(skipped if gene_names is None else _store_unusable(idx))
-    stage_choice = None
+    stage_choice, dropped = None, None
     ts = _TrainingSet(idx.dim)
     if cells is not None:
         ts.add_cells(idx, cells, positive, max_positives, cell_negatives, min_gene_overlap, chunk_size, seed,
@@ -360,6 +361,7 @@ def train(
         keep, stage_choice = prefer_two_stages(stage2.metrics, atlas_background=len(ts.background_ids) > 0)
         logger.info("two_stage='auto': %s; %s", stage_choice, "two stages" if keep else "stage 1 alone")
         if not keep:
+            dropped = stage2.metrics
             stage2, skipped = None, f"two_stage='auto' chose stage 1 alone: {stage_choice}"
     if skipped:
         logger.info("stage 2 not trained: %s; the classifier is one-stage", skipped)
@@ -390,6 +392,8 @@ def train(
             "cells": ts.report,
             "two_stage": two_stage,
             **({"stage_choice": stage_choice} if stage_choice else {}),
+            # what the stage 2 that --stages auto trained and did not keep measured (cross-validated)
+            **({"stage2_not_kept": _stage2_summary(dropped)} if dropped else {}),
             **({"stage2_skipped": skipped} if skipped else {}),
         },
         versions=_versions(),
@@ -478,8 +482,7 @@ def _train_stage2(
     G, sel = np.concatenate(parts), np.concatenate(rows)
     if len(fit.y) != n_cp + n_ap + n_cn + n_bg:
         raise AssertionError(f"stage 2 counts {n_cp + n_ap + n_cn + n_bg} rows for stage 1's {len(fit.y)}")  # a bug
-    sampled = ts.counts.get("negatives_from_atlas", 0) + ts.counts.get("background_excluded_as_likely_positive", 0)
-    excluded = ts.counts.get("background_excluded_as_likely_positive", 0) / sampled if sampled else 0.0
+    excluded = _excluded_fraction(ts)
     assert floor is not None
     stage = fit_gene_stage(G, fit.y[sel], fit.cv.oof_scores[sel], gene_names, stage1_threshold=stage1_threshold,
                            l2=l2, n_folds=fit.n_folds, seed=seed, device=device, calibration=calibration,
@@ -718,10 +721,25 @@ def _fit(
     return _Fit(X, y, cv, k, final.weights, final.bias, final.n_iter, excluded)
 
 
+def _stage2_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The cross-validated figures of a stage 2 (:func:`~query.hunt.stage2.fit_gene_stage`'s metrics) worth keeping
+    when it is not used: its own precision, recall and AUPRC, and the two stages'."""
+    two = metrics["two_stage"]
+    return {"n_genes": metrics["n_genes"], "precision": metrics["precision"], "recall": metrics["recall"],
+            "auprc": metrics["auprc"], "two_stage": {k: two[k] for k in ("precision", "recall", "f1") if k in two}}
+
+
+def _excluded_fraction(ts: _TrainingSet) -> float:
+    """The share of the atlas background sample set aside as likely unlabelled positives (0 when none was drawn)."""
+    sampled = ts.counts.get("negatives_from_atlas", 0) + ts.counts.get("background_excluded_as_likely_positive", 0)
+    return ts.counts.get("background_excluded_as_likely_positive", 0) / sampled if sampled else 0.0
+
+
 def _metrics(fit: _Fit, choice: ThresholdChoice, ts: _TrainingSet, n_index: int, *, given_l2: bool) -> dict[str, Any]:
     """The classifier's record of its cross-validated quality."""
     cv, y = fit.cv, fit.y
     n_pos, n_neg = ts.n_positive, ts.n_negative
+    excluded = _excluded_fraction(ts)
     return {
         "cv_folds": fit.n_folds,
         "l2": cv.l2,
@@ -736,6 +754,9 @@ def _metrics(fit: _Fit, choice: ThresholdChoice, ts: _TrainingSet, n_index: int,
         "f1": choice.f1,
         "false_positive_rate": choice.false_positive_rate,
         "expected_false_hits_per_million": choice.false_positive_rate * 1e6,
+        # all hits: the false ones among the cells like the negatives, plus the share of the atlas that looked like
+        # unlabelled positives (set aside from the background) found at the cross-validated recall
+        "expected_hits_per_million": 1e6 * (choice.false_positive_rate * (1 - excluded) + excluded * choice.recall),
         "expected_false_hits_per_million_upper": _upper_false_positive_rate(fit, choice, n_neg) * 1e6,
         "false_hits_per_million_95": _false_positive_bound(choice.false_positive_rate, n_neg) * 1e6,
         "expected_false_hits_in_index": choice.false_positive_rate * n_index,
