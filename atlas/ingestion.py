@@ -740,6 +740,16 @@ def _warn_foreign_genes(current: AtlasStore, plans: list[DatasetPlan]) -> None:
                 escaped(plan.dataset_id, 60), stats["n_existing"], named, int(np.count_nonzero(vocab.keys)))
 
 
+def _measured_ids(source: Any, keep_cols: np.ndarray, col_ids: np.ndarray) -> np.ndarray:
+    """The store gene ids the dataset measured: all of its genes (``col_ids``, from its columns ``keep_cols``)
+    unless the source says which it measured (``source.measured``, bool per source gene: a Census experiment's
+    presence matrix)."""
+    measured = getattr(source, "measured", None)
+    if measured is None:
+        return col_ids
+    return col_ids[np.asarray(measured, dtype=bool)[keep_cols]]
+
+
 def _write_dataset(
     writer: StoreWriter, con: duckdb.DuckDBPyConnection, vocab: GeneVocabulary, plan: DatasetPlan, chunk_size: int,
     progress: bool, read_ahead_chunks: int = 0,
@@ -759,7 +769,8 @@ def _write_dataset(
     with writer.experiment("w") as exp:
         rna = exp.ms[MEASUREMENT]
         _write_genes(con, rna, genes, vocab, plan.dataset_id)
-        write_measured_genes(con, plan.dataset_id, col_ids, n_genes)
+        measured_ids = _measured_ids(plan.source, keep_cols, col_ids)
+        write_measured_genes(con, plan.dataset_id, measured_ids, n_genes)
         x_order = GlobalOrder.of(rna.X[X_LAYER])
         obsm_orders = {key: GlobalOrder.of(rna["obsm"][key]) for key in plan.obsm_dims}
         chunks = _prepared_chunks(plan, obs_start, keep_cols, col_ids, n_genes, digest, chunk_size, x_order,
@@ -780,7 +791,8 @@ def _write_dataset(
     report = DatasetIngestReport(
         dataset_id=plan.dataset_id, source=plan.source_label, n_cells=n, first_cell_id=obs_start,
         n_skipped_non_primary=plan.n_skipped_non_primary, x_kind=record.x_kind, x_source=record.x_source,
-        genes=genes.report, obsm=plan.obsm_dims, seconds=round(time.perf_counter() - t0, 3),
+        genes={**genes.report, **({"n_measured": len(measured_ids)} if len(measured_ids) < len(col_ids) else {})},
+        obsm=plan.obsm_dims, seconds=round(time.perf_counter() - t0, 3),
         renamed_columns=plan.renamed_columns,
         ontology=plan.ontology_fill.report() if plan.ontology_fill is not None else None,
         obs_set=dict(plan.obs_set),

@@ -126,7 +126,9 @@ def ingest(sources: tuple[str, ...], atlas_dir: Path, dataset_id: str | None, ob
             f"{g['n_with_ensembl']} with Ensembl id, {g['n_symbol_only']} symbol only "
             f"({g['n_symbol_mapped_to_ensembl']} mapped to Ensembl), {g['n_duplicates_dropped']} duplicates dropped"
             + (f", {g['n_unnamed_dropped']} without an Ensembl id or symbol dropped (e.g. spike-ins under a var "
-               "index of Ensembl ids)" if g.get("n_unnamed_dropped") else "") + "; "
+               "index of Ensembl ids)" if g.get("n_unnamed_dropped") else "")
+            + (f", {g['n_measured']} measured (the Census presence matrix; the others read as not measured, not as "
+               "zero)" if "n_measured" in g else "") + "; "
             f"{d.cells_per_second:.0f} cells/s"
         )
         if d.ontology is not None:

@@ -19,6 +19,8 @@ from scatlas.atlas.sources.base import (
     expression_from_samples,
     genes_from_var,
 )
+from scatlas.atlas.sources.census_presence import PRESENCE_MATRIX, measured_by_dataset
+from scatlas.atlas.sources.soma_uris import member_inside
 from scatlas.atlas.validate import check_name, escaped
 
 logger = logging.getLogger(__name__)
@@ -43,42 +45,12 @@ def is_soma_experiment(uri: str) -> bool:
         return False
 
 
-def _inside(root: str, member: str) -> bool:
-    """Whether the member URI ``member`` lies under the experiment URI ``root``: no ``..`` segment (literal or
-    percent-encoded), and, for local paths, under the root with symlinks resolved both as written and with
-    percent-escapes decoded (a reader may take ``%2F`` either way: a member must be inside under both readings);
-    other schemes compared as text."""
-    from pathlib import Path
-    from urllib.parse import unquote, urlparse
-
-    def parts(uri: str) -> list[str]:
-        return [*uri.split("/"), *unquote(uri).split("/")]
-
-    if ".." in parts(urlparse(member).path if "://" in member else member):
-        return False
-
-    def local(uri: str, decode: bool) -> Path | None:
-        parsed = urlparse(uri)
-        if parsed.scheme in ("", "file"):
-            path = parsed.path if parsed.scheme else uri
-            return Path(unquote(path) if decode else path).resolve()
-        return None
-
-    for decode in (False, True):
-        r, m = local(root, decode), local(member, decode)
-        if r is None and m is None:
-            return member.startswith(root.rstrip("/") + "/")
-        if r is None or m is None or not m.is_relative_to(r):
-            return False
-    return True
-
-
 def check_members_inside(uri: str, members: dict[str, Any]) -> None:
     """InputError when any of the experiment's ``members`` (name -> object: what a read opens: obs, the measurement,
     var, X and its layer, obsm arrays) lies outside the experiment at ``uri``: a SOMA group's members are URIs, and
     one naming another experiment or a remote store would read data the user did not give."""
     for name, obj in members.items():
-        if not _inside(uri, str(obj.uri)):
+        if not member_inside(uri, str(obj.uri)):
             raise InputError(
                 f"{uri}: its member {escaped(name)} lies outside the experiment (its URI names another location): "
                 "scatlas reads only experiments that hold their own arrays; copy the experiment with its members "
@@ -154,12 +126,19 @@ class SomaExperimentSource:
         pos = self.var["soma_joinid"].to_numpy()
         keys[pos], fid[pos], fname[pos] = vocab.keys, vocab.feature_id, vocab.feature_name
         self.genes = GeneVocabulary(keys=keys, feature_id=fid, feature_name=fname)
+        self.measured: np.ndarray | None = None
+        """Bool per gene of :attr:`genes`: the genes this dataset measured (the Census' presence matrix); None: all."""
         sample = self._read(self._joinids[: min(len(self._joinids), 2000)])
         self.expression: ExpressionChoice = expression_from_samples({f"X/{layer}": sample}, f"{uri} ({name})")
 
     @property
     def n_obs(self) -> int:
         return len(self._joinids)
+
+    @property
+    def n_vars(self) -> int:
+        """Columns of X: the var ``soma_joinid`` range (``0..max``)."""
+        return self._n_vars
 
     def _read(self, ids: np.ndarray) -> sp.csr_matrix:
         if len(ids) == 0:
@@ -250,4 +229,12 @@ def open_soma_experiment(
         sources.append(
             SomaExperimentSource(uri, frame["soma_joinid"].to_numpy(), sub, str(ds), measurement, chosen)
         )
+    if len(held):
+        with tiledbsoma.Experiment.open(uri, context=_context()) as exp:
+            ms = exp.ms[measurement]
+            if PRESENCE_MATRIX in ms:
+                check_members_inside(uri, {f"ms/{measurement}/{PRESENCE_MATRIX}": ms[PRESENCE_MATRIX]})
+            measured = measured_by_dataset(uri, ms, sources[0].n_vars, [s.name for s in sources], _context())
+        for source in sources:
+            source.measured = measured.get(source.name)
     return sources
