@@ -123,8 +123,8 @@ class AnnotationResult:
     ``K_confidence`` (the answer's probability), ``K_level`` (``fine``, ``ancestor`` or ``unknown``),
     ``K_unknown_reason`` (``""``, ``low_confidence``, ``far_from_atlas``, ``out_of_atlas``, ``no_expression`` or
     ``no_labelled_neighbours``),
-    ``K_runner_up`` and ``K_runner_up_proba``, ``K_mapping_score`` (when the index has a mapping calibration: the
-    percentile of the cell's similarity to the atlas among atlas cells held out as new data); plus
+    ``K_runner_up`` and ``K_runner_up_proba``, ``K_mapping_score`` (the percentile of the cell's similarity to the
+    atlas among atlas cells held out as new data; NaN where the index has no mapping calibration); plus
     ``atlas_similarity`` (mean similarity of the cell's calibration-k nearest atlas cells) and
     ``atlas_nearest_similarity``, and ``atlas_expression_match`` where the expression match ran
     (:mod:`query.expression_match`). ``probabilities``: per key, (class names, ``(n_cells, n_classes)`` float32).

@@ -159,8 +159,9 @@ class Transfer:
         for key in self.atlas.keys:
             for column, values in self._answer_columns(key, min_confidence[key], far, out_of_atlas).items():
                 predictions[column] = values
-            if mapping_score is not None:
-                predictions[f"{key}_mapping_score"] = mapping_score.astype(np.float32)
+            # NaN for every cell where the index has no mapping calibration (nothing to score against)
+            predictions[f"{key}_mapping_score"] = (mapping_score.astype(np.float32) if mapping_score is not None
+                                                   else np.full(len(obs_names), np.nan, dtype=np.float32))
         predictions[SIMILARITY_COLUMN] = self.similarity
         predictions[NEAREST_COLUMN] = self.nearest
         if self.expression is not None:

@@ -140,6 +140,7 @@ def test_an_atlas_too_small_to_calibrate_still_builds_and_annotates(tmp_path: Pa
     assert not (tmp_path / "index" / MAPPING_FILE).exists()
     res = annotate(make_adata(20, 60, seed=2, prefix="q"), tmp_path / "index", progress=False)
     assert res.report["mapping"]["verdict"] == "uncalibrated"
+    assert res.predictions["cell_type_mapping_score"].isna().all()  # every cell has the column: NaN, not absent
     with pytest.raises(TooFewCellsError, match="too small to calibrate mapping"):
         calibrate_mapping(tmp_path / "index")
 
