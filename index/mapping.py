@@ -251,15 +251,24 @@ def _groups_of(idx: AtlasIndex) -> tuple[str, str | None, list[str]]:
     """(grouping, column, group values) for the held-out loop."""
     columns = idx.columns()
     if DATASET_COLUMN in columns:
-        values, _ = idx.value_counts(DATASET_COLUMN)
+        values = _values_as_text(idx, DATASET_COLUMN)
         if len(values) >= 2:
-            return "dataset", DATASET_COLUMN, sorted(str(v) for v in values)
+            return "dataset", DATASET_COLUMN, values
     for col in DONOR_COLUMNS:
         if col in columns:
-            values, _ = idx.value_counts(col)
+            values = _values_as_text(idx, col)
             if len(values) >= 2:
-                return "donor", col, sorted(str(v) for v in values)
+                return "donor", col, values
     return "random", None, [str(f) for f in range(RANDOM_FOLDS)]
+
+
+def _values_as_text(idx: AtlasIndex, column: str) -> list[str]:
+    """The column's distinct non-NULL values as :func:`_predicates` compares them (DuckDB's VARCHAR cast: a boolean
+    is ``true``, not Python's ``True``), sorted."""
+    with idx.cursor() as con:
+        col = quote_ident(column)
+        rows = con.execute(f"SELECT DISTINCT CAST({col} AS VARCHAR) FROM cells WHERE {col} IS NOT NULL").fetchall()
+    return sorted(str(v) for (v,) in rows)
 
 
 def _predicates(column: str | None, value: str) -> tuple[str, str]:

@@ -128,7 +128,8 @@ class AnnotationResult:
     ``atlas_similarity`` (mean similarity of the cell's calibration-k nearest atlas cells) and
     ``atlas_nearest_similarity``, and ``atlas_expression_match`` where the expression match ran
     (:mod:`query.expression_match`). ``probabilities``: per key, (class names, ``(n_cells, n_classes)`` float32).
-    ``neighbors``: one row per (query cell, neighbour) kept (``query_row``, ``query_cell``, ``atlas_cell_id`` =
+    ``neighbors``: one row per (query cell, neighbour) kept, none for cells without expression (``query_row``,
+    ``query_cell``, ``atlas_cell_id`` =
     soma_joinid, ``rank`` from 0, ``similarity``, ``dataset_id``). ``report``: JSON-serialisable summary (species,
     gene overlap, mapping verdict, label counts and levels, index identity, timings, and ``evaluation`` when a
     truth column was given). ``placement``: the query cells on the index's reference map (None when the index has

@@ -1,9 +1,10 @@
 """The answer for each cell from its class probabilities: the class, a Cell Ontology ancestor, or ``unknown``.
 
-When the most probable class holds at least ``min_confidence``, it is the answer (level ``fine``). Otherwise the
-probabilities are summed up the Cell Ontology: a term's probability is the sum over the classes whose own term
-is that term or one of its descendants. The most specific term holding at least ``min_confidence`` is the answer
-(level ``ancestor``: "T cell" when CD4 vs CD8 is a coin toss). Ancestors are answers only among the terms given
+When the most probable class holds at least ``min_confidence`` and more than the runner-up, it is the answer
+(level ``fine``). Otherwise the probabilities are summed up the Cell Ontology: a term's probability is the sum over
+the classes whose own term is that term or one of its descendants. The most specific term holding at least
+``min_confidence`` is the answer (level ``ancestor``: "T cell" when CD4 vs CD8 is a coin toss: neither reaches the
+cut, or the two are tied; at the default cut of 0.5 a 56/44 split is still a fine answer). Ancestors are answers only among the terms given
 as allowed (CELLxGENE's curated cell subclasses, :mod:`atlas.ontology_levels`) and the classes' own terms; a term
 that covers every class with a term, or all but :data:`MIN_LEFT_OUT` of their atlas cells, tells nothing the atlas
 does not (every PBMC is a "leukocyte", and a few megakaryocytes and stem cells, which are not, do not make it
@@ -141,7 +142,8 @@ def answer(
         runner, runner_p = np.full(n, -1, np.int64), np.zeros(n)
     fine = np.where(fine_p > 0, fine, -1)
     runner = np.where(runner_p > 0, runner, -1)
-    level = np.where((fine >= 0) & (fine_p >= min_confidence), 0, 2).astype(np.int8)
+    # a fine answer needs the cut and a lead: a class tied with its runner-up (a vote split evenly) is no answer
+    level = np.where((fine >= 0) & (fine_p >= min_confidence) & (fine_p > runner_p * (1 + 1e-6)), 0, 2).astype(np.int8)
     term = np.full(n, -1, dtype=np.int64)
     confidence = fine_p.copy()
     unsure = np.flatnonzero(level == 2)

@@ -35,6 +35,9 @@ only when many cells pair; with few query cells, every atlas neighbour of a quer
 (:data:`index.ALIGN_MIN_SAMPLE`, the same number)."""
 
 
+GROUPING_WORDS = {"dataset": "datasets", "donor": "donors", "random": "random folds of its cells"}
+"""How the report names the atlas' held-out groups (the calibration's ``grouping``)."""
+
 LOW_FRACTION_Z = 2.33
 """A share of cells counts as over ``max_low_fraction`` only when it is over by this many binomial standard errors
 of a query of its size (one-sided, ~1%): an atlas dataset queried back (290 cells, 12.4% in the tail against a
@@ -146,7 +149,7 @@ def assess_mapping(
     # Shifts between donors of one dataset, or random folds, say nothing of those between labs and conditions:
     # the shift rule needs atlas datasets held out.
     shift_rule = calibration.grouping == "dataset"
-    evidence["shift_rule"] = "on" if shift_rule else f"off (the atlas' held-out groups are {calibration.grouping}s)"
+    evidence["shift_rule"] = "on" if shift_rule else f"off (the atlas' held-out groups are {GROUPING_WORDS.get(calibration.grouping, calibration.grouping)})"
     if shift_rule and shift_norm is not None and float(shift_norm) > t["max_shift_norm"]:
         reasons.append(
             f"the query needed a shift of {float(shift_norm):.3f} to align, over {t['max_shift_norm']:.3f} "

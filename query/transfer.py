@@ -133,7 +133,7 @@ class Transfer:
     def _keep_neighbors(
         self, rows: np.ndarray, top_ids: np.ndarray, top_scores: np.ndarray, dcodes: np.ndarray | None
     ) -> None:
-        m = top_ids >= 0
+        m = (top_ids >= 0) & ~self.silent[rows, None]  # a cell without expression has no neighbours to show
         r_idx, c_idx = np.nonzero(m)
         datasets = dcodes[:, : self.k][m] if dcodes is not None else np.full(int(m.sum()), -1)
         self.neighbors.append(

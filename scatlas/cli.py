@@ -550,6 +550,9 @@ def annotate(query_file: Path, index_dir: Path, out_h5ad: Path, label_keys: tupl
     if out_h5ad.suffix.lower() != ".h5ad":
         raise click.BadParameter("the annotated query is written as AnnData: give a path ending in .h5ad",
                                  param_hint="--out")
+    if ontology_map is not None and truth_key is None:
+        raise click.UsageError("--ontology-map gives Cell Ontology terms to the truth labels of --truth-key; give "
+                               "--truth-key COLUMN too, or leave the map out")
     stem = out_h5ad.with_suffix("")
     neighbors_path = neighbors_path or stem.with_name(stem.name + ".neighbors.parquet")
     report_path = report_path or stem.with_name(stem.name + ".report.json")

@@ -60,6 +60,15 @@ def test_sure_class_is_fine_coin_toss_goes_to_the_ancestor(onto: Ontology) -> No
     np.testing.assert_allclose(a.runner_up_proba[:2], [0.05, 0.40], atol=1e-6)
 
 
+def test_an_even_split_is_no_fine_answer(onto: Ontology) -> None:
+    """CD4 and CD8 tied at the cut (a vote split 15/15): T cell, not whichever class came first; a lead of any size
+    at the cut is a fine answer."""
+    p = np.array([[0.5, 0.5, 0, 0, 0], [0.51, 0.49, 0, 0, 0]])
+    a = answer(p, onto, 0.5)
+    assert a.level.tolist() == [1, 0] and a.term.tolist() == [0, -1]
+    np.testing.assert_allclose(a.confidence, [1.0, 0.51], atol=1e-6)
+
+
 def test_no_terms_means_flat_answers() -> None:
     flat = Ontology.flat(CLASSES)
     a = answer(np.array([[0.45, 0.40, 0.05, 0.05, 0.05]]), flat, 0.5)
