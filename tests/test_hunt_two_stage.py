@@ -339,7 +339,16 @@ def test_stage_two_runs_as_ray_tasks_to_the_same_hits(world, tmp_path, monkeypat
                     executor=RayExecutor())
     finally:
         ray.shutdown()
-    assert [k for k in submitted if k.startswith("stage2-")] == [f"stage2-{i:04d}" for i in range(want.n_stage2_chunks)]
+    chunks = [k for k in submitted if k.startswith("stage2-") and not k.startswith("stage2-stats-")]
+    assert chunks == [f"stage2-{i:04d}" for i in range(want.n_stage2_chunks)]
+    # the batches' gene statistics are Ray tasks too (one per dataset holding candidates), to the same files
+    stats_tasks = [k for k in submitted if k.startswith("stage2-stats-")]
+    local_stats = sorted(p.name for p in (tmp_path / "local" / "stage2").glob("stats_*.npz"))
+    assert len(stats_tasks) == len(local_stats) > 0
+    for name in local_stats:
+        with np.load(tmp_path / "local" / "stage2" / name) as a, np.load(tmp_path / "ray" / "stage2" / name) as b:
+            np.testing.assert_array_equal(a["mean"], b["mean"])
+            np.testing.assert_array_equal(a["sd"], b["sd"])
     assert got.n_stage2_chunks == want.n_stage2_chunks > 1 and got.n_hits == want.n_hits
     assert _partials(tmp_path / "ray") == _partials(tmp_path / "local")
     pd.testing.assert_frame_equal(pd.read_parquet(got.hits_path), pd.read_parquet(want.hits_path))

@@ -26,8 +26,8 @@ from scatlas.atlas.errors import EmbedderMismatchError, InputError, StoreError
 from scatlas.atlas.validate import escaped
 from scatlas.index import TaskContext
 from scatlas.query.hunt.access import open_index
-from scatlas.query.hunt.gene_reads import iter_gene_features
-from scatlas.query.hunt.partials import write_partial
+from scatlas.query.hunt.gene_reads import dataset_gene_stats, iter_gene_features
+from scatlas.query.hunt.partials import write_npz_atomic, write_partial
 from scatlas.query.hunt.stage2 import GeneStage, GeneStats
 
 logger = logging.getLogger(__name__)
@@ -123,6 +123,32 @@ def score_chunk(
     seconds = time.perf_counter() - t0
     logger.debug("stage 2 chunk %s: %d candidates in %.2f s (%s)", partial.stem, len(ids), seconds, ctx.worker)
     return ChunkScore(partial.stem, meta, ids, scores, seconds)
+
+
+@dataclass
+class DatasetStats:
+    """What one statistics task returns (its file is already written): the dataset, the file's name, the
+    statistics, and the seconds it took."""
+
+    dataset_id: str
+    name: str
+    stats: GeneStats
+    seconds: float
+
+
+def dataset_stats(
+    source: GeneSource, dataset_id: str, n: int, seed: int, read_size: int, path: Path, *, ctx: TaskContext,
+) -> DatasetStats:
+    """The gene statistics of atlas dataset ``dataset_id`` on ``n`` of its cells drawn with ``seed``
+    (:func:`~query.hunt.gene_reads.dataset_gene_stats`), written to ``path`` (atomically) as a task: on Ray the
+    datasets' statistics are computed in parallel, like the chunks' scores."""
+    t0 = time.perf_counter()
+    store, embedder = source.open()
+    stats = dataset_gene_stats(store, embedder, dataset_id, n, seed, read_size)
+    write_npz_atomic(path, mean=stats.mean, sd=stats.sd, n=np.array([stats.n], dtype=np.int64))
+    if ctx.progress is not None:
+        ctx.progress(stats.n)
+    return DatasetStats(dataset_id, path.name, stats, time.perf_counter() - t0)
 
 
 def chunk_scores(

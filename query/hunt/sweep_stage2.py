@@ -9,11 +9,11 @@ stage 2 resumes where it stopped, to the same hits. Locally the chunks run in th
 which must see the atlas store and the index at the same paths. Memory per task: one chunk's expression and
 features.
 
-A stage 2 that standardises genes within batches needs each candidate dataset's gene statistics: the driver
-computes them before the tasks start, once per dataset holding candidates, on
+A stage 2 that standardises genes within batches needs each candidate dataset's gene statistics: they are computed
+before the chunks' tasks, once per dataset holding candidates, as tasks of the same executor (in parallel on Ray), on
 :data:`~query.hunt.stage2.BATCH_SAMPLE` of its cells drawn with :data:`STATS_SEED` (so a rerun computes the same),
-keeps them in ``OUT/stage2/stats_NNNN.npz`` (recorded in the sweep state) and gives each task those of the datasets
-its chunk spans.
+kept in ``OUT/stage2/stats_NNNN.npz`` (recorded in the sweep state as each finishes) and given to each chunk's task
+for the datasets its chunk spans.
 """
 
 from __future__ import annotations
@@ -30,10 +30,9 @@ from scatlas.atlas.atomic import write_json_atomic
 from scatlas.atlas.errors import InputError
 from scatlas.index import Executor, LocalExecutor, Progress, Task, progress_bar
 from scatlas.query.hunt import stage2_tasks
-from scatlas.query.hunt.gene_reads import dataset_gene_stats
-from scatlas.query.hunt.partials import meta_of, read_partial, write_npz_atomic
+from scatlas.query.hunt.partials import meta_of, read_partial
 from scatlas.query.hunt.stage2 import GeneStage, GeneStats
-from scatlas.query.hunt.stage2_tasks import ChunkScore, GeneSource
+from scatlas.query.hunt.stage2_tasks import ChunkScore, DatasetStats, GeneSource
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +76,9 @@ def score_candidates(
     t0 = time.perf_counter()
     (out / STAGE2_DIR).mkdir(exist_ok=True)
     done: dict[str, Any] = state.setdefault("stage2", {}).setdefault("chunks", {})
-    stats = _BatchStats(store, embedder, stage, out, state, state_path, chunk_size)
-    stats.compute(candidate_datasets(store, candidates))
+    run_on = executor if executor is not None and executor.name != "local" else LocalExecutor(["cpu"])
+    stats = _BatchStats(source, stage, out, state, state_path, chunk_size)
+    stats.compute(candidate_datasets(store, candidates), run_on, progress)
     results: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     tasks: list[Task] = []
     starts = range(0, len(candidates), chunk_size)
@@ -102,7 +102,6 @@ def score_candidates(
         write_json_atomic(state_path, state)
         results[res.name] = (res.ids, res.scores)
 
-    run_on = executor if executor is not None and executor.name != "local" else LocalExecutor(["cpu"])
     with progress_bar(progress, total=len(candidates), initial=len(candidates) - sum(t.cells for t in tasks),
                       desc="stage 2", unit="cell") as bar:
         run_on.run(tasks, on_done, progress=bar.update)
@@ -124,44 +123,50 @@ def candidate_datasets(store: Any, ids: np.ndarray) -> list[str]:
 
 class _BatchStats:
     """The gene statistics of the candidates' datasets (for a stage 2 that standardises within batches): from
-    this run's memory, else the sweep directory's file, else computed on the driver's store and written there
-    (then recorded in the state)."""
+    this run's memory, else the sweep directory's file, else computed by executor tasks
+    (:func:`~query.hunt.stage2_tasks.dataset_stats`: in this process one after the other, or over a Ray cluster)
+    that write the file, then recorded in the state."""
 
-    def __init__(self, store: Any, embedder: Any, stage: GeneStage, out: Path, state: dict[str, Any],
-                 state_path: Path, chunk_size: int) -> None:
-        self.store, self.embedder, self.stage, self.chunk_size = store, embedder, stage, chunk_size
+    def __init__(self, source: GeneSource, stage: GeneStage, out: Path, state: dict[str, Any], state_path: Path,
+                 chunk_size: int) -> None:
+        self.source, self.stage, self.chunk_size = source, stage, chunk_size
         self.out, self.state, self.state_path = out, state, state_path
         self.known: dict[str, GeneStats] = {}
 
-    def compute(self, datasets: list[str]) -> None:
+    def compute(self, datasets: list[str], executor: Executor, progress: Progress) -> None:
         """Have the statistics of ``datasets`` ready (nothing for a stage 2 without batches)."""
-        if self.stage.batch_standardized:
-            for dataset_id in datasets:
-                self(dataset_id)
+        if not self.stage.batch_standardized:
+            return
+        files: dict[str, str] = self.state["stage2"].setdefault("stats", {})
+        used = set(files.values())
+        tasks: list[Task] = []
+        for dataset_id in datasets:
+            name = files.get(dataset_id)
+            got = _read_stats(self.out / STAGE2_DIR / name, len(self.stage.weights)) if name else None
+            if got is not None:
+                self.known[dataset_id] = got
+                continue
+            if name is None:
+                name = next(f"stats_{k:04d}.npz" for k in range(len(used) + 1) if f"stats_{k:04d}.npz" not in used)
+                used.add(name)
+            n = self.stage.batch_sample
+            tasks.append(Task(f"stage2-stats-{name}", stage2_tasks.dataset_stats,
+                              (self.source, dataset_id, n, STATS_SEED, self.chunk_size, self.out / STAGE2_DIR / name),
+                              cells=n))
+        if not tasks:
+            return
+
+        def on_done(task: Task, res: DatasetStats) -> None:
+            self.known[res.dataset_id] = res.stats
+            files[res.dataset_id] = res.name
+            write_json_atomic(self.state_path, self.state)
+
+        with progress_bar(progress, total=sum(t.cells for t in tasks), desc="stage 2 statistics", unit="cell") as bar:
+            executor.run(tasks, on_done, progress=bar.update)
 
     def of(self, datasets: list[str]) -> dict[str, GeneStats]:
-        """The statistics of ``datasets``, by dataset id."""
-        return {d: self(d) for d in datasets}
-
-    def __call__(self, dataset_id: str) -> GeneStats:
-        if dataset_id in self.known:
-            return self.known[dataset_id]
-        files: dict[str, str] = self.state["stage2"].setdefault("stats", {})
-        name = files.get(dataset_id)
-        got = _read_stats(self.out / STAGE2_DIR / name, len(self.stage.weights)) if name else None
-        if got is None:
-            got = dataset_gene_stats(self.store, self.embedder, dataset_id, self.stage.batch_sample, STATS_SEED,
-                                     self.chunk_size)
-            name = name or f"stats_{len(files):04d}.npz"
-            _write_stats(self.out / STAGE2_DIR / name, got)
-            files[dataset_id] = name
-            write_json_atomic(self.state_path, self.state)
-        self.known[dataset_id] = got
-        return got
-
-
-def _write_stats(path: Path, stats: GeneStats) -> None:
-    write_npz_atomic(path, mean=stats.mean, sd=stats.sd, n=np.array([stats.n], dtype=np.int64))
+        """The statistics of ``datasets`` (computed by :meth:`compute`), by dataset id."""
+        return {d: self.known[d] for d in datasets}
 
 
 def _read_stats(path: Path, n_genes: int) -> GeneStats | None:
