@@ -447,8 +447,9 @@ def _open_each(
     for raw in paths:
         label = str(raw)
         remote = "://" in label  # e.g. s3://bucket/census/homo_sapiens: tiledbsoma reads it where it can
-        if (remote or Path(label).is_dir()) and is_soma_experiment(label):
-            soma_sources = open_soma_experiment(label, dataset_id=dataset_id, layer=x_layer)
+        uri = label if remote else str(Path(label).absolute())  # tiledbsoma may not open a relative path
+        if (remote or Path(label).is_dir()) and is_soma_experiment(uri):
+            soma_sources = open_soma_experiment(uri, dataset_id=dataset_id, layer=x_layer)
             for i, soma_src in enumerate(soma_sources):
                 try:
                     plans.append(_plan_dataset(soma_src, soma_src.name, label, "soma", obs_map, keep_non_primary,

@@ -133,7 +133,7 @@ def _classes(idx: AtlasIndex, heads_error: str | None) -> dict[str, Any]:
             "classes": len(c.classes),
             "classes_with_term": sum(1 for k in c.classes if k in c.class_term),
             "by_how": report.get("by_how", {}),
-            "unmapped": sorted(unmapped)[:MAX_LISTED] if isinstance(unmapped, dict) else [],
+            "unmapped": list(unmapped)[:MAX_LISTED] if isinstance(unmapped, dict) else [],  # most cells first
             "n_unmapped": len(unmapped) if isinstance(unmapped, dict) else 0,
         }
         # the closest CL term of each listed value (a suggestion, never applied): [term id, CL name]

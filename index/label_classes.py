@@ -43,6 +43,10 @@ from scatlas.index.metadata import CELLS_TABLE, columns_of, connect
 from scatlas.index.shard import file_record
 from scatlas.index.verify import check_files
 
+CELL_TYPE_KEY = "cell_type"
+"""The schema's cell-type column: its values are cell types (given close CL terms when unmapped) even when none of
+them maps to a term."""
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -206,7 +210,8 @@ def compute_label_classes(con: Any, key: str, ontology: Any = None, keep: Collec
     counts = _value_counts(con, key, False).get(None, {})
     data = _term_counts(con, key, term_col, False).get(None, {}) if has_terms else {}
     overall = map_label_values(list(counts), list(counts.values()), data, ontology=onto, suggest=0)
-    cell_types = any(t is not None for t in overall.terms.values())
+    # a column holds cell types when it is named so, or when any of its values maps to a CL term
+    cell_types = key == CELL_TYPE_KEY or any(t is not None for t in overall.terms.values())
     if cell_types:  # suggestions only for a column that holds cell types
         overall = map_label_values(list(counts), list(counts.values()), data, ontology=onto)
     value_class, class_term = _merge(counts, overall.terms, frozenset(keep))

@@ -607,6 +607,14 @@ def _result(
         mapping_score=mapping.scores,
     )
     obs = source.obs.reset_index(drop=True)
+    if user_map:
+        unused = [label for label in user_map if not any((obs[col].astype(str) == label).any()
+                                                          for col in truth_map.values())]
+        if unused:
+            logger.warning("%d of the ontology map's %d labels are not values of the truth column (e.g. %s): they give "
+                           "no cell a term; is it the map of another file's labels?", len(unused), len(user_map),
+                           escaped_list(unused, 3))
+        params = {**params, "ontology_map": {"labels": len(user_map), "unused": len(unused)}}
     truth = {
         key: read_truth(obs[col], atlas.classes[key], user_map=user_map,
                         term_column=obs[term_column(col)].to_numpy() if term_column(col) in obs.columns else None)

@@ -640,6 +640,10 @@ def _echo_annotation(report: dict[str, Any]) -> None:
               + (f"; note: {mapping['caveat']}" if mapping.get("caveat") else "")
               + ("; the atlas has one dataset, so how far another lab's data must shift is not judged (only how "
                  "its cells' similarities fall)" if weaker else ""))
+        if (mapping.get("expression") or {}).get("status") == "off":
+            _echo("note: the per-cell expression match is off (" + str(mapping["expression"].get("reason"))
+                  + "): cells of another tissue mixed into this query are judged by their similarities alone and may "
+                  "keep labels")
     expression = mapping.get("expression") or {}
     cells_out = expression.get("cells_out", expression.get("cells_below"))
     if expression.get("status") == "on" and cells_out:
@@ -700,7 +704,7 @@ def _echo_evaluation(key: str, ev: dict[str, Any]) -> None:
         _echo(flat + f"ontology-aware accuracy {_fmt(onto.get('ontology_accuracy'))} of the answered (on the "
                      f"{scored:,} cells whose truth has a Cell Ontology term), {100 * onto['fine_rate']:.1f}% fine"
                      + (f" ({100 * onto['fine_coarser_rate']:.1f}% with a class coarser than the truth)"
-                        if onto.get("fine_coarser_rate") else "") + f", ECE {_fmt(onto.get('ece'))}")
+                        if (onto.get("fine_coarser_rate") or 0) >= 0.0005 else "") + f", ECE {_fmt(onto.get('ece'))}")
     absent = ev.get("truth_labels_absent_from_atlas") or {}
     if absent:
         names = ", ".join(map(_value, list(absent)[:6])) + (", ..." if len(absent) > 6 else "")
@@ -755,7 +759,7 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
                 min_gene_overlap=min_gene_overlap, allow_species_mismatch=allow_species_mismatch, x_layer=x_layer)
     m = clf.metrics
     parts = ", ".join(f"{n:,} {k.replace('_', ' ')}" for k, n in clf.counts.items()
-                      if k not in ("n_positive", "n_negative") and isinstance(n, int) and n)
+                      if k not in ("n_positive", "n_negative") and isinstance(n, int) and not isinstance(n, bool) and n)
     _echo(f"classifier {out_dir}: {clf.counts.get('n_positive'):,} positives, {clf.counts.get('n_negative'):,} "
           f"negatives" + (f" ({parts})" if parts else ""))
     _echo(f"stage 1 (embedding), cross-validated: precision {m['precision']:.3f}, recall {m['recall']:.3f}, AUPRC "
@@ -791,9 +795,14 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
               f"{1e6 * c1['false_positive_rate']:.0f} negatives per million")
         _echo(f"stage 2 ({m2['n_genes']} genes), cross-validated: precision {m2['precision']:.3f}, recall "
               f"{m2['recall']:.3f}, AUPRC {m2['auprc']:.3f} at threshold {clf.stage2.threshold:.4f}")
-        _echo(f"two stages, cross-validated: precision {two['precision']:.3f}, recall {two['recall']:.3f}; expected "
-              f"false hits per million atlas cells {two['expected_false_hits_per_million']:.1f} (all hits "
-              f"{two['expected_hits_per_million']:.1f}, counting cells set aside as likely positives as hits)")
+        one, rows = m2.get("stage1_alone") or {}, m2.get("rows") or {}
+        _echo(f"two stages, cross-validated on the {rows.get('positives', '?')} positives and "
+              f"{rows.get('negatives', '?')} negatives stage 2 trains on: precision {two['precision']:.3f}, recall "
+              f"{two['recall']:.3f}, false hits per million of those negatives "
+              f"{two['expected_false_hits_per_million']:.1f}"
+              + (f" (stage 1 alone on the same cells: precision {one['precision']:.3f}, recall {one['recall']:.3f}, "
+                 f"false hits per million {1e6 * one['false_positive_rate']:.1f})" if one else "")
+              + f"; all hits per million atlas cells {two['expected_hits_per_million']:.1f}")
     _echo(f"embedder fingerprint {clf.embedder_fingerprint}")
 
 

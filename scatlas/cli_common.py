@@ -258,10 +258,10 @@ def _value(value: Any, limit: int = 40) -> str:
 
 
 def _unmapped(value: Any, suggestions: dict[str, Any]) -> str:
-    """A label value without a Cell Ontology term as a summary lists it, with its closest CL term when there is one
-    (a suggestion: never applied)."""
+    """A label value without a Cell Ontology term as a summary lists it: quoted (a label may hold commas or
+    brackets), with its closest CL term when there is one (a suggestion: never applied)."""
     close = suggestions.get(value)
-    return _value(value) + (f" (closest CL term: {close[0]} {_value(close[1], 60)})" if close else "")
+    return escaped(value, 40) + (f" (closest CL term: {close[0]} {_value(close[1], 60)})" if close else "")
 
 
 def _echo_json(payload: Any, path: Path | None) -> None:

@@ -343,6 +343,13 @@ def test_ontology_map_gives_the_truth_labels_terms_and_ontology_aware_scores(wor
     assert onto["ece"] is not None and 0 <= onto["ece"] < 0.1
     assert onto["fine_rate"] + onto["ancestor_rate"] + onto["unknown_rate"] == pytest.approx(1.0, abs=2e-4)
     assert "ontology-aware accuracy" in mapped.result.output and "no ontology-aware score" not in mapped.result.output
+    assert mapped.report["params"]["ontology_map"] == {"labels": len(NAMES), "unused": 0}
+    assert "are not values of the truth column" not in mapped.result.output
+
+    stray = _write_map(world["root"] / "stray_map.csv", {**terms, "no such label": "CL:0000236"})
+    strayed = annotate(world, query, "omap_stray.h5ad", *extra, "--ontology-map", str(stray))
+    assert "1 of the ontology map's 11 labels are not values of the truth column" in strayed.result.output
+    assert strayed.report["params"]["ontology_map"] == {"labels": len(NAMES) + 1, "unused": 1}
     assert f"{onto['ontology_accuracy']:.3f}" in mapped.result.output
 
     wrong_terms = {**terms, NAMES["B cell"]: terms["grp Fb"]}  # B cells declared fibroblasts

@@ -76,7 +76,36 @@ def test_a_presence_matrix_outside_its_census_is_said_and_not_applied(
     shutil.copytree(exp_uri, alone)  # the experiment copied out of its Census: the matrix's rows have no names
     with caplog.at_level(logging.WARNING):
         ingest([str(alone)], tmp_path / "atlas", progress=False)
-    assert "its rows are named by the Census' census_info/datasets table, not found beside it" in caplog.text
+    assert "its rows are named by the Census' census_info/datasets table, and the experiment was not given inside a Census" in caplog.text
     store = AtlasStore.open(tmp_path / "atlas")
     a = store.measured("ds_a")
     assert a is not None and a.all()
+
+
+def test_a_relative_path_to_the_experiment_reads_its_census(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The experiment given as a relative path (as a user types it) is found inside its Census as an absolute one."""
+    _census(tmp_path / "census")
+    monkeypatch.chdir(tmp_path)
+    ingest(["census/census_data/homo_sapiens"], tmp_path / "atlas", progress=False)
+    a = AtlasStore.open(tmp_path / "atlas").measured("ds_a")
+    assert a is not None and int(a.sum()) == MEASURED_A
+
+
+def test_a_presence_row_that_misses_genes_with_counts_is_said_and_widened(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A row saying ds_b measured nothing while its X has counts: the genes with counts are taken as measured (and
+    the warning says the matrix does not describe this X), not a whole dataset read as unmeasured."""
+    import tiledbsoma
+
+    exp_uri = _census(tmp_path / "census")
+    with tiledbsoma.Experiment.open(str(exp_uri), "w") as exp:  # row 0 (ds_b) emptied: deletes are not possible,
+        matrix = exp.ms["RNA"]["feature_dataset_presence_matrix"]  # so its entries are overwritten with False
+        matrix.write(pa.table({"soma_dim_0": pa.array([0] * N_GENES, pa.int64()),
+                               "soma_dim_1": pa.array(list(range(N_GENES)), pa.int64()),
+                               "soma_data": pa.array([False] * N_GENES)}))
+    with caplog.at_level(logging.WARNING):
+        ingest([str(exp_uri)], tmp_path / "atlas", progress=False)
+    assert "dataset 'ds_b' has counts in" in caplog.text and "does not describe this X" in caplog.text
+    b = AtlasStore.open(tmp_path / "atlas").measured("ds_b")
+    assert b is not None and b.sum() > 0.9 * N_GENES  # every gene the dataset's cells have counts in

@@ -51,6 +51,10 @@ def test_atlas_positives_are_told_from_the_cells_labelled_otherwise_and_found_wh
         f"SELECT count(*) FROM cells WHERE cell_type IS NOT NULL AND cell_type <> '{RARE}'").fetchone()[0]
     assert clf.counts["negatives_from_atlas"] <= labelled_others  # no unlabelled cell among the negatives
     assert clf.counts["background_excluded_as_likely_positive"] == 0  # labelled otherwise: never set aside
+    # the hits a sweep should return count the atlas cells the predicate matches, found at the recall
+    m = clf.metrics
+    known = clf.counts["atlas_cells_matching_sql"] / idx.n_cells
+    assert known > 0 and m["expected_hits_per_million"] >= 1e6 * known * m["recall"] > 0
     assert clf.atlas_store_id and clf.atlas_store_id == idx.atlas_store_id  # its training ids are this store's
     assert clf.same_atlas_ids("another build", idx.atlas_store_id)
     assert not clf.same_atlas_ids("another build", "another store") and not clf.same_atlas_ids("another build", "")
@@ -83,9 +87,13 @@ def test_positives_that_all_lack_expression_are_named_as_such(world, tmp_path):
         train(world["index"], adata, positive=f"cell_type == '{RARE}'", background=300, progress=False)
 
 
-def test_a_predicate_matching_every_labelled_cell_is_refused(world):
-    with pytest.raises(InputError, match="cannot tell the .* positives from the .* negatives.*rare type"):
+def test_a_predicate_matching_every_labelled_cell_is_refused(world, caplog):
+    """Here the classifier cannot separate them and training is refused; before that, the warning that no labelled
+    cell is a negative (where it can separate them, by the labelled cells' batch, the warning is all there is)."""
+    with caplog.at_level("WARNING", logger="scatlas.query.hunt.train"), \
+            pytest.raises(InputError, match="cannot tell the .* positives from the .* negatives.*rare type"):
         train(world["index"], world["files"][3], positive="1 = 1", background=500, progress=False)
+    assert "matches every labelled cell" in caplog.text and "none is a negative" in caplog.text
 
 
 def test_positives_without_expression_and_copies_of_one_cell_are_left_out(world, tmp_path):

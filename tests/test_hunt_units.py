@@ -250,3 +250,13 @@ def test_the_false_positive_bound_is_clopper_pearson_one_sided():
         upper = proportion_confint(fp, n, alpha=0.10, method="beta")[1]  # two-sided 90% = one-sided 95%
         assert _false_positive_bound(fp / n, n) == pytest.approx(upper, rel=1e-9)
     assert _false_positive_bound(1.0, 10) == 1.0 and _false_positive_bound(0.0, 0) == 1.0
+
+
+def test_expected_hits_per_million_counts_known_and_likely_positives() -> None:
+    from scatlas.query.hunt.calibration import expected_hits_per_million
+
+    assert expected_hits_per_million(0.001, 0.9) == pytest.approx(1000.0)  # false hits only
+    # 1% of the atlas known positives found at recall 0.9, false hits among the other 99%
+    assert expected_hits_per_million(0.001, 0.9, known=0.01) == pytest.approx(1e6 * (0.009 + 0.99 * 0.001))
+    # half the rest looked like positives (set aside): found at the recall too
+    assert expected_hits_per_million(0.0, 0.8, known=0.0, likely=0.5) == pytest.approx(400_000.0)

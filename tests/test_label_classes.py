@@ -187,7 +187,21 @@ def test_build_lists_labels_without_a_term_with_the_closest_term(tmp_path: Path)
     assert res.exit_code == 0, res.output
     line = next(row for row in res.output.splitlines() if row.startswith("classes      cell_type:"))
     assert "3 values -> 3 classes, 2 with a Cell Ontology term" in line
-    assert "no term: CD4 T cells (closest CL term: CL:" in line
+    assert "no term: 'CD4 T cells' (closest CL term: CL:" in line
     with AtlasIndex.open(tmp_path / "index") as idx:
         lc = idx.label_classes("cell_type")
     assert "CD4 T cells" in lc.classes and "CD4 T cells" not in lc.class_term  # the suggestion was not applied
+
+
+def test_a_cell_type_column_without_any_term_still_gets_suggestions(tmp_path: Path) -> None:
+    """cell_type is the schema's cell-type column: even when none of its values maps to a CL term (a lab's own
+    abbreviations), build suggests close terms for them (other columns get suggestions only when a value maps)."""
+    a = make_adata(300, 60, seed=4, prefix="a", cell_types=("CD4 T cells", "Mono_CD14x", "NK cellz"))
+    a.write_h5ad(tmp_path / "a.h5ad")
+    ingest([tmp_path / "a.h5ad"], tmp_path / "atlas", progress=False)
+    build_index(tmp_path / "atlas", tmp_path / "index", embedder_options=OPTS, progress=False,
+                reference_map=False)
+    with AtlasIndex.open(tmp_path / "index") as idx:
+        lc = idx.label_classes("cell_type")
+    assert lc.class_term == {} and lc.report["cell_type_column"] is True
+    assert lc.report["unmapped"]["CD4 T cells"][0][0] == "CL:0000624"  # CD4-positive, alpha-beta T cell

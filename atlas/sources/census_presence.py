@@ -17,6 +17,7 @@ import numpy as np
 
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.sources.soma_uris import member_inside
+from scatlas.atlas.validate import escaped_list
 
 logger = logging.getLogger(__name__)
 
@@ -25,45 +26,51 @@ PRESENCE_MATRIX = "feature_dataset_presence_matrix"
 
 
 def _plain(uri: str) -> str:
-    """``uri`` as a comparable string: a local ``file://`` URI as its path, no trailing slash."""
+    """``uri`` as a comparable string: a local path (or ``file://`` URI) absolute with links resolved, other URIs as
+    they are; no trailing slash."""
+    from pathlib import Path
     from urllib.parse import unquote, urlparse
 
     parsed = urlparse(uri)
-    return (unquote(parsed.path) if parsed.scheme == "file" else uri).rstrip("/")
+    if parsed.scheme in ("", "file"):
+        return str(Path(unquote(parsed.path) if parsed.scheme == "file" else uri).resolve())
+    return uri.rstrip("/")
 
 
-def _census_datasets(uri: str, context: Any) -> Any | None:
-    """The Census' ``census_info/datasets`` DataFrame when ``uri`` is the experiment ``census_data/<name>`` of a
-    Census collection two levels up (the collection names it as that member, and the table lies inside the
-    collection); None otherwise."""
+NOT_IN_CENSUS = ("its rows are named by the Census' census_info/datasets table, and the experiment was not given "
+                 "inside a Census (CENSUS/census_data/NAME, CENSUS holding census_info/datasets)")
+
+
+def _census_datasets(uri: str, context: Any) -> tuple[Any | None, str]:
+    """``(table, "")``: the Census' ``census_info/datasets`` DataFrame when ``uri`` is the experiment
+    ``census_data/<name>`` of a Census collection two levels up (the collection names it as that member, and the
+    table lies inside the collection); else ``(None, why not)``."""
     import tiledbsoma
 
-    parts = uri.rstrip("/").rsplit("/", 2)
+    parts = _plain(uri).rsplit("/", 2)
     if len(parts) != 3 or parts[1] != "census_data":
-        return None
+        return None, NOT_IN_CENSUS
     root, name = parts[0], parts[2]
     try:
         census = tiledbsoma.Collection.open(root, context=context)
     except Exception:  # noqa: BLE001 - not a SOMA collection: not a Census layout
-        return None
+        return None, NOT_IN_CENSUS
     try:
         data = census.get("census_data", None)
         if data is None or name not in data or _plain(data[name].uri) != _plain(uri):
-            return None
+            return None, NOT_IN_CENSUS
         info = census.get("census_info", None)
         if info is None or "datasets" not in info:
-            return None
+            return None, "the Census around it has no census_info/datasets table to name its rows"
         table = info["datasets"]
         if not member_inside(root, str(table.uri)):
             raise InputError(f"{root}: its census_info/datasets table lies outside the Census collection; scatlas "
                              "reads only tables inside the collection it was given")
-        return table.read(column_names=["soma_joinid", "dataset_id"]).concat().to_pandas()
+        return table.read(column_names=["soma_joinid", "dataset_id"]).concat().to_pandas(), ""
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - a damaged Census: said, and every gene taken as measured
-        logger.warning("%s: the Census' census_info/datasets table cannot be read (%s): every gene of its datasets "
-                       "is taken as measured", root, type(exc).__name__)
-        return None
+        return None, f"the Census' census_info/datasets table cannot be read ({type(exc).__name__})"
     finally:
         census.close()
 
@@ -75,12 +82,10 @@ def measured_by_dataset(uri: str, ms: Any, n_vars: int, dataset_ids: list[str], 
     measured."""
     if PRESENCE_MATRIX not in ms:
         return {}
-    table = _census_datasets(uri, context)
+    table, why = _census_datasets(uri, context)
     if table is None:
-        logger.warning(
-            "%s: the experiment records which genes each dataset measured (%s), but its rows are named by the "
-            "Census' census_info/datasets table, not found beside it (ingest the experiment from inside its Census: "
-            "CENSUS/census_data/NAME): every gene is taken as measured in every dataset", uri, PRESENCE_MATRIX)
+        logger.warning("%s: the experiment records which genes each dataset measured (%s), but %s: every gene is "
+                       "taken as measured in every dataset", uri, PRESENCE_MATRIX, why)
         return {}
     rows = dict(zip(table["dataset_id"].astype(str), table["soma_joinid"].astype(np.int64), strict=True))
     matrix = ms[PRESENCE_MATRIX]
@@ -99,8 +104,8 @@ def measured_by_dataset(uri: str, ms: Any, n_vars: int, dataset_ids: list[str], 
         mask = np.zeros(n_vars, dtype=bool)
         mask[cols] = True
         out[dataset_id] = mask
-    missing = len(dataset_ids) - len(out)
+    missing = [d for d in dataset_ids if d not in out]
     if missing:
-        logger.warning("%s: %d of its %d datasets have no row in %s: their genes are all taken as measured", uri,
-                       missing, len(dataset_ids), PRESENCE_MATRIX)
+        logger.warning("%s: %d of its %d datasets have no row in %s (%s): their genes are all taken as measured", uri,
+                       len(missing), len(dataset_ids), PRESENCE_MATRIX, escaped_list(missing, 5))
     return out

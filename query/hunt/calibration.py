@@ -71,6 +71,16 @@ class Calibration:
         raise InputError(f"unknown calibration {d.get('method')!r}; expected platt or isotonic")
 
 
+def expected_hits_per_million(false_positive_rate: float, recall: float, *, known: float = 0.0,
+                              likely: float = 0.0) -> float:
+    """Hits a sweep should return per million atlas cells: the atlas cells known to be positives (share ``known``:
+    those a ``positive_sql`` predicate matches) and those that looked like positives (share ``likely`` of the rest:
+    the background cells set aside as likely unlabelled positives) found at ``recall``, plus false hits among the
+    others at ``false_positive_rate`` (all cross-validated)."""
+    rest = 1.0 - known
+    return 1e6 * (known * recall + rest * (likely * recall + (1.0 - likely) * false_positive_rate))
+
+
 def fit_platt(scores: np.ndarray, y: np.ndarray) -> Calibration:
     """Platt scaling with Platt's smoothed targets ``(N+ + 1) / (N+ + 2)`` and ``1 / (N- + 2)``."""
     s = np.asarray(scores, dtype=np.float64)

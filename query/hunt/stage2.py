@@ -26,7 +26,12 @@ from typing import Any
 import numpy as np
 
 from scatlas.atlas.errors import InputError
-from scatlas.query.hunt.calibration import Calibration, CalibrationMethod, fit_calibration
+from scatlas.query.hunt.calibration import (
+    Calibration,
+    CalibrationMethod,
+    expected_hits_per_million,
+    fit_calibration,
+)
 from scatlas.query.hunt.logistic import DEFAULT_L2_GRID, cross_validate, fit_logistic
 from scatlas.query.hunt.metrics import average_precision, choose_threshold, roc_auc
 
@@ -196,6 +201,7 @@ def fit_gene_stage(
     calibration: CalibrationMethod,
     target_precision: float | None,
     excluded_fraction: float = 0.0,
+    known_fraction: float = 0.0,
     sd_floor: float | None = None,
     batch_sample: int = BATCH_SAMPLE,
 ) -> GeneStage:
@@ -204,8 +210,9 @@ def fit_gene_stage(
     the :data:`STAGE1_RECALL` cut over the positives stage 2 recalls, that over all positives, and
     ``stage1_threshold`` (stage 1's own cut), so that stage 2 never sees fewer cells than stage 1 alone would hit.
 
-    ``excluded_fraction``: the share of the atlas background sample dropped as likely positives (it enters the
-    expected hits per million atlas cells). ``sd_floor``: ``G`` is standardised within batches with this floor
+    ``excluded_fraction``: the share of the atlas background sample dropped as likely positives, ``known_fraction``:
+    the share of the atlas known to be positives (a ``positive_sql`` predicate's): both enter the expected hits per
+    million atlas cells (:func:`~query.hunt.calibration.expected_hits_per_million`). ``sd_floor``: ``G`` is standardised within batches with this floor
     (:func:`standardize`; the stage is ``batch_standardized`` and fits the features as they are); None: ``G`` is
     the raw gene features (standardised globally by the fit, as before batches were).
     """
@@ -238,8 +245,8 @@ def fit_gene_stage(
         "two_stage": {
             **two,
             "expected_false_hits_per_million": two["false_positive_rate"] * 1e6,
-            "expected_hits_per_million": 1e6 * (two["false_positive_rate"] * (1 - excluded_fraction)
-                                                + excluded_fraction * two["recall"]),
+            "expected_hits_per_million": expected_hits_per_million(
+                two["false_positive_rate"], two["recall"], known=known_fraction, likely=excluded_fraction),
         },
         # stage 1 alone at its own threshold, on these rows and folds: what "auto" weighs two stages against
         "stage1_alone": one,

@@ -24,6 +24,7 @@ import numpy as np
 from scatlas.atlas.errors import InputError
 from scatlas.atlas.genes import MIN_GENE_OVERLAP
 from scatlas.atlas.outputs import CLASSIFIER, check_output_dir
+from scatlas.atlas.validate import escaped
 from scatlas.index import (
     ALIGN_SAMPLE,
     AtlasIndex,
@@ -35,7 +36,7 @@ from scatlas.index import (
     sample_sorted,
 )
 from scatlas.query.hunt.access import IndexLike, input_paths, open_index
-from scatlas.query.hunt.calibration import CalibrationMethod, fit_calibration
+from scatlas.query.hunt.calibration import CalibrationMethod, expected_hits_per_million, fit_calibration
 from scatlas.query.hunt.classifier import HuntClassifier, exact_scores
 from scatlas.query.hunt.gene_reads import dataset_gene_stats, open_index_store, read_gene_features
 from scatlas.query.hunt.logistic import DEFAULT_L2_GRID, CVResult, cross_validate, fit_logistic
@@ -486,7 +487,8 @@ def _train_stage2(
     assert floor is not None
     stage = fit_gene_stage(G, fit.y[sel], fit.cv.oof_scores[sel], gene_names, stage1_threshold=stage1_threshold,
                            l2=l2, n_folds=fit.n_folds, seed=seed, device=device, calibration=calibration,
-                           target_precision=target_precision, excluded_fraction=excluded, sd_floor=floor,
+                           target_precision=target_precision, excluded_fraction=excluded,
+                           known_fraction=_known_fraction(ts, idx.n_cells), sd_floor=floor,
                            batch_sample=BATCH_SAMPLE)
     stage.metrics["training_rows"] = {"labelled_positives": n_cp, "labelled_negatives": n_cn,
                                       "atlas_positives": n_ap if use_atlas else 0,
@@ -549,6 +551,11 @@ class _TrainingSet:
         self.positives.append(cpos)
         self.negatives.append(cneg)
         self.counts["positives_from_cells"], self.counts["negatives_from_cells"] = len(cpos), len(cneg)
+        if positive is not None and cell_negatives > 0 and len(cpos) and not len(cneg):
+            logger.warning(
+                "the predicate %s matches every labelled cell (%d): none is a negative, so the negatives are atlas "
+                "cells only and the classifier can learn the labelled cells' batch as 'positive'; give a predicate "
+                "that some labelled cells fail", escaped(positive, 200), len(cpos))
 
     def add_atlas_positives(self, idx: AtlasIndex, positive_sql: str, max_positives: int, seed: int) -> None:
         ids = idx.filter_ids(positive_sql, allow_empty=True, what="SQL predicate")
@@ -729,6 +736,11 @@ def _stage2_summary(metrics: dict[str, Any]) -> dict[str, Any]:
             "auprc": metrics["auprc"], "two_stage": {k: two[k] for k in ("precision", "recall", "f1") if k in two}}
 
 
+def _known_fraction(ts: _TrainingSet, n_index: int) -> float:
+    """The share of the atlas' cells a ``positive_sql`` predicate matches (0 without one)."""
+    return min(1.0, ts.counts.get("atlas_cells_matching_sql", 0) / n_index) if n_index else 0.0
+
+
 def _excluded_fraction(ts: _TrainingSet) -> float:
     """The share of the atlas background sample set aside as likely unlabelled positives (0 when none was drawn)."""
     sampled = ts.counts.get("negatives_from_atlas", 0) + ts.counts.get("background_excluded_as_likely_positive", 0)
@@ -754,9 +766,8 @@ def _metrics(fit: _Fit, choice: ThresholdChoice, ts: _TrainingSet, n_index: int,
         "f1": choice.f1,
         "false_positive_rate": choice.false_positive_rate,
         "expected_false_hits_per_million": choice.false_positive_rate * 1e6,
-        # all hits: the false ones among the cells like the negatives, plus the share of the atlas that looked like
-        # unlabelled positives (set aside from the background) found at the cross-validated recall
-        "expected_hits_per_million": 1e6 * (choice.false_positive_rate * (1 - excluded) + excluded * choice.recall),
+        "expected_hits_per_million": expected_hits_per_million(
+            choice.false_positive_rate, choice.recall, known=_known_fraction(ts, n_index), likely=excluded),
         "expected_false_hits_per_million_upper": _upper_false_positive_rate(fit, choice, n_neg) * 1e6,
         "false_hits_per_million_95": _false_positive_bound(choice.false_positive_rate, n_neg) * 1e6,
         "expected_false_hits_in_index": choice.false_positive_rate * n_index,
