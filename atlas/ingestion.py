@@ -782,17 +782,18 @@ def _write_dataset(
                 _write_chunk(exp, con, chunk)
                 bar.update(len(chunk))
     expression = plan.source.expression
+    gene_report = {**genes.report, **({"n_measured": len(measured_ids)} if len(measured_ids) < len(col_ids) else {})}
     record = DatasetRecord(
         dataset_id=plan.dataset_id, start=obs_start, stop=obs_start + n, x_kind=expression.x_kind,
         x_source=_x_source(expression.location, expression.rescale_note()), source=plan.source_label,
-        source_format=plan.source_format, genes=genes.report, obs_columns=plan.extra_columns, obsm=plan.obsm_dims,
+        source_format=plan.source_format, genes=gene_report, obs_columns=plan.extra_columns, obsm=plan.obsm_dims,
         n_skipped_non_primary=plan.n_skipped_non_primary, ingested_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
         x_sha256=digest.hexdigest(), renamed_columns=plan.renamed_columns,
     )
     report = DatasetIngestReport(
         dataset_id=plan.dataset_id, source=plan.source_label, n_cells=n, first_cell_id=obs_start,
         n_skipped_non_primary=plan.n_skipped_non_primary, x_kind=record.x_kind, x_source=record.x_source,
-        genes={**genes.report, **({"n_measured": len(measured_ids)} if len(measured_ids) < len(col_ids) else {})},
+        genes=gene_report,
         obsm=plan.obsm_dims, seconds=round(time.perf_counter() - t0, 3),
         renamed_columns=plan.renamed_columns,
         ontology=plan.ontology_fill.report() if plan.ontology_fill is not None else None,

@@ -610,6 +610,7 @@ class DatasetSummary:
     ingested_at: str
     obs_revision: int
     label_columns: list[LabelColumn] = field(default_factory=list)
+    n_genes_measured: int | None = None  # fewer than n_genes where the source said which it measured (Census)
 
 
 @dataclass
@@ -686,5 +687,6 @@ def list_datasets(atlas: str | Path) -> StoreListing:
                 n_genes_added=int(g["n_new"]) if "n_new" in g else None, x_kind=rec.x_kind, x_source=rec.x_source,
                 source=rec.source, source_format=rec.source_format, ingested_at=rec.ingested_at,
                 obs_revision=rec.obs_revision, label_columns=_label_columns(con, rec, candidates, with_terms),
+                n_genes_measured=int(g["n_measured"]) if "n_measured" in g else None,
             ))
     return listing

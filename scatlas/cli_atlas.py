@@ -46,7 +46,10 @@ def datasets(atlas_dir: Path, json_out: Path | None) -> None:
           + (f"cell ids below {listing.obs_high_water:,} taken{unused}" if listing.obs_high_water
              else "no cell id taken"))
     for d in listing.datasets:
-        genes = "genes unknown" if d.n_genes is None else f"{d.n_genes:,} genes ({d.n_genes_added:,} added to the atlas)"
+        genes = "genes unknown" if d.n_genes is None else (
+            f"{d.n_genes:,} genes ({d.n_genes_added:,} added to the atlas"
+            + (f"; {d.n_genes_measured:,} measured, the Census presence matrix" if d.n_genes_measured is not None
+               else "") + ")")
         _echo(f"{d.dataset_id}: {d.n_cells:,} cells (ids {d.start}-{d.stop - 1}), {genes}, X {d.x_kind} from "
               f"{d.x_source}")
         _echo(f"  source {d.source} ({d.source_format}), ingested {d.ingested_at or '?'}, obs revision {d.obs_revision}")

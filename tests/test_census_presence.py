@@ -60,6 +60,9 @@ def test_census_presence_matrix_records_the_genes_each_dataset_measured(tmp_path
     assert "ds_a: 40 cells" in out and f"{MEASURED_A} measured (the Census presence matrix" in out
     ds_b_line = next(line for line in out.splitlines() if line.startswith("ds_b:"))
     assert "measured (the Census" not in ds_b_line  # every gene measured: nothing to say
+    listing = run_cli("datasets", "--atlas", str(tmp_path / "atlas"))
+    ds_a_line = next(line for line in listing.splitlines() if line.startswith("ds_a:"))
+    assert f"{MEASURED_A} measured, the Census presence matrix" in ds_a_line
     store = AtlasStore.open(tmp_path / "atlas")
     a, b = store.measured("ds_a"), store.measured("ds_b")
     assert a is not None and b is not None and b.all()
