@@ -20,7 +20,8 @@ MIN_SCORE = 0.5
 """A name sharing less of the weighted words than this is no suggestion (letter similarity is tried instead)."""
 STRUCTURAL = frozenset({"positive", "negative", "alpha", "beta", "cell", "lymphocyte", "human"})
 """Words of CL's naming scheme that labels leave out ("CD4 T cells" for "CD4-positive, alpha-beta T cell"): in a
-name but not in the label, they count :data:`STRUCTURAL_WEIGHT` of their weight against it."""
+name but not in the label, they count :data:`STRUCTURAL_WEIGHT` of their weight against it, unless the label uses
+one of them itself (other than ``cell``): a label "alpha" or "beta" names pancreatic cells, not alpha-beta T cells."""
 STRUCTURAL_WEIGHT = 0.25
 SPECIFIC_SHARE = 0.1
 """Words in more than this share of the names (``cell``, ``positive``) score, but do not alone make a name a
@@ -61,11 +62,13 @@ class TermSuggester:
         specific = [w for w in words if w in self._index and w not in self._common]
         pool = {i for w in (specific or [w for w in words if w in self._index]) for i in self._index[w]}
         total = self._weight(words)
+        # a label that itself uses the scheme's words ("alpha", "beta": pancreatic cells) means them: no discount
+        structural = STRUCTURAL if not words & (STRUCTURAL - {"cell"}) else frozenset()
         scored = []
         for i in pool:
             shared = self._weight(words & self._words[i])
             extra = self._words[i] - words
-            own = shared + self._weight(extra - STRUCTURAL) + STRUCTURAL_WEIGHT * self._weight(extra & STRUCTURAL)
+            own = shared + self._weight(extra - structural) + STRUCTURAL_WEIGHT * self._weight(extra & structural)
             recall, precision = shared / total, shared / own
             score = 2 * recall * precision / (recall + precision) if shared else 0.0
             if score >= MIN_SCORE:

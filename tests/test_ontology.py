@@ -74,6 +74,7 @@ def test_normalise_label() -> None:
         ("CD14+ Mono", "CL:0001054"),
         ("B cells naive", "CL:0000788"),
         ("Erythrocte", "CL:0000232"),  # a misspelling: the letter fallback
+        ("alpha", "CL:0000171"),  # pancreatic A cell, not alpha-beta T cell
     ],
 )
 def test_first_suggestion_shares_the_labels_words(onto: CellOntology, label: str, term: str) -> None:
