@@ -195,3 +195,14 @@ def test_sweep_spreads_shards_over_every_gpu(atlas, clf, tmp_path):
     multi = sweep(idx, clf, tmp_path / "multi", device="cuda", progress=False,
                   executor=LocalExecutor([f"cuda:{i}" for i in range(n)]))
     pd.testing.assert_frame_equal(pd.read_parquet(cpu.hits_path), pd.read_parquet(multi.hits_path))
+
+
+def test_an_index_of_vectors_alone_hunts_with_stage_one_and_says_why(atlas, clf, tmp_path):
+    """An index built from vectors (no embedder that reads genes, no atlas store) has no stage 2: the classifier
+    records why, `--stages 2` is refused saying so, and the sweep's hits are stage 1's."""
+    data, idx = atlas
+    assert clf.stage2 is None and "no embedder to read genes with" in clf.params["stage2_skipped"]
+    with pytest.raises(InputError, match="no embedder to read genes with"):
+        train(idx, positive_sql=LABELLED, background=4000, n_folds=3, progress=False, two_stage=True)
+    summary = sweep(idx, clf, tmp_path / "sweep", progress=False)
+    assert summary.n_stage2_kept is None and summary.stages.startswith("stage 1 only")

@@ -132,7 +132,15 @@ def test_cli_stages_option(world, tmp_path):
             "3000", "--no-progress"]
     out = run_cli(*args, "--out", str(tmp_path / "auto"))
     assert "two stages, cross-validated" in out and "stages: two, chosen by --stages auto (" in out
-    assert HuntClassifier.load(tmp_path / "auto").params["two_stage"] == "auto"
+    clf = HuntClassifier.load(tmp_path / "auto")
+    assert clf.params["two_stage"] == "auto" and clf.stage2 is not None
+    m2 = clf.stage2.metrics  # the two-stage line: on the labelled cells stage 2 trains on, stage 1 alone beside it
+    rows, two, one = m2["rows"], m2["two_stage"], m2["stage1_alone"]
+    line = next(row for row in out.splitlines() if row.startswith("two stages, cross-validated"))
+    assert f"on the {rows['positives']} positives and {rows['negatives']} negatives stage 2 trains on" in line
+    assert f"precision {two['precision']:.3f}, recall {two['recall']:.3f}" in line
+    assert f"(stage 1 alone on the same cells: precision {one['precision']:.3f}, recall {one['recall']:.3f}" in line
+    assert f"all hits per million atlas cells {two['expected_hits_per_million']:.1f}" in line
     out = run_cli(*args, "--out", str(tmp_path / "one"), "--stages", "1")
     assert "stages: stage 1 alone (--stages 1)" in out and HuntClassifier.load(tmp_path / "one").stage2 is None
     res = CliRunner().invoke(cli, ["-q", *args, "--out", str(tmp_path / "bad"), "--stages", "1", "--two-stage"])
