@@ -669,12 +669,16 @@ def _write_chunk(exp: Any, con: duckdb.DuckDBPyConnection, chunk: PreparedChunk)
 
 def _prepared_chunks(plan: DatasetPlan, obs_start: int, keep_cols: np.ndarray, col_ids: np.ndarray, n_genes: int,
                      digest: XDigest, chunk_size: int, x_order: GlobalOrder | None,
-                     obsm_orders: Mapping[str, GlobalOrder | None]) -> Iterator[PreparedChunk]:
-    """The dataset's chunks, read, checked, renumbered to atlas genes, digested (in order) and prepared."""
+                     obsm_orders: Mapping[str, GlobalOrder | None],
+                     detected: np.ndarray | None = None) -> Iterator[PreparedChunk]:
+    """The dataset's chunks, read, checked, renumbered to atlas genes, digested (in order) and prepared;
+    ``detected`` (bool per atlas gene), when given, marks the genes with a count in any cell read."""
     done = 0
     for pos, block in plan.source.iter_rows(plan.rows, chunk_size):
         ids = np.arange(obs_start + done, obs_start + done + len(pos), dtype=np.int64)
         X = _in_atlas_genes(block, keep_cols, col_ids, n_genes, pos, plan.source_label)
+        if detected is not None:
+            detected[np.unique(X.indices[X.data != 0])] = True
         digest.update(ids, X)
         yield _prepare_chunk(plan, pos, ids, X, x_order, obsm_orders)
         done += len(pos)
@@ -741,6 +745,17 @@ def _warn_foreign_genes(current: AtlasStore, plans: list[DatasetPlan]) -> None:
                 escaped(plan.dataset_id, 60), stats["n_existing"], named, int(np.count_nonzero(vocab.keys)))
 
 
+def _with_detected(dataset_id: str, measured_ids: np.ndarray, detected: np.ndarray) -> np.ndarray:
+    """The measured genes with those a dataset's cells have counts in added (a warning when there are such genes
+    the source did not call measured)."""
+    extra = np.setdiff1d(np.flatnonzero(detected), measured_ids)
+    if len(extra):
+        logger.warning("dataset %s has counts in %d genes its source says it did not measure: taken as measured",
+                       escaped(dataset_id, 60), len(extra))
+        return np.union1d(measured_ids, extra)
+    return measured_ids
+
+
 def _measured_ids(source: Any, keep_cols: np.ndarray, col_ids: np.ndarray) -> np.ndarray:
     """The store gene ids the dataset measured: all of its genes (``col_ids``, from its columns ``keep_cols``)
     unless the source says which it measured (``source.measured``, bool per source gene: a Census experiment's
@@ -771,16 +786,20 @@ def _write_dataset(
         rna = exp.ms[MEASUREMENT]
         _write_genes(con, rna, genes, vocab, plan.dataset_id)
         measured_ids = _measured_ids(plan.source, keep_cols, col_ids)
-        write_measured_genes(con, plan.dataset_id, measured_ids, n_genes)
+        # where the source says which genes it measured, a gene with counts in any cell is measured whatever it says
+        detected = np.zeros(n_genes, dtype=bool) if len(measured_ids) < len(col_ids) else None
         x_order = GlobalOrder.of(rna.X[X_LAYER])
         obsm_orders = {key: GlobalOrder.of(rna["obsm"][key]) for key in plan.obsm_dims}
         chunks = _prepared_chunks(plan, obs_start, keep_cols, col_ids, n_genes, digest, chunk_size, x_order,
-                                  obsm_orders)
+                                  obsm_orders, detected)
         with tqdm(total=n, desc=f"ingest {plan.dataset_id}", unit="cell", disable=not progress, leave=False) as bar, \
                 read_ahead(chunks, read_ahead_chunks, name=f"ingest-read-{plan.dataset_id}") as ready:
             for chunk in ready:
                 _write_chunk(exp, con, chunk)
                 bar.update(len(chunk))
+        if detected is not None:
+            measured_ids = _with_detected(plan.dataset_id, measured_ids, detected)
+        write_measured_genes(con, plan.dataset_id, measured_ids, n_genes)
     expression = plan.source.expression
     gene_report = {**genes.report, **({"n_measured": len(measured_ids)} if len(measured_ids) < len(col_ids) else {})}
     record = DatasetRecord(

@@ -257,11 +257,12 @@ class LabelMapping:
 
     def to_json(self) -> dict[str, Any]:
         """The mapping as JSON-ready data: ``by_how``, ``mapped`` (value -> [term, how]), ``unmapped`` (value ->
-        suggestions as [term, name] pairs), ``notes``."""
+        suggestions as [term, name] pairs), ``unmapped_by_cells`` (those values, most cells first), ``notes``."""
         return {
             "by_how": self.by_how(),
             "mapped": {v: [t, self.how[v]] for v, t in sorted(self.terms.items()) if t is not None},
             "unmapped": {v: [list(s) for s in self.suggestions.get(v, ())] for v in self.unmapped()},
+            "unmapped_by_cells": self.unmapped(),  # most cells first (the JSON file sorts the mapping's keys)
             "notes": list(self.notes[:MAX_NOTES]),
             "n_notes": len(self.notes),
         }

@@ -20,8 +20,8 @@ MIN_SCORE = 0.5
 """A name sharing less of the weighted words than this is no suggestion (letter similarity is tried instead)."""
 STRUCTURAL = frozenset({"positive", "negative", "alpha", "beta", "cell", "lymphocyte", "human"})
 """Words of CL's naming scheme that labels leave out ("CD4 T cells" for "CD4-positive, alpha-beta T cell"): in a
-name but not in the label, they count :data:`STRUCTURAL_WEIGHT` of their weight against it, unless the label uses
-one of them itself (other than ``cell``): a label "alpha" or "beta" names pancreatic cells, not alpha-beta T cells."""
+name but not in the label, they count :data:`STRUCTURAL_WEIGHT` of their weight against it ("alpha" and "beta" at
+full weight when the label has one of them alone: a label "alpha" names pancreatic cells, not alpha-beta T cells)."""
 STRUCTURAL_WEIGHT = 0.25
 SPECIFIC_SHARE = 0.1
 """Words in more than this share of the names (``cell``, ``positive``) score, but do not alone make a name a
@@ -62,8 +62,11 @@ class TermSuggester:
         specific = [w for w in words if w in self._index and w not in self._common]
         pool = {i for w in (specific or [w for w in words if w in self._index]) for i in self._index[w]}
         total = self._weight(words)
-        # a label that itself uses the scheme's words ("alpha", "beta": pancreatic cells) means them: no discount
-        structural = STRUCTURAL if not words & (STRUCTURAL - {"cell"}) else frozenset()
+        # the scheme's words the label itself uses are meant, not scheme; and "alpha" or "beta" alone ("alpha" cells
+        # of the pancreas) is not the alpha-beta naming of T cells: neither is discounted then
+        structural = STRUCTURAL - words
+        if len(words & {"alpha", "beta"}) == 1:
+            structural = structural - {"alpha", "beta"}
         scored = []
         for i in pool:
             shared = self._weight(words & self._words[i])

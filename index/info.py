@@ -119,6 +119,14 @@ MAX_LISTED = 8
 """Unmapped label values listed by name per column (the counts cover all)."""
 
 
+def _most_cells_first(report: dict[str, Any], unmapped: Any) -> list[str]:
+    """The unmapped label values, most cells first (alphabetical for label classes stored before that order was)."""
+    if not isinstance(unmapped, dict):
+        return []
+    order = report.get("unmapped_by_cells")
+    return [str(v) for v in order if v in unmapped] if isinstance(order, list) else sorted(unmapped)
+
+
 def _classes(idx: AtlasIndex, heads_error: str | None) -> dict[str, Any]:
     """Column -> how its values were mapped to Cell Ontology terms and merged into classes (stored columns only)."""
     if heads_error is not None:
@@ -133,7 +141,7 @@ def _classes(idx: AtlasIndex, heads_error: str | None) -> dict[str, Any]:
             "classes": len(c.classes),
             "classes_with_term": sum(1 for k in c.classes if k in c.class_term),
             "by_how": report.get("by_how", {}),
-            "unmapped": list(unmapped)[:MAX_LISTED] if isinstance(unmapped, dict) else [],  # most cells first
+            "unmapped": _most_cells_first(report, unmapped)[:MAX_LISTED],
             "n_unmapped": len(unmapped) if isinstance(unmapped, dict) else 0,
         }
         # the closest CL term of each listed value (a suggestion, never applied): [term id, CL name]

@@ -607,9 +607,12 @@ def _result(
         mapping_score=mapping.scores,
     )
     obs = source.obs.reset_index(drop=True)
-    if user_map:
-        unused = [label for label in user_map if not any((obs[col].astype(str) == label).any()
-                                                          for col in truth_map.values())]
+    if user_map and not truth_map:
+        logger.warning("the ontology map gives terms to the truth labels, and no truth column was given: it is not "
+                       "used (pass truth_key too)")
+    elif user_map:
+        present = {str(v) for col in truth_map.values() for v in pd.unique(obs[col].dropna())}
+        unused = [label for label in user_map if label not in present]
         if unused:
             logger.warning("%d of the ontology map's %d labels are not values of the truth column (e.g. %s): they give "
                            "no cell a term; is it the map of another file's labels?", len(unused), len(user_map),

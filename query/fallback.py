@@ -117,7 +117,7 @@ def answer(
 ) -> Answers:
     """Each row's answer from class probabilities ``proba`` ``(n, n_classes)`` (rows sum to 1, or 0 when no
     class is allowed). ``preferred``: a class index per row that wins ties for the best class (the vote's
-    nearest-neighbour tie-break), -1 for none."""
+    nearest-neighbour tie-break, which names ``fine``), -1 for none; a tie is still no fine answer."""
     p = np.asarray(proba, dtype=np.float64)
     n, c = p.shape
     rows = np.arange(n)

@@ -8,6 +8,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import anndata
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -21,7 +22,7 @@ N_GENES = 50
 MEASURED_A = 30  # dataset ds_a measured the first 30 genes only; ds_b all 50
 
 
-def _census(root: Path) -> Path:
+def _census(root: Path, dense: bool = False) -> Path:
     """A Census-layout collection: census_info/datasets (rows named by soma_joinid, in another order than the
     experiment's obs) and census_data/homo_sapiens with two datasets and their presence matrix. Returns the
     experiment's path."""
@@ -47,6 +48,11 @@ def _census(root: Path) -> Path:
     rows = [0] * N_GENES + [1] * MEASURED_A  # ds_b (row 0) measured every gene, ds_a (row 1) the first 30
     cols = list(range(N_GENES)) + list(range(MEASURED_A))
     with tiledbsoma.Experiment.open(str(exp_uri), "w") as exp:
+        if dense:  # not as the Census writes it
+            grid = exp.ms["RNA"].add_new_dense_ndarray("feature_dataset_presence_matrix", type=pa.int8(),
+                                                       shape=(2, N_GENES))
+            grid.write((slice(None), slice(None)), pa.Tensor.from_numpy(np.ones((2, N_GENES), dtype=np.int8)))
+            return exp_uri
         matrix = exp.ms["RNA"].add_new_sparse_ndarray("feature_dataset_presence_matrix", type=pa.bool_(),
                                                       shape=(2, N_GENES))
         matrix.write(pa.table({"soma_dim_0": pa.array(rows, pa.int64()), "soma_dim_1": pa.array(cols, pa.int64()),
@@ -112,3 +118,72 @@ def test_a_presence_row_that_misses_genes_with_counts_is_said_and_widened(
     assert "dataset 'ds_b' has counts in" in caplog.text and "does not describe this X" in caplog.text
     b = AtlasStore.open(tmp_path / "atlas").measured("ds_b")
     assert b is not None and b.sum() > 0.9 * N_GENES  # every gene the dataset's cells have counts in
+
+
+def _one_dataset_census(root: Path, ad: anndata.AnnData, measured: int) -> Path:
+    """A Census-layout collection of one dataset (``ds_a``) whose presence row says it measured the first
+    ``measured`` genes. Returns the experiment's path."""
+    import tiledbsoma
+    import tiledbsoma.io
+
+    ad.obs["dataset_id"] = "ds_a"
+    exp_uri = root / "census_data" / "homo_sapiens"
+    with tiledbsoma.Collection.create(str(root)) as census:
+        table = census.add_new_collection("census_info").add_new_dataframe(
+            "datasets", schema=pa.schema([("dataset_id", pa.large_string())]), domain=[(0, 0)])
+        table.write(pa.table({"soma_joinid": pa.array([0], pa.int64()), "dataset_id": ["ds_a"]}))
+        census.add_new_collection("census_data")
+    tiledbsoma.io.from_anndata(str(exp_uri), ad, measurement_name="RNA", X_layer_name="raw")
+    with tiledbsoma.Collection.open(str(root / "census_data"), "w") as data, \
+            tiledbsoma.Experiment.open(str(exp_uri)) as exp:
+        data.set("homo_sapiens", exp, use_relative_uri=True)
+    with tiledbsoma.Experiment.open(str(exp_uri), "w") as exp:
+        matrix = exp.ms["RNA"].add_new_sparse_ndarray("feature_dataset_presence_matrix", type=pa.bool_(),
+                                                      shape=(1, ad.n_vars))
+        matrix.write(pa.table({"soma_dim_0": pa.array([0] * measured, pa.int64()),
+                               "soma_dim_1": pa.array(list(range(measured)), pa.int64()),
+                               "soma_data": pa.array([True] * measured)}))
+    return exp_uri
+
+
+def test_counts_beyond_the_first_cells_in_genes_called_unmeasured_are_kept_as_measured(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The presence check at open time reads a dataset's first 2,000 cells; a gene called unmeasured with counts only
+    in later cells is found while the cells are written, and recorded as measured (its counts are data)."""
+    ad = make_adata(n_cells=2100, n_genes=N_GENES, seed=8)
+    X = ad.X.toarray()
+    X[:, MEASURED_A:] = 0
+    X[2050:, N_GENES - 1] = 3  # counts in the last gene, in cells past the first 2,000 only
+    ad.X = sp.csr_matrix(X)
+    exp_uri = _one_dataset_census(tmp_path / "census", ad, MEASURED_A)
+    with caplog.at_level(logging.WARNING):
+        ingest([str(exp_uri)], tmp_path / "atlas", progress=False)
+    assert "has counts in 1 genes its source says it did not measure" in caplog.text
+    store = AtlasStore.open(tmp_path / "atlas")
+    a = store.measured("ds_a")
+    assert a is not None and int(a.sum()) == MEASURED_A + 1
+    assert f"ENSG{1000000 + N_GENES - 1:011d}" in set(np.asarray(store.genes.feature_id)[a])
+
+
+def test_a_lone_census_dataset_renamed_by_dataset_id_keeps_its_presence_row(tmp_path: Path) -> None:
+    """--dataset-id renames the store dataset, not the Census row its measured genes are looked up by."""
+    ad = make_adata(n_cells=60, n_genes=N_GENES, seed=9)
+    X = ad.X.toarray()
+    X[:, MEASURED_A:] = 0
+    ad.X = sp.csr_matrix(X)
+    exp_uri = _one_dataset_census(tmp_path / "census", ad, MEASURED_A)
+    ingest([str(exp_uri)], tmp_path / "atlas", progress=False, dataset_id="mine")
+    a = AtlasStore.open(tmp_path / "atlas").measured("mine")
+    assert a is not None and int(a.sum()) == MEASURED_A
+
+def test_a_presence_matrix_not_as_the_census_writes_it_is_an_error(tmp_path: Path) -> None:
+    """A dense array under the presence matrix's name: one InputError saying what is expected (not a traceback),
+    and the experiment's sources closed."""
+    from scatlas.atlas.errors import InputError
+
+    exp_uri = _census(tmp_path / "census", dense=True)
+
+    with pytest.raises(InputError, match="feature_dataset_presence_matrix cannot be read as the Census writes it"):
+        ingest([str(exp_uri)], tmp_path / "atlas", progress=False)
+

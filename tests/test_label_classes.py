@@ -20,7 +20,7 @@ from scatlas.index import AtlasIndex, LabelClasses, build_index, verify_index
 from scatlas.index.label_classes import ensure_label_classes
 from scatlas.index.label_heads import HEADS_DIR, HEADS_FILE
 from scatlas.index.manifest import LABELS_DIR, LABELS_FILE, MANIFEST_FILE, manifest_digest
-from tests.conftest import make_adata
+from tests.conftest import make_adata, run_cli
 
 B_CELL, CLASSICAL_MONO, T_CELL, LYMPHOCYTE = "CL:0000236", "CL:0000860", "CL:0000084", "CL:0000542"
 OPTS = {"n_hvg": 40, "n_components": 8}
@@ -205,3 +205,8 @@ def test_a_cell_type_column_without_any_term_still_gets_suggestions(tmp_path: Pa
         lc = idx.label_classes("cell_type")
     assert lc.class_term == {} and lc.report["cell_type_column"] is True
     assert lc.report["unmapped"]["CD4 T cells"][0][0] == "CL:0000624"  # CD4-positive, alpha-beta T cell
+    # info lists them most cells first (the stored JSON sorts its keys alphabetically)
+    counts = a.obs["cell_type"].astype(str).value_counts()
+    line = next(r for r in run_cli("info", str(tmp_path / "index")).splitlines() if r.startswith("classes"))
+    listed = sorted(counts.index, key=lambda v: line.index(f"'{v}'"))
+    assert listed == list(counts.sort_values(ascending=False, kind="stable").index), (line, counts.to_dict())

@@ -69,6 +69,9 @@ def test_normalise_label() -> None:
     [
         ("CD4 T cells", "CL:0000624"),  # CD4-positive, alpha-beta T cell (letter by letter: "endothelial cell")
         ("CD8 T", "CL:0000625"),
+        ("CD8+ T cells", "CL:0000625"),  # "+" reads as "positive": still not the regulatory or helper T cell
+        ("CD4+ T cells", "CL:0000624"),
+        ("CD4-positive T cells", "CL:0000624"),
         ("Memory CD4 T", "CL:0000897"),  # CD4-positive, alpha-beta memory T cell
         ("B Activated", "CL:0000236"),  # B cell (letter by letter: "mature astrocyte", a synonym "activated astrocyte")
         ("CD14+ Mono", "CL:0001054"),

@@ -233,13 +233,24 @@ def open_soma_experiment(
             SomaExperimentSource(uri, frame["soma_joinid"].to_numpy(), sub, str(ds), measurement, chosen)
         )
     if len(held):
-        with tiledbsoma.Experiment.open(uri, context=_context()) as exp:
-            ms = exp.ms[measurement]
-            if PRESENCE_MATRIX in ms:
-                check_members_inside(uri, {f"ms/{measurement}/{PRESENCE_MATRIX}": ms[PRESENCE_MATRIX]})
-            measured = measured_by_dataset(uri, ms, sources[0].n_vars, [s.name for s in sources], _context())
-        for source in sources:
-            source.measured = _checked_measured(source, measured.get(source.name))
+        # the Census' name of each source's dataset (a lone dataset renamed by --dataset-id keeps its row)
+        census_ids = [source.name for source in sources] if dataset_id is None else [str(held[0])]
+        try:
+            with tiledbsoma.Experiment.open(uri, context=_context()) as exp:
+                ms = exp.ms[measurement]
+                if PRESENCE_MATRIX in ms:
+                    check_members_inside(uri, {f"ms/{measurement}/{PRESENCE_MATRIX}": ms[PRESENCE_MATRIX]})
+                measured = measured_by_dataset(uri, ms, sources[0].n_vars, census_ids, _context())
+        except BaseException as exc:
+            for source in sources:
+                source.close()
+            if isinstance(exc, InputError) or not isinstance(exc, Exception):
+                raise
+            raise InputError(f"{uri}: its {PRESENCE_MATRIX} cannot be read as the Census writes it (a sparse array "
+                             f"of datasets x genes; {type(exc).__name__}); remove it or ingest a complete Census "
+                             "experiment") from None
+        for source, census_id in zip(sources, census_ids, strict=True):
+            source.measured = _checked_measured(source, measured.get(census_id))
     return sources
 
 

@@ -147,7 +147,7 @@ def dataset_stats(
     stats = dataset_gene_stats(store, embedder, dataset_id, n, seed, read_size)
     write_npz_atomic(path, mean=stats.mean, sd=stats.sd, n=np.array([stats.n], dtype=np.int64))
     if ctx.progress is not None:
-        ctx.progress(stats.n)
+        ctx.progress(n)  # the cells the task was sized by (a smaller dataset gives fewer)
     return DatasetStats(dataset_id, path.name, stats, time.perf_counter() - t0)
 
 

@@ -553,9 +553,10 @@ class _TrainingSet:
         self.counts["positives_from_cells"], self.counts["negatives_from_cells"] = len(cpos), len(cneg)
         if positive is not None and cell_negatives > 0 and len(cpos) and not len(cneg):
             logger.warning(
-                "the predicate %s matches every labelled cell (%d): none is a negative, so the negatives are atlas "
-                "cells only and the classifier can learn the labelled cells' batch as 'positive'; give a predicate "
-                "that some labelled cells fail", escaped(positive, 200), len(cpos))
+                "no labelled cell is left as a negative (the predicate %s matches every one that expresses the "
+                "embedder's genes; %d positives kept): the negatives are atlas cells only, and the classifier can "
+                "learn the labelled cells' batch as 'positive'; give a predicate that some labelled cells fail",
+                escaped(positive, 200), len(cpos))
 
     def add_atlas_positives(self, idx: AtlasIndex, positive_sql: str, max_positives: int, seed: int) -> None:
         ids = idx.filter_ids(positive_sql, allow_empty=True, what="SQL predicate")
@@ -737,12 +738,17 @@ def _stage2_summary(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _known_fraction(ts: _TrainingSet, n_index: int) -> float:
-    """The share of the atlas' cells a ``positive_sql`` predicate matches (0 without one)."""
+    """The share of the atlas' cells a ``positive_sql`` predicate matches (0 without one). With one, the cells set
+    aside from the background as likely positives may be among them: they are not counted again (see
+    :func:`_excluded_fraction`)."""
     return min(1.0, ts.counts.get("atlas_cells_matching_sql", 0) / n_index) if n_index else 0.0
 
 
 def _excluded_fraction(ts: _TrainingSet) -> float:
-    """The share of the atlas background sample set aside as likely unlabelled positives (0 when none was drawn)."""
+    """The share of the atlas background sample set aside as likely unlabelled positives (0 when none was drawn, and
+    with atlas positives, whose count already holds the atlas' known positives)."""
+    if ts.counts.get("atlas_cells_matching_sql"):
+        return 0.0
     sampled = ts.counts.get("negatives_from_atlas", 0) + ts.counts.get("background_excluded_as_likely_positive", 0)
     return ts.counts.get("background_excluded_as_likely_positive", 0) / sampled if sampled else 0.0
 
