@@ -339,8 +339,9 @@ class AtlasStore:
         try:
             return duckdb.connect(str(self.cells_db_path), read_only=True)
         except duckdb.Error as exc:
-            if any(marker in str(exc) for marker in _DUCKDB_NOT_DAMAGE) or not isinstance(
-                    exc, duckdb.IOException | duckdb.SerializationException | duckdb.InternalException):
+            corrupt = "Corrupt database file" in str(exc)  # a checksum mismatch: raised as the base duckdb.Error
+            if any(marker in str(exc) for marker in _DUCKDB_NOT_DAMAGE) or not (corrupt or isinstance(
+                    exc, duckdb.IOException | duckdb.SerializationException | duckdb.InternalException)):
                 raise
             problem = _duckdb_file_problem(self.cells_db_path)
             raise damaged_store(self.path, problem or f"its cell table {CELLS_DB} cannot be opened "

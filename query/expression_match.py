@@ -121,9 +121,11 @@ def _best_match(X: np.ndarray | sp.csr_matrix, centred_profiles: np.ndarray) -> 
     return out
 
 
-def off(reason: str) -> dict[str, Any]:
-    """The report's record of a check that did not run."""
-    return {"status": "off", "reason": reason}
+def off(reason: str, cause: str = "inputs") -> dict[str, Any]:
+    """The report's record of a check that did not run: why, and whether the ``cause`` is the atlas' make-up
+    (``atlas``: too few labelled datasets to calibrate it; the same for every query) or this run's inputs (``inputs``:
+    no heads reading genes, too few shared genes)."""
+    return {"status": "off", "reason": reason, "cause": cause}
 
 
 def expression_match(
@@ -150,7 +152,7 @@ def expression_match(
     sizes = {d: int((datasets == d).sum()) for d in np.unique(datasets[datasets != ""])}
     groups = sorted((d for d, n in sizes.items() if n >= MIN_GROUP_CELLS), key=lambda d: -sizes[d])[:MAX_GROUPS]
     if len(groups) < 2:
-        return off("the atlas' training sample has fewer than two datasets to hold out")
+        return off("the atlas' training sample has fewer than two datasets to hold out", cause="atlas")
     Gp = sp.csr_matrix(G[rows][:, np.flatnonzero(present)], dtype=np.float64)
     onehot = sp.csr_matrix((np.ones(len(y)), (np.arange(len(y)), y)), shape=(len(y), int(y.max()) + 1))
     counts = np.asarray(onehot.sum(axis=0)).ravel()
@@ -171,7 +173,7 @@ def expression_match(
         X = Gp[cells][:, cols]
         held[str(d)] = (_best_match(X, _standardise(profiles[:, cols])), np.asarray((X > 0).sum(axis=1)).ravel())
     if not held:
-        return off("no atlas dataset shares cell types with another")
+        return off("no atlas dataset shares cell types with another", cause="atlas")
     keep = counts >= MIN_PROFILE_CELLS
     centred = _standardise(_profiles(sums[keep], n_cells[keep]))
     quantiles = {d: float(np.nanquantile(match, QUANTILE)) for d, (match, _) in held.items()}

@@ -640,7 +640,7 @@ def _echo_annotation(report: dict[str, Any]) -> None:
               + (f"; note: {mapping['caveat']}" if mapping.get("caveat") else "")
               + ("; the atlas has one dataset, so how far another lab's data must shift is not judged (only how "
                  "its cells' similarities fall)" if weaker else ""))
-        if (mapping.get("expression") or {}).get("status") == "off":
+        if (mapping.get("expression") or {}).get("cause") == "atlas":  # said for the atlas' make-up, not a choice
             _echo("note: the per-cell expression match is off (" + str(mapping["expression"].get("reason"))
                   + "): cells of another tissue mixed into this query are judged by their similarities alone and may "
                   "keep labels")

@@ -59,6 +59,14 @@ def _truncate(path: Path, size: int) -> None:
         fh.truncate(size)
 
 
+def _flip(path: Path) -> None:
+    """One byte of the file's second half inverted (DuckDB's block checksum no longer matches)."""
+    data = bytearray(path.read_bytes())
+    at = min(200_000, len(data) // 2)
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def _set(key: str, value: int, dataset: int = 0) -> Callable[[dict[str, Any]], None]:
     def edit(state: dict[str, Any]) -> None:
         state["datasets"][dataset][key] = value
@@ -77,6 +85,7 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
     "cells.duckdb cut in its headers": lambda a: _truncate(a / "cells.duckdb", 8_000),
     "cells.duckdb cut after its headers": lambda a: _truncate(a / "cells.duckdb", 20_000),
     "cells.duckdb cut in its data": lambda a: _truncate(a / "cells.duckdb", (a / "cells.duckdb").stat().st_size // 4),
+    "cells.duckdb byte flipped": lambda a: _flip(a / "cells.duckdb"),
     "experiment/ms missing": lambda a: shutil.rmtree(a / "experiment" / "ms"),
     "experiment missing": lambda a: shutil.rmtree(a / "experiment"),
     "stop far beyond the ids": lambda a: _edit_state(a, _set("stop", 10**9)),
@@ -86,7 +95,8 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
     "range beyond the arrays' shape": lambda a: _edit_state(a, _beyond_arrays),
 }
 """Damage that opening the store (or its first read of the arrays) must find, by name."""
-FOUND_ON_READ = {"range beyond the arrays' shape", "cells.duckdb cut after its headers", "cells.duckdb cut in its data"}
+FOUND_ON_READ = {"range beyond the arrays' shape", "cells.duckdb cut after its headers", "cells.duckdb cut in its data",
+                 "cells.duckdb byte flipped"}
 """Damage found once the arrays are opened (their shape) or DuckDB reads the file: not by ``AtlasStore.open``
 itself, which reads no data."""
 
