@@ -47,6 +47,7 @@ from scatlas.index.manifest import (
     SearchDefaults,
     ShardRecord,
     read_manifest,
+    residuals_state,
     shard_dirname,
     write_json_atomic,
 )
@@ -484,8 +485,8 @@ class _Shards:
 def _warn_mixed_residuals(records: list[ShardRecord], trained: Any) -> None:
     """Warn when some shards store rounding residuals and others not (a build resumed from one written before they
     existed): re-ranking then settles float16 ties exactly only among the shards that have them."""
-    have = sum(r.has_residuals for r in records)
-    if not is_exact(trained) and 0 < have < len(records):
+    if not is_exact(trained) and residuals_state(records) == "some":
+        have = sum(r.has_residuals for r in records)
         logger.warning(
             "%d of %d shards store no rounding residuals (written before they existed): re-ranking settles float16 "
             "ties exactly only among the other shards; rebuild with --overwrite to have them in every shard",

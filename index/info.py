@@ -12,7 +12,7 @@ from scatlas.index.atlas_index import AtlasIndex
 from scatlas.index.heads_training import DATASET_COLUMN, label_column_classes
 from scatlas.index.label_classes import load_label_classes
 from scatlas.index.label_heads import read_heads_record
-from scatlas.index.manifest import IndexManifest
+from scatlas.index.manifest import IndexManifest, residuals_state
 from scatlas.index.metadata import columns_of
 from scatlas.index.verify import read_bytes_total, verify_on_read_limit
 
@@ -191,7 +191,4 @@ def integrity(m: IndexManifest) -> dict[str, Any]:
 def _exact_rerank(m: IndexManifest) -> str | None:
     """Whether re-ranking picks the float32 top k: ``"all"`` shards store their rounding residuals, ``"some"``,
     ``"none"``; None for exact indexes (which re-rank nothing)."""
-    if m.exact or not m.shards:
-        return None
-    have = sum(shard.has_residuals for shard in m.shards)
-    return "all" if have == len(m.shards) else "some" if have else "none"
+    return None if m.exact or not m.shards else residuals_state(m.shards)

@@ -136,6 +136,13 @@ class ShardRecord:
         return cls(no=int(d["no"]), n=int(d["n"]), id_min=int(d["id_min"]), id_max=int(d["id_max"]), files=files)
 
 
+def residuals_state(shards: list[ShardRecord]) -> str:
+    """How many of ``shards`` store their rounding residuals: ``"all"``, ``"some"`` or ``"none"`` (no shards:
+    ``"none"``)."""
+    have = sum(shard.has_residuals for shard in shards)
+    return "all" if shards and have == len(shards) else "some" if have else "none"
+
+
 @dataclass(frozen=True)
 class EmbedderInfo:
     """Which embedder made the vectors; ``fingerprint`` is what queries and classifiers are checked against."""

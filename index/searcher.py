@@ -28,6 +28,7 @@ from scatlas.index.manifest import (
     SHARD_RESIDUALS_FILE,
     SHARD_VECTORS_FILE,
     ShardRecord,
+    residuals_state,
 )
 from scatlas.index.rerank import EXACT_MARGIN, ScratchPool, exact_top
 from scatlas.index.rerank import rerank as rerank_candidates
@@ -119,7 +120,8 @@ class ShardSearcher:
         self._mapped_estimate = 0
         self._stack: StackedScan | None = None
         self._slicer = Slicer()
-        self._any_residuals = any(s.record.has_residuals for s in self._shards)
+        self._residuals = residuals_state([s.record for s in self._shards])
+        self._any_residuals = self._residuals != "none"
         self._loaded = self._vectors_loaded = False
         if self.gpus and self._ivf is not None:
             # the coarse quantizer, shared by every shard, replicated on every GPU (IndexReplicas splits queries)
@@ -179,7 +181,7 @@ class ShardSearcher:
     @property
     def exact_rerank(self) -> bool:
         """Whether every shard stores its rounding residuals (re-ranking then picks the exact top k)."""
-        return bool(self._shards) and all(s.record.has_residuals for s in self._shards)
+        return self._residuals == "all"
 
     def _index(self, shard: _Shard) -> Any:
         faiss = faiss_module()

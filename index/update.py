@@ -54,6 +54,7 @@ from scatlas.index.manifest import (
     ShardRecord,
     manifest_digest,
     read_manifest,
+    residuals_state,
 )
 from scatlas.index.mapping import MAPPING_FILE, calibrate_mapping
 from scatlas.index.metadata import write_cells_db
@@ -403,12 +404,12 @@ def _renamed_classes(before: dict[str, LabelClasses], after: dict[str, LabelClas
     return out
 
 
-__all__ = ["UpdateReport", "update_index"]
-
-
 def _stores_residuals(old: IndexManifest, settings: dict[str, Any]) -> bool:
     """Whether the update's new shards store rounding residuals: as the index's shards do (an index built before
     residuals existed has none, whatever today's default), else as its build settings say."""
     if old.shards:
-        return any(shard.has_residuals for shard in old.shards)
+        return residuals_state(old.shards) != "none"
     return bool(settings.get("exact_rerank", True))
+
+
+__all__ = ["UpdateReport", "update_index"]
