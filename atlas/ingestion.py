@@ -750,8 +750,9 @@ def _with_detected(dataset_id: str, measured_ids: np.ndarray, detected: np.ndarr
     the source did not call measured)."""
     extra = np.setdiff1d(np.flatnonzero(detected), measured_ids)
     if len(extra):
-        logger.warning("dataset %s has counts in %d genes its source says it did not measure: taken as measured",
-                       escaped(dataset_id, 60), len(extra))
+        logger.warning("dataset %s has counts in %d genes its source says it did not measure (%d): that record does "
+                       "not describe this X; the genes with counts are taken as measured", escaped(dataset_id, 60),
+                       len(extra), len(measured_ids))
         return np.union1d(measured_ids, extra)
     return measured_ids
 

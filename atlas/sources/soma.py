@@ -129,9 +129,6 @@ class SomaExperimentSource:
         self.measured: np.ndarray | None = None
         """Bool per gene of :attr:`genes`: the genes this dataset measured (the Census' presence matrix); None: all."""
         sample = self._read(self._joinids[: min(len(self._joinids), 2000)])
-        self.sample_detected = np.zeros(self._n_vars, dtype=bool)
-        """Bool per var ``soma_joinid``: the genes with a count in the first 2,000 cells (read to detect X's kind)."""
-        self.sample_detected[np.unique(sample.indices)] = True
         self.expression: ExpressionChoice = expression_from_samples({f"X/{layer}": sample}, f"{uri} ({name})")
 
     @property
@@ -250,22 +247,5 @@ def open_soma_experiment(
                              f"of datasets x genes; {type(exc).__name__}); remove it or ingest a complete Census "
                              "experiment") from None
         for source, census_id in zip(sources, census_ids, strict=True):
-            source.measured = _checked_measured(source, measured.get(census_id))
+            source.measured = measured.get(census_id)  # ingest adds the genes its cells have counts in
     return sources
-
-
-def _checked_measured(source: SomaExperimentSource, measured: np.ndarray | None) -> np.ndarray | None:
-    """``measured`` (bool per var ``soma_joinid``, from the presence matrix) with the genes the dataset's sampled
-    cells have counts in added, and a warning when there are any: a gene with counts was measured, whatever the
-    matrix says (a matrix that says otherwise is stale or belongs to other data)."""
-    if measured is None:
-        return None
-    extra = source.sample_detected & ~measured
-    if extra.any():
-        logger.warning(
-            "%s: dataset %s has counts in %d genes its row of %s says it did not measure (%d measured there): the "
-            "matrix does not describe this X; those genes are taken as measured too, and genes without counts in "
-            "its first cells as the matrix says", source.uri, escaped(source.name, 60), int(extra.sum()),
-            PRESENCE_MATRIX, int(measured.sum()))
-        return measured | source.sample_detected
-    return measured
