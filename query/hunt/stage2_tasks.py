@@ -145,10 +145,27 @@ def dataset_stats(
     t0 = time.perf_counter()
     store, embedder = source.open()
     stats = dataset_gene_stats(store, embedder, dataset_id, n, seed, read_size)
-    write_npz_atomic(path, mean=stats.mean, sd=stats.sd, n=np.array([stats.n], dtype=np.int64))
+    write_stats(path, stats)
     if ctx.progress is not None:
         ctx.progress(n)  # the cells the task was sized by (a smaller dataset gives fewer)
     return DatasetStats(dataset_id, path.name, stats, time.perf_counter() - t0)
+
+
+def write_stats(path: Path, stats: GeneStats) -> None:
+    """A dataset's gene statistics as the sweep keeps them (``OUT/stage2/stats_NNNN.npz``), written atomically."""
+    write_npz_atomic(path, mean=stats.mean, sd=stats.sd, n=np.array([stats.n], dtype=np.int64))
+
+
+def read_stats(path: Path, n_genes: int) -> GeneStats | None:
+    """The statistics :func:`write_stats` wrote, or None when the file is unreadable or not of ``n_genes`` finite
+    values (a damaged file: computed again)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            mean, sd, n = z["mean"].astype(np.float64), z["sd"].astype(np.float64), int(z["n"][0])
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+    ok = mean.shape == sd.shape == (n_genes,) and np.isfinite(mean).all() and np.isfinite(sd).all()
+    return GeneStats(mean, sd, n) if ok else None
 
 
 def chunk_scores(

@@ -142,7 +142,7 @@ class _BatchStats:
         tasks: list[Task] = []
         for dataset_id in datasets:
             name = files.get(dataset_id)
-            got = _read_stats(self.out / STAGE2_DIR / name, len(self.stage.weights)) if name else None
+            got = stage2_tasks.read_stats(self.out / STAGE2_DIR / name, len(self.stage.weights)) if name else None
             if got is not None:
                 self.known[dataset_id] = got
                 continue
@@ -167,13 +167,3 @@ class _BatchStats:
     def of(self, datasets: list[str]) -> dict[str, GeneStats]:
         """The statistics of ``datasets`` (computed by :meth:`compute`), by dataset id."""
         return {d: self.known[d] for d in datasets}
-
-
-def _read_stats(path: Path, n_genes: int) -> GeneStats | None:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            mean, sd, n = z["mean"].astype(np.float64), z["sd"].astype(np.float64), int(z["n"][0])
-    except (OSError, ValueError, KeyError, IndexError):
-        return None
-    ok = mean.shape == sd.shape == (n_genes,) and np.isfinite(mean).all() and np.isfinite(sd).all()
-    return GeneStats(mean, sd, n) if ok else None
