@@ -28,7 +28,7 @@ from scatlas.index.build import (
 from scatlas.index.changes import store_changes
 from scatlas.index.embedding import obs_columns, obsm_keys, reads_x
 from scatlas.index.heads_training import label_column_classes, label_columns, train_label_heads
-from scatlas.index.label_classes import ensure_label_classes
+from scatlas.index.label_classes import CELL_TYPE_KEY, ensure_label_classes
 from scatlas.index.locking import index_lock
 from scatlas.index.manifest import (
     BUILD_FILE,
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_FIT_SAMPLE = 50_000
-DEFAULT_LABEL_KEY = "cell_type"
+DEFAULT_LABEL_KEY = CELL_TYPE_KEY
 """The label column that gets label heads (and label classes) by default, when the atlas has it."""
 LABEL_KEYS_DEFAULT = "default"
 """``label_keys`` value (or entry of a sequence): :data:`DEFAULT_LABEL_KEY` when it looks like a label column."""
