@@ -758,8 +758,9 @@ def hunt_train(index_dir: Path, cells_file: Path | None, positive: str | None, p
                 device=device, seed=seed, out=out_dir, progress=progress, two_stage=HUNT_STAGES[chosen],
                 min_gene_overlap=min_gene_overlap, allow_species_mismatch=allow_species_mismatch, x_layer=x_layer)
     m = clf.metrics
-    parts = ", ".join(f"{n:,} {k.replace('_', ' ')}" for k, n in clf.counts.items()
-                      if k not in ("n_positive", "n_negative") and isinstance(n, int) and not isinstance(n, bool) and n)
+    parts = ", ".join(f"{n:,} {k.replace('_', ' ')}" for k, n in clf.counts.items()  # counts, not the 0/1 flag
+                      if k not in ("n_positive", "n_negative", "background_from_labelled_otherwise")
+                      and isinstance(n, int) and n)
     _echo(f"classifier {out_dir}: {clf.counts.get('n_positive'):,} positives, {clf.counts.get('n_negative'):,} "
           f"negatives" + (f" ({parts})" if parts else ""))
     _echo(f"stage 1 (embedding), cross-validated: precision {m['precision']:.3f}, recall {m['recall']:.3f}, AUPRC "

@@ -74,8 +74,10 @@ def test_hunt_cli(pipeline):
     out = run_cli("hunt", "report", str(pipeline / "sweep" / "hits.parquet"), "--index", idx, "--out", str(pipeline / "rep"))
     assert (pipeline / "rep" / "enrichment.csv").is_file()
     # atlas cells as positives: every one is a training cell, and the sweep and report say how many hits are new
-    run_cli("hunt", "train", "--index", idx, "--positive-sql", "cell_type = 'norn cell'", "--out",
-            str(pipeline / "clf_sql"), "--background", "1000", "--stages", "1", "--no-progress")
+    out = run_cli("hunt", "train", "--index", idx, "--positive-sql", "cell_type = 'norn cell'", "--out",
+                  str(pipeline / "clf_sql"), "--background", "1000", "--stages", "1", "--no-progress")
+    counts = next(line for line in out.splitlines() if line.startswith("classifier "))
+    assert "positives from atlas" in counts and "background from labelled otherwise" not in counts  # not the 0/1 flag
     out = run_cli("hunt", "sweep", "--index", idx, "--classifier", str(pipeline / "clf_sql"), "--out",
                   str(pipeline / "sweep_sql"), "--no-progress")
     hits = pd.read_parquet(pipeline / "sweep_sql" / "hits.parquet")
